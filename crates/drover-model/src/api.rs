@@ -1,0 +1,214 @@
+//! Types on the wire: requests and answers of the server's HTTP/JSON API, and the agent protocol.
+
+use serde::{Deserialize, Serialize};
+
+use crate::diff::Change;
+use crate::fleet::Fleet;
+use crate::validate::FleetError;
+
+/// Every 4xx/5xx answer of the API carries this body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable machine-readable code: `invalid_fleet`, `bad_request`, `not_found`, `conflict`, `internal`.
+    pub code: String,
+    /// What is wrong and what to do about it.
+    pub message: String,
+    /// For `invalid_fleet`: every problem with its location.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FleetError>,
+}
+
+/// `POST /v1/apply`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// Name used in error messages (the file's path as the user gave it).
+    pub file: String,
+    /// The fleet file's text.
+    pub toml: String,
+    /// Only compute what would change.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The answer of apply: the diff it applied (or would apply).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// The current revision after the call (unchanged when nothing changed or dry_run).
+    pub revision: u64,
+    /// Whether a new revision was stored.
+    pub applied: bool,
+    pub changes: Vec<Change>,
+    /// Groups that get a new plan generation, e.g. `web/local: generation 1 -> 2 (app=v2)`.
+    #[serde(default)]
+    pub plan_changes: Vec<String>,
+}
+
+/// One stored fleet revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    pub number: u64,
+    pub applied_at_ms: u64,
+    pub file: String,
+    pub summary: String,
+    pub toml: String,
+    pub fleet: Fleet,
+}
+
+/// A revision without its body, for `drover history`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevisionSummary {
+    pub number: u64,
+    pub applied_at_ms: u64,
+    pub file: String,
+    pub summary: String,
+}
+
+/// State of one component, as its agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComponentState {
+    /// Fetching its artifact.
+    Fetching,
+    /// Started, health not yet established.
+    Starting,
+    /// Running and healthy (or running with no health check).
+    Healthy,
+    /// Running but failing its health check.
+    Unhealthy,
+    /// Exited; waiting for the backoff delay before the next start.
+    Backoff,
+    /// Cannot be started (e.g. its artifact cannot be fetched); retried with backoff.
+    Failed,
+    /// Stopped on purpose (the instance is leaving).
+    Stopped,
+}
+
+/// One component in a heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComponentReport {
+    pub name: String,
+    pub version: String,
+    pub state: ComponentState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What the instance as a whole is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentPhase {
+    Booting,
+    Running,
+    Draining,
+    Stopping,
+}
+
+/// Resource use of the instance's components.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Utilization {
+    /// CPU used by the components, in cores (1.0 = one core busy).
+    pub cpu: f64,
+    /// Resident memory of the components, in bytes.
+    pub memory_bytes: u64,
+    /// Resident memory of the agent itself, in bytes.
+    pub agent_rss_bytes: u64,
+}
+
+/// `POST /v1/agent/heartbeat`: sent every interval, and at once when a component changes state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub instance: String,
+    pub group: String,
+    pub generation: u64,
+    pub addr: String,
+    pub phase: AgentPhase,
+    /// Increases with every heartbeat of this agent process; lets the server drop stale ones.
+    pub seq: u64,
+    pub components: Vec<ComponentReport>,
+    pub utilization: Utilization,
+}
+
+impl Heartbeat {
+    /// An instance is healthy when it runs and every component is healthy.
+    pub fn healthy(&self) -> bool {
+        self.phase == AgentPhase::Running
+            && !self.components.is_empty()
+            && self
+                .components
+                .iter()
+                .all(|c| c.state == ComponentState::Healthy)
+    }
+}
+
+/// The answer to a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The server knows this instance (false: it was never launched by this server or is gone).
+    pub known: bool,
+}
+
+/// What the server thinks of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Launched; no heartbeat yet.
+    Launching,
+    /// Reporting, not yet healthy.
+    Booting,
+    Healthy,
+    Unhealthy,
+    /// Stopped reporting.
+    Silent,
+    /// Leaving: drained, then terminated.
+    Draining,
+    /// Asked to terminate.
+    Terminating,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub group: String,
+    pub addr: String,
+    pub generation: u64,
+    pub state: InstanceState,
+    pub launched_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_ms: Option<u64>,
+    #[serde(default)]
+    pub components: Vec<ComponentReport>,
+    #[serde(default)]
+    pub utilization: Utilization,
+    /// Whether the balancer sends it new connections.
+    pub in_rotation: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: String,
+    pub service: String,
+    pub region: String,
+    pub provider: String,
+    pub generation: u64,
+    pub versions: String,
+    pub min: u32,
+    pub desired: u32,
+    pub max: u32,
+    pub healthy: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<String>,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// `GET /v1/status`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub fleet: Option<String>,
+    pub revision: Option<u64>,
+    pub groups: Vec<GroupStatus>,
+}

@@ -1,0 +1,108 @@
+//! Events: the append-only record of everything that happened.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A fleet revision was applied.
+    Applied,
+    /// A group got a new plan generation (its launch configuration changed).
+    PlanChanged,
+    /// A group's desired count changed.
+    Scaled,
+    /// The provider launched an instance.
+    Launched,
+    /// An instance reported all its components healthy for the first time.
+    Healthy,
+    /// An instance reported a component unhealthy or not running.
+    Unhealthy,
+    /// An instance reported that its agent restarted a component.
+    Respawned,
+    /// An instance stopped reporting.
+    Silent,
+    /// An instance's agent process ended (seen by the provider).
+    Lost,
+    /// The controller asked the provider to terminate an instance.
+    Terminating,
+    /// The instance is gone.
+    Terminated,
+    /// A stale instance was given leave to drain and terminate itself.
+    Permit,
+    /// Balancer targets of a group changed.
+    Targets,
+    /// A rollout started, progressed, finished or failed.
+    Rollout,
+    /// The server started or stopped.
+    Server,
+}
+
+impl EventKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventKind::Applied => "applied",
+            EventKind::PlanChanged => "plan_changed",
+            EventKind::Scaled => "scaled",
+            EventKind::Launched => "launched",
+            EventKind::Healthy => "healthy",
+            EventKind::Unhealthy => "unhealthy",
+            EventKind::Respawned => "respawned",
+            EventKind::Silent => "silent",
+            EventKind::Lost => "lost",
+            EventKind::Terminating => "terminating",
+            EventKind::Terminated => "terminated",
+            EventKind::Permit => "permit",
+            EventKind::Targets => "targets",
+            EventKind::Rollout => "rollout",
+            EventKind::Server => "server",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+/// An event not yet stored (no sequence number).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub message: String,
+}
+
+impl NewEvent {
+    pub fn new(kind: EventKind, message: impl Into<String>) -> NewEvent {
+        NewEvent {
+            kind,
+            group: None,
+            instance: None,
+            message: message.into(),
+        }
+    }
+    pub fn group(mut self, g: impl ToString) -> NewEvent {
+        self.group = Some(g.to_string());
+        self
+    }
+    pub fn instance(mut self, i: impl ToString) -> NewEvent {
+        self.instance = Some(i.to_string());
+        self
+    }
+}
+
+/// A stored event: numbered in order, timestamped (milliseconds since the Unix epoch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub message: String,
+}

@@ -1,0 +1,251 @@
+//! The fleet file (`drover.toml`) as typed data: regions, services, components, policies.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Dur;
+
+/// Everything one fleet file declares.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    pub fleet: FleetMeta,
+    #[serde(default)]
+    pub regions: IndexMap<String, Region>,
+    #[serde(default)]
+    pub services: IndexMap<String, Service>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetMeta {
+    pub name: String,
+}
+
+/// Where instances live.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    pub provider: ProviderKind,
+    /// `local` only: the loopback block instance addresses come from (default `127.1.0.0/16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Local,
+    Docker,
+    Aws,
+}
+
+impl ProviderKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Docker => "docker",
+            ProviderKind::Aws => "aws",
+        }
+    }
+}
+
+/// A role (e.g. `frontend`): components, a capacity range, an ingress and a rollout policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub regions: Vec<String>,
+    pub capacity: Capacity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Ingress>,
+    #[serde(default)]
+    pub rollout: Rollout,
+    /// An instance that reports unhealthy (or nothing) for this long after booting is replaced.
+    #[serde(default = "default_replace_unhealthy_after")]
+    pub replace_unhealthy_after: Dur,
+    pub components: IndexMap<String, Component>,
+}
+
+fn default_replace_unhealthy_after() -> Dur {
+    Dur::from_secs(30)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub min: u32,
+    pub desired: u32,
+    pub max: u32,
+}
+
+/// One TCP listener in front of the group, forwarding to one named component port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ingress {
+    /// `ip:port` the balancer listens on.
+    pub listen: String,
+    /// Component whose port receives the traffic; may be omitted when one component has `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// Name of the component port traffic is forwarded to.
+    pub port: String,
+}
+
+/// How a version change replaces instances.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rollout {
+    pub max_surge: u32,
+    pub max_unavailable: u32,
+    pub min_healthy_time: Dur,
+    pub healthy_deadline: Dur,
+    pub auto_revert: bool,
+    pub drain_timeout: Dur,
+}
+
+impl Default for Rollout {
+    fn default() -> Rollout {
+        Rollout {
+            max_surge: 1,
+            max_unavailable: 0,
+            min_healthy_time: Dur::from_secs(5),
+            healthy_deadline: Dur::from_secs(60),
+            auto_revert: true,
+            drain_timeout: Dur::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Process,
+    Docker,
+}
+
+/// One process (or container) of a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Component {
+    pub runtime: Runtime,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub env: IndexMap<String, String>,
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub ports: IndexMap<String, u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<Artifact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace: Dur,
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+}
+
+fn default_stop_grace() -> Dur {
+    Dur::from_secs(10)
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".to_string()
+}
+
+/// A `.tar.gz` fetched from a path or an http(s) URL, checked against its sha256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub url: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+    Exec,
+}
+
+/// How the agent decides a component is healthy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: HealthKind,
+    /// Named port to probe (tcp, http).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// Path of the http GET (http).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Command and arguments (exec); exit status 0 is healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "one")]
+    pub healthy_threshold: u32,
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_interval() -> Dur {
+    Dur::from_secs(1)
+}
+fn default_timeout() -> Dur {
+    Dur::from_millis(500)
+}
+fn one() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+
+/// Exponential backoff for respawns: the first restart is immediate, then
+/// `initial_delay`, doubling up to `max_delay`; after running `reset_after` the count resets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    pub initial_delay: Dur,
+    pub max_delay: Dur,
+    pub reset_after: Dur,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> RestartPolicy {
+        RestartPolicy {
+            initial_delay: Dur::from_millis(200),
+            max_delay: Dur::from_secs(30),
+            reset_after: Dur::from_secs(60),
+        }
+    }
+}
+
+impl Fleet {
+    /// The ingress target of a service: (component name, port name, port number).
+    pub fn ingress_target<'a>(service: &'a Service) -> Option<(&'a str, &'a str, u16)> {
+        let ing = service.ingress.as_ref()?;
+        match &ing.component {
+            Some(c) => {
+                let comp = service.components.get(c)?;
+                let port = *comp.ports.get(&ing.port)?;
+                Some((c.as_str(), ing.port.as_str(), port))
+            }
+            None => service.components.iter().find_map(|(name, comp)| {
+                comp.ports
+                    .get(&ing.port)
+                    .map(|p| (name.as_str(), ing.port.as_str(), *p))
+            }),
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! drover's vocabulary: the fleet file, its validation, plans, ids, events and API types. No I/O.
+
+pub mod api;
+pub mod diff;
+pub mod duration;
+pub mod event;
+pub mod fleet;
+pub mod ids;
+pub mod plan;
+pub mod subst;
+pub mod validate;
+
+pub use duration::Dur;
+pub use event::{Event, EventKind, NewEvent};
+pub use fleet::Fleet;
+pub use ids::GroupId;
+pub use plan::{Plan, PlanComponent};
+pub use validate::{parse_fleet, FleetError, FleetErrors};
+
+/// The number of a signal name (`SIGTERM` or `TERM`), for the signals a stop may use.
+pub fn signal_number(name: &str) -> Option<i32> {
+    let n = name.strip_prefix("SIG").unwrap_or(name);
+    Some(match n {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        _ => return None,
+    })
+}
+
+/// Milliseconds since the Unix epoch, the time unit of events and status.
+pub type Millis = u64;

@@ -1,0 +1,636 @@
+//! Parsing and validation of fleet files, with errors that point at file:line:column.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{Fleet, HealthKind, ProviderKind, Runtime, Service};
+use crate::subst;
+
+/// One thing wrong with a fleet file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field, e.g. `services.web.capacity.min`; empty for syntax errors.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FleetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// Everything wrong with a fleet file, in file order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub struct FleetErrors(pub Vec<FleetError>);
+
+impl fmt::Display for FleetErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parse and validate a fleet file. `file` is the name used in error messages.
+pub fn parse_fleet(text: &str, file: &str) -> Result<Fleet, FleetErrors> {
+    let fleet: Fleet = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((1, 1));
+            let field = syntax_field(text, e.span());
+            return Err(FleetErrors(vec![FleetError {
+                file: file.to_string(),
+                line,
+                column,
+                field,
+                message: clean_toml_message(e.message()),
+            }]));
+        }
+    };
+    let problems = check(&fleet);
+    if problems.is_empty() {
+        return Ok(fleet);
+    }
+    let doc = toml_edit::ImDocument::parse(text.to_string()).ok();
+    let mut errors: Vec<FleetError> = problems
+        .into_iter()
+        .map(|p| {
+            let offset = doc
+                .as_ref()
+                .and_then(|d| locate(d.as_item(), &p.path))
+                .unwrap_or(0);
+            let (line, column) = line_col(text, offset);
+            FleetError {
+                file: file.to_string(),
+                line,
+                column,
+                field: p.path.join("."),
+                message: p.message,
+            }
+        })
+        .collect();
+    errors.sort_by_key(|e| (e.line, e.column));
+    Err(FleetErrors(errors))
+}
+
+fn clean_toml_message(m: &str) -> String {
+    let m = m.trim();
+    // serde's "unknown field `x`, expected one of `a`, `b`" is already precise; keep it.
+    if let Some(rest) = m.strip_prefix("missing field ") {
+        return format!("missing required field {rest}");
+    }
+    m.to_string()
+}
+
+/// For a syntax/type error, the dotted path of the key whose value or name holds the span.
+fn syntax_field(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let Ok(doc) = toml_edit::ImDocument::parse(text.to_string()) else {
+        return String::new();
+    };
+    let mut best: Option<(usize, Vec<String>)> = None;
+    fn walk(
+        item: &toml_edit::Item,
+        path: &mut Vec<String>,
+        at: usize,
+        best: &mut Option<(usize, Vec<String>)>,
+    ) {
+        if let Some(t) = item.as_table_like() {
+            for (k, v) in t.iter() {
+                path.push(k.to_string());
+                let (key_span, val_span) = t
+                    .get_key_value(k)
+                    .map(|(key, val)| (key.span(), val.span()))
+                    .unwrap_or((None, None));
+                for s in [key_span, val_span].into_iter().flatten() {
+                    if s.start <= at && at < s.end.max(s.start + 1) {
+                        let len = s.end - s.start;
+                        if best.as_ref().is_none_or(|(l, _)| len <= *l) {
+                            *best = Some((len, path.clone()));
+                        }
+                    }
+                }
+                walk(v, path, at, best);
+                path.pop();
+            }
+        }
+    }
+    walk(doc.as_item(), &mut Vec::new(), span.start, &mut best);
+    best.map(|(_, p)| p.join(".")).unwrap_or_default()
+}
+
+/// Byte offset of the value at `path` (or of its key, or of the nearest ancestor found).
+fn locate(root: &toml_edit::Item, path: &[String]) -> Option<usize> {
+    let mut item = root;
+    let mut found = None;
+    for seg in path {
+        let next = if let Some(t) = item.as_table_like() {
+            match t.get_key_value(seg) {
+                Some((k, v)) => {
+                    found = v.span().or(k.span()).map(|s| s.start).or(found);
+                    if v.is_table() {
+                        // A [table] header's span is on the key.
+                        found = k.span().map(|s| s.start).or(found);
+                    }
+                    v
+                }
+                None => return found,
+            }
+        } else if let Some(arr) = item.as_array() {
+            let Ok(i) = seg.parse::<usize>() else {
+                return found;
+            };
+            match arr.get(i) {
+                Some(v) => {
+                    found = v.span().map(|s| s.start).or(found);
+                    return found;
+                }
+                None => return found,
+            }
+        } else {
+            return found;
+        };
+        item = next;
+    }
+    found
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+struct Problem {
+    path: Vec<String>,
+    message: String,
+}
+
+fn p(path: &[&str], message: impl Into<String>) -> Problem {
+    Problem {
+        path: path.iter().map(|s| s.to_string()).collect(),
+        message: message.into(),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+const NAME_RULE: &str =
+    "use 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit";
+
+/// Upper bound on a group's size, to catch typos like `max = 100000`.
+pub const MAX_GROUP_SIZE: u32 = 10_000;
+
+fn check(fleet: &Fleet) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if !valid_name(&fleet.fleet.name) {
+        out.push(p(
+            &["fleet", "name"],
+            format!("{:?} is not a valid fleet name; {NAME_RULE}", fleet.fleet.name),
+        ));
+    }
+    if fleet.regions.is_empty() {
+        out.push(p(
+            &["regions"],
+            "no regions declared; add one, e.g. [regions.local] provider = \"local\"",
+        ));
+    }
+    for (name, region) in &fleet.regions {
+        if !valid_name(name) {
+            out.push(p(
+                &["regions", name],
+                format!("{name:?} is not a valid region name; {NAME_RULE}"),
+            ));
+        }
+        if region.provider != ProviderKind::Local {
+            out.push(p(
+                &["regions", name, "provider"],
+                format!(
+                    "provider {:?} is not available in this build yet; allowed: \"local\"",
+                    region.provider.as_str()
+                ),
+            ));
+        }
+        if let Some(subnet) = &region.subnet {
+            if region.provider != ProviderKind::Local {
+                out.push(p(
+                    &["regions", name, "subnet"],
+                    "subnet applies only to provider \"local\"",
+                ));
+            } else if crate::ids::parse_loopback_subnet(subnet).is_none() {
+                out.push(p(
+                    &["regions", name, "subnet"],
+                    format!("{subnet:?} is not a loopback /16, e.g. \"127.1.0.0/16\" (127.1.0.0/16 to 127.254.0.0/16)"),
+                ));
+            }
+        }
+    }
+    if fleet.services.is_empty() {
+        out.push(p(&["services"], "no services declared; add [services.NAME]"));
+    }
+    let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    for (sname, svc) in &fleet.services {
+        check_service(fleet, sname, svc, &mut listens, &mut out);
+    }
+    out
+}
+
+fn check_service(
+    fleet: &Fleet,
+    sname: &str,
+    svc: &Service,
+    listens: &mut BTreeMap<SocketAddr, String>,
+    out: &mut Vec<Problem>,
+) {
+    let s = sname;
+    if !valid_name(s) {
+        out.push(p(
+            &["services", s],
+            format!("{s:?} is not a valid service name; {NAME_RULE}"),
+        ));
+    }
+    if svc.regions.is_empty() {
+        out.push(p(
+            &["services", s, "regions"],
+            "a service needs at least one region",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, r) in svc.regions.iter().enumerate() {
+        let idx = i.to_string();
+        if !fleet.regions.contains_key(r) {
+            let known: Vec<_> = fleet.regions.keys().map(|k| format!("{k:?}")).collect();
+            out.push(p(
+                &["services", s, "regions", &idx],
+                format!(
+                    "unknown region {r:?}; declared regions: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        if !seen.insert(r) {
+            out.push(p(
+                &["services", s, "regions", &idx],
+                format!("region {r:?} is listed twice"),
+            ));
+        }
+    }
+    let c = svc.capacity;
+    if c.min > c.desired || c.desired > c.max {
+        let field = if c.min > c.desired { "min" } else { "desired" };
+        out.push(p(
+            &["services", s, "capacity", field],
+            format!(
+                "min = {}, desired = {}, max = {}: need min <= desired <= max",
+                c.min, c.desired, c.max
+            ),
+        ));
+    }
+    if c.max == 0 {
+        out.push(p(
+            &["services", s, "capacity", "max"],
+            "max must be at least 1",
+        ));
+    }
+    if c.max > MAX_GROUP_SIZE {
+        out.push(p(
+            &["services", s, "capacity", "max"],
+            format!("max = {} is above the limit of {MAX_GROUP_SIZE} instances per group", c.max),
+        ));
+    }
+    let r = &svc.rollout;
+    if r.max_surge == 0 && r.max_unavailable == 0 {
+        out.push(p(
+            &["services", s, "rollout", "max_surge"],
+            "max_surge and max_unavailable are both 0, so no instance could ever be replaced; set max_surge >= 1 or max_unavailable >= 1",
+        ));
+    }
+    if r.healthy_deadline.0 <= r.min_healthy_time.0 {
+        out.push(p(
+            &["services", s, "rollout", "healthy_deadline"],
+            format!(
+                "healthy_deadline ({}) must be longer than min_healthy_time ({})",
+                r.healthy_deadline, r.min_healthy_time
+            ),
+        ));
+    }
+    if svc.components.is_empty() {
+        out.push(p(
+            &["services", s, "components"],
+            "a service needs at least one component: add [services.NAME.components.NAME]",
+        ));
+    }
+    // Port numbers are shared by all components of an instance (one address per instance).
+    let mut port_owner: BTreeMap<u16, String> = BTreeMap::new();
+    for (cname, comp) in &svc.components {
+        let base = ["services", s, "components", cname.as_str()];
+        if !valid_name(cname) {
+            out.push(p(
+                &base,
+                format!("{cname:?} is not a valid component name; {NAME_RULE}"),
+            ));
+        }
+        if comp.version.trim().is_empty() || comp.version.chars().any(char::is_whitespace) {
+            out.push(p(
+                &join(&base, &["version"]),
+                format!(
+                    "version {:?} must be non-empty with no spaces, e.g. \"v1\" or \"1.4.2\"",
+                    comp.version
+                ),
+            ));
+        }
+        match comp.runtime {
+            Runtime::Process => match &comp.command {
+                None => out.push(p(
+                    &base,
+                    "runtime \"process\" needs a command, e.g. command = \"/usr/bin/myapp\"",
+                )),
+                Some(cmd) if cmd.trim().is_empty() => {
+                    out.push(p(&join(&base, &["command"]), "command is empty"))
+                }
+                Some(_) => {}
+            },
+            Runtime::Docker => out.push(p(
+                &join(&base, &["runtime"]),
+                "runtime \"docker\" is not supported by this build yet; allowed: \"process\"",
+            )),
+        }
+        for (pname, port) in &comp.ports {
+            if !valid_name(pname) {
+                out.push(p(
+                    &join(&base, &["ports", pname]),
+                    format!("{pname:?} is not a valid port name; {NAME_RULE}"),
+                ));
+            }
+            if *port == 0 {
+                out.push(p(
+                    &join(&base, &["ports", pname]),
+                    "port 0 is not allowed; use 1-65535",
+                ));
+            } else if let Some(prev) = port_owner.insert(*port, format!("{cname}.{pname}")) {
+                out.push(p(
+                    &join(&base, &["ports", pname]),
+                    format!(
+                        "port {port} is already used by {prev} in this service; every port of an instance must be distinct"
+                    ),
+                ));
+            }
+        }
+        for k in comp.env.keys() {
+            let ok = !k.is_empty()
+                && !k.as_bytes()[0].is_ascii_digit()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                out.push(p(
+                    &join(&base, &["env", k]),
+                    format!("{k:?} is not a valid environment variable name; use letters, digits and '_', not starting with a digit"),
+                ));
+            }
+        }
+        if let Some(a) = &comp.artifact {
+            if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push(p(
+                    &join(&base, &["artifact", "sha256"]),
+                    format!(
+                        "{:?} is not a sha256: expected 64 hex digits (run `sha256sum FILE`)",
+                        a.sha256
+                    ),
+                ));
+            }
+            if a.url.trim().is_empty() {
+                out.push(p(&join(&base, &["artifact", "url"]), "artifact url is empty"));
+            } else if a.url.contains("://")
+                && !(a.url.starts_with("http://")
+                    || a.url.starts_with("https://")
+                    || a.url.starts_with("file://"))
+            {
+                out.push(p(
+                    &join(&base, &["artifact", "url"]),
+                    format!(
+                        "unsupported artifact url {:?}; allowed: http://, https://, file:// or a path",
+                        a.url
+                    ),
+                ));
+            } else if !a.url.ends_with(".tar.gz") && !a.url.ends_with(".tgz") {
+                out.push(p(
+                    &join(&base, &["artifact", "url"]),
+                    format!("artifact {:?} must be a .tar.gz (or .tgz) archive", a.url),
+                ));
+            }
+        }
+        if let Some(h) = &comp.health {
+            let hp = |f: &'static str| join(&base, &["health", f]);
+            match h.kind {
+                HealthKind::Tcp | HealthKind::Http => match &h.port {
+                    None => out.push(p(
+                        &join(&base, &["health"]),
+                        format!(
+                            "a {} health check needs port = \"NAME\" naming one of this component's ports",
+                            if h.kind == HealthKind::Tcp { "tcp" } else { "http" }
+                        ),
+                    )),
+                    Some(port) if !comp.ports.contains_key(port) => out.push(p(
+                        &hp("port"),
+                        format!(
+                            "unknown port {port:?}; this component's ports: {}",
+                            names(comp.ports.keys())
+                        ),
+                    )),
+                    Some(_) => {}
+                },
+                HealthKind::Exec => {
+                    if h.command.is_empty() || h.command[0].trim().is_empty() {
+                        out.push(p(
+                            &join(&base, &["health"]),
+                            "an exec health check needs command = [\"program\", \"arg\", ...]",
+                        ));
+                    }
+                }
+            }
+            if h.kind == HealthKind::Http {
+                match &h.path {
+                    None => out.push(p(
+                        &join(&base, &["health"]),
+                        "an http health check needs path = \"/...\"",
+                    )),
+                    Some(path) if !path.starts_with('/') => out.push(p(
+                        &hp("path"),
+                        format!("path {path:?} must start with '/'"),
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if h.interval.0.is_zero() {
+                out.push(p(&hp("interval"), "interval must be greater than 0"));
+            }
+            if h.timeout.0.is_zero() || h.timeout.0 > h.interval.0 {
+                out.push(p(
+                    &hp("timeout"),
+                    format!(
+                        "timeout ({}) must be greater than 0 and at most the interval ({})",
+                        h.timeout, h.interval
+                    ),
+                ));
+            }
+            if h.healthy_threshold == 0 {
+                out.push(p(&hp("healthy_threshold"), "must be at least 1"));
+            }
+            if h.unhealthy_threshold == 0 {
+                out.push(p(&hp("unhealthy_threshold"), "must be at least 1"));
+            }
+        }
+        let rp = &comp.restart;
+        if rp.max_delay.0 < rp.initial_delay.0 {
+            out.push(p(
+                &join(&base, &["restart", "max_delay"]),
+                format!(
+                    "max_delay ({}) must be at least initial_delay ({})",
+                    rp.max_delay, rp.initial_delay
+                ),
+            ));
+        }
+        if crate::signal_number(&comp.stop_signal).is_none() {
+            out.push(p(
+                &join(&base, &["stop_signal"]),
+                format!(
+                    "unknown signal {:?}; allowed: SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGKILL",
+                    comp.stop_signal
+                ),
+            ));
+        }
+        // Placeholders must name something the agent knows.
+        let ports: Vec<&str> = comp.ports.keys().map(String::as_str).collect();
+        let mut texts: Vec<(Vec<&str>, &str)> = Vec::new();
+        if let Some(cmd) = &comp.command {
+            texts.push((join(&base, &["command"]), cmd));
+        }
+        let idxs: Vec<String> = (0..comp.args.len()).map(|i| i.to_string()).collect();
+        for (i, a) in comp.args.iter().enumerate() {
+            texts.push((join(&base, &["args", &idxs[i]]), a));
+        }
+        for (k, v) in &comp.env {
+            texts.push((join(&base, &["env", k]), v));
+        }
+        if let Some(a) = &comp.artifact {
+            texts.push((join(&base, &["artifact", "url"]), &a.url));
+        }
+        for (path, text) in texts {
+            if let Err(e) = subst::check_placeholders(text, &ports) {
+                out.push(p(&path, e.to_string()));
+            }
+        }
+    }
+    if let Some(ing) = &svc.ingress {
+        match ing.listen.parse::<SocketAddr>() {
+            Err(_) => out.push(p(
+                &["services", s, "ingress", "listen"],
+                format!(
+                    "{:?} is not an ip:port address, e.g. \"127.0.0.1:8080\"",
+                    ing.listen
+                ),
+            )),
+            Ok(addr) => {
+                if let Some(other) = listens.insert(addr, s.to_string()) {
+                    out.push(p(
+                        &["services", s, "ingress", "listen"],
+                        format!("{addr} is already the ingress of service {other:?}"),
+                    ));
+                }
+            }
+        }
+        match &ing.component {
+            Some(cname) => match svc.components.get(cname) {
+                None => out.push(p(
+                    &["services", s, "ingress", "component"],
+                    format!(
+                        "unknown component {cname:?}; this service's components: {}",
+                        names(svc.components.keys())
+                    ),
+                )),
+                Some(comp) if !comp.ports.contains_key(&ing.port) => out.push(p(
+                    &["services", s, "ingress", "port"],
+                    format!(
+                        "component {cname:?} has no port {:?}; its ports: {}",
+                        ing.port,
+                        names(comp.ports.keys())
+                    ),
+                )),
+                Some(_) => {}
+            },
+            None => {
+                let owners: Vec<&String> = svc
+                    .components
+                    .iter()
+                    .filter(|(_, c)| c.ports.contains_key(&ing.port))
+                    .map(|(n, _)| n)
+                    .collect();
+                if owners.is_empty() {
+                    out.push(p(
+                        &["services", s, "ingress", "port"],
+                        format!("no component of this service has a port named {:?}", ing.port),
+                    ));
+                } else if owners.len() > 1 {
+                    out.push(p(
+                        &["services", s, "ingress", "port"],
+                        format!(
+                            "several components have a port named {:?} ({}); add component = \"NAME\"",
+                            ing.port,
+                            names(owners.into_iter())
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn join<'a>(base: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = base.to_vec();
+    v.extend_from_slice(rest);
+    v
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<String> = it.map(|s| format!("{s:?}")).collect();
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(", ")
+    }
+}

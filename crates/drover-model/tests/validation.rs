@@ -1,0 +1,185 @@
+//! Fleet file validation: every example parses, and each kind of mistake is located and explained.
+
+use std::path::Path;
+
+use drover_model::{parse_fleet, FleetErrors};
+
+const GOOD: &str = r#"[fleet]
+name = "hello"
+
+[regions.local]
+provider = "local"
+
+[services.web]
+regions = ["local"]
+capacity = { min = 2, desired = 3, max = 6 }
+ingress = { listen = "127.0.0.1:8080", port = "http" }
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "{drover}"
+args = ["demo-server", "--listen", "{addr}:{port.http}"]
+ports = { http = 8080 }
+health = { type = "http", port = "http", path = "/healthz" }
+"#;
+
+fn errors(text: &str) -> FleetErrors {
+    parse_fleet(text, "drover.toml").expect_err("should be refused")
+}
+
+/// Replace the first occurrence of `from` in the good file.
+fn bad(from: &str, to: &str) -> String {
+    assert!(GOOD.contains(from), "test bug: {from:?} not in GOOD");
+    GOOD.replacen(from, to, 1)
+}
+
+fn one(text: &str) -> drover_model::FleetError {
+    let e = errors(text);
+    assert_eq!(e.0.len(), 1, "expected exactly one error, got: {e}");
+    e.0.into_iter().next().unwrap()
+}
+
+#[test]
+fn every_example_fleet_file_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut seen = 0;
+    for entry in walk(&root) {
+        if entry.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&entry).unwrap();
+            if let Err(e) = parse_fleet(&text, &entry.display().to_string()) {
+                panic!("{e}");
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no example fleet files found under {}", root.display());
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn good_file_parses_with_defaults() {
+    let f = parse_fleet(GOOD, "drover.toml").unwrap();
+    let web = &f.services["web"];
+    assert_eq!(web.capacity.desired, 3);
+    assert_eq!(web.rollout.max_surge, 1);
+    assert_eq!(web.rollout.max_unavailable, 0);
+    assert_eq!(web.rollout.min_healthy_time.to_string(), "5s");
+    assert_eq!(web.rollout.healthy_deadline.to_string(), "1m");
+    assert!(web.rollout.auto_revert);
+    assert_eq!(web.rollout.drain_timeout.to_string(), "10s");
+    let app = &web.components["app"];
+    assert_eq!(app.health.as_ref().unwrap().unhealthy_threshold, 3);
+}
+
+#[test]
+fn unknown_key_is_located() {
+    let e = one(&bad("version = \"v1\"", "version = \"v1\"\nverison = \"v2\""));
+    assert_eq!((e.line, e.column), (15, 1), "{e}");
+    assert!(e.message.contains("unknown field `verison`"), "{e}");
+    assert!(e.message.contains("`version`"), "lists allowed keys: {e}");
+    assert_eq!(e.field, "services.web.components.app.verison");
+}
+
+#[test]
+fn capacity_out_of_order() {
+    let e = one(&bad("min = 2, desired = 3", "min = 4, desired = 3"));
+    assert_eq!(e.field, "services.web.capacity.min");
+    assert_eq!(e.line, 9);
+    assert!(e.message.contains("min <= desired <= max"), "{e}");
+    let e = one(&bad("desired = 3, max = 6", "desired = 7, max = 6"));
+    assert_eq!(e.field, "services.web.capacity.desired");
+    assert!(e.to_string().starts_with("drover.toml:9:"), "{e}");
+}
+
+#[test]
+fn duplicate_ports() {
+    let text = format!(
+        "{GOOD}\n[services.web.components.side]\nruntime = \"process\"\nversion = \"1\"\ncommand = \"/bin/true\"\nports = {{ admin = 8080 }}\n"
+    );
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.components.side.ports.admin");
+    assert!(e.message.contains("already used by app.http"), "{e}");
+    assert_eq!(e.line, 24);
+}
+
+#[test]
+fn unknown_region() {
+    let e = one(&bad("regions = [\"local\"]", "regions = [\"local\", \"moon\"]"));
+    assert_eq!(e.field, "services.web.regions.1");
+    assert!(e.message.contains("unknown region \"moon\""), "{e}");
+    assert!(e.message.contains("\"local\""), "names the declared ones: {e}");
+    assert_eq!((e.line, e.column), (8, 21));
+}
+
+#[test]
+fn bad_duration() {
+    let e = one(&bad("path = \"/healthz\"", "path = \"/healthz\", interval = \"5 minutes\""));
+    assert!(e.message.contains("invalid duration \"5 minutes\""), "{e}");
+    assert!(e.message.contains("30s"), "says what is allowed: {e}");
+    assert_eq!(e.line, 18);
+}
+
+#[test]
+fn missing_command() {
+    let e = one(&bad("command = \"{drover}\"\n", ""));
+    assert_eq!(e.field, "services.web.components.app");
+    assert!(e.message.contains("needs a command"), "{e}");
+}
+
+#[test]
+fn bad_sha256() {
+    let e = one(&bad(
+        "ports = { http = 8080 }",
+        "ports = { http = 8080 }\nartifact = { url = \"app.tar.gz\", sha256 = \"abc\" }",
+    ));
+    assert_eq!(e.field, "services.web.components.app.artifact.sha256");
+    assert!(e.message.contains("64 hex digits"), "{e}");
+}
+
+#[test]
+fn health_port_must_exist_and_placeholders_known() {
+    let e = one(&bad("port = \"http\", path", "port = \"admin\", path"));
+    assert_eq!(e.field, "services.web.components.app.health.port");
+    assert!(e.message.contains("\"http\""), "{e}");
+    let e = one(&bad("{addr}:{port.http}", "{adr}:{port.http}"));
+    assert_eq!(e.field, "services.web.components.app.args.2");
+    assert!(e.message.contains("unknown placeholder {adr}"), "{e}");
+}
+
+#[test]
+fn ingress_checks() {
+    let e = one(&bad("listen = \"127.0.0.1:8080\"", "listen = \"localhost\""));
+    assert_eq!(e.field, "services.web.ingress.listen");
+    let e = one(&bad("port = \"http\" }\n", "port = \"grpc\" }\n"));
+    assert_eq!(e.field, "services.web.ingress.port");
+}
+
+#[test]
+fn wrong_type_and_syntax_are_located() {
+    let e = one(&bad("min = 2", "min = \"two\""));
+    assert_eq!(e.line, 9);
+    assert!(e.message.contains("invalid type"), "{e}");
+    let e = one(&bad("[services.web]", "[services.web"));
+    assert_eq!(e.line, 7);
+}
+
+#[test]
+fn several_errors_reported_together_in_file_order() {
+    let text = bad("min = 2", "min = 9").replace("version = \"v1\"", "version = \"\"");
+    let e = errors(&text);
+    assert_eq!(e.0.len(), 2, "{e}");
+    assert!(e.0[0].line < e.0[1].line);
+}

@@ -1,0 +1,254 @@
+//! The `local` provider: every instance is a `drover agent` child process with its own
+//! loopback address (127.B.x.y), its own directory, and a lifetime tied to the provider's.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::{Exit, LaunchRequest, Launched, Provider, ProviderError};
+
+/// How the local provider starts agents.
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// The data directory: instances live in `DATA/instances/ID/`, plans in `DATA/plans/`.
+    pub data_dir: PathBuf,
+    /// The drover binary to run as `drover agent`.
+    pub drover_bin: PathBuf,
+    /// Base URL of the server the agents report to.
+    pub server_url: String,
+    /// Second octet of the loopback block instance addresses come from (127.B.0.0/16).
+    pub block: u8,
+    pub heartbeat_interval: Duration,
+}
+
+/// Local processes as instances.
+pub struct LocalProvider {
+    cfg: LocalConfig,
+    exits: mpsc::UnboundedSender<Exit>,
+    /// Live agents: instance id → pid (also the process group id).
+    agents: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl LocalProvider {
+    /// A provider whose agents' exits are sent on `exits`. Call [`reap_leftovers`] once at
+    /// start-up, before any provider on the same data directory launches.
+    pub fn new(cfg: LocalConfig, exits: mpsc::UnboundedSender<Exit>) -> LocalProvider {
+        LocalProvider {
+            cfg,
+            exits,
+            agents: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("instances").join(id)
+    }
+
+    fn plan_file(&self, req: &LaunchRequest) -> Result<PathBuf, ProviderError> {
+        let dir = self.cfg.data_dir.join("plans");
+        std::fs::create_dir_all(&dir).map_err(|e| ProviderError::Io(dir.clone(), e))?;
+        let path = dir.join(format!(
+            "{}-{}-g{}.json",
+            req.plan.service, req.plan.region, req.plan.generation
+        ));
+        if !path.exists() {
+            let body = serde_json::to_vec_pretty(&req.plan)
+                .map_err(|e| ProviderError::Launch(e.to_string()))?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, body).map_err(|e| ProviderError::Io(tmp.clone(), e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| ProviderError::Io(path.clone(), e))?;
+        }
+        Ok(path)
+    }
+
+    fn spawn(&self, req: LaunchRequest) -> Result<Launched, ProviderError> {
+        let addr = IpAddr::V4(drover_model::ids::loopback_addr(self.cfg.block, req.seq));
+        let dir = self.instance_dir(&req.instance);
+        std::fs::create_dir_all(&dir).map_err(|e| ProviderError::Io(dir.clone(), e))?;
+        let plan_file = self.plan_file(&req)?;
+        let log_path = dir.join("agent.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| ProviderError::Io(log_path.clone(), e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| ProviderError::Io(log_path.clone(), e))?;
+        let mut cmd = tokio::process::Command::new(&self.cfg.drover_bin);
+        cmd.arg("agent")
+            .arg("--instance")
+            .arg(&req.instance)
+            .arg("--group")
+            .arg(&req.group)
+            .arg("--addr")
+            .arg(addr.to_string())
+            .arg("--server")
+            .arg(&self.cfg.server_url)
+            .arg("--plan-file")
+            .arg(&plan_file)
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--heartbeat-interval")
+            .arg(drover_model::Dur(self.cfg.heartbeat_interval).to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .kill_on_drop(false)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it ties the agent's life to this process, so
+        // no agent outlives the provider, even when the provider is killed with SIGKILL.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            ProviderError::Launch(format!("cannot start {}: {e}", self.cfg.drover_bin.display()))
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let _ = std::fs::write(dir.join("agent.pid"), pid.to_string());
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .insert(req.instance.clone(), pid);
+        let exits = self.exits.clone();
+        let agents = self.agents.clone();
+        let instance = req.instance.clone();
+        let pid_file = dir.join("agent.pid");
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => describe(s),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            agents.lock().expect("agents lock").remove(&instance);
+            let _ = std::fs::remove_file(pid_file);
+            tracing::info!(%instance, %status, "agent exited");
+            let _ = exits.send(Exit { instance, status });
+        });
+        Ok(Launched {
+            provider_id: format!("pid:{pid}"),
+            addr,
+        })
+    }
+}
+
+fn describe(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "ended".to_string(),
+    }
+}
+
+fn signal_group(pid: u32, sig: i32) {
+    if pid > 1 {
+        // SAFETY: plain syscalls on a pid we started; errors (ESRCH) are harmless.
+        unsafe {
+            libc::kill(-(pid as i32), sig);
+            libc::kill(pid as i32, sig);
+        }
+    }
+}
+
+impl Provider for LocalProvider {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Launched, ProviderError>> {
+        Box::pin(async move { self.spawn(req) })
+    }
+
+    fn terminate(&self, instance: &str, grace: Duration) -> BoxFuture<'_, Result<(), ProviderError>> {
+        let pid = self.agents.lock().expect("agents lock").get(instance).copied();
+        let agents = self.agents.clone();
+        let instance = instance.to_string();
+        Box::pin(async move {
+            let Some(pid) = pid else {
+                return Ok(()); // already gone
+            };
+            // The agent stops its components gracefully on SIGTERM.
+            signal_group(pid, libc::SIGTERM);
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(2);
+                while tokio::time::Instant::now() < deadline {
+                    if !agents.lock().expect("agents lock").contains_key(&instance) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tracing::warn!(%instance, pid, "agent did not stop in time; killing it");
+                signal_group(pid, libc::SIGKILL);
+            });
+            Ok(())
+        })
+    }
+
+    fn alive(&self, instance: &str) -> bool {
+        self.agents.lock().expect("agents lock").contains_key(instance)
+    }
+
+    fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let pids: Vec<u32> = self.agents.lock().expect("agents lock").values().copied().collect();
+            for pid in &pids {
+                signal_group(*pid, libc::SIGTERM);
+            }
+            let deadline = tokio::time::Instant::now() + grace;
+            while tokio::time::Instant::now() < deadline
+                && !self.agents.lock().expect("agents lock").is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left: Vec<u32> = self.agents.lock().expect("agents lock").values().copied().collect();
+            for pid in left {
+                signal_group(pid, libc::SIGKILL);
+            }
+            // Give the reaper tasks a moment so exits are recorded.
+            for _ in 0..50 {
+                if self.agents.lock().expect("agents lock").is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    }
+}
+
+/// Kill agents recorded in `DATA/instances/*/agent.pid` that are still running as
+/// `drover agent` for that directory. Returns how many were killed.
+pub fn reap_leftovers(data_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("instances")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let pid_file = e.path().join("agent.pid");
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let dir = e.path().display().to_string();
+        if cmdline.contains(" agent ") && cmdline.contains(&dir) {
+            signal_group(pid, libc::SIGKILL);
+            n += 1;
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    n
+}

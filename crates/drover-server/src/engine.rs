@@ -1,0 +1,894 @@
+//! The engine: owns the state, the store, the providers and the balancer listeners, runs the
+//! controllers on a tick and carries out their decisions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use drover_control::{Action, Health, Timing};
+use drover_lb::{Listener, ListenerConfig, Target};
+use drover_model::api::{
+    ApplyRequest, ApplyResponse, FleetStatus, Heartbeat, HeartbeatReply, Revision,
+};
+use drover_model::{EventKind, NewEvent, Plan};
+use drover_provider::{Exit, LaunchRequest, Provider};
+use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+
+use crate::state::{absorb_heartbeat, Group, Instance, Soft, State};
+use crate::ServerError;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One balancer listener and the sender that feeds it targets.
+struct Ingress {
+    listener: Listener,
+    targets: watch::Sender<Vec<Target>>,
+}
+
+pub struct Engine {
+    pub(crate) store: Box<dyn Store>,
+    state: Mutex<State>,
+    /// One provider per region, made when a region first appears.
+    providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
+    factory: crate::ProviderFactory,
+    ingresses: Mutex<BTreeMap<String, Ingress>>,
+    pub(crate) events_tx: broadcast::Sender<drover_model::Event>,
+    pub(crate) wake: Notify,
+    pub(crate) timing: Timing,
+    /// Serialises writers of desired state (apply, controller ticks).
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    pub fn new(
+        store: Box<dyn Store>,
+        timing: Timing,
+        factory: crate::ProviderFactory,
+    ) -> Result<Engine, ServerError> {
+        let snap = store.snapshot()?;
+        let now = now_ms();
+        let mut state = State {
+            revision: snap.revision,
+            instance_seq: snap.counters.get("instance_seq").copied().unwrap_or(0),
+            ..State::default()
+        };
+        let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+        if let Some(rev) = &state.revision {
+            for (name, region) in &rev.fleet.regions {
+                if let Some(p) = factory.make(region) {
+                    providers.insert(name.clone(), p);
+                }
+            }
+        }
+        let plans: BTreeMap<String, Plan> = snap
+            .plans
+            .into_iter()
+            .map(|p| (p.group().0, p))
+            .collect();
+        for rec in snap.groups {
+            let Some(plan) = plans.get(&rec.group).cloned() else {
+                continue;
+            };
+            let (provider, ingress) = group_facts(state.revision.as_ref(), &plan);
+            state.groups.insert(
+                rec.group.clone(),
+                Group {
+                    record: rec,
+                    plan,
+                    provider,
+                    ingress,
+                    generation_since_ms: now,
+                    rollout_open: false,
+                },
+            );
+        }
+        for rec in snap.instances {
+            // Soft state is rebuilt from heartbeats; until then, a grace period from now.
+            state.instances.insert(
+                rec.id.clone(),
+                Instance {
+                    soft: fresh_soft(now),
+                    alive: providers
+                        .get(region_of(&rec.group))
+                        .is_some_and(|p| p.alive(&rec.id)),
+                    record: rec,
+                },
+            );
+        }
+        let (events_tx, _) = broadcast::channel(4096);
+        Ok(Engine {
+            store,
+            state: Mutex::new(state),
+            providers: Mutex::new(providers),
+            factory,
+            ingresses: Mutex::new(BTreeMap::new()),
+            events_tx,
+            wake: Notify::new(),
+            timing,
+            write_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
+        self.providers.lock().expect("providers lock").get(region).cloned()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commit writes and publish the events they carry.
+    fn commit(&self, writes: Vec<Write>) -> Result<drover_store::Committed, ServerError> {
+        let c = self.store.commit(writes, now_ms())?;
+        for e in &c.events {
+            tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
+            let _ = self.events_tx.send(e.clone());
+        }
+        Ok(c)
+    }
+
+    /// Record events on their own.
+    pub fn record(&self, events: Vec<NewEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = self.commit(events.into_iter().map(Write::Event).collect()) {
+            tracing::error!("cannot record events: {e}");
+        }
+    }
+
+    /// Bind the balancer listeners of every group that has an ingress.
+    pub async fn open_ingresses(&self) -> Result<(), ServerError> {
+        let wanted: Vec<(String, SocketAddr)> = self
+            .state()
+            .groups
+            .values()
+            .filter_map(|g| g.ingress.map(|(a, _)| (g.record.group.clone(), a)))
+            .collect();
+        for (group, addr) in wanted {
+            self.ensure_ingress(&group, addr).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_ingress(&self, group: &str, addr: SocketAddr) -> Result<(), ServerError> {
+        if let Some(i) = self.ingresses.lock().expect("ingress lock").get(group) {
+            if i.listener.local_addr() == addr || addr.port() == 0 {
+                return Ok(());
+            }
+        }
+        let old = self.ingresses.lock().expect("ingress lock").remove(group);
+        if let Some(old) = old {
+            old.listener.shutdown().await;
+        }
+        let (tx, rx) = watch::channel(Vec::new());
+        let cfg = ListenerConfig {
+            name: group.to_string(),
+            listen: addr,
+            ..ListenerConfig::default()
+        };
+        let listener = Listener::bind(cfg, rx).await.map_err(|e| {
+            ServerError::Conflict(format!(
+                "cannot open the ingress of {group} on {addr}: {e}; is another program (or another drover) listening there? Change `ingress.listen` or stop that program"
+            ))
+        })?;
+        self.ingresses
+            .lock()
+            .expect("ingress lock")
+            .insert(group.to_string(), Ingress { listener, targets: tx });
+        Ok(())
+    }
+
+    async fn close_ingress(&self, group: &str) {
+        let old = self.ingresses.lock().expect("ingress lock").remove(group);
+        if let Some(old) = old {
+            old.listener.shutdown().await;
+        }
+    }
+
+    /// Open connections through the balancer to an instance.
+    pub fn open_connections(&self, group: &str, instance: &str) -> usize {
+        self.ingresses
+            .lock()
+            .expect("ingress lock")
+            .get(group)
+            .map(|i| i.listener.open_connections(instance))
+            .unwrap_or(0)
+    }
+
+    pub fn balancer_stats(&self) -> Vec<drover_lb::ListenerStats> {
+        self.ingresses
+            .lock()
+            .expect("ingress lock")
+            .values()
+            .map(|i| i.listener.stats())
+            .collect()
+    }
+
+    pub fn status(&self) -> FleetStatus {
+        self.state().status(now_ms(), self.timing.silent_after_ms)
+    }
+
+    pub fn current_revision(&self) -> Option<Revision> {
+        self.state().revision.clone()
+    }
+
+    // ---------------------------------------------------------------- apply
+
+    /// Validate, diff and store a fleet file as a new revision. Nothing changes on error.
+    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let fleet = drover_model::parse_fleet(&req.toml, &req.file)?;
+        let now = now_ms();
+        let (old_fleet, old_groups, current) = {
+            let st = self.state();
+            (
+                st.fleet().cloned(),
+                st.groups.clone(),
+                st.revision.as_ref().map(|r| r.number).unwrap_or(0),
+            )
+        };
+        let changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
+        let mut writes = Vec::new();
+        let mut events = Vec::new();
+        let mut plan_changes = Vec::new();
+        let mut new_groups: BTreeMap<String, Group> = BTreeMap::new();
+        let next_revision = current + 1;
+        for (sname, svc) in &fleet.services {
+            for region in &svc.regions {
+                let gid = drover_model::GroupId::new(sname, region).0;
+                let mut plan = drover_model::plan::plan_for(&fleet, sname, svc, region);
+                let old = old_groups.get(&gid);
+                let old_svc = old_fleet.as_ref().and_then(|f| f.services.get(sname));
+                let (generation, plan_changed) = match old {
+                    Some(g) if g.plan.same_content(&plan) => (g.record.generation, false),
+                    Some(g) => (g.record.generation + 1, true),
+                    None => (1, true),
+                };
+                plan.generation = generation;
+                plan.revision = if plan_changed {
+                    next_revision
+                } else {
+                    old.map(|g| g.plan.revision).unwrap_or(next_revision)
+                };
+                // The file's desired count wins when it changed (or the group is new);
+                // otherwise keep the current count (a manual scale), clamped to the new range.
+                let file_desired_changed =
+                    old_svc.is_none_or(|o| o.capacity.desired != svc.capacity.desired);
+                let (desired, reason) = match old {
+                    Some(g) if !file_desired_changed => (
+                        g.record
+                            .desired
+                            .clamp(svc.capacity.min, svc.capacity.max),
+                        g.record.desired_reason.clone(),
+                    ),
+                    _ => (
+                        svc.capacity.desired,
+                        format!("fleet file ({})", req.file),
+                    ),
+                };
+                if plan_changed {
+                    plan_changes.push(match old {
+                        Some(g) => format!(
+                            "{gid}: generation {} -> {generation} ({} -> {})",
+                            g.record.generation,
+                            g.plan.versions(),
+                            plan.versions()
+                        ),
+                        None => format!("{gid}: new group, generation 1 ({})", plan.versions()),
+                    });
+                    events.push(
+                        NewEvent::new(
+                            EventKind::PlanChanged,
+                            match old {
+                                Some(g) => format!(
+                                    "launch configuration is now generation {generation} ({}); instances on generation {} are stale",
+                                    plan.versions(),
+                                    g.record.generation
+                                ),
+                                None => format!(
+                                    "group created: generation 1 ({}), desired {desired}",
+                                    plan.versions()
+                                ),
+                            },
+                        )
+                        .group(&gid),
+                    );
+                }
+                if let Some(g) = old {
+                    if g.record.desired != desired {
+                        events.push(
+                            NewEvent::new(
+                                EventKind::Scaled,
+                                format!("desired {} -> {desired} ({reason})", g.record.desired),
+                            )
+                            .group(&gid),
+                        );
+                    }
+                }
+                let record = GroupRecord {
+                    group: gid.clone(),
+                    desired,
+                    desired_reason: reason,
+                    generation,
+                };
+                let (provider, ingress) = provider_and_ingress(&fleet, sname, region);
+                new_groups.insert(
+                    gid.clone(),
+                    Group {
+                        record,
+                        plan,
+                        provider,
+                        ingress,
+                        generation_since_ms: if plan_changed {
+                            now
+                        } else {
+                            old.map(|g| g.generation_since_ms).unwrap_or(now)
+                        },
+                        rollout_open: if plan_changed {
+                            old.is_some()
+                        } else {
+                            old.is_some_and(|g| g.rollout_open)
+                        },
+                    },
+                );
+            }
+        }
+        let removed: Vec<String> = old_groups
+            .keys()
+            .filter(|g| !new_groups.contains_key(*g))
+            .cloned()
+            .collect();
+        for g in &removed {
+            events.push(
+                NewEvent::new(
+                    EventKind::PlanChanged,
+                    "group removed from the fleet; its instances will leave",
+                )
+                .group(g),
+            );
+        }
+        if changes.is_empty() {
+            return Ok(ApplyResponse {
+                revision: current,
+                applied: false,
+                changes,
+                plan_changes,
+            });
+        }
+        if req.dry_run {
+            return Ok(ApplyResponse {
+                revision: current,
+                applied: false,
+                changes,
+                plan_changes,
+            });
+        }
+        // Providers for new regions.
+        for (name, region) in &fleet.regions {
+            let mut providers = self.providers.lock().expect("providers lock");
+            if !providers.contains_key(name) {
+                match self.factory.make(region) {
+                    Some(p) => {
+                        providers.insert(name.clone(), p);
+                    }
+                    None => {
+                        return Err(ServerError::Conflict(format!(
+                            "provider {:?} of region {name} is not available in this build",
+                            region.provider.as_str()
+                        )))
+                    }
+                }
+            }
+        }
+        // Open new ingresses before committing, so a port in use refuses the whole apply.
+        for g in new_groups.values() {
+            if let Some((addr, _)) = g.ingress {
+                self.ensure_ingress(&g.record.group, addr).await?;
+            }
+        }
+        let summary = match &old_fleet {
+            None => format!(
+                "fleet {} created: {} service(s) ({}), {} region(s)",
+                fleet.fleet.name,
+                fleet.services.len(),
+                fleet.services.keys().cloned().collect::<Vec<_>>().join(", "),
+                fleet.regions.len()
+            ),
+            Some(_) => summarize(&changes),
+        };
+        writes.push(Write::Revision {
+            file: req.file.clone(),
+            summary: summary.clone(),
+            toml: req.toml.clone(),
+            fleet: fleet.clone(),
+        });
+        for g in new_groups.values() {
+            writes.push(Write::Plan(g.plan.clone()));
+            writes.push(Write::Group(g.record.clone()));
+        }
+        for g in &removed {
+            writes.push(Write::RemoveGroup(g.clone()));
+        }
+        writes.insert(
+            0,
+            Write::Event(NewEvent::new(
+                EventKind::Applied,
+                format!("revision {next_revision} from {}: {summary}", req.file),
+            )),
+        );
+        writes.extend(events.into_iter().map(Write::Event));
+        let committed = self.commit(writes)?;
+        let number = committed.revision.unwrap_or(next_revision);
+        {
+            let mut st = self.state();
+            st.revision = Some(Revision {
+                number,
+                applied_at_ms: now,
+                file: req.file.clone(),
+                summary,
+                toml: req.toml,
+                fleet,
+            });
+            st.groups = new_groups;
+        }
+        for g in &removed {
+            self.close_ingress(g).await;
+        }
+        self.wake.notify_one();
+        Ok(ApplyResponse {
+            revision: number,
+            applied: true,
+            changes,
+            plan_changes,
+        })
+    }
+
+    // ------------------------------------------------------------ heartbeats
+
+    pub fn heartbeat(&self, hb: Heartbeat) -> Result<HeartbeatReply, ServerError> {
+        let now = now_ms();
+        let (events, changed) = {
+            let mut st = self.state();
+            let Some(inst) = st.instances.get_mut(&hb.instance) else {
+                return Ok(HeartbeatReply { known: false });
+            };
+            if inst.record.group != hb.group {
+                return Err(ServerError::BadRequest(format!(
+                    "instance {} belongs to group {}, not {}",
+                    hb.instance, inst.record.group, hb.group
+                )));
+            }
+            if hb.seq != 0 && hb.seq <= inst.soft.last_seq {
+                return Ok(HeartbeatReply { known: true }); // late or duplicate
+            }
+            let (events, changed) = absorb_heartbeat(inst, &hb, now);
+            if changed && matches!(inst.soft.health, Health::Healthy { .. }) {
+                let group = inst.record.group.clone();
+                st.launch_backoff.remove(&group);
+            }
+            (events, changed)
+        };
+        self.record(events);
+        if changed {
+            self.wake.notify_one();
+        }
+        Ok(HeartbeatReply { known: true })
+    }
+
+    /// The provider saw an instance end.
+    pub fn exited(&self, exit: Exit) {
+        let mut st = self.state();
+        if let Some(i) = st.instances.get_mut(&exit.instance) {
+            i.alive = false;
+            i.soft.health = Health::Unknown;
+            tracing::debug!(instance = %exit.instance, status = %exit.status, "instance exited");
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    // ------------------------------------------------------------ controller
+
+    /// One controller pass: decide, then carry out the decision.
+    pub async fn tick(self: &Arc<Self>) {
+        let _w = self.write_lock.lock().await;
+        let now = now_ms();
+        let decision = {
+            let st = self.state();
+            drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
+        };
+        for action in decision.actions {
+            if let Err(e) = self.act(action, now).await {
+                tracing::error!("controller action failed: {e}");
+            }
+        }
+        // Recompute targets after actions: a permit takes an instance out at once.
+        let decision = {
+            let st = self.state();
+            drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
+        };
+        self.update_targets(decision.targets);
+    }
+
+    fn update_targets(&self, targets: BTreeMap<String, Vec<String>>) {
+        let mut events = Vec::new();
+        {
+            let mut st = self.state();
+            for (group, ids) in targets {
+                if st.targets.get(&group) == Some(&ids) {
+                    continue;
+                }
+                let port = st.groups.get(&group).and_then(|g| g.ingress.map(|(_, p)| p));
+                if let Some(port) = port {
+                    let list: Vec<Target> = ids
+                        .iter()
+                        .filter_map(|id| {
+                            let ip = st.instances.get(id)?.record.addr.parse().ok()?;
+                            Some(Target::new(id.clone(), SocketAddr::new(ip, port)))
+                        })
+                        .collect();
+                    if let Some(ing) = self.ingresses.lock().expect("ingress lock").get(&group) {
+                        ing.targets.send_replace(list);
+                    }
+                }
+                events.push(
+                    NewEvent::new(
+                        EventKind::Targets,
+                        if ids.is_empty() {
+                            "no instance in rotation".to_string()
+                        } else {
+                            format!("in rotation: {}", ids.join(", "))
+                        },
+                    )
+                    .group(&group),
+                );
+                st.targets.insert(group, ids);
+            }
+        }
+        self.record(events);
+    }
+
+    async fn act(self: &Arc<Self>, action: Action, now: u64) -> Result<(), ServerError> {
+        match action {
+            Action::Launch { group, generation } => self.launch(&group, generation, now).await,
+            Action::Forget { instance, reason } => {
+                let rec = self.state().instances.get(&instance).map(|i| i.record.clone());
+                let Some(rec) = rec else { return Ok(()) };
+                let (kind, msg) = match rec.lifecycle {
+                    Lifecycle::Active => (EventKind::Lost, format!("lost: {reason}; it will be replaced")),
+                    _ => (EventKind::Terminated, "terminated".to_string()),
+                };
+                self.commit(vec![
+                    Write::RemoveInstance(instance.clone()),
+                    Write::Event(NewEvent::new(kind, msg).group(&rec.group).instance(&instance)),
+                ])?;
+                let mut st = self.state();
+                let never_healthy = st.instances.remove(&instance).is_some_and(|i| !i.soft.ever_healthy);
+                if never_healthy && rec.lifecycle == Lifecycle::Active {
+                    let n = st.launch_failed(&rec.group, now);
+                    tracing::warn!(group = %rec.group, failures = n, "instance ended before turning healthy; backing off launches");
+                }
+                Ok(())
+            }
+            Action::Terminate { instance, reason } => {
+                {
+                    let mut st = self.state();
+                    let failed = st.instances.get(&instance).filter(|i| !i.soft.ever_healthy).map(|i| i.record.group.clone());
+                    if let Some(g) = failed {
+                        st.launch_failed(&g, now);
+                    }
+                }
+                self.terminate(&instance, &format!("replacing it: {reason}")).await
+            }
+            Action::Permit { instance, reason } => {
+                let rec = self.set_lifecycle(&instance, Lifecycle::Draining, Some(now), EventKind::Permit, &format!("permit: {reason}; draining"))?;
+                let Some(rec) = rec else { return Ok(()) };
+                let drain = self.drain_timeout(&rec.group);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + drain;
+                    // Give the balancer the new target set first, then wait for connections to end.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while tokio::time::Instant::now() < deadline
+                        && me.open_connections(&rec.group, &rec.id) > 0
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let open = me.open_connections(&rec.group, &rec.id);
+                    let why = if open == 0 {
+                        "drained".to_string()
+                    } else {
+                        format!("drain_timeout reached with {open} connection(s) open")
+                    };
+                    let _w = me.write_lock.lock().await;
+                    if let Err(e) = me.terminate(&rec.id, &why).await {
+                        tracing::error!("terminate after drain: {e}");
+                    }
+                });
+                Ok(())
+            }
+            Action::RolloutDone { group, generation } => {
+                let versions = {
+                    let mut st = self.state();
+                    let Some(g) = st.groups.get_mut(&group) else { return Ok(()) };
+                    g.rollout_open = false;
+                    g.plan.versions()
+                };
+                let secs = (now.saturating_sub(self.state().groups.get(&group).map(|g| g.generation_since_ms).unwrap_or(now))) as f64 / 1000.0;
+                self.record(vec![NewEvent::new(
+                    EventKind::Rollout,
+                    format!("rollout to generation {generation} ({versions}) done in {secs:.1}s"),
+                )
+                .group(&group)]);
+                Ok(())
+            }
+            Action::RolloutFailed { group, generation, reason } => {
+                if let Some(g) = self.state().groups.get_mut(&group) {
+                    g.rollout_open = false;
+                }
+                self.record(vec![NewEvent::new(
+                    EventKind::Rollout,
+                    format!("rollout to generation {generation} failed: {reason}"),
+                )
+                .group(&group)]);
+                Ok(())
+            }
+        }
+    }
+
+    fn drain_timeout(&self, group: &str) -> Duration {
+        let st = self.state();
+        let service = group.split('/').next().unwrap_or_default();
+        st.fleet()
+            .and_then(|f| f.services.get(service))
+            .map(|s| s.rollout.drain_timeout.0)
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    fn stop_grace(&self, group: &str) -> Duration {
+        let st = self.state();
+        st.groups
+            .get(group)
+            .map(|g| {
+                g.plan
+                    .components
+                    .iter()
+                    .map(|c| c.stop_grace.0)
+                    .max()
+                    .unwrap_or_default()
+            })
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    fn set_lifecycle(
+        &self,
+        instance: &str,
+        lifecycle: Lifecycle,
+        permit_at: Option<u64>,
+        kind: EventKind,
+        message: &str,
+    ) -> Result<Option<InstanceRecord>, ServerError> {
+        let rec = {
+            let st = self.state();
+            let Some(i) = st.instances.get(instance) else {
+                return Ok(None);
+            };
+            if i.record.lifecycle == lifecycle || !i.alive {
+                return Ok(None);
+            }
+            let mut rec = i.record.clone();
+            rec.lifecycle = lifecycle;
+            if permit_at.is_some() {
+                rec.permit_at_ms = permit_at;
+            }
+            rec
+        };
+        self.commit(vec![
+            Write::Instance(rec.clone()),
+            Write::Event(NewEvent::new(kind, message).group(&rec.group).instance(instance)),
+        ])?;
+        if let Some(i) = self.state().instances.get_mut(instance) {
+            i.record = rec.clone();
+        }
+        Ok(Some(rec))
+    }
+
+    async fn terminate(&self, instance: &str, why: &str) -> Result<(), ServerError> {
+        let Some(rec) = self.set_lifecycle(instance, Lifecycle::Terminating, None, EventKind::Terminating, &format!("terminating: {why}"))? else {
+            return Ok(());
+        };
+        let grace = self.stop_grace(&rec.group);
+        if let Some(p) = self.provider(region_of(&rec.group)) {
+            p.terminate(instance, grace).await?;
+        }
+        Ok(())
+    }
+
+    async fn launch(&self, group: &str, generation: u64, now: u64) -> Result<(), ServerError> {
+        let (plan, seq) = {
+            let mut st = self.state();
+            let Some(g) = st.groups.get(group) else { return Ok(()) };
+            if g.record.generation != generation {
+                return Ok(());
+            }
+            let plan = g.plan.clone();
+            st.instance_seq += 1;
+            (plan, st.instance_seq)
+        };
+        let id = drover_model::ids::instance_id(seq);
+        let Some(provider) = self.provider(&plan.region) else {
+            return Err(ServerError::Internal(format!(
+                "no provider for region {}",
+                plan.region
+            )));
+        };
+        // Persist the counter first: an id is never reused, even after a crash mid-launch.
+        self.commit(vec![Write::Counter {
+            name: "instance_seq".into(),
+            value: seq,
+        }])?;
+        let launched = provider
+            .launch(LaunchRequest {
+                instance: id.clone(),
+                seq,
+                group: group.to_string(),
+                plan: plan.clone(),
+            })
+            .await;
+        let launched = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                self.record(vec![NewEvent::new(
+                    EventKind::Launched,
+                    format!("launch of {id} failed: {e}"),
+                )
+                .group(group)]);
+                return Err(e.into());
+            }
+        };
+        let rec = InstanceRecord {
+            id: id.clone(),
+            group: group.to_string(),
+            generation,
+            addr: launched.addr.to_string(),
+            provider_id: launched.provider_id.clone(),
+            launched_at_ms: now,
+            lifecycle: Lifecycle::Active,
+            permit_at_ms: None,
+        };
+        self.commit(vec![
+            Write::Instance(rec.clone()),
+            Write::Event(
+                NewEvent::new(
+                    EventKind::Launched,
+                    format!(
+                        "launched at {} on generation {generation} ({}) [{}]",
+                        launched.addr,
+                        plan.versions(),
+                        launched.provider_id
+                    ),
+                )
+                .group(group)
+                .instance(&id),
+            ),
+        ])?;
+        let alive = provider.alive(&id);
+        self.state().instances.insert(
+            id,
+            Instance {
+                record: rec,
+                soft: Soft {
+                    reporting: false,
+                    ..fresh_soft(now)
+                },
+                alive,
+            },
+        );
+        Ok(())
+    }
+
+    /// The controller loop: a tick every `period`, or sooner when woken.
+    pub async fn run(self: Arc<Self>, period: Duration, mut exits: mpsc::UnboundedReceiver<Exit>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            while let Ok(exit) = exits.try_recv() {
+                self.exited(exit);
+            }
+            self.tick().await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(period) => {}
+                _ = self.wake.notified() => {}
+                Some(exit) = exits.recv() => self.exited(exit),
+            }
+        }
+    }
+
+    /// Stop every instance and close the listeners.
+    pub async fn shutdown(&self, grace: Duration) {
+        let providers: Vec<Arc<dyn Provider>> =
+            self.providers.lock().expect("providers lock").values().cloned().collect();
+        for p in providers {
+            p.shutdown(grace).await;
+        }
+        let ings: Vec<Ingress> = std::mem::take(&mut *self.ingresses.lock().expect("ingress lock"))
+            .into_values()
+            .collect();
+        for i in ings {
+            i.listener.shutdown().await;
+        }
+    }
+
+    pub fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, ServerError> {
+        Ok(self.store.plan(group, generation)?)
+    }
+}
+
+fn fresh_soft(now: u64) -> Soft {
+    Soft {
+        last_seen_ms: now,
+        health: Health::Unknown,
+        ever_healthy: false,
+        last_seq: 0,
+        components: Vec::new(),
+        utilization: Default::default(),
+        reporting: false,
+    }
+}
+
+fn region_of(group: &str) -> &str {
+    group.split('/').nth(1).unwrap_or_default()
+}
+
+fn provider_and_ingress(
+    fleet: &drover_model::Fleet,
+    service: &str,
+    region: &str,
+) -> (String, Option<(SocketAddr, u16)>) {
+    let provider = fleet
+        .regions
+        .get(region)
+        .map(|r| r.provider.as_str().to_string())
+        .unwrap_or_default();
+    let ingress = fleet.services.get(service).and_then(|svc| {
+        let listen = svc.ingress.as_ref()?.listen.parse().ok()?;
+        let (_, _, port) = drover_model::Fleet::ingress_target(svc)?;
+        Some((listen, port))
+    });
+    (provider, ingress)
+}
+
+fn group_facts(rev: Option<&Revision>, plan: &Plan) -> (String, Option<(SocketAddr, u16)>) {
+    match rev {
+        Some(r) => provider_and_ingress(&r.fleet, &plan.service, &plan.region),
+        None => (String::new(), None),
+    }
+}
+
+fn summarize(changes: &[drover_model::diff::Change]) -> String {
+    let shown: Vec<String> = changes
+        .iter()
+        .take(3)
+        .map(|c| {
+            let s = c.to_string();
+            match s.char_indices().nth(100) {
+                Some((i, _)) => format!("{}...", &s[..i]),
+                None => s,
+            }
+        })
+        .collect();
+    let more = changes.len().saturating_sub(3);
+    if more > 0 {
+        format!("{} (and {more} more)", shown.join("; "))
+    } else {
+        shown.join("; ")
+    }
+}

@@ -1,0 +1,193 @@
+//! drover's control plane: the HTTP API, the store, the controllers, the providers and the
+//! built-in balancer, wired together. Only the server writes desired state.
+
+pub mod api;
+pub mod engine;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_control::Timing;
+use drover_model::api::{ApplyRequest, ApplyResponse};
+use drover_model::fleet::ProviderKind;
+use drover_provider::{LocalConfig, LocalProvider, Provider};
+use drover_store::{SqliteStore, Store};
+use tokio_util::sync::CancellationToken;
+
+pub use engine::Engine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    InvalidFleet(#[from] drover_model::FleetErrors),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("store: {0}")]
+    Store(#[from] drover_store::StoreError),
+    #[error("provider: {0}")]
+    Provider(#[from] drover_provider::ProviderError),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// How to run a server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Holds `drover.db`, `instances/`, `plans/`.
+    pub data_dir: PathBuf,
+    /// Where the API listens (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The binary agents are started from (`drover agent`).
+    pub drover_bin: PathBuf,
+    pub heartbeat_interval: Duration,
+    /// An instance not heard from for this long leaves rotation and is replaced.
+    pub silent_after: Duration,
+    /// Controller period (it also runs at once on any health change).
+    pub tick: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, drover_bin: PathBuf) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            listen,
+            drover_bin,
+            heartbeat_interval: Duration::from_secs(1),
+            silent_after: Duration::from_secs(5),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A running server.
+pub struct Server {
+    pub engine: Arc<Engine>,
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Open the store, bind the API, start the providers and the controller loop.
+    pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| ServerError::Io(cfg.data_dir.display().to_string(), e))?;
+        let store: Box<dyn Store> = Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?);
+        let api = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| {
+            ServerError::Io(
+                format!(
+                    "cannot listen on {} for the API (is another drover running? use --listen)",
+                    cfg.listen
+                ),
+                e,
+            )
+        })?;
+        let addr = api
+            .local_addr()
+            .map_err(|e| ServerError::Io("API address".into(), e))?;
+        let server_url = format!("http://{addr}");
+        let _ = std::fs::write(cfg.data_dir.join("server.url"), &server_url);
+
+        let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Kill agents an earlier run may have left before anything new starts.
+        let reaped = drover_provider::local::reap_leftovers(&cfg.data_dir);
+        if reaped > 0 {
+            tracing::warn!(reaped, "killed agents left by an earlier run");
+        }
+        let engine = Arc::new(Engine::new(
+            store,
+            Timing {
+                silent_after_ms: cfg.silent_after.as_millis() as u64,
+            },
+            ProviderFactory {
+                cfg: cfg.clone(),
+                server_url,
+                exits: exits_tx,
+            },
+        )?);
+        engine.open_ingresses().await?;
+        engine.record(vec![drover_model::NewEvent::new(
+            drover_model::EventKind::Server,
+            format!("server started on {addr} (data directory {})", cfg.data_dir.display()),
+        )]);
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let app = api::router(engine.clone());
+        let s = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = axum::serve(api, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("API server: {e}");
+            }
+        }));
+        tasks.push(tokio::spawn(engine.clone().run(cfg.tick, exits_rx, stop.clone())));
+        Ok(Server {
+            engine,
+            addr,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Apply a fleet file in-process (what `drover up` does first).
+    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
+        self.engine.apply(req).await
+    }
+
+    /// Stop the controllers and the API, then every instance, then the listeners.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.engine.shutdown(grace).await;
+        self.engine.record(vec![drover_model::NewEvent::new(
+            drover_model::EventKind::Server,
+            "server stopped; every instance it started was stopped",
+        )]);
+    }
+}
+
+/// Makes providers for regions that appear in a newly applied revision.
+pub struct ProviderFactory {
+    cfg: ServerConfig,
+    server_url: String,
+    exits: tokio::sync::mpsc::UnboundedSender<drover_provider::Exit>,
+}
+
+impl ProviderFactory {
+    pub fn make(&self, region: &drover_model::fleet::Region) -> Option<Arc<dyn Provider>> {
+        match region.provider {
+            ProviderKind::Local => Some(Arc::new(LocalProvider::new(
+                LocalConfig {
+                    data_dir: self.cfg.data_dir.clone(),
+                    drover_bin: self.cfg.drover_bin.clone(),
+                    server_url: self.server_url.clone(),
+                    block: region
+                        .subnet
+                        .as_deref()
+                        .and_then(drover_model::ids::parse_loopback_subnet)
+                        .unwrap_or(1),
+                    heartbeat_interval: self.cfg.heartbeat_interval,
+                },
+                self.exits.clone(),
+            ))),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The server's memory: desired state loaded from the store, and soft state (heartbeats)
+//! rebuilt from agents after a restart.
+
+use std::collections::BTreeMap;
+
+use drover_control::{GroupSpec, Health, InstanceView, Phase};
+use drover_model::api::{
+    ComponentReport, FleetStatus, GroupStatus, Heartbeat, InstanceState, InstanceStatus,
+    Revision, Utilization,
+};
+use drover_model::{Fleet, Plan};
+use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
+
+/// One group: its stored record, its current plan and rollout bookkeeping.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub record: GroupRecord,
+    pub plan: Plan,
+    pub provider: String,
+    pub ingress: Option<(std::net::SocketAddr, u16)>,
+    /// When the current generation became preferred.
+    pub generation_since_ms: u64,
+    pub rollout_open: bool,
+}
+
+/// What agents told us; lost on restart and rebuilt from heartbeats.
+#[derive(Clone, Debug)]
+pub struct Soft {
+    pub last_seen_ms: u64,
+    pub health: Health,
+    pub ever_healthy: bool,
+    pub last_seq: u64,
+    pub components: Vec<ComponentReport>,
+    pub utilization: Utilization,
+    pub reporting: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub record: InstanceRecord,
+    pub soft: Soft,
+    pub alive: bool,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub revision: Option<Revision>,
+    pub groups: BTreeMap<String, Group>,
+    pub instances: BTreeMap<String, Instance>,
+    pub instance_seq: u64,
+    /// Instances currently given to the balancer, per group.
+    pub targets: BTreeMap<String, Vec<String>>,
+    /// Per group: instances that ended before ever turning healthy, in a row, and the time
+    /// before which no new launch happens.
+    pub launch_backoff: BTreeMap<String, (u32, u64)>,
+}
+
+/// Delay before the next launch after `failures` instances in a row died unhealthy.
+pub fn launch_delay_ms(failures: u32) -> u64 {
+    if failures == 0 {
+        return 0;
+    }
+    (500u64 << (failures - 1).min(10)).min(30_000)
+}
+
+impl State {
+    /// An instance of `group` ended before turning healthy: back off the next launch.
+    pub fn launch_failed(&mut self, group: &str, now: u64) -> u32 {
+        let b = self.launch_backoff.entry(group.to_string()).or_insert((0, 0));
+        b.0 += 1;
+        b.1 = now + launch_delay_ms(b.0);
+        b.0
+    }
+
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.revision.as_ref().map(|r| &r.fleet)
+    }
+
+    pub fn specs(&self) -> Vec<GroupSpec> {
+        let fleet = self.fleet();
+        self.groups
+            .values()
+            .map(|g| {
+                let svc = fleet.and_then(|f| f.services.get(&g.plan.service));
+                GroupSpec {
+                    group: g.record.group.clone(),
+                    desired: g.record.desired,
+                    generation: g.record.generation,
+                    generation_since_ms: g.generation_since_ms,
+                    rollout_open: g.rollout_open,
+                    rollout: svc.map(|s| s.rollout.clone()).unwrap_or_default(),
+                    replace_unhealthy_after_ms: svc
+                        .map(|s| s.replace_unhealthy_after.as_millis())
+                        .unwrap_or(30_000),
+                    launch_not_before_ms: self
+                        .launch_backoff
+                        .get(&g.record.group)
+                        .map(|b| b.1)
+                        .unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    pub fn views(&self) -> Vec<InstanceView> {
+        self.instances
+            .values()
+            .map(|i| InstanceView {
+                id: i.record.id.clone(),
+                group: i.record.group.clone(),
+                generation: i.record.generation,
+                launched_at_ms: i.record.launched_at_ms,
+                phase: match i.record.lifecycle {
+                    Lifecycle::Active => Phase::Active,
+                    Lifecycle::Draining => Phase::Draining,
+                    Lifecycle::Terminating => Phase::Terminating,
+                },
+                alive: i.alive,
+                health: i.soft.health,
+                last_seen_ms: i.soft.last_seen_ms,
+                ever_healthy: i.soft.ever_healthy,
+            })
+            .collect()
+    }
+
+    pub fn status(&self, now: u64, silent_after_ms: u64) -> FleetStatus {
+        let groups = self
+            .groups
+            .values()
+            .map(|g| {
+                let targets = self.targets.get(&g.record.group);
+                let instances: Vec<InstanceStatus> = self
+                    .instances
+                    .values()
+                    .filter(|i| i.record.group == g.record.group)
+                    .map(|i| instance_status(i, targets, now, silent_after_ms))
+                    .collect();
+                GroupStatus {
+                    group: g.record.group.clone(),
+                    service: g.plan.service.clone(),
+                    region: g.plan.region.clone(),
+                    provider: g.provider.clone(),
+                    generation: g.record.generation,
+                    versions: g.plan.versions(),
+                    min: self.capacity(g).0,
+                    desired: g.record.desired,
+                    max: self.capacity(g).1,
+                    healthy: instances
+                        .iter()
+                        .filter(|i| i.state == InstanceState::Healthy)
+                        .count() as u32,
+                    ingress: g.ingress.map(|(a, _)| a.to_string()),
+                    instances,
+                }
+            })
+            .collect();
+        FleetStatus {
+            fleet: self.fleet().map(|f| f.fleet.name.clone()),
+            revision: self.revision.as_ref().map(|r| r.number),
+            groups,
+        }
+    }
+
+    fn capacity(&self, g: &Group) -> (u32, u32) {
+        self.fleet()
+            .and_then(|f| f.services.get(&g.plan.service))
+            .map(|s| (s.capacity.min, s.capacity.max))
+            .unwrap_or((0, 0))
+    }
+}
+
+fn instance_status(
+    i: &Instance,
+    targets: Option<&Vec<String>>,
+    now: u64,
+    silent_after_ms: u64,
+) -> InstanceStatus {
+    let state = match i.record.lifecycle {
+        Lifecycle::Draining => InstanceState::Draining,
+        Lifecycle::Terminating => InstanceState::Terminating,
+        Lifecycle::Active if !i.soft.reporting => InstanceState::Launching,
+        Lifecycle::Active if now.saturating_sub(i.soft.last_seen_ms) > silent_after_ms => {
+            InstanceState::Silent
+        }
+        Lifecycle::Active => match i.soft.health {
+            Health::Healthy { .. } => InstanceState::Healthy,
+            Health::Unhealthy { .. } => InstanceState::Unhealthy,
+            Health::Starting | Health::Unknown => InstanceState::Booting,
+        },
+    };
+    InstanceStatus {
+        id: i.record.id.clone(),
+        group: i.record.group.clone(),
+        addr: i.record.addr.clone(),
+        generation: i.record.generation,
+        state,
+        launched_at_ms: i.record.launched_at_ms,
+        last_heartbeat_ms: i.soft.reporting.then_some(i.soft.last_seen_ms),
+        components: i.soft.components.clone(),
+        utilization: i.soft.utilization,
+        in_rotation: targets.is_some_and(|t| t.contains(&i.record.id)),
+    }
+}
+
+/// Events a heartbeat implies, and whether the instance's health changed.
+pub fn absorb_heartbeat(
+    inst: &mut Instance,
+    hb: &Heartbeat,
+    now: u64,
+) -> (Vec<drover_model::NewEvent>, bool) {
+    use drover_model::{EventKind, NewEvent};
+    let mut events = Vec::new();
+    let id = inst.record.id.clone();
+    let group = inst.record.group.clone();
+    let ev = |kind, msg: String| NewEvent::new(kind, msg).group(&group).instance(&id);
+    for c in &hb.components {
+        let before = inst
+            .soft
+            .components
+            .iter()
+            .find(|p| p.name == c.name)
+            .map(|p| p.restarts)
+            .unwrap_or(0);
+        if c.restarts > before && inst.soft.reporting {
+            events.push(ev(
+                EventKind::Respawned,
+                format!(
+                    "component {} restarted by its agent ({} restart{} so far; last exit: {})",
+                    c.name,
+                    c.restarts,
+                    if c.restarts == 1 { "" } else { "s" },
+                    c.last_exit.as_deref().unwrap_or("unknown")
+                ),
+            ));
+        }
+    }
+    let healthy = hb.healthy();
+    let before = inst.soft.health;
+    let after = match (healthy, before) {
+        (true, Health::Healthy { since_ms }) => Health::Healthy { since_ms },
+        (true, _) => Health::Healthy { since_ms: now },
+        (false, Health::Unhealthy { since_ms }) => Health::Unhealthy { since_ms },
+        (false, Health::Healthy { .. }) => Health::Unhealthy { since_ms: now },
+        (false, _) if inst.soft.ever_healthy => Health::Unhealthy { since_ms: now },
+        (false, _) => Health::Starting,
+    };
+    let changed = std::mem::discriminant(&before) != std::mem::discriminant(&after);
+    if changed {
+        match after {
+            Health::Healthy { .. } => events.push(ev(
+                EventKind::Healthy,
+                format!("healthy on generation {} at {}", hb.generation, hb.addr),
+            )),
+            Health::Unhealthy { .. } => {
+                let why: Vec<String> = hb
+                    .components
+                    .iter()
+                    .filter(|c| c.state != drover_model::api::ComponentState::Healthy)
+                    .map(|c| {
+                        format!(
+                            "{} is {}{}",
+                            c.name,
+                            serde_json::to_value(c.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default(),
+                            c.message
+                                .as_deref()
+                                .map(|m| format!(" ({m})"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                events.push(ev(
+                    EventKind::Unhealthy,
+                    format!("unhealthy: {}", if why.is_empty() { "agent is not running".into() } else { why.join(", ") }),
+                ))
+            }
+            _ => {}
+        }
+    }
+    if healthy {
+        inst.soft.ever_healthy = true;
+    }
+    inst.soft.health = after;
+    inst.soft.last_seen_ms = now;
+    inst.soft.last_seq = hb.seq;
+    inst.soft.components = hb.components.clone();
+    inst.soft.utilization = hb.utilization;
+    inst.soft.reporting = true;
+    (events, changed)
+}

@@ -1,0 +1,34 @@
+//! The revisioned store: fleet revisions, groups, plans, instances, counters and events, behind
+//! one trait ([`Store`]), with an embedded SQLite implementation ([`SqliteStore`]).
+//!
+//! Every change goes through [`Store::commit`]: a batch of [`Write`]s applied atomically and
+//! durably. Revisions and events are numbered 1, 2, 3… without gaps and are never deleted.
+
+mod error;
+mod record;
+mod sqlite;
+
+pub use error::StoreError;
+pub use record::{Committed, EventFilter, GroupRecord, InstanceRecord, Lifecycle, Snapshot, Write};
+pub use sqlite::SqliteStore;
+
+use drover_model::api::{Revision, RevisionSummary};
+use drover_model::{Event, Plan};
+
+/// Where the server keeps desired and observed state. Synchronous: async callers use
+/// `spawn_blocking` or call it directly (operations are short).
+pub trait Store: Send + Sync {
+    /// Apply all writes atomically in one transaction; durable (fsync'd) when this returns Ok.
+    /// `now_ms` stamps revisions and events. On any error nothing is written.
+    fn commit(&self, writes: Vec<Write>, now_ms: u64) -> Result<Committed, StoreError>;
+    /// The current state: latest revision, groups, current plans, instances, counters.
+    fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// One revision with its body.
+    fn revision(&self, number: u64) -> Result<Option<Revision>, StoreError>;
+    /// Every revision without its body, oldest first.
+    fn revisions(&self) -> Result<Vec<RevisionSummary>, StoreError>;
+    /// One plan generation of a group (`service/region`).
+    fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, StoreError>;
+    /// Events matching `filter`, seq ascending, all with `seq > filter.after_seq`.
+    fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
+}

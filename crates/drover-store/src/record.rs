@@ -1,0 +1,128 @@
+//! The records the store keeps, the writes that change them, and the shapes reads return.
+
+use std::collections::BTreeMap;
+
+use drover_model::api::Revision;
+use drover_model::{Event, EventKind, Fleet, NewEvent, Plan};
+use serde::{Deserialize, Serialize};
+
+/// A group's desired count and current plan generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// `service/region`.
+    pub group: String,
+    pub desired: u32,
+    /// Who or what set `desired` (e.g. `apply`, `scale by alice`, `autoscale`).
+    pub desired_reason: String,
+    /// The group's current plan generation.
+    pub generation: u64,
+}
+
+/// Where an instance is in its life, as the server decided it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    Active,
+    Draining,
+    Terminating,
+}
+
+impl Lifecycle {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Lifecycle::Active => "active",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Terminating => "terminating",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Lifecycle> {
+        match s {
+            "active" => Some(Lifecycle::Active),
+            "draining" => Some(Lifecycle::Draining),
+            "terminating" => Some(Lifecycle::Terminating),
+            _ => None,
+        }
+    }
+}
+
+/// One instance the server launched.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub group: String,
+    /// The plan generation it was launched with (never changes).
+    pub generation: u64,
+    pub addr: String,
+    /// The provider's handle: a local pid, an EC2 instance id…
+    pub provider_id: String,
+    pub launched_at_ms: u64,
+    pub lifecycle: Lifecycle,
+    /// When it was given a permit to drain and terminate itself.
+    pub permit_at_ms: Option<u64>,
+}
+
+/// One change in a [`crate::Store::commit`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// A new fleet revision; gets the next revision number.
+    Revision {
+        file: String,
+        summary: String,
+        toml: String,
+        fleet: Fleet,
+    },
+    /// Insert or replace the group with this name.
+    Group(GroupRecord),
+    RemoveGroup(String),
+    /// Insert a plan under (`plan.group()`, `plan.generation`). Inserting an identical plan
+    /// again is a no-op; a different one is [`crate::StoreError::PlanConflict`].
+    Plan(Plan),
+    /// Insert or replace the instance with this id.
+    Instance(InstanceRecord),
+    RemoveInstance(String),
+    /// Insert or replace a named counter (e.g. the next instance number).
+    Counter {
+        name: String,
+        value: u64,
+    },
+    /// Append an event with the next seq, stamped with the commit's time.
+    Event(NewEvent),
+}
+
+/// What a commit assigned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Committed {
+    /// The number given to the commit's `Revision` write (the last one, if several).
+    pub revision: Option<u64>,
+    /// The commit's events as stored, in order.
+    pub events: Vec<Event>,
+}
+
+/// The current state, read in one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The latest revision, if any was ever stored.
+    pub revision: Option<Revision>,
+    /// Ordered by group name.
+    pub groups: Vec<GroupRecord>,
+    /// The current-generation plan of each group that has one, ordered by group name.
+    pub plans: Vec<Plan>,
+    /// Ordered by id.
+    pub instances: Vec<InstanceRecord>,
+    pub counters: BTreeMap<String, u64>,
+    /// The seq of the newest event (0 when there is none).
+    pub last_event_seq: u64,
+}
+
+/// Which events to read. `Default` is every event.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventFilter {
+    /// Only events with a greater seq.
+    pub after_seq: u64,
+    /// At most this many (the oldest matching ones); 0 means no limit.
+    pub limit: usize,
+    pub group: Option<String>,
+    pub instance: Option<String>,
+    pub kind: Option<EventKind>,
+}

@@ -1,0 +1,212 @@
+//! The CLI's HTTP client of the server API, and what each command prints.
+
+use std::path::Path;
+
+use anyhow::Context;
+use drover_model::api::{ApiError, ApplyRequest, ApplyResponse, FleetStatus, RevisionSummary};
+use drover_model::Event;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::exit;
+use crate::render;
+
+/// The server could not be reached at this URL.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot reach the drover server at {}", self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    json: bool,
+}
+
+pub struct EventArgs {
+    pub follow: bool,
+    pub after: u64,
+    pub limit: Option<usize>,
+    pub group: Option<String>,
+    pub instance: Option<String>,
+    pub kind: Option<String>,
+}
+
+impl Client {
+    pub fn new(base: &str, json: bool) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+            json,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                anyhow::Error::new(Unreachable(self.base.clone()))
+            } else {
+                anyhow::Error::new(e).context("request failed")
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        match serde_json::from_slice::<ApiError>(&body) {
+            Ok(err) => Err(anyhow::Error::new(Refused(err))),
+            Err(_) => anyhow::bail!(
+                "server answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self.send(self.http.get(self.url(path))).await?;
+        resp.json().await.context("the server's answer is not what this CLI expects")
+    }
+
+    pub async fn apply(&self, file: &Path, dry_run: bool) -> anyhow::Result<u8> {
+        let toml = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let req = ApplyRequest {
+            file: file.display().to_string(),
+            toml,
+            dry_run,
+        };
+        let resp = self
+            .send(self.http.post(self.url("/v1/apply")).json(&req))
+            .await;
+        let resp: ApplyResponse = match resp {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+        } else {
+            render::apply(&resp, dry_run);
+        }
+        Ok(exit::OK)
+    }
+
+    /// Print a refusal with every located problem; exit code 1.
+    fn refused(&self, e: anyhow::Error) -> anyhow::Result<u8> {
+        match e.downcast::<Refused>() {
+            Ok(Refused(err)) => {
+                if self.json {
+                    println!("{}", serde_json::to_string_pretty(&err)?);
+                } else if err.errors.is_empty() {
+                    eprintln!("error: {}", err.message);
+                } else {
+                    for fe in &err.errors {
+                        eprintln!("{fe}");
+                    }
+                    eprintln!("{} problem(s) found; nothing was changed", err.errors.len());
+                }
+                Ok(exit::FAILED)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn status(&self) -> anyhow::Result<u8> {
+        let s: FleetStatus = match self.get("/v1/status").await {
+            Ok(s) => s,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", render::status(&s));
+        }
+        Ok(exit::OK)
+    }
+
+    pub async fn history(&self) -> anyhow::Result<u8> {
+        let revs: Vec<RevisionSummary> = match self.get("/v1/revisions").await {
+            Ok(r) => r,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&revs)?);
+        } else {
+            println!("{}", render::history(&revs));
+        }
+        Ok(exit::OK)
+    }
+
+    pub async fn events(&self, a: EventArgs) -> anyhow::Result<u8> {
+        let mut q: Vec<(&str, String)> = vec![("after", a.after.to_string())];
+        if let Some(l) = a.limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(g) = &a.group {
+            q.push(("group", g.clone()));
+        }
+        if let Some(i) = &a.instance {
+            q.push(("instance", i.clone()));
+        }
+        if let Some(k) = &a.kind {
+            q.push(("kind", k.clone()));
+        }
+        if a.follow {
+            q.push(("follow", "true".into()));
+        }
+        let resp = match self
+            .send(self.http.get(self.url("/v1/events")).query(&q))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return self.refused(e),
+        };
+        if !a.follow {
+            let events: Vec<Event> = resp.json().await?;
+            if self.json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                println!("{}", render::events(&events));
+            }
+            return Ok(exit::OK);
+        }
+        // Follow: one JSON object per line.
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.context("the event stream broke")?;
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                if self.json {
+                    print!("{}", String::from_utf8_lossy(&line));
+                } else if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
+                    println!("{}", render::event_line(&ev));
+                }
+            }
+        }
+        Ok(exit::OK)
+    }
+}
+
+/// The server refused a request; carries its error body.
+#[derive(Debug)]
+pub struct Refused(pub ApiError);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.message)
+    }
+}
+
+impl std::error::Error for Refused {}

@@ -1,0 +1,338 @@
+//! The `drover` binary: the CLI, `up`, `server`, `agent` and `demo-server`.
+
+mod client;
+mod demo;
+mod render;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drover_model::Dur;
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    /// The command did what was asked.
+    pub const OK: u8 = 0;
+    /// The request was refused or failed (invalid fleet file, server error, ...).
+    pub const FAILED: u8 = 1;
+    /// Bad command-line usage (also what clap uses).
+    pub const USAGE: u8 = 2;
+    /// The server could not be reached.
+    pub const UNREACHABLE: u8 = 3;
+}
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 server unreachable.
+
+Quick start:
+  drover up examples/hello/drover.toml     # run the example fleet on this machine
+  curl 127.0.0.1:8080/                     # answered by each instance in turn
+  drover status                            # in another terminal";
+
+/// drover runs services on fleets of machines, without Kubernetes.
+///
+/// Each service is an instance group per region; an agent on every instance runs the
+/// group's components and respawns them; changing a version replaces instances.
+#[derive(Parser, Debug)]
+#[command(name = "drover", version, about, long_about, after_help = AFTER_HELP)]
+struct Cli {
+    /// The server's API URL.
+    #[arg(long, global = true, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7878")]
+    server: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run everything on this machine in the foreground: server, local instances, balancer.
+    ///
+    /// Applies FILE, keeps every group at its desired count with `drover agent` processes
+    /// on their own loopback addresses, balances each ingress, and shows a live status table.
+    /// Ctrl-C (or SIGTERM) stops it all and leaves no process behind.
+    Up {
+        /// The fleet file, e.g. examples/hello/drover.toml.
+        file: PathBuf,
+        /// Where the store, instance directories and logs live.
+        #[arg(long, default_value = ".drover")]
+        data_dir: PathBuf,
+        /// Where the API listens.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: SocketAddr,
+    },
+    /// Run the control plane: HTTP API, store, controllers, providers and balancer.
+    Server {
+        #[arg(long, default_value = ".drover")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: SocketAddr,
+    },
+    /// Run an instance's agent (started by providers, not by people).
+    Agent(AgentArgs),
+    /// A small HTTP server for trying drover: `/` names its version and instance, `/healthz` answers checks.
+    DemoServer(demo::DemoArgs),
+    /// Validate FILE and store it as a new revision; prints the changes it applied.
+    Apply {
+        file: PathBuf,
+        /// Show what would change without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what applying FILE would change (same as `apply --dry-run`).
+    Plan { file: PathBuf },
+    /// Show every group and instance: generation, health, rotation, restarts.
+    Status,
+    /// Show the event log: everything that happened, in order.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (default: all; with --follow, the last 1000 first).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        instance: Option<String>,
+        /// One of: applied, plan_changed, scaled, launched, healthy, unhealthy, respawned,
+        /// silent, lost, terminating, terminated, permit, targets, rollout, server.
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// List every applied revision of the fleet file.
+    History,
+    /// Check a fleet file without contacting the server.
+    Validate { file: PathBuf },
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// This instance's id.
+    #[arg(long)]
+    instance: String,
+    /// Its group (`service/region`).
+    #[arg(long)]
+    group: String,
+    /// Its own address; components bind there.
+    #[arg(long)]
+    addr: std::net::IpAddr,
+    /// Run without reporting to any server (the global --server is ignored).
+    #[arg(long)]
+    standalone: bool,
+    /// The plan to run (JSON), written by the provider at launch.
+    #[arg(long)]
+    plan_file: PathBuf,
+    /// The instance's own directory.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "1s")]
+    heartbeat_interval: Dur,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let code = match cli.command {
+        Command::Agent(args) => {
+            let server = (!args.standalone).then(|| cli.server.clone());
+            run_agent(args, server)
+        }
+        Command::DemoServer(args) => demo::run(args),
+        Command::Validate { ref file } => validate(file, cli.json),
+        _ => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(exit::FAILED);
+                }
+            };
+            rt.block_on(dispatch(cli))
+        }
+    };
+    ExitCode::from(code)
+}
+
+async fn dispatch(cli: Cli) -> u8 {
+    let client = client::Client::new(&cli.server, cli.json);
+    let result = match cli.command {
+        Command::Up {
+            file,
+            data_dir,
+            listen,
+        } => up::run(&file, &data_dir, listen, cli.json).await,
+        Command::Server { data_dir, listen } => up::serve(&data_dir, listen).await,
+        Command::Apply { file, dry_run } => client.apply(&file, dry_run).await,
+        Command::Plan { file } => client.apply(&file, true).await,
+        Command::Status => client.status().await,
+        Command::Events {
+            follow,
+            after,
+            limit,
+            group,
+            instance,
+            kind,
+        } => {
+            client
+                .events(client::EventArgs {
+                    follow,
+                    after,
+                    limit,
+                    group,
+                    instance,
+                    kind,
+                })
+                .await
+        }
+        Command::History => client.history().await,
+        Command::Agent(_) | Command::DemoServer(_) | Command::Validate { .. } => Ok(exit::OK),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(client::Unreachable(url)) = e.downcast_ref::<client::Unreachable>() {
+                eprintln!(
+                    "error: cannot reach the drover server at {url}\n  is `drover up` or `drover server` running? point to it with --server URL or DROVER_SERVER"
+                );
+                return exit::UNREACHABLE;
+            }
+            eprintln!("error: {e:#}");
+            exit::FAILED
+        }
+    }
+}
+
+fn validate(file: &std::path::Path, json: bool) -> u8 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return exit::FAILED;
+        }
+    };
+    match drover_model::parse_fleet(&text, &file.display().to_string()) {
+        Ok(fleet) => {
+            let groups: usize = fleet.services.values().map(|s| s.regions.len()).sum();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": true, "fleet": fleet.fleet.name, "services": fleet.services.len(), "groups": groups})
+                );
+            } else {
+                println!(
+                    "{}: ok (fleet {}, {} service(s), {} group(s))",
+                    file.display(),
+                    fleet.fleet.name,
+                    fleet.services.len(),
+                    groups
+                );
+            }
+            exit::OK
+        }
+        Err(errors) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "errors": errors.0})
+                );
+            } else {
+                eprintln!("{errors}");
+                eprintln!("{} problem(s) found; nothing was changed", errors.0.len());
+            }
+            exit::FAILED
+        }
+    }
+}
+
+fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
+    let init = || -> anyhow::Result<drover_agent::AgentConfig> {
+        let text = std::fs::read_to_string(&args.plan_file)
+            .with_context(|| format!("cannot read plan {}", args.plan_file.display()))?;
+        let plan: drover_model::Plan = serde_json::from_str(&text)
+            .with_context(|| format!("plan {} is not valid", args.plan_file.display()))?;
+        Ok(drover_agent::AgentConfig {
+            instance: args.instance.clone(),
+            group: args.group.clone(),
+            addr: args.addr,
+            server: server.clone(),
+            plan,
+            dir: args.dir.clone(),
+            drover_bin: std::env::current_exe().context("cannot find the drover binary")?,
+            heartbeat_interval: args.heartbeat_interval.0,
+        })
+    };
+    init_logs(std::io::stderr);
+    let cfg = match init() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::FAILED;
+        }
+    };
+    // One thread: the agent must cost almost nothing.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return exit::FAILED;
+        }
+    };
+    let result = rt.block_on(async move { drover_agent::run(cfg, shutdown_signal()).await });
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::FAILED
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Logs to `writer`, filtered by RUST_LOG (default info).
+pub fn init_logs<W>(writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false)
+        .try_init();
+}

@@ -1,0 +1,193 @@
+//! Human output: tables for status, events and history, and the diff of an apply.
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, ContentArrangement, Table};
+use drover_model::api::{ApplyResponse, ComponentState, FleetStatus, RevisionSummary};
+use drover_model::Event;
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.iter().map(Cell::new));
+    if t.width().is_none() {
+        // Not a terminal: wrap long cells at a readable width instead of one endless line.
+        t.set_width(140);
+    }
+    t
+}
+
+/// `2026-11-25 17:38:21` (UTC) from milliseconds since the epoch.
+pub fn time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+fn age(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn snake<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+pub fn status(s: &FleetStatus) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut out = String::new();
+    match (&s.fleet, s.revision) {
+        (Some(f), Some(r)) => out.push_str(&format!("fleet {f}, revision {r}\n")),
+        _ => {
+            out.push_str("nothing applied yet: run `drover apply FILE`\n");
+            return out;
+        }
+    }
+    let mut groups = table(&[
+        "GROUP", "PROVIDER", "GEN", "VERSIONS", "HEALTHY", "DESIRED", "MIN..MAX", "INGRESS",
+    ]);
+    for g in &s.groups {
+        groups.add_row(vec![
+            g.group.clone(),
+            g.provider.clone(),
+            g.generation.to_string(),
+            g.versions.clone(),
+            format!("{}/{}", g.healthy, g.desired),
+            g.desired.to_string(),
+            format!("{}..{}", g.min, g.max),
+            g.ingress.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    out.push_str(&groups.to_string());
+    out.push('\n');
+    let mut inst = table(&[
+        "INSTANCE", "GROUP", "ADDRESS", "GEN", "STATE", "LB", "COMPONENTS", "RESTARTS", "AGE",
+    ]);
+    for g in &s.groups {
+        for i in &g.instances {
+            let comps: Vec<String> = i
+                .components
+                .iter()
+                .map(|c| {
+                    let st = snake(&c.state);
+                    match (c.state, c.pid) {
+                        (ComponentState::Healthy, _) => format!("{}:{}", c.name, st),
+                        (_, _) => format!("{}:{}", c.name, st),
+                    }
+                })
+                .collect();
+            let restarts: u32 = i.components.iter().map(|c| c.restarts).sum();
+            inst.add_row(vec![
+                i.id.clone(),
+                i.group.clone(),
+                i.addr.clone(),
+                i.generation.to_string(),
+                snake(&i.state),
+                if i.in_rotation { "in" } else { "out" }.to_string(),
+                if comps.is_empty() {
+                    "-".to_string()
+                } else {
+                    comps.join(" ")
+                },
+                restarts.to_string(),
+                age(now, i.launched_at_ms),
+            ]);
+        }
+    }
+    out.push_str(&inst.to_string());
+    out.push('\n');
+    out
+}
+
+pub fn event_line(e: &Event) -> String {
+    format!(
+        "{:>6}  {}  {:<12} {:<12} {:<9} {}",
+        e.seq,
+        time(e.at_ms),
+        e.kind.as_str(),
+        e.group.as_deref().unwrap_or("-"),
+        e.instance.as_deref().unwrap_or("-"),
+        e.message
+    )
+}
+
+pub fn events(events: &[Event]) -> String {
+    let mut t = table(&["SEQ", "TIME (UTC)", "KIND", "GROUP", "INSTANCE", "MESSAGE"]);
+    for e in events {
+        t.add_row(vec![
+            e.seq.to_string(),
+            time(e.at_ms),
+            e.kind.as_str().to_string(),
+            e.group.clone().unwrap_or_else(|| "-".into()),
+            e.instance.clone().unwrap_or_else(|| "-".into()),
+            e.message.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn history(revs: &[RevisionSummary]) -> String {
+    let mut t = table(&["REVISION", "APPLIED (UTC)", "FILE", "CHANGES"]);
+    for r in revs {
+        t.add_row(vec![
+            r.number.to_string(),
+            time(r.applied_at_ms),
+            r.file.clone(),
+            r.summary.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn apply(r: &ApplyResponse, dry_run: bool) {
+    if r.changes.is_empty() {
+        println!("no changes: revision {} is current", r.revision);
+        return;
+    }
+    for c in &r.changes {
+        println!("  {c}");
+    }
+    for p in &r.plan_changes {
+        println!("  plan {p}");
+    }
+    if dry_run || !r.applied {
+        println!("dry run: nothing was stored");
+    } else {
+        println!("applied as revision {}", r.revision);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc_time() {
+        assert_eq!(super::time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::time(1_795_627_101_000), "2026-11-25 17:18:21");
+    }
+}

@@ -1,0 +1,131 @@
+//! `drover up` and `drover server`: the control plane in the foreground.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use drover_model::api::ApplyRequest;
+use drover_server::{Server, ServerConfig, ServerError};
+
+use crate::{exit, render};
+
+/// How long instances get to stop when drover stops.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+fn config(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ServerConfig> {
+    let bin = std::env::current_exe().context("cannot find the drover binary")?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+    Ok(ServerConfig::new(data_dir, listen, bin))
+}
+
+/// `drover server`: logs to stderr, runs until SIGTERM/SIGINT.
+pub async fn serve(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<u8> {
+    crate::init_logs(std::io::stderr);
+    let server = Server::start(config(data_dir, listen)?).await?;
+    tracing::info!("drover server listening on {}", server.url());
+    crate::shutdown_signal().await;
+    tracing::info!("stopping");
+    server.shutdown(STOP_GRACE).await;
+    Ok(exit::OK)
+}
+
+/// `drover up FILE`: server + apply + live status, until Ctrl-C or SIGTERM.
+pub async fn run(file: &Path, data_dir: &Path, listen: SocketAddr, json: bool) -> anyhow::Result<u8> {
+    let cfg = config(data_dir, listen)?;
+    // Logs go to a file so the status table stays readable.
+    let log_path = cfg.data_dir.join("drover.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    crate::init_logs(std::sync::Mutex::new(log));
+
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    // Refuse a broken file before starting anything.
+    if let Err(errors) = drover_model::parse_fleet(&text, &file.display().to_string()) {
+        eprintln!("{errors}");
+        eprintln!("{} problem(s) found; nothing was started or changed", errors.0.len());
+        return Ok(exit::FAILED);
+    }
+    let server = Server::start(cfg.clone()).await?;
+    let applied = server
+        .apply(ApplyRequest {
+            file: file.display().to_string(),
+            toml: text,
+            dry_run: false,
+        })
+        .await;
+    match applied {
+        Ok(r) if r.applied => eprintln!("applied {} as revision {}", file.display(), r.revision),
+        Ok(r) => eprintln!("{} is unchanged (revision {})", file.display(), r.revision),
+        Err(e) => {
+            match &e {
+                ServerError::InvalidFleet(errors) => eprintln!("{errors}"),
+                other => eprintln!("error: {other}"),
+            }
+            server.shutdown(STOP_GRACE).await;
+            return Ok(exit::FAILED);
+        }
+    }
+    let status = server.engine.status();
+    eprintln!(
+        "drover is up: API {} (data in {}, logs in {})",
+        server.url(),
+        cfg.data_dir.display(),
+        log_path.display()
+    );
+    for g in &status.groups {
+        if let Some(ing) = &g.ingress {
+            eprintln!("  {} is served on {ing}", g.group);
+        }
+    }
+    eprintln!("  Ctrl-C stops everything.");
+
+    let tty = std::io::stdout().is_terminal() && !json;
+    let mut last = String::new();
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let s = server.engine.status();
+        let text = if json {
+            serde_json::to_string(&s).unwrap_or_default()
+        } else {
+            render::status(&s)
+        };
+        // On a terminal, redraw in place every second; otherwise print only changes.
+        let shown = if tty { text.clone() } else { strip_ages(&text) };
+        if tty || shown != last {
+            let mut out = std::io::stdout().lock();
+            if tty {
+                let _ = write!(out, "\x1b[H\x1b[2J");
+            }
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+            last = shown;
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    eprintln!("stopping: draining and stopping every instance...");
+    server.shutdown(STOP_GRACE).await;
+    eprintln!("stopped");
+    Ok(exit::OK)
+}
+
+/// The status text without its AGE column values, to detect real changes.
+fn strip_ages(s: &str) -> String {
+    s.lines()
+        .map(|l| l.trim_end_matches(|c: char| c != '│').to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
