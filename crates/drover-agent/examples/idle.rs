@@ -75,7 +75,10 @@ fn main() {
     rt.block_on(async {
         let shutdown = async {
             tokio::time::sleep(Duration::from_secs(secs)).await;
-            println!("agent RSS after {secs}s idle with 3 components: {} KiB", rss_kib());
+            println!(
+                "agent RSS after {secs}s idle with 3 components: {} KiB",
+                rss_kib()
+            );
         };
         run(cfg, shutdown).await.unwrap();
     });

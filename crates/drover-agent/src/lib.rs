@@ -117,6 +117,9 @@ impl Ctx {
 /// Run the agent: boot every component in plan order, supervise them and report, until
 /// `shutdown` resolves; then stop every component gracefully, send a last heartbeat and return.
 ///
+/// Meant for a current-thread runtime built with `enable_all` (timers, I/O and the signal driver
+/// that reaps children); it spawns one task per component and needs no other thread.
+///
 /// Errors only when the agent cannot start at all (its directory, its http client); a component
 /// that cannot be fetched or started is reported `failed` and retried with backoff.
 pub async fn run(

@@ -726,3 +726,51 @@ async fn artifact_refusals_and_http_download() {
     assert_eq!(std::fs::read(dest.join("bin/hello")).unwrap(), HELLO);
     assert!(!scratch.exists(), "the download is removed after unpacking");
 }
+
+/// `R`, `S`, `Z`… of a process, or None once it is gone.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+#[test]
+fn components_die_with_the_agent_thread() {
+    // The agent's thread goes away without stopping anything (as on SIGKILL of the agent): its
+    // runtime is leaked, so nothing is dropped or killed by the agent itself.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        None,
+        vec![sh("app", "echo $$ >> pids; exec sleep 30")],
+    );
+    let pids = dir.path().join("app/pids");
+    let pid = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pid = rt.block_on(async {
+            tokio::spawn(run(cfg, std::future::pending()));
+            wait_until(Duration::from_secs(2), "pid", || {
+                read_pids(&pids).first().copied()
+            })
+            .await
+        });
+        std::mem::forget(rt);
+        pid
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        // Killed: a zombie (nobody is left to reap it) or gone.
+        match proc_state(pid) {
+            None | Some('Z') => break,
+            Some(s) => assert!(
+                Instant::now() < deadline,
+                "component {pid} still {s} after its agent died"
+            ),
+        }
+        std::thread::sleep(5 * MS);
+    }
+}
