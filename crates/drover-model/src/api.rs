@@ -212,3 +212,20 @@ pub struct FleetStatus {
     pub revision: Option<u64>,
     pub groups: Vec<GroupStatus>,
 }
+
+/// `GET /v1/agent/permit?instance=ID&wait_ms=N`: a long-poll that answers as soon as the
+/// instance holds a permit, or with `permit: false` after `wait_ms`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PermitReply {
+    pub permit: bool,
+    /// How long to wait for open connections to close before stopping anyway.
+    pub drain_timeout_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/agent/connections?instance=ID`: open connections the balancer holds to the instance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionsReply {
+    pub open: u64,
+}

@@ -233,7 +233,7 @@ impl Default for RestartPolicy {
 
 impl Fleet {
     /// The ingress target of a service: (component name, port name, port number).
-    pub fn ingress_target<'a>(service: &'a Service) -> Option<(&'a str, &'a str, u16)> {
+    pub fn ingress_target(service: &Service) -> Option<(&str, &str, u16)> {
         let ing = service.ingress.as_ref()?;
         match &ing.component {
             Some(c) => {
