@@ -1,9 +1,11 @@
 //! drover-agent: the per-instance agent — boot (fetch, unpack, start in plan order), supervise
-//! (respawn with backoff, health checks) and report (heartbeats with status and utilization).
+//! (respawn with backoff, health checks), report (heartbeats with status and utilization) and
+//! leave (on the server's permit: drain, stop gracefully, exit).
 //!
 //! Invariants:
 //! - the agent acts only on positive evidence: an unreachable server is logged (at most once a
-//!   minute) and changes nothing it supervises;
+//!   minute) and changes nothing it supervises; only a permit granted by the server (`200`,
+//!   `permit: true`) makes it leave;
 //! - every component runs in its own process group and dies with the agent (`PR_SET_PDEATHSIG`),
 //!   so nothing outlives it; a stop is the plan's signal, the grace period, then SIGKILL;
 //! - it runs on a tokio current-thread runtime (processes are spawned from the runtime thread,
@@ -14,6 +16,7 @@ pub mod backoff;
 mod component;
 mod error;
 mod health;
+mod leave;
 mod process;
 mod report;
 mod supervisor;
@@ -31,6 +34,7 @@ pub use backoff::Backoff;
 pub use error::AgentError;
 
 use component::Instance;
+use leave::Leave;
 use report::{Reporter, Sampler};
 
 /// How long a state change waits for others before it is reported.
@@ -65,6 +69,19 @@ impl AgentConfig {
     pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 }
 
+/// Why [`run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The `shutdown` future resolved (e.g. SIGTERM): everything was stopped.
+    Shutdown,
+    /// The server granted a permit: the agent drained, stopped everything and reported
+    /// `stopping`. For the `local` provider the agent process exiting is its instance terminating.
+    Left {
+        /// The permit's reason, e.g. `stale generation 3 < 4`.
+        reason: String,
+    },
+}
+
 /// State shared by the supervisors and the reporter.
 pub(crate) struct Ctx {
     pub instance: Instance,
@@ -74,6 +91,8 @@ pub(crate) struct Ctx {
     phase: Mutex<AgentPhase>,
     /// Bumped on every change of a component's report.
     changed: watch::Sender<()>,
+    /// The last heartbeat's sequence number and the utilization sampler.
+    beats: Mutex<(u64, Sampler)>,
 }
 
 impl Ctx {
@@ -88,12 +107,24 @@ impl Ctx {
         }
     }
 
-    fn set_phase(&self, phase: AgentPhase) {
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
-        self.changed.send_replace(());
+    /// Set the phase and wake the reporter; `from`: only if the phase is that one now.
+    fn set_phase(&self, from: Option<AgentPhase>, phase: AgentPhase, wake: bool) {
+        let mut cur = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if from.is_some_and(|f| f != *cur) {
+            return;
+        }
+        *cur = phase;
+        drop(cur);
+        if wake {
+            self.changed.send_replace(());
+        }
     }
 
-    fn heartbeat(&self, seq: u64, sampler: &mut Sampler) -> Heartbeat {
+    /// The next heartbeat: current phase and components, next sequence number, utilization.
+    fn heartbeat(&self) -> Heartbeat {
+        let mut beats = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        beats.0 += 1;
+        let (seq, sampler) = &mut *beats;
         let phase = *self.phase.lock().unwrap_or_else(|e| e.into_inner());
         let components = self
             .components
@@ -107,7 +138,7 @@ impl Ctx {
             generation: self.plan.generation,
             addr: self.instance.addr.to_string(),
             phase,
-            seq,
+            seq: *seq,
             components,
             utilization: sampler.sample(&pids),
         }
@@ -115,7 +146,14 @@ impl Ctx {
 }
 
 /// Run the agent: boot every component in plan order, supervise them and report, until
-/// `shutdown` resolves; then stop every component gracefully, send a last heartbeat and return.
+/// `shutdown` resolves ([`Outcome::Shutdown`]) or, with a server, until the server grants this
+/// instance a permit ([`Outcome::Left`]); then stop every component gracefully, send a last
+/// heartbeat (phase `stopping`) and return.
+///
+/// With a server, the agent long-polls `GET /v1/agent/permit` all along. On a permit it reports
+/// `draining` at once, waits until `GET /v1/agent/connections` shows no open connection (or the
+/// permit's drain timeout has passed), then stops as on shutdown. Nothing but a permit makes it
+/// leave: an unreachable or misbehaving server changes nothing.
 ///
 /// Meant for a current-thread runtime built with `enable_all` (timers, I/O and the signal driver
 /// that reaps children); it spawns one task per component and needs no other thread.
@@ -125,7 +163,7 @@ impl Ctx {
 pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
+) -> Result<Outcome, AgentError> {
     std::fs::create_dir_all(&cfg.dir).map_err(|source| AgentError::Dir {
         path: cfg.dir.clone(),
         source,
@@ -133,7 +171,8 @@ pub async fn run(
     let dir = std::fs::canonicalize(&cfg.dir).unwrap_or(cfg.dir.clone());
     let client = reqwest::Client::builder()
         .connect_timeout(HEARTBEAT_TIMEOUT)
-        .pool_max_idle_per_host(1)
+        // One for the permit long-poll, one for heartbeats and the rest.
+        .pool_max_idle_per_host(2)
         .build()
         .map_err(|e| AgentError::HttpClient(e.to_string()))?;
     let components = cfg
@@ -168,10 +207,16 @@ pub async fn run(
         components: Mutex::new(components),
         phase: Mutex::new(AgentPhase::Booting),
         changed: watch::Sender::new(()),
+        beats: Mutex::new((0, Sampler::new())),
     });
-    let mut reporter = cfg.server.as_deref().map(|s| Reporter::new(client, s));
-    let mut sampler = Sampler::new();
-    let mut seq = 0u64;
+    let mut reporter = cfg
+        .server
+        .as_deref()
+        .map(|s| Reporter::new(client.clone(), s));
+    let leave = cfg
+        .server
+        .as_deref()
+        .map(|s| (Leave::new(client.clone(), s, &cfg.instance), s));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(ctx.plan.components.len());
     tracing::info!(
@@ -182,7 +227,7 @@ pub async fn run(
         "agent starting"
     );
 
-    {
+    let outcome = {
         let boot = async {
             for idx in 0..ctx.plan.components.len() {
                 let (tx, rx) = oneshot::channel();
@@ -194,7 +239,8 @@ pub async fn run(
                 )));
                 let _ = rx.await;
             }
-            ctx.set_phase(AgentPhase::Running);
+            // Unless a permit came first: a draining agent stays draining.
+            ctx.set_phase(Some(AgentPhase::Booting), AgentPhase::Running, true);
             tracing::info!("all components started");
         };
         let report = async {
@@ -212,19 +258,48 @@ pub async fn run(
                 }
                 changes.borrow_and_update();
                 tick.reset();
-                seq += 1;
-                let hb = ctx.heartbeat(seq, &mut sampler);
+                let hb = ctx.heartbeat();
                 reporter.send(&hb, HEARTBEAT_TIMEOUT).await;
             }
         };
+        let leaving = async {
+            let Some((leave, server)) = leave.as_ref() else {
+                return std::future::pending::<String>().await;
+            };
+            let permit = leave.wait_for_permit().await;
+            tracing::info!(
+                reason = %permit.reason,
+                drain_timeout_ms = permit.drain_timeout.as_millis() as u64,
+                "permit received; draining"
+            );
+            // Reported at once (not through the reporter, which may be busy or debouncing),
+            // while the drain already runs.
+            ctx.set_phase(None, AgentPhase::Draining, false);
+            let mut draining = Reporter::new(client.clone(), server);
+            let hb = ctx.heartbeat();
+            let (_, drained) = tokio::join!(
+                draining.send(&hb, HEARTBEAT_TIMEOUT),
+                leave.drain(permit.drain_timeout)
+            );
+            let open = drained.open.map_or("unknown".to_string(), |n| n.to_string());
+            let drain_ms = drained.took.as_millis() as u64;
+            if drained.timed_out {
+                tracing::info!(drain_ms, %open, "drain timeout reached; stopping anyway");
+            } else {
+                tracing::info!(drain_ms, %open, "drained: no open connection left");
+            }
+            permit.reason
+        };
         tokio::select! {
-            _ = shutdown => {}
-            _ = async { tokio::join!(boot, report) } => {}
+            _ = shutdown => Outcome::Shutdown,
+            reason = leaving => Outcome::Left { reason },
+            // Never completes: the reporter (or, without a server, its stand-in) runs until dropped.
+            _ = async { tokio::join!(boot, report) } => Outcome::Shutdown,
         }
-    }
+    };
 
     tracing::info!("stopping components");
-    ctx.set_phase(AgentPhase::Stopping);
+    ctx.set_phase(None, AgentPhase::Stopping, true);
     let _ = stop_tx.send(true);
     for task in tasks {
         if let Err(e) = task.await {
@@ -238,9 +313,14 @@ pub async fn run(
         });
     }
     if let Some(reporter) = reporter.as_mut() {
-        let hb = ctx.heartbeat(seq + 1, &mut sampler);
+        let hb = ctx.heartbeat();
         reporter.send(&hb, LAST_HEARTBEAT_TIMEOUT).await;
     }
-    tracing::info!("agent stopped");
-    Ok(())
+    match &outcome {
+        Outcome::Shutdown => tracing::info!("agent stopped"),
+        Outcome::Left { reason } => {
+            tracing::info!(%reason, "agent stopped: the instance left on its permit")
+        }
+    }
+    Ok(outcome)
 }

@@ -98,13 +98,37 @@ fn read_resident_pages(path: &str) -> Option<u64> {
         .ok()
 }
 
+/// Remembers whether calls to the server fail, so that failures are logged at `warn` at most
+/// once a minute and recovery once.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    failing: bool,
+    last_warn: Option<Instant>,
+}
+
+impl Throttle {
+    /// A call failed: true when this failure should be logged at `warn` (else at `debug`).
+    pub fn failed(&mut self) -> bool {
+        self.failing = true;
+        if matches!(self.last_warn, Some(t) if t.elapsed() < WARN_EVERY) {
+            return false;
+        }
+        self.last_warn = Some(Instant::now());
+        true
+    }
+
+    /// A call succeeded: true when calls had been failing until now.
+    pub fn recovered(&mut self) -> bool {
+        std::mem::replace(&mut self.failing, false)
+    }
+}
+
 /// Sends heartbeats; remembers whether the server was reachable, to log failures sparingly.
 #[derive(Debug)]
 pub(crate) struct Reporter {
     client: reqwest::Client,
     url: String,
-    failing: bool,
-    last_warn: Option<Instant>,
+    throttle: Throttle,
 }
 
 impl Reporter {
@@ -112,8 +136,7 @@ impl Reporter {
         Reporter {
             client,
             url: format!("{}/v1/agent/heartbeat", server.trim_end_matches('/')),
-            failing: false,
-            last_warn: None,
+            throttle: Throttle::default(),
         }
     }
 
@@ -137,16 +160,13 @@ impl Reporter {
         };
         match problem {
             None => {
-                if self.failing {
+                if self.throttle.recovered() {
                     tracing::info!(url = %self.url, "heartbeats reach the server again");
-                    self.failing = false;
                 }
                 true
             }
             Some(problem) => {
-                self.failing = true;
-                if !matches!(self.last_warn, Some(t) if t.elapsed() < WARN_EVERY) {
-                    self.last_warn = Some(Instant::now());
+                if self.throttle.failed() {
                     tracing::warn!(url = %self.url, %problem, "cannot report to the server; components keep running (logged at most once a minute)");
                 } else {
                     tracing::debug!(url = %self.url, %problem, "heartbeat not delivered");
@@ -158,7 +178,7 @@ impl Reporter {
 }
 
 /// An error and its causes on one line (reqwest's own message is often just "error sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drover_agent::{run, AgentConfig, AgentError};
+use drover_agent::{run, AgentConfig, AgentError, Outcome};
 use drover_model::api::{AgentPhase, ComponentState, Heartbeat};
 use drover_model::fleet::{Artifact, HealthCheck, HealthKind, RestartPolicy, Runtime};
 use drover_model::{Dur, Plan, PlanComponent};
@@ -61,7 +61,7 @@ fn config(dir: &Path, server: Option<String>, components: Vec<PlanComponent>) ->
 
 struct Agent {
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), AgentError>>,
+    task: JoinHandle<Result<Outcome, AgentError>>,
 }
 
 fn start(cfg: AgentConfig) -> Agent {
@@ -80,11 +80,12 @@ impl Agent {
     async fn stop(mut self) -> Duration {
         let t = Instant::now();
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
+        let outcome = tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("agent stops")
             .unwrap()
             .unwrap();
+        assert_eq!(outcome, Outcome::Shutdown);
         t.elapsed()
     }
 }
@@ -120,7 +121,8 @@ async fn wait_until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Opti
     }
 }
 
-/// A heartbeat listener: every POSTed heartbeat comes out of the receiver.
+/// A heartbeat listener: every POSTed heartbeat comes out of the receiver. Permit long-polls are
+/// held until the agent drops them (no permit is ever granted here; see tests/leave.rs).
 async fn heartbeat_server() -> (String, mpsc::UnboundedReceiver<Heartbeat>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
@@ -145,6 +147,11 @@ async fn serve_heartbeat(mut s: TcpStream, tx: mpsc::UnboundedSender<Heartbeat>)
         buf.extend_from_slice(&tmp[..n]);
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..pos]).to_ascii_lowercase();
+            if head.starts_with("get /v1/agent/permit?") {
+                // Until the agent hangs up.
+                while s.read(&mut tmp).await.unwrap_or(0) > 0 {}
+                return;
+            }
             assert!(head.starts_with("post /v1/agent/heartbeat "), "{head}");
             let len: usize = head
                 .lines()

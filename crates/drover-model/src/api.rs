@@ -41,6 +41,23 @@ pub struct ApplyResponse {
     /// Groups that get a new plan generation, e.g. `web/local: generation 1 -> 2 (app=v2)`.
     #[serde(default)]
     pub plan_changes: Vec<String>,
+    /// What the rollouts will do, per group that gets a new generation.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutPlan>,
+}
+
+/// How a new generation will replace a group's instances.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPlan {
+    pub group: String,
+    pub from_generation: u64,
+    pub to_generation: u64,
+    /// Instances to replace now.
+    pub replaced: u32,
+    /// Replacement batches, given max_surge and max_unavailable.
+    pub batches: u32,
+    /// Estimated duration in ms: batches x (boot + min_healthy_time).
+    pub estimated_ms: u64,
 }
 
 /// One stored fleet revision.
@@ -202,7 +219,46 @@ pub struct GroupStatus {
     pub healthy: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<String>,
+    pub rollout: RolloutStatus,
     pub instances: Vec<InstanceStatus>,
+}
+
+/// Where a group's rollout stands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// A rollout to the current generation is under way.
+    pub in_progress: bool,
+    /// When the current generation became preferred (ms).
+    pub since_ms: u64,
+    /// The last generation every instance ran healthy.
+    pub good_generation: u64,
+    /// The last generation whose rollout failed (0: none).
+    pub failed_generation: u64,
+    /// The current generation reverted this one (0: not a revert).
+    pub reverted_from: u64,
+    /// Instances on the current generation / on older ones.
+    pub current: u32,
+    pub stale: u32,
+    /// Instances on the current generation that are healthy.
+    pub current_healthy: u32,
+}
+
+/// `POST /v1/deploy`: make `version` the preferred version of one component of a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub service: String,
+    pub component: String,
+    pub version: String,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /v1/rollback`: go back to the versions of the revision before the current one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub service: String,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// `GET /v1/status`

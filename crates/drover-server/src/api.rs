@@ -9,7 +9,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use drover_model::api::{ApiError, ApplyRequest, Heartbeat};
+use drover_model::api::{
+    ApiError, ApplyRequest, ConnectionsReply, DeployRequest, Heartbeat, RollbackRequest,
+};
 use drover_model::EventKind;
 use drover_store::EventFilter;
 use futures::StreamExt;
@@ -30,7 +32,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/revisions/{number}", get(revision))
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
+        .route("/v1/deploy", post(deploy))
+        .route("/v1/rollback", post(rollback))
         .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/permit", get(permit))
+        .route("/v1/agent/connections", get(connections))
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -77,6 +83,55 @@ async fn apply(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, Se
     let req: ApplyRequest = decode(&body)?;
     let resp = e.apply(req).await?;
     Ok(Json(resp).into_response())
+}
+
+async fn deploy(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, ServerError> {
+    let req: DeployRequest = decode(&body)?;
+    Ok(Json(e.deploy(req).await?).into_response())
+}
+
+async fn rollback(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, ServerError> {
+    let req: RollbackRequest = decode(&body)?;
+    Ok(Json(e.rollback(req).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermitQuery {
+    instance: String,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// The agent's long-poll for its permit; answers at once when one is granted.
+async fn permit(
+    State(e): State<Arc<Engine>>,
+    query: Result<Query<PermitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!("{}; parameters: instance, wait_ms", r.body_text()))
+    })?;
+    let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
+    Ok(Json(e.wait_permit(&q.instance, wait).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceQuery {
+    instance: String,
+}
+
+async fn connections(
+    State(e): State<Arc<Engine>>,
+    query: Result<Query<InstanceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!("{}; parameters: instance", r.body_text()))
+    })?;
+    Ok(Json(ConnectionsReply {
+        open: e.connections(&q.instance)?,
+    })
+    .into_response())
 }
 
 async fn revisions(State(e): State<Arc<Engine>>) -> Result<Response, ServerError> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use drover_control::{Action, Health, Timing};
 use drover_lb::{Listener, ListenerConfig, Target};
 use drover_model::api::{
-    ApplyRequest, ApplyResponse, FleetStatus, Heartbeat, HeartbeatReply, Revision,
+    FleetStatus, Heartbeat, HeartbeatReply, Revision,
 };
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_provider::{Exit, LaunchRequest, Provider};
@@ -44,7 +44,9 @@ pub struct Engine {
     pub(crate) wake: Notify,
     pub(crate) timing: Timing,
     /// Serialises writers of desired state (apply, controller ticks).
-    write_lock: tokio::sync::Mutex<()>,
+    pub(crate) write_lock: tokio::sync::Mutex<()>,
+    /// Bumped whenever a permit is granted; permit long-polls wait on it.
+    permits: watch::Sender<u64>,
 }
 
 impl Engine {
@@ -85,8 +87,6 @@ impl Engine {
                     plan,
                     provider,
                     ingress,
-                    generation_since_ms: now,
-                    rollout_open: false,
                 },
             );
         }
@@ -114,6 +114,7 @@ impl Engine {
             wake: Notify::new(),
             timing,
             write_lock: tokio::sync::Mutex::new(()),
+            permits: watch::channel(0).0,
         })
     }
 
@@ -121,12 +122,12 @@ impl Engine {
         self.providers.lock().expect("providers lock").get(region).cloned()
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Commit writes and publish the events they carry.
-    fn commit(&self, writes: Vec<Write>) -> Result<drover_store::Committed, ServerError> {
+    pub(crate) fn commit(&self, writes: Vec<Write>) -> Result<drover_store::Committed, ServerError> {
         let c = self.store.commit(writes, now_ms())?;
         for e in &c.events {
             tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
@@ -159,7 +160,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn ensure_ingress(&self, group: &str, addr: SocketAddr) -> Result<(), ServerError> {
+    pub(crate) async fn ensure_ingress(&self, group: &str, addr: SocketAddr) -> Result<(), ServerError> {
         if let Some(i) = self.ingresses.lock().expect("ingress lock").get(group) {
             if i.listener.local_addr() == addr || addr.port() == 0 {
                 return Ok(());
@@ -187,7 +188,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn close_ingress(&self, group: &str) {
+    pub(crate) async fn close_ingress(&self, group: &str) {
         let old = self.ingresses.lock().expect("ingress lock").remove(group);
         if let Some(old) = old {
             old.listener.shutdown().await;
@@ -223,233 +224,26 @@ impl Engine {
 
     // ---------------------------------------------------------------- apply
 
-    /// Validate, diff and store a fleet file as a new revision. Nothing changes on error.
-    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
-        let _w = self.write_lock.lock().await;
-        let fleet = drover_model::parse_fleet(&req.toml, &req.file)?;
-        let now = now_ms();
-        let (old_fleet, old_groups, current) = {
-            let st = self.state();
-            (
-                st.fleet().cloned(),
-                st.groups.clone(),
-                st.revision.as_ref().map(|r| r.number).unwrap_or(0),
-            )
-        };
-        let changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
-        let mut writes = Vec::new();
-        let mut events = Vec::new();
-        let mut plan_changes = Vec::new();
-        let mut new_groups: BTreeMap<String, Group> = BTreeMap::new();
-        let next_revision = current + 1;
-        for (sname, svc) in &fleet.services {
-            for region in &svc.regions {
-                let gid = drover_model::GroupId::new(sname, region).0;
-                let mut plan = drover_model::plan::plan_for(&fleet, sname, svc, region);
-                let old = old_groups.get(&gid);
-                let old_svc = old_fleet.as_ref().and_then(|f| f.services.get(sname));
-                let (generation, plan_changed) = match old {
-                    Some(g) if g.plan.same_content(&plan) => (g.record.generation, false),
-                    Some(g) => (g.record.generation + 1, true),
-                    None => (1, true),
-                };
-                plan.generation = generation;
-                plan.revision = if plan_changed {
-                    next_revision
-                } else {
-                    old.map(|g| g.plan.revision).unwrap_or(next_revision)
-                };
-                // The file's desired count wins when it changed (or the group is new);
-                // otherwise keep the current count (a manual scale), clamped to the new range.
-                let file_desired_changed =
-                    old_svc.is_none_or(|o| o.capacity.desired != svc.capacity.desired);
-                let (desired, reason) = match old {
-                    Some(g) if !file_desired_changed => (
-                        g.record
-                            .desired
-                            .clamp(svc.capacity.min, svc.capacity.max),
-                        g.record.desired_reason.clone(),
-                    ),
-                    _ => (
-                        svc.capacity.desired,
-                        format!("fleet file ({})", req.file),
-                    ),
-                };
-                if plan_changed {
-                    plan_changes.push(match old {
-                        Some(g) => format!(
-                            "{gid}: generation {} -> {generation} ({} -> {})",
-                            g.record.generation,
-                            g.plan.versions(),
-                            plan.versions()
-                        ),
-                        None => format!("{gid}: new group, generation 1 ({})", plan.versions()),
-                    });
-                    events.push(
-                        NewEvent::new(
-                            EventKind::PlanChanged,
-                            match old {
-                                Some(g) => format!(
-                                    "launch configuration is now generation {generation} ({}); instances on generation {} are stale",
-                                    plan.versions(),
-                                    g.record.generation
-                                ),
-                                None => format!(
-                                    "group created: generation 1 ({}), desired {desired}",
-                                    plan.versions()
-                                ),
-                            },
-                        )
-                        .group(&gid),
-                    );
-                }
-                if let Some(g) = old {
-                    if g.record.desired != desired {
-                        events.push(
-                            NewEvent::new(
-                                EventKind::Scaled,
-                                format!("desired {} -> {desired} ({reason})", g.record.desired),
-                            )
-                            .group(&gid),
-                        );
-                    }
-                }
-                let record = GroupRecord {
-                    group: gid.clone(),
-                    desired,
-                    desired_reason: reason,
-                    generation,
-                };
-                let (provider, ingress) = provider_and_ingress(&fleet, sname, region);
-                new_groups.insert(
-                    gid.clone(),
-                    Group {
-                        record,
-                        plan,
-                        provider,
-                        ingress,
-                        generation_since_ms: if plan_changed {
-                            now
-                        } else {
-                            old.map(|g| g.generation_since_ms).unwrap_or(now)
-                        },
-                        rollout_open: if plan_changed {
-                            old.is_some()
-                        } else {
-                            old.is_some_and(|g| g.rollout_open)
-                        },
-                    },
-                );
-            }
-        }
-        let removed: Vec<String> = old_groups
-            .keys()
-            .filter(|g| !new_groups.contains_key(*g))
-            .cloned()
-            .collect();
-        for g in &removed {
-            events.push(
-                NewEvent::new(
-                    EventKind::PlanChanged,
-                    "group removed from the fleet; its instances will leave",
-                )
-                .group(g),
-            );
-        }
-        if changes.is_empty() {
-            return Ok(ApplyResponse {
-                revision: current,
-                applied: false,
-                changes,
-                plan_changes,
-            });
-        }
-        if req.dry_run {
-            return Ok(ApplyResponse {
-                revision: current,
-                applied: false,
-                changes,
-                plan_changes,
-            });
-        }
-        // Providers for new regions.
+    /// Make a provider for every region of `fleet` that has none yet.
+    pub(crate) fn ensure_providers(&self, fleet: &drover_model::Fleet) -> Result<(), ServerError> {
+        let mut providers = self.providers.lock().expect("providers lock");
         for (name, region) in &fleet.regions {
-            let mut providers = self.providers.lock().expect("providers lock");
-            if !providers.contains_key(name) {
-                match self.factory.make(region) {
-                    Some(p) => {
-                        providers.insert(name.clone(), p);
-                    }
-                    None => {
-                        return Err(ServerError::Conflict(format!(
-                            "provider {:?} of region {name} is not available in this build",
-                            region.provider.as_str()
-                        )))
-                    }
+            if providers.contains_key(name) {
+                continue;
+            }
+            match self.factory.make(region) {
+                Some(p) => {
+                    providers.insert(name.clone(), p);
+                }
+                None => {
+                    return Err(ServerError::Conflict(format!(
+                        "provider {:?} of region {name} is not available in this build",
+                        region.provider.as_str()
+                    )))
                 }
             }
         }
-        // Open new ingresses before committing, so a port in use refuses the whole apply.
-        for g in new_groups.values() {
-            if let Some((addr, _)) = g.ingress {
-                self.ensure_ingress(&g.record.group, addr).await?;
-            }
-        }
-        let summary = match &old_fleet {
-            None => format!(
-                "fleet {} created: {} service(s) ({}), {} region(s)",
-                fleet.fleet.name,
-                fleet.services.len(),
-                fleet.services.keys().cloned().collect::<Vec<_>>().join(", "),
-                fleet.regions.len()
-            ),
-            Some(_) => summarize(&changes),
-        };
-        writes.push(Write::Revision {
-            file: req.file.clone(),
-            summary: summary.clone(),
-            toml: req.toml.clone(),
-            fleet: fleet.clone(),
-        });
-        for g in new_groups.values() {
-            writes.push(Write::Plan(g.plan.clone()));
-            writes.push(Write::Group(g.record.clone()));
-        }
-        for g in &removed {
-            writes.push(Write::RemoveGroup(g.clone()));
-        }
-        writes.insert(
-            0,
-            Write::Event(NewEvent::new(
-                EventKind::Applied,
-                format!("revision {next_revision} from {}: {summary}", req.file),
-            )),
-        );
-        writes.extend(events.into_iter().map(Write::Event));
-        let committed = self.commit(writes)?;
-        let number = committed.revision.unwrap_or(next_revision);
-        {
-            let mut st = self.state();
-            st.revision = Some(Revision {
-                number,
-                applied_at_ms: now,
-                file: req.file.clone(),
-                summary,
-                toml: req.toml,
-                fleet,
-            });
-            st.groups = new_groups;
-        }
-        for g in &removed {
-            self.close_ingress(g).await;
-        }
-        self.wake.notify_one();
-        Ok(ApplyResponse {
-            revision: number,
-            applied: true,
-            changes,
-            plan_changes,
-        })
+        Ok(())
     }
 
     // ------------------------------------------------------------ heartbeats
@@ -517,6 +311,17 @@ impl Engine {
             drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
         };
         self.update_targets(decision.targets);
+    }
+
+    /// Take one instance out of its group's balancer at once.
+    fn remove_target(&self, group: &str, instance: &str) {
+        if let Some(ing) = self.ingresses.lock().expect("ingress lock").get(group) {
+            ing.targets.send_if_modified(|t| {
+                let before = t.len();
+                t.retain(|x| x.id != instance);
+                t.len() != before
+            });
+        }
     }
 
     fn update_targets(&self, targets: BTreeMap<String, Vec<String>>) {
@@ -590,59 +395,168 @@ impl Engine {
                 self.terminate(&instance, &format!("replacing it: {reason}")).await
             }
             Action::Permit { instance, reason } => {
-                let rec = self.set_lifecycle(&instance, Lifecycle::Draining, Some(now), EventKind::Permit, &format!("permit: {reason}; draining"))?;
+                let rec = self.set_lifecycle(
+                    &instance,
+                    Lifecycle::Draining,
+                    Some(now),
+                    EventKind::Permit,
+                    &format!("permit: {reason}; out of rotation, draining"),
+                )?;
                 let Some(rec) = rec else { return Ok(()) };
-                let drain = self.drain_timeout(&rec.group);
+                // Out of the balancer now, then wake the agent's long-poll.
+                self.remove_target(&rec.group, &rec.id);
+                self.permits.send_modify(|n| *n += 1);
+                // The agent drains, stops and exits by itself. If it does not (old agent,
+                // hung), the provider terminates it after the drain and stop budgets.
+                let budget = self.drain_timeout(&rec.group)
+                    + self.stop_grace(&rec.group)
+                    + Duration::from_secs(10);
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let deadline = tokio::time::Instant::now() + drain;
-                    // Give the balancer the new target set first, then wait for connections to end.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    while tokio::time::Instant::now() < deadline
-                        && me.open_connections(&rec.group, &rec.id) > 0
-                    {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    let open = me.open_connections(&rec.group, &rec.id);
-                    let why = if open == 0 {
-                        "drained".to_string()
-                    } else {
-                        format!("drain_timeout reached with {open} connection(s) open")
-                    };
-                    let _w = me.write_lock.lock().await;
-                    if let Err(e) = me.terminate(&rec.id, &why).await {
-                        tracing::error!("terminate after drain: {e}");
+                    tokio::time::sleep(budget).await;
+                    let still = me
+                        .state()
+                        .instances
+                        .get(&rec.id)
+                        .is_some_and(|i| i.alive && i.record.lifecycle == Lifecycle::Draining);
+                    if still {
+                        let _w = me.write_lock.lock().await;
+                        let why = format!(
+                            "its agent did not leave within {} of its permit",
+                            drover_model::Dur(budget)
+                        );
+                        if let Err(e) = me.terminate(&rec.id, &why).await {
+                            tracing::error!("terminate after permit: {e}");
+                        }
                     }
                 });
                 Ok(())
             }
             Action::RolloutDone { group, generation } => {
-                let versions = {
-                    let mut st = self.state();
-                    let Some(g) = st.groups.get_mut(&group) else { return Ok(()) };
-                    g.rollout_open = false;
-                    g.plan.versions()
+                let Some((record, versions)) = self.update_rollout(&group, |r, g| {
+                    r.open = false;
+                    r.good_generation = g;
+                }) else {
+                    return Ok(());
                 };
-                let secs = (now.saturating_sub(self.state().groups.get(&group).map(|g| g.generation_since_ms).unwrap_or(now))) as f64 / 1000.0;
-                self.record(vec![NewEvent::new(
-                    EventKind::Rollout,
-                    format!("rollout to generation {generation} ({versions}) done in {secs:.1}s"),
-                )
-                .group(&group)]);
+                let secs = now.saturating_sub(record.rollout.since_ms) as f64 / 1000.0;
+                let what = if record.rollout.reverted_from > 0 {
+                    format!(
+                        "revert of generation {} to generation {generation} ({versions}) done in {secs:.1}s",
+                        record.rollout.reverted_from
+                    )
+                } else {
+                    format!("rollout to generation {generation} ({versions}) done in {secs:.1}s")
+                };
+                self.commit(vec![
+                    Write::Group(record),
+                    Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
+                ])?;
                 Ok(())
             }
-            Action::RolloutFailed { group, generation, reason } => {
-                if let Some(g) = self.state().groups.get_mut(&group) {
-                    g.rollout_open = false;
+            Action::RolloutFailed {
+                group,
+                generation,
+                reason,
+            } => {
+                let Some((record, _)) = self.update_rollout(&group, |r, g| {
+                    r.open = false;
+                    r.failed_generation = g;
+                }) else {
+                    return Ok(());
+                };
+                let auto_revert = {
+                    let st = self.state();
+                    st.fleet()
+                        .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
+                        .is_some_and(|s| s.rollout.auto_revert)
+                };
+                let good = record.rollout.good_generation;
+                let next = if auto_revert && good > 0 {
+                    format!("; auto_revert: going back to generation {good}")
+                } else if good == 0 {
+                    "; no earlier good generation to go back to".to_string()
+                } else {
+                    "; auto_revert is off: fix the version or `drover rollback`".to_string()
+                };
+                self.commit(vec![
+                    Write::Group(record),
+                    Write::Event(
+                        NewEvent::new(
+                            EventKind::Rollout,
+                            format!("rollout to generation {generation} failed: {reason}{next}"),
+                        )
+                        .group(&group),
+                    ),
+                ])?;
+                if auto_revert && good > 0 {
+                    self.auto_revert(&group, generation).await?;
                 }
-                self.record(vec![NewEvent::new(
-                    EventKind::Rollout,
-                    format!("rollout to generation {generation} failed: {reason}"),
-                )
-                .group(&group)]);
                 Ok(())
             }
         }
+    }
+
+    /// Change a group's rollout record in memory; returns the new record to store.
+    fn update_rollout(
+        &self,
+        group: &str,
+        f: impl FnOnce(&mut drover_store::RolloutRecord, u64),
+    ) -> Option<(GroupRecord, String)> {
+        let mut st = self.state();
+        let g = st.groups.get_mut(group)?;
+        let generation = g.record.generation;
+        f(&mut g.record.rollout, generation);
+        Some((g.record.clone(), g.plan.versions()))
+    }
+
+    /// Wait up to `wait` for `instance` to hold a permit (the agent's long-poll).
+    pub async fn wait_permit(
+        &self,
+        instance: &str,
+        wait: Duration,
+    ) -> Result<drover_model::api::PermitReply, ServerError> {
+        let mut rx = self.permits.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let found = {
+                let st = self.state();
+                st.instances
+                    .get(instance)
+                    .map(|i| (i.record.lifecycle, i.record.group.clone()))
+            };
+            let Some((lifecycle, group)) = found else {
+                return Err(ServerError::NotFound(format!("no instance {instance}")));
+            };
+            if lifecycle != Lifecycle::Active {
+                return Ok(drover_model::api::PermitReply {
+                    permit: true,
+                    drain_timeout_ms: self.drain_timeout(&group).as_millis() as u64,
+                    reason: Some(format!("{} holds a permit", instance)),
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(drover_model::api::PermitReply::default());
+                }
+                r = rx.changed() => {
+                    if r.is_err() {
+                        return Ok(drover_model::api::PermitReply::default());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open balancer connections to an instance (the agent waits for 0 before stopping).
+    pub fn connections(&self, instance: &str) -> Result<u64, ServerError> {
+        let group = self
+            .state()
+            .instances
+            .get(instance)
+            .map(|i| i.record.group.clone())
+            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+        Ok(self.open_connections(&group, instance) as u64)
     }
 
     fn drain_timeout(&self, group: &str) -> Duration {
@@ -848,7 +762,7 @@ fn region_of(group: &str) -> &str {
     group.split('/').nth(1).unwrap_or_default()
 }
 
-fn provider_and_ingress(
+pub(crate) fn provider_and_ingress(
     fleet: &drover_model::Fleet,
     service: &str,
     region: &str,
@@ -870,25 +784,5 @@ fn group_facts(rev: Option<&Revision>, plan: &Plan) -> (String, Option<(SocketAd
     match rev {
         Some(r) => provider_and_ingress(&r.fleet, &plan.service, &plan.region),
         None => (String::new(), None),
-    }
-}
-
-fn summarize(changes: &[drover_model::diff::Change]) -> String {
-    let shown: Vec<String> = changes
-        .iter()
-        .take(3)
-        .map(|c| {
-            let s = c.to_string();
-            match s.char_indices().nth(100) {
-                Some((i, _)) => format!("{}...", &s[..i]),
-                None => s,
-            }
-        })
-        .collect();
-    let more = changes.len().saturating_sub(3);
-    if more > 0 {
-        format!("{} (and {more} more)", shown.join("; "))
-    } else {
-        shown.join("; ")
     }
 }

@@ -2,6 +2,8 @@
 //! built-in balancer, wired together. Only the server writes desired state.
 
 pub mod api;
+pub mod apply;
+pub mod artifact;
 pub mod engine;
 pub mod state;
 

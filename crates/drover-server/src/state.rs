@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use drover_control::{GroupSpec, Health, InstanceView, Phase};
 use drover_model::api::{
     ComponentReport, FleetStatus, GroupStatus, Heartbeat, InstanceState, InstanceStatus,
-    Revision, Utilization,
+    Revision, RolloutStatus, Utilization,
 };
 use drover_model::{Fleet, Plan};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
@@ -18,9 +18,6 @@ pub struct Group {
     pub plan: Plan,
     pub provider: String,
     pub ingress: Option<(std::net::SocketAddr, u16)>,
-    /// When the current generation became preferred.
-    pub generation_since_ms: u64,
-    pub rollout_open: bool,
 }
 
 /// What agents told us; lost on restart and rebuilt from heartbeats.
@@ -86,8 +83,8 @@ impl State {
                     group: g.record.group.clone(),
                     desired: g.record.desired,
                     generation: g.record.generation,
-                    generation_since_ms: g.generation_since_ms,
-                    rollout_open: g.rollout_open,
+                    generation_since_ms: g.record.rollout.since_ms,
+                    rollout_open: g.record.rollout.open,
                     rollout: svc.map(|s| s.rollout.clone()).unwrap_or_default(),
                     replace_unhealthy_after_ms: svc
                         .map(|s| s.replace_unhealthy_after.as_millis())
@@ -150,6 +147,28 @@ impl State {
                         .filter(|i| i.state == InstanceState::Healthy)
                         .count() as u32,
                     ingress: g.ingress.map(|(a, _)| a.to_string()),
+                    rollout: RolloutStatus {
+                        in_progress: g.record.rollout.open,
+                        since_ms: g.record.rollout.since_ms,
+                        good_generation: g.record.rollout.good_generation,
+                        failed_generation: g.record.rollout.failed_generation,
+                        reverted_from: g.record.rollout.reverted_from,
+                        current: instances
+                            .iter()
+                            .filter(|i| i.generation == g.record.generation)
+                            .count() as u32,
+                        stale: instances
+                            .iter()
+                            .filter(|i| i.generation < g.record.generation)
+                            .count() as u32,
+                        current_healthy: instances
+                            .iter()
+                            .filter(|i| {
+                                i.generation == g.record.generation
+                                    && i.state == InstanceState::Healthy
+                            })
+                            .count() as u32,
+                    },
                     instances,
                 }
             })
@@ -159,6 +178,22 @@ impl State {
             revision: self.revision.as_ref().map(|r| r.number),
             groups,
         }
+    }
+
+    /// Median time from launch to healthy of the instances that are healthy now.
+    pub fn observed_boot_ms(&self) -> Option<u64> {
+        let mut v: Vec<u64> = self
+            .instances
+            .values()
+            .filter_map(|i| match i.soft.health {
+                Health::Healthy { since_ms } if i.soft.ever_healthy => {
+                    Some(since_ms.saturating_sub(i.record.launched_at_ms))
+                }
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
     }
 
     fn capacity(&self, g: &Group) -> (u32, u32) {

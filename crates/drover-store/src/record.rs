@@ -16,6 +16,29 @@ pub struct GroupRecord {
     pub desired_reason: String,
     /// The group's current plan generation.
     pub generation: u64,
+    /// Rollout bookkeeping, so a rollout resumes where it was after a restart.
+    #[serde(default)]
+    pub rollout: RolloutRecord,
+}
+
+/// Where a group's rollout stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// When `generation` became preferred (ms since the epoch).
+    #[serde(default)]
+    pub since_ms: u64,
+    /// A rollout to `generation` is under way (not yet done or failed).
+    #[serde(default)]
+    pub open: bool,
+    /// The last generation every instance ran healthy: where a revert goes back to.
+    #[serde(default)]
+    pub good_generation: u64,
+    /// The generation this one reverted (0: not a revert).
+    #[serde(default)]
+    pub reverted_from: u64,
+    /// The last generation whose rollout failed (0: none).
+    #[serde(default)]
+    pub failed_generation: u64,
 }
 
 /// Where an instance is in its life, as the server decided it.

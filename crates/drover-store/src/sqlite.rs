@@ -30,7 +30,8 @@ CREATE TABLE groups (
     grp            TEXT PRIMARY KEY,
     desired        INTEGER NOT NULL,
     desired_reason TEXT NOT NULL,
-    generation     INTEGER NOT NULL
+    generation     INTEGER NOT NULL,
+    rollout        TEXT NOT NULL DEFAULT '{}'   -- RolloutRecord as JSON
 );
 CREATE TABLE plans (
     grp        TEXT NOT NULL,
@@ -176,9 +177,15 @@ fn apply(
         }
         Write::Group(g) => {
             tx.execute(
-                "INSERT OR REPLACE INTO groups (grp, desired, desired_reason, generation)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![g.group, g.desired, g.desired_reason, g.generation],
+                "INSERT OR REPLACE INTO groups (grp, desired, desired_reason, generation, rollout)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    g.group,
+                    g.desired,
+                    g.desired_reason,
+                    g.generation,
+                    serde_json::to_string(&g.rollout).unwrap_or_else(|_| "{}".into())
+                ],
             )?;
         }
         Write::RemoveGroup(group) => {
@@ -351,13 +358,17 @@ impl Store for SqliteStore {
             .map(full_revision)
             .transpose()?;
         let groups = tx
-            .prepare("SELECT grp, desired, desired_reason, generation FROM groups ORDER BY grp")?
+            .prepare(
+                "SELECT grp, desired, desired_reason, generation, rollout FROM groups ORDER BY grp",
+            )?
             .query_map([], |r| {
+                let rollout: String = r.get(4)?;
                 Ok(GroupRecord {
                     group: r.get(0)?,
                     desired: r.get(1)?,
                     desired_reason: r.get(2)?,
                     generation: r.get(3)?,
+                    rollout: serde_json::from_str(&rollout).unwrap_or_default(),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

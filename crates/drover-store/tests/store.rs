@@ -61,6 +61,13 @@ fn group(generation: u64) -> GroupRecord {
         desired: 2,
         desired_reason: "apply".into(),
         generation,
+        rollout: drover_store::RolloutRecord {
+            since_ms: 1000 + generation,
+            open: generation > 1,
+            good_generation: generation.saturating_sub(1),
+            reverted_from: 0,
+            failed_generation: 0,
+        },
     }
 }
 

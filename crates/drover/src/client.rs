@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use anyhow::Context;
-use drover_model::api::{ApiError, ApplyRequest, ApplyResponse, FleetStatus, RevisionSummary};
+use drover_model::api::{
+    ApiError, ApplyRequest, ApplyResponse, DeployRequest, FleetStatus, RevisionSummary,
+    RollbackRequest,
+};
 use drover_model::Event;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -119,6 +122,77 @@ impl Client {
             }
             Err(e) => Err(e),
         }
+    }
+
+    pub async fn deploy(
+        &self,
+        service: &str,
+        component: &str,
+        version: &str,
+        dry_run: bool,
+        wait: Option<std::time::Duration>,
+    ) -> anyhow::Result<u8> {
+        let req = DeployRequest {
+            service: service.into(),
+            component: component.into(),
+            version: version.into(),
+            dry_run,
+        };
+        let what = format!("{service} {component} {version}");
+        self.change("/v1/deploy", &req, service, &what, dry_run, wait).await
+    }
+
+    pub async fn rollback(
+        &self,
+        service: &str,
+        dry_run: bool,
+        wait: Option<std::time::Duration>,
+    ) -> anyhow::Result<u8> {
+        let req = RollbackRequest {
+            service: service.into(),
+            dry_run,
+        };
+        let what = format!("rollback of {service}");
+        self.change("/v1/rollback", &req, service, &what, dry_run, wait).await
+    }
+
+    /// POST a change, print it, and with `wait` follow the rollout of `service`.
+    async fn change<T: serde::Serialize>(
+        &self,
+        path: &str,
+        req: &T,
+        service: &str,
+        what: &str,
+        dry_run: bool,
+        wait: Option<std::time::Duration>,
+    ) -> anyhow::Result<u8> {
+        let resp: ApplyResponse = match self.send(self.http.post(self.url(path)).json(req)).await {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json && wait.is_none() {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+            return Ok(exit::OK);
+        }
+        if !self.json {
+            render::apply(&resp, dry_run);
+        }
+        match wait {
+            Some(timeout) if resp.applied => {
+                crate::progress::follow(self, service, what, timeout, self.json).await
+            }
+            _ => Ok(exit::OK),
+        }
+    }
+
+    pub async fn fleet_status(&self) -> anyhow::Result<FleetStatus> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn rollout_events(&self, group: &str) -> anyhow::Result<Vec<Event>> {
+        let q = [("kind", "rollout"), ("group", group)];
+        let resp = self.send(self.http.get(self.url("/v1/events")).query(&q)).await?;
+        Ok(resp.json().await?)
     }
 
     pub async fn status(&self) -> anyhow::Result<u8> {

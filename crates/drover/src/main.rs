@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod progress;
 mod render;
 mod up;
 
@@ -87,6 +88,35 @@ enum Command {
     },
     /// Show what applying FILE would change (same as `apply --dry-run`).
     Plan { file: PathBuf },
+    /// Make VERSION the preferred version of COMPONENT of SERVICE: every instance is replaced.
+    ///
+    /// A new plan generation is made for each group of the service; the rollout replaces
+    /// instances within max_surge / max_unavailable, and reverts by itself if the new version
+    /// does not turn healthy within healthy_deadline (auto_revert).
+    Deploy {
+        service: String,
+        component: String,
+        version: String,
+        /// Follow the rollout with a progress bar until it is done or fails (exit 1 if it fails).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after this long (exit 1); the rollout goes on.
+        #[arg(long, default_value = "30m")]
+        timeout: Dur,
+        /// Show what would change without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Go back to the versions SERVICE ran in the latest earlier revision that differs.
+    Rollback {
+        service: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30m")]
+        timeout: Dur,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Show every group and instance: generation, health, rotation, restarts.
     Status,
     /// Show the event log: everything that happened, in order.
@@ -183,6 +213,28 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Server { data_dir, listen } => up::serve(&data_dir, listen).await,
         Command::Apply { file, dry_run } => client.apply(&file, dry_run).await,
         Command::Plan { file } => client.apply(&file, true).await,
+        Command::Deploy {
+            service,
+            component,
+            version,
+            wait,
+            timeout,
+            dry_run,
+        } => {
+            client
+                .deploy(&service, &component, &version, dry_run, wait.then_some(timeout.0))
+                .await
+        }
+        Command::Rollback {
+            service,
+            wait,
+            timeout,
+            dry_run,
+        } => {
+            client
+                .rollback(&service, dry_run, wait.then_some(timeout.0))
+                .await
+        }
         Command::Status => client.status().await,
         Command::Events {
             follow,
@@ -298,7 +350,7 @@ fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
     };
     let result = rt.block_on(async move { drover_agent::run(cfg, shutdown_signal()).await });
     match result {
-        Ok(()) => exit::OK,
+        Ok(_) => exit::OK,
         Err(e) => {
             eprintln!("error: {e}");
             exit::FAILED

@@ -176,6 +176,17 @@ pub fn apply(r: &ApplyResponse, dry_run: bool) {
     for p in &r.plan_changes {
         println!("  plan {p}");
     }
+    for ro in &r.rollouts {
+        println!(
+            "  rollout {}: generation {} -> {}: {} instance(s) replaced in {} batch(es), about {}",
+            ro.group,
+            ro.from_generation,
+            ro.to_generation,
+            ro.replaced,
+            ro.batches,
+            drover_model::Dur::from_millis(ro.estimated_ms / 1000 * 1000)
+        );
+    }
     if dry_run || !r.applied {
         println!("dry run: nothing was stored");
     } else {

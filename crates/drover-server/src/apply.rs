@@ -1,0 +1,502 @@
+//! Changing desired state: apply a fleet file, deploy a version, roll back, revert a failed
+//! rollout. Every path ends in one validated, atomically stored revision.
+
+use std::collections::BTreeMap;
+
+use drover_model::api::{
+    ApplyRequest, ApplyResponse, DeployRequest, Revision, RollbackRequest, RolloutPlan,
+};
+use drover_model::{EventKind, NewEvent, Plan};
+use drover_store::{GroupRecord, RolloutRecord, Write};
+
+use crate::engine::{now_ms, Engine};
+use crate::state::Group;
+use crate::ServerError;
+
+/// Why a revision is being made.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    /// A fleet file applied by a person.
+    File,
+    /// `drover deploy` / `drover rollback`: the description says what was asked.
+    Command(String),
+    /// A rollout failed; these groups go back to their last good generation.
+    AutoRevert { failed: BTreeMap<String, u64> },
+}
+
+/// Boot time assumed for estimates when a group has no history yet.
+const DEFAULT_BOOT_MS: u64 = 3_000;
+
+impl Engine {
+    /// Validate, diff and store a fleet file as a new revision. Nothing changes on error.
+    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
+        let _w = self.write_lock.lock().await;
+        self.apply_locked(req, Origin::File).await
+    }
+
+    /// Make `version` preferred for one component of a service.
+    pub async fn deploy(&self, req: DeployRequest) -> Result<ApplyResponse, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let rev = self.current_revision().ok_or_else(|| {
+            ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
+        })?;
+        let svc = rev.fleet.services.get(&req.service).ok_or_else(|| {
+            ServerError::NotFound(format!(
+                "no service {:?}; services: {}",
+                req.service,
+                list(rev.fleet.services.keys())
+            ))
+        })?;
+        if !svc.components.contains_key(&req.component) {
+            return Err(ServerError::NotFound(format!(
+                "service {} has no component {:?}; its components: {}",
+                req.service,
+                req.component,
+                list(svc.components.keys())
+            )));
+        }
+        let toml = set_versions(
+            &rev.toml,
+            &req.service,
+            &[(req.component.clone(), req.version.clone())],
+        )?;
+        let why = format!(
+            "deploy {} {} {}",
+            req.service, req.component, req.version
+        );
+        self.apply_locked(
+            ApplyRequest {
+                file: rev.file.clone(),
+                toml,
+                dry_run: req.dry_run,
+            },
+            Origin::Command(why),
+        )
+        .await
+    }
+
+    /// Go back to the versions a service had in the latest earlier revision that differs.
+    pub async fn rollback(&self, req: RollbackRequest) -> Result<ApplyResponse, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let rev = self.current_revision().ok_or_else(|| {
+            ServerError::Conflict("nothing applied yet: there is nothing to roll back".into())
+        })?;
+        let current = versions_in(&rev, &req.service).ok_or_else(|| {
+            ServerError::NotFound(format!(
+                "no service {:?}; services: {}",
+                req.service,
+                list(rev.fleet.services.keys())
+            ))
+        })?;
+        let mut target = None;
+        for n in (1..rev.number).rev() {
+            let Some(old) = self.store.revision(n)? else {
+                continue;
+            };
+            if let Some(v) = versions_in(&old, &req.service) {
+                // Only components that still exist can go back.
+                let v: Vec<(String, String)> = v
+                    .into_iter()
+                    .filter(|(c, _)| current.iter().any(|(k, _)| k == c))
+                    .collect();
+                if !v.is_empty() && v.iter().any(|x| !current.contains(x)) {
+                    target = Some((n, v));
+                    break;
+                }
+            }
+        }
+        let (n, versions) = target.ok_or_else(|| {
+            ServerError::Conflict(format!(
+                "no earlier revision runs other versions of {}; `drover history` lists them",
+                req.service
+            ))
+        })?;
+        let toml = set_versions(&rev.toml, &req.service, &versions)?;
+        let why = format!(
+            "rollback {} to the versions of revision {n} ({})",
+            req.service,
+            versions
+                .iter()
+                .map(|(c, v)| format!("{c}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.apply_locked(
+            ApplyRequest {
+                file: rev.file.clone(),
+                toml,
+                dry_run: req.dry_run,
+            },
+            Origin::Command(why),
+        )
+        .await
+    }
+
+    /// After a failed rollout: make the group's last good versions preferred again.
+    /// The caller holds the write lock.
+    pub(crate) async fn auto_revert(&self, group: &str, failed: u64) -> Result<(), ServerError> {
+        let (rev, good) = {
+            let st = self.state();
+            let Some(g) = st.groups.get(group) else {
+                return Ok(());
+            };
+            (st.revision.clone(), g.record.rollout.good_generation)
+        };
+        let (Some(rev), true) = (rev, good > 0) else {
+            return Ok(());
+        };
+        let Some(plan) = self.store.plan(group, good)? else {
+            return Ok(());
+        };
+        let versions: Vec<(String, String)> = plan
+            .components
+            .iter()
+            .map(|c| (c.name.clone(), c.version.clone()))
+            .collect();
+        let toml = set_versions(&rev.toml, &plan.service, &versions)?;
+        let mut failed_map = BTreeMap::new();
+        failed_map.insert(group.to_string(), failed);
+        self.apply_locked(
+            ApplyRequest {
+                file: rev.file.clone(),
+                toml,
+                dry_run: false,
+            },
+            Origin::AutoRevert { failed: failed_map },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The body of every change of desired state. The caller holds the write lock.
+    pub(crate) async fn apply_locked(
+        &self,
+        req: ApplyRequest,
+        origin: Origin,
+    ) -> Result<ApplyResponse, ServerError> {
+        let fleet = drover_model::parse_fleet(&req.toml, &req.file)?;
+        let now = now_ms();
+        let (old_fleet, old_groups, current, boot_ms) = {
+            let st = self.state();
+            (
+                st.fleet().cloned(),
+                st.groups.clone(),
+                st.revision.as_ref().map(|r| r.number).unwrap_or(0),
+                st.observed_boot_ms(),
+            )
+        };
+        let changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
+        let mut events = Vec::new();
+        let mut plan_changes = Vec::new();
+        let mut rollouts = Vec::new();
+        let mut new_groups: BTreeMap<String, Group> = BTreeMap::new();
+        let mut new_plans: Vec<Plan> = Vec::new();
+        let next_revision = current + 1;
+        for (sname, svc) in &fleet.services {
+            for region in &svc.regions {
+                let gid = drover_model::GroupId::new(sname, region).0;
+                let mut plan = drover_model::plan::plan_for(&fleet, sname, svc, region);
+                let old = old_groups.get(&gid);
+                let old_svc = old_fleet.as_ref().and_then(|f| f.services.get(sname));
+                let (generation, plan_changed) = match old {
+                    Some(g) if g.plan.same_content(&plan) => (g.record.generation, false),
+                    Some(g) => (g.record.generation + 1, true),
+                    None => (1, true),
+                };
+                plan.generation = generation;
+                plan.revision = match old {
+                    Some(g) if !plan_changed => g.plan.revision,
+                    _ => next_revision,
+                };
+                // The file's desired count wins when it changed (or the group is new);
+                // otherwise keep the current count (a manual scale), clamped to the new range.
+                let file_desired_changed =
+                    old_svc.is_none_or(|o| o.capacity.desired != svc.capacity.desired);
+                let (desired, reason) = match old {
+                    Some(g) if !file_desired_changed => (
+                        g.record.desired.clamp(svc.capacity.min, svc.capacity.max),
+                        g.record.desired_reason.clone(),
+                    ),
+                    _ => (svc.capacity.desired, format!("fleet file ({})", req.file)),
+                };
+                let rollout = match (old, plan_changed) {
+                    (Some(g), false) => g.record.rollout.clone(),
+                    (old, _) => RolloutRecord {
+                        since_ms: now,
+                        open: true,
+                        // A superseded, unfinished rollout did not make its generation good.
+                        good_generation: old
+                            .map(|g| {
+                                if g.record.rollout.open {
+                                    g.record.rollout.good_generation
+                                } else {
+                                    g.record.generation
+                                }
+                            })
+                            .unwrap_or(0),
+                        reverted_from: match &origin {
+                            Origin::AutoRevert { failed } => {
+                                failed.get(&gid).copied().unwrap_or(0)
+                            }
+                            _ => 0,
+                        },
+                        failed_generation: old
+                            .map(|g| g.record.rollout.failed_generation)
+                            .unwrap_or(0),
+                    },
+                };
+                if plan_changed {
+                    let replaced = old.map(|_| desired).unwrap_or(0);
+                    if let Some(g) = old {
+                        let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
+                        let batches = replaced.div_ceil(step);
+                        rollouts.push(RolloutPlan {
+                            group: gid.clone(),
+                            from_generation: g.record.generation,
+                            to_generation: generation,
+                            replaced,
+                            batches,
+                            estimated_ms: batches as u64
+                                * (boot_ms.unwrap_or(DEFAULT_BOOT_MS)
+                                    + svc.rollout.min_healthy_time.as_millis()),
+                        });
+                    }
+                    plan_changes.push(match old {
+                        Some(g) => format!(
+                            "{gid}: generation {} -> {generation} ({} -> {})",
+                            g.record.generation,
+                            g.plan.versions(),
+                            plan.versions()
+                        ),
+                        None => format!("{gid}: new group, generation 1 ({})", plan.versions()),
+                    });
+                    events.push(
+                        NewEvent::new(
+                            EventKind::PlanChanged,
+                            match old {
+                                Some(g) => format!(
+                                    "launch configuration is now generation {generation} ({}); instances on generation {} are stale",
+                                    plan.versions(),
+                                    g.record.generation
+                                ),
+                                None => format!(
+                                    "group created: generation 1 ({}), desired {desired}",
+                                    plan.versions()
+                                ),
+                            },
+                        )
+                        .group(&gid),
+                    );
+                    new_plans.push(plan.clone());
+                }
+                if let Some(g) = old {
+                    if g.record.desired != desired {
+                        events.push(
+                            NewEvent::new(
+                                EventKind::Scaled,
+                                format!("desired {} -> {desired} ({reason})", g.record.desired),
+                            )
+                            .group(&gid),
+                        );
+                    }
+                }
+                let (provider, ingress) = crate::engine::provider_and_ingress(&fleet, sname, region);
+                new_groups.insert(
+                    gid.clone(),
+                    Group {
+                        record: GroupRecord {
+                            group: gid.clone(),
+                            desired,
+                            desired_reason: reason,
+                            generation,
+                            rollout,
+                        },
+                        plan,
+                        provider,
+                        ingress,
+                    },
+                );
+            }
+        }
+        let removed: Vec<String> = old_groups
+            .keys()
+            .filter(|g| !new_groups.contains_key(*g))
+            .cloned()
+            .collect();
+        for g in &removed {
+            events.push(
+                NewEvent::new(
+                    EventKind::PlanChanged,
+                    "group removed from the fleet; its instances will leave",
+                )
+                .group(g),
+            );
+        }
+        let response = |revision, applied| ApplyResponse {
+            revision,
+            applied,
+            changes: changes.clone(),
+            plan_changes: plan_changes.clone(),
+            rollouts: rollouts.clone(),
+        };
+        if changes.is_empty() || req.dry_run {
+            return Ok(response(current, false));
+        }
+        // Nothing is stored unless every new artifact can be fetched and matches its sha256.
+        for plan in &new_plans {
+            let old = old_groups.get(&plan.group().0).map(|g| &g.plan);
+            crate::artifact::check_new_artifacts(old, plan).await?;
+        }
+        self.ensure_providers(&fleet)?;
+        // Open new ingresses before committing, so a port in use refuses the whole apply.
+        for g in new_groups.values() {
+            if let Some((addr, _)) = g.ingress {
+                self.ensure_ingress(&g.record.group, addr).await?;
+            }
+        }
+        let summary = match (&old_fleet, &origin) {
+            (None, _) => format!(
+                "fleet {} created: {} service(s) ({}), {} region(s)",
+                fleet.fleet.name,
+                fleet.services.len(),
+                list(fleet.services.keys()),
+                fleet.regions.len()
+            ),
+            (Some(_), Origin::File) => summarize(&changes),
+            (Some(_), Origin::Command(why)) => format!("{why}: {}", summarize(&changes)),
+            (Some(_), Origin::AutoRevert { failed }) => format!(
+                "automatic revert after failed rollout of {}: {}",
+                failed
+                    .iter()
+                    .map(|(g, n)| format!("{g} generation {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                summarize(&changes)
+            ),
+        };
+        let mut writes = vec![
+            Write::Event(NewEvent::new(
+                EventKind::Applied,
+                format!("revision {next_revision}: {summary}"),
+            )),
+            Write::Revision {
+                file: req.file.clone(),
+                summary: summary.clone(),
+                toml: req.toml.clone(),
+                fleet: fleet.clone(),
+            },
+        ];
+        writes.extend(new_plans.into_iter().map(Write::Plan));
+        for g in new_groups.values() {
+            writes.push(Write::Group(g.record.clone()));
+        }
+        for g in &removed {
+            writes.push(Write::RemoveGroup(g.clone()));
+        }
+        writes.extend(events.into_iter().map(Write::Event));
+        let committed = self.commit(writes)?;
+        let number = committed.revision.unwrap_or(next_revision);
+        {
+            let mut st = self.state();
+            st.revision = Some(Revision {
+                number,
+                applied_at_ms: now,
+                file: req.file.clone(),
+                summary,
+                toml: req.toml,
+                fleet,
+            });
+            st.groups = new_groups;
+        }
+        for g in &removed {
+            self.close_ingress(g).await;
+        }
+        self.wake.notify_one();
+        Ok(response(number, true))
+    }
+}
+
+/// The component versions of a service in a revision.
+fn versions_in(rev: &Revision, service: &str) -> Option<Vec<(String, String)>> {
+    rev.fleet.services.get(service).map(|s| {
+        s.components
+            .iter()
+            .map(|(n, c)| (n.clone(), c.version.clone()))
+            .collect()
+    })
+}
+
+/// The fleet file's text with some versions of one service changed, formatting kept.
+pub fn set_versions(
+    toml: &str,
+    service: &str,
+    versions: &[(String, String)],
+) -> Result<String, ServerError> {
+    let mut doc: toml_edit::DocumentMut = toml
+        .parse()
+        .map_err(|e| ServerError::Internal(format!("stored fleet file does not parse: {e}")))?;
+    for (component, version) in versions {
+        let slot = doc
+            .get_mut("services")
+            .and_then(|s| s.get_mut(service))
+            .and_then(|s| s.get_mut("components"))
+            .and_then(|c| c.get_mut(component))
+            .and_then(|c| c.as_table_like_mut())
+            .ok_or_else(|| {
+                ServerError::NotFound(format!(
+                    "service {service} has no component {component} in the current revision"
+                ))
+            })?;
+        slot.insert("version", toml_edit::value(version.as_str()));
+    }
+    Ok(doc.to_string())
+}
+
+fn list<'a>(it: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = it.map(String::as_str).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn summarize(changes: &[drover_model::diff::Change]) -> String {
+    let shown: Vec<String> = changes
+        .iter()
+        .take(3)
+        .map(|c| {
+            let s = c.to_string();
+            match s.char_indices().nth(100) {
+                Some((i, _)) => format!("{}...", &s[..i]),
+                None => s,
+            }
+        })
+        .collect();
+    let more = changes.len().saturating_sub(3);
+    if more > 0 {
+        format!("{} (and {more} more)", shown.join("; "))
+    } else {
+        shown.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_versions_keeps_formatting_and_handles_inline_tables() {
+        let text = "# comment\n[services.web.components.app]\nversion = \"v1\" # pinned\ncommand = \"x\"\n\n[services.web.components]\nside = { version = \"1\", command = \"y\" }\n";
+        let out = set_versions(
+            text,
+            "web",
+            &[("app".into(), "v2".into()), ("side".into(), "2".into())],
+        )
+        .unwrap();
+        assert!(out.starts_with("# comment\n"), "{out}");
+        assert!(out.contains("version = \"v2\""), "{out}");
+        assert!(out.contains("side = { version = \"2\""), "{out}");
+        assert!(set_versions(text, "web", &[("nope".into(), "1".into())]).is_err());
+    }
+}

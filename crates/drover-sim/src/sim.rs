@@ -1,0 +1,951 @@
+//! The simulator: groups, simulated instances and agents on a virtual clock, the server's way
+//! of carrying out the controller's actions, injected faults, and the invariants checked at
+//! every step.
+//!
+//! Each step (`SimConfig::step_ms`, 250 ms like the server's tick) does, in order:
+//! 1. apply the faults scheduled at or before now;
+//! 2. advance the agents: heartbeats (every `heartbeat_ms`, each agent on its own phase) are
+//!    absorbed the way the server absorbs them, agents whose time is up exit;
+//! 3. call [`drover_control::reconcile`] and carry out its actions like the server does
+//!    (launch backoff, rollout bookkeeping, auto-revert);
+//! 4. check the invariants, and panic with the step, the time and the counts if one breaks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use drover_control::group::in_rotation;
+use drover_control::{reconcile, Action, Decision, GroupSpec, Health, InstanceView, Phase, Timing};
+use drover_model::fleet::Rollout;
+
+use crate::rng::SplitMix64;
+
+/// Timings of the simulated world (not of the controller, which reads its own from the specs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Virtual time between two controller ticks.
+    pub step_ms: u64,
+    /// Agents heartbeat this often.
+    pub heartbeat_ms: u64,
+    /// The controller's `Timing::silent_after_ms`.
+    pub silent_after_ms: u64,
+    /// A good instance reports healthy this long after launch ...
+    pub boot_ms: u64,
+    /// ... plus a uniform jitter in `0..=boot_jitter_ms`.
+    pub boot_jitter_ms: u64,
+    /// An instance that crashes at start ([`FailMode::Crash`]) exits this long after launch.
+    pub crash_ms: u64,
+    /// A permitted instance drains this long, then terminates itself.
+    pub drain_ms: u64,
+    /// A terminated instance is gone this long after the provider was asked.
+    pub stop_ms: u64,
+    /// Check the invariants at every step (on by default).
+    pub check_invariants: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            step_ms: 250,
+            heartbeat_ms: 1_000,
+            silent_after_ms: 5_000,
+            boot_ms: 8_000,
+            boot_jitter_ms: 2_000,
+            crash_ms: 3_000,
+            drain_ms: 3_000,
+            stop_ms: 1_000,
+            check_invariants: true,
+        }
+    }
+}
+
+/// How an instance that does not boot behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Keeps running and heartbeating, never healthy (the controller must terminate it).
+    Hang,
+    /// Its agent exits `crash_ms` after launch.
+    Crash,
+}
+
+/// Something that goes wrong (or is done to the fleet) at a given virtual time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// From now on, this fraction of launches (in `group`, or in every group) fail to boot.
+    BootFailures {
+        group: Option<String>,
+        fraction: f64,
+        mode: FailMode,
+    },
+    /// `count` running instances of `group` (picked by the PRNG) stop heartbeating but keep
+    /// running (and serving).
+    Silence { group: String, count: usize },
+    /// `count` running instances of `group` (picked by the PRNG) die: their agents exit.
+    Kill { group: String, count: usize },
+    /// One instance dies.
+    KillInstance { instance: String },
+    /// The server restarts: soft state is dropped and rebuilt the way the server does it.
+    ServerRestart,
+    /// A deploy; with `broken`, no instance of the new generation ever turns healthy.
+    Deploy {
+        group: String,
+        broken: Option<FailMode>,
+    },
+    /// A person (or the autoscaler) sets the desired count.
+    SetDesired { group: String, desired: u32 },
+}
+
+/// A rollout that ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutEvent {
+    pub group: String,
+    pub generation: u64,
+    pub at_ms: u64,
+    /// From `generation_since_ms` to the event.
+    pub took_ms: u64,
+}
+
+/// Counters over the whole run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub now_ms: u64,
+    pub steps: u64,
+    pub launches: u64,
+    pub permits: u64,
+    /// Terminations of instances that never booted (failed boot, broken version).
+    pub terminated_never_healthy: u64,
+    /// Terminations of instances whose agent went silent.
+    pub terminated_silent: u64,
+    /// Instances forgotten while Active: their agent exited (crash, kill).
+    pub died: u64,
+    /// Instances gone after a permit (drained and terminated themselves).
+    pub left_by_permit: u64,
+    /// Instances gone after a Terminate.
+    pub left_by_terminate: u64,
+    pub rollouts_done: Vec<RolloutEvent>,
+    pub rollouts_failed: Vec<RolloutEvent>,
+    /// New generations made by auto-revert.
+    pub reverts: u64,
+    /// Server restarts injected.
+    pub restarts: u64,
+    /// The most Active instances any group had above its desired count.
+    pub max_active_over_desired: i64,
+    /// The most Draining instances at once (all groups).
+    pub max_draining: usize,
+    /// FNV-1a over every decision (actions and targets) of every step.
+    pub decision_hash: u64,
+}
+
+/// A snapshot of one group, as the server sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub desired: u32,
+    pub generation: u64,
+    pub rollout_open: bool,
+    pub active: usize,
+    pub draining: usize,
+    pub terminating: usize,
+    pub in_rotation: usize,
+    /// Active instances on the current generation.
+    pub current: usize,
+    /// Active instances on an older generation.
+    pub stale: usize,
+    /// Active instances that really serve (booted, alive), whatever the server knows.
+    pub serving: usize,
+    /// `desired - max_unavailable`.
+    pub floor: usize,
+}
+
+/// Build a spec for a group at generation 1 with no rollout open.
+pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
+    GroupSpec {
+        group: group.to_string(),
+        desired,
+        generation: 1,
+        generation_since_ms: 0,
+        rollout_open: false,
+        rollout,
+        replace_unhealthy_after_ms: 30_000,
+        launch_not_before_ms: 0,
+    }
+}
+
+/// A deploy, the way the server records one: a new generation, preferred from `now_ms`, with
+/// its rollout open. Returns the new generation.
+pub fn deploy(spec: &mut GroupSpec, now_ms: u64) -> u64 {
+    spec.generation += 1;
+    spec.generation_since_ms = now_ms;
+    spec.rollout_open = true;
+    spec.generation
+}
+
+/// The simulated truth about one instance (what the server does not see).
+#[derive(Clone, Debug)]
+struct Agent {
+    group: usize,
+    boot_at: u64,
+    fails: Option<FailMode>,
+    silenced: bool,
+    exit_at: Option<u64>,
+    next_heartbeat: u64,
+}
+
+impl Agent {
+    fn healthy_at(&self, t: u64) -> bool {
+        self.fails.is_none() && t >= self.boot_at
+    }
+}
+
+/// Server-side state of a group that is not in its spec.
+#[derive(Clone, Debug, Default)]
+struct GroupState {
+    /// Generations whose instances never boot.
+    broken: BTreeMap<u64, FailMode>,
+    /// The last generation whose rollout finished (what auto-revert goes back to).
+    last_good: u64,
+    boot_failures: Option<(f64, FailMode)>,
+    launch_failures: u32,
+}
+
+/// The server's launch backoff: 500 ms doubling to 30 s.
+fn launch_delay_ms(failures: u32) -> u64 {
+    if failures == 0 {
+        return 0;
+    }
+    (500u64 << (failures - 1).min(10)).min(30_000)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+fn fnv_str(h: u64, s: &str) -> u64 {
+    fnv(fnv(h, &(s.len() as u64).to_le_bytes()), s.as_bytes())
+}
+
+fn hash_decision(mut h: u64, now: u64, d: &Decision) -> u64 {
+    h = fnv(h, &now.to_le_bytes());
+    for a in &d.actions {
+        h = match a {
+            Action::Forget { instance, reason } => fnv_str(fnv_str(fnv(h, b"F"), instance), reason),
+            Action::Terminate { instance, reason } => {
+                fnv_str(fnv_str(fnv(h, b"T"), instance), reason)
+            }
+            Action::Permit { instance, reason } => fnv_str(fnv_str(fnv(h, b"P"), instance), reason),
+            Action::Launch { group, generation } => {
+                fnv(fnv_str(fnv(h, b"L"), group), &generation.to_le_bytes())
+            }
+            Action::RolloutDone { group, generation } => {
+                fnv(fnv_str(fnv(h, b"D"), group), &generation.to_le_bytes())
+            }
+            Action::RolloutFailed {
+                group,
+                generation,
+                reason,
+            } => fnv_str(
+                fnv(fnv_str(fnv(h, b"X"), group), &generation.to_le_bytes()),
+                reason,
+            ),
+        };
+    }
+    for (group, ids) in &d.targets {
+        h = fnv_str(fnv(h, b"G"), group);
+        for id in ids {
+            h = fnv_str(h, id);
+        }
+    }
+    h
+}
+
+/// The simulated fleet and server.
+pub struct Sim {
+    cfg: SimConfig,
+    rng: SplitMix64,
+    now: u64,
+    specs: Vec<GroupSpec>,
+    groups: Vec<GroupState>,
+    group_index: HashMap<String, usize>,
+    /// The server's view of every instance (what `reconcile` reads) ...
+    views: Vec<InstanceView>,
+    /// ... and, index for index, the truth about it.
+    agents: Vec<Agent>,
+    index: HashMap<String, usize>,
+    next_id: u64,
+    faults: Vec<(u64, u64, Fault)>,
+    fault_seq: u64,
+    stats: Stats,
+}
+
+impl Sim {
+    /// A simulator with the default [`SimConfig`].
+    pub fn new(seed: u64) -> Sim {
+        Sim::with_config(seed, SimConfig::default())
+    }
+
+    pub fn with_config(seed: u64, cfg: SimConfig) -> Sim {
+        assert!(
+            cfg.step_ms > 0 && cfg.heartbeat_ms > 0,
+            "step_ms and heartbeat_ms must be > 0"
+        );
+        Sim {
+            cfg,
+            rng: SplitMix64::new(seed),
+            now: 0,
+            specs: Vec::new(),
+            groups: Vec::new(),
+            group_index: HashMap::new(),
+            views: Vec::new(),
+            agents: Vec::new(),
+            index: HashMap::new(),
+            next_id: 0,
+            faults: Vec::new(),
+            fault_seq: 0,
+            stats: Stats {
+                decision_hash: FNV_OFFSET,
+                ..Stats::default()
+            },
+        }
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    /// Virtual time, in ms.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn spec(&self, group: &str) -> &GroupSpec {
+        &self.specs[self.group_idx(group)]
+    }
+
+    /// The server's view of every instance.
+    pub fn views(&self) -> &[InstanceView] {
+        &self.views
+    }
+
+    /// Add a group already running `spec.desired` healthy instances on `spec.generation`
+    /// (launched, booted and healthy long enough to count as ready).
+    pub fn add_group(&mut self, spec: GroupSpec) {
+        let n = spec.desired;
+        let g = self.add_empty_group(spec);
+        for _ in 0..n {
+            let generation = self.specs[g].generation;
+            let id = self.new_instance(g, generation, true);
+            let i = self.index[&id];
+            let since = self.now.saturating_sub(600_000);
+            let v = &mut self.views[i];
+            v.launched_at_ms = since;
+            v.health = Health::Healthy { since_ms: since };
+            v.ever_healthy = true;
+            self.agents[i].boot_at = since;
+        }
+    }
+
+    /// Add a group with no instance: the controller launches them.
+    pub fn add_empty_group(&mut self, spec: GroupSpec) -> usize {
+        assert!(
+            !self.group_index.contains_key(&spec.group),
+            "group {} added twice",
+            spec.group
+        );
+        let g = self.specs.len();
+        self.group_index.insert(spec.group.clone(), g);
+        self.groups.push(GroupState {
+            last_good: spec.generation,
+            ..GroupState::default()
+        });
+        self.specs.push(spec);
+        g
+    }
+
+    /// Deploy a good new version to `group` now. Returns the new generation.
+    pub fn deploy(&mut self, group: &str) -> u64 {
+        let g = self.group_idx(group);
+        deploy(&mut self.specs[g], self.now)
+    }
+
+    /// Deploy a version whose instances never turn healthy. Returns the new generation.
+    pub fn deploy_broken(&mut self, group: &str, mode: FailMode) -> u64 {
+        let g = self.group_idx(group);
+        let generation = deploy(&mut self.specs[g], self.now);
+        self.groups[g].broken.insert(generation, mode);
+        generation
+    }
+
+    /// Set the desired count now.
+    pub fn set_desired(&mut self, group: &str, desired: u32) {
+        let g = self.group_idx(group);
+        self.specs[g].desired = desired;
+    }
+
+    /// Schedule a fault at virtual time `at_ms` (applied at the first step at or after it;
+    /// faults at the same time apply in the order they were injected).
+    pub fn inject(&mut self, at_ms: u64, fault: Fault) {
+        self.fault_seq += 1;
+        self.faults.push((at_ms, self.fault_seq, fault));
+        self.faults.sort_by_key(|(at, seq, _)| (*at, *seq));
+    }
+
+    /// Step until `pred` holds (checked before each step) or `max_ms` of virtual time went by.
+    /// Returns the virtual time it took, or `None` on timeout.
+    pub fn run_until(&mut self, mut pred: impl FnMut(&Sim) -> bool, max_ms: u64) -> Option<u64> {
+        let start = self.now;
+        loop {
+            if pred(self) {
+                return Some(self.now - start);
+            }
+            if self.now - start >= max_ms {
+                return None;
+            }
+            self.step();
+        }
+    }
+
+    /// Step for `ms` of virtual time.
+    pub fn run_for(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.step();
+        }
+    }
+
+    /// Whether `group` is settled on its current generation: its rollout is closed, exactly
+    /// `desired` instances, all Active on the current generation and in rotation, nothing else.
+    pub fn converged(&self, group: &str) -> bool {
+        let g = self.group_idx(group);
+        let spec = &self.specs[g];
+        if spec.rollout_open {
+            return false;
+        }
+        let t = self.timing();
+        let mut n = 0u32;
+        for v in self.views.iter().filter(|v| v.group == spec.group) {
+            if v.phase != Phase::Active
+                || v.generation != spec.generation
+                || !in_rotation(v, self.now, &t)
+            {
+                return false;
+            }
+            n += 1;
+        }
+        n == spec.desired
+    }
+
+    /// Whether every group has converged.
+    pub fn all_converged(&self) -> bool {
+        self.specs.iter().all(|s| self.converged(&s.group))
+    }
+
+    pub fn group_status(&self, group: &str) -> GroupStatus {
+        let g = self.group_idx(group);
+        let spec = &self.specs[g];
+        let t = self.timing();
+        let mut s = GroupStatus {
+            desired: spec.desired,
+            generation: spec.generation,
+            rollout_open: spec.rollout_open,
+            floor: spec.desired.saturating_sub(spec.rollout.max_unavailable) as usize,
+            ..GroupStatus::default()
+        };
+        for (v, a) in self.views.iter().zip(&self.agents) {
+            if a.group != g {
+                continue;
+            }
+            match v.phase {
+                Phase::Active => {
+                    s.active += 1;
+                    if v.generation < spec.generation {
+                        s.stale += 1;
+                    } else {
+                        s.current += 1;
+                    }
+                }
+                Phase::Draining => s.draining += 1,
+                Phase::Terminating => s.terminating += 1,
+            }
+            if in_rotation(v, self.now, &t) {
+                s.in_rotation += 1;
+            }
+            if self.serving(v, a) {
+                s.serving += 1;
+            }
+        }
+        s
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            silent_after_ms: self.cfg.silent_after_ms,
+        }
+    }
+
+    fn group_idx(&self, group: &str) -> usize {
+        *self
+            .group_index
+            .get(group)
+            .unwrap_or_else(|| panic!("no group {group} in the simulation"))
+    }
+
+    /// Really serves: Active, alive, booted (even if its agent went silent).
+    fn serving(&self, v: &InstanceView, a: &Agent) -> bool {
+        v.phase == Phase::Active && v.alive && a.exit_at.is_none() && a.healthy_at(self.now)
+    }
+
+    /// A new instance of group `g`; unless `good`, its fate follows the group's faults.
+    fn new_instance(&mut self, g: usize, generation: u64, good: bool) -> String {
+        self.next_id += 1;
+        let id = format!("i-{:07}", self.next_id);
+        let now = self.now;
+        let fails = if good {
+            None
+        } else if let Some(m) = self.groups[g].broken.get(&generation) {
+            Some(*m)
+        } else if let Some((fraction, m)) = self.groups[g].boot_failures {
+            (self.rng.unit() < fraction).then_some(m)
+        } else {
+            None
+        };
+        let boot_at = now + self.cfg.boot_ms + self.rng.below(self.cfg.boot_jitter_ms + 1);
+        let next_heartbeat = now + 1 + self.rng.below(self.cfg.heartbeat_ms);
+        let exit_at = (fails == Some(FailMode::Crash)).then_some(now + self.cfg.crash_ms);
+        self.index.insert(id.clone(), self.views.len());
+        self.views.push(InstanceView {
+            id: id.clone(),
+            group: self.specs[g].group.clone(),
+            generation,
+            launched_at_ms: now,
+            phase: Phase::Active,
+            alive: true,
+            health: Health::Unknown,
+            last_seen_ms: now,
+            ever_healthy: false,
+        });
+        self.agents.push(Agent {
+            group: g,
+            boot_at,
+            fails,
+            silenced: false,
+            exit_at,
+            next_heartbeat,
+        });
+        id
+    }
+
+    /// Running instances of group `g` that really serve, in a PRNG-picked order.
+    fn pick_serving(&mut self, g: usize, count: usize) -> Vec<usize> {
+        let mut pool: Vec<usize> = (0..self.views.len())
+            .filter(|&i| {
+                self.agents[i].group == g
+                    && !self.agents[i].silenced
+                    && self.serving(&self.views[i], &self.agents[i])
+            })
+            .collect();
+        let mut out = Vec::new();
+        while out.len() < count && !pool.is_empty() {
+            let k = self.rng.below(pool.len() as u64) as usize;
+            out.push(pool.swap_remove(k));
+        }
+        out
+    }
+
+    fn apply_fault(&mut self, fault: Fault) {
+        match fault {
+            Fault::BootFailures {
+                group,
+                fraction,
+                mode,
+            } => {
+                let setting = (fraction > 0.0).then_some((fraction, mode));
+                match group {
+                    Some(name) => {
+                        let g = self.group_idx(&name);
+                        self.groups[g].boot_failures = setting;
+                    }
+                    None => self
+                        .groups
+                        .iter_mut()
+                        .for_each(|s| s.boot_failures = setting),
+                }
+            }
+            Fault::Silence { group, count } => {
+                let g = self.group_idx(&group);
+                for i in self.pick_serving(g, count) {
+                    self.agents[i].silenced = true;
+                }
+            }
+            Fault::Kill { group, count } => {
+                let g = self.group_idx(&group);
+                for i in self.pick_serving(g, count) {
+                    self.agents[i].exit_at = Some(self.now);
+                }
+            }
+            Fault::KillInstance { instance } => {
+                if let Some(&i) = self.index.get(&instance) {
+                    self.agents[i].exit_at = Some(self.now);
+                }
+            }
+            Fault::ServerRestart => self.restart_server(),
+            Fault::Deploy { group, broken } => {
+                match broken {
+                    Some(m) => self.deploy_broken(&group, m),
+                    None => self.deploy(&group),
+                };
+            }
+            Fault::SetDesired { group, desired } => self.set_desired(&group, desired),
+        }
+    }
+
+    /// What the server does when it starts again: instance and group records come back from
+    /// the store (lifecycle, generation, rollout state); soft state is rebuilt from the next
+    /// heartbeats, with the restart time as a grace period; launch backoff is forgotten.
+    pub fn restart_server(&mut self) {
+        self.stats.restarts += 1;
+        let now = self.now;
+        for v in &mut self.views {
+            v.health = Health::Unknown;
+            v.last_seen_ms = now;
+            v.ever_healthy = false;
+        }
+        for (spec, st) in self.specs.iter_mut().zip(&mut self.groups) {
+            spec.launch_not_before_ms = 0;
+            st.launch_failures = 0;
+        }
+    }
+
+    /// Heartbeats and exits up to now.
+    fn advance_agents(&mut self) {
+        let now = self.now;
+        let hb = self.cfg.heartbeat_ms;
+        for (v, a) in self.views.iter_mut().zip(&mut self.agents) {
+            if !v.alive {
+                continue;
+            }
+            while a.next_heartbeat <= now {
+                let h = a.next_heartbeat;
+                a.next_heartbeat += hb;
+                if a.exit_at.is_some_and(|e| h >= e) {
+                    break;
+                }
+                if a.silenced {
+                    continue;
+                }
+                // The server's absorb_heartbeat.
+                let healthy = a.healthy_at(h);
+                let before = v.health;
+                v.health = match (healthy, before) {
+                    (true, Health::Healthy { since_ms }) => Health::Healthy { since_ms },
+                    (true, _) => Health::Healthy { since_ms: h },
+                    (false, Health::Unhealthy { since_ms }) => Health::Unhealthy { since_ms },
+                    (false, Health::Healthy { .. }) => Health::Unhealthy { since_ms: h },
+                    (false, _) if v.ever_healthy => Health::Unhealthy { since_ms: h },
+                    (false, _) => Health::Starting,
+                };
+                if healthy {
+                    v.ever_healthy = true;
+                    if !matches!(before, Health::Healthy { .. }) {
+                        // A healthy instance resets the group's launch backoff.
+                        self.groups[a.group].launch_failures = 0;
+                        self.specs[a.group].launch_not_before_ms = 0;
+                    }
+                }
+                v.last_seen_ms = h;
+            }
+            if a.exit_at.is_some_and(|e| e <= now) {
+                // The provider saw it end.
+                v.alive = false;
+                v.health = Health::Unknown;
+            }
+        }
+    }
+
+    fn launch_failed(&mut self, g: usize) {
+        let st = &mut self.groups[g];
+        st.launch_failures += 1;
+        self.specs[g].launch_not_before_ms = self.now + launch_delay_ms(st.launch_failures);
+    }
+
+    fn violation(&self, n: u32, group: &str, what: String) -> ! {
+        let s = if self.group_index.contains_key(group) {
+            format!("{:?}", self.group_status(group))
+        } else {
+            String::new()
+        };
+        panic!(
+            "invariant {n} violated at step {} (t = {} ms) in group {group}: {what}\n  counts: {s}",
+            self.stats.steps, self.now
+        );
+    }
+
+    /// One controller tick.
+    pub fn step(&mut self) {
+        self.now += self.cfg.step_ms;
+        self.stats.steps += 1;
+        self.stats.now_ms = self.now;
+        let now = self.now;
+
+        while self.faults.first().is_some_and(|(at, _, _)| *at <= now) {
+            let (_, _, f) = self.faults.remove(0);
+            self.apply_fault(f);
+        }
+        self.advance_agents();
+
+        let t = self.timing();
+        let decision = reconcile(now, &self.specs, &self.views, &t);
+        self.stats.decision_hash = hash_decision(self.stats.decision_hash, now, &decision);
+
+        // Before the actions: per group, in rotation (server's view) and serving (truth).
+        let ng = self.specs.len();
+        let mut rot_before = vec![0usize; ng];
+        let mut serving_before = vec![0usize; ng];
+        for (v, a) in self.views.iter().zip(&self.agents) {
+            if in_rotation(v, now, &t) {
+                rot_before[a.group] += 1;
+            }
+            if self.serving(v, a) {
+                serving_before[a.group] += 1;
+            }
+        }
+        let mut rot_permitted = vec![0usize; ng];
+        let mut serving_removed = vec![0usize; ng];
+        let mut serving_permitted = vec![0usize; ng];
+        let mut permitted = vec![0usize; ng];
+        let mut launched = vec![0usize; ng];
+        let mut removed = false;
+
+        for action in decision.actions {
+            match action {
+                Action::Forget { instance, .. } => {
+                    let Some(&i) = self.index.get(&instance) else {
+                        continue;
+                    };
+                    let g = self.agents[i].group;
+                    match self.views[i].phase {
+                        Phase::Active => {
+                            self.stats.died += 1;
+                            if !self.views[i].ever_healthy {
+                                self.launch_failed(g);
+                            }
+                        }
+                        Phase::Draining => self.stats.left_by_permit += 1,
+                        Phase::Terminating => self.stats.left_by_terminate += 1,
+                    }
+                    self.index.remove(&instance);
+                    self.views[i].id.clear(); // marks it for removal below
+                    removed = true;
+                }
+                Action::Terminate { instance, reason } => {
+                    let Some(&i) = self.index.get(&instance) else {
+                        continue;
+                    };
+                    let (g, v, a) = (self.agents[i].group, &self.views[i], &self.agents[i]);
+                    // Invariant 1: Terminate only what is broken, silent or never healthy.
+                    if a.silenced {
+                        self.stats.terminated_silent += 1;
+                    } else if !a.healthy_at(now) {
+                        self.stats.terminated_never_healthy += 1;
+                    } else if self.cfg.check_invariants {
+                        let stale = v.generation < self.specs[g].generation;
+                        self.violation(
+                            1,
+                            &self.specs[g].group.clone(),
+                            format!(
+                                "Terminate of {instance} ({}generation {}), which is healthy and \
+                                 heartbeating (controller's reason: {reason}); only a permit may \
+                                 take a healthy instance away",
+                                if stale { "stale, " } else { "" },
+                                v.generation
+                            ),
+                        );
+                    }
+                    if self.serving(&self.views[i], &self.agents[i]) {
+                        serving_removed[g] += 1;
+                    }
+                    if !self.views[i].ever_healthy {
+                        self.launch_failed(g);
+                    }
+                    let stop = now + self.cfg.stop_ms;
+                    let a = &mut self.agents[i];
+                    a.exit_at = Some(a.exit_at.map_or(stop, |e| e.min(stop)));
+                    self.views[i].phase = Phase::Terminating;
+                }
+                Action::Permit { instance, .. } => {
+                    let Some(&i) = self.index.get(&instance) else {
+                        continue;
+                    };
+                    let g = self.agents[i].group;
+                    self.stats.permits += 1;
+                    permitted[g] += 1;
+                    if in_rotation(&self.views[i], now, &t) {
+                        rot_permitted[g] += 1;
+                    }
+                    if self.serving(&self.views[i], &self.agents[i]) {
+                        serving_permitted[g] += 1;
+                        serving_removed[g] += 1;
+                    }
+                    let drained = now + self.cfg.drain_ms;
+                    let a = &mut self.agents[i];
+                    a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
+                    self.views[i].phase = Phase::Draining;
+                }
+                Action::Launch { group, generation } => {
+                    let g = self.group_idx(&group);
+                    self.stats.launches += 1;
+                    launched[g] += 1;
+                    self.new_instance(g, generation, false);
+                }
+                Action::RolloutDone { group, generation } => {
+                    let g = self.group_idx(&group);
+                    let spec = &mut self.specs[g];
+                    spec.rollout_open = false;
+                    self.groups[g].last_good = generation;
+                    self.stats.rollouts_done.push(RolloutEvent {
+                        group,
+                        generation,
+                        at_ms: now,
+                        took_ms: now - spec.generation_since_ms,
+                    });
+                }
+                Action::RolloutFailed {
+                    group, generation, ..
+                } => {
+                    let g = self.group_idx(&group);
+                    let spec = &mut self.specs[g];
+                    spec.rollout_open = false;
+                    self.stats.rollouts_failed.push(RolloutEvent {
+                        group,
+                        generation,
+                        at_ms: now,
+                        took_ms: now - spec.generation_since_ms,
+                    });
+                    if spec.rollout.auto_revert {
+                        // A new generation with the content of the last good one.
+                        deploy(spec, now);
+                        self.stats.reverts += 1;
+                        let last_good = self.groups[g].last_good;
+                        if let Some(m) = self.groups[g].broken.get(&last_good).copied() {
+                            self.groups[g].broken.insert(spec.generation, m);
+                        }
+                    }
+                }
+            }
+        }
+
+        if removed {
+            let mut k = 0;
+            while k < self.views.len() {
+                if self.views[k].id.is_empty() {
+                    self.views.swap_remove(k);
+                    self.agents.swap_remove(k);
+                } else {
+                    k += 1;
+                }
+            }
+            self.index.clear();
+            for (k, v) in self.views.iter().enumerate() {
+                self.index.insert(v.id.clone(), k);
+            }
+        }
+
+        self.check_after(
+            &rot_before,
+            &rot_permitted,
+            &serving_before,
+            &serving_removed,
+            &serving_permitted,
+            &permitted,
+            &launched,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_after(
+        &mut self,
+        rot_before: &[usize],
+        rot_permitted: &[usize],
+        serving_before: &[usize],
+        serving_removed: &[usize],
+        serving_permitted: &[usize],
+        permitted: &[usize],
+        launched: &[usize],
+    ) {
+        let ng = self.specs.len();
+        let mut active = vec![0usize; ng];
+        let mut draining = 0usize;
+        for (v, a) in self.views.iter().zip(&self.agents) {
+            match v.phase {
+                Phase::Active => active[a.group] += 1,
+                Phase::Draining => draining += 1,
+                Phase::Terminating => {}
+            }
+        }
+        self.stats.max_draining = self.stats.max_draining.max(draining);
+        for g in 0..ng {
+            let spec = &self.specs[g];
+            let over = active[g] as i64 - i64::from(spec.desired);
+            self.stats.max_active_over_desired = self.stats.max_active_over_desired.max(over);
+            if !self.cfg.check_invariants {
+                continue;
+            }
+            let floor = spec.desired.saturating_sub(spec.rollout.max_unavailable) as usize;
+            // Invariant 2 (server's view): permits never take in-rotation below the floor,
+            // unless it already was below and no in-rotation instance got a permit.
+            if permitted[g] > 0 {
+                let before = rot_before[g];
+                let after = before - rot_permitted[g];
+                if !(after >= floor || (before < floor && rot_permitted[g] == 0)) {
+                    self.violation(
+                        2,
+                        &spec.group.clone(),
+                        format!(
+                            "{} permit(s) ({} in rotation) took in-rotation from {before} to \
+                             {after}, below the floor {floor} (desired {} - max_unavailable {})",
+                            permitted[g],
+                            rot_permitted[g],
+                            spec.desired,
+                            spec.rollout.max_unavailable
+                        ),
+                    );
+                }
+            }
+            // Invariant 2, on the truth: a permit that takes a serving instance leaves at
+            // least `floor` serving (whatever the server believes after a restart).
+            if serving_permitted[g] > 0 {
+                let after = serving_before[g] - serving_removed[g];
+                if after < floor {
+                    self.violation(
+                        2,
+                        &spec.group.clone(),
+                        format!(
+                            "{} permit(s) of serving instances left {after} serving (was {}), \
+                             below the floor {floor}",
+                            serving_permitted[g], serving_before[g]
+                        ),
+                    );
+                }
+            }
+            // Invariant 3: launches never take Active above desired + max_surge.
+            let cap = spec.desired as usize + spec.rollout.max_surge as usize;
+            if launched[g] > 0 && active[g] > cap {
+                self.violation(
+                    3,
+                    &spec.group.clone(),
+                    format!(
+                        "{} launch(es) took Active to {}, above desired {} + max_surge {}",
+                        launched[g], active[g], spec.desired, spec.rollout.max_surge
+                    ),
+                );
+            }
+        }
+    }
+}
