@@ -141,10 +141,10 @@ def main():
     goal = "met" if a_rss["max"] < GOAL_KB else "NOT met"
     out.append("| Process | min | median | max | goal |")
     out.append("|---|---:|---:|---:|---|")
-    out.append(f"| `drover agent` VmRSS (MB) | {kb(a_rss['min'])} | {kb(a_rss['median'])} | {kb(a_rss['max'])} "
-               f"| < 10 MB: **{goal}** |")
-    out.append(f"| `drover agent` VmHWM (MB) | {kb(a_hwm['min'])} | {kb(a_hwm['median'])} | {kb(a_hwm['max'])} | |")
-    out.append(f"| its 3 demo-servers, VmRSS sum (MB, not the agent's) | {kb(k_rss['min'])} | "
+    out.append(f"| `drover agent` VmRSS (MiB) | {kb(a_rss['min'])} | {kb(a_rss['median'])} | {kb(a_rss['max'])} "
+               f"| < 10 MiB: **{goal}** |")
+    out.append(f"| `drover agent` VmHWM (MiB) | {kb(a_hwm['min'])} | {kb(a_hwm['median'])} | {kb(a_hwm['max'])} | |")
+    out.append(f"| its 3 demo-servers, VmRSS sum (MiB, not the agent's) | {kb(k_rss['min'])} | "
                f"{kb(k_rss['median'])} | {kb(k_rss['max'])} | |")
     out.append("")
     if why_no_docker is None and rows:
@@ -162,19 +162,19 @@ def main():
                    "of the row / median agent VmRSS.\n")
         out.append("| Process | min | median | max | ratio to the agent |")
         out.append("|---|---:|---:|---:|---:|")
-        out.append(f"| `drover agent` (3 components) VmRSS (MB) | {kb(a_rss['min'])} | {kb(med)} | "
+        out.append(f"| `drover agent` (3 components) VmRSS (MiB) | {kb(a_rss['min'])} | {kb(med)} | "
                    f"{kb(a_rss['max'])} | 1.00 |")
-        out.append(f"| one `containerd-shim-runc-v2` VmRSS (MB, {len(rows) * 3} shims) | {kb(s1['min'])} | "
+        out.append(f"| one `containerd-shim-runc-v2` VmRSS (MiB, {len(rows) * 3} shims) | {kb(s1['min'])} | "
                    f"{kb(s1['median'])} | {kb(s1['max'])} | {s1['median'] / med:.2f} |")
-        out.append(f"| one `containerd-shim-runc-v2` VmHWM (MB) | {kb(sh['min'])} | {kb(sh['median'])} | "
+        out.append(f"| one `containerd-shim-runc-v2` VmHWM (MiB) | {kb(sh['min'])} | {kb(sh['median'])} | "
                    f"{kb(sh['max'])} | {sh['median'] / med:.2f} |")
-        out.append(f"| 3 shims, one per container (MB) | {kb(s3['min'])} | {kb(s3['median'])} | "
+        out.append(f"| 3 shims, one per container (MiB) | {kb(s3['min'])} | {kb(s3['median'])} | "
                    f"{kb(s3['max'])} | {s3['median'] / med:.2f} |")
-        out.append(f"| `dockerd` VmRSS (MB) | {kb(dd['min'])} | {kb(dd['median'])} | {kb(dd['max'])} "
+        out.append(f"| `dockerd` VmRSS (MiB) | {kb(dd['min'])} | {kb(dd['median'])} | {kb(dd['max'])} "
                    f"| {dd['median'] / med:.2f} |")
-        out.append(f"| `containerd` VmRSS (MB) | {kb(cd['min'])} | {kb(cd['median'])} | {kb(cd['max'])} "
+        out.append(f"| `containerd` VmRSS (MiB) | {kb(cd['min'])} | {kb(cd['median'])} | {kb(cd['max'])} "
                    f"| {cd['median'] / med:.2f} |")
-        out.append(f"| Docker's node total: dockerd + containerd + 3 shims (MB) | {kb(tot['min'])} | "
+        out.append(f"| Docker's node total: dockerd + containerd + 3 shims (MiB) | {kb(tot['min'])} | "
                    f"{kb(tot['median'])} | {kb(tot['max'])} | {tot['median'] / med:.2f} |")
         out.append("")
         out.append("The shims supervise only (like the agent's supervision part); `dockerd` and "

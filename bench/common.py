@@ -82,12 +82,14 @@ def machine():
         "cpu": cpu,
         "ram": f"{mem_kb / 1024 / 1024:.1f} GiB",
         "date": date,
+        "load": open("/proc/loadavg").read().split()[0],
     }
 
 
 def machine_md(m):
     return (f"Machine: `nproc` {m['nproc']}, kernel `{m['kernel']}`, CPU \"{m['cpu']}\", "
-            f"RAM {m['ram']}. Date: `{m['date']}`.")
+            f"RAM {m['ram']}. Date: `{m['date']}`. Load average (1 min) at start: {m['load']} "
+            "(other builds may share the machine).")
 
 
 def proc_status(pid):

@@ -108,8 +108,8 @@ impl Leave {
             .send()
             .await
             .map_err(|e| error_chain(&e))?;
-        let reply: PermitReply = from_slice(&read_body(resp).await?)
-            .map_err(|e| format!("unreadable answer: {e}"))?;
+        let reply: PermitReply =
+            from_slice(&read_body(resp).await?).map_err(|e| format!("unreadable answer: {e}"))?;
         Ok(reply.permit.then(|| Permit {
             drain_timeout: Duration::from_millis(reply.drain_timeout_ms),
             reason: reply
@@ -129,8 +129,8 @@ impl Leave {
             .send()
             .await
             .map_err(|e| error_chain(&e))?;
-        let reply: ConnectionsReply = from_slice(&read_body(resp).await?)
-            .map_err(|e| format!("unreadable answer: {e}"))?;
+        let reply: ConnectionsReply =
+            from_slice(&read_body(resp).await?).map_err(|e| format!("unreadable answer: {e}"))?;
         Ok(reply.open)
     }
 

@@ -281,7 +281,9 @@ pub async fn run(
                 draining.send(&hb, HEARTBEAT_TIMEOUT),
                 leave.drain(permit.drain_timeout)
             );
-            let open = drained.open.map_or("unknown".to_string(), |n| n.to_string());
+            let open = drained
+                .open
+                .map_or("unknown".to_string(), |n| n.to_string());
             let drain_ms = drained.took.as_millis() as u64;
             if drained.timed_out {
                 tracing::info!(drain_ms, %open, "drain timeout reached; stopping anyway");

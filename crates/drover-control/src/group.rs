@@ -63,6 +63,9 @@ pub struct InstanceView {
     pub last_seen_ms: u64,
     /// Whether it has ever reported healthy.
     pub ever_healthy: bool,
+    /// Since when its health has been watched: its launch, or the server's start when the
+    /// server restarted after the launch. "Never turned healthy" counts from here.
+    pub watched_since_ms: u64,
 }
 
 /// Timings that are not per service.
@@ -210,20 +213,30 @@ fn reconcile_group(
     // 2. Rollout bookkeeping.
     let ready_fresh = fresh.iter().filter(|i| ready(i)).count();
     if spec.rollout_open {
-        if stale.is_empty() && ready_fresh >= desired.min(fresh.len()) && fresh.len() >= desired {
+        // Progress is the last time a new instance became ready; the rollout fails when
+        // healthy_deadline passes without any.
+        let last_progress = fresh
+            .iter()
+            .filter(|i| ready(i))
+            .filter_map(|i| match i.health {
+                Health::Healthy { since_ms } => Some(since_ms + r.min_healthy_time.as_millis()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+            .max(spec.generation_since_ms);
+        if stale.is_empty() && ready_fresh >= desired {
             d.actions.push(Action::RolloutDone {
                 group: spec.group.clone(),
                 generation: spec.generation,
             });
-        } else if now.saturating_sub(spec.generation_since_ms) > r.healthy_deadline.as_millis()
-            && ready_fresh < desired
-        {
+        } else if now.saturating_sub(last_progress) > r.healthy_deadline.as_millis() {
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
                 generation: spec.generation,
                 reason: format!(
-                    "only {ready_fresh} of {desired} instances on generation {} turned healthy within healthy_deadline ({})",
-                    spec.generation, r.healthy_deadline
+                    "no new instance turned healthy within healthy_deadline ({}); {ready_fresh} of {desired} on generation {} are healthy",
+                    r.healthy_deadline, spec.generation
                 ),
             });
         }
@@ -258,8 +271,12 @@ fn reconcile_group(
     stale.sort_by_key(|i| (healthy(i), i.generation, i.launched_at_ms, i.id.clone()));
     let mut remaining_stale = stale.len();
     for i in &stale {
-        // Keep enough stale instances to hold `desired` until fresh ones are ready.
-        if ready_fresh + remaining_stale <= desired && healthy(i) {
+        // Health not known yet (e.g. just after a server restart): wait for its report.
+        if i.health == Health::Unknown {
+            continue;
+        }
+        // Keep enough stale instances to hold the floor until fresh ones are ready.
+        if ready_fresh + remaining_stale <= floor && healthy(i) {
             break;
         }
         if healthy(i) {
@@ -309,11 +326,11 @@ fn broken(now: u64, spec: &GroupSpec, i: &InstanceView, t: &Timing) -> Option<St
             secs(limit)
         )),
         Health::Unknown | Health::Starting | Health::Unhealthy { .. }
-            if !i.ever_healthy && now.saturating_sub(i.launched_at_ms) >= limit =>
+            if !i.ever_healthy && now.saturating_sub(i.watched_since_ms) >= limit =>
         {
             Some(format!(
                 "not healthy {} after launch (replace_unhealthy_after = {})",
-                secs(now - i.launched_at_ms),
+                secs(now - i.watched_since_ms),
                 secs(limit)
             ))
         }

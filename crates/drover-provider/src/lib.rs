@@ -52,6 +52,8 @@ pub trait Provider: Send + Sync {
     fn terminate(&self, instance: &str, grace: Duration) -> BoxFuture<'_, Result<(), ProviderError>>;
     /// Whether the provider still sees the instance.
     fn alive(&self, instance: &str) -> bool;
+    /// After a server restart: take back a still-running instance. False if it is gone.
+    fn adopt(&self, instance: &str) -> bool;
     /// Stop every instance this provider started, waiting up to `grace`.
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
 }

@@ -25,6 +25,10 @@ pub struct LocalConfig {
     /// Second octet of the loopback block instance addresses come from (127.B.0.0/16).
     pub block: u8,
     pub heartbeat_interval: Duration,
+    /// Tie every agent's life to this process (`drover up`): an agent gets SIGKILL when the
+    /// process that launched it dies. Off for `drover server`, whose agents keep running
+    /// without it and are adopted again when it restarts.
+    pub tied: bool,
 }
 
 /// Local processes as instances.
@@ -102,15 +106,17 @@ impl LocalProvider {
             .stderr(Stdio::from(log2))
             .kill_on_drop(false)
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe; it ties the agent's life to this process, so
-        // no agent outlives the provider, even when the provider is killed with SIGKILL.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        if self.cfg.tied {
+            // SAFETY: prctl is async-signal-safe; it ties the agent's life to this process, so
+            // no agent outlives the provider, even when the provider is killed with SIGKILL.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().map_err(|e| {
             ProviderError::Launch(format!("cannot start {}: {e}", self.cfg.drover_bin.display()))
@@ -199,6 +205,38 @@ impl Provider for LocalProvider {
         self.agents.lock().expect("agents lock").contains_key(instance)
     }
 
+    fn adopt(&self, instance: &str) -> bool {
+        let pid_file = self.instance_dir(instance).join("agent.pid");
+        let Some(pid) = read_pid(&pid_file) else {
+            return false;
+        };
+        if !is_our_agent(pid, &self.instance_dir(instance)) {
+            return false;
+        }
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .insert(instance.to_string(), pid);
+        // Not our child: watch /proc for its end.
+        let exits = self.exits.clone();
+        let agents = self.agents.clone();
+        let instance = instance.to_string();
+        tokio::spawn(async move {
+            while process_running(pid) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            agents.lock().expect("agents lock").remove(&instance);
+            let _ = std::fs::remove_file(pid_file);
+            tracing::info!(%instance, "adopted agent exited");
+            let _ = exits.send(Exit {
+                instance,
+                status: "exited (adopted agent)".into(),
+            });
+        });
+        tracing::info!(pid, "adopted a running agent");
+        true
+    }
+
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let pids: Vec<u32> = self.agents.lock().expect("agents lock").values().copied().collect();
@@ -226,6 +264,28 @@ impl Provider for LocalProvider {
     }
 }
 
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` runs `drover agent` for the instance directory `dir`.
+fn is_our_agent(pid: u32, dir: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    cmdline.contains(" agent ") && cmdline.contains(&dir.display().to_string()) && process_running(pid)
+}
+
+/// Whether a process exists and is not a zombie.
+fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 /// Kill agents recorded in `DATA/instances/*/agent.pid` that are still running as
 /// `drover agent` for that directory. Returns how many were killed.
 pub fn reap_leftovers(data_dir: &Path) -> usize {
@@ -235,16 +295,10 @@ pub fn reap_leftovers(data_dir: &Path) -> usize {
     let mut n = 0;
     for e in entries.flatten() {
         let pid_file = e.path().join("agent.pid");
-        let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        else {
+        let Some(pid) = read_pid(&pid_file) else {
             continue;
         };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let dir = e.path().display().to_string();
-        if cmdline.contains(" agent ") && cmdline.contains(&dir) {
+        if is_our_agent(pid, &e.path()) {
             signal_group(pid, libc::SIGKILL);
             n += 1;
         }

@@ -98,7 +98,7 @@ impl Engine {
                     soft: fresh_soft(now),
                     alive: providers
                         .get(region_of(&rec.group))
-                        .is_some_and(|p| p.alive(&rec.id)),
+                        .is_some_and(|p| p.adopt(&rec.id)),
                     record: rec,
                 },
             );
@@ -726,12 +726,14 @@ impl Engine {
         }
     }
 
-    /// Stop every instance and close the listeners.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Stop every instance (if `stop_instances`) and close the listeners.
+    pub async fn shutdown(&self, grace: Duration, stop_instances: bool) {
         let providers: Vec<Arc<dyn Provider>> =
             self.providers.lock().expect("providers lock").values().cloned().collect();
-        for p in providers {
-            p.shutdown(grace).await;
+        if stop_instances {
+            for p in providers {
+                p.shutdown(grace).await;
+            }
         }
         let ings: Vec<Ingress> = std::mem::take(&mut *self.ingresses.lock().expect("ingress lock"))
             .into_values()
@@ -748,6 +750,7 @@ impl Engine {
 
 fn fresh_soft(now: u64) -> Soft {
     Soft {
+        watched_since_ms: now,
         last_seen_ms: now,
         health: Health::Unknown,
         ever_healthy: false,

@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub silent_after: Duration,
     /// Controller period (it also runs at once on any health change).
     pub tick: Duration,
+    /// The server owns its instances' lives (`drover up`): they stop when it stops or dies.
+    /// Otherwise (`drover server`) instances outlive the server and are adopted on restart.
+    pub own_instances: bool,
 }
 
 impl ServerConfig {
@@ -66,6 +69,7 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_secs(1),
             silent_after: Duration::from_secs(5),
             tick: Duration::from_millis(250),
+            own_instances: false,
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct Server {
     pub addr: SocketAddr,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    own_instances: bool,
 }
 
 impl Server {
@@ -100,11 +105,14 @@ impl Server {
         let _ = std::fs::write(cfg.data_dir.join("server.url"), &server_url);
 
         let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-        // Kill agents an earlier run may have left before anything new starts.
-        let reaped = drover_provider::local::reap_leftovers(&cfg.data_dir);
-        if reaped > 0 {
-            tracing::warn!(reaped, "killed agents left by an earlier run");
+        if cfg.own_instances {
+            // Kill agents an earlier run may have left before anything new starts.
+            let reaped = drover_provider::local::reap_leftovers(&cfg.data_dir);
+            if reaped > 0 {
+                tracing::warn!(reaped, "killed agents left by an earlier run");
+            }
         }
+        let own_instances = cfg.own_instances;
         let engine = Arc::new(Engine::new(
             store,
             Timing {
@@ -139,6 +147,7 @@ impl Server {
             addr,
             stop,
             tasks,
+            own_instances,
         })
     }
 
@@ -151,16 +160,21 @@ impl Server {
         self.engine.apply(req).await
     }
 
-    /// Stop the controllers and the API, then every instance, then the listeners.
+    /// Stop the controllers and the API, then (if it owns them) every instance, then the
+    /// listeners.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
-        self.engine.shutdown(grace).await;
+        self.engine.shutdown(grace, self.own_instances).await;
         self.engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
-            "server stopped; every instance it started was stopped",
+            if self.own_instances {
+                "server stopped; every instance it started was stopped"
+            } else {
+                "server stopped; instances keep running and will be adopted on restart"
+            },
         )]);
     }
 }
@@ -186,6 +200,7 @@ impl ProviderFactory {
                         .and_then(drover_model::ids::parse_loopback_subnet)
                         .unwrap_or(1),
                     heartbeat_interval: self.cfg.heartbeat_interval,
+                    tied: self.cfg.own_instances,
                 },
                 self.exits.clone(),
             ))),

@@ -23,6 +23,8 @@ pub struct Group {
 /// What agents told us; lost on restart and rebuilt from heartbeats.
 #[derive(Clone, Debug)]
 pub struct Soft {
+    /// Since when health has been watched: launch, or this server's start.
+    pub watched_since_ms: u64,
     pub last_seen_ms: u64,
     pub health: Health,
     pub ever_healthy: bool,
@@ -116,6 +118,7 @@ impl State {
                 health: i.soft.health,
                 last_seen_ms: i.soft.last_seen_ms,
                 ever_healthy: i.soft.ever_healthy,
+                watched_since_ms: i.soft.watched_since_ms,
             })
             .collect()
     }

@@ -7,10 +7,15 @@
 //!
 //! ```
 //! use drover_sim::{group_spec, Sim};
-//! use drover_model::fleet::Rollout;
+//! use drover_model::{fleet::Rollout, Dur};
 //!
 //! let mut sim = Sim::new(7);
-//! sim.add_group(group_spec("web/eu", 10, Rollout { max_surge: 2, ..Rollout::default() }));
+//! let rollout = Rollout {
+//!     max_surge: 2,
+//!     healthy_deadline: Dur::from_secs(600),
+//!     ..Rollout::default()
+//! };
+//! sim.add_group(group_spec("web/eu", 10, rollout));
 //! sim.deploy("web/eu");
 //! let took = sim.run_until(|s| s.converged("web/eu"), 600_000).expect("converges");
 //! assert!(took > 0);

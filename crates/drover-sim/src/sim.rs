@@ -530,6 +530,7 @@ impl Sim {
             health: Health::Unknown,
             last_seen_ms: now,
             ever_healthy: false,
+            watched_since_ms: now,
         });
         self.agents.push(Agent {
             group: g,
@@ -616,6 +617,7 @@ impl Sim {
             v.health = Health::Unknown;
             v.last_seen_ms = now;
             v.ever_healthy = false;
+            v.watched_since_ms = now;
         }
         for (spec, st) in self.specs.iter_mut().zip(&mut self.groups) {
             spec.launch_not_before_ms = 0;

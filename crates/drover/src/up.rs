@@ -37,7 +37,9 @@ pub async fn serve(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<u8> {
 
 /// `drover up FILE`: server + apply + live status, until Ctrl-C or SIGTERM.
 pub async fn run(file: &Path, data_dir: &Path, listen: SocketAddr, json: bool) -> anyhow::Result<u8> {
-    let cfg = config(data_dir, listen)?;
+    let mut cfg = config(data_dir, listen)?;
+    // One foreground command: its instances live and die with it.
+    cfg.own_instances = true;
     // Logs go to a file so the status table stays readable.
     let log_path = cfg.data_dir.join("drover.log");
     let log = std::fs::OpenOptions::new()
