@@ -224,11 +224,13 @@ impl Engine {
                     (old, _) => RolloutRecord {
                         since_ms: now,
                         open: true,
-                        // A superseded, unfinished rollout did not make its generation good.
+                        // A superseded, unfinished rollout did not make its generation good;
+                        // with no good one before it (a new group), it is the best there is.
                         good_generation: old
                             .map(|g| {
-                                if g.record.rollout.open {
-                                    g.record.rollout.good_generation
+                                let r = &g.record.rollout;
+                                if r.open && r.good_generation > 0 {
+                                    r.good_generation
                                 } else {
                                     g.record.generation
                                 }

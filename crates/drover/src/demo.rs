@@ -27,6 +27,10 @@ pub struct DemoArgs {
     /// Exit with status 1 after this long (0s: at once, before listening).
     #[arg(long)]
     pub crash_after: Option<Dur>,
+    /// Exit with status 1 at start when this instance's version (DROVER_VERSION) is one of
+    /// these: a way to try a broken deploy, e.g. `--crash-on-versions broken`.
+    #[arg(long, value_delimiter = ',')]
+    pub crash_on_versions: Vec<String>,
 }
 
 struct Demo {
@@ -38,6 +42,11 @@ struct Demo {
 }
 
 pub fn run(args: DemoArgs) -> u8 {
+    let version = std::env::var("DROVER_VERSION").unwrap_or_default();
+    if args.crash_on_versions.contains(&version) {
+        eprintln!("demo-server: version {version} crashes at start (--crash-on-versions)");
+        return exit::FAILED;
+    }
     if args.crash_after.is_some_and(|d| d.0.is_zero()) {
         eprintln!("demo-server: crashing at start as asked (--crash-after 0s)");
         return exit::FAILED;

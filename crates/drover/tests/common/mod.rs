@@ -239,3 +239,151 @@ pub fn instance_of(body: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// What a load generator saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+    /// Versions in the order one client saw them change (the longest such sequence).
+    pub versions: Vec<String>,
+    pub seconds: f64,
+}
+
+impl LoadReport {
+    pub fn rate(&self) -> f64 {
+        (self.ok + self.failed) as f64 / self.seconds.max(0.001)
+    }
+}
+
+/// Steady requests through `addr` on `threads` threads until `stop` is set. With
+/// `keep_alive`, each thread reuses one connection (reconnecting, and retrying an idempotent
+/// GET once, when the server closed an idle connection, as HTTP clients do).
+pub fn load(
+    addr: SocketAddr,
+    threads: usize,
+    keep_alive: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<LoadReport> {
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut r = LoadReport::default();
+                    let mut conn: Option<TcpStream> = None;
+                    while !stop.load(Ordering::SeqCst) {
+                        let res = if keep_alive {
+                            get_keep_alive(addr, &mut conn)
+                        } else {
+                            get(addr)
+                        };
+                        match res {
+                            Ok(body) => {
+                                r.ok += 1;
+                                let v = body
+                                    .split("version ")
+                                    .nth(1)
+                                    .and_then(|x| x.split(',').next())
+                                    .unwrap_or("?")
+                                    .to_string();
+                                if r.versions.last() != Some(&v) {
+                                    r.versions.push(v);
+                                }
+                            }
+                            Err(e) => {
+                                r.failed += 1;
+                                if r.errors.len() < 20 {
+                                    r.errors.push(e.to_string());
+                                }
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut total = LoadReport::default();
+        for h in handles {
+            let r = h.join().unwrap();
+            total.ok += r.ok;
+            total.failed += r.failed;
+            total.errors.extend(r.errors);
+            // The sequence seen by the thread that saw the most changes.
+            if r.versions.len() > total.versions.len() {
+                total.versions = r.versions;
+            }
+        }
+        total.seconds = t0.elapsed().as_secs_f64();
+        total
+    })
+}
+
+/// One GET over a kept-alive connection.
+fn get_keep_alive(addr: SocketAddr, conn: &mut Option<TcpStream>) -> std::io::Result<String> {
+    for attempt in 0..2 {
+        let reused = conn.is_some();
+        if conn.is_none() {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_nodelay(true)?;
+            *conn = Some(s);
+        }
+        let s = conn.as_mut().unwrap();
+        let sent = write!(s, "GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        match sent.and_then(|_| read_response(s)) {
+            Ok((code, body, close)) => {
+                if close {
+                    *conn = None;
+                }
+                if code != 200 {
+                    return Err(std::io::Error::other(format!("status {code}: {body}")));
+                }
+                return Ok(body);
+            }
+            // The server closed an idle kept-alive connection before answering: retry once
+            // on a new connection (RFC 9112 9.3.1), as HTTP clients do.
+            Err(e) if reused && attempt == 0 && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                *conn = None;
+            }
+            Err(e) => {
+                *conn = None;
+                return Err(e);
+            }
+        }
+    }
+    Err(std::io::Error::other("retry failed"))
+}
+
+/// Read one HTTP/1.1 response with a Content-Length; (status, body, connection closing).
+fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, bool)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                if head.is_empty() { "closed before any answer" } else { "closed mid-answer" },
+            ));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let close = head.contains("connection: close");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned(), close))
+}

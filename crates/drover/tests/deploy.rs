@@ -1,0 +1,154 @@
+//! End to end: deploys by replacement under load, a broken version reverted, a server crash
+//! mid-rollout. Real binary, real processes, real sockets.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The example fleet tuned for tests: quick health, short drain, a version that crashes.
+fn test_fleet(ingress: u16, block: u8, desired: u32) -> String {
+    fleet_text(ingress, block, desired)
+        .replace("min_healthy_time = \"2s\"", "min_healthy_time = \"1s\"")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"2s\"")
+        .replace("healthy_deadline = \"30s\"", "healthy_deadline = \"8s\"")
+        .replace(
+            "\"--message\", \"hello from web {version}\"]",
+            "\"--message\", \"hello from web {version}\", \"--crash-on-versions\", \"broken\"]",
+        )
+}
+
+fn wait_generation_everywhere(up: &Up, generation: u64, n: usize, timeout: Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = up.status() {
+            let g = &s.groups[0];
+            let on = g
+                .instances
+                .iter()
+                .filter(|i| i.generation == generation && i.in_rotation)
+                .count();
+            if g.instances.len() == n && on == n {
+                return;
+            }
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "not all {n} instances on generation {generation}: {:#?}",
+            up.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn deploys_v1_v2_v3_under_load_with_zero_failed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    let up = Up::start(dir.path(), &test_fleet(ing, subnet(), 3), api, ing);
+    up.wait_healthy(3, Duration::from_secs(10));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let closing = load(up.ingress, 2, false, stop.clone());
+    let keep_alive = load(up.ingress, 2, true, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+
+    for (version, generation) in [("v2", 2), ("v3", 3)] {
+        let (code, out, err) = up.cli(&["deploy", "web", "app", version, "--wait", "--timeout", "2m"]);
+        assert_eq!(code, 0, "deploy {version}: {out}{err}");
+        assert!(out.contains("done in"), "a summary: {out}");
+        wait_generation_everywhere(&up, generation, 3, Duration::from_secs(5));
+    }
+    // Rollback on demand: back to the versions of the previous revision (v2).
+    let (code, out, err) = up.cli(&["rollback", "web", "--wait", "--timeout", "2m"]);
+    assert_eq!(code, 0, "rollback: {out}{err}");
+    assert!(out.contains("\"v3\" -> \"v2\""), "{out}");
+    wait_generation_everywhere(&up, 4, 3, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let closing = closing.join().unwrap();
+    let keep_alive = keep_alive.join().unwrap();
+    eprintln!(
+        "without keep-alive: {} ok, {} failed, {:.0} req/s; with keep-alive: {} ok, {} failed, {:.0} req/s",
+        closing.ok,
+        closing.failed,
+        closing.rate(),
+        keep_alive.ok,
+        keep_alive.failed,
+        keep_alive.rate()
+    );
+    for (name, r) in [("without keep-alive", &closing), ("with keep-alive", &keep_alive)] {
+        assert_eq!(r.failed, 0, "{name}: failed requests: {:?}", r.errors);
+        assert!(r.rate() >= 100.0, "{name}: at least 100 req/s each (200 in all): {:.0}", r.rate());
+        let mut first_seen: Vec<&str> = Vec::new();
+        for v in &r.versions {
+            if !first_seen.contains(&v.as_str()) {
+                first_seen.push(v);
+            }
+        }
+        assert_eq!(first_seen, ["v1", "v2", "v3"], "{name}: v1 first, then a mix, then v2, then v3");
+        assert_eq!(r.versions.last().map(String::as_str), Some("v2"), "{name}: only v2 after the rollback");
+    }
+    // Every replacement went through a permit; the story is in the events.
+    let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
+    let permits: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
+    assert_eq!(permits.len(), 9, "3 instances replaced three times, each with a permit");
+    let (_, ev, _) = up.cli(&["events", "--kind", "lost", "--json"]);
+    assert_eq!(ev.trim(), "[]", "no instance was lost: {ev}");
+    let (_, hist, _) = up.cli(&["history"]);
+    assert!(hist.contains("deploy web app v3"), "{hist}");
+    assert!(hist.contains("rollback web"), "{hist}");
+}
+
+#[test]
+fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    let up = Up::start(dir.path(), &test_fleet(ing, subnet(), 3), api, ing);
+    up.wait_healthy(3, Duration::from_secs(10));
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(up.ingress, 2, false, stop.clone());
+
+    // Watch the floor while the broken deploy runs.
+    let watcher = {
+        let stop = stop.clone();
+        let api = up.api;
+        std::thread::spawn(move || {
+            let mut min_in_rotation = usize::MAX;
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((200, body)) = http(api, "GET", "/v1/status", None) {
+                    let s: drover_model::api::FleetStatus = serde_json::from_str(&body).unwrap();
+                    let n = s.groups[0].instances.iter().filter(|i| i.in_rotation).count();
+                    min_in_rotation = min_in_rotation.min(n);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            min_in_rotation
+        })
+    };
+    let t0 = Instant::now();
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "broken", "--wait", "--timeout", "2m"]);
+    assert_eq!(code, 1, "a failed deploy exits 1: {out}{err}");
+    assert!(err.contains("failed"), "{err}");
+    assert!(err.contains("healthy_deadline"), "says why: {err}");
+    eprintln!("broken deploy reported failed after {:?}", t0.elapsed());
+    // auto_revert: generation 3 runs v1 again, and every instance ends up on it.
+    wait_generation_everywhere(&up, 3, 3, Duration::from_secs(60));
+    stop.store(true, Ordering::SeqCst);
+    let r = traffic.join().unwrap();
+    let floor = watcher.join().unwrap();
+    assert_eq!(r.failed, 0, "the service never stopped answering: {:?}", r.errors);
+    assert_eq!(floor, 3, "never below desired - max_unavailable = 3 in rotation");
+    assert_eq!(r.versions, ["v1"], "no answer ever came from the broken version");
+    let s = up.status().unwrap();
+    assert_eq!(s.groups[0].versions, "app=v1");
+    assert_eq!(s.groups[0].rollout.reverted_from, 2);
+    let (_, ev, _) = up.cli(&["events", "--kind", "rollout"]);
+    assert!(ev.contains("generation 2 failed"), "{ev}");
+    assert!(ev.contains("going back to generation 1"), "{ev}");
+    let (_, hist, _) = up.cli(&["history"]);
+    assert!(hist.contains("automatic revert"), "{hist}");
+}
