@@ -346,7 +346,14 @@ fn get_keep_alive(addr: SocketAddr, conn: &mut Option<TcpStream>) -> std::io::Re
             }
             // The server closed an idle kept-alive connection before answering: retry once
             // on a new connection (RFC 9112 9.3.1), as HTTP clients do.
-            Err(e) if reused && attempt == 0 && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(e)
+                if reused
+                    && attempt == 0
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    ) =>
+            {
                 *conn = None;
             }
             Err(e) => {

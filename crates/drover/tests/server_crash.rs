@@ -1,0 +1,147 @@
+//! End to end: `drover server` killed with SIGKILL in the middle of a rollout. Instances keep
+//! running without it; after a restart the rollout resumes from stored state, hands out no
+//! extra permit and never takes the group below its floor.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn start_server(dir: &std::path::Path, api: u16) -> Child {
+    Command::new(BIN)
+        .args(["server", "--listen", &format!("127.0.0.1:{api}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("server-{}.err", api))).unwrap())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+use std::os::unix::process::CommandExt;
+
+#[test]
+fn a_rollout_survives_a_server_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    let text = fleet_text(ing, subnet(), 3)
+        .replace("min_healthy_time = \"2s\"", "min_healthy_time = \"3s\"")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"1s\"");
+    std::fs::write(dir.path().join("drover.toml"), &text).unwrap();
+    let _cleanup = KillAgents(dir.path().to_path_buf());
+    let mut server = start_server(dir.path(), api);
+    // A handle for the CLI and status (not owning the process).
+    let up = Up {
+        child: Command::new("true").spawn().unwrap(),
+        dir: dir.path().to_path_buf(),
+        api: format!("127.0.0.1:{api}").parse().unwrap(),
+        ingress: format!("127.0.0.1:{ing}").parse().unwrap(),
+        file: dir.path().join("drover.toml"),
+    };
+    let t0 = Instant::now();
+    loop {
+        let (code, out, err) = up.cli(&["apply", "drover.toml"]);
+        if code == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "apply: {out}{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    up.wait_healthy(3, Duration::from_secs(10));
+    // Let the first rollout finish so generation 1 is the known good one.
+    std::thread::sleep(Duration::from_secs(4));
+
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Wait for the first permit, then kill the server mid-rollout.
+    let t0 = Instant::now();
+    loop {
+        let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
+        let n = serde_json::from_str::<Vec<drover_model::Event>>(&ev).map(|v| v.len()).unwrap_or(0);
+        if n >= 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no permit yet");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = up.status().unwrap();
+    unsafe { libc::kill(server.id() as i32, libc::SIGKILL) };
+    server.wait().unwrap();
+
+    // Static stability: every instance keeps serving on its own address without the server.
+    let serving: Vec<std::net::SocketAddr> = before.groups[0]
+        .instances
+        .iter()
+        .filter(|i| i.state == drover_model::api::InstanceState::Healthy)
+        .map(|i| format!("{}:8080", i.addr).parse().unwrap())
+        .collect();
+    assert!(serving.len() >= 3, "{before:#?}");
+    std::thread::sleep(Duration::from_millis(500));
+    for a in &serving {
+        assert!(get(*a).is_ok(), "{a} stopped serving when the server died");
+    }
+
+    // Restart: the rollout resumes and completes.
+    let mut server = start_server(dir.path(), api);
+    let t0 = Instant::now();
+    let mut min_in_rotation = usize::MAX;
+    let mut seen_status = false;
+    loop {
+        if let Some(s) = up.status() {
+            let g = &s.groups[0];
+            let n = g.instances.iter().filter(|i| i.in_rotation).count();
+            // Right after a restart nothing is known yet; count once every instance reported.
+            if g.instances.iter().all(|i| i.last_heartbeat_ms.is_some()) {
+                seen_status = true;
+            }
+            if seen_status {
+                min_in_rotation = min_in_rotation.min(n);
+            }
+            if g.generation == 2
+                && g.instances.len() == 3
+                && g.instances.iter().all(|i| i.generation == 2 && i.in_rotation)
+            {
+                break;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "rollout did not resume: {:#?}", up.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
+    let permits: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
+    assert_eq!(permits.len(), 3, "exactly one permit per replaced instance: {permits:#?}");
+    let (_, ev, _) = up.cli(&["events", "--kind", "terminating", "--json"]);
+    let forced: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
+    assert!(forced.is_empty(), "no instance was terminated without its permit: {forced:#?}");
+    assert!(seen_status);
+    assert!(min_in_rotation >= 3, "never below the floor (3) once instances reported: {min_in_rotation}");
+    let (_, ev, _) = up.cli(&["events", "--kind", "rollout"]);
+    assert!(ev.contains("rollout to generation 2"), "{ev}");
+
+    // Stop the server; instances outlive it by design and are stopped by the guard.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    server.wait().unwrap();
+}
+
+/// Stops the agents this test's servers started (they outlive `drover server` by design),
+/// by the pids in their pid files, even when the test fails.
+struct KillAgents(std::path::PathBuf);
+
+impl Drop for KillAgents {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join("data/instances")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Ok(p) = std::fs::read_to_string(e.path().join("agent.pid")) {
+                if let Ok(pid) = p.trim().parse::<i32>() {
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
+    }
+}
