@@ -44,8 +44,12 @@ pub enum Health {
     Unknown,
     /// Reporting, not healthy yet (booting).
     Starting,
-    Healthy { since_ms: u64 },
-    Unhealthy { since_ms: u64 },
+    Healthy {
+        since_ms: u64,
+    },
+    Unhealthy {
+        since_ms: u64,
+    },
 }
 
 /// What the controller must know about an instance.
@@ -151,7 +155,10 @@ pub fn reconcile(
     }
 
     for spec in groups {
-        let list = by_group.get(spec.group.as_str()).cloned().unwrap_or_default();
+        let list = by_group
+            .get(spec.group.as_str())
+            .cloned()
+            .unwrap_or_default();
         reconcile_group(now, spec, &list, timing, &mut d);
     }
     d.actions.sort();
@@ -199,7 +206,8 @@ fn reconcile_group(
 
     let ready = |i: &InstanceView| match i.health {
         Health::Healthy { since_ms } => {
-            fresh_heartbeat(i, now, t) && now.saturating_sub(since_ms) >= r.min_healthy_time.as_millis()
+            fresh_heartbeat(i, now, t)
+                && now.saturating_sub(since_ms) >= r.min_healthy_time.as_millis()
         }
         _ => false,
     };
@@ -265,8 +273,7 @@ fn reconcile_group(
 
     // 4. Permits for stale instances, never taking healthy capacity below the floor.
     //    Fresh instances count as healthy only once ready (healthy for min_healthy_time).
-    let mut healthy_count =
-        ready_fresh + stale.iter().filter(|i| healthy(i)).count();
+    let mut healthy_count = ready_fresh + stale.iter().filter(|i| healthy(i)).count();
     // Unhealthy ones first (they cost nothing), then the oldest generation, then the oldest launch.
     stale.sort_by_key(|i| (healthy(i), i.generation, i.launched_at_ms, i.id.clone()));
     let mut remaining_stale = stale.len();
@@ -299,7 +306,13 @@ fn reconcile_group(
     if stale.is_empty() && fresh.len() > desired {
         let mut extra: Vec<&&InstanceView> = fresh.iter().collect();
         // Unhealthy first, then the newest.
-        extra.sort_by_key(|i| (healthy(i), std::cmp::Reverse(i.launched_at_ms), i.id.clone()));
+        extra.sort_by_key(|i| {
+            (
+                healthy(i),
+                std::cmp::Reverse(i.launched_at_ms),
+                i.id.clone(),
+            )
+        });
         for i in extra.into_iter().take(fresh.len() - desired) {
             d.actions.push(Action::Permit {
                 instance: i.id.clone(),

@@ -132,7 +132,10 @@ mod tests {
         assert_eq!("30s".parse::<Dur>().unwrap(), Dur::from_secs(30));
         assert_eq!("5m".parse::<Dur>().unwrap(), Dur::from_secs(300));
         assert_eq!("1h30m".parse::<Dur>().unwrap(), Dur::from_secs(5400));
-        assert_eq!("1m30s250ms".parse::<Dur>().unwrap(), Dur::from_millis(90_250));
+        assert_eq!(
+            "1m30s250ms".parse::<Dur>().unwrap(),
+            Dur::from_millis(90_250)
+        );
         assert_eq!("0".parse::<Dur>().unwrap(), Dur::from_millis(0));
     }
 

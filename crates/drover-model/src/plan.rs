@@ -70,9 +70,8 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
         .iter()
         .map(|(name, c)| {
             let version = c.version.clone();
-            let v = |t: &str| {
-                subst::render_partial(t, |n| (n == "version").then(|| version.clone()))
-            };
+            let v =
+                |t: &str| subst::render_partial(t, |n| (n == "version").then(|| version.clone()));
             PlanComponent {
                 name: name.clone(),
                 runtime: c.runtime,

@@ -48,7 +48,9 @@ pub fn check_placeholders(text: &str, ports: &[&str]) -> Result<(), SubstError> 
     for piece in pieces(text)? {
         if let Piece::Var(name) = piece {
             let known = matches!(name, "version" | "addr" | "instance" | "dir" | "drover")
-                || name.strip_prefix("port.").is_some_and(|p| ports.contains(&p));
+                || name
+                    .strip_prefix("port.")
+                    .is_some_and(|p| ports.contains(&p));
             if !known {
                 return Err(SubstError::Unknown {
                     name: name.to_string(),

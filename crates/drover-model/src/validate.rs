@@ -51,10 +51,7 @@ pub fn parse_fleet(text: &str, file: &str) -> Result<Fleet, FleetErrors> {
     let fleet: Fleet = match toml::from_str(text) {
         Ok(f) => f,
         Err(e) => {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             let field = syntax_field(text, e.span());
             return Err(FleetErrors(vec![FleetError {
                 file: file.to_string(),
@@ -218,7 +215,10 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
     if !valid_name(&fleet.fleet.name) {
         out.push(p(
             &["fleet", "name"],
-            format!("{:?} is not a valid fleet name; {NAME_RULE}", fleet.fleet.name),
+            format!(
+                "{:?} is not a valid fleet name; {NAME_RULE}",
+                fleet.fleet.name
+            ),
         ));
     }
     if fleet.regions.is_empty() {
@@ -258,7 +258,10 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
         }
     }
     if fleet.services.is_empty() {
-        out.push(p(&["services"], "no services declared; add [services.NAME]"));
+        out.push(p(
+            &["services"],
+            "no services declared; add [services.NAME]",
+        ));
     }
     let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
     for (sname, svc) in &fleet.services {
@@ -331,7 +334,10 @@ fn check_service(
     if c.max > MAX_GROUP_SIZE {
         out.push(p(
             &["services", s, "capacity", "max"],
-            format!("max = {} is above the limit of {MAX_GROUP_SIZE} instances per group", c.max),
+            format!(
+                "max = {} is above the limit of {MAX_GROUP_SIZE} instances per group",
+                c.max
+            ),
         ));
     }
     let r = &svc.rollout;
@@ -434,7 +440,10 @@ fn check_service(
                 ));
             }
             if a.url.trim().is_empty() {
-                out.push(p(&join(&base, &["artifact", "url"]), "artifact url is empty"));
+                out.push(p(
+                    &join(&base, &["artifact", "url"]),
+                    "artifact url is empty",
+                ));
             } else if a.url.contains("://")
                 && !(a.url.starts_with("http://")
                     || a.url.starts_with("https://")
@@ -489,10 +498,9 @@ fn check_service(
                         &join(&base, &["health"]),
                         "an http health check needs path = \"/...\"",
                     )),
-                    Some(path) if !path.starts_with('/') => out.push(p(
-                        &hp("path"),
-                        format!("path {path:?} must start with '/'"),
-                    )),
+                    Some(path) if !path.starts_with('/') => {
+                        out.push(p(&hp("path"), format!("path {path:?} must start with '/'")))
+                    }
                     Some(_) => {}
                 }
             }
@@ -603,7 +611,10 @@ fn check_service(
                 if owners.is_empty() {
                     out.push(p(
                         &["services", s, "ingress", "port"],
-                        format!("no component of this service has a port named {:?}", ing.port),
+                        format!(
+                            "no component of this service has a port named {:?}",
+                            ing.port
+                        ),
                     ));
                 } else if owners.len() > 1 {
                     out.push(p(

@@ -53,7 +53,11 @@ fn every_example_fleet_file_parses() {
             seen += 1;
         }
     }
-    assert!(seen >= 1, "no example fleet files found under {}", root.display());
+    assert!(
+        seen >= 1,
+        "no example fleet files found under {}",
+        root.display()
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -86,7 +90,10 @@ fn good_file_parses_with_defaults() {
 
 #[test]
 fn unknown_key_is_located() {
-    let e = one(&bad("version = \"v1\"", "version = \"v1\"\nverison = \"v2\""));
+    let e = one(&bad(
+        "version = \"v1\"",
+        "version = \"v1\"\nverison = \"v2\"",
+    ));
     assert_eq!((e.line, e.column), (15, 1), "{e}");
     assert!(e.message.contains("unknown field `verison`"), "{e}");
     assert!(e.message.contains("`version`"), "lists allowed keys: {e}");
@@ -117,16 +124,25 @@ fn duplicate_ports() {
 
 #[test]
 fn unknown_region() {
-    let e = one(&bad("regions = [\"local\"]", "regions = [\"local\", \"moon\"]"));
+    let e = one(&bad(
+        "regions = [\"local\"]",
+        "regions = [\"local\", \"moon\"]",
+    ));
     assert_eq!(e.field, "services.web.regions.1");
     assert!(e.message.contains("unknown region \"moon\""), "{e}");
-    assert!(e.message.contains("\"local\""), "names the declared ones: {e}");
+    assert!(
+        e.message.contains("\"local\""),
+        "names the declared ones: {e}"
+    );
     assert_eq!((e.line, e.column), (8, 21));
 }
 
 #[test]
 fn bad_duration() {
-    let e = one(&bad("path = \"/healthz\"", "path = \"/healthz\", interval = \"5 minutes\""));
+    let e = one(&bad(
+        "path = \"/healthz\"",
+        "path = \"/healthz\", interval = \"5 minutes\"",
+    ));
     assert!(e.message.contains("invalid duration \"5 minutes\""), "{e}");
     assert!(e.message.contains("30s"), "says what is allowed: {e}");
     assert_eq!(e.line, 18);
@@ -161,7 +177,10 @@ fn health_port_must_exist_and_placeholders_known() {
 
 #[test]
 fn ingress_checks() {
-    let e = one(&bad("listen = \"127.0.0.1:8080\"", "listen = \"localhost\""));
+    let e = one(&bad(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"localhost\"",
+    ));
     assert_eq!(e.field, "services.web.ingress.listen");
     let e = one(&bad("port = \"http\" }\n", "port = \"grpc\" }\n"));
     assert_eq!(e.field, "services.web.ingress.port");

@@ -49,7 +49,11 @@ pub trait Provider: Send + Sync {
     fn kind(&self) -> &'static str;
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Launched, ProviderError>>;
     /// Ask the instance to stop (gracefully, then forcibly after `grace`). Returns at once.
-    fn terminate(&self, instance: &str, grace: Duration) -> BoxFuture<'_, Result<(), ProviderError>>;
+    fn terminate(
+        &self,
+        instance: &str,
+        grace: Duration,
+    ) -> BoxFuture<'_, Result<(), ProviderError>>;
     /// Whether the provider still sees the instance.
     fn alive(&self, instance: &str) -> bool;
     /// After a server restart: take back a still-running instance. False if it is gone.

@@ -119,7 +119,10 @@ impl LocalProvider {
             }
         }
         let mut child = cmd.spawn().map_err(|e| {
-            ProviderError::Launch(format!("cannot start {}: {e}", self.cfg.drover_bin.display()))
+            ProviderError::Launch(format!(
+                "cannot start {}: {e}",
+                self.cfg.drover_bin.display()
+            ))
         })?;
         let pid = child.id().unwrap_or_default();
         let _ = std::fs::write(dir.join("agent.pid"), pid.to_string());
@@ -176,8 +179,17 @@ impl Provider for LocalProvider {
         Box::pin(async move { self.spawn(req) })
     }
 
-    fn terminate(&self, instance: &str, grace: Duration) -> BoxFuture<'_, Result<(), ProviderError>> {
-        let pid = self.agents.lock().expect("agents lock").get(instance).copied();
+    fn terminate(
+        &self,
+        instance: &str,
+        grace: Duration,
+    ) -> BoxFuture<'_, Result<(), ProviderError>> {
+        let pid = self
+            .agents
+            .lock()
+            .expect("agents lock")
+            .get(instance)
+            .copied();
         let agents = self.agents.clone();
         let instance = instance.to_string();
         Box::pin(async move {
@@ -202,7 +214,10 @@ impl Provider for LocalProvider {
     }
 
     fn alive(&self, instance: &str) -> bool {
-        self.agents.lock().expect("agents lock").contains_key(instance)
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .contains_key(instance)
     }
 
     fn adopt(&self, instance: &str) -> bool {
@@ -239,7 +254,13 @@ impl Provider for LocalProvider {
 
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let pids: Vec<u32> = self.agents.lock().expect("agents lock").values().copied().collect();
+            let pids: Vec<u32> = self
+                .agents
+                .lock()
+                .expect("agents lock")
+                .values()
+                .copied()
+                .collect();
             for pid in &pids {
                 signal_group(*pid, libc::SIGTERM);
             }
@@ -249,7 +270,13 @@ impl Provider for LocalProvider {
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let left: Vec<u32> = self.agents.lock().expect("agents lock").values().copied().collect();
+            let left: Vec<u32> = self
+                .agents
+                .lock()
+                .expect("agents lock")
+                .values()
+                .copied()
+                .collect();
             for pid in left {
                 signal_group(pid, libc::SIGKILL);
             }
@@ -272,7 +299,9 @@ fn read_pid(path: &Path) -> Option<u32> {
 fn is_our_agent(pid: u32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    cmdline.contains(" agent ") && cmdline.contains(&dir.display().to_string()) && process_running(pid)
+    cmdline.contains(" agent ")
+        && cmdline.contains(&dir.display().to_string())
+        && process_running(pid)
 }
 
 /// Whether a process exists and is not a zombie.

@@ -26,7 +26,10 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
-        .route("/v1/health", get(|| async { Json(serde_json::json!({"ok": true})) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
         .route("/v1/apply", post(apply))
         .route("/v1/revisions", get(revisions))
         .route("/v1/revisions/{number}", get(revision))
@@ -39,9 +42,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/agent/connections", get(connections))
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ServerError::NotFound("no such endpoint; see docs/api.md".into())
-        })
+        .fallback(|| async { ServerError::NotFound("no such endpoint; see docs/api.md".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(engine)
 }
@@ -125,9 +126,8 @@ async fn connections(
     State(e): State<Arc<Engine>>,
     query: Result<Query<InstanceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
-    let Query(q) = query.map_err(|r| {
-        ServerError::BadRequest(format!("{}; parameters: instance", r.body_text()))
-    })?;
+    let Query(q) = query
+        .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
     Ok(Json(ConnectionsReply {
         open: e.connections(&q.instance)?,
     })
@@ -142,9 +142,9 @@ async fn revision(
     State(e): State<Arc<Engine>>,
     Path(number): Path<String>,
 ) -> Result<Response, ServerError> {
-    let n: u64 = number.parse().map_err(|_| {
-        ServerError::BadRequest(format!("revision {number:?} is not a number"))
-    })?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| ServerError::BadRequest(format!("revision {number:?} is not a number")))?;
     match e.store.revision(n)? {
         Some(r) => Ok(Json(r).into_response()),
         None => Err(ServerError::NotFound(format!(
@@ -190,7 +190,10 @@ async fn events(
     };
     let filter = EventFilter {
         after_seq: q.after,
-        limit: q.limit.unwrap_or(if q.follow { 1000 } else { 10_000 }).min(100_000),
+        limit: q
+            .limit
+            .unwrap_or(if q.follow { 1000 } else { 10_000 })
+            .min(100_000),
         group: q.group.clone(),
         instance: q.instance.clone(),
         kind,
@@ -211,8 +214,14 @@ async fn events(
                         continue;
                     }
                     last = ev.seq;
-                    let keep = filter.group.as_ref().is_none_or(|g| ev.group.as_ref() == Some(g))
-                        && filter.instance.as_ref().is_none_or(|i| ev.instance.as_ref() == Some(i))
+                    let keep = filter
+                        .group
+                        .as_ref()
+                        .is_none_or(|g| ev.group.as_ref() == Some(g))
+                        && filter
+                            .instance
+                            .as_ref()
+                            .is_none_or(|i| ev.instance.as_ref() == Some(i))
                         && filter.kind.is_none_or(|k| ev.kind == k);
                     if keep && tx.send(line(ev)).await.is_err() {
                         break;
@@ -278,11 +287,19 @@ async fn metrics(State(e): State<Arc<Engine>>) -> Response {
     let stats = e.balancer_stats();
     let _ = writeln!(out, "# TYPE drover_lb_connections_total counter");
     for s in &stats {
-        let _ = writeln!(out, "drover_lb_connections_total{{listener=\"{}\"}} {}", s.name, s.accepted);
+        let _ = writeln!(
+            out,
+            "drover_lb_connections_total{{listener=\"{}\"}} {}",
+            s.name, s.accepted
+        );
     }
     let _ = writeln!(out, "# TYPE drover_lb_active_connections gauge");
     for s in &stats {
-        let _ = writeln!(out, "drover_lb_active_connections{{listener=\"{}\"}} {}", s.name, s.active);
+        let _ = writeln!(
+            out,
+            "drover_lb_active_connections{{listener=\"{}\"}} {}",
+            s.name, s.active
+        );
         for t in &s.targets {
             let _ = writeln!(
                 out,
@@ -303,8 +320,16 @@ async fn metrics(State(e): State<Arc<Engine>>) -> Response {
     }
     let _ = writeln!(out, "# TYPE drover_lb_bytes_total counter");
     for s in &stats {
-        let _ = writeln!(out, "drover_lb_bytes_total{{listener=\"{}\",direction=\"in\"}} {}", s.name, s.bytes_in);
-        let _ = writeln!(out, "drover_lb_bytes_total{{listener=\"{}\",direction=\"out\"}} {}", s.name, s.bytes_out);
+        let _ = writeln!(
+            out,
+            "drover_lb_bytes_total{{listener=\"{}\",direction=\"in\"}} {}",
+            s.name, s.bytes_in
+        );
+        let _ = writeln!(
+            out,
+            "drover_lb_bytes_total{{listener=\"{}\",direction=\"out\"}} {}",
+            s.name, s.bytes_out
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

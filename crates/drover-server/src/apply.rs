@@ -60,10 +60,7 @@ impl Engine {
             &req.service,
             &[(req.component.clone(), req.version.clone())],
         )?;
-        let why = format!(
-            "deploy {} {} {}",
-            req.service, req.component, req.version
-        );
+        let why = format!("deploy {} {} {}", req.service, req.component, req.version);
         self.apply_locked(
             ApplyRequest {
                 file: rev.file.clone(),
@@ -237,9 +234,7 @@ impl Engine {
                             })
                             .unwrap_or(0),
                         reverted_from: match &origin {
-                            Origin::AutoRevert { failed } => {
-                                failed.get(&gid).copied().unwrap_or(0)
-                            }
+                            Origin::AutoRevert { failed } => failed.get(&gid).copied().unwrap_or(0),
                             _ => 0,
                         },
                         failed_generation: old
@@ -302,7 +297,8 @@ impl Engine {
                         );
                     }
                 }
-                let (provider, ingress) = crate::engine::provider_and_ingress(&fleet, sname, region);
+                let (provider, ingress) =
+                    crate::engine::provider_and_ingress(&fleet, sname, region);
                 new_groups.insert(
                     gid.clone(),
                     Group {

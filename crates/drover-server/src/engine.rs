@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use drover_control::{Action, Health, Timing};
 use drover_lb::{Listener, ListenerConfig, Target};
-use drover_model::api::{
-    FleetStatus, Heartbeat, HeartbeatReply, Revision,
-};
+use drover_model::api::{FleetStatus, Heartbeat, HeartbeatReply, Revision};
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
@@ -70,11 +68,8 @@ impl Engine {
                 }
             }
         }
-        let plans: BTreeMap<String, Plan> = snap
-            .plans
-            .into_iter()
-            .map(|p| (p.group().0, p))
-            .collect();
+        let plans: BTreeMap<String, Plan> =
+            snap.plans.into_iter().map(|p| (p.group().0, p)).collect();
         for rec in snap.groups {
             let Some(plan) = plans.get(&rec.group).cloned() else {
                 continue;
@@ -119,7 +114,11 @@ impl Engine {
     }
 
     fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
-        self.providers.lock().expect("providers lock").get(region).cloned()
+        self.providers
+            .lock()
+            .expect("providers lock")
+            .get(region)
+            .cloned()
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
@@ -127,7 +126,10 @@ impl Engine {
     }
 
     /// Commit writes and publish the events they carry.
-    pub(crate) fn commit(&self, writes: Vec<Write>) -> Result<drover_store::Committed, ServerError> {
+    pub(crate) fn commit(
+        &self,
+        writes: Vec<Write>,
+    ) -> Result<drover_store::Committed, ServerError> {
         let c = self.store.commit(writes, now_ms())?;
         for e in &c.events {
             tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
@@ -160,7 +162,11 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) async fn ensure_ingress(&self, group: &str, addr: SocketAddr) -> Result<(), ServerError> {
+    pub(crate) async fn ensure_ingress(
+        &self,
+        group: &str,
+        addr: SocketAddr,
+    ) -> Result<(), ServerError> {
         if let Some(i) = self.ingresses.lock().expect("ingress lock").get(group) {
             if i.listener.local_addr() == addr || addr.port() == 0 {
                 return Ok(());
@@ -181,10 +187,13 @@ impl Engine {
                 "cannot open the ingress of {group} on {addr}: {e}; is another program (or another drover) listening there? Change `ingress.listen` or stop that program"
             ))
         })?;
-        self.ingresses
-            .lock()
-            .expect("ingress lock")
-            .insert(group.to_string(), Ingress { listener, targets: tx });
+        self.ingresses.lock().expect("ingress lock").insert(
+            group.to_string(),
+            Ingress {
+                listener,
+                targets: tx,
+            },
+        );
         Ok(())
     }
 
@@ -332,7 +341,10 @@ impl Engine {
                 if st.targets.get(&group) == Some(&ids) {
                     continue;
                 }
-                let port = st.groups.get(&group).and_then(|g| g.ingress.map(|(_, p)| p));
+                let port = st
+                    .groups
+                    .get(&group)
+                    .and_then(|g| g.ingress.map(|(_, p)| p));
                 if let Some(port) = port {
                     let list: Vec<Target> = ids
                         .iter()
@@ -366,18 +378,32 @@ impl Engine {
         match action {
             Action::Launch { group, generation } => self.launch(&group, generation, now).await,
             Action::Forget { instance, reason } => {
-                let rec = self.state().instances.get(&instance).map(|i| i.record.clone());
+                let rec = self
+                    .state()
+                    .instances
+                    .get(&instance)
+                    .map(|i| i.record.clone());
                 let Some(rec) = rec else { return Ok(()) };
                 let (kind, msg) = match rec.lifecycle {
-                    Lifecycle::Active => (EventKind::Lost, format!("lost: {reason}; it will be replaced")),
+                    Lifecycle::Active => (
+                        EventKind::Lost,
+                        format!("lost: {reason}; it will be replaced"),
+                    ),
                     _ => (EventKind::Terminated, "terminated".to_string()),
                 };
                 self.commit(vec![
                     Write::RemoveInstance(instance.clone()),
-                    Write::Event(NewEvent::new(kind, msg).group(&rec.group).instance(&instance)),
+                    Write::Event(
+                        NewEvent::new(kind, msg)
+                            .group(&rec.group)
+                            .instance(&instance),
+                    ),
                 ])?;
                 let mut st = self.state();
-                let never_healthy = st.instances.remove(&instance).is_some_and(|i| !i.soft.ever_healthy);
+                let never_healthy = st
+                    .instances
+                    .remove(&instance)
+                    .is_some_and(|i| !i.soft.ever_healthy);
                 if never_healthy && rec.lifecycle == Lifecycle::Active {
                     let n = st.launch_failed(&rec.group, now);
                     tracing::warn!(group = %rec.group, failures = n, "instance ended before turning healthy; backing off launches");
@@ -387,12 +413,17 @@ impl Engine {
             Action::Terminate { instance, reason } => {
                 {
                     let mut st = self.state();
-                    let failed = st.instances.get(&instance).filter(|i| !i.soft.ever_healthy).map(|i| i.record.group.clone());
+                    let failed = st
+                        .instances
+                        .get(&instance)
+                        .filter(|i| !i.soft.ever_healthy)
+                        .map(|i| i.record.group.clone());
                     if let Some(g) = failed {
                         st.launch_failed(&g, now);
                     }
                 }
-                self.terminate(&instance, &format!("replacing it: {reason}")).await
+                self.terminate(&instance, &format!("replacing it: {reason}"))
+                    .await
             }
             Action::Permit { instance, reason } => {
                 let rec = self.set_lifecycle(
@@ -608,7 +639,11 @@ impl Engine {
         };
         self.commit(vec![
             Write::Instance(rec.clone()),
-            Write::Event(NewEvent::new(kind, message).group(&rec.group).instance(instance)),
+            Write::Event(
+                NewEvent::new(kind, message)
+                    .group(&rec.group)
+                    .instance(instance),
+            ),
         ])?;
         if let Some(i) = self.state().instances.get_mut(instance) {
             i.record = rec.clone();
@@ -617,7 +652,14 @@ impl Engine {
     }
 
     async fn terminate(&self, instance: &str, why: &str) -> Result<(), ServerError> {
-        let Some(rec) = self.set_lifecycle(instance, Lifecycle::Terminating, None, EventKind::Terminating, &format!("terminating: {why}"))? else {
+        let Some(rec) = self.set_lifecycle(
+            instance,
+            Lifecycle::Terminating,
+            None,
+            EventKind::Terminating,
+            &format!("terminating: {why}"),
+        )?
+        else {
             return Ok(());
         };
         let grace = self.stop_grace(&rec.group);
@@ -630,7 +672,9 @@ impl Engine {
     async fn launch(&self, group: &str, generation: u64, now: u64) -> Result<(), ServerError> {
         let (plan, seq) = {
             let mut st = self.state();
-            let Some(g) = st.groups.get(group) else { return Ok(()) };
+            let Some(g) = st.groups.get(group) else {
+                return Ok(());
+            };
             if g.record.generation != generation {
                 return Ok(());
             }
@@ -711,7 +755,12 @@ impl Engine {
     }
 
     /// The controller loop: a tick every `period`, or sooner when woken.
-    pub async fn run(self: Arc<Self>, period: Duration, mut exits: mpsc::UnboundedReceiver<Exit>, stop: tokio_util::sync::CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        period: Duration,
+        mut exits: mpsc::UnboundedReceiver<Exit>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         loop {
             while let Ok(exit) = exits.try_recv() {
                 self.exited(exit);
@@ -728,8 +777,13 @@ impl Engine {
 
     /// Stop every instance (if `stop_instances`) and close the listeners.
     pub async fn shutdown(&self, grace: Duration, stop_instances: bool) {
-        let providers: Vec<Arc<dyn Provider>> =
-            self.providers.lock().expect("providers lock").values().cloned().collect();
+        let providers: Vec<Arc<dyn Provider>> = self
+            .providers
+            .lock()
+            .expect("providers lock")
+            .values()
+            .cloned()
+            .collect();
         if stop_instances {
             for p in providers {
                 p.shutdown(grace).await;

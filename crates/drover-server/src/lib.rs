@@ -89,15 +89,17 @@ impl Server {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| ServerError::Io(cfg.data_dir.display().to_string(), e))?;
         let store: Box<dyn Store> = Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?);
-        let api = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| {
-            ServerError::Io(
-                format!(
-                    "cannot listen on {} for the API (is another drover running? use --listen)",
-                    cfg.listen
-                ),
-                e,
-            )
-        })?;
+        let api = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| {
+                ServerError::Io(
+                    format!(
+                        "cannot listen on {} for the API (is another drover running? use --listen)",
+                        cfg.listen
+                    ),
+                    e,
+                )
+            })?;
         let addr = api
             .local_addr()
             .map_err(|e| ServerError::Io("API address".into(), e))?;
@@ -127,7 +129,10 @@ impl Server {
         engine.open_ingresses().await?;
         engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
-            format!("server started on {addr} (data directory {})", cfg.data_dir.display()),
+            format!(
+                "server started on {addr} (data directory {})",
+                cfg.data_dir.display()
+            ),
         )]);
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -141,7 +146,11 @@ impl Server {
                 tracing::error!("API server: {e}");
             }
         }));
-        tasks.push(tokio::spawn(engine.clone().run(cfg.tick, exits_rx, stop.clone())));
+        tasks.push(tokio::spawn(engine.clone().run(
+            cfg.tick,
+            exits_rx,
+            stop.clone(),
+        )));
         Ok(Server {
             engine,
             addr,

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use drover_control::{GroupSpec, Health, InstanceView, Phase};
 use drover_model::api::{
-    ComponentReport, FleetStatus, GroupStatus, Heartbeat, InstanceState, InstanceStatus,
-    Revision, RolloutStatus, Utilization,
+    ComponentReport, FleetStatus, GroupStatus, Heartbeat, InstanceState, InstanceStatus, Revision,
+    RolloutStatus, Utilization,
 };
 use drover_model::{Fleet, Plan};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
@@ -65,7 +65,10 @@ pub fn launch_delay_ms(failures: u32) -> u64 {
 impl State {
     /// An instance of `group` ended before turning healthy: back off the next launch.
     pub fn launch_failed(&mut self, group: &str, now: u64) -> u32 {
-        let b = self.launch_backoff.entry(group.to_string()).or_insert((0, 0));
+        let b = self
+            .launch_backoff
+            .entry(group.to_string())
+            .or_insert((0, 0));
         b.0 += 1;
         b.1 = now + launch_delay_ms(b.0);
         b.0
@@ -311,7 +314,14 @@ pub fn absorb_heartbeat(
                     .collect();
                 events.push(ev(
                     EventKind::Unhealthy,
-                    format!("unhealthy: {}", if why.is_empty() { "agent is not running".into() } else { why.join(", ") }),
+                    format!(
+                        "unhealthy: {}",
+                        if why.is_empty() {
+                            "agent is not running".into()
+                        } else {
+                            why.join(", ")
+                        }
+                    ),
                 ))
             }
             _ => {}

@@ -9,7 +9,9 @@ mod record;
 mod sqlite;
 
 pub use error::StoreError;
-pub use record::{Committed, EventFilter, GroupRecord, InstanceRecord, Lifecycle, RolloutRecord, Snapshot, Write};
+pub use record::{
+    Committed, EventFilter, GroupRecord, InstanceRecord, Lifecycle, RolloutRecord, Snapshot, Write,
+};
 pub use sqlite::SqliteStore;
 
 use drover_model::api::{Revision, RevisionSummary};

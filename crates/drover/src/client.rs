@@ -78,7 +78,9 @@ impl Client {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let resp = self.send(self.http.get(self.url(path))).await?;
-        resp.json().await.context("the server's answer is not what this CLI expects")
+        resp.json()
+            .await
+            .context("the server's answer is not what this CLI expects")
     }
 
     pub async fn apply(&self, file: &Path, dry_run: bool) -> anyhow::Result<u8> {
@@ -139,7 +141,8 @@ impl Client {
             dry_run,
         };
         let what = format!("{service} {component} {version}");
-        self.change("/v1/deploy", &req, service, &what, dry_run, wait).await
+        self.change("/v1/deploy", &req, service, &what, dry_run, wait)
+            .await
     }
 
     pub async fn rollback(
@@ -153,7 +156,8 @@ impl Client {
             dry_run,
         };
         let what = format!("rollback of {service}");
-        self.change("/v1/rollback", &req, service, &what, dry_run, wait).await
+        self.change("/v1/rollback", &req, service, &what, dry_run, wait)
+            .await
     }
 
     /// POST a change, print it, and with `wait` follow the rollout of `service`.
@@ -191,7 +195,9 @@ impl Client {
 
     pub async fn rollout_events(&self, group: &str) -> anyhow::Result<Vec<Event>> {
         let q = [("kind", "rollout"), ("group", group)];
-        let resp = self.send(self.http.get(self.url("/v1/events")).query(&q)).await?;
+        let resp = self
+            .send(self.http.get(self.url("/v1/events")).query(&q))
+            .await?;
         Ok(resp.json().await?)
     }
 

@@ -51,7 +51,10 @@ pub fn run(args: DemoArgs) -> u8 {
         eprintln!("demo-server: crashing at start as asked (--crash-after 0s)");
         return exit::FAILED;
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("demo-server: {e}");

@@ -42,7 +42,12 @@ Quick start:
 #[command(name = "drover", version, about, long_about, after_help = AFTER_HELP)]
 struct Cli {
     /// The server's API URL.
-    #[arg(long, global = true, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7878")]
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_SERVER",
+        default_value = "http://127.0.0.1:7878"
+    )]
     server: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -174,7 +179,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     let code = match cli.command {
@@ -222,7 +231,13 @@ async fn dispatch(cli: Cli) -> u8 {
             dry_run,
         } => {
             client
-                .deploy(&service, &component, &version, dry_run, wait.then_some(timeout.0))
+                .deploy(
+                    &service,
+                    &component,
+                    &version,
+                    dry_run,
+                    wait.then_some(timeout.0),
+                )
                 .await
         }
         Command::Rollback {
@@ -302,10 +317,7 @@ fn validate(file: &std::path::Path, json: bool) -> u8 {
         }
         Err(errors) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "errors": errors.0})
-                );
+                println!("{}", serde_json::json!({"ok": false, "errors": errors.0}));
             } else {
                 eprintln!("{errors}");
                 eprintln!("{} problem(s) found; nothing was changed", errors.0.len());
@@ -341,7 +353,10 @@ fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
         }
     };
     // One thread: the agent must cost almost nothing.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -59,7 +59,11 @@ pub async fn follow(
                 .filter(|i| i.generation >= *target && i.in_rotation)
                 .count() as u32;
             healthy += g.healthy;
-            stale += g.instances.iter().filter(|i| i.generation < *target).count() as u32;
+            stale += g
+                .instances
+                .iter()
+                .filter(|i| i.generation < *target)
+                .count() as u32;
             if g.rollout.failed_generation >= *target {
                 let why = client
                     .rollout_events(group)

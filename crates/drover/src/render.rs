@@ -87,7 +87,15 @@ pub fn status(s: &FleetStatus) -> String {
     out.push_str(&groups.to_string());
     out.push('\n');
     let mut inst = table(&[
-        "INSTANCE", "GROUP", "ADDRESS", "GEN", "STATE", "LB", "COMPONENTS", "RESTARTS", "AGE",
+        "INSTANCE",
+        "GROUP",
+        "ADDRESS",
+        "GEN",
+        "STATE",
+        "LB",
+        "COMPONENTS",
+        "RESTARTS",
+        "AGE",
     ]);
     for g in &s.groups {
         for i in &g.instances {

@@ -36,7 +36,12 @@ pub async fn serve(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<u8> {
 }
 
 /// `drover up FILE`: server + apply + live status, until Ctrl-C or SIGTERM.
-pub async fn run(file: &Path, data_dir: &Path, listen: SocketAddr, json: bool) -> anyhow::Result<u8> {
+pub async fn run(
+    file: &Path,
+    data_dir: &Path,
+    listen: SocketAddr,
+    json: bool,
+) -> anyhow::Result<u8> {
     let mut cfg = config(data_dir, listen)?;
     // One foreground command: its instances live and die with it.
     cfg.own_instances = true;
@@ -49,12 +54,15 @@ pub async fn run(file: &Path, data_dir: &Path, listen: SocketAddr, json: bool) -
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     crate::init_logs(std::sync::Mutex::new(log));
 
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Refuse a broken file before starting anything.
     if let Err(errors) = drover_model::parse_fleet(&text, &file.display().to_string()) {
         eprintln!("{errors}");
-        eprintln!("{} problem(s) found; nothing was started or changed", errors.0.len());
+        eprintln!(
+            "{} problem(s) found; nothing was started or changed",
+            errors.0.len()
+        );
         return Ok(exit::FAILED);
     }
     let server = Server::start(cfg.clone()).await?;

@@ -57,7 +57,8 @@ fn deploys_v1_v2_v3_under_load_with_zero_failed_requests() {
     std::thread::sleep(Duration::from_millis(500));
 
     for (version, generation) in [("v2", 2), ("v3", 3)] {
-        let (code, out, err) = up.cli(&["deploy", "web", "app", version, "--wait", "--timeout", "2m"]);
+        let (code, out, err) =
+            up.cli(&["deploy", "web", "app", version, "--wait", "--timeout", "2m"]);
         assert_eq!(code, 0, "deploy {version}: {out}{err}");
         assert!(out.contains("done in"), "a summary: {out}");
         wait_generation_everywhere(&up, generation, 3, Duration::from_secs(5));
@@ -80,22 +81,41 @@ fn deploys_v1_v2_v3_under_load_with_zero_failed_requests() {
         keep_alive.failed,
         keep_alive.rate()
     );
-    for (name, r) in [("without keep-alive", &closing), ("with keep-alive", &keep_alive)] {
+    for (name, r) in [
+        ("without keep-alive", &closing),
+        ("with keep-alive", &keep_alive),
+    ] {
         assert_eq!(r.failed, 0, "{name}: failed requests: {:?}", r.errors);
-        assert!(r.rate() >= 100.0, "{name}: at least 100 req/s each (200 in all): {:.0}", r.rate());
+        assert!(
+            r.rate() >= 100.0,
+            "{name}: at least 100 req/s each (200 in all): {:.0}",
+            r.rate()
+        );
         let mut first_seen: Vec<&str> = Vec::new();
         for v in &r.versions {
             if !first_seen.contains(&v.as_str()) {
                 first_seen.push(v);
             }
         }
-        assert_eq!(first_seen, ["v1", "v2", "v3"], "{name}: v1 first, then a mix, then v2, then v3");
-        assert_eq!(r.versions.last().map(String::as_str), Some("v2"), "{name}: only v2 after the rollback");
+        assert_eq!(
+            first_seen,
+            ["v1", "v2", "v3"],
+            "{name}: v1 first, then a mix, then v2, then v3"
+        );
+        assert_eq!(
+            r.versions.last().map(String::as_str),
+            Some("v2"),
+            "{name}: only v2 after the rollback"
+        );
     }
     // Every replacement went through a permit; the story is in the events.
     let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
     let permits: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
-    assert_eq!(permits.len(), 9, "3 instances replaced three times, each with a permit");
+    assert_eq!(
+        permits.len(),
+        9,
+        "3 instances replaced three times, each with a permit"
+    );
     let (_, ev, _) = up.cli(&["events", "--kind", "lost", "--json"]);
     assert_eq!(ev.trim(), "[]", "no instance was lost: {ev}");
     let (_, hist, _) = up.cli(&["history"]);
@@ -121,7 +141,11 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
             while !stop.load(Ordering::SeqCst) {
                 if let Ok((200, body)) = http(api, "GET", "/v1/status", None) {
                     let s: drover_model::api::FleetStatus = serde_json::from_str(&body).unwrap();
-                    let n = s.groups[0].instances.iter().filter(|i| i.in_rotation).count();
+                    let n = s.groups[0]
+                        .instances
+                        .iter()
+                        .filter(|i| i.in_rotation)
+                        .count();
                     min_in_rotation = min_in_rotation.min(n);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -130,7 +154,15 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
         })
     };
     let t0 = Instant::now();
-    let (code, out, err) = up.cli(&["deploy", "web", "app", "broken", "--wait", "--timeout", "2m"]);
+    let (code, out, err) = up.cli(&[
+        "deploy",
+        "web",
+        "app",
+        "broken",
+        "--wait",
+        "--timeout",
+        "2m",
+    ]);
     assert_eq!(code, 1, "a failed deploy exits 1: {out}{err}");
     assert!(err.contains("failed"), "{err}");
     assert!(err.contains("healthy_deadline"), "says why: {err}");
@@ -140,9 +172,20 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
     stop.store(true, Ordering::SeqCst);
     let r = traffic.join().unwrap();
     let floor = watcher.join().unwrap();
-    assert_eq!(r.failed, 0, "the service never stopped answering: {:?}", r.errors);
-    assert_eq!(floor, 3, "never below desired - max_unavailable = 3 in rotation");
-    assert_eq!(r.versions, ["v1"], "no answer ever came from the broken version");
+    assert_eq!(
+        r.failed, 0,
+        "the service never stopped answering: {:?}",
+        r.errors
+    );
+    assert_eq!(
+        floor, 3,
+        "never below desired - max_unavailable = 3 in rotation"
+    );
+    assert_eq!(
+        r.versions,
+        ["v1"],
+        "no answer ever came from the broken version"
+    );
     let s = up.status().unwrap();
     assert_eq!(s.groups[0].versions, "app=v1");
     assert_eq!(s.groups[0].rollout.reverted_from, 2);

@@ -61,7 +61,9 @@ fn a_rollout_survives_a_server_sigkill() {
     let t0 = Instant::now();
     loop {
         let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
-        let n = serde_json::from_str::<Vec<drover_model::Event>>(&ev).map(|v| v.len()).unwrap_or(0);
+        let n = serde_json::from_str::<Vec<drover_model::Event>>(&ev)
+            .map(|v| v.len())
+            .unwrap_or(0);
         if n >= 1 {
             break;
         }
@@ -103,22 +105,38 @@ fn a_rollout_survives_a_server_sigkill() {
             }
             if g.generation == 2
                 && g.instances.len() == 3
-                && g.instances.iter().all(|i| i.generation == 2 && i.in_rotation)
+                && g.instances
+                    .iter()
+                    .all(|i| i.generation == 2 && i.in_rotation)
             {
                 break;
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "rollout did not resume: {:#?}", up.status());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "rollout did not resume: {:#?}",
+            up.status()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
     let permits: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
-    assert_eq!(permits.len(), 3, "exactly one permit per replaced instance: {permits:#?}");
+    assert_eq!(
+        permits.len(),
+        3,
+        "exactly one permit per replaced instance: {permits:#?}"
+    );
     let (_, ev, _) = up.cli(&["events", "--kind", "terminating", "--json"]);
     let forced: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
-    assert!(forced.is_empty(), "no instance was terminated without its permit: {forced:#?}");
+    assert!(
+        forced.is_empty(),
+        "no instance was terminated without its permit: {forced:#?}"
+    );
     assert!(seen_status);
-    assert!(min_in_rotation >= 3, "never below the floor (3) once instances reported: {min_in_rotation}");
+    assert!(
+        min_in_rotation >= 3,
+        "never below the floor (3) once instances reported: {min_in_rotation}"
+    );
     let (_, ev, _) = up.cli(&["events", "--kind", "rollout"]);
     assert!(ev.contains("rollout to generation 2"), "{ev}");
 

@@ -16,10 +16,16 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
     eprintln!("3 healthy instances after {took:?}");
 
     // Answered by instance 1, 2, 3 in turn.
-    let answers: Vec<String> = (0..6).map(|_| instance_of(&get(up.ingress).unwrap())).collect();
+    let answers: Vec<String> = (0..6)
+        .map(|_| instance_of(&get(up.ingress).unwrap()))
+        .collect();
     let distinct: BTreeSet<&String> = answers.iter().collect();
     assert_eq!(distinct.len(), 3, "three instances answer: {answers:?}");
-    assert_eq!(answers[0..3], answers[3..6], "round robin in turn: {answers:?}");
+    assert_eq!(
+        answers[0..3],
+        answers[3..6],
+        "round robin in turn: {answers:?}"
+    );
     assert!(get(up.ingress).unwrap().contains("version v1"));
 
     // kill -9 of a component: serving again within 1 s.
@@ -30,14 +36,20 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t0 = Instant::now();
     while !alive(pid) && get(addr).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(1), "component not serving again within 1 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "component not serving again within 1 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     loop {
         if get(addr).is_ok() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(1), "component not serving again within 1 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "component not serving again within 1 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     eprintln!("component serving again after {:?}", t0.elapsed());
@@ -48,7 +60,10 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
         if out.contains(&victim.id) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "no respawned event: {out}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no respawned event: {out}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -57,25 +72,37 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
     up.wait_healthy(3, Duration::from_secs(5));
     let s = up.status().unwrap();
     let dead = s.groups[0].instances[1].id.clone();
-    let agent_pid: i32 = std::fs::read_to_string(dir.path().join(format!("data/instances/{dead}/agent.pid")))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let agent_pid: i32 =
+        std::fs::read_to_string(dir.path().join(format!("data/instances/{dead}/agent.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
     unsafe { libc::kill(agent_pid, libc::SIGKILL) };
     let t0 = Instant::now();
     loop {
         let s = up.status().unwrap();
-        let ids: Vec<&str> = s.groups[0].instances.iter().map(|i| i.id.as_str()).collect();
+        let ids: Vec<&str> = s.groups[0]
+            .instances
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect();
         if !ids.contains(&dead.as_str()) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "dead instance still listed: {ids:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "dead instance still listed: {ids:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     for _ in 0..30 {
         let body = get(up.ingress).expect("every request through the balancer succeeds");
-        assert_ne!(instance_of(&body), dead, "a new connection went to the dead instance");
+        assert_ne!(
+            instance_of(&body),
+            dead,
+            "a new connection went to the dead instance"
+        );
     }
     let took = up.wait_healthy(3, Duration::from_secs(10));
     eprintln!("replacement healthy {took:?} after the loss was seen");
@@ -101,7 +128,11 @@ fn stopping_up_leaves_no_process_and_restart_keeps_history() {
 
     // Ctrl-C: everything stops, exit 0.
     up.signal(libc::SIGINT);
-    assert_eq!(up.wait_exit(Duration::from_secs(20)), Some(0), "drover up exits 0 on Ctrl-C");
+    assert_eq!(
+        up.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "drover up exits 0 on Ctrl-C"
+    );
     for p in &pids {
         assert!(!alive(*p), "process {p} outlived drover up (SIGINT)");
     }
@@ -110,10 +141,17 @@ fn stopping_up_leaves_no_process_and_restart_keeps_history() {
     let mut up = Up::start(dir.path(), &text, api, ing);
     up.wait_healthy(2, Duration::from_secs(10));
     let (_, hist2, _) = up.cli(&["history", "--json"]);
-    assert_eq!(hist1, hist2, "the same file applied again makes no new revision");
+    assert_eq!(
+        hist1, hist2,
+        "the same file applied again makes no new revision"
+    );
     let (_, events2, _) = up.cli(&["events", "--json"]);
     let events2: Vec<drover_model::Event> = serde_json::from_str(&events2).unwrap();
-    assert_eq!(events2[..events1.len()], events1[..], "earlier events are kept, in order");
+    assert_eq!(
+        events2[..events1.len()],
+        events1[..],
+        "earlier events are kept, in order"
+    );
     assert!(events2.len() > events1.len());
     let pids = up.pids();
     up.signal(libc::SIGKILL);
@@ -159,7 +197,10 @@ fn broken_fleet_file_is_refused_with_its_location_and_changes_nothing() {
     for args in [vec!["validate", "bad.toml"], vec!["apply", "bad.toml"]] {
         let (code, _, err) = up.cli(&args);
         assert_eq!(code, 1, "{args:?}: {err}");
-        assert!(err.contains(&format!("bad.toml:{line}:")), "{args:?} locates the error: {err}");
+        assert!(
+            err.contains(&format!("bad.toml:{line}:")),
+            "{args:?} locates the error: {err}"
+        );
         assert!(err.contains("services.web.capacity.min"), "{err}");
         assert!(err.contains("min <= desired <= max"), "{err}");
         assert!(err.contains("nothing was changed"), "{err}");
@@ -189,7 +230,11 @@ fn broken_fleet_file_is_refused_with_its_location_and_changes_nothing() {
 
     // An unreachable server is exit code 3, with what to do.
     let out = std::process::Command::new(BIN)
-        .args(["status", "--server", &format!("http://127.0.0.1:{}", free_port())])
+        .args([
+            "status",
+            "--server",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
@@ -201,7 +246,10 @@ fn broken_fleet_file_is_refused_with_its_location_and_changes_nothing() {
     assert_eq!(up2.wait_exit(Duration::from_secs(10)), Some(1));
     let err = std::fs::read_to_string(dir2.path().join("up.err")).unwrap();
     assert!(err.contains(&format!(":{line}:")), "{err}");
-    assert!(!dir2.path().join("data/drover.db").exists(), "nothing was created");
+    assert!(
+        !dir2.path().join("data/drover.db").exists(),
+        "nothing was created"
+    );
 }
 
 #[test]
@@ -226,7 +274,15 @@ fn agent_keeps_running_its_components_without_a_server() {
     std::fs::write(&plan_file, plan.to_string()).unwrap();
     let dead_server = format!("http://127.0.0.1:{}", free_port());
     let mut agent = std::process::Command::new(BIN)
-        .args(["agent", "--instance", "i-1", "--group", "web/local", "--addr", &addr])
+        .args([
+            "agent",
+            "--instance",
+            "i-1",
+            "--group",
+            "web/local",
+            "--addr",
+            &addr,
+        ])
         .arg("--server")
         .arg(&dead_server)
         .arg("--plan-file")
@@ -239,7 +295,10 @@ fn agent_keeps_running_its_components_without_a_server() {
     let target: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
     let t0 = Instant::now();
     while get(target).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(5), "component never served");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "component never served"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -247,8 +306,14 @@ fn agent_keeps_running_its_components_without_a_server() {
     // Kill the component: respawned without any server.
     let (_, body) = http(target, "GET", "/", None).unwrap();
     assert!(body.contains("version v1"), "{body}");
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.id())).unwrap();
-    let pid: i32 = children.split_whitespace().next().expect("the agent has a component child").parse().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.id())).unwrap();
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("the agent has a component child")
+        .parse()
+        .unwrap();
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let t0 = Instant::now();
     while alive(pid) && t0.elapsed() < Duration::from_millis(500) {
@@ -256,10 +321,14 @@ fn agent_keeps_running_its_components_without_a_server() {
     }
     let t0 = Instant::now();
     while get(target).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(2), "not respawned without a server");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not respawned without a server"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.id())).unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.id())).unwrap();
     assert!(!children.contains(&pid.to_string()), "a new process serves");
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
@@ -268,7 +337,10 @@ fn agent_keeps_running_its_components_without_a_server() {
             assert!(st.success(), "agent exits 0 on SIGTERM");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "agent did not stop on SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "agent did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(get(target).is_err(), "components stop with their agent");

@@ -373,7 +373,11 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, bool)> {
         if s.read(&mut byte)? == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                if head.is_empty() { "closed before any answer" } else { "closed mid-answer" },
+                if head.is_empty() {
+                    "closed before any answer"
+                } else {
+                    "closed mid-answer"
+                },
             ));
         }
         head.push(byte[0]);
