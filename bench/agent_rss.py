@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
-    binary = c.drover_bin()
+    binary, bin_dir, bin_label = c.snapshot_binary(c.drover_bin())
     m = c.machine()
     why_no_docker = "skipped (--no-docker)" if args.no_docker else c.docker_usable()
     containers = []
@@ -134,7 +134,7 @@ def main():
     out = []
     out.append("## Agent memory at idle (3 components)\n")
     out.append(c.machine_md(m) + "\n")
-    out.append(f"Binary: {c.binary_label(binary)}. Command: `python3 bench/agent_rss.py` "
+    out.append(f"Binary: {bin_label}. Command: `python3 bench/agent_rss.py` "
                f"({args.runs} runs, {args.settle:g} s settling after all 3 components serve).\n")
     out.append("The agent runs standalone (no server), three `drover demo-server` components on "
                "distinct ports of one instance address, each with an HTTP health check every 1 s. "

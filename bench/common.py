@@ -51,6 +51,21 @@ def drover_bin():
     return b
 
 
+def snapshot_binary(b):
+    """Copy the binary to a temporary file (others may rebuild target/ during a run) and describe
+    the original. Returns (path of the copy, its directory to remove, markdown label)."""
+    import hashlib
+    label = binary_label(b)
+    import atexit
+    d = tempfile.mkdtemp(prefix="drover-bench-bin-")
+    atexit.register(shutil.rmtree, d, True)
+    copy = os.path.join(d, "drover")
+    shutil.copy2(b, copy)
+    with open(copy, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    return copy, d, f"{label[:-1]}, sha256 {digest}; copied once, used for the whole run)"
+
+
 def binary_label(b):
     st = os.stat(b)
     mtime = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc)

@@ -71,8 +71,28 @@ pub fn status(s: &FleetStatus) -> String {
     }
     let mut groups = table(&[
         "GROUP", "PROVIDER", "GEN", "VERSIONS", "HEALTHY", "DESIRED", "MIN..MAX", "INGRESS",
+        "ROLLOUT",
     ]);
     for g in &s.groups {
+        let r = &g.rollout;
+        let rollout = if r.in_progress {
+            format!(
+                "{} to gen {}: {}/{} healthy on it, {} stale",
+                if r.reverted_from > 0 {
+                    "reverting"
+                } else {
+                    "rolling out"
+                },
+                g.generation,
+                r.current_healthy,
+                g.desired,
+                r.stale
+            )
+        } else if r.failed_generation > 0 && r.failed_generation >= g.generation {
+            format!("gen {} failed", r.failed_generation)
+        } else {
+            "-".to_string()
+        };
         groups.add_row(vec![
             g.group.clone(),
             g.provider.clone(),
@@ -82,6 +102,7 @@ pub fn status(s: &FleetStatus) -> String {
             g.desired.to_string(),
             format!("{}..{}", g.min, g.max),
             g.ingress.clone().unwrap_or_else(|| "-".into()),
+            rollout,
         ]);
     }
     out.push_str(&groups.to_string());

@@ -195,3 +195,64 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
     let (_, hist, _) = up.cli(&["history"]);
     assert!(hist.contains("automatic revert"), "{hist}");
 }
+
+#[test]
+fn a_version_whose_artifact_cannot_be_fetched_fails_before_any_instance_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    // A small artifact for v1 only.
+    let tgz = dir.path().join("app-v1.tar.gz");
+    {
+        let f = std::fs::File::create(&tgz).unwrap();
+        let mut b = tar_builder(f);
+        let data = b"hello";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "README", &data[..]).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let sha = sha256_hex(&std::fs::read(&tgz).unwrap());
+    let artifact = format!(
+        "artifact = {{ url = \"{}/app-{{version}}.tar.gz\", sha256 = \"{sha}\" }}\nrestart =",
+        dir.path().display()
+    );
+    let text = test_fleet(ing, subnet(), 2).replacen("restart =", &artifact, 1);
+    let up = Up::start(dir.path(), &text, api, ing);
+    up.wait_healthy(2, Duration::from_secs(10));
+    let before = up.status().unwrap();
+    let (_, hist_before, _) = up.cli(&["history", "--json"]);
+
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--wait"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("cannot be fetched"), "{err}");
+    assert!(err.contains("app-v2.tar.gz"), "names the artifact: {err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    let (_, hist_after, _) = up.cli(&["history", "--json"]);
+    assert_eq!(hist_before, hist_after, "no revision stored");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = up.status().unwrap();
+    let ids = |s: &drover_model::api::FleetStatus| -> Vec<(String, u64)> {
+        s.groups[0]
+            .instances
+            .iter()
+            .map(|i| (i.id.clone(), i.generation))
+            .collect()
+    };
+    assert_eq!(ids(&before), ids(&after), "no instance touched");
+    let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
+    assert_eq!(ev.trim(), "[]");
+}
+
+fn tar_builder(f: std::fs::File) -> tar::Builder<flate2::write::GzEncoder<std::fs::File>> {
+    tar::Builder::new(flate2::write::GzEncoder::new(
+        f,
+        flate2::Compression::default(),
+    ))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

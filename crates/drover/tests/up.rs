@@ -110,6 +110,27 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
     assert_eq!(s.groups[0].instances.len(), 3);
     let (_, ev, _) = up.cli(&["events", "--instance", &dead]);
     assert!(ev.contains("lost"), "the loss is an event: {ev}");
+
+    // `events --follow` streams new events as they happen.
+    let mut follow = std::process::Command::new(BIN)
+        .args(["events", "--follow", "--json", "--kind", "respawned"])
+        .env("DROVER_SERVER", up.server())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    // The one respawn so far comes first, then a new one when it happens.
+    let first: drover_model::Event = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first.instance.as_deref(), Some(victim.id.as_str()));
+    let s = up.status().unwrap();
+    let pid = s.groups[0].instances[2].components[0].pid.unwrap() as i32;
+    let id = s.groups[0].instances[2].id.clone();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let next: drover_model::Event = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(next.instance.as_deref(), Some(id.as_str()), "{next:?}");
+    assert!(next.seq > first.seq);
+    let _ = follow.kill();
+    let _ = follow.wait();
 }
 
 #[test]
