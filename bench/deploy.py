@@ -6,7 +6,8 @@ One `drover up` (local provider, 5 instances of the example's demo-server, subne
 own free API and ingress ports. Each round makes two deploys (`drover deploy web app vN
 --wait`), one under `wrk -t2 -c8` with keep-alive and one under the same with
 `-H "Connection: close"`; wrk starts 1 s before the deploy command and is stopped (SIGINT,
-wrk prints its totals) 1 s after the command returns. Any socket error or non-2xx answer is a
+wrk prints its totals) 1 s after the last stale instance is gone (the CLI's "done" comes while
+it still drains). Any socket error or non-2xx answer is a
 failed request.
 
 Per deploy it reports:
@@ -72,7 +73,9 @@ def fleet_text(ingress_port):
     for old, new in subs:
         if old not in text:
             raise SystemExit(f"examples/hello/drover.toml changed: no {old!r} to replace")
-        text = text.replace(old, new, 1)
+        text = text.replace(old, new)  # every occurrence (the comment names the ingress too)
+    if f'listen = "127.0.0.1:{ingress_port}"' not in text:
+        raise SystemExit("could not move the ingress to its own port")
     return text
 
 
@@ -100,6 +103,19 @@ def cli_events(binary, server):
     r = subprocess.run([binary, "events", "--json", "--server", server],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout)
+
+
+def wait_stale_gone(binary, server, after_seq, timeout_s):
+    """Until every instance given a permit after `after_seq` has a `terminated` event."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        ev = [e for e in cli_events(binary, server) if e["seq"] > after_seq]
+        permitted = {e.get("instance") for e in ev if e["kind"] == "permit"}
+        gone = {e.get("instance") for e in ev if e["kind"] == "terminated"}
+        if permitted and permitted <= gone:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"stale instances still there {timeout_s} s after the deploy")
 
 
 def wait_in_rotation(api, n, timeout_s, generation=None):
@@ -228,10 +244,10 @@ class PyLoad:
                     self.ok += 1
             except (OSError, ValueError) as e:
                 conn = None
+                why = str(e) if str(e) != "status b''" else "closed before any answer"
                 with self.lock:
                     self.failed += 1
-                    if len(self.errors) < 10:
-                        self.errors.append(str(e))
+                    self.errors.append((time.time(), why))
 
     def stop(self):
         self.stop_flag.set()
@@ -239,11 +255,17 @@ class PyLoad:
             t.join(5)
         secs = time.monotonic() - self.t0
         n = self.ok + self.failed
-        text = f"{n} requests in {secs:.2f}s, {self.failed} failed: {self.errors}\n"
+        kinds = {}
+        for _, why in self.errors:
+            kinds[why] = kinds.get(why, 0) + 1
+        text = f"{n} requests in {secs:.2f}s, {self.failed} failed\n" + "".join(
+            f"error at {datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()}: "
+            f"{why}\n" for t, why in self.errors)
         with open(self.out_path, "w") as f:
             f.write(text)
         return {"raw": text, "requests": n, "seconds": secs, "rps": n / secs,
-                "socket_errors": self.failed, "socket_detail": "; ".join(self.errors) or "none",
+                "socket_errors": self.failed,
+                "socket_detail": "; ".join(f"{k}: {v}" for k, v in kinds.items()) or "none",
                 "non2xx": 0, "failed": self.failed, "p50_ms": None, "p99_ms": None}
 
 
@@ -286,13 +308,17 @@ def analyse(events, after_seq, data_dir, done_s, wall_s):
     by = lambda k: [e for e in ev if e["kind"] == k]  # noqa: E731
     plan = by("plan_changed")
     t0 = plan[0]["at_ms"] if plan else ev[0]["at_ms"]
-    launched = {e["instance"]: e["at_ms"] for e in by("launched") if e.get("instance")}
+    mg = re.search(r"generation (\d+)", plan[0]["message"]) if plan else None
+    generation = int(mg.group(1)) if mg else None
+    launched = {e["instance"]: e["at_ms"] for e in by("launched") if e.get("instance")
+                and (generation is None or f"on generation {generation} " in e["message"])}
     healthy = {}
     for e in by("healthy"):
         if e.get("instance") in launched and e["instance"] not in healthy:
             healthy[e["instance"]] = e["at_ms"]
     permits = sorted((e["at_ms"], e["instance"]) for e in by("permit"))
-    done_ev = [e for e in by("rollout") if "done in" in e["message"]]
+    done_ev = [e for e in by("rollout") if "done in" in e["message"]
+               and f"generation {generation} " in e["message"]]
     t_done = done_ev[0]["at_ms"] if done_ev else None
     boots = sorted(healthy[i] - launched[i] for i in healthy)
     boot_ms = statistics.median(boots) if boots else float("nan")
@@ -321,6 +347,9 @@ def analyse(events, after_seq, data_dir, done_s, wall_s):
         if k + 1 < len(new):
             seg["permit -> next launch (tick)"] += launched[new[k + 1]] - p
     last_permit = permits[-1][0] if permits else t0
+    stale = {i for _, i in permits}
+    gone = [e["at_ms"] for e in by("terminated") if e.get("instance") in stale]
+    last_gone_s = (max(gone) - t0) / 1000 if gone else float("nan")
     if t_done is not None:
         seg["last permit -> rollout done event"] = t_done - last_permit
     # What the CLI adds: its clock starts when the POST returns (about plan_changed) and it
@@ -343,7 +372,7 @@ def analyse(events, after_seq, data_dir, done_s, wall_s):
         "done_s": done_s, "wall_s": wall_s, "server_s": server_s,
         "boots_ms": boots, "boot_ms": boot_ms, "ideal_s": ideal_s,
         "ratio": done_s / ideal_s if ideal_s == ideal_s and ideal_s > 0 else float("nan"),
-        "segments": seg, "permits": len(permits), "new": len(new),
+        "segments": seg, "permits": len(permits), "new": len(new), "last_gone_s": last_gone_s,
         "permit_lat_ms": lat, "drains": drains,
     }
 
@@ -356,11 +385,17 @@ def main():
                     help="rounds of two deploys (keep-alive, then Connection: close)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--python-load", action="store_true",
+                    help="use the python load generator even when wrk is there")
     a = ap.parse_args()
 
     binary = c.drover_bin()
-    wrk = ensure_wrk()
+    wrk = None if a.python_load else ensure_wrk()
     m = c.machine()
+    busy = [" ".join(x.split()[1:]) for x in subprocess.run(
+        ["ps", "-eo", "pid,pcpu,etimes,args", "--sort=-pcpu", "--no-headers"],
+        capture_output=True, text=True).stdout.splitlines()
+        if x.split()[0] != str(os.getpid())][:3]
     uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     work = tempfile.mkdtemp(prefix="drover-bench-deploy-")
     data = os.path.join(work, "data")
@@ -403,15 +438,19 @@ def main():
                                     "--timeout", "3m", "--server", server],
                                    capture_output=True, text=True)
                 wall = time.monotonic() - t
-                time.sleep(1)
-                lr = load.stop()
                 md = re.search(r"done in ([\d.]+)s", r.stdout)
                 if r.returncode != 0 or not md:
+                    load.stop()
                     raise RuntimeError(f"deploy v{version} failed ({r.returncode}): "
                                        f"{r.stdout}{r.stderr[-2000:]}")
                 c.log(r.stdout.strip())
+                # "done" comes while the last stale instance still drains: keep the load on
+                # until it is gone, so every drain and stop happens under load.
                 wait_in_rotation(api, INSTANCES, 30, generation=version)
-                time.sleep(DRAIN_TIMEOUT_S + 1)  # let the last stale instance leave and log
+                wait_stale_gone(binary, server, after_seq, 30)
+                time.sleep(1)
+                lr = load.stop()
+                time.sleep(0.5)
                 events = cli_events(binary, server)
                 with open(os.path.join(work, f"events-v{version}.json"), "w") as f:
                     json.dump(events, f, indent=1)
@@ -454,7 +493,7 @@ def main():
         return 1
     agents_seen = len(os.listdir(os.path.join(data, "instances")))
     body = report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers,
-                  agents_seen, a.rounds)
+                  agents_seen, a.rounds, busy)
     print(body)
     if not a.no_write:
         c.write_section("deploy", body)
@@ -472,7 +511,7 @@ def fmt_ms(xs):
 
 
 def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers, agents_seen,
-           rounds):
+           rounds, busy):
     L = []
     L.append("## Deploy under load")
     L.append("")
@@ -482,7 +521,11 @@ def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers
              + ("The 1-minute load was above 1 at the start: another benchmark or build was "
                 "probably running on the same 2-core machine, and shares the CPU with "
                 "wrk, the balancer and the 6 agents here." if float(m["load"]) > 1.0 else
-                "No other significant load was seen at the start."))
+                "No other significant load was seen at the start.")
+             + " The unthrottled wrk itself keeps both cores busy during each deploy (hence "
+             "the load at the end). Busiest processes at the start (`ps`, %CPU over their "
+             "lifetime): " + "; ".join(f"`{' '.join(b.split()[:2])}s {' '.join(b.split()[2:4])[:60]}`"
+                                      for b in busy) + ".")
     L.append("")
     L.append(f"Binary: {c.binary_label(binary)}. Command: `python3 bench/deploy.py"
              f"{'' if rounds == 2 else f' --rounds {rounds}'}` "
@@ -494,8 +537,9 @@ def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers
              f"{DRAIN_TIMEOUT_S:g}s; `drover up` on free API and ingress ports. Load: "
              + (f"`wrk {' '.join(WRK_ARGS)} --timeout 2s --latency [-H \"Connection: close\"] "
                 f"http://127.0.0.1:PORT/` (wrk {wrk_version(wrk)}), unthrottled, started 1 s "
-                "before `drover deploy web app vN --wait` and stopped with SIGINT 1 s after it "
-                "returned, so it covers the whole deploy. A failed request is any wrk socket "
+                "before `drover deploy web app vN --wait` and stopped with SIGINT 1 s after the "
+                "last stale instance is gone (the CLI says \"done\" while it still drains), so "
+                "it covers the whole deploy, every drain and every stop included. A failed request is any wrk socket "
                 "error (connect, read, write, timeout) or non-2xx answer."
                 if wrk else "wrk could not be installed: a python load generator with 8 "
                 "connections stood in (its rate is not comparable to wrk's)."))
@@ -544,30 +588,33 @@ def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers
         L.append(f"- v{r['version']}: boot (launched -> healthy) of the {r['new']} new instances: "
                  + ", ".join(f"{b}" for b in r["boots_ms"]) + " ms; drains: "
                  + ", ".join(f"{d} ms{' (timeout)' if t else ''}" for d, t in r["drains"])
-                 + f"; wall time of the deploy command {r['wall_s']:.1f} s.")
+                 + f"; wall time of the deploy command {r['wall_s']:.1f} s; last stale "
+                 f"instance gone {r['last_gone_s']:.1f} s after plan_changed.")
     L.append("")
     L.append(GAP_TEXT)
     return "\n".join(L)
 
 
 GAP_TEXT = """\
-How to read the gap. The rollout controller (crates/drover-control/src/group.rs) runs every
-250 ms. A draining instance no longer counts toward the surge cap, so drain_timeout is not on
-the critical path: the next surge instance is launched while the previous stale one drains.
-Per batch, what is added to the ideal boot + min_healthy_time is (a) "ready -> permit": the
-new instance becomes ready min_healthy_time after its `healthy` event, and the permit waits
-for the next tick (0-250 ms); (b) "permit -> next launch": launches are computed before
-permits in one tick, so the replacement is launched at the following tick (about 250 ms plus
-the time to spawn an agent). After the last permit the rollout is marked done at the next
-tick, and the CLI, whose clock starts when the deploy POST returns, sees it at its next
-200 ms status poll. Boot itself (launched -> healthy event) includes the agent's start, the
-demo-server's start, the first health check and the heartbeat carrying it."""
+How to read the gap. The server's controller pass (crates/drover-server/src/engine.rs, `run`)
+runs every 250 ms, and at once when a heartbeat changes an instance's state or an agent exits.
+Per batch the critical path is: launch -> `healthy` (boot: agent start, demo-server start,
+first health check, the heartbeat carrying it) -> min_healthy_time -> the pass that sees the
+new instance ready and gives a stale one its permit -> the next pass (woken by the leaving
+agent's `draining` heartbeat) launches the next surge instance. "ready -> permit" is the only
+wait the controller adds: readiness is a matter of time, not of a heartbeat, so it is seen at
+the next periodic pass; when no other wake-up came in between, the pass chain started by the
+`healthy` heartbeat lands on exactly healthy + 8 x 250 ms = + 2 s, and other wake-ups shift the
+phase (0-250 ms per batch). A draining instance no longer counts toward the surge cap, so
+drain_timeout is not on the critical path of "done"; it only decides when the last stale
+instance is gone ("last stale gone" above). The CLI's clock starts when the deploy POST returns
+(about plan_changed) and it polls status every 200 ms, which is the last row."""
 
 
 def wrk_version(wrk):
     try:
         r = subprocess.run([wrk, "-v"], capture_output=True, text=True)
-        m = re.search(r"wrk ([\d.]+)", r.stdout + r.stderr)
+        m = re.search(r"wrk (\S+)", r.stdout + r.stderr)
         return m.group(1) if m else "?"
     except OSError:
         return "?"
