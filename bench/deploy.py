@@ -367,7 +367,9 @@ def analyse(events, after_seq, data_dir, done_s, wall_s):
         for line in agent_lines(data_dir, inst, "drain"):
             m = re.search(r"drain_ms=(\d+)", line)
             if m:
-                drains.append((int(m.group(1)), "timeout" in line))
+                mo = re.search(r"open=(\d+)", line)
+                drains.append((int(m.group(1)), "timeout" in line,
+                               int(mo.group(1)) if mo and "timeout" in line else 0))
     return {
         "done_s": done_s, "wall_s": wall_s, "server_s": server_s,
         "boots_ms": boots, "boot_ms": boot_ms, "ideal_s": ideal_s,
@@ -587,10 +589,29 @@ def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers
     for r in results:
         L.append(f"- v{r['version']}: boot (launched -> healthy) of the {r['new']} new instances: "
                  + ", ".join(f"{b}" for b in r["boots_ms"]) + " ms; drains: "
-                 + ", ".join(f"{d} ms{' (timeout)' if t else ''}" for d, t in r["drains"])
+                 + ", ".join(f"{d} ms{f' (timeout, {o} open)' if t else ''}"
+                             for d, t, o in r["drains"])
                  + f"; wall time of the deploy command {r['wall_s']:.1f} s; last stale "
                  f"instance gone {r['last_gone_s']:.1f} s after plan_changed.")
     L.append("")
+    cut = {r["version"]: sum(o for _, _, o in r["drains"]) for r in results}
+    ka = [r for r in results if r["load"] == "keep-alive"]
+    if any(r["wrk"]["failed"] for r in results):
+        L.append("Failed requests against connections cut at the drain timeout (the `open=` of "
+                 "each agent's \"drain timeout reached\" line, summed): " + "; ".join(
+                     f"v{r['version']} ({r['load']}): {r['wrk']['failed']} failed, "
+                     f"{cut[r['version']]} connections still open at drain_timeout"
+                     for r in results) + ".")
+        L.append("")
+        L.append(KEEPALIVE_TEXT)
+        L.append("")
+    if ka:
+        L.append("With keep-alive every drain runs to drain_timeout, so each stale agent exits "
+                 "about 2 s after its permit, inside the next batch's min_healthy_time; its exit "
+                 "wakes the controller and shifts the 250 ms pass chain, which is why "
+                 "\"ready -> permit\" costs more per batch under keep-alive than under "
+                 "Connection: close (where a stale agent exits a few ms after its permit).")
+        L.append("")
     L.append(GAP_TEXT)
     return "\n".join(L)
 
@@ -609,6 +630,21 @@ phase (0-250 ms per batch). A draining instance no longer counts toward the surg
 drain_timeout is not on the critical path of "done"; it only decides when the last stale
 instance is gone ("last stale gone" above). The CLI's clock starts when the deploy POST returns
 (about plan_changed) and it polls status every 200 ms, which is the last row."""
+
+
+KEEPALIVE_TEXT = """\
+Why keep-alive loses requests. Once an instance holds a permit the balancer sends it no new
+connection, but wrk never closes a kept-alive connection by itself, so the connections it
+already holds to the stale instance stay open and busy until drain_timeout. Then the agent
+stops the component (SIGTERM); the demo-server's graceful shutdown (axum/hyper) finishes the
+request in flight and closes each connection while it is idle between two requests, racing
+with wrk's next request on it, which then reads EOF before any answer: one wrk "read" error
+per connection still open. The e2e test (crates/drover/tests/deploy.rs) does not see these,
+because its keep-alive client retries an idempotent GET once when a reused connection closes
+before any answer (RFC 9112 9.3.1), as browsers and most HTTP client libraries do; wrk does not
+retry. Without a retrying client, zero failures with keep-alive needs the component to stop
+keeping connections alive when its drain starts (answer with `Connection: close`), which an
+L4 balancer cannot do for it."""
 
 
 def wrk_version(wrk):

@@ -275,6 +275,20 @@ pub fn absorb_heartbeat(
             ));
         }
     }
+    let leaving = matches!(
+        hb.phase,
+        drover_model::api::AgentPhase::Draining | drover_model::api::AgentPhase::Stopping
+    );
+    if leaving && inst.record.lifecycle != drover_store::Lifecycle::Active {
+        // An agent leaving with a permit (or being terminated) stops its components on
+        // purpose: not a health change. (An active instance that stops on its own is
+        // unhealthy, and leaves rotation, below.)
+        inst.soft.last_seen_ms = now;
+        inst.soft.last_seq = hb.seq;
+        inst.soft.components = hb.components.clone();
+        inst.soft.reporting = true;
+        return (events, false);
+    }
     let healthy = hb.healthy();
     let before = inst.soft.health;
     let after = match (healthy, before) {
