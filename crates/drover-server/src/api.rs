@@ -43,6 +43,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
         .route("/metrics", get(metrics))
         .fallback(|| async { ServerError::NotFound("no such endpoint; see docs/api.md".into()) })
+        .method_not_allowed_fallback(|| async {
+            ServerError::MethodNotAllowed(
+                "this endpoint does not take that method; see docs/api.md".into(),
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(engine)
 }
@@ -54,6 +59,10 @@ impl IntoResponse for ServerError {
             ServerError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServerError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ServerError::MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            ServerError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let errors = match &self {
@@ -69,8 +78,21 @@ impl IntoResponse for ServerError {
     }
 }
 
+type Body2 = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 /// Decode a JSON body with an error that says what is wrong and where.
-fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ServerError> {
+fn decode<T: DeserializeOwned>(body: Body2) -> Result<T, ServerError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServerError::TooLarge(format!(
+                "request body is larger than the limit of {} bytes",
+                MAX_BODY
+            ))
+        } else {
+            ServerError::BadRequest(r.body_text())
+        }
+    })?;
+    let body = &body;
     serde_json::from_slice(body).map_err(|e| {
         ServerError::BadRequest(format!(
             "invalid JSON body at line {} column {}: {e}; see docs/api.md",
@@ -80,19 +102,19 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, ServerError> {
     })
 }
 
-async fn apply(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, ServerError> {
-    let req: ApplyRequest = decode(&body)?;
+async fn apply(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: ApplyRequest = decode(body)?;
     let resp = e.apply(req).await?;
     Ok(Json(resp).into_response())
 }
 
-async fn deploy(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, ServerError> {
-    let req: DeployRequest = decode(&body)?;
+async fn deploy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: DeployRequest = decode(body)?;
     Ok(Json(e.deploy(req).await?).into_response())
 }
 
-async fn rollback(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, ServerError> {
-    let req: RollbackRequest = decode(&body)?;
+async fn rollback(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: RollbackRequest = decode(body)?;
     Ok(Json(e.rollback(req).await?).into_response())
 }
 
@@ -203,7 +225,23 @@ async fn events(
     }
     // Follow: subscribe first, then send what is stored, then stream new ones (deduplicated by seq).
     let mut rx = e.events_tx.subscribe();
-    let stored = e.store.events(&filter)?;
+    // Every stored event after `after` (page by page), then the live ones.
+    let mut stored = Vec::new();
+    let mut page = EventFilter {
+        limit: 1000,
+        ..filter.clone()
+    };
+    loop {
+        let got = e.store.events(&page)?;
+        let n = got.len();
+        if let Some(last) = got.last() {
+            page.after_seq = last.seq;
+        }
+        stored.extend(got);
+        if n < page.limit || stored.len() >= 1_000_000 {
+            break;
+        }
+    }
     let mut last = stored.last().map(|ev| ev.seq).unwrap_or(q.after);
     let backlog = futures::stream::iter(stored.into_iter().map(line));
     let live = async_stream(move |tx| async move {
@@ -253,8 +291,8 @@ where
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
-async fn heartbeat(State(e): State<Arc<Engine>>, body: Bytes) -> Result<Response, ServerError> {
-    let hb: Heartbeat = decode(&body)?;
+async fn heartbeat(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let hb: Heartbeat = decode(body)?;
     if hb.instance.is_empty() || hb.instance.len() > 64 || hb.components.len() > 256 {
         return Err(ServerError::BadRequest(
             "heartbeat needs an instance id (at most 64 characters) and at most 256 components"

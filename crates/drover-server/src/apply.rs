@@ -198,7 +198,9 @@ impl Engine {
                 let (generation, plan_changed) = match old {
                     Some(g) if g.plan.same_content(&plan) => (g.record.generation, false),
                     Some(g) => (g.record.generation + 1, true),
-                    None => (1, true),
+                    // A group that existed before (removed, now back) continues its numbering:
+                    // plans are immutable and kept.
+                    None => (self.next_unused_generation(&gid)?, true),
                 };
                 plan.generation = generation;
                 plan.revision = match old {
@@ -411,6 +413,17 @@ impl Engine {
         }
         self.wake.notify_one();
         Ok(response(number, true))
+    }
+}
+
+impl Engine {
+    /// The first generation of `group` with no stored plan.
+    fn next_unused_generation(&self, group: &str) -> Result<u64, ServerError> {
+        let mut g = 1;
+        while self.store.plan(group, g)?.is_some() {
+            g += 1;
+        }
+        Ok(g)
     }
 }
 

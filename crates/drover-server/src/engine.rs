@@ -172,11 +172,16 @@ impl Engine {
                 return Ok(());
             }
         }
-        let old = self.ingresses.lock().expect("ingress lock").remove(group);
-        if let Some(old) = old {
-            old.listener.shutdown().await;
-        }
-        let (tx, rx) = watch::channel(Vec::new());
+        // Bind the new listener first: if it fails, the old one keeps serving. It starts with
+        // the old one's targets, so traffic moves over without a gap.
+        let current: Vec<Target> = self
+            .ingresses
+            .lock()
+            .expect("ingress lock")
+            .get(group)
+            .map(|i| i.targets.borrow().clone())
+            .unwrap_or_default();
+        let (tx, rx) = watch::channel(current);
         let cfg = ListenerConfig {
             name: group.to_string(),
             listen: addr,
@@ -187,13 +192,16 @@ impl Engine {
                 "cannot open the ingress of {group} on {addr}: {e}; is another program (or another drover) listening there? Change `ingress.listen` or stop that program"
             ))
         })?;
-        self.ingresses.lock().expect("ingress lock").insert(
+        let old = self.ingresses.lock().expect("ingress lock").insert(
             group.to_string(),
             Ingress {
                 listener,
                 targets: tx,
             },
         );
+        if let Some(old) = old {
+            old.listener.shutdown().await;
+        }
         Ok(())
     }
 

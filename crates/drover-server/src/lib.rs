@@ -31,6 +31,10 @@ pub enum ServerError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("store: {0}")]
     Store(#[from] drover_store::StoreError),
     #[error("provider: {0}")]

@@ -132,7 +132,8 @@ enum Command {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
-        /// At most this many (default: all; with --follow, the last 1000 first).
+        /// At most this many, oldest first (default: 10000). With --follow: every stored event
+        /// first, then new ones as they happen.
         #[arg(long)]
         limit: Option<usize>,
         #[arg(long)]

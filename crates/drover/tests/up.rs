@@ -245,6 +245,16 @@ fn broken_fleet_file_is_refused_with_its_location_and_changes_nothing() {
     assert!(body.contains("\"code\":\"bad_request\""), "{body}");
     let (code, body) = http(up.api, "GET", "/v1/nope", None).unwrap();
     assert_eq!(code, 404, "{body}");
+    let (code, body) = http(up.api, "GET", "/v1/apply", None).unwrap();
+    assert_eq!(code, 405, "{body}");
+    assert!(body.contains("\"code\":\"method_not_allowed\""), "{body}");
+    let big = format!(
+        "{{\"file\":\"x\",\"toml\":\"{}\"}}",
+        "a".repeat(3 * 1024 * 1024)
+    );
+    let (code, body) = http(up.api, "POST", "/v1/apply", Some(&big)).unwrap();
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("\"code\":\"too_large\""), "{body}");
     let (code, body) = http(up.api, "GET", "/v1/events?kind=explosion", None).unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("unknown event kind"), "{body}");
