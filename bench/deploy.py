@@ -355,7 +355,7 @@ def analyse(events, after_seq, data_dir, done_s, wall_s):
     # What the CLI adds: its clock starts when the POST returns (about plan_changed) and it
     # polls status every 200 ms.
     server_s = ((t_done or last_permit) - t0) / 1000
-    seg["rollout done event -> CLI \"done\" (200 ms poll)"] = (done_s - server_s) * 1000
+    seg["rollout done event -> CLI \"done\" (200 ms poll; CLI rounds to 0.1 s)"] = (done_s - server_s) * 1000
 
     # Permit latency: server permit event -> agent "permit received; draining".
     lat, drains = [], []
@@ -520,9 +520,10 @@ def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers
     L.append(f"Machine: `nproc` {m['nproc']}, kernel `{m['kernel']}` (`uname -r`), CPU "
              f"\"{m['cpu']}\", RAM {m['ram']}. Date: `{m['date']}`.")
     L.append(f"`uptime` at start: `{uptime_start}`; at the end: `{uptime_end}`. "
-             + ("The 1-minute load was above 1 at the start: another benchmark or build was "
-                "probably running on the same 2-core machine, and shares the CPU with "
-                "wrk, the balancer and the 6 agents here." if float(m["load"]) > 1.0 else
+             + ("The 1-minute load was above 1 at the start: the 2-core machine was not idle "
+                "(another benchmark, a build, or the tail of an earlier run of this one; see "
+                "the busiest processes below), and what ran shared the CPU with wrk, the "
+                "balancer and the 6 agents here." if float(m["load"]) > 1.0 else
                 "No other significant load was seen at the start.")
              + " The unthrottled wrk itself keeps both cores busy during each deploy (hence "
              "the load at the end). Busiest processes at the start (`ps`, %CPU over their "

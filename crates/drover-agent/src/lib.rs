@@ -17,6 +17,7 @@ mod component;
 mod error;
 mod health;
 mod leave;
+mod metrics;
 mod process;
 mod report;
 mod supervisor;
@@ -243,6 +244,11 @@ pub async fn run(
             ctx.set_phase(Some(AgentPhase::Booting), AgentPhase::Running, true);
             tracing::info!("all components started");
         };
+        let has_custom = ctx
+            .plan
+            .components
+            .iter()
+            .any(|c| !c.custom_metrics.is_empty());
         let report = async {
             let Some(reporter) = reporter.as_mut() else {
                 return std::future::pending::<()>().await;
@@ -258,7 +264,14 @@ pub async fn run(
                 }
                 changes.borrow_and_update();
                 tick.reset();
-                let hb = ctx.heartbeat();
+                let custom = if has_custom {
+                    metrics::read_all(&ctx.plan, ctx.instance.addr, Duration::from_millis(300))
+                        .await
+                } else {
+                    Default::default()
+                };
+                let mut hb = ctx.heartbeat();
+                hb.utilization.custom = custom;
                 reporter.send(&hb, HEARTBEAT_TIMEOUT).await;
             }
         };

@@ -69,6 +69,7 @@ impl Sampler {
             cpu,
             memory_bytes,
             agent_rss_bytes: read_resident_pages("/proc/self/statm").unwrap_or(0) * self.page_size,
+            custom: Default::default(),
         }
     }
 }

@@ -126,7 +126,7 @@ pub enum AgentPhase {
 }
 
 /// Resource use of the instance's components.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Utilization {
     /// CPU used by the components, in cores (1.0 = one core busy).
     pub cpu: f64,
@@ -134,6 +134,9 @@ pub struct Utilization {
     pub memory_bytes: u64,
     /// Resident memory of the agent itself, in bytes.
     pub agent_rss_bytes: u64,
+    /// The components' custom metrics by name (see `custom_metrics` in the fleet file).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub custom: std::collections::BTreeMap<String, f64>,
 }
 
 /// `POST /v1/agent/heartbeat`: sent every interval, and at once when a component changes state.
@@ -220,7 +223,49 @@ pub struct GroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<String>,
     pub rollout: RolloutStatus,
+    /// Who or what set the desired count, and why.
+    pub desired_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleStatus>,
     pub instances: Vec<InstanceStatus>,
+}
+
+/// What the autoscaler sees for a group.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub metric: String,
+    pub target: f64,
+    /// Mean over the instances measured; None when no instance reports it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<f64>,
+    /// Instances whose metric counts (healthy and past warm-up).
+    pub measured: u32,
+    /// The count the metric alone asks for (before cooldown and stabilization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended: Option<u32>,
+}
+
+/// `POST /v1/scale`: set a group's desired count; autoscaling goes on from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub service: String,
+    /// Only this region's group (default: every region of the service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub desired: u32,
+}
+
+/// The answer of scale: each group changed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScaleResponse {
+    pub groups: Vec<ScaledGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScaledGroup {
+    pub group: String,
+    pub from: u32,
+    pub to: u32,
 }
 
 /// Where a group's rollout stands.

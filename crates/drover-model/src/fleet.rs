@@ -60,6 +60,9 @@ pub struct Service {
     pub ingress: Option<Ingress>,
     #[serde(default)]
     pub rollout: Rollout,
+    /// Target tracking on a utilization metric, between capacity.min and capacity.max.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
     /// An instance that reports unhealthy (or nothing) for this long after booting is replaced.
     #[serde(default = "default_replace_unhealthy_after")]
     pub replace_unhealthy_after: Dur,
@@ -116,6 +119,61 @@ impl Default for Rollout {
     }
 }
 
+/// Target tracking: desired = ceil(desired x observed / target), clamped to min..max; fast
+/// out, slow in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    /// `cpu` (cores busy per instance, 1.0 = one core), or `custom:NAME` (a component's
+    /// `custom_metrics.NAME`).
+    pub metric: String,
+    /// The per-instance value to hold the metric at.
+    pub target: f64,
+    /// After a scale-out, wait this long before the next one.
+    #[serde(default = "default_scale_out_cooldown")]
+    pub scale_out_cooldown: Dur,
+    /// Scale in only to the highest count recommended over this window.
+    #[serde(default = "default_scale_in_stabilization")]
+    pub scale_in_stabilization: Dur,
+    /// No change while observed/target is within 1 +- tolerance.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// An instance counts in the metric only once healthy for this long.
+    #[serde(default = "default_warmup")]
+    pub warmup: Dur,
+}
+
+fn default_scale_out_cooldown() -> Dur {
+    Dur::from_secs(30)
+}
+fn default_scale_in_stabilization() -> Dur {
+    Dur::from_secs(300)
+}
+fn default_tolerance() -> f64 {
+    0.1
+}
+fn default_warmup() -> Dur {
+    Dur::from_secs(10)
+}
+
+impl Autoscale {
+    /// The custom metric's name, for `custom:NAME`.
+    pub fn custom_name(&self) -> Option<&str> {
+        self.metric.strip_prefix("custom:")
+    }
+}
+
+/// A number a component serves over HTTP (its body, e.g. `0.73`), read by the agent with
+/// every heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomMetric {
+    /// Named port of the component.
+    pub port: String,
+    /// Path of the HTTP GET.
+    pub path: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
@@ -141,6 +199,9 @@ pub struct Component {
     pub artifact: Option<Artifact>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// Numbers the component serves over HTTP, reported with heartbeats (for autoscaling).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub custom_metrics: IndexMap<String, CustomMetric>,
     #[serde(default)]
     pub restart: RestartPolicy,
     #[serde(default = "default_stop_grace")]

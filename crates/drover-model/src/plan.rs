@@ -4,7 +4,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Dur;
-use crate::fleet::{Artifact, Fleet, HealthCheck, RestartPolicy, Runtime, Service};
+use crate::fleet::{Artifact, CustomMetric, Fleet, HealthCheck, RestartPolicy, Runtime, Service};
 use crate::ids::GroupId;
 use crate::subst;
 
@@ -38,6 +38,8 @@ pub struct PlanComponent {
     pub artifact: Option<Artifact>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub custom_metrics: IndexMap<String, CustomMetric>,
     pub restart: RestartPolicy,
     pub stop_grace: Dur,
     pub stop_signal: String,
@@ -85,6 +87,7 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
                     sha256: a.sha256.to_ascii_lowercase(),
                 }),
                 health: c.health.clone(),
+                custom_metrics: c.custom_metrics.clone(),
                 restart: c.restart.clone(),
                 stop_grace: c.stop_grace,
                 stop_signal: c.stop_signal.clone(),

@@ -356,6 +356,60 @@ fn check_service(
             ),
         ));
     }
+    if let Some(a) = &svc.autoscale {
+        let at = |f: &'static str| ["services", s, "autoscale", f];
+        match a.custom_name() {
+            Some(name) => {
+                let known = svc
+                    .components
+                    .values()
+                    .any(|c| c.custom_metrics.contains_key(name));
+                if !known {
+                    let declared: Vec<&String> = svc
+                        .components
+                        .values()
+                        .flat_map(|c| c.custom_metrics.keys())
+                        .collect();
+                    out.push(p(
+                        &at("metric"),
+                        format!(
+                            "no component of this service declares custom_metrics.{name}; declared: {}",
+                            names(declared.into_iter())
+                        ),
+                    ));
+                }
+            }
+            None if a.metric == "cpu" => {}
+            None => out.push(p(
+                &at("metric"),
+                format!(
+                    "unknown metric {:?}; allowed: \"cpu\" or \"custom:NAME\" (a component's custom_metrics.NAME)",
+                    a.metric
+                ),
+            )),
+        }
+        if !(a.target.is_finite() && a.target > 0.0) {
+            out.push(p(
+                &at("target"),
+                format!("target {} must be a number above 0", a.target),
+            ));
+        }
+        if !(a.tolerance.is_finite() && (0.0..1.0).contains(&a.tolerance)) {
+            out.push(p(
+                &at("tolerance"),
+                format!(
+                    "tolerance {} must be at least 0 and below 1 (0.1 = 10%)",
+                    a.tolerance
+                ),
+            ));
+        }
+        if c.min == c.max {
+            out.push(p(
+                &["services", s, "autoscale"],
+                format!("capacity.min = capacity.max = {}: there is nothing to scale; widen the range or remove autoscale", c.min),
+            ));
+        }
+    }
     if svc.components.is_empty() {
         out.push(p(
             &["services", s, "components"],
@@ -521,6 +575,30 @@ fn check_service(
             }
             if h.unhealthy_threshold == 0 {
                 out.push(p(&hp("unhealthy_threshold"), "must be at least 1"));
+            }
+        }
+        for (mname, m) in &comp.custom_metrics {
+            if !valid_name(mname) {
+                out.push(p(
+                    &join(&base, &["custom_metrics", mname]),
+                    format!("{mname:?} is not a valid metric name; {NAME_RULE}"),
+                ));
+            }
+            if !comp.ports.contains_key(&m.port) {
+                out.push(p(
+                    &join(&base, &["custom_metrics", mname, "port"]),
+                    format!(
+                        "unknown port {:?}; this component's ports: {}",
+                        m.port,
+                        names(comp.ports.keys())
+                    ),
+                ));
+            }
+            if !m.path.starts_with('/') {
+                out.push(p(
+                    &join(&base, &["custom_metrics", mname, "path"]),
+                    format!("path {:?} must start with '/'", m.path),
+                ));
             }
         }
         let rp = &comp.restart;

@@ -37,6 +37,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/deploy", post(deploy))
         .route("/v1/rollback", post(rollback))
+        .route("/v1/scale", post(scale))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
@@ -111,6 +112,11 @@ async fn apply(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, Se
 async fn deploy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
     let req: DeployRequest = decode(body)?;
     Ok(Json(e.deploy(req).await?).into_response())
+}
+
+async fn scale(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: drover_model::api::ScaleRequest = decode(body)?;
+    Ok(Json(e.scale(req).await?).into_response())
 }
 
 async fn rollback(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {

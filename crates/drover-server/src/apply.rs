@@ -188,6 +188,8 @@ impl Engine {
         let mut rollouts = Vec::new();
         let mut new_groups: BTreeMap<String, Group> = BTreeMap::new();
         let mut new_plans: Vec<Plan> = Vec::new();
+        // Groups whose count the file set: autoscaling goes on from it.
+        let mut file_scaled: Vec<(String, u32)> = Vec::new();
         let next_revision = current + 1;
         for (sname, svc) in &fleet.services {
             for region in &svc.regions {
@@ -287,6 +289,9 @@ impl Engine {
                         .group(&gid),
                     );
                     new_plans.push(plan.clone());
+                }
+                if old.is_none() || (old.is_some() && file_desired_changed) {
+                    file_scaled.push((gid.clone(), desired));
                 }
                 if let Some(g) = old {
                     if g.record.desired != desired {
@@ -407,6 +412,9 @@ impl Engine {
                 fleet,
             });
             st.groups = new_groups;
+            for (g, d) in file_scaled {
+                st.autoscale.entry(g).or_default().manual(now, d);
+            }
         }
         for g in &removed {
             self.close_ingress(g).await;

@@ -309,10 +309,13 @@ impl Engine {
 
     // ------------------------------------------------------------ controller
 
-    /// One controller pass: decide, then carry out the decision.
+    /// One controller pass: autoscale, decide, then carry out the decision.
     pub async fn tick(self: &Arc<Self>) {
         let _w = self.write_lock.lock().await;
         let now = now_ms();
+        if let Err(e) = self.autoscale(now) {
+            tracing::error!("autoscale: {e}");
+        }
         let decision = {
             let st = self.state();
             drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
@@ -328,6 +331,137 @@ impl Engine {
             drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
         };
         self.update_targets(decision.targets);
+    }
+
+    /// Run the autoscaler of every group that has a policy; store and record its changes.
+    fn autoscale(&self, now: u64) -> Result<(), ServerError> {
+        let mut writes = Vec::new();
+        {
+            let mut st = self.state();
+            let groups: Vec<String> = st.groups.keys().cloned().collect();
+            for gid in groups {
+                let g = &st.groups[&gid];
+                let Some(svc) = st.service(g) else { continue };
+                let Some(policy) = svc.autoscale.clone() else {
+                    continue;
+                };
+                let (min, max) = (svc.capacity.min, svc.capacity.max);
+                let samples = st.samples(g, &policy, now);
+                let desired = g.record.desired;
+                let rollout = g.record.rollout.open;
+                let decision = st.autoscale.entry(gid.clone()).or_default().decide(
+                    now,
+                    &drover_control::AutoscaleInput {
+                        group: &gid,
+                        policy: &policy,
+                        desired,
+                        min,
+                        max,
+                        rollout_in_progress: rollout,
+                        samples: &samples,
+                    },
+                );
+                if let Some(d) = decision {
+                    let g = st.groups.get_mut(&gid).expect("group exists");
+                    g.record.desired = d.to;
+                    g.record.desired_reason = d.reason.clone();
+                    writes.push(Write::Group(g.record.clone()));
+                    writes.push(Write::Event(
+                        NewEvent::new(
+                            EventKind::Scaled,
+                            format!("desired {} -> {} ({})", d.from, d.to, d.reason),
+                        )
+                        .group(&gid),
+                    ));
+                }
+            }
+        }
+        if !writes.is_empty() {
+            self.commit(writes)?;
+        }
+        Ok(())
+    }
+
+    /// Set the desired count of a service's groups (`drover scale`). Autoscaling goes on
+    /// from the new count.
+    pub async fn scale(
+        &self,
+        req: drover_model::api::ScaleRequest,
+    ) -> Result<drover_model::api::ScaleResponse, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let now = now_ms();
+        let (writes, changed) = {
+            let mut st = self.state();
+            let fleet = st.fleet().cloned().ok_or_else(|| {
+                ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
+            })?;
+            let svc = fleet.services.get(&req.service).ok_or_else(|| {
+                ServerError::NotFound(format!(
+                    "no service {:?}; services: {}",
+                    req.service,
+                    fleet
+                        .services
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            if let Some(r) = &req.region {
+                if !svc.regions.contains(r) {
+                    return Err(ServerError::NotFound(format!(
+                        "service {} does not run in region {r:?}; its regions: {}",
+                        req.service,
+                        svc.regions.join(", ")
+                    )));
+                }
+            }
+            let (min, max) = (svc.capacity.min, svc.capacity.max);
+            if req.desired < min || req.desired > max {
+                return Err(ServerError::BadRequest(format!(
+                    "{} is outside {}'s capacity range min..max = {min}..{max}; choose a count in that range, or change capacity in the fleet file and apply it",
+                    req.desired, req.service
+                )));
+            }
+            let mut writes = Vec::new();
+            let mut changed = Vec::new();
+            for region in &svc.regions {
+                if req.region.as_ref().is_some_and(|r| r != region) {
+                    continue;
+                }
+                let gid = drover_model::GroupId::new(&req.service, region).0;
+                let Some(g) = st.groups.get_mut(&gid) else {
+                    continue;
+                };
+                let from = g.record.desired;
+                g.record.desired = req.desired;
+                g.record.desired_reason = "manual: drover scale".into();
+                writes.push(Write::Group(g.record.clone()));
+                writes.push(Write::Event(
+                    NewEvent::new(
+                        EventKind::Scaled,
+                        format!(
+                            "desired {from} -> {} (manual: drover scale; autoscaling goes on from here)",
+                            req.desired
+                        ),
+                    )
+                    .group(&gid),
+                ));
+                st.autoscale
+                    .entry(gid.clone())
+                    .or_default()
+                    .manual(now, req.desired);
+                changed.push(drover_model::api::ScaledGroup {
+                    group: gid,
+                    from,
+                    to: req.desired,
+                });
+            }
+            (writes, changed)
+        };
+        self.commit(writes)?;
+        self.wake.notify_one();
+        Ok(drover_model::api::ScaleResponse { groups: changed })
     }
 
     /// Take one instance out of its group's balancer at once.

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use drover_control::{GroupSpec, Health, InstanceView, Phase};
 use drover_model::api::{
-    ComponentReport, FleetStatus, GroupStatus, Heartbeat, InstanceState, InstanceStatus, Revision,
-    RolloutStatus, Utilization,
+    AutoscaleStatus, ComponentReport, FleetStatus, GroupStatus, Heartbeat, InstanceState,
+    InstanceStatus, Revision, RolloutStatus, Utilization,
 };
 use drover_model::{Fleet, Plan};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
@@ -52,6 +52,8 @@ pub struct State {
     /// Per group: instances that ended before ever turning healthy, in a row, and the time
     /// before which no new launch happens.
     pub launch_backoff: BTreeMap<String, (u32, u64)>,
+    /// Per group: the autoscaler's memory (soft).
+    pub autoscale: BTreeMap<String, drover_control::AutoscaleState>,
 }
 
 /// Delay before the next launch after `failures` instances in a row died unhealthy.
@@ -153,6 +155,17 @@ impl State {
                         .filter(|i| i.state == InstanceState::Healthy)
                         .count() as u32,
                     ingress: g.ingress.map(|(a, _)| a.to_string()),
+                    desired_reason: g.record.desired_reason.clone(),
+                    autoscale: self.service(g).and_then(|s| s.autoscale.as_ref()).map(|p| {
+                        let a = self.autoscale.get(&g.record.group);
+                        AutoscaleStatus {
+                            metric: p.metric.clone(),
+                            target: p.target,
+                            observed: a.and_then(|a| a.last_observed),
+                            measured: self.samples(g, p, now).len() as u32,
+                            recommended: a.and_then(|a| a.last_recommended),
+                        }
+                    }),
                     rollout: RolloutStatus {
                         in_progress: g.record.rollout.open,
                         since_ms: g.record.rollout.since_ms,
@@ -202,6 +215,37 @@ impl State {
         v.get(v.len() / 2).copied()
     }
 
+    pub fn service(&self, g: &Group) -> Option<&drover_model::fleet::Service> {
+        self.fleet().and_then(|f| f.services.get(&g.plan.service))
+    }
+
+    /// The autoscaling metric of each instance of `g` that counts: active, healthy for at
+    /// least the warm-up, and reporting the metric.
+    pub fn samples(
+        &self,
+        g: &Group,
+        policy: &drover_model::fleet::Autoscale,
+        now: u64,
+    ) -> Vec<f64> {
+        let custom = policy.custom_name();
+        self.instances
+            .values()
+            .filter(|i| i.record.group == g.record.group && i.alive)
+            .filter(|i| i.record.lifecycle == drover_store::Lifecycle::Active)
+            .filter(|i| match i.soft.health {
+                Health::Healthy { since_ms } => {
+                    now.saturating_sub(since_ms) >= policy.warmup.as_millis()
+                }
+                _ => false,
+            })
+            .filter_map(|i| match custom {
+                Some(name) => i.soft.utilization.custom.get(name).copied(),
+                None => Some(i.soft.utilization.cpu),
+            })
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .collect()
+    }
+
     fn capacity(&self, g: &Group) -> (u32, u32) {
         self.fleet()
             .and_then(|f| f.services.get(&g.plan.service))
@@ -238,7 +282,7 @@ fn instance_status(
         launched_at_ms: i.record.launched_at_ms,
         last_heartbeat_ms: i.soft.reporting.then_some(i.soft.last_seen_ms),
         components: i.soft.components.clone(),
-        utilization: i.soft.utilization,
+        utilization: i.soft.utilization.clone(),
         in_rotation: targets.is_some_and(|t| t.contains(&i.record.id)),
     }
 }
@@ -348,7 +392,7 @@ pub fn absorb_heartbeat(
     inst.soft.last_seen_ms = now;
     inst.soft.last_seq = hb.seq;
     inst.soft.components = hb.components.clone();
-    inst.soft.utilization = hb.utilization;
+    inst.soft.utilization = hb.utilization.clone();
     inst.soft.reporting = true;
     (events, changed)
 }

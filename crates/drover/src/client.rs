@@ -189,6 +189,34 @@ impl Client {
         }
     }
 
+    pub async fn scale(
+        &self,
+        service: &str,
+        desired: u32,
+        region: Option<String>,
+    ) -> anyhow::Result<u8> {
+        let req = drover_model::api::ScaleRequest {
+            service: service.into(),
+            region,
+            desired,
+        };
+        let resp: drover_model::api::ScaleResponse = match self
+            .send(self.http.post(self.url("/v1/scale")).json(&req))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+        } else {
+            for g in &resp.groups {
+                println!("{}: desired {} -> {}", g.group, g.from, g.to);
+            }
+        }
+        Ok(exit::OK)
+    }
+
     pub async fn fleet_status(&self) -> anyhow::Result<FleetStatus> {
         self.get("/v1/status").await
     }

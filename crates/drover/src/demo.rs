@@ -2,7 +2,7 @@
 //! version and instance address; `/healthz` answers health checks; flags make it misbehave.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -31,6 +31,14 @@ pub struct DemoArgs {
     /// these: a way to try a broken deploy, e.g. `--crash-on-versions broken`.
     #[arg(long, value_delimiter = ',')]
     pub crash_on_versions: Vec<String>,
+    /// Requests per second one instance is meant to serve: `/utilization` answers the last
+    /// second's rate divided by this (a custom metric to autoscale on).
+    #[arg(long, default_value_t = 100.0)]
+    pub capacity_rps: f64,
+    /// On SIGTERM, keep serving this long, answering with `Connection: close` so kept-alive
+    /// clients move to other instances, then stop.
+    #[arg(long, default_value = "1s")]
+    pub lame_duck: Dur,
 }
 
 struct Demo {
@@ -39,6 +47,12 @@ struct Demo {
     version: String,
     listen: SocketAddr,
     healthy: AtomicBool,
+    /// Requests this second, and the last full second's count.
+    count: AtomicU64,
+    last_rate: AtomicU64,
+    capacity_rps: f64,
+    /// Stopping: every answer says `Connection: close`.
+    closing: AtomicBool,
 }
 
 pub fn run(args: DemoArgs) -> u8 {
@@ -78,7 +92,22 @@ async fn serve(args: DemoArgs) -> u8 {
         version: std::env::var("DROVER_VERSION").unwrap_or_else(|_| "-".into()),
         listen: args.listen,
         healthy: AtomicBool::new(true),
+        count: AtomicU64::new(0),
+        last_rate: AtomicU64::new(0),
+        capacity_rps: args.capacity_rps.max(0.001),
+        closing: AtomicBool::new(false),
     });
+    {
+        let demo = demo.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let n = demo.count.swap(0, Ordering::Relaxed);
+                demo.last_rate.store(n, Ordering::Relaxed);
+            }
+        });
+    }
     if let Some(d) = args.fail_health_after {
         let demo = demo.clone();
         tokio::spawn(async move {
@@ -97,10 +126,21 @@ async fn serve(args: DemoArgs) -> u8 {
     let app = Router::new()
         .route("/", get(root))
         .route("/healthz", get(healthz))
+        .route("/utilization", get(utilization))
         .route("/fail-health", post(fail_health))
-        .with_state(demo);
+        .layer(axum::middleware::map_response_with_state(
+            demo.clone(),
+            close_when_stopping,
+        ))
+        .with_state(demo.clone());
     eprintln!("demo-server: listening on {}", args.listen);
-    let shutdown = crate::shutdown_signal();
+    let lame_duck = args.lame_duck.0;
+    let shutdown = async move {
+        crate::shutdown_signal().await;
+        // Lame duck: answers now close their connections; clients reconnect elsewhere.
+        demo.closing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(lame_duck).await;
+    };
     match axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -113,7 +153,27 @@ async fn serve(args: DemoArgs) -> u8 {
     }
 }
 
+async fn close_when_stopping(
+    State(d): State<Arc<Demo>>,
+    mut resp: axum::response::Response,
+) -> axum::response::Response {
+    if d.closing.load(Ordering::Relaxed) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// The last second's request rate over the capacity, e.g. `0.42`.
+async fn utilization(State(d): State<Arc<Demo>>) -> String {
+    let rate = d.last_rate.load(Ordering::Relaxed) as f64;
+    format!("{:.3}\n", rate / d.capacity_rps)
+}
+
 async fn root(State(d): State<Arc<Demo>>) -> String {
+    d.count.fetch_add(1, Ordering::Relaxed);
     format!(
         "{} (version {}, instance {} at {})\n",
         d.message, d.version, d.instance, d.listen

@@ -122,6 +122,18 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Set the desired count of SERVICE's groups; autoscaling (if any) goes on from it.
+    ///
+    /// The count must be within the service's capacity min..max. Extra instances leave
+    /// through the same drain path as a deploy (stale ones first, then the newest).
+    Scale {
+        service: String,
+        /// The new desired count.
+        count: u32,
+        /// Only this region's group (default: every region of the service).
+        #[arg(long)]
+        region: Option<String>,
+    },
     /// Show every group and instance: generation, health, rotation, restarts.
     Status,
     /// Show the event log: everything that happened, in order.
@@ -251,6 +263,11 @@ async fn dispatch(cli: Cli) -> u8 {
                 .rollback(&service, dry_run, wait.then_some(timeout.0))
                 .await
         }
+        Command::Scale {
+            service,
+            count,
+            region,
+        } => client.scale(&service, count, region).await,
         Command::Status => client.status().await,
         Command::Events {
             follow,

@@ -71,7 +71,7 @@ pub fn status(s: &FleetStatus) -> String {
     }
     let mut groups = table(&[
         "GROUP", "PROVIDER", "GEN", "VERSIONS", "HEALTHY", "DESIRED", "MIN..MAX", "INGRESS",
-        "ROLLOUT",
+        "ROLLOUT", "SCALING",
     ]);
     for g in &s.groups {
         let r = &g.rollout;
@@ -103,6 +103,7 @@ pub fn status(s: &FleetStatus) -> String {
             format!("{}..{}", g.min, g.max),
             g.ingress.clone().unwrap_or_else(|| "-".into()),
             rollout,
+            scaling(g),
         ]);
     }
     out.push_str(&groups.to_string());
@@ -152,6 +153,24 @@ pub fn status(s: &FleetStatus) -> String {
     out.push_str(&inst.to_string());
     out.push('\n');
     out
+}
+
+/// The metric, its target and why the count is what it is.
+fn scaling(g: &drover_model::api::GroupStatus) -> String {
+    let why = format!("set by {}", g.desired_reason);
+    match &g.autoscale {
+        None => why,
+        Some(a) => {
+            let observed = a
+                .observed
+                .map(|o| format!("{o:.2}"))
+                .unwrap_or_else(|| "no data".into());
+            format!(
+                "{} {observed} / target {:.2} over {} instance(s); {why}",
+                a.metric, a.target, a.measured
+            )
+        }
+    }
 }
 
 pub fn event_line(e: &Event) -> String {

@@ -266,6 +266,17 @@ pub fn load(
     keep_alive: bool,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<LoadReport> {
+    load_paced(addr, threads, keep_alive, Duration::from_millis(2), stop)
+}
+
+/// Like [`load`], pausing `pause` between requests on each thread.
+pub fn load_paced(
+    addr: SocketAddr,
+    threads: usize,
+    keep_alive: bool,
+    pause: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<LoadReport> {
     std::thread::spawn(move || {
         let t0 = Instant::now();
         let handles: Vec<_> = (0..threads)
@@ -300,7 +311,7 @@ pub fn load(
                                 }
                             }
                         }
-                        std::thread::sleep(Duration::from_millis(2));
+                        std::thread::sleep(pause);
                     }
                     r
                 })

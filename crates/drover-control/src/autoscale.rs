@@ -1,0 +1,197 @@
+//! The autoscaler: target tracking on a per-instance metric. Fast out (a cooldown between
+//! scale-outs), slow in (only to the highest count recommended over the stabilization window),
+//! frozen in during a rollout, silent without data, and continuing from a manual count.
+
+use std::collections::VecDeque;
+
+use drover_model::fleet::Autoscale;
+
+/// What the autoscaler must know about a group at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoscaleInput<'a> {
+    pub group: &'a str,
+    pub policy: &'a Autoscale,
+    pub desired: u32,
+    pub min: u32,
+    pub max: u32,
+    /// A rollout is replacing instances: no scale-in now.
+    pub rollout_in_progress: bool,
+    /// The metric of each instance that counts (healthy, past warm-up, reporting it).
+    pub samples: &'a [f64],
+}
+
+/// The autoscaler's memory of one group. Soft: after a server restart it starts empty, which
+/// only delays scale-in (the window must fill again).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AutoscaleState {
+    /// Recommendations (time, count) within the stabilization window.
+    window: VecDeque<(u64, u32)>,
+    /// Since when recommendations have been recorded without a gap.
+    observing_since_ms: Option<u64>,
+    /// The last change of the desired count (by the autoscaler or a person).
+    last_change_ms: Option<u64>,
+    /// The last observation, for status.
+    pub last_observed: Option<f64>,
+    pub last_recommended: Option<u32>,
+}
+
+/// A change of the desired count, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleDecision {
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+}
+
+impl AutoscaleState {
+    /// A person (or a fleet file) set the count: autoscaling goes on from there. Older
+    /// recommendations no longer apply, and the next scale-out waits for the cooldown.
+    pub fn manual(&mut self, now: u64, desired: u32) {
+        self.window.clear();
+        self.window.push_back((now, desired));
+        self.observing_since_ms = Some(now);
+        self.last_change_ms = Some(now);
+    }
+
+    /// Look at the metric and decide. Deterministic in its inputs and `now`.
+    pub fn decide(&mut self, now: u64, input: &AutoscaleInput<'_>) -> Option<ScaleDecision> {
+        let p = input.policy;
+        let current = input.desired;
+        if input.samples.is_empty() || current == 0 {
+            // No data: no scaling, and the window restarts when data comes back.
+            self.window.clear();
+            self.observing_since_ms = None;
+            self.last_observed = None;
+            self.last_recommended = None;
+            return None;
+        }
+        let observed = input.samples.iter().sum::<f64>() / input.samples.len() as f64;
+        let ratio = observed / p.target;
+        let recommended = if (ratio - 1.0).abs() <= p.tolerance {
+            current
+        } else {
+            ((current as f64 * ratio).ceil() as u32).clamp(input.min, input.max)
+        };
+        self.last_observed = Some(observed);
+        self.last_recommended = Some(recommended);
+        let since = *self.observing_since_ms.get_or_insert(now);
+        self.window.push_back((now, recommended));
+        let horizon = now.saturating_sub(p.scale_in_stabilization.as_millis());
+        while self.window.front().is_some_and(|(t, _)| *t < horizon) {
+            self.window.pop_front();
+        }
+        let metric = &p.metric;
+        let why = |dir: &str| {
+            format!(
+                "autoscale {dir}: {metric} {observed:.2} per instance over {} instance(s), target {:.2}",
+                input.samples.len(),
+                p.target
+            )
+        };
+        let target = current.clamp(input.min, input.max);
+        if target != current {
+            // The range changed under us: move into it at once.
+            self.last_change_ms = Some(now);
+            return Some(ScaleDecision {
+                from: current,
+                to: target,
+                reason: format!(
+                    "autoscale: {current} is outside min..max ({}..{})",
+                    input.min, input.max
+                ),
+            });
+        }
+        if recommended > current {
+            let cooled = self
+                .last_change_ms
+                .is_none_or(|t| now.saturating_sub(t) >= p.scale_out_cooldown.as_millis());
+            if cooled {
+                self.last_change_ms = Some(now);
+                return Some(ScaleDecision {
+                    from: current,
+                    to: recommended,
+                    reason: why("out"),
+                });
+            }
+            return None;
+        }
+        if recommended < current {
+            if input.rollout_in_progress {
+                return None;
+            }
+            // The window must be full: no scale-in on a short memory (e.g. just after a restart).
+            if now.saturating_sub(since) < p.scale_in_stabilization.as_millis() {
+                return None;
+            }
+            let highest = self.window.iter().map(|(_, n)| *n).max().unwrap_or(current);
+            if highest < current {
+                self.last_change_ms = Some(now);
+                return Some(ScaleDecision {
+                    from: current,
+                    to: highest,
+                    reason: format!(
+                        "{} (highest recommendation over the last {}: {highest})",
+                        why("in"),
+                        p.scale_in_stabilization
+                    ),
+                });
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_model::Dur;
+
+    fn policy() -> Autoscale {
+        Autoscale {
+            metric: "cpu".into(),
+            target: 0.5,
+            scale_out_cooldown: Dur::from_secs(30),
+            scale_in_stabilization: Dur::from_secs(300),
+            tolerance: 0.1,
+            warmup: Dur::from_secs(10),
+        }
+    }
+
+    fn input<'a>(p: &'a Autoscale, desired: u32, samples: &'a [f64]) -> AutoscaleInput<'a> {
+        AutoscaleInput {
+            group: "web/local",
+            policy: p,
+            desired,
+            min: 2,
+            max: 10,
+            rollout_in_progress: false,
+            samples,
+        }
+    }
+
+    #[test]
+    fn target_tracking_formula_and_clamp() {
+        let p = policy();
+        let mut s = AutoscaleState::default();
+        let d = s.decide(0, &input(&p, 3, &[0.9, 0.9, 0.9])).unwrap();
+        assert_eq!((d.from, d.to), (3, 6), "ceil(3 * 0.9 / 0.5) = 6");
+        let mut s = AutoscaleState::default();
+        let d = s.decide(0, &input(&p, 3, &[5.0])).unwrap();
+        assert_eq!(d.to, 10, "clamped to max");
+    }
+
+    #[test]
+    fn within_tolerance_nothing_happens() {
+        let p = policy();
+        let mut s = AutoscaleState::default();
+        assert_eq!(s.decide(0, &input(&p, 4, &[0.54, 0.52])), None);
+        assert_eq!(s.last_recommended, Some(4));
+    }
+
+    #[test]
+    fn no_data_no_scaling() {
+        let p = policy();
+        let mut s = AutoscaleState::default();
+        assert_eq!(s.decide(0, &input(&p, 4, &[])), None);
+    }
+}
