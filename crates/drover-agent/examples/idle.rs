@@ -30,6 +30,8 @@ fn component(name: &str, port: u16) -> PlanComponent {
         restart: RestartPolicy::default(),
         stop_grace: Dur::from_secs(1),
         stop_signal: "SIGTERM".into(),
+        docker: None,
+        custom_metrics: Default::default(),
     }
 }
 

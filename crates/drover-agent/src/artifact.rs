@@ -126,20 +126,58 @@ fn open_archive(
     )))
 }
 
+/// Bounds on what one artifact may unpack to: a small archive must not fill the disk
+/// (a "gzip bomb") or its inodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Total size of the files it holds, in bytes.
+    pub max_bytes: u64,
+    /// Number of entries (files, directories, links).
+    pub max_entries: u64,
+}
+
+impl UnpackLimits {
+    /// 2 GiB in at most 100,000 entries.
+    pub const DEFAULT: UnpackLimits = UnpackLimits {
+        max_bytes: 2 << 30,
+        max_entries: 100_000,
+    };
+}
+
+impl Default for UnpackLimits {
+    fn default() -> UnpackLimits {
+        UnpackLimits::DEFAULT
+    }
+}
+
 /// Unpack the `.tar.gz` at `file` into `dest`: a first pass checks every entry, a second writes.
 pub fn unpack(file: &Path, dest: &Path, url: &str) -> Result<(), AgentError> {
+    unpack_with_limits(file, dest, url, UnpackLimits::DEFAULT)
+}
+
+/// [`unpack`] with explicit limits. Nothing is written unless every entry is safe and the
+/// whole archive fits within `limits`.
+pub fn unpack_with_limits(
+    file: &Path,
+    dest: &Path,
+    url: &str,
+    limits: UnpackLimits,
+) -> Result<(), AgentError> {
     let io = |source| AgentError::Unpack {
         url: url.to_string(),
         source,
     };
     let mut check = open_archive(file).map_err(io)?;
+    let mut total = Totals::default();
     for entry in check.entries().map_err(io)? {
         let entry = entry.map_err(io)?;
-        check_entry(&entry).map_err(|(entry, reason)| AgentError::UnsafeEntry {
+        let unsafe_entry = |(entry, reason)| AgentError::UnsafeEntry {
             url: url.to_string(),
             entry,
             reason,
-        })?;
+        };
+        check_entry(&entry).map_err(unsafe_entry)?;
+        total.add(&entry, limits).map_err(unsafe_entry)?;
     }
     std::fs::create_dir_all(dest).map_err(|source| AgentError::Dir {
         path: dest.to_path_buf(),
@@ -147,8 +185,17 @@ pub fn unpack(file: &Path, dest: &Path, url: &str) -> Result<(), AgentError> {
     })?;
     let mut ar = open_archive(file).map_err(io)?;
     ar.set_overwrite(true);
+    // Counted again while writing: the file is read twice and must not grow in between.
+    let mut total = Totals::default();
     for entry in ar.entries().map_err(io)? {
         let mut entry = entry.map_err(io)?;
+        total
+            .add(&entry, limits)
+            .map_err(|(entry, reason)| AgentError::UnsafeEntry {
+                url: url.to_string(),
+                entry,
+                reason,
+            })?;
         let name = entry.path().map_err(io)?.display().to_string();
         if !entry.unpack_in(dest).map_err(io)? {
             return Err(AgentError::UnsafeEntry {
@@ -159,6 +206,45 @@ pub fn unpack(file: &Path, dest: &Path, url: &str) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// Running totals of an archive's entries against its [`UnpackLimits`].
+#[derive(Default)]
+struct Totals {
+    bytes: u64,
+    entries: u64,
+}
+
+impl Totals {
+    fn add<R: Read>(
+        &mut self,
+        entry: &tar::Entry<R>,
+        limits: UnpackLimits,
+    ) -> Result<(), (String, &'static str)> {
+        let name = || {
+            entry
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        self.entries += 1;
+        if self.entries > limits.max_entries {
+            return Err((
+                name(),
+                "the archive holds more entries than the artifact limit",
+            ));
+        }
+        // A sparse file's real size may exceed the bytes stored for it: count the larger.
+        let size = entry.size().max(entry.header().size().unwrap_or(0));
+        self.bytes = self.bytes.saturating_add(size);
+        if self.bytes > limits.max_bytes {
+            return Err((
+                name(),
+                "the archive would unpack past the artifact size limit",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `Err((entry name, reason))` for an entry that must not be unpacked.

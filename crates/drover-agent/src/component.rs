@@ -40,11 +40,11 @@ impl Instance {
             "instance" => self.instance.clone(),
             "dir" => self.component_dir(comp).display().to_string(),
             "drover" => self.drover_bin.display().to_string(),
-            _ => comp.ports.get(name.strip_prefix("port.")?)?.to_string(),
+            _ => inside_port(comp, name.strip_prefix("port.")?)?.to_string(),
         })
     }
 
-    fn render(&self, comp: &PlanComponent, text: &str) -> Result<String, AgentError> {
+    pub(crate) fn render(&self, comp: &PlanComponent, text: &str) -> Result<String, AgentError> {
         subst::render(text, |n| self.lookup(comp, n)).map_err(|source| AgentError::Placeholder {
             component: comp.name.clone(),
             source,
@@ -52,7 +52,7 @@ impl Instance {
     }
 
     /// `DROVER_*` variables, then the component's own env (rendered), which may override them.
-    fn env(&self, comp: &PlanComponent) -> Result<Vec<(String, String)>, AgentError> {
+    pub(crate) fn env(&self, comp: &PlanComponent) -> Result<Vec<(String, String)>, AgentError> {
         let mut env = vec![
             ("DROVER_INSTANCE".to_string(), self.instance.clone()),
             ("DROVER_GROUP".to_string(), self.group.clone()),
@@ -60,7 +60,8 @@ impl Instance {
             ("DROVER_VERSION".to_string(), comp.version.clone()),
             ("DROVER_GENERATION".to_string(), self.generation.to_string()),
         ];
-        for (name, port) in &comp.ports {
+        for name in comp.ports.keys() {
+            let port = inside_port(comp, name).unwrap_or_default();
             env.push((port_var(name), port.to_string()));
         }
         for (k, v) in &comp.env {
@@ -142,6 +143,18 @@ impl Instance {
     }
 }
 
+/// The port a component listens on for its named port: the published port, or, in a
+/// container, the container's own port for it (`container_ports`).
+fn inside_port(comp: &PlanComponent, name: &str) -> Option<u16> {
+    let published = *comp.ports.get(name)?;
+    Some(
+        comp.docker
+            .as_ref()
+            .and_then(|d| d.container_ports.get(name).copied())
+            .unwrap_or(published),
+    )
+}
+
 /// `DROVER_PORT_HTTP` for port `http` (`-` becomes `_`).
 fn port_var(name: &str) -> String {
     format!(
@@ -201,6 +214,8 @@ mod tests {
             restart: RestartPolicy::default(),
             stop_grace: Dur::from_secs(1),
             stop_signal: "SIGTERM".into(),
+            docker: None,
+            custom_metrics: Default::default(),
         }
     }
 

@@ -53,4 +53,10 @@ pub enum AgentError {
     HealthCheck { component: String, reason: String },
     #[error("cannot build the http client: {0}")]
     HttpClient(String),
+    #[error("Docker Engine: {0}")]
+    Engine(String),
+    #[error("image {image}: cannot pull: {reason}")]
+    Image { image: String, reason: String },
+    #[error("component {component}: {reason}")]
+    Container { component: String, reason: String },
 }

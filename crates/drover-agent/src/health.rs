@@ -15,14 +15,20 @@ use crate::process::{self, Launch};
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Probe {
     Tcp(SocketAddr),
-    Http { addr: SocketAddr, path: String },
+    Http {
+        addr: SocketAddr,
+        path: String,
+    },
     Exec(Launch),
+    /// An exec check of a `docker` component: run inside its container.
+    Container(crate::docker::Exec),
 }
 
 /// Run one probe; `Err` says why it failed.
 pub(crate) async fn probe(p: &Probe, timeout: Duration) -> Result<(), String> {
     match p {
         Probe::Exec(launch) => exec(launch, timeout).await,
+        Probe::Container(e) => e.run(timeout).await,
         _ => match tokio::time::timeout(timeout, network(p)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
@@ -37,7 +43,9 @@ async fn network(p: &Probe) -> Result<(), String> {
             .map(drop)
             .map_err(|e| format!("tcp connect to {addr}: {e}")),
         Probe::Http { addr, path } => http_get(*addr, path).await,
-        Probe::Exec(_) => unreachable!("exec probes are not network probes"),
+        Probe::Exec(_) | Probe::Container(_) => {
+            unreachable!("exec probes are not network probes")
+        }
     }
 }
 

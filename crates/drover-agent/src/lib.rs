@@ -14,12 +14,15 @@
 pub mod artifact;
 pub mod backoff;
 mod component;
+mod docker;
 mod error;
 mod health;
 mod leave;
 mod metrics;
+mod neigh;
 mod process;
 mod report;
+mod runtime;
 mod supervisor;
 
 use std::net::IpAddr;
@@ -94,6 +97,8 @@ pub(crate) struct Ctx {
     changed: watch::Sender<()>,
     /// The last heartbeat's sequence number and the utilization sampler.
     beats: Mutex<(u64, Sampler)>,
+    /// The Docker Engine, connected when a `docker` component first needs it.
+    docker: docker::Engine,
 }
 
 impl Ctx {
@@ -165,17 +170,124 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Outcome, AgentError> {
+    run_with_auth(cfg, AgentAuth::default(), shutdown).await
+}
+
+/// How the agent proves who it is to the server, and how it knows the server: part of its
+/// launch configuration.
+#[derive(Clone, Default)]
+pub struct AgentAuth {
+    /// The group's agent token, sent as `Authorization: Bearer` to the server only (never to
+    /// artifact URLs).
+    pub token: Option<String>,
+    /// The server's CA certificate (PEM): with it, the server's certificate must chain to this
+    /// CA and no other root is trusted. Its fingerprint is checked by [`AgentAuth::pin_ca`].
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for AgentAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentAuth")
+            .field("token", &self.token.as_ref().map(|_| "(hidden)"))
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| p.len()))
+            .finish()
+    }
+}
+
+impl AgentAuth {
+    /// Trust `pem` as the server's CA only if the sha256 of its (first) certificate's DER bytes
+    /// is `sha256` (hex): the pin from the launch configuration.
+    pub fn pin_ca(&mut self, pem: Vec<u8>, sha256: &str) -> Result<(), AgentError> {
+        let der = pem_first_der(&pem).ok_or_else(|| {
+            AgentError::HttpClient("the server CA file holds no PEM certificate".into())
+        })?;
+        use sha2::Digest;
+        let got = hex::encode(sha2::Sha256::digest(&der));
+        if !got.eq_ignore_ascii_case(sha256.trim()) {
+            return Err(AgentError::HttpClient(format!(
+                "the server CA's sha256 is {got}, not the pinned {}: refusing to trust it",
+                sha256.trim()
+            )));
+        }
+        self.ca_pem = Some(pem);
+        Ok(())
+    }
+
+    /// The client for the server: pinned CA (when given) and the token on every request.
+    fn server_client(&self) -> Result<reqwest::Client, AgentError> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(HEARTBEAT_TIMEOUT)
+            // One for the permit long-poll, one for heartbeats and the rest.
+            .pool_max_idle_per_host(2);
+        if let Some(token) = &self.token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| AgentError::HttpClient("the agent token is not valid text".into()))?;
+            v.set_sensitive(true);
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::AUTHORIZATION, v);
+            b = b.default_headers(h);
+        }
+        if let Some(pem) = &self.ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| AgentError::HttpClient(format!("the server CA: {e}")))?;
+            b = b.tls_built_in_root_certs(false).add_root_certificate(ca);
+        }
+        b.build().map_err(|e| AgentError::HttpClient(e.to_string()))
+    }
+}
+
+/// The DER bytes of the first `CERTIFICATE` block of a PEM text.
+fn pem_first_der(pem: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(pem).ok()?;
+    let start = text.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
+    let end = start + text[start..].find("-----END CERTIFICATE-----")?;
+    let b64: String = text[start..end].split_whitespace().collect();
+    base64_decode(&b64)
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        } as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Like [`run`], with the launch configuration's credentials for the server.
+pub async fn run_with_auth(
+    cfg: AgentConfig,
+    auth: AgentAuth,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, AgentError> {
     std::fs::create_dir_all(&cfg.dir).map_err(|source| AgentError::Dir {
         path: cfg.dir.clone(),
         source,
     })?;
     let dir = std::fs::canonicalize(&cfg.dir).unwrap_or(cfg.dir.clone());
+    // Artifacts are fetched with a plain client: no token, the usual roots.
     let client = reqwest::Client::builder()
         .connect_timeout(HEARTBEAT_TIMEOUT)
-        // One for the permit long-poll, one for heartbeats and the rest.
         .pool_max_idle_per_host(2)
         .build()
         .map_err(|e| AgentError::HttpClient(e.to_string()))?;
+    let server_client = auth.server_client()?;
     let components = cfg
         .plan
         .components
@@ -209,15 +321,16 @@ pub async fn run(
         phase: Mutex::new(AgentPhase::Booting),
         changed: watch::Sender::new(()),
         beats: Mutex::new((0, Sampler::new())),
+        docker: docker::Engine::new(&cfg.dir),
     });
     let mut reporter = cfg
         .server
         .as_deref()
-        .map(|s| Reporter::new(client.clone(), s));
+        .map(|s| Reporter::new(server_client.clone(), s));
     let leave = cfg
         .server
         .as_deref()
-        .map(|s| (Leave::new(client.clone(), s, &cfg.instance), s));
+        .map(|s| (Leave::new(server_client.clone(), s, &cfg.instance), s));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(ctx.plan.components.len());
     tracing::info!(
@@ -288,7 +401,7 @@ pub async fn run(
             // Reported at once (not through the reporter, which may be busy or debouncing),
             // while the drain already runs.
             ctx.set_phase(None, AgentPhase::Draining, false);
-            let mut draining = Reporter::new(client.clone(), server);
+            let mut draining = Reporter::new(server_client.clone(), server);
             let hb = ctx.heartbeat();
             let (_, drained) = tokio::join!(
                 draining.send(&hb, HEARTBEAT_TIMEOUT),

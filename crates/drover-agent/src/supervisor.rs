@@ -10,7 +10,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::health::{self, Probe, Tally, Verdict};
-use crate::{artifact, process, AgentError, Ctx};
+use crate::{runtime, AgentError, Ctx};
 
 /// How the first health probe is delayed after a start (at most; less if the interval is shorter).
 const FIRST_PROBE_DELAY: Duration = Duration::from_millis(100);
@@ -47,11 +47,12 @@ pub(crate) async fn supervise(
     let comp = &ctx.plan.components[idx];
     let mut booted = Some(booted);
     let mut backoff = Backoff::from_policy(&comp.restart);
-    let mut fetched = comp.artifact.is_none();
+    let mut slot = runtime::Slot::new(comp);
     loop {
-        let end = run_once(&ctx, idx, &mut fetched, &mut booted, &mut stop).await;
+        let end = run_once(&ctx, idx, &mut slot, &mut booted, &mut stop).await;
         let ran = match end {
             End::Stopped => {
+                slot.cleanup(&ctx, idx).await;
                 ctx.update(idx, |c| {
                     c.state = ComponentState::Stopped;
                     c.pid = None;
@@ -100,6 +101,7 @@ pub(crate) async fn supervise(
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop_requested(&mut stop) => {
+                    slot.cleanup(&ctx, idx).await;
                     ctx.update(idx, |c| c.state = ComponentState::Stopped);
                     return;
                 }
@@ -108,11 +110,11 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Fetch (once), start, and watch one run of the component.
+/// Prepare (once), start, and watch one run of the component.
 async fn run_once(
     ctx: &Ctx,
     idx: usize,
-    fetched: &mut bool,
+    slot: &mut runtime::Slot,
     booted: &mut Option<oneshot::Sender<()>>,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
@@ -124,48 +126,38 @@ async fn run_once(
     if let Err(source) = tokio::fs::create_dir_all(&dir).await {
         return End::Failed(AgentError::Dir { path: dir, source });
     }
-    if let (false, Some(art)) = (*fetched, &comp.artifact) {
-        ctx.update(idx, |c| c.state = ComponentState::Fetching);
-        tracing::info!(component = %comp.name, url = %art.url, "fetching artifact");
-        let scratch = ctx.instance.dir.join(format!(".{}.download", comp.name));
-        tokio::select! {
-            r = artifact::fetch_and_unpack(&ctx.client, art, &dir, &scratch) => match r {
-                Ok(()) => *fetched = true,
-                Err(e) => return End::Failed(e),
-            },
-            _ = stop_requested(stop) => return End::Stopped,
+    tokio::select! {
+        r = slot.prepare(ctx, idx) => {
+            if let Err(e) = r {
+                return End::Failed(e);
+            }
         }
+        _ = stop_requested(stop) => return End::Stopped,
     }
-    let launch = match ctx.instance.launch(comp) {
-        Ok(l) => l,
+    let (mut run, probe) = match slot.start(ctx, idx).await {
+        Ok(r) => r,
         Err(e) => return End::Failed(e),
-    };
-    let probe = match ctx.instance.probe(comp) {
-        Ok(p) => p,
-        Err(e) => return End::Failed(e),
-    };
-    // Spawned from this task, i.e. on the runtime's thread (see process::spawn).
-    let mut child = match process::spawn(&launch, &ctx.instance.log_file(comp)) {
-        Ok(c) => c,
-        Err(source) => {
-            return End::Failed(AgentError::Spawn {
-                component: comp.name.clone(),
-                command: launch.program.display().to_string(),
-                source,
-            })
-        }
     };
     let started = Instant::now();
-    let pid = child.id().unwrap_or(0);
-    tracing::info!(component = %comp.name, pid, "component started");
+    let pid = run.pid();
+    let checked = probe.is_some() || run.runtime_health();
+    match (run.container(), run.adopted()) {
+        (Some(id), true) => {
+            tracing::info!(component = %comp.name, pid, container = %id, "running container adopted")
+        }
+        (Some(id), false) => {
+            tracing::info!(component = %comp.name, pid, container = %id, "component started")
+        }
+        (None, _) => tracing::info!(component = %comp.name, pid, "component started"),
+    }
     ctx.update(idx, |c| {
         c.pid = Some(pid);
-        c.state = if probe.is_some() {
+        c.state = if checked {
             ComponentState::Starting
         } else {
             ComponentState::Healthy
         };
-        if probe.is_none() {
+        if !checked {
             c.message = None;
         }
     });
@@ -173,50 +165,57 @@ async fn run_once(
         let _ = b.send(());
     }
 
-    enum Event {
-        Exit(std::io::Result<std::process::ExitStatus>),
+    enum Ev {
+        Exit(String),
         Unhealthy(String),
         Stop,
     }
-    let event = {
+    let ev = {
         let health = async {
             match &probe {
                 Some((p, check)) => watch_health(ctx, idx, p, check, started).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            r = child.wait() => Event::Exit(r),
-            reason = health => Event::Unhealthy(reason),
-            _ = stop_requested(stop) => Event::Stop,
-        }
-    };
-    let signal = drover_model::signal_number(&comp.stop_signal).unwrap_or(libc::SIGTERM);
-    let exit = |r: std::io::Result<std::process::ExitStatus>| match r {
-        Ok(st) => process::describe(&st),
-        Err(e) => format!("unknown ({e})"),
-    };
-    match event {
-        Event::Exit(r) => {
-            // Whatever the leader left behind in its group goes with it.
-            process::signal_group(pid, libc::SIGKILL);
-            End::Exited {
-                exit: exit(r),
-                ran: started.elapsed(),
+        tokio::pin!(health);
+        loop {
+            tokio::select! {
+                e = run.next() => match e {
+                    runtime::Event::Exited(how) => break Ev::Exit(how),
+                    runtime::Event::Healthy => ctx.update(idx, |c| {
+                        c.state = ComponentState::Healthy;
+                        c.message = None;
+                    }),
+                    runtime::Event::Unhealthy(reason) => {
+                        ctx.update(idx, |c| {
+                            c.state = ComponentState::Unhealthy;
+                            c.message = Some(reason.clone());
+                        });
+                        break Ev::Unhealthy(reason);
+                    }
+                },
+                reason = &mut health => break Ev::Unhealthy(reason),
+                _ = stop_requested(stop) => break Ev::Stop,
             }
         }
-        Event::Unhealthy(reason) => {
-            let r = process::stop(&mut child, pid, signal, comp.stop_grace.0).await;
+    };
+    let grace = comp.stop_grace.0;
+    match ev {
+        Ev::Exit(exit) => End::Exited {
+            exit,
+            ran: started.elapsed(),
+        },
+        Ev::Unhealthy(reason) => {
+            let exit = run.stop(comp, grace).await;
             End::Unhealthy {
-                exit: exit(r),
+                exit,
                 reason,
                 ran: started.elapsed(),
             }
         }
-        Event::Stop => {
+        Ev::Stop => {
             tracing::info!(component = %comp.name, pid, signal = %comp.stop_signal, "stopping component");
-            let r = process::stop(&mut child, pid, signal, comp.stop_grace.0).await;
-            let e = exit(r);
+            let e = run.stop(comp, grace).await;
             tracing::info!(component = %comp.name, pid, exit = %e, "component stopped");
             ctx.update(idx, |c| c.last_exit = Some(e));
             End::Stopped

@@ -36,6 +36,8 @@ fn sh(name: &str, script: &str) -> PlanComponent {
         },
         stop_grace: Dur::from_secs(1),
         stop_signal: "SIGTERM".into(),
+        docker: None,
+        custom_metrics: Default::default(),
     }
 }
 

@@ -42,6 +42,8 @@ fn polite(name: &str) -> PlanComponent {
         },
         stop_grace: Dur::from_secs(2),
         stop_signal: "SIGTERM".into(),
+        docker: None,
+        custom_metrics: Default::default(),
     }
 }
 

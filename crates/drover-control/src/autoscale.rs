@@ -18,6 +18,8 @@ pub struct AutoscaleInput<'a> {
     pub rollout_in_progress: bool,
     /// The metric of each instance that counts (healthy, past warm-up, reporting it).
     pub samples: &'a [f64],
+    /// When the oldest of those samples was reported.
+    pub oldest_sample_ms: u64,
 }
 
 /// The autoscaler's memory of one group. Soft: after a server restart it starts empty, which
@@ -30,6 +32,8 @@ pub struct AutoscaleState {
     observing_since_ms: Option<u64>,
     /// The last change of the desired count (by the autoscaler or a person).
     last_change_ms: Option<u64>,
+    /// The last scale-out (or manual count): the scale-out cooldown counts from here.
+    last_out_ms: Option<u64>,
     /// The last observation, for status.
     pub last_observed: Option<f64>,
     pub last_recommended: Option<u32>,
@@ -51,6 +55,7 @@ impl AutoscaleState {
         self.window.push_back((now, desired));
         self.observing_since_ms = Some(now);
         self.last_change_ms = Some(now);
+        self.last_out_ms = Some(now);
     }
 
     /// Look at the metric and decide. Deterministic in its inputs and `now`.
@@ -65,12 +70,16 @@ impl AutoscaleState {
             self.last_recommended = None;
             return None;
         }
-        let observed = input.samples.iter().sum::<f64>() / input.samples.len() as f64;
+        let total: f64 = input.samples.iter().sum();
+        let observed = total / input.samples.len() as f64;
         let ratio = observed / p.target;
+        // ceil(measured instances x observed / target) = ceil(total / target): instances still
+        // booting or warming up carry no weight, so added capacity is never counted twice.
+        // (A hair below the ceiling so 16.000000001 stays 16.)
         let recommended = if (ratio - 1.0).abs() <= p.tolerance {
             current
         } else {
-            ((current as f64 * ratio).ceil() as u32).clamp(input.min, input.max)
+            (((total / p.target) - 1e-9).ceil().max(0.0) as u32).clamp(input.min, input.max)
         };
         self.last_observed = Some(observed);
         self.last_recommended = Some(recommended);
@@ -102,11 +111,15 @@ impl AutoscaleState {
             });
         }
         if recommended > current {
+            // The cooldown holds off a second scale-out on stale data; it ends early once
+            // every measured instance has reported since the last change.
             let cooled = self
-                .last_change_ms
+                .last_out_ms
                 .is_none_or(|t| now.saturating_sub(t) >= p.scale_out_cooldown.as_millis());
-            if cooled {
+            let fresh = self.last_change_ms.is_none_or(|t| input.oldest_sample_ms > t);
+            if cooled || fresh {
                 self.last_change_ms = Some(now);
+                self.last_out_ms = Some(now);
                 return Some(ScaleDecision {
                     from: current,
                     to: recommended,
@@ -166,6 +179,7 @@ mod tests {
             max: 10,
             rollout_in_progress: false,
             samples,
+            oldest_sample_ms: 0,
         }
     }
 

@@ -51,6 +51,88 @@ pub struct ListenerConfig {
     /// How long [`crate::Listener::shutdown`] lets open connections finish before
     /// aborting them.
     pub shutdown_grace: Duration,
+    /// Active health checks of each target in rotation; `None` (the default): none, every
+    /// target is taken as up and only connect failures steer traffic away.
+    pub health: Option<HealthCheckConfig>,
+}
+
+/// What one health check does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum HealthCheckKind {
+    /// Passes when a TCP connection to the target's address is accepted within the timeout.
+    #[default]
+    Tcp,
+    /// Passes when `GET <path> HTTP/1.0` to the target's address is answered with a 2xx
+    /// or 3xx status line within the timeout (as HAProxy's `option httpchk`).
+    Http {
+        /// Starts with `/`, e.g. `/healthz`.
+        path: String,
+    },
+}
+
+/// Active health checks, with HAProxy's `inter`, `timeout check`, `rise` and `fall`.
+///
+/// A target starts *up* when it enters the target set, since it comes from a control plane
+/// that already found it healthy; it goes *down* after `fall` consecutive failed checks and
+/// back *up* after `rise` consecutive passed ones (HAProxy's `init-state fully-up`; its
+/// default `up` would take a new server down at the first failure). A down target gets no
+/// new connection, as if removed; its open connections continue. The first check runs as
+/// soon as the target is added. With every target down, new clients are closed at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    /// Time between the starts of two checks of one target.
+    pub interval: Duration,
+    /// Longest a check may take (connect, and for http the status line); at most
+    /// `interval`.
+    pub timeout: Duration,
+    /// Consecutive passed checks that bring a down target back up.
+    pub rise: u32,
+    /// Consecutive failed checks that take an up target down.
+    pub fall: u32,
+}
+
+impl Default for HealthCheckConfig {
+    /// HAProxy's defaults: a check every 2 s, rise 2, fall 3; the timeout is 1 s.
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+impl HealthCheckConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.interval.is_zero() {
+            return Err("health.interval is 0: set it to a positive duration, e.g. 2s".into());
+        }
+        if self.timeout.is_zero() || self.timeout > self.interval {
+            return Err(format!(
+                "health.timeout is {:?}: set it above 0 and at most health.interval ({:?})",
+                self.timeout, self.interval
+            ));
+        }
+        if self.rise == 0 || self.fall == 0 {
+            return Err(format!(
+                "health.rise is {} and health.fall is {}: set both to at least 1",
+                self.rise, self.fall
+            ));
+        }
+        if let HealthCheckKind::Http { path } = &self.kind {
+            let printable = path.bytes().all(|b| b.is_ascii_graphic());
+            if !path.starts_with('/') || !printable {
+                return Err(format!(
+                    "health path {path:?} must start with / and hold no spaces or control \
+                     characters, e.g. /healthz"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ListenerConfig {
@@ -63,6 +145,7 @@ impl Default for ListenerConfig {
             max_connections: 10_000,
             policy: Policy::RoundRobin,
             shutdown_grace: Duration::from_secs(5),
+            health: None,
         }
     }
 }
@@ -78,6 +161,9 @@ impl ListenerConfig {
         }
         if self.idle_timeout.is_zero() {
             return Err("idle_timeout is 0: set it to a positive duration, e.g. 5m".to_string());
+        }
+        if let Some(health) = &self.health {
+            health.validate()?;
         }
         Ok(())
     }

@@ -1,44 +1,68 @@
 //! One client connection: choose a target, connect (moving on to the next target on
 //! failure), then copy bytes both ways until both sides close or the connection idles out.
 
+use std::future::{poll_fn, Future};
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
 use crate::listener::{ActiveSlot, Shared, Snapshot, FAILURE_PENALTY};
-use crate::select::{select_target, Candidate};
+use crate::select::{select_by, Candidate};
+use crate::signal::Armed;
 use crate::stats::TargetEntry;
 
-/// Copy buffer, client to target. 16 KiB matches HAProxy's default `tune.bufsize`:
-/// large enough that a bulk upload moves in few syscalls, small enough that
-/// `max_connections` (10 000 by default) open connections stay within a few hundred MB.
-pub(crate) const CLIENT_TO_TARGET_BUF: usize = 16 * 1024;
+/// Largest read, in both directions. 16 KiB is HAProxy's default `tune.bufsize`: a bulk
+/// transfer moves in few syscalls, and a connection whose writer pushes back holds at
+/// most this much per direction (see [`Flow`]), so `max_connections` (10 000 by default)
+/// connections stay within a few hundred MB even when all are stalled.
+const COPY_BUF: usize = 16 * 1024;
 
-/// Copy buffer, target to client; the same reasoning as [`CLIENT_TO_TARGET_BUF`].
-pub(crate) const TARGET_TO_CLIENT_BUF: usize = 16 * 1024;
-
-/// Serves one accepted client connection until it ends. `_slot` keeps it counted in the
-/// listener's `active` for its whole life.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
+/// The task of one accepted client connection: serves it until it ends or the listener
+/// aborts its connections. `slot` keeps it counted in the listener's `active` for its
+/// whole life. `shard` spreads the abort waiters (see [`crate::signal`]).
+pub(crate) async fn run(
+    slot: ActiveSlot,
     client: TcpStream,
     peer: SocketAddr,
     snapshot: Snapshot,
-    _slot: ActiveSlot,
+    shard: usize,
 ) {
+    let shared = &*slot.0;
+    let abort = shared.abort.notified(shard);
+    tokio::pin!(abort);
+    let mut armed = Armed::default();
+    let work = serve(shared, client, peer, snapshot);
+    tokio::pin!(work);
+    poll_fn(|cx| {
+        if armed.poll(&shared.abort, abort.as_mut(), cx).is_ready() {
+            debug!(listener = %shared.name, %peer, "connection aborted by shutdown");
+            return Poll::Ready(());
+        }
+        work.as_mut().poll(cx)
+    })
+    .await;
+}
+
+async fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, snapshot: Snapshot) {
     if let Err(e) = client.set_nodelay(true) {
         debug!(listener = %shared.name, %peer, error = %e, "cannot set TCP_NODELAY on client");
     }
-    let Some((backend, connected)) = connect_any(&shared, &snapshot).await else {
+    // One timer for the connection's whole life: the connect timeout, then the idle
+    // timeout. Each timer registered or cancelled takes tokio's timer lock, and one that
+    // becomes the runtime's earliest wakes its driver (a syscall); a connection's timer,
+    // kept from its start, is almost never the earliest while other connections are open.
+    let timer = tokio::time::sleep(shared.connect_timeout);
+    tokio::pin!(timer);
+    let Some((backend, connected)) = connect_any(shared, &snapshot, timer.as_mut()).await else {
         shared.counters.unrouted.fetch_add(1, Relaxed);
         debug!(listener = %shared.name, %peer, targets = snapshot.len(),
                "no target could take the connection; closing it");
@@ -50,7 +74,7 @@ pub(crate) async fn serve(
         debug!(listener = %shared.name, target = %entry.target.id, error = %e,
                "cannot set TCP_NODELAY on target connection");
     }
-    proxy(&shared, client, backend, entry, peer).await;
+    proxy(shared, client, backend, entry, peer, timer).await;
 }
 
 /// Counts one unit in a target's `active` or `pending` while alive.
@@ -78,166 +102,309 @@ impl Drop for Connected {
     }
 }
 
+/// The targets already tried for one client connection: a bit set on the stack for up
+/// to 128 targets, a vector beyond.
+struct Tried {
+    small: u128,
+    large: Vec<bool>,
+}
+
+impl Tried {
+    fn new(len: usize) -> Self {
+        let large = if len > 128 {
+            vec![false; len]
+        } else {
+            Vec::new()
+        };
+        Tried { small: 0, large }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        match self.large.get(i) {
+            Some(&tried) => tried,
+            None => self.small & (1 << i) != 0,
+        }
+    }
+
+    fn insert(&mut self, i: usize) {
+        match self.large.get_mut(i) {
+            Some(tried) => *tried = true,
+            None => self.small |= 1 << i,
+        }
+    }
+}
+
 /// Tries targets in policy order, each at most once, until one accepts. Failures are
-/// counted and penalize the target. Targets removed since accept are not tried.
+/// counted and penalize the target. Targets removed since accept, or down by their health
+/// checks, are not tried. Allocates nothing for up to 128 targets.
 async fn connect_any(
     shared: &Shared,
     snapshot: &[Arc<TargetEntry>],
+    mut timer: Pin<&mut Sleep>,
 ) -> Option<(TcpStream, Connected)> {
     let cursor = shared.cursor.fetch_add(1, Relaxed);
-    let mut tried = vec![false; snapshot.len()];
+    let mut tried = Tried::new(snapshot.len());
+    let mut first = true;
     loop {
         let now = shared.now_ms();
-        let candidates: Vec<Candidate> = snapshot
-            .iter()
-            .zip(&tried)
-            .map(|(e, &tried)| Candidate {
+        let i = select_by(shared.policy, snapshot.len(), cursor, |i| {
+            let e = &snapshot[i];
+            Candidate {
                 active: e.active.load(Relaxed) + e.pending.load(Relaxed),
                 penalized: e.is_penalized(now),
-                excluded: tried || !e.in_rotation.load(Relaxed),
-            })
-            .collect();
-        let i = select_target(shared.policy, &candidates, cursor)?;
-        tried[i] = true;
+                excluded: tried.contains(i) || !e.in_rotation.load(Relaxed) || !e.up.load(Relaxed),
+            }
+        })?;
+        tried.insert(i);
         let entry = &snapshot[i];
+        if !std::mem::take(&mut first) {
+            timer
+                .as_mut()
+                .reset(Instant::now() + shared.connect_timeout);
+        }
         let pending = Held::new(&entry.pending);
-        let attempt = tokio::time::timeout(
-            shared.connect_timeout,
-            TcpStream::connect(entry.target.addr),
-        )
-        .await;
-        let error = match attempt {
+        let attempt = tokio::select! {
+            biased;
+            connected = TcpStream::connect(entry.target.addr) => Ok(connected),
+            () = timer.as_mut() => Err(()),
+        };
+        drop(pending);
+        match attempt {
             Ok(Ok(stream)) => {
                 entry.active.fetch_add(1, Relaxed);
                 entry.total.fetch_add(1, Relaxed);
-                drop(pending);
                 return Some((stream, Connected(entry.clone())));
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("timed out after {:?}", shared.connect_timeout),
-        };
-        drop(pending);
+            Ok(Err(error)) => {
+                warn!(listener = %shared.name, target = %entry.target.id,
+                      addr = %entry.target.addr, %error,
+                      "connect to target failed; trying the next one");
+            }
+            Err(_) => {
+                warn!(listener = %shared.name, target = %entry.target.id,
+                      addr = %entry.target.addr, timeout = ?shared.connect_timeout,
+                      "connect to target timed out; trying the next one");
+            }
+        }
         entry.connect_failures.fetch_add(1, Relaxed);
         shared.counters.connect_failures.fetch_add(1, Relaxed);
         let until = shared
             .now_ms()
             .saturating_add(u64::try_from(FAILURE_PENALTY.as_millis()).unwrap_or(u64::MAX));
         entry.penalized_until_ms.store(until, Relaxed);
-        warn!(listener = %shared.name, target = %entry.target.id, addr = %entry.target.addr,
-              %error, "connect to target failed; trying the next one");
     }
 }
 
-/// Copies both ways with half-close propagation (a side's EOF shuts down writing on the
-/// other), counting bytes as they are read, and closes the pair after `idle_timeout`
-/// without a byte in either direction.
+/// Copies both ways until both sides have closed (a side's EOF shuts down writing on the
+/// other, so half-closed connections work), a side fails, or nothing moved in either
+/// direction for `idle_timeout`.
 async fn proxy(
     shared: &Shared,
-    client: TcpStream,
-    backend: TcpStream,
+    mut client: TcpStream,
+    mut backend: TcpStream,
     entry: &TargetEntry,
     peer: SocketAddr,
+    mut idle: Pin<&mut Sleep>,
 ) {
-    let last_activity = AtomicU64::new(shared.now_ms());
-    let mut client = Metered {
-        io: client,
-        counters: [&shared.counters.bytes_in, &entry.bytes_in],
-        last_activity: &last_activity,
-        epoch: shared.epoch,
-    };
-    let mut backend = Metered {
-        io: backend,
-        counters: [&shared.counters.bytes_out, &entry.bytes_out],
-        last_activity: &last_activity,
-        epoch: shared.epoch,
-    };
-    let target = &entry.target.id;
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(
+    let idle_timeout = shared.idle_timeout;
+    let mut last_activity = Instant::now();
+    // The timer still holds the connect deadline. Firing before the idle deadline only
+    // re-arms it (below); firing after would close an idle connection late, so pull it in.
+    if last_activity + idle_timeout < idle.deadline() {
+        idle.as_mut().reset(last_activity + idle_timeout);
+    }
+    let mut up = Flow::default();
+    let mut down = Flow::default();
+    let outcome = poll_fn(|cx| {
+        let mut moved = false;
+        let copied = poll_both(
+            cx,
+            &mut up,
+            &mut down,
             &mut client,
             &mut backend,
-            CLIENT_TO_TARGET_BUF,
-            TARGET_TO_CLIENT_BUF,
-        ) => match copied {
-            Ok((up, down)) => debug!(listener = %shared.name, %peer, %target, up, down,
-                                     "connection closed"),
-            Err(e) => debug!(listener = %shared.name, %peer, %target, error = %e,
-                             "connection ended with an error"),
-        },
-        () = idle(&last_activity, shared.epoch, shared.idle_timeout) => {
-            debug!(listener = %shared.name, %peer, %target, timeout = ?shared.idle_timeout,
-                   "idle timeout; closing connection");
+            entry,
+            &mut moved,
+        );
+        if moved {
+            last_activity = Instant::now();
         }
-    }
-}
-
-/// Resolves once `idle_timeout` has passed since the last recorded activity.
-async fn idle(last_activity: &AtomicU64, epoch: Instant, idle_timeout: Duration) {
-    loop {
-        let last = Duration::from_millis(last_activity.load(Relaxed));
-        let deadline = epoch + last + idle_timeout;
-        if Instant::now() >= deadline {
-            return;
+        if let Poll::Ready(result) = copied {
+            return Poll::Ready(Some(result));
         }
-        tokio::time::sleep_until(deadline).await;
-    }
-}
-
-/// A stream that counts the bytes read from it and stamps the pair's last activity.
-struct Metered<'a, S> {
-    io: S,
-    counters: [&'a AtomicU64; 2],
-    last_activity: &'a AtomicU64,
-    epoch: Instant,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before);
-        if n > 0 {
-            for counter in this.counters {
-                counter.fetch_add(n as u64, Relaxed);
+        // The timer is re-armed only when it fires, not on every byte.
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + idle_timeout;
+            if deadline <= idle.deadline() {
+                return Poll::Ready(None);
             }
-            let now = u64::try_from(this.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-            this.last_activity.store(now, Relaxed);
+            idle.as_mut().reset(deadline);
         }
-        polled
+        Poll::Pending
+    })
+    .await;
+    let target = &entry.target.id;
+    let (up, down) = (up.bytes, down.bytes);
+    match outcome {
+        Some(Ok(())) => debug!(listener = %shared.name, %peer, %target, up, down,
+                               "connection closed"),
+        Some(Err(e)) => debug!(listener = %shared.name, %peer, %target, up, down, error = %e,
+                               "connection ended with an error"),
+        None => debug!(listener = %shared.name, %peer, %target, up, down,
+                       timeout = ?idle_timeout, "idle timeout; closing connection"),
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
+/// Moves whatever can move in both directions; Ready when both are done or one failed.
+fn poll_both(
+    cx: &mut Context<'_>,
+    up: &mut Flow,
+    down: &mut Flow,
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    entry: &TargetEntry,
+    moved: &mut bool,
+) -> Poll<io::Result<()>> {
+    if !up.is_done() {
+        if let Poll::Ready(Err(e)) =
+            up.poll(cx, client, backend, down.is_done(), &entry.bytes_in, moved)
+        {
+            return Poll::Ready(Err(e));
+        }
+    }
+    if !down.is_done() {
+        if let Poll::Ready(Err(e)) =
+            down.poll(cx, backend, client, up.is_done(), &entry.bytes_out, moved)
+        {
+            return Poll::Ready(Err(e));
+        }
+    }
+    if up.is_done() && down.is_done() {
+        Poll::Ready(Ok(()))
+    } else {
+        Poll::Pending
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum FlowState {
+    #[default]
+    Open,
+    /// The reader sent EOF; what is spilled still goes out, then the writer is shut down.
+    Eof,
+    Done,
+}
+
+/// One direction of a proxied connection.
+///
+/// Bytes are read into a buffer on the stack of the poll and written on at once; only what
+/// the writer does not take (it pushes back) is copied into `spill`, allocated the first
+/// time that happens and kept for the connection's life. A connection that never meets
+/// back-pressure (most request/response traffic) holds no copy buffer at all, and an idle
+/// connection costs no buffer memory.
+#[derive(Debug, Default)]
+struct Flow {
+    spill: Option<Box<[u8]>>,
+    /// `spill[start..end]` is still to be written.
+    start: usize,
+    end: usize,
+    state: FlowState,
+    /// Bytes read from this direction's reader.
+    bytes: u64,
+}
+
+impl Flow {
+    fn is_done(&self) -> bool {
+        self.state == FlowState::Done
+    }
+
+    /// Copies `from` to `to` until one of them is not ready (Pending), or this direction
+    /// is done (Ready(Ok)), or fails. `other_done`: the opposite direction is done, so both
+    /// sockets are closed as soon as this one is; then `to` is not shut down first (closing
+    /// it sends the same FIN, one syscall fewer).
+    fn poll(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        other_done: bool,
+        counter: &AtomicU64,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(spill) = &self.spill {
+                while self.start < self.end {
+                    let n =
+                        ready!(Pin::new(&mut *to).poll_write(cx, &spill[self.start..self.end]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.start += n;
+                    *moved = true;
+                }
+            }
+            match self.state {
+                FlowState::Open => {}
+                FlowState::Eof => {
+                    if !other_done {
+                        ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                    }
+                    self.state = FlowState::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                FlowState::Done => return Poll::Ready(Ok(())),
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); COPY_BUF];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut *from).poll_read(cx, &mut buf))?;
+            let data = buf.filled();
+            if data.is_empty() {
+                self.state = FlowState::Eof;
+                continue;
+            }
+            counter.fetch_add(data.len() as u64, Relaxed);
+            self.bytes += data.len() as u64;
+            *moved = true;
+            let written = match Pin::new(&mut *to).poll_write(cx, data) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => 0,
+            };
+            if written < data.len() {
+                let rest = &data[written..];
+                let spill = self
+                    .spill
+                    .get_or_insert_with(|| vec![0; COPY_BUF].into_boxed_slice());
+                spill[..rest.len()].copy_from_slice(rest);
+                self.start = 0;
+                self.end = rest.len();
+            }
+        }
     }
+}
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
+#[cfg(test)]
+mod tests {
+    use super::Tried;
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+    #[test]
+    fn tried_targets_are_remembered_on_the_stack_and_beyond() {
+        for len in [1, 3, 128, 129, 1000] {
+            let mut tried = Tried::new(len);
+            assert_eq!(tried.large.is_empty(), len <= 128);
+            let picks: Vec<usize> = (0..len).filter(|i| i % 3 == 0 || i + 1 == len).collect();
+            for &i in &picks {
+                assert!(!tried.contains(i));
+                tried.insert(i);
+            }
+            for i in 0..len {
+                assert_eq!(
+                    tried.contains(i),
+                    picks.contains(&i),
+                    "len {len}, index {i}"
+                );
+            }
+        }
     }
 }

@@ -1,22 +1,27 @@
 //! A running listener: binding, the accept loop, the target registry and shutdown.
 
 use std::collections::{HashMap, HashSet};
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::{ListenerConfig, Policy, Target};
+use crate::config::{HealthCheckConfig, ListenerConfig, Policy, Target};
 use crate::conn;
 use crate::error::LbError;
+use crate::health;
+use crate::signal::{Armed, Signal};
 use crate::stats::{Counters, ListenerStats, TargetEntry};
 
 /// How long a target whose connect failed is left out of selection (unless it is the only
@@ -45,9 +50,25 @@ pub(crate) struct Shared {
     /// Advances by one per client connection; drives round-robin.
     pub(crate) cursor: std::sync::atomic::AtomicUsize,
     pub(crate) counters: Counters,
+    /// Fired to stop accepting (shutdown, or the last handle dropped).
+    pub(crate) stop: Signal,
+    /// Fired when the shutdown grace has elapsed: open connections are dropped.
+    pub(crate) abort: Signal,
+    health: Option<HealthCheckConfig>,
+    /// Parent of every checker's token; cancelled when the listener stops.
+    checks: CancellationToken,
     /// Every target in rotation, plus removed ones still referenced by a connection,
     /// keyed by (id, addr). Locked only on target-set changes and by stats queries.
-    registry: Mutex<HashMap<(String, SocketAddr), Arc<TargetEntry>>>,
+    registry: Mutex<Registry>,
+}
+
+type Registry = HashMap<(String, SocketAddr), Registered>;
+
+#[derive(Debug)]
+struct Registered {
+    entry: Arc<TargetEntry>,
+    /// Stops the target's health checker when dropped (or replaced by `None`).
+    checker: Option<DropGuard>,
 }
 
 impl Shared {
@@ -55,7 +76,7 @@ impl Shared {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn registry(&self) -> MutexGuard<'_, HashMap<(String, SocketAddr), Arc<TargetEntry>>> {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
         // The registry holds no invariant a panicking holder could break half-way.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -78,55 +99,90 @@ impl Shared {
             wanted.iter().map(|t| (t.id.as_str(), t.addr)).collect();
 
         let mut registry = self.registry();
-        for ((id, addr), entry) in registry.iter() {
-            let keep = keys.contains(&(id.as_str(), *addr));
-            if !keep && entry.in_rotation.swap(false, Relaxed) {
+        for ((id, addr), reg) in registry.iter_mut() {
+            if keys.contains(&(id.as_str(), *addr)) {
+                continue;
+            }
+            reg.checker = None;
+            if reg.entry.in_rotation.swap(false, Relaxed) {
                 info!(listener = %self.name, target = %id, %addr,
-                      open = entry.active.load(Relaxed), "target removed; draining");
+                      open = reg.entry.active.load(Relaxed), "target removed; draining");
             }
         }
         let snapshot: Vec<Arc<TargetEntry>> = wanted
             .iter()
             .map(|t| {
-                let entry = registry
-                    .entry((t.id.clone(), t.addr))
-                    .or_insert_with(|| {
-                        info!(listener = %self.name, target = %t.id, addr = %t.addr, "target added");
-                        Arc::new(TargetEntry::new((*t).clone()))
-                    })
-                    .clone();
-                entry.in_rotation.store(true, Relaxed);
-                entry
+                let reg = registry.entry((t.id.clone(), t.addr)).or_insert_with(|| {
+                    info!(listener = %self.name, target = %t.id, addr = %t.addr, "target added");
+                    Registered {
+                        entry: Arc::new(TargetEntry::new((*t).clone())),
+                        checker: None,
+                    }
+                });
+                reg.entry.in_rotation.store(true, Relaxed);
+                if let (None, Some(cfg)) = (&reg.checker, &self.health) {
+                    reg.checker = Some(self.start_checker(&reg.entry, cfg));
+                }
+                reg.entry.clone()
             })
             .collect();
-        Self::prune(&mut registry);
+        self.prune(&mut registry);
         drop(registry);
         debug!(listener = %self.name, targets = snapshot.len(), "target set updated");
         snapshot.into()
     }
 
+    /// Spawns the health checker of one target in rotation; it stops when the returned
+    /// guard is dropped, when the listener stops, or when the entry is gone.
+    fn start_checker(&self, entry: &Arc<TargetEntry>, cfg: &HealthCheckConfig) -> DropGuard {
+        let token = self.checks.child_token();
+        tokio::spawn(health::run_checker(
+            self.name.clone(),
+            Arc::downgrade(entry),
+            cfg.clone(),
+            token.clone(),
+        ));
+        token.drop_guard()
+    }
+
     /// Forgets removed targets nobody refers to any more. Only the registry, snapshots
-    /// and connections hold entries, so a count of one means none of those uses it.
-    fn prune(registry: &mut HashMap<(String, SocketAddr), Arc<TargetEntry>>) {
-        registry.retain(|_, e| e.in_rotation.load(Relaxed) || Arc::strong_count(e) > 1);
+    /// and connections hold entries (checkers hold weak references), so a count of one
+    /// means none of those uses it. Their bytes move to the listener's retired counters.
+    fn prune(&self, registry: &mut Registry) {
+        registry.retain(|_, r| {
+            let keep = r.entry.in_rotation.load(Relaxed) || Arc::strong_count(&r.entry) > 1;
+            if !keep {
+                let c = &self.counters;
+                c.bytes_in
+                    .fetch_add(r.entry.bytes_in.load(Relaxed), Relaxed);
+                c.bytes_out
+                    .fetch_add(r.entry.bytes_out.load(Relaxed), Relaxed);
+            }
+            keep
+        });
     }
 
     fn open_connections(&self, target_id: &str) -> usize {
         self.registry()
             .iter()
             .filter(|((id, _), _)| id == target_id)
-            .map(|(_, e)| e.active.load(Relaxed))
+            .map(|(_, r)| r.entry.active.load(Relaxed))
             .sum()
     }
 
     fn stats(&self) -> ListenerStats {
         let now = self.now_ms();
         let mut registry = self.registry();
-        Self::prune(&mut registry);
-        let mut targets: Vec<_> = registry.values().map(|e| e.snapshot(now)).collect();
+        self.prune(&mut registry);
+        let mut targets: Vec<_> = registry.values().map(|r| r.entry.snapshot(now)).collect();
+        // Bytes are counted per target only (one atomic per read, not two); the listener's
+        // are its targets' plus those of targets forgotten since, summed under the lock.
+        let c = &self.counters;
+        let bytes_in = c.bytes_in.load(Relaxed) + targets.iter().map(|t| t.bytes_in).sum::<u64>();
+        let bytes_out =
+            c.bytes_out.load(Relaxed) + targets.iter().map(|t| t.bytes_out).sum::<u64>();
         drop(registry);
         targets.sort_by(|a, b| a.id.cmp(&b.id).then(a.addr.cmp(&b.addr)));
-        let c = &self.counters;
         ListenerStats {
             name: self.name.clone(),
             local_addr: self.local_addr,
@@ -135,15 +191,16 @@ impl Shared {
             refused_over_limit: c.refused_over_limit.load(Relaxed),
             connect_failures: c.connect_failures.load(Relaxed),
             unrouted: c.unrouted.load(Relaxed),
-            bytes_in: c.bytes_in.load(Relaxed),
-            bytes_out: c.bytes_out.load(Relaxed),
+            bytes_in,
+            bytes_out,
             targets,
         }
     }
 }
 
-/// One client connection counted in `active`; released when its task ends.
-pub(crate) struct ActiveSlot(Arc<Shared>);
+/// One client connection counted in `active`; released when its task ends. It also
+/// carries the connection task's reference to the listener's shared state.
+pub(crate) struct ActiveSlot(pub(crate) Arc<Shared>);
 
 impl Drop for ActiveSlot {
     fn drop(&mut self) {
@@ -153,8 +210,8 @@ impl Drop for ActiveSlot {
 
 /// A running listener. Clones are handles to the same listener.
 ///
-/// Dropping the last handle without [`Listener::shutdown`] stops accepting and releases
-/// the port; open connections then run to completion.
+/// Dropping the last handle without [`Listener::shutdown`] stops accepting, stops the
+/// health checks and releases the port; open connections then run to completion.
 #[derive(Clone, Debug)]
 pub struct Listener {
     inner: Arc<Inner>,
@@ -164,20 +221,20 @@ pub struct Listener {
 struct Inner {
     shared: Arc<Shared>,
     shutdown_grace: Duration,
-    stop_accepting: CancellationToken,
-    abort_connections: CancellationToken,
     connections: TaskTracker,
     accept_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.stop_accepting.cancel();
+        self.shared.stop.fire();
+        self.shared.checks.cancel();
     }
 }
 
 impl Listener {
-    /// Binds `cfg.listen` and starts accepting; `targets` is read at every accept.
+    /// Binds `cfg.listen` and starts accepting; `targets` is read at every accept. With
+    /// `cfg.health`, each target in rotation gets a health checker.
     pub async fn bind(
         cfg: ListenerConfig,
         targets: watch::Receiver<Vec<Target>>,
@@ -206,34 +263,36 @@ impl Listener {
             epoch: Instant::now(),
             cursor: Default::default(),
             counters: Counters::default(),
+            stop: Signal::new(),
+            abort: Signal::new(),
+            health: cfg.health.clone(),
+            checks: CancellationToken::new(),
             registry: Mutex::new(HashMap::new()),
         });
         let mut targets = targets;
         let snapshot = shared.rebuild(&targets.borrow_and_update());
-        let stop_accepting = CancellationToken::new();
-        let abort_connections = CancellationToken::new();
         let connections = TaskTracker::new();
         let accept = AcceptLoop {
             shared: shared.clone(),
             socket,
             targets,
             sender_gone: false,
+            change_wait: None,
+            change_waker: None,
+            pause: None,
             snapshot,
             max_connections: cfg.max_connections,
-            stop: stop_accepting.clone(),
-            abort: abort_connections.clone(),
             connections: connections.clone(),
             refused_log: RateLimit::default(),
             accept_error_log: RateLimit::default(),
         };
         let accept_task = tokio::spawn(accept.run());
-        info!(listener = %cfg.name, addr = %local_addr, policy = ?cfg.policy, "listening");
+        info!(listener = %cfg.name, addr = %local_addr, policy = ?cfg.policy,
+              health = ?cfg.health, "listening");
         Ok(Listener {
             inner: Arc::new(Inner {
                 shared,
                 shutdown_grace: cfg.shutdown_grace,
-                stop_accepting,
-                abort_connections,
                 connections,
                 accept_task: Mutex::new(Some(accept_task)),
             }),
@@ -251,18 +310,19 @@ impl Listener {
         self.inner.shared.open_connections(target_id)
     }
 
-    /// A snapshot of the listener's and each target's counters.
+    /// A snapshot of the listener's and each target's counters and health.
     pub fn stats(&self) -> ListenerStats {
         self.inner.shared.stats()
     }
 
-    /// Stops accepting and releases the port, then lets open connections finish for up
-    /// to `shutdown_grace` (see [`ListenerConfig`]); connections still open after that are
-    /// aborted (both sockets closed). Returns when every connection task has ended.
-    /// Affects every clone of this handle.
+    /// Stops accepting and health checking and releases the port, then lets open
+    /// connections finish for up to `shutdown_grace` (see [`ListenerConfig`]); connections
+    /// still open after that are aborted (both sockets closed). Returns when every
+    /// connection task has ended. Affects every clone of this handle.
     pub async fn shutdown(self) {
         let inner = &self.inner;
-        inner.stop_accepting.cancel();
+        inner.shared.stop.fire();
+        inner.shared.checks.cancel();
         let accept_task = inner
             .accept_task
             .lock()
@@ -286,7 +346,7 @@ impl Listener {
             warn!(listener = %inner.shared.name,
                   open = inner.shared.counters.active.load(Relaxed),
                   "shutdown grace elapsed; aborting open connections");
-            inner.abort_connections.cancel();
+            inner.shared.abort.fire();
             inner.connections.wait().await;
         }
         info!(listener = %inner.shared.name, "shut down");
@@ -317,16 +377,26 @@ impl RateLimit {
     }
 }
 
+/// Wakes the accept loop when the target set changes; allocated once per change.
+type ChangeWait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The accept loop, written as one poll function so that a pass through it takes no lock:
+/// the stop signal and the target channel are waited on through wakers registered once,
+/// and otherwise checked with atomic loads (see [`crate::signal`]).
 struct AcceptLoop {
     shared: Arc<Shared>,
     socket: TcpListener,
     targets: watch::Receiver<Vec<Target>>,
     /// The sender was dropped: the last target set stays in force.
     sender_gone: bool,
+    /// Resolves when the target set changes after the last refresh; `None` until armed.
+    change_wait: Option<ChangeWait>,
+    /// The waker `change_wait` was last polled with.
+    change_waker: Option<Waker>,
+    /// Set after an accept error (e.g. out of file descriptors) so the loop does not spin.
+    pause: Option<Pin<Box<Sleep>>>,
     snapshot: Snapshot,
     max_connections: usize,
-    stop: CancellationToken,
-    abort: CancellationToken,
     connections: TaskTracker,
     refused_log: RateLimit,
     accept_error_log: RateLimit,
@@ -334,45 +404,103 @@ struct AcceptLoop {
 
 impl AcceptLoop {
     async fn run(mut self) {
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                changed = self.targets.changed(), if !self.sender_gone => {
-                    if changed.is_err() {
-                        self.sender_gone = true;
-                        debug!(listener = %self.shared.name,
-                               "target sender dropped; keeping the last target set");
-                    }
-                    self.refresh();
-                }
-                accepted = self.socket.accept() => match accepted {
-                    Ok((client, peer)) => self.admit(client, peer),
-                    Err(e) => {
-                        if let Some(suppressed) = self.accept_error_log.allow() {
-                            warn!(listener = %self.shared.name, error = %e, suppressed,
-                                  "accept failed");
-                        }
-                        tokio::select! {
-                            _ = self.stop.cancelled() => break,
-                            _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                        }
-                    }
-                },
+        let shared = self.shared.clone();
+        let stop = shared.stop.notified(0);
+        tokio::pin!(stop);
+        let mut stop_armed = Armed::default();
+        poll_fn(|cx| {
+            if stop_armed.poll(&shared.stop, stop.as_mut(), cx).is_ready() {
+                return Poll::Ready(());
             }
-        }
+            self.poll_accept(cx)
+        })
+        .await;
         // Dropping `self.socket` here releases the port.
         debug!(listener = %self.shared.name, "accept loop stopped");
     }
 
-    fn refresh(&mut self) {
+    /// Accepts until the socket has nothing more (or the task's budget is spent); Ready
+    /// only when the stop signal fired meanwhile.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.watch_targets(cx);
+        loop {
+            if let Some(pause) = &mut self.pause {
+                std::task::ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            match self.socket.poll_accept(cx) {
+                Poll::Ready(Ok((client, peer))) => self.admit(client, peer),
+                Poll::Ready(Err(e)) => {
+                    if let Some(suppressed) = self.accept_error_log.allow() {
+                        warn!(listener = %self.shared.name, error = %e, suppressed,
+                              "accept failed");
+                    }
+                    self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+            if self.shared.stop.is_fired() {
+                return Poll::Ready(());
+            }
+        }
+    }
+
+    /// Takes a new target set if one was sent, and makes sure the next change wakes
+    /// this task even when no client arrives (so checkers start and stop promptly).
+    fn watch_targets(&mut self, cx: &mut Context<'_>) {
+        self.take_new_targets();
+        if self.sender_gone {
+            return;
+        }
+        let armed = self.change_wait.is_some()
+            && self
+                .change_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+        if armed {
+            return;
+        }
+        let wait = self.change_wait.get_or_insert_with(|| {
+            let mut rx = self.targets.clone();
+            Box::pin(async move {
+                // An error means the sender is gone, which `take_new_targets` sees too.
+                let _ = rx.changed().await;
+            })
+        });
+        if wait.as_mut().poll(cx).is_ready() {
+            // Changed between the check above and now: take it on the next pass.
+            self.change_wait = None;
+            self.change_waker = None;
+            cx.waker().wake_by_ref();
+            return;
+        }
+        self.change_waker = Some(cx.waker().clone());
+    }
+
+    /// One atomic load when nothing changed.
+    fn take_new_targets(&mut self) {
+        match self.targets.has_changed() {
+            Ok(false) => return,
+            Ok(true) => {}
+            // Closed: `has_changed` no longer reports a final unseen value, so take it once.
+            Err(_) if !self.sender_gone => {
+                self.sender_gone = true;
+                debug!(listener = %self.shared.name,
+                       "target sender dropped; keeping the last target set");
+            }
+            Err(_) => return,
+        }
         let targets = self.targets.borrow_and_update();
         self.snapshot = self.shared.rebuild(&targets);
+        drop(targets);
+        // The armed wait compares against the old version; arm a new one.
+        self.change_wait = None;
+        self.change_waker = None;
     }
 
     fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
         let counters = &self.shared.counters;
-        counters.accepted.fetch_add(1, Relaxed);
+        let n = counters.accepted.fetch_add(1, Relaxed);
         if counters.active.load(Relaxed) >= self.max_connections {
             counters.refused_over_limit.fetch_add(1, Relaxed);
             if let Some(suppressed) = self.refused_log.allow() {
@@ -385,29 +513,9 @@ impl AcceptLoop {
         counters.active.fetch_add(1, Relaxed);
         let slot = ActiveSlot(self.shared.clone());
         // A `send` that returned before this accept must be seen by this connection.
-        match self.targets.has_changed() {
-            Ok(true) => self.refresh(),
-            Ok(false) => {}
-            // Closed: `has_changed` no longer reports a final unseen value, so take it once.
-            Err(_) if !self.sender_gone => {
-                self.sender_gone = true;
-                self.refresh();
-            }
-            Err(_) => {}
-        }
-        let task = conn::serve(
-            self.shared.clone(),
-            client,
-            peer,
-            self.snapshot.clone(),
-            slot,
-        );
-        let abort = self.abort.clone();
-        self.connections.spawn(async move {
-            tokio::select! {
-                _ = abort.cancelled() => debug!(%peer, "connection aborted by shutdown"),
-                _ = task => {}
-            }
-        });
+        self.take_new_targets();
+        let shard = usize::try_from(n).unwrap_or_default();
+        self.connections
+            .spawn(conn::run(slot, client, peer, self.snapshot.clone(), shard));
     }
 }

@@ -20,20 +20,69 @@ pub struct Candidate {
 /// round-robin walks the targets in turn and least-connections breaks ties in turn.
 /// Penalized candidates are chosen only when no unpenalized, unexcluded one is left.
 pub fn select_target(policy: Policy, candidates: &[Candidate], cursor: usize) -> Option<usize> {
-    let len = candidates.len();
+    select_by(policy, candidates.len(), cursor, |i| candidates[i])
+}
+
+/// [`select_target`] over `len` candidates produced on demand (possibly more than once
+/// each), so the hot path reads the targets' counters in place instead of collecting them.
+pub(crate) fn select_by(
+    policy: Policy,
+    len: usize,
+    cursor: usize,
+    candidate: impl Fn(usize) -> Candidate,
+) -> Option<usize> {
     if len == 0 {
         return None;
     }
     let start = cursor % len;
-    let any_fresh = candidates.iter().any(|c| !c.excluded && !c.penalized);
-    let mut eligible = (0..len).map(|k| (start + k) % len).filter(|&i| {
-        let c = &candidates[i];
-        !c.excluded && (!c.penalized || !any_fresh)
+    let order = (0..len).map(|k| {
+        let i = start + k;
+        if i >= len {
+            i - len
+        } else {
+            i
+        }
     });
     match policy {
-        Policy::RoundRobin => eligible.next(),
-        // `min_by_key` keeps the first of equal minima: the one nearest the cursor.
-        Policy::LeastConnections => eligible.min_by_key(|&i| candidates[i].active),
+        Policy::RoundRobin => {
+            let mut first_penalized = None;
+            for i in order {
+                let c = candidate(i);
+                if c.excluded {
+                    continue;
+                }
+                if !c.penalized {
+                    return Some(i);
+                }
+                first_penalized.get_or_insert(i);
+            }
+            first_penalized
+        }
+        Policy::LeastConnections => {
+            // The fewest open among fresh candidates; among penalized ones only if no
+            // fresh one is left. Strict `<` keeps the first of equal minima: the one
+            // nearest the cursor.
+            let mut any_fresh = false;
+            let mut best: Option<(usize, usize)> = None;
+            let mut best_penalized: Option<(usize, usize)> = None;
+            for i in order {
+                let c = candidate(i);
+                if c.excluded {
+                    continue;
+                }
+                let slot = if c.penalized {
+                    &mut best_penalized
+                } else {
+                    any_fresh = true;
+                    &mut best
+                };
+                match slot {
+                    Some((_, active)) if *active <= c.active => {}
+                    _ => *slot = Some((i, c.active)),
+                }
+            }
+            if any_fresh { best } else { best_penalized }.map(|(i, _)| i)
+        }
     }
 }
 

@@ -1,11 +1,12 @@
 //! Counters of a listener and of each target, and their serializable snapshot.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use serde::Serialize;
 
 use crate::config::Target;
+use crate::health::Failure;
 
 /// A point-in-time copy of a listener's counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,6 +47,16 @@ pub struct TargetStats {
     pub in_rotation: bool,
     /// A recent connect failure keeps it out of selection for a short while.
     pub penalized: bool,
+    /// Health: `false` once it failed `fall` consecutive active checks, until it passes
+    /// `rise`; always `true` without health checks. A down target gets no new connection.
+    pub up: bool,
+    /// Active health checks that failed since the target was first seen.
+    pub checks_failed: u64,
+    /// When `up` last changed, in milliseconds since the Unix epoch; `None` if never.
+    pub last_change_unix_ms: Option<u64>,
+    /// Why the latest health check failed (e.g. `"connect failed"`, `"HTTP status 500"`);
+    /// `None` when it passed or none ran.
+    pub last_check_error: Option<String>,
 }
 
 /// Live state of one target, shared by the accept loop and its connections.
@@ -63,6 +74,13 @@ pub(crate) struct TargetEntry {
     pub(crate) bytes_out: AtomicU64,
     /// Milliseconds on the listener's clock before which the target is penalized.
     pub(crate) penalized_until_ms: AtomicU64,
+    /// Health state; written only by the target's checker.
+    pub(crate) up: AtomicBool,
+    pub(crate) checks_failed: AtomicU64,
+    /// 0: never changed.
+    pub(crate) last_change_unix_ms: AtomicU64,
+    /// A [`Failure`] code; 0 when the latest check passed.
+    pub(crate) last_check_error: AtomicU32,
 }
 
 impl TargetEntry {
@@ -77,6 +95,10 @@ impl TargetEntry {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             penalized_until_ms: AtomicU64::new(0),
+            up: AtomicBool::new(true),
+            checks_failed: AtomicU64::new(0),
+            last_change_unix_ms: AtomicU64::new(0),
+            last_check_error: AtomicU32::new(0),
         }
     }
 
@@ -95,6 +117,10 @@ impl TargetEntry {
             bytes_out: self.bytes_out.load(Relaxed),
             in_rotation: self.in_rotation.load(Relaxed),
             penalized: self.is_penalized(now_ms),
+            up: self.up.load(Relaxed),
+            checks_failed: self.checks_failed.load(Relaxed),
+            last_change_unix_ms: Some(self.last_change_unix_ms.load(Relaxed)).filter(|&ms| ms != 0),
+            last_check_error: Failure::describe(self.last_check_error.load(Relaxed)),
         }
     }
 }
@@ -107,6 +133,8 @@ pub(crate) struct Counters {
     pub(crate) refused_over_limit: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
     pub(crate) unrouted: AtomicU64,
+    /// Bytes of targets no longer listed (see `Shared::prune`); the listed ones count
+    /// their own.
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
 }

@@ -1,123 +1,15 @@
 //! End-to-end tests of the listener with real sockets on 127.0.0.1, port 0.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
+use common::*;
 use drover_lb::{Listener, ListenerConfig, Policy, Target};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-
-const WAIT: Duration = Duration::from_secs(3);
-
-/// A backend that greets each connection with `name\n`, then echoes until EOF and closes.
-struct Backend {
-    target: Target,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn backend(name: &str) -> Backend {
-    backend_at(name, "127.0.0.1:0".parse().expect("addr")).await
-}
-
-async fn backend_at(name: &str, addr: SocketAddr) -> Backend {
-    let socket = TcpListener::bind(addr).await.expect("bind backend");
-    let addr = socket.local_addr().expect("backend addr");
-    let greeting = format!("{name}\n");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = socket.accept().await else {
-                return;
-            };
-            let greeting = greeting.clone();
-            tokio::spawn(async move {
-                if conn.write_all(greeting.as_bytes()).await.is_err() {
-                    return;
-                }
-                let (mut r, mut w) = conn.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    Backend {
-        target: Target::new(name, addr),
-        task,
-    }
-}
-
-/// An address nothing listens on: connecting to it is refused.
-async fn dead_addr() -> SocketAddr {
-    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    socket.local_addr().expect("addr")
-}
-
-type Conn = BufReader<TcpStream>;
-
-/// Connects through the listener and returns the stream and the backend's name.
-async fn open(lb: SocketAddr) -> (Conn, String) {
-    let stream = TcpStream::connect(lb).await.expect("connect to listener");
-    let mut conn = BufReader::new(stream);
-    let mut line = String::new();
-    timeout(WAIT, conn.read_line(&mut line))
-        .await
-        .expect("greeting in time")
-        .expect("read greeting");
-    assert!(line.ends_with('\n'), "no greeting, got {line:?}");
-    line.pop();
-    (conn, line)
-}
-
-/// Sends `msg` and expects it echoed back.
-async fn echo(conn: &mut Conn, msg: &[u8]) {
-    conn.get_mut().write_all(msg).await.expect("write");
-    let mut got = vec![0; msg.len()];
-    timeout(WAIT, conn.read_exact(&mut got))
-        .await
-        .expect("echo in time")
-        .expect("read echo");
-    assert_eq!(got, msg);
-}
-
-/// Expects the peer to close `stream` soon (EOF or reset); returns how long it took.
-async fn expect_closed<S: AsyncReadExt + Unpin>(stream: &mut S) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0u8; 64];
-    match timeout(WAIT, stream.read(&mut buf)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => start.elapsed(),
-        Ok(Ok(n)) => panic!("expected close, got {n} bytes: {:?}", &buf[..n]),
-        Err(_) => panic!("connection not closed within {WAIT:?}"),
-    }
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn start(
-    cfg: ListenerConfig,
-    targets: Vec<Target>,
-) -> (Listener, watch::Sender<Vec<Target>>) {
-    let (tx, rx) = watch::channel(targets);
-    let lb = Listener::bind(cfg, rx).await.expect("bind listener");
-    (lb, tx)
-}
-
-fn targets(backends: &[&Backend]) -> Vec<Target> {
-    backends.iter().map(|b| b.target.clone()).collect()
-}
 
 #[tokio::test]
 async fn round_robin_spreads_connections_evenly_in_turn() {
@@ -274,26 +166,6 @@ async fn all_targets_failing_closes_the_client() {
     assert_eq!(stats.unrouted, 1);
     assert_eq!(lb.open_connections("d1"), 0);
     lb.shutdown().await;
-}
-
-/// A listener whose accept queue is full: further SYNs are dropped, so connects hang.
-async fn black_hole() -> (SocketAddr, Vec<TcpStream>) {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let addr = socket.local_addr().expect("addr");
-    let listener = socket.listen(1).expect("listen");
-    std::mem::forget(listener); // keep it listening, never accepting
-    let mut fillers = Vec::new();
-    for _ in 0..16 {
-        match timeout(Duration::from_millis(100), TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => fillers.push(s),
-            Ok(Err(e)) => panic!("unexpected connect error {e}"),
-            Err(_) => return (addr, fillers),
-        }
-    }
-    panic!("accept queue never filled");
 }
 
 #[tokio::test]
@@ -498,5 +370,60 @@ async fn stats_serialize_to_json() {
     assert_eq!(json["targets"][0]["id"], "a");
     assert_eq!(json["targets"][0]["in_rotation"], true);
     assert!(json["accepted"].as_u64().is_some());
+    lb.shutdown().await;
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfers_under_back_pressure_arrive_intact_both_ways() {
+    const LEN: usize = 8 * 1024 * 1024;
+    // The backend waits before reading the upload (so the balancer's writes to it push
+    // back), then sends the upload's length and a download the client is slow to read.
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = socket.accept().await.expect("accept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = vec![0u8; LEN];
+        conn.read_exact(&mut got).await.expect("read upload");
+        assert!(got == pattern(LEN), "upload corrupted");
+        conn.write_all(&(LEN as u64).to_be_bytes())
+            .await
+            .expect("ack");
+        conn.write_all(&pattern(LEN)).await.expect("download");
+        conn.shutdown().await.expect("shutdown");
+    });
+    let (lb, _tx) = start(ListenerConfig::default(), vec![Target::new("big", addr)]).await;
+    let mut conn = TcpStream::connect(lb.local_addr()).await.expect("connect");
+    let (mut r, mut w) = conn.split();
+    let upload = async {
+        w.write_all(&pattern(LEN)).await.expect("upload");
+    };
+    let download = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut ack = [0u8; 8];
+        r.read_exact(&mut ack).await.expect("ack");
+        assert_eq!(u64::from_be_bytes(ack), LEN as u64);
+        let mut got = Vec::with_capacity(LEN);
+        timeout(Duration::from_secs(20), r.read_to_end(&mut got))
+            .await
+            .expect("download in time")
+            .expect("download");
+        assert!(
+            got == pattern(LEN),
+            "download corrupted ({} bytes)",
+            got.len()
+        );
+    };
+    tokio::join!(upload, download);
+    server.await.expect("server");
+    drop(conn);
+    wait_until("closed", || lb.stats().active == 0).await;
+    let stats = lb.stats();
+    assert_eq!(stats.bytes_in, LEN as u64);
+    assert_eq!(stats.bytes_out, LEN as u64 + 8);
     lb.shutdown().await;
 }

@@ -193,6 +193,10 @@ pub struct Component {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub env: IndexMap<String, String>,
+    /// Environment variables whose values are secret: passed to the component like `env`
+    /// (literally: no `{placeholder}` substitution), redacted in everything the server shows.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub secret_env: IndexMap<String, String>,
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub ports: IndexMap<String, u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +212,64 @@ pub struct Component {
     pub stop_grace: Dur,
     #[serde(default = "default_stop_signal")]
     pub stop_signal: String,
+    /// `docker`: the image, e.g. `registry:5000/web:{version}`; with neither tag nor digest,
+    /// the version is its tag. Pinned to a digest when a plan is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `docker`: replaces the image's ENTRYPOINT (`command` and `args` replace its CMD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `docker`: the port inside the container of a named port, when it differs from the port
+    /// published on the instance's address (`ports`).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub container_ports: IndexMap<String, u16>,
+    /// `docker`: `SOURCE:TARGET[:ro|rw]`; SOURCE is a host path (absolute, or under `{dir}`)
+    /// or a named volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    /// `docker`: CPU limit in cores (`0.5` = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// `docker`: memory limit (`256m`, `1g`); the container is OOM-killed above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// `docker`: the engine's log driver and its options (default: `json-file`, 10m x 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogConfig>,
+    /// `docker`: the container's network: `bridge` (default: `ports` are published on the
+    /// instance's address), `host` (the component binds the instance's address itself, as a
+    /// process would), or the name of a network the engine has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// A container's log driver and options, as `docker run --log-driver/--log-opt` take them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_driver")]
+    pub driver: String,
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub options: IndexMap<String, String>,
+}
+
+fn default_log_driver() -> String {
+    "json-file".to_string()
+}
+
+impl Default for LogConfig {
+    /// `json-file`, rotated at 10 MB, 3 files kept: bounded disk use on every instance.
+    fn default() -> LogConfig {
+        LogConfig {
+            driver: default_log_driver(),
+            options: [
+                ("max-size".to_string(), "10m".to_string()),
+                ("max-file".to_string(), "3".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
 }
 
 fn default_stop_grace() -> Dur {

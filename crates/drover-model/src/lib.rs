@@ -6,8 +6,11 @@ pub mod duration;
 pub mod event;
 pub mod fleet;
 pub mod ids;
+pub mod image;
 pub mod plan;
+pub mod secret;
 pub mod subst;
+pub mod token;
 pub mod validate;
 
 pub use duration::Dur;

@@ -4,7 +4,9 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Dur;
-use crate::fleet::{Artifact, CustomMetric, Fleet, HealthCheck, RestartPolicy, Runtime, Service};
+use crate::fleet::{
+    Artifact, CustomMetric, Fleet, HealthCheck, LogConfig, RestartPolicy, Runtime, Service,
+};
 use crate::ids::GroupId;
 use crate::subst;
 
@@ -43,6 +45,49 @@ pub struct PlanComponent {
     pub restart: RestartPolicy,
     pub stop_grace: Dur,
     pub stop_signal: String,
+    /// `docker` components: the image and the container's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerSpec>,
+}
+
+/// How a `docker` component's container is made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DockerSpec {
+    /// The reference with the version in it, e.g. `127.0.0.1:5000/web:v2`.
+    pub image: String,
+    /// `repository@sha256:…`: what the agent runs, resolved by the server when the plan was
+    /// made, so every instance of the plan runs the same bytes. `None`: not resolved (the agent
+    /// then runs `image` as it finds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// The port inside the container of every named port (the same number unless overridden).
+    #[serde(default)]
+    pub container_ports: IndexMap<String, u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `bridge`, `host` or a network's name.
+    #[serde(default = "default_network")]
+    pub network: String,
+}
+
+fn default_network() -> String {
+    "bridge".to_string()
+}
+
+impl DockerSpec {
+    /// What to run: the pinned reference if resolved, else the image as written.
+    pub fn reference(&self) -> &str {
+        self.pinned.as_deref().unwrap_or(&self.image)
+    }
 }
 
 impl Plan {
@@ -50,9 +95,25 @@ impl Plan {
         GroupId::new(&self.service, &self.region)
     }
 
-    /// Whether two plans run the same thing (generation and revision aside).
+    /// Whether two plans run the same thing (generation and revision aside). Image pins are
+    /// left out: a plan made from the same file pins what the current one pinned.
     pub fn same_content(&self, other: &Plan) -> bool {
-        self.components == other.components
+        let unpinned = |p: &Plan| -> Vec<PlanComponent> {
+            p.components
+                .iter()
+                .map(|c| {
+                    let mut c = c.clone();
+                    if let Some(d) = c.docker.as_mut() {
+                        d.pinned = None;
+                    }
+                    c
+                })
+                .collect()
+        };
+        if self.components.iter().all(|c| c.docker.is_none()) {
+            return self.components == other.components;
+        }
+        unpinned(self) == unpinned(other)
     }
 
     /// `app=v1, sidecar=v3`: the versions, for tables and events.
@@ -80,7 +141,17 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
                 version: c.version.clone(),
                 command: v(c.command.as_deref().unwrap_or_default()),
                 args: c.args.iter().map(|a| v(a)).collect(),
-                env: c.env.iter().map(|(k, x)| (k.clone(), v(x))).collect(),
+                env: c
+                    .env
+                    .iter()
+                    .map(|(k, x)| (k.clone(), v(x)))
+                    // Secret values are literal: escaped so the agent's substitution keeps them.
+                    .chain(
+                        c.secret_env
+                            .iter()
+                            .map(|(k, x)| (k.clone(), crate::secret::escape_braces(x))),
+                    )
+                    .collect(),
                 ports: c.ports.clone(),
                 artifact: c.artifact.as_ref().map(|a| Artifact {
                     url: v(&a.url),
@@ -91,6 +162,27 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
                 restart: c.restart.clone(),
                 stop_grace: c.stop_grace,
                 stop_signal: c.stop_signal.clone(),
+                docker: (c.runtime == Runtime::Docker).then(|| DockerSpec {
+                    image: crate::image::with_version(
+                        c.image.as_deref().unwrap_or_default(),
+                        &c.version,
+                    ),
+                    pinned: None,
+                    entrypoint: c
+                        .entrypoint
+                        .as_ref()
+                        .map(|e| e.iter().map(|a| v(a)).collect()),
+                    container_ports: c
+                        .ports
+                        .iter()
+                        .map(|(n, p)| (n.clone(), *c.container_ports.get(n).unwrap_or(p)))
+                        .collect(),
+                    volumes: c.volumes.iter().map(|x| v(x)).collect(),
+                    cpus: c.cpus,
+                    memory: c.memory.as_deref().and_then(crate::image::parse_memory),
+                    log: c.log.clone().unwrap_or_default(),
+                    network: c.network.clone().unwrap_or_else(default_network),
+                }),
             }
         })
         .collect();

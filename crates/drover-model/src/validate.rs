@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{Fleet, HealthKind, ProviderKind, Runtime, Service};
+use crate::fleet::{Component, Fleet, HealthKind, ProviderKind, Runtime, Service};
 use crate::subst;
 
 /// One thing wrong with a fleet file.
@@ -446,10 +446,10 @@ fn check_service(
                 }
                 Some(_) => {}
             },
-            Runtime::Docker => out.push(p(
-                &join(&base, &["runtime"]),
-                "runtime \"docker\" is not supported by this build yet; allowed: \"process\"",
-            )),
+            Runtime::Docker => check_docker(comp, &base, out),
+        }
+        if comp.runtime != Runtime::Docker {
+            check_docker_only_fields(comp, &base, out);
         }
         for (pname, port) in &comp.ports {
             if !valid_name(pname) {
@@ -480,6 +480,30 @@ fn check_service(
                 out.push(p(
                     &join(&base, &["env", k]),
                     format!("{k:?} is not a valid environment variable name; use letters, digits and '_', not starting with a digit"),
+                ));
+            }
+        }
+        // Secret values are never quoted in a message: only their names.
+        for (k, v) in &comp.secret_env {
+            let ok = !k.is_empty()
+                && !k.as_bytes()[0].is_ascii_digit()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                out.push(p(
+                    &join(&base, &["secret_env", k]),
+                    format!("{k:?} is not a valid environment variable name; use letters, digits and '_', not starting with a digit"),
+                ));
+            } else if comp.env.contains_key(k) {
+                out.push(p(
+                    &join(&base, &["secret_env", k]),
+                    format!("{k} is in both env and secret_env; keep it in one of them"),
+                ));
+            } else if v.contains('\0') {
+                out.push(p(
+                    &join(&base, &["secret_env", k]),
+                    format!(
+                        "the value of {k} contains a NUL character, which no environment can hold"
+                    ),
                 ));
             }
         }
@@ -721,5 +745,226 @@ fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
         "none".to_string()
     } else {
         v.join(", ")
+    }
+}
+
+/// Settings that only a container has, on a component of another runtime.
+fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Problem>) {
+    let set: [(&str, bool); 8] = [
+        ("network", comp.network.is_some()),
+        ("image", comp.image.is_some()),
+        ("entrypoint", comp.entrypoint.is_some()),
+        ("container_ports", !comp.container_ports.is_empty()),
+        ("volumes", !comp.volumes.is_empty()),
+        ("cpus", comp.cpus.is_some()),
+        ("memory", comp.memory.is_some()),
+        ("log", comp.log.is_some()),
+    ];
+    for (field, present) in set {
+        if present {
+            out.push(p(
+                &join(base, &[field]),
+                format!("{field} applies only to runtime = \"docker\"; this component's runtime is \"process\""),
+            ));
+        }
+    }
+}
+
+/// The rules of a `runtime = "docker"` component.
+fn check_docker(comp: &Component, base: &[&str], out: &mut Vec<Problem>) {
+    use crate::image::{parse_memory, valid_tag, ImageRef};
+    let at = |f: &'static str| join(base, &[f]);
+    match &comp.image {
+        None => out.push(p(
+            base,
+            "runtime \"docker\" needs an image, e.g. image = \"registry.example.com:5000/web:{version}\" (with no tag, the version is the tag)",
+        )),
+        Some(image) => {
+            if let Err(e) = subst::check_placeholders(image, &[]) {
+                out.push(p(&at("image"), e.to_string()));
+            } else if image.contains('{')
+                && image
+                    .replace("{version}", "")
+                    .contains(['{', '}'])
+            {
+                out.push(p(
+                    &at("image"),
+                    format!("{image:?}: the only placeholder an image may hold is {{version}}"),
+                ));
+            } else {
+                let tag_is_version =
+                    ImageRef::parse(image).is_ok_and(|w| w.tag.is_none() && w.digest.is_none());
+                let rendered = crate::image::with_version(image, &comp.version);
+                if tag_is_version && !valid_tag(&comp.version) {
+                    out.push(p(
+                        &join(base, &["version"]),
+                        format!(
+                            "version {:?} is the image's tag here, and is not a valid tag: use 1-128 letters, digits, '_', '.' or '-'",
+                            comp.version
+                        ),
+                    ));
+                } else if let Err(e) = ImageRef::parse(&rendered) {
+                    out.push(p(
+                        &at("image"),
+                        format!("{rendered:?} is not a valid image reference: {e}"),
+                    ));
+                }
+            }
+        }
+    }
+    if comp.artifact.is_some() {
+        out.push(p(
+            &at("artifact"),
+            "artifact applies only to runtime \"process\"; a container's files come from its image",
+        ));
+    }
+    if let Some(cmd) = &comp.command {
+        if cmd.trim().is_empty() {
+            out.push(p(
+                &at("command"),
+                "command is empty; leave it out to run the image's own CMD",
+            ));
+        }
+    }
+    let ports: Vec<&str> = comp.ports.keys().map(String::as_str).collect();
+    if let Some(ep) = &comp.entrypoint {
+        if ep.is_empty() || ep[0].trim().is_empty() {
+            out.push(p(
+                &at("entrypoint"),
+                "entrypoint is empty; leave it out to keep the image's ENTRYPOINT",
+            ));
+        }
+        for (i, a) in ep.iter().enumerate() {
+            if let Err(e) = subst::check_placeholders(a, &ports) {
+                let i = i.to_string();
+                out.push(p(&join(base, &["entrypoint", &i]), e.to_string()));
+            }
+        }
+    }
+    for (name, port) in &comp.container_ports {
+        if !comp.ports.contains_key(name) {
+            out.push(p(
+                &join(base, &["container_ports", name]),
+                format!(
+                    "unknown port {name:?}: container_ports only moves a port declared in ports; this component's ports: {}",
+                    names(comp.ports.keys())
+                ),
+            ));
+        } else if *port == 0 {
+            out.push(p(
+                &join(base, &["container_ports", name]),
+                "port 0 is not allowed; use 1-65535",
+            ));
+        }
+    }
+    let mut targets = BTreeSet::new();
+    for (i, v) in comp.volumes.iter().enumerate() {
+        let idx = i.to_string();
+        let path = join(base, &["volumes", &idx]);
+        if let Err(e) = subst::check_placeholders(v, &ports) {
+            out.push(p(&path, e.to_string()));
+            continue;
+        }
+        let parts: Vec<&str> = v.split(':').collect();
+        let (source, target, mode) = match parts.as_slice() {
+            [s, t] => (*s, *t, None),
+            [s, t, m] => (*s, *t, Some(*m)),
+            _ => {
+                out.push(p(
+                    &path,
+                    format!("{v:?} is not SOURCE:TARGET[:ro|rw], e.g. \"{{dir}}/data:/data\" or \"cache:/cache:ro\""),
+                ));
+                continue;
+            }
+        };
+        let named = !source.starts_with('/') && !source.starts_with('{');
+        if source.is_empty()
+            || (named
+                && !(source.as_bytes()[0].is_ascii_alphanumeric()
+                    && source
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))))
+        {
+            out.push(p(
+                &path,
+                format!("source {source:?} is neither an absolute host path, a path under {{dir}}, nor a volume name (letters, digits, '_', '.', '-')"),
+            ));
+        }
+        if !target.starts_with('/') {
+            out.push(p(
+                &path,
+                format!("target {target:?} must be an absolute path inside the container"),
+            ));
+        } else if !targets.insert(target) {
+            out.push(p(&path, format!("target {target} is mounted twice")));
+        }
+        if let Some(m) = mode {
+            if m != "ro" && m != "rw" {
+                out.push(p(
+                    &path,
+                    format!("mode {m:?} is not allowed; use \"ro\" or \"rw\""),
+                ));
+            }
+        }
+    }
+    if let Some(c) = comp.cpus {
+        if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
+            out.push(p(
+                &at("cpus"),
+                format!("cpus = {c} must be above 0 (0.5 = half a core) and at most 1024"),
+            ));
+        }
+    }
+    if let Some(m) = &comp.memory {
+        match parse_memory(m) {
+            None => out.push(p(
+                &at("memory"),
+                format!("{m:?} is not a memory size; use e.g. \"256m\", \"1.5g\" or \"512MiB\""),
+            )),
+            Some(bytes) if bytes < 6 << 20 => out.push(p(
+                &at("memory"),
+                format!("memory = {m:?} is below Docker's minimum of 6m"),
+            )),
+            Some(_) => {}
+        }
+    }
+    if let Some(net) = &comp.network {
+        let ok = !net.is_empty()
+            && net.as_bytes()[0].is_ascii_alphanumeric()
+            && net
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok || net == "none" {
+            out.push(p(
+                &at("network"),
+                format!("{net:?} is not a network for a component: use \"bridge\" (the default), \"host\" or the name of a network of the engine"),
+            ));
+        } else if net == "host" && !comp.container_ports.is_empty() {
+            out.push(p(
+                &at("container_ports"),
+                "with network = \"host\" the container binds the instance's ports itself: container_ports cannot move them",
+            ));
+        }
+    }
+    if let Some(log) = &comp.log {
+        let ok = !log.driver.is_empty()
+            && log
+                .driver
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b));
+        if !ok {
+            out.push(p(
+                &join(base, &["log", "driver"]),
+                format!("{:?} is not a log driver name, e.g. \"json-file\", \"local\", \"journald\", \"none\"", log.driver),
+            ));
+        }
+        for k in log.options.keys() {
+            if k.is_empty() || k.contains(char::is_whitespace) {
+                out.push(p(
+                    &join(base, &["log", "options", k]),
+                    format!("{k:?} is not a log option name, e.g. \"max-size\""),
+                ));
+            }
+        }
     }
 }

@@ -202,3 +202,150 @@ fn several_errors_reported_together_in_file_order() {
     assert_eq!(e.0.len(), 2, "{e}");
     assert!(e.0[0].line < e.0[1].line);
 }
+
+const DOCKER: &str = r#"[fleet]
+name = "hello"
+
+[regions.local]
+provider = "local"
+
+[services.web]
+regions = ["local"]
+capacity = { min = 1, desired = 1, max = 2 }
+
+[services.web.components.app]
+runtime = "docker"
+version = "v1"
+image = "127.0.0.1:5000/drover-demo"
+command = "demo-server"
+args = ["--listen", "0.0.0.0:{port.http}"]
+ports = { http = 8080 }
+container_ports = { http = 80 }
+volumes = ["{dir}/data:/data", "cache:/cache:ro"]
+cpus = 0.5
+memory = "64m"
+log = { driver = "json-file", options = { max-size = "1m" } }
+stop_signal = "SIGINT"
+"#;
+
+fn docker_bad(from: &str, to: &str) -> drover_model::FleetError {
+    assert!(DOCKER.contains(from), "test bug: {from:?} not in DOCKER");
+    one(&DOCKER.replacen(from, to, 1))
+}
+
+#[test]
+fn docker_component_plans_with_its_settings() {
+    let fleet = parse_fleet(DOCKER, "drover.toml").unwrap();
+    let svc = &fleet.services["web"];
+    let plan = drover_model::plan::plan_for(&fleet, "web", svc, "local");
+    let d = plan.components[0].docker.as_ref().unwrap();
+    // No tag in the image: the version is the tag.
+    assert_eq!(d.image, "127.0.0.1:5000/drover-demo:v1");
+    assert_eq!(d.pinned, None);
+    assert_eq!(d.reference(), "127.0.0.1:5000/drover-demo:v1");
+    assert_eq!(d.container_ports["http"], 80);
+    assert_eq!(d.memory, Some(64 << 20));
+    assert_eq!(d.cpus, Some(0.5));
+    assert_eq!(d.network, "bridge");
+    assert_eq!(d.log.options["max-size"], "1m");
+    assert_eq!(d.volumes, ["{dir}/data:/data", "cache:/cache:ro"]);
+
+    // `{version}` inside the reference.
+    let text = DOCKER.replace(
+        "image = \"127.0.0.1:5000/drover-demo\"",
+        "image = \"127.0.0.1:5000/drover-demo:{version}-slim\"",
+    );
+    let fleet = parse_fleet(&text, "drover.toml").unwrap();
+    let plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+    let d = plan.components[0].docker.as_ref().unwrap();
+    assert_eq!(d.image, "127.0.0.1:5000/drover-demo:v1-slim");
+
+    // A pin does not make a different plan; another image does.
+    let mut pinned = plan.clone();
+    pinned.components[0].docker.as_mut().unwrap().pinned = Some(format!(
+        "127.0.0.1:5000/drover-demo@sha256:{}",
+        "a".repeat(64)
+    ));
+    assert!(pinned.same_content(&plan));
+    let mut other = plan.clone();
+    other.components[0].docker.as_mut().unwrap().image = "x:2".into();
+    assert!(!other.same_content(&plan));
+}
+
+#[test]
+fn docker_needs_an_image_and_refuses_bad_references() {
+    let e = docker_bad("image = \"127.0.0.1:5000/drover-demo\"\n", "");
+    assert_eq!(e.field, "services.web.components.app");
+    assert!(e.message.contains("needs an image"), "{e}");
+    let e = docker_bad(
+        "image = \"127.0.0.1:5000/drover-demo\"",
+        "image = \"127.0.0.1:5000/Drover-Demo\"",
+    );
+    assert_eq!(e.field, "services.web.components.app.image");
+    assert_eq!((e.line, e.column), (14, 9));
+    assert!(e.message.contains("not a valid image reference"), "{e}");
+    let e = docker_bad(
+        "image = \"127.0.0.1:5000/drover-demo\"",
+        "image = \"127.0.0.1:5000/drover-demo:{addr}\"",
+    );
+    assert!(e.message.contains("only placeholder"), "{e}");
+    // The version becomes the tag: it must be a valid one.
+    let e = docker_bad("version = \"v1\"", "version = \"v1+build\"");
+    assert_eq!(e.field, "services.web.components.app.version");
+    assert!(e.message.contains("not a valid tag"), "{e}");
+}
+
+#[test]
+fn docker_settings_are_checked() {
+    let e = docker_bad("cpus = 0.5", "cpus = 0");
+    assert_eq!(e.field, "services.web.components.app.cpus");
+    assert_eq!(e.line, 20);
+    let e = docker_bad("memory = \"64m\"", "memory = \"lots\"");
+    assert_eq!(e.field, "services.web.components.app.memory");
+    assert!(e.message.contains("not a memory size"), "{e}");
+    let e = docker_bad("memory = \"64m\"", "memory = \"1m\"");
+    assert!(e.message.contains("minimum of 6m"), "{e}");
+    let e = docker_bad("\"cache:/cache:ro\"", "\"cache:cache\"");
+    assert_eq!(e.field, "services.web.components.app.volumes.1");
+    assert!(
+        e.message.contains("absolute path inside the container"),
+        "{e}"
+    );
+    let e = docker_bad("\"cache:/cache:ro\"", "\"cache:/cache:rx\"");
+    assert!(e.message.contains("\"ro\" or \"rw\""), "{e}");
+    let e = docker_bad("\"cache:/cache:ro\"", "\"cache:/data\"");
+    assert!(e.message.contains("mounted twice"), "{e}");
+    let e = docker_bad(
+        "container_ports = { http = 80 }",
+        "container_ports = { grpc = 80 }",
+    );
+    assert_eq!(e.field, "services.web.components.app.container_ports.grpc");
+    let e = docker_bad(
+        "log = { driver = \"json-file\"",
+        "log = { driver = \"json file\"",
+    );
+    assert_eq!(e.field, "services.web.components.app.log.driver");
+    let e = docker_bad("cpus = 0.5", "cpus = 0.5\nnetwork = \"none\"");
+    assert_eq!(e.field, "services.web.components.app.network");
+    let e = docker_bad("cpus = 0.5", "cpus = 0.5\nnetwork = \"host\"");
+    assert_eq!(e.field, "services.web.components.app.container_ports");
+    let e = docker_bad(
+        "memory = \"64m\"",
+        "memory = \"64m\"\nartifact = { url = \"a.tar.gz\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }",
+    );
+    assert_eq!(e.field, "services.web.components.app.artifact");
+}
+
+#[test]
+fn docker_only_settings_are_refused_on_processes() {
+    let e = one(&bad(
+        "ports = { http = 8080 }",
+        "ports = { http = 8080 }\nimage = \"nginx\"",
+    ));
+    assert_eq!(e.field, "services.web.components.app.image");
+    assert!(
+        e.message.contains("applies only to runtime = \"docker\""),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("drover.toml:18:9:"), "{e}");
+}

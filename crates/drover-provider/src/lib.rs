@@ -11,6 +11,64 @@ pub mod local;
 
 pub use local::{LocalConfig, LocalProvider};
 
+/// What an instance needs to talk to the server, besides its plan: its group's agent token
+/// and the server's CA, pinned by fingerprint. Part of the launch configuration. The server
+/// keeps the token map current (a new group, a rotated token); clones share it.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    tokens: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, String>>>,
+    /// The server's CA certificate, when the API is served over TLS.
+    pub ca: Option<CaPin>,
+}
+
+/// The CA an agent trusts, and the sha256 of its DER encoding it must have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaPin {
+    /// A PEM file (the local provider passes its path; a cloud provider would inline it).
+    pub file: PathBuf,
+    /// Lowercase hex sha256 of the certificate's DER bytes.
+    pub sha256: String,
+}
+
+impl Credentials {
+    /// The token new instances of `group` are launched with.
+    pub fn token(&self, group: &str) -> Option<String> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .cloned()
+    }
+
+    pub fn set_token(&self, group: &str, token: String) {
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group.to_string(), token);
+    }
+
+    pub fn remove_token(&self, group: &str) {
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(group);
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let groups: Vec<String> = self
+            .tokens
+            .read()
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("Credentials")
+            .field("token_groups", &groups)
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
 /// Launch one instance of a group, booting from `plan`.
 #[derive(Clone, Debug)]
 pub struct LaunchRequest {

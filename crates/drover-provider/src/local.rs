@@ -29,6 +29,9 @@ pub struct LocalConfig {
     /// process that launched it dies. Off for `drover server`, whose agents keep running
     /// without it and are adopted again when it restarts.
     pub tied: bool,
+    /// Agent tokens and the server's CA: handed to each agent at launch, never on its
+    /// command line (the token goes in a 0600 file the agent reads and deletes).
+    pub credentials: crate::Credentials,
 }
 
 /// Local processes as instances.
@@ -86,8 +89,23 @@ impl LocalProvider {
             .try_clone()
             .map_err(|e| ProviderError::Io(log_path.clone(), e))?;
         let mut cmd = tokio::process::Command::new(&self.cfg.drover_bin);
-        cmd.arg("agent")
-            .arg("--instance")
+        if let Some(token) = self.cfg.credentials.token(&req.group) {
+            let token_file = dir.join("agent.token");
+            write_private(&token_file, token.as_bytes())
+                .map_err(|e| ProviderError::Io(token_file.clone(), e))?;
+            cmd.arg("agent").arg("--token-file").arg(&token_file);
+        } else {
+            cmd.arg("agent");
+        }
+        if let Some(ca) = &self.cfg.credentials.ca {
+            cmd.arg("--server-ca")
+                .arg(&ca.file)
+                .arg("--server-ca-sha256")
+                .arg(&ca.sha256);
+        }
+        // An operator's token in the server's environment must not reach instances.
+        cmd.env_remove("DROVER_TOKEN");
+        cmd.arg("--instance")
             .arg(&req.instance)
             .arg("--group")
             .arg(&req.group)
@@ -149,6 +167,20 @@ impl LocalProvider {
             addr,
         })
     }
+}
+
+/// Write a file only its owner can read (created 0600, truncated if it exists).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 fn describe(s: std::process::ExitStatus) -> String {

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,11 +18,15 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::auth::{check_group, Caller};
 use crate::engine::Engine;
 use crate::ServerError;
 
 /// Largest request body accepted (a fleet file of thousands of services fits).
 pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// Deepest nesting of arrays and objects accepted in a JSON body (real requests need 4).
+pub const MAX_JSON_DEPTH: usize = 32;
 
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
@@ -43,6 +47,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/agent/connections", get(connections))
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
         .route("/metrics", get(metrics))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .fallback(|| async { ServerError::NotFound("no such endpoint; see docs/api.md".into()) })
         .method_not_allowed_fallback(|| async {
             ServerError::MethodNotAllowed(
@@ -50,6 +56,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Outermost: nobody's body is read before their token is checked.
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            crate::auth::layer,
+        ))
         .with_state(engine)
 }
 
@@ -64,6 +75,8 @@ impl IntoResponse for ServerError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
             ServerError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ServerError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ServerError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let errors = match &self {
@@ -93,7 +106,18 @@ fn decode<T: DeserializeOwned>(body: Body2) -> Result<T, ServerError> {
             ServerError::BadRequest(r.body_text())
         }
     })?;
-    let body = &body;
+    decode_body(&body)
+}
+
+/// Decode a JSON request body: nesting limited to [`MAX_JSON_DEPTH`], errors located. Never
+/// panics, whatever the bytes (fuzzed in `tests/fuzz_api.rs`).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ServerError> {
+    let depth = json_depth(body);
+    if depth > MAX_JSON_DEPTH {
+        return Err(ServerError::BadRequest(format!(
+            "JSON body nested deeper than {MAX_JSON_DEPTH} levels; see docs/api.md"
+        )));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ServerError::BadRequest(format!(
             "invalid JSON body at line {} column {}: {e}; see docs/api.md",
@@ -103,15 +127,76 @@ fn decode<T: DeserializeOwned>(body: Body2) -> Result<T, ServerError> {
     })
 }
 
+/// The deepest nesting of `[` and `{` in a JSON text (outside strings); no allocation, no
+/// recursion, whatever the input.
+pub fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 async fn apply(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
     let req: ApplyRequest = decode(body)?;
-    let resp = e.apply(req).await?;
+    // The request's own secrets (even if it does not validate) and the current ones.
+    let sc = drover_model::secret::Scrubber::new(
+        drover_model::secret::secret_values_in_text(&req.toml)
+            .into_iter()
+            .chain(scrubber_values(&e)),
+    );
+    let resp = e.apply(req).await.map_err(|err| scrub_error(err, &sc))?;
     Ok(Json(resp).into_response())
+}
+
+fn scrubber_values(e: &Engine) -> Vec<String> {
+    let st = e.state();
+    st.revision
+        .as_ref()
+        .map(|r| drover_model::secret::secret_values(&r.fleet))
+        .unwrap_or_default()
+}
+
+/// An error with every known secret value replaced in its message(s).
+fn scrub_error(err: ServerError, sc: &drover_model::secret::Scrubber) -> ServerError {
+    let s = |m: String| sc.scrub(&m).into_owned();
+    match err {
+        ServerError::InvalidFleet(mut errors) => {
+            for fe in &mut errors.0 {
+                sc.scrub_in_place(&mut fe.message);
+                sc.scrub_in_place(&mut fe.field);
+            }
+            ServerError::InvalidFleet(errors)
+        }
+        ServerError::BadRequest(m) => ServerError::BadRequest(s(m)),
+        ServerError::NotFound(m) => ServerError::NotFound(s(m)),
+        ServerError::Conflict(m) => ServerError::Conflict(s(m)),
+        ServerError::Internal(m) => ServerError::Internal(s(m)),
+        other => other,
+    }
 }
 
 async fn deploy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
     let req: DeployRequest = decode(body)?;
-    Ok(Json(e.deploy(req).await?).into_response())
+    let sc = scrubber(&e);
+    Ok(Json(e.deploy(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
 }
 
 async fn scale(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
@@ -121,7 +206,8 @@ async fn scale(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, Se
 
 async fn rollback(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
     let req: RollbackRequest = decode(body)?;
-    Ok(Json(e.rollback(req).await?).into_response())
+    let sc = scrubber(&e);
+    Ok(Json(e.rollback(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -135,11 +221,13 @@ struct PermitQuery {
 /// The agent's long-poll for its permit; answers at once when one is granted.
 async fn permit(
     State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<PermitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
         ServerError::BadRequest(format!("{}; parameters: instance, wait_ms", r.body_text()))
     })?;
+    check_instance(&e, &caller, &q.instance)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_permit(&q.instance, wait).await?).into_response())
 }
@@ -152,18 +240,45 @@ struct InstanceQuery {
 
 async fn connections(
     State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<InstanceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query
         .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
+    check_instance(&e, &caller, &q.instance)?;
     Ok(Json(ConnectionsReply {
         open: e.connections(&q.instance)?,
     })
     .into_response())
 }
 
+/// An agent may act only for instances of its own group (an unknown instance is left to the
+/// handler, which answers 404).
+fn check_instance(e: &Engine, caller: &Caller, instance: &str) -> Result<(), ServerError> {
+    let group = e
+        .state()
+        .instances
+        .get(instance)
+        .map(|i| i.record.group.clone());
+    match group {
+        Some(g) => check_group(caller, &g, &format!("instance {instance}")),
+        None => Ok(()),
+    }
+}
+
+/// Replaces the current fleet's secret values in free text.
+fn scrubber(e: &Engine) -> drover_model::secret::Scrubber {
+    let st = e.state();
+    drover_model::secret::Scrubber::for_fleet(st.revision.as_ref().map(|r| &r.fleet))
+}
+
 async fn revisions(State(e): State<Arc<Engine>>) -> Result<Response, ServerError> {
-    Ok(Json(e.store.revisions()?).into_response())
+    let sc = scrubber(&e);
+    let mut all = e.store.revisions()?;
+    for r in &mut all {
+        sc.scrub_in_place(&mut r.summary);
+    }
+    Ok(Json(all).into_response())
 }
 
 async fn revision(
@@ -174,7 +289,18 @@ async fn revision(
         .parse()
         .map_err(|_| ServerError::BadRequest(format!("revision {number:?} is not a number")))?;
     match e.store.revision(n)? {
-        Some(r) => Ok(Json(r).into_response()),
+        Some(mut r) => {
+            // Secrets never leave the server: not in the text, not in the parsed fleet.
+            let sc = drover_model::secret::Scrubber::for_fleet(Some(&r.fleet));
+            r.toml = sc
+                .scrub(&drover_model::secret::redact_toml(&r.toml))
+                .into_owned();
+            sc.scrub_in_place(&mut r.summary);
+            let mut v = serde_json::to_value(&r)
+                .map_err(|err| ServerError::Internal(format!("revision {n}: {err}")))?;
+            drover_model::secret::redact_json(&mut v);
+            Ok(Json(v).into_response())
+        }
         None => Err(ServerError::NotFound(format!(
             "no revision {n}; `drover history` lists them"
         ))),
@@ -182,7 +308,21 @@ async fn revision(
 }
 
 async fn status(State(e): State<Arc<Engine>>) -> Json<drover_model::api::FleetStatus> {
-    Json(e.status())
+    let mut s = e.status();
+    let sc = scrubber(&e);
+    if !sc.is_empty() {
+        for c in s
+            .groups
+            .iter_mut()
+            .flat_map(|g| g.instances.iter_mut())
+            .flat_map(|i| i.components.iter_mut())
+        {
+            for t in [&mut c.message, &mut c.last_exit].into_iter().flatten() {
+                sc.scrub_in_place(t);
+            }
+        }
+    }
+    Json(s)
 }
 
 #[derive(Deserialize)]
@@ -226,8 +366,13 @@ async fn events(
         instance: q.instance.clone(),
         kind,
     };
+    let sc = scrubber(&e);
     if !q.follow {
-        return Ok(Json(e.store.events(&filter)?).into_response());
+        let mut evs = e.store.events(&filter)?;
+        for ev in &mut evs {
+            sc.scrub_in_place(&mut ev.message);
+        }
+        return Ok(Json(evs).into_response());
     }
     // Follow: subscribe first, then send what is stored, then stream new ones (deduplicated by seq).
     let mut rx = e.events_tx.subscribe();
@@ -249,6 +394,9 @@ async fn events(
         }
     }
     let mut last = stored.last().map(|ev| ev.seq).unwrap_or(q.after);
+    for ev in &mut stored {
+        sc.scrub_in_place(&mut ev.message);
+    }
     let backlog = futures::stream::iter(stored.into_iter().map(line));
     let live = async_stream(move |tx| async move {
         loop {
@@ -267,6 +415,8 @@ async fn events(
                             .as_ref()
                             .is_none_or(|i| ev.instance.as_ref() == Some(i))
                         && filter.kind.is_none_or(|k| ev.kind == k);
+                    let mut ev = ev;
+                    sc.scrub_in_place(&mut ev.message);
                     if keep && tx.send(line(ev)).await.is_err() {
                         break;
                     }
@@ -297,7 +447,11 @@ where
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
-async fn heartbeat(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn heartbeat(
+    State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    body: Body2,
+) -> Result<Response, ServerError> {
     let hb: Heartbeat = decode(body)?;
     if hb.instance.is_empty() || hb.instance.len() > 64 || hb.components.len() > 256 {
         return Err(ServerError::BadRequest(
@@ -305,19 +459,100 @@ async fn heartbeat(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response
                 .into(),
         ));
     }
+    check_group(
+        &caller,
+        &hb.group,
+        &format!("the heartbeat's group {}", hb.group),
+    )?;
+    check_instance(&e, &caller, &hb.instance)?;
+    check_heartbeat(&e, &hb)?;
+    // A component's message may quote its own secret: scrubbed before it reaches the state,
+    // the events and the logs.
+    let mut hb = hb;
+    if hb
+        .components
+        .iter()
+        .any(|c| c.message.is_some() || c.last_exit.is_some())
+    {
+        let sc = scrubber(&e);
+        for c in &mut hb.components {
+            for t in [&mut c.message, &mut c.last_exit].into_iter().flatten() {
+                sc.scrub_in_place(t);
+            }
+        }
+    }
     Ok(Json(e.heartbeat(hb)?).into_response())
+}
+
+/// Limits and consistency of a heartbeat, so that a malformed one changes nothing: every
+/// string bounded, numbers finite, and the generation and address those the server launched
+/// the instance with.
+pub fn check_heartbeat(e: &Engine, hb: &Heartbeat) -> Result<(), ServerError> {
+    let bad = |m: String| Err(ServerError::BadRequest(format!("heartbeat: {m}")));
+    if hb.group.len() > 200 || hb.addr.len() > 64 {
+        return bad("group or address too long".into());
+    }
+    if hb.addr.parse::<std::net::IpAddr>().is_err() {
+        return bad(format!("address {:?} is not an IP address", hb.addr));
+    }
+    for c in &hb.components {
+        if c.name.is_empty() || c.name.len() > 128 || c.version.len() > 256 {
+            return bad("a component name is empty or too long, or its version too long".into());
+        }
+        let long = |t: &Option<String>| t.as_ref().is_some_and(|t| t.len() > 4096);
+        if long(&c.message) || long(&c.last_exit) {
+            return bad(format!(
+                "component {}: message or last_exit over 4096 bytes",
+                c.name
+            ));
+        }
+    }
+    let u = &hb.utilization;
+    if !u.cpu.is_finite() || u.cpu < 0.0 {
+        return bad("utilization.cpu must be a finite number >= 0".into());
+    }
+    if u.custom.len() > 64
+        || u.custom
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 128 || !v.is_finite())
+    {
+        return bad("at most 64 custom metrics, named (at most 128 bytes), finite".into());
+    }
+    let st = e.state();
+    if let Some(i) = st.instances.get(&hb.instance) {
+        if i.record.group == hb.group && i.record.generation != hb.generation {
+            return bad(format!(
+                "instance {} was launched on generation {}, not {}",
+                hb.instance, i.record.generation, hb.generation
+            ));
+        }
+        if i.record.group == hb.group && !i.record.addr.is_empty() && i.record.addr != hb.addr {
+            return bad(format!(
+                "instance {} was launched at {}, not {}",
+                hb.instance, i.record.addr, hb.addr
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn plan(
     State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
     Path((service, region, generation)): Path<(String, String, String)>,
 ) -> Result<Response, ServerError> {
     let g: u64 = generation.parse().map_err(|_| {
         ServerError::BadRequest(format!("generation {generation:?} is not a number"))
     })?;
     let group = drover_model::GroupId::new(&service, &region).0;
+    check_group(&caller, &group, &format!("plan {group}"))?;
     match e.plan(&group, g)? {
-        Some(p) => Ok(Json(p).into_response()),
+        Some(mut p) => {
+            // Secret env values are the instance's business only.
+            let fleet = e.store.revision(p.revision)?.map(|r| r.fleet);
+            drover_model::secret::redact_plan(&mut p, fleet.as_ref());
+            Ok(Json(p).into_response())
+        }
         None => Err(ServerError::NotFound(format!(
             "no plan generation {g} for group {group}"
         ))),
@@ -376,4 +611,28 @@ async fn metrics(State(e): State<Arc<Engine>>) -> Response {
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn list_tokens(State(e): State<Arc<Engine>>) -> Json<Vec<drover_model::token::TokenInfo>> {
+    Json(e.auth().list())
+}
+
+async fn create_token(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: drover_model::token::CreateTokenRequest = decode(body)?;
+    if let Some(g) = &req.group {
+        if !e.state().groups.contains_key(g) {
+            return Err(ServerError::NotFound(format!(
+                "no group {g:?}; `drover status` lists the groups"
+            )));
+        }
+    }
+    let made = e.auth().create(&e, req.scope, req.name, req.group)?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+async fn revoke_token(
+    State(e): State<Arc<Engine>>,
+    Path(id): Path<String>,
+) -> Result<Response, ServerError> {
+    Ok(Json(e.auth().revoke(&e, &id)?).into_response())
 }

@@ -182,7 +182,9 @@ impl Engine {
                 st.observed_boot_ms(),
             )
         };
-        let changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
+        let mut changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
+        // Secret values never reach the answer, the stored summary or the events.
+        drover_model::secret::redact_changes(&mut changes);
         let mut events = Vec::new();
         let mut plan_changes = Vec::new();
         let mut rollouts = Vec::new();
@@ -352,7 +354,12 @@ impl Engine {
             let old = old_groups.get(&plan.group().0).map(|g| &g.plan);
             crate::artifact::check_new_artifacts(old, plan).await?;
         }
+        // ... and every new image tag resolves to a digest in its registry (the plans pin it).
+        crate::registry::pin_images(self, &old_groups, &mut new_plans, &mut new_groups).await?;
         self.ensure_providers(&fleet)?;
+        // Every group gets its agent token before any instance of it can be launched.
+        self.auth()
+            .ensure_agent_tokens(self, new_groups.keys().map(String::as_str))?;
         // Open new ingresses before committing, so a port in use refuses the whole apply.
         for g in new_groups.values() {
             if let Some((addr, _)) = g.ingress {

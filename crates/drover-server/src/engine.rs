@@ -36,7 +36,7 @@ pub struct Engine {
     state: Mutex<State>,
     /// One provider per region, made when a region first appears.
     providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
-    factory: crate::ProviderFactory,
+    pub(crate) factory: crate::ProviderFactory,
     ingresses: Mutex<BTreeMap<String, Ingress>>,
     pub(crate) events_tx: broadcast::Sender<drover_model::Event>,
     pub(crate) wake: Notify,
@@ -346,7 +346,7 @@ impl Engine {
                     continue;
                 };
                 let (min, max) = (svc.capacity.min, svc.capacity.max);
-                let samples = st.samples(g, &policy, now);
+                let (samples, oldest_sample_ms) = st.samples(g, &policy, now);
                 let desired = g.record.desired;
                 let rollout = g.record.rollout.open;
                 let decision = st.autoscale.entry(gid.clone()).or_default().decide(
@@ -359,6 +359,7 @@ impl Engine {
                         max,
                         rollout_in_progress: rollout,
                         samples: &samples,
+                        oldest_sample_ms,
                     },
                 );
                 if let Some(d) = decision {

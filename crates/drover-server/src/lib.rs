@@ -4,8 +4,11 @@
 pub mod api;
 pub mod apply;
 pub mod artifact;
+pub mod auth;
 pub mod engine;
+pub mod registry;
 pub mod state;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +38,12 @@ pub enum ServerError {
     MethodNotAllowed(String),
     #[error("{0}")]
     TooLarge(String),
+    /// No token, an unknown one or a revoked one (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token that may not do this (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("store: {0}")]
     Store(#[from] drover_store::StoreError),
     #[error("provider: {0}")]
@@ -62,6 +71,8 @@ pub struct ServerConfig {
     /// The server owns its instances' lives (`drover up`): they stop when it stops or dies.
     /// Otherwise (`drover server`) instances outlive the server and are adopted on restart.
     pub own_instances: bool,
+    /// Plain HTTP, or HTTPS with given or generated certificates.
+    pub tls: tls::TlsMode,
 }
 
 impl ServerConfig {
@@ -74,6 +85,7 @@ impl ServerConfig {
             silent_after: Duration::from_secs(5),
             tick: Duration::from_millis(250),
             own_instances: false,
+            tls: tls::TlsMode::Off,
         }
     }
 }
@@ -82,6 +94,12 @@ impl ServerConfig {
 pub struct Server {
     pub engine: Arc<Engine>,
     pub addr: SocketAddr,
+    /// `https` when the API is served over TLS.
+    pub scheme: &'static str,
+    /// The CA clients should trust (when the API is served over TLS).
+    pub ca_file: Option<PathBuf>,
+    /// The admin token file written on first start, if this start wrote it.
+    pub admin_token_file: Option<PathBuf>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     own_instances: bool,
@@ -92,6 +110,11 @@ impl Server {
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| ServerError::Io(cfg.data_dir.display().to_string(), e))?;
+        // The data directory holds tokens, keys and secrets: its owner's only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
+        }
         let store: Box<dyn Store> = Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?);
         let api = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -107,8 +130,16 @@ impl Server {
         let addr = api
             .local_addr()
             .map_err(|e| ServerError::Io("API address".into(), e))?;
-        let server_url = format!("http://{addr}");
+        let tls = tls::setup(&cfg.tls, &cfg.data_dir, addr)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server_url = format!("{scheme}://{}", tls::client_host(addr));
         let _ = std::fs::write(cfg.data_dir.join("server.url"), &server_url);
+        let mut credentials = drover_provider::Credentials::default();
+        credentials.ca = tls.as_ref().map(|t| drover_provider::CaPin {
+            file: t.ca_file.clone(),
+            sha256: t.ca_sha256.clone(),
+        });
+        let auth = Arc::new(auth::Auth::load(&*store, &cfg.data_dir, credentials)?);
 
         let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
         if cfg.own_instances {
@@ -128,8 +159,16 @@ impl Server {
                 cfg: cfg.clone(),
                 server_url,
                 exits: exits_tx,
+                auth: auth.clone(),
             },
         )?);
+        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir)?;
+        if let Some(f) = &admin_token_file {
+            tracing::info!(file = %f.display(), "wrote the first admin token");
+        }
+        // Groups from an earlier run (or an older drover) get their agent tokens back.
+        let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
+        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))?;
         engine.open_ingresses().await?;
         engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
@@ -142,14 +181,29 @@ impl Server {
         let mut tasks = Vec::new();
         let app = api::router(engine.clone());
         let s = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = axum::serve(api, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("API server: {e}");
+        let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
+        match tls {
+            None => tasks.push(tokio::spawn(async move {
+                let r = axum::serve(api, app)
+                    .with_graceful_shutdown(async move { s.cancelled().await })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!("API server: {e}");
+                }
+            })),
+            Some(t) => {
+                let listener = tls::TlsListener::new(api, t.acceptor)
+                    .map_err(|e| ServerError::Io("API address".into(), e))?;
+                tasks.push(tokio::spawn(async move {
+                    let r = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { s.cancelled().await })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!("API server: {e}");
+                    }
+                }));
             }
-        }));
+        }
         tasks.push(tokio::spawn(engine.clone().run(
             cfg.tick,
             exits_rx,
@@ -158,6 +212,9 @@ impl Server {
         Ok(Server {
             engine,
             addr,
+            scheme,
+            ca_file,
+            admin_token_file,
             stop,
             tasks,
             own_instances,
@@ -165,7 +222,7 @@ impl Server {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, tls::client_host(self.addr))
     }
 
     /// Apply a fleet file in-process (what `drover up` does first).
@@ -197,6 +254,8 @@ pub struct ProviderFactory {
     cfg: ServerConfig,
     server_url: String,
     exits: tokio::sync::mpsc::UnboundedSender<drover_provider::Exit>,
+    /// Tokens; its credentials (agent tokens, CA pin) are part of every launch configuration.
+    pub(crate) auth: Arc<auth::Auth>,
 }
 
 impl ProviderFactory {
@@ -214,6 +273,7 @@ impl ProviderFactory {
                         .unwrap_or(1),
                     heartbeat_interval: self.cfg.heartbeat_interval,
                     tied: self.cfg.own_instances,
+                    credentials: self.auth.credentials.clone(),
                 },
                 self.exits.clone(),
             ))),

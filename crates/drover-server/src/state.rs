@@ -162,7 +162,7 @@ impl State {
                             metric: p.metric.clone(),
                             target: p.target,
                             observed: a.and_then(|a| a.last_observed),
-                            measured: self.samples(g, p, now).len() as u32,
+                            measured: self.samples(g, p, now).0.len() as u32,
                             recommended: a.and_then(|a| a.last_recommended),
                         }
                     }),
@@ -219,31 +219,42 @@ impl State {
         self.fleet().and_then(|f| f.services.get(&g.plan.service))
     }
 
-    /// The autoscaling metric of each instance of `g` that counts: active, healthy for at
-    /// least the warm-up, and reporting the metric.
+    /// The autoscaling metric of each instance of `g` that counts (active, healthy for at
+    /// least the warm-up, reporting the metric), and when the oldest was reported.
     pub fn samples(
         &self,
         g: &Group,
         policy: &drover_model::fleet::Autoscale,
         now: u64,
-    ) -> Vec<f64> {
+    ) -> (Vec<f64>, u64) {
         let custom = policy.custom_name();
-        self.instances
-            .values()
-            .filter(|i| i.record.group == g.record.group && i.alive)
-            .filter(|i| i.record.lifecycle == drover_store::Lifecycle::Active)
-            .filter(|i| match i.soft.health {
+        let mut values = Vec::new();
+        let mut oldest = None::<u64>;
+        for i in self.instances.values() {
+            if i.record.group != g.record.group
+                || !i.alive
+                || i.record.lifecycle != drover_store::Lifecycle::Active
+            {
+                continue;
+            }
+            let warm = match i.soft.health {
                 Health::Healthy { since_ms } => {
                     now.saturating_sub(since_ms) >= policy.warmup.as_millis()
                 }
                 _ => false,
-            })
-            .filter_map(|i| match custom {
+            };
+            let value = match custom {
                 Some(name) => i.soft.utilization.custom.get(name).copied(),
                 None => Some(i.soft.utilization.cpu),
-            })
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .collect()
+            };
+            if let (true, Some(v)) = (warm, value) {
+                if v.is_finite() && v >= 0.0 {
+                    values.push(v);
+                    oldest = Some(oldest.map_or(i.soft.last_seen_ms, |o| o.min(i.soft.last_seen_ms)));
+                }
+            }
+        }
+        (values, oldest.unwrap_or(0))
     }
 
     fn capacity(&self, g: &Group) -> (u32, u32) {

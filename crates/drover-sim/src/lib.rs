@@ -21,10 +21,37 @@
 //! assert!(took > 0);
 //! assert_eq!(sim.stats().rollouts_done.len(), 1);
 //! ```
+//!
+//! Autoscaling: give a group a policy and a load; the server's autoscale pass runs every step,
+//! and the desired-count series comes out (see `tests/autoscale.rs`).
+//!
+//! ```
+//! use drover_sim::{group_spec, LoadModel, Sim};
+//! use drover_model::{fleet::{Autoscale, Rollout}, Dur};
+//!
+//! let mut sim = Sim::new(7);
+//! sim.add_group(group_spec("web/eu", 4, Rollout::default()));
+//! let policy = Autoscale {
+//!     metric: "cpu".into(),
+//!     target: 0.5,
+//!     scale_out_cooldown: Dur::from_secs(30),
+//!     scale_in_stabilization: Dur::from_secs(300),
+//!     tolerance: 0.1,
+//!     warmup: Dur::from_secs(10),
+//! };
+//! sim.set_autoscale("web/eu", policy, 2, 10);
+//! // 4 instances of capacity 100 at 0.9 each: target tracking asks for ceil(4 x 0.9 / 0.5) = 8.
+//! sim.set_load("web/eu", LoadModel::constant(100.0, 360.0));
+//! sim.run_for(120_000);
+//! let series = sim.desired_series("web/eu");
+//! assert_eq!((series.len(), series[1].1), (2, 8), "one step, 4 -> 8: {series:?}");
+//! ```
 
+pub mod load;
 pub mod rng;
 pub mod sim;
 
+pub use load::{direction_changes, AutoscalePoint, LoadModel, ScaleEvent, ScaledBy};
 pub use rng::SplitMix64;
 pub use sim::{
     deploy, group_spec, FailMode, Fault, GroupStatus, RolloutEvent, Sim, SimConfig, Stats,

@@ -6,16 +6,31 @@
 //! 1. apply the faults scheduled at or before now;
 //! 2. advance the agents: heartbeats (every `heartbeat_ms`, each agent on its own phase) are
 //!    absorbed the way the server absorbs them, agents whose time is up exit;
-//! 3. call [`drover_control::reconcile`] and carry out its actions like the server does
+//! 3. for every group with an autoscale policy ([`Sim::set_autoscale`]), do what the server's
+//!    `autoscale` pass does: take the metric of each Active instance healthy for at least
+//!    `warmup` (the value its agent last reported, from the group's [`LoadModel`]), call
+//!    [`AutoscaleState::decide`], apply the new desired count, and record the step
+//!    ([`Sim::autoscale_trace`]) and any change ([`Sim::scale_events`], [`Sim::desired_series`]);
+//! 4. call [`drover_control::reconcile`] and carry out its actions like the server does
 //!    (launch backoff, rollout bookkeeping, auto-revert);
-//! 4. check the invariants, and panic with the step, the time and the counts if one breaks.
+//! 5. check the invariants, and panic with the step, the time and the counts if one breaks.
+//!
+//! Invariants checked (numbers as in the panic message): 1. no Terminate of a healthy,
+//! heartbeating instance; 2. permits never take a group below `desired - max_unavailable`
+//! (server's view and truth); 3. launches never take Active above `desired + max_surge`;
+//! 4. the autoscaler keeps desired within min..max; 5. the autoscaler never scales in while a
+//! rollout is open.
 
 use std::collections::{BTreeMap, HashMap};
 
 use drover_control::group::in_rotation;
-use drover_control::{reconcile, Action, Decision, GroupSpec, Health, InstanceView, Phase, Timing};
-use drover_model::fleet::Rollout;
+use drover_control::{
+    reconcile, Action, AutoscaleInput, AutoscaleState, Decision, GroupSpec, Health, InstanceView,
+    Phase, Timing,
+};
+use drover_model::fleet::{Autoscale, Rollout};
 
+use crate::load::{AutoscalePoint, LoadModel, ScaleEvent, ScaledBy};
 use crate::rng::SplitMix64;
 
 /// Timings of the simulated world (not of the controller, which reads its own from the specs).
@@ -89,8 +104,12 @@ pub enum Fault {
         group: String,
         broken: Option<FailMode>,
     },
-    /// A person (or the autoscaler) sets the desired count.
+    /// The desired count is written, without telling the autoscaler (a raw write; for a
+    /// person's `drover scale`, use [`Fault::Scale`]).
     SetDesired { group: String, desired: u32 },
+    /// A person runs `drover scale GROUP N` (or applies a fleet file with a new count): the
+    /// count is set and the autoscaler goes on from it ([`AutoscaleState::manual`]).
+    Scale { group: String, desired: u32 },
 }
 
 /// A rollout that ended.
@@ -186,6 +205,10 @@ struct Agent {
     silenced: bool,
     exit_at: Option<u64>,
     next_heartbeat: u64,
+    /// In the balancer's targets at the last step (it gets a share of the load).
+    in_rotation: bool,
+    /// The autoscaling metric its agent last reported (the server's soft state).
+    reported: Option<f64>,
 }
 
 impl Agent {
@@ -203,6 +226,26 @@ struct GroupState {
     last_good: u64,
     boot_failures: Option<(f64, FailMode)>,
     launch_failures: u32,
+    autoscale: Option<GroupAutoscale>,
+    load: Option<LoadModel>,
+    /// This step's common load noise factor.
+    load_factor: f64,
+    /// Instances in rotation at the last step.
+    in_rotation: usize,
+    /// (time, desired) at the start and at every change.
+    desired_series: Vec<(u64, u32)>,
+    scale_events: Vec<ScaleEvent>,
+    trace: Vec<AutoscalePoint>,
+}
+
+/// A group's autoscale policy, its range, and the autoscaler's memory (soft: a server restart
+/// empties it).
+#[derive(Clone, Debug)]
+struct GroupAutoscale {
+    policy: Autoscale,
+    min: u32,
+    max: u32,
+    state: AutoscaleState,
 }
 
 /// The server's launch backoff: 500 ms doubling to 30 s.
@@ -363,6 +406,8 @@ impl Sim {
         self.group_index.insert(spec.group.clone(), g);
         self.groups.push(GroupState {
             last_good: spec.generation,
+            load_factor: 1.0,
+            desired_series: vec![(self.now, spec.desired)],
             ..GroupState::default()
         });
         self.specs.push(spec);
@@ -383,10 +428,113 @@ impl Sim {
         generation
     }
 
-    /// Set the desired count now.
+    /// Write the desired count now, without telling the autoscaler (see [`Sim::scale`]).
     pub fn set_desired(&mut self, group: &str, desired: u32) {
         let g = self.group_idx(group);
-        self.specs[g].desired = desired;
+        self.change_desired(g, desired, ScaledBy::SetDesired, "set_desired".into());
+    }
+
+    fn change_desired(&mut self, g: usize, to: u32, by: ScaledBy, reason: String) {
+        let now = self.now;
+        let from = self.specs[g].desired;
+        self.specs[g].desired = to;
+        let st = &mut self.groups[g];
+        st.scale_events.push(ScaleEvent {
+            at_ms: now,
+            from,
+            to,
+            by,
+            reason,
+        });
+        if to != from {
+            st.desired_series.push((now, to));
+        }
+    }
+
+    /// Give `group` an autoscale policy between `min` and `max` (the service's capacity range).
+    /// The metric comes from the group's load model ([`Sim::set_load`]); without one, agents
+    /// report nothing and the autoscaler has no data.
+    pub fn set_autoscale(&mut self, group: &str, policy: Autoscale, min: u32, max: u32) {
+        assert!(min <= max, "min {min} > max {max}");
+        let g = self.group_idx(group);
+        self.groups[g].autoscale = Some(GroupAutoscale {
+            policy,
+            min,
+            max,
+            state: AutoscaleState::default(),
+        });
+    }
+
+    /// The total load `group` receives from now on (see [`LoadModel`]).
+    pub fn set_load(&mut self, group: &str, load: LoadModel) {
+        let g = self.group_idx(group);
+        self.groups[g].load = Some(load);
+    }
+
+    /// `drover scale GROUP N` at `at_ms` (now if `at_ms` is not in the future): sets the
+    /// desired count and tells the autoscaler, which goes on from the new count
+    /// ([`AutoscaleState::manual`], as the server's `scale` does). Refuses a count outside the
+    /// autoscale range, like the server.
+    pub fn scale(&mut self, group: &str, desired: u32, at_ms: u64) -> Result<(), String> {
+        let g = self.group_idx(group);
+        if let Some(a) = &self.groups[g].autoscale {
+            if desired < a.min || desired > a.max {
+                return Err(format!(
+                    "{desired} is outside {group}'s capacity range min..max = {}..{}",
+                    a.min, a.max
+                ));
+            }
+        }
+        if at_ms <= self.now {
+            self.manual_scale(g, desired);
+        } else {
+            self.inject(
+                at_ms,
+                Fault::Scale {
+                    group: group.to_string(),
+                    desired,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn manual_scale(&mut self, g: usize, desired: u32) {
+        let now = self.now;
+        if let Some(a) = &mut self.groups[g].autoscale {
+            a.state.manual(now, desired);
+        }
+        self.change_desired(
+            g,
+            desired,
+            ScaledBy::Manual,
+            "manual: drover scale; autoscaling goes on from here".into(),
+        );
+    }
+
+    /// `group`'s desired count over time: (time, desired) at the start and at every change.
+    pub fn desired_series(&self, group: &str) -> &[(u64, u32)] {
+        &self.groups[self.group_idx(group)].desired_series
+    }
+
+    /// Every change of `group`'s desired count, by whom and why (the autoscaler's reasons
+    /// carry the metric values, as in the server's `scaled` events).
+    pub fn scale_events(&self, group: &str) -> &[ScaleEvent] {
+        &self.groups[self.group_idx(group)].scale_events
+    }
+
+    /// One point per step since `group` got an autoscale policy: load, metric, recommendation,
+    /// desired count.
+    pub fn autoscale_trace(&self, group: &str) -> &[AutoscalePoint] {
+        &self.groups[self.group_idx(group)].trace
+    }
+
+    /// The autoscaler's memory of `group` (what `drover status` shows comes from here).
+    pub fn autoscale_state(&self, group: &str) -> Option<&AutoscaleState> {
+        self.groups[self.group_idx(group)]
+            .autoscale
+            .as_ref()
+            .map(|a| &a.state)
     }
 
     /// Schedule a fault at virtual time `at_ms` (applied at the first step at or after it;
@@ -539,6 +687,8 @@ impl Sim {
             silenced: false,
             exit_at,
             next_heartbeat,
+            in_rotation: false,
+            reported: None,
         });
         id
     }
@@ -604,6 +754,10 @@ impl Sim {
                 };
             }
             Fault::SetDesired { group, desired } => self.set_desired(&group, desired),
+            Fault::Scale { group, desired } => {
+                let g = self.group_idx(&group);
+                self.manual_scale(g, desired);
+            }
         }
     }
 
@@ -619,9 +773,15 @@ impl Sim {
             v.ever_healthy = false;
             v.watched_since_ms = now;
         }
+        for a in &mut self.agents {
+            a.reported = None;
+        }
         for (spec, st) in self.specs.iter_mut().zip(&mut self.groups) {
             spec.launch_not_before_ms = 0;
             st.launch_failures = 0;
+            if let Some(a) = &mut st.autoscale {
+                a.state = AutoscaleState::default();
+            }
         }
     }
 
@@ -641,6 +801,18 @@ impl Sim {
                 }
                 if a.silenced {
                     continue;
+                }
+                let st = &self.groups[a.group];
+                if let Some(load) = &st.load {
+                    let mut m = if a.in_rotation && st.in_rotation > 0 {
+                        load.load_at(h) * st.load_factor / st.in_rotation as f64 / load.capacity
+                    } else {
+                        0.0
+                    };
+                    if load.instance_noise > 0.0 {
+                        m *= 1.0 + load.instance_noise * (2.0 * self.rng.unit() - 1.0);
+                    }
+                    a.reported = Some(m);
                 }
                 // The server's absorb_heartbeat.
                 let healthy = a.healthy_at(h);
@@ -689,8 +861,135 @@ impl Sim {
         );
     }
 
+    /// Who is in rotation now (the load's split until the next step), and the common load
+    /// noise of the coming step.
+    fn refresh_load(&mut self) {
+        if self.groups.iter().all(|st| st.load.is_none()) {
+            return;
+        }
+        let (now, t) = (self.now, self.timing());
+        for st in &mut self.groups {
+            st.in_rotation = 0;
+        }
+        for (v, a) in self.views.iter().zip(&mut self.agents) {
+            a.in_rotation = in_rotation(v, now, &t);
+            if a.in_rotation {
+                self.groups[a.group].in_rotation += 1;
+            }
+        }
+        for st in &mut self.groups {
+            st.load_factor = match &st.load {
+                Some(l) if l.load_noise > 0.0 => 1.0 + l.load_noise * (2.0 * self.rng.unit() - 1.0),
+                _ => 1.0,
+            };
+        }
+    }
+
+    /// The server's autoscale pass over every group with a policy.
+    fn autoscale(&mut self) {
+        let (now, t) = (self.now, self.timing());
+        for g in 0..self.specs.len() {
+            let Some(a) = &self.groups[g].autoscale else {
+                continue;
+            };
+            let warmup = a.policy.warmup.as_millis();
+            let mut samples = Vec::new();
+            let mut oldest = u64::MAX;
+            let mut rot = 0usize;
+            for (v, ag) in self.views.iter().zip(&self.agents) {
+                if ag.group != g {
+                    continue;
+                }
+                if in_rotation(v, now, &t) {
+                    rot += 1;
+                }
+                // state.rs `samples`: alive, Active, healthy for at least the warm-up.
+                if !v.alive || v.phase != Phase::Active {
+                    continue;
+                }
+                let Health::Healthy { since_ms } = v.health else {
+                    continue;
+                };
+                if now.saturating_sub(since_ms) < warmup {
+                    continue;
+                }
+                if let Some(m) = ag.reported.filter(|m| m.is_finite() && *m >= 0.0) {
+                    samples.push(m);
+                    oldest = oldest.min(v.last_seen_ms);
+                }
+            }
+            let spec = &self.specs[g];
+            let st = &mut self.groups[g];
+            let GroupAutoscale {
+                policy,
+                min,
+                max,
+                state,
+            } = st.autoscale.as_mut().expect("autoscaled group");
+            let decision = state.decide(
+                now,
+                &AutoscaleInput {
+                    group: &spec.group,
+                    policy,
+                    desired: spec.desired,
+                    min: *min,
+                    max: *max,
+                    rollout_in_progress: spec.rollout_open,
+                    samples: &samples,
+                    oldest_sample_ms: if oldest == u64::MAX { 0 } else { oldest },
+                },
+            );
+            let (min, max, recommended) = (*min, *max, state.last_recommended);
+            let observed = state.last_observed;
+            let rollout_open = spec.rollout_open;
+            let (load, per_instance) = match &st.load {
+                Some(l) => {
+                    let load = l.load_at(now);
+                    (load, (rot > 0).then(|| load / rot as f64 / l.capacity))
+                }
+                None => (0.0, None),
+            };
+            if let Some(d) = decision {
+                if self.cfg.check_invariants {
+                    let group = self.specs[g].group.clone();
+                    if d.to < min || d.to > max {
+                        self.violation(
+                            4,
+                            &group,
+                            format!("autoscaler set desired {} outside {min}..{max}", d.to),
+                        );
+                    }
+                    if d.to < d.from && rollout_open {
+                        self.violation(
+                            5,
+                            &group,
+                            format!(
+                                "autoscaler scaled in {} -> {} during a rollout ({})",
+                                d.from, d.to, d.reason
+                            ),
+                        );
+                    }
+                }
+                self.change_desired(g, d.to, ScaledBy::Autoscaler, d.reason);
+            }
+            let desired = self.specs[g].desired;
+            self.groups[g].trace.push(AutoscalePoint {
+                at_ms: now,
+                load,
+                per_instance,
+                observed,
+                measured: samples.len(),
+                in_rotation: rot,
+                recommended,
+                desired,
+                rollout_open,
+            });
+        }
+    }
+
     /// One controller tick.
     pub fn step(&mut self) {
+        self.refresh_load();
         self.now += self.cfg.step_ms;
         self.stats.steps += 1;
         self.stats.now_ms = self.now;
@@ -701,6 +1000,7 @@ impl Sim {
             self.apply_fault(f);
         }
         self.advance_agents();
+        self.autoscale();
 
         let t = self.timing();
         let decision = reconcile(now, &self.specs, &self.views, &t);

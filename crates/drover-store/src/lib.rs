@@ -10,7 +10,8 @@ mod sqlite;
 
 pub use error::StoreError;
 pub use record::{
-    Committed, EventFilter, GroupRecord, InstanceRecord, Lifecycle, RolloutRecord, Snapshot, Write,
+    Committed, EventFilter, GroupRecord, InstanceRecord, Lifecycle, RolloutRecord, Snapshot,
+    TokenRecord, Write,
 };
 pub use sqlite::SqliteStore;
 
@@ -33,4 +34,6 @@ pub trait Store: Send + Sync {
     fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, StoreError>;
     /// Events matching `filter`, seq ascending, all with `seq > filter.after_seq`.
     fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
+    /// Every API token (revoked ones too), by id.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
 }

@@ -111,6 +111,21 @@ pub enum Write {
     },
     /// Append an event with the next seq, stamped with the commit's time.
     Event(NewEvent),
+    /// Insert a new API token (its id must be new). Only the token's hash is stored.
+    Token(TokenRecord),
+    /// Mark a token revoked at `at_ms` (a token already revoked keeps its first time).
+    RevokeToken {
+        id: String,
+        at_ms: u64,
+    },
+}
+
+/// An API token as stored: its sha256, never the token itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub info: drover_model::token::TokenInfo,
+    /// Lowercase hex sha256 of the token.
+    pub hash: String,
 }
 
 /// What a commit assigned.

@@ -17,7 +17,8 @@ use crate::{
 };
 
 /// Schema migrations: entry `i` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE revisions (
     number        INTEGER PRIMARY KEY,
     applied_at_ms INTEGER NOT NULL,
@@ -65,7 +66,19 @@ CREATE TABLE events (
 CREATE INDEX events_by_group ON events (grp, seq);
 CREATE INDEX events_by_instance ON events (instance, seq);
 CREATE INDEX events_by_kind ON events (kind, seq);
-"#];
+"#,
+    r#"
+CREATE TABLE tokens (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    scope         TEXT NOT NULL,         -- admin, read, agent
+    grp           TEXT,                  -- the group of an agent token
+    hash          TEXT NOT NULL UNIQUE,  -- sha256 of the token, hex; never the token
+    created_at_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+"#,
+];
 
 /// The schema version this code writes.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -258,6 +271,27 @@ fn apply(
                 message: e.message,
             });
         }
+        Write::Token(t) => {
+            tx.execute(
+                "INSERT INTO tokens (id, name, scope, grp, hash, created_at_ms, revoked_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    t.info.id,
+                    t.info.name,
+                    t.info.scope.as_str(),
+                    t.info.group,
+                    t.hash,
+                    t.info.created_at_ms,
+                    t.info.revoked_at_ms
+                ],
+            )?;
+        }
+        Write::RevokeToken { id, at_ms } => {
+            tx.execute(
+                "UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
+                params![id, at_ms],
+            )?;
+        }
     }
     Ok(())
 }
@@ -325,6 +359,25 @@ fn instance_row(row: &Row) -> rusqlite::Result<InstanceRecord> {
         launched_at_ms: row.get(5)?,
         lifecycle: parsed(row, 6, "lifecycle", Lifecycle::parse)?,
         permit_at_ms: row.get(7)?,
+    })
+}
+
+fn token_row(row: &Row) -> rusqlite::Result<crate::TokenRecord> {
+    Ok(crate::TokenRecord {
+        info: drover_model::token::TokenInfo {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            scope: parsed(
+                row,
+                2,
+                "token scope",
+                drover_model::token::TokenScope::parse,
+            )?,
+            group: row.get(3)?,
+            created_at_ms: row.get(5)?,
+            revoked_at_ms: row.get(6)?,
+        },
+        hash: row.get(4)?,
     })
 }
 
@@ -465,6 +518,15 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args), event_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn tokens(&self) -> Result<Vec<crate::TokenRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, scope, grp, hash, created_at_ms, revoked_at_ms FROM tokens ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], token_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }

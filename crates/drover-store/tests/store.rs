@@ -528,3 +528,72 @@ fn acknowledged_commits_survive_sigkill() {
         .unwrap();
     assert_eq!(c.revision, Some(n + 1));
 }
+
+#[test]
+fn tokens_are_stored_by_hash_revoked_once_and_survive_reopen() {
+    use drover_model::token::{TokenInfo, TokenScope};
+    use drover_store::TokenRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    let rec = |id: &str, scope, group: Option<&str>, hash: &str| TokenRecord {
+        info: TokenInfo {
+            id: id.into(),
+            name: format!("{scope:?}"),
+            scope,
+            group: group.map(str::to_string),
+            created_at_ms: 5,
+            revoked_at_ms: None,
+        },
+        hash: hash.into(),
+    };
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .commit(
+                vec![
+                    Write::Token(rec("t-000001", TokenScope::Admin, None, "aa")),
+                    Write::Token(rec("t-000002", TokenScope::Agent, Some("web/local"), "bb")),
+                ],
+                10,
+            )
+            .unwrap();
+        // A second token with the same hash is refused and the whole commit rolls back.
+        let err = store.commit(
+            vec![
+                Write::Token(rec("t-000003", TokenScope::Read, None, "cc")),
+                Write::Token(rec("t-000004", TokenScope::Read, None, "aa")),
+            ],
+            11,
+        );
+        assert!(err.is_err());
+        store
+            .commit(
+                vec![Write::RevokeToken {
+                    id: "t-000002".into(),
+                    at_ms: 20,
+                }],
+                20,
+            )
+            .unwrap();
+        store
+            .commit(
+                vec![Write::RevokeToken {
+                    id: "t-000002".into(),
+                    at_ms: 30,
+                }],
+                30,
+            )
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let tokens = store.tokens().unwrap();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert_eq!(tokens[0].hash, "aa");
+    assert_eq!(tokens[0].info.revoked_at_ms, None);
+    assert_eq!(tokens[1].info.group.as_deref(), Some("web/local"));
+    assert_eq!(
+        tokens[1].info.revoked_at_ms,
+        Some(20),
+        "first revocation kept"
+    );
+}

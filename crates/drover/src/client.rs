@@ -42,12 +42,13 @@ pub struct EventArgs {
 }
 
 impl Client {
-    pub fn new(base: &str, json: bool) -> Client {
-        Client {
-            base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+    /// A client with the token and CA of `access` on every request.
+    pub fn with_access(access: &crate::access::Access, json: bool) -> anyhow::Result<Client> {
+        Ok(Client {
+            base: access.server.clone(),
+            http: access.client()?,
             json,
-        }
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -56,7 +57,22 @@ impl Client {
 
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = req.send().await.map_err(|e| {
-            if e.is_connect() || e.is_timeout() {
+            let chain = {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(x) = src {
+                    s.push_str(&format!(": {x}"));
+                    src = x.source();
+                }
+                s
+            };
+            let lower = chain.to_ascii_lowercase();
+            if lower.contains("certificate") || lower.contains("handshake") {
+                anyhow::anyhow!(
+                    "cannot verify the TLS certificate of the drover server at {}: {chain}\n  pass the server's CA with --ca FILE (DATA_DIR/ca.pem of the server) or DROVER_CA, or --insecure to skip verification",
+                    self.base
+                )
+            } else if e.is_connect() || e.is_timeout() {
                 anyhow::Error::new(Unreachable(self.base.clone()))
             } else {
                 anyhow::Error::new(e).context("request failed")
@@ -318,3 +334,64 @@ impl std::fmt::Display for Refused {
 }
 
 impl std::error::Error for Refused {}
+
+impl Client {
+    pub async fn token_create(
+        &self,
+        scope: &str,
+        name: Option<String>,
+        group: Option<String>,
+    ) -> anyhow::Result<u8> {
+        let Some(scope) = drover_model::token::TokenScope::parse(scope) else {
+            eprintln!("error: --scope must be admin, read or agent, not {scope:?}");
+            return Ok(exit::USAGE);
+        };
+        let req = drover_model::token::CreateTokenRequest { scope, name, group };
+        let made: drover_model::token::CreateTokenResponse = match self
+            .send(self.http.post(self.url("/v1/tokens")).json(&req))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&made)?);
+        } else {
+            eprintln!(
+                "created {} ({}, {:?}); it is shown this once and never again:",
+                made.info.id, made.info.scope, made.info.name
+            );
+            println!("{}", made.token);
+        }
+        Ok(exit::OK)
+    }
+
+    pub async fn token_list(&self) -> anyhow::Result<u8> {
+        let tokens: Vec<drover_model::token::TokenInfo> = match self.get("/v1/tokens").await {
+            Ok(t) => t,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&tokens)?);
+        } else {
+            println!("{}", render::tokens(&tokens));
+        }
+        Ok(exit::OK)
+    }
+
+    pub async fn token_revoke(&self, id: &str) -> anyhow::Result<u8> {
+        let info: drover_model::token::TokenInfo = match self
+            .send(self.http.delete(self.url(&format!("/v1/tokens/{id}"))))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        } else {
+            println!("revoked {} ({}, {:?})", info.id, info.scope, info.name);
+        }
+        Ok(exit::OK)
+    }
+}

@@ -1,5 +1,6 @@
 //! The `drover` binary: the CLI, `up`, `server`, `agent` and `demo-server`.
 
+mod access;
 mod client;
 mod demo;
 mod progress;
@@ -41,14 +42,28 @@ Quick start:
 #[derive(Parser, Debug)]
 #[command(name = "drover", version, about, long_about, after_help = AFTER_HELP)]
 struct Cli {
-    /// The server's API URL.
+    /// The server's API URL [default: DATA_DIR/server.url, else http://127.0.0.1:7878].
+    #[arg(long, global = true, env = "DROVER_SERVER")]
+    server: Option<String>,
+    /// The API token [default: DATA_DIR/admin.token, when --server is the server of DATA_DIR].
+    /// Prefer DROVER_TOKEN or the file: a flag shows in `ps`.
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The CA that signed the server's certificate (PEM) [default: DATA_DIR/ca.pem for https].
+    #[arg(long, global = true, env = "DROVER_CA")]
+    ca: Option<PathBuf>,
+    /// Do not verify the server's certificate (prints a warning).
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// The data directory: where `up` and `server` keep the store, instances, logs, the admin
+    /// token and the CA, and where the CLI finds them.
     #[arg(
         long,
         global = true,
-        env = "DROVER_SERVER",
-        default_value = "http://127.0.0.1:7878"
+        env = "DROVER_DATA_DIR",
+        default_value = ".drover"
     )]
-    server: String,
+    data_dir: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -66,20 +81,26 @@ enum Command {
     Up {
         /// The fleet file, e.g. examples/hello/drover.toml.
         file: PathBuf,
-        /// Where the store, instance directories and logs live.
-        #[arg(long, default_value = ".drover")]
-        data_dir: PathBuf,
         /// Where the API listens.
         #[arg(long, default_value = "127.0.0.1:7878")]
         listen: SocketAddr,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Run the control plane: HTTP API, store, controllers, providers and balancer.
+    ///
+    /// On first start it writes an admin token to DATA_DIR/admin.token (0600). The API is
+    /// served over TLS when --tls or --tls-cert is given, or when it listens on an address
+    /// other than loopback (see docs/security.md).
     Server {
-        #[arg(long, default_value = ".drover")]
-        data_dir: PathBuf,
         #[arg(long, default_value = "127.0.0.1:7878")]
         listen: SocketAddr,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+    /// Create, list and revoke API tokens (needs an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run an instance's agent (started by providers, not by people).
     Agent(AgentArgs),
     /// A small HTTP server for trying drover: `/` names its version and instance, `/healthz` answers checks.
@@ -163,6 +184,63 @@ enum Command {
     Validate { file: PathBuf },
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct TlsArgs {
+    /// Serve the API over TLS with a CA and certificate made in DATA_DIR (ca.pem is what
+    /// clients trust; agents pin it).
+    #[arg(long)]
+    tls: bool,
+    /// Serve the API over TLS with this certificate chain (PEM) ...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ... and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA agents pin when --tls-cert is given (default: the chain's last certificate).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Plain HTTP even on a non-loopback address (e.g. behind a proxy that terminates TLS).
+    #[arg(long, conflicts_with_all = ["tls", "tls_cert"])]
+    no_tls: bool,
+}
+
+impl TlsArgs {
+    fn mode(&self, listen: SocketAddr) -> drover_server::tls::TlsMode {
+        use drover_server::tls::TlsMode;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsMode::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: self.tls_ca.clone(),
+            },
+            _ if self.tls => TlsMode::Generate,
+            _ if self.no_tls || listen.ip().is_loopback() => TlsMode::Off,
+            _ => TlsMode::Generate,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token and print it: it is shown this once, and never again.
+    Create {
+        /// admin (change desired state, manage tokens), read (status, events, history) or
+        /// agent (one group's instances; new instances of the group get it).
+        #[arg(long)]
+        scope: String,
+        /// A label shown by `token list`.
+        #[arg(long)]
+        name: Option<String>,
+        /// For --scope agent: the group (`service/region`).
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// List every token (never their secrets).
+    List,
+    /// Revoke a token by its id (`t-000003`): it is refused from now on.
+    Revoke { id: String },
+}
+
 #[derive(clap::Args, Debug)]
 struct AgentArgs {
     /// This instance's id.
@@ -185,6 +263,16 @@ struct AgentArgs {
     dir: PathBuf,
     #[arg(long, default_value = "1s")]
     heartbeat_interval: Dur,
+    /// A file holding the group's agent token; read once and deleted, so the components it
+    /// starts cannot read it.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The server's CA (PEM): the only root the agent trusts for an https server.
+    #[arg(long, requires = "server_ca_sha256")]
+    server_ca: Option<PathBuf>,
+    /// The sha256 of the CA's DER encoding, from the launch configuration: the CA is pinned.
+    #[arg(long, requires = "server_ca")]
+    server_ca_sha256: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -201,7 +289,11 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Agent(args) => {
-            let server = (!args.standalone).then(|| cli.server.clone());
+            let server = (!args.standalone).then(|| {
+                cli.server
+                    .clone()
+                    .unwrap_or_else(|| access::DEFAULT_SERVER.to_string())
+            });
             run_agent(args, server)
         }
         Command::DemoServer(args) => demo::run(args),
@@ -225,14 +317,33 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> u8 {
-    let client = client::Client::new(&cli.server, cli.json);
+    let access = access::resolve(
+        cli.server.clone(),
+        cli.token.clone(),
+        cli.ca.clone(),
+        cli.insecure,
+        &cli.data_dir,
+    );
+    let client = match client::Client::with_access(&access, cli.json) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::FAILED;
+        }
+    };
+    let data_dir = cli.data_dir.clone();
     let result = match cli.command {
-        Command::Up {
-            file,
-            data_dir,
-            listen,
-        } => up::run(&file, &data_dir, listen, cli.json).await,
-        Command::Server { data_dir, listen } => up::serve(&data_dir, listen).await,
+        Command::Up { file, listen, tls } => {
+            up::run(&file, &data_dir, listen, tls.mode(listen), cli.json).await
+        }
+        Command::Server { listen, tls } => up::serve(&data_dir, listen, tls.mode(listen)).await,
+        Command::Token(t) => match t {
+            TokenCommand::Create { scope, name, group } => {
+                client.token_create(&scope, name, group).await
+            }
+            TokenCommand::List => client.token_list().await,
+            TokenCommand::Revoke { id } => client.token_revoke(&id).await,
+        },
         Command::Apply { file, dry_run } => client.apply(&file, dry_run).await,
         Command::Plan { file } => client.apply(&file, true).await,
         Command::Deploy {
@@ -346,6 +457,22 @@ fn validate(file: &std::path::Path, json: bool) -> u8 {
 }
 
 fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
+    let auth = || -> anyhow::Result<drover_agent::AgentAuth> {
+        let mut auth = drover_agent::AgentAuth::default();
+        if let Some(f) = &args.token_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?;
+            // Read once: the components this agent starts cannot read it after this.
+            let _ = std::fs::remove_file(f);
+            auth.token = Some(t.trim().to_string()).filter(|t| !t.is_empty());
+        }
+        if let (Some(ca), Some(pin)) = (&args.server_ca, &args.server_ca_sha256) {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read the server CA {}", ca.display()))?;
+            auth.pin_ca(pem, pin)?;
+        }
+        Ok(auth)
+    };
     let init = || -> anyhow::Result<drover_agent::AgentConfig> {
         let text = std::fs::read_to_string(&args.plan_file)
             .with_context(|| format!("cannot read plan {}", args.plan_file.display()))?;
@@ -363,7 +490,7 @@ fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
         })
     };
     init_logs(std::io::stderr);
-    let cfg = match init() {
+    let (cfg, auth) = match init().and_then(|c| Ok((c, auth()?))) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -381,7 +508,8 @@ fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
             return exit::FAILED;
         }
     };
-    let result = rt.block_on(async move { drover_agent::run(cfg, shutdown_signal()).await });
+    let result =
+        rt.block_on(async move { drover_agent::run_with_auth(cfg, auth, shutdown_signal()).await });
     match result {
         Ok(_) => exit::OK,
         Err(e) => {

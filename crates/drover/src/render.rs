@@ -242,6 +242,22 @@ pub fn apply(r: &ApplyResponse, dry_run: bool) {
     }
 }
 
+/// The token table: ids, names, scopes, groups and times; never a secret.
+pub fn tokens(tokens: &[drover_model::token::TokenInfo]) -> String {
+    let mut t = table(&["ID", "NAME", "SCOPE", "GROUP", "CREATED", "REVOKED"]);
+    for k in tokens {
+        t.add_row(vec![
+            Cell::new(&k.id),
+            Cell::new(&k.name),
+            Cell::new(k.scope.as_str()),
+            Cell::new(k.group.as_deref().unwrap_or("-")),
+            Cell::new(time(k.created_at_ms)),
+            Cell::new(k.revoked_at_ms.map(time).unwrap_or_else(|| "-".into())),
+        ]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

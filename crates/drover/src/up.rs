@@ -25,10 +25,27 @@ fn config(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ServerConfig> {
 }
 
 /// `drover server`: logs to stderr, runs until SIGTERM/SIGINT.
-pub async fn serve(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<u8> {
+pub async fn serve(
+    data_dir: &Path,
+    listen: SocketAddr,
+    tls: drover_server::tls::TlsMode,
+) -> anyhow::Result<u8> {
     crate::init_logs(std::io::stderr);
-    let server = Server::start(config(data_dir, listen)?).await?;
+    let mut cfg = config(data_dir, listen)?;
+    if tls == drover_server::tls::TlsMode::Off && !listen.ip().is_loopback() {
+        tracing::warn!(
+            "the API is served over plain HTTP on {listen}: tokens cross the network in clear text (--no-tls); see docs/security.md"
+        );
+    }
+    cfg.tls = tls;
+    let server = Server::start(cfg).await?;
     tracing::info!("drover server listening on {}", server.url());
+    if let Some(ca) = &server.ca_file {
+        tracing::info!("clients trust the CA in {}", ca.display());
+    }
+    if let Some(f) = &server.admin_token_file {
+        tracing::info!("admin token written to {} (0600)", f.display());
+    }
     crate::shutdown_signal().await;
     tracing::info!("stopping");
     server.shutdown(STOP_GRACE).await;
@@ -40,9 +57,11 @@ pub async fn run(
     file: &Path,
     data_dir: &Path,
     listen: SocketAddr,
+    tls: drover_server::tls::TlsMode,
     json: bool,
 ) -> anyhow::Result<u8> {
     let mut cfg = config(data_dir, listen)?;
+    cfg.tls = tls;
     // One foreground command: its instances live and die with it.
     cfg.own_instances = true;
     // Logs go to a file so the status table stays readable.
@@ -91,6 +110,12 @@ pub async fn run(
         server.url(),
         cfg.data_dir.display(),
         log_path.display()
+    );
+    eprintln!(
+        "  the CLI finds its admin token in {}",
+        cfg.data_dir
+            .join(drover_server::auth::ADMIN_TOKEN_FILE)
+            .display()
     );
     for g in &status.groups {
         if let Some(ing) = &g.ingress {

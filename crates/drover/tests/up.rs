@@ -115,6 +115,7 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
     let mut follow = std::process::Command::new(BIN)
         .args(["events", "--follow", "--json", "--kind", "respawned"])
         .env("DROVER_SERVER", up.server())
+        .env("DROVER_DATA_DIR", up.dir.join("data"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -24,6 +24,29 @@ pub fn free_port() -> u16 {
 
 static BLOCK: AtomicU8 = AtomicU8::new(0);
 
+/// API address -> data directory of the server there: [`http`] sends that server's admin
+/// token (from `DATA/admin.token`) with every request to it.
+static API_DATA: std::sync::Mutex<Vec<(SocketAddr, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// Remember that the API at `api` keeps its data (and admin token) in `data`.
+pub fn register_api(api: SocketAddr, data: PathBuf) {
+    let mut all = API_DATA.lock().unwrap();
+    all.retain(|(a, _)| *a != api);
+    all.push((api, data));
+}
+
+/// The admin token of the server at `api`, if it was registered and has written one.
+pub fn admin_token(api: SocketAddr) -> Option<String> {
+    let data = API_DATA
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(a, _)| *a == api)
+        .map(|(_, d)| d.clone())?;
+    let t = std::fs::read_to_string(data.join("admin.token")).ok()?;
+    Some(t.trim().to_string())
+}
+
 /// A loopback /16 for this test's instances, distinct per test and per test binary.
 pub fn subnet() -> u8 {
     let base = (std::process::id() % 40) as u8 * 5 + 20; // 20..=215
@@ -72,13 +95,20 @@ impl Up {
             .stderr(std::fs::File::create(dir.join("up.err")).unwrap())
             .spawn()
             .unwrap();
-        Up {
+        let up = Up {
             child,
             dir: dir.to_path_buf(),
             api: format!("127.0.0.1:{api_port}").parse().unwrap(),
             ingress: format!("127.0.0.1:{ingress_port}").parse().unwrap(),
             file,
-        }
+        };
+        up.register();
+        up
+    }
+
+    /// Let [`http`] send this server's admin token.
+    pub fn register(&self) {
+        register_api(self.api, self.dir.join("data"));
     }
 
     pub fn server(&self) -> String {
@@ -86,6 +116,7 @@ impl Up {
     }
 
     pub fn status(&self) -> Option<FleetStatus> {
+        self.register();
         let (code, body) = http(self.api, "GET", "/v1/status", None).ok()?;
         (code == 200).then(|| serde_json::from_str(&body).ok())?
     }
@@ -158,9 +189,13 @@ impl Up {
 
     /// Run a CLI command against this server; (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.register();
         let out = Command::new(BIN)
             .args(args)
             .env("DROVER_SERVER", self.server())
+            // The CLI finds the admin token (and CA) in the server's data directory.
+            .env("DROVER_DATA_DIR", self.dir.join("data"))
+            .env_remove("DROVER_TOKEN")
             .current_dir(&self.dir)
             .output()
             .unwrap();
@@ -192,19 +227,35 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// A plain HTTP/1.1 request with `Connection: close`; (status, body).
+/// A plain HTTP/1.1 request with `Connection: close`; (status, body). To a registered API
+/// ([`register_api`]), its admin token goes along.
 pub fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    let token = admin_token(addr);
+    http_as(addr, method, path, body, token.as_deref())
+}
+
+/// Like [`http`], with the given bearer token (or none).
+pub fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut buf = Vec::new();

@@ -1,0 +1,215 @@
+//! `drover-fleetsim`: a load tool for the control plane at fleet scale. It runs thousands of
+//! simulated agents in one process against a real `drover server` over HTTP (heartbeats,
+//! permit long-polls, leaving, faults), samples the server's CPU and RSS, and times status,
+//! restarts and deploys. See `bench/fleet.sh` and docs/benchmarks.md.
+
+mod agents;
+mod fleetfile;
+mod probes;
+mod procfs;
+mod seed;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "drover-fleetsim", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run N simulated agents against a server and report heartbeat/status latency and the
+    /// server's CPU and RSS.
+    Run(agents::RunArgs),
+    /// Print the benchmark's fleet file: one service `sK` per region `rK`.
+    FleetFile {
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        /// Initial desired count per group (0 to apply before seeding).
+        #[arg(long, default_value_t = 0)]
+        desired: u32,
+        /// Capacity max per group.
+        #[arg(long, default_value_t = 1000)]
+        max: u32,
+        /// rollout.max_unavailable of every service.
+        #[arg(long, default_value_t = 10)]
+        max_unavailable: u32,
+        /// Loopback block 127.B.0.0/16 of the local provider.
+        #[arg(long, default_value_t = 77)]
+        subnet: u8,
+    },
+    /// Seed a stopped server's data directory (fleet applied with desired 0) with PER_GROUP
+    /// instances per group, each held by a sleeping process the server adopts on start.
+    Seed {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        per_group: u32,
+        /// Write the holders' pids here, one a line.
+        #[arg(long)]
+        pids_out: Option<PathBuf>,
+    },
+    /// Kill the holders (and any `drover agent`) recorded under DATA/instances/*/agent.pid.
+    Reap {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Poll status until COUNT instances report and are healthy (restart recovery).
+    WaitHealthy {
+        #[arg(long, default_value = "http://127.0.0.1:7878")]
+        server: String,
+        #[arg(long)]
+        count: usize,
+        /// Count time from this instant (ms since the epoch), e.g. the server's start.
+        #[arg(long)]
+        since_epoch_ms: Option<u64>,
+        #[arg(long, default_value = "120s")]
+        timeout: drover_model::Dur,
+        #[arg(long, default_value = "250ms")]
+        poll: drover_model::Dur,
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// GET /v1/status N times and print the latency.
+    StatusLatency {
+        #[arg(long, default_value = "http://127.0.0.1:7878")]
+        server: String,
+        #[arg(long, default_value_t = 10)]
+        n: usize,
+    },
+    /// POST a deploy and time its first plan_changed / permit / launched events.
+    DeployProbe {
+        #[arg(long, default_value = "http://127.0.0.1:7878")]
+        server: String,
+        service: String,
+        component: String,
+        version: String,
+        #[arg(long, default_value = "30s")]
+        timeout: drover_model::Dur,
+    },
+}
+
+fn main() -> ExitCode {
+    // A holder only sleeps, as cheaply as possible: no runtime, no argument parsing.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "hold") {
+        loop {
+            // SAFETY: pause() has no preconditions; a signal's default action ends us.
+            unsafe { libc::pause() };
+        }
+    }
+    // Installed in place of the server's `drover` binary (bench/fleet.sh does this after the
+    // server started), this binary is what the `local` provider launches as
+    // `drover agent --instance ID ... --dir DIR`: it becomes a holder for DIR, and a
+    // `run --follow-new` heartbeats for the new instance. No real agent is ever started.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
+        use std::os::unix::process::CommandExt;
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let dir = args
+            .iter()
+            .position(|a| a == "--dir")
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_default();
+        if let Ok(exe) = std::env::current_exe() {
+            let err = std::process::Command::new(exe)
+                .arg("hold")
+                .arg("agent")
+                .arg(dir)
+                .exec();
+            eprintln!("drover-fleetsim (as agent stub): exec failed: {err}");
+        }
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match cli.command {
+        Command::FleetFile {
+            groups,
+            desired,
+            max,
+            max_unavailable,
+            subnet,
+        } => {
+            print!(
+                "{}",
+                fleetfile::fleet_file(groups, desired, max, max_unavailable, subnet)
+            );
+            Ok(())
+        }
+        Command::Seed {
+            data_dir,
+            per_group,
+            pids_out,
+        } => seed::seed(&data_dir, per_group, pids_out.as_deref()),
+        Command::Reap { data_dir } => seed::reap(&data_dir).map(|n| {
+            eprintln!("killed {n} holder/agent processes");
+        }),
+        other => {
+            // One thread for the agents: the server under test shares the machine.
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                match other {
+                    Command::Run(args) => agents::run(args).await,
+                    Command::WaitHealthy {
+                        server,
+                        count,
+                        since_epoch_ms,
+                        timeout,
+                        poll,
+                        server_pid,
+                    } => probes::wait_healthy(
+                        &server,
+                        count,
+                        since_epoch_ms,
+                        timeout.0,
+                        poll.0,
+                        server_pid,
+                    )
+                    .await
+                    .map(|v| println!("{v}")),
+                    Command::StatusLatency { server, n } => probes::status_latency(&server, n)
+                        .await
+                        .map(|v| println!("{v}")),
+                    Command::DeployProbe {
+                        server,
+                        service,
+                        component,
+                        version,
+                        timeout,
+                    } => probes::deploy_probe(&server, &service, &component, &version, timeout.0)
+                        .await
+                        .map(|v| println!("{v}")),
+                    _ => unreachable!(),
+                }
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! Who may call what: bearer tokens with scopes, stored hashed, checked on every API call.
+//!
+//! - `admin`: every endpoint but the agent ones (desired state, tokens, and everything `read`
+//!   may do).
+//! - `read`: status, events, revisions, plans, metrics.
+//! - `agent`: bound to one group: heartbeats, permit polls and connection counts for that
+//!   group's instances, and that group's plans.
+//!
+//! `GET /v1/health` needs no token. A missing, unknown or revoked token is answered `401`;
+//! a valid token of the wrong scope or group `403`.
+//!
+//! Admin and read tokens are 32 random bytes. Agent tokens are derived from a key kept in the
+//! data directory (`agent-token.key`, 0600) and the token's id (HMAC-SHA256), so the server
+//! can hand them to every instance it launches, after a restart too, while the store keeps
+//! only hashes.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use drover_model::token::{CreateTokenResponse, TokenInfo, TokenScope};
+use drover_model::{EventKind, NewEvent};
+use drover_provider::Credentials;
+use drover_store::{Store, TokenRecord, Write};
+use sha2::{Digest, Sha256};
+
+use crate::engine::{now_ms, Engine};
+use crate::ServerError;
+
+/// The file, in the data directory, that holds the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The key agent tokens are derived from.
+const AGENT_KEY_FILE: &str = "agent-token.key";
+
+/// Who is calling: the token's id, scope and (for agents) group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub id: String,
+    pub scope: TokenScope,
+    pub group: Option<String>,
+}
+
+/// The tokens, by hash, and the agent-token key.
+pub struct Auth {
+    tokens: RwLock<HashMap<String, TokenInfo>>,
+    key: [u8; 32],
+    /// The launch configuration's credentials, shared with the providers.
+    pub credentials: Credentials,
+    /// Serialises token creation (ids are max + 1).
+    create: Mutex<()>,
+}
+
+/// Lowercase hex sha256 of a token.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn random_bytes() -> Result<[u8; 32], ServerError> {
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| ServerError::Io("/dev/urandom".into(), e))?;
+    Ok(b)
+}
+
+fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
+    let mut ipad = [0x36u8; 64];
+    let mut opad = [0x5cu8; 64];
+    for i in 0..32 {
+        ipad[i] ^= key[i];
+        opad[i] ^= key[i];
+    }
+    let inner = Sha256::new()
+        .chain_update(ipad)
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(opad)
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+impl Auth {
+    /// Load the tokens from `store` and the agent-token key from `data_dir` (made if absent).
+    pub fn load(
+        store: &dyn Store,
+        data_dir: &Path,
+        credentials: Credentials,
+    ) -> Result<Auth, ServerError> {
+        let key_path = data_dir.join(AGENT_KEY_FILE);
+        let key = match std::fs::read(&key_path) {
+            Ok(k) if k.len() == 32 => {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&k);
+                key
+            }
+            _ => {
+                let key = random_bytes()?;
+                crate::tls::write_private(&key_path, &key)?;
+                key
+            }
+        };
+        let tokens = store
+            .tokens()?
+            .into_iter()
+            .map(|t| (t.hash, t.info))
+            .collect();
+        Ok(Auth {
+            tokens: RwLock::new(tokens),
+            key,
+            credentials,
+            create: Mutex::new(()),
+        })
+    }
+
+    fn agent_secret(&self, id: &str) -> String {
+        let mac = hmac_sha256(&self.key, format!("drover agent token {id}").as_bytes());
+        format!("drover_agent_{}", hex::encode(mac))
+    }
+
+    /// Every token, by id (never a secret).
+    pub fn list(&self) -> Vec<TokenInfo> {
+        let mut all: Vec<TokenInfo> = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Who holds the `Authorization` header; `401` when it is missing, unknown or revoked.
+    pub fn authenticate(&self, value: Option<&HeaderValue>) -> Result<Caller, ServerError> {
+        let Some(value) = value else {
+            return Err(ServerError::Unauthorized(
+                "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads DATA_DIR/admin.token, DROVER_TOKEN or --token); see docs/security.md".into(),
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ServerError::Unauthorized("the Authorization header must be `Bearer TOKEN`".into())
+            })?;
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let Some(info) = tokens.get(&hash_token(token)) else {
+            return Err(ServerError::Unauthorized(
+                "unknown token: it was never created on this server (`drover token list` shows the tokens)".into(),
+            ));
+        };
+        if info.revoked_at_ms.is_some() {
+            return Err(ServerError::Unauthorized(format!(
+                "token {} was revoked; create a new one with `drover token create`",
+                info.id
+            )));
+        }
+        Ok(Caller {
+            id: info.id.clone(),
+            scope: info.scope,
+            group: info.group.clone(),
+        })
+    }
+
+    fn next_id(&self) -> String {
+        let n = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|t| t.id.strip_prefix("t-").and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0);
+        format!("t-{:06}", n + 1)
+    }
+
+    /// Create a token; its secret is in the answer and nowhere else.
+    pub fn create(
+        &self,
+        engine: &Engine,
+        scope: TokenScope,
+        name: Option<String>,
+        group: Option<String>,
+    ) -> Result<CreateTokenResponse, ServerError> {
+        let name = name.unwrap_or_else(|| scope.as_str().to_string());
+        if name.len() > 100 || name.chars().any(char::is_control) {
+            return Err(ServerError::BadRequest(
+                "a token name has at most 100 characters and no control characters".into(),
+            ));
+        }
+        match (scope, &group) {
+            (TokenScope::Agent, None) => {
+                return Err(ServerError::BadRequest(
+                    "an agent token needs a group (`service/region`)".into(),
+                ))
+            }
+            (TokenScope::Agent, Some(_)) => {}
+            (_, Some(_)) => {
+                return Err(ServerError::BadRequest(
+                    "only agent tokens have a group".into(),
+                ))
+            }
+            _ => {}
+        }
+        let _guard = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.next_id();
+        let token = match scope {
+            TokenScope::Agent => self.agent_secret(&id),
+            _ => format!("drover_{}_{}", scope.as_str(), hex::encode(random_bytes()?)),
+        };
+        let info = TokenInfo {
+            id: id.clone(),
+            name,
+            scope,
+            group: group.clone(),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        let hash = hash_token(&token);
+        let mut event = NewEvent::new(
+            EventKind::Server,
+            format!("token {id} created ({scope}, {:?})", info.name),
+        );
+        if let Some(g) = &group {
+            event = event.group(g);
+        }
+        engine.commit(vec![
+            Write::Token(TokenRecord {
+                info: info.clone(),
+                hash: hash.clone(),
+            }),
+            Write::Event(event),
+        ])?;
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, info.clone());
+        if let (TokenScope::Agent, Some(g)) = (scope, &group) {
+            // The newest agent token of a group is the one new instances get.
+            self.credentials.set_token(g, token.clone());
+        }
+        Ok(CreateTokenResponse { info, token })
+    }
+
+    /// Revoke a token: refused from now on. Revoking a group's current agent token makes a
+    /// new one for the instances launched from now on.
+    pub fn revoke(&self, engine: &Engine, id: &str) -> Result<TokenInfo, ServerError> {
+        let info = self
+            .list()
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| {
+                ServerError::NotFound(format!("no token {id}; `drover token list` shows them"))
+            })?;
+        if info.revoked_at_ms.is_some() {
+            return Ok(info);
+        }
+        if info.scope == TokenScope::Admin {
+            let admins = self
+                .list()
+                .iter()
+                .filter(|t| t.scope == TokenScope::Admin && t.revoked_at_ms.is_none())
+                .count();
+            if admins <= 1 {
+                return Err(ServerError::Conflict(format!(
+                    "{id} is the last admin token: create another (`drover token create --scope admin`) before revoking it"
+                )));
+            }
+        }
+        let now = now_ms();
+        let mut event = NewEvent::new(EventKind::Server, format!("token {id} revoked"));
+        if let Some(g) = &info.group {
+            event = event.group(g);
+        }
+        engine.commit(vec![
+            Write::RevokeToken {
+                id: id.to_string(),
+                at_ms: now,
+            },
+            Write::Event(event),
+        ])?;
+        let mut out = info.clone();
+        {
+            let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+            for t in tokens.values_mut() {
+                if t.id == id {
+                    t.revoked_at_ms = Some(now);
+                    out = t.clone();
+                }
+            }
+        }
+        if let (TokenScope::Agent, Some(g)) = (info.scope, &info.group) {
+            self.credentials.remove_token(g);
+            self.ensure_agent_tokens(engine, [g.as_str()])?;
+        }
+        Ok(out)
+    }
+
+    /// Make sure every group in `groups` has a usable agent token for its launches.
+    pub fn ensure_agent_tokens<'a>(
+        &self,
+        engine: &Engine,
+        groups: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ServerError> {
+        for g in groups {
+            let newest = self
+                .tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, t)| {
+                    t.scope == TokenScope::Agent
+                        && t.revoked_at_ms.is_none()
+                        && t.group.as_deref() == Some(g)
+                })
+                .max_by(|a, b| a.1.id.cmp(&b.1.id))
+                .map(|(hash, t)| (hash.clone(), t.id.clone()));
+            match newest {
+                // Derivable from the key: the same token as before.
+                Some((hash, id)) if hash_token(&self.agent_secret(&id)) == hash => {
+                    self.credentials.set_token(g, self.agent_secret(&id));
+                }
+                _ => {
+                    self.create(
+                        engine,
+                        TokenScope::Agent,
+                        Some(format!("agent {g}")),
+                        Some(g.to_string()),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// On first start (no admin token that is not revoked): make one and write it to
+    /// `DATA/admin.token` (0600). Returns the file when one was written.
+    pub fn ensure_admin(
+        &self,
+        engine: &Engine,
+        data_dir: &Path,
+    ) -> Result<Option<PathBuf>, ServerError> {
+        let any = self
+            .list()
+            .iter()
+            .any(|t| t.scope == TokenScope::Admin && t.revoked_at_ms.is_none());
+        if any {
+            return Ok(None);
+        }
+        let made = self.create(
+            engine,
+            TokenScope::Admin,
+            Some("admin (made on first start)".into()),
+            None,
+        )?;
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        crate::tls::write_private(&path, format!("{}\n", made.token).as_bytes())?;
+        Ok(Some(path))
+    }
+}
+
+/// What an endpoint asks of its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    Nothing,
+    /// Any valid token (unknown paths: 404 or 405 only to callers with a token).
+    Any,
+    Read,
+    /// Read, or an agent token (the handler checks the agent's group).
+    ReadOrAgent,
+    Admin,
+    Agent,
+}
+
+fn need(path: &str) -> Need {
+    match path {
+        "/v1/health" => Need::Nothing,
+        "/v1/apply" | "/v1/deploy" | "/v1/rollback" | "/v1/scale" | "/v1/tokens" => Need::Admin,
+        "/v1/status" | "/v1/events" | "/v1/revisions" | "/metrics" => Need::Read,
+        p if p.starts_with("/v1/tokens/") => Need::Admin,
+        p if p.starts_with("/v1/revisions/") => Need::Read,
+        p if p.starts_with("/v1/plans/") => Need::ReadOrAgent,
+        p if p.starts_with("/v1/agent/") => Need::Agent,
+        _ => Need::Any,
+    }
+}
+
+fn describe(c: &Caller) -> String {
+    match &c.group {
+        Some(g) => format!("{} is an {} token of group {g}", c.id, c.scope),
+        None => format!("{} is {} {} token", c.id, article(c.scope), c.scope),
+    }
+}
+
+fn article(s: TokenScope) -> &'static str {
+    match s {
+        TokenScope::Admin | TokenScope::Agent => "an",
+        TokenScope::Read => "a",
+    }
+}
+
+/// The auth layer: authenticate, check the scope for the path, and hand the [`Caller`] to the
+/// handler (which checks an agent's group).
+pub async fn layer(
+    State(engine): State<std::sync::Arc<Engine>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let need = need(req.uri().path());
+    if need == Need::Nothing {
+        return next.run(req).await;
+    }
+    let auth = engine.auth();
+    let caller = match auth.authenticate(req.headers().get(header::AUTHORIZATION)) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"drover\""),
+            );
+            return resp;
+        }
+    };
+    let ok = match (need, caller.scope) {
+        (Need::Nothing | Need::Any, _) => true,
+        (Need::Admin, s) => s == TokenScope::Admin,
+        (Need::Read, s) => matches!(s, TokenScope::Admin | TokenScope::Read),
+        (Need::ReadOrAgent, _) => true,
+        (Need::Agent, s) => s == TokenScope::Agent,
+    };
+    if !ok {
+        let what = match need {
+            Need::Admin if req.method() == Method::GET => "needs an admin token",
+            Need::Admin => "changes desired state or tokens and needs an admin token",
+            Need::Read => "needs a read or admin token",
+            Need::Agent => "is for agents and needs the agent token of the instance's group",
+            _ => "needs another token",
+        };
+        return ServerError::Forbidden(format!(
+            "{} {} {what}; {}",
+            req.method(),
+            req.uri().path(),
+            describe(&caller)
+        ))
+        .into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// For agent endpoints: an agent token may only act for instances of its own group.
+pub fn check_group(caller: &Caller, group: &str, what: &str) -> Result<(), ServerError> {
+    if caller.scope == TokenScope::Agent && caller.group.as_deref() != Some(group) {
+        return Err(ServerError::Forbidden(format!(
+            "{what} belongs to group {group}; {}",
+            describe(caller)
+        )));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// The API's tokens.
+    pub fn auth(&self) -> &Auth {
+        &self.factory.auth
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231_shape() {
+        // HMAC is deterministic and key-dependent.
+        let a = hmac_sha256(&[1; 32], b"x");
+        assert_eq!(a, hmac_sha256(&[1; 32], b"x"));
+        assert_ne!(a, hmac_sha256(&[2; 32], b"x"));
+        assert_ne!(a, hmac_sha256(&[1; 32], b"y"));
+    }
+
+    #[test]
+    fn every_path_has_a_need() {
+        assert_eq!(need("/v1/health"), Need::Nothing);
+        assert_eq!(need("/v1/apply"), Need::Admin);
+        assert_eq!(need("/v1/tokens/t-000001"), Need::Admin);
+        assert_eq!(need("/v1/status"), Need::Read);
+        assert_eq!(need("/v1/revisions/3"), Need::Read);
+        assert_eq!(need("/v1/plans/web/local/1"), Need::ReadOrAgent);
+        assert_eq!(need("/v1/agent/heartbeat"), Need::Agent);
+        assert_eq!(need("/v1/health/"), Need::Any);
+        assert_eq!(need("/nope"), Need::Any);
+    }
+}

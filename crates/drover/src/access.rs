@@ -1,0 +1,139 @@
+//! How the CLI reaches the server: which URL, which token, which CA.
+//!
+//! - URL: `--server` / `DROVER_SERVER`, else the `server.url` the server wrote in the data
+//!   directory (`--data-dir` / `DROVER_DATA_DIR`, default `.drover`), else
+//!   `http://127.0.0.1:7878`.
+//! - Token: `--token` / `DROVER_TOKEN`, else `DATA/admin.token`, but only when the URL is the
+//!   one that data directory's server wrote (a local token is never sent to another server).
+//! - CA (for `https`): `--ca FILE` / `DROVER_CA`, else `DATA/ca.pem` when present, else the
+//!   usual public roots. `--insecure` skips verification, with a warning.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7878";
+
+/// What the CLI knows about reaching the server.
+#[derive(Clone)]
+pub struct Access {
+    pub server: String,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "(hidden)"))
+            .field("ca", &self.ca)
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Work out the URL, token and CA from the flags, the environment and the data directory.
+pub fn resolve(
+    server: Option<String>,
+    token: Option<String>,
+    ca: Option<PathBuf>,
+    insecure: bool,
+    data_dir: &Path,
+) -> Access {
+    let local_url = read_trimmed(&data_dir.join("server.url"));
+    let server = server
+        .or_else(|| local_url.clone())
+        .unwrap_or_else(|| DEFAULT_SERVER.to_string())
+        .trim_end_matches('/')
+        .to_string();
+    let token = token.filter(|t| !t.trim().is_empty()).or_else(|| {
+        let same_server = local_url
+            .as_deref()
+            .is_some_and(|u| u.trim_end_matches('/') == server);
+        same_server
+            .then(|| read_trimmed(&data_dir.join(drover_server::auth::ADMIN_TOKEN_FILE)))
+            .flatten()
+    });
+    let ca = ca.or_else(|| {
+        let p = data_dir.join("ca.pem");
+        (server.starts_with("https://") && p.exists()).then_some(p)
+    });
+    Access {
+        server,
+        token: token.map(|t| t.trim().to_string()),
+        ca,
+        insecure,
+    }
+}
+
+impl Access {
+    /// The HTTP client: the token on every request, the CA trusted.
+    pub fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder();
+        if let Some(token) = &self.token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("the token is not valid text")?;
+            v.set_sensitive(true);
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::AUTHORIZATION, v);
+            b = b.default_headers(h);
+        }
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read the CA {}", ca.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
+            b = b.add_root_certificate(cert);
+        }
+        if self.insecure {
+            eprintln!(
+                "warning: --insecure: the server's certificate is not verified; anyone between you and {} can read your token",
+                self.server
+            );
+            b = b.danger_accept_invalid_certs(true);
+        }
+        b.build().context("cannot build the HTTP client")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_token_goes_only_to_the_local_server() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("server.url"), "http://127.0.0.1:9999\n").unwrap();
+        std::fs::write(dir.path().join("admin.token"), "drover_admin_x\n").unwrap();
+        let a = resolve(None, None, None, false, dir.path());
+        assert_eq!(a.server, "http://127.0.0.1:9999");
+        assert_eq!(a.token.as_deref(), Some("drover_admin_x"));
+        let b = resolve(
+            Some("http://10.0.0.1:7878".into()),
+            None,
+            None,
+            false,
+            dir.path(),
+        );
+        assert_eq!(b.token, None, "never sent to another server");
+        let c = resolve(
+            Some("http://10.0.0.1:7878".into()),
+            Some("t".into()),
+            None,
+            false,
+            dir.path(),
+        );
+        assert_eq!(c.token.as_deref(), Some("t"));
+        let d = resolve(None, None, None, false, &dir.path().join("nothing"));
+        assert_eq!(d.server, DEFAULT_SERVER);
+        assert_eq!(d.token, None);
+    }
+}
