@@ -1,5 +1,5 @@
 //! A standalone drover-lb listener for benchmarks (`bench/lb.sh`): fixed targets from the
-//! command line, round-robin unless told otherwise, runs until SIGINT/SIGTERM or stdin closes.
+//! command line, round-robin unless told otherwise, runs until SIGINT or SIGTERM.
 //!
 //! ```text
 //! lb_bench --listen 127.0.0.1:8000 [--threads 1] [--policy rr|lc] [--max-connections N]

@@ -561,55 +561,7 @@ async fn plan(
 
 /// Prometheus text: per listener and per target counters of the built-in balancer.
 async fn metrics(State(e): State<Arc<Engine>>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let stats = e.balancer_stats();
-    let _ = writeln!(out, "# TYPE drover_lb_connections_total counter");
-    for s in &stats {
-        let _ = writeln!(
-            out,
-            "drover_lb_connections_total{{listener=\"{}\"}} {}",
-            s.name, s.accepted
-        );
-    }
-    let _ = writeln!(out, "# TYPE drover_lb_active_connections gauge");
-    for s in &stats {
-        let _ = writeln!(
-            out,
-            "drover_lb_active_connections{{listener=\"{}\"}} {}",
-            s.name, s.active
-        );
-        for t in &s.targets {
-            let _ = writeln!(
-                out,
-                "drover_lb_active_connections{{listener=\"{}\",target=\"{}\"}} {}",
-                s.name, t.id, t.active
-            );
-        }
-    }
-    let _ = writeln!(out, "# TYPE drover_lb_connect_failures_total counter");
-    for s in &stats {
-        for t in &s.targets {
-            let _ = writeln!(
-                out,
-                "drover_lb_connect_failures_total{{listener=\"{}\",target=\"{}\"}} {}",
-                s.name, t.id, t.connect_failures
-            );
-        }
-    }
-    let _ = writeln!(out, "# TYPE drover_lb_bytes_total counter");
-    for s in &stats {
-        let _ = writeln!(
-            out,
-            "drover_lb_bytes_total{{listener=\"{}\",direction=\"in\"}} {}",
-            s.name, s.bytes_in
-        );
-        let _ = writeln!(
-            out,
-            "drover_lb_bytes_total{{listener=\"{}\",direction=\"out\"}} {}",
-            s.name, s.bytes_out
-        );
-    }
+    let out = drover_lb::prometheus(&e.balancer_stats());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -363,7 +363,11 @@ impl Engine {
         // Open new ingresses before committing, so a port in use refuses the whole apply.
         for g in new_groups.values() {
             if let Some((addr, _)) = g.ingress {
-                self.ensure_ingress(&g.record.group, addr).await?;
+                let health = fleet
+                    .services
+                    .get(&g.plan.service)
+                    .and_then(crate::engine::balancer_health);
+                self.ensure_ingress(&g.record.group, addr, health).await?;
             }
         }
         let summary = match (&old_fleet, &origin) {

@@ -150,14 +150,19 @@ impl Engine {
 
     /// Bind the balancer listeners of every group that has an ingress.
     pub async fn open_ingresses(&self) -> Result<(), ServerError> {
-        let wanted: Vec<(String, SocketAddr)> = self
-            .state()
-            .groups
-            .values()
-            .filter_map(|g| g.ingress.map(|(a, _)| (g.record.group.clone(), a)))
-            .collect();
-        for (group, addr) in wanted {
-            self.ensure_ingress(&group, addr).await?;
+        let wanted: Vec<(String, SocketAddr, Option<drover_lb::HealthCheckConfig>)> = {
+            let st = self.state();
+            st.groups
+                .values()
+                .filter_map(|g| {
+                    let (a, _) = g.ingress?;
+                    let health = st.service(g).and_then(balancer_health);
+                    Some((g.record.group.clone(), a, health))
+                })
+                .collect()
+        };
+        for (group, addr, health) in wanted {
+            self.ensure_ingress(&group, addr, health).await?;
         }
         Ok(())
     }
@@ -166,6 +171,7 @@ impl Engine {
         &self,
         group: &str,
         addr: SocketAddr,
+        health: Option<drover_lb::HealthCheckConfig>,
     ) -> Result<(), ServerError> {
         if let Some(i) = self.ingresses.lock().expect("ingress lock").get(group) {
             if i.listener.local_addr() == addr || addr.port() == 0 {
@@ -185,6 +191,7 @@ impl Engine {
         let cfg = ListenerConfig {
             name: group.to_string(),
             listen: addr,
+            health,
             ..ListenerConfig::default()
         };
         let listener = Listener::bind(cfg, rx).await.map_err(|e| {
@@ -985,4 +992,32 @@ fn group_facts(rev: Option<&Revision>, plan: &Plan) -> (String, Option<(SocketAd
         Some(r) => provider_and_ingress(&r.fleet, &plan.service, &plan.region),
         None => (String::new(), None),
     }
+}
+
+/// The balancer's own active check of a service's targets: the ingress component's health
+/// check when it is tcp or http on the ingress port, with its thresholds as rise and fall
+/// (HAProxy's semantics). Otherwise (exec, another port, none) the balancer relies on the
+/// agents' reports alone.
+pub(crate) fn balancer_health(
+    svc: &drover_model::fleet::Service,
+) -> Option<drover_lb::HealthCheckConfig> {
+    let (component, port, _) = drover_model::Fleet::ingress_target(svc)?;
+    let h = svc.components.get(component)?.health.as_ref()?;
+    if h.port.as_deref() != Some(port) {
+        return None;
+    }
+    let kind = match h.kind {
+        drover_model::fleet::HealthKind::Http => drover_lb::HealthCheckKind::Http {
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+        },
+        drover_model::fleet::HealthKind::Tcp => drover_lb::HealthCheckKind::Tcp,
+        drover_model::fleet::HealthKind::Exec => return None,
+    };
+    Some(drover_lb::HealthCheckConfig {
+        kind,
+        interval: h.interval.0,
+        timeout: h.timeout.0.min(h.interval.0),
+        rise: h.healthy_threshold.max(1),
+        fall: h.unhealthy_threshold.max(1),
+    })
 }

@@ -250,7 +250,8 @@ impl State {
             if let (true, Some(v)) = (warm, value) {
                 if v.is_finite() && v >= 0.0 {
                     values.push(v);
-                    oldest = Some(oldest.map_or(i.soft.last_seen_ms, |o| o.min(i.soft.last_seen_ms)));
+                    oldest =
+                        Some(oldest.map_or(i.soft.last_seen_ms, |o| o.min(i.soft.last_seen_ms)));
                 }
             }
         }
