@@ -93,8 +93,16 @@ def ensure_wrk():
     return shutil.which("wrk")
 
 
+# The admin token `drover up` writes in its data directory (set once it has started).
+TOKEN_FILE = None
+
+
 def api_get(api, path, timeout=2):
-    with urllib.request.urlopen(f"http://{api}{path}", timeout=timeout) as r:
+    req = urllib.request.Request(f"http://{api}{path}")
+    if TOKEN_FILE and os.path.exists(TOKEN_FILE):
+        with open(TOKEN_FILE) as f:
+            req.add_header("Authorization", "Bearer " + f.read().strip())
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -412,6 +420,10 @@ def main():
     c.log(f"work dir {work}; api {api}; ingress 127.0.0.1:{ing_port}; wrk: {wrk or 'none'}")
 
     up_out = open(os.path.join(work, "up.log"), "w")
+    global TOKEN_FILE
+    TOKEN_FILE = os.path.join(data, "admin.token")
+    # The CLI finds the admin token in the data directory.
+    os.environ["DROVER_DATA_DIR"] = data
     up = subprocess.Popen([binary, "up", fleet, "--data-dir", data, "--listen", api],
                           cwd=work, stdin=subprocess.DEVNULL, stdout=up_out,
                           stderr=subprocess.STDOUT, start_new_session=True)

@@ -323,21 +323,39 @@ impl Engine {
         if let Err(e) = self.autoscale(now) {
             tracing::error!("autoscale: {e}");
         }
-        let decision = {
-            let st = self.state();
-            drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
-        };
-        for action in decision.actions {
-            if let Err(e) = self.act(action, now).await {
-                tracing::error!("controller action failed: {e}");
+        // A pass that lets instances go (permits, terminations, losses) frees surge room:
+        // a second pass launches their replacements now rather than a tick later. The last
+        // decision's targets go to the balancer (a permit takes an instance out at once).
+        let mut targets = BTreeMap::new();
+        for pass in 0..3 {
+            let decision = {
+                let st = self.state();
+                drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
+            };
+            targets = decision.targets;
+            let frees_room = decision.actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::Permit { .. } | Action::Terminate { .. } | Action::Forget { .. }
+                )
+            });
+            if pass == 2 {
+                break;
+            }
+            for action in decision.actions {
+                if let Err(e) = self.act(action, now).await {
+                    tracing::error!("controller action failed: {e}");
+                }
+            }
+            if !frees_room {
+                // Targets after these actions.
+                let st = self.state();
+                targets = drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
+                    .targets;
+                break;
             }
         }
-        // Recompute targets after actions: a permit takes an instance out at once.
-        let decision = {
-            let st = self.state();
-            drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
-        };
-        self.update_targets(decision.targets);
+        self.update_targets(targets);
     }
 
     /// Run the autoscaler of every group that has a policy; store and record its changes.
