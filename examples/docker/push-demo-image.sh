@@ -40,9 +40,10 @@ for lib in $(ldd "$BIN" | grep -o '/[^ ]*'); do
   cp -L "$lib" "$ctx/rootfs$lib"
 done
 printf 'FROM scratch\nCOPY rootfs/ /\nENTRYPOINT ["/drover"]\n' > "$ctx/Dockerfile"
-DOCKER_BUILDKIT=0 docker build -q -t "$REGISTRY/drover-demo:v1" "$ctx" >/dev/null
+DOCKER_BUILDKIT=0 docker build -q -t "$REGISTRY/drover-demo:v1" "$ctx" >/dev/null 2>"$ctx/build.log" ||
+  { cat "$ctx/build.log" >&2; exit 1; }
 docker tag "$REGISTRY/drover-demo:v1" "$REGISTRY/drover-demo:v2"
 for tag in v1 v2; do
-  docker push -q "$REGISTRY/drover-demo:$tag"
+  docker push -q "$REGISTRY/drover-demo:$tag" >/dev/null
 done
 echo "pushed $REGISTRY/drover-demo:v1 and :v2"

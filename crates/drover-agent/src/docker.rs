@@ -69,6 +69,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const SAFETY_POLL: Duration = Duration::from_secs(10);
 /// Timeout of one engine request (a stop waits for the grace period within it).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a `die` by SIGKILL under a memory limit waits for the `oom` event that tells it was
+/// the OOM killer.
+const OOM_GRACE: Duration = Duration::from_millis(30);
 /// How often pull progress is logged and reported.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -876,15 +879,18 @@ impl Run {
                             // (unless it may be an OOM kill whose `oom` event is still coming).
                             "die" => {
                                 let code = ev.exit_code.unwrap_or(-1);
-                                let maybe_oom = !self.oom && code == 137 && self.memory.is_some();
-                                if !maybe_oom {
-                                    let state = ContainerState {
-                                        exit_code: Some(code),
-                                        oom_killed: Some(self.oom),
-                                        ..Default::default()
-                                    };
-                                    return RunEvent::Exited(describe(&state, self.memory));
+                                // A SIGKILL under a memory limit may be the OOM killer's, whose
+                                // `oom` event can trail the `die` by a little: wait that little
+                                // (not an inspection, which the busy engine answers late).
+                                if !self.oom && code == 137 && self.memory.is_some() {
+                                    self.oom = self.oom_follows().await;
                                 }
+                                let state = ContainerState {
+                                    exit_code: Some(code),
+                                    oom_killed: Some(self.oom),
+                                    ..Default::default()
+                                };
+                                return RunEvent::Exited(describe(&state, self.memory));
                             }
                             "destroy" => {
                                 return RunEvent::Exited("the container was removed".into())
@@ -944,6 +950,22 @@ impl Run {
                         _ => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Whether an `oom` event for this run comes within OOM_GRACE.
+    async fn oom_follows(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + OOM_GRACE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.wake.recv()).await {
+                Ok(Ok(Wake::Container(ev)))
+                    if ev.id == self.id && ev.action == "oom" && ev.time_ns >= self.started_ns =>
+                {
+                    return true
+                }
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                _ => return false,
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The simulated agents: heartbeats at a fixed interval (spread evenly), a permit long-poll
 //! each, leaving on a permit, and faults on demand (fail, silent, crash).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -50,6 +50,11 @@ pub struct RunArgs {
     pub server: String,
     #[arg(long, value_enum, default_value = "fleet")]
     pub mode: Mode,
+    /// Admin (or read) token for status, events, plans, deploys and creating the agents'
+    /// tokens [default: DROVER_TOKEN, else DATA_DIR/admin.token with --data-dir]. Agents use
+    /// an agent token per group, created with it at start (`POST /v1/tokens`).
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Fleet mode: take the instances from this file (written by `seed` as
     /// DATA/fleetsim-instances.json) instead of GET /v1/status, so the agents can start
     /// before the server and reach it the moment it listens.
@@ -130,6 +135,11 @@ pub struct RunArgs {
     /// With --wait-healthy: how often to read the status.
     #[arg(long, default_value = "2s")]
     pub follow_every: drover_model::Dur,
+    /// At most this many heartbeat requests in flight (and so connections for them); a
+    /// heartbeat waiting for a slot counts that wait in its latency. Only matters when the
+    /// server stalls: in steady state a handful are in flight.
+    #[arg(long, default_value_t = 2000)]
+    pub max_inflight: usize,
     /// Agents per HTTP client (connection pool). Each client connects from its own loopback
     /// source address (127.0.0.10, .11, ...): with one pool and one source address, 10,000
     /// connections make the kernel's ephemeral-port search and the pool's waiter list
@@ -194,6 +204,10 @@ struct Counters {
 struct Shared {
     /// For discovery and the like.
     client: reqwest::Client,
+    /// `Bearer ADMIN` for status, events, plans (None: a server without tokens).
+    admin: Option<String>,
+    /// `Bearer AGENT` per group, created on first use.
+    agent_auth: tokio::sync::Mutex<HashMap<String, Option<String>>>,
     /// The agents' clients, one per `agents_per_client` agents.
     clients: Vec<reqwest::Client>,
     per_client: usize,
@@ -209,6 +223,7 @@ struct Shared {
     win: Counters,
     all: Counters,
     retry: Duration,
+    inflight: tokio::sync::Semaphore,
     polls_open: AtomicI64,
     poll_errors: AtomicU64,
     permits: AtomicU64,
@@ -275,6 +290,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .build()?;
+    let admin = crate::probes::admin_auth(args.token.clone(), args.data_dir.as_deref());
     let specs = match args.mode {
         Mode::Unknown => (0..args.instances)
             .map(|i| {
@@ -312,7 +328,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     })
                     .collect()
             }
-            None => discover(&client, &base, &HashSet::new(), &mut BTreeMap::new()).await?,
+            None => {
+                discover(
+                    &client,
+                    admin.as_deref(),
+                    &base,
+                    &HashSet::new(),
+                    &mut BTreeMap::new(),
+                )
+                .await?
+            }
         },
     };
     if specs.is_empty() && !(args.follow_new && args.mode == Mode::Fleet) {
@@ -325,18 +350,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         OnOff::Auto => args.mode == Mode::Fleet,
     };
     if permits_on && nofile < n as u64 + 512 {
-        eprintln!("warning: open-file limit {nofile} is below {n} long-polls + margin; raise `ulimit -n`");
+        eprintln!(
+            "warning: open-file limit {nofile} is below {n} long-polls + margin; raise `ulimit -n`"
+        );
     }
     let groups: HashSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
     let n_groups = groups.len();
     let sh = Arc::new(Shared {
         client: client.clone(),
+        admin: admin.clone(),
+        agent_auth: tokio::sync::Mutex::new(HashMap::new()),
         clients: {
             let per = args.agents_per_client.max(1);
             // + room for --follow-new
             let k = n.max(args.wait_healthy.unwrap_or(0)).div_ceil(per).max(1) + 8;
             (0..k)
-                .map(|i| agent_client(i))
+                .map(agent_client)
                 .collect::<anyhow::Result<Vec<_>>>()?
         },
         per_client: args.agents_per_client.max(1),
@@ -350,6 +379,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         win: Counters::default(),
         all: Counters::default(),
         retry: args.retry.0,
+        inflight: tokio::sync::Semaphore::new(args.max_inflight.max(1)),
         polls_open: AtomicI64::new(0),
         poll_errors: AtomicU64::new(0),
         permits: AtomicU64::new(0),
@@ -384,7 +414,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let started_epoch_ms = epoch_ms() + 200;
     for (i, spec) in specs.into_iter().enumerate() {
         let f = i as f64 / n as f64;
-        start_agent(&sh, spec, t0 + ramp.mul_f64(f), t0 + ramp + period.mul_f64(f), period, permits_on);
+        start_agent(
+            &sh,
+            spec,
+            t0 + ramp.mul_f64(f),
+            t0 + ramp + period.mul_f64(f),
+            period,
+            permits_on,
+        );
     }
     eprintln!(
         "{n} agents in {n_groups} groups, one heartbeat each per {} ({:.0}/s), permits {}; first round over {:?}, booting {:?}, warm-up {}, window {}",
@@ -473,15 +510,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let since = Instant::now();
         loop {
             let healthy = async {
-                let body = sh
-                    .client
-                    .get(format!("{}/v1/status", sh.base))
-                    .timeout(Duration::from_secs(60))
-                    .send()
-                    .await?
-                    .bytes()
-                    .await?;
-                Ok::<usize, reqwest::Error>(count_substr(&body, b"\"state\":\"healthy\",\"launched_at_ms\""))
+                let body = with_auth(
+                    sh.client.get(format!("{}/v1/status", sh.base)),
+                    sh.admin.as_deref(),
+                )
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await?
+                .bytes()
+                .await?;
+                Ok::<usize, reqwest::Error>(count_substr(
+                    &body,
+                    b"\"state\":\"healthy\",\"launched_at_ms\"",
+                ))
             }
             .await
             .unwrap_or(0);
@@ -500,13 +541,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::time::sleep(args.warmup.0).await;
     let me = std::process::id();
     let spid = ServerPid(args.server_pid, args.server_pid_file.clone());
-    let cpu0 = (procfs::cpu_ticks(me), spid.get().and_then(procfs::cpu_ticks));
+    let cpu0 = (
+        procfs::cpu_ticks(me),
+        spid.get().and_then(procfs::cpu_ticks),
+    );
     let w0 = Instant::now();
     sh.measuring.store(true, Relaxed);
     tokio::time::sleep(args.duration.0).await;
     sh.measuring.store(false, Relaxed);
     let window = w0.elapsed().as_secs_f64();
-    let cpu1 = (procfs::cpu_ticks(me), spid.get().and_then(procfs::cpu_ticks));
+    let cpu1 = (
+        procfs::cpu_ticks(me),
+        spid.get().and_then(procfs::cpu_ticks),
+    );
     let tck = procfs::clk_tck() as f64;
     let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => Some((b.saturating_sub(a)) as f64 / tck / window * 100.0),
@@ -518,12 +565,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let samples = samples.lock().unwrap().clone();
     let in_win: Vec<&Sample> = samples.iter().filter(|s| s.measuring).collect();
     let mib = |k: u64| k as f64 / 1024.0;
+    let (agents_now, groups_now) = {
+        let a = sh.agents.lock().unwrap();
+        let g: HashSet<&str> = a.iter().map(|(s, _)| s.group.as_str()).collect();
+        (a.len(), g.len())
+    };
     let report = Report {
         mode: Some(args.mode),
-        agents: n,
-        groups: n_groups,
+        agents: agents_now,
+        groups: groups_now.max(n_groups),
         interval_ms: period.as_millis() as u64,
-        heartbeats_per_s_target: n as f64 / period.as_secs_f64(),
+        heartbeats_per_s_target: agents_now as f64 / period.as_secs_f64(),
         window_s: window,
         heartbeats_per_s: sh.win.sent.load(Relaxed) as f64 / window,
         heartbeats_sent: sh.win.sent.load(Relaxed),
@@ -653,7 +705,7 @@ fn print_report(r: &Report) {
     let s = &r.status_latency;
     let opt = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
     eprintln!(
-        "heartbeats: {} agents, {:.0}/s sent (target {:.0}/s) over {:.0} s; ok {} (known=false {}), non-2xx {}, errors {}",
+        "heartbeats: {} agents (at the end), {:.0}/s sent (target {:.0}/s) over {:.0} s; ok {} (known=false {}), non-2xx {}, errors {}",
         r.agents, r.heartbeats_per_s, r.heartbeats_per_s_target, r.window_s, r.heartbeats_ok, r.known_false, r.non2xx, r.errors
     );
     eprintln!(
@@ -733,7 +785,8 @@ async fn heartbeat_loop(
     period: Duration,
 ) {
     tokio::time::sleep_until(first).await;
-    let mut ok = send_heartbeat(&sh, &spec, &ctl).await;
+    let auth = agent_auth(&sh, &spec.group).await;
+    let mut ok = send_heartbeat(&sh, &spec, &ctl, auth.as_deref()).await;
     let mut tick = tokio::time::interval_at(periodic.max(Instant::now()), period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -748,7 +801,7 @@ async fn heartbeat_loop(
             CRASHED | GONE => return,
             _ => {}
         }
-        ok = send_heartbeat(&sh, &spec, &ctl).await;
+        ok = send_heartbeat(&sh, &spec, &ctl, auth.as_deref()).await;
         if ok && sh.stop_when_unknown && ctl.mode.load(Relaxed) == FORGOTTEN {
             return;
         }
@@ -773,7 +826,10 @@ fn build(spec: &Spec, ctl: &Ctl) -> Heartbeat {
             let (state, message, pid) = match mode {
                 FAILING if i == 0 => (
                     ComponentState::Unhealthy,
-                    Some("health check failed: GET /healthz: connection refused (simulated)".to_string()),
+                    Some(
+                        "health check failed: GET /healthz: connection refused (simulated)"
+                            .to_string(),
+                    ),
                     Some(10_000 + (spec.salt % 50_000) as u32 + i as u32),
                 ),
                 STOPPING | GONE => (ComponentState::Stopped, None, None),
@@ -818,12 +874,12 @@ fn build(spec: &Spec, ctl: &Ctl) -> Heartbeat {
 }
 
 /// Send one heartbeat; false when it was not delivered (connection error or timeout).
-async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl) -> bool {
+async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl, auth: Option<&str>) -> bool {
     let hb = build(spec, ctl);
     let measuring = sh.measuring.load(Relaxed);
     let t = std::time::Instant::now();
-    let r = sh.clients[spec.client]
-        .post(&sh.hb_url)
+    let _slot = sh.inflight.acquire().await;
+    let r = with_auth(sh.clients[spec.client].post(&sh.hb_url), auth)
         .timeout(sh.hb_timeout)
         .json(&hb)
         .send()
@@ -878,6 +934,7 @@ async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl) -> bool {
 
 async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
     let url = format!("{}/v1/agent/permit", sh.base);
+    let auth = agent_auth(&sh, &spec.group).await;
     loop {
         match ctl.mode() {
             SILENT => {
@@ -889,9 +946,11 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
         }
         let started = Instant::now();
         sh.polls_open.fetch_add(1, Relaxed);
-        let r = sh.clients[spec.client]
-            .get(&url)
-            .query(&[("instance", spec.id.as_str()), ("wait_ms", sh.permit_wait_ms.as_str())])
+        let r = with_auth(sh.clients[spec.client].get(&url), auth.as_deref())
+            .query(&[
+                ("instance", spec.id.as_str()),
+                ("wait_ms", sh.permit_wait_ms.as_str()),
+            ])
             .timeout(Duration::from_millis(
                 sh.permit_wait_ms.parse::<u64>().unwrap_or(20_000) + 5_000,
             ))
@@ -911,7 +970,7 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
                 if matches!(ctl.mode(), CRASHED | SILENT) {
                     return;
                 }
-                leave(&sh, &spec, &ctl, p.drain_timeout_ms).await;
+                leave(&sh, &spec, &ctl, p.drain_timeout_ms, auth.as_deref()).await;
                 return;
             }
             Some(_) => {
@@ -930,22 +989,19 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
 
 /// On a permit: report draining, wait for the balancer's connections to reach 0 (at most the
 /// drain timeout), report stopping, stop, and end the instance (kill its holder).
-async fn leave(sh: &Shared, spec: &Spec, ctl: &Ctl, drain_timeout_ms: u64) {
+async fn leave(sh: &Shared, spec: &Spec, ctl: &Ctl, drain_timeout_ms: u64, auth: Option<&str>) {
     let now = epoch_ms();
     let _ = sh
         .first_permit_epoch_ms
         .compare_exchange(0, now, Relaxed, Relaxed);
-    let k = sh.permits.fetch_add(1, Relaxed) + 1;
-    if k <= 20 {
-        println!("PERMIT {} {}", spec.id, now);
-    }
+    sh.permits.fetch_add(1, Relaxed);
+    println!("PERMIT {} {}", spec.id, now);
     ctl.mode.store(DRAINING, Relaxed);
-    send_heartbeat(sh, spec, ctl).await;
+    send_heartbeat(sh, spec, ctl, auth).await;
     let url = format!("{}/v1/agent/connections", sh.base);
     let deadline = Instant::now() + Duration::from_millis(drain_timeout_ms);
     while Instant::now() < deadline {
-        let open = match sh.clients[spec.client]
-            .get(&url)
+        let open = match with_auth(sh.clients[spec.client].get(&url), auth)
             .query(&[("instance", spec.id.as_str())])
             .timeout(Duration::from_secs(1))
             .send()
@@ -964,7 +1020,7 @@ async fn leave(sh: &Shared, spec: &Spec, ctl: &Ctl, drain_timeout_ms: u64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ctl.mode.store(STOPPING, Relaxed);
-    send_heartbeat(sh, spec, ctl).await;
+    send_heartbeat(sh, spec, ctl, auth).await;
     ctl.mode.store(GONE, Relaxed);
     ctl.wake.notify_one();
     end_instance(sh, &spec.id);
@@ -981,6 +1037,47 @@ fn end_instance(sh: &Shared, id: &str) {
             }
         }
     }
+}
+
+/// Add `Authorization: Bearer ...` when there is a token.
+pub fn with_auth(rb: reqwest::RequestBuilder, auth: Option<&str>) -> reqwest::RequestBuilder {
+    match auth {
+        Some(a) => rb.header(reqwest::header::AUTHORIZATION, a),
+        None => rb,
+    }
+}
+
+/// The `Authorization` value of `group`'s agents: an agent token created once per group with
+/// the admin token (`POST /v1/tokens`). None when the server has no tokens (404) or there is
+/// no admin token.
+async fn agent_auth(sh: &Shared, group: &str) -> Option<String> {
+    let mut map = sh.agent_auth.lock().await;
+    if let Some(a) = map.get(group) {
+        return a.clone();
+    }
+    let made = async {
+        let resp = with_auth(
+            sh.client.post(format!("{}/v1/tokens", sh.base)),
+            sh.admin.as_deref(),
+        )
+        .json(&serde_json::json!({"scope": "agent", "group": group, "name": "drover-fleetsim"}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .ok()?;
+        if !resp.status().is_success() {
+            eprintln!(
+                "no agent token for {group}: POST /v1/tokens answered {}",
+                resp.status()
+            );
+            return None;
+        }
+        let v: Value = resp.json().await.ok()?;
+        Some(format!("Bearer {}", v["token"].as_str()?))
+    }
+    .await;
+    map.insert(group.to_string(), made.clone());
+    made
 }
 
 /// The `i`-th agent client: its own pool, from its own loopback source address.
@@ -1032,7 +1129,11 @@ fn inject(sh: &Shared, kind: &str, count: usize) -> String {
         ids.push(s.id.clone());
     }
     let shown: Vec<&String> = ids.iter().take(5).collect();
-    format!("{} agents ({shown:?}{})", ids.len(), if ids.len() > 5 { ", ..." } else { "" })
+    format!(
+        "{} agents ({shown:?}{})",
+        ids.len(),
+        if ids.len() > 5 { ", ..." } else { "" }
+    )
 }
 
 async fn control(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
@@ -1068,7 +1169,10 @@ async fn control(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
 }
 
 fn status_thread(sh: Arc<Shared>, every: Duration) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(_) => return,
     };
@@ -1081,7 +1185,10 @@ fn status_thread(sh: Arc<Shared>, every: Duration) {
             tick.tick().await;
             let t = std::time::Instant::now();
             let r = async {
-                let resp = client.get(&url).timeout(Duration::from_secs(30)).send().await?;
+                let resp = with_auth(client.get(&url), sh.admin.as_deref())
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await?;
                 resp.error_for_status()?.bytes().await
             }
             .await;
@@ -1125,16 +1232,17 @@ async fn follow_launches(sh: Arc<Shared>, period: Duration, permits_on: bool) {
     let mut plans: BTreeMap<(String, u64), Vec<(String, String)>> = BTreeMap::new();
     let mut after = 0u64;
     loop {
-        let resp = sh
-            .client
-            .get(format!("{}/v1/events", sh.base))
-            .query(&[
-                ("follow", "true"),
-                ("kind", "launched"),
-                ("after", after.to_string().as_str()),
-            ])
-            .send()
-            .await;
+        let resp = with_auth(
+            sh.client.get(format!("{}/v1/events", sh.base)),
+            sh.admin.as_deref(),
+        )
+        .query(&[
+            ("follow", "true"),
+            ("kind", "launched"),
+            ("after", after.to_string().as_str()),
+        ])
+        .send()
+        .await;
         if let Ok(mut resp) = resp {
             let mut buf: Vec<u8> = Vec::new();
             while let Ok(Some(chunk)) = resp.chunk().await {
@@ -1156,7 +1264,11 @@ async fn follow_launches(sh: Arc<Shared>, period: Duration, permits_on: bool) {
                     let Some(rest) = msg.strip_prefix("launched at ") else {
                         continue;
                     };
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
                     let generation = rest
                         .split("generation ")
                         .nth(1)
@@ -1168,7 +1280,14 @@ async fn follow_launches(sh: Arc<Shared>, period: Duration, permits_on: bool) {
                     }
                     let key = (group.to_string(), generation);
                     if !plans.contains_key(&key) {
-                        let comps = plan_components(&sh.client, &sh.base, group, generation).await;
+                        let comps = plan_components(
+                            &sh.client,
+                            sh.admin.as_deref(),
+                            &sh.base,
+                            group,
+                            generation,
+                        )
+                        .await;
                         plans.insert(key.clone(), comps);
                     }
                     let seqno: u64 = id.trim_start_matches("i-").parse().unwrap_or(0);
@@ -1193,21 +1312,24 @@ async fn follow_launches(sh: Arc<Shared>, period: Duration, permits_on: bool) {
 
 async fn plan_components(
     client: &reqwest::Client,
+    admin: Option<&str>,
     base: &str,
     group: &str,
     generation: u64,
 ) -> Vec<(String, String)> {
     let (svc, region) = group.split_once('/').unwrap_or((group, ""));
     let plan: Option<Value> = async {
-        client
-            .get(format!("{base}/v1/plans/{svc}/{region}/{generation}"))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()
+        with_auth(
+            client.get(format!("{base}/v1/plans/{svc}/{region}/{generation}")),
+            admin,
+        )
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
     }
     .await;
     plan.and_then(|p| {
@@ -1229,23 +1351,24 @@ async fn plan_components(
 /// plan's components (`GET /v1/plans/...`, cached in `plans`).
 async fn discover(
     client: &reqwest::Client,
+    admin: Option<&str>,
     base: &str,
     known: &HashSet<String>,
     plans: &mut BTreeMap<(String, u64), Vec<(String, String)>>,
 ) -> anyhow::Result<Vec<Spec>> {
-    discover_counting(client, base, known, plans, &AtomicU64::new(0)).await
+    discover_counting(client, admin, base, known, plans, &AtomicU64::new(0)).await
 }
 
 /// [`discover`], also storing how many instances the status calls healthy.
 async fn discover_counting(
     client: &reqwest::Client,
+    admin: Option<&str>,
     base: &str,
     known: &HashSet<String>,
     plans: &mut BTreeMap<(String, u64), Vec<(String, String)>>,
     healthy: &AtomicU64,
 ) -> anyhow::Result<Vec<Spec>> {
-    let status: Value = client
-        .get(format!("{base}/v1/status"))
+    let status: Value = with_auth(client.get(format!("{base}/v1/status")), admin)
         .timeout(Duration::from_secs(60))
         .send()
         .await
@@ -1266,14 +1389,15 @@ async fn discover_counting(
         for i in g["instances"].as_array().into_iter().flatten() {
             let id = i["id"].as_str().unwrap_or_default().to_string();
             let state = i["state"].as_str().unwrap_or_default();
-            if id.is_empty() || known.contains(&id) || state == "draining" || state == "terminating" {
+            if id.is_empty() || known.contains(&id) || state == "draining" || state == "terminating"
+            {
                 continue;
             }
             let group = i["group"].as_str().unwrap_or_default().to_string();
             let generation = i["generation"].as_u64().unwrap_or(1);
             let key = (group.clone(), generation);
             if !plans.contains_key(&key) {
-                let comps = plan_components(client, base, &group, generation).await;
+                let comps = plan_components(client, admin, base, &group, generation).await;
                 plans.insert(key.clone(), comps);
             }
             let seqno: u64 = id.trim_start_matches("i-").parse().unwrap_or(0);

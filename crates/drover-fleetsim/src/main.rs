@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run N simulated agents against a server and report heartbeat/status latency and the
     /// server's CPU and RSS.
-    Run(agents::RunArgs),
+    Run(Box<agents::RunArgs>),
     /// Print the benchmark's fleet file: one service `sK` per region `rK`.
     FleetFile {
         #[arg(long, default_value_t = 10)]
@@ -62,6 +62,8 @@ enum Command {
     },
     /// Poll status until COUNT instances report and are healthy (restart recovery).
     WaitHealthy {
+        #[command(flatten)]
+        auth: AuthArgs,
         #[arg(long, default_value = "http://127.0.0.1:7878")]
         server: String,
         #[arg(long)]
@@ -78,6 +80,8 @@ enum Command {
     },
     /// GET /v1/status N times and print the latency.
     StatusLatency {
+        #[command(flatten)]
+        auth: AuthArgs,
         #[arg(long, default_value = "http://127.0.0.1:7878")]
         server: String,
         #[arg(long, default_value_t = 10)]
@@ -85,6 +89,8 @@ enum Command {
     },
     /// POST a deploy and time its first plan_changed / permit / launched events.
     DeployProbe {
+        #[command(flatten)]
+        auth: AuthArgs,
         #[arg(long, default_value = "http://127.0.0.1:7878")]
         server: String,
         service: String,
@@ -93,6 +99,23 @@ enum Command {
         #[arg(long, default_value = "30s")]
         timeout: drover_model::Dur,
     },
+}
+
+/// The admin (or read) token of the probes.
+#[derive(clap::Args, Debug)]
+struct AuthArgs {
+    /// [default: DROVER_TOKEN, else DATA_DIR/admin.token]
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The server's data directory, for its admin.token.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    fn auth(&self) -> Option<String> {
+        probes::admin_auth(self.token.clone(), self.data_dir.as_deref())
+    }
 }
 
 fn main() -> ExitCode {
@@ -170,8 +193,9 @@ fn main() -> ExitCode {
             };
             rt.block_on(async move {
                 match other {
-                    Command::Run(args) => agents::run(args).await,
+                    Command::Run(args) => agents::run(*args).await,
                     Command::WaitHealthy {
+                        auth,
                         server,
                         count,
                         since_epoch_ms,
@@ -179,6 +203,7 @@ fn main() -> ExitCode {
                         poll,
                         server_pid,
                     } => probes::wait_healthy(
+                        auth.auth(),
                         &server,
                         count,
                         since_epoch_ms,
@@ -188,18 +213,28 @@ fn main() -> ExitCode {
                     )
                     .await
                     .map(|v| println!("{v}")),
-                    Command::StatusLatency { server, n } => probes::status_latency(&server, n)
-                        .await
-                        .map(|v| println!("{v}")),
+                    Command::StatusLatency { auth, server, n } => {
+                        probes::status_latency(auth.auth(), &server, n)
+                            .await
+                            .map(|v| println!("{v}"))
+                    }
                     Command::DeployProbe {
+                        auth,
                         server,
                         service,
                         component,
                         version,
                         timeout,
-                    } => probes::deploy_probe(&server, &service, &component, &version, timeout.0)
-                        .await
-                        .map(|v| println!("{v}")),
+                    } => probes::deploy_probe(
+                        auth.auth(),
+                        &server,
+                        &service,
+                        &component,
+                        &version,
+                        timeout.0,
+                    )
+                    .await
+                    .map(|v| println!("{v}")),
                     _ => unreachable!(),
                 }
             })

@@ -6,13 +6,25 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::agents::count_substr;
+use crate::agents::{count_substr, with_auth};
 use crate::procfs;
 use crate::stats::{epoch_ms, summarize};
+
+/// `Bearer TOKEN` from `token`, else DATA_DIR/admin.token.
+pub fn admin_auth(token: Option<String>, data_dir: Option<&std::path::Path>) -> Option<String> {
+    let t = token.filter(|t| !t.trim().is_empty()).or_else(|| {
+        std::fs::read_to_string(data_dir?.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    })?;
+    Some(format!("Bearer {}", t.trim()))
+}
 
 /// Poll `GET /v1/status` until at least `count` instances report (have a last heartbeat) and
 /// are healthy. Times count from `since_epoch_ms` (e.g. when the server was started).
 pub async fn wait_healthy(
+    admin: Option<String>,
     server: &str,
     count: usize,
     since_epoch_ms: Option<u64>,
@@ -30,8 +42,7 @@ pub async fn wait_healthy(
     let mut polls = 0;
     while Instant::now() < deadline {
         let r = async {
-            client
-                .get(format!("{base}/v1/status"))
+            with_auth(client.get(format!("{base}/v1/status")), admin.as_deref())
                 .timeout(Duration::from_secs(30))
                 .send()
                 .await?
@@ -79,7 +90,11 @@ pub async fn wait_healthy(
 }
 
 /// GET /v1/status `n` times in a row.
-pub async fn status_latency(server: &str, n: usize) -> anyhow::Result<Value> {
+pub async fn status_latency(
+    admin: Option<String>,
+    server: &str,
+    n: usize,
+) -> anyhow::Result<Value> {
     let base = server.trim_end_matches('/');
     let client = reqwest::Client::new();
     let mut lat = Vec::new();
@@ -87,8 +102,7 @@ pub async fn status_latency(server: &str, n: usize) -> anyhow::Result<Value> {
     let mut instances = 0;
     for _ in 0..n {
         let t = Instant::now();
-        let body = client
-            .get(format!("{base}/v1/status"))
+        let body = with_auth(client.get(format!("{base}/v1/status")), admin.as_deref())
             .timeout(Duration::from_secs(60))
             .send()
             .await?
@@ -103,9 +117,13 @@ pub async fn status_latency(server: &str, n: usize) -> anyhow::Result<Value> {
 }
 
 /// Highest seq among events of `kind` (0 if none).
-async fn last_seq(client: &reqwest::Client, base: &str, kind: &str) -> anyhow::Result<u64> {
-    let v: Value = client
-        .get(format!("{base}/v1/events"))
+async fn last_seq(
+    client: &reqwest::Client,
+    admin: Option<&str>,
+    base: &str,
+    kind: &str,
+) -> anyhow::Result<u64> {
+    let v: Value = with_auth(client.get(format!("{base}/v1/events")), admin)
         .query(&[("kind", kind), ("limit", "100000")])
         .send()
         .await?
@@ -119,13 +137,17 @@ async fn last_seq(client: &reqwest::Client, base: &str, kind: &str) -> anyhow::R
 
 async fn first_after(
     client: &reqwest::Client,
+    admin: Option<&str>,
     base: &str,
     kind: &str,
     after: u64,
 ) -> anyhow::Result<Option<Value>> {
-    let v: Value = client
-        .get(format!("{base}/v1/events"))
-        .query(&[("kind", kind), ("after", &after.to_string()), ("limit", "1")])
+    let v: Value = with_auth(client.get(format!("{base}/v1/events")), admin)
+        .query(&[
+            ("kind", kind),
+            ("after", &after.to_string()),
+            ("limit", "1"),
+        ])
         .send()
         .await?
         .error_for_status()?
@@ -137,6 +159,7 @@ async fn first_after(
 /// POST /v1/deploy and time the first `plan_changed`, `permit` and `launched` events after it
 /// (server timestamps, same clock as ours).
 pub async fn deploy_probe(
+    admin: Option<String>,
     server: &str,
     service: &str,
     component: &str,
@@ -148,11 +171,14 @@ pub async fn deploy_probe(
     let kinds = ["plan_changed", "permit", "launched"];
     let mut after = Vec::new();
     for k in kinds {
-        after.push(last_seq(&client, base, k).await.with_context(|| format!("events of kind {k}"))?);
+        after.push(
+            last_seq(&client, admin.as_deref(), base, k)
+                .await
+                .with_context(|| format!("events of kind {k}"))?,
+        );
     }
     let t0 = epoch_ms();
-    let resp = client
-        .post(format!("{base}/v1/deploy"))
+    let resp = with_auth(client.post(format!("{base}/v1/deploy")), admin.as_deref())
         .json(&json!({"service": service, "component": component, "version": version}))
         .timeout(Duration::from_secs(60))
         .send()
@@ -169,7 +195,7 @@ pub async fn deploy_probe(
     while Instant::now() < deadline && found.iter().any(Option::is_none) {
         for (i, k) in kinds.iter().enumerate() {
             if found[i].is_none() {
-                if let Some(ev) = first_after(&client, base, k, after[i]).await? {
+                if let Some(ev) = first_after(&client, admin.as_deref(), base, k, after[i]).await? {
                     seen_at[i] = Some(epoch_ms() - t0);
                     found[i] = Some(ev);
                 }

@@ -100,6 +100,7 @@ pub fn raise_nofile() -> (u64, u64) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
         }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
         (r.rlim_cur as u64, r.rlim_max as u64)
     }
 }

@@ -24,10 +24,16 @@ pub fn seed(data_dir: &Path, per_group: u32, pids_out: Option<&Path>) -> anyhow:
     let store = SqliteStore::open(&data_dir.join("drover.db")).context("open the store")?;
     let snap = store.snapshot().context("read the store")?;
     let Some(rev) = snap.revision.as_ref() else {
-        bail!("no fleet applied in {}: apply the fleet file first (with desired 0)", data_dir.display());
+        bail!(
+            "no fleet applied in {}: apply the fleet file first (with desired 0)",
+            data_dir.display()
+        );
     };
     if !snap.instances.is_empty() {
-        bail!("the store already holds {} instances; seed a fresh data directory", snap.instances.len());
+        bail!(
+            "the store already holds {} instances; seed a fresh data directory",
+            snap.instances.len()
+        );
     }
     let exe = std::env::current_exe().context("own executable")?;
     let mut seq = snap.counters.get("instance_seq").copied().unwrap_or(0);
@@ -100,7 +106,9 @@ pub fn seed(data_dir: &Path, per_group: u32, pids_out: Option<&Path>) -> anyhow:
         EventKind::Server,
         format!("drover-fleetsim seeded {n} instances (holder processes, adopted on start)"),
     )));
-    store.commit(writes.clone(), now).context("commit the seeded instances")?;
+    store
+        .commit(writes.clone(), now)
+        .context("commit the seeded instances")?;
     // The instances as the simulated agents need them (`run --instances-file`), so the
     // agents can start before the server does.
     let comps: std::collections::BTreeMap<String, Vec<(String, String)>> = snap

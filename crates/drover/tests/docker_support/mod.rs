@@ -226,13 +226,14 @@ pub fn tar(files: &[(&str, Vec<u8>, u32)]) -> Vec<u8> {
 
 /// Busybox applets the tests use, linked to /bin/busybox.
 const APPLETS: &[&str] = &[
-    "sh", "httpd", "sleep", "test", "touch", "rm", "mkdir", "echo", "cat", "true", "false",
-    "kill", "nc", "wget", "date", "ls",
+    "sh", "httpd", "sleep", "test", "touch", "rm", "mkdir", "echo", "cat", "true", "false", "kill",
+    "nc", "wget", "date", "ls",
 ];
 
 /// Build `tag` from a Dockerfile and files, through the Engine API (the classic builder).
 pub async fn build(docker: &Docker, tag: &str, dockerfile: &str, files: &[(&str, Vec<u8>, u32)]) {
-    let mut all: Vec<(&str, Vec<u8>, u32)> = vec![("Dockerfile", dockerfile.as_bytes().to_vec(), 0o644)];
+    let mut all: Vec<(&str, Vec<u8>, u32)> =
+        vec![("Dockerfile", dockerfile.as_bytes().to_vec(), 0o644)];
     all.extend(files.iter().map(|(p, d, m)| (*p, d.clone(), *m)));
     let body = bollard::body_full(tar(&all).into());
     let mut s = docker.build_image(
@@ -322,8 +323,10 @@ pub async fn busybox_image(
     for a in APPLETS {
         files.push((format!("rootfs/bin/{a}"), b"busybox".to_vec(), 0));
     }
-    let files: Vec<(&str, Vec<u8>, u32)> =
-        files.iter().map(|(p, d, m)| (p.as_str(), d.clone(), *m)).collect();
+    let files: Vec<(&str, Vec<u8>, u32)> = files
+        .iter()
+        .map(|(p, d, m)| (p.as_str(), d.clone(), *m))
+        .collect();
     build(
         docker,
         &local,
@@ -354,7 +357,8 @@ pub struct Cleanup {
 impl Cleanup {
     /// Remove, at the end, every container of an instance directory under `d`.
     pub fn dir(&mut self, d: &Path) {
-        self.dirs.push(std::fs::canonicalize(d).unwrap_or(d.to_path_buf()));
+        self.dirs
+            .push(std::fs::canonicalize(d).unwrap_or(d.to_path_buf()));
     }
 }
 
@@ -461,7 +465,9 @@ pub fn instance_addr() -> std::net::IpAddr {
     static N: AtomicU32 = AtomicU32::new(1);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let p = std::process::id();
-    format!("127.61.{}.{}", (p % 250) + 1, (n % 250) + 1).parse().unwrap()
+    format!("127.61.{}.{}", (p % 250) + 1, (n % 250) + 1)
+        .parse()
+        .unwrap()
 }
 
 /// The drover binary (stripped) and its shared libraries (`ldd`), `FROM scratch`, entrypoint
@@ -480,7 +486,11 @@ pub async fn drover_image(
     let stripped = tmp.path().join("drover");
     std::fs::copy(bin, &stripped).unwrap();
     let _ = Command::new("strip").arg(&stripped).status();
-    let mut files = vec![("rootfs/drover".to_string(), std::fs::read(&stripped).unwrap(), 0o755)];
+    let mut files = vec![(
+        "rootfs/drover".to_string(),
+        std::fs::read(&stripped).unwrap(),
+        0o755,
+    )];
     let ldd = Command::new("ldd").arg(bin).output().unwrap();
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         let Some(lib) = line.split_whitespace().find(|w| w.starts_with('/')) else {
@@ -490,8 +500,10 @@ pub async fn drover_image(
         let data = std::fs::read(lib).unwrap();
         files.push((format!("rootfs{lib}"), data, 0o755));
     }
-    let files: Vec<(&str, Vec<u8>, u32)> =
-        files.iter().map(|(p, d, m)| (p.as_str(), d.clone(), *m)).collect();
+    let files: Vec<(&str, Vec<u8>, u32)> = files
+        .iter()
+        .map(|(p, d, m)| (p.as_str(), d.clone(), *m))
+        .collect();
     let local = format!("{name}:build");
     let unique = format!("{}-{:?}", std::process::id(), Instant::now());
     build(
@@ -508,7 +520,9 @@ pub async fn drover_image(
         cleanup.images.push(reference.clone());
         push(docker, &local, &reference).await;
         let digest = registry.digest(name, tag);
-        cleanup.images.push(format!("{}/{name}@{digest}", registry.addr));
+        cleanup
+            .images
+            .push(format!("{}/{name}@{digest}", registry.addr));
         refs.push(reference);
     }
     remove_image(docker, &local).await;
@@ -542,12 +556,15 @@ impl SocketProxy {
                     let target = target.clone();
                     let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<
                         tokio::task::AbortHandle,
-                    >::new()));
+                    >::new(
+                    )));
                     let c2 = conns.clone();
                     tasks.push(tokio::spawn(async move {
                         let _keep = ConnsGuard(c2.clone());
                         loop {
-                            let Ok((mut a, _)) = l.accept().await else { return };
+                            let Ok((mut a, _)) = l.accept().await else {
+                                return;
+                            };
                             let target = target.clone();
                             let h = tokio::spawn(async move {
                                 if let Ok(mut b) = tokio::net::UnixStream::connect(&target).await {
@@ -601,4 +618,11 @@ impl Drop for ConnsGuard {
             h.abort();
         }
     }
+}
+
+/// One Docker test at a time in a test binary: the engine's start of a container is the bulk of
+/// every time measured, and slows down under load.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

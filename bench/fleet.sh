@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# The control plane at fleet scale (issue 9): one `drover server`, N simulated agents over real
+# HTTP (drover-fleetsim), N = 1,000 / 5,000 / 10,000 in 10 regions. Per N:
+#
+#   1. "unknown" - agents heartbeat (1 per 5 s) for ids the server does not know: it answers
+#      {"known": false} at once. HTTP + JSON + one map lookup only, NOT the heartbeat path.
+#   2. "known"   - `drover apply` of a fleet of N instances (10 groups of N/10, one per region).
+#      The `local` provider launches each instance; after the server started, its `drover`
+#      binary is swapped for drover-fleetsim, so what it launches as `drover agent ...` is a
+#      sleeping stub, not a real agent (no `sim` provider exists yet), and drover-fleetsim
+#      runs the agents for them (it follows the `launched` events): heartbeats (1 per 4 s, see
+#      docs/benchmarks.md for why not 5 s), permit long-polls, leaving on a permit. Measured
+#      once every instance is healthy: heartbeat latency, status latency (API and
+#      `drover status`), server CPU and RSS; then a deploy of one group (time to the first
+#      permit) and a server restart (SIGKILL, start, time until every instance is healthy).
+#
+# Writes the "Control plane at fleet scale" section of docs/benchmarks.md (--no-write to only
+# print). One command from the repository root:
+#
+#   bench/fleet.sh [--no-write] [--profile] [--sizes "1000 5000 10000"]
+#
+# Settings (environment): DURATION (30: measured seconds per run), WARMUP (10), PERMITS_MODE
+# (auto: permit long-polls on when 2N + 2000 fit the open-file limit; on; off), NICE (-20:
+# server and load tool run at this niceness, so other work on a shared machine disturbs them
+# less; empty to leave it), PORT (17990), KEEP (1: keep the work directory),
+# DROVER_BIN / FLEETSIM_BIN (default target/release/{drover,drover-fleetsim}, built if
+# missing). Needs Linux, curl, python3; --profile needs perf.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SIZES=${SIZES:-"1000 5000 10000"}
+DURATION=${DURATION:-30}
+WARMUP=${WARMUP:-10}
+NICE=${NICE--20}
+PORT=${PORT:-17990}
+KEEP=${KEEP:-0}
+WRITE=1
+PROFILE=0
+while (($#)); do
+    case "$1" in
+        --no-write) WRITE=0 ;;
+        --profile) PROFILE=1 ;;
+        --sizes) SIZES=$2; shift ;;
+        *) echo "usage: bench/fleet.sh [--no-write] [--profile] [--sizes \"1000 5000 10000\"]" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+log() { echo "fleet.sh: $*" >&2; }
+now_ms() { date +%s%3N; }
+# A command prefix, not a function: `"${NICE_CMD[@]}" prog &` leaves prog's own pid in $!.
+NICE_CMD=()
+[[ -n "$NICE" ]] && NICE_CMD=(nice -n "$NICE")
+
+for tool in curl python3; do
+    command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
+done
+if ((PROFILE)) && ! command -v perf >/dev/null; then log "--profile needs perf"; exit 1; fi
+
+# 10,000 permit long-polls are 10,000 open sockets in the server and in the load tool.
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+
+DROVER_BIN=${DROVER_BIN:-$ROOT/target/release/drover}
+FLEETSIM_BIN=${FLEETSIM_BIN:-$ROOT/target/release/drover-fleetsim}
+if [[ ! -x $DROVER_BIN ]]; then log "building drover"; (cd "$ROOT" && cargo build --release -p drover); fi
+if [[ ! -x $FLEETSIM_BIN ]]; then log "building drover-fleetsim"; (cd "$ROOT" && cargo build --release -p drover-fleetsim); fi
+
+WORK=$(mktemp -d /tmp/drover-fleet.XXXXXX)
+RES=$WORK/results
+mkdir -p "$RES" "$WORK/bin"
+# Copied once: others may rebuild target/ during the run.
+cp "$DROVER_BIN" "$WORK/bin/drover"
+cp "$FLEETSIM_BIN" "$WORK/bin/fleetsim"
+DROVER=$WORK/bin/drover
+SIM=$WORK/bin/fleetsim
+URL=http://127.0.0.1:$PORT
+
+SERVER_PID=
+SIM_PID=
+DATA_DIRS=()
+cleanup() {
+    [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null || true
+    [[ -n $SERVER_PID ]] && kill -9 "$SERVER_PID" 2>/dev/null || true
+    for d in "${DATA_DIRS[@]}"; do "$SIM" reap --data-dir "$d" >/dev/null 2>&1 || true; done
+    if [[ $KEEP == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Start `drover server` on data directory $1 from $WORK/srv/drover. Once it answers, move that
+# directory away (the server keeps running from srv.PID, where perf finds its symbols) and put
+# drover-fleetsim at srv/drover: what the `local` provider launches from now on is a stub.
+start_server() {
+    local d=$1
+    if curl -sf -m 1 "$URL/v1/health" >/dev/null 2>&1; then
+        log "something already answers on $URL; set PORT"; exit 1
+    fi
+    rm -rf "$WORK/srv"; mkdir -p "$WORK/srv"; cp "$DROVER" "$WORK/srv/drover"
+    now_ms >"$d.start_ms"
+    "${NICE_CMD[@]}" "$WORK/srv/drover" server --data-dir "$d" --listen "127.0.0.1:$PORT" >>"$d.server.log" 2>&1 &
+    SERVER_PID=$!
+    echo "$SERVER_PID" >"$d.pid"
+    local i
+    for i in $(seq 1200); do
+        curl -sf -m 2 "$URL/v1/health" >/dev/null && break
+        kill -0 "$SERVER_PID" 2>/dev/null || { log "server died; see $d.server.log"; tail -5 "$d.server.log" >&2; exit 1; }
+        sleep 0.05
+    done
+    kill -0 "$SERVER_PID" 2>/dev/null || { log "server died; see $d.server.log"; exit 1; }
+    rm -rf "$WORK/srv.$SERVER_PID"; mv "$WORK/srv" "$WORK/srv.$SERVER_PID"
+    mkdir -p "$WORK/srv"; cp "$SIM" "$WORK/srv/drover"
+}
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    kill -9 "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+
+count_kind() { grep -c "kind=\"$2\"" "$1" 2>/dev/null || true; }
+# The CLI with the server's admin token (written by the server to DATA_DIR/admin.token).
+cli() {
+    local d=$1; shift
+    DROVER_TOKEN=$(cat "$d/admin.token" 2>/dev/null || true) "$DROVER" --server "$URL" "$@"
+}
+
+python3 "$ROOT/bench/fleet_report.py" meta "$RES/meta.json" "$DROVER_BIN" "$FLEETSIM_BIN" \
+    "$SIZES" "$DURATION" "$WARMUP" "${NICE:-none}" "$NOFILE"
+
+for N in $SIZES; do
+    PG=$((N / 10))
+
+    # 1. Unknown ids: the HTTP + JSON floor.
+    D=$WORK/u$N; DATA_DIRS+=("$D")
+    log "N=$N unknown ids: 1 heartbeat per 5 s each"
+    start_server "$D"
+    # The groups exist (desired 0), so the agents get their groups' agent tokens.
+    "$SIM" fleet-file --groups 10 --desired 0 --max "$PG" >"$D.toml"
+    cli "$D" apply "$D.toml" >/dev/null
+    "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode unknown --instances "$N" --interval 5s \
+        --warmup "${WARMUP}s" --duration "${DURATION}s" --server-pid "$SERVER_PID" \
+        --data-dir "$D" --status-every 5s --json "$RES/unknown-$N.json" 2>"$D.sim.err" >/dev/null \
+        || { log "load tool failed"; tail -5 "$D.sim.err" >&2; }
+    grep -E "^(heartbeat|server)" "$D.sim.err" | sed 's/^/    /' >&2 || true
+    stop_server
+
+    # 2. Known instances: apply N, run their agents, measure, deploy, restart.
+    D=$WORK/k$N; DATA_DIRS+=("$D")
+    "$SIM" fleet-file --groups 10 --desired "$PG" --max "$PG" >"$D.toml"
+    PERMITS=${PERMITS_MODE:-auto}
+    if [[ $PERMITS == auto ]]; then
+        PERMITS=off
+        ((2 * N + 2000 <= NOFILE)) && PERMITS=on
+    fi
+    log "N=$N known instances: apply, 1 heartbeat per 4 s each, permit long-polls $PERMITS"
+    start_server "$D"
+    "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" \
+        --permits "$PERMITS" --interval 4s --warmup "${WARMUP}s" --duration "${DURATION}s" \
+        --server-pid-file "$D.pid" --status-every 5s --data-dir "$D" --linger --progress \
+        --json "$RES/known-$N.json" >"$D.sim.out" 2>"$D.sim.err" &
+    SIM_PID=$!
+    sleep 1
+    APPLY_MS=$(now_ms)
+    cli "$D" apply "$D.toml" >"$D.apply.out"
+    for i in $(seq 900); do
+        [[ -s "$RES/known-$N.json" ]] && break
+        kill -0 "$SIM_PID" 2>/dev/null || break
+        sleep 1
+    done
+    if [[ ! -s "$RES/known-$N.json" ]]; then
+        log "N=$N: the fleet never became healthy (see $D.sim.err, $D.server.log)"
+        tail -3 "$D.sim.err" >&2
+    fi
+    HEALTHY_AFTER=$(grep -o "healthy after [0-9.]*" "$D.sim.err" | awk '{print $3}' || true)
+    grep -E "^(heartbeat|server|status)" "$D.sim.err" | sed 's/^/    /' >&2 || true
+    LAUNCH_TERM=$(count_kind "$D.server.log" terminating)
+
+    PERF_TOP=
+    if ((PROFILE)) && [[ $N == "${SIZES##* }" ]]; then
+        log "N=$N: perf, 15 s of steady state"
+        perf record -F 499 --call-graph dwarf,16384 -p "$SERVER_PID" -o "$WORK/perf.data" -- sleep 15 >/dev/null 2>&1 || true
+        perf report -i "$WORK/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
+            | grep -E "Engine::run|State::views|State::specs|group::reconcile|update_targets|Engine::heartbeat|absorb_heartbeat|State::status|UpgradeableConnection" \
+            >"$RES/perf-$N.txt" || true
+    fi
+
+    # `drover status` over the whole fleet: the CLI end to end (request, JSON, table).
+    STATUS_CLI=()
+    for i in 1 2 3; do
+        t0=$(date +%s%N); cli "$D" status >/dev/null; t1=$(date +%s%N)
+        STATUS_CLI+=($(((t1 - t0) / 1000000)))
+    done
+
+    # A deploy of one group (s0/r0, N/10 instances): time to the first permit.
+    P0=$(count_kind "$D.server.log" permit)
+    "$SIM" deploy-probe --data-dir "$D" --server "$URL" s0 app v2 --timeout 20s >"$RES/deploy-$N.json" 2>"$D.deploy.err" \
+        || { log "deploy probe failed"; cat "$D.deploy.err" >&2; }
+    sleep 5
+    PERMITS_5S=$(($(count_kind "$D.server.log" permit) - P0))
+    # The first permit an agent received after the deploy was sent (earlier ones: instances
+    # being terminated, whose long-poll also answers permit: true).
+    SENT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("deploy_sent_epoch_ms", 0))' "$RES/deploy-$N.json" 2>/dev/null || echo 0)
+    AGENT_PERMIT_MS=$(awk -v t="$SENT" '/^PERMIT/ && $3 >= t {print $3; exit}' "$D.sim.out")
+
+    # Restart under load: SIGKILL, start again; the agents keep reporting.
+    T0=$(count_kind "$D.server.log" terminating)
+    L0=$(count_kind "$D.server.log" launched)
+    log "N=$N: server restart"
+    stop_server
+    start_server "$D"
+    API_UP_MS=$(($(now_ms) - $(cat "$D.start_ms")))
+    "$SIM" wait-healthy --data-dir "$D" --server "$URL" --count "$N" --since-epoch-ms "$(cat "$D.start_ms")" \
+        --timeout 60s --poll 500ms --server-pid "$SERVER_PID" >"$RES/restart-$N.json" 2>/dev/null || true
+    sleep 2
+    python3 - "$RES/extra-$N.json" <<EOF
+import json, sys
+json.dump({
+    "apply_ms": $APPLY_MS,
+    "healthy_after_s": float("${HEALTHY_AFTER:-nan}") if "${HEALTHY_AFTER}" else None,
+    "terminated_while_launching": int("${LAUNCH_TERM:-0}" or 0),
+    "permits": "$PERMITS",
+    "status_cli_ms": [$(IFS=,; echo "${STATUS_CLI[*]}")],
+    "permits_in_5s": $PERMITS_5S,
+    "agent_first_permit_epoch_ms": int("${AGENT_PERMIT_MS:-0}" or 0) or None,
+    "restart_api_up_ms": $API_UP_MS,
+    "terminated_after_restart": $(($(count_kind "$D.server.log" terminating) - T0)),
+    "launched_after_restart": $(($(count_kind "$D.server.log" launched) - L0)),
+    "server_rss_mib_after_restart": $(awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/$SERVER_PID/status 2>/dev/null || echo null),
+    "server_hwm_mib_after_restart": $(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$SERVER_PID/status 2>/dev/null || echo null),
+}, open(sys.argv[1], "w"))
+EOF
+    log "N=$N: restart $(cat "$RES/restart-$N.json" 2>/dev/null)"
+    kill "$SIM_PID" 2>/dev/null || true
+    wait "$SIM_PID" 2>/dev/null || true
+    SIM_PID=
+    stop_server
+    "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
+done
+
+uptime >"$RES/uptime-end.txt"
+python3 "$ROOT/bench/fleet_report.py" report "$RES" $( ((WRITE)) || echo --no-write)

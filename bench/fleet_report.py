@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""bench/fleet.sh's helper: records the machine (`meta`) and turns the run's JSON results into
+the "Control plane at fleet scale" section of docs/benchmarks.md (`report`)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SECTION = "fleet"
+
+
+def meta(out, drover, sim, sizes, duration, warmup, nice, nofile):
+    m = common.machine()
+    m["uptime_start"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    busy = subprocess.run(["ps", "-eo", "pcpu,etime,args", "--sort=-pcpu"],
+                          capture_output=True, text=True).stdout.splitlines()[1:4]
+    json.dump({
+        "machine": m,
+        "drover": common.binary_label(drover),
+        "fleetsim": common.binary_label(sim),
+        "sizes": sizes.split(),
+        "duration": int(duration),
+        "warmup": int(warmup),
+        "nice": nice,
+        "nofile": int(nofile),
+        "busiest": [" ".join(l.split()[:2] + [" ".join(l.split()[2:])[:70]]) for l in busy],
+    }, open(out, "w"), indent=1)
+
+
+def load(res, name):
+    p = os.path.join(res, name + ".json")
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def f(x, nd=1, unit=""):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{nd}f}{unit}"
+
+
+def met(ok):
+    return "**met**" if ok else "**not met**"
+
+
+def report(res, write):
+    m = load(res, "meta")
+    sizes = m["sizes"]
+    end = open(os.path.join(res, "uptime-end.txt")).read().strip() if os.path.exists(
+        os.path.join(res, "uptime-end.txt")) else "?"
+    L = []
+    L.append("## Control plane at fleet scale")
+    L.append("")
+    L.append(common.machine_md(m["machine"]))
+    L.append(f"`uptime` at start: `{m['machine']['uptime_start']}`; at the end: `{end}`. "
+             f"Busiest processes at the start (`ps`, %CPU over their lifetime): "
+             + "; ".join(f"`{b}`" for b in m["busiest"]) + ".")
+    L.append("")
+    L.append(f"Binaries: server {m['drover']}; load tool {m['fleetsim']}; both copied once. "
+             f"Command: `bench/fleet.sh` (sizes {', '.join(sizes)}; {m['warmup']} s warm-up, "
+             f"{m['duration']} s measured per run; server and load tool at niceness {m['nice']}; "
+             f"open-file limit {m['nofile']}).")
+    L.append("")
+    L.append(
+        "One `drover server` (2 worker threads, SQLite store) and one `drover-fleetsim` process "
+        "(the load tool, one thread) share the machine's 2 cores. The fleet: 10 regions, one "
+        "service per region (`sK` in `rK`, 1 to 3 components), N/10 instances per group. "
+        "Latency is the load tool's: from just before the request to the end of the answer's "
+        "body.")
+    L.append("")
+    L.append(
+        "- **unknown ids**: N agents heartbeat (1 per 5 s, evenly spread) for instance ids the "
+        "server does not know; it answers `{\"known\":false}` after one map lookup. This is "
+        "the HTTP + JSON floor, *not* the heartbeat path.\n"
+        "- **known instances**: `drover apply` of a fleet of N. No `sim` provider exists yet, "
+        "so the `local` provider launches every instance, but once the server is up its "
+        "`drover` binary is replaced by `drover-fleetsim`, so each `drover agent ...` it "
+        "launches is a sleeping stub process, and the load tool runs that instance's agent as "
+        "soon as its `launched` event arrives: heartbeats with 1-3 component reports, a permit "
+        "long-poll (`wait_ms=20000`), leaving on a permit. Measured once all N are healthy. "
+        "The interval is **4 s, not 5 s**: the server declares an instance silent (and "
+        "replaces it) after 5 s without a heartbeat (`silent_after`, fixed), so at 5 s any "
+        "jitter replaces instances; 4 s is 1.25x the load of the goal. At 10,000 the permit "
+        "long-polls are off: 10,000 launched children (one pidfd each in the server) plus "
+        "10,000 sockets exceed this sandbox's open-file limit; with a `sim` provider there "
+        "would be no children.\n"
+        "- **deploy**: `POST /v1/deploy` of `s0` (one group of N/10, rollout `max_surge = 1`, "
+        "`max_unavailable = 10`) while the fleet reports; first `permit` event, server "
+        "clock.\n"
+        "- **restart**: SIGKILL of the server under that load, start again on the same data "
+        "directory; the agents keep reporting (retry 1 s after a failure). Recovery = every "
+        "one of the N reports and is healthy in `GET /v1/status`, timed from the start "
+        "command.")
+    L.append("")
+
+    # Heartbeats.
+    L.append("| N | ids | heartbeats/s | p50 (ms) | p99 (ms) | p99.9 (ms) | max (ms) | errors "
+             "| server CPU mean / max (% of a core) | server RSS end / max (MiB) | load tool CPU (%) |")
+    L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        for kind, name in (("unknown", "unknown"), ("known", "known")):
+            r = load(res, f"{kind}-{n}")
+            if not r:
+                L.append(f"| {int(n):,} | {name} | - | - | - | - | - | - | - | - | no result: the "
+                         "fleet never became healthy |")
+                continue
+            h = r["heartbeat_latency"]
+            L.append(
+                f"| {int(n):,} | {name} | {r['heartbeats_per_s']:,.0f} | {h['p50_ms']:.2f} | "
+                f"{h['p99_ms']:.2f} | {h['p999_ms']:.2f} | {h['max_ms']:.1f} | "
+                f"{r['errors'] + r['non2xx']} | {f(r['server_cpu_pct_mean'])} / "
+                f"{f(r['server_cpu_pct_max'])} | {f(r['server_rss_mib_end'])} / "
+                f"{f(r['server_rss_mib_max'])} | {r['sim_cpu_pct_mean']:.1f} |")
+    L.append("")
+
+    # Status, deploy, restart.
+    L.append("| N | status body | `GET /v1/status` p50 / max (ms) | `drover status` (ms, 3 runs) "
+             "| fleet healthy after apply | replaced while launching | deploy: first permit "
+             "(ms) | permits in 5 s | agent got its permit (ms) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        r, d, x = load(res, f"known-{n}"), load(res, f"deploy-{n}"), load(res, f"extra-{n}")
+        s = r["status_latency"] if r else None
+        first_permit = d.get("first_permit_event_ms") if d else None
+        agent = None
+        if d and x and x.get("agent_first_permit_epoch_ms"):
+            agent = x["agent_first_permit_epoch_ms"] - d["deploy_sent_epoch_ms"]
+        L.append(
+            f"| {int(n):,} | {f(r['status_bytes'] / 1e6 if r else None, 1, ' MB')} | "
+            f"{f(s['p50_ms'] if s else None)} / {f(s['max_ms'] if s else None)} | "
+            f"{', '.join(str(v) for v in x['status_cli_ms']) if x else '-'} | "
+            f"{f(x.get('healthy_after_s') if x else None, 1, ' s')} | "
+            f"{x['terminated_while_launching'] if x else '-'} | {f(first_permit, 0)} | "
+            f"{x['permits_in_5s'] if x else '-'} | "
+            f"{f(agent, 0) if agent is not None else ('long-polls off' if x and x['permits'] == 'off' else '-')} |")
+    L.append("")
+    L.append("| N | restart: API answers (ms) | every instance reporting (ms) | every instance "
+             "healthy (ms) | replaced as silent after the restart | server CPU during recovery "
+             "(s) | server RSS after (MiB) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        r, x = load(res, f"restart-{n}"), load(res, f"extra-{n}")
+        if not r:
+            L.append(f"| {int(n):,} | - | - | - | - | - | - |")
+            continue
+        L.append(
+            f"| {int(n):,} | {f(r.get('api_up_ms'), 0)} | {f(r.get('all_reporting_ms'), 0)} | "
+            f"{f(r.get('all_healthy_ms'), 0) if r.get('all_healthy_ms') is not None else 'not within 60 s'} | "
+            f"{x['terminated_after_restart'] if x else '-'} | "
+            f"{f(r.get('server_cpu_s_since_probe_start'))} | "
+            f"{f(x.get('server_rss_mib_after_restart') if x else None)} |")
+    L.append("")
+
+    # Goals.
+    def col(fn):
+        return " | ".join(fn(n) for n in sizes)
+
+    def hb_goal(n):
+        r = load(res, f"known-{n}")
+        if not r:
+            return "no steady state: **not met**"
+        p = r["heartbeat_latency"]["p99_ms"]
+        return f"{p:.1f} ms: {met(p < 50)}"
+
+    def rss_goal(n):
+        r, x = load(res, f"known-{n}"), load(res, f"extra-{n}")
+        vals = [v for v in ((r or {}).get("server_rss_mib_max"),
+                            (x or {}).get("server_hwm_mib_after_restart")) if v is not None]
+        if not vals:
+            return "-"
+        return (f"{f((r or {}).get('server_rss_mib_max'), 0)} steady, "
+                f"{f((x or {}).get('server_hwm_mib_after_restart'), 0)} peak with the restart: "
+                f"{met(max(vals) * 1.048576 < 300)}")
+
+    def status_goal(n):
+        r, x = load(res, f"known-{n}"), load(res, f"extra-{n}")
+        if not r or not x:
+            return "-"
+        worst = max(r["status_latency"]["max_ms"], max(x["status_cli_ms"]))
+        return f"worst {worst:.0f} ms: {met(worst < 200)}"
+
+    def permit_goal(n):
+        d = load(res, f"deploy-{n}")
+        v = d.get("first_permit_event_ms") if d else None
+        return "-" if v is None else f"{v} ms: {met(v < 1000)}"
+
+    def recovery_goal(n):
+        r, x = load(res, f"restart-{n}"), load(res, f"extra-{n}")
+        if not r or not x:
+            return "-"
+        t, lost = r.get("all_healthy_ms"), x["terminated_after_restart"]
+        ok = t is not None and t < 10_000 and lost == 0
+        what = f"{t / 1000:.1f} s" if t is not None else "not within 60 s"
+        return f"{what}, {lost} replaced: {met(ok)}"
+
+    L.append("| goal (2 cores) | " + " | ".join(f"{int(n):,}" for n in sizes) + " |")
+    L.append("|---|" + "---|" * len(sizes))
+    L.append("| heartbeat p99 < 50 ms (known instances) | " + col(hb_goal) + " |")
+    L.append("| server RSS < 300 MB | " + col(rss_goal) + " |")
+    L.append("| status < 200 ms (API max and `drover status`) | " + col(status_goal) + " |")
+    L.append("| first permit < 1 s | " + col(permit_goal) + " |")
+    L.append("| full recovery after a restart < 10 s (all healthy, none replaced) | "
+             + col(recovery_goal) + " |")
+    L.append("")
+    perf = [os.path.join(res, p) for p in sorted(os.listdir(res)) if p.startswith("perf-")]
+    for p in perf:
+        n = p.split("-")[-1].split(".")[0]
+        lines = [l.rstrip() for l in open(p) if l.strip()]
+        if lines:
+            L.append(f"Server profile at {int(n):,} known instances, steady state (`perf record "
+                     "--call-graph dwarf`, 15 s; inclusive share of the server's samples):")
+            L.append("")
+            L.append("```")
+            L.extend(" ".join(l.split()) for l in lines[:12])
+            L.append("```")
+            L.append("")
+    L.append(open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               "fleet_findings.md")).read().rstrip())
+    body = "\n".join(L)
+    print(body)
+    if write:
+        common.write_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "meta":
+        meta(*sys.argv[2:])
+    elif sys.argv[1] == "report":
+        report(sys.argv[2], "--no-write" not in sys.argv[3:])
+    else:
+        sys.exit("usage: fleet_report.py meta OUT DROVER SIM SIZES DURATION WARMUP NICE NOFILE | report RESULTS [--no-write]")
