@@ -116,7 +116,9 @@ impl AutoscaleState {
             let cooled = self
                 .last_out_ms
                 .is_none_or(|t| now.saturating_sub(t) >= p.scale_out_cooldown.as_millis());
-            let fresh = self.last_change_ms.is_none_or(|t| input.oldest_sample_ms > t);
+            let fresh = self
+                .last_change_ms
+                .is_none_or(|t| input.oldest_sample_ms > t);
             if cooled || fresh {
                 self.last_change_ms = Some(now);
                 self.last_out_ms = Some(now);

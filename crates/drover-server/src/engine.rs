@@ -350,8 +350,8 @@ impl Engine {
             if !frees_room {
                 // Targets after these actions.
                 let st = self.state();
-                targets = drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
-                    .targets;
+                targets =
+                    drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing).targets;
                 break;
             }
         }
