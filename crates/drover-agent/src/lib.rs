@@ -214,7 +214,9 @@ impl AgentAuth {
     }
 
     /// The client for the server: pinned CA (when given) and the token on every request.
-    fn server_client(&self) -> Result<reqwest::Client, AgentError> {
+    /// `https`: whether the server is reached over TLS without a pinned CA (then the usual
+    /// roots are loaded; otherwise none are, which keeps the agent's memory down).
+    fn server_client(&self, https: bool) -> Result<reqwest::Client, AgentError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(HEARTBEAT_TIMEOUT)
             // One for the permit long-poll, one for heartbeats and the rest.
@@ -231,6 +233,8 @@ impl AgentAuth {
             let ca = reqwest::Certificate::from_pem(pem)
                 .map_err(|e| AgentError::HttpClient(format!("the server CA: {e}")))?;
             b = b.tls_built_in_root_certs(false).add_root_certificate(ca);
+        } else if !https {
+            b = b.tls_built_in_root_certs(false);
         }
         b.build().map_err(|e| AgentError::HttpClient(e.to_string()))
     }
@@ -281,13 +285,24 @@ pub async fn run_with_auth(
         source,
     })?;
     let dir = std::fs::canonicalize(&cfg.dir).unwrap_or(cfg.dir.clone());
-    // Artifacts are fetched with a plain client: no token, the usual roots.
+    // Artifacts are fetched with a plain client: no token, the usual roots (loaded only when
+    // an artifact is fetched over https: parsing them costs memory the agent otherwise saves).
+    let https_artifacts = cfg.plan.components.iter().any(|c| {
+        c.artifact
+            .as_ref()
+            .is_some_and(|a| a.url.starts_with("https://"))
+    });
     let client = reqwest::Client::builder()
         .connect_timeout(HEARTBEAT_TIMEOUT)
         .pool_max_idle_per_host(2)
+        .tls_built_in_root_certs(https_artifacts)
         .build()
         .map_err(|e| AgentError::HttpClient(e.to_string()))?;
-    let server_client = auth.server_client()?;
+    let server_https = cfg
+        .server
+        .as_deref()
+        .is_some_and(|s| s.starts_with("https://"));
+    let server_client = auth.server_client(server_https)?;
     let components = cfg
         .plan
         .components
