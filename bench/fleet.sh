@@ -24,7 +24,8 @@
 # server and load tool run at this niceness, so other work on a shared machine disturbs them
 # less; empty to leave it), PORT (17990), KEEP (1: keep the work directory),
 # DROVER_BIN / FLEETSIM_BIN (default target/release/{drover,drover-fleetsim}, built if
-# missing). Needs Linux, curl, python3; --profile needs perf.
+# missing), BIN_NOTE (a sentence on where the binaries come from, for the report).
+# Needs Linux, curl, python3; --profile needs perf.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -127,55 +128,43 @@ cli() {
 }
 
 python3 "$ROOT/bench/fleet_report.py" meta "$RES/meta.json" "$DROVER_BIN" "$FLEETSIM_BIN" \
-    "$SIZES" "$DURATION" "$WARMUP" "${NICE:-none}" "$NOFILE"
+    "$SIZES" "$DURATION" "$WARMUP" "${NICE:-none}" "$NOFILE" "${BIN_NOTE:-}"
 
-for N in $SIZES; do
-    PG=$((N / 10))
-
-    # 1. Unknown ids: the HTTP + JSON floor.
-    D=$WORK/u$N; DATA_DIRS+=("$D")
-    log "N=$N unknown ids: 1 heartbeat per 5 s each"
-    start_server "$D"
-    # The groups exist (desired 0), so the agents get their groups' agent tokens.
-    "$SIM" fleet-file --groups 10 --desired 0 --max "$PG" >"$D.toml"
-    cli "$D" apply "$D.toml" >/dev/null
-    "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode unknown --instances "$N" --interval 5s \
-        --warmup "${WARMUP}s" --duration "${DURATION}s" --server-pid "$SERVER_PID" \
-        --data-dir "$D" --status-every 5s --json "$RES/unknown-$N.json" 2>"$D.sim.err" >/dev/null \
-        || { log "load tool failed"; tail -5 "$D.sim.err" >&2; }
-    grep -E "^(heartbeat|server)" "$D.sim.err" | sed 's/^/    /' >&2 || true
-    stop_server
-
-    # 2. Known instances: apply N, run their agents, measure, deploy, restart.
-    D=$WORK/k$N; DATA_DIRS+=("$D")
+known_phase() {
+    local N=$1 PERMITS=$2 TAG=$3 FULL=$4
+    local PG=$((N / 10)) D=$WORK/k$TAG$N
+    DATA_DIRS+=("$D")
     "$SIM" fleet-file --groups 10 --desired "$PG" --max "$PG" >"$D.toml"
-    PERMITS=${PERMITS_MODE:-auto}
-    if [[ $PERMITS == auto ]]; then
-        PERMITS=off
-        ((2 * N + 2000 <= NOFILE)) && PERMITS=on
-    fi
     log "N=$N known instances: apply, 1 heartbeat per 4 s each, permit long-polls $PERMITS"
     start_server "$D"
     "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" \
         --permits "$PERMITS" --interval 4s --warmup "${WARMUP}s" --duration "${DURATION}s" \
         --server-pid-file "$D.pid" --status-every 5s --data-dir "$D" --linger --progress \
-        --json "$RES/known-$N.json" >"$D.sim.out" 2>"$D.sim.err" &
+        --json "$RES/known$TAG-$N.json" >"$D.sim.out" 2>"$D.sim.err" &
     SIM_PID=$!
     sleep 1
     APPLY_MS=$(now_ms)
     cli "$D" apply "$D.toml" >"$D.apply.out"
     for i in $(seq 900); do
-        [[ -s "$RES/known-$N.json" ]] && break
+        [[ -s "$RES/known$TAG-$N.json" ]] && break
         kill -0 "$SIM_PID" 2>/dev/null || break
         sleep 1
     done
-    if [[ ! -s "$RES/known-$N.json" ]]; then
+    if [[ ! -s "$RES/known$TAG-$N.json" ]]; then
         log "N=$N: the fleet never became healthy (see $D.sim.err, $D.server.log)"
         tail -3 "$D.sim.err" >&2
     fi
-    HEALTHY_AFTER=$(grep -o "healthy after [0-9.]*" "$D.sim.err" | awk '{print $3}' || true)
+    HEALTHY_AFTER=$(python3 "$ROOT/bench/fleet_report.py" healthy-after "$D.server.log" "$N" "$APPLY_MS" || true)
     grep -E "^(heartbeat|server|status)" "$D.sim.err" | sed 's/^/    /' >&2 || true
     LAUNCH_TERM=$(count_kind "$D.server.log" terminating)
+    if [[ $FULL != 1 ]]; then
+        kill "$SIM_PID" 2>/dev/null || true
+        wait "$SIM_PID" 2>/dev/null || true
+        SIM_PID=
+        stop_server
+        "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
+        return 0
+    fi
 
     PERF_TOP=
     if ((PROFILE)) && [[ $N == "${SIZES##* }" ]]; then
@@ -237,7 +226,42 @@ EOF
     SIM_PID=
     stop_server
     "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
+}
+
+AB_N=
+for N in $SIZES; do
+    PG=$((N / 10))
+
+    # 1. Unknown ids: the HTTP + JSON floor.
+    D=$WORK/u$N; DATA_DIRS+=("$D")
+    log "N=$N unknown ids: 1 heartbeat per 5 s each"
+    start_server "$D"
+    # The groups exist (desired 0), so the agents get their groups' agent tokens.
+    "$SIM" fleet-file --groups 10 --desired 0 --max "$PG" >"$D.toml"
+    cli "$D" apply "$D.toml" >/dev/null
+    "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode unknown --instances "$N" --interval 5s \
+        --warmup "${WARMUP}s" --duration "${DURATION}s" --server-pid "$SERVER_PID" \
+        --data-dir "$D" --status-every 5s --json "$RES/unknown-$N.json" 2>"$D.sim.err" >/dev/null \
+        || { log "load tool failed"; tail -5 "$D.sim.err" >&2; }
+    grep -E "^(heartbeat|server)" "$D.sim.err" | sed 's/^/    /' >&2 || true
+    stop_server
+
+    # 2. Known instances: apply N, run their agents, measure, deploy, restart.
+    PERMITS=${PERMITS_MODE:-auto}
+    if [[ $PERMITS == auto ]]; then
+        PERMITS=off
+        ((2 * N + 2000 <= NOFILE)) && PERMITS=on
+    fi
+    known_phase "$N" "$PERMITS" "" 1
+    ((2 * N + 2000 <= NOFILE)) && [[ $PERMITS == on ]] && AB_N=$N
+
 done
+
+# What the permit long-polls cost: the largest N that had them, again without them
+# (steady state only).
+if [[ -n $AB_N ]]; then
+    known_phase "$AB_N" off -nopoll 0
+fi
 
 uptime >"$RES/uptime-end.txt"
 python3 "$ROOT/bench/fleet_report.py" report "$RES" $( ((WRITE)) || echo --no-write)

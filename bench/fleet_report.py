@@ -14,7 +14,7 @@ import common  # noqa: E402
 SECTION = "fleet"
 
 
-def meta(out, drover, sim, sizes, duration, warmup, nice, nofile):
+def meta(out, drover, sim, sizes, duration, warmup, nice, nofile, note=""):
     m = common.machine()
     m["uptime_start"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     busy = subprocess.run(["ps", "-eo", "pcpu,etime,args", "--sort=-pcpu"],
@@ -28,8 +28,24 @@ def meta(out, drover, sim, sizes, duration, warmup, nice, nofile):
         "warmup": int(warmup),
         "nice": nice,
         "nofile": int(nofile),
+        "note": note,
         "busiest": [" ".join(l.split()[:2] + [" ".join(l.split()[2:])[:70]]) for l in busy],
     }, open(out, "w"), indent=1)
+
+
+def healthy_after(log, n, since_ms):
+    """Seconds from `since_ms` to the n-th `healthy` event in a server log (None if fewer)."""
+    import datetime
+    seen = 0
+    with open(log, errors="replace") as f:
+        for line in f:
+            if 'kind="healthy"' not in line:
+                continue
+            seen += 1
+            if seen == n:
+                t = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00"))
+                return round(t.timestamp() - since_ms / 1000, 1)
+    return None
 
 
 def load(res, name):
@@ -67,7 +83,8 @@ def report(res, write):
     L.append(f"Binaries: server {m['drover']}; load tool {m['fleetsim']}; both copied once. "
              f"Command: `bench/fleet.sh` (sizes {', '.join(sizes)}; {m['warmup']} s warm-up, "
              f"{m['duration']} s measured per run; server and load tool at niceness {m['nice']}; "
-             f"open-file limit {m['nofile']}).")
+             f"open-file limit {m['nofile']})."
+             + (f" {m['note']}" if m.get("note") else ""))
     L.append("")
     L.append(
         "One `drover server` (2 worker threads, SQLite store) and one `drover-fleetsim` process "
@@ -78,8 +95,9 @@ def report(res, write):
     L.append("")
     L.append(
         "- **unknown ids**: N agents heartbeat (1 per 5 s, evenly spread) for instance ids the "
-        "server does not know; it answers `{\"known\":false}` after one map lookup. This is "
-        "the HTTP + JSON floor, *not* the heartbeat path.\n"
+        "server does not know (with their groups' agent tokens); it checks the token and the "
+        "body and answers `{\"known\":false}` after one map lookup. This is the HTTP + JSON "
+        "+ auth floor, *not* the heartbeat path.\n"
         "- **known instances**: `drover apply` of a fleet of N. No `sim` provider exists yet, "
         "so the `local` provider launches every instance, but once the server is up its "
         "`drover` binary is replaced by `drover-fleetsim`, so each `drover agent ...` it "
@@ -106,8 +124,13 @@ def report(res, write):
              "| server CPU mean / max (% of a core) | server RSS end / max (MiB) | load tool CPU (%) |")
     L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
-        for kind, name in (("unknown", "unknown"), ("known", "known")):
+        x = load(res, f"extra-{n}") or {}
+        polls = "long-polls off" if x.get("permits") == "off" else "with long-polls"
+        for kind, name in (("unknown", "unknown"), ("known", f"known, {polls}"),
+                           ("known-nopoll", "known, long-polls off")):
             r = load(res, f"{kind}-{n}")
+            if not r and kind == "known-nopoll":
+                continue
             if not r:
                 L.append(f"| {int(n):,} | {name} | - | - | - | - | - | - | - | - | no result: the "
                          "fleet never became healthy |")
@@ -154,7 +177,7 @@ def report(res, write):
         L.append(
             f"| {int(n):,} | {f(r.get('api_up_ms'), 0)} | {f(r.get('all_reporting_ms'), 0)} | "
             f"{f(r.get('all_healthy_ms'), 0) if r.get('all_healthy_ms') is not None else 'not within 60 s'} | "
-            f"{x['terminated_after_restart'] if x else '-'} | "
+            f"{format(x['terminated_after_restart'], ',') if x else '-'} | "
             f"{f(r.get('server_cpu_s_since_probe_start'))} | "
             f"{f(x.get('server_rss_mib_after_restart') if x else None)} |")
     L.append("")
@@ -170,15 +193,32 @@ def report(res, write):
         p = r["heartbeat_latency"]["p99_ms"]
         return f"{p:.1f} ms: {met(p < 50)}"
 
+    # What one open permit long-poll costs in server RSS: the same N with and without them.
+    per_poll_mib = None
+    for n in sizes:
+        a, b = load(res, f"known-{n}"), load(res, f"known-nopoll-{n}")
+        if a and b and a.get("server_rss_mib_max") and b.get("server_rss_mib_max"):
+            per_poll_mib = (a["server_rss_mib_max"] - b["server_rss_mib_max"]) / int(n)
+            L.append(f"Permit long-polls and memory: at {int(n):,} instances the server's RSS is "
+                     f"{a['server_rss_mib_max']:.0f} MiB with a long-poll open per instance and "
+                     f"{b['server_rss_mib_max']:.0f} MiB without (same binary, same run): "
+                     f"about {per_poll_mib * 1024:.0f} KiB per open long-poll.")
+            L.append("")
+
     def rss_goal(n):
         r, x = load(res, f"known-{n}"), load(res, f"extra-{n}")
         vals = [v for v in ((r or {}).get("server_rss_mib_max"),
                             (x or {}).get("server_hwm_mib_after_restart")) if v is not None]
         if not vals:
             return "-"
-        return (f"{f((r or {}).get('server_rss_mib_max'), 0)} steady, "
-                f"{f((x or {}).get('server_hwm_mib_after_restart'), 0)} peak with the restart: "
-                f"{met(max(vals) * 1.048576 < 300)}")
+        text = (f"{f((r or {}).get('server_rss_mib_max'), 0)} MiB steady, "
+                f"{f((x or {}).get('server_hwm_mib_after_restart'), 0)} MiB peak with the restart")
+        if (x or {}).get("permits") == "off" and per_poll_mib is not None:
+            est = (r or {}).get("server_rss_mib_max", 0) + per_poll_mib * int(n)
+            return (f"{text}, without long-polls; steady with one per instance about "
+                    f"{est:.0f} MiB (estimate from the long-poll cost above): "
+                    f"{met(max(vals + [est]) * 1.048576 < 300)}")
+        return f"{text}: {met(max(vals) * 1.048576 < 300)}"
 
     def status_goal(n):
         r, x = load(res, f"known-{n}"), load(res, f"extra-{n}")
@@ -219,9 +259,20 @@ def report(res, write):
                      "--call-graph dwarf`, 15 s; inclusive share of the server's samples):")
             L.append("")
             L.append("```")
-            L.extend(" ".join(l.split()) for l in lines[:12])
+            L.extend(" ".join(w for w in l.split() if w != "-") for l in lines[:12])
             L.append("```")
             L.append("")
+            run_share = next((float(l.split()[0].rstrip("%")) for l in lines
+                              if "Engine::run" in l), None)
+            k = load(res, f"known-{n}")
+            if run_share is not None and k and k.get("server_cpu_pct_mean"):
+                per_tick = run_share / 100 * k["server_cpu_pct_mean"] / 100 * 1000 / 4
+                L.append(
+                    f"Controller cost, derived: the controller loop's {run_share:.0f}% of the "
+                    f"server's {k['server_cpu_pct_mean']:.1f}% of a core is about "
+                    f"{per_tick:.1f} ms of CPU per tick (4 ticks a second, each at least two "
+                    f"`reconcile` passes over all {int(n):,} instances, while nothing changes).")
+                L.append("")
     L.append(open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "fleet_findings.md")).read().rstrip())
     body = "\n".join(L)
@@ -233,6 +284,8 @@ def report(res, write):
 if __name__ == "__main__":
     if sys.argv[1] == "meta":
         meta(*sys.argv[2:])
+    elif sys.argv[1] == "healthy-after":
+        print(healthy_after(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])) or "")
     elif sys.argv[1] == "report":
         report(sys.argv[2], "--no-write" not in sys.argv[3:])
     else:

@@ -1414,3 +1414,60 @@ async fn discover_counting(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse() {
+        let (at, kind, n) = parse_fault("30s:fail:10").unwrap();
+        assert_eq!(
+            (at, kind.as_str(), n),
+            (Duration::from_secs(30), "fail", 10)
+        );
+        assert!(parse_fault("30s:explode:1").is_err());
+        assert!(parse_fault("30s:fail").is_err());
+    }
+
+    #[test]
+    fn counts_instances_in_a_status_body() {
+        let body = br#"{"state":"healthy","launched_at_ms":1},{"state":"healthy"},{"state":"healthy","launched_at_ms":2}"#;
+        assert_eq!(
+            count_substr(body, b"\"state\":\"healthy\",\"launched_at_ms\""),
+            2
+        );
+    }
+
+    #[test]
+    fn a_booting_agent_reports_starting_then_healthy() {
+        let spec = Spec {
+            id: "i-000001".into(),
+            group: "s0/r0".into(),
+            generation: 1,
+            addr: "127.77.0.1".into(),
+            components: default_components(2),
+            salt: mix(1),
+            client: 0,
+        };
+        let ctl = Ctl {
+            mode: AtomicU8::new(NORMAL),
+            seq: AtomicU64::new(0),
+            wake: Notify::new(),
+            healthy_at: Some(Instant::now() + Duration::from_secs(3600)),
+        };
+        let hb = build(&spec, &ctl);
+        assert_eq!(hb.phase, AgentPhase::Booting);
+        assert!(!hb.healthy());
+        assert_eq!(hb.components.len(), 3);
+        let ctl = Ctl {
+            healthy_at: None,
+            ..ctl
+        };
+        let hb = build(&spec, &ctl);
+        assert!(hb.healthy());
+        assert_eq!(hb.seq, 2);
+        ctl.mode.store(FAILING, Relaxed);
+        assert!(!build(&spec, &ctl).healthy());
+    }
+}

@@ -41,3 +41,18 @@ pub fn epoch_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_known_samples() {
+        let s = summarize((1..=1000).map(|ms| ms * 1000).collect());
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.p50_ms, 500.0);
+        assert_eq!(s.p99_ms, 990.0);
+        assert_eq!(s.max_ms, 1000.0);
+        assert_eq!(summarize(Vec::new()).count, 0);
+    }
+}

@@ -90,7 +90,13 @@ impl Engine {
             state.instances.insert(
                 rec.id.clone(),
                 Instance {
-                    soft: fresh_soft(now),
+                    soft: Soft {
+                        restored: true,
+                        // The silence budget starts after a grace: every agent must get
+                        // through to a server that is still catching up.
+                        last_seen_ms: now + RESTART_GRACE_MS,
+                        ..fresh_soft(now)
+                    },
                     alive: providers
                         .get(region_of(&rec.group))
                         .is_some_and(|p| p.adopt(&rec.id)),
@@ -980,8 +986,12 @@ fn fresh_soft(now: u64) -> Soft {
         components: Vec::new(),
         utilization: Default::default(),
         reporting: false,
+        restored: false,
     }
 }
+
+/// After a server restart, how much longer than `silent_after` instances have to report.
+const RESTART_GRACE_MS: u64 = 10_000;
 
 fn region_of(group: &str) -> &str {
     group.split('/').nth(1).unwrap_or_default()

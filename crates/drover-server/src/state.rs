@@ -32,6 +32,9 @@ pub struct Soft {
     pub components: Vec<ComponentReport>,
     pub utilization: Utilization,
     pub reporting: bool,
+    /// Loaded from the store at start: its first heartbeat rebuilds health without an event
+    /// (a server restart is not a health change, and costs no store write per instance).
+    pub restored: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -346,6 +349,20 @@ pub fn absorb_heartbeat(
         return (events, false);
     }
     let healthy = hb.healthy();
+    if std::mem::take(&mut inst.soft.restored) {
+        inst.soft.health = if healthy {
+            Health::Healthy { since_ms: now }
+        } else {
+            Health::Starting
+        };
+        inst.soft.ever_healthy |= healthy;
+        inst.soft.last_seen_ms = now;
+        inst.soft.last_seq = hb.seq;
+        inst.soft.components = hb.components.clone();
+        inst.soft.utilization = hb.utilization.clone();
+        inst.soft.reporting = true;
+        return (events, true);
+    }
     let before = inst.soft.health;
     let after = match (healthy, before) {
         (true, Health::Healthy { since_ms }) => Health::Healthy { since_ms },
