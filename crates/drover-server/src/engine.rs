@@ -550,7 +550,7 @@ impl Engine {
 
     async fn act(self: &Arc<Self>, action: Action, now: u64) -> Result<(), ServerError> {
         match action {
-            Action::Launch { group, generation } => self.launch(&group, generation, now).await,
+            Action::Launch { group, generation } => self.launch(&group, generation).await,
             Action::Forget { instance, reason } => {
                 let rec = self
                     .state()
@@ -843,7 +843,9 @@ impl Engine {
         Ok(())
     }
 
-    async fn launch(&self, group: &str, generation: u64, now: u64) -> Result<(), ServerError> {
+    async fn launch(&self, group: &str, generation: u64) -> Result<(), ServerError> {
+        // The launch's own clock: a long pass must not stamp late launches with its start time.
+        let now = now_ms();
         let (plan, seq) = {
             let mut st = self.state();
             let Some(g) = st.groups.get(group) else {
