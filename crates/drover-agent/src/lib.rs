@@ -216,7 +216,7 @@ impl AgentAuth {
     /// The client for the server: pinned CA (when given) and the token on every request.
     /// `https`: whether the server is reached over TLS without a pinned CA (then the usual
     /// roots are loaded; otherwise none are, which keeps the agent's memory down).
-    fn server_client(&self, https: bool) -> Result<reqwest::Client, AgentError> {
+    pub fn server_client(&self, https: bool) -> Result<reqwest::Client, AgentError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(HEARTBEAT_TIMEOUT)
             // One for the permit long-poll, one for heartbeats and the rest.

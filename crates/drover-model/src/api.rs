@@ -306,6 +306,19 @@ pub struct RollbackRequest {
     pub dry_run: bool,
 }
 
+/// `POST /v1/destroy`: remove a service (or every service) from the fleet. Its instances
+/// leave through the drain path; then the provider removes what it made for its groups
+/// (on AWS: the Auto Scaling groups, launch templates, load balancers and target groups).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyRequest {
+    /// `None`: every service.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 /// `GET /v1/status`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FleetStatus {

@@ -36,6 +36,9 @@ pub enum EventKind {
     Rollout,
     /// The server started or stopped.
     Server,
+    /// The provider made, changed or removed cloud resources (a launch template version, an
+    /// Auto Scaling group, a load balancer).
+    Provider,
 }
 
 impl EventKind {
@@ -56,6 +59,7 @@ impl EventKind {
             EventKind::Targets => "targets",
             EventKind::Rollout => "rollout",
             EventKind::Server => "server",
+            EventKind::Provider => "provider",
         }
     }
 

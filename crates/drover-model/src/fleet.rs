@@ -30,6 +30,31 @@ pub struct Region {
     /// `local` only: the loopback block instance addresses come from (default `127.1.0.0/16`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
+    /// `aws` only: the AWS region (default: the region's own name, e.g. `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_region: Option<String>,
+    /// `aws` only: the subnets the Auto Scaling groups and load balancers span.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    /// `aws` only: security groups of the instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    /// `aws` only: the AMI instances boot (one with the drover agent; see docs/aws.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ami: Option<String>,
+    /// `aws` only: the IAM instance profile (name) of the instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
+    /// `aws` only: another endpoint for every AWS API (e.g. a moto server in tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+impl Region {
+    /// The AWS region of an `aws` region: `aws_region`, else the region's name.
+    pub fn aws_region_or<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aws_region.as_deref().unwrap_or(name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +91,9 @@ pub struct Service {
     /// An instance that reports unhealthy (or nothing) for this long after booting is replaced.
     #[serde(default = "default_replace_unhealthy_after")]
     pub replace_unhealthy_after: Dur,
+    /// `aws` regions: the EC2 instance type of the service's instances (default `t3.micro`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
     pub components: IndexMap<String, Component>,
 }
 

@@ -1,6 +1,7 @@
 //! drover's vocabulary: the fleet file, its validation, plans, ids, events and API types. No I/O.
 
 pub mod api;
+pub mod boot;
 pub mod diff;
 pub mod duration;
 pub mod event;

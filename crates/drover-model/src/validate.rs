@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{Component, Fleet, HealthKind, ProviderKind, Runtime, Service};
+use crate::fleet::{Component, Fleet, HealthKind, ProviderKind, Region, Runtime, Service};
 use crate::subst;
 
 /// One thing wrong with a fleet file.
@@ -234,15 +234,13 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
                 format!("{name:?} is not a valid region name; {NAME_RULE}"),
             ));
         }
-        if region.provider != ProviderKind::Local {
+        if region.provider == ProviderKind::Docker {
             out.push(p(
                 &["regions", name, "provider"],
-                format!(
-                    "provider {:?} is not available in this build yet; allowed: \"local\"",
-                    region.provider.as_str()
-                ),
+                "provider \"docker\" is not available yet; allowed: \"local\", \"aws\" (to run containers, use a component with runtime = \"docker\")",
             ));
         }
+        check_aws_region(name, region, &mut out);
         if let Some(subnet) = &region.subnet {
             if region.provider != ProviderKind::Local {
                 out.push(p(
@@ -257,17 +255,121 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
             }
         }
     }
-    if fleet.services.is_empty() {
-        out.push(p(
-            &["services"],
-            "no services declared; add [services.NAME]",
-        ));
-    }
+    // No services is a valid fleet: what `drover destroy` leaves.
     let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
     for (sname, svc) in &fleet.services {
         check_service(fleet, sname, svc, &mut listens, &mut out);
     }
     out
+}
+
+/// The fields of an `aws` region (and that no other region uses them).
+fn check_aws_region(name: &str, region: &Region, out: &mut Vec<Problem>) {
+    let aws_only: [(&str, bool); 6] = [
+        ("aws_region", region.aws_region.is_some()),
+        ("subnets", !region.subnets.is_empty()),
+        ("security_groups", !region.security_groups.is_empty()),
+        ("ami", region.ami.is_some()),
+        ("instance_profile", region.instance_profile.is_some()),
+        ("endpoint", region.endpoint.is_some()),
+    ];
+    if region.provider != ProviderKind::Aws {
+        for (field, set) in aws_only {
+            if set {
+                out.push(p(
+                    &["regions", name, field],
+                    format!("{field} applies only to provider \"aws\""),
+                ));
+            }
+        }
+        return;
+    }
+    let aws_region = region.aws_region_or(name);
+    if !valid_aws_region(aws_region) {
+        let at: &[&str] = if region.aws_region.is_some() {
+            &["regions", name, "aws_region"]
+        } else {
+            &["regions", name]
+        };
+        out.push(p(
+            at,
+            format!("{aws_region:?} is not an AWS region name (e.g. \"us-east-1\"); set aws_region = \"...\" when the region's own name is not one"),
+        ));
+    }
+    if region.subnets.is_empty() {
+        out.push(p(
+            &["regions", name, "subnets"],
+            "an aws region needs its subnets, e.g. subnets = [\"subnet-0abc...\"]",
+        ));
+    }
+    for (i, s) in region.subnets.iter().enumerate() {
+        if !aws_id(s, "subnet-") {
+            out.push(p(
+                &["regions", name, "subnets", &i.to_string()],
+                format!("{s:?} is not a subnet id (subnet-...)"),
+            ));
+        }
+    }
+    for (i, s) in region.security_groups.iter().enumerate() {
+        if !aws_id(s, "sg-") {
+            out.push(p(
+                &["regions", name, "security_groups", &i.to_string()],
+                format!("{s:?} is not a security group id (sg-...)"),
+            ));
+        }
+    }
+    match &region.ami {
+        None => out.push(p(
+            &["regions", name, "ami"],
+            "an aws region needs the AMI its instances boot, e.g. ami = \"ami-0abc...\" (one with the drover agent; see docs/aws.md)",
+        )),
+        Some(a) if !aws_id(a, "ami-") => out.push(p(
+            &["regions", name, "ami"],
+            format!("{a:?} is not an AMI id (ami-...)"),
+        )),
+        _ => {}
+    }
+    if let Some(e) = &region.endpoint {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            out.push(p(
+                &["regions", name, "endpoint"],
+                format!("{e:?} is not an http:// or https:// URL"),
+            ));
+        }
+    }
+}
+
+/// `us-east-1`, `eu-west-3`, `ap-southeast-2`, `us-gov-west-1`, ...
+fn valid_aws_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() >= 3
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+        && !parts[parts.len() - 1].is_empty()
+}
+
+/// `t3.micro`, `c7g.2xlarge`, `u-6tb1.metal`: family.size.
+fn valid_instance_type(t: &str) -> bool {
+    match t.split_once('.') {
+        Some((f, sz)) => {
+            !f.is_empty()
+                && !sz.is_empty()
+                && f.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && sz
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
+/// `prefix` followed by hex digits.
+fn aws_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn check_service(
@@ -278,6 +380,25 @@ fn check_service(
     out: &mut Vec<Problem>,
 ) {
     let s = sname;
+    if let Some(t) = &svc.instance_type {
+        let in_aws = svc.regions.iter().any(|r| {
+            fleet
+                .regions
+                .get(r)
+                .is_some_and(|r| r.provider == ProviderKind::Aws)
+        });
+        if !in_aws {
+            out.push(p(
+                &["services", s, "instance_type"],
+                "instance_type applies only to services in an aws region",
+            ));
+        } else if !valid_instance_type(t) {
+            out.push(p(
+                &["services", s, "instance_type"],
+                format!("{t:?} is not an EC2 instance type (family.size, e.g. \"t3.micro\", \"c7g.large\")"),
+            ));
+        }
+    }
     if !valid_name(s) {
         out.push(p(
             &["services", s],

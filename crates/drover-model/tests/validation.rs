@@ -349,3 +349,72 @@ fn docker_only_settings_are_refused_on_processes() {
     );
     assert!(e.to_string().starts_with("drover.toml:18:9:"), "{e}");
 }
+
+const AWS_REGION: &str = r#"[regions.us-east-1]
+provider = "aws"
+subnets = ["subnet-0a1b2c"]
+security_groups = ["sg-0a1b"]
+ami = "ami-0abc123"
+"#;
+
+fn aws(region: &str, service_extra: &str) -> String {
+    GOOD.replace(
+        "[regions.local]\nprovider = \"local\"\n",
+        &format!("[regions.local]\nprovider = \"local\"\n\n{region}"),
+    )
+    .replace(
+        "regions = [\"local\"]\n",
+        &format!("regions = [\"local\", \"us-east-1\"]\n{service_extra}"),
+    )
+}
+
+#[test]
+fn an_aws_region_with_its_fields_is_accepted() {
+    let f = parse_fleet(&aws(AWS_REGION, "instance_type = \"t3.small\"\n"), "f.toml").unwrap();
+    let r = &f.regions["us-east-1"];
+    assert_eq!(r.aws_region_or("us-east-1"), "us-east-1");
+    assert_eq!(r.subnets, vec!["subnet-0a1b2c".to_string()]);
+    assert_eq!(f.services["web"].instance_type.as_deref(), Some("t3.small"));
+}
+
+#[test]
+fn aws_region_mistakes_are_located_and_explained() {
+    // No AMI.
+    let e = one(&aws(&AWS_REGION.replace("ami = \"ami-0abc123\"\n", ""), ""));
+    assert!(e.message.contains("needs the AMI"), "{e}");
+    // A region name that is not an AWS region and no aws_region.
+    let e = one(&aws(
+        &AWS_REGION.replace("[regions.us-east-1]", "[regions.east]"),
+        "",
+    )
+    .replace("\"us-east-1\"]", "\"east\"]"));
+    assert!(e.message.contains("not an AWS region name"), "{e}");
+    // A malformed subnet id, at its own line and column.
+    let text = aws(&AWS_REGION.replace("subnet-0a1b2c", "net-1"), "");
+    let e = one(&text);
+    assert!(e.message.contains("is not a subnet id"), "{e}");
+    let line = text.lines().position(|l| l.contains("net-1")).unwrap() + 1;
+    assert_eq!(e.line, line, "{e}");
+    // instance_type on a service in no aws region.
+    let e = one(&bad(
+        "regions = [\"local\"]\n",
+        "regions = [\"local\"]\ninstance_type = \"t3.micro\"\n",
+    ));
+    assert!(
+        e.message
+            .contains("applies only to services in an aws region"),
+        "{e}"
+    );
+    // A bad instance type.
+    let e = one(&aws(AWS_REGION, "instance_type = \"large\"\n"));
+    assert!(e.message.contains("not an EC2 instance type"), "{e}");
+    // aws fields on a local region.
+    let e = one(&bad(
+        "provider = \"local\"\n",
+        "provider = \"local\"\nami = \"ami-1\"\n",
+    ));
+    assert!(
+        e.message.contains("applies only to provider \"aws\""),
+        "{e}"
+    );
+}

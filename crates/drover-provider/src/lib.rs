@@ -1,5 +1,6 @@
 //! Providers: where instances come from. One trait; `local` (child processes on loopback
-//! addresses) now, `docker` and `aws` behind cargo features later.
+//! addresses) always, `aws` (EC2 Auto Scaling groups and Network Load Balancers) behind the
+//! cargo feature `aws`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -7,6 +8,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod local;
 
 pub use local::{LocalConfig, LocalProvider};
@@ -85,6 +88,44 @@ pub struct Launched {
     /// The provider's own handle (a pid, an EC2 instance id).
     pub provider_id: String,
     pub addr: IpAddr,
+    /// The id the instance knows itself by, when the provider names instances (on EC2 the
+    /// agent reads its instance id from metadata); `None`: the requested id.
+    pub instance: Option<String>,
+}
+
+/// A group as its provider must make it exist: its launch configuration (the plan) and, for a
+/// provider with a balancer of its own (an NLB on AWS), its ingress.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    pub fleet: String,
+    /// `service/region`.
+    pub group: String,
+    pub service: String,
+    pub region: String,
+    pub plan: drover_model::Plan,
+    /// The service's `instance_type`.
+    pub instance_type: Option<String>,
+    /// The most instances the group may have at once: capacity.max, the rollout's surge, and
+    /// the instances still draining on their permits.
+    pub max_size: u32,
+    pub ingress: Option<IngressPlan>,
+    /// Whether an instance leaving on a permit lowers the group's capacity (surge rollouts)
+    /// or the provider replaces it in place (`max_surge = 0`).
+    pub decrement_on_leave: bool,
+}
+
+/// The ingress of a group, for a provider's own balancer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressPlan {
+    pub listen_port: u16,
+    pub target_port: u16,
+    /// The ingress component's check: HTTP on this path, or TCP when `None`.
+    pub http_path: Option<String>,
+    pub interval: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// How long a leaving target keeps its connections (the rollout's drain timeout).
+    pub drain: Duration,
 }
 
 /// An instance the provider saw end.
@@ -100,6 +141,9 @@ pub enum ProviderError {
     Io(PathBuf, #[source] std::io::Error),
     #[error("launch failed: {0}")]
     Launch(String),
+    /// The provider's cloud refused or failed a call.
+    #[error("{0}")]
+    Cloud(String),
 }
 
 /// Makes groups' instances exist and go away.
@@ -118,4 +162,37 @@ pub trait Provider: Send + Sync {
     fn adopt(&self, instance: &str) -> bool;
     /// Stop every instance this provider started, waiting up to `grace`.
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
+
+    /// Make the group exist at the provider with `spec` as its launch configuration, before
+    /// any instance of a new generation launches or any stale instance gets a permit.
+    /// Idempotent and cheap when nothing changed. Returns what it created or changed, one
+    /// line each (recorded as events).
+    fn prepare(&self, _spec: GroupSpec) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Remove what the provider made for groups of this region that are not in `keep` and
+    /// have no instances left. Returns what it removed, one line each.
+    fn sweep(
+        &self,
+        _keep: std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Whether the provider balances the groups' ingresses itself (an NLB on AWS): then the
+    /// server opens no listener for them.
+    fn balances(&self) -> bool {
+        false
+    }
+
+    /// Leave path: take the instance out of the provider's balancer; connections in flight
+    /// drain for the ingress's drain time. Returns at once.
+    fn deregister(&self, _instance: &str) {}
+
+    /// Connections the provider's balancer still drains for the instance (`None`: the
+    /// provider has no balancer; the server's own balancer answers).
+    fn draining(&self, _instance: &str) -> Option<u64> {
+        None
+    }
 }

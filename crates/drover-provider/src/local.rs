@@ -165,6 +165,7 @@ impl LocalProvider {
         Ok(Launched {
             provider_id: format!("pid:{pid}"),
             addr,
+            instance: None,
         })
     }
 }

@@ -41,6 +41,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/deploy", post(deploy))
         .route("/v1/rollback", post(rollback))
+        .route("/v1/destroy", post(destroy))
         .route("/v1/scale", post(scale))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
@@ -208,6 +209,12 @@ async fn rollback(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response,
     let req: RollbackRequest = decode(body)?;
     let sc = scrubber(&e);
     Ok(Json(e.rollback(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
+}
+
+async fn destroy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: drover_model::api::DestroyRequest = decode(body)?;
+    let sc = scrubber(&e);
+    Ok(Json(e.destroy(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use drover_model::api::{
-    ApplyRequest, ApplyResponse, DeployRequest, Revision, RollbackRequest, RolloutPlan,
+    ApplyRequest, ApplyResponse, DeployRequest, DestroyRequest, Revision, RollbackRequest,
+    RolloutPlan,
 };
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_store::{GroupRecord, RolloutRecord, Write};
@@ -61,6 +62,36 @@ impl Engine {
             &[(req.component.clone(), req.version.clone())],
         )?;
         let why = format!("deploy {} {} {}", req.service, req.component, req.version);
+        self.apply_locked(
+            ApplyRequest {
+                file: rev.file.clone(),
+                toml,
+                dry_run: req.dry_run,
+            },
+            Origin::Command(why),
+        )
+        .await
+    }
+
+    /// Remove a service (or all of them) from the fleet: a new revision without it. Its
+    /// instances leave by the drain path; its provider resources go once they are gone.
+    pub async fn destroy(&self, req: DestroyRequest) -> Result<ApplyResponse, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let rev = self.current_revision().ok_or_else(|| {
+            ServerError::Conflict("nothing applied yet: there is nothing to destroy".into())
+        })?;
+        let services: Vec<String> = match &req.service {
+            Some(s) if !rev.fleet.services.contains_key(s) => {
+                return Err(ServerError::NotFound(format!(
+                    "no service {s:?}; services: {}",
+                    list(rev.fleet.services.keys())
+                )))
+            }
+            Some(s) => vec![s.clone()],
+            None => rev.fleet.services.keys().cloned().collect(),
+        };
+        let toml = remove_services(&rev.toml, &services)?;
+        let why = format!("destroy {}", services.join(", "));
         self.apply_locked(
             ApplyRequest {
                 file: rev.file.clone(),
@@ -478,6 +509,19 @@ pub fn set_versions(
                 ))
             })?;
         slot.insert("version", toml_edit::value(version.as_str()));
+    }
+    Ok(doc.to_string())
+}
+
+/// The fleet file without these services (comments and layout of the rest kept).
+pub fn remove_services(toml: &str, services: &[String]) -> Result<String, ServerError> {
+    let mut doc: toml_edit::DocumentMut = toml
+        .parse()
+        .map_err(|e| ServerError::Internal(format!("stored fleet file does not parse: {e}")))?;
+    if let Some(t) = doc.get_mut("services").and_then(|s| s.as_table_like_mut()) {
+        for s in services {
+            t.remove(s);
+        }
     }
     Ok(doc.to_string())
 }

@@ -41,6 +41,8 @@ pub struct Engine {
     pub(crate) events_tx: broadcast::Sender<drover_model::Event>,
     pub(crate) wake: Notify,
     pub(crate) timing: Timing,
+    /// The last error of each group's provider, recorded once until it changes.
+    pub(crate) provider_errors: Mutex<BTreeMap<String, String>>,
     /// Serialises writers of desired state (apply, controller ticks).
     pub(crate) write_lock: tokio::sync::Mutex<()>,
     /// Bumped whenever a permit is granted; permit long-polls wait on it.
@@ -63,7 +65,7 @@ impl Engine {
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
         if let Some(rev) = &state.revision {
             for (name, region) in &rev.fleet.regions {
-                if let Some(p) = factory.make(region) {
+                if let Some(p) = factory.make(&rev.fleet.fleet.name, name, region) {
                     providers.insert(name.clone(), p);
                 }
             }
@@ -115,11 +117,21 @@ impl Engine {
             wake: Notify::new(),
             timing,
             write_lock: tokio::sync::Mutex::new(()),
+            provider_errors: Mutex::new(BTreeMap::new()),
             permits: watch::channel(0).0,
         })
     }
 
-    fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
+    pub(crate) fn providers_by_region(&self) -> Vec<(String, Arc<dyn Provider>)> {
+        self.providers
+            .lock()
+            .expect("providers lock")
+            .iter()
+            .map(|(r, p)| (r.clone(), p.clone()))
+            .collect()
+    }
+
+    pub(crate) fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
         self.providers
             .lock()
             .expect("providers lock")
@@ -261,14 +273,19 @@ impl Engine {
             if providers.contains_key(name) {
                 continue;
             }
-            match self.factory.make(region) {
+            match self.factory.make(&fleet.fleet.name, name, region) {
                 Some(p) => {
                     providers.insert(name.clone(), p);
                 }
                 None => {
                     return Err(ServerError::Conflict(format!(
-                        "provider {:?} of region {name} is not available in this build",
-                        region.provider.as_str()
+                        "provider {:?} of region {name} is not available in this build{}",
+                        region.provider.as_str(),
+                        if region.provider == drover_model::fleet::ProviderKind::Aws {
+                            "; build drover with `cargo build --release --features aws`"
+                        } else {
+                            ""
+                        }
                     )))
                 }
             }
@@ -325,6 +342,9 @@ impl Engine {
     /// One controller pass: autoscale, decide, then carry out the decision.
     pub async fn tick(self: &Arc<Self>) {
         let _w = self.write_lock.lock().await;
+        // Launch configurations at the providers first: nothing of a new generation launches,
+        // and no stale instance leaves, before its group's provider knows the plan.
+        self.prepare_groups().await;
         let now = now_ms();
         if let Err(e) = self.autoscale(now) {
             tracing::error!("autoscale: {e}");
@@ -362,6 +382,7 @@ impl Engine {
             }
         }
         self.update_targets(targets);
+        self.sweep_providers().await;
     }
 
     /// Run the autoscaler of every group that has a policy; store and record its changes.
@@ -610,6 +631,9 @@ impl Engine {
                 let Some(rec) = rec else { return Ok(()) };
                 // Out of the balancer now, then wake the agent's long-poll.
                 self.remove_target(&rec.group, &rec.id);
+                if let Some(p) = self.provider(region_of(&rec.group)) {
+                    p.deregister(&rec.id);
+                }
                 self.permits.send_modify(|n| *n += 1);
                 // The agent drains, stops and exits by itself. If it does not (old agent,
                 // hung), the provider terminates it after the drain and stop budgets.
@@ -761,6 +785,12 @@ impl Engine {
             .get(instance)
             .map(|i| i.record.group.clone())
             .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+        if let Some(n) = self
+            .provider(region_of(&group))
+            .and_then(|p| p.draining(instance))
+        {
+            return Ok(n);
+        }
         Ok(self.open_connections(&group, instance) as u64)
     }
 
@@ -858,7 +888,7 @@ impl Engine {
             st.instance_seq += 1;
             (plan, st.instance_seq)
         };
-        let id = drover_model::ids::instance_id(seq);
+        let requested = drover_model::ids::instance_id(seq);
         let Some(provider) = self.provider(&plan.region) else {
             return Err(ServerError::Internal(format!(
                 "no provider for region {}",
@@ -872,7 +902,7 @@ impl Engine {
         }])?;
         let launched = provider
             .launch(LaunchRequest {
-                instance: id.clone(),
+                instance: requested.clone(),
                 seq,
                 group: group.to_string(),
                 plan: plan.clone(),
@@ -883,12 +913,14 @@ impl Engine {
             Err(e) => {
                 self.record(vec![NewEvent::new(
                     EventKind::Launched,
-                    format!("launch of {id} failed: {e}"),
+                    format!("launch of {requested} failed: {e}"),
                 )
                 .group(group)]);
                 return Err(e.into());
             }
         };
+        // A provider that names its instances (EC2) gives the id the agent reports with.
+        let id = launched.instance.clone().unwrap_or(requested);
         let rec = InstanceRecord {
             id: id.clone(),
             group: group.to_string(),
@@ -995,7 +1027,7 @@ fn fresh_soft(now: u64) -> Soft {
 /// After a server restart, how much longer than `silent_after` instances have to report.
 const RESTART_GRACE_MS: u64 = 10_000;
 
-fn region_of(group: &str) -> &str {
+pub(crate) fn region_of(group: &str) -> &str {
     group.split('/').nth(1).unwrap_or_default()
 }
 
@@ -1009,6 +1041,10 @@ pub(crate) fn provider_and_ingress(
         .get(region)
         .map(|r| r.provider.as_str().to_string())
         .unwrap_or_default();
+    // On AWS the ingress is a Network Load Balancer: no listener here.
+    if provider == drover_model::fleet::ProviderKind::Aws.as_str() {
+        return (provider, None);
+    }
     let ingress = fleet.services.get(service).and_then(|svc| {
         let listen = svc.ingress.as_ref()?.listen.parse().ok()?;
         let (_, _, port) = drover_model::Fleet::ingress_target(svc)?;

@@ -5,6 +5,7 @@ pub mod api;
 pub mod apply;
 pub mod artifact;
 pub mod auth;
+pub mod cloud;
 pub mod engine;
 pub mod registry;
 pub mod state;
@@ -73,6 +74,11 @@ pub struct ServerConfig {
     pub own_instances: bool,
     /// Plain HTTP, or HTTPS with given or generated certificates.
     pub tls: tls::TlsMode,
+    /// The server's URL as instances on a cloud reach it (their boot document); default:
+    /// the URL it listens on.
+    pub advertise_url: Option<String>,
+    /// How often cloud providers read their groups (instances gone or launched).
+    pub cloud_poll: Duration,
 }
 
 impl ServerConfig {
@@ -86,6 +92,8 @@ impl ServerConfig {
             tick: Duration::from_millis(250),
             own_instances: false,
             tls: tls::TlsMode::Off,
+            advertise_url: None,
+            cloud_poll: Duration::from_secs(5),
         }
     }
 }
@@ -259,8 +267,42 @@ pub struct ProviderFactory {
 }
 
 impl ProviderFactory {
-    pub fn make(&self, region: &drover_model::fleet::Region) -> Option<Arc<dyn Provider>> {
+    /// The provider of region `name` of fleet `fleet`; `None` when this build has none for it.
+    pub fn make(
+        &self,
+        fleet: &str,
+        name: &str,
+        region: &drover_model::fleet::Region,
+    ) -> Option<Arc<dyn Provider>> {
+        let _ = (fleet, name);
         match region.provider {
+            #[cfg(feature = "aws")]
+            ProviderKind::Aws => {
+                use drover_provider::aws::{Aws, AwsConfig, AwsProvider};
+                Some(Arc::new(Aws(AwsProvider::new(
+                    AwsConfig {
+                        fleet: fleet.to_string(),
+                        region: name.to_string(),
+                        aws_region: region.aws_region_or(name).to_string(),
+                        endpoint: region.endpoint.clone(),
+                        subnets: region.subnets.clone(),
+                        security_groups: region.security_groups.clone(),
+                        ami: region.ami.clone().unwrap_or_default(),
+                        instance_profile: region.instance_profile.clone(),
+                        server_url: self
+                            .cfg
+                            .advertise_url
+                            .clone()
+                            .unwrap_or_else(|| self.server_url.clone()),
+                        heartbeat_interval: self.cfg.heartbeat_interval,
+                        poll: self.cfg.cloud_poll,
+                        orphan_grace: (self.cfg.cloud_poll * 24).max(Duration::from_secs(10)),
+                        launch_timeout: Duration::from_secs(120),
+                        credentials: self.auth.credentials.clone(),
+                    },
+                    self.exits.clone(),
+                ))))
+            }
             ProviderKind::Local => Some(Arc::new(LocalProvider::new(
                 LocalConfig {
                     data_dir: self.cfg.data_dir.clone(),

@@ -245,6 +245,114 @@ impl Client {
         Ok(resp.json().await?)
     }
 
+    /// `drover destroy`: remove SERVICE (or every service); with `wait`, until every removed
+    /// group's instances are gone and its provider reported its resources removed.
+    pub async fn destroy(
+        &self,
+        service: Option<String>,
+        dry_run: bool,
+        wait: Option<std::time::Duration>,
+    ) -> anyhow::Result<u8> {
+        let before: FleetStatus = match self.get("/v1/status").await {
+            Ok(s) => s,
+            Err(e) => return self.refused(e),
+        };
+        let groups: Vec<drover_model::api::GroupStatus> = before
+            .groups
+            .into_iter()
+            .filter(|g| match &service {
+                Some(s) => *s == g.service,
+                None => true,
+            })
+            .collect();
+        let after = self.last_event_seq().await?;
+        let req = drover_model::api::DestroyRequest {
+            service: service.clone(),
+            dry_run,
+        };
+        let resp: ApplyResponse = match self
+            .send(self.http.post(self.url("/v1/destroy")).json(&req))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json && wait.is_none() {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+            return Ok(exit::OK);
+        }
+        if !self.json {
+            render::apply(&resp, dry_run);
+        }
+        let Some(timeout) = wait.filter(|_| resp.applied) else {
+            return Ok(exit::OK);
+        };
+        // Groups whose provider keeps resources report "<group> removed: ..."; every group's
+        // instances report "terminated".
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pending: std::collections::BTreeSet<String> = groups
+            .iter()
+            .filter(|g| g.provider == "aws")
+            .map(|g| g.group.clone())
+            .collect();
+        let mut seen = after;
+        while !pending.is_empty() {
+            let q = [
+                ("kind", "provider".to_string()),
+                ("after", seen.to_string()),
+            ];
+            let events: Vec<Event> = self
+                .send(self.http.get(self.url("/v1/events")).query(&q))
+                .await?
+                .json()
+                .await?;
+            for e in &events {
+                seen = seen.max(e.seq);
+                if let Some((g, _)) = e.message.split_once(" removed: ") {
+                    if pending.remove(g) && !self.json {
+                        println!("{}", e.message);
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                eprintln!(
+                    "error: still removing {} after {}; see `drover events --kind provider`",
+                    pending.iter().cloned().collect::<Vec<_>>().join(", "),
+                    drover_model::Dur(timeout)
+                );
+                return Ok(exit::FAILED);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+        } else {
+            println!("destroyed");
+        }
+        Ok(exit::OK)
+    }
+
+    /// The newest event's sequence number (0 when there is none).
+    async fn last_event_seq(&self) -> anyhow::Result<u64> {
+        let mut after = 0;
+        loop {
+            let q = [("after", after.to_string()), ("limit", "10000".to_string())];
+            let events: Vec<Event> = self
+                .send(self.http.get(self.url("/v1/events")).query(&q))
+                .await?
+                .json()
+                .await?;
+            match events.last() {
+                Some(e) if events.len() == 10000 => after = e.seq,
+                Some(e) => return Ok(e.seq),
+                None => return Ok(after),
+            }
+        }
+    }
+
     pub async fn status(&self) -> anyhow::Result<u8> {
         let s: FleetStatus = match self.get("/v1/status").await {
             Ok(s) => s,

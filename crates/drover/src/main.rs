@@ -3,6 +3,8 @@
 mod access;
 mod client;
 mod demo;
+#[cfg(feature = "aws")]
+mod ec2;
 mod progress;
 mod render;
 mod up;
@@ -97,6 +99,13 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         tls: TlsArgs,
+        /// The URL instances on a cloud reach this server at (written into their launch
+        /// templates), e.g. https://drover.internal:7878. Default: the listen address.
+        #[arg(long, env = "DROVER_ADVERTISE_URL")]
+        advertise_url: Option<String>,
+        /// How often cloud regions' groups are read (instances gone or launched).
+        #[arg(long, default_value = "5s")]
+        cloud_poll: Dur,
     },
     /// Create, list and revoke API tokens (needs an admin token).
     #[command(subcommand)]
@@ -155,6 +164,24 @@ enum Command {
         #[arg(long)]
         region: Option<String>,
     },
+    /// Remove SERVICE (or, without it, every service) from the fleet, and what drover made
+    /// for it.
+    ///
+    /// A new revision without the service is stored; its instances leave by the drain path;
+    /// then its provider removes its groups: on AWS the Auto Scaling groups, launch
+    /// templates, load balancers and target groups drover created for it, and nothing that
+    /// does not carry drover's tags for this fleet. Apply the fleet file again to bring it back.
+    Destroy {
+        service: Option<String>,
+        /// Show what would change without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait until the provider reports the groups' resources removed (exit 1 on timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "10m")]
+        timeout: Dur,
+    },
     /// Show every group and instance: generation, health, rotation, restarts.
     Status,
     /// Show the event log: everything that happened, in order.
@@ -174,7 +201,7 @@ enum Command {
         #[arg(long)]
         instance: Option<String>,
         /// One of: applied, plan_changed, scaled, launched, healthy, unhealthy, respawned,
-        /// silent, lost, terminating, terminated, permit, targets, rollout, server.
+        /// silent, lost, terminating, terminated, permit, targets, rollout, server, provider.
         #[arg(long)]
         kind: Option<String>,
     },
@@ -244,22 +271,31 @@ enum TokenCommand {
 #[derive(clap::Args, Debug)]
 struct AgentArgs {
     /// This instance's id.
-    #[arg(long)]
-    instance: String,
+    #[arg(long, required_unless_present = "aws")]
+    instance: Option<String>,
     /// Its group (`service/region`).
-    #[arg(long)]
-    group: String,
+    #[arg(long, required_unless_present = "aws")]
+    group: Option<String>,
     /// Its own address; components bind there.
-    #[arg(long)]
-    addr: std::net::IpAddr,
+    #[arg(long, required_unless_present = "aws")]
+    addr: Option<std::net::IpAddr>,
+    /// On an EC2 instance: the identity comes from instance metadata (IMDSv2), the server,
+    /// group, token and plan from the boot document in the user-data, and the agent
+    /// terminates its instance through its Auto Scaling group when it leaves (docs/aws.md).
+    #[arg(long, conflicts_with_all = ["instance", "group", "addr", "plan_file", "standalone", "token_file", "server_ca"])]
+    aws: bool,
+    /// With --aws: the metadata endpoint (default: the standard one, or
+    /// AWS_EC2_METADATA_SERVICE_ENDPOINT).
+    #[arg(long, requires = "aws")]
+    imds_endpoint: Option<String>,
     /// Run without reporting to any server (the global --server is ignored).
     #[arg(long)]
     standalone: bool,
     /// The plan to run (JSON), written by the provider at launch.
-    #[arg(long)]
-    plan_file: PathBuf,
+    #[arg(long, required_unless_present = "aws")]
+    plan_file: Option<PathBuf>,
     /// The instance's own directory.
-    #[arg(long)]
+    #[arg(long, default_value = "/var/lib/drover/instance")]
     dir: PathBuf,
     #[arg(long, default_value = "1s")]
     heartbeat_interval: Dur,
@@ -336,7 +372,23 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Up { file, listen, tls } => {
             up::run(&file, &data_dir, listen, tls.mode(listen), cli.json).await
         }
-        Command::Server { listen, tls } => up::serve(&data_dir, listen, tls.mode(listen)).await,
+        Command::Server {
+            listen,
+            tls,
+            advertise_url,
+            cloud_poll,
+        } => {
+            up::serve(
+                &data_dir,
+                listen,
+                tls.mode(listen),
+                up::CloudArgs {
+                    advertise_url,
+                    poll: cloud_poll.0,
+                },
+            )
+            .await
+        }
         Command::Token(t) => match t {
             TokenCommand::Create { scope, name, group } => {
                 client.token_create(&scope, name, group).await
@@ -379,6 +431,16 @@ async fn dispatch(cli: Cli) -> u8 {
             count,
             region,
         } => client.scale(&service, count, region).await,
+        Command::Destroy {
+            service,
+            dry_run,
+            wait,
+            timeout,
+        } => {
+            client
+                .destroy(service, dry_run, wait.then_some(timeout.0))
+                .await
+        }
         Command::Status => client.status().await,
         Command::Events {
             follow,
@@ -456,6 +518,54 @@ fn validate(file: &std::path::Path, json: bool) -> u8 {
     }
 }
 
+/// `drover agent --aws`.
+#[cfg(feature = "aws")]
+fn run_ec2_agent(imds: Option<&str>, dir: PathBuf) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return exit::FAILED;
+        }
+    };
+    rt.block_on(async move {
+        let a = match ec2::prepare(imds, dir).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return exit::FAILED;
+            }
+        };
+        tracing::info!(instance = %a.cfg.instance, group = %a.cfg.group, "agent on EC2");
+        match drover_agent::run_with_auth(a.cfg.clone(), a.auth.clone(), shutdown_signal()).await {
+            Ok(drover_agent::Outcome::Left { reason }) => {
+                tracing::info!("left on a permit ({reason}); terminating this instance");
+                match ec2::terminate_self(&a).await {
+                    Ok(()) => exit::OK,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        exit::FAILED
+                    }
+                }
+            }
+            Ok(drover_agent::Outcome::Shutdown) => exit::OK,
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::FAILED
+            }
+        }
+    })
+}
+
+#[cfg(not(feature = "aws"))]
+fn run_ec2_agent(_imds: Option<&str>, _dir: PathBuf) -> u8 {
+    eprintln!("error: this drover was built without AWS support; build it with `cargo build --release --features aws`");
+    exit::USAGE
+}
+
 fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
     let auth = || -> anyhow::Result<drover_agent::AgentAuth> {
         let mut auth = drover_agent::AgentAuth::default();
@@ -474,14 +584,19 @@ fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
         Ok(auth)
     };
     let init = || -> anyhow::Result<drover_agent::AgentConfig> {
-        let text = std::fs::read_to_string(&args.plan_file)
-            .with_context(|| format!("cannot read plan {}", args.plan_file.display()))?;
+        let (Some(plan_file), Some(instance), Some(group), Some(addr)) =
+            (&args.plan_file, &args.instance, &args.group, args.addr)
+        else {
+            anyhow::bail!("--instance, --group, --addr and --plan-file are needed (or --aws)");
+        };
+        let text = std::fs::read_to_string(plan_file)
+            .with_context(|| format!("cannot read plan {}", plan_file.display()))?;
         let plan: drover_model::Plan = serde_json::from_str(&text)
-            .with_context(|| format!("plan {} is not valid", args.plan_file.display()))?;
+            .with_context(|| format!("plan {} is not valid", plan_file.display()))?;
         Ok(drover_agent::AgentConfig {
-            instance: args.instance.clone(),
-            group: args.group.clone(),
-            addr: args.addr,
+            instance: instance.clone(),
+            group: group.clone(),
+            addr,
             server: server.clone(),
             plan,
             dir: args.dir.clone(),
@@ -490,6 +605,9 @@ fn run_agent(args: AgentArgs, server: Option<String>) -> u8 {
         })
     };
     init_logs(std::io::stderr);
+    if args.aws {
+        return run_ec2_agent(args.imds_endpoint.as_deref(), args.dir.clone());
+    }
     let (cfg, auth) = match init().and_then(|c| Ok((c, auth()?))) {
         Ok(c) => c,
         Err(e) => {

@@ -24,14 +24,23 @@ fn config(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ServerConfig> {
     Ok(ServerConfig::new(data_dir, listen, bin))
 }
 
+/// How `drover server` talks to cloud regions.
+pub struct CloudArgs {
+    pub advertise_url: Option<String>,
+    pub poll: Duration,
+}
+
 /// `drover server`: logs to stderr, runs until SIGTERM/SIGINT.
 pub async fn serve(
     data_dir: &Path,
     listen: SocketAddr,
     tls: drover_server::tls::TlsMode,
+    cloud: CloudArgs,
 ) -> anyhow::Result<u8> {
     crate::init_logs(std::io::stderr);
     let mut cfg = config(data_dir, listen)?;
+    cfg.advertise_url = cloud.advertise_url;
+    cfg.cloud_poll = cloud.poll;
     if tls == drover_server::tls::TlsMode::Off && !listen.ip().is_loopback() {
         tracing::warn!(
             "the API is served over plain HTTP on {listen}: tokens cross the network in clear text (--no-tls); see docs/security.md"
