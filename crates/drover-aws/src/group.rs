@@ -66,6 +66,7 @@ fn template_data(spec: &LaunchSpec) -> ec2t::RequestLaunchTemplateData {
                     spec.owner
                         .tags()
                         .into_iter()
+                        .chain([(crate::names::TAG_GENERATION, spec.generation.to_string())])
                         .map(|(k, v)| ec2t::Tag::builder().key(k).value(v).build())
                         .collect(),
                 ))
@@ -382,11 +383,22 @@ pub async fn terminate(c: &Clients, instance: &str, decrement: bool) -> Result<(
     Ok(())
 }
 
-/// Private address and owner (from the instance's own tags) of each instance.
+/// What an instance's own record says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceFacts {
+    /// Its private address (what its agent binds and reports).
+    pub addr: Option<IpAddr>,
+    /// The owner its tags name, if drover's.
+    pub owner: Option<Owner>,
+    /// The plan generation it booted (its `drover:generation` tag).
+    pub generation: Option<u64>,
+}
+
+/// Private address, owner and generation (from the instance's own tags) of each instance.
 pub async fn instances(
     c: &Clients,
     ids: &[String],
-) -> Result<HashMap<String, (Option<IpAddr>, Option<Owner>)>, AwsError> {
+) -> Result<HashMap<String, InstanceFacts>, AwsError> {
     let mut out = HashMap::new();
     if ids.is_empty() {
         return Ok(out);
@@ -401,10 +413,17 @@ pub async fn instances(
     for res in r.reservations() {
         for i in res.instances() {
             let Some(id) = i.instance_id() else { continue };
-            let ip = i.private_ip_address().and_then(|a| a.parse().ok());
-            let owner =
-                Owner::from_tags(i.tags().iter().filter_map(|t| Some((t.key()?, t.value()?))));
-            out.insert(id.to_string(), (ip, owner));
+            let tags = || i.tags().iter().filter_map(|t| Some((t.key()?, t.value()?)));
+            out.insert(
+                id.to_string(),
+                InstanceFacts {
+                    addr: i.private_ip_address().and_then(|a| a.parse().ok()),
+                    owner: Owner::from_tags(tags()),
+                    generation: tags()
+                        .find(|(k, _)| *k == crate::names::TAG_GENERATION)
+                        .and_then(|(_, v)| v.parse().ok()),
+                },
+            );
         }
     }
     Ok(out)

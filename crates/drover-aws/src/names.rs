@@ -4,8 +4,10 @@
 pub const TAG_FLEET: &str = "drover:fleet";
 pub const TAG_SERVICE: &str = "drover:service";
 pub const TAG_REGION: &str = "drover:region";
-/// The plan generation a launch template version boots (in the version's description too).
+/// On everything drover creates: `drover`.
 pub const TAG_MANAGED: &str = "drover:managed-by";
+/// On instances: the plan generation of the launch template version they booted from.
+pub const TAG_GENERATION: &str = "drover:generation";
 
 /// Who owns a resource: one group of one fleet (the drover region, not the AWS region: two
 /// drover regions may share an AWS region).

@@ -392,7 +392,10 @@ impl AwsProvider {
         let c = self.clients().await;
         let deadline = Instant::now() + self.cfg.launch_timeout;
         let mut raised = false;
-        let id = loop {
+        // Instances seen in the group that booted another generation (e.g. launched before
+        // the template changed): never claimed here; the orphan sweep removes them.
+        let mut other = BTreeSet::new();
+        loop {
             let view = group::describe(c, Some(&asg))
                 .await
                 .map_err(cloud)?
@@ -402,26 +405,52 @@ impl AwsProvider {
                     ProviderError::Launch(format!("Auto Scaling group {asg} is gone"))
                 })?;
             let live: Vec<_> = view.instances.iter().filter(|i| !i.leaving()).collect();
-            let pick = {
+            let candidates: Vec<String> = {
                 let inner = self.inner();
                 live.iter()
-                    .find(|i| {
+                    .filter(|i| {
                         !inner.claimed.contains_key(&i.id)
+                            && !other.contains(&i.id)
                             && (i.version.is_none() || i.version == version)
                     })
                     .map(|i| i.id.clone())
+                    .collect()
             };
-            if let Some(id) = pick {
-                self.inner().claimed.insert(
-                    id.clone(),
-                    Claim {
-                        group: Some(req.group.clone()),
-                        at: Instant::now(),
-                    },
-                );
-                break id;
+            if !candidates.is_empty() {
+                // The instance's own tags say what it booted and whose it is.
+                let facts = group::instances(c, &candidates).await.map_err(cloud)?;
+                for id in candidates {
+                    let f = facts.get(&id);
+                    let mine = f.is_some_and(|f| {
+                        f.owner == owner && f.generation == Some(req.plan.generation)
+                    });
+                    if !mine {
+                        other.insert(id);
+                        continue;
+                    }
+                    let mut inner = self.inner();
+                    if inner.claimed.contains_key(&id) {
+                        continue;
+                    }
+                    inner.claimed.insert(
+                        id.clone(),
+                        Claim {
+                            group: Some(req.group.clone()),
+                            at: Instant::now(),
+                        },
+                    );
+                    return Ok(Launched {
+                        provider_id: id.clone(),
+                        addr: f
+                            .and_then(|f| f.addr)
+                            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                        instance: Some(id),
+                    });
+                }
             }
-            if !raised && view.desired as usize <= live.len() {
+            // Raise the capacity once, unless a launch is already under way.
+            let pending = view.desired as usize > live.len() - other.len().min(live.len());
+            if !raised && !pending {
                 group::set_desired(c, &asg, view.desired + 1)
                     .await
                     .map_err(cloud)?;
@@ -434,22 +463,7 @@ impl AwsProvider {
                 )));
             }
             tokio::time::sleep(self.cfg.poll.min(Duration::from_millis(500))).await;
-        };
-        let facts = group::instances(c, std::slice::from_ref(&id))
-            .await
-            .map_err(cloud)?;
-        let (ip, tags) = facts.get(&id).cloned().unwrap_or((None, None));
-        if tags.is_some() && tags != owner {
-            self.inner().claimed.remove(&id);
-            return Err(ProviderError::Launch(format!(
-                "instance {id} in {asg} carries another owner's tags ({tags:?}); not claimed"
-            )));
         }
-        Ok(Launched {
-            provider_id: id.clone(),
-            addr: ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-            instance: Some(id),
-        })
     }
 
     async fn sweep_groups(&self, keep: BTreeSet<String>) -> Result<Vec<String>, ProviderError> {

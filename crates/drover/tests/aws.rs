@@ -141,6 +141,8 @@ struct Seen {
     /// Instances that left on a permit, and whether they lowered the desired capacity.
     left: Vec<(String, bool)>,
     started: BTreeSet<String>,
+    /// Real `drover agent --aws` processes (for the `jobs` group), by instance.
+    real: Vec<(String, Child)>,
 }
 
 /// One simulated agent per instance of drover's groups: it reads its instance's user-data,
@@ -149,6 +151,8 @@ struct Seen {
 async fn run_agents(
     clients: Vec<(String, Clients)>,
     server: String,
+    moto: String,
+    work: std::path::PathBuf,
     seen: Arc<Mutex<Seen>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -167,7 +171,7 @@ async fn run_agents(
                     assert_eq!(boot.server, server, "the boot document names the server");
                     // What IMDS's local-ipv4 would say.
                     let facts = drover_aws::group::instances(c, std::slice::from_ref(&i.id)).await;
-                    let Some(addr) = facts.as_ref().ok().and_then(|f| f.get(&i.id)?.0) else {
+                    let Some(addr) = facts.as_ref().ok().and_then(|f| f.get(&i.id)?.addr) else {
                         eprintln!("{}: no address: {facts:?}", i.id);
                         continue;
                     };
@@ -176,6 +180,29 @@ async fn run_agents(
                         i.id, boot.generation
                     );
                     seen.lock().unwrap().started.insert(i.id.clone());
+                    if boot.group.starts_with("jobs/") {
+                        // The real agent, as on EC2: metadata from (a stand-in for) IMDSv2,
+                        // Auto Scaling calls to moto.
+                        let meta =
+                            imds(i.id.clone(), addr.to_string(), user_data_of(c, &i.id).await)
+                                .await;
+                        let dir = work.join(format!("agent-{}", i.id));
+                        let child = Command::new(BIN)
+                            .args(["agent", "--aws", "--imds-endpoint"])
+                            .arg(format!("http://{meta}"))
+                            .arg("--dir")
+                            .arg(&dir)
+                            .env("AWS_ENDPOINT_URL", &moto)
+                            .env_remove("AWS_EC2_METADATA_DISABLED")
+                            .stdout(Stdio::null())
+                            .stderr(
+                                std::fs::File::create(format!("{}.err", dir.display())).unwrap(),
+                            )
+                            .spawn()
+                            .unwrap();
+                        seen.lock().unwrap().real.push((i.id.clone(), child));
+                        continue;
+                    }
                     tokio::spawn(agent(
                         i.id.clone(),
                         addr.to_string(),
@@ -309,6 +336,11 @@ async fn agent(
 
 /// The boot document in an instance's user-data (what IMDS would give its agent).
 async fn boot_of(c: &Clients, id: &str) -> BootDoc {
+    BootDoc::decode(&user_data_of(c, id).await).expect("user-data is a boot document")
+}
+
+/// An instance's user-data, as text.
+async fn user_data_of(c: &Clients, id: &str) -> String {
     let attr = c
         .ec2
         .describe_instance_attribute()
@@ -318,13 +350,46 @@ async fn boot_of(c: &Clients, id: &str) -> BootDoc {
         .await
         .unwrap();
     let b64 = attr.user_data().and_then(|u| u.value()).expect("user-data");
-    let text = String::from_utf8(
+    String::from_utf8(
         base64::engine::general_purpose::STANDARD
             .decode(b64)
             .unwrap(),
     )
-    .unwrap();
-    BootDoc::decode(&text).expect("user-data is a boot document")
+    .unwrap()
+}
+
+/// A stand-in for the instance metadata service (IMDSv2: a session token first, then each
+/// value with it; nothing without it) of one moto instance.
+async fn imds(instance: String, addr: String, user_data: String) -> SocketAddr {
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    const TOKEN: &str = "imds-session-token";
+    const TTL: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
+        let (instance, addr, user_data) = (instance.clone(), addr.clone(), user_data.clone());
+        async move {
+            let token = headers
+                .get("x-aws-ec2-metadata-token")
+                .and_then(|v| v.to_str().ok());
+            let ok = |body: String| (StatusCode::OK, [(TTL, "21600")], body);
+            match (method, uri.path()) {
+                // The session token, and (as IMDS does) its lifetime in a header.
+                (Method::PUT, "/latest/api/token") if headers.contains_key(TTL) => {
+                    ok(TOKEN.to_string())
+                }
+                (Method::GET, _) if token != Some(TOKEN) => {
+                    (StatusCode::UNAUTHORIZED, [(TTL, "0")], String::new())
+                }
+                (Method::GET, "/latest/meta-data/instance-id") => ok(instance),
+                (Method::GET, "/latest/meta-data/local-ipv4") => ok(addr),
+                (Method::GET, "/latest/user-data") => ok(user_data),
+                _ => (StatusCode::NOT_FOUND, [(TTL, "0")], String::new()),
+            }
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    a
 }
 
 struct RegionSetup {
@@ -570,6 +635,8 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
     let agents = tokio::spawn(run_agents(
         clients.clone(),
         format!("http://{api}"),
+        moto.url.clone(),
+        dir.path().to_path_buf(),
         seen.clone(),
         stop.clone(),
     ));
@@ -639,10 +706,12 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
             .flat_map(|g| g.instances.iter().map(|i| i.id.clone()))
             .collect();
         let facts = drover_aws::group::instances(c, &ids).await.unwrap();
-        for (id, (_, owner)) in &facts {
-            let o = owner
+        for (id, f) in &facts {
+            let o = f
+                .owner
                 .as_ref()
                 .unwrap_or_else(|| panic!("{id} has no drover tags"));
+            assert_eq!(f.generation, Some(1), "{id} is tagged with its generation");
             assert_eq!(
                 (o.fleet.as_str(), o.region.as_str()),
                 (FLEET, region.as_str())
@@ -883,6 +952,30 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         server.cli(&["destroy", "jobs", "--wait", "--timeout", "1m"])
     });
     assert_eq!(code, 0, "destroy jobs: {out}{err}\n{}", diag());
+    // The real agents of jobs drained, stopped, terminated their own instances, and exited 0.
+    let real: Vec<(String, Child)> = std::mem::take(&mut seen.lock().unwrap().real);
+    assert!(real.len() >= 2, "jobs ran on real agents: {}", real.len());
+    for (id, mut child) in real {
+        let log_file = dir.path().join(format!("agent-{id}.err"));
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+                panic!("the agent of {id} did not leave:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        assert!(status.success(), "agent of {id}: {status}\n{log}");
+        assert!(
+            log.contains("terminating this instance"),
+            "agent of {id} left through its Auto Scaling group:\n{log}"
+        );
+    }
     let left = drover_aws::group::describe_fleet(&by_region["use1"], FLEET, "use1")
         .await
         .unwrap();
