@@ -30,8 +30,8 @@ pub struct BootDoc {
     /// The AWS region the instance runs in (for its own Auto Scaling calls).
     pub aws_region: String,
     /// When leaving on a permit, whether the group's desired capacity drops with the instance
-    /// (surge rollouts: the controller launched the replacement first) or the Auto Scaling
-    /// group launches the replacement (in-place rollouts, `max_surge = 0`).
+    /// (the server sets it: its controller launches replacements itself) or the Auto Scaling
+    /// group launches the replacement.
     pub decrement_on_leave: bool,
     /// The plan generation this document boots.
     pub generation: u64,

@@ -109,8 +109,8 @@ pub struct GroupSpec {
     /// the instances still draining on their permits.
     pub max_size: u32,
     pub ingress: Option<IngressPlan>,
-    /// Whether an instance leaving on a permit lowers the group's capacity (surge rollouts)
-    /// or the provider replaces it in place (`max_surge = 0`).
+    /// Whether an instance leaving on a permit lowers the group's capacity (the controller
+    /// launches the replacement itself) or the provider replaces it.
     pub decrement_on_leave: bool,
 }
 

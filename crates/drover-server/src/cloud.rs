@@ -61,7 +61,10 @@ impl Engine {
                         + 2 * svc.rollout.max_surge
                         + svc.rollout.max_unavailable,
                     ingress,
-                    decrement_on_leave: svc.rollout.max_surge > 0,
+                    // The controller launches each replacement itself (an instance with a
+                    // permit no longer counts), in every surge mode: the leaver's capacity
+                    // goes with it, or the group would launch a second replacement.
+                    decrement_on_leave: true,
                 },
             ));
         }
