@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
@@ -53,9 +54,6 @@ pub(crate) async fn run(
 }
 
 async fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, snapshot: Snapshot) {
-    if let Err(e) = client.set_nodelay(true) {
-        debug!(listener = %shared.name, %peer, error = %e, "cannot set TCP_NODELAY on client");
-    }
     // One timer for the connection's whole life: the connect timeout, then the idle
     // timeout. Each timer registered or cancelled takes tokio's timer lock, and one that
     // becomes the runtime's earliest wakes its driver (a syscall); a connection's timer,
@@ -70,10 +68,6 @@ async fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, snapshot: S
     };
     drop(snapshot);
     let entry = &connected.0;
-    if let Err(e) = backend.set_nodelay(true) {
-        debug!(listener = %shared.name, target = %entry.target.id, error = %e,
-               "cannot set TCP_NODELAY on target connection");
-    }
     proxy(shared, client, backend, entry, peer, timer).await;
 }
 
@@ -165,7 +159,7 @@ async fn connect_any(
         let pending = Held::new(&entry.pending);
         let attempt = tokio::select! {
             biased;
-            connected = TcpStream::connect(entry.target.addr) => Ok(connected),
+            connected = connect(entry.target.addr) => Ok(connected),
             () = timer.as_mut() => Err(()),
         };
         drop(pending);
@@ -193,6 +187,40 @@ async fn connect_any(
             .saturating_add(u64::try_from(FAILURE_PENALTY.as_millis()).unwrap_or(u64::MAX));
         entry.penalized_until_ms.store(until, Relaxed);
     }
+}
+
+/// Opens a connection to a target in four syscalls: `socket` (non-blocking, close-on-exec),
+/// `setsockopt(TCP_NODELAY)`, `connect`, and the `epoll_ctl` that registers the socket.
+///
+/// The outcome is read from the readiness epoll reports, as HAProxy does: writable without
+/// an error or hang-up is established. `TcpStream::connect` would also ask the socket for
+/// its error (`getsockopt(SO_ERROR)`) after every connect; here that happens only when
+/// epoll reported a failure, to tell which.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    if let Err(e) = socket.set_tcp_nodelay(true) {
+        debug!(%addr, error = %e, "cannot set TCP_NODELAY on target connection");
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed while connecting",
+            )
+        }));
+    }
+    Ok(stream)
 }
 
 /// Copies both ways until both sides have closed (a side's EOF shuts down writing on the
