@@ -558,3 +558,19 @@ impl AcceptLoop {
             .spawn(conn::run(slot, client, peer, self.snapshot.clone(), shard));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_tcp_nodelay_from_the_listener() {
+        let listener = bind_socket("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("getsockopt"));
+        // Not a property of new sockets in general.
+        assert!(!client.nodelay().expect("getsockopt"));
+    }
+}
