@@ -338,13 +338,10 @@ async fn proxy(
         idle.as_mut().reset(last_activity + idle_timeout);
     }
     let mut down = Flow::default();
-    let mut turn = 0u64;
     let outcome = poll_fn(|cx| {
-        turn += 1;
         let mut moved = false;
         let copied = poll_both(
             cx,
-            turn,
             &mut up,
             &mut down,
             &mut client,
@@ -382,11 +379,14 @@ async fn proxy(
 }
 
 /// Moves whatever can move in both directions; Ready when both are done or one failed.
-/// `turn` counts the task's polls (see [`Flow::poll`]).
-#[allow(clippy::too_many_arguments)]
+///
+/// A direction whose reader sent EOF, once what it kept is written, shuts down its writer
+/// so the peer sees the EOF too (half-closed connections work), at once: on loopback the
+/// peer's side of the teardown then runs when the peer closes, on its own time. Only when
+/// both directions are there in the same pass are both sockets just closed, which sends
+/// the same FINs with one syscall fewer each.
 fn poll_both(
     cx: &mut Context<'_>,
-    turn: u64,
     up: &mut Flow,
     down: &mut Flow,
     client: &mut TcpStream,
@@ -394,31 +394,22 @@ fn poll_both(
     entry: &TargetEntry,
     moved: &mut bool,
 ) -> Poll<io::Result<()>> {
-    // A second pass when the first ended a direction's reading: the other one may then
-    // finish without a `shutdown` (see `Flow::poll`).
-    for _ in 0..2 {
-        let before = (up.state, down.state);
-        if !up.is_done() {
-            let other_eof = down.reader_done();
-            if let Poll::Ready(Err(e)) =
-                up.poll(cx, turn, client, backend, other_eof, &entry.bytes_in, moved)
-            {
-                return Poll::Ready(Err(e));
+    if let Poll::Ready(Err(e)) = up.poll(cx, client, backend, &entry.bytes_in, moved) {
+        return Poll::Ready(Err(e));
+    }
+    if let Poll::Ready(Err(e)) = down.poll(cx, backend, client, &entry.bytes_out, moved) {
+        return Poll::Ready(Err(e));
+    }
+    let closing = |f: &Flow| matches!(f.state, FlowState::Flushed | FlowState::Done);
+    if closing(up) && closing(down) {
+        return Poll::Ready(Ok(()));
+    }
+    for (flow, to) in [(&mut *up, &mut *backend), (&mut *down, &mut *client)] {
+        if flow.state == FlowState::Flushed {
+            if let Poll::Ready(result) = Pin::new(to).poll_shutdown(cx) {
+                result?;
+                flow.state = FlowState::Done;
             }
-        }
-        if !down.is_done() {
-            let other_eof = up.reader_done();
-            if let Poll::Ready(Err(e)) =
-                down.poll(cx, turn, backend, client, other_eof, &entry.bytes_out, moved)
-            {
-                return Poll::Ready(Err(e));
-            }
-        }
-        if up.is_done() && down.is_done() {
-            return Poll::Ready(Ok(()));
-        }
-        if (up.state, down.state) == before {
-            break;
         }
     }
     Poll::Pending
@@ -428,8 +419,12 @@ fn poll_both(
 enum FlowState {
     #[default]
     Open,
-    /// The reader sent EOF; what is spilled still goes out, then the writer is shut down.
+    /// The reader sent EOF; what is kept still goes out.
     Eof,
+    /// The reader sent EOF and everything is written; the writer is shut down next unless
+    /// both sockets are about to be closed (see [`poll_both`]).
+    Flushed,
+    /// The writer is shut down.
     Done,
 }
 
@@ -449,19 +444,9 @@ struct Flow {
     state: FlowState,
     /// Bytes read from this direction's reader.
     bytes: u64,
-    /// The task poll (`turn`) in which forwarding the reader's EOF was put off.
-    eof_deferred: Option<u64>,
 }
 
 impl Flow {
-    fn is_done(&self) -> bool {
-        self.state == FlowState::Done
-    }
-
-    /// The reader has sent EOF (what it sent may still be on its way to the writer).
-    fn reader_done(&self) -> bool {
-        self.state != FlowState::Open
-    }
 
     /// Keeps `rest`, what the writer did not take, to write it later. Only called with
     /// nothing kept.
@@ -538,24 +523,14 @@ impl Flow {
         })
     }
 
-    /// Copies `from` to `to` until one of them is not ready (Pending), or this direction
-    /// is done (Ready(Ok)), or fails.
-    ///
-    /// After the reader's EOF (and what was kept is written), the writer is shut down so
-    /// the peer sees the EOF too, but not at once: forwarding it waits for the next task
-    /// poll after the runtime has polled for events again (`turn` tells polls apart). A
-    /// client usually closes as soon as it has the answer whose end came with the target's
-    /// EOF, and when its EOF is in by then (`other_eof`: the opposite reader is done too),
-    /// both sockets are just closed: the `close` sends the same FIN, one syscall fewer, as
-    /// HAProxy does it. Otherwise the `shutdown` goes out then.
-    #[allow(clippy::too_many_arguments)]
+    /// Copies `from` to `to` until one of them is not ready (Pending), or the reader's EOF
+    /// is reached and everything written (Ready(Ok), state `Flushed`; the shutdown is
+    /// [`poll_both`]'s), or it fails.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        turn: u64,
         from: &mut TcpStream,
         to: &mut TcpStream,
-        other_eof: bool,
         counter: &AtomicU64,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
@@ -574,21 +549,10 @@ impl Flow {
             match self.state {
                 FlowState::Open => {}
                 FlowState::Eof => {
-                    if !other_eof {
-                        match self.eof_deferred {
-                            None => {
-                                self.eof_deferred = Some(turn);
-                                defer_wake(cx);
-                                return Poll::Pending;
-                            }
-                            Some(t) if t == turn => return Poll::Pending,
-                            Some(_) => ready!(Pin::new(&mut *to).poll_shutdown(cx))?,
-                        }
-                    }
-                    self.state = FlowState::Done;
+                    self.state = FlowState::Flushed;
                     return Poll::Ready(Ok(()));
                 }
-                FlowState::Done => return Poll::Ready(Ok(())),
+                FlowState::Flushed | FlowState::Done => return Poll::Ready(Ok(())),
             }
             let mut stack = [MaybeUninit::<u8>::uninit(); COPY_BUF];
             let mut buf = ReadBuf::uninit(&mut stack);
@@ -610,14 +574,6 @@ impl Flow {
             self.keep(&data[written..]);
         }
     }
-}
-
-/// Has the task polled again once the runtime has run its other ready tasks and polled for
-/// events (tokio's `yield_now`, whose waker the scheduler keeps until then).
-fn defer_wake(cx: &mut Context<'_>) {
-    let yielded = std::pin::pin!(tokio::task::yield_now());
-    // Pending: the scheduler has the waker now; dropping the future changes nothing.
-    let _ = yielded.poll(cx);
 }
 
 #[cfg(test)]
