@@ -447,7 +447,6 @@ struct Flow {
 }
 
 impl Flow {
-
     /// Keeps `rest`, what the writer did not take, to write it later. Only called with
     /// nothing kept.
     fn keep(&mut self, rest: &[u8]) {

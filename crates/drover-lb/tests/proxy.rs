@@ -435,7 +435,8 @@ fn send_before_accept(lb: std::net::SocketAddr, msg: &[u8]) -> TcpStream {
     use std::io::Write;
     let mut conn = std::net::TcpStream::connect(lb).expect("connect");
     conn.write_all(msg).expect("write");
-    conn.shutdown(std::net::Shutdown::Write).expect("half-close");
+    conn.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
     conn.set_nonblocking(true).expect("nonblocking");
     TcpStream::from_std(conn).expect("register")
 }
@@ -514,7 +515,10 @@ async fn a_target_that_closes_first_is_seen_closing_by_a_client_that_waits() {
     assert_eq!(got, b"bye\n");
     conn.write_all(b"late\n").await.expect("write after EOF");
     conn.shutdown().await.expect("half-close");
-    let rest = timeout(WAIT, server).await.expect("server done").expect("task");
+    let rest = timeout(WAIT, server)
+        .await
+        .expect("server done")
+        .expect("task");
     assert_eq!(rest, b"late\n");
     wait_until("closed", || lb.stats().active == 0).await;
     lb.shutdown().await;
