@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
@@ -52,29 +53,51 @@ pub(crate) async fn run(
     .await;
 }
 
-async fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, snapshot: Snapshot) {
-    if let Err(e) = client.set_nodelay(true) {
-        debug!(listener = %shared.name, %peer, error = %e, "cannot set TCP_NODELAY on client");
-    }
+async fn serve(shared: &Shared, mut client: TcpStream, peer: SocketAddr, snapshot: Snapshot) {
     // One timer for the connection's whole life: the connect timeout, then the idle
     // timeout. Each timer registered or cancelled takes tokio's timer lock, and one that
     // becomes the runtime's earliest wakes its driver (a syscall); a connection's timer,
     // kept from its start, is almost never the earliest while other connections are open.
     let timer = tokio::time::sleep(shared.connect_timeout);
     tokio::pin!(timer);
-    let Some((backend, connected)) = connect_any(shared, &snapshot, timer.as_mut()).await else {
-        shared.counters.unrouted.fetch_add(1, Relaxed);
-        debug!(listener = %shared.name, %peer, targets = snapshot.len(),
-               "no target could take the connection; closing it");
-        return; // dropping `client` closes it
+    // Client to target. It may already hold what the client sent while a target was being
+    // connected to (see `established`).
+    let mut up = Flow::default();
+    let found = connect_any(shared, &snapshot, &mut client, &mut up, timer.as_mut()).await;
+    let (backend, connected) = match found {
+        Ok(found) => found,
+        Err(NotConnected::NoTarget) => {
+            shared.counters.unrouted.fetch_add(1, Relaxed);
+            debug!(listener = %shared.name, %peer, targets = snapshot.len(),
+                   "no target could take the connection; closing it");
+            return; // dropping `client` closes it
+        }
+        Err(NotConnected::Client(e)) => {
+            debug!(listener = %shared.name, %peer, error = %e,
+                   "client connection failed while connecting to a target");
+            return;
+        }
     };
     drop(snapshot);
     let entry = &connected.0;
-    if let Err(e) = backend.set_nodelay(true) {
-        debug!(listener = %shared.name, target = %entry.target.id, error = %e,
-               "cannot set TCP_NODELAY on target connection");
-    }
-    proxy(shared, client, backend, entry, peer, timer).await;
+    proxy(shared, client, backend, entry, peer, timer, up).await;
+}
+
+/// Why a client connection got no target connection.
+enum NotConnected {
+    /// No target left to try: none in rotation and up, or every attempt failed.
+    NoTarget,
+    /// Reading from the client failed meanwhile.
+    Client(io::Error),
+}
+
+/// Why one connection attempt failed.
+enum Failed {
+    /// The target refused, was unreachable, or the socket could not be opened.
+    Target(io::Error),
+    TimedOut,
+    /// Reading from the client failed: no other target is tried.
+    Client(io::Error),
 }
 
 /// Counts one unit in a target's `active` or `pending` while alive.
@@ -136,12 +159,16 @@ impl Tried {
 
 /// Tries targets in policy order, each at most once, until one accepts. Failures are
 /// counted and penalize the target. Targets removed since accept, or down by their health
-/// checks, are not tried. Allocates nothing for up to 128 targets.
+/// checks, are not tried. Allocates nothing for up to 128 targets. What the client sends
+/// meanwhile is kept in `up` (and offered to each target in turn, see `established`): no
+/// target but the one connected to receives a byte.
 async fn connect_any(
     shared: &Shared,
     snapshot: &[Arc<TargetEntry>],
+    client: &mut TcpStream,
+    up: &mut Flow,
     mut timer: Pin<&mut Sleep>,
-) -> Option<(TcpStream, Connected)> {
+) -> Result<(TcpStream, Connected), NotConnected> {
     let cursor = shared.cursor.fetch_add(1, Relaxed);
     let mut tried = Tried::new(snapshot.len());
     let mut first = true;
@@ -154,7 +181,8 @@ async fn connect_any(
                 penalized: e.is_penalized(now),
                 excluded: tried.contains(i) || !e.in_rotation.load(Relaxed) || !e.up.load(Relaxed),
             }
-        })?;
+        })
+        .ok_or(NotConnected::NoTarget)?;
         tried.insert(i);
         let entry = &snapshot[i];
         if !std::mem::take(&mut first) {
@@ -163,24 +191,28 @@ async fn connect_any(
                 .reset(Instant::now() + shared.connect_timeout);
         }
         let pending = Held::new(&entry.pending);
-        let attempt = tokio::select! {
-            biased;
-            connected = TcpStream::connect(entry.target.addr) => Ok(connected),
-            () = timer.as_mut() => Err(()),
+        let attempt = match open(entry.target.addr) {
+            Ok(backend) => established(&backend, client, up, timer.as_mut())
+                .await
+                .map(|()| backend),
+            Err(e) => Err(Failed::Target(e)),
         };
         drop(pending);
         match attempt {
-            Ok(Ok(stream)) => {
+            Ok(stream) => {
                 entry.active.fetch_add(1, Relaxed);
                 entry.total.fetch_add(1, Relaxed);
-                return Some((stream, Connected(entry.clone())));
+                // What was read from the client while connecting goes to this target.
+                entry.bytes_in.fetch_add(up.bytes, Relaxed);
+                return Ok((stream, Connected(entry.clone())));
             }
-            Ok(Err(error)) => {
+            Err(Failed::Client(e)) => return Err(NotConnected::Client(e)),
+            Err(Failed::Target(error)) => {
                 warn!(listener = %shared.name, target = %entry.target.id,
                       addr = %entry.target.addr, %error,
                       "connect to target failed; trying the next one");
             }
-            Err(_) => {
+            Err(Failed::TimedOut) => {
                 warn!(listener = %shared.name, target = %entry.target.id,
                       addr = %entry.target.addr, timeout = ?shared.connect_timeout,
                       "connect to target timed out; trying the next one");
@@ -195,9 +227,100 @@ async fn connect_any(
     }
 }
 
+/// Starts a connection to a target in four syscalls: `socket` (non-blocking,
+/// close-on-exec), `setsockopt(TCP_NODELAY)`, `connect`, and the `epoll_ctl` that registers
+/// the socket. [`established`] tells how it ends.
+fn open(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    if let Err(e) = socket.set_tcp_nodelay(true) {
+        debug!(%addr, error = %e, "cannot set TCP_NODELAY on target connection");
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    TcpStream::from_std(socket.into())
+}
+
+/// Waits until the connection `open` started is established, fails, or `timer` fires.
+///
+/// Two things tell. First, bytes the client has already sent are offered to the target at
+/// once (one `send`, bypassing tokio's readiness): on loopback the handshake is usually
+/// over by the time `connect` returns, so the request goes out in the same pass as the
+/// connect instead of an event-loop turn later; the target taking them proves the
+/// connection, refusing them (`ECONNREFUSED`) fails it, and `EAGAIN` (still connecting)
+/// leaves them kept in `up` for the proxy to send. Second, the readiness epoll reports, as
+/// HAProxy reads it: writable without an error or hang-up is established. Unlike
+/// `TcpStream::connect`, this asks the socket for its error (`getsockopt(SO_ERROR)`) only
+/// when epoll reported one.
+async fn established(
+    backend: &TcpStream,
+    client: &mut TcpStream,
+    up: &mut Flow,
+    mut timer: Pin<&mut Sleep>,
+) -> Result<(), Failed> {
+    let verdict = backend.ready(Interest::WRITABLE | Interest::ERROR);
+    tokio::pin!(verdict);
+    // At most one early `send` per attempt: once it met a handshake still under way, epoll
+    // tells the rest.
+    let mut offered = false;
+    poll_fn(|cx| {
+        if let Poll::Ready(ready) = verdict.as_mut().poll(cx) {
+            let ready = ready.map_err(Failed::Target)?;
+            if ready.is_error() || ready.is_write_closed() {
+                let error = backend.take_error().ok().flatten().unwrap_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "connection closed while connecting",
+                    )
+                });
+                return Poll::Ready(Err(Failed::Target(error)));
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if !offered {
+            if let Poll::Ready(offer) = up.poll_offer(cx, client, backend) {
+                match offer {
+                    Offer::Taken => return Poll::Ready(Ok(())),
+                    Offer::NotYet => offered = true,
+                    Offer::Refused(e) => return Poll::Ready(Err(Failed::Target(e))),
+                    Offer::ClientFailed(e) => return Poll::Ready(Err(Failed::Client(e))),
+                }
+            }
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Failed::TimedOut));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// What became of client bytes offered to a target still connecting.
+enum Offer {
+    /// The target took some: the connection is established.
+    Taken,
+    /// The handshake is still under way (`EAGAIN`); the bytes are kept.
+    NotYet,
+    /// The connection failed (e.g. `ECONNREFUSED`); the bytes are kept for the next target.
+    Refused(io::Error),
+    ClientFailed(io::Error),
+}
+
+/// One `send(2)` straight on the socket, whatever tokio last heard of its readiness (which
+/// stays untouched: the first epoll event of a new socket sets it).
+fn send_now(socket: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    SockRef::from(socket).send_with_flags(data, libc::MSG_NOSIGNAL)
+}
+
 /// Copies both ways until both sides have closed (a side's EOF shuts down writing on the
 /// other, so half-closed connections work), a side fails, or nothing moved in either
-/// direction for `idle_timeout`.
+/// direction for `idle_timeout`. `up` may already hold client bytes read while connecting.
 async fn proxy(
     shared: &Shared,
     mut client: TcpStream,
@@ -205,6 +328,7 @@ async fn proxy(
     entry: &TargetEntry,
     peer: SocketAddr,
     mut idle: Pin<&mut Sleep>,
+    mut up: Flow,
 ) {
     let idle_timeout = shared.idle_timeout;
     let mut last_activity = Instant::now();
@@ -213,7 +337,6 @@ async fn proxy(
     if last_activity + idle_timeout < idle.deadline() {
         idle.as_mut().reset(last_activity + idle_timeout);
     }
-    let mut up = Flow::default();
     let mut down = Flow::default();
     let outcome = poll_fn(|cx| {
         let mut moved = false;
@@ -256,6 +379,12 @@ async fn proxy(
 }
 
 /// Moves whatever can move in both directions; Ready when both are done or one failed.
+///
+/// A direction whose reader sent EOF, once what it kept is written, shuts down its writer
+/// so the peer sees the EOF too (half-closed connections work), at once: on loopback the
+/// peer's side of the teardown then runs when the peer closes, on its own time. Only when
+/// both directions are there in the same pass are both sockets just closed, which sends
+/// the same FINs with one syscall fewer each.
 fn poll_both(
     cx: &mut Context<'_>,
     up: &mut Flow,
@@ -265,33 +394,37 @@ fn poll_both(
     entry: &TargetEntry,
     moved: &mut bool,
 ) -> Poll<io::Result<()>> {
-    if !up.is_done() {
-        if let Poll::Ready(Err(e)) =
-            up.poll(cx, client, backend, down.is_done(), &entry.bytes_in, moved)
-        {
-            return Poll::Ready(Err(e));
+    if let Poll::Ready(Err(e)) = up.poll(cx, client, backend, &entry.bytes_in, moved) {
+        return Poll::Ready(Err(e));
+    }
+    if let Poll::Ready(Err(e)) = down.poll(cx, backend, client, &entry.bytes_out, moved) {
+        return Poll::Ready(Err(e));
+    }
+    let closing = |f: &Flow| matches!(f.state, FlowState::Flushed | FlowState::Done);
+    if closing(up) && closing(down) {
+        return Poll::Ready(Ok(()));
+    }
+    for (flow, to) in [(&mut *up, &mut *backend), (&mut *down, &mut *client)] {
+        if flow.state == FlowState::Flushed {
+            if let Poll::Ready(result) = Pin::new(to).poll_shutdown(cx) {
+                result?;
+                flow.state = FlowState::Done;
+            }
         }
     }
-    if !down.is_done() {
-        if let Poll::Ready(Err(e)) =
-            down.poll(cx, backend, client, up.is_done(), &entry.bytes_out, moved)
-        {
-            return Poll::Ready(Err(e));
-        }
-    }
-    if up.is_done() && down.is_done() {
-        Poll::Ready(Ok(()))
-    } else {
-        Poll::Pending
-    }
+    Poll::Pending
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum FlowState {
     #[default]
     Open,
-    /// The reader sent EOF; what is spilled still goes out, then the writer is shut down.
+    /// The reader sent EOF; what is kept still goes out.
     Eof,
+    /// The reader sent EOF and everything is written; the writer is shut down next unless
+    /// both sockets are about to be closed (see [`poll_both`]).
+    Flushed,
+    /// The writer is shut down.
     Done,
 }
 
@@ -314,20 +447,89 @@ struct Flow {
 }
 
 impl Flow {
-    fn is_done(&self) -> bool {
-        self.state == FlowState::Done
+    /// Keeps `rest`, what the writer did not take, to write it later. Only called with
+    /// nothing kept.
+    fn keep(&mut self, rest: &[u8]) {
+        if rest.is_empty() {
+            return;
+        }
+        let spill = self
+            .spill
+            .get_or_insert_with(|| vec![0; COPY_BUF].into_boxed_slice());
+        spill[..rest.len()].copy_from_slice(rest);
+        self.start = 0;
+        self.end = rest.len();
     }
 
-    /// Copies `from` to `to` until one of them is not ready (Pending), or this direction
-    /// is done (Ready(Ok)), or fails. `other_done`: the opposite direction is done, so both
-    /// sockets are closed as soon as this one is; then `to` is not shut down first (closing
-    /// it sends the same FIN, one syscall fewer).
+    /// Offers a target that is still connecting what the client sent: what was kept from
+    /// an earlier attempt, or else what can be read now. Pending when there is nothing to
+    /// offer (the client's read waker is registered); the bytes stay kept unless taken.
+    fn poll_offer(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut TcpStream,
+        backend: &TcpStream,
+    ) -> Poll<Offer> {
+        if self.start < self.end {
+            let Some(spill) = &self.spill else {
+                return Poll::Pending;
+            };
+            return Poll::Ready(match send_now(backend, &spill[self.start..self.end]) {
+                Ok(0) => Offer::NotYet,
+                Ok(n) => {
+                    self.start += n;
+                    Offer::Taken
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Offer::NotYet,
+                Err(e) => Offer::Refused(e),
+            });
+        }
+        if self.state != FlowState::Open {
+            return Poll::Pending;
+        }
+        let mut stack = [MaybeUninit::<u8>::uninit(); COPY_BUF];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Offer::ClientFailed(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let data = buf.filled();
+        if data.is_empty() {
+            // The client is done sending before the target could take anything; its EOF
+            // is forwarded once connected.
+            self.state = FlowState::Eof;
+            return Poll::Pending;
+        }
+        self.bytes += data.len() as u64;
+        Poll::Ready(match send_now(backend, data) {
+            Ok(n) if n > 0 => {
+                self.keep(&data[n..]);
+                Offer::Taken
+            }
+            Ok(_) => {
+                self.keep(data);
+                Offer::NotYet
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.keep(data);
+                Offer::NotYet
+            }
+            Err(e) => {
+                self.keep(data);
+                Offer::Refused(e)
+            }
+        })
+    }
+
+    /// Copies `from` to `to` until one of them is not ready (Pending), or the reader's EOF
+    /// is reached and everything written (Ready(Ok), state `Flushed`; the shutdown is
+    /// [`poll_both`]'s), or it fails.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut TcpStream,
         to: &mut TcpStream,
-        other_done: bool,
         counter: &AtomicU64,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
@@ -346,13 +548,10 @@ impl Flow {
             match self.state {
                 FlowState::Open => {}
                 FlowState::Eof => {
-                    if !other_done {
-                        ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
-                    }
-                    self.state = FlowState::Done;
+                    self.state = FlowState::Flushed;
                     return Poll::Ready(Ok(()));
                 }
-                FlowState::Done => return Poll::Ready(Ok(())),
+                FlowState::Flushed | FlowState::Done => return Poll::Ready(Ok(())),
             }
             let mut stack = [MaybeUninit::<u8>::uninit(); COPY_BUF];
             let mut buf = ReadBuf::uninit(&mut stack);
@@ -371,15 +570,7 @@ impl Flow {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => 0,
             };
-            if written < data.len() {
-                let rest = &data[written..];
-                let spill = self
-                    .spill
-                    .get_or_insert_with(|| vec![0; COPY_BUF].into_boxed_slice());
-                spill[..rest.len()].copy_from_slice(rest);
-                self.start = 0;
-                self.end = rest.len();
-            }
+            self.keep(&data[written..]);
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
@@ -30,6 +30,10 @@ pub(crate) const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// Shortest interval between two warnings about refused or failed accepts.
 const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Pending connections the kernel queues before the accept loop takes them (tokio's and
+/// std's `bind` use the same).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Pause after an accept error (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -243,13 +247,11 @@ impl Listener {
             name: cfg.name.clone(),
             reason,
         })?;
-        let socket = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| LbError::Bind {
-                name: cfg.name.clone(),
-                addr: cfg.listen,
-                source,
-            })?;
+        let socket = bind_socket(cfg.listen).map_err(|source| LbError::Bind {
+            name: cfg.name.clone(),
+            addr: cfg.listen,
+            source,
+        })?;
         let local_addr = socket.local_addr().map_err(|source| LbError::LocalAddr {
             name: cfg.name.clone(),
             source,
@@ -285,6 +287,7 @@ impl Listener {
             connections: connections.clone(),
             refused_log: RateLimit::default(),
             accept_error_log: RateLimit::default(),
+            nodelay_inherited: None,
         };
         let accept_task = tokio::spawn(accept.run());
         info!(listener = %cfg.name, addr = %local_addr, policy = ?cfg.policy,
@@ -353,6 +356,23 @@ impl Listener {
     }
 }
 
+/// Binds and listens like `TcpListener::bind` (`SO_REUSEADDR`, backlog 1024), with
+/// `TCP_NODELAY` set on the listening socket: accepted sockets inherit it (Linux and the
+/// BSDs), which saves a `setsockopt` per connection. [`AcceptLoop::admit`] checks the first
+/// accepted socket and sets it per connection where it is not inherited.
+fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Lets a warning through at most once per [`LOG_EVERY`], counting the ones held back.
 #[derive(Debug, Default)]
 struct RateLimit {
@@ -400,6 +420,9 @@ struct AcceptLoop {
     connections: TaskTracker,
     refused_log: RateLimit,
     accept_error_log: RateLimit,
+    /// Whether accepted sockets inherit the listening socket's `TCP_NODELAY`: `None` until
+    /// the first one is checked (see [`bind_socket`]).
+    nodelay_inherited: Option<bool>,
 }
 
 impl AcceptLoop {
@@ -498,6 +521,21 @@ impl AcceptLoop {
         self.change_waker = None;
     }
 
+    /// Makes sure `TCP_NODELAY` is on for an accepted client socket: one `getsockopt` on
+    /// the listener's first connection, then nothing where the option is inherited.
+    fn set_nodelay(&mut self, client: &TcpStream, peer: SocketAddr) {
+        let inherited = *self
+            .nodelay_inherited
+            .get_or_insert_with(|| client.nodelay().unwrap_or(false));
+        if inherited {
+            return;
+        }
+        if let Err(e) = client.set_nodelay(true) {
+            debug!(listener = %self.shared.name, %peer, error = %e,
+                   "cannot set TCP_NODELAY on client");
+        }
+    }
+
     fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
         let counters = &self.shared.counters;
         let n = counters.accepted.fetch_add(1, Relaxed);
@@ -512,10 +550,27 @@ impl AcceptLoop {
         }
         counters.active.fetch_add(1, Relaxed);
         let slot = ActiveSlot(self.shared.clone());
+        self.set_nodelay(&client, peer);
         // A `send` that returned before this accept must be seen by this connection.
         self.take_new_targets();
         let shard = usize::try_from(n).unwrap_or_default();
         self.connections
             .spawn(conn::run(slot, client, peer, self.snapshot.clone(), shard));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_tcp_nodelay_from_the_listener() {
+        let listener = bind_socket("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("getsockopt"));
+        // Not a property of new sockets in general.
+        assert!(!client.nodelay().expect("getsockopt"));
     }
 }

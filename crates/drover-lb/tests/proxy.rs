@@ -427,3 +427,99 @@ async fn large_transfers_under_back_pressure_arrive_intact_both_ways() {
     assert_eq!(stats.bytes_out, LEN as u64 + 8);
     lb.shutdown().await;
 }
+
+/// Connects to `lb`, sends `msg` and half-closes, all before the listener's task can run
+/// (blocking calls, no `.await`): the balancer finds the bytes and the EOF already there
+/// when it accepts, so it reads them while still connecting to a target.
+fn send_before_accept(lb: std::net::SocketAddr, msg: &[u8]) -> TcpStream {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(lb).expect("connect");
+    conn.write_all(msg).expect("write");
+    conn.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    conn.set_nonblocking(true).expect("nonblocking");
+    TcpStream::from_std(conn).expect("register")
+}
+
+#[tokio::test]
+async fn bytes_read_while_connecting_survive_a_refused_target() {
+    let b = backend("b").await;
+    let dead = Target::new("dead", dead_addr().await);
+    // Round robin starts with `dead`: its connect is refused after the client's request
+    // was read, and the request goes to `b`, followed by the client's EOF.
+    let (lb, _tx) = start(ListenerConfig::default(), vec![dead, b.target.clone()]).await;
+    let mut conn = send_before_accept(lb.local_addr(), b"hello\n");
+    let mut got = Vec::new();
+    timeout(WAIT, conn.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert_eq!(got, b"b\nhello\n");
+    wait_until("closed", || lb.stats().active == 0).await;
+    let stats = lb.stats();
+    assert_eq!((stats.connect_failures, stats.unrouted), (1, 0));
+    let by_id = |id: &str| stats.targets.iter().find(|t| t.id == id).expect("target");
+    assert_eq!((by_id("dead").bytes_in, by_id("dead").total), (0, 0));
+    assert_eq!((by_id("b").bytes_in, by_id("b").bytes_out), (6, 8));
+    assert_eq!(stats.bytes_in, 6);
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn bytes_read_while_connecting_survive_a_connect_timeout() {
+    let b = backend("b").await;
+    let (hole, _fillers) = black_hole().await;
+    let cfg = ListenerConfig {
+        connect_timeout: Duration::from_millis(150),
+        ..Default::default()
+    };
+    // The first target never answers the handshake: the early send finds it still
+    // connecting, the bytes are kept, and after the timeout `b` gets them.
+    let (lb, _tx) = start(cfg, vec![Target::new("hole", hole), b.target.clone()]).await;
+    let mut conn = send_before_accept(lb.local_addr(), b"ping\n");
+    let mut got = Vec::new();
+    timeout(WAIT, conn.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert_eq!(got, b"b\nping\n");
+    let stats = lb.stats();
+    let by_id = |id: &str| stats.targets.iter().find(|t| t.id == id).expect("target");
+    assert_eq!(by_id("hole").connect_failures, 1);
+    assert_eq!((by_id("hole").bytes_in, by_id("b").bytes_in), (0, 5));
+    lb.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_target_that_closes_first_is_seen_closing_by_a_client_that_waits() {
+    // A server that speaks first and closes (say, a banner); the client never closes its
+    // side, so the target's EOF must reach it as a half-close.
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = socket.accept().await.expect("accept");
+        conn.write_all(b"bye\n").await.expect("write");
+        conn.shutdown().await.expect("shutdown");
+        // Whatever the client sends after our EOF still arrives.
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.expect("read");
+        rest
+    });
+    let (lb, _tx) = start(ListenerConfig::default(), vec![Target::new("s", addr)]).await;
+    let mut conn = TcpStream::connect(lb.local_addr()).await.expect("connect");
+    let mut got = Vec::new();
+    timeout(WAIT, conn.read_to_end(&mut got))
+        .await
+        .expect("target's EOF forwarded")
+        .expect("read");
+    assert_eq!(got, b"bye\n");
+    conn.write_all(b"late\n").await.expect("write after EOF");
+    conn.shutdown().await.expect("half-close");
+    let rest = timeout(WAIT, server)
+        .await
+        .expect("server done")
+        .expect("task");
+    assert_eq!(rest, b"late\n");
+    wait_until("closed", || lb.stats().active == 0).await;
+    lb.shutdown().await;
+}
