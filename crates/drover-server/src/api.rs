@@ -559,9 +559,14 @@ async fn plan(
     }
 }
 
-/// Prometheus text: per listener and per target counters of the built-in balancer.
+/// Prometheus text: per listener and per target counters of the built-in balancer, and the
+/// permit long-polls agents hold open.
 async fn metrics(State(e): State<Arc<Engine>>) -> Response {
-    let out = drover_lb::prometheus(&e.balancer_stats());
+    let mut out = drover_lb::prometheus(&e.balancer_stats());
+    out.push_str(&format!(
+        "# HELP drover_permit_long_polls Permit long-polls agents hold open now.\n# TYPE drover_permit_long_polls gauge\ndrover_permit_long_polls {}\n",
+        e.permit_polls()
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

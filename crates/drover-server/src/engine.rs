@@ -45,6 +45,24 @@ pub struct Engine {
     pub(crate) write_lock: tokio::sync::Mutex<()>,
     /// Bumped whenever a permit is granted; permit long-polls wait on it.
     permits: watch::Sender<u64>,
+    /// Permit long-polls being held now (`/metrics`).
+    permit_polls: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a held permit long-poll while it lives.
+struct HeldPoll<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> HeldPoll<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> HeldPoll<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeldPoll(n)
+    }
+}
+
+impl Drop for HeldPoll<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Engine {
@@ -116,6 +134,7 @@ impl Engine {
             timing,
             write_lock: tokio::sync::Mutex::new(()),
             permits: watch::channel(0).0,
+            permit_polls: Default::default(),
         })
     }
 
@@ -280,10 +299,13 @@ impl Engine {
 
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<HeartbeatReply, ServerError> {
         let now = now_ms();
-        let (events, changed) = {
+        let (events, changed, leave_soon) = {
             let mut st = self.state();
-            let Some(inst) = st.instances.get_mut(&hb.instance) else {
-                return Ok(HeartbeatReply { known: false });
+            let Some(inst) = st.instances.get(&hb.instance) else {
+                return Ok(HeartbeatReply {
+                    known: false,
+                    leave_soon: Some(false),
+                });
             };
             if inst.record.group != hb.group {
                 return Err(ServerError::BadRequest(format!(
@@ -291,21 +313,30 @@ impl Engine {
                     hb.instance, inst.record.group, hb.group
                 )));
             }
+            let leave_soon = Some(st.leave_soon(inst));
             if hb.seq != 0 && hb.seq <= inst.soft.last_seq {
-                return Ok(HeartbeatReply { known: true }); // late or duplicate
+                // Late or duplicate.
+                return Ok(HeartbeatReply {
+                    known: true,
+                    leave_soon,
+                });
             }
+            let inst = st.instances.get_mut(&hb.instance).expect("looked up above");
             let (events, changed) = absorb_heartbeat(inst, &hb, now);
             if changed && matches!(inst.soft.health, Health::Healthy { .. }) {
                 let group = inst.record.group.clone();
                 st.launch_backoff.remove(&group);
             }
-            (events, changed)
+            (events, changed, leave_soon)
         };
         self.record(events);
         if changed {
             self.wake.notify_one();
         }
-        Ok(HeartbeatReply { known: true })
+        Ok(HeartbeatReply {
+            known: true,
+            leave_soon,
+        })
     }
 
     /// The provider saw an instance end.
@@ -722,6 +753,7 @@ impl Engine {
         wait: Duration,
     ) -> Result<drover_model::api::PermitReply, ServerError> {
         let mut rx = self.permits.subscribe();
+        let _held = HeldPoll::new(&self.permit_polls);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let found = {
@@ -751,6 +783,11 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Permit long-polls held open now.
+    pub fn permit_polls(&self) -> usize {
+        self.permit_polls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Open balancer connections to an instance (the agent waits for 0 before stopping).

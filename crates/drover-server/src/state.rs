@@ -79,6 +79,20 @@ impl State {
         b.0
     }
 
+    /// Whether `inst` may get a permit soon, so its agent should hold the permit long-poll
+    /// open: it holds one already (or is being terminated), its group is gone, or it runs a
+    /// stale generation (a rollout replaces it within its budget). Surplus instances (scale-in)
+    /// get their permits in the pass that sees them and so are covered by the first case.
+    pub fn leave_soon(&self, inst: &Instance) -> bool {
+        if inst.record.lifecycle != Lifecycle::Active {
+            return true;
+        }
+        match self.groups.get(&inst.record.group) {
+            None => true,
+            Some(g) => inst.record.generation < g.record.generation,
+        }
+    }
+
     pub fn fleet(&self) -> Option<&Fleet> {
         self.revision.as_ref().map(|r| &r.fleet)
     }
