@@ -583,7 +583,7 @@ async fn create_token(State(e): State<Arc<Engine>>, body: Body2) -> Result<Respo
             )));
         }
     }
-    let made = e.auth().create(&e, req.scope, req.name, req.group)?;
+    let made = e.auth().create(&e, req.scope, req.name, req.group).await?;
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 
@@ -591,5 +591,5 @@ async fn revoke_token(
     State(e): State<Arc<Engine>>,
     Path(id): Path<String>,
 ) -> Result<Response, ServerError> {
-    Ok(Json(e.auth().revoke(&e, &id)?).into_response())
+    Ok(Json(e.auth().revoke(&e, &id).await?).into_response())
 }

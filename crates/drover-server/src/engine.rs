@@ -32,7 +32,9 @@ struct Ingress {
 }
 
 pub struct Engine {
-    pub(crate) store: Box<dyn Store>,
+    /// Reads go to the store directly; every write goes through `writer`.
+    pub(crate) store: Arc<dyn Store>,
+    writer: crate::writer::Writer,
     state: Mutex<State>,
     /// One provider per region, made when a region first appears.
     providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
@@ -104,7 +106,8 @@ impl Engine {
             );
         }
         for rec in snap.instances {
-            // Soft state is rebuilt from heartbeats; until then, a grace period from now.
+            // Soft state is rebuilt from heartbeats; until then, a grace period from when the
+            // API answers ([`Engine::api_ready`]; from now until then).
             state.instances.insert(
                 rec.id.clone(),
                 Instance {
@@ -123,8 +126,16 @@ impl Engine {
             );
         }
         let (events_tx, _) = broadcast::channel(4096);
+        let store: Arc<dyn Store> = Arc::from(store);
+        let publish = events_tx.clone();
+        let writer = crate::writer::Writer::start(store.clone(), move |e| {
+            tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
+            let _ = publish.send(e.clone());
+        })
+        .map_err(|e| ServerError::Io("cannot start the store writer".into(), e))?;
         Ok(Engine {
             store,
+            writer,
             state: Mutex::new(state),
             providers: Mutex::new(providers),
             factory,
@@ -136,6 +147,19 @@ impl Engine {
             permits: watch::channel(0).0,
             permit_polls: Default::default(),
         })
+    }
+
+    /// The API answers from now on: the silence of every instance loaded from the store (and
+    /// not heard from yet) counts from now, plus a grace, not from when the store was read.
+    pub fn api_ready(&self) {
+        let now = now_ms();
+        let mut st = self.state();
+        for i in st.instances.values_mut() {
+            if i.soft.restored {
+                i.soft.watched_since_ms = now;
+                i.soft.last_seen_ms = now + RESTART_GRACE_MS;
+            }
+        }
     }
 
     fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
@@ -150,27 +174,25 @@ impl Engine {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Commit writes and publish the events they carry.
-    pub(crate) fn commit(
+    /// Commit writes with the store writer's next group; returns once they are durable (the
+    /// events they carry are published then).
+    pub(crate) async fn commit(
         &self,
         writes: Vec<Write>,
     ) -> Result<drover_store::Committed, ServerError> {
-        let c = self.store.commit(writes, now_ms())?;
-        for e in &c.events {
-            tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
-            let _ = self.events_tx.send(e.clone());
-        }
-        Ok(c)
+        Ok(self.writer.commit(writes, now_ms()).await?)
     }
 
-    /// Record events on their own.
+    /// Record events on their own, without waiting: they are written with the writer's next
+    /// group (soft state: health changes, rotation, failed launches).
     pub fn record(&self, events: Vec<NewEvent>) {
-        if events.is_empty() {
-            return;
-        }
-        if let Err(e) = self.commit(events.into_iter().map(Write::Event).collect()) {
-            tracing::error!("cannot record events: {e}");
-        }
+        self.writer
+            .submit(events.into_iter().map(Write::Event).collect(), now_ms());
+    }
+
+    /// Resolves once every write queued so far is durable.
+    pub async fn flush(&self) {
+        self.writer.flush().await;
     }
 
     /// Bind the balancer listeners of every group that has an ingress.
@@ -299,7 +321,7 @@ impl Engine {
 
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<HeartbeatReply, ServerError> {
         let now = now_ms();
-        let (events, changed, leave_soon) = {
+        let (changed, leave_soon) = {
             let mut st = self.state();
             let Some(inst) = st.instances.get(&hb.instance) else {
                 return Ok(HeartbeatReply {
@@ -327,9 +349,10 @@ impl Engine {
                 let group = inst.record.group.clone();
                 st.launch_backoff.remove(&group);
             }
-            (events, changed, leave_soon)
+            // Queued (never waited for) under the lock: events in the order of the changes.
+            self.record(events);
+            (changed, leave_soon)
         };
-        self.record(events);
         if changed {
             self.wake.notify_one();
         }
@@ -357,7 +380,7 @@ impl Engine {
     pub async fn tick(self: &Arc<Self>) {
         let _w = self.write_lock.lock().await;
         let now = now_ms();
-        if let Err(e) = self.autoscale(now) {
+        if let Err(e) = self.autoscale(now).await {
             tracing::error!("autoscale: {e}");
         }
         // A pass that lets instances go (permits, terminations, losses) frees surge room:
@@ -396,7 +419,7 @@ impl Engine {
     }
 
     /// Run the autoscaler of every group that has a policy; store and record its changes.
-    fn autoscale(&self, now: u64) -> Result<(), ServerError> {
+    async fn autoscale(&self, now: u64) -> Result<(), ServerError> {
         let mut writes = Vec::new();
         {
             let mut st = self.state();
@@ -440,7 +463,7 @@ impl Engine {
             }
         }
         if !writes.is_empty() {
-            self.commit(writes)?;
+            self.commit(writes).await?;
         }
         Ok(())
     }
@@ -522,7 +545,7 @@ impl Engine {
             }
             (writes, changed)
         };
-        self.commit(writes)?;
+        self.commit(writes).await?;
         self.wake.notify_one();
         Ok(drover_model::api::ScaleResponse { groups: changed })
     }
@@ -603,7 +626,8 @@ impl Engine {
                             .group(&rec.group)
                             .instance(&instance),
                     ),
-                ])?;
+                ])
+                .await?;
                 let mut st = self.state();
                 let never_healthy = st
                     .instances
@@ -631,13 +655,15 @@ impl Engine {
                     .await
             }
             Action::Permit { instance, reason } => {
-                let rec = self.set_lifecycle(
-                    &instance,
-                    Lifecycle::Draining,
-                    Some(now),
-                    EventKind::Permit,
-                    &format!("permit: {reason}; out of rotation, draining"),
-                )?;
+                let rec = self
+                    .set_lifecycle(
+                        &instance,
+                        Lifecycle::Draining,
+                        Some(now),
+                        EventKind::Permit,
+                        &format!("permit: {reason}; out of rotation, draining"),
+                    )
+                    .await?;
                 let Some(rec) = rec else { return Ok(()) };
                 // Out of the balancer now, then wake the agent's long-poll.
                 self.remove_target(&rec.group, &rec.id);
@@ -687,7 +713,8 @@ impl Engine {
                 self.commit(vec![
                     Write::Group(record),
                     Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
-                ])?;
+                ])
+                .await?;
                 Ok(())
             }
             Action::RolloutFailed {
@@ -724,7 +751,8 @@ impl Engine {
                         )
                         .group(&group),
                     ),
-                ])?;
+                ])
+                .await?;
                 if auto_revert && good > 0 {
                     self.auto_revert(&group, generation).await?;
                 }
@@ -825,7 +853,7 @@ impl Engine {
             .unwrap_or(Duration::from_secs(10))
     }
 
-    fn set_lifecycle(
+    async fn set_lifecycle(
         &self,
         instance: &str,
         lifecycle: Lifecycle,
@@ -855,7 +883,8 @@ impl Engine {
                     .group(&rec.group)
                     .instance(instance),
             ),
-        ])?;
+        ])
+        .await?;
         if let Some(i) = self.state().instances.get_mut(instance) {
             i.record = rec.clone();
         }
@@ -863,13 +892,15 @@ impl Engine {
     }
 
     async fn terminate(&self, instance: &str, why: &str) -> Result<(), ServerError> {
-        let Some(rec) = self.set_lifecycle(
-            instance,
-            Lifecycle::Terminating,
-            None,
-            EventKind::Terminating,
-            &format!("terminating: {why}"),
-        )?
+        let Some(rec) = self
+            .set_lifecycle(
+                instance,
+                Lifecycle::Terminating,
+                None,
+                EventKind::Terminating,
+                &format!("terminating: {why}"),
+            )
+            .await?
         else {
             return Ok(());
         };
@@ -906,7 +937,8 @@ impl Engine {
         self.commit(vec![Write::Counter {
             name: "instance_seq".into(),
             value: seq,
-        }])?;
+        }])
+        .await?;
         let launched = provider
             .launch(LaunchRequest {
                 instance: id.clone(),
@@ -951,7 +983,8 @@ impl Engine {
                 .group(group)
                 .instance(&id),
             ),
-        ])?;
+        ])
+        .await?;
         let alive = provider.alive(&id);
         self.state().instances.insert(
             id,
@@ -1087,4 +1120,249 @@ pub(crate) fn balancer_health(
         rise: h.healthy_threshold.max(1),
         fall: h.unhealthy_threshold.max(1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::tests::Slow;
+    use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Utilization};
+    use drover_store::{EventFilter, RolloutRecord, SqliteStore};
+    use std::time::Instant;
+
+    const FLEET: &str = r#"
+[fleet]
+name = "t"
+
+[regions.local]
+provider = "local"
+
+[services.web]
+regions = ["local"]
+capacity = { min = 1, desired = 1, max = 2 }
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "/bin/true"
+"#;
+
+    /// An engine over a store whose every commit takes `delay`, holding one instance
+    /// (`i-000001`, restored from the store as after a restart).
+    fn engine(dir: &std::path::Path, delay: Duration) -> (Engine, Arc<Slow>) {
+        let inner = SqliteStore::open(&dir.join("drover.db")).unwrap();
+        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+        plan.generation = 1;
+        plan.revision = 1;
+        inner
+            .commit(
+                vec![
+                    Write::Revision {
+                        file: "drover.toml".into(),
+                        summary: "test".into(),
+                        toml: FLEET.into(),
+                        fleet: fleet.clone(),
+                    },
+                    Write::Group(GroupRecord {
+                        group: "web/local".into(),
+                        desired: 1,
+                        desired_reason: "apply".into(),
+                        generation: 1,
+                        rollout: RolloutRecord::default(),
+                    }),
+                    Write::Plan(plan),
+                    Write::Instance(InstanceRecord {
+                        id: "i-000001".into(),
+                        group: "web/local".into(),
+                        generation: 1,
+                        addr: "127.0.0.1".into(),
+                        provider_id: "test".into(),
+                        launched_at_ms: 1,
+                        lifecycle: Lifecycle::Active,
+                        permit_at_ms: None,
+                    }),
+                ],
+                1,
+            )
+            .unwrap();
+        let slow = Arc::new(Slow {
+            inner,
+            delay,
+            groups: std::sync::Mutex::new(Vec::new()),
+        });
+        let store: Box<dyn Store> = Box::new(SlowRef(slow.clone()));
+        let e = Engine::new(
+            store,
+            Timing {
+                silent_after_ms: 5000,
+            },
+            crate::ProviderFactory::for_tests(dir),
+        )
+        .unwrap();
+        (e, slow)
+    }
+
+    /// `Box<dyn Store>` over a shared [`Slow`].
+    struct SlowRef(Arc<Slow>);
+
+    impl Store for SlowRef {
+        fn commit(
+            &self,
+            w: Vec<Write>,
+            now: u64,
+        ) -> Result<drover_store::Committed, drover_store::StoreError> {
+            self.0.commit(w, now)
+        }
+        fn commit_many(
+            &self,
+            b: Vec<(Vec<Write>, u64)>,
+        ) -> Vec<Result<drover_store::Committed, drover_store::StoreError>> {
+            self.0.commit_many(b)
+        }
+        fn snapshot(&self) -> Result<drover_store::Snapshot, drover_store::StoreError> {
+            self.0.snapshot()
+        }
+        fn revision(&self, n: u64) -> Result<Option<Revision>, drover_store::StoreError> {
+            self.0.revision(n)
+        }
+        fn revisions(
+            &self,
+        ) -> Result<Vec<drover_model::api::RevisionSummary>, drover_store::StoreError> {
+            self.0.revisions()
+        }
+        fn plan(&self, g: &str, n: u64) -> Result<Option<Plan>, drover_store::StoreError> {
+            self.0.plan(g, n)
+        }
+        fn events(
+            &self,
+            f: &EventFilter,
+        ) -> Result<Vec<drover_model::Event>, drover_store::StoreError> {
+            self.0.events(f)
+        }
+        fn tokens(&self) -> Result<Vec<drover_store::TokenRecord>, drover_store::StoreError> {
+            self.0.tokens()
+        }
+    }
+
+    fn beat(seq: u64, state: ComponentState) -> Heartbeat {
+        Heartbeat {
+            instance: "i-000001".into(),
+            group: "web/local".into(),
+            generation: 1,
+            addr: "127.0.0.1".into(),
+            phase: AgentPhase::Running,
+            seq,
+            components: vec![ComponentReport {
+                name: "app".into(),
+                version: "v1".into(),
+                state,
+                pid: Some(42),
+                restarts: 0,
+                last_exit: None,
+                message: None,
+            }],
+            utilization: Utilization::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_does_not_wait_for_the_fsync_of_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, slow) = engine(dir.path(), Duration::from_millis(400));
+        let e = Arc::new(e);
+        // A durable commit (an API change) is being written: 400 ms.
+        let busy = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                e.commit(vec![Write::Event(NewEvent::new(
+                    EventKind::Server,
+                    "a durable change",
+                ))])
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t = Instant::now();
+        // Restored: the first heartbeat rebuilds health without an event; the next two are
+        // health changes, each an event.
+        let r = e.heartbeat(beat(1, ComponentState::Healthy)).unwrap();
+        assert!(r.known);
+        assert_eq!(r.leave_soon, Some(false));
+        e.heartbeat(beat(2, ComponentState::Unhealthy)).unwrap();
+        e.heartbeat(beat(3, ComponentState::Healthy)).unwrap();
+        let took = t.elapsed();
+        eprintln!("three heartbeats (two health changes) took {took:?} with a 400 ms fsync");
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        // The durable commit waited for its fsync.
+        busy.await.unwrap().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        // The events are written with a later group, in order.
+        e.flush().await;
+        let kinds: Vec<EventKind> = slow
+            .inner
+            .events(&EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|ev| ev.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [EventKind::Server, EventKind::Unhealthy, EventKind::Healthy]
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_after_a_restart_counts_from_when_the_api_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let loaded = e.state().instances["i-000001"].soft.clone();
+        assert!(loaded.restored);
+        // A slow start (say, a large store read): the API answers later.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        e.api_ready();
+        let ready = e.state().instances["i-000001"].soft.clone();
+        assert!(ready.watched_since_ms >= loaded.watched_since_ms + 300);
+        assert!(ready.last_seen_ms >= loaded.last_seen_ms + 300);
+        assert_eq!(
+            ready.last_seen_ms,
+            ready.watched_since_ms + RESTART_GRACE_MS
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_and_permitted_instances_are_told_to_leave_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let hint = |seq| e.heartbeat(beat(seq, ComponentState::Healthy)).unwrap();
+        assert_eq!(hint(1).leave_soon, Some(false));
+        // A new generation: the instance is stale.
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .generation = 2;
+        assert_eq!(hint(2).leave_soon, Some(true));
+        // Current again (a revert), then holding a permit.
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .generation = 1;
+        assert_eq!(hint(3).leave_soon, Some(false));
+        e.state()
+            .instances
+            .get_mut("i-000001")
+            .unwrap()
+            .record
+            .lifecycle = Lifecycle::Draining;
+        assert_eq!(hint(4).leave_soon, Some(true));
+        // Unknown instances are not asked to poll.
+        let mut other = beat(1, ComponentState::Healthy);
+        other.instance = "i-000099".into();
+        let r = e.heartbeat(other).unwrap();
+        assert_eq!((r.known, r.leave_soon), (false, Some(false)));
+    }
 }

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod registry;
 pub mod state;
 pub mod tls;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,7 +65,8 @@ pub struct ServerConfig {
     /// The binary agents are started from (`drover agent`).
     pub drover_bin: PathBuf,
     pub heartbeat_interval: Duration,
-    /// An instance not heard from for this long leaves rotation and is replaced.
+    /// An instance not heard from for this long leaves rotation and is replaced. At least
+    /// [`MIN_SILENT_INTERVALS`] heartbeat intervals: a smaller value is raised to that.
     pub silent_after: Duration,
     /// Controller period (it also runs at once on any health change).
     pub tick: Duration,
@@ -75,7 +77,17 @@ pub struct ServerConfig {
     pub tls: tls::TlsMode,
 }
 
+/// `silent_after` is at least this many heartbeat intervals: one late or lost heartbeat (or
+/// two) never replaces an instance.
+pub const MIN_SILENT_INTERVALS: u32 = 3;
+
 impl ServerConfig {
+    /// `silent_after` as used: at least [`MIN_SILENT_INTERVALS`] heartbeat intervals.
+    pub fn effective_silent_after(&self) -> Duration {
+        self.silent_after
+            .max(self.heartbeat_interval * MIN_SILENT_INTERVALS)
+    }
+
     pub fn new(data_dir: PathBuf, listen: SocketAddr, drover_bin: PathBuf) -> ServerConfig {
         ServerConfig {
             data_dir,
@@ -150,10 +162,19 @@ impl Server {
             }
         }
         let own_instances = cfg.own_instances;
+        let silent_after = cfg.effective_silent_after();
+        if silent_after != cfg.silent_after {
+            tracing::warn!(
+                "silent_after raised from {} to {} ({MIN_SILENT_INTERVALS} heartbeat intervals of {})",
+                drover_model::Dur(cfg.silent_after),
+                drover_model::Dur(silent_after),
+                drover_model::Dur(cfg.heartbeat_interval)
+            );
+        }
         let engine = Arc::new(Engine::new(
             store,
             Timing {
-                silent_after_ms: cfg.silent_after.as_millis() as u64,
+                silent_after_ms: silent_after.as_millis() as u64,
             },
             ProviderFactory {
                 cfg: cfg.clone(),
@@ -162,13 +183,14 @@ impl Server {
                 auth: auth.clone(),
             },
         )?);
-        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir)?;
+        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir).await?;
         if let Some(f) = &admin_token_file {
             tracing::info!(file = %f.display(), "wrote the first admin token");
         }
         // Groups from an earlier run (or an older drover) get their agent tokens back.
         let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
-        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))?;
+        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))
+            .await?;
         engine.open_ingresses().await?;
         engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
@@ -177,6 +199,7 @@ impl Server {
                 cfg.data_dir.display()
             ),
         )]);
+        engine.flush().await;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let app = api::router(engine.clone());
@@ -204,6 +227,8 @@ impl Server {
                 }));
             }
         }
+        // The API answers from here on: silence counts from now, not from the store's read.
+        engine.api_ready();
         tasks.push(tokio::spawn(engine.clone().run(
             cfg.tick,
             exits_rx,
@@ -246,6 +271,7 @@ impl Server {
                 "server stopped; instances keep running and will be adopted on restart"
             },
         )]);
+        self.engine.flush().await;
     }
 }
 
@@ -259,6 +285,24 @@ pub struct ProviderFactory {
 }
 
 impl ProviderFactory {
+    /// A factory for engines in tests: `local` providers in `data_dir`, no tokens.
+    #[cfg(test)]
+    pub(crate) fn for_tests(data_dir: &std::path::Path) -> ProviderFactory {
+        let store = drover_store::SqliteStore::open_in_memory().expect("in-memory store");
+        ProviderFactory {
+            cfg: ServerConfig::new(
+                data_dir.to_path_buf(),
+                "127.0.0.1:0".parse().expect("address"),
+                "/bin/false".into(),
+            ),
+            server_url: "http://127.0.0.1:9".into(),
+            exits: tokio::sync::mpsc::unbounded_channel().0,
+            auth: Arc::new(
+                auth::Auth::load(&store, data_dir, Default::default()).expect("test auth"),
+            ),
+        }
+    }
+
     pub fn make(&self, region: &drover_model::fleet::Region) -> Option<Arc<dyn Provider>> {
         match region.provider {
             ProviderKind::Local => Some(Arc::new(LocalProvider::new(

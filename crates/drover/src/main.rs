@@ -86,6 +86,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Run the control plane: HTTP API, store, controllers, providers and balancer.
     ///
@@ -97,6 +99,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Create, list and revoke API tokens (needs an admin token).
     #[command(subcommand)]
@@ -182,6 +186,19 @@ enum Command {
     History,
     /// Check a fleet file without contacting the server.
     Validate { file: PathBuf },
+}
+
+/// Heartbeats and silence.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TimingArgs {
+    /// How often the server's instances send heartbeats.
+    #[arg(long, default_value = "1s")]
+    pub heartbeat_interval: Dur,
+    /// An instance not heard from for this long leaves rotation and is replaced (after a
+    /// server start: counted from when the API answers). At least 3 heartbeat intervals
+    /// [default: 5s, or 3 heartbeat intervals if that is more].
+    #[arg(long)]
+    pub silent_after: Option<Dur>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -333,10 +350,27 @@ async fn dispatch(cli: Cli) -> u8 {
     };
     let data_dir = cli.data_dir.clone();
     let result = match cli.command {
-        Command::Up { file, listen, tls } => {
-            up::run(&file, &data_dir, listen, tls.mode(listen), cli.json).await
+        Command::Up {
+            file,
+            listen,
+            tls,
+            timing,
+        } => {
+            up::run(
+                &file,
+                &data_dir,
+                listen,
+                tls.mode(listen),
+                &timing,
+                cli.json,
+            )
+            .await
         }
-        Command::Server { listen, tls } => up::serve(&data_dir, listen, tls.mode(listen)).await,
+        Command::Server {
+            listen,
+            tls,
+            timing,
+        } => up::serve(&data_dir, listen, tls.mode(listen), &timing).await,
         Command::Token(t) => match t {
             TokenCommand::Create { scope, name, group } => {
                 client.token_create(&scope, name, group).await
