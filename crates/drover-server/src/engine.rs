@@ -45,8 +45,6 @@ pub struct Engine {
     pub(crate) timing: Timing,
     /// Serialises writers of desired state (apply, controller ticks).
     pub(crate) write_lock: tokio::sync::Mutex<()>,
-    /// Bumped whenever a permit is granted; permit long-polls wait on it.
-    permits: watch::Sender<u64>,
     /// Permit long-polls being held now (`/metrics`).
     permit_polls: std::sync::atomic::AtomicUsize,
 }
@@ -122,6 +120,7 @@ impl Engine {
                         .get(region_of(&rec.group))
                         .is_some_and(|p| p.adopt(&rec.id)),
                     record: rec,
+                    permit_wake: Default::default(),
                 },
             );
         }
@@ -144,7 +143,6 @@ impl Engine {
             wake: Notify::new(),
             timing,
             write_lock: tokio::sync::Mutex::new(()),
-            permits: watch::channel(0).0,
             permit_polls: Default::default(),
         })
     }
@@ -629,10 +627,12 @@ impl Engine {
                 ])
                 .await?;
                 let mut st = self.state();
-                let never_healthy = st
-                    .instances
-                    .remove(&instance)
-                    .is_some_and(|i| !i.soft.ever_healthy);
+                let removed = st.instances.remove(&instance);
+                if let Some(i) = &removed {
+                    // A long-poll still held for it ends (404) rather than at its deadline.
+                    i.permit_wake.notify_waiters();
+                }
+                let never_healthy = removed.is_some_and(|i| !i.soft.ever_healthy);
                 if never_healthy && rec.lifecycle == Lifecycle::Active {
                     let n = st.launch_failed(&rec.group, now);
                     tracing::warn!(group = %rec.group, failures = n, "instance ended before turning healthy; backing off launches");
@@ -667,7 +667,7 @@ impl Engine {
                 let Some(rec) = rec else { return Ok(()) };
                 // Out of the balancer now, then wake the agent's long-poll.
                 self.remove_target(&rec.group, &rec.id);
-                self.permits.send_modify(|n| *n += 1);
+                self.wake_permit_poll(&rec.id);
                 // The agent drains, stops and exits by itself. If it does not (old agent,
                 // hung), the provider terminates it after the drain and stop budgets.
                 let budget = self.drain_timeout(&rec.group)
@@ -774,16 +774,34 @@ impl Engine {
         Some((g.record.clone(), g.plan.versions()))
     }
 
-    /// Wait up to `wait` for `instance` to hold a permit (the agent's long-poll).
+    /// Wake the permit long-poll of `instance` (only its own).
+    fn wake_permit_poll(&self, instance: &str) {
+        if let Some(i) = self.state().instances.get(instance) {
+            i.permit_wake.notify_waiters();
+        }
+    }
+
+    /// Wait up to `wait` for `instance` to hold a permit (the agent's long-poll). Woken only
+    /// by a change of this instance's lifecycle: a permit costs one wake-up, not one per
+    /// waiting long-poll.
     pub async fn wait_permit(
         &self,
         instance: &str,
         wait: Duration,
     ) -> Result<drover_model::api::PermitReply, ServerError> {
-        let mut rx = self.permits.subscribe();
+        let wake = self
+            .state()
+            .instances
+            .get(instance)
+            .map(|i| i.permit_wake.clone())
+            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
         let _held = HeldPoll::new(&self.permit_polls);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            // Registered before the look below, so a wake in between is not missed.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let found = {
                 let st = self.state();
                 st.instances
@@ -804,11 +822,7 @@ impl Engine {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Ok(drover_model::api::PermitReply::default());
                 }
-                r = rx.changed() => {
-                    if r.is_err() {
-                        return Ok(drover_model::api::PermitReply::default());
-                    }
-                }
+                _ = &mut woken => {}
             }
         }
     }
@@ -904,6 +918,8 @@ impl Engine {
         else {
             return Ok(());
         };
+        // A long-poll under way answers `permit: true` now (the agent leaves by itself).
+        self.wake_permit_poll(instance);
         let grace = self.stop_grace(&rec.group);
         if let Some(p) = self.provider(region_of(&rec.group)) {
             p.terminate(instance, grace).await?;
@@ -995,6 +1011,7 @@ impl Engine {
                     ..fresh_soft(now)
                 },
                 alive,
+                permit_wake: Default::default(),
             },
         );
         Ok(())
@@ -1147,8 +1164,8 @@ version = "v1"
 command = "/bin/true"
 "#;
 
-    /// An engine over a store whose every commit takes `delay`, holding one instance
-    /// (`i-000001`, restored from the store as after a restart).
+    /// An engine over a store whose every commit takes `delay`, holding two instances
+    /// (`i-000001`, `i-000002`, restored from the store as after a restart).
     fn engine(dir: &std::path::Path, delay: Duration) -> (Engine, Arc<Slow>) {
         let inner = SqliteStore::open(&dir.join("drover.db")).unwrap();
         let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
@@ -1179,6 +1196,16 @@ command = "/bin/true"
                         addr: "127.0.0.1".into(),
                         provider_id: "test".into(),
                         launched_at_ms: 1,
+                        lifecycle: Lifecycle::Active,
+                        permit_at_ms: None,
+                    }),
+                    Write::Instance(InstanceRecord {
+                        id: "i-000002".into(),
+                        group: "web/local".into(),
+                        generation: 1,
+                        addr: "127.0.0.2".into(),
+                        provider_id: "test".into(),
+                        launched_at_ms: 2,
                         lifecycle: Lifecycle::Active,
                         permit_at_ms: None,
                     }),
@@ -1364,5 +1391,53 @@ command = "/bin/true"
         other.instance = "i-000099".into();
         let r = e.heartbeat(other).unwrap();
         assert_eq!((r.known, r.leave_soon), (false, Some(false)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_permit_wakes_its_own_long_poll_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        let poll = |id: &'static str, wait: Duration| {
+            let e = e.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                (e.wait_permit(id, wait).await.unwrap(), t.elapsed())
+            })
+        };
+        let one = poll("i-000001", Duration::from_secs(5));
+        let two = poll("i-000002", Duration::from_millis(700));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(e.permit_polls(), 2);
+        // Granted as the controller does: lifecycle stored, then the instance's own wake.
+        e.state().instances.get_mut("i-000001").unwrap().alive = true;
+        let t = Instant::now();
+        let rec = e
+            .set_lifecycle(
+                "i-000001",
+                Lifecycle::Draining,
+                Some(now_ms()),
+                EventKind::Permit,
+                "permit: test",
+            )
+            .await
+            .unwrap();
+        assert_eq!(rec.unwrap().lifecycle, Lifecycle::Draining);
+        e.wake_permit_poll("i-000001");
+        let (reply, _) = one.await.unwrap();
+        let took = t.elapsed();
+        assert!(reply.permit, "{reply:?}");
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        // The other long-poll was not answered: it runs to its own deadline.
+        assert_eq!(e.permit_polls(), 1);
+        let (reply, held) = two.await.unwrap();
+        assert!(!reply.permit);
+        assert!(held >= Duration::from_millis(700), "{held:?}");
+        assert_eq!(e.permit_polls(), 0);
+        // Unknown instance: 404 at once.
+        assert!(matches!(
+            e.wait_permit("i-000099", Duration::from_secs(5)).await,
+            Err(ServerError::NotFound(_))
+        ));
     }
 }

@@ -42,6 +42,8 @@ pub struct Instance {
     pub record: InstanceRecord,
     pub soft: Soft,
     pub alive: bool,
+    /// Wakes this instance's permit long-poll (and no other) when its lifecycle changes.
+    pub permit_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
