@@ -102,6 +102,25 @@ impl ServerConfig {
     }
 }
 
+/// Connections the kernel queues for the API before the server accepts them (capped by
+/// `net.core.somaxconn`). After a server restart every agent reconnects within a second or
+/// so; with tokio's default (1024) the queue overflows at a few thousand agents, dropped
+/// connections are retried with the kernel's exponential backoff (1 s, 3 s, 7 s...), and
+/// recovery takes that much longer.
+pub const API_BACKLOG: u32 = 16_384;
+
+/// The API's listening socket, with [`API_BACKLOG`].
+fn bind_api(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(API_BACKLOG)
+}
+
 /// A running server.
 pub struct Server {
     pub engine: Arc<Engine>,
@@ -128,17 +147,15 @@ impl Server {
             let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
         }
         let store: Box<dyn Store> = Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?);
-        let api = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| {
-                ServerError::Io(
-                    format!(
-                        "cannot listen on {} for the API (is another drover running? use --listen)",
-                        cfg.listen
-                    ),
-                    e,
-                )
-            })?;
+        let api = bind_api(cfg.listen).map_err(|e| {
+            ServerError::Io(
+                format!(
+                    "cannot listen on {} for the API (is another drover running? use --listen)",
+                    cfg.listen
+                ),
+                e,
+            )
+        })?;
         let addr = api
             .local_addr()
             .map_err(|e| ServerError::Io("API address".into(), e))?;
@@ -323,5 +340,40 @@ impl ProviderFactory {
             ))),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections the kernel completes for the API before the server accepts any: more than
+    /// tokio's default backlog of 1024 (as many as `net.core.somaxconn` allows).
+    #[tokio::test]
+    async fn the_api_socket_queues_a_reconnect_storm() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let want = somaxconn.min(2000);
+        if want <= 1100 {
+            eprintln!("net.core.somaxconn is {somaxconn}: nothing to show above 1024");
+            return;
+        }
+        let l = bind_api("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut conns = Vec::new();
+        for i in 0..want {
+            // Never accepted: each completes only if the kernel's queue has room.
+            let c = tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} of {want} was not queued"))
+            .unwrap();
+            conns.push(c);
+        }
+        assert_eq!(conns.len(), want);
     }
 }
