@@ -567,6 +567,10 @@ async fn metrics(State(e): State<Arc<Engine>>) -> Response {
         "# HELP drover_permit_long_polls Permit long-polls agents hold open now.\n# TYPE drover_permit_long_polls gauge\ndrover_permit_long_polls {}\n",
         e.permit_polls()
     ));
+    out.push_str(&format!(
+        "# HELP drover_controller_passes_total Controller passes since the server started.\n# TYPE drover_controller_passes_total counter\ndrover_controller_passes_total {}\n",
+        e.passes()
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

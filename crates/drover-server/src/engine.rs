@@ -47,6 +47,8 @@ pub struct Engine {
     pub(crate) write_lock: tokio::sync::Mutex<()>,
     /// Permit long-polls being held now (`/metrics`).
     permit_polls: std::sync::atomic::AtomicUsize,
+    /// Controller passes so far (`/metrics`).
+    passes: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a held permit long-poll while it lives.
@@ -144,6 +146,7 @@ impl Engine {
             timing,
             write_lock: tokio::sync::Mutex::new(()),
             permit_polls: Default::default(),
+            passes: Default::default(),
         })
     }
 
@@ -377,6 +380,8 @@ impl Engine {
     /// One controller pass: autoscale, decide, then carry out the decision.
     pub async fn tick(self: &Arc<Self>) {
         let _w = self.write_lock.lock().await;
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = now_ms();
         if let Err(e) = self.autoscale(now).await {
             tracing::error!("autoscale: {e}");
@@ -832,6 +837,11 @@ impl Engine {
         self.permit_polls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Controller passes ([`Engine::tick`]) so far.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Open balancer connections to an instance (the agent waits for 0 before stopping).
     pub fn connections(&self, instance: &str) -> Result<u64, ServerError> {
         let group = self
@@ -1028,6 +1038,7 @@ impl Engine {
             while let Ok(exit) = exits.try_recv() {
                 self.exited(exit);
             }
+            let started = tokio::time::Instant::now();
             self.tick().await;
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -1035,6 +1046,9 @@ impl Engine {
                 _ = self.wake.notified() => {}
                 Some(exit) = exits.recv() => self.exited(exit),
             }
+            // Woken early: wakes that come in a burst (a start or restart wave, thousands of
+            // first heartbeats) make one pass, not one each that holds the state lock.
+            tokio::time::sleep_until(started + MIN_TICK_GAP).await;
         }
     }
 
@@ -1078,6 +1092,10 @@ fn fresh_soft(now: u64) -> Soft {
         restored: false,
     }
 }
+
+/// Shortest time from the start of one controller pass to the next (a pass woken early waits
+/// for this): a health change is acted on within this, and a burst of them costs one pass.
+const MIN_TICK_GAP: Duration = Duration::from_millis(50);
 
 /// After a server restart, how much longer than `silent_after` instances have to report.
 const RESTART_GRACE_MS: u64 = 10_000;
@@ -1439,5 +1457,35 @@ command = "/bin/true"
             e.wait_permit("i-000099", Duration::from_secs(5)).await,
             Err(ServerError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_wakes_makes_few_controller_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (_exits_tx, exits) = mpsc::unbounded_channel();
+        let run = tokio::spawn(e.clone().run(Duration::from_secs(60), exits, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = e.passes();
+        let t = Instant::now();
+        // 500 health changes a millisecond or so apart (a restart wave), each waking the
+        // controller.
+        for _ in 0..500 {
+            e.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let spent = t.elapsed();
+        let passes = e.passes() - before;
+        eprintln!("500 wakes over {spent:?}: {passes} passes");
+        // At most one pass per MIN_TICK_GAP (50 ms), and at least one.
+        let most = (spent.as_millis() / MIN_TICK_GAP.as_millis()) as u64 + 2;
+        assert!(
+            (1..=most).contains(&passes),
+            "{passes} passes, at most {most}"
+        );
+        stop.cancel();
+        run.await.unwrap();
     }
 }
