@@ -8,10 +8,11 @@
 #      The `local` provider launches each instance; after the server started, its `drover`
 #      binary is swapped for drover-fleetsim, so what it launches as `drover agent ...` is a
 #      sleeping stub, not a real agent (no `sim` provider exists yet), and drover-fleetsim
-#      runs the agents for them (it follows the `launched` events): heartbeats (1 per 4 s, see
-#      docs/benchmarks.md for why not 5 s), permit long-polls, leaving on a permit. Measured
-#      once every instance is healthy: heartbeat latency, status latency (API and
-#      `drover status`), server CPU and RSS; then a deploy of one group (time to the first
+#      runs the agents for them (it follows the `launched` events): heartbeats (1 per 5 s; the
+#      server runs with --heartbeat-interval 5s, so silent_after is 15 s), a permit long-poll
+#      while the heartbeat answer says `leave_soon` (the agent's protocol), leaving on a
+#      permit. Measured once every instance is healthy: heartbeat latency, status latency (API
+#      and `drover status`), server CPU and RSS; then a deploy of one group (time to the first
 #      permit) and a server restart (SIGKILL, start, time until every instance is healthy).
 #
 # Writes the "Control plane at fleet scale" section of docs/benchmarks.md (--no-write to only
@@ -20,7 +21,9 @@
 #   bench/fleet.sh [--no-write] [--profile] [--sizes "1000 5000 10000"]
 #
 # Settings (environment): DURATION (30: measured seconds per run), WARMUP (10), PERMITS_MODE
-# (auto: permit long-polls on when 2N + 2000 fit the open-file limit; on; off), NICE (-20:
+# (auto: permit long-polls on, as hinted, when N + N/10 + 2000 fit the open-file limit; on;
+# always: every agent holds one, the protocol before the hint; off), INTERVAL (5s: heartbeat
+# interval of the known instances; the server gets the same), NICE (-20:
 # server and load tool run at this niceness, so other work on a shared machine disturbs them
 # less; empty to leave it), PORT (17990), KEEP (1: keep the work directory),
 # DROVER_BIN / FLEETSIM_BIN (default target/release/{drover,drover-fleetsim}, built if
@@ -31,6 +34,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZES=${SIZES:-"1000 5000 10000"}
 DURATION=${DURATION:-30}
+INTERVAL=${INTERVAL:-5s}
 WARMUP=${WARMUP:-10}
 NICE=${NICE--20}
 PORT=${PORT:-17990}
@@ -99,7 +103,8 @@ start_server() {
     fi
     rm -rf "$WORK/srv"; mkdir -p "$WORK/srv"; cp "$DROVER" "$WORK/srv/drover"
     now_ms >"$d.start_ms"
-    "${NICE_CMD[@]}" "$WORK/srv/drover" server --data-dir "$d" --listen "127.0.0.1:$PORT" >>"$d.server.log" 2>&1 &
+    "${NICE_CMD[@]}" "$WORK/srv/drover" server --data-dir "$d" --listen "127.0.0.1:$PORT" \
+        --heartbeat-interval "$INTERVAL" >>"$d.server.log" 2>&1 &
     SERVER_PID=$!
     echo "$SERVER_PID" >"$d.pid"
     local i
@@ -135,10 +140,10 @@ known_phase() {
     local PG=$((N / 10)) D=$WORK/k$TAG$N
     DATA_DIRS+=("$D")
     "$SIM" fleet-file --groups 10 --desired "$PG" --max "$PG" >"$D.toml"
-    log "N=$N known instances: apply, 1 heartbeat per 4 s each, permit long-polls $PERMITS"
+    log "N=$N known instances: apply, 1 heartbeat per $INTERVAL each, permit long-polls $PERMITS"
     start_server "$D"
     "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" \
-        --permits "$PERMITS" --interval 4s --warmup "${WARMUP}s" --duration "${DURATION}s" \
+        --permits "$PERMITS" --interval "$INTERVAL" --warmup "${WARMUP}s" --duration "${DURATION}s" \
         --server-pid-file "$D.pid" --status-every 5s --data-dir "$D" --linger --progress \
         --json "$RES/known$TAG-$N.json" >"$D.sim.out" 2>"$D.sim.err" &
     SIM_PID=$!
@@ -247,20 +252,23 @@ for N in $SIZES; do
     stop_server
 
     # 2. Known instances: apply N, run their agents, measure, deploy, restart.
+    # Open files in the server: a pidfd per launched stub, the heartbeat connections, and a
+    # long-poll per hinted agent (one group of N/10 during the deploy); with `always`, one
+    # long-poll per agent.
     PERMITS=${PERMITS_MODE:-auto}
     if [[ $PERMITS == auto ]]; then
         PERMITS=off
-        ((2 * N + 2000 <= NOFILE)) && PERMITS=on
+        ((N + N / 10 + 2000 <= NOFILE)) && PERMITS=on
     fi
     known_phase "$N" "$PERMITS" "" 1
     ((2 * N + 2000 <= NOFILE)) && [[ $PERMITS == on ]] && AB_N=$N
 
 done
 
-# What the permit long-polls cost: the largest N that had them, again without them
-# (steady state only).
+# What the hint saves: the largest N where every agent can hold a long-poll, again with
+# every agent holding one (the protocol before the hint; steady state only).
 if [[ -n $AB_N ]]; then
-    known_phase "$AB_N" off -nopoll 0
+    known_phase "$AB_N" always -always 0
 fi
 
 uptime >"$RES/uptime-end.txt"

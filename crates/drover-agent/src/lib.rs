@@ -95,6 +95,9 @@ pub(crate) struct Ctx {
     phase: Mutex<AgentPhase>,
     /// Bumped on every change of a component's report.
     changed: watch::Sender<()>,
+    /// The server's hint from its last heartbeat answer: a permit may come soon, so hold the
+    /// permit long-poll open (false until the first answer says otherwise).
+    poll_permit: watch::Sender<bool>,
     /// The last heartbeat's sequence number and the utilization sampler.
     beats: Mutex<(u64, Sampler)>,
     /// The Docker Engine, connected when a `docker` component first needs it.
@@ -156,7 +159,9 @@ impl Ctx {
 /// instance a permit ([`Outcome::Left`]); then stop every component gracefully, send a last
 /// heartbeat (phase `stopping`) and return.
 ///
-/// With a server, the agent long-polls `GET /v1/agent/permit` all along. On a permit it reports
+/// With a server, the agent long-polls `GET /v1/agent/permit` while the server's answer to its
+/// last heartbeat says a permit may come soon (`leave_soon`; always, with a server that does
+/// not send the hint), and holds no long-poll otherwise. On a permit it reports
 /// `draining` at once, waits until `GET /v1/agent/connections` shows no open connection (or the
 /// permit's drain timeout has passed), then stops as on shutdown. Nothing but a permit makes it
 /// leave: an unreachable or misbehaving server changes nothing.
@@ -335,6 +340,7 @@ pub async fn run_with_auth(
         components: Mutex::new(components),
         phase: Mutex::new(AgentPhase::Booting),
         changed: watch::Sender::new(()),
+        poll_permit: watch::Sender::new(false),
         beats: Mutex::new((0, Sampler::new())),
         docker: docker::Engine::new(&cfg.dir),
     });
@@ -400,14 +406,31 @@ pub async fn run_with_auth(
                 };
                 let mut hb = ctx.heartbeat();
                 hb.utilization.custom = custom;
-                reporter.send(&hb, HEARTBEAT_TIMEOUT).await;
+                // Without an answer the hint stays as it was: nothing changes on no evidence.
+                if let Some(reply) = reporter.send(&hb, HEARTBEAT_TIMEOUT).await {
+                    let poll = reply.wants_permit_poll();
+                    ctx.poll_permit
+                        .send_if_modified(|p| std::mem::replace(p, poll) != poll);
+                }
             }
         };
         let leaving = async {
             let Some((leave, server)) = leave.as_ref() else {
                 return std::future::pending::<String>().await;
             };
-            let permit = leave.wait_for_permit().await;
+            // The long-poll is held only while the server says a permit may come soon (a
+            // stale instance, one that holds a permit already); an idle agent holds none.
+            let mut hint = ctx.poll_permit.subscribe();
+            let permit = loop {
+                let _ = hint.wait_for(|poll| *poll).await;
+                tracing::debug!("a permit may come soon: long-polling for it");
+                tokio::select! {
+                    permit = leave.wait_for_permit() => break permit,
+                    _ = hint.wait_for(|poll| !*poll) => {
+                        tracing::debug!("no permit expected any more: long-poll closed");
+                    }
+                }
+            };
             tracing::info!(
                 reason = %permit.reason,
                 drain_timeout_ms = permit.drain_timeout.as_millis() as u64,

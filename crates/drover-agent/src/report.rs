@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use drover_model::api::{Heartbeat, Utilization};
+use drover_model::api::{Heartbeat, HeartbeatReply, Utilization};
 
 /// How often an unreachable server is logged at `warn`.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -141,8 +141,10 @@ impl Reporter {
         }
     }
 
-    /// POST one heartbeat; true when the server accepted it. Never fails the caller.
-    pub async fn send(&mut self, hb: &Heartbeat, timeout: Duration) -> bool {
+    /// POST one heartbeat; the server's answer when it accepted it. Never fails the caller.
+    /// An accepted heartbeat whose answer cannot be read counts as an answer from a server
+    /// that predates the permit hint (`leave_soon: None`: keep long-polling for a permit).
+    pub async fn send(&mut self, hb: &Heartbeat, timeout: Duration) -> Option<HeartbeatReply> {
         let result = self
             .client
             .post(&self.url)
@@ -150,21 +152,29 @@ impl Reporter {
             .json(hb)
             .send()
             .await;
-        let problem = match result {
+        let (reply, problem) = match result {
             Ok(resp) if resp.status().is_success() => {
-                // Read the (small) reply so the connection can be reused.
-                let _ = resp.bytes().await;
-                None
+                // Read the (small) reply, also so the connection can be reused.
+                let reply = resp
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<HeartbeatReply>(&b).ok())
+                    .unwrap_or(HeartbeatReply {
+                        known: true,
+                        leave_soon: None,
+                    });
+                (Some(reply), None)
             }
-            Ok(resp) => Some(format!("server answered {}", resp.status())),
-            Err(e) => Some(error_chain(&e)),
+            Ok(resp) => (None, Some(format!("server answered {}", resp.status()))),
+            Err(e) => (None, Some(error_chain(&e))),
         };
         match problem {
             None => {
                 if self.throttle.recovered() {
                     tracing::info!(url = %self.url, "heartbeats reach the server again");
                 }
-                true
+                reply
             }
             Some(problem) => {
                 if self.throttle.failed() {
@@ -172,7 +182,7 @@ impl Reporter {
                 } else {
                     tracing::debug!(url = %self.url, %problem, "heartbeat not delivered");
                 }
-                false
+                None
             }
         }
     }

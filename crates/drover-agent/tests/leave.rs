@@ -154,8 +154,14 @@ enum PermitMode {
 
 #[derive(Clone, Debug)]
 enum Event {
-    PermitAsked { query: String },
-    PermitAnswered { permit: bool },
+    PermitAsked {
+        query: String,
+    },
+    PermitAnswered {
+        permit: bool,
+    },
+    /// The agent closed a held long-poll (the server had not answered it).
+    PollClosed,
     Connections,
     Heartbeat(Box<Heartbeat>),
 }
@@ -171,6 +177,8 @@ struct Fake {
     open: AtomicU64,
     connections_fail: AtomicBool,
     garbage_served: AtomicUsize,
+    /// `leave_soon` in heartbeat answers (None: left out, as a server before the hint).
+    leave_soon: Mutex<Option<bool>>,
     log: Mutex<Vec<(Instant, Event)>>,
 }
 
@@ -186,6 +194,7 @@ impl Fake {
             open: AtomicU64::new(0),
             connections_fail: AtomicBool::new(false),
             garbage_served: AtomicUsize::new(0),
+            leave_soon: Mutex::new(None),
             log: Mutex::new(Vec::new()),
         });
         let f = fake.clone();
@@ -279,7 +288,10 @@ impl Fake {
                 }
                 let hb: Heartbeat = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
                 self.record(Event::Heartbeat(Box::new(hb)));
-                ("200 OK", r#"{"known":true}"#.into())
+                match *self.leave_soon.lock().unwrap() {
+                    None => ("200 OK", r#"{"known":true}"#.into()),
+                    Some(l) => ("200 OK", format!(r#"{{"known":true,"leave_soon":{l}}}"#)),
+                }
             }
             (Some("GET"), "/v1/agent/permit") => {
                 self.record(Event::PermitAsked {
@@ -311,10 +323,22 @@ impl Fake {
                         let hold = Duration::from_millis(wait_ms).min(*self.hold.lock().unwrap());
                         let mut rx = self.permit.subscribe();
                         self.polls_held.fetch_add(1, Ordering::SeqCst);
-                        let granted = tokio::time::timeout(hold, rx.wait_for(|p| p.is_some()))
-                            .await
-                            .ok()
-                            .and_then(|r| r.ok().map(|p| p.clone().unwrap()));
+                        let wait = async {
+                            tokio::time::timeout(hold, rx.wait_for(|p| p.is_some()))
+                                .await
+                                .ok()
+                                .and_then(|r| r.ok().map(|p| p.clone().unwrap()))
+                        };
+                        let granted = tokio::select! {
+                            g = wait => g,
+                            // The agent sends nothing more on this connection: a read that
+                            // ends means it closed the long-poll.
+                            _ = s.read(&mut tmp) => {
+                                self.polls_held.fetch_sub(1, Ordering::SeqCst);
+                                self.record(Event::PollClosed);
+                                return;
+                            }
+                        };
                         self.polls_held.fetch_sub(1, Ordering::SeqCst);
                         let reply = granted.unwrap_or_default();
                         self.record(Event::PermitAnswered {
@@ -634,4 +658,87 @@ async fn refused_connections_do_not_make_the_agent_leave() {
         format!("http://{}", l.local_addr().unwrap())
     };
     stays_put(None, closed).await;
+}
+
+/// The agent after a heartbeat whose answer holds `leave_soon: false` (a current instance):
+/// it holds no permit long-poll, and a permit it does not know of yet reaches it once an answer
+/// says `leave_soon: true`, within about a heartbeat interval.
+#[tokio::test]
+async fn without_the_hint_no_long_poll_is_held_and_the_hint_brings_the_permit() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start().await;
+    *fake.leave_soon.lock().unwrap() = Some(false);
+    let mut agent = start(config(dir.path(), fake.url.clone()));
+    let pids = both_pids(dir.path()).await;
+    running(&fake).await;
+    // Five heartbeat intervals (200 ms): not one permit poll.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fake.count(|e| matches!(e, Event::PermitAsked { .. })), 0);
+    assert_eq!(fake.polls_held.load(Ordering::SeqCst), 0);
+    // A permit the agent does not ask for does not make it leave...
+    fake.grant(Duration::from_secs(5));
+    tokio::time::sleep(500 * MS).await;
+    assert!(!agent.task.is_finished());
+    assert!(pids.iter().all(|p| alive(*p)));
+    // ... until the server hints that a permit may come: the next heartbeat's answer.
+    let hinted = Instant::now();
+    *fake.leave_soon.lock().unwrap() = Some(true);
+    assert!(matches!(
+        agent.outcome(Duration::from_secs(5)).await,
+        Outcome::Left { .. }
+    ));
+    let asked = fake
+        .first(|e| matches!(e, Event::PermitAsked { .. }))
+        .unwrap()
+        - hinted;
+    let drained = fake.first(|e| matches!(e, Event::Connections)).unwrap() - hinted;
+    eprintln!("hint → permit poll {asked:?}, → first connections check {drained:?}");
+    // One heartbeat interval (200 ms) plus slack.
+    assert!(asked < 400 * MS, "{asked:?}");
+    assert!(drained < 500 * MS, "{drained:?}");
+    assert_left_gracefully(&fake, dir.path(), pids);
+}
+
+/// With the hint the long-poll is held and a permit reaches the agent at once; when the hint
+/// goes away (e.g. a rollout reverted, the instance is current again) the long-poll is closed.
+#[tokio::test]
+async fn the_long_poll_is_held_only_while_the_hint_lasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start().await;
+    *fake.leave_soon.lock().unwrap() = Some(true);
+    let mut agent = start(config(dir.path(), fake.url.clone()));
+    let pids = both_pids(dir.path()).await;
+    running(&fake).await;
+    wait_until(Duration::from_secs(2), "a held permit poll", || {
+        (fake.polls_held.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    *fake.leave_soon.lock().unwrap() = Some(false);
+    wait_until(Duration::from_secs(1), "the long-poll closed", || {
+        fake.first(|e| matches!(e, Event::PollClosed))
+    })
+    .await;
+    let asked = fake.count(|e| matches!(e, Event::PermitAsked { .. }));
+    tokio::time::sleep(600 * MS).await;
+    assert_eq!(fake.polls_held.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        fake.count(|e| matches!(e, Event::PermitAsked { .. })),
+        asked,
+        "no new poll without the hint"
+    );
+    // Hinted again: the long-poll is back, and a permit during it is acted on at once.
+    *fake.leave_soon.lock().unwrap() = Some(true);
+    wait_until(Duration::from_secs(1), "a held permit poll again", || {
+        (fake.polls_held.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let granted = fake.grant(Duration::from_secs(5));
+    assert!(matches!(
+        agent.outcome(Duration::from_secs(5)).await,
+        Outcome::Left { .. }
+    ));
+    let took = fake.first(|e| matches!(e, Event::Connections)).unwrap() - granted;
+    eprintln!("permit granted during a hinted long-poll → first connections check {took:?}");
+    assert!(took < 200 * MS, "{took:?}");
+    assert_left_gracefully(&fake, dir.path(), pids);
 }

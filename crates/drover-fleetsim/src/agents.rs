@@ -1,5 +1,6 @@
 //! The simulated agents: heartbeats at a fixed interval (spread evenly), a permit long-poll
-//! each, leaving on a permit, and faults on demand (fail, silent, crash).
+//! while the server's heartbeat answer says a permit may come soon (`leave_soon`, as the real
+//! agent does), leaving on a permit, and faults on demand (fail, silent, crash).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -81,8 +82,10 @@ pub struct RunArgs {
     /// Timeout of one heartbeat (the real agent uses 1 s; longer here to see the tail).
     #[arg(long, default_value = "5s")]
     pub hb_timeout: drover_model::Dur,
-    /// Long-poll for permits: auto = on in fleet mode, off in unknown mode (the server
-    /// answers 404 for unknown instances).
+    /// Long-poll for permits: on = while the server's heartbeat answer says a permit may come
+    /// soon (`leave_soon`, the real agent's protocol); always = all the time, whatever the
+    /// answer (agents before that hint); auto = on in fleet mode, off in unknown mode (the
+    /// server answers 404 for unknown instances).
     #[arg(long, value_enum, default_value = "auto")]
     pub permits: OnOff,
     /// `wait_ms` of each permit long-poll (the real agent: 20000).
@@ -161,6 +164,7 @@ pub struct RunArgs {
 pub enum OnOff {
     Auto,
     On,
+    Always,
     Off,
 }
 
@@ -182,6 +186,8 @@ struct Ctl {
     mode: AtomicU8,
     seq: AtomicU64,
     wake: Notify,
+    /// The server's hint in its last heartbeat answer: hold the permit long-poll open.
+    poll_permit: tokio::sync::watch::Sender<bool>,
     /// Reports booting until this instant.
     healthy_at: Option<Instant>,
 }
@@ -215,6 +221,8 @@ struct Shared {
     hb_url: String,
     hb_timeout: Duration,
     permit_wait_ms: String,
+    /// Long-poll for permits whatever the heartbeat answers say (`--permits always`).
+    permit_always: bool,
     measuring: AtomicBool,
     lat: Mutex<Vec<u32>>,
     /// Latencies of the current second, for --progress.
@@ -345,7 +353,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let n = specs.len();
     let permits_on = match args.permits {
-        OnOff::On => true,
+        OnOff::On | OnOff::Always => true,
         OnOff::Off => false,
         OnOff::Auto => args.mode == Mode::Fleet,
     };
@@ -373,6 +381,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         base: base.clone(),
         hb_timeout: args.hb_timeout.0,
         permit_wait_ms: args.permit_wait_ms.to_string(),
+        permit_always: args.permits == OnOff::Always,
         measuring: AtomicBool::new(false),
         lat: Mutex::new(Vec::with_capacity(1 << 16)),
         sec: Mutex::new(Vec::new()),
@@ -427,7 +436,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "{n} agents in {n_groups} groups, one heartbeat each per {} ({:.0}/s), permits {}; first round over {:?}, booting {:?}, warm-up {}, window {}",
         args.interval,
         n as f64 / period.as_secs_f64(),
-        if permits_on { "long-polled" } else { "off" },
+        match (permits_on, args.permits == OnOff::Always) {
+            (false, _) => "off",
+            (true, false) => "long-polled while the server hints leave_soon",
+            (true, true) => "long-polled all the time",
+        },
         ramp,
         boot,
         args.warmup,
@@ -750,6 +763,7 @@ fn start_agent(
         mode: AtomicU8::new(NORMAL),
         seq: AtomicU64::new(0),
         wake: Notify::new(),
+        poll_permit: tokio::sync::watch::Sender::new(sh.permit_always),
         healthy_at,
     });
     agents.push((spec.clone(), ctl.clone()));
@@ -889,7 +903,12 @@ async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl, auth: Option<&str>)
             let status = resp.status();
             match resp.bytes().await {
                 Ok(body) if status.is_success() => {
-                    Ok(serde_json::from_slice::<HeartbeatReply>(&body).is_ok_and(|r| r.known))
+                    let reply = serde_json::from_slice::<HeartbeatReply>(&body).ok();
+                    let poll = sh.permit_always
+                        || reply.as_ref().is_none_or(HeartbeatReply::wants_permit_poll);
+                    ctl.poll_permit
+                        .send_if_modified(|p| std::mem::replace(p, poll) != poll);
+                    Ok(reply.is_some_and(|r| r.known))
                 }
                 Ok(_) => Err(true),
                 Err(_) => Err(false),
@@ -935,6 +954,7 @@ async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl, auth: Option<&str>)
 async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
     let url = format!("{}/v1/agent/permit", sh.base);
     let auth = agent_auth(&sh, &spec.group).await;
+    let mut hint = ctl.poll_permit.subscribe();
     loop {
         match ctl.mode() {
             SILENT => {
@@ -944,27 +964,43 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
             CRASHED | GONE | DRAINING | STOPPING | FORGOTTEN => return,
             _ => {}
         }
+        if !*hint.borrow_and_update() {
+            // No permit expected: no long-poll. Look at the mode again now and then.
+            tokio::select! {
+                _ = hint.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
         let started = Instant::now();
         sh.polls_open.fetch_add(1, Relaxed);
-        let r = with_auth(sh.clients[spec.client].get(&url), auth.as_deref())
-            .query(&[
-                ("instance", spec.id.as_str()),
-                ("wait_ms", sh.permit_wait_ms.as_str()),
-            ])
-            .timeout(Duration::from_millis(
-                sh.permit_wait_ms.parse::<u64>().unwrap_or(20_000) + 5_000,
-            ))
-            .send()
-            .await;
-        let answer = match r {
-            Ok(resp) if resp.status().is_success() => resp
-                .bytes()
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_slice::<PermitReply>(&b).ok()),
-            _ => None,
+        let poll = async {
+            let r = with_auth(sh.clients[spec.client].get(&url), auth.as_deref())
+                .query(&[
+                    ("instance", spec.id.as_str()),
+                    ("wait_ms", sh.permit_wait_ms.as_str()),
+                ])
+                .timeout(Duration::from_millis(
+                    sh.permit_wait_ms.parse::<u64>().unwrap_or(20_000) + 5_000,
+                ))
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => resp
+                    .bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<PermitReply>(&b).ok()),
+                _ => None,
+            }
+        };
+        // The hint going away closes the long-poll (as the real agent does).
+        let answer = tokio::select! {
+            a = poll => Some(a),
+            _ = hint.wait_for(|p| !*p) => None,
         };
         sh.polls_open.fetch_sub(1, Relaxed);
+        let Some(answer) = answer else { continue };
         match answer {
             Some(p) if p.permit => {
                 if matches!(ctl.mode(), CRASHED | SILENT) {
@@ -1454,6 +1490,7 @@ mod tests {
             mode: AtomicU8::new(NORMAL),
             seq: AtomicU64::new(0),
             wake: Notify::new(),
+            poll_permit: tokio::sync::watch::Sender::new(false),
             healthy_at: Some(Instant::now() + Duration::from_secs(3600)),
         };
         let hb = build(&spec, &ctl);

@@ -170,6 +170,19 @@ impl Heartbeat {
 pub struct HeartbeatReply {
     /// The server knows this instance (false: it was never launched by this server or is gone).
     pub known: bool,
+    /// Whether the instance may get a permit soon (it is stale, or its group is leaving, or it
+    /// already holds one): only then does its agent hold the permit long-poll
+    /// (`GET /v1/agent/permit`) open. `None` (a server older than this field) means "always
+    /// long-poll", the earlier protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave_soon: Option<bool>,
+}
+
+impl HeartbeatReply {
+    /// Whether the agent should hold the permit long-poll open after this answer.
+    pub fn wants_permit_poll(&self) -> bool {
+        self.leave_soon.unwrap_or(true)
+    }
 }
 
 /// What the server thinks of an instance.

@@ -566,9 +566,18 @@ async fn plan(
     }
 }
 
-/// Prometheus text: per listener and per target counters of the built-in balancer.
+/// Prometheus text: per listener and per target counters of the built-in balancer, and the
+/// permit long-polls agents hold open.
 async fn metrics(State(e): State<Arc<Engine>>) -> Response {
-    let out = drover_lb::prometheus(&e.balancer_stats());
+    let mut out = drover_lb::prometheus(&e.balancer_stats());
+    out.push_str(&format!(
+        "# HELP drover_permit_long_polls Permit long-polls agents hold open now.\n# TYPE drover_permit_long_polls gauge\ndrover_permit_long_polls {}\n",
+        e.permit_polls()
+    ));
+    out.push_str(&format!(
+        "# HELP drover_controller_passes_total Controller passes since the server started.\n# TYPE drover_controller_passes_total counter\ndrover_controller_passes_total {}\n",
+        e.passes()
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -585,7 +594,7 @@ async fn create_token(State(e): State<Arc<Engine>>, body: Body2) -> Result<Respo
             )));
         }
     }
-    let made = e.auth().create(&e, req.scope, req.name, req.group)?;
+    let made = e.auth().create(&e, req.scope, req.name, req.group).await?;
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 
@@ -593,5 +602,5 @@ async fn revoke_token(
     State(e): State<Arc<Engine>>,
     Path(id): Path<String>,
 ) -> Result<Response, ServerError> {
-    Ok(Json(e.auth().revoke(&e, &id)?).into_response())
+    Ok(Json(e.auth().revoke(&e, &id).await?).into_response())
 }

@@ -390,7 +390,8 @@ impl Engine {
         self.ensure_providers(&fleet)?;
         // Every group gets its agent token before any instance of it can be launched.
         self.auth()
-            .ensure_agent_tokens(self, new_groups.keys().map(String::as_str))?;
+            .ensure_agent_tokens(self, new_groups.keys().map(String::as_str))
+            .await?;
         // Open new ingresses before committing, so a port in use refuses the whole apply.
         for g in new_groups.values() {
             if let Some((addr, _)) = g.ingress {
@@ -441,7 +442,7 @@ impl Engine {
             writes.push(Write::RemoveGroup(g.clone()));
         }
         writes.extend(events.into_iter().map(Write::Event));
-        let committed = self.commit(writes)?;
+        let committed = self.commit(writes).await?;
         let number = committed.revision.unwrap_or(next_revision);
         {
             let mut st = self.state();

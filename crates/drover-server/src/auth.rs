@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method};
@@ -52,7 +52,7 @@ pub struct Auth {
     /// The launch configuration's credentials, shared with the providers.
     pub credentials: Credentials,
     /// Serialises token creation (ids are max + 1).
-    create: Mutex<()>,
+    create: tokio::sync::Mutex<()>,
 }
 
 /// Lowercase hex sha256 of a token.
@@ -115,7 +115,7 @@ impl Auth {
             tokens: RwLock::new(tokens),
             key,
             credentials,
-            create: Mutex::new(()),
+            create: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -188,7 +188,7 @@ impl Auth {
     }
 
     /// Create a token; its secret is in the answer and nowhere else.
-    pub fn create(
+    pub async fn create(
         &self,
         engine: &Engine,
         scope: TokenScope,
@@ -215,7 +215,7 @@ impl Auth {
             }
             _ => {}
         }
-        let _guard = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.create.lock().await;
         let id = self.next_id();
         let token = match scope {
             TokenScope::Agent => self.agent_secret(&id),
@@ -237,13 +237,15 @@ impl Auth {
         if let Some(g) = &group {
             event = event.group(g);
         }
-        engine.commit(vec![
-            Write::Token(TokenRecord {
-                info: info.clone(),
-                hash: hash.clone(),
-            }),
-            Write::Event(event),
-        ])?;
+        engine
+            .commit(vec![
+                Write::Token(TokenRecord {
+                    info: info.clone(),
+                    hash: hash.clone(),
+                }),
+                Write::Event(event),
+            ])
+            .await?;
         self.tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -257,7 +259,7 @@ impl Auth {
 
     /// Revoke a token: refused from now on. Revoking a group's current agent token makes a
     /// new one for the instances launched from now on.
-    pub fn revoke(&self, engine: &Engine, id: &str) -> Result<TokenInfo, ServerError> {
+    pub async fn revoke(&self, engine: &Engine, id: &str) -> Result<TokenInfo, ServerError> {
         let info = self
             .list()
             .into_iter()
@@ -285,13 +287,15 @@ impl Auth {
         if let Some(g) = &info.group {
             event = event.group(g);
         }
-        engine.commit(vec![
-            Write::RevokeToken {
-                id: id.to_string(),
-                at_ms: now,
-            },
-            Write::Event(event),
-        ])?;
+        engine
+            .commit(vec![
+                Write::RevokeToken {
+                    id: id.to_string(),
+                    at_ms: now,
+                },
+                Write::Event(event),
+            ])
+            .await?;
         let mut out = info.clone();
         {
             let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
@@ -304,13 +308,13 @@ impl Auth {
         }
         if let (TokenScope::Agent, Some(g)) = (info.scope, &info.group) {
             self.credentials.remove_token(g);
-            self.ensure_agent_tokens(engine, [g.as_str()])?;
+            self.ensure_agent_tokens(engine, [g.as_str()]).await?;
         }
         Ok(out)
     }
 
     /// Make sure every group in `groups` has a usable agent token for its launches.
-    pub fn ensure_agent_tokens<'a>(
+    pub async fn ensure_agent_tokens<'a>(
         &self,
         engine: &Engine,
         groups: impl IntoIterator<Item = &'a str>,
@@ -339,7 +343,8 @@ impl Auth {
                         TokenScope::Agent,
                         Some(format!("agent {g}")),
                         Some(g.to_string()),
-                    )?;
+                    )
+                    .await?;
                 }
             }
         }
@@ -348,7 +353,7 @@ impl Auth {
 
     /// On first start (no admin token that is not revoked): make one and write it to
     /// `DATA/admin.token` (0600). Returns the file when one was written.
-    pub fn ensure_admin(
+    pub async fn ensure_admin(
         &self,
         engine: &Engine,
         data_dir: &Path,
@@ -360,12 +365,14 @@ impl Auth {
         if any {
             return Ok(None);
         }
-        let made = self.create(
-            engine,
-            TokenScope::Admin,
-            Some("admin (made on first start)".into()),
-            None,
-        )?;
+        let made = self
+            .create(
+                engine,
+                TokenScope::Admin,
+                Some("admin (made on first start)".into()),
+                None,
+            )
+            .await?;
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         crate::tls::write_private(&path, format!("{}\n", made.token).as_bytes())?;
         Ok(Some(path))

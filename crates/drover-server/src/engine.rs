@@ -32,7 +32,9 @@ struct Ingress {
 }
 
 pub struct Engine {
-    pub(crate) store: Box<dyn Store>,
+    /// Reads go to the store directly; every write goes through `writer`.
+    pub(crate) store: Arc<dyn Store>,
+    writer: crate::writer::Writer,
     state: Mutex<State>,
     /// One provider per region, made when a region first appears.
     providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
@@ -45,8 +47,26 @@ pub struct Engine {
     pub(crate) provider_errors: Mutex<BTreeMap<String, String>>,
     /// Serialises writers of desired state (apply, controller ticks).
     pub(crate) write_lock: tokio::sync::Mutex<()>,
-    /// Bumped whenever a permit is granted; permit long-polls wait on it.
-    permits: watch::Sender<u64>,
+    /// Permit long-polls being held now (`/metrics`).
+    permit_polls: std::sync::atomic::AtomicUsize,
+    /// Controller passes so far (`/metrics`).
+    passes: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a held permit long-poll while it lives.
+struct HeldPoll<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> HeldPoll<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> HeldPoll<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeldPoll(n)
+    }
+}
+
+impl Drop for HeldPoll<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Engine {
@@ -88,7 +108,8 @@ impl Engine {
             );
         }
         for rec in snap.instances {
-            // Soft state is rebuilt from heartbeats; until then, a grace period from now.
+            // Soft state is rebuilt from heartbeats; until then, a grace period from when the
+            // API answers ([`Engine::api_ready`]; from now until then).
             state.instances.insert(
                 rec.id.clone(),
                 Instance {
@@ -103,12 +124,21 @@ impl Engine {
                         .get(region_of(&rec.group))
                         .is_some_and(|p| p.adopt(&rec.id)),
                     record: rec,
+                    permit_wake: Default::default(),
                 },
             );
         }
         let (events_tx, _) = broadcast::channel(4096);
+        let store: Arc<dyn Store> = Arc::from(store);
+        let publish = events_tx.clone();
+        let writer = crate::writer::Writer::start(store.clone(), move |e| {
+            tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
+            let _ = publish.send(e.clone());
+        })
+        .map_err(|e| ServerError::Io("cannot start the store writer".into(), e))?;
         Ok(Engine {
             store,
+            writer,
             state: Mutex::new(state),
             providers: Mutex::new(providers),
             factory,
@@ -118,7 +148,8 @@ impl Engine {
             timing,
             write_lock: tokio::sync::Mutex::new(()),
             provider_errors: Mutex::new(BTreeMap::new()),
-            permits: watch::channel(0).0,
+            permit_polls: Default::default(),
+            passes: Default::default(),
         })
     }
 
@@ -129,6 +160,19 @@ impl Engine {
             .iter()
             .map(|(r, p)| (r.clone(), p.clone()))
             .collect()
+    }
+
+    /// The API answers from now on: the silence of every instance loaded from the store (and
+    /// not heard from yet) counts from now, plus a grace, not from when the store was read.
+    pub fn api_ready(&self) {
+        let now = now_ms();
+        let mut st = self.state();
+        for i in st.instances.values_mut() {
+            if i.soft.restored {
+                i.soft.watched_since_ms = now;
+                i.soft.last_seen_ms = now + RESTART_GRACE_MS;
+            }
+        }
     }
 
     pub(crate) fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
@@ -143,27 +187,25 @@ impl Engine {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Commit writes and publish the events they carry.
-    pub(crate) fn commit(
+    /// Commit writes with the store writer's next group; returns once they are durable (the
+    /// events they carry are published then).
+    pub(crate) async fn commit(
         &self,
         writes: Vec<Write>,
     ) -> Result<drover_store::Committed, ServerError> {
-        let c = self.store.commit(writes, now_ms())?;
-        for e in &c.events {
-            tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
-            let _ = self.events_tx.send(e.clone());
-        }
-        Ok(c)
+        Ok(self.writer.commit(writes, now_ms()).await?)
     }
 
-    /// Record events on their own.
+    /// Record events on their own, without waiting: they are written with the writer's next
+    /// group (soft state: health changes, rotation, failed launches).
     pub fn record(&self, events: Vec<NewEvent>) {
-        if events.is_empty() {
-            return;
-        }
-        if let Err(e) = self.commit(events.into_iter().map(Write::Event).collect()) {
-            tracing::error!("cannot record events: {e}");
-        }
+        self.writer
+            .submit(events.into_iter().map(Write::Event).collect(), now_ms());
+    }
+
+    /// Resolves once every write queued so far is durable.
+    pub async fn flush(&self) {
+        self.writer.flush().await;
     }
 
     /// Bind the balancer listeners of every group that has an ingress.
@@ -297,10 +339,13 @@ impl Engine {
 
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<HeartbeatReply, ServerError> {
         let now = now_ms();
-        let (events, changed) = {
+        let (changed, leave_soon) = {
             let mut st = self.state();
-            let Some(inst) = st.instances.get_mut(&hb.instance) else {
-                return Ok(HeartbeatReply { known: false });
+            let Some(inst) = st.instances.get(&hb.instance) else {
+                return Ok(HeartbeatReply {
+                    known: false,
+                    leave_soon: Some(false),
+                });
             };
             if inst.record.group != hb.group {
                 return Err(ServerError::BadRequest(format!(
@@ -308,21 +353,31 @@ impl Engine {
                     hb.instance, inst.record.group, hb.group
                 )));
             }
+            let leave_soon = Some(st.leave_soon(inst));
             if hb.seq != 0 && hb.seq <= inst.soft.last_seq {
-                return Ok(HeartbeatReply { known: true }); // late or duplicate
+                // Late or duplicate.
+                return Ok(HeartbeatReply {
+                    known: true,
+                    leave_soon,
+                });
             }
+            let inst = st.instances.get_mut(&hb.instance).expect("looked up above");
             let (events, changed) = absorb_heartbeat(inst, &hb, now);
             if changed && matches!(inst.soft.health, Health::Healthy { .. }) {
                 let group = inst.record.group.clone();
                 st.launch_backoff.remove(&group);
             }
-            (events, changed)
+            // Queued (never waited for) under the lock: events in the order of the changes.
+            self.record(events);
+            (changed, leave_soon)
         };
-        self.record(events);
         if changed {
             self.wake.notify_one();
         }
-        Ok(HeartbeatReply { known: true })
+        Ok(HeartbeatReply {
+            known: true,
+            leave_soon,
+        })
     }
 
     /// The provider saw an instance end.
@@ -342,11 +397,13 @@ impl Engine {
     /// One controller pass: autoscale, decide, then carry out the decision.
     pub async fn tick(self: &Arc<Self>) {
         let _w = self.write_lock.lock().await;
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Launch configurations at the providers first: nothing of a new generation launches,
         // and no stale instance leaves, before its group's provider knows the plan.
         self.prepare_groups().await;
         let now = now_ms();
-        if let Err(e) = self.autoscale(now) {
+        if let Err(e) = self.autoscale(now).await {
             tracing::error!("autoscale: {e}");
         }
         // A pass that lets instances go (permits, terminations, losses) frees surge room:
@@ -386,7 +443,7 @@ impl Engine {
     }
 
     /// Run the autoscaler of every group that has a policy; store and record its changes.
-    fn autoscale(&self, now: u64) -> Result<(), ServerError> {
+    async fn autoscale(&self, now: u64) -> Result<(), ServerError> {
         let mut writes = Vec::new();
         {
             let mut st = self.state();
@@ -430,7 +487,7 @@ impl Engine {
             }
         }
         if !writes.is_empty() {
-            self.commit(writes)?;
+            self.commit(writes).await?;
         }
         Ok(())
     }
@@ -512,7 +569,7 @@ impl Engine {
             }
             (writes, changed)
         };
-        self.commit(writes)?;
+        self.commit(writes).await?;
         self.wake.notify_one();
         Ok(drover_model::api::ScaleResponse { groups: changed })
     }
@@ -593,12 +650,15 @@ impl Engine {
                             .group(&rec.group)
                             .instance(&instance),
                     ),
-                ])?;
+                ])
+                .await?;
                 let mut st = self.state();
-                let never_healthy = st
-                    .instances
-                    .remove(&instance)
-                    .is_some_and(|i| !i.soft.ever_healthy);
+                let removed = st.instances.remove(&instance);
+                if let Some(i) = &removed {
+                    // A long-poll still held for it ends (404) rather than at its deadline.
+                    i.permit_wake.notify_waiters();
+                }
+                let never_healthy = removed.is_some_and(|i| !i.soft.ever_healthy);
                 if never_healthy && rec.lifecycle == Lifecycle::Active {
                     let n = st.launch_failed(&rec.group, now);
                     tracing::warn!(group = %rec.group, failures = n, "instance ended before turning healthy; backing off launches");
@@ -621,20 +681,22 @@ impl Engine {
                     .await
             }
             Action::Permit { instance, reason } => {
-                let rec = self.set_lifecycle(
-                    &instance,
-                    Lifecycle::Draining,
-                    Some(now),
-                    EventKind::Permit,
-                    &format!("permit: {reason}; out of rotation, draining"),
-                )?;
+                let rec = self
+                    .set_lifecycle(
+                        &instance,
+                        Lifecycle::Draining,
+                        Some(now),
+                        EventKind::Permit,
+                        &format!("permit: {reason}; out of rotation, draining"),
+                    )
+                    .await?;
                 let Some(rec) = rec else { return Ok(()) };
                 // Out of the balancer now, then wake the agent's long-poll.
                 self.remove_target(&rec.group, &rec.id);
                 if let Some(p) = self.provider(region_of(&rec.group)) {
                     p.deregister(&rec.id);
                 }
-                self.permits.send_modify(|n| *n += 1);
+                self.wake_permit_poll(&rec.id);
                 // The agent drains, stops and exits by itself. If it does not (old agent,
                 // hung), the provider terminates it after the drain and stop budgets.
                 let budget = self.drain_timeout(&rec.group)
@@ -680,7 +742,8 @@ impl Engine {
                 self.commit(vec![
                     Write::Group(record),
                     Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
-                ])?;
+                ])
+                .await?;
                 Ok(())
             }
             Action::RolloutFailed {
@@ -717,7 +780,8 @@ impl Engine {
                         )
                         .group(&group),
                     ),
-                ])?;
+                ])
+                .await?;
                 if auto_revert && good > 0 {
                     self.auto_revert(&group, generation).await?;
                 }
@@ -739,15 +803,34 @@ impl Engine {
         Some((g.record.clone(), g.plan.versions()))
     }
 
-    /// Wait up to `wait` for `instance` to hold a permit (the agent's long-poll).
+    /// Wake the permit long-poll of `instance` (only its own).
+    fn wake_permit_poll(&self, instance: &str) {
+        if let Some(i) = self.state().instances.get(instance) {
+            i.permit_wake.notify_waiters();
+        }
+    }
+
+    /// Wait up to `wait` for `instance` to hold a permit (the agent's long-poll). Woken only
+    /// by a change of this instance's lifecycle: a permit costs one wake-up, not one per
+    /// waiting long-poll.
     pub async fn wait_permit(
         &self,
         instance: &str,
         wait: Duration,
     ) -> Result<drover_model::api::PermitReply, ServerError> {
-        let mut rx = self.permits.subscribe();
+        let wake = self
+            .state()
+            .instances
+            .get(instance)
+            .map(|i| i.permit_wake.clone())
+            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+        let _held = HeldPoll::new(&self.permit_polls);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            // Registered before the look below, so a wake in between is not missed.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let found = {
                 let st = self.state();
                 st.instances
@@ -768,13 +851,19 @@ impl Engine {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Ok(drover_model::api::PermitReply::default());
                 }
-                r = rx.changed() => {
-                    if r.is_err() {
-                        return Ok(drover_model::api::PermitReply::default());
-                    }
-                }
+                _ = &mut woken => {}
             }
         }
+    }
+
+    /// Permit long-polls held open now.
+    pub fn permit_polls(&self) -> usize {
+        self.permit_polls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Controller passes ([`Engine::tick`]) so far.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Open balancer connections to an instance (the agent waits for 0 before stopping).
@@ -818,7 +907,7 @@ impl Engine {
             .unwrap_or(Duration::from_secs(10))
     }
 
-    fn set_lifecycle(
+    async fn set_lifecycle(
         &self,
         instance: &str,
         lifecycle: Lifecycle,
@@ -848,7 +937,8 @@ impl Engine {
                     .group(&rec.group)
                     .instance(instance),
             ),
-        ])?;
+        ])
+        .await?;
         if let Some(i) = self.state().instances.get_mut(instance) {
             i.record = rec.clone();
         }
@@ -856,16 +946,20 @@ impl Engine {
     }
 
     async fn terminate(&self, instance: &str, why: &str) -> Result<(), ServerError> {
-        let Some(rec) = self.set_lifecycle(
-            instance,
-            Lifecycle::Terminating,
-            None,
-            EventKind::Terminating,
-            &format!("terminating: {why}"),
-        )?
+        let Some(rec) = self
+            .set_lifecycle(
+                instance,
+                Lifecycle::Terminating,
+                None,
+                EventKind::Terminating,
+                &format!("terminating: {why}"),
+            )
+            .await?
         else {
             return Ok(());
         };
+        // A long-poll under way answers `permit: true` now (the agent leaves by itself).
+        self.wake_permit_poll(instance);
         let grace = self.stop_grace(&rec.group);
         if let Some(p) = self.provider(region_of(&rec.group)) {
             p.terminate(instance, grace).await?;
@@ -899,7 +993,8 @@ impl Engine {
         self.commit(vec![Write::Counter {
             name: "instance_seq".into(),
             value: seq,
-        }])?;
+        }])
+        .await?;
         let launched = provider
             .launch(LaunchRequest {
                 instance: requested.clone(),
@@ -946,7 +1041,8 @@ impl Engine {
                 .group(group)
                 .instance(&id),
             ),
-        ])?;
+        ])
+        .await?;
         let alive = provider.alive(&id);
         self.state().instances.insert(
             id,
@@ -957,6 +1053,7 @@ impl Engine {
                     ..fresh_soft(now)
                 },
                 alive,
+                permit_wake: Default::default(),
             },
         );
         Ok(())
@@ -973,6 +1070,7 @@ impl Engine {
             while let Ok(exit) = exits.try_recv() {
                 self.exited(exit);
             }
+            let started = tokio::time::Instant::now();
             self.tick().await;
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -980,6 +1078,9 @@ impl Engine {
                 _ = self.wake.notified() => {}
                 Some(exit) = exits.recv() => self.exited(exit),
             }
+            // Woken early: wakes that come in a burst (a start or restart wave, thousands of
+            // first heartbeats) make one pass, not one each that holds the state lock.
+            tokio::time::sleep_until(started + MIN_TICK_GAP).await;
         }
     }
 
@@ -1023,6 +1124,10 @@ fn fresh_soft(now: u64) -> Soft {
         restored: false,
     }
 }
+
+/// Shortest time from the start of one controller pass to the next (a pass woken early waits
+/// for this): a health change is acted on within this, and a burst of them costs one pass.
+const MIN_TICK_GAP: Duration = Duration::from_millis(50);
 
 /// After a server restart, how much longer than `silent_after` instances have to report.
 const RESTART_GRACE_MS: u64 = 10_000;
@@ -1086,4 +1191,337 @@ pub(crate) fn balancer_health(
         rise: h.healthy_threshold.max(1),
         fall: h.unhealthy_threshold.max(1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::tests::Slow;
+    use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Utilization};
+    use drover_store::{EventFilter, RolloutRecord, SqliteStore};
+    use std::time::Instant;
+
+    const FLEET: &str = r#"
+[fleet]
+name = "t"
+
+[regions.local]
+provider = "local"
+
+[services.web]
+regions = ["local"]
+capacity = { min = 1, desired = 1, max = 2 }
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "/bin/true"
+"#;
+
+    /// An engine over a store whose every commit takes `delay`, holding two instances
+    /// (`i-000001`, `i-000002`, restored from the store as after a restart).
+    fn engine(dir: &std::path::Path, delay: Duration) -> (Engine, Arc<Slow>) {
+        let inner = SqliteStore::open(&dir.join("drover.db")).unwrap();
+        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+        plan.generation = 1;
+        plan.revision = 1;
+        inner
+            .commit(
+                vec![
+                    Write::Revision {
+                        file: "drover.toml".into(),
+                        summary: "test".into(),
+                        toml: FLEET.into(),
+                        fleet: fleet.clone(),
+                    },
+                    Write::Group(GroupRecord {
+                        group: "web/local".into(),
+                        desired: 1,
+                        desired_reason: "apply".into(),
+                        generation: 1,
+                        rollout: RolloutRecord::default(),
+                    }),
+                    Write::Plan(plan),
+                    Write::Instance(InstanceRecord {
+                        id: "i-000001".into(),
+                        group: "web/local".into(),
+                        generation: 1,
+                        addr: "127.0.0.1".into(),
+                        provider_id: "test".into(),
+                        launched_at_ms: 1,
+                        lifecycle: Lifecycle::Active,
+                        permit_at_ms: None,
+                    }),
+                    Write::Instance(InstanceRecord {
+                        id: "i-000002".into(),
+                        group: "web/local".into(),
+                        generation: 1,
+                        addr: "127.0.0.2".into(),
+                        provider_id: "test".into(),
+                        launched_at_ms: 2,
+                        lifecycle: Lifecycle::Active,
+                        permit_at_ms: None,
+                    }),
+                ],
+                1,
+            )
+            .unwrap();
+        let slow = Arc::new(Slow {
+            inner,
+            delay,
+            groups: std::sync::Mutex::new(Vec::new()),
+        });
+        let store: Box<dyn Store> = Box::new(SlowRef(slow.clone()));
+        let e = Engine::new(
+            store,
+            Timing {
+                silent_after_ms: 5000,
+            },
+            crate::ProviderFactory::for_tests(dir),
+        )
+        .unwrap();
+        (e, slow)
+    }
+
+    /// `Box<dyn Store>` over a shared [`Slow`].
+    struct SlowRef(Arc<Slow>);
+
+    impl Store for SlowRef {
+        fn commit(
+            &self,
+            w: Vec<Write>,
+            now: u64,
+        ) -> Result<drover_store::Committed, drover_store::StoreError> {
+            self.0.commit(w, now)
+        }
+        fn commit_many(
+            &self,
+            b: Vec<(Vec<Write>, u64)>,
+        ) -> Vec<Result<drover_store::Committed, drover_store::StoreError>> {
+            self.0.commit_many(b)
+        }
+        fn snapshot(&self) -> Result<drover_store::Snapshot, drover_store::StoreError> {
+            self.0.snapshot()
+        }
+        fn revision(&self, n: u64) -> Result<Option<Revision>, drover_store::StoreError> {
+            self.0.revision(n)
+        }
+        fn revisions(
+            &self,
+        ) -> Result<Vec<drover_model::api::RevisionSummary>, drover_store::StoreError> {
+            self.0.revisions()
+        }
+        fn plan(&self, g: &str, n: u64) -> Result<Option<Plan>, drover_store::StoreError> {
+            self.0.plan(g, n)
+        }
+        fn events(
+            &self,
+            f: &EventFilter,
+        ) -> Result<Vec<drover_model::Event>, drover_store::StoreError> {
+            self.0.events(f)
+        }
+        fn tokens(&self) -> Result<Vec<drover_store::TokenRecord>, drover_store::StoreError> {
+            self.0.tokens()
+        }
+    }
+
+    fn beat(seq: u64, state: ComponentState) -> Heartbeat {
+        Heartbeat {
+            instance: "i-000001".into(),
+            group: "web/local".into(),
+            generation: 1,
+            addr: "127.0.0.1".into(),
+            phase: AgentPhase::Running,
+            seq,
+            components: vec![ComponentReport {
+                name: "app".into(),
+                version: "v1".into(),
+                state,
+                pid: Some(42),
+                restarts: 0,
+                last_exit: None,
+                message: None,
+            }],
+            utilization: Utilization::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_does_not_wait_for_the_fsync_of_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, slow) = engine(dir.path(), Duration::from_millis(400));
+        let e = Arc::new(e);
+        // A durable commit (an API change) is being written: 400 ms.
+        let busy = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                e.commit(vec![Write::Event(NewEvent::new(
+                    EventKind::Server,
+                    "a durable change",
+                ))])
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t = Instant::now();
+        // Restored: the first heartbeat rebuilds health without an event; the next two are
+        // health changes, each an event.
+        let r = e.heartbeat(beat(1, ComponentState::Healthy)).unwrap();
+        assert!(r.known);
+        assert_eq!(r.leave_soon, Some(false));
+        e.heartbeat(beat(2, ComponentState::Unhealthy)).unwrap();
+        e.heartbeat(beat(3, ComponentState::Healthy)).unwrap();
+        let took = t.elapsed();
+        eprintln!("three heartbeats (two health changes) took {took:?} with a 400 ms fsync");
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        // The durable commit waited for its fsync.
+        busy.await.unwrap().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        // The events are written with a later group, in order.
+        e.flush().await;
+        let kinds: Vec<EventKind> = slow
+            .inner
+            .events(&EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|ev| ev.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [EventKind::Server, EventKind::Unhealthy, EventKind::Healthy]
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_after_a_restart_counts_from_when_the_api_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let loaded = e.state().instances["i-000001"].soft.clone();
+        assert!(loaded.restored);
+        // A slow start (say, a large store read): the API answers later.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        e.api_ready();
+        let ready = e.state().instances["i-000001"].soft.clone();
+        assert!(ready.watched_since_ms >= loaded.watched_since_ms + 300);
+        assert!(ready.last_seen_ms >= loaded.last_seen_ms + 300);
+        assert_eq!(
+            ready.last_seen_ms,
+            ready.watched_since_ms + RESTART_GRACE_MS
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_and_permitted_instances_are_told_to_leave_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let hint = |seq| e.heartbeat(beat(seq, ComponentState::Healthy)).unwrap();
+        assert_eq!(hint(1).leave_soon, Some(false));
+        // A new generation: the instance is stale.
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .generation = 2;
+        assert_eq!(hint(2).leave_soon, Some(true));
+        // Current again (a revert), then holding a permit.
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .generation = 1;
+        assert_eq!(hint(3).leave_soon, Some(false));
+        e.state()
+            .instances
+            .get_mut("i-000001")
+            .unwrap()
+            .record
+            .lifecycle = Lifecycle::Draining;
+        assert_eq!(hint(4).leave_soon, Some(true));
+        // Unknown instances are not asked to poll.
+        let mut other = beat(1, ComponentState::Healthy);
+        other.instance = "i-000099".into();
+        let r = e.heartbeat(other).unwrap();
+        assert_eq!((r.known, r.leave_soon), (false, Some(false)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_permit_wakes_its_own_long_poll_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        let poll = |id: &'static str, wait: Duration| {
+            let e = e.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                (e.wait_permit(id, wait).await.unwrap(), t.elapsed())
+            })
+        };
+        let one = poll("i-000001", Duration::from_secs(5));
+        let two = poll("i-000002", Duration::from_millis(700));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(e.permit_polls(), 2);
+        // Granted as the controller does: lifecycle stored, then the instance's own wake.
+        e.state().instances.get_mut("i-000001").unwrap().alive = true;
+        let t = Instant::now();
+        let rec = e
+            .set_lifecycle(
+                "i-000001",
+                Lifecycle::Draining,
+                Some(now_ms()),
+                EventKind::Permit,
+                "permit: test",
+            )
+            .await
+            .unwrap();
+        assert_eq!(rec.unwrap().lifecycle, Lifecycle::Draining);
+        e.wake_permit_poll("i-000001");
+        let (reply, _) = one.await.unwrap();
+        let took = t.elapsed();
+        assert!(reply.permit, "{reply:?}");
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        // The other long-poll was not answered: it runs to its own deadline.
+        assert_eq!(e.permit_polls(), 1);
+        let (reply, held) = two.await.unwrap();
+        assert!(!reply.permit);
+        assert!(held >= Duration::from_millis(700), "{held:?}");
+        assert_eq!(e.permit_polls(), 0);
+        // Unknown instance: 404 at once.
+        assert!(matches!(
+            e.wait_permit("i-000099", Duration::from_secs(5)).await,
+            Err(ServerError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_wakes_makes_few_controller_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (_exits_tx, exits) = mpsc::unbounded_channel();
+        let run = tokio::spawn(e.clone().run(Duration::from_secs(60), exits, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = e.passes();
+        let t = Instant::now();
+        // 500 health changes a millisecond or so apart (a restart wave), each waking the
+        // controller.
+        for _ in 0..500 {
+            e.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let spent = t.elapsed();
+        let passes = e.passes() - before;
+        eprintln!("500 wakes over {spent:?}: {passes} passes");
+        // At most one pass per MIN_TICK_GAP (50 ms), and at least one.
+        let most = (spent.as_millis() / MIN_TICK_GAP.as_millis()) as u64 + 2;
+        assert!(
+            (1..=most).contains(&passes),
+            "{passes} passes, at most {most}"
+        );
+        stop.cancel();
+        run.await.unwrap();
+    }
 }

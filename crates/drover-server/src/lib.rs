@@ -10,6 +10,7 @@ pub mod engine;
 pub mod registry;
 pub mod state;
 pub mod tls;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,7 +66,8 @@ pub struct ServerConfig {
     /// The binary agents are started from (`drover agent`).
     pub drover_bin: PathBuf,
     pub heartbeat_interval: Duration,
-    /// An instance not heard from for this long leaves rotation and is replaced.
+    /// An instance not heard from for this long leaves rotation and is replaced. At least
+    /// [`MIN_SILENT_INTERVALS`] heartbeat intervals: a smaller value is raised to that.
     pub silent_after: Duration,
     /// Controller period (it also runs at once on any health change).
     pub tick: Duration,
@@ -81,7 +83,17 @@ pub struct ServerConfig {
     pub cloud_poll: Duration,
 }
 
+/// `silent_after` is at least this many heartbeat intervals: one late or lost heartbeat (or
+/// two) never replaces an instance.
+pub const MIN_SILENT_INTERVALS: u32 = 3;
+
 impl ServerConfig {
+    /// `silent_after` as used: at least [`MIN_SILENT_INTERVALS`] heartbeat intervals.
+    pub fn effective_silent_after(&self) -> Duration {
+        self.silent_after
+            .max(self.heartbeat_interval * MIN_SILENT_INTERVALS)
+    }
+
     pub fn new(data_dir: PathBuf, listen: SocketAddr, drover_bin: PathBuf) -> ServerConfig {
         ServerConfig {
             data_dir,
@@ -96,6 +108,25 @@ impl ServerConfig {
             cloud_poll: Duration::from_secs(5),
         }
     }
+}
+
+/// Connections the kernel queues for the API before the server accepts them (capped by
+/// `net.core.somaxconn`). After a server restart every agent reconnects within a second or
+/// so; with tokio's default (1024) the queue overflows at a few thousand agents, dropped
+/// connections are retried with the kernel's exponential backoff (1 s, 3 s, 7 s...), and
+/// recovery takes that much longer.
+pub const API_BACKLOG: u32 = 16_384;
+
+/// The API's listening socket, with [`API_BACKLOG`].
+fn bind_api(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(API_BACKLOG)
 }
 
 /// A running server.
@@ -124,17 +155,15 @@ impl Server {
             let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
         }
         let store: Box<dyn Store> = Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?);
-        let api = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| {
-                ServerError::Io(
-                    format!(
-                        "cannot listen on {} for the API (is another drover running? use --listen)",
-                        cfg.listen
-                    ),
-                    e,
-                )
-            })?;
+        let api = bind_api(cfg.listen).map_err(|e| {
+            ServerError::Io(
+                format!(
+                    "cannot listen on {} for the API (is another drover running? use --listen)",
+                    cfg.listen
+                ),
+                e,
+            )
+        })?;
         let addr = api
             .local_addr()
             .map_err(|e| ServerError::Io("API address".into(), e))?;
@@ -158,10 +187,19 @@ impl Server {
             }
         }
         let own_instances = cfg.own_instances;
+        let silent_after = cfg.effective_silent_after();
+        if silent_after != cfg.silent_after {
+            tracing::warn!(
+                "silent_after raised from {} to {} ({MIN_SILENT_INTERVALS} heartbeat intervals of {})",
+                drover_model::Dur(cfg.silent_after),
+                drover_model::Dur(silent_after),
+                drover_model::Dur(cfg.heartbeat_interval)
+            );
+        }
         let engine = Arc::new(Engine::new(
             store,
             Timing {
-                silent_after_ms: cfg.silent_after.as_millis() as u64,
+                silent_after_ms: silent_after.as_millis() as u64,
             },
             ProviderFactory {
                 cfg: cfg.clone(),
@@ -170,13 +208,14 @@ impl Server {
                 auth: auth.clone(),
             },
         )?);
-        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir)?;
+        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir).await?;
         if let Some(f) = &admin_token_file {
             tracing::info!(file = %f.display(), "wrote the first admin token");
         }
         // Groups from an earlier run (or an older drover) get their agent tokens back.
         let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
-        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))?;
+        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))
+            .await?;
         engine.open_ingresses().await?;
         engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
@@ -185,6 +224,7 @@ impl Server {
                 cfg.data_dir.display()
             ),
         )]);
+        engine.flush().await;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let app = api::router(engine.clone());
@@ -212,6 +252,8 @@ impl Server {
                 }));
             }
         }
+        // The API answers from here on: silence counts from now, not from the store's read.
+        engine.api_ready();
         tasks.push(tokio::spawn(engine.clone().run(
             cfg.tick,
             exits_rx,
@@ -254,6 +296,7 @@ impl Server {
                 "server stopped; instances keep running and will be adopted on restart"
             },
         )]);
+        self.engine.flush().await;
     }
 }
 
@@ -267,6 +310,24 @@ pub struct ProviderFactory {
 }
 
 impl ProviderFactory {
+    /// A factory for engines in tests: `local` providers in `data_dir`, no tokens.
+    #[cfg(test)]
+    pub(crate) fn for_tests(data_dir: &std::path::Path) -> ProviderFactory {
+        let store = drover_store::SqliteStore::open_in_memory().expect("in-memory store");
+        ProviderFactory {
+            cfg: ServerConfig::new(
+                data_dir.to_path_buf(),
+                "127.0.0.1:0".parse().expect("address"),
+                "/bin/false".into(),
+            ),
+            server_url: "http://127.0.0.1:9".into(),
+            exits: tokio::sync::mpsc::unbounded_channel().0,
+            auth: Arc::new(
+                auth::Auth::load(&store, data_dir, Default::default()).expect("test auth"),
+            ),
+        }
+    }
+
     /// The provider of region `name` of fleet `fleet`; `None` when this build has none for it.
     pub fn make(
         &self,
@@ -321,5 +382,40 @@ impl ProviderFactory {
             ))),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections the kernel completes for the API before the server accepts any: more than
+    /// tokio's default backlog of 1024 (as many as `net.core.somaxconn` allows).
+    #[tokio::test]
+    async fn the_api_socket_queues_a_reconnect_storm() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let want = somaxconn.min(2000);
+        if want <= 1100 {
+            eprintln!("net.core.somaxconn is {somaxconn}: nothing to show above 1024");
+            return;
+        }
+        let l = bind_api("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut conns = Vec::new();
+        for i in 0..want {
+            // Never accepted: each completes only if the kernel's queue has room.
+            let c = tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} of {want} was not queued"))
+            .unwrap();
+            conns.push(c);
+        }
+        assert_eq!(conns.len(), want);
     }
 }

@@ -42,6 +42,8 @@ pub struct Instance {
     pub record: InstanceRecord,
     pub soft: Soft,
     pub alive: bool,
+    /// Wakes this instance's permit long-poll (and no other) when its lifecycle changes.
+    pub permit_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -77,6 +79,20 @@ impl State {
         b.0 += 1;
         b.1 = now + launch_delay_ms(b.0);
         b.0
+    }
+
+    /// Whether `inst` may get a permit soon, so its agent should hold the permit long-poll
+    /// open: it holds one already (or is being terminated), its group is gone, or it runs a
+    /// stale generation (a rollout replaces it within its budget). Surplus instances (scale-in)
+    /// get their permits in the pass that sees them and so are covered by the first case.
+    pub fn leave_soon(&self, inst: &Instance) -> bool {
+        if inst.record.lifecycle != Lifecycle::Active {
+            return true;
+        }
+        match self.groups.get(&inst.record.group) {
+            None => true,
+            Some(g) => inst.record.generation < g.record.generation,
+        }
     }
 
     pub fn fleet(&self) -> Option<&Fleet> {

@@ -25,6 +25,10 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The transaction shared by a group of commits ([`crate::Store::commit_many`]) could
+    /// not begin or commit: none of them was written.
+    #[error("store: group commit failed: {0}")]
+    Group(String),
     /// Any other database error (including a stored value this drover does not understand).
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),

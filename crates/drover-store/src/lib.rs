@@ -1,7 +1,8 @@
 //! The revisioned store: fleet revisions, groups, plans, instances, counters and events, behind
 //! one trait ([`Store`]), with an embedded SQLite implementation ([`SqliteStore`]).
 //!
-//! Every change goes through [`Store::commit`]: a batch of [`Write`]s applied atomically and
+//! Every change goes through [`Store::commit`] (or [`Store::commit_many`], several commits under
+//! one fsync): a batch of [`Write`]s applied atomically and
 //! durably. Revisions and events are numbered 1, 2, 3… without gaps and are never deleted.
 
 mod error;
@@ -24,6 +25,16 @@ pub trait Store: Send + Sync {
     /// Apply all writes atomically in one transaction; durable (fsync'd) when this returns Ok.
     /// `now_ms` stamps revisions and events. On any error nothing is written.
     fn commit(&self, writes: Vec<Write>, now_ms: u64) -> Result<Committed, StoreError>;
+    /// Group commit: several independent commits (writes, and the time that stamps them) in
+    /// one transaction and one fsync, in order. Each is applied all or nothing, as by
+    /// [`Store::commit`]; one that fails leaves the others in. Every `Ok` is durable when this
+    /// returns. One result per commit, in order.
+    fn commit_many(&self, batches: Vec<(Vec<Write>, u64)>) -> Vec<Result<Committed, StoreError>> {
+        batches
+            .into_iter()
+            .map(|(writes, now_ms)| self.commit(writes, now_ms))
+            .collect()
+    }
     /// The current state: latest revision, groups, current plans, instances, counters.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
     /// One revision with its body.

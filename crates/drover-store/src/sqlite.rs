@@ -7,7 +7,7 @@ use std::time::Duration;
 use drover_model::api::{Revision, RevisionSummary};
 use drover_model::{Event, EventKind, Plan};
 use rusqlite::types::Value;
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -161,13 +161,13 @@ fn from_json<T: DeserializeOwned>(what: &str, text: &str) -> Result<T, StoreErro
 }
 
 /// Next number of a table whose numbers are never deleted: max + 1, inside the transaction.
-fn next_number(tx: &Transaction, sql: &str) -> Result<u64, StoreError> {
+fn next_number(tx: &Connection, sql: &str) -> Result<u64, StoreError> {
     let max: Option<u64> = tx.query_row(sql, [], |r| r.get(0))?;
     Ok(max.unwrap_or(0) + 1)
 }
 
 fn apply(
-    tx: &Transaction,
+    tx: &Connection,
     write: Write,
     now_ms: u64,
     out: &mut Committed,
@@ -398,6 +398,38 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn commit_many(&self, batches: Vec<(Vec<Write>, u64)>) -> Vec<Result<Committed, StoreError>> {
+        let n = batches.len();
+        let mut conn = self.conn();
+        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => return failed_batch(n, &e.to_string()),
+        };
+        let mut results = Vec::with_capacity(n);
+        for (writes, now_ms) in batches {
+            // Each batch in its own savepoint: all of it or none of it, whatever the others do.
+            let one = (|| {
+                let sp = tx.savepoint()?;
+                let mut out = Committed {
+                    revision: None,
+                    events: Vec::new(),
+                };
+                for write in writes {
+                    apply(&sp, write, now_ms, &mut out)?; // dropping `sp` rolls it back
+                }
+                sp.commit()?;
+                Ok(out)
+            })();
+            results.push(one);
+        }
+        // One commit, one fsync, for every batch.
+        if let Err(e) = tx.commit() {
+            return failed_batch(n, &e.to_string());
+        }
+        tracing::trace!(batches = n, "store: committed a group");
+        results
+    }
+
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?; // one read transaction: a consistent view
@@ -529,6 +561,13 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([], token_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// `n` failures for batches whose shared transaction could not begin or commit.
+fn failed_batch(n: usize, why: &str) -> Vec<Result<Committed, StoreError>> {
+    (0..n)
+        .map(|_| Err(StoreError::Group(why.to_string())))
+        .collect()
 }
 
 fn clamp_i64(n: u64) -> i64 {

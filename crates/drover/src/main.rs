@@ -88,6 +88,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Run the control plane: HTTP API, store, controllers, providers and balancer.
     ///
@@ -106,6 +108,8 @@ enum Command {
         /// How often cloud regions' groups are read (instances gone or launched).
         #[arg(long, default_value = "5s")]
         cloud_poll: Dur,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Create, list and revoke API tokens (needs an admin token).
     #[command(subcommand)]
@@ -209,6 +213,19 @@ enum Command {
     History,
     /// Check a fleet file without contacting the server.
     Validate { file: PathBuf },
+}
+
+/// Heartbeats and silence.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TimingArgs {
+    /// How often the server's instances send heartbeats.
+    #[arg(long, default_value = "1s")]
+    pub heartbeat_interval: Dur,
+    /// An instance not heard from for this long leaves rotation and is replaced (after a
+    /// server start: counted from when the API answers). At least 3 heartbeat intervals
+    /// [default: 5s, or 3 heartbeat intervals if that is more].
+    #[arg(long)]
+    pub silent_after: Option<Dur>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -369,19 +386,34 @@ async fn dispatch(cli: Cli) -> u8 {
     };
     let data_dir = cli.data_dir.clone();
     let result = match cli.command {
-        Command::Up { file, listen, tls } => {
-            up::run(&file, &data_dir, listen, tls.mode(listen), cli.json).await
+        Command::Up {
+            file,
+            listen,
+            tls,
+            timing,
+        } => {
+            up::run(
+                &file,
+                &data_dir,
+                listen,
+                tls.mode(listen),
+                &timing,
+                cli.json,
+            )
+            .await
         }
         Command::Server {
             listen,
             tls,
             advertise_url,
             cloud_poll,
+            timing,
         } => {
             up::serve(
                 &data_dir,
                 listen,
                 tls.mode(listen),
+                &timing,
                 up::CloudArgs {
                     advertise_url,
                     poll: cloud_poll.0,

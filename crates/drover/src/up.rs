@@ -14,14 +14,26 @@ use crate::{exit, render};
 /// How long instances get to stop when drover stops.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
-fn config(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<ServerConfig> {
+fn config(
+    data_dir: &Path,
+    listen: SocketAddr,
+    timing: &crate::TimingArgs,
+) -> anyhow::Result<ServerConfig> {
     let bin = std::env::current_exe().context("cannot find the drover binary")?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let data_dir = data_dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
-    Ok(ServerConfig::new(data_dir, listen, bin))
+    let mut cfg = ServerConfig::new(data_dir, listen, bin);
+    cfg.heartbeat_interval = timing.heartbeat_interval.0;
+    // Unless given: the default, or 3 intervals if that is more (a given value below that is
+    // raised by the server, with a warning).
+    cfg.silent_after = match timing.silent_after {
+        Some(s) => s.0,
+        None => cfg.effective_silent_after(),
+    };
+    Ok(cfg)
 }
 
 /// How `drover server` talks to cloud regions.
@@ -35,10 +47,11 @@ pub async fn serve(
     data_dir: &Path,
     listen: SocketAddr,
     tls: drover_server::tls::TlsMode,
+    timing: &crate::TimingArgs,
     cloud: CloudArgs,
 ) -> anyhow::Result<u8> {
     crate::init_logs(std::io::stderr);
-    let mut cfg = config(data_dir, listen)?;
+    let mut cfg = config(data_dir, listen, timing)?;
     cfg.advertise_url = cloud.advertise_url;
     cfg.cloud_poll = cloud.poll;
     if tls == drover_server::tls::TlsMode::Off && !listen.ip().is_loopback() {
@@ -67,9 +80,10 @@ pub async fn run(
     data_dir: &Path,
     listen: SocketAddr,
     tls: drover_server::tls::TlsMode,
+    timing: &crate::TimingArgs,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let mut cfg = config(data_dir, listen)?;
+    let mut cfg = config(data_dir, listen, timing)?;
     cfg.tls = tls;
     // One foreground command: its instances live and die with it.
     cfg.own_instances = true;

@@ -123,6 +123,80 @@ fn deploys_v1_v2_v3_under_load_with_zero_failed_requests() {
     assert!(hist.contains("rollback web"), "{hist}");
 }
 
+/// Permit long-polls the server holds now (`/metrics`).
+fn long_polls(up: &Up) -> u64 {
+    let (code, body) = http(up.api, "GET", "/metrics", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("drover_permit_long_polls "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("drover_permit_long_polls in /metrics")
+}
+
+/// Current instances hold no permit long-poll (their heartbeats are answered
+/// `leave_soon: false`); a deploy hints the stale ones, which then hold one, get their permits
+/// at once and leave promptly.
+#[test]
+fn only_instances_about_to_leave_hold_a_permit_long_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    let up = Up::start(dir.path(), &test_fleet(ing, subnet(), 3), api, ing);
+    up.wait_healthy(3, Duration::from_secs(10));
+    // Heartbeats come every second: two of them after turning healthy.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(long_polls(&up), 0, "idle instances hold no long-poll");
+
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2"]);
+    assert_eq!(code, 0, "deploy: {out}{err}");
+    let t0 = Instant::now();
+    let mut most = 0;
+    loop {
+        most = most.max(long_polls(&up));
+        let done = up.status().is_some_and(|s| {
+            let g = &s.groups[0];
+            g.instances.len() == 3
+                && g.instances
+                    .iter()
+                    .all(|i| i.generation == 2 && i.in_rotation)
+        });
+        if done {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{:#?}", up.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        most >= 1,
+        "stale instances held long-polls during the rollout"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        long_polls(&up),
+        0,
+        "none left once every instance is current"
+    );
+
+    // Each stale instance was hinted before its permit: it reacted at once (drain with no
+    // open connection, stop, exit), not a heartbeat interval later. The demo server's lame
+    // duck on SIGTERM takes 1 s of this.
+    let events = |kind: &str| -> Vec<drover_model::Event> {
+        let (_, ev, _) = up.cli(&["events", "--kind", kind, "--json"]);
+        serde_json::from_str(&ev).unwrap()
+    };
+    let permits = events("permit");
+    let terminated = events("terminated");
+    assert_eq!(permits.len(), 3, "{permits:#?}");
+    for p in &permits {
+        let gone = terminated
+            .iter()
+            .find(|t| t.instance == p.instance)
+            .unwrap_or_else(|| panic!("{:?} terminated: {terminated:#?}", p.instance));
+        let took = gone.at_ms - p.at_ms;
+        eprintln!("{:?}: permit -> terminated {took} ms", p.instance);
+        assert!(took < 2000, "{:?} took {took} ms to leave", p.instance);
+    }
+}
+
 #[test]
 fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,252 @@
+//! The store's one writer: every write goes through a thread of its own that commits whatever
+//! has queued up in one transaction and one fsync (group commit), off the async workers.
+//!
+//! Two ways in. [`Writer::commit`] resolves once its writes are durable: changes of desired
+//! state (apply, deploy, scale, rollback, tokens) and the controller's decisions wait for it,
+//! so an accepted change survives a crash. [`Writer::submit`] only queues: soft-state events
+//! (health changes from heartbeats, rotation) are written with the next group, and nothing
+//! waits for them, so a heartbeat never waits for an fsync. Writes are committed in the order
+//! they were queued; the events a commit stored are published (log, `events --follow`) in
+//! that order once it is durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use drover_model::Event;
+use drover_store::{Committed, Store, StoreError, Write};
+use tokio::sync::oneshot;
+
+/// Most commits in one group: a bound on one transaction's size, not a pacing.
+const MAX_GROUP: usize = 4096;
+
+struct Job {
+    writes: Vec<Write>,
+    now_ms: u64,
+    /// Some: the caller waits for durability.
+    done: Option<oneshot::Sender<Result<Committed, StoreError>>>,
+}
+
+/// Counters of the writer, for tests and logs.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed (fsyncs).
+    pub groups: AtomicU64,
+    /// Commits in them.
+    pub commits: AtomicU64,
+}
+
+/// Handle to the writer thread; the thread ends when the last handle is dropped, after
+/// writing what was queued.
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<WriterStats>,
+}
+
+impl Writer {
+    /// Start the writer thread on `store`; `publish` sees every stored event once durable.
+    pub fn start(
+        store: Arc<dyn Store>,
+        publish: impl Fn(&Event) + Send + 'static,
+    ) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(WriterStats::default());
+        let s = stats.clone();
+        std::thread::Builder::new()
+            .name("drover-store-writer".into())
+            .spawn(move || run(&*store, rx, &publish, &s))?;
+        Ok(Writer { tx, stats })
+    }
+
+    /// Commit `writes` with the next group; resolves once they are durable.
+    pub async fn commit(&self, writes: Vec<Write>, now_ms: u64) -> Result<Committed, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                writes,
+                now_ms,
+                done: Some(done),
+            })
+            .map_err(|_| StoreError::Group("the store writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Group("the store writer has stopped".into()))?
+    }
+
+    /// Queue `writes` for the next group and return at once. A failure is logged.
+    pub fn submit(&self, writes: Vec<Write>, now_ms: u64) {
+        if writes.is_empty() {
+            return;
+        }
+        let job = Job {
+            writes,
+            now_ms,
+            done: None,
+        };
+        if self.tx.send(job).is_err() {
+            tracing::error!("cannot record events: the store writer has stopped");
+        }
+    }
+
+    /// Resolves once everything queued before this call is durable.
+    pub async fn flush(&self) {
+        let _ = self.commit(Vec::new(), 0).await;
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+}
+
+fn run(store: &dyn Store, rx: mpsc::Receiver<Job>, publish: &dyn Fn(&Event), stats: &WriterStats) {
+    // Whatever queued while the last group was being written makes the next group.
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let batches = jobs
+            .iter_mut()
+            .map(|j| (std::mem::take(&mut j.writes), j.now_ms))
+            .collect();
+        let results = store.commit_many(batches);
+        stats.groups.fetch_add(1, Ordering::Relaxed);
+        stats
+            .commits
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        for (job, result) in jobs.into_iter().zip(results) {
+            if let Ok(c) = &result {
+                for e in &c.events {
+                    publish(e);
+                }
+            }
+            match job.done {
+                Some(done) => {
+                    let _ = done.send(result);
+                }
+                None => {
+                    if let Err(e) = result {
+                        tracing::error!("cannot record events: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use drover_model::{EventKind, NewEvent};
+    use drover_store::{EventFilter, SqliteStore};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// A store whose commits take `delay` (a slow fsync) and that counts them.
+    pub(crate) struct Slow {
+        pub inner: SqliteStore,
+        pub delay: Duration,
+        pub groups: Mutex<Vec<usize>>,
+    }
+
+    impl Store for Slow {
+        fn commit(&self, writes: Vec<Write>, now_ms: u64) -> Result<Committed, StoreError> {
+            self.commit_many(vec![(writes, now_ms)]).pop().unwrap()
+        }
+        fn commit_many(
+            &self,
+            batches: Vec<(Vec<Write>, u64)>,
+        ) -> Vec<Result<Committed, StoreError>> {
+            std::thread::sleep(self.delay);
+            self.groups.lock().unwrap().push(batches.len());
+            self.inner.commit_many(batches)
+        }
+        fn snapshot(&self) -> Result<drover_store::Snapshot, StoreError> {
+            self.inner.snapshot()
+        }
+        fn revision(&self, n: u64) -> Result<Option<drover_model::api::Revision>, StoreError> {
+            self.inner.revision(n)
+        }
+        fn revisions(&self) -> Result<Vec<drover_model::api::RevisionSummary>, StoreError> {
+            self.inner.revisions()
+        }
+        fn plan(&self, g: &str, n: u64) -> Result<Option<drover_model::Plan>, StoreError> {
+            self.inner.plan(g, n)
+        }
+        fn events(&self, f: &EventFilter) -> Result<Vec<Event>, StoreError> {
+            self.inner.events(f)
+        }
+        fn tokens(&self) -> Result<Vec<drover_store::TokenRecord>, StoreError> {
+            self.inner.tokens()
+        }
+    }
+
+    fn event(msg: &str) -> Vec<Write> {
+        vec![Write::Event(NewEvent::new(EventKind::Healthy, msg))]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_share_fsyncs_and_are_durable_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.db");
+        let store = Arc::new(Slow {
+            inner: SqliteStore::open(&path).unwrap(),
+            delay: Duration::from_millis(20),
+            groups: Mutex::new(Vec::new()),
+        });
+        let published = Arc::new(Mutex::new(Vec::new()));
+        let p = published.clone();
+        let w =
+            Arc::new(Writer::start(store.clone(), move |e| p.lock().unwrap().push(e.seq)).unwrap());
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let w = w.clone();
+                tokio::spawn(async move { w.commit(event(&format!("e{i}")), i).await })
+            })
+            .collect();
+        for t in tasks {
+            let c = t.await.unwrap().unwrap();
+            assert_eq!(c.events.len(), 1);
+        }
+        let groups = store.groups.lock().unwrap().clone();
+        eprintln!("50 commits in {} groups: {groups:?}", groups.len());
+        assert_eq!(groups.iter().sum::<usize>(), 50);
+        assert!(groups.len() < 25, "commits were grouped: {groups:?}");
+        assert_eq!(w.stats().commits.load(Ordering::Relaxed), 50);
+        // Published once durable, in seq order.
+        assert_eq!(*published.lock().unwrap(), (1..=50).collect::<Vec<u64>>());
+        drop(w);
+        // Durable: a fresh connection to the file sees every one.
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(again.events(&EventFilter::default()).unwrap().len(), 50);
+    }
+
+    #[tokio::test]
+    async fn submit_returns_before_the_fsync_and_flush_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Slow {
+            inner: SqliteStore::open(&dir.path().join("drover.db")).unwrap(),
+            delay: Duration::from_millis(300),
+            groups: Mutex::new(Vec::new()),
+        });
+        let w = Writer::start(store.clone(), |_| {}).unwrap();
+        let t = Instant::now();
+        for i in 0..100 {
+            w.submit(event(&format!("soft {i}")), i);
+        }
+        let queued = t.elapsed();
+        assert!(queued < Duration::from_millis(50), "{queued:?}");
+        w.flush().await;
+        let flushed = t.elapsed();
+        eprintln!("100 submits queued in {queued:?}, durable after {flushed:?}");
+        assert!(flushed >= Duration::from_millis(300), "{flushed:?}");
+        assert_eq!(
+            store.inner.events(&EventFilter::default()).unwrap().len(),
+            100
+        );
+        // At most: the first submit alone, then the other 99 and the flush together.
+        assert!(store.groups.lock().unwrap().len() <= 3);
+    }
+}
