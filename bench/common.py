@@ -51,6 +51,19 @@ def drover_bin():
     return b
 
 
+def agent_bin():
+    """The lean agent binary (`drover-agent`, what providers start), built first if missing."""
+    b = os.environ.get("DROVER_AGENT_BIN")
+    if b:
+        return os.path.abspath(b)
+    b = os.path.join(ROOT, "target", "release", "drover-agent")
+    if not os.path.exists(b):
+        log("building target/release/drover-agent ...")
+        subprocess.run(["cargo", "build", "--release", "-p", "drover", "--bin", "drover-agent"],
+                       cwd=ROOT, check=True)
+    return b
+
+
 def snapshot_binary(b):
     """Copy the binary to a temporary file (others may rebuild target/ during a run) and describe
     the original. Returns (path of the copy, its directory to remove, markdown label)."""
@@ -59,7 +72,7 @@ def snapshot_binary(b):
     import atexit
     d = tempfile.mkdtemp(prefix="drover-bench-bin-")
     atexit.register(shutil.rmtree, d, True)
-    copy = os.path.join(d, "drover")
+    copy = os.path.join(d, os.path.basename(b))
     shutil.copy2(b, copy)
     with open(copy, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -190,7 +203,8 @@ def component(name, port, health_interval="1s", restart=None):
 
 
 class Agent:
-    """One `drover agent --standalone` in its own process group and temporary directory."""
+    """One standalone agent (`drover agent --standalone`, or `drover-agent --standalone` when
+    `binary` is the lean agent binary) in its own process group and temporary directory."""
 
     def __init__(self, binary, addr, components, instance="i-bench"):
         self.dir = tempfile.mkdtemp(prefix="drover-bench-")
@@ -202,7 +216,8 @@ class Agent:
             json.dump(plan, f)
         self.log = open(os.path.join(self.dir, "agent.log"), "w")
         self.proc = subprocess.Popen(
-            [binary, "agent", "--instance", instance, "--group", "web/local", "--addr", addr,
+            [binary, *([] if os.path.basename(binary).startswith("drover-agent") else ["agent"]),
+             "--instance", instance, "--group", "web/local", "--addr", addr,
              "--standalone", "--plan-file", plan_file, "--dir", os.path.join(self.dir, instance)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -10,7 +10,7 @@ them pinned by digest, as in production.
 Respawn, in the same run, with the same image and command, on the host's network and on the
 default bridge (the port published on a loopback address): the container's main process
 (`State.Pid`) is SIGKILLed and the clock stops at the first HTTP 200 on `GET /`, polled every 1 ms
-with 100 ms timeouts once the process is gone. drover: a standalone `drover agent`, restart
+with 100 ms timeouts once the process is gone. drover: a standalone `drover-agent`, restart
 `reset_after = 1s`, each kill after >= 1.5 s of serving, so each is a first restart (immediate by
 design). Docker: `docker run --restart=always`, each kill after 11 s of serving (Docker resets its
 backoff after 10 s), so each is Docker's first restart too. The engine's own `die` -> `start`
@@ -18,8 +18,8 @@ event times are recorded for both: the supervisor's reaction plus the engine's s
 
 Memory: one standalone agent supervising 5 busybox httpd containers, each with an HTTP health
 check every 1 s; VmRSS, VmHWM, RssAnon and RssFile of the agent process after settling, for
-`drover agent` and for the same agent code in a binary of its own (the drover-agent example
-`standalone`).
+`drover-agent` (the agent binary providers start) and for `drover agent` (the same agent inside
+the multi-purpose `drover` binary).
 
     python3 bench/docker.py [--reps 10] [--rss-runs 3] [--settle 10] [--no-write]
 """
@@ -277,35 +277,6 @@ def bench_docker_respawn(ref, pinned, reps, network):
     return times, ev.gaps_ms()[-reps:]
 
 
-class AgentOnly(c.Agent):
-    """The same agent code in a binary of its own (`cargo build --release -p drover-agent
-    --example standalone`): what the agent costs without the multi-purpose binary's other code."""
-
-    def __init__(self, binary, addr, components, instance):
-        self.dir = tempfile.mkdtemp(prefix="drover-bench-")
-        self.addr = addr
-        plan = {"fleet": "bench", "service": "web", "region": "local", "generation": 1,
-                "revision": 1, "components": components}
-        plan_file = os.path.join(self.dir, "plan.json")
-        with open(plan_file, "w") as f:
-            json.dump(plan, f)
-        self.log = open(os.path.join(self.dir, "agent.log"), "w")
-        self.proc = subprocess.Popen([binary, plan_file, os.path.join(self.dir, instance), addr, instance],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def agent_only_bin():
-    b = os.environ.get("DROVER_AGENT_BIN") or os.path.join(c.ROOT, "target", "release", "examples", "standalone")
-    if not os.environ.get("DROVER_AGENT_BIN"):
-        c.log("building the agent-only binary (drover-agent example `standalone`) ...")
-        subprocess.run(["cargo", "build", "--release", "-p", "drover-agent", "--example", "standalone"],
-                       cwd=c.ROOT, check=True)
-    d = tempfile.mkdtemp(prefix="drover-bench-bin-")
-    copy = os.path.join(d, "standalone")
-    shutil.copy2(b, copy)
-    return copy, os.path.getsize(copy)
-
-
 def bench_rss(binary, ref, pinned, runs, settle, agent_cls=c.Agent):
     rows = []
     for run in range(runs):
@@ -362,6 +333,7 @@ def main():
     if why:
         sys.exit(f"bench/docker.py needs Docker: {why}")
     binary, bin_dir, bin_label = c.snapshot_binary(c.drover_bin())
+    lean_bin, _, lean_label = c.snapshot_binary(c.agent_bin())
     m = c.machine()
     uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     registry = Registry()
@@ -372,11 +344,10 @@ def main():
         images = [demo_pin, bb_pin]
         resp = {}
         for net in ("host", "bridge"):
-            resp[net] = (bench_drover_respawn(binary, demo_ref, demo_pin, args.reps, net),
+            resp[net] = (bench_drover_respawn(lean_bin, demo_ref, demo_pin, args.reps, net),
                          bench_docker_respawn(demo_ref, demo_pin, args.reps, net))
         rss = bench_rss(binary, bb_ref, bb_pin, args.rss_runs, args.settle)
-        only_bin, only_size = agent_only_bin()
-        rss_only = bench_rss(only_bin, bb_ref, bb_pin, args.rss_runs, args.settle, AgentOnly)
+        rss_lean = bench_rss(lean_bin, bb_ref, bb_pin, args.rss_runs, args.settle)
     finally:
         registry.stop()
         for i in images:
@@ -391,7 +362,7 @@ def main():
                 f"| {g} |")
 
     out = ["## Docker runtime\n", c.machine_md(m) + "\n",
-           f"Binary: {bin_label}. Docker Engine {c.docker_version()}. Command: `python3 bench/docker.py` "
+           f"Binaries: {bin_label}; {lean_label}. Docker Engine {c.docker_version()}. Command: `python3 bench/docker.py` "
            f"({args.reps} kills each, {args.rss_runs} memory runs). `uptime` at start: `{uptime_start}`; "
            f"at the end: `{uptime_end}`.\n",
            "Images built by the script and pushed to a `docker-registry` on loopback; the agent pulls "
@@ -411,7 +382,7 @@ def main():
     ratios = {}
     for net in ("host", "bridge"):
         (d, d_gaps), (k, k_gaps) = resp[net]
-        out.append(resp_row("drover agent", net, d, d_gaps))
+        out.append(resp_row("`drover-agent`", net, d, d_gaps))
         out.append(resp_row("Docker `--restart=always`", net, k, k_gaps))
         ratios[net] = p50(d) / p50(k)
     out += ["",
@@ -433,8 +404,10 @@ def main():
 
     out += ["| Agent memory, 5 containers | min | median | max | goal |",
             "|---|---:|---:|---:|---|"]
-    out += rss_rows("`drover agent` (the `drover` binary)", rss, True)
-    out += rss_rows(f"agent-only binary ({only_size / 1e6:.1f} MB)", rss_only, True)
+    lean_mb = os.path.getsize(lean_bin) / 1e6
+    full_mb = os.path.getsize(binary) / 1e6
+    out += rss_rows(f"`drover-agent` ({lean_mb:.1f} MB; what providers start)", rss_lean, True)
+    out += rss_rows(f"`drover agent` (the {full_mb:.1f} MB `drover` binary)", rss, False)
     out += ["",
             f"Each memory run: one standalone agent, 5 busybox httpd containers pulled from the "
             f"registry (bridge, ports published on one instance address), an HTTP health check every "
@@ -443,8 +416,9 @@ def main():
             "`containerd-shim`, not of the agent. RssFile is mostly the executable's code: the kernel "
             "maps the 64 KiB around every page of code the agent runs (fault-around), so the same "
             "agent code costs more resident memory inside the multi-purpose `drover` binary (server, "
-            "CLI, store, balancer) than in a binary of its own (`cargo build --release -p "
-            "drover-agent --example standalone`, the same `drover_agent::run`)."]
+            "CLI, store, balancer) than in `drover-agent`, the agent alone (the same "
+            "`drover_agent::run` and arguments), which the `local` provider starts whenever it is "
+            "installed next to `drover`. The respawn rows above are `drover-agent`'s."]
     body = "\n".join(out) + "\n"
     print(body)
     if not args.no_write:

@@ -103,7 +103,7 @@ def main():
     lines.append("")
     lines.append(machine())
     lines.append(f"`uptime` at start: `{o.uptime_start.strip()}`; at the end: "
-                 f"`{o.uptime_end.strip()}` (other sessions' builds share the 2 cores).")
+                 f"`{o.uptime_end.strip()}` (the 1-minute load includes the benchmark's own processes; anything else running shares the 2 cores).")
     lines.append("")
     pin = ("the balancer pinned to CPU 1, wrk and backends to CPU 0 (`taskset`)" if o.pin
            else "no CPU pinning (the kernel spreads the processes over both cores)")

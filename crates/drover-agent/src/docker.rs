@@ -38,6 +38,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use drover_model::api::ComponentState;
 use drover_model::image::ImageRef;
+use drover_model::registry_auth::Sources;
 use drover_model::{Plan, PlanComponent};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -564,24 +565,18 @@ fn grace_secs(d: Duration) -> i64 {
     d.as_millis().div_ceil(1000) as i64
 }
 
-/// Credentials for the registry of `reference`: `DROVER_REGISTRY_USER` and
-/// `DROVER_REGISTRY_PASSWORD`, else the `auths` of `$DOCKER_CONFIG/config.json` (default
-/// `~/.docker/config.json`).
+/// Credentials for the registry of `reference`, as Docker finds them
+/// (`drover_model::registry_auth`: the environment, the Docker config, its credential
+/// helpers). Credentials that are configured but cannot be had are logged, and the pull is
+/// tried without them.
 pub(crate) fn credentials(reference: &str) -> Option<DockerCredentials> {
     let r = ImageRef::parse(reference).ok()?;
     let registry = r.registry_name().to_string();
-    let (username, password) = match (
-        std::env::var("DROVER_REGISTRY_USER"),
-        std::env::var("DROVER_REGISTRY_PASSWORD"),
-    ) {
-        (Ok(u), Ok(p)) if !u.is_empty() => (u, p),
-        _ => {
-            let path = match std::env::var_os("DOCKER_CONFIG") {
-                Some(d) => PathBuf::from(d).join("config.json"),
-                None => PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json"),
-            };
-            let text = std::fs::read_to_string(path).ok()?;
-            drover_model::image::config_credentials(&text, &registry)?
+    let (username, password) = match Sources::from_env().credentials(&registry) {
+        Ok(c) => c?,
+        Err(e) => {
+            tracing::warn!(registry = %registry, "no registry credentials: {e}");
+            return None;
         }
     };
     Some(DockerCredentials {

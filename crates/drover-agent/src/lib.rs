@@ -251,33 +251,9 @@ fn pem_first_der(pem: &[u8]) -> Option<Vec<u8>> {
     let start = text.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
     let end = start + text[start..].find("-----END CERTIFICATE-----")?;
     let b64: String = text[start..end].split_whitespace().collect();
-    base64_decode(&b64)
+    drover_model::image::base64_decode(&b64)
 }
 
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut buf = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        } as u32;
-        buf = (buf << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-            buf &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
 
 /// Like [`run`], with the launch configuration's credentials for the server.
 pub async fn run_with_auth(

@@ -1,5 +1,6 @@
-//! Container image references (`registry/repository:tag@sha256:…`) and registry credentials
-//! from a Docker `config.json`. Pure: the callers read files and talk to registries.
+//! Container image references (`registry/repository:tag@sha256:…`) and where a Docker
+//! `config.json` says a registry's credentials are. Pure: `registry_auth` reads the files and
+//! runs the credential helpers.
 
 use std::fmt;
 
@@ -214,92 +215,99 @@ pub fn with_version(image: &str, version: &str) -> String {
     }
 }
 
-/// Credentials for `registry` (as written in references, e.g. `127.0.0.1:5000` or `docker.io`)
-/// from the text of a Docker `config.json` (`auths`: `auth` = base64 of `user:password`, or
-/// `username` and `password`). Credential helpers (`credsStore`, `credHelpers`) are not used.
-pub fn config_credentials(config_json: &str, registry: &str) -> Option<(String, String)> {
+/// Where a Docker `config.json` keeps the credentials of one registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigAuth {
+    /// In the file itself (`auths`: `auth` = base64 of `user:password`, or `username` and
+    /// `password`).
+    Basic(String, String),
+    /// In a credential helper: the program `docker-credential-NAME` (from `credHelpers` for
+    /// this registry, else `credsStore`), asked for `server`.
+    Helper { name: String, server: String },
+}
+
+/// Where the text of a Docker `config.json` says the credentials for `registry` (as written in
+/// references, e.g. `127.0.0.1:5000` or `docker.io`) are, in Docker's own order: the registry's
+/// `credHelpers` entry, then `credsStore`, then `auths`. `None`: nowhere (or not JSON).
+pub fn config_auth(config_json: &str, registry: &str) -> Option<ConfigAuth> {
     let v: serde_json::Value = serde_json::from_str(config_json).ok()?;
-    let auths = v.get("auths")?.as_object()?;
-    let hub = matches!(
-        registry,
-        DOCKER_HUB | "index.docker.io" | "registry-1.docker.io"
-    );
-    let entry = auths.iter().find_map(|(k, e)| {
+    let hub = is_hub(registry);
+    let host_of = |k: &str| -> String {
         let host = k
             .trim_start_matches("https://")
             .trim_start_matches("http://");
-        let host = host.split('/').next().unwrap_or(host);
-        let matches = host == registry
-            || (hub
-                && matches!(
-                    host,
-                    "index.docker.io" | "docker.io" | "registry-1.docker.io"
-                ));
-        matches.then_some(e)
-    })?;
+        host.split('/').next().unwrap_or(host).to_string()
+    };
+    let matches = |k: &str| {
+        let host = host_of(k);
+        host == registry || (hub && is_hub(&host))
+    };
+    // Docker asks helpers for Docker Hub by its legacy index URL, for others by host.
+    let server = if hub {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        registry.to_string()
+    };
+    let helper = |name: &str| ConfigAuth::Helper {
+        name: name.to_string(),
+        server: server.clone(),
+    };
+    if let Some(name) = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| h.iter().find(|(k, _)| matches(k)))
+        .and_then(|(_, n)| n.as_str())
+        .filter(|n| !n.is_empty())
+    {
+        return Some(helper(name));
+    }
+    if let Some(name) = v
+        .get("credsStore")
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+    {
+        return Some(helper(name));
+    }
+    let entry = v
+        .get("auths")?
+        .as_object()?
+        .iter()
+        .find_map(|(k, e)| matches(k).then_some(e))?;
     if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
         let decoded = base64_decode(auth)?;
         let text = String::from_utf8(decoded).ok()?;
         let (u, p) = text.split_once(':')?;
-        return Some((u.to_string(), p.to_string()));
+        return Some(ConfigAuth::Basic(u.to_string(), p.to_string()));
     }
     let u = entry.get("username")?.as_str()?;
     let p = entry.get("password")?.as_str()?;
-    Some((u.to_string(), p.to_string()))
+    Some(ConfigAuth::Basic(u.to_string(), p.to_string()))
 }
 
-/// Standard base64 (padding optional); `None` on any other character.
+fn is_hub(registry: &str) -> bool {
+    matches!(
+        registry,
+        DOCKER_HUB | "index.docker.io" | "registry-1.docker.io"
+    )
+}
+
+/// Standard base64, padding optional (also the URL-safe alphabet); `None` if it is not base64.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.trim().bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::Engine;
+    let cfg = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let s = s.trim();
+    GeneralPurpose::new(&base64::alphabet::STANDARD, cfg)
+        .decode(s)
+        .or_else(|_| GeneralPurpose::new(&base64::alphabet::URL_SAFE, cfg).decode(s))
+        .ok()
 }
 
 /// Standard base64 with padding.
 pub fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk.len();
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let x = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        out.push(T[(x >> 18) as usize & 63] as char);
-        out.push(T[(x >> 12) as usize & 63] as char);
-        out.push(if n > 1 {
-            T[(x >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if n > 2 {
-            T[x as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// Parse a memory size: bytes, or a number with a unit `b`, `k`, `m`, `g` (binary: 1k = 1024),
@@ -388,15 +396,36 @@ mod tests {
             base64_encode(b"alice:s3cret:x")
         );
         assert_eq!(
-            config_credentials(&cfg, "127.0.0.1:5000"),
-            Some(("alice".into(), "s3cret:x".into()))
+            config_auth(&cfg, "127.0.0.1:5000"),
+            Some(ConfigAuth::Basic("alice".into(), "s3cret:x".into()))
         );
         assert_eq!(
-            config_credentials(&cfg, "docker.io"),
-            Some(("hub".into(), "pw".into()))
+            config_auth(&cfg, "docker.io"),
+            Some(ConfigAuth::Basic("hub".into(), "pw".into()))
         );
-        assert_eq!(config_credentials(&cfg, "ghcr.io"), None);
-        assert_eq!(config_credentials("not json", "ghcr.io"), None);
+        assert_eq!(config_auth(&cfg, "ghcr.io"), None);
+        assert_eq!(config_auth("not json", "ghcr.io"), None);
+    }
+
+    #[test]
+    fn credential_helpers_come_first_as_in_docker() {
+        let cfg = r#"{"auths": {"ghcr.io": {}, "127.0.0.1:5000": {"auth": "YTpi"}},
+                      "credsStore": "desktop", "credHelpers": {"ghcr.io": "gh"}}"#;
+        let helper = |name: &str, server: &str| {
+            Some(ConfigAuth::Helper {
+                name: name.into(),
+                server: server.into(),
+            })
+        };
+        assert_eq!(config_auth(cfg, "ghcr.io"), helper("gh", "ghcr.io"));
+        assert_eq!(
+            config_auth(cfg, "127.0.0.1:5000"),
+            helper("desktop", "127.0.0.1:5000")
+        );
+        assert_eq!(
+            config_auth(cfg, "docker.io"),
+            helper("desktop", "https://index.docker.io/v1/")
+        );
     }
 
     #[test]
@@ -405,6 +434,8 @@ mod tests {
             assert_eq!(base64_decode(&base64_encode(s)).unwrap(), s);
         }
         assert_eq!(base64_encode(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64_decode("dXNlcjpwYXM").unwrap(), b"user:pas");
+        assert_eq!(base64_decode("not base64!"), None);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The `local` provider: every instance is a `drover agent` child process with its own
+//! The `local` provider: every instance is an agent child process (`drover-agent`, or
+//! `drover agent` when that binary is not installed) with its own
 //! loopback address (127.B.x.y), its own directory, and a lifetime tied to the provider's.
 
 use std::collections::HashMap;
@@ -20,6 +21,9 @@ pub struct LocalConfig {
     pub data_dir: PathBuf,
     /// The drover binary to run as `drover agent`.
     pub drover_bin: PathBuf,
+    /// The lean agent binary (`drover-agent`), run with the same arguments as `drover agent`
+    /// instead of it; `None`: `drover agent`.
+    pub agent_bin: Option<PathBuf>,
     /// Base URL of the server the agents report to.
     pub server_url: String,
     /// Second octet of the loopback block instance addresses come from (127.B.0.0/16).
@@ -88,14 +92,16 @@ impl LocalProvider {
         let log2 = log
             .try_clone()
             .map_err(|e| ProviderError::Io(log_path.clone(), e))?;
-        let mut cmd = tokio::process::Command::new(&self.cfg.drover_bin);
+        let program = self.cfg.agent_bin.as_ref().unwrap_or(&self.cfg.drover_bin);
+        let mut cmd = tokio::process::Command::new(program);
+        if self.cfg.agent_bin.is_none() {
+            cmd.arg("agent");
+        }
         if let Some(token) = self.cfg.credentials.token(&req.group) {
             let token_file = dir.join("agent.token");
             write_private(&token_file, token.as_bytes())
                 .map_err(|e| ProviderError::Io(token_file.clone(), e))?;
-            cmd.arg("agent").arg("--token-file").arg(&token_file);
-        } else {
-            cmd.arg("agent");
+            cmd.arg("--token-file").arg(&token_file);
         }
         if let Some(ca) = &self.cfg.credentials.ca {
             cmd.arg("--server-ca")
@@ -139,7 +145,7 @@ impl LocalProvider {
         let mut child = cmd.spawn().map_err(|e| {
             ProviderError::Launch(format!(
                 "cannot start {}: {e}",
-                self.cfg.drover_bin.display()
+                program.display()
             ))
         })?;
         let pid = child.id().unwrap_or_default();
@@ -328,12 +334,18 @@ fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Whether `pid` runs `drover agent` for the instance directory `dir`.
+/// Whether `pid` runs `drover agent` or `drover-agent` for the instance directory `dir`.
 fn is_our_agent(pid: u32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    cmdline.contains(" agent ")
-        && cmdline.contains(&dir.display().to_string())
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let args: Vec<&str> = cmdline.split('\0').collect();
+    let agent = args.get(1) == Some(&"agent")
+        || args
+            .first()
+            .is_some_and(|a0| Path::new(a0).file_name() == Some("drover-agent".as_ref()));
+    let dir = dir.display().to_string();
+    agent
+        && args.windows(2).any(|w| w[0] == "--dir" && w[1] == dir)
         && process_running(pid)
 }
 

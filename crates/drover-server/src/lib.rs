@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The binary agents are started from (`drover agent`).
     pub drover_bin: PathBuf,
+    /// The lean agent binary the `local` provider starts instead of `drover agent`; by
+    /// default `drover-agent` next to `drover_bin`, when it is there.
+    pub agent_bin: Option<PathBuf>,
     pub heartbeat_interval: Duration,
     /// An instance not heard from for this long leaves rotation and is replaced. At least
     /// [`MIN_SILENT_INTERVALS`] heartbeat intervals: a smaller value is raised to that.
@@ -95,10 +98,15 @@ impl ServerConfig {
     }
 
     pub fn new(data_dir: PathBuf, listen: SocketAddr, drover_bin: PathBuf) -> ServerConfig {
+        let agent_bin = drover_bin
+            .parent()
+            .map(|d| d.join("drover-agent"))
+            .filter(|p| p.is_file());
         ServerConfig {
             data_dir,
             listen,
             drover_bin,
+            agent_bin,
             heartbeat_interval: Duration::from_secs(1),
             silent_after: Duration::from_secs(5),
             tick: Duration::from_millis(250),
@@ -368,6 +376,7 @@ impl ProviderFactory {
                 LocalConfig {
                     data_dir: self.cfg.data_dir.clone(),
                     drover_bin: self.cfg.drover_bin.clone(),
+                    agent_bin: self.cfg.agent_bin.clone(),
                     server_url: self.server_url.clone(),
                     block: region
                         .subnet

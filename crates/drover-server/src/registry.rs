@@ -8,9 +8,10 @@
 //!   `Docker-Content-Digest` answer header (or the sha256 of the body of a `GET`).
 //! - Registries on loopback (and those in `DROVER_INSECURE_REGISTRIES`, comma-separated
 //!   `host:port`) are spoken to over plain http, the others over https, as Docker does.
-//! - Credentials: `DROVER_REGISTRY_USER` and `DROVER_REGISTRY_PASSWORD`, else the `auths` of
-//!   `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`); used for Basic auth and to
-//!   get a Bearer token from the registry's token service when it asks for one.
+//! - Credentials: `DROVER_REGISTRY_USER` and `DROVER_REGISTRY_PASSWORD`, else
+//!   `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`) with its credential helpers
+//!   (`drover_model::registry_auth`); used for Basic auth and to get a Bearer token from the
+//!   registry's token service when it asks for one.
 //! - A component whose image reference did not change keeps the digest its group already runs,
 //!   and a version that ran before gets its old digest back (rollbacks and automatic reverts
 //!   need no registry): only new references are resolved.
@@ -19,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use drover_model::image::{base64_encode, ImageRef};
+use drover_model::registry_auth::Sources;
 use drover_model::Plan;
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
@@ -120,42 +122,24 @@ fn copy_pins(from: &Plan, to: &mut Plan) {
 /// for once).
 pub struct Resolver {
     client: reqwest::Client,
-    credentials: Option<(String, String)>,
+    credentials: Sources,
     insecure: Vec<String>,
-    /// Where `~/.docker/config.json` is, for credentials per registry.
-    docker_config: Option<std::path::PathBuf>,
     cache: HashMap<String, String>,
 }
 
 impl Resolver {
     /// Credentials and insecure registries from the environment (see the module's doc).
     pub fn from_env() -> Resolver {
-        let credentials = match (
-            std::env::var("DROVER_REGISTRY_USER"),
-            std::env::var("DROVER_REGISTRY_PASSWORD"),
-        ) {
-            (Ok(u), Ok(p)) if !u.is_empty() => Some((u, p)),
-            _ => None,
-        };
         let insecure = std::env::var("DROVER_INSECURE_REGISTRIES")
             .unwrap_or_default()
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
-        let docker_config = match std::env::var_os("DOCKER_CONFIG") {
-            Some(d) => Some(std::path::PathBuf::from(d).join("config.json")),
-            None => std::env::var_os("HOME")
-                .map(|h| std::path::PathBuf::from(h).join(".docker/config.json")),
-        };
-        Resolver::new(credentials, insecure, docker_config)
+        Resolver::new(Sources::from_env(), insecure)
     }
 
-    pub fn new(
-        credentials: Option<(String, String)>,
-        insecure: Vec<String>,
-        docker_config: Option<std::path::PathBuf>,
-    ) -> Resolver {
+    pub fn new(credentials: Sources, insecure: Vec<String>) -> Resolver {
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
@@ -165,17 +149,8 @@ impl Resolver {
             client,
             credentials,
             insecure,
-            docker_config,
             cache: HashMap::new(),
         }
-    }
-
-    fn credentials_for(&self, r: &ImageRef) -> Option<(String, String)> {
-        if let Some(c) = &self.credentials {
-            return Some(c.clone());
-        }
-        let text = std::fs::read_to_string(self.docker_config.as_ref()?).ok()?;
-        drover_model::image::config_credentials(&text, r.registry_name())
     }
 
     /// `reference` (`repository:tag`, or already with a digest) as `repository@sha256:…`,
@@ -268,7 +243,7 @@ impl Resolver {
 
     /// The `Authorization` value answering a `WWW-Authenticate` challenge.
     async fn authorize(&self, r: &ImageRef, challenge: &str) -> Result<String, String> {
-        let creds = self.credentials_for(r);
+        let creds = self.credentials.credentials(r.registry_name())?;
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         let basic = creds
             .as_ref()
@@ -497,9 +472,11 @@ mod tests {
 
     fn resolver(creds: bool) -> Resolver {
         Resolver::new(
-            creds.then(|| ("alice".to_string(), "pw".to_string())),
+            Sources {
+                env: creds.then(|| ("alice".to_string(), "pw".to_string())),
+                ..Sources::default()
+            },
             vec![],
-            None,
         )
     }
 
@@ -573,8 +550,49 @@ mod tests {
             ),
         )
         .unwrap();
-        let mut r = Resolver::new(None, vec![], Some(cfg));
+        let sources = Sources {
+            docker_config: Some(cfg),
+            ..Sources::default()
+        };
+        let mut r = Resolver::new(sources, vec![]);
         assert!(r.resolve(&format!("{addr}/team/app:v1")).await.is_ok());
+    }
+
+    /// `credsStore` in the Docker config: the helper program is asked for the registry.
+    #[tokio::test]
+    async fn credentials_from_a_credential_helper() {
+        use std::os::unix::fs::PermissionsExt;
+        let (addr, _) = serve(Fake {
+            auth: Some("bearer"),
+            ..Fake::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.json");
+        std::fs::write(&cfg, r#"{"auths": {}, "credsStore": "fake"}"#).unwrap();
+        let helper = dir.path().join("docker-credential-fake");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = get ] && read s && [ \"$s\" = \"{addr}\" ] && echo '{{\"Username\":\"alice\",\"Secret\":\"pw\"}}'\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sources = Sources {
+            env: None,
+            docker_config: Some(cfg),
+            helper_path: Some(dir.path().as_os_str().to_owned()),
+        };
+        let mut r = Resolver::new(sources.clone(), vec![]);
+        assert!(r.resolve(&format!("{addr}/team/app:v1")).await.is_ok());
+        // A helper that cannot answer: the refusal names it.
+        std::fs::write(&helper, "#!/bin/sh\necho 'keychain locked' >&2; exit 1\n").unwrap();
+        let e = Resolver::new(sources, vec![])
+            .resolve(&format!("{addr}/team/app:v1"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("docker-credential-fake") && e.contains("keychain locked"), "{e}");
     }
 
     #[tokio::test]
