@@ -254,7 +254,6 @@ fn pem_first_der(pem: &[u8]) -> Option<Vec<u8>> {
     drover_model::image::base64_decode(&b64)
 }
 
-
 /// Like [`run`], with the launch configuration's credentials for the server.
 pub async fn run_with_auth(
     cfg: AgentConfig,

@@ -62,9 +62,14 @@ impl Sources {
         match config_auth(&text, registry) {
             None => Ok(None),
             Some(ConfigAuth::Basic(u, p)) => Ok(Some((u, p))),
-            Some(ConfigAuth::Helper { name, server }) => self
-                .run_helper(&name, &server)
-                .map_err(|e| format!("{e} (the credential helper {path} names for {registry})", path = path.display())),
+            Some(ConfigAuth::Helper { name, server }) => {
+                self.run_helper(&name, &server).map_err(|e| {
+                    format!(
+                        "{e} (the credential helper {path} names for {registry})",
+                        path = path.display()
+                    )
+                })
+            }
         }
     }
 
@@ -90,15 +95,26 @@ impl Sources {
             .map_err(|e| format!("cannot run `{program} get`: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            let said = format!("{} {}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+            let said = format!(
+                "{} {}",
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             if said.to_lowercase().contains("credentials not found") {
                 return Ok(None);
             }
-            return Err(format!("`{program} get` failed ({}): {}", out.status, said.trim()));
+            return Err(format!(
+                "`{program} get` failed ({}): {}",
+                out.status,
+                said.trim()
+            ));
         }
         let v: serde_json::Value = serde_json::from_str(&stdout)
             .map_err(|e| format!("`{program} get` answered something that is not JSON: {e}"))?;
-        let user = v.get("Username").and_then(|u| u.as_str()).unwrap_or_default();
+        let user = v
+            .get("Username")
+            .and_then(|u| u.as_str())
+            .unwrap_or_default();
         let secret = v.get("Secret").and_then(|s| s.as_str()).unwrap_or_default();
         if user == "<token>" {
             return Err(format!(
@@ -151,7 +167,7 @@ mod tests {
         helper(
             dir.path(),
             "fake",
-            r#"read s; if [ "$s" = "127.0.0.1:5000" ]; then echo '{"ServerURL":"127.0.0.1:5000","Username":"alice","Secret":"pw"}'; else echo "credentials not found in native keychain"; exit 1; fi"#,
+            r#"s=$(cat); if [ "$s" = "127.0.0.1:5000" ]; then echo '{"ServerURL":"127.0.0.1:5000","Username":"alice","Secret":"pw"}'; else echo "credentials not found in native keychain"; exit 1; fi"#,
         );
         let src = sources(dir.path(), r#"{"credsStore": "fake"}"#);
         assert_eq!(
@@ -170,12 +186,25 @@ mod tests {
             r#"{"credHelpers": {"ghcr.io": "broken", "quay.io": "missing"}}"#,
         );
         let e = src.credentials("ghcr.io").unwrap_err();
-        assert!(e.contains("docker-credential-broken get") && e.contains("keychain locked"), "{e}");
+        assert!(
+            e.contains("docker-credential-broken get") && e.contains("keychain locked"),
+            "{e}"
+        );
         let e = src.credentials("quay.io").unwrap_err();
-        assert!(e.contains("docker-credential-missing") && e.contains("not installed"), "{e}");
-        helper(dir.path(), "tok", r#"echo '{"Username":"<token>","Secret":"x"}'"#);
+        assert!(
+            e.contains("docker-credential-missing") && e.contains("not installed"),
+            "{e}"
+        );
+        helper(
+            dir.path(),
+            "tok",
+            r#"echo '{"Username":"<token>","Secret":"x"}'"#,
+        );
         let src = sources(dir.path(), r#"{"credsStore": "tok"}"#);
-        assert!(src.credentials("docker.io").unwrap_err().contains("identity token"));
+        assert!(src
+            .credentials("docker.io")
+            .unwrap_err()
+            .contains("identity token"));
     }
 
     #[test]

@@ -143,10 +143,7 @@ impl LocalProvider {
             }
         }
         let mut child = cmd.spawn().map_err(|e| {
-            ProviderError::Launch(format!(
-                "cannot start {}: {e}",
-                program.display()
-            ))
+            ProviderError::Launch(format!("cannot start {}: {e}", program.display()))
         })?;
         let pid = child.id().unwrap_or_default();
         let _ = std::fs::write(dir.join("agent.pid"), pid.to_string());
@@ -344,9 +341,7 @@ fn is_our_agent(pid: u32, dir: &Path) -> bool {
             .first()
             .is_some_and(|a0| Path::new(a0).file_name() == Some("drover-agent".as_ref()));
     let dir = dir.display().to_string();
-    agent
-        && args.windows(2).any(|w| w[0] == "--dir" && w[1] == dir)
-        && process_running(pid)
+    agent && args.windows(2).any(|w| w[0] == "--dir" && w[1] == dir) && process_running(pid)
 }
 
 /// Whether a process exists and is not a zombie.

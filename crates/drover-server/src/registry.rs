@@ -574,7 +574,7 @@ mod tests {
         std::fs::write(
             &helper,
             format!(
-                "#!/bin/sh\n[ \"$1\" = get ] && read s && [ \"$s\" = \"{addr}\" ] && echo '{{\"Username\":\"alice\",\"Secret\":\"pw\"}}'\n"
+                "#!/bin/sh\ns=$(cat)\n[ \"$1\" = get ] && [ \"$s\" = \"{addr}\" ] && echo '{{\"Username\":\"alice\",\"Secret\":\"pw\"}}'\n"
             ),
         )
         .unwrap();
@@ -585,14 +585,18 @@ mod tests {
             helper_path: Some(dir.path().as_os_str().to_owned()),
         };
         let mut r = Resolver::new(sources.clone(), vec![]);
-        assert!(r.resolve(&format!("{addr}/team/app:v1")).await.is_ok());
+        let pinned = r.resolve(&format!("{addr}/team/app:v1")).await;
+        assert!(pinned.is_ok(), "{pinned:?}");
         // A helper that cannot answer: the refusal names it.
         std::fs::write(&helper, "#!/bin/sh\necho 'keychain locked' >&2; exit 1\n").unwrap();
         let e = Resolver::new(sources, vec![])
             .resolve(&format!("{addr}/team/app:v1"))
             .await
             .unwrap_err();
-        assert!(e.contains("docker-credential-fake") && e.contains("keychain locked"), "{e}");
+        assert!(
+            e.contains("docker-credential-fake") && e.contains("keychain locked"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

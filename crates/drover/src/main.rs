@@ -6,6 +6,7 @@ mod client;
 mod demo;
 #[cfg(feature = "aws")]
 mod ec2;
+mod exit;
 mod progress;
 mod render;
 mod up;
@@ -14,11 +15,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
 use agent_cli::{init_logs, shutdown_signal, AgentArgs};
+use clap::{Parser, Subcommand};
 use drover_model::Dur;
-
-mod exit;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 server unreachable.
@@ -275,7 +274,6 @@ enum TokenCommand {
     /// Revoke a token by its id (`t-000003`): it is refused from now on.
     Revoke { id: String },
 }
-
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -78,6 +78,13 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
             .trim()
             .parse()
             .unwrap();
+    // The agent is the lean `drover-agent` binary, built beside `drover`.
+    let exe = std::fs::read_link(format!("/proc/{agent_pid}/exe")).unwrap();
+    assert_eq!(
+        exe.file_name().unwrap(),
+        "drover-agent",
+        "the local provider started {exe:?}"
+    );
     unsafe { libc::kill(agent_pid, libc::SIGKILL) };
     let t0 = Instant::now();
     loop {
