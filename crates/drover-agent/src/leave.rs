@@ -34,6 +34,8 @@ const MAX_REPLY: usize = 16 * 1024;
 pub(crate) struct Permit {
     pub drain_timeout: Duration,
     pub reason: String,
+    /// Whether the instance's capacity goes with it (see `PermitReply::decrement`).
+    pub decrement: Option<bool>,
 }
 
 /// How a drain ended.
@@ -116,6 +118,7 @@ impl Leave {
                 .reason
                 .filter(|r| !r.trim().is_empty())
                 .unwrap_or_else(|| "permit granted".to_string()),
+            decrement: reply.decrement,
         }))
     }
 

@@ -83,6 +83,11 @@ pub enum Outcome {
     Left {
         /// The permit's reason, e.g. `stale generation 3 < 4`.
         reason: String,
+        /// The permit's word on the instance's capacity, for an agent that terminates its own
+        /// instance (`drover agent --aws`): `Some(true)`, its group's desired capacity drops
+        /// with it; `Some(false)`, the group keeps it and launches the replacement; `None`,
+        /// the server did not say (an older server): keep to the launch configuration.
+        decrement: Option<bool>,
     },
 }
 
@@ -391,7 +396,7 @@ pub async fn run_with_auth(
         };
         let leaving = async {
             let Some((leave, server)) = leave.as_ref() else {
-                return std::future::pending::<String>().await;
+                return std::future::pending::<leave::Permit>().await;
             };
             // The long-poll is held only while the server says a permit may come soon (a
             // stale instance, one that holds a permit already); an idle agent holds none.
@@ -429,11 +434,14 @@ pub async fn run_with_auth(
             } else {
                 tracing::info!(drain_ms, %open, "drained: no open connection left");
             }
-            permit.reason
+            permit
         };
         tokio::select! {
             _ = shutdown => Outcome::Shutdown,
-            reason = leaving => Outcome::Left { reason },
+            permit = leaving => Outcome::Left {
+                reason: permit.reason,
+                decrement: permit.decrement,
+            },
             // Never completes: the reporter (or, without a server, its stand-in) runs until dropped.
             _ = async { tokio::join!(boot, report) } => Outcome::Shutdown,
         }
@@ -459,7 +467,7 @@ pub async fn run_with_auth(
     }
     match &outcome {
         Outcome::Shutdown => tracing::info!("agent stopped"),
-        Outcome::Left { reason } => {
+        Outcome::Left { reason, .. } => {
             tracing::info!(%reason, "agent stopped: the instance left on its permit")
         }
     }

@@ -249,6 +249,7 @@ impl Fake {
             permit: true,
             drain_timeout_ms: drain_timeout.as_millis() as u64,
             reason: Some("stale: generation 4 < 5".into()),
+            decrement: Some(false),
         }));
         t
     }
@@ -445,7 +446,8 @@ async fn permit_during_a_long_poll_reaches_the_agent_at_once_and_it_leaves() {
     assert_eq!(
         outcome,
         Outcome::Left {
-            reason: "stale: generation 4 < 5".into()
+            reason: "stale: generation 4 < 5".into(),
+            decrement: Some(false),
         }
     );
     let to_drain = fake.first(|e| matches!(e, Event::Connections)).unwrap() - granted;

@@ -190,9 +190,10 @@ pub async fn ensure_launch_template(
     })
 }
 
-/// Make sure the Auto Scaling group exists, launches `res`'s version, may grow to `max`, and
-/// feeds `target_groups`. A new group starts at desired capacity 0: the controller raises it
-/// one launch at a time. An existing group keeps its desired capacity.
+/// Make sure the Auto Scaling group exists, launches `res`'s version, may grow to `max`, feeds
+/// `target_groups` and has its add-one scaling policy ([`add_one`]). A new group starts at
+/// desired capacity 0: the controller raises it one launch at a time. An existing group keeps
+/// its desired capacity.
 pub async fn ensure_asg(
     c: &Clients,
     owner: &Owner,
@@ -263,7 +264,8 @@ pub async fn ensure_asg(
             }
         }
     }
-    Ok(())
+    // Launches raise the capacity through it (see `add_one`).
+    ensure_add_one_policy(c, &name).await
 }
 
 /// One instance of an Auto Scaling group.
@@ -358,15 +360,42 @@ pub async fn describe_fleet(
     Ok(all)
 }
 
-pub async fn set_desired(c: &Clients, asg: &str, desired: u32) -> Result<(), AwsError> {
+/// The group's simple scaling policy that adds one instance (see [`add_one`]).
+pub fn add_one_policy(asg: &str) -> String {
+    format!("{asg}-add-one")
+}
+
+/// Make sure the group has its simple scaling policy that adds one instance (`PutScalingPolicy`
+/// creates or updates it). Nothing executes it but drover's launches: no alarm is attached.
+pub async fn ensure_add_one_policy(c: &Clients, asg: &str) -> Result<(), AwsError> {
     c.asg
-        .set_desired_capacity()
+        .put_scaling_policy()
         .auto_scaling_group_name(asg)
-        .desired_capacity(desired as i32)
+        .policy_name(add_one_policy(asg))
+        .policy_type("SimpleScaling")
+        .adjustment_type("ChangeInCapacity")
+        .scaling_adjustment(1)
+        .cooldown(0)
+        .send()
+        .await
+        .map_err(api("PutScalingPolicy"))?;
+    Ok(())
+}
+
+/// Raise the group's desired capacity by one, relative to its value at AWS when the call is
+/// handled (`ExecutePolicy` of the group's add-one policy, cooldown ignored). Unlike
+/// `SetDesiredCapacity` with a count read before, it cannot undo a decrement made in between
+/// (an instance leaving with `ShouldDecrementDesiredCapacity`), which would start an instance
+/// nobody launched. AWS keeps the result within the group's maximum.
+pub async fn add_one(c: &Clients, asg: &str) -> Result<(), AwsError> {
+    c.asg
+        .execute_policy()
+        .auto_scaling_group_name(asg)
+        .policy_name(add_one_policy(asg))
         .honor_cooldown(false)
         .send()
         .await
-        .map_err(api("SetDesiredCapacity"))?;
+        .map_err(api("ExecutePolicy"))?;
     Ok(())
 }
 

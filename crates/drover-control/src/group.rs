@@ -24,6 +24,13 @@ pub struct GroupSpec {
     /// No launch before this time: instances that die before turning healthy back off
     /// further launches, so a broken version does not turn into a launch storm.
     pub launch_not_before_ms: u64,
+    /// The provider replaces a stale instance that leaves on its permit by itself (an Auto
+    /// Scaling group whose leaver terminates without lowering its capacity: the server sets
+    /// this for `aws` groups whose rollout has `max_surge = 0`). A stale instance draining on
+    /// its permit then still counts toward the group, so the controller does not launch a
+    /// second replacement; its launch comes once the leaver is gone, and claims the
+    /// provider's replacement. See [`provider_replaces`].
+    pub provider_replaces_leavers: bool,
 }
 
 /// Where an instance is in its life, as the server recorded it.
@@ -121,6 +128,36 @@ pub fn in_rotation(i: &InstanceView, now: u64, t: &Timing) -> bool {
         && fresh_heartbeat(i, now, t)
 }
 
+/// Whether `i` counts toward its group's occupancy (what launches fill up to `desired` and
+/// `desired + max_surge`): an Active instance, or, when the provider replaces leavers, a
+/// stale one draining on its permit (its replacement comes from the provider).
+fn occupies(spec: &GroupSpec, i: &InstanceView) -> bool {
+    match i.phase {
+        Phase::Active => true,
+        Phase::Draining => spec.provider_replaces_leavers && i.generation < spec.generation,
+        Phase::Terminating => false,
+    }
+}
+
+/// Whether `leaver`, leaving on its permit, is replaced by the provider (it terminates without
+/// lowering its group's capacity, and the provider launches its replacement from the current
+/// launch configuration) rather than by the controller (its capacity goes with it). Only a
+/// stale instance of a group whose provider replaces leavers, and only while the group holds
+/// no more than `desired` instances that count toward it ([`occupies`], the leaver included):
+/// a surplus (scale-in, a group gone from the fleet) is never replaced. `group` is every
+/// instance of the leaver's group (the leaver among them). The server answers the permit with
+/// it; the controller's occupancy agrees with it.
+pub fn provider_replaces(spec: &GroupSpec, leaver: &InstanceView, group: &[&InstanceView]) -> bool {
+    if !spec.provider_replaces_leavers || leaver.generation >= spec.generation {
+        return false;
+    }
+    let counted = group
+        .iter()
+        .filter(|i| i.alive && i.group == spec.group && occupies(spec, i))
+        .count();
+    counted <= spec.desired as usize
+}
+
 /// Decide what to do now. Deterministic: the same inputs give the same decision.
 pub fn reconcile(
     now: u64,
@@ -183,6 +220,8 @@ fn reconcile_group(
 
     // 1. Gone and broken instances.
     let mut active: Vec<&InstanceView> = Vec::new();
+    // Stale instances draining on a permit that the provider replaces (see `occupies`).
+    let mut replaced_leavers = 0usize;
     for i in list {
         if !i.alive {
             d.actions.push(Action::Forget {
@@ -192,6 +231,9 @@ fn reconcile_group(
             continue;
         }
         if i.phase != Phase::Active {
+            if occupies(spec, i) {
+                replaced_leavers += 1;
+            }
             continue;
         }
         if let Some(reason) = broken(now, spec, i, t) {
@@ -251,7 +293,8 @@ fn reconcile_group(
     }
 
     // 3. Launches: up to desired instances on the current generation, within the surge cap.
-    let occupancy = stale.len() + fresh.len();
+    //    A leaver the provider replaces holds its place until it is gone.
+    let occupancy = stale.len() + fresh.len() + replaced_leavers;
     let cap = if stale.is_empty() {
         desired
     } else {
@@ -348,5 +391,202 @@ fn broken(now: u64, spec: &GroupSpec, i: &InstanceView, t: &Timing) -> Option<St
             ))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_model::Dur;
+
+    const TICK: u64 = 250;
+    const TIMING: Timing = Timing {
+        silent_after_ms: 5_000,
+    };
+
+    fn spec(desired: u32, max_surge: u32, replaces: bool) -> GroupSpec {
+        GroupSpec {
+            group: "jobs/use1".into(),
+            desired,
+            generation: 1,
+            generation_since_ms: 0,
+            rollout_open: false,
+            rollout: Rollout {
+                max_surge,
+                max_unavailable: 1,
+                min_healthy_time: Dur::from_secs(1),
+                healthy_deadline: Dur::from_secs(60),
+                auto_revert: false,
+                drain_timeout: Dur::from_secs(2),
+            },
+            replace_unhealthy_after_ms: 30_000,
+            launch_not_before_ms: 0,
+            provider_replaces_leavers: replaces,
+        }
+    }
+
+    fn instance(id: &str, generation: u64, now: u64, healthy_since: Option<u64>) -> InstanceView {
+        InstanceView {
+            id: id.into(),
+            group: "jobs/use1".into(),
+            generation,
+            launched_at_ms: now,
+            phase: Phase::Active,
+            alive: true,
+            health: match healthy_since {
+                Some(since_ms) => Health::Healthy { since_ms },
+                None => Health::Starting,
+            },
+            last_seen_ms: now,
+            ever_healthy: healthy_since.is_some(),
+            watched_since_ms: now,
+        }
+    }
+
+    /// What happened over one rollout of a small world: instances boot in 2 s, leavers drain
+    /// for 3 s and are then gone (their exit seen a tick later).
+    #[derive(Default)]
+    struct Trace {
+        /// The most instances counted at once: Active ones plus stale ones draining.
+        max_counted: usize,
+        /// Launches decided while a stale leaver was still there (draining, its exit not seen:
+        /// a launch in the pass that forgets it comes after its `Forget`).
+        launches_with_leaver: usize,
+        launches: usize,
+        permits: usize,
+        done_at: Option<u64>,
+    }
+
+    fn roll(spec_: GroupSpec) -> Trace {
+        let mut spec = spec_;
+        let mut now = 600_000;
+        let mut list: Vec<InstanceView> = (0..spec.desired)
+            .map(|k| instance(&format!("i-old{k}"), 1, 0, Some(0)))
+            .collect();
+        spec.generation = 2;
+        spec.generation_since_ms = now;
+        spec.rollout_open = true;
+        // Per instance: when a draining one exits, when a new one turns healthy.
+        let mut exits: BTreeMap<String, u64> = BTreeMap::new();
+        let mut boots: BTreeMap<String, u64> = BTreeMap::new();
+        let mut seq = 0;
+        let mut t = Trace::default();
+        while now < 600_000 + 120_000 {
+            now += TICK;
+            for i in list.iter_mut() {
+                i.last_seen_ms = now;
+                if boots.get(&i.id).is_some_and(|b| *b <= now) && !i.ever_healthy {
+                    i.health = Health::Healthy { since_ms: now };
+                    i.ever_healthy = true;
+                }
+                if exits.get(&i.id).is_some_and(|e| *e <= now) {
+                    i.alive = false;
+                }
+            }
+            let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+            let leaver = list
+                .iter()
+                .any(|i| i.alive && i.phase == Phase::Draining && i.generation < spec.generation);
+            for a in d.actions {
+                match a {
+                    Action::Forget { instance, .. } => list.retain(|i| i.id != instance),
+                    Action::Permit { instance, .. } => {
+                        t.permits += 1;
+                        let i = list.iter_mut().find(|i| i.id == instance).unwrap();
+                        i.phase = Phase::Draining;
+                        exits.insert(instance, now + 3_000);
+                    }
+                    Action::Launch { generation, .. } => {
+                        t.launches += 1;
+                        if leaver {
+                            t.launches_with_leaver += 1;
+                        }
+                        seq += 1;
+                        let id = format!("i-new{seq}");
+                        boots.insert(id.clone(), now + 2_000);
+                        list.push(instance(&id, generation, now, None));
+                    }
+                    Action::RolloutDone { .. } => {
+                        spec.rollout_open = false;
+                        t.done_at = Some(now);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let counted = list
+                .iter()
+                .filter(|i| {
+                    i.phase == Phase::Active
+                        || (i.phase == Phase::Draining && i.generation < spec.generation)
+                })
+                .count();
+            t.max_counted = t.max_counted.max(counted);
+            if t.done_at.is_some() && list.len() == spec.desired as usize {
+                assert!(list.iter().all(|i| i.generation == 2 && i.alive));
+                break;
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_provider_that_replaces_leavers_gets_no_second_replacement() {
+        let t = roll(spec(3, 0, true));
+        assert!(t.done_at.is_some(), "the rollout finishes");
+        assert_eq!(t.permits, 3);
+        assert_eq!(t.launches, 3, "one launch per leaver, no more");
+        assert_eq!(
+            t.max_counted, 3,
+            "never more than desired active + draining stale"
+        );
+        assert_eq!(
+            t.launches_with_leaver, 0,
+            "each launch comes once its leaver is forgotten"
+        );
+    }
+
+    #[test]
+    fn without_it_the_controller_replaces_a_leaver_as_it_drains() {
+        let t = roll(spec(3, 0, false));
+        assert!(t.done_at.is_some());
+        assert_eq!((t.permits, t.launches), (3, 3));
+        // Unchanged behaviour: a leaver no longer counts, its replacement launches at once.
+        assert_eq!(t.launches_with_leaver, 3);
+        assert_eq!(t.max_counted, 4);
+    }
+
+    #[test]
+    fn with_surge_the_flag_changes_nothing_for_surge_launches() {
+        // The server never sets the flag with max_surge > 0; the controller still stays in
+        // its budget if it were set.
+        let with = roll(spec(3, 1, true));
+        let without = roll(spec(3, 1, false));
+        assert!(with.done_at.is_some() && without.done_at.is_some());
+        assert!(with.max_counted <= 4, "{}", with.max_counted);
+        assert_eq!(with.launches, 3);
+    }
+
+    #[test]
+    fn only_stale_leavers_within_desired_are_replaced_by_the_provider() {
+        let s = {
+            let mut s = spec(3, 0, true);
+            s.generation = 2;
+            s
+        };
+        let mut a = instance("a", 1, 0, Some(0));
+        a.phase = Phase::Draining;
+        let b = instance("b", 1, 0, Some(0));
+        let c = instance("c", 2, 0, Some(0));
+        let group = [&a, &b, &c];
+        assert!(provider_replaces(&s, &a, &group));
+        // Without the flag, or a current leaver (scale-in): the capacity goes with it.
+        assert!(!provider_replaces(&spec(3, 0, false), &a, &group));
+        let mut current = c.clone();
+        current.phase = Phase::Draining;
+        assert!(!provider_replaces(&s, &current, &[&a, &b, &current]));
+        // A surplus: desired lowered to 2 while 3 are counted.
+        let mut smaller = s.clone();
+        smaller.desired = 2;
+        assert!(!provider_replaces(&smaller, &a, &group));
     }
 }

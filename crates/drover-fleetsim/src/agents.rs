@@ -236,6 +236,9 @@ struct Shared {
     poll_errors: AtomicU64,
     permits: AtomicU64,
     left: AtomicU64,
+    /// Agents that left keeping their group's capacity (their permit said `decrement: false`:
+    /// on AWS the Auto Scaling group would launch their replacement).
+    kept_capacity: AtomicU64,
     first_permit_epoch_ms: AtomicU64,
     data_dir: Option<PathBuf>,
     agents: Mutex<Vec<(Spec, Arc<Ctl>)>>,
@@ -285,6 +288,8 @@ struct Report {
     sim_rss_mib: f64,
     permits: u64,
     left: u64,
+    /// Of `left`: those whose permit kept their group's capacity (`decrement: false`).
+    left_keeping_capacity: u64,
     forgotten: u64,
     started_epoch_ms: u64,
 }
@@ -393,6 +398,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         poll_errors: AtomicU64::new(0),
         permits: AtomicU64::new(0),
         left: AtomicU64::new(0),
+        kept_capacity: AtomicU64::new(0),
         first_permit_epoch_ms: AtomicU64::new(0),
         data_dir: args
             .data_dir
@@ -621,6 +627,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         sim_rss_mib: procfs::mem_kib(me).map(|m| mib(m.0)).unwrap_or(0.0),
         permits: sh.permits.load(Relaxed),
         left: sh.left.load(Relaxed),
+        left_keeping_capacity: sh.kept_capacity.load(Relaxed),
         forgotten: sh.forgotten.load(Relaxed),
         started_epoch_ms,
     };
@@ -739,8 +746,8 @@ fn print_report(r: &Report) {
         r.server_fds
     );
     eprintln!(
-        "load tool: CPU {:.1}% mean, RSS {:.1} MiB; permit long-polls open {}, poll errors {}, permits {}, left {}, forgotten {}",
-        r.sim_cpu_pct_mean, r.sim_rss_mib, r.permit_polls_open, r.permit_poll_errors, r.permits, r.left, r.forgotten
+        "load tool: CPU {:.1}% mean, RSS {:.1} MiB; permit long-polls open {}, poll errors {}, permits {}, left {} ({} keeping capacity), forgotten {}",
+        r.sim_cpu_pct_mean, r.sim_rss_mib, r.permit_polls_open, r.permit_poll_errors, r.permits, r.left, r.left_keeping_capacity, r.forgotten
     );
 }
 
@@ -1006,7 +1013,18 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
                 if matches!(ctl.mode(), CRASHED | SILENT) {
                     return;
                 }
-                leave(&sh, &spec, &ctl, p.drain_timeout_ms, auth.as_deref()).await;
+                // What the real agent on AWS does with `decrement` (an older server: its
+                // boot document's `decrement_on_leave`, which it always set).
+                let decrement = p.decrement.unwrap_or(true);
+                leave(
+                    &sh,
+                    &spec,
+                    &ctl,
+                    p.drain_timeout_ms,
+                    decrement,
+                    auth.as_deref(),
+                )
+                .await;
                 return;
             }
             Some(_) => {
@@ -1024,14 +1042,23 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
 }
 
 /// On a permit: report draining, wait for the balancer's connections to reach 0 (at most the
-/// drain timeout), report stopping, stop, and end the instance (kill its holder).
-async fn leave(sh: &Shared, spec: &Spec, ctl: &Ctl, drain_timeout_ms: u64, auth: Option<&str>) {
+/// drain timeout), report stopping, stop, and end the instance (kill its holder). `decrement`
+/// is the permit's word on the group's capacity: the local provider has none, so it is
+/// counted and printed (`PERMIT ID EPOCH_MS decrement=BOOL`), not acted on.
+async fn leave(
+    sh: &Shared,
+    spec: &Spec,
+    ctl: &Ctl,
+    drain_timeout_ms: u64,
+    decrement: bool,
+    auth: Option<&str>,
+) {
     let now = epoch_ms();
     let _ = sh
         .first_permit_epoch_ms
         .compare_exchange(0, now, Relaxed, Relaxed);
     sh.permits.fetch_add(1, Relaxed);
-    println!("PERMIT {} {}", spec.id, now);
+    println!("PERMIT {} {} decrement={decrement}", spec.id, now);
     ctl.mode.store(DRAINING, Relaxed);
     send_heartbeat(sh, spec, ctl, auth).await;
     let url = format!("{}/v1/agent/connections", sh.base);
@@ -1061,6 +1088,9 @@ async fn leave(sh: &Shared, spec: &Spec, ctl: &Ctl, drain_timeout_ms: u64, auth:
     ctl.wake.notify_one();
     end_instance(sh, &spec.id);
     sh.left.fetch_add(1, Relaxed);
+    if !decrement {
+        sh.kept_capacity.fetch_add(1, Relaxed);
+    }
 }
 
 /// Kill the holder of a seeded instance, so the server's provider sees it end.

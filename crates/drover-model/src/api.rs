@@ -349,6 +349,15 @@ pub struct PermitReply {
     pub drain_timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// With a permit: whether the instance's group lowers its capacity as the instance
+    /// terminates (`true`: the controller launches any replacement itself), or keeps it so
+    /// that the provider launches the replacement (`false`: on AWS, a stale instance of a
+    /// group whose rollout has `max_surge = 0`). Only agents that terminate their own
+    /// instance through the provider use it (`drover agent --aws`). Absent (a server that
+    /// predates it, or no permit): the agent keeps to its boot document's
+    /// `decrement_on_leave`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decrement: Option<bool>,
 }
 
 /// `GET /v1/agent/connections?instance=ID`: open connections the balancer holds to the instance.

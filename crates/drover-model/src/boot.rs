@@ -30,8 +30,9 @@ pub struct BootDoc {
     /// The AWS region the instance runs in (for its own Auto Scaling calls).
     pub aws_region: String,
     /// When leaving on a permit, whether the group's desired capacity drops with the instance
-    /// (the server sets it: its controller launches replacements itself) or the Auto Scaling
-    /// group launches the replacement.
+    /// (the controller launches any replacement itself) or the Auto Scaling group launches the
+    /// replacement. Only a fallback: the permit's own `decrement` (`PermitReply`) decides when
+    /// the server sends it. The server sets it to `max_surge > 0`.
     pub decrement_on_leave: bool,
     /// The plan generation this document boots.
     pub generation: u64,

@@ -448,12 +448,19 @@ impl AwsProvider {
                     });
                 }
             }
-            // Raise the capacity once, unless a launch is already under way.
+            // Raise the capacity once, unless a launch is already under way (the group has
+            // fewer instances than its capacity: it is starting one, e.g. to replace a leaver
+            // that kept its capacity). Raised by one at AWS, not set to a count read here: an
+            // instance leaving meanwhile with its capacity lowers it in between.
             let pending = view.desired as usize > live.len() - other.len().min(live.len());
             if !raised && !pending {
-                group::set_desired(c, &asg, view.desired + 1)
-                    .await
-                    .map_err(cloud)?;
+                if view.desired >= view.max {
+                    return Err(ProviderError::Launch(format!(
+                        "Auto Scaling group {asg} is at its maximum size ({})",
+                        view.max
+                    )));
+                }
+                group::add_one(c, &asg).await.map_err(cloud)?;
                 raised = true;
             }
             if Instant::now() > deadline {

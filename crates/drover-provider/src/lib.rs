@@ -110,7 +110,8 @@ pub struct GroupSpec {
     pub max_size: u32,
     pub ingress: Option<IngressPlan>,
     /// Whether an instance leaving on a permit lowers the group's capacity (the controller
-    /// launches the replacement itself) or the provider replaces it.
+    /// launches the replacement itself) or the provider replaces it, when its permit does not
+    /// say (the permit's `decrement` decides per leaver).
     pub decrement_on_leave: bool,
 }
 

@@ -61,10 +61,11 @@ impl Engine {
                         + 2 * svc.rollout.max_surge
                         + svc.rollout.max_unavailable,
                     ingress,
-                    // The controller launches each replacement itself (an instance with a
-                    // permit no longer counts), in every surge mode: the leaver's capacity
-                    // goes with it, or the group would launch a second replacement.
-                    decrement_on_leave: true,
+                    // Only the fallback of an agent whose permit does not say (the permit's
+                    // `decrement` decides, see `State::leaver_decrements`): with surge the
+                    // controller launches every replacement itself, so the leaver's capacity
+                    // goes with it; without, the Auto Scaling group replaces a stale leaver.
+                    decrement_on_leave: svc.rollout.max_surge > 0,
                 },
             ));
         }

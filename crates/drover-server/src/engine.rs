@@ -833,18 +833,22 @@ impl Engine {
             woken.as_mut().enable();
             let found = {
                 let st = self.state();
-                st.instances
-                    .get(instance)
-                    .map(|i| (i.record.lifecycle, i.record.group.clone()))
+                st.instances.get(instance).map(|i| {
+                    // Decided as the permit is answered, from the group as it is now.
+                    let decrement =
+                        (i.record.lifecycle != Lifecycle::Active).then(|| st.leaver_decrements(i));
+                    (i.record.group.clone(), decrement)
+                })
             };
-            let Some((lifecycle, group)) = found else {
+            let Some((group, decrement)) = found else {
                 return Err(ServerError::NotFound(format!("no instance {instance}")));
             };
-            if lifecycle != Lifecycle::Active {
+            if let Some(decrement) = decrement {
                 return Ok(drover_model::api::PermitReply {
                     permit: true,
                     drain_timeout_ms: self.drain_timeout(&group).as_millis() as u64,
                     reason: Some(format!("{} holds a permit", instance)),
+                    decrement: Some(decrement),
                 });
             }
             tokio::select! {
@@ -1445,6 +1449,74 @@ command = "/bin/true"
         other.instance = "i-000099".into();
         let r = e.heartbeat(other).unwrap();
         assert_eq!((r.known, r.leave_soon), (false, Some(false)));
+    }
+
+    #[tokio::test]
+    async fn a_permit_says_whether_the_leaver_keeps_its_groups_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        // Two instances of generation 1, both running; i-000001 holds a permit.
+        {
+            let mut st = e.state();
+            for i in st.instances.values_mut() {
+                i.alive = true;
+            }
+            st.instances.get_mut("i-000001").unwrap().record.lifecycle = Lifecycle::Draining;
+            let g = st.groups.get_mut("web/local").unwrap();
+            g.record.desired = 2;
+            g.record.generation = 2;
+        }
+        let set = |provider: &str, max_surge: u32, desired: u32| {
+            let mut st = e.state();
+            let g = st.groups.get_mut("web/local").unwrap();
+            g.provider = provider.into();
+            g.record.desired = desired;
+            let rev = st.revision.as_mut().unwrap();
+            rev.fleet.services.get_mut("web").unwrap().rollout.max_surge = max_surge;
+        };
+        let decrement = || async {
+            let r = e.wait_permit("i-000001", Duration::ZERO).await.unwrap();
+            assert!(r.permit);
+            r.decrement
+        };
+        // Replace mode: aws without surge, a stale leaver, the group within desired.
+        set("aws", 0, 2);
+        assert_eq!(decrement().await, Some(false));
+        assert!(e.state().specs()[0].provider_replaces_leavers);
+        // With surge, on another provider, or a surplus: the capacity goes with it.
+        set("aws", 1, 2);
+        assert_eq!(decrement().await, Some(true));
+        assert!(!e.state().specs()[0].provider_replaces_leavers);
+        set("local", 0, 2);
+        assert_eq!(decrement().await, Some(true));
+        set("aws", 0, 1);
+        assert_eq!(decrement().await, Some(true));
+        // Not stale (current generation, e.g. a scale-in leaver).
+        set("aws", 0, 2);
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .generation = 1;
+        assert_eq!(decrement().await, Some(true));
+        // Being terminated by the server.
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .generation = 2;
+        e.state()
+            .instances
+            .get_mut("i-000001")
+            .unwrap()
+            .record
+            .lifecycle = Lifecycle::Terminating;
+        assert_eq!(decrement().await, Some(true));
+        // No permit: nothing said.
+        let r = e.wait_permit("i-000002", Duration::ZERO).await.unwrap();
+        assert_eq!((r.permit, r.decrement), (false, None));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

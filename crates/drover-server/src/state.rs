@@ -61,6 +61,34 @@ pub struct State {
     pub autoscale: BTreeMap<String, drover_control::AutoscaleState>,
 }
 
+/// Whether a group's provider replaces its stale leavers itself ("replace mode"): an `aws`
+/// group (an Auto Scaling group launches a replacement for an instance that terminates without
+/// lowering its capacity) whose rollout has no surge. With surge, the controller launches every
+/// replacement itself, before the permits.
+pub fn provider_replaces_leavers(provider: &str, rollout: &drover_model::fleet::Rollout) -> bool {
+    provider == drover_model::fleet::ProviderKind::Aws.as_str() && rollout.max_surge == 0
+}
+
+/// What the group controller knows of an instance.
+fn view(i: &Instance) -> InstanceView {
+    InstanceView {
+        id: i.record.id.clone(),
+        group: i.record.group.clone(),
+        generation: i.record.generation,
+        launched_at_ms: i.record.launched_at_ms,
+        phase: match i.record.lifecycle {
+            Lifecycle::Active => Phase::Active,
+            Lifecycle::Draining => Phase::Draining,
+            Lifecycle::Terminating => Phase::Terminating,
+        },
+        alive: i.alive,
+        health: i.soft.health,
+        last_seen_ms: i.soft.last_seen_ms,
+        ever_healthy: i.soft.ever_healthy,
+        watched_since_ms: i.soft.watched_since_ms,
+    }
+}
+
 /// Delay before the next launch after `failures` instances in a row died unhealthy.
 pub fn launch_delay_ms(failures: u32) -> u64 {
     if failures == 0 {
@@ -100,51 +128,64 @@ impl State {
     }
 
     pub fn specs(&self) -> Vec<GroupSpec> {
-        let fleet = self.fleet();
-        self.groups
+        self.groups.values().map(|g| self.spec(g)).collect()
+    }
+
+    /// What the group controller knows of one group.
+    pub fn spec(&self, g: &Group) -> GroupSpec {
+        let svc = self.service(g);
+        let rollout = svc.map(|s| s.rollout.clone()).unwrap_or_default();
+        GroupSpec {
+            group: g.record.group.clone(),
+            desired: g.record.desired,
+            generation: g.record.generation,
+            generation_since_ms: g.record.rollout.since_ms,
+            rollout_open: g.record.rollout.open,
+            provider_replaces_leavers: provider_replaces_leavers(&g.provider, &rollout),
+            rollout,
+            replace_unhealthy_after_ms: svc
+                .map(|s| s.replace_unhealthy_after.as_millis())
+                .unwrap_or(30_000),
+            launch_not_before_ms: self
+                .launch_backoff
+                .get(&g.record.group)
+                .map(|b| b.1)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Whether `instance`, leaving on its permit, lowers its group's capacity as it goes (the
+    /// permit's `decrement`). Not when the provider replaces it: a stale instance of an `aws`
+    /// group whose rollout has no surge, the group at or under its desired count
+    /// ([`drover_control::group::provider_replaces`]); the Auto Scaling group then launches
+    /// its replacement from the current launch template version.
+    pub fn leaver_decrements(&self, instance: &Instance) -> bool {
+        if instance.record.lifecycle != Lifecycle::Draining {
+            // Being terminated by the server (broken): the controller replaces it.
+            return true;
+        }
+        let Some(g) = self.groups.get(&instance.record.group) else {
+            return true;
+        };
+        let spec = self.spec(g);
+        if !spec.provider_replaces_leavers || instance.record.generation >= spec.generation {
+            return true;
+        }
+        let views: Vec<InstanceView> = self
+            .instances
             .values()
-            .map(|g| {
-                let svc = fleet.and_then(|f| f.services.get(&g.plan.service));
-                GroupSpec {
-                    group: g.record.group.clone(),
-                    desired: g.record.desired,
-                    generation: g.record.generation,
-                    generation_since_ms: g.record.rollout.since_ms,
-                    rollout_open: g.record.rollout.open,
-                    rollout: svc.map(|s| s.rollout.clone()).unwrap_or_default(),
-                    replace_unhealthy_after_ms: svc
-                        .map(|s| s.replace_unhealthy_after.as_millis())
-                        .unwrap_or(30_000),
-                    launch_not_before_ms: self
-                        .launch_backoff
-                        .get(&g.record.group)
-                        .map(|b| b.1)
-                        .unwrap_or(0),
-                }
-            })
-            .collect()
+            .filter(|i| i.record.group == instance.record.group)
+            .map(view)
+            .collect();
+        let Some(leaver) = views.iter().find(|v| v.id == instance.record.id) else {
+            return true;
+        };
+        let group: Vec<&InstanceView> = views.iter().collect();
+        !drover_control::group::provider_replaces(&spec, leaver, &group)
     }
 
     pub fn views(&self) -> Vec<InstanceView> {
-        self.instances
-            .values()
-            .map(|i| InstanceView {
-                id: i.record.id.clone(),
-                group: i.record.group.clone(),
-                generation: i.record.generation,
-                launched_at_ms: i.record.launched_at_ms,
-                phase: match i.record.lifecycle {
-                    Lifecycle::Active => Phase::Active,
-                    Lifecycle::Draining => Phase::Draining,
-                    Lifecycle::Terminating => Phase::Terminating,
-                },
-                alive: i.alive,
-                health: i.soft.health,
-                last_seen_ms: i.soft.last_seen_ms,
-                ever_healthy: i.soft.ever_healthy,
-                watched_since_ms: i.soft.watched_since_ms,
-            })
-            .collect()
+        self.instances.values().map(view).collect()
     }
 
     pub fn status(&self, now: u64, silent_after_ms: u64) -> FleetStatus {

@@ -55,4 +55,5 @@ pub use load::{direction_changes, AutoscalePoint, LoadModel, ScaleEvent, ScaledB
 pub use rng::SplitMix64;
 pub use sim::{
     deploy, group_spec, FailMode, Fault, GroupStatus, RolloutEvent, Sim, SimConfig, Stats,
+    ORPHAN_GRACE_MS,
 };

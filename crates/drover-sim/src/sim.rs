@@ -20,6 +20,16 @@
 //! (server's view and truth); 3. launches never take Active above `desired + max_surge`;
 //! 4. the autoscaler keeps desired within min..max; 5. the autoscaler never scales in while a
 //! rollout is open.
+//!
+//! A group whose spec has `provider_replaces_leavers` runs on a simulated Auto Scaling group
+//! (the `aws` provider without surge): the provider keeps a desired capacity; a launch claims
+//! an instance the provider started on its own (of the launch's generation) or raises the
+//! capacity by one; a leaver whose permit keeps the capacity
+//! ([`drover_control::group::provider_replaces`], as the server answers the permit) makes the
+//! provider start its replacement as it goes, every other leaver or terminated instance
+//! lowers the capacity, an instance that dies is replaced by the provider, and what no launch
+//! claims within [`ORPHAN_GRACE_MS`] is terminated with the capacity lowered.
+//! [`Stats::max_capacity_over_desired`] records the most the capacity went above `desired`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -151,6 +161,27 @@ pub struct Stats {
     pub max_draining: usize,
     /// FNV-1a over every decision (actions and targets) of every step.
     pub decision_hash: u64,
+    /// Groups on a simulated Auto Scaling group (`provider_replaces_leavers`): the most its
+    /// desired capacity went above the group's desired count ...
+    pub max_capacity_over_desired: i64,
+    /// ... leavers that kept the capacity (the provider launched their replacements) ...
+    pub kept_capacity: u64,
+    /// ... launches that claimed an instance the provider had started on its own ...
+    pub claimed_from_provider: u64,
+    /// ... and instances the provider started that no launch claimed in time (terminated).
+    pub orphans: u64,
+}
+
+/// An instance the provider started that no launch claimed within this is terminated (the
+/// `aws` provider's default orphan grace: 24 polls of 5 s).
+pub const ORPHAN_GRACE_MS: u64 = 120_000;
+
+/// A simulated Auto Scaling group: its desired capacity and the instances it started on its
+/// own that no launch claimed yet (when, and from which generation's launch template).
+#[derive(Clone, Debug, Default)]
+struct Asg {
+    capacity: i64,
+    unclaimed: Vec<(u64, u64)>,
 }
 
 /// A snapshot of one group, as the server sees it.
@@ -184,6 +215,7 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
         rollout,
         replace_unhealthy_after_ms: 30_000,
         launch_not_before_ms: 0,
+        provider_replaces_leavers: false,
     }
 }
 
@@ -209,6 +241,8 @@ struct Agent {
     in_rotation: bool,
     /// The autoscaling metric its agent last reported (the server's soft state).
     reported: Option<f64>,
+    /// Its permit kept the group's capacity: the provider replaces it as it goes.
+    keeps_capacity: bool,
 }
 
 impl Agent {
@@ -236,6 +270,8 @@ struct GroupState {
     desired_series: Vec<(u64, u32)>,
     scale_events: Vec<ScaleEvent>,
     trace: Vec<AutoscalePoint>,
+    /// The simulated Auto Scaling group (groups with `provider_replaces_leavers` only).
+    asg: Option<Asg>,
 }
 
 /// A group's autoscale policy, its range, and the autoscaler's memory (soft: a server restart
@@ -382,9 +418,12 @@ impl Sim {
     pub fn add_group(&mut self, spec: GroupSpec) {
         let n = spec.desired;
         let g = self.add_empty_group(spec);
+        if let Some(asg) = &mut self.groups[g].asg {
+            asg.capacity = i64::from(n);
+        }
         for _ in 0..n {
             let generation = self.specs[g].generation;
-            let id = self.new_instance(g, generation, true);
+            let id = self.new_instance(g, generation, true, self.now);
             let i = self.index[&id];
             let since = self.now.saturating_sub(600_000);
             let v = &mut self.views[i];
@@ -408,6 +447,7 @@ impl Sim {
             last_good: spec.generation,
             load_factor: 1.0,
             desired_series: vec![(self.now, spec.desired)],
+            asg: spec.provider_replaces_leavers.then(Asg::default),
             ..GroupState::default()
         });
         self.specs.push(spec);
@@ -510,6 +550,15 @@ impl Sim {
             ScaledBy::Manual,
             "manual: drover scale; autoscaling goes on from here".into(),
         );
+    }
+
+    /// A group on a simulated Auto Scaling group (`provider_replaces_leavers`): its desired
+    /// capacity and how many instances it started that no launch claimed yet.
+    pub fn provider_capacity(&self, group: &str) -> Option<(i64, usize)> {
+        self.groups[self.group_idx(group)]
+            .asg
+            .as_ref()
+            .map(|a| (a.capacity, a.unclaimed.len()))
     }
 
     /// `group`'s desired count over time: (time, desired) at the start and at every change.
@@ -650,8 +699,10 @@ impl Sim {
         v.phase == Phase::Active && v.alive && a.exit_at.is_none() && a.healthy_at(self.now)
     }
 
-    /// A new instance of group `g`; unless `good`, its fate follows the group's faults.
-    fn new_instance(&mut self, g: usize, generation: u64, good: bool) -> String {
+    /// A new instance of group `g`, its machine started at `started` (now, or earlier when
+    /// the launch claims an instance the provider started); unless `good`, its fate follows
+    /// the group's faults.
+    fn new_instance(&mut self, g: usize, generation: u64, good: bool, started: u64) -> String {
         self.next_id += 1;
         let id = format!("i-{:07}", self.next_id);
         let now = self.now;
@@ -664,7 +715,7 @@ impl Sim {
         } else {
             None
         };
-        let boot_at = now + self.cfg.boot_ms + self.rng.below(self.cfg.boot_jitter_ms + 1);
+        let boot_at = started + self.cfg.boot_ms + self.rng.below(self.cfg.boot_jitter_ms + 1);
         let next_heartbeat = now + 1 + self.rng.below(self.cfg.heartbeat_ms);
         let exit_at = (fails == Some(FailMode::Crash)).then_some(now + self.cfg.crash_ms);
         self.index.insert(id.clone(), self.views.len());
@@ -689,6 +740,7 @@ impl Sim {
             next_heartbeat,
             in_rotation: false,
             reported: None,
+            keeps_capacity: false,
         });
         id
     }
@@ -789,6 +841,8 @@ impl Sim {
     fn advance_agents(&mut self) {
         let now = self.now;
         let hb = self.cfg.heartbeat_ms;
+        // Instances that ended at this step: their group, whether the capacity stays.
+        let mut ended: Vec<(usize, bool)> = Vec::new();
         for (v, a) in self.views.iter_mut().zip(&mut self.agents) {
             if !v.alive {
                 continue;
@@ -839,8 +893,40 @@ impl Sim {
                 // The provider saw it end.
                 v.alive = false;
                 v.health = Health::Unknown;
+                // An Auto Scaling group replaces what dies or leaves keeping its capacity;
+                // what the server terminated or what left lowering it goes with its capacity.
+                let keeps = match v.phase {
+                    Phase::Active => true,
+                    Phase::Draining => a.keeps_capacity,
+                    Phase::Terminating => false,
+                };
+                ended.push((a.group, keeps));
             }
         }
+        for (g, keeps) in ended {
+            let generation = self.specs[g].generation;
+            if let Some(asg) = &mut self.groups[g].asg {
+                if keeps {
+                    // Started from the launch template of the group's current generation.
+                    asg.unclaimed.push((now, generation));
+                } else {
+                    asg.capacity -= 1;
+                }
+            }
+        }
+        // Instances the provider started that no launch claimed within the grace.
+        let mut orphans = 0;
+        for st in &mut self.groups {
+            if let Some(asg) = &mut st.asg {
+                let before = asg.unclaimed.len();
+                asg.unclaimed
+                    .retain(|(at, _)| now.saturating_sub(*at) < ORPHAN_GRACE_MS);
+                let n = before - asg.unclaimed.len();
+                asg.capacity -= n as i64;
+                orphans += n as u64;
+            }
+        }
+        self.stats.orphans += orphans;
     }
 
     fn launch_failed(&mut self, g: usize) {
@@ -1099,12 +1185,43 @@ impl Sim {
                     let a = &mut self.agents[i];
                     a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
                     self.views[i].phase = Phase::Draining;
+                    if self.groups[g].asg.is_some() {
+                        // The agent's permit poll answers now, as the server does.
+                        let group: Vec<&InstanceView> = self
+                            .views
+                            .iter()
+                            .zip(&self.agents)
+                            .filter(|(_, a)| a.group == g)
+                            .map(|(v, _)| v)
+                            .collect();
+                        let keeps = drover_control::group::provider_replaces(
+                            &self.specs[g],
+                            &self.views[i],
+                            &group,
+                        );
+                        self.agents[i].keeps_capacity = keeps;
+                        if keeps {
+                            self.stats.kept_capacity += 1;
+                        }
+                    }
                 }
                 Action::Launch { group, generation } => {
                     let g = self.group_idx(&group);
                     self.stats.launches += 1;
                     launched[g] += 1;
-                    self.new_instance(g, generation, false);
+                    // On an Auto Scaling group: claim an instance it started on its own, or
+                    // raise its capacity by one.
+                    let mut started = now;
+                    if let Some(asg) = &mut self.groups[g].asg {
+                        match asg.unclaimed.iter().position(|(_, gen)| *gen == generation) {
+                            Some(k) => {
+                                started = asg.unclaimed.remove(k).0;
+                                self.stats.claimed_from_provider += 1;
+                            }
+                            None => asg.capacity += 1,
+                        }
+                    }
+                    self.new_instance(g, generation, false, started);
                 }
                 Action::RolloutDone { group, generation } => {
                     let g = self.group_idx(&group);
@@ -1194,6 +1311,11 @@ impl Sim {
         self.stats.max_draining = self.stats.max_draining.max(draining);
         for g in 0..ng {
             let spec = &self.specs[g];
+            if let Some(asg) = &self.groups[g].asg {
+                let over = asg.capacity - i64::from(spec.desired);
+                self.stats.max_capacity_over_desired =
+                    self.stats.max_capacity_over_desired.max(over);
+            }
             let over = active[g] as i64 - i64::from(spec.desired);
             self.stats.max_active_over_desired = self.stats.max_active_over_desired.max(over);
             if !self.cfg.check_invariants {

@@ -499,3 +499,113 @@ fn small_config_runs_fast() {
     sim.run_until(|s| s.converged("web/eu"), 600_000)
         .expect("converges");
 }
+
+/// A group of the `aws` provider without surge (`provider_replaces_leavers`): each stale
+/// leaver keeps its Auto Scaling group's capacity, the group starts its replacement as it
+/// goes, and the controller's launch claims that instance. Returns the rollout's time and
+/// the stats.
+fn provider_replaces_rollout(
+    seed: u64,
+    desired: u32,
+    max_unavailable: u32,
+    replaces: bool,
+) -> (u64, drover_sim::Stats) {
+    let mut sim = Sim::new(seed);
+    let mut spec = group_spec("jobs/use1", desired, rollout(0, max_unavailable));
+    spec.provider_replaces_leavers = replaces;
+    sim.add_group(spec);
+    sim.deploy("jobs/use1");
+    let took = sim
+        .run_until(|s| s.converged("jobs/use1"), 3_600_000)
+        .expect("converges");
+    let st = sim.stats().clone();
+    assert_eq!(st.rollouts_done.len(), 1);
+    assert!(st.rollouts_failed.is_empty());
+    assert_eq!(
+        (st.launches, st.permits, st.died),
+        (u64::from(desired), u64::from(desired), 0)
+    );
+    assert!(
+        st.max_active_over_desired <= 0,
+        "no surge: {}",
+        st.max_active_over_desired
+    );
+    (took, st)
+}
+
+#[test]
+fn without_surge_an_auto_scaling_group_replaces_each_stale_leaver() {
+    for (desired, max_unavailable) in [(3, 1), (100, 1), (100, 10)] {
+        let (took, st) = provider_replaces_rollout(21, desired, max_unavailable, true);
+        let n = u64::from(desired);
+        assert_eq!(st.kept_capacity, n, "every stale leaver keeps its capacity");
+        assert_eq!(
+            st.claimed_from_provider, n,
+            "every launch claims the group's own replacement"
+        );
+        assert_eq!(st.orphans, 0, "nothing is left unclaimed");
+        assert_eq!(
+            st.max_capacity_over_desired, 0,
+            "the Auto Scaling group's capacity never exceeds desired"
+        );
+        let (took_before, _) = provider_replaces_rollout(21, desired, max_unavailable, false);
+        println!(
+            "{desired} instances, max_unavailable {max_unavailable}: the provider replaces leavers in {:.1} s, the controller in {:.1} s (virtual)",
+            took as f64 / 1000.0,
+            took_before as f64 / 1000.0
+        );
+        // The replacement starts as the leaver goes rather than as it starts draining: at
+        // most a drain and two steps later per batch.
+        let batches = u64::from(desired.div_ceil(max_unavailable));
+        assert!(
+            took <= took_before + batches * (Sim::new(0).config().drain_ms + 500),
+            "{took} vs {took_before}"
+        );
+    }
+}
+
+#[test]
+fn without_surge_on_an_auto_scaling_group_with_faults() {
+    let mut sim = Sim::new(22);
+    let mut spec = group_spec("jobs/use1", 60, rollout(0, 3));
+    spec.provider_replaces_leavers = true;
+    sim.add_group(spec);
+    sim.deploy("jobs/use1");
+    // Instances die mid-rollout (the group replaces them on its own), the server restarts,
+    // and the group is scaled in while stale instances are still leaving.
+    sim.inject(
+        20_000,
+        Fault::Kill {
+            group: "jobs/use1".into(),
+            count: 4,
+        },
+    );
+    sim.inject(40_000, Fault::ServerRestart);
+    sim.inject(
+        60_000,
+        Fault::SetDesired {
+            group: "jobs/use1".into(),
+            desired: 40,
+        },
+    );
+    sim.run_until(|s| s.converged("jobs/use1"), 3_600_000)
+        .expect("converges");
+    // Whatever the group started on its own is claimed, or terminated after the grace.
+    sim.run_for(drover_sim::ORPHAN_GRACE_MS + 1_000);
+    assert!(sim.converged("jobs/use1"));
+    let st = sim.stats();
+    assert_eq!(sim.group_status("jobs/use1").current, 40);
+    assert_eq!(
+        sim.provider_capacity("jobs/use1"),
+        Some((40, 0)),
+        "the group's capacity ends at desired, nothing unclaimed: {st:?}"
+    );
+    assert!(
+        st.kept_capacity > 0 && st.claimed_from_provider > 0,
+        "{st:?}"
+    );
+    println!(
+        "with faults: {} launches ({} claimed from the group), {} permits ({} kept the capacity), {} orphans, capacity at most {} over desired",
+        st.launches, st.claimed_from_provider, st.permits, st.kept_capacity, st.orphans, st.max_capacity_over_desired
+    );
+}

@@ -14,6 +14,8 @@ pub struct Ec2Agent {
     pub cfg: drover_agent::AgentConfig,
     pub auth: drover_agent::AgentAuth,
     pub aws_region: String,
+    /// From the boot document: whether leaving lowers the group's desired capacity, when the
+    /// permit does not say (a server that predates `PermitReply::decrement`).
     pub decrement_on_leave: bool,
 }
 
@@ -86,12 +88,13 @@ pub async fn prepare(imds_endpoint: Option<&str>, dir: PathBuf) -> anyhow::Resul
     })
 }
 
-/// After leaving on a permit: terminate this instance through its Auto Scaling group. The
+/// After leaving on a permit: terminate this instance through its Auto Scaling group,
+/// lowering its desired capacity (`decrement`) or letting the group launch a replacement. The
 /// AWS endpoint is the standard one (or `AWS_ENDPOINT_URL`), the credentials the instance
 /// role's.
-pub async fn terminate_self(a: &Ec2Agent) -> anyhow::Result<()> {
+pub async fn terminate_self(a: &Ec2Agent, decrement: bool) -> anyhow::Result<()> {
     let c = drover_aws::Clients::connect(&a.aws_region, None).await;
-    drover_aws::instance::leave(&c, &a.cfg.instance, a.decrement_on_leave)
+    drover_aws::instance::leave(&c, &a.cfg.instance, decrement)
         .await
         .with_context(|| format!("cannot terminate instance {}", a.cfg.instance))
 }

@@ -520,9 +520,20 @@ fn run_ec2_agent(imds: Option<&str>, dir: PathBuf) -> u8 {
         };
         tracing::info!(instance = %a.cfg.instance, group = %a.cfg.group, "agent on EC2");
         match drover_agent::run_with_auth(a.cfg.clone(), a.auth.clone(), shutdown_signal()).await {
-            Ok(drover_agent::Outcome::Left { reason }) => {
-                tracing::info!("left on a permit ({reason}); terminating this instance");
-                match ec2::terminate_self(&a).await {
+            Ok(drover_agent::Outcome::Left { reason, decrement }) => {
+                // The permit says whether the group's capacity goes with this instance; a
+                // server that does not say leaves it to the boot document.
+                let decrement = decrement.unwrap_or(a.decrement_on_leave);
+                tracing::info!(
+                    decrement,
+                    "left on a permit ({reason}); terminating this instance ({})",
+                    if decrement {
+                        "lowering its group's desired capacity"
+                    } else {
+                        "its Auto Scaling group launches the replacement"
+                    }
+                );
+                match ec2::terminate_self(&a, decrement).await {
                     Ok(()) => exit::OK,
                     Err(e) => {
                         eprintln!("error: {e:#}");

@@ -2,7 +2,8 @@
 //! `drover server` (built with `--features aws`) drives real SDK calls; simulated agents
 //! speak for the moto instances (moto runs no machines): they read their instance's
 //! user-data (the boot document), heartbeat with the group's token, follow permits, and
-//! leave through TerminateInstanceInAutoScalingGroup as `drover agent --aws` does.
+//! leave through TerminateInstanceInAutoScalingGroup as `drover agent --aws` does, lowering
+//! the group's capacity or not as the permit says. One group runs the real agent.
 //!
 //! Needs moto (PyPI `moto[server]`); skips with a reason without it, fails under
 //! DROVER_CI=1.
@@ -138,7 +139,8 @@ impl Drop for Server {
 /// What the simulated agents saw, for the assertions.
 #[derive(Default)]
 struct Seen {
-    /// Instances that left on a permit, and whether they lowered the desired capacity.
+    /// Instances that left on a permit (simulated agents), and whether they lowered the
+    /// desired capacity (the permit's `decrement`).
     left: Vec<(String, bool)>,
     started: BTreeSet<String>,
     /// Real `drover agent --aws` processes (for the `jobs` group), by instance.
@@ -258,7 +260,7 @@ async fn agent(
     let mut seq = 0;
     // Until the server has recorded the launch, the instance is unknown to it.
     let mut known = false;
-    loop {
+    let decrement = loop {
         seq += 1;
         match http
             .post(url("/v1/agent/heartbeat"))
@@ -296,10 +298,11 @@ async fn agent(
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return, // forgotten
             _ => None,
         };
-        if permit.is_some_and(|p| p.permit) {
-            break;
+        if let Some(p) = permit.filter(|p| p.permit) {
+            // As `drover agent --aws`: the permit says, else the boot document.
+            break p.decrement.unwrap_or(boot.decrement_on_leave);
         }
-    }
+    };
     // Leave path: draining until the load balancer holds nothing, then stop and go.
     seq += 1;
     let _ = http
@@ -324,14 +327,11 @@ async fn agent(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if let Err(e) = drover_aws::instance::leave(&c, &id, boot.decrement_on_leave).await {
+    if let Err(e) = drover_aws::instance::leave(&c, &id, decrement).await {
         eprintln!("{id}: leaving: {e}");
         return;
     }
-    seen.lock()
-        .unwrap()
-        .left
-        .push((id.clone(), boot.decrement_on_leave));
+    seen.lock().unwrap().left.push((id.clone(), decrement));
 }
 
 /// The boot document in an instance's user-data (what IMDS would give its agent).
@@ -527,7 +527,8 @@ regions = ["use1"]
 capacity = { min = 1, desired = 2, max = 4 }
 instance_type = "c7g.large"
 
-# No surge: one instance at a time leaves, and its replacement is launched as it drains.
+# No surge: one instance at a time leaves, keeping the Auto Scaling group's capacity, and
+# the group launches its replacement as it goes.
 [services.jobs.rollout]
 max_surge = 0
 max_unavailable = 1
@@ -927,6 +928,7 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
     }
     {
         let s = seen.lock().unwrap();
+        eprintln!("surge rollout: leavers (instance, decrement): {:?}", s.left);
         assert_eq!(
             s.left.len(),
             7,
@@ -983,19 +985,34 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
     }
 
     // ---- a rollout without surge (max_surge = 0, max_unavailable = 1) on real agents: one
-    // instance at a time gets its permit; its replacement launches while it drains; it
-    // lowers the capacity as it leaves.
-    let asg_max = Arc::new(Mutex::new(0u32));
+    // instance at a time gets its permit and terminates keeping the group's capacity; the
+    // Auto Scaling group launches its replacement from the new template version, and the
+    // controller's launch claims that instance: the capacity never moves.
+    let jobs_asg = "drover-shop-jobs-use1";
+    let stale: BTreeSet<String> = server
+        .status()
+        .groups
+        .iter()
+        .filter(|g| g.group == "jobs/use1")
+        .flat_map(|g| g.instances.iter().map(|i| i.id.clone()))
+        .collect();
+    assert_eq!(stale.len(), 2, "{stale:?}");
+    // (least, most) desired capacity, most live instances.
+    let asg_seen = Arc::new(Mutex::new((u32::MAX, 0u32, 0usize)));
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
-        let (c, asg_max, sampling) = (by_region["use1"].clone(), asg_max.clone(), sampling.clone());
+        let (c, asg_seen, sampling) = (
+            by_region["use1"].clone(),
+            asg_seen.clone(),
+            sampling.clone(),
+        );
         tokio::spawn(async move {
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(g) = drover_aws::group::describe(&c, Some("drover-shop-jobs-use1")).await
-                {
+                if let Ok(g) = drover_aws::group::describe(&c, Some(jobs_asg)).await {
                     if let Some(g) = g.first() {
-                        let mut m = asg_max.lock().unwrap();
-                        *m = (*m).max(g.desired);
+                        let live = g.instances.iter().filter(|i| !i.leaving()).count();
+                        let mut m = asg_seen.lock().unwrap();
+                        *m = (m.0.min(g.desired), m.1.max(g.desired), m.2.max(live));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1013,53 +1030,134 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
             "2m",
         ])
     });
-    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-    sampler.await.unwrap();
     assert_eq!(code, 0, "deploy jobs: {out}{err}\n{}", diag());
-    assert!(
-        *asg_max.lock().unwrap() <= 3,
-        "2 instances, plus one draining at a time: {}",
-        *asg_max.lock().unwrap()
-    );
-    // The last stale instance may still be draining when the rollout is done.
+    // The last stale instance may still be draining when the rollout is done; its
+    // replacement is claimed once it is gone.
     let t0 = Instant::now();
     let live = loop {
-        let g = drover_aws::group::describe(&by_region["use1"], Some("drover-shop-jobs-use1"))
+        let g = drover_aws::group::describe(&by_region["use1"], Some(jobs_asg))
             .await
             .unwrap();
-        let live: Vec<_> = g[0]
+        let live: BTreeSet<String> = g[0]
             .instances
             .iter()
             .filter(|i| !i.leaving())
-            .cloned()
+            .map(|i| i.id.clone())
             .collect();
-        if live.len() == 2 {
+        let known: BTreeSet<String> = server
+            .status()
+            .groups
+            .iter()
+            .filter(|g| g.group == "jobs/use1")
+            .flat_map(|g| g.instances.iter().map(|i| i.id.clone()))
+            .collect();
+        if live.len() == 2 && live == known {
             break live;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{live:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the group's instances are the server's: {live:?} vs {known:?}\n{}",
+            diag()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    for i in live {
-        assert_eq!(boot_of(&by_region["use1"], &i.id).await.generation, 2);
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.await.unwrap();
+    let (least, most, most_live) = *asg_seen.lock().unwrap();
+    eprintln!(
+        "rollout without surge: desired capacity {least}..{most}, at most {most_live} live; {stale:?} replaced by {live:?}"
+    );
+    assert_eq!(
+        (least, most),
+        (2, 2),
+        "no surge on AWS: the desired capacity stays at the group's desired count (no leaver \
+         lowers it, no launch raises it)\n{}",
+        diag()
+    );
+    assert!(
+        most_live <= 2,
+        "never more than 2 live instances: {most_live}"
+    );
+    for id in &live {
+        assert!(!stale.contains(id));
+        assert_eq!(boot_of(&by_region["use1"], id).await.generation, 2);
     }
+    let events = server.events();
+    for id in &live {
+        assert!(
+            events.contains(&format!("[{id}]")),
+            "{id} was claimed by a launch\n{events}"
+        );
+    }
+    // The stale instances' real agents left on their permits, keeping the capacity.
+    let left: Vec<(String, Child)> = {
+        let mut s = seen.lock().unwrap();
+        let (left, rest) = std::mem::take(&mut s.real)
+            .into_iter()
+            .partition(|(id, _)| stale.contains(id));
+        s.real = rest;
+        left
+    };
+    assert_eq!(left.len(), 2, "the stale jobs instances ran real agents");
+    for (id, mut child) in left {
+        let log_file = dir.path().join(format!("agent-{id}.err"));
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+                panic!("the agent of {id} did not leave:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        assert!(status.success(), "agent of {id}: {status}\n{log}");
+        assert!(
+            log.contains(
+                "terminating this instance (its Auto Scaling group launches the replacement)"
+            ),
+            "agent of {id} left with ShouldDecrementDesiredCapacity = false:\n{log}"
+        );
+    }
+    let server_log = std::fs::read_to_string(dir.path().join("server.err")).unwrap_or_default();
+    assert!(
+        !server_log.contains("no launch claimed"),
+        "nothing orphaned: {}",
+        server_log
+            .lines()
+            .filter(|l| l.contains("no launch claimed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // ---- destroy one service: only its group goes.
     let (code, out, err) = tokio::task::block_in_place(|| {
         server.cli(&["destroy", "jobs", "--wait", "--timeout", "1m"])
     });
     assert_eq!(code, 0, "destroy jobs: {out}{err}\n{}", diag());
-    // The real agents of jobs drained, stopped, terminated their own instances, and exited 0.
-    // (An instance no launch claimed, which the group made while a leaver's capacity change
-    // raced a launch, is never known to the server and is terminated by drover after a grace;
-    // its machine would stop with it, so its stand-in agent is stopped here.)
+    // The real agents of jobs drained, stopped, terminated their own instances (lowering the
+    // capacity: their group left the fleet), and exited 0. Every instance the group started
+    // was claimed by a launch.
     let real: Vec<(String, Child)> = std::mem::take(&mut seen.lock().unwrap().real);
     let events = server.events();
-    // Likewise an instance the server terminated itself (e.g. replaced as silent).
-    let (real, orphans): (Vec<_>, Vec<_>) = real.into_iter().partition(|(id, _)| {
-        events.contains(&format!("[{id}]"))
-            && !events.contains(&format!("terminating jobs/use1 {id} terminating:"))
-    });
-    for (_, mut child) in orphans {
+    let never_known: Vec<&String> = real
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| !events.contains(&format!("[{id}]")))
+        .collect();
+    assert!(
+        never_known.is_empty(),
+        "instances no launch claimed: {never_known:?}\n{events}"
+    );
+    // An instance the server terminated itself (e.g. replaced as silent) would stop with
+    // its machine; its stand-in agent is stopped here.
+    let (real, terminated): (Vec<_>, Vec<_>) = real
+        .into_iter()
+        .partition(|(id, _)| !events.contains(&format!("terminating jobs/use1 {id} terminating:")));
+    for (_, mut child) in terminated {
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -1081,8 +1179,8 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         let log = std::fs::read_to_string(&log_file).unwrap_or_default();
         assert!(status.success(), "agent of {id}: {status}\n{log}");
         assert!(
-            log.contains("terminating this instance"),
-            "agent of {id} left through its Auto Scaling group:\n{log}"
+            log.contains("terminating this instance (lowering its group's desired capacity)"),
+            "agent of {id} left through its Auto Scaling group, lowering its capacity:\n{log}"
         );
     }
     let left = drover_aws::group::describe_fleet(&by_region["use1"], FLEET, "use1")
