@@ -610,13 +610,20 @@ pub(crate) async fn ensure_image(
     });
     tracing::info!(component = %comp.name, %image, "pulling image");
     let started = Instant::now();
+    // A credential helper is a program: run it off the agent's one thread.
+    let creds = {
+        let image = image.to_string();
+        tokio::task::spawn_blocking(move || credentials(&image))
+            .await
+            .unwrap_or(None)
+    };
     let mut stream = docker.create_image(
         Some(CreateImageOptions {
             from_image: Some(image.to_string()),
             ..Default::default()
         }),
         None,
-        credentials(image),
+        creds,
     );
     // layer id -> (bytes done, bytes total, finished)
     let mut layers: HashMap<String, (i64, i64, bool)> = HashMap::new();

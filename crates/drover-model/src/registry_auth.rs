@@ -11,6 +11,9 @@ use std::process::{Command, Stdio};
 
 use crate::image::{config_auth, ConfigAuth};
 
+/// How long a credential helper may take to answer.
+pub const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where credentials come from.
 #[derive(Clone, Debug, Default)]
 pub struct Sources {
@@ -21,6 +24,8 @@ pub struct Sources {
     /// Where `docker-credential-*` programs are looked for (a `PATH`); `None`: the process's
     /// own `PATH`.
     pub helper_path: Option<OsString>,
+    /// How long a helper may take; `None`: [`HELPER_TIMEOUT`].
+    pub helper_timeout: Option<std::time::Duration>,
 }
 
 impl Sources {
@@ -41,6 +46,7 @@ impl Sources {
             env,
             docker_config,
             helper_path: None,
+            helper_timeout: None,
         }
     }
 
@@ -89,6 +95,27 @@ impl Sources {
             .map_err(|e| format!("cannot run `{program} get`: {e}"))?;
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(server.as_bytes());
+        }
+        // A helper that hangs (a locked keychain waiting for a prompt) must not hang the
+        // caller: it gets HELPER_TIMEOUT, then it is killed.
+        let timeout = self.helper_timeout.unwrap_or(HELPER_TIMEOUT);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "`{program} get` did not answer within {}",
+                        crate::Dur(timeout)
+                    ));
+                }
+                Err(e) => return Err(format!("cannot run `{program} get`: {e}")),
+            }
         }
         let out = child
             .wait_with_output()
@@ -157,6 +184,7 @@ mod tests {
             env: None,
             docker_config: Some(cfg),
             helper_path: Some(dir.as_os_str().to_owned()),
+            helper_timeout: None,
         }
     }
 
@@ -205,6 +233,18 @@ mod tests {
             .credentials("docker.io")
             .unwrap_err()
             .contains("identity token"));
+    }
+
+    #[test]
+    fn a_hanging_helper_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        helper(dir.path(), "hang", "exec sleep 600");
+        let mut src = sources(dir.path(), r#"{"credsStore": "hang"}"#);
+        src.helper_timeout = Some(std::time::Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let e = src.credentials("ghcr.io").unwrap_err();
+        assert!(e.contains("did not answer within 300ms"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

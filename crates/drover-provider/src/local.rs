@@ -331,17 +331,22 @@ fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Whether `pid` runs `drover agent` or `drover-agent` for the instance directory `dir`.
+/// Whether `pid` runs `drover agent` or `drover-agent` (or a stand-in that keeps the word
+/// `agent` and the directory in its arguments) for the instance directory `dir`.
 fn is_our_agent(pid: u32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
+    runs_agent_for(&String::from_utf8_lossy(&cmdline), dir) && process_running(pid)
+}
+
+/// Whether a `/proc/PID/cmdline` (arguments separated by NULs) is an agent's for `dir`.
+fn runs_agent_for(cmdline: &str, dir: &Path) -> bool {
     let args: Vec<&str> = cmdline.split('\0').collect();
-    let agent = args.get(1) == Some(&"agent")
+    let agent = args.iter().skip(1).any(|a| *a == "agent")
         || args
             .first()
             .is_some_and(|a0| Path::new(a0).file_name() == Some("drover-agent".as_ref()));
     let dir = dir.display().to_string();
-    agent && args.windows(2).any(|w| w[0] == "--dir" && w[1] == dir) && process_running(pid)
+    agent && args.iter().any(|a| *a == dir)
 }
 
 /// Whether a process exists and is not a zombie.
@@ -374,4 +379,32 @@ pub fn reap_leftovers(data_dir: &Path) -> usize {
         let _ = std::fs::remove_file(&pid_file);
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_are_recognized_by_their_command_line() {
+        let dir = Path::new("/d/instances/i-000001");
+        let yes = [
+            "/usr/bin/drover\0agent\0--token-file\0/t\0--dir\0/d/instances/i-000001\0",
+            "/usr/bin/drover-agent\0--instance\0i-000001\0--dir\0/d/instances/i-000001\0",
+            // bench/fleet.sh's stand-in for an agent.
+            "/b/drover\0hold\0agent\0/d/instances/i-000001\0",
+        ];
+        for c in yes {
+            assert!(runs_agent_for(c, dir), "{c:?}");
+        }
+        let no = [
+            "/usr/bin/drover\0agent\0--dir\0/d/instances/i-000002\0",
+            "/usr/bin/drover\0server\0--data-dir\0/d/instances/i-000001\0",
+            "/bin/sleep\0/d/instances/i-000001\0",
+            "",
+        ];
+        for c in no {
+            assert!(!runs_agent_for(c, dir), "{c:?}");
+        }
+    }
 }

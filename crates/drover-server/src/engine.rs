@@ -658,7 +658,10 @@ impl Engine {
                     // A long-poll still held for it ends (404) rather than at its deadline.
                     i.permit_wake.notify_waiters();
                 }
-                let never_healthy = removed.is_some_and(|i| !i.soft.ever_healthy);
+                // An instance restored from the store that never reported to this server may
+                // have run healthy for days: its loss says nothing about its version.
+                let never_healthy =
+                    removed.is_some_and(|i| !i.soft.ever_healthy && !i.soft.restored);
                 if never_healthy && rec.lifecycle == Lifecycle::Active {
                     let n = st.launch_failed(&rec.group, now);
                     tracing::warn!(group = %rec.group, failures = n, "instance ended before turning healthy; backing off launches");
@@ -671,7 +674,7 @@ impl Engine {
                     let failed = st
                         .instances
                         .get(&instance)
-                        .filter(|i| !i.soft.ever_healthy)
+                        .filter(|i| !i.soft.ever_healthy && !i.soft.restored)
                         .map(|i| i.record.group.clone());
                     if let Some(g) = failed {
                         st.launch_failed(&g, now);
@@ -1394,6 +1397,28 @@ command = "/bin/true"
         assert_eq!(
             kinds,
             [EventKind::Server, EventKind::Unhealthy, EventKind::Healthy]
+        );
+    }
+
+    /// Instances restored after a restart whose agents are gone are replaced, but their loss
+    /// is no evidence of a broken version: launches are not backed off.
+    #[tokio::test]
+    async fn losing_restored_instances_does_not_back_off_launches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        e.api_ready();
+        assert!(!e.state().instances["i-000001"].alive);
+        e.tick().await;
+        let st = e.state();
+        // Both were forgotten, and the one instance the group wants was launched at once.
+        let views = st.views();
+        assert_eq!(views.len(), 1, "{views:?}");
+        assert!(views[0].launched_at_ms > 2 && views[0].alive, "{views:?}");
+        assert!(
+            st.launch_backoff.is_empty(),
+            "launches backed off: {:?}",
+            st.launch_backoff
         );
     }
 

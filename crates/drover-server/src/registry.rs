@@ -243,7 +243,13 @@ impl Resolver {
 
     /// The `Authorization` value answering a `WWW-Authenticate` challenge.
     async fn authorize(&self, r: &ImageRef, challenge: &str) -> Result<String, String> {
-        let creds = self.credentials.credentials(r.registry_name())?;
+        // A credential helper is a program: run it off the runtime's workers.
+        let creds = {
+            let (sources, registry) = (self.credentials.clone(), r.registry_name().to_string());
+            tokio::task::spawn_blocking(move || sources.credentials(&registry))
+                .await
+                .map_err(|e| format!("looking up registry credentials failed: {e}"))??
+        };
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         let basic = creds
             .as_ref()
@@ -583,6 +589,7 @@ mod tests {
             env: None,
             docker_config: Some(cfg),
             helper_path: Some(dir.path().as_os_str().to_owned()),
+            helper_timeout: None,
         };
         let mut r = Resolver::new(sources.clone(), vec![]);
         let pinned = r.resolve(&format!("{addr}/team/app:v1")).await;
