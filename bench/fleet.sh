@@ -200,6 +200,7 @@ known_phase() {
 
     # Restart under load: SIGKILL, start again; the agents keep reporting.
     T0=$(count_kind "$D.server.log" terminating)
+    LOST0=$(count_kind "$D.server.log" lost)
     L0=$(count_kind "$D.server.log" launched)
     log "N=$N: server restart"
     stop_server
@@ -220,6 +221,7 @@ json.dump({
     "agent_first_permit_epoch_ms": int("${AGENT_PERMIT_MS:-0}" or 0) or None,
     "restart_api_up_ms": $API_UP_MS,
     "terminated_after_restart": $(($(count_kind "$D.server.log" terminating) - T0)),
+    "lost_after_restart": $(($(count_kind "$D.server.log" lost) - LOST0)),
     "launched_after_restart": $(($(count_kind "$D.server.log" launched) - L0)),
     "server_rss_mib_after_restart": $(awk '/VmRSS/ {printf "%.1f", $2/1024}' /proc/$SERVER_PID/status 2>/dev/null || echo null),
     "server_hwm_mib_after_restart": $(awk '/VmHWM/ {printf "%.1f", $2/1024}' /proc/$SERVER_PID/status 2>/dev/null || echo null),

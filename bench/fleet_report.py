@@ -173,8 +173,14 @@ def report(res, write):
             f"{x['permits_in_5s'] if x else '-'} | "
             f"{f(agent, 0) if agent is not None else ('long-polls off' if x and x['permits'] == 'off' else '-')} |")
     L.append("")
+
+    def replaced_after(x):
+        if not x:
+            return "-"
+        return f"{x['terminated_after_restart']:,} / {x.get('lost_after_restart', 0):,}"
+
     L.append("| N | restart: API answers (ms) | every instance reporting (ms) | every instance "
-             "healthy (ms) | replaced as silent after the restart | server CPU during recovery "
+             "healthy (ms) | replaced after the restart (silent / agent lost) | server CPU during recovery "
              "(s) | server RSS after (MiB) |")
     L.append("|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
@@ -185,7 +191,7 @@ def report(res, write):
         L.append(
             f"| {int(n):,} | {f(r.get('api_up_ms'), 0)} | {f(r.get('all_reporting_ms'), 0)} | "
             f"{f(r.get('all_healthy_ms'), 0) if r.get('all_healthy_ms') is not None else 'not within 60 s'} | "
-            f"{format(x['terminated_after_restart'], ',') if x else '-'} | "
+            f"{replaced_after(x)} | "
             f"{f(r.get('server_cpu_s_since_probe_start'))} | "
             f"{f(x.get('server_rss_mib_after_restart') if x else None)} |")
     L.append("")
@@ -251,7 +257,8 @@ def report(res, write):
         r, x = load(res, f"restart-{n}"), load(res, f"extra-{n}")
         if not r or not x:
             return "-"
-        t, lost = r.get("all_healthy_ms"), x["terminated_after_restart"]
+        t = r.get("all_healthy_ms")
+        lost = x["terminated_after_restart"] + x.get("lost_after_restart", 0)
         ok = t is not None and t < 10_000 and lost == 0
         what = f"{t / 1000:.1f} s" if t is not None else "not within 60 s"
         return f"{what}, {lost} replaced: {met(ok)}"

@@ -36,9 +36,9 @@ use bollard::query_parameters::{
     RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
+use drover_creds::Sources;
 use drover_model::api::ComponentState;
 use drover_model::image::ImageRef;
-use drover_model::registry_auth::Sources;
 use drover_model::{Plan, PlanComponent};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -566,7 +566,7 @@ fn grace_secs(d: Duration) -> i64 {
 }
 
 /// Credentials for the registry of `reference`, as Docker finds them
-/// (`drover_model::registry_auth`: the environment, the Docker config, its credential
+/// (`drover_creds`: the environment, the Docker config, its credential
 /// helpers). Credentials that are configured but cannot be had are logged, and the pull is
 /// tried without them.
 pub(crate) fn credentials(reference: &str) -> Option<DockerCredentials> {

@@ -1,5 +1,5 @@
 //! Container image references (`registry/repository:tag@sha256:…`) and where a Docker
-//! `config.json` says a registry's credentials are. Pure: `registry_auth` reads the files and
+//! `config.json` says a registry's credentials are. Pure: `drover-creds` reads the files and
 //! runs the credential helpers.
 
 use std::fmt;

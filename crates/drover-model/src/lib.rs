@@ -9,7 +9,6 @@ pub mod fleet;
 pub mod ids;
 pub mod image;
 pub mod plan;
-pub mod registry_auth;
 pub mod secret;
 pub mod subst;
 pub mod token;

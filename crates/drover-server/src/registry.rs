@@ -10,7 +10,7 @@
 //!   `host:port`) are spoken to over plain http, the others over https, as Docker does.
 //! - Credentials: `DROVER_REGISTRY_USER` and `DROVER_REGISTRY_PASSWORD`, else
 //!   `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`) with its credential helpers
-//!   (`drover_model::registry_auth`); used for Basic auth and to get a Bearer token from the
+//!   (`drover_creds`); used for Basic auth and to get a Bearer token from the
 //!   registry's token service when it asks for one.
 //! - A component whose image reference did not change keeps the digest its group already runs,
 //!   and a version that ran before gets its old digest back (rollbacks and automatic reverts
@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use drover_creds::Sources;
 use drover_model::image::{base64_encode, ImageRef};
-use drover_model::registry_auth::Sources;
 use drover_model::Plan;
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::StatusCode;

@@ -1,15 +1,16 @@
-//! Registry credentials as Docker finds them: `DROVER_REGISTRY_USER` and
+//! drover-creds: registry credentials as Docker finds them: `DROVER_REGISTRY_USER` and
 //! `DROVER_REGISTRY_PASSWORD`, else `$DOCKER_CONFIG/config.json` (default
 //! `~/.docker/config.json`) with its credential helpers (`credHelpers`, `credsStore`). Shared by
-//! the server (resolving tags to digests) and the agent (pulling); the one part of this crate
-//! that reads files and runs a program.
+//! the server (resolving tags to digests) and the agent (pulling). Where the config says the
+//! credentials are is decided by `drover_model::image::config_auth` (pure); this crate reads
+//! the files and runs the helpers.
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use crate::image::{config_auth, ConfigAuth};
+use drover_model::image::{config_auth, ConfigAuth};
 
 /// How long a credential helper may take to answer.
 pub const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -111,7 +112,7 @@ impl Sources {
                     let _ = child.wait();
                     return Err(format!(
                         "`{program} get` did not answer within {}",
-                        crate::Dur(timeout)
+                        drover_model::Dur(timeout)
                     ));
                 }
                 Err(e) => return Err(format!("cannot run `{program} get`: {e}")),
@@ -254,7 +255,7 @@ mod tests {
             dir.path(),
             &format!(
                 r#"{{"auths": {{"r.example": {{"auth": "{}"}}}}}}"#,
-                crate::image::base64_encode(b"bob:pw2")
+                drover_model::image::base64_encode(b"bob:pw2")
             ),
         );
         assert_eq!(
