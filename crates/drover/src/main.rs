@@ -276,16 +276,9 @@ enum TokenCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match exit::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
-        }
+        Err(code) => return code,
     };
     let code = match cli.command {
         Command::Agent(args) => {

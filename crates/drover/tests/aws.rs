@@ -1099,22 +1099,8 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         left
     };
     assert_eq!(left.len(), 2, "the stale jobs instances ran real agents");
-    for (id, mut child) in left {
-        let log_file = dir.path().join(format!("agent-{id}.err"));
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-                panic!("the agent of {id} did not leave:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-        assert!(status.success(), "agent of {id}: {status}\n{log}");
+    for (id, child) in left {
+        let log = agent_left(dir.path(), &id, child).await;
         assert!(
             log.contains(
                 "terminating this instance (its Auto Scaling group launches the replacement)"
@@ -1162,22 +1148,8 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         let _ = child.wait();
     }
     assert!(real.len() >= 2, "jobs ran on real agents: {}", real.len());
-    for (id, mut child) in real {
-        let log_file = dir.path().join(format!("agent-{id}.err"));
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-                panic!("the agent of {id} did not leave:\n{log}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
-        assert!(status.success(), "agent of {id}: {status}\n{log}");
+    for (id, child) in real {
+        let log = agent_left(dir.path(), &id, child).await;
         assert!(
             log.contains("terminating this instance (lowering its group's desired capacity)"),
             "agent of {id} left through its Auto Scaling group, lowering its capacity:\n{log}"
@@ -1233,4 +1205,24 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         events.contains("web/euw1 removed: Auto Scaling group drover-shop-web-euw1"),
         "{events}"
     );
+}
+
+/// Wait (30 s at most) for a real agent to leave and exit 0; its log.
+async fn agent_left(dir: &std::path::Path, id: &str, mut child: std::process::Child) -> String {
+    let log_file = dir.join(format!("agent-{id}.err"));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+            panic!("the agent of {id} did not leave:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    assert!(status.success(), "agent of {id}: {status}\n{log}");
+    log
 }
