@@ -1401,25 +1401,33 @@ command = "/bin/true"
     }
 
     /// Instances restored after a restart whose agents are gone are replaced, but their loss
-    /// is no evidence of a broken version: launches are not backed off.
+    /// is no evidence of a broken version: launches are not backed off. The same loss of an
+    /// instance this server launched, never healthy, is.
     #[tokio::test]
     async fn losing_restored_instances_does_not_back_off_launches() {
         let dir = tempfile::tempdir().unwrap();
         let (e, _) = engine(dir.path(), Duration::ZERO);
         let e = Arc::new(e);
         e.api_ready();
-        assert!(!e.state().instances["i-000001"].alive);
-        e.tick().await;
+        let forget = |id: &str| Action::Forget {
+            instance: id.into(),
+            reason: "its agent is no longer running".into(),
+        };
+        assert!(e.state().instances["i-000001"].soft.restored);
+        e.act(forget("i-000001"), now_ms()).await.unwrap();
         let st = e.state();
-        // Both were forgotten, and the one instance the group wants was launched at once.
-        let views = st.views();
-        assert_eq!(views.len(), 1, "{views:?}");
-        assert!(views[0].launched_at_ms > 2, "{views:?}");
-        assert!(
-            st.launch_backoff.is_empty(),
-            "launches backed off: {:?}",
-            st.launch_backoff
-        );
+        assert!(!st.instances.contains_key("i-000001"));
+        assert!(st.launch_backoff.is_empty(), "{:?}", st.launch_backoff);
+        drop(st);
+        // Not restored (launched by this server), never healthy: a boot failure.
+        e.state()
+            .instances
+            .get_mut("i-000002")
+            .unwrap()
+            .soft
+            .restored = false;
+        e.act(forget("i-000002"), now_ms()).await.unwrap();
+        assert_eq!(e.state().launch_backoff["web/local"].0, 1);
     }
 
     #[tokio::test]
