@@ -1415,10 +1415,9 @@ command = "/bin/true"
         };
         assert!(e.state().instances["i-000001"].soft.restored);
         e.act(forget("i-000001"), now_ms()).await.unwrap();
-        let st = e.state();
-        assert!(!st.instances.contains_key("i-000001"));
-        assert!(st.launch_backoff.is_empty(), "{:?}", st.launch_backoff);
-        drop(st);
+        assert!(!e.state().instances.contains_key("i-000001"));
+        let backoff = e.state().launch_backoff.clone();
+        assert!(backoff.is_empty(), "{backoff:?}");
         // Not restored (launched by this server), never healthy: a boot failure.
         e.state()
             .instances
