@@ -39,29 +39,27 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def drover_bin():
-    """The release binary, built first if missing."""
-    b = os.environ.get("DROVER_BIN")
+def _release_bin(name, env):
+    """target/release/NAME of the `drover` package (or $ENV), built first if missing."""
+    b = os.environ.get(env)
     if b:
         return os.path.abspath(b)
-    b = os.path.join(ROOT, "target", "release", "drover")
+    b = os.path.join(ROOT, "target", "release", name)
     if not os.path.exists(b):
-        log("building target/release/drover ...")
-        subprocess.run(["cargo", "build", "--release", "-p", "drover"], cwd=ROOT, check=True)
+        log(f"building target/release/{name} ...")
+        subprocess.run(["cargo", "build", "--release", "-p", "drover", "--bin", name],
+                       cwd=ROOT, check=True)
     return b
+
+
+def drover_bin():
+    """The release binary, built first if missing."""
+    return _release_bin("drover", "DROVER_BIN")
 
 
 def agent_bin():
     """The lean agent binary (`drover-agent`, what providers start), built first if missing."""
-    b = os.environ.get("DROVER_AGENT_BIN")
-    if b:
-        return os.path.abspath(b)
-    b = os.path.join(ROOT, "target", "release", "drover-agent")
-    if not os.path.exists(b):
-        log("building target/release/drover-agent ...")
-        subprocess.run(["cargo", "build", "--release", "-p", "drover", "--bin", "drover-agent"],
-                       cwd=ROOT, check=True)
-    return b
+    return _release_bin("drover-agent", "DROVER_AGENT_BIN")
 
 
 def snapshot_binary(b):
