@@ -19,6 +19,7 @@
 mod config;
 mod conn;
 mod error;
+pub mod handoff;
 mod health;
 mod listener;
 mod metrics;

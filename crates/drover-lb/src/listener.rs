@@ -224,6 +224,9 @@ pub struct Listener {
 #[derive(Debug)]
 struct Inner {
     shared: Arc<Shared>,
+    /// The listening socket, owned by the accept loop until shutdown.
+    #[cfg(unix)]
+    raw_fd: std::os::fd::RawFd,
     shutdown_grace: Duration,
     connections: TaskTracker,
     accept_task: Mutex<Option<JoinHandle<()>>>,
@@ -252,6 +255,40 @@ impl Listener {
             addr: cfg.listen,
             source,
         })?;
+        Self::start(cfg, socket, targets)
+    }
+
+    /// Like [`Listener::bind`], on a socket that is already bound and listening: one handed
+    /// over by another process (see [`crate::handoff`]) or [`Listener::clone_socket`] of a
+    /// listener being replaced. Connections the kernel queued on it are accepted here.
+    /// `cfg.listen` is ignored; the socket's own address is used.
+    pub fn adopt(
+        cfg: ListenerConfig,
+        socket: std::net::TcpListener,
+        targets: watch::Receiver<Vec<Target>>,
+    ) -> Result<Listener, LbError> {
+        cfg.validate().map_err(|reason| LbError::InvalidConfig {
+            name: cfg.name.clone(),
+            reason,
+        })?;
+        let addr = socket.local_addr().unwrap_or(cfg.listen);
+        let bind_err = |source| LbError::Bind {
+            name: cfg.name.clone(),
+            addr,
+            source,
+        };
+        socket.set_nonblocking(true).map_err(bind_err)?;
+        let socket = TcpListener::from_std(socket).map_err(bind_err)?;
+        Self::start(cfg, socket, targets)
+    }
+
+    fn start(
+        cfg: ListenerConfig,
+        socket: TcpListener,
+        targets: watch::Receiver<Vec<Target>>,
+    ) -> Result<Listener, LbError> {
+        #[cfg(unix)]
+        let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let local_addr = socket.local_addr().map_err(|source| LbError::LocalAddr {
             name: cfg.name.clone(),
             source,
@@ -295,6 +332,8 @@ impl Listener {
         Ok(Listener {
             inner: Arc::new(Inner {
                 shared,
+                #[cfg(unix)]
+                raw_fd,
                 shutdown_grace: cfg.shutdown_grace,
                 connections,
                 accept_task: Mutex::new(Some(accept_task)),
@@ -323,6 +362,27 @@ impl Listener {
     /// still open after that are aborted (both sockets closed). Returns when every
     /// connection task has ended. Affects every clone of this handle.
     pub async fn shutdown(self) {
+        let grace = self.inner.shutdown_grace;
+        self.shutdown_within(grace).await
+    }
+
+    /// A second handle on the listening socket (`dup`), to hand to another process or to a
+    /// listener that replaces this one: the socket, and the connections queued on it, live
+    /// on while either is open. Fails once [`Listener::shutdown`] has begun.
+    #[cfg(unix)]
+    pub fn clone_socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        if self.inner.shared.stop.is_fired() {
+            return Err(std::io::Error::other("the listener is shutting down"));
+        }
+        // SAFETY: the accept loop owns this fd and keeps it open until `stop` fires, which
+        // (checked above) it has not; only `shutdown` fires it, and it takes `self`.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.inner.raw_fd) };
+        fd.try_clone_to_owned()
+    }
+
+    /// [`Listener::shutdown`] with its own grace instead of `shutdown_grace` (a handover
+    /// lets old connections run longer than a stop does).
+    pub async fn shutdown_within(self, grace: Duration) {
         let inner = &self.inner;
         inner.shared.stop.fire();
         inner.shared.checks.cancel();
@@ -339,10 +399,10 @@ impl Listener {
         inner.connections.close();
         let open = inner.shared.counters.active.load(Relaxed);
         if open > 0 {
-            info!(listener = %inner.shared.name, open, grace = ?inner.shutdown_grace,
+            info!(listener = %inner.shared.name, open, grace = ?grace,
                   "waiting for open connections to finish");
         }
-        if tokio::time::timeout(inner.shutdown_grace, inner.connections.wait())
+        if tokio::time::timeout(grace, inner.connections.wait())
             .await
             .is_err()
         {

@@ -3,13 +3,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Target;
 use crate::health::Failure;
 
 /// A point-in-time copy of a listener's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerStats {
     pub name: String,
     pub local_addr: SocketAddr,
@@ -32,7 +32,7 @@ pub struct ListenerStats {
 }
 
 /// A point-in-time copy of one target's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetStats {
     pub id: String,
     pub addr: SocketAddr,

@@ -338,6 +338,9 @@ pub struct FleetStatus {
     pub fleet: Option<String>,
     pub revision: Option<u64>,
     pub groups: Vec<GroupStatus>,
+    /// Balancer processes (`drover lb`) that reported in the last minute.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub balancers: Vec<BalancerStatus>,
 }
 
 /// `GET /v1/agent/permit?instance=ID&wait_ms=N`: a long-poll that answers as soon as the
@@ -364,4 +367,113 @@ pub struct PermitReply {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionsReply {
     pub open: u64,
+}
+
+/// How a balancer picks the target of a new connection (`ingress.balance`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each new connection goes to the next target in turn.
+    #[default]
+    RoundRobin,
+    /// The target with the fewest open connections (ties in turn).
+    LeastConnections,
+}
+
+impl Balance {
+    pub fn is_default(&self) -> bool {
+        *self == Balance::default()
+    }
+}
+
+/// The balancer's own active check of its targets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LbHealth {
+    /// An HTTP path (`GET`, 2xx/3xx passes); `None`: a TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// One instance a listener may forward to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LbTarget {
+    /// The instance id.
+    pub id: String,
+    /// `ip:port`.
+    pub addr: String,
+}
+
+/// One ingress: where the balancer listens and where it forwards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbListener {
+    /// The group (`service/region`).
+    pub name: String,
+    /// `ip:port` to listen on.
+    pub listen: String,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<LbHealth>,
+    /// The instances in rotation.
+    pub targets: Vec<LbTarget>,
+    /// Instances that hold a permit or are terminating: never in rotation, whatever a
+    /// balancer kept from before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaving: Vec<String>,
+}
+
+/// `GET /v1/lb/config?epoch=E&version=V&wait_ms=N` (scope `lb`): the ingresses and their
+/// targets. A long-poll: it answers at once when the server's epoch is not `E` or its
+/// version is above `V`, else when either changes or after `wait_ms`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbConfig {
+    /// Names one run of the server; versions count up within it.
+    pub epoch: String,
+    pub version: u64,
+    /// The server has heard from every instance it knew of at its start (or waited out
+    /// the grace for those it did not): its targets can be trusted to remove one. Until
+    /// then a balancer adds the targets it is given to those it has, and removes only those
+    /// in `leaving` (a restarted server must not empty a listener).
+    pub rebuilt: bool,
+    pub listeners: Vec<LbListener>,
+}
+
+/// `POST /v1/lb/report` (scope `lb`): what one balancer process holds now. Sent after it
+/// applies a config and at least every second.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LbReport {
+    /// Names the balancer process, e.g. `host:pid`.
+    pub lb: String,
+    /// The epoch and version of the last config it applied (empty, 0: none from this
+    /// server yet).
+    pub epoch: String,
+    pub version: u64,
+    /// `false` once it handed its listening sockets to a successor: its counts still count
+    /// (its connections drain), its version no longer does.
+    pub accepting: bool,
+    /// Per listener (group): open connections per instance.
+    pub connections: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Listeners it could not open, with why.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub errors: std::collections::BTreeMap<String, String>,
+    /// Its counters, rendered by the server's `/metrics` (JSON of `drover_lb::ListenerStats`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stats: Vec<serde_json::Value>,
+}
+
+/// A balancer as the server sees it (`GET /v1/status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BalancerStatus {
+    pub lb: String,
+    /// Milliseconds since its last report.
+    pub age_ms: u64,
+    /// It applied the server's current config.
+    pub current: bool,
+    pub accepting: bool,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub errors: std::collections::BTreeMap<String, String>,
 }

@@ -39,6 +39,9 @@ pub enum EventKind {
     /// The provider made, changed or removed cloud resources (a launch template version, an
     /// Auto Scaling group, a load balancer).
     Provider,
+    /// A balancer process (`drover lb`) started, was adopted, exited, handed its listeners
+    /// over, or could not open a listener.
+    Balancer,
 }
 
 impl EventKind {
@@ -60,6 +63,7 @@ impl EventKind {
             EventKind::Rollout => "rollout",
             EventKind::Server => "server",
             EventKind::Provider => "provider",
+            EventKind::Balancer => "balancer",
         }
     }
 

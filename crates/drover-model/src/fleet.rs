@@ -120,6 +120,10 @@ pub struct Ingress {
     pub component: Option<String>,
     /// Name of the component port traffic is forwarded to.
     pub port: String,
+    /// How the built-in balancer (`local` regions) picks an instance for a new connection:
+    /// `round_robin` (the default) or `least_connections`.
+    #[serde(default, skip_serializing_if = "crate::api::Balance::is_default")]
+    pub balance: crate::api::Balance,
 }
 
 /// How a version change replaces instances.

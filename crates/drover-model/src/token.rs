@@ -5,7 +5,9 @@
 //! - `admin`: everything, including changing desired state and managing tokens;
 //! - `read`: status, events, revisions, plans, metrics;
 //! - `agent`: bound to one group; heartbeats, permits and connection counts for that group's
-//!   instances, and that group's plans.
+//!   instances, and that group's plans;
+//! - `lb`: a balancer process (`drover lb`): read the ingresses and their targets, and
+//!   report its connection counts; nothing else.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,7 @@ pub enum TokenScope {
     Admin,
     Read,
     Agent,
+    Lb,
 }
 
 impl TokenScope {
@@ -24,6 +27,7 @@ impl TokenScope {
             TokenScope::Admin => "admin",
             TokenScope::Read => "read",
             TokenScope::Agent => "agent",
+            TokenScope::Lb => "lb",
         }
     }
 
@@ -32,6 +36,7 @@ impl TokenScope {
             "admin" => Some(TokenScope::Admin),
             "read" => Some(TokenScope::Read),
             "agent" => Some(TokenScope::Agent),
+            "lb" => Some(TokenScope::Lb),
             _ => None,
         }
     }

@@ -46,6 +46,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
+        .route("/v1/lb/config", get(lb_config))
+        .route("/v1/lb/report", post(lb_report))
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
         .route("/metrics", get(metrics))
         .route("/v1/tokens", get(list_tokens).post(create_token))
@@ -78,6 +80,7 @@ impl IntoResponse for ServerError {
             ServerError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ServerError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ServerError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ServerError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let errors = match &self {
@@ -237,6 +240,45 @@ async fn permit(
     check_instance(&e, &caller, &q.instance)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_permit(&q.instance, wait).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LbConfigQuery {
+    #[serde(default)]
+    epoch: String,
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `GET /v1/lb/config`: the balancers' long-poll.
+async fn lb_config(
+    State(e): State<Arc<Engine>>,
+    query: Result<Query<LbConfigQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!(
+            "{}; parameters: epoch, version, wait_ms",
+            r.body_text()
+        ))
+    })?;
+    let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
+    Ok(Json(e.balancers.wait_config(&q.epoch, q.version, wait).await).into_response())
+}
+
+/// `POST /v1/lb/report`: a balancer's connection counts.
+async fn lb_report(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let report: drover_model::api::LbReport = decode(body)?;
+    if report.lb.is_empty() || report.lb.len() > 128 || report.connections.len() > 10_000 {
+        return Err(ServerError::BadRequest(
+            "a report names its balancer (lb: at most 128 characters) and at most 10000 listeners"
+                .into(),
+        ));
+    }
+    e.balancers.report(report);
+    Ok(Json(serde_json::json!({})).into_response())
 }
 
 #[derive(Deserialize)]

@@ -392,14 +392,10 @@ impl Engine {
         self.auth()
             .ensure_agent_tokens(self, new_groups.keys().map(String::as_str))
             .await?;
-        // Open new ingresses before committing, so a port in use refuses the whole apply.
+        // Check new ingresses before committing, so a port in use refuses the whole apply.
         for g in new_groups.values() {
             if let Some((addr, _)) = g.ingress {
-                let health = fleet
-                    .services
-                    .get(&g.plan.service)
-                    .and_then(crate::engine::balancer_health);
-                self.ensure_ingress(&g.record.group, addr, health).await?;
+                self.check_ingress(&g.record.group, addr)?;
             }
         }
         let summary = match (&old_fleet, &origin) {
@@ -460,8 +456,9 @@ impl Engine {
             }
         }
         for g in &removed {
-            self.close_ingress(g).await;
+            self.close_ingress(g);
         }
+        self.open_ingresses();
         self.wake.notify_one();
         Ok(response(number, true))
     }

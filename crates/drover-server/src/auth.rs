@@ -34,6 +34,8 @@ use crate::ServerError;
 
 /// The file, in the data directory, that holds the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The file, in the data directory, that holds the token of the server's balancer process.
+pub const LB_TOKEN_FILE: &str = "lb.token";
 /// The key agent tokens are derived from.
 const AGENT_KEY_FILE: &str = "agent-token.key";
 
@@ -379,6 +381,39 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// The token of the server's own balancer process, in `DATA/lb.token` (0600): the one
+    /// there if it is a valid `lb` token, else a new one (made once, kept across restarts).
+    pub async fn ensure_lb(
+        &self,
+        engine: &Engine,
+        data_dir: &Path,
+    ) -> Result<PathBuf, ServerError> {
+        let path = data_dir.join(LB_TOKEN_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let value = HeaderValue::from_str(&format!("Bearer {}", text.trim()));
+            if let Ok(v) = value {
+                if self
+                    .authenticate(Some(&v))
+                    .is_ok_and(|c| c.scope == TokenScope::Lb)
+                {
+                    return Ok(path);
+                }
+            }
+        }
+        let made = self
+            .create(
+                engine,
+                TokenScope::Lb,
+                Some("lb (the server's balancer process)".into()),
+                None,
+            )
+            .await?;
+        crate::tls::write_private(&path, format!("{}\n", made.token).as_bytes())?;
+        Ok(path)
+    }
+}
+
 /// What an endpoint asks of its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Need {
@@ -390,6 +425,8 @@ enum Need {
     ReadOrAgent,
     Admin,
     Agent,
+    /// A balancer process (or an admin): the ingress config and connection reports.
+    Lb,
 }
 
 fn need(path: &str) -> Need {
@@ -402,6 +439,7 @@ fn need(path: &str) -> Need {
         p if p.starts_with("/v1/revisions/") => Need::Read,
         p if p.starts_with("/v1/plans/") => Need::ReadOrAgent,
         p if p.starts_with("/v1/agent/") => Need::Agent,
+        p if p.starts_with("/v1/lb/") => Need::Lb,
         _ => Need::Any,
     }
 }
@@ -417,6 +455,7 @@ fn article(s: TokenScope) -> &'static str {
     match s {
         TokenScope::Admin | TokenScope::Agent => "an",
         TokenScope::Read => "a",
+        TokenScope::Lb => "an",
     }
 }
 
@@ -447,8 +486,9 @@ pub async fn layer(
         (Need::Nothing | Need::Any, _) => true,
         (Need::Admin, s) => s == TokenScope::Admin,
         (Need::Read, s) => matches!(s, TokenScope::Admin | TokenScope::Read),
-        (Need::ReadOrAgent, _) => true,
+        (Need::ReadOrAgent, s) => s != TokenScope::Lb,
         (Need::Agent, s) => s == TokenScope::Agent,
+        (Need::Lb, s) => matches!(s, TokenScope::Admin | TokenScope::Lb),
     };
     if !ok {
         let what = match need {
@@ -456,6 +496,8 @@ pub async fn layer(
             Need::Admin => "changes desired state or tokens and needs an admin token",
             Need::Read => "needs a read or admin token",
             Need::Agent => "is for agents and needs the agent token of the instance's group",
+            Need::Lb => "is for balancers and needs an lb token",
+            Need::ReadOrAgent => "needs a read, admin or agent token",
             _ => "needs another token",
         };
         return ServerError::Forbidden(format!(
@@ -510,6 +552,7 @@ mod tests {
         assert_eq!(need("/v1/revisions/3"), Need::Read);
         assert_eq!(need("/v1/plans/web/local/1"), Need::ReadOrAgent);
         assert_eq!(need("/v1/agent/heartbeat"), Need::Agent);
+        assert_eq!(need("/v1/lb/config"), Need::Lb);
         assert_eq!(need("/v1/health/"), Need::Any);
         assert_eq!(need("/nope"), Need::Any);
     }

@@ -1,4 +1,4 @@
-//! The engine: owns the state, the store, the providers and the balancer listeners, runs the
+//! The engine: owns the state, the store, the providers and the balancers' config, runs the
 //! controllers on a tick and carries out their decisions.
 
 use std::collections::BTreeMap;
@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use drover_control::{Action, Health, Timing};
-use drover_lb::{Listener, ListenerConfig, Target};
 use drover_model::api::{FleetStatus, Heartbeat, HeartbeatReply, Revision};
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::state::{absorb_heartbeat, Group, Instance, Soft, State};
 use crate::ServerError;
@@ -25,12 +24,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// One balancer listener and the sender that feeds it targets.
-struct Ingress {
-    listener: Listener,
-    targets: watch::Sender<Vec<Target>>,
-}
-
 pub struct Engine {
     /// Reads go to the store directly; every write goes through `writer`.
     pub(crate) store: Arc<dyn Store>,
@@ -39,7 +32,10 @@ pub struct Engine {
     /// One provider per region, made when a region first appears.
     providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
     pub(crate) factory: crate::ProviderFactory,
-    ingresses: Mutex<BTreeMap<String, Ingress>>,
+    /// The ingresses and targets that balancer processes follow, and their reports.
+    pub(crate) balancers: crate::balancer::Balancers,
+    /// When the API began to answer (ms since the epoch; 0 before).
+    ready_ms: std::sync::atomic::AtomicU64,
     pub(crate) events_tx: broadcast::Sender<drover_model::Event>,
     pub(crate) wake: Notify,
     pub(crate) timing: Timing,
@@ -142,7 +138,8 @@ impl Engine {
             state: Mutex::new(state),
             providers: Mutex::new(providers),
             factory,
-            ingresses: Mutex::new(BTreeMap::new()),
+            balancers: crate::balancer::Balancers::new(),
+            ready_ms: Default::default(),
             events_tx,
             wake: Notify::new(),
             timing,
@@ -166,6 +163,8 @@ impl Engine {
     /// not heard from yet) counts from now, plus a grace, not from when the store was read.
     pub fn api_ready(&self) {
         let now = now_ms();
+        self.ready_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state();
         for i in st.instances.values_mut() {
             if i.soft.restored {
@@ -208,98 +207,69 @@ impl Engine {
         self.writer.flush().await;
     }
 
-    /// Bind the balancer listeners of every group that has an ingress.
-    pub async fn open_ingresses(&self) -> Result<(), ServerError> {
-        let wanted: Vec<(String, SocketAddr, Option<drover_lb::HealthCheckConfig>)> = {
+    /// Put the ingress of every group that has one in the balancers' config.
+    pub fn open_ingresses(&self) {
+        let wanted: Vec<(
+            String,
+            SocketAddr,
+            drover_model::api::Balance,
+            Option<drover_lb::HealthCheckConfig>,
+        )> = {
             let st = self.state();
             st.groups
                 .values()
                 .filter_map(|g| {
                     let (a, _) = g.ingress?;
-                    let health = st.service(g).and_then(balancer_health);
-                    Some((g.record.group.clone(), a, health))
+                    let svc = st.service(g);
+                    let balance = svc
+                        .and_then(|s| s.ingress.as_ref())
+                        .map(|i| i.balance)
+                        .unwrap_or_default();
+                    Some((
+                        g.record.group.clone(),
+                        a,
+                        balance,
+                        svc.and_then(balancer_health),
+                    ))
                 })
                 .collect()
         };
-        for (group, addr, health) in wanted {
-            self.ensure_ingress(&group, addr, health).await?;
+        for (group, addr, balance, health) in wanted {
+            self.balancers.set_listener(
+                &group,
+                addr,
+                balance,
+                health.as_ref().map(crate::balancer::wire_health),
+            );
         }
-        Ok(())
     }
 
-    pub(crate) async fn ensure_ingress(
-        &self,
-        group: &str,
-        addr: SocketAddr,
-        health: Option<drover_lb::HealthCheckConfig>,
-    ) -> Result<(), ServerError> {
-        if let Some(i) = self.ingresses.lock().expect("ingress lock").get(group) {
-            if i.listener.local_addr() == addr || addr.port() == 0 {
-                return Ok(());
-            }
+    /// Refuse an ingress address that is neither the balancers' already nor free: a port
+    /// that another program holds (the balancer could not open it).
+    pub(crate) fn check_ingress(&self, group: &str, addr: SocketAddr) -> Result<(), ServerError> {
+        if addr.port() == 0 || self.balancers.listens_on(addr) {
+            return Ok(());
         }
-        // Bind the new listener first: if it fails, the old one keeps serving. It starts with
-        // the old one's targets, so traffic moves over without a gap.
-        let current: Vec<Target> = self
-            .ingresses
-            .lock()
-            .expect("ingress lock")
-            .get(group)
-            .map(|i| i.targets.borrow().clone())
-            .unwrap_or_default();
-        let (tx, rx) = watch::channel(current);
-        let cfg = ListenerConfig {
-            name: group.to_string(),
-            listen: addr,
-            health,
-            ..ListenerConfig::default()
-        };
-        let listener = Listener::bind(cfg, rx).await.map_err(|e| {
+        probe_bind(addr).map_err(|e| {
             ServerError::Conflict(format!(
                 "cannot open the ingress of {group} on {addr}: {e}; is another program (or another drover) listening there? Change `ingress.listen` or stop that program"
             ))
-        })?;
-        let old = self.ingresses.lock().expect("ingress lock").insert(
-            group.to_string(),
-            Ingress {
-                listener,
-                targets: tx,
-            },
-        );
-        if let Some(old) = old {
-            old.listener.shutdown().await;
-        }
-        Ok(())
+        })
     }
 
-    pub(crate) async fn close_ingress(&self, group: &str) {
-        let old = self.ingresses.lock().expect("ingress lock").remove(group);
-        if let Some(old) = old {
-            old.listener.shutdown().await;
-        }
+    pub(crate) fn close_ingress(&self, group: &str) {
+        self.balancers.remove_listener(group);
     }
 
-    /// Open connections through the balancer to an instance.
-    pub fn open_connections(&self, group: &str, instance: &str) -> usize {
-        self.ingresses
-            .lock()
-            .expect("ingress lock")
-            .get(group)
-            .map(|i| i.listener.open_connections(instance))
-            .unwrap_or(0)
-    }
-
+    /// The balancers' counters (`/metrics`).
     pub fn balancer_stats(&self) -> Vec<drover_lb::ListenerStats> {
-        self.ingresses
-            .lock()
-            .expect("ingress lock")
-            .values()
-            .map(|i| i.listener.stats())
-            .collect()
+        self.balancers.stats()
     }
 
     pub fn status(&self) -> FleetStatus {
-        self.state().status(now_ms(), self.timing.silent_after_ms)
+        let mut status = self.state().status(now_ms(), self.timing.silent_after_ms);
+        status.balancers = self.balancers.status();
+        status
     }
 
     pub fn current_revision(&self) -> Option<Revision> {
@@ -439,7 +409,29 @@ impl Engine {
             }
         }
         self.update_targets(targets);
+        self.check_rebuilt();
         self.sweep_providers().await;
+    }
+
+    /// The view is rebuilt once every instance restored from the store whose agent is alive
+    /// has reported to this server, or [`RESTART_GRACE_MS`] after the API began to answer:
+    /// from then on the balancers may take the targets as complete.
+    fn check_rebuilt(&self) {
+        if self.balancers.rebuilt() {
+            return;
+        }
+        let ready = self.ready_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if ready == 0 {
+            return;
+        }
+        let waiting = self
+            .state()
+            .instances
+            .values()
+            .any(|i| i.soft.restored && i.alive);
+        if !waiting || now_ms() >= ready + RESTART_GRACE_MS {
+            self.balancers.set_rebuilt();
+        }
     }
 
     /// Run the autoscaler of every group that has a policy; store and record its changes.
@@ -576,13 +568,7 @@ impl Engine {
 
     /// Take one instance out of its group's balancer at once.
     fn remove_target(&self, group: &str, instance: &str) {
-        if let Some(ing) = self.ingresses.lock().expect("ingress lock").get(group) {
-            ing.targets.send_if_modified(|t| {
-                let before = t.len();
-                t.retain(|x| x.id != instance);
-                t.len() != before
-            });
-        }
+        self.balancers.remove_target(group, instance);
     }
 
     fn update_targets(&self, targets: BTreeMap<String, Vec<String>>) {
@@ -590,24 +576,34 @@ impl Engine {
         {
             let mut st = self.state();
             for (group, ids) in targets {
-                if st.targets.get(&group) == Some(&ids) {
-                    continue;
-                }
                 let port = st
                     .groups
                     .get(&group)
                     .and_then(|g| g.ingress.map(|(_, p)| p));
                 if let Some(port) = port {
-                    let list: Vec<Target> = ids
+                    let list: Vec<drover_model::api::LbTarget> = ids
                         .iter()
                         .filter_map(|id| {
-                            let ip = st.instances.get(id)?.record.addr.parse().ok()?;
-                            Some(Target::new(id.clone(), SocketAddr::new(ip, port)))
+                            let ip: std::net::IpAddr =
+                                st.instances.get(id)?.record.addr.parse().ok()?;
+                            Some(drover_model::api::LbTarget {
+                                id: id.clone(),
+                                addr: SocketAddr::new(ip, port).to_string(),
+                            })
                         })
                         .collect();
-                    if let Some(ing) = self.ingresses.lock().expect("ingress lock").get(&group) {
-                        ing.targets.send_replace(list);
-                    }
+                    let leaving: Vec<String> = st
+                        .instances
+                        .values()
+                        .filter(|i| {
+                            i.record.group == group && i.record.lifecycle != Lifecycle::Active
+                        })
+                        .map(|i| i.record.id.clone())
+                        .collect();
+                    self.balancers.set_targets(&group, list, leaving);
+                }
+                if st.targets.get(&group) == Some(&ids) {
+                    continue;
                 }
                 events.push(
                     NewEvent::new(
@@ -654,6 +650,7 @@ impl Engine {
                 .await?;
                 let mut st = self.state();
                 let removed = st.instances.remove(&instance);
+                self.balancers.forget_instance(&instance);
                 if let Some(i) = &removed {
                     // A long-poll still held for it ends (404) rather than at its deadline.
                     i.permit_wake.notify_waiters();
@@ -887,7 +884,9 @@ impl Engine {
         {
             return Ok(n);
         }
-        Ok(self.open_connections(&group, instance) as u64)
+        self.balancers
+            .open_connections(&group, instance)
+            .map_err(|e| ServerError::Unavailable(e.0))
     }
 
     fn drain_timeout(&self, group: &str) -> Duration {
@@ -1091,7 +1090,7 @@ impl Engine {
         }
     }
 
-    /// Stop every instance (if `stop_instances`) and close the listeners.
+    /// Stop every instance (if `stop_instances`).
     pub async fn shutdown(&self, grace: Duration, stop_instances: bool) {
         let providers: Vec<Arc<dyn Provider>> = self
             .providers
@@ -1105,17 +1104,23 @@ impl Engine {
                 p.shutdown(grace).await;
             }
         }
-        let ings: Vec<Ingress> = std::mem::take(&mut *self.ingresses.lock().expect("ingress lock"))
-            .into_values()
-            .collect();
-        for i in ings {
-            i.listener.shutdown().await;
-        }
     }
 
     pub fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, ServerError> {
         Ok(self.store.plan(group, generation)?)
     }
+}
+
+/// Whether a listener could be opened on `addr` now (`SO_REUSEADDR`, as the balancer binds).
+fn probe_bind(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1)
 }
 
 fn fresh_soft(now: u64) -> Soft {

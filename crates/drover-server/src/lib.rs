@@ -5,8 +5,10 @@ pub mod api;
 pub mod apply;
 pub mod artifact;
 pub mod auth;
+pub mod balancer;
 pub mod cloud;
 pub mod engine;
+pub mod lbproc;
 pub mod registry;
 pub mod state;
 pub mod tls;
@@ -50,6 +52,9 @@ pub enum ServerError {
     Store(#[from] drover_store::StoreError),
     #[error("provider: {0}")]
     Provider(#[from] drover_provider::ProviderError),
+    /// Not known now; asking again later may succeed (503).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
     #[error("{0}: {1}")]
@@ -84,6 +89,9 @@ pub struct ServerConfig {
     pub advertise_url: Option<String>,
     /// How often cloud providers read their groups (instances gone or launched).
     pub cloud_poll: Duration,
+    /// Start (or adopt) a balancer process (`drover lb`) for the ingresses of `local`
+    /// regions; off when balancers are run apart (`drover server --no-lb`).
+    pub spawn_lb: bool,
 }
 
 /// `silent_after` is at least this many heartbeat intervals: one late or lost heartbeat (or
@@ -114,6 +122,7 @@ impl ServerConfig {
             tls: tls::TlsMode::Off,
             advertise_url: None,
             cloud_poll: Duration::from_secs(5),
+            spawn_lb: true,
         }
     }
 }
@@ -149,6 +158,8 @@ pub struct Server {
     pub admin_token_file: Option<PathBuf>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Supervises the balancer process; it stops that process only if tied to the server.
+    lb_task: Option<tokio::task::JoinHandle<()>>,
     own_instances: bool,
 }
 
@@ -211,12 +222,13 @@ impl Server {
             },
             ProviderFactory {
                 cfg: cfg.clone(),
-                server_url,
+                server_url: server_url.clone(),
                 exits: exits_tx,
                 auth: auth.clone(),
             },
         )?);
         let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir).await?;
+        let lb_token_file = auth.ensure_lb(&engine, &cfg.data_dir).await?;
         if let Some(f) = &admin_token_file {
             tracing::info!(file = %f.display(), "wrote the first admin token");
         }
@@ -224,7 +236,7 @@ impl Server {
         let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
         auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))
             .await?;
-        engine.open_ingresses().await?;
+        engine.open_ingresses();
         engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
             format!(
@@ -262,6 +274,20 @@ impl Server {
         }
         // The API answers from here on: silence counts from now, not from the store's read.
         engine.api_ready();
+        let lb_task = cfg.spawn_lb.then(|| {
+            let spawn = lbproc::LbSpawn {
+                drover_bin: cfg.drover_bin.clone(),
+                dir: cfg.data_dir.join("lb"),
+                server_url: server_url.clone(),
+                token_file: lb_token_file.clone(),
+                ca_file: ca_file.clone(),
+                tied: cfg.own_instances,
+            };
+            if cfg.own_instances && lbproc::reap_leftover(&spawn.dir) {
+                tracing::warn!("killed a balancer left by an earlier run");
+            }
+            tokio::spawn(lbproc::supervise(engine.clone(), spawn, stop.clone()))
+        });
         tasks.push(tokio::spawn(engine.clone().run(
             cfg.tick,
             exits_rx,
@@ -275,6 +301,7 @@ impl Server {
             admin_token_file,
             stop,
             tasks,
+            lb_task,
             own_instances,
         })
     }
@@ -296,6 +323,9 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         self.engine.shutdown(grace, self.own_instances).await;
+        if let Some(t) = self.lb_task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
         self.engine.record(vec![drover_model::NewEvent::new(
             drover_model::EventKind::Server,
             if self.own_instances {

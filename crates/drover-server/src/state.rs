@@ -261,6 +261,7 @@ impl State {
             fleet: self.fleet().map(|f| f.fleet.name.clone()),
             revision: self.revision.as_ref().map(|r| r.number),
             groups,
+            balancers: Vec::new(),
         }
     }
 

@@ -7,6 +7,7 @@ mod demo;
 #[cfg(feature = "aws")]
 mod ec2;
 mod exit;
+mod lb;
 mod progress;
 mod render;
 mod up;
@@ -81,11 +82,13 @@ enum Command {
         #[command(flatten)]
         timing: TimingArgs,
     },
-    /// Run the control plane: HTTP API, store, controllers, providers and balancer.
+    /// Run the control plane: HTTP API, store, controllers and providers.
     ///
     /// On first start it writes an admin token to DATA_DIR/admin.token (0600). The API is
     /// served over TLS when --tls or --tls-cert is given, or when it listens on an address
-    /// other than loopback (see docs/security.md).
+    /// other than loopback (see docs/security.md). It starts the balancer of `local`
+    /// ingresses as a process of its own (`drover lb`, DATA_DIR/lb), or adopts the one that
+    /// runs; the balancer and the instances keep running when the server stops or dies.
     Server {
         #[arg(long, default_value = "127.0.0.1:7878")]
         listen: SocketAddr,
@@ -98,6 +101,10 @@ enum Command {
         /// How often cloud regions' groups are read (instances gone or launched).
         #[arg(long, default_value = "5s")]
         cloud_poll: Dur,
+        /// Do not start a balancer: run `drover lb` yourself (e.g. under systemd, with an
+        /// `lb` token), pointed at this server.
+        #[arg(long)]
+        no_lb: bool,
         #[command(flatten)]
         timing: TimingArgs,
     },
@@ -106,6 +113,15 @@ enum Command {
     Token(TokenCommand),
     /// Run an instance's agent (started by providers, not by people).
     Agent(AgentArgs),
+    /// Run the balancer of `local` regions' ingresses (`drover server` starts one).
+    ///
+    /// It follows the ingresses and targets of the servers it is given, keeps serving on its
+    /// last targets and its own health checks while none answers (across its restarts too),
+    /// and reports its open connections so drains know when an instance is idle. Started
+    /// while another runs with the same --dir, it takes that one's listening sockets over
+    /// and the old one finishes its connections and exits: an upgrade drops nothing. Needs
+    /// an `lb` token (`drover token create --scope lb`); see docs/lb.md.
+    Lb(lb::LbArgs),
     /// A small HTTP server for trying drover: `/` names its version and instance, `/healthz` answers checks.
     DemoServer(demo::DemoArgs),
     /// Validate FILE and store it as a new revision; prints the changes it applied.
@@ -290,6 +306,13 @@ fn main() -> ExitCode {
             run_agent(args, server)
         }
         Command::DemoServer(args) => demo::run(args),
+        Command::Lb(args) => match args.resolve(cli.server, cli.token, cli.ca, &cli.data_dir) {
+            Ok(a) => lb::run(a),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                exit::FAILED
+            }
+        },
         Command::Validate { ref file } => validate(file, cli.json),
         _ => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -347,6 +370,7 @@ async fn dispatch(cli: Cli) -> u8 {
             tls,
             advertise_url,
             cloud_poll,
+            no_lb,
             timing,
         } => {
             up::serve(
@@ -357,6 +381,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 up::CloudArgs {
                     advertise_url,
                     poll: cloud_poll.0,
+                    spawn_lb: !no_lb,
                 },
             )
             .await
@@ -434,7 +459,9 @@ async fn dispatch(cli: Cli) -> u8 {
                 .await
         }
         Command::History => client.history().await,
-        Command::Agent(_) | Command::DemoServer(_) | Command::Validate { .. } => Ok(exit::OK),
+        Command::Agent(_) | Command::DemoServer(_) | Command::Lb(_) | Command::Validate { .. } => {
+            Ok(exit::OK)
+        }
     };
     match result {
         Ok(code) => code,

@@ -40,6 +40,8 @@ fn config(
 pub struct CloudArgs {
     pub advertise_url: Option<String>,
     pub poll: Duration,
+    /// Start (or adopt) the balancer process.
+    pub spawn_lb: bool,
 }
 
 /// `drover server`: logs to stderr, runs until SIGTERM/SIGINT.
@@ -54,6 +56,7 @@ pub async fn serve(
     let mut cfg = config(data_dir, listen, timing)?;
     cfg.advertise_url = cloud.advertise_url;
     cfg.cloud_poll = cloud.poll;
+    cfg.spawn_lb = cloud.spawn_lb;
     if tls == drover_server::tls::TlsMode::Off && !listen.ip().is_loopback() {
         tracing::warn!(
             "the API is served over plain HTTP on {listen}: tokens cross the network in clear text (--no-tls); see docs/security.md"
