@@ -619,6 +619,8 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
             &api.to_string(),
             "--cloud-poll",
             "300ms",
+            // AWS ingresses are NLBs: no balancer process.
+            "--no-lb",
         ])
         .arg("--data-dir")
         .arg(&data)

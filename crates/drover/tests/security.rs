@@ -107,13 +107,14 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     assert_eq!(code, 200, "{out}");
     let (_, agent_a) = create(&up, r#"{"scope":"agent","group":"web/local"}"#);
     let (_, agent_b) = create(&up, r#"{"scope":"agent","group":"api/local"}"#);
+    let (_, lb) = create(&up, r#"{"scope":"lb","name":"edge"}"#);
     let wrong = format!("drover_admin_{}", "0".repeat(64));
     let toml = std::fs::read_to_string(&up.file).unwrap();
     let apply_body =
         serde_json::json!({"file": "drover.toml", "toml": toml, "dry_run": true}).to_string();
 
     // Callers, in this order in every row below.
-    let callers: [(&str, Option<&str>); 7] = [
+    let callers: [(&str, Option<&str>); 8] = [
         ("none", None),
         ("wrong", Some(&wrong)),
         ("revoked", Some(&revoked)),
@@ -121,6 +122,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("read", Some(&read)),
         ("agent A", Some(&agent_a)),
         ("agent B", Some(&agent_b)),
+        ("lb", Some(&lb)),
     ];
     let hb_web = heartbeat(&web_i, "web/local", &web_addr, web_gen);
     let hb_api = heartbeat(&api_i, "api/local", &api_addr, api_gen);
@@ -133,37 +135,40 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     const U: u16 = 401;
     const F: u16 = 403;
     #[rustfmt::skip]
-    let rows: Vec<(&str, &str, Option<&str>, [u16; 7])> = vec![
-        //                                                          none wrong revoked admin read agentA agentB
-        ("GET", "/v1/health", None,                                [200, 200, 200, 200, 200, 200, 200]),
-        ("GET", "/v1/status", None,                                [U, U, U, 200, 200, F, F]),
-        ("GET", "/v1/events?limit=5", None,                        [U, U, U, 200, 200, F, F]),
-        ("GET", "/v1/revisions", None,                             [U, U, U, 200, 200, F, F]),
-        ("GET", "/v1/revisions/1", None,                           [U, U, U, 200, 200, F, F]),
-        ("GET", "/metrics", None,                                  [U, U, U, 200, 200, F, F]),
-        ("GET", "/v1/plans/web/local/1", None,                     [U, U, U, 200, 200, 200, F]),
-        ("GET", "/v1/plans/api/local/1", None,                     [U, U, U, 200, 200, F, 200]),
-        ("POST", "/v1/apply", Some(&apply_body),                   [U, U, U, 200, F, F, F]),
+    let rows: Vec<(&str, &str, Option<&str>, [u16; 8])> = vec![
+        //                                                          none wrong revoked admin read agentA agentB lb
+        ("GET", "/v1/health", None,                                [200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/status", None,                                [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/events?limit=5", None,                        [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/revisions", None,                             [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/revisions/1", None,                           [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/metrics", None,                                  [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/plans/web/local/1", None,                     [U, U, U, 200, 200, 200, F, F]),
+        ("GET", "/v1/plans/api/local/1", None,                     [U, U, U, 200, 200, F, 200, F]),
+        ("POST", "/v1/apply", Some(&apply_body),                   [U, U, U, 200, F, F, F, F]),
         ("POST", "/v1/deploy", Some(r#"{"service":"web","component":"app","version":"v1","dry_run":true}"#),
-                                                                   [U, U, U, 200, F, F, F]),
+                                                                   [U, U, U, 200, F, F, F, F]),
         ("POST", "/v1/rollback", Some(r#"{"service":"web","dry_run":true}"#),
-                                                                   [U, U, U, 409, F, F, F]),
+                                                                   [U, U, U, 409, F, F, F, F]),
         ("POST", "/v1/scale", Some(r#"{"service":"web","desired":1}"#),
-                                                                   [U, U, U, 200, F, F, F]),
-        ("GET", "/v1/tokens", None,                                [U, U, U, 200, F, F, F]),
+                                                                   [U, U, U, 200, F, F, F, F]),
+        ("GET", "/v1/tokens", None,                                [U, U, U, 200, F, F, F, F]),
         ("POST", "/v1/tokens", Some(r#"{"scope":"read","name":"matrix"}"#),
-                                                                   [U, U, U, 201, F, F, F]),
-        ("DELETE", "/v1/tokens/t-999999", None,                    [U, U, U, 404, F, F, F]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_web),             [U, U, U, F, F, 200, F]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_api),             [U, U, U, F, F, F, 200]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_web_as_api),      [U, U, U, F, F, F, F]),
-        ("GET", &permit_web, None,                                 [U, U, U, F, F, 200, F]),
-        ("GET", &permit_api, None,                                 [U, U, U, F, F, F, 200]),
-        ("GET", &conns_web, None,                                  [U, U, U, F, F, 200, F]),
-        ("GET", &conns_api, None,                                  [U, U, U, F, F, F, 200]),
-        ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404]),
-        ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404]),
-        ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F]),
+                                                                   [U, U, U, 201, F, F, F, F]),
+        ("DELETE", "/v1/tokens/t-999999", None,                    [U, U, U, 404, F, F, F, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_web),             [U, U, U, F, F, 200, F, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_api),             [U, U, U, F, F, F, 200, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_web_as_api),      [U, U, U, F, F, F, F, F]),
+        ("GET", &permit_web, None,                                 [U, U, U, F, F, 200, F, F]),
+        ("GET", &permit_api, None,                                 [U, U, U, F, F, F, 200, F]),
+        ("GET", &conns_web, None,                                  [U, U, U, F, F, 200, F, F]),
+        ("GET", &conns_api, None,                                  [U, U, U, F, F, F, 200, F]),
+        ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F]),
+        ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404]),
+        ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F]),
+        ("GET", "/v1/lb/config?wait_ms=0", None,                   [U, U, U, 200, F, F, F, 200]),
+        ("POST", "/v1/lb/report", Some(r#"{"lb":"matrix","epoch":"","version":0,"accepting":false,"connections":{}}"#),
+                                                                   [U, U, U, 200, F, F, F, 200]),
     ];
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -189,7 +194,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
                 assert!(e.message.len() > 20, "a clear message: {out}");
             }
             // No answer ever carries a token's secret, except creation's own.
-            for secret in [&admin, &read, &agent_a, &agent_b] {
+            for secret in [&admin, &read, &agent_a, &agent_b, &lb] {
                 if !(path.starts_with("/v1/tokens") && *method == "POST") {
                     assert!(
                         !out.contains(secret.as_str()),
@@ -205,7 +210,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(checked, rows.len() * 7);
+    assert_eq!(checked, rows.len() * 8);
 
     // The revoked token says so; the messages name the problem.
     let (_, out) = http_as(up.api, "GET", "/v1/status", None, Some(&revoked)).unwrap();

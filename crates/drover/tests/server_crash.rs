@@ -4,25 +4,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn start_server(dir: &std::path::Path, api: u16) -> Child {
-    Command::new(BIN)
-        .args(["server", "--listen", &format!("127.0.0.1:{api}")])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("server-{}.err", api))).unwrap())
-        .process_group(0)
-        .spawn()
-        .unwrap()
-}
-
-use std::os::unix::process::CommandExt;
 
 #[test]
 fn a_rollout_survives_a_server_sigkill() {
@@ -35,22 +19,8 @@ fn a_rollout_survives_a_server_sigkill() {
     let _cleanup = KillAgents(dir.path().to_path_buf());
     let mut server = start_server(dir.path(), api);
     // A handle for the CLI and status (not owning the process).
-    let up = Up {
-        child: Command::new("true").spawn().unwrap(),
-        dir: dir.path().to_path_buf(),
-        api: format!("127.0.0.1:{api}").parse().unwrap(),
-        ingress: format!("127.0.0.1:{ing}").parse().unwrap(),
-        file: dir.path().join("drover.toml"),
-    };
-    let t0 = Instant::now();
-    loop {
-        let (code, out, err) = up.cli(&["apply", "drover.toml"]);
-        if code == 0 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "apply: {out}{err}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let up = Up::for_server(dir.path(), api, ing);
+    up.apply_when_up(Duration::from_secs(10));
     up.wait_healthy(3, Duration::from_secs(10));
     // Let the first rollout finish so generation 1 is the known good one.
     std::thread::sleep(Duration::from_secs(4));
@@ -143,23 +113,4 @@ fn a_rollout_survives_a_server_sigkill() {
     // Stop the server; instances outlive it by design and are stopped by the guard.
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
     server.wait().unwrap();
-}
-
-/// Stops the agents this test's servers started (they outlive `drover server` by design),
-/// by the pids in their pid files, even when the test fails.
-struct KillAgents(std::path::PathBuf);
-
-impl Drop for KillAgents {
-    fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.0.join("data/instances")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if let Ok(p) = std::fs::read_to_string(e.path().join("agent.pid")) {
-                if let Ok(pid) = p.trim().parse::<i32>() {
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-            }
-        }
-    }
 }

@@ -145,9 +145,10 @@ impl Up {
         );
     }
 
-    /// Every pid drover started: agents (from their pid files) and components (from status).
+    /// Every pid drover started: the balancer and agents (from their pid files) and
+    /// components (from status).
     pub fn pids(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
+        let mut pids: Vec<i32> = self.lb_pid().into_iter().collect();
         if let Ok(entries) = std::fs::read_dir(self.dir.join("data/instances")) {
             for e in entries.flatten() {
                 if let Ok(s) = std::fs::read_to_string(e.path().join("agent.pid")) {
@@ -204,6 +205,84 @@ impl Up {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+}
+
+/// `drover server` with its data in `dir/data` and its API on `api`, in a process group of
+/// its own; stderr to `dir/server-API.err`.
+pub fn start_server(dir: &Path, api: u16) -> Child {
+    use std::os::unix::process::CommandExt;
+    Command::new(BIN)
+        .args(["server", "--listen", &format!("127.0.0.1:{api}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("server-{api}.err"))).unwrap())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+impl Up {
+    /// A handle for the CLI and status of a `drover server` in `dir` (not owning it).
+    pub fn for_server(dir: &Path, api: u16, ingress: u16) -> Up {
+        let up = Up {
+            child: Command::new("true").spawn().unwrap(),
+            dir: dir.to_path_buf(),
+            api: format!("127.0.0.1:{api}").parse().unwrap(),
+            ingress: format!("127.0.0.1:{ingress}").parse().unwrap(),
+            file: dir.join("drover.toml"),
+        };
+        up.register();
+        up
+    }
+
+    /// The pid of the balancer process (`DATA/lb/lb.pid`), if it is alive.
+    pub fn lb_pid(&self) -> Option<i32> {
+        let p: i32 = std::fs::read_to_string(self.dir.join("data/lb/lb.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(p).then_some(p)
+    }
+
+    /// Apply the fleet file, retrying while the server is not answering yet.
+    pub fn apply_when_up(&self, timeout: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let (code, out, err) = self.cli(&["apply", "drover.toml"]);
+            if code == 0 {
+                return;
+            }
+            assert!(t0.elapsed() < timeout, "apply: {out}{err}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Stops the agents and the balancer that a test's `drover server` started (they outlive it
+/// by design), by the pids in their pid files under `DIR/data`, even when the test fails.
+pub struct KillAgents(pub PathBuf);
+
+impl Drop for KillAgents {
+    fn drop(&mut self) {
+        if let Ok(p) = std::fs::read_to_string(self.0.join("data/lb/lb.pid")) {
+            if let Ok(pid) = p.trim().parse::<i32>() {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(self.0.join("data/instances")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Ok(p) = std::fs::read_to_string(e.path().join("agent.pid")) {
+                if let Ok(pid) = p.trim().parse::<i32>() {
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
     }
 }
 
