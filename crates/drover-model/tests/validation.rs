@@ -184,6 +184,28 @@ fn ingress_checks() {
     assert_eq!(e.field, "services.web.ingress.listen");
     let e = one(&bad("port = \"http\" }\n", "port = \"grpc\" }\n"));
     assert_eq!(e.field, "services.web.ingress.port");
+    // The balancing policy: the allowed values are named, at the value's place.
+    let f = parse_fleet(
+        &bad(
+            "port = \"http\" }\n",
+            "port = \"http\", balance = \"least_connections\" }\n",
+        ),
+        "drover.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        f.services["web"].ingress.as_ref().unwrap().balance,
+        drover_model::api::Balance::LeastConnections
+    );
+    let e = one(&bad(
+        "port = \"http\" }\n",
+        "port = \"http\", balance = \"random\" }\n",
+    ));
+    assert_eq!((e.line, e.column), (10, 65), "{e}");
+    assert!(
+        e.message.contains("round_robin") && e.message.contains("least_connections"),
+        "{e}"
+    );
 }
 
 #[test]

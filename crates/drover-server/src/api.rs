@@ -277,7 +277,20 @@ async fn lb_report(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response
                 .into(),
         ));
     }
-    e.balancers.report(report);
+    let lb = report.lb.clone();
+    let errors = e.balancers.report(report);
+    e.record(
+        errors
+            .into_iter()
+            .map(|(listener, err)| {
+                drover_model::NewEvent::new(
+                    drover_model::EventKind::Balancer,
+                    format!("balancer {lb} cannot open the ingress: {err}"),
+                )
+                .group(listener)
+            })
+            .collect(),
+    );
     Ok(Json(serde_json::json!({})).into_response())
 }
 

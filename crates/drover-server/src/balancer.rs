@@ -228,14 +228,23 @@ impl Balancers {
         self.config()
     }
 
-    /// Take a balancer's report.
-    pub fn report(&self, report: LbReport) {
+    /// Take a balancer's report; returns the listener errors it did not report before
+    /// (each worth an event).
+    pub fn report(&self, report: LbReport) -> Vec<(String, String)> {
         let now = Instant::now();
         let mut v = self.view();
         v.reports
             .retain(|_, s| now.duration_since(s.at) < REPORT_FORGET);
+        let before = v.reports.get(&report.lb).map(|s| &s.report.errors);
+        let new: Vec<(String, String)> = report
+            .errors
+            .iter()
+            .filter(|(l, e)| before.and_then(|b| b.get(*l)) != Some(*e))
+            .map(|(l, e)| (l.clone(), e.clone()))
+            .collect();
         v.reports
             .insert(report.lb.clone(), Seen { at: now, report });
+        new
     }
 
     /// Open connections that balancers hold to `instance` of `group`, summed over the

@@ -108,6 +108,7 @@ pub fn status(s: &FleetStatus) -> String {
     }
     out.push_str(&groups.to_string());
     out.push('\n');
+    out.push_str(&balancers(s));
     // One row per instance (10,000 in a large fleet): drawn by `Rows` in one pass, in the
     // same style as the other tables, without wrapping.
     let mut inst = Rows::new(&[
@@ -147,6 +148,41 @@ pub fn status(s: &FleetStatus) -> String {
         }
     }
     inst.render(&mut out);
+    out
+}
+
+/// One line per balancer process, or a warning when `local` ingresses have none.
+fn balancers(s: &FleetStatus) -> String {
+    let local_ingress = s
+        .groups
+        .iter()
+        .any(|g| g.provider == "local" && g.ingress.is_some());
+    if s.balancers.is_empty() {
+        return if local_ingress {
+            "balancer: none has reported for a minute: ingresses serve nothing new and drains \
+             wait out their timeout; is `drover lb` running? (docs/lb.md)\n"
+                .to_string()
+        } else {
+            String::new()
+        };
+    }
+    let mut out = String::new();
+    for b in &s.balancers {
+        let mut words = vec![if b.age_ms > 3000 {
+            format!("silent for {}s", b.age_ms / 1000)
+        } else if b.current {
+            "current".to_string()
+        } else {
+            "catching up".to_string()
+        }];
+        if !b.accepting {
+            words.push("handed over, finishing its connections".into());
+        }
+        for (listener, e) in &b.errors {
+            words.push(format!("cannot open {listener}: {e}"));
+        }
+        out.push_str(&format!("balancer {}: {}\n", b.lb, words.join("; ")));
+    }
     out
 }
 
