@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 BEGIN, END = "<!-- lb:begin -->", "<!-- lb:end -->"
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-LABEL = {"drover": "drover-lb", "haproxy": "HAProxy", "direct": "direct to one backend"}
+LABEL = {"drover": "`drover lb`", "haproxy": "HAProxy", "direct": "direct to one backend"}
+POLICY = {"rr": "round robin", "lc": "least connections"}
 MODE = {"keepalive": "keep-alive", "close": "`Connection: close`"}
 
 
@@ -81,13 +82,13 @@ def main():
             runs.setdefault((mode, path), []).append(r)
             by_round.setdefault((mode, rnd), {})[path] = r
 
-    def paired(mode, key):
+    def paired(mode, policy, key):
         """Median over rounds of drover / HAProxy measured in the same round (minutes
         apart at most), which cancels slow drifts of the machine's load."""
-        xs = [rs["drover"][key] / rs["haproxy"][key]
+        d, h = f"drover-{policy}", f"haproxy-{policy}"
+        xs = [rs[d][key] / rs[h][key]
               for (m, _), rs in sorted(by_round.items())
-              if m == mode and "drover" in rs and "haproxy" in rs
-              and rs["drover"][key] and rs["haproxy"][key]]
+              if m == mode and d in rs and h in rs and rs[d][key] and rs[h][key]]
         return (statistics.median(xs), xs) if xs else (float("nan"), [])
 
     med = {}
@@ -103,58 +104,58 @@ def main():
     lines.append("")
     lines.append(machine())
     lines.append(f"`uptime` at start: `{o.uptime_start.strip()}`; at the end: "
-                 f"`{o.uptime_end.strip()}` (the 1-minute load includes the benchmark's own processes; anything else running shares the 2 cores).")
+                 f"`{o.uptime_end.strip()}`.")
     lines.append("")
-    pin = ("the balancer pinned to CPU 1, wrk and backends to CPU 0 (`taskset`)" if o.pin
-           else "no CPU pinning (the kernel spreads the processes over both cores)")
+    pin = ("the balancer pinned to CPU 1, the rest to CPU 0 (`taskset`)" if o.pin
+           else "no CPU pinning")
     nice = f"all at `nice -n {o.nice}`" if o.nice else "default priority"
-    lines.append(
-        f"Command: `bench/lb.sh` (repo HEAD {git_head()}; ROUNDS={o.rounds} DURATION={o.duration} "
-        f"CONNS={o.conns} WRK_THREADS={o.wrk_threads} LB_THREADS={o.lb_threads} "
-        f"BACKENDS={o.backends} PIN={o.pin or '(none)'}). "
-        f"Backends: {o.backends} x `target/release/drover demo-server` (axum on a single-threaded "
-        f"runtime, about twice the balanced paths' rate on its own, so not the bottleneck). "
-        f"drover: `crates/drover-lb/examples/lb_bench.rs` (a `Listener`, round robin, "
-        f"{o.lb_threads} thread(s): "
-        + ("tokio's current-thread runtime" if o.lb_threads == "1" else "tokio multi-thread") +
-        f"). HAProxy: `{o.haproxy}`, `mode tcp`, `balance roundrobin`, `nbthread {o.lb_threads}`, "
-        f"the same targets. Load: `wrk -t{o.wrk_threads} -c{o.conns} -d{o.duration}s --latency` "
-        f"(Debian wrk {o.wrk}), with and without `-H \"Connection: close\"`; {pin}; {nice}. "
-        f"Each round runs all six, the order rotated between rounds; the table shows medians "
-        f"over {o.rounds} rounds, and each ratio is the median of the {o.rounds} ratios "
-        f"measured within a round (listed in the last column). CPU/req: the balancer process's user+system time "
-        f"(`/proc/PID/stat`) during the run divided by the requests wrk completed.")
+    lines.append(f"Command: `bench/lb.sh` (HEAD {git_head()}; ROUNDS={o.rounds} "
+                 f"DURATION={o.duration} CONNS={o.conns} WRK_THREADS={o.wrk_threads} "
+                 f"LB_THREADS={o.lb_threads} BACKENDS={o.backends} PIN={o.pin or '(none)'}).")
+    lines.append(f"- drover: the `drover lb` process that `drover server` starts, following the "
+                 f"server's targets; two ingresses, `balance = \"round_robin\"` and "
+                 f"`\"least_connections\"`, each over {o.backends} instances of the demo server "
+                 f"(`drover demo-server` under its agent), with its http health check every 500 ms.")
+    lines.append(f"- HAProxy: `{o.haproxy}`, `mode tcp`, `nbthread {o.lb_threads}`, `balance "
+                 f"roundrobin` and `leastconn` over the same instances, `option httpchk` every 500 ms.")
+    lines.append(f"- Load: `wrk -t{o.wrk_threads} -c{o.conns} -d{o.duration}s --latency` (wrk "
+                 f"{o.wrk}), keep-alive and `Connection: close`; {pin}; {nice}.")
+    lines.append("- Medians over the rounds; each ratio is the median of the per-round ratios "
+                 "(listed). CPU/req: the balancer's user+system time over the requests wrk completed.")
     lines.append("")
-    lines.append("| load | path | req/s | p50 (ms) | p99 (ms) | balancer CPU (us/req) | "
-                 "errors | per round |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---|")
+    lines.append("| load | policy | path | req/s | p50 (ms) | p99 (ms) | CPU (us/req) | errors | per round |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---|")
     verdicts = []
     for mode in ("keepalive", "close"):
-        for path in ("drover", "haproxy", "direct"):
-            m = med.get((mode, path))
-            if not m:
-                continue
-            cpu = f"{m['cpu']:.1f}" if m["cpu"] is not None else "-"
-            lines.append(f"| {MODE[mode]} | {LABEL[path]} | {m['rps']:.0f} | {m['p50']:.2f} | "
-                         f"{m['p99']:.2f} | {cpu} | {m['errors']} | "
-                         f"req/s {', '.join(str(x) for x in m['all_rps'])} |")
-        d, h = med.get((mode, "drover")), med.get((mode, "haproxy"))
-        if d and h:
-            rps_ratio, rps_all = paired(mode, "rps")
-            p50_ratio, _ = paired(mode, "p50")
-            p99_ratio, p99_all = paired(mode, "p99")
-            cpu_ratio, _ = paired(mode, "cpu_us_per_req")
-            lines.append(f"| {MODE[mode]} | **drover / HAProxy** | **{fmt_ratio(rps_ratio)}** | "
-                         f"{fmt_ratio(p50_ratio)} | **{fmt_ratio(p99_ratio)}** | "
-                         f"{fmt_ratio(cpu_ratio)} | | req/s {', '.join(f'{x:.2f}' for x in rps_all)}; "
-                         f"p99 {', '.join(f'{x:.2f}' for x in p99_all)} |")
-            ok_rps, ok_p99 = rps_ratio >= 1.0, p99_ratio <= 1.1
-            verdicts.append(f"{MODE[mode]}: req/s {fmt_ratio(rps_ratio)} (goal >= 1.0x: "
-                            f"{'met' if ok_rps else 'NOT met'}), p99 {fmt_ratio(p99_ratio)} "
-                            f"(goal <= 1.1x: {'met' if ok_p99 else 'NOT met'})")
+        for policy in ("rr", "lc"):
+            for path in ("drover", "haproxy"):
+                m = med.get((mode, f"{path}-{policy}"))
+                if not m:
+                    continue
+                cpu = f"{m['cpu']:.1f}" if m["cpu"] is not None else "-"
+                lines.append(f"| {MODE[mode]} | {POLICY[policy]} | {LABEL[path]} | {m['rps']:.0f} | "
+                             f"{m['p50']:.2f} | {m['p99']:.2f} | {cpu} | {m['errors']} | "
+                             f"{', '.join(str(x) for x in m['all_rps'])} |")
+            if med.get((mode, f"drover-{policy}")) and med.get((mode, f"haproxy-{policy}")):
+                rps_ratio, rps_all = paired(mode, policy, "rps")
+                p50_ratio, _ = paired(mode, policy, "p50")
+                p99_ratio, p99_all = paired(mode, policy, "p99")
+                cpu_ratio, _ = paired(mode, policy, "cpu_us_per_req")
+                lines.append(f"| {MODE[mode]} | {POLICY[policy]} | **drover / HAProxy** | "
+                             f"**{fmt_ratio(rps_ratio)}** | {fmt_ratio(p50_ratio)} | "
+                             f"**{fmt_ratio(p99_ratio)}** | {fmt_ratio(cpu_ratio)} | | "
+                             f"req/s {', '.join(f'{x:.2f}' for x in rps_all)}; "
+                             f"p99 {', '.join(f'{x:.2f}' for x in p99_all)} |")
+                ok_rps, ok_p99 = rps_ratio >= 1.0, p99_ratio <= 1.1
+                verdicts.append(f"{MODE[mode]} {POLICY[policy]}: req/s {fmt_ratio(rps_ratio)} "
+                                f"({'met' if ok_rps else 'NOT met'}), p99 {fmt_ratio(p99_ratio)} "
+                                f"({'met' if ok_p99 else 'NOT met'})")
+        m = med.get((mode, "direct"))
+        if m:
+            lines.append(f"| {MODE[mode]} | - | {LABEL['direct']} | {m['rps']:.0f} | {m['p50']:.2f} | "
+                         f"{m['p99']:.2f} | - | {m['errors']} | {', '.join(str(x) for x in m['all_rps'])} |")
     lines.append("")
-    lines.append("Goal (drover >= 1.0x HAProxy's req/s, p99 <= 1.1x HAProxy's): "
-                 + "; ".join(verdicts) + ".")
+    lines.append("Goal (drover >= 1.0x HAProxy's req/s, p99 <= 1.1x): " + "; ".join(verdicts) + ".")
     body = "\n".join(lines)
     print(body)
 

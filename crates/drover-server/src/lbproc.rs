@@ -106,6 +106,11 @@ fn process_running(pid: u32) -> bool {
 
 /// The pid in `DIR/lb.pid` when it runs `drover lb` for `dir`.
 pub fn running_lb(dir: &Path) -> Option<u32> {
+    running_lb_args(dir).map(|(pid, _)| pid)
+}
+
+/// [`running_lb`] with its arguments.
+fn running_lb_args(dir: &Path) -> Option<(u32, Vec<String>)> {
     let pid: u32 = std::fs::read_to_string(dir.join("lb.pid"))
         .ok()?
         .trim()
@@ -118,7 +123,7 @@ pub fn running_lb(dir: &Path) -> Option<u32> {
         .collect();
     let is_lb = args.iter().any(|a| a == "lb");
     let for_dir = args.iter().any(|a| Path::new(a) == dir);
-    (is_lb && for_dir && process_running(pid)).then_some(pid)
+    (is_lb && for_dir && process_running(pid)).then_some((pid, args))
 }
 
 /// Kill a balancer that an earlier `drover up` left (it was tied to a server that is gone).
@@ -180,7 +185,23 @@ pub async fn supervise(engine: Arc<Engine>, spawn: LbSpawn, stop: CancellationTo
     let mut running: Option<(Running, Instant)> = None;
     loop {
         if running.is_none() {
-            if let Some(pid) = running_lb(&spawn.dir) {
+            let found = running_lb_args(&spawn.dir);
+            // One that follows another URL (the server moved) is replaced: the new one takes
+            // its listeners over, and the old one leaves.
+            let follows_us = found.as_ref().is_some_and(|(_, args)| {
+                args.iter()
+                    .any(|a| a.split(',').any(|u| u == spawn.server_url))
+            });
+            if let (Some((pid, _)), false) = (&found, follows_us) {
+                engine.record(vec![NewEvent::new(
+                    EventKind::Balancer,
+                    format!(
+                        "the running balancer (pid {pid}) follows another server URL; starting one for {} (it takes the listeners over)",
+                        spawn.server_url
+                    ),
+                )]);
+            }
+            if let (Some((pid, _)), true) = (found, follows_us) {
                 engine.record(vec![NewEvent::new(
                     EventKind::Balancer,
                     format!("adopted the running balancer (pid {pid})"),

@@ -49,6 +49,8 @@ pub struct LbArgs {
 pub struct LbConfigArgs {
     pub servers: Vec<String>,
     pub token: Option<String>,
+    /// Where the token came from: re-read when a server refuses it.
+    pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub dir: PathBuf,
     pub drain_timeout: Duration,
@@ -76,13 +78,18 @@ impl LbArgs {
                 .or_else(|| read(&data_dir.join("server.url")))
                 .unwrap_or_else(|| crate::access::DEFAULT_SERVER.to_string())]
         };
-        let token = match &self.token_file {
-            Some(f) => Some(read(f).with_context(|| {
-                format!("cannot read a token from {} (--token-file)", f.display())
-            })?),
-            None => token
-                .filter(|t| !t.trim().is_empty())
-                .or_else(|| read(&data_dir.join(drover_server::auth::LB_TOKEN_FILE))),
+        let (token, token_file) = match (&self.token_file, token.filter(|t| !t.trim().is_empty())) {
+            (Some(f), _) => (
+                Some(read(f).with_context(|| {
+                    format!("cannot read a token from {} (--token-file)", f.display())
+                })?),
+                Some(f.clone()),
+            ),
+            (None, Some(t)) => (Some(t), None),
+            (None, None) => {
+                let f = data_dir.join(drover_server::auth::LB_TOKEN_FILE);
+                (read(&f), Some(f))
+            }
         };
         let ca = ca.or_else(|| {
             let p = data_dir.join("ca.pem");
@@ -94,6 +101,7 @@ impl LbArgs {
                 .map(|s| s.trim_end_matches('/').to_string())
                 .collect(),
             token,
+            token_file,
             ca,
             dir: self.dir.unwrap_or_else(|| data_dir.join("lb")),
             drain_timeout: self.drain_timeout.0,
@@ -160,7 +168,11 @@ async fn serve(args: LbConfigArgs) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700));
     }
-    let http = http_client(args.token.as_deref(), args.ca.as_deref())?;
+    let http = http_client(args.ca.as_deref())?;
+    let bearer = Arc::new(Bearer {
+        file: args.token_file.clone(),
+        token: std::sync::RwLock::new(args.token.clone()),
+    });
     let me = format!(
         "{}:{}",
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -229,16 +241,18 @@ async fn serve(args: LbConfigArgs) -> anyhow::Result<()> {
     let stop_sync = tokio_util::sync::CancellationToken::new();
     let sync = tokio::spawn(follow(
         http.clone(),
+        bearer.clone(),
         servers.clone(),
         current.clone(),
         ingresses.applied_key(),
         config_tx,
         stop_sync.clone(),
     ));
-    let reporter = tokio::spawn(report(http, servers, current, report_rx));
+    let reporter = tokio::spawn(report(http, bearer, servers, current, report_rx));
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut accepting = true;
+    let mut last_draining = Vec::new();
     let signal = crate::shutdown_signal();
     tokio::pin!(signal);
     loop {
@@ -267,14 +281,16 @@ async fn serve(args: LbConfigArgs) -> anyhow::Result<()> {
                 if !accepting && ingresses.retiring.is_empty() {
                     break;
                 }
+                let (new, draining) = ingresses.snapshot(&me, accepting);
                 report_tx.send_if_modified(|r| {
-                    let new = ingresses.report(&me, accepting);
-                    let changed = new.connections != r.connections || new.version != r.version
+                    // What a drain waits on is sent at once; the other counts and counters
+                    // change all the time and ride along with the next periodic report.
+                    let changed = draining != last_draining || new.version != r.version
                         || new.errors != r.errors || new.accepting != r.accepting;
-                    // Counters change all the time; they ride along with the next report.
                     *r = new;
                     changed
                 });
+                last_draining = draining;
             }
             _ = &mut signal, if accepting => {
                 tracing::info!("stopping: no new connections; open ones get {}", Dur(args.drain_timeout));
@@ -305,16 +321,38 @@ fn accepting_path_is_ours(dir: &Path) -> bool {
         == Some(std::process::id())
 }
 
-fn http_client(token: Option<&str>, ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30));
-    if let Some(token) = token {
-        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-            .context("the token is not valid text")?;
-        v.set_sensitive(true);
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert(reqwest::header::AUTHORIZATION, v);
-        b = b.default_headers(h);
+/// The `lb` token, re-read from its file when a server refuses it (the server makes a new one
+/// when the one in `DATA_DIR/lb.token` was revoked).
+struct Bearer {
+    file: Option<PathBuf>,
+    token: std::sync::RwLock<Option<String>>,
+}
+
+impl Bearer {
+    fn on(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &*self.token.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
+
+    /// After a 401: take the file's token if it changed.
+    fn reload(&self) {
+        let Some(f) = &self.file else { return };
+        let Ok(text) = std::fs::read_to_string(f) else {
+            return;
+        };
+        let new = Some(text.trim().to_string()).filter(|t| !t.is_empty());
+        let mut cur = self.token.write().unwrap_or_else(|e| e.into_inner());
+        if new.is_some() && *cur != new {
+            tracing::info!(file = %f.display(), "using the new token of the file");
+            *cur = new;
+        }
+    }
+}
+
+fn http_client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30));
     if let Some(ca) = ca {
         let pem =
             std::fs::read(ca).with_context(|| format!("cannot read the CA {}", ca.display()))?;
@@ -416,6 +454,7 @@ async fn hand_over(conn: tokio::net::UnixStream, ingresses: &Ingresses) -> anyho
 /// Follow the servers' config: a long-poll, from the first server that answers.
 async fn follow(
     http: reqwest::Client,
+    bearer: Arc<Bearer>,
     servers: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
     mut known: (String, u64),
@@ -427,8 +466,8 @@ async fn follow(
     loop {
         let i = current.load(Ordering::Relaxed) % servers.len();
         let url = format!("{}/v1/lb/config", servers[i].trim_end_matches('/'));
-        let req = http
-            .get(&url)
+        let req = bearer
+            .on(http.get(&url))
             .query(&[
                 ("epoch", known.0.clone()),
                 ("version", known.1.to_string()),
@@ -447,6 +486,9 @@ async fn follow(
                 .map_err(|e| format!("unreadable config: {e}")),
             Ok(resp) => {
                 let status = resp.status();
+                if status == reqwest::StatusCode::UNAUTHORIZED {
+                    bearer.reload();
+                }
                 let body = resp.text().await.unwrap_or_default();
                 Err(format!("{url} answered {status}: {}", body.trim()))
             }
@@ -485,6 +527,7 @@ async fn follow(
 /// Send the latest report when it changes, and at least every [`REPORT_EVERY`].
 async fn report(
     http: reqwest::Client,
+    bearer: Arc<Bearer>,
     servers: Arc<Vec<String>>,
     current: Arc<AtomicUsize>,
     mut rx: watch::Receiver<LbReport>,
@@ -493,15 +536,20 @@ async fn report(
         let body = rx.borrow_and_update().clone();
         let i = current.load(Ordering::Relaxed) % servers.len();
         let url = format!("{}/v1/lb/report", servers[i].trim_end_matches('/'));
-        let sent = http
-            .post(&url)
+        let sent = bearer
+            .on(http.post(&url))
             .json(&body)
             .timeout(Duration::from_secs(2))
             .send()
             .await;
         match sent {
             Ok(r) if r.status().is_success() => {}
-            Ok(r) => tracing::debug!(%url, status = %r.status(), "report refused"),
+            Ok(r) => {
+                if r.status() == reqwest::StatusCode::UNAUTHORIZED {
+                    bearer.reload();
+                }
+                tracing::debug!(%url, status = %r.status(), "report refused");
+            }
             Err(e) => tracing::debug!(%url, "report failed: {e}"),
         }
         tokio::select! {
@@ -729,7 +777,14 @@ impl Ingresses {
     }
 
     fn report(&self, me: &str, accepting: bool) -> LbReport {
+        self.snapshot(me, accepting).0
+    }
+
+    /// The report, and the open connections of every target out of rotation (what drains
+    /// wait on).
+    fn snapshot(&self, me: &str, accepting: bool) -> (LbReport, Vec<(String, String, u64)>) {
         let (epoch, version) = self.applied_key();
+        let mut draining = Vec::new();
         let mut connections: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut stats = Vec::new();
         let all = self
@@ -737,17 +792,21 @@ impl Ingresses {
             .iter()
             .map(|(n, i)| (n, &i.listener))
             .chain(self.retiring.iter().map(|(n, l, _)| (n, l)));
-        for (name, listener) in all {
+        let live = self.map.len();
+        for (n, (name, listener)) in all.enumerate() {
             let s = listener.stats();
             let per = connections.entry(name.clone()).or_default();
             for t in &s.targets {
                 *per.entry(t.id.clone()).or_default() += t.active as u64;
+                if !t.in_rotation || n >= live {
+                    draining.push((name.clone(), t.id.clone(), t.active as u64));
+                }
             }
             if let Ok(v) = serde_json::to_value(&s) {
                 stats.push(v);
             }
         }
-        LbReport {
+        let report = LbReport {
             lb: me.to_string(),
             epoch,
             version,
@@ -755,7 +814,8 @@ impl Ingresses {
             connections,
             errors: self.errors.clone(),
             stats,
-        }
+        };
+        (report, draining)
     }
 }
 
