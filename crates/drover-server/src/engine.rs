@@ -1129,6 +1129,7 @@ fn fresh_soft(now: u64) -> Soft {
         utilization: Default::default(),
         reporting: false,
         restored: false,
+        drained: false,
     }
 }
 
@@ -1351,6 +1352,7 @@ command = "/bin/true"
                 message: None,
             }],
             utilization: Utilization::default(),
+            drained: None,
         }
     }
 
