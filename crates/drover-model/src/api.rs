@@ -173,17 +173,17 @@ pub struct DrainReport {
 }
 
 impl DrainReport {
-    /// `drained in 0.3s: no open connection left (drain signal: app (SIGUSR1))`.
+    /// `drained in 340ms: no open connection left (drain signal: app (SIGUSR1))`.
     pub fn describe(&self) -> String {
-        let took = self.took_ms as f64 / 1000.0;
+        let took = crate::duration::short(self.took_ms);
         let how = match (self.timed_out, self.open) {
-            (false, _) => format!("drained in {took:.1}s: no open connection left"),
+            (false, _) => format!("drained in {took}: no open connection left"),
             (true, Some(n)) => format!(
-                "drain timeout reached after {took:.1}s with {n} connection{} open; stopping anyway",
+                "drain timeout reached after {took} with {n} connection{} open; stopping anyway",
                 if n == 1 { "" } else { "s" }
             ),
             (true, None) => format!(
-                "drain timeout reached after {took:.1}s (open connections could not be read); stopping anyway"
+                "drain timeout reached after {took} (open connections could not be read); stopping anyway"
             ),
         };
         if self.signalled.is_empty() {
