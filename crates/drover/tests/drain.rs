@@ -141,7 +141,10 @@ fn events(up: &Up, kind: EventKind) -> Vec<Event> {
 /// Per instance that left on a permit: (permit event, drained event).
 fn drains(up: &Up) -> Vec<(Event, Event)> {
     let drained = events(up, EventKind::Drained);
-    events(up, EventKind::Permit)
+    let permits = events(up, EventKind::Permit);
+    // Its agent reports the drain in every heartbeat after it; the server records it once.
+    assert_eq!(drained.len(), permits.len(), "{drained:#?}");
+    permits
         .into_iter()
         .map(|p| {
             let d = drained
