@@ -30,6 +30,7 @@ fn component(name: &str, port: u16) -> PlanComponent {
         restart: RestartPolicy::default(),
         stop_grace: Dur::from_secs(1),
         stop_signal: "SIGTERM".into(),
+        drain_signal: None,
         docker: None,
         custom_metrics: Default::default(),
     }

@@ -214,6 +214,7 @@ mod tests {
             restart: RestartPolicy::default(),
             stop_grace: Dur::from_secs(1),
             stop_signal: "SIGTERM".into(),
+            drain_signal: None,
             docker: None,
             custom_metrics: Default::default(),
         }

@@ -32,8 +32,8 @@ use bollard::models::{
     HostConfig, HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions,
-    RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, KillContainerOptionsBuilder,
+    ListContainersOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use drover_creds::Sources;
@@ -972,6 +972,11 @@ impl Run {
         }
     }
 
+    /// The engine and the container, to send it a signal from elsewhere (its drain signal).
+    pub fn handle(&self) -> (Docker, String) {
+        (self.docker.clone(), self.id.clone())
+    }
+
     /// Stop the container: its stop signal, up to `grace`, then SIGKILL (the engine does the
     /// waiting). Returns how it ended.
     pub async fn stop(&mut self, grace: Duration) -> String {
@@ -995,6 +1000,18 @@ impl Run {
             Err(e) => format!("unknown ({e})"),
         }
     }
+}
+
+/// Send `signal` (e.g. `SIGUSR1`) to a container's main process (its PID 1), as
+/// `docker kill --signal` does.
+pub(crate) async fn kill(docker: &Docker, id: &str, signal: &str) -> Result<(), String> {
+    let opts = KillContainerOptionsBuilder::default()
+        .signal(signal)
+        .build();
+    docker
+        .kill_container(id, Some(opts))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Nanoseconds since the Unix epoch of an RFC 3339 UTC time as the engine writes it

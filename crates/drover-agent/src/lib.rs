@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Heartbeat};
+use drover_model::api::{AgentPhase, ComponentReport, ComponentState, DrainReport, Heartbeat};
 use drover_model::Plan;
 use tokio::sync::{oneshot, watch};
 
@@ -107,6 +107,10 @@ pub(crate) struct Ctx {
     beats: Mutex<(u64, Sampler)>,
     /// The Docker Engine, connected when a `docker` component first needs it.
     docker: docker::Engine,
+    /// Per component with a `drain_signal`: where it goes while the component runs.
+    drain_targets: Mutex<Vec<Option<runtime::DrainTarget>>>,
+    /// How the drain on a permit went, once it is over (reported in every heartbeat after).
+    drained: Mutex<Option<DrainReport>>,
 }
 
 impl Ctx {
@@ -119,6 +123,43 @@ impl Ctx {
             drop(comps);
             self.changed.send_replace(());
         }
+    }
+
+    /// Where component `idx`'s drain signal goes now (None: it is not running).
+    pub fn set_drain_target(&self, idx: usize, target: Option<runtime::DrainTarget>) {
+        let mut t = self.drain_targets.lock().unwrap_or_else(|e| e.into_inner());
+        t[idx] = target;
+    }
+
+    /// The drain has started: send every running component that has a `drain_signal` its
+    /// signal. Returns the components signalled, e.g. `app (SIGUSR1)`. A component that is not
+    /// running now (restarting) is not signalled, nor is a run started later.
+    async fn signal_drain(&self) -> Vec<String> {
+        let targets = self
+            .drain_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut signalled = Vec::new();
+        for (comp, target) in self.plan.components.iter().zip(targets) {
+            let Some(signal) = comp.drain_signal.as_deref() else {
+                continue;
+            };
+            let Some(target) = target else {
+                tracing::info!(component = %comp.name, "not running as the drain starts: no drain signal");
+                continue;
+            };
+            match target.signal(signal).await {
+                Ok(()) => {
+                    tracing::info!(component = %comp.name, %signal, "drain signal sent");
+                    signalled.push(format!("{} ({signal})", comp.name));
+                }
+                Err(problem) => {
+                    tracing::warn!(component = %comp.name, %signal, %problem, "cannot send the drain signal")
+                }
+            }
+        }
+        signalled
     }
 
     /// Set the phase and wake the reporter; `from`: only if the phase is that one now.
@@ -155,6 +196,11 @@ impl Ctx {
             seq: *seq,
             components,
             utilization: sampler.sample(&pids),
+            drained: self
+                .drained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 }
@@ -306,6 +352,7 @@ pub async fn run_with_auth(
             message: None,
         })
         .collect();
+    let components_len = cfg.plan.components.len();
     let ctx = Arc::new(Ctx {
         instance: Instance {
             instance: cfg.instance.clone(),
@@ -323,6 +370,8 @@ pub async fn run_with_auth(
         poll_permit: watch::Sender::new(false),
         beats: Mutex::new((0, Sampler::new())),
         docker: docker::Engine::new(&cfg.dir),
+        drain_targets: Mutex::new(vec![None; components_len]),
+        drained: Mutex::new(None),
     });
     let mut reporter = cfg
         .server
@@ -421,19 +470,35 @@ pub async fn run_with_auth(
             ctx.set_phase(None, AgentPhase::Draining, false);
             let mut draining = Reporter::new(server_client.clone(), server);
             let hb = ctx.heartbeat();
-            let (_, drained) = tokio::join!(
-                draining.send(&hb, HEARTBEAT_TIMEOUT),
-                leave.drain(permit.drain_timeout)
-            );
+            let started = std::time::Instant::now();
+            // The components learn of the drain (their drain_signal) while the balancer has
+            // already taken the instance out: they may close kept-alive connections now.
+            let (_, (signalled, drained)) =
+                tokio::join!(draining.send(&hb, HEARTBEAT_TIMEOUT), async {
+                    let signalled = ctx.signal_drain().await;
+                    (
+                        signalled,
+                        leave
+                            .drain(permit.drain_timeout.saturating_sub(started.elapsed()))
+                            .await,
+                    )
+                });
             let open = drained
                 .open
                 .map_or("unknown".to_string(), |n| n.to_string());
-            let drain_ms = drained.took.as_millis() as u64;
+            let report = DrainReport {
+                took_ms: started.elapsed().as_millis() as u64,
+                open: drained.open,
+                timed_out: drained.timed_out,
+                signalled,
+            };
+            let drain_ms = report.took_ms;
             if drained.timed_out {
                 tracing::info!(drain_ms, %open, "drain timeout reached; stopping anyway");
             } else {
                 tracing::info!(drain_ms, %open, "drained: no open connection left");
             }
+            *ctx.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
             permit
         };
         tokio::select! {
@@ -450,11 +515,22 @@ pub async fn run_with_auth(
     tracing::info!("stopping components");
     ctx.set_phase(None, AgentPhase::Stopping, true);
     let _ = stop_tx.send(true);
-    for task in tasks {
-        if let Err(e) = task.await {
-            tracing::error!(error = %e, "a component supervisor failed");
+    let stopped = async {
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a component supervisor failed");
+            }
         }
-    }
+    };
+    // The drain's report reaches the server as the stop begins (not after the grace period).
+    let report_drain = async {
+        if let (Some(reporter), true) = (reporter.as_mut(), matches!(outcome, Outcome::Left { .. }))
+        {
+            let hb = ctx.heartbeat();
+            reporter.send(&hb, HEARTBEAT_TIMEOUT).await;
+        }
+    };
+    tokio::join!(stopped, report_drain);
     for idx in 0..ctx.plan.components.len() {
         ctx.update(idx, |c| {
             c.state = ComponentState::Stopped;

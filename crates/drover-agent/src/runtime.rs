@@ -25,6 +25,45 @@ pub(crate) enum Running {
     Container(docker::Run),
 }
 
+/// Where a running component's drain signal goes: its main process, or its container's PID 1.
+/// Held in the agent's shared state while the run lasts, so the leave path can signal every
+/// component at once.
+#[derive(Clone)]
+pub(crate) enum DrainTarget {
+    Pid(u32),
+    Container(bollard::Docker, String),
+}
+
+impl DrainTarget {
+    /// Send `signal` (a valid drain signal name, e.g. `SIGUSR1`).
+    pub async fn signal(&self, signal: &str) -> Result<(), String> {
+        match self {
+            DrainTarget::Pid(pid) => {
+                let n = drover_model::drain_signal_number(signal)
+                    .ok_or_else(|| format!("{signal:?} is not a drain signal"))?;
+                if *pid == 0 || *pid > i32::MAX as u32 {
+                    return Err(format!("no process to signal (pid {pid})"));
+                }
+                // SAFETY: a plain syscall on the pid of a child this agent has not reaped yet
+                // (the target is cleared in the same poll that reaps it), so it cannot be reused.
+                if unsafe { libc::kill(*pid as libc::pid_t, n) } == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error().to_string())
+                }
+            }
+            DrainTarget::Container(docker, id) => {
+                let sig = if signal.starts_with("SIG") {
+                    signal.to_string()
+                } else {
+                    format!("SIG{signal}")
+                };
+                docker::kill(docker, id, &sig).await
+            }
+        }
+    }
+}
+
 /// What a running component did.
 pub(crate) enum Event {
     /// It ended on its own (how, e.g. `exit status 1`, `signal 9`, `out of memory: ...`).
@@ -145,6 +184,17 @@ impl Running {
         match self {
             Running::Process { pid, .. } => *pid,
             Running::Container(r) => r.pid,
+        }
+    }
+
+    /// Where its drain signal goes.
+    pub fn drain_target(&self) -> DrainTarget {
+        match self {
+            Running::Process { pid, .. } => DrainTarget::Pid(*pid),
+            Running::Container(r) => {
+                let (docker, id) = r.handle();
+                DrainTarget::Container(docker, id)
+            }
         }
     }
 

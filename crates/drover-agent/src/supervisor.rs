@@ -164,6 +164,9 @@ async fn run_once(
     if let Some(b) = booted.take() {
         let _ = b.send(());
     }
+    if comp.drain_signal.is_some() {
+        ctx.set_drain_target(idx, Some(run.drain_target()));
+    }
 
     enum Ev {
         Exit(String),
@@ -199,6 +202,8 @@ async fn run_once(
             }
         }
     };
+    // In the poll that saw the run end (a reaped pid is never signalled): nothing to drain now.
+    ctx.set_drain_target(idx, None);
     let grace = comp.stop_grace.0;
     match ev {
         Ev::Exit(exit) => End::Exited {

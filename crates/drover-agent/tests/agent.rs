@@ -36,6 +36,7 @@ fn sh(name: &str, script: &str) -> PlanComponent {
         },
         stop_grace: Dur::from_secs(1),
         stop_signal: "SIGTERM".into(),
+        drain_signal: None,
         docker: None,
         custom_metrics: Default::default(),
     }

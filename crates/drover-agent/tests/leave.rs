@@ -42,6 +42,7 @@ fn polite(name: &str) -> PlanComponent {
         },
         stop_grace: Dur::from_secs(2),
         stop_signal: "SIGTERM".into(),
+        drain_signal: None,
         docker: None,
         custom_metrics: Default::default(),
     }
@@ -743,4 +744,96 @@ async fn the_long_poll_is_held_only_while_the_hint_lasts() {
     eprintln!("permit granted during a hinted long-poll → first connections check {took:?}");
     assert!(took < 200 * MS, "{took:?}");
     assert_left_gracefully(&fake, dir.path(), pids);
+}
+
+/// A component that notes SIGUSR1 (its drain signal) in `drained` and keeps running, and says
+/// `bye` on SIGTERM.
+fn drains_on_usr1(name: &str) -> PlanComponent {
+    let mut c = polite(name);
+    c.args[1] = "trap 'echo drain >> drained' USR1; trap 'echo bye >> said; exit 0' TERM; echo $$ >> pids; while :; do sleep 0.05; done".into();
+    c.drain_signal = Some("SIGUSR1".into());
+    c
+}
+
+#[tokio::test]
+async fn the_drain_signal_reaches_each_component_that_has_one_as_the_drain_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start().await;
+    // Connections stay open until the component has had its drain signal.
+    fake.open.store(2, Ordering::SeqCst);
+    let mut cfg = config(dir.path(), fake.url.clone());
+    cfg.plan.components[0] = drains_on_usr1("app");
+    let mut agent = start(cfg);
+    let pids = both_pids(dir.path()).await;
+    running(&fake).await;
+    tokio::time::sleep(200 * MS).await;
+    assert!(
+        !dir.path().join("app/drained").exists(),
+        "no drain signal before the permit"
+    );
+
+    let granted = fake.grant(Duration::from_secs(10));
+    let signalled = wait_until(Duration::from_secs(2), "app got its drain signal", || {
+        dir.path().join("app/drained").exists().then(Instant::now)
+    })
+    .await;
+    eprintln!("permit → drain signal {:?}", signalled - granted);
+    assert!(signalled - granted < 300 * MS, "{:?}", signalled - granted);
+    // Signalled, not stopped: it keeps serving until the drain ends.
+    tokio::time::sleep(300 * MS).await;
+    assert!(pids.iter().all(|p| alive(*p)));
+    assert!(!agent.task.is_finished());
+    assert!(!dir.path().join("sidecar/drained").exists());
+    // The component closed its connections: the drain ends at the next check.
+    fake.open.store(0, Ordering::SeqCst);
+    assert!(matches!(
+        agent.outcome(Duration::from_secs(5)).await,
+        Outcome::Left { .. }
+    ));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("app/drained")).unwrap(),
+        "drain\n",
+        "exactly one drain signal"
+    );
+    assert_left_gracefully(&fake, dir.path(), pids);
+    // The drain's report is in the heartbeats after it: how long, and who was signalled.
+    let hbs = fake.heartbeats();
+    let report = hbs
+        .iter()
+        .find_map(|(_, h)| h.drained.clone())
+        .expect("a heartbeat with the drain report");
+    assert!(!report.timed_out, "{report:?}");
+    assert_eq!(report.open, Some(0));
+    assert_eq!(report.signalled, ["app (SIGUSR1)"]);
+    assert!(
+        (300..3_000).contains(&report.took_ms),
+        "drained once the connections closed: {report:?}"
+    );
+    assert!(
+        report.describe().starts_with("drained in "),
+        "{}",
+        report.describe()
+    );
+    // Before the drain ended, no heartbeat carried a report.
+    assert!(hbs
+        .iter()
+        .filter(|(_, h)| h.phase != AgentPhase::Stopping)
+        .all(|(_, h)| h.drained.is_none()));
+    let last = &hbs.last().unwrap().1;
+    assert_eq!(last.drained.as_ref(), Some(&report));
+}
+
+#[tokio::test]
+async fn a_shutdown_without_a_permit_sends_no_drain_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start().await;
+    let mut cfg = config(dir.path(), fake.url.clone());
+    cfg.plan.components[0] = drains_on_usr1("app");
+    let agent = start(cfg);
+    let pids = both_pids(dir.path()).await;
+    running(&fake).await;
+    assert_eq!(agent.shut_down().await, Outcome::Shutdown);
+    assert!(pids.iter().all(|p| gone(*p)));
+    assert!(!dir.path().join("app/drained").exists());
+    assert!(fake.heartbeats().iter().all(|(_, h)| h.drained.is_none()));
 }

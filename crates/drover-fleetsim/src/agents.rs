@@ -891,6 +891,7 @@ fn build(spec: &Spec, ctl: &Ctl) -> Heartbeat {
             agent_rss_bytes: 7 * 1024 * 1024 + (spec.salt % 512) * 1024,
             ..Default::default()
         },
+        drained: None,
     }
 }
 

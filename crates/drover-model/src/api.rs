@@ -151,6 +151,47 @@ pub struct Heartbeat {
     pub seq: u64,
     pub components: Vec<ComponentReport>,
     pub utilization: Utilization,
+    /// Once the agent, leaving on a permit, has drained: how the drain went (in every
+    /// heartbeat from then on; the server records it once, as a `drained` event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<DrainReport>,
+}
+
+/// How an agent's drain on its permit ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// From the permit to the end of the drain.
+    pub took_ms: u64,
+    /// Open connections at the last check (None: they could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open: Option<u64>,
+    /// The drain timeout ran out before the connections were seen to reach zero.
+    pub timed_out: bool,
+    /// The components that were sent their drain signal, e.g. `app (SIGUSR1)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signalled: Vec<String>,
+}
+
+impl DrainReport {
+    /// `drained in 340ms: no open connection left (drain signal: app (SIGUSR1))`.
+    pub fn describe(&self) -> String {
+        let took = crate::duration::short(self.took_ms);
+        let how = match (self.timed_out, self.open) {
+            (false, _) => format!("drained in {took}: no open connection left"),
+            (true, Some(n)) => format!(
+                "drain timeout reached after {took} with {n} connection{} open; stopping anyway",
+                if n == 1 { "" } else { "s" }
+            ),
+            (true, None) => format!(
+                "drain timeout reached after {took} (open connections could not be read); stopping anyway"
+            ),
+        };
+        if self.signalled.is_empty() {
+            format!("{how} (no component has a drain_signal)")
+        } else {
+            format!("{how} (drain signal: {})", self.signalled.join(", "))
+        }
+    }
 }
 
 impl Heartbeat {

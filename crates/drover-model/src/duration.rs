@@ -84,6 +84,15 @@ impl FromStr for Dur {
     }
 }
 
+/// A measured time, short: `9ms` and `340ms` under a second, `1.4s` from there on.
+pub fn short(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
+}
+
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
@@ -125,6 +134,15 @@ impl<'de> Deserialize<'de> for Dur {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_measures() {
+        assert_eq!(super::short(0), "0ms");
+        assert_eq!(super::short(9), "9ms");
+        assert_eq!(super::short(999), "999ms");
+        assert_eq!(super::short(1_000), "1.0s");
+        assert_eq!(super::short(12_345), "12.3s");
+    }
 
     #[test]
     fn parses_common_forms() {

@@ -30,6 +30,9 @@ pub enum EventKind {
     Terminated,
     /// A stale instance was given leave to drain and terminate itself.
     Permit,
+    /// An instance leaving on its permit finished draining (its agent's report: how long it
+    /// took, whether the drain timeout ran out, which components got their drain signal).
+    Drained,
     /// Balancer targets of a group changed.
     Targets,
     /// A rollout started, progressed, finished or failed.
@@ -59,6 +62,7 @@ impl EventKind {
             EventKind::Terminating => "terminating",
             EventKind::Terminated => "terminated",
             EventKind::Permit => "permit",
+            EventKind::Drained => "drained",
             EventKind::Targets => "targets",
             EventKind::Rollout => "rollout",
             EventKind::Server => "server",

@@ -244,6 +244,11 @@ pub struct Component {
     pub stop_grace: Dur,
     #[serde(default = "default_stop_signal")]
     pub stop_signal: String,
+    /// The signal sent to the component's main process (a container's PID 1) when its
+    /// instance starts draining on a permit, e.g. `SIGUSR1`: from then on it may close kept-alive
+    /// connections, so the drain ends before `drain_timeout`. None (the default): no signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_signal: Option<String>,
     /// `docker`: the image, e.g. `registry:5000/web:{version}`; with neither tag nor digest,
     /// the version is its tag. Pinned to a digest when a plan is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -36,5 +36,14 @@ pub fn signal_number(name: &str) -> Option<i32> {
     })
 }
 
+/// The signals a component may be asked to drain with (`drain_signal`): any a stop may use
+/// but SIGKILL, which ends a process at once.
+pub const DRAIN_SIGNALS: &str = "SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT, SIGTERM";
+
+/// The number of a drain signal's name (`SIGUSR1` or `USR1`); None for SIGKILL or an unknown name.
+pub fn drain_signal_number(name: &str) -> Option<i32> {
+    signal_number(name).filter(|n| *n != 9)
+}
+
 /// Milliseconds since the Unix epoch, the time unit of events and status.
 pub type Millis = u64;

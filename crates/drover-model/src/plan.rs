@@ -45,6 +45,9 @@ pub struct PlanComponent {
     pub restart: RestartPolicy,
     pub stop_grace: Dur,
     pub stop_signal: String,
+    /// Sent to the component when its instance starts draining (see the fleet file's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_signal: Option<String>,
     /// `docker` components: the image and the container's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerSpec>,
@@ -162,6 +165,7 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
                 restart: c.restart.clone(),
                 stop_grace: c.stop_grace,
                 stop_signal: c.stop_signal.clone(),
+                drain_signal: c.drain_signal.clone(),
                 docker: (c.runtime == Runtime::Docker).then(|| DockerSpec {
                     image: crate::image::with_version(
                         c.image.as_deref().unwrap_or_default(),

@@ -765,6 +765,22 @@ fn check_service(
                 ),
             ));
         }
+        if let Some(sig) = &comp.drain_signal {
+            if crate::drain_signal_number(sig).is_none() {
+                let why = if crate::signal_number(sig).is_some() {
+                    format!("{sig:?} cannot be a drain signal: it ends the process at once (that is stop_signal's job)")
+                } else {
+                    format!("unknown signal {sig:?}")
+                };
+                out.push(p(
+                    &join(&base, &["drain_signal"]),
+                    format!(
+                        "{why}; allowed: {}; or leave drain_signal out",
+                        crate::DRAIN_SIGNALS
+                    ),
+                ));
+            }
+        }
         // Placeholders must name something the agent knows.
         let ports: Vec<&str> = comp.ports.keys().map(String::as_str).collect();
         let mut texts: Vec<(Vec<&str>, &str)> = Vec::new();

@@ -440,3 +440,56 @@ fn aws_region_mistakes_are_located_and_explained() {
         "{e}"
     );
 }
+
+#[test]
+fn drain_signal_is_optional_and_reaches_the_plan() {
+    let fleet = parse_fleet(GOOD, "drover.toml").unwrap();
+    let plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+    assert_eq!(
+        plan.components[0].drain_signal, None,
+        "no drain signal by default"
+    );
+    for name in ["SIGUSR1", "USR2", "SIGHUP", "SIGTERM"] {
+        let text = bad(
+            "ports = { http = 8080 }",
+            &format!("ports = {{ http = 8080 }}\ndrain_signal = \"{name}\""),
+        );
+        let fleet = parse_fleet(&text, "drover.toml").unwrap_or_else(|e| panic!("{name}: {e}"));
+        let plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+        assert_eq!(plan.components[0].drain_signal.as_deref(), Some(name));
+    }
+}
+
+#[test]
+fn bad_drain_signal_is_located_and_lists_the_allowed_ones() {
+    let text = bad(
+        "ports = { http = 8080 }",
+        "ports = { http = 8080 }\ndrain_signal = \"SIGDRAIN\"",
+    );
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.components.app.drain_signal");
+    assert_eq!((e.line, e.column), (18, 16), "{e}");
+    assert!(e.to_string().starts_with("drover.toml:18:16:"), "{e}");
+    assert!(e.message.contains("unknown signal \"SIGDRAIN\""), "{e}");
+    for allowed in [
+        "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM",
+    ] {
+        assert!(e.message.contains(allowed), "lists {allowed}: {e}");
+    }
+
+    // SIGKILL ends the process at once: it is no way to drain.
+    let e = one(&bad(
+        "ports = { http = 8080 }",
+        "ports = { http = 8080 }\ndrain_signal = \"SIGKILL\"",
+    ));
+    assert_eq!(e.field, "services.web.components.app.drain_signal");
+    assert!(e.message.contains("cannot be a drain signal"), "{e}");
+    assert!(!e.message.contains("allowed: SIGKILL"), "{e}");
+
+    // The wrong type is located too.
+    let e = one(&bad(
+        "ports = { http = 8080 }",
+        "ports = { http = 8080 }\ndrain_signal = 10",
+    ));
+    assert_eq!(e.line, 18, "{e}");
+}

@@ -1134,6 +1134,7 @@ fn fresh_soft(now: u64) -> Soft {
         utilization: Default::default(),
         reporting: false,
         restored: false,
+        drained: false,
     }
 }
 
@@ -1356,6 +1357,7 @@ command = "/bin/true"
                 message: None,
             }],
             utilization: Utilization::default(),
+            drained: None,
         }
     }
 

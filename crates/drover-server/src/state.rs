@@ -35,6 +35,8 @@ pub struct Soft {
     /// Loaded from the store at start: its first heartbeat rebuilds health without an event
     /// (a server restart is not a health change, and costs no store write per instance).
     pub restored: bool,
+    /// Its agent's drain report is recorded (one `drained` event per instance).
+    pub drained: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -401,6 +403,10 @@ pub fn absorb_heartbeat(
         hb.phase,
         drover_model::api::AgentPhase::Draining | drover_model::api::AgentPhase::Stopping
     );
+    if let Some(report) = hb.drained.as_ref().filter(|_| !inst.soft.drained) {
+        inst.soft.drained = true;
+        events.push(ev(EventKind::Drained, report.describe()));
+    }
     if leaving && inst.record.lifecycle != drover_store::Lifecycle::Active {
         // An agent leaving with a permit (or being terminated) stops its components on
         // purpose: not a health change. (An active instance that stops on its own is

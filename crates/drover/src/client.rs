@@ -198,8 +198,10 @@ impl Client {
             render::apply(&resp, dry_run);
         }
         match wait {
-            Some(timeout) if resp.applied => {
-                crate::progress::follow(self, service, what, timeout, self.json).await
+            // Nothing new (the version is already preferred): follow the rollout still in
+            // progress, if any, to its end all the same.
+            Some(timeout) if resp.applied || !dry_run => {
+                crate::progress::follow(self, service, what, timeout, self.json, resp.applied).await
             }
             _ => Ok(exit::OK),
         }
@@ -235,6 +237,15 @@ impl Client {
 
     pub async fn fleet_status(&self) -> anyhow::Result<FleetStatus> {
         self.get("/v1/status").await
+    }
+
+    /// Every event of one instance, in order.
+    pub async fn instance_events(&self, instance: &str) -> anyhow::Result<Vec<Event>> {
+        let q = [("instance", instance)];
+        let resp = self
+            .send(self.http.get(self.url("/v1/events")).query(&q))
+            .await?;
+        Ok(resp.json().await?)
     }
 
     pub async fn rollout_events(&self, group: &str) -> anyhow::Result<Vec<Event>> {

@@ -1,15 +1,27 @@
 //! `drover demo-server`: a small HTTP server to try drover with. `/` answers with its message,
 //! version and instance address; `/healthz` answers health checks; flags make it misbehave.
+//!
+//! It drains the way a server behind drover should: on its drain signal (`--drain-signal`,
+//! SIGUSR1 by default; the fleet file's `drain_signal`) every answer from then on carries
+//! `Connection: close` and kept-alive connections are closed as soon as they are idle, while
+//! new connections are still served, until it is stopped. On SIGTERM it does the same for
+//! `--lame-duck`, then stops accepting, finishes what is in flight and exits.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use drover_model::Dur;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
 
 use crate::exit;
 
@@ -39,6 +51,20 @@ pub struct DemoArgs {
     /// clients move to other instances, then stop.
     #[arg(long, default_value = "1s")]
     pub lame_duck: Dur,
+    /// The signal that starts a drain: from then on answers carry `Connection: close` and
+    /// idle kept-alive connections are closed, while new connections are still served.
+    /// One of SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT, SIGTERM (SIGINT and SIGTERM also stop it).
+    #[arg(long, default_value = "SIGUSR1", value_parser = parse_drain_signal)]
+    pub drain_signal: i32,
+}
+
+fn parse_drain_signal(s: &str) -> Result<i32, String> {
+    drover_model::drain_signal_number(s).ok_or_else(|| {
+        format!(
+            "unknown drain signal {s:?}; allowed: {}",
+            drover_model::DRAIN_SIGNALS
+        )
+    })
 }
 
 struct Demo {
@@ -133,24 +159,90 @@ async fn serve(args: DemoArgs) -> u8 {
             close_when_stopping,
         ))
         .with_state(demo.clone());
-    eprintln!("demo-server: listening on {}", args.listen);
-    let lame_duck = args.lame_duck.0;
-    let shutdown = async move {
-        crate::shutdown_signal().await;
-        // Lame duck: answers now close their connections; clients reconnect elsewhere.
-        demo.closing.store(true, Ordering::SeqCst);
-        tokio::time::sleep(lame_duck).await;
-    };
-    match axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        Ok(()) => exit::OK,
+    let mut drain_sig = match signal(SignalKind::from_raw(args.drain_signal)) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("demo-server: {e}");
-            exit::FAILED
+            eprintln!("demo-server: cannot watch for the drain signal: {e}");
+            return exit::FAILED;
+        }
+    };
+    eprintln!("demo-server: listening on {}", args.listen);
+    // `draining`: connections close once idle. `stopping`: they close once idle, for good.
+    let (draining, _) = watch::channel(false);
+    let (stopping, _) = watch::channel(false);
+    // Every connection task holds a sender: all are done when the receiver sees none left.
+    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    let mut shutdown = pin!(crate::shutdown_signal());
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let lame_duck_over = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // E.g. out of file descriptors: wait a little rather than spin.
+                        eprintln!("demo-server: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(
+                    stream,
+                    app.clone(),
+                    draining.subscribe(),
+                    stopping.subscribe(),
+                    alive.clone(),
+                ));
+            }
+            _ = drain_sig.recv() => {
+                if !demo.closing.swap(true, Ordering::SeqCst) {
+                    eprintln!("demo-server: draining: answers close their connections, idle ones are closed; still serving until stopped");
+                }
+                draining.send_replace(true);
+            }
+            _ = &mut shutdown, if deadline.is_none() => {
+                // Lame duck: answers now close their connections; clients reconnect elsewhere.
+                demo.closing.store(true, Ordering::SeqCst);
+                draining.send_replace(true);
+                deadline = Some(tokio::time::Instant::now() + args.lame_duck.0);
+            }
+            _ = lame_duck_over => break,
         }
     }
+    drop(listener);
+    stopping.send_replace(true);
+    drop(alive);
+    let _ = all_done.recv().await;
+    exit::OK
+}
+
+/// Serve one connection. Once the server drains, a connection that was open before is closed
+/// as soon as it is idle (after the answer in flight, if any); one opened during the drain is
+/// served, each answer saying `Connection: close`.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    mut draining: watch::Receiver<bool>,
+    mut stopping: watch::Receiver<bool>,
+    _alive: mpsc::Sender<()>,
+) {
+    let opened_draining = *draining.borrow_and_update();
+    let builder = hyper::server::conn::http1::Builder::new();
+    let mut conn =
+        pin!(builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app)));
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = draining.wait_for(|d| *d), if !opened_draining => conn.as_mut().graceful_shutdown(),
+        _ = stopping.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
 }
 
 async fn close_when_stopping(

@@ -211,7 +211,8 @@ enum Command {
         #[arg(long)]
         instance: Option<String>,
         /// One of: applied, plan_changed, scaled, launched, healthy, unhealthy, respawned,
-        /// silent, lost, terminating, terminated, permit, targets, rollout, server, provider.
+        /// silent, lost, terminating, terminated, permit, drained, targets, rollout, server,
+        /// provider.
         #[arg(long)]
         kind: Option<String>,
     },

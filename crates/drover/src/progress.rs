@@ -1,19 +1,37 @@
-//! Following a rollout: a progress bar of instances on the new version, then a summary.
+//! Following a rollout: a progress bar of instances on the new version, then a summary. A
+//! rollout is followed until the last stale instance is gone (drained, stopped, terminated),
+//! not only until the last permit is handed out: once it returns, only the new version answers.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use drover_model::api::InstanceState;
+use drover_model::{Event, EventKind};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::client::Client;
 use crate::exit;
 
-/// Follow the rollout of every group of `service` until each is done or one fails.
+/// How one stale instance left, from its events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Leave {
+    pub instance: String,
+    /// From its permit to the end of its drain (its agent's `drained` event).
+    pub drain_ms: Option<u64>,
+    /// From its permit until it was gone (`terminated`).
+    pub gone_ms: Option<u64>,
+}
+
+/// Follow the rollout of every group of `service` until each is done, with no stale instance
+/// left, or one fails. `changed`: the request made a new revision (else the version was
+/// already preferred, and what is followed is the rollout already under way, if any).
 pub async fn follow(
     client: &Client,
     service: &str,
     what: &str,
     timeout: Duration,
     json: bool,
+    changed: bool,
 ) -> anyhow::Result<u8> {
     let t0 = Instant::now();
     let start = client.fleet_status().await?;
@@ -24,6 +42,18 @@ pub async fn follow(
         .filter(|g| g.service == service)
         .map(|g| (g.group.clone(), g.generation))
         .collect();
+    if !changed && !json {
+        let under_way = start
+            .groups
+            .iter()
+            .filter(|g| g.service == service)
+            .any(|g| {
+                g.rollout.in_progress || g.instances.iter().any(|i| i.generation < g.generation)
+            });
+        if under_way {
+            println!("{what}: already preferred; following the rollout under way");
+        }
+    }
     let bar = if json {
         ProgressBar::hidden()
     } else {
@@ -39,13 +69,15 @@ pub async fn follow(
     bar.set_prefix(what.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut failed: Vec<String> = Vec::new();
-    let mut replaced = 0u32;
+    // Every stale instance seen while following: their drains go in the summary.
+    let mut leavers: BTreeSet<String> = BTreeSet::new();
     loop {
         let s = client.fleet_status().await?;
         let mut total = 0u32;
         let mut on_new = 0u32;
         let mut healthy = 0u32;
         let mut stale = 0u32;
+        let mut draining = 0u32;
         let mut done = true;
         failed.clear();
         for (group, target) in &targets {
@@ -59,11 +91,22 @@ pub async fn follow(
                 .filter(|i| i.generation >= *target && i.in_rotation)
                 .count() as u32;
             healthy += g.healthy;
-            stale += g
+            let old: Vec<_> = g
                 .instances
                 .iter()
                 .filter(|i| i.generation < *target)
+                .collect();
+            stale += old.len() as u32;
+            draining += old
+                .iter()
+                .filter(|i| {
+                    matches!(
+                        i.state,
+                        InstanceState::Draining | InstanceState::Terminating
+                    )
+                })
                 .count() as u32;
+            leavers.extend(old.iter().map(|i| i.id.clone()));
             if g.rollout.failed_generation >= *target {
                 let why = client
                     .rollout_events(group)
@@ -76,14 +119,21 @@ pub async fn follow(
                     .map(|e| e.message)
                     .unwrap_or_else(|| format!("rollout to generation {target} failed"));
                 failed.push(format!("{group}: {why}"));
-            } else if g.rollout.good_generation < *target || g.rollout.in_progress {
+            } else if g.rollout.good_generation < *target
+                || g.rollout.in_progress
+                || !old.is_empty()
+            {
+                // Done only when no stale instance is left: one still draining may answer.
                 done = false;
             }
         }
-        replaced = replaced.max(on_new);
         bar.set_length(total as u64);
         bar.set_position(on_new.min(total) as u64);
-        bar.set_message(format!("{healthy} healthy, {stale} stale"));
+        bar.set_message(if draining > 0 {
+            format!("{healthy} healthy, {stale} stale ({draining} draining)")
+        } else {
+            format!("{healthy} healthy, {stale} stale")
+        });
         if !failed.is_empty() {
             bar.abandon();
             let secs = t0.elapsed().as_secs_f64();
@@ -103,15 +153,27 @@ pub async fn follow(
         if done {
             bar.finish();
             let secs = t0.elapsed().as_secs_f64();
+            let leaves = leaves(client, &leavers).await;
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": true, "seconds": secs, "groups": targets.len(), "instances": total})
+                    serde_json::json!({
+                        "ok": true,
+                        "seconds": secs,
+                        "groups": targets.len(),
+                        "instances": total,
+                        "drains": leaves.iter().map(|l| serde_json::json!({
+                            "instance": l.instance,
+                            "drain_seconds": l.drain_ms.map(|ms| ms as f64 / 1000.0),
+                            "gone_seconds": l.gone_ms.map(|ms| ms as f64 / 1000.0),
+                        })).collect::<Vec<_>>(),
+                    })
                 );
             } else {
                 println!(
-                    "{what}: done in {secs:.1}s: {} group(s), {total} instance(s) on the new version, {healthy} healthy",
-                    targets.len()
+                    "{what}: done in {secs:.1}s: {} group(s), {total} instance(s) on the new version, {healthy} healthy{}",
+                    targets.len(),
+                    drains_summary(&leaves)
                 );
             }
             return Ok(exit::OK);
@@ -125,5 +187,111 @@ pub async fn follow(
             return Ok(exit::FAILED);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How each of `instances` left, from its events (its last permit, drained and terminated).
+async fn leaves(client: &Client, instances: &BTreeSet<String>) -> Vec<Leave> {
+    let mut out = Vec::new();
+    for id in instances {
+        let Ok(events) = client.instance_events(id).await else {
+            continue;
+        };
+        if let Some(l) = leave_of(id, &events) {
+            out.push(l);
+        }
+    }
+    out
+}
+
+/// How one instance left, from its events: None when it had no permit (lost, or terminated).
+pub fn leave_of(instance: &str, events: &[Event]) -> Option<Leave> {
+    let permit = events.iter().rev().find(|e| e.kind == EventKind::Permit)?;
+    let after = |kind: EventKind| {
+        events
+            .iter()
+            .find(|e| e.kind == kind && e.seq > permit.seq)
+            .map(|e| e.at_ms.saturating_sub(permit.at_ms))
+    };
+    Some(Leave {
+        instance: instance.to_string(),
+        drain_ms: after(EventKind::Drained),
+        gone_ms: after(EventKind::Terminated),
+    })
+}
+
+/// `; 3 stale instance(s) drained in 12ms to 340ms, each gone at most 1.4s after its permit`.
+pub fn drains_summary(leaves: &[Leave]) -> String {
+    use drover_model::duration::short;
+    if leaves.is_empty() {
+        return String::new();
+    }
+    let drains: Vec<u64> = leaves.iter().filter_map(|l| l.drain_ms).collect();
+    let gone = leaves.iter().filter_map(|l| l.gone_ms).max();
+    let n = leaves.len();
+    let drained = match (drains.iter().min(), drains.iter().max()) {
+        (Some(lo), Some(hi)) if short(*lo) == short(*hi) => format!("drained in {}", short(*hi)),
+        (Some(lo), Some(hi)) => format!("drained in {} to {}", short(*lo), short(*hi)),
+        _ => "left (their agents did not report their drains)".to_string(),
+    };
+    let gone = gone
+        .map(|g| format!(", each gone at most {} after its permit", short(g)))
+        .unwrap_or_default();
+    format!("; {n} stale instance(s) {drained}{gone}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64, at_ms: u64, kind: EventKind) -> Event {
+        Event {
+            seq,
+            at_ms,
+            kind,
+            group: Some("web/local".into()),
+            instance: Some("i-000001".into()),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_leave_counts_from_the_permit() {
+        let events = [
+            ev(1, 1_000, EventKind::Launched),
+            ev(2, 1_500, EventKind::Healthy),
+            ev(7, 10_000, EventKind::Permit),
+            ev(8, 10_250, EventKind::Drained),
+            ev(9, 11_300, EventKind::Terminated),
+        ];
+        let l = leave_of("i-000001", &events).unwrap();
+        assert_eq!((l.drain_ms, l.gone_ms), (Some(250), Some(1_300)));
+        // No permit (lost, or terminated by the server): not a drain.
+        assert_eq!(leave_of("i-000001", &events[..2]), None);
+        // Still draining: no end yet.
+        let l = leave_of("i-000001", &events[..3]).unwrap();
+        assert_eq!((l.drain_ms, l.gone_ms), (None, None));
+    }
+
+    #[test]
+    fn the_summary_says_how_long_the_drains_took() {
+        let l = |drain, gone| Leave {
+            instance: "i".into(),
+            drain_ms: drain,
+            gone_ms: gone,
+        };
+        assert_eq!(drains_summary(&[]), "");
+        assert_eq!(
+            drains_summary(&[l(Some(120), Some(1_200)), l(Some(340), Some(1_400))]),
+            "; 2 stale instance(s) drained in 120ms to 340ms, each gone at most 1.4s after its permit"
+        );
+        assert_eq!(
+            drains_summary(&[l(Some(200), Some(900))]),
+            "; 1 stale instance(s) drained in 200ms, each gone at most 900ms after its permit"
+        );
+        assert_eq!(
+            drains_summary(&[l(None, Some(10_900))]),
+            "; 1 stale instance(s) left (their agents did not report their drains), each gone at most 10.9s after its permit"
+        );
     }
 }

@@ -255,6 +255,7 @@ async fn agent(
             message: None,
         }],
         utilization: Default::default(),
+        drained: None,
     };
     let url = |p: &str| format!("{}{p}", boot.server);
     let mut seq = 0;

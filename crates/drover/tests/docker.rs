@@ -192,7 +192,7 @@ fn docker_example_fleet_end_to_end() {
         &mut cleanup,
         Path::new(BIN),
         image,
-        &["v1"],
+        &["v1", "v2"],
     ));
     let digest = registry.digest(image, "v1");
     let pinned = format!("{}/{image}@{digest}", registry.addr);
@@ -297,6 +297,24 @@ fn docker_example_fleet_end_to_end() {
     assert_eq!(up.status().unwrap().groups[0].generation, 1);
     assert!(common::get(up.ingress).is_ok());
     registry.restart();
+
+    // A deploy drains each stale container: the example's drain_signal (SIGUSR1) goes to the
+    // container's main process through the engine, and the drain ends at once.
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--wait", "--timeout", "2m"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, ev, _) = up.cli(&["events", "--kind", "drained", "--json"]);
+    let drained: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
+    assert_eq!(drained.len(), 2, "{ev}");
+    for d in &drained {
+        assert!(
+            d.message.starts_with("drained in")
+                && d.message.contains("drain signal: app (SIGUSR1)"),
+            "{}\n{}",
+            d.message,
+            agent_logs(&up)
+        );
+    }
+    assert!(out.contains("2 stale instance(s) drained in"), "{out}");
 
     // Stopping removes every container.
     up.signal(libc::SIGTERM);
