@@ -28,6 +28,38 @@ pub struct ApplyRequest {
     /// Only compute what would change.
     #[serde(default)]
     pub dry_run: bool,
+    /// The file wins everywhere, also over what commands (deploy, rollback, scale,
+    /// autoscaling, destroy) set since the file was last applied.
+    #[serde(default)]
+    pub force_file: bool,
+}
+
+/// Where the applied file and the live state disagree on a field the file did not change
+/// since it was last applied (a three-way merge): the live value is kept, unless the apply
+/// was forced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    /// e.g. `services.web.components.app.version`, or `services.web.capacity.desired (web/local)`.
+    pub field: String,
+    /// What the file says (`(absent)` when it does not have it).
+    pub file: String,
+    /// What runs now.
+    pub live: String,
+    /// Who set the live value, e.g. `deploy web app v2 (revision 2)` or `autoscale: ...`.
+    pub set_by: String,
+    /// The live value stays (`false`: the file won, `force_file`).
+    pub kept: bool,
+}
+
+/// What the last file a person applied said, kept with each revision: the base of the
+/// three-way merge of the next apply.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LastApplied {
+    /// The fleet file's text as last applied.
+    pub toml: String,
+    /// Fields whose live value a command set since, and which (`drift.set_by`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub set_by: std::collections::BTreeMap<String, String>,
 }
 
 /// The answer of apply: the diff it applied (or would apply).
@@ -44,6 +76,9 @@ pub struct ApplyResponse {
     /// What the rollouts will do, per group that gets a new generation.
     #[serde(default)]
     pub rollouts: Vec<RolloutPlan>,
+    /// Where the file and the live state disagree on what the file did not change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<Drift>,
 }
 
 /// How a new generation will replace a group's instances.
@@ -67,8 +102,13 @@ pub struct Revision {
     pub applied_at_ms: u64,
     pub file: String,
     pub summary: String,
+    /// The live fleet file: the last applied file with what commands changed since.
     pub toml: String,
     pub fleet: Fleet,
+    /// The base of the next apply's three-way merge; absent in revisions stored before it
+    /// existed (then `toml` is taken as the last applied file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied: Option<LastApplied>,
 }
 
 /// A revision without its body, for `drover history`.

@@ -8,6 +8,7 @@ pub mod event;
 pub mod fleet;
 pub mod ids;
 pub mod image;
+pub mod merge;
 pub mod plan;
 pub mod secret;
 pub mod subst;

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use drover_model::api::{
-    ApplyRequest, ApplyResponse, DeployRequest, DestroyRequest, Revision, RollbackRequest,
-    RolloutPlan,
+    ApplyRequest, ApplyResponse, DeployRequest, DestroyRequest, LastApplied, Revision,
+    RollbackRequest, RolloutPlan,
 };
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_store::{GroupRecord, RolloutRecord, Write};
@@ -67,6 +67,7 @@ impl Engine {
                 file: rev.file.clone(),
                 toml,
                 dry_run: req.dry_run,
+                force_file: false,
             },
             Origin::Command(why),
         )
@@ -97,6 +98,7 @@ impl Engine {
                 file: rev.file.clone(),
                 toml,
                 dry_run: req.dry_run,
+                force_file: false,
             },
             Origin::Command(why),
         )
@@ -154,6 +156,7 @@ impl Engine {
                 file: rev.file.clone(),
                 toml,
                 dry_run: req.dry_run,
+                force_file: false,
             },
             Origin::Command(why),
         )
@@ -189,6 +192,7 @@ impl Engine {
                 file: rev.file.clone(),
                 toml,
                 dry_run: false,
+                force_file: false,
             },
             Origin::AutoRevert { failed: failed_map },
         )
@@ -202,16 +206,100 @@ impl Engine {
         req: ApplyRequest,
         origin: Origin,
     ) -> Result<ApplyResponse, ServerError> {
-        let fleet = drover_model::parse_fleet(&req.toml, &req.file)?;
+        let file_fleet = drover_model::parse_fleet(&req.toml, &req.file)?;
         let now = now_ms();
-        let (old_fleet, old_groups, current, boot_ms) = {
+        let (old_fleet, old_groups, current, boot_ms, old_last) = {
             let st = self.state();
             (
                 st.fleet().cloned(),
                 st.groups.clone(),
                 st.revision.as_ref().map(|r| r.number).unwrap_or(0),
                 st.observed_boot_ms(),
+                st.revision.as_ref().map(|r| {
+                    r.last_applied.clone().unwrap_or_else(|| LastApplied {
+                        toml: r.toml.clone(),
+                        set_by: BTreeMap::new(),
+                    })
+                }),
             )
+        };
+        let next_revision = current + 1;
+        // The file as a person last applied it: the base of the three-way merge.
+        let base_fleet = old_last
+            .as_ref()
+            .and_then(|l| drover_model::parse_fleet(&l.toml, &req.file).ok());
+        let old_set_by = old_last
+            .as_ref()
+            .map(|l| l.set_by.clone())
+            .unwrap_or_default();
+        let (toml, fleet, mut drift, last_applied) = match &origin {
+            Origin::File => {
+                let m = drover_model::merge::three_way(
+                    base_fleet.as_ref(),
+                    &file_fleet,
+                    old_fleet.as_ref(),
+                    &old_set_by,
+                    req.force_file,
+                );
+                let mut toml = req.toml.clone();
+                for (service, component, version) in &m.keep_versions {
+                    toml = set_versions(&toml, service, &[(component.clone(), version.clone())])?;
+                }
+                if !m.keep_removed.is_empty() {
+                    toml = remove_services(&toml, &m.keep_removed)?;
+                }
+                let fleet = if toml == req.toml {
+                    file_fleet
+                } else {
+                    drover_model::parse_fleet(&toml, &req.file)?
+                };
+                // Who set a live value stays known while the value is kept.
+                let set_by = old_set_by
+                    .into_iter()
+                    .filter(|(k, _)| m.drift.iter().any(|d| d.kept && &d.field == k))
+                    .collect();
+                (
+                    toml,
+                    fleet,
+                    m.drift,
+                    LastApplied {
+                        toml: req.toml.clone(),
+                        set_by,
+                    },
+                )
+            }
+            Origin::Command(why) => {
+                let set_by = drover_model::merge::commanded(
+                    &old_set_by,
+                    old_fleet.as_ref(),
+                    &file_fleet,
+                    why,
+                    next_revision,
+                );
+                let base = old_last.map(|l| l.toml).unwrap_or_else(|| req.toml.clone());
+                (
+                    req.toml.clone(),
+                    file_fleet,
+                    Vec::new(),
+                    LastApplied { toml: base, set_by },
+                )
+            }
+            Origin::AutoRevert { .. } => {
+                let set_by = drover_model::merge::commanded(
+                    &old_set_by,
+                    old_fleet.as_ref(),
+                    &file_fleet,
+                    "automatic revert",
+                    next_revision,
+                );
+                let base = old_last.map(|l| l.toml).unwrap_or_else(|| req.toml.clone());
+                (
+                    req.toml.clone(),
+                    file_fleet,
+                    Vec::new(),
+                    LastApplied { toml: base, set_by },
+                )
+            }
         };
         let mut changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
         // Secret values never reach the answer, the stored summary or the events.
@@ -223,7 +311,6 @@ impl Engine {
         let mut new_plans: Vec<Plan> = Vec::new();
         // Groups whose count the file set: autoscaling goes on from it.
         let mut file_scaled: Vec<(String, u32)> = Vec::new();
-        let next_revision = current + 1;
         for (sname, svc) in &fleet.services {
             for region in &svc.regions {
                 let gid = drover_model::GroupId::new(sname, region).0;
@@ -242,10 +329,29 @@ impl Engine {
                     Some(g) if !plan_changed => g.plan.revision,
                     _ => next_revision,
                 };
-                // The file's desired count wins when it changed (or the group is new);
-                // otherwise keep the current count (a manual scale), clamped to the new range.
-                let file_desired_changed =
-                    old_svc.is_none_or(|o| o.capacity.desired != svc.capacity.desired);
+                // The file's desired count wins when it changed since the file was last
+                // applied (or the group is new, or the apply is forced); otherwise keep the
+                // current count (set by `scale` or autoscaling), clamped to the new range.
+                let reference = match &origin {
+                    Origin::File => base_fleet.as_ref().and_then(|f| f.services.get(sname)),
+                    _ => old_svc,
+                };
+                let file_desired_changed = (matches!(origin, Origin::File) && req.force_file)
+                    || reference.is_none_or(|o| o.capacity.desired != svc.capacity.desired);
+                if let (Origin::File, Some(g)) = (&origin, old) {
+                    if g.record.desired != svc.capacity.desired && reference.is_some() {
+                        let kept = !file_desired_changed;
+                        if kept || req.force_file {
+                            drift.push(drover_model::api::Drift {
+                                field: format!("services.{sname}.capacity.desired ({gid})"),
+                                file: svc.capacity.desired.to_string(),
+                                live: g.record.desired.to_string(),
+                                set_by: g.record.desired_reason.clone(),
+                                kept,
+                            });
+                        }
+                    }
+                }
                 let (desired, reason) = match old {
                     Some(g) if !file_desired_changed => (
                         g.record.desired.clamp(svc.capacity.min, svc.capacity.max),
@@ -376,6 +482,7 @@ impl Engine {
             changes: changes.clone(),
             plan_changes: plan_changes.clone(),
             rollouts: rollouts.clone(),
+            drift: drift.clone(),
         };
         if changes.is_empty() || req.dry_run {
             return Ok(response(current, false));
@@ -426,8 +533,9 @@ impl Engine {
             Write::Revision {
                 file: req.file.clone(),
                 summary: summary.clone(),
-                toml: req.toml.clone(),
+                toml: toml.clone(),
                 fleet: fleet.clone(),
+                last_applied: Some(last_applied.clone()),
             },
         ];
         writes.extend(new_plans.into_iter().map(Write::Plan));
@@ -447,8 +555,9 @@ impl Engine {
                 applied_at_ms: now,
                 file: req.file.clone(),
                 summary,
-                toml: req.toml,
+                toml,
                 fleet,
+                last_applied: Some(last_applied),
             });
             st.groups = new_groups;
             for (g, d) in file_scaled {

@@ -1247,6 +1247,7 @@ command = "/bin/true"
                         summary: "test".into(),
                         toml: FLEET.into(),
                         fleet: fleet.clone(),
+                        last_applied: None,
                     },
                     Write::Group(GroupRecord {
                         group: "web/local".into(),

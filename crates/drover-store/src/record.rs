@@ -94,6 +94,8 @@ pub enum Write {
         summary: String,
         toml: String,
         fleet: Fleet,
+        /// The base of the next apply's three-way merge.
+        last_applied: Option<drover_model::api::LastApplied>,
     },
     /// Insert or replace the group with this name.
     Group(GroupRecord),

@@ -78,6 +78,9 @@ CREATE TABLE tokens (
     revoked_at_ms INTEGER
 );
 "#,
+    // The last applied file (three-way merge of apply), JSON of `LastApplied`; NULL in
+    // revisions stored before it.
+    "ALTER TABLE revisions ADD COLUMN last_applied TEXT;",
 ];
 
 /// The schema version this code writes.
@@ -178,13 +181,18 @@ fn apply(
             summary,
             toml,
             fleet,
+            last_applied,
         } => {
             let fleet = to_json("fleet", &fleet)?;
+            let last_applied = match &last_applied {
+                Some(l) => Some(to_json("last applied file", l)?),
+                None => None,
+            };
             let number = next_number(tx, "SELECT MAX(number) FROM revisions")?;
             tx.execute(
-                "INSERT INTO revisions (number, applied_at_ms, file, summary, toml, fleet)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![number, now_ms, file, summary, toml, fleet],
+                "INSERT INTO revisions (number, applied_at_ms, file, summary, toml, fleet, last_applied)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![number, now_ms, file, summary, toml, fleet, last_applied],
             )?;
             out.revision = Some(number);
         }
@@ -296,9 +304,11 @@ fn apply(
     Ok(())
 }
 
-const REVISION_COLUMNS: &str = "number, applied_at_ms, file, summary, toml, fleet";
+const REVISION_COLUMNS: &str = "number, applied_at_ms, file, summary, toml, fleet, last_applied";
 
-fn revision_row(row: &Row) -> rusqlite::Result<(RevisionSummary, String, String)> {
+type RevisionRow = (RevisionSummary, String, String, Option<String>);
+
+fn revision_row(row: &Row) -> rusqlite::Result<RevisionRow> {
     Ok((
         RevisionSummary {
             number: row.get(0)?,
@@ -308,14 +318,20 @@ fn revision_row(row: &Row) -> rusqlite::Result<(RevisionSummary, String, String)
         },
         row.get(4)?,
         row.get(5)?,
+        row.get(6)?,
     ))
 }
 
-fn full_revision(
-    (s, toml, fleet): (RevisionSummary, String, String),
-) -> Result<Revision, StoreError> {
+fn full_revision((s, toml, fleet, last_applied): RevisionRow) -> Result<Revision, StoreError> {
     Ok(Revision {
         fleet: from_json(&format!("fleet of revision {}", s.number), &fleet)?,
+        last_applied: match last_applied {
+            Some(l) => Some(from_json(
+                &format!("last applied file of revision {}", s.number),
+                &l,
+            )?),
+            None => None,
+        },
         number: s.number,
         applied_at_ms: s.applied_at_ms,
         file: s.file,
@@ -508,7 +524,7 @@ impl Store for SqliteStore {
         ))?;
         let rows = stmt.query_map([], revision_row)?;
         Ok(rows
-            .map(|r| r.map(|(s, _, _)| s))
+            .map(|r| r.map(|(s, _, _, _)| s))
             .collect::<Result<_, _>>()?)
     }
 

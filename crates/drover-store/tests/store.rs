@@ -52,6 +52,7 @@ fn revision_write(summary: &str) -> Write {
         summary: summary.into(),
         toml: FLEET.into(),
         fleet: fleet(),
+        last_applied: None,
     }
 }
 
@@ -425,6 +426,52 @@ fn reopen_keeps_everything() {
         )
         .unwrap();
     assert_eq!((c.revision, c.events[0].seq), (Some(3), 2));
+}
+
+/// The last applied file (the base of apply's three-way merge) is kept with its revision;
+/// revisions stored by a schema without it (a store made before) read as `None`.
+#[test]
+fn the_last_applied_file_is_kept_and_older_stores_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    {
+        // A store at schema 1, as an older drover wrote it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let first = include_str!("../src/sqlite.rs");
+        let schema = first
+            .split("r#\"")
+            .nth(1)
+            .and_then(|s| s.split("\"#").next())
+            .unwrap();
+        conn.execute_batch(schema).unwrap();
+        conn.execute(
+            "INSERT INTO revisions (number, applied_at_ms, file, summary, toml, fleet) VALUES (1, 5, 'drover.toml', 'old', ?1, ?2)",
+            rusqlite::params![FLEET, serde_json::to_string(&fleet()).unwrap()],
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let old = store.revision(1).unwrap().unwrap();
+    assert_eq!(old.last_applied, None);
+    let last = drover_model::api::LastApplied {
+        toml: FLEET.into(),
+        set_by: [(
+            "services.web.components.app.version".to_string(),
+            "deploy web app v2 (revision 2)".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let mut w = revision_write("deploy");
+    if let Write::Revision { last_applied, .. } = &mut w {
+        *last_applied = Some(last.clone());
+    }
+    store.commit(vec![w], 10).unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.revision(2).unwrap().unwrap().last_applied, Some(last.clone()));
+    assert_eq!(store.snapshot().unwrap().revision.unwrap().last_applied, Some(last));
 }
 
 #[test]

@@ -99,13 +99,14 @@ impl Client {
             .context("the server's answer is not what this CLI expects")
     }
 
-    pub async fn apply(&self, file: &Path, dry_run: bool) -> anyhow::Result<u8> {
+    pub async fn apply(&self, file: &Path, dry_run: bool, force_file: bool) -> anyhow::Result<u8> {
         let toml = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
         let req = ApplyRequest {
             file: file.display().to_string(),
             toml,
             dry_run,
+            force_file,
         };
         let resp = self
             .send(self.http.post(self.url("/v1/apply")).json(&req))

@@ -81,6 +81,10 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         timing: TimingArgs,
+        /// Let FILE win over what deploy, rollback, scale or autoscaling set in an earlier
+        /// run (by default those stay, and are listed).
+        #[arg(long)]
+        force_file: bool,
     },
     /// Run the control plane: HTTP API, store, controllers and providers.
     ///
@@ -125,14 +129,30 @@ enum Command {
     /// A small HTTP server for trying drover: `/` names its version and instance, `/healthz` answers checks.
     DemoServer(demo::DemoArgs),
     /// Validate FILE and store it as a new revision; prints the changes it applied.
+    ///
+    /// A three-way merge: a field changes only where the file changed it since it was last
+    /// applied. What `deploy`, `rollback`, `scale`, autoscaling or `destroy` set since stays,
+    /// and is listed with who set it; --force-file makes the file win.
     Apply {
         file: PathBuf,
         /// Show what would change without storing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Let the file win over what commands set since it was last applied (versions
+        /// from deploy or rollback, counts from scale or autoscaling, services removed by
+        /// destroy). Without it those live values stay and are listed.
+        #[arg(long)]
+        force_file: bool,
     },
     /// Show what applying FILE would change (same as `apply --dry-run`).
-    Plan { file: PathBuf },
+    Plan {
+        file: PathBuf,
+        /// Let the file win over what commands set since it was last applied (versions
+        /// from deploy or rollback, counts from scale or autoscaling, services removed by
+        /// destroy). Without it those live values stay and are listed.
+        #[arg(long)]
+        force_file: bool,
+    },
     /// Make VERSION the preferred version of COMPONENT of SERVICE: every instance is replaced.
     ///
     /// A new plan generation is made for each group of the service; the rollout replaces
@@ -355,6 +375,7 @@ async fn dispatch(cli: Cli) -> u8 {
             listen,
             tls,
             timing,
+            force_file,
         } => {
             up::run(
                 &file,
@@ -363,6 +384,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 tls.mode(listen),
                 &timing,
                 cli.json,
+                force_file,
             )
             .await
         }
@@ -394,8 +416,12 @@ async fn dispatch(cli: Cli) -> u8 {
             TokenCommand::List => client.token_list().await,
             TokenCommand::Revoke { id } => client.token_revoke(&id).await,
         },
-        Command::Apply { file, dry_run } => client.apply(&file, dry_run).await,
-        Command::Plan { file } => client.apply(&file, true).await,
+        Command::Apply {
+            file,
+            dry_run,
+            force_file,
+        } => client.apply(&file, dry_run, force_file).await,
+        Command::Plan { file, force_file } => client.apply(&file, true, force_file).await,
         Command::Deploy {
             service,
             component,

@@ -300,6 +300,7 @@ pub fn history(revs: &[RevisionSummary]) -> String {
 }
 
 pub fn apply(r: &ApplyResponse, dry_run: bool) {
+    print!("{}", drift(&r.drift));
     if r.changes.is_empty() {
         println!("no changes: revision {} is current", r.revision);
         return;
@@ -326,6 +327,28 @@ pub fn apply(r: &ApplyResponse, dry_run: bool) {
     } else {
         println!("applied as revision {}", r.revision);
     }
+}
+
+/// Where the file and the live state disagree: what stays, who set it, how to make the file win.
+pub fn drift(d: &[drover_model::api::Drift]) -> String {
+    let mut out = String::new();
+    for x in d {
+        if x.kept {
+            out.push_str(&format!(
+                "  kept {} = {} (set by {}); the file says {} but did not change it since it was last applied\n",
+                x.field, x.live, x.set_by, x.file
+            ));
+        } else {
+            out.push_str(&format!(
+                "  file wins: {} {} -> {} (was set by {})\n",
+                x.field, x.live, x.file, x.set_by
+            ));
+        }
+    }
+    if d.iter().any(|x| x.kept) {
+        out.push_str("  (to make the file win: apply --force-file)\n");
+    }
+    out
 }
 
 /// The token table: ids, names, scopes, groups and times; never a secret.

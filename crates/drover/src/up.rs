@@ -85,6 +85,7 @@ pub async fn run(
     tls: drover_server::tls::TlsMode,
     timing: &crate::TimingArgs,
     json: bool,
+    force_file: bool,
 ) -> anyhow::Result<u8> {
     let mut cfg = config(data_dir, listen, timing)?;
     cfg.tls = tls;
@@ -116,8 +117,13 @@ pub async fn run(
             file: file.display().to_string(),
             toml: text,
             dry_run: false,
+            force_file,
         })
         .await;
+    if let Ok(r) = &applied {
+        // What deploy, scale or autoscaling set before this start stays (and says so).
+        eprint!("{}", render::drift(&r.drift));
+    }
     match applied {
         Ok(r) if r.applied => eprintln!("applied {} as revision {}", file.display(), r.revision),
         Ok(r) => eprintln!("{} is unchanged (revision {})", file.display(), r.revision),
