@@ -77,6 +77,10 @@ pub struct InstanceView {
     /// Since when its health has been watched: its launch, or the server's start when the
     /// server restarted after the launch. "Never turned healthy" counts from here.
     pub watched_since_ms: u64,
+    /// Exits of its components before it was ever healthy (the most of any component), and
+    /// what the last one said (exit status, last lines printed).
+    pub exits_before_healthy: u32,
+    pub last_failure: Option<String>,
 }
 
 /// Timings that are not per service.
@@ -280,6 +284,27 @@ fn reconcile_group(
                 group: spec.group.clone(),
                 generation: spec.generation,
             });
+        } else if let Some(i) = fresh.iter().find(|i| {
+            r.fail_after_exits > 0
+                && !i.ever_healthy
+                && i.exits_before_healthy >= r.fail_after_exits
+        }) {
+            // Fail fast: a version that keeps crashing before it ever turns healthy does
+            // not get the whole healthy_deadline.
+            d.actions.push(Action::RolloutFailed {
+                group: spec.group.clone(),
+                generation: spec.generation,
+                reason: format!(
+                    "{} exited {} times before it was ever healthy (fail_after_exits = {}){}",
+                    i.id,
+                    i.exits_before_healthy,
+                    r.fail_after_exits,
+                    i.last_failure
+                        .as_deref()
+                        .map(|f| format!(": {f}"))
+                        .unwrap_or_default()
+                ),
+            });
         } else if now.saturating_sub(last_progress) > r.healthy_deadline.as_millis() {
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
@@ -418,6 +443,7 @@ mod tests {
                 healthy_deadline: Dur::from_secs(60),
                 auto_revert: false,
                 drain_timeout: Dur::from_secs(2),
+                fail_after_exits: 3,
             },
             replace_unhealthy_after_ms: 30_000,
             launch_not_before_ms: 0,
@@ -440,6 +466,8 @@ mod tests {
             last_seen_ms: now,
             ever_healthy: healthy_since.is_some(),
             watched_since_ms: now,
+            exits_before_healthy: 0,
+            last_failure: None,
         }
     }
 
@@ -588,5 +616,50 @@ mod tests {
         let mut smaller = s.clone();
         smaller.desired = 2;
         assert!(!provider_replaces(&smaller, &a, &group));
+    }
+
+    /// A new instance whose component keeps exiting before it was ever healthy fails the
+    /// rollout at once, with what it said; below the threshold, or once healthy, it does not.
+    #[test]
+    fn a_version_that_keeps_crashing_fails_its_rollout_at_once() {
+        let now = 600_000;
+        let mut spec = spec(2, 1, false);
+        spec.generation = 2;
+        spec.generation_since_ms = now - 1_000;
+        spec.rollout_open = true;
+        let old: Vec<InstanceView> = (0..2)
+            .map(|k| instance(&format!("i-old{k}"), 1, 0, Some(0)))
+            .collect();
+        let mut new = instance("i-new", 2, now - 900, None);
+        new.exits_before_healthy = 2;
+        new.last_failure = Some("component app: exit status 1; last output:\npanic".into());
+        let failed = |list: &[InstanceView], spec: &GroupSpec| {
+            reconcile(now, std::slice::from_ref(spec), list, &TIMING)
+                .actions
+                .into_iter()
+                .find_map(|a| match a {
+                    Action::RolloutFailed { reason, .. } => Some(reason),
+                    _ => None,
+                })
+        };
+        let mut list = old.clone();
+        list.push(new.clone());
+        assert_eq!(failed(&list, &spec), None, "2 exits: not yet");
+        list.last_mut().unwrap().exits_before_healthy = 3;
+        let reason = failed(&list, &spec).expect("3 exits fail the rollout");
+        assert!(
+            reason.contains("i-new exited 3 times before it was ever healthy"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("exit status 1; last output:\npanic"),
+            "{reason}"
+        );
+        // Off with 0; and not for an instance that was healthy once.
+        let mut off = spec.clone();
+        off.rollout.fail_after_exits = 0;
+        assert_eq!(failed(&list, &off), None);
+        list.last_mut().unwrap().ever_healthy = true;
+        assert_eq!(failed(&list, &spec), None);
     }
 }

@@ -153,7 +153,14 @@ pub struct ComponentReport {
     pub last_exit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The last lines the component printed before its last exit (at most
+    /// [`LAST_OUTPUT_MAX`] bytes; `secret_env` values are scrubbed by the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_output: Option<String>,
 }
+
+/// Most bytes of a component's last output an agent sends.
+pub const LAST_OUTPUT_MAX: usize = 2048;
 
 /// What the instance as a whole is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +380,10 @@ pub struct RolloutStatus {
     pub good_generation: u64,
     /// The last generation whose rollout failed (0: none).
     pub failed_generation: u64,
+    /// Why it failed: what the instance's component said (exit status, last lines printed),
+    /// or that no instance turned healthy within `healthy_deadline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// The current generation reverted this one (0: not a revert).
     pub reverted_from: u64,
     /// Instances on the current generation / on older ones.

@@ -136,6 +136,9 @@ pub struct Rollout {
     pub healthy_deadline: Dur,
     pub auto_revert: bool,
     pub drain_timeout: Dur,
+    /// A new instance whose component exits this many times before it was ever healthy
+    /// fails the rollout at once (0: only `healthy_deadline` does).
+    pub fail_after_exits: u32,
 }
 
 impl Default for Rollout {
@@ -147,6 +150,7 @@ impl Default for Rollout {
             healthy_deadline: Dur::from_secs(60),
             auto_revert: true,
             drain_timeout: Dur::from_secs(10),
+            fail_after_exits: 3,
         }
     }
 }

@@ -534,11 +534,14 @@ async fn heartbeat(
     if hb
         .components
         .iter()
-        .any(|c| c.message.is_some() || c.last_exit.is_some())
+        .any(|c| c.message.is_some() || c.last_exit.is_some() || c.last_output.is_some())
     {
         let sc = scrubber(&e);
         for c in &mut hb.components {
-            for t in [&mut c.message, &mut c.last_exit].into_iter().flatten() {
+            for t in [&mut c.message, &mut c.last_exit, &mut c.last_output]
+                .into_iter()
+                .flatten()
+            {
                 sc.scrub_in_place(t);
             }
         }
@@ -562,9 +565,9 @@ pub fn check_heartbeat(e: &Engine, hb: &Heartbeat) -> Result<(), ServerError> {
             return bad("a component name is empty or too long, or its version too long".into());
         }
         let long = |t: &Option<String>| t.as_ref().is_some_and(|t| t.len() > 4096);
-        if long(&c.message) || long(&c.last_exit) {
+        if long(&c.message) || long(&c.last_exit) || long(&c.last_output) {
             return bad(format!(
-                "component {}: message or last_exit over 4096 bytes",
+                "component {}: message, last_exit or last_output over 4096 bytes",
                 c.name
             ));
         }

@@ -383,6 +383,7 @@ impl Engine {
                         failed_generation: old
                             .map(|g| g.record.rollout.failed_generation)
                             .unwrap_or(0),
+                        failure: old.and_then(|g| g.record.rollout.failure.clone()),
                     },
                 };
                 if plan_changed {

@@ -754,6 +754,7 @@ impl Engine {
                 let Some((record, _)) = self.update_rollout(&group, |r, g| {
                     r.open = false;
                     r.failed_generation = g;
+                    r.failure = Some(reason.clone());
                 }) else {
                     return Ok(());
                 };
@@ -1356,6 +1357,7 @@ command = "/bin/true"
                 restarts: 0,
                 last_exit: None,
                 message: None,
+                last_output: None,
             }],
             utilization: Utilization::default(),
             drained: None,

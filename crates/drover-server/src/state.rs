@@ -88,7 +88,43 @@ fn view(i: &Instance) -> InstanceView {
         last_seen_ms: i.soft.last_seen_ms,
         ever_healthy: i.soft.ever_healthy,
         watched_since_ms: i.soft.watched_since_ms,
+        exits_before_healthy: if i.soft.ever_healthy {
+            0
+        } else {
+            i.soft
+                .components
+                .iter()
+                .map(|c| c.restarts)
+                .max()
+                .unwrap_or(0)
+        },
+        last_failure: (!i.soft.ever_healthy)
+            .then(|| last_failure(&i.soft.components))
+            .flatten(),
     }
+}
+
+/// What the component that exited most said of its last exit: `component app: exit status 1;
+/// last output: ...`.
+pub fn last_failure(components: &[ComponentReport]) -> Option<String> {
+    let c = components
+        .iter()
+        .filter(|c| c.restarts > 0)
+        .max_by_key(|c| c.restarts)?;
+    let mut out = format!(
+        "component {}: {}",
+        c.name,
+        c.last_exit.as_deref().unwrap_or("exited")
+    );
+    if let Some(o) = c
+        .last_output
+        .as_deref()
+        .map(str::trim_end)
+        .filter(|o| !o.is_empty())
+    {
+        out.push_str(&format!("; last output:\n{o}"));
+    }
+    Some(out)
 }
 
 /// Delay before the next launch after `failures` instances in a row died unhealthy.
@@ -238,6 +274,7 @@ impl State {
                         since_ms: g.record.rollout.since_ms,
                         good_generation: g.record.rollout.good_generation,
                         failed_generation: g.record.rollout.failed_generation,
+                        failure: g.record.rollout.failure.clone(),
                         reverted_from: g.record.rollout.reverted_from,
                         current: instances
                             .iter()

@@ -730,6 +730,8 @@ impl Sim {
             last_seen_ms: now,
             ever_healthy: false,
             watched_since_ms: now,
+            exits_before_healthy: 0,
+            last_failure: None,
         });
         self.agents.push(Agent {
             group: g,

@@ -39,6 +39,9 @@ pub struct RolloutRecord {
     /// The last generation whose rollout failed (0: none).
     #[serde(default)]
     pub failed_generation: u64,
+    /// Why it failed (the reason of its `rollout` event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// Where an instance is in its life, as the server decided it.

@@ -68,6 +68,7 @@ fn group(generation: u64) -> GroupRecord {
             good_generation: generation.saturating_sub(1),
             reverted_from: 0,
             failed_generation: 0,
+            failure: None,
         },
     }
 }
@@ -470,8 +471,14 @@ fn the_last_applied_file_is_kept_and_older_stores_migrate() {
     store.commit(vec![w], 10).unwrap();
     drop(store);
     let store = SqliteStore::open(&path).unwrap();
-    assert_eq!(store.revision(2).unwrap().unwrap().last_applied, Some(last.clone()));
-    assert_eq!(store.snapshot().unwrap().revision.unwrap().last_applied, Some(last));
+    assert_eq!(
+        store.revision(2).unwrap().unwrap().last_applied,
+        Some(last.clone())
+    );
+    assert_eq!(
+        store.snapshot().unwrap().revision.unwrap().last_applied,
+        Some(last)
+    );
 }
 
 #[test]

@@ -108,6 +108,15 @@ pub fn status(s: &FleetStatus) -> String {
     }
     out.push_str(&groups.to_string());
     out.push('\n');
+    for g in &s.groups {
+        let r = &g.rollout;
+        if let (Some(why), true) = (&r.failure, r.failed_generation > 0) {
+            out.push_str(&format!(
+                "{}: rollout to generation {} failed: {}\n",
+                g.group, r.failed_generation, why
+            ));
+        }
+    }
     out.push_str(&balancers(s));
     // One row per instance (10,000 in a large fleet): drawn by `Rows` in one pass, in the
     // same style as the other tables, without wrapping.
