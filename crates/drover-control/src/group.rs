@@ -17,6 +17,10 @@ pub struct GroupSpec {
     pub generation_since_ms: u64,
     /// Whether a rollout to `generation` is still being watched (not yet done or failed).
     pub rollout_open: bool,
+    /// The rollout is paused: no permit, and no launch beyond keeping `desired` instances.
+    pub paused: bool,
+    /// When the rollout was last resumed (ms; 0: never paused): the deadline counts from it.
+    pub resumed_ms: u64,
     pub rollout: Rollout,
     /// An instance that has not turned healthy this long after launch, or that has been
     /// unhealthy this long, is replaced.
@@ -278,7 +282,8 @@ fn reconcile_group(
             })
             .max()
             .unwrap_or(0)
-            .max(spec.generation_since_ms);
+            .max(spec.generation_since_ms)
+            .max(spec.resumed_ms);
         if stale.is_empty() && ready_fresh >= desired {
             d.actions.push(Action::RolloutDone {
                 group: spec.group.clone(),
@@ -305,7 +310,8 @@ fn reconcile_group(
                         .unwrap_or_default()
                 ),
             });
-        } else if now.saturating_sub(last_progress) > r.healthy_deadline.as_millis() {
+        } else if !spec.paused && now.saturating_sub(last_progress) > r.healthy_deadline.as_millis()
+        {
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
                 generation: spec.generation,
@@ -324,6 +330,12 @@ fn reconcile_group(
         desired
     } else {
         desired + r.max_surge as usize
+    };
+    // A paused rollout launches nothing for itself: at most what keeps `desired` instances.
+    let cap = if spec.paused && !stale.is_empty() {
+        desired
+    } else {
+        cap
     };
     let launches = if now < spec.launch_not_before_ms {
         0
@@ -346,6 +358,10 @@ fn reconcile_group(
     stale.sort_by_key(|i| (healthy(i), i.generation, i.launched_at_ms, i.id.clone()));
     let mut remaining_stale = stale.len();
     for i in &stale {
+        // A paused rollout hands out no permit.
+        if spec.paused {
+            break;
+        }
         // Health not known yet (e.g. just after a server restart): wait for its report.
         if i.health == Health::Unknown {
             continue;
@@ -447,6 +463,8 @@ mod tests {
             },
             replace_unhealthy_after_ms: 30_000,
             launch_not_before_ms: 0,
+            paused: false,
+            resumed_ms: 0,
             provider_replaces_leavers: replaces,
         }
     }
@@ -661,5 +679,60 @@ mod tests {
         assert_eq!(failed(&list, &off), None);
         list.last_mut().unwrap().ever_healthy = true;
         assert_eq!(failed(&list, &spec), None);
+    }
+
+    /// A paused rollout hands out no permit and launches no surge; it keeps the group at
+    /// its desired count, its deadline does not run, and it goes on once resumed.
+    #[test]
+    fn a_paused_rollout_hands_out_no_permit_and_launches_no_surge() {
+        let now = 600_000;
+        let mut spec = spec(3, 1, false);
+        spec.generation = 2;
+        spec.generation_since_ms = now - 120_000;
+        spec.rollout_open = true;
+        spec.paused = true;
+        let mut list: Vec<InstanceView> = (0..2)
+            .map(|k| instance(&format!("i-old{k}"), 1, 0, Some(0)))
+            .collect();
+        list.push(instance("i-new0", 2, now - 60_000, Some(now - 50_000)));
+        for i in list.iter_mut() {
+            i.last_seen_ms = now;
+        }
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(
+            d.actions.is_empty(),
+            "no permit, no launch, no failure past the deadline: {:?}",
+            d.actions
+        );
+        // An old instance is lost: its replacement keeps the count (3), and no more (no
+        // surge to 4).
+        list[0].alive = false;
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        let launches = d
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Launch { .. }))
+            .count();
+        assert_eq!(launches, 1, "back to desired, no surge: {:?}", d.actions);
+        assert!(!d.actions.iter().any(|a| matches!(a, Action::Permit { .. })));
+        list.remove(0);
+        let mut replacement = instance("i-new1", 2, now - 30_000, Some(now - 20_000));
+        replacement.last_seen_ms = now;
+        list.push(replacement);
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(d.actions.is_empty(), "still paused: {:?}", d.actions);
+        // Resumed: permits again, and the deadline counts from the resume.
+        spec.paused = false;
+        spec.resumed_ms = now;
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(
+            d.actions.iter().any(|a| matches!(a, Action::Permit { .. })),
+            "{:?}",
+            d.actions
+        );
+        assert!(!d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::RolloutFailed { .. })));
     }
 }

@@ -391,6 +391,50 @@ pub struct RolloutStatus {
     pub stale: u32,
     /// Instances on the current generation that are healthy.
     pub current_healthy: u32,
+    /// Paused by a person (`drover rollout pause`).
+    #[serde(default)]
+    pub paused: bool,
+    /// `rolling`, `paused`, `failed` or `done`.
+    #[serde(default)]
+    pub phase: String,
+}
+
+/// What `POST /v1/rollout` does to a service's rollouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutAction {
+    /// No permit, nothing new launched, until resumed (kept across server restarts).
+    Pause,
+    Resume,
+    /// Go on at once (a paused rollout resumes).
+    Promote,
+    /// Stop it and go back to the last good generation.
+    Abort,
+}
+
+/// `POST /v1/rollout`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutActionRequest {
+    pub service: String,
+    /// Only this region's group (default: every region of the service).
+    #[serde(default)]
+    pub region: Option<String>,
+    pub action: RolloutAction,
+}
+
+/// The answer of `POST /v1/rollout`: the groups it acted on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutActionResponse {
+    pub groups: Vec<RolloutActed>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutActed {
+    pub group: String,
+    pub generation: u64,
+    /// What was done, e.g. `paused`, `already paused`, `resumed`, `aborted: going back to generation 1`.
+    pub result: String,
 }
 
 /// `POST /v1/deploy`: make `version` the preferred version of one component of a service.

@@ -43,6 +43,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/rollback", post(rollback))
         .route("/v1/destroy", post(destroy))
         .route("/v1/scale", post(scale))
+        .route("/v1/rollout", post(rollout))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
@@ -507,6 +508,12 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(f(tx));
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
+/// `POST /v1/rollout`: pause, resume, promote or abort a service's rollouts.
+async fn rollout(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: drover_model::api::RolloutActionRequest = decode(body)?;
+    Ok(Json(e.rollout_action(req).await?).into_response())
 }
 
 async fn heartbeat(

@@ -384,6 +384,9 @@ impl Engine {
                             .map(|g| g.record.rollout.failed_generation)
                             .unwrap_or(0),
                         failure: old.and_then(|g| g.record.rollout.failure.clone()),
+                        // A new rollout starts unpaused.
+                        paused: false,
+                        resumed_ms: 0,
                     },
                 };
                 if plan_changed {

@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod engine;
 pub mod lbproc;
 pub mod registry;
+pub mod rollout;
 pub mod state;
 pub mod tls;
 pub mod writer;

@@ -179,6 +179,8 @@ impl State {
             generation: g.record.generation,
             generation_since_ms: g.record.rollout.since_ms,
             rollout_open: g.record.rollout.open,
+            paused: g.record.rollout.paused,
+            resumed_ms: g.record.rollout.resumed_ms,
             provider_replaces_leavers: provider_replaces_leavers(&g.provider, &rollout),
             rollout,
             replace_unhealthy_after_ms: svc
@@ -275,6 +277,20 @@ impl State {
                         good_generation: g.record.rollout.good_generation,
                         failed_generation: g.record.rollout.failed_generation,
                         failure: g.record.rollout.failure.clone(),
+                        paused: g.record.rollout.paused && g.record.rollout.open,
+                        phase: {
+                            let r = &g.record.rollout;
+                            if r.open && r.paused {
+                                "paused"
+                            } else if r.open {
+                                "rolling"
+                            } else if r.failed_generation >= g.record.generation {
+                                "failed"
+                            } else {
+                                "done"
+                            }
+                            .to_string()
+                        },
                         reverted_from: g.record.rollout.reverted_from,
                         current: instances
                             .iter()

@@ -215,6 +215,8 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
         rollout,
         replace_unhealthy_after_ms: 30_000,
         launch_not_before_ms: 0,
+        paused: false,
+        resumed_ms: 0,
         provider_replaces_leavers: false,
     }
 }

@@ -42,6 +42,17 @@ pub struct RolloutRecord {
     /// Why it failed (the reason of its `rollout` event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Paused by a person (`drover rollout pause`): no permit, nothing new launched for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// When it was last resumed (ms): `healthy_deadline` counts from here too, so the time
+    /// it spent paused does not fail it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumed_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where an instance is in its life, as the server decided it.

@@ -69,6 +69,8 @@ fn group(generation: u64) -> GroupRecord {
             reverted_from: 0,
             failed_generation: 0,
             failure: None,
+            paused: false,
+            resumed_ms: 0,
         },
     }
 }

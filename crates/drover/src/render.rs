@@ -75,7 +75,12 @@ pub fn status(s: &FleetStatus) -> String {
     ]);
     for g in &s.groups {
         let r = &g.rollout;
-        let rollout = if r.in_progress {
+        let rollout = if r.in_progress && r.paused {
+            format!(
+                "paused at gen {}: {}/{} healthy on it, {} stale",
+                g.generation, r.current_healthy, g.desired, r.stale
+            )
+        } else if r.in_progress {
             format!(
                 "{} to gen {}: {}/{} healthy on it, {} stale",
                 if r.reverted_from > 0 {
