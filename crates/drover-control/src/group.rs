@@ -21,6 +21,8 @@ pub struct GroupSpec {
     pub paused: bool,
     /// When the rollout was last resumed (ms; 0: never paused): the deadline counts from it.
     pub resumed_ms: u64,
+    /// The canary stage of the rollout, until its analysis passed (or it was promoted).
+    pub canary: Option<CanaryGate>,
     pub rollout: Rollout,
     /// An instance that has not turned healthy this long after launch, or that has been
     /// unhealthy this long, is replaced.
@@ -35,6 +37,16 @@ pub struct GroupSpec {
     /// second replacement; its launch comes once the leaver is gone, and claims the
     /// provider's replacement. See [`provider_replaces`].
     pub provider_replaces_leavers: bool,
+}
+
+/// A rollout's canary stage: `size` new instances serve beside the old ones; once all are
+/// ready they bake for `bake_ms`, then the server judges them (`CanaryAnalyse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CanaryGate {
+    pub size: u32,
+    pub bake_ms: u64,
+    /// When every canary was ready and the bake began (0: not yet).
+    pub baking_since_ms: u64,
 }
 
 /// Where an instance is in its life, as the server recorded it.
@@ -108,6 +120,10 @@ pub enum Action {
     Launch { group: String, generation: u64 },
     /// The rollout to `generation` finished: every instance runs it.
     RolloutDone { group: String, generation: u64 },
+    /// Every canary of the rollout to `generation` is ready: the bake begins now.
+    CanaryBaking { group: String, generation: u64 },
+    /// The bake is over: judge the canaries against the baseline.
+    CanaryAnalyse { group: String, generation: u64 },
     /// The rollout to `generation` did not turn healthy within its deadline.
     RolloutFailed {
         group: String,
@@ -270,6 +286,11 @@ fn reconcile_group(
 
     // 2. Rollout bookkeeping.
     let ready_fresh = fresh.iter().filter(|i| ready(i)).count();
+    // The canary stage holds the rollout until the analysis passed.
+    let canary = spec
+        .canary
+        .filter(|_| spec.rollout_open && !stale.is_empty());
+    let baking = canary.is_some_and(|c| c.baking_since_ms > 0);
     if spec.rollout_open {
         // Progress is the last time a new instance became ready; the rollout fails when
         // healthy_deadline passes without any.
@@ -310,7 +331,9 @@ fn reconcile_group(
                         .unwrap_or_default()
                 ),
             });
-        } else if !spec.paused && now.saturating_sub(last_progress) > r.healthy_deadline.as_millis()
+        } else if !spec.paused
+            && !baking
+            && now.saturating_sub(last_progress) > r.healthy_deadline.as_millis()
         {
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
@@ -321,6 +344,39 @@ fn reconcile_group(
                 ),
             });
         }
+    }
+
+    if let Some(c) = canary {
+        if spec.rollout_open && !spec.paused {
+            if c.baking_since_ms == 0 && ready_fresh >= c.size as usize {
+                d.actions.push(Action::CanaryBaking {
+                    group: spec.group.clone(),
+                    generation: spec.generation,
+                });
+            } else if c.baking_since_ms > 0 && now >= c.baking_since_ms + c.bake_ms {
+                d.actions.push(Action::CanaryAnalyse {
+                    group: spec.group.clone(),
+                    generation: spec.generation,
+                });
+            }
+        }
+        // Canaries beside the old instances (and replacements that keep the count): no
+        // permit until the analysis passed.
+        let keep = desired.saturating_sub(stale.len() + fresh.len());
+        let want = if spec.paused {
+            keep
+        } else {
+            (c.size as usize).saturating_sub(fresh.len()).max(keep)
+        };
+        if now >= spec.launch_not_before_ms {
+            for _ in 0..want {
+                d.actions.push(Action::Launch {
+                    group: spec.group.clone(),
+                    generation: spec.generation,
+                });
+            }
+        }
+        return;
     }
 
     // 3. Launches: up to desired instances on the current generation, within the surge cap.
@@ -460,11 +516,14 @@ mod tests {
                 auto_revert: false,
                 drain_timeout: Dur::from_secs(2),
                 fail_after_exits: 3,
+                canary: None,
+                analysis: Default::default(),
             },
             replace_unhealthy_after_ms: 30_000,
             launch_not_before_ms: 0,
             paused: false,
             resumed_ms: 0,
+            canary: None,
             provider_replaces_leavers: replaces,
         }
     }

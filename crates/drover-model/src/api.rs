@@ -394,9 +394,12 @@ pub struct RolloutStatus {
     /// Paused by a person (`drover rollout pause`).
     #[serde(default)]
     pub paused: bool,
-    /// `rolling`, `paused`, `failed` or `done`.
+    /// `canary`, `baking`, `rolling`, `paused`, `failed` or `done`.
     #[serde(default)]
     pub phase: String,
+    /// The last canary analysis: `passed: ...` or `failed: ...`, with its numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
 }
 
 /// What `POST /v1/rollout` does to a service's rollouts.

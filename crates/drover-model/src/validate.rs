@@ -196,6 +196,13 @@ fn p(path: &[&str], message: impl Into<String>) -> Problem {
     }
 }
 
+fn p_owned(path: &[String], message: String) -> Problem {
+    Problem {
+        path: path.to_vec(),
+        message,
+    }
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -475,6 +482,87 @@ fn check_service(
                 "healthy_deadline ({}) must be longer than min_healthy_time ({})",
                 r.healthy_deadline, r.min_healthy_time
             ),
+        ));
+    }
+    if let Some(c) = &r.canary {
+        let at = |f: &'static str| ["services", s, "rollout", "canary", f];
+        if c.instances.is_some() && c.percent.is_some() {
+            out.push(p(
+                &at("percent"),
+                "give the canary's size as instances or as percent, not both",
+            ));
+        }
+        if c.instances == Some(0) {
+            out.push(p(
+                &at("instances"),
+                "instances = 0: a canary needs at least 1",
+            ));
+        }
+        if c.percent.is_some_and(|p| p == 0 || p > 100) {
+            out.push(p(
+                &at("percent"),
+                format!("percent = {}: use 1 to 100", c.percent.unwrap_or(0)),
+            ));
+        }
+        if c.bake.0.is_zero() {
+            out.push(p(
+                &at("bake"),
+                "bake = 0s: give the canaries time to serve, e.g. 5m",
+            ));
+        }
+    }
+    for (k, m) in r.analysis.metrics.iter().enumerate() {
+        let at = |f: &'static str| {
+            vec![
+                "services".to_string(),
+                s.to_string(),
+                "rollout".into(),
+                "analysis".into(),
+                "metrics".into(),
+                k.to_string(),
+                f.to_string(),
+            ]
+        };
+        let known = svc
+            .components
+            .values()
+            .any(|c| c.custom_metrics.contains_key(&m.metric));
+        if !known {
+            let names: Vec<&str> = svc
+                .components
+                .values()
+                .flat_map(|c| c.custom_metrics.keys().map(String::as_str))
+                .collect();
+            out.push(p_owned(
+                &at("metric"),
+                format!(
+                    "no component of {s} reports the custom metric {:?}; its custom_metrics: {}",
+                    m.metric,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            ));
+        }
+        if !(m.max_ratio.is_finite() && m.max_ratio >= 1.0) {
+            out.push(p_owned(
+                &at("max_ratio"),
+                format!("max_ratio = {}: use a number >= 1, e.g. 1.5", m.max_ratio),
+            ));
+        }
+        if !(m.tolerance.is_finite() && m.tolerance >= 0.0) {
+            out.push(p_owned(
+                &at("tolerance"),
+                "tolerance must be a number >= 0".into(),
+            ));
+        }
+    }
+    if !r.analysis.is_default() && r.canary.is_none() {
+        out.push(p(
+            &["services", s, "rollout", "analysis"],
+            "analysis judges a canary: add rollout.canary = { instances = 1, bake = \"5m\" }",
         ));
     }
     if let Some(a) = &svc.autoscale {

@@ -384,9 +384,12 @@ impl Engine {
                             .map(|g| g.record.rollout.failed_generation)
                             .unwrap_or(0),
                         failure: old.and_then(|g| g.record.rollout.failure.clone()),
-                        // A new rollout starts unpaused.
+                        // A new rollout starts unpaused, with its canary stage ahead.
                         paused: false,
                         resumed_ms: 0,
+                        canary_baking_ms: 0,
+                        canary_passed: false,
+                        analysis: None,
                     },
                 };
                 if plan_changed {

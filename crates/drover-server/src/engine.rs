@@ -750,49 +750,66 @@ impl Engine {
                 group,
                 generation,
                 reason,
-            } => {
-                let Some((record, _)) = self.update_rollout(&group, |r, g| {
-                    r.open = false;
-                    r.failed_generation = g;
-                    r.failure = Some(reason.clone());
-                }) else {
-                    return Ok(());
-                };
-                let auto_revert = {
-                    let st = self.state();
-                    st.fleet()
-                        .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
-                        .is_some_and(|s| s.rollout.auto_revert)
-                };
-                let good = record.rollout.good_generation;
-                let next = if auto_revert && good > 0 {
-                    format!("; auto_revert: going back to generation {good}")
-                } else if good == 0 {
-                    "; no earlier good generation to go back to".to_string()
-                } else {
-                    "; auto_revert is off: fix the version or `drover rollback`".to_string()
-                };
-                self.commit(vec![
-                    Write::Group(record),
-                    Write::Event(
-                        NewEvent::new(
-                            EventKind::Rollout,
-                            format!("rollout to generation {generation} failed: {reason}{next}"),
-                        )
-                        .group(&group),
-                    ),
-                ])
-                .await?;
-                if auto_revert && good > 0 {
-                    self.auto_revert(&group, generation).await?;
-                }
-                Ok(())
+            } => self.rollout_failed(&group, generation, &reason).await,
+            Action::CanaryBaking { group, generation } => {
+                self.canary_baking(&group, generation, now).await
+            }
+            Action::CanaryAnalyse { group, generation } => {
+                self.canary_analyse(&group, generation, now).await
             }
         }
     }
 
+    /// A rollout failed: record why, and go back to the last good generation with
+    /// `auto_revert`. The caller holds the write lock.
+    pub(crate) async fn rollout_failed(
+        &self,
+        group: &str,
+        generation: u64,
+        reason: &str,
+    ) -> Result<(), ServerError> {
+        let group = group.to_string();
+        let Some((record, _)) = self.update_rollout(&group, |r, g| {
+            r.open = false;
+            r.paused = false;
+            r.failed_generation = g;
+            r.failure = Some(reason.to_string());
+        }) else {
+            return Ok(());
+        };
+        let auto_revert = {
+            let st = self.state();
+            st.fleet()
+                .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
+                .is_some_and(|s| s.rollout.auto_revert)
+        };
+        let good = record.rollout.good_generation;
+        let next = if auto_revert && good > 0 {
+            format!("; auto_revert: going back to generation {good}")
+        } else if good == 0 {
+            "; no earlier good generation to go back to".to_string()
+        } else {
+            "; auto_revert is off: fix the version or `drover rollback`".to_string()
+        };
+        self.commit(vec![
+            Write::Group(record),
+            Write::Event(
+                NewEvent::new(
+                    EventKind::Rollout,
+                    format!("rollout to generation {generation} failed: {reason}{next}"),
+                )
+                .group(&group),
+            ),
+        ])
+        .await?;
+        if auto_revert && good > 0 {
+            self.auto_revert(&group, generation).await?;
+        }
+        Ok(())
+    }
+
     /// Change a group's rollout record in memory; returns the new record to store.
-    fn update_rollout(
+    pub(crate) fn update_rollout(
         &self,
         group: &str,
         f: impl FnOnce(&mut drover_store::RolloutRecord, u64),
@@ -1136,6 +1153,7 @@ fn fresh_soft(now: u64) -> Soft {
         reporting: false,
         restored: false,
         drained: false,
+        window: None,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod artifact;
 pub mod auth;
 pub mod balancer;
+pub mod canary;
 pub mod cloud;
 pub mod engine;
 pub mod lbproc;

@@ -74,6 +74,13 @@ impl Engine {
             if !record.rollout.open {
                 continue;
             }
+            let has_canary = {
+                let st = self.state();
+                st.groups
+                    .get(gid)
+                    .and_then(|g| st.service(g))
+                    .is_some_and(|s| s.rollout.canary.is_some())
+            };
             let generation = record.generation;
             let r = &mut record.rollout;
             let (result, message) = match req.action {
@@ -87,12 +94,24 @@ impl Engine {
                         )),
                     )
                 }
+                RolloutAction::Promote if !r.paused && !r.canary_passed && has_canary => {
+                    r.canary_passed = true;
+                    (
+                        "promoted".to_string(),
+                        Some(format!(
+                            "rollout to generation {generation} promoted (drover rollout promote): the canary stage ends, the rollout goes on"
+                        )),
+                    )
+                }
                 RolloutAction::Resume | RolloutAction::Promote if !r.paused => {
                     ("not paused: it goes on already".to_string(), None)
                 }
                 RolloutAction::Resume | RolloutAction::Promote => {
                     r.paused = false;
                     r.resumed_ms = now;
+                    if req.action == RolloutAction::Promote {
+                        r.canary_passed = true;
+                    }
                     (
                         "resumed".to_string(),
                         Some(format!(

@@ -37,6 +37,26 @@ pub struct Soft {
     pub restored: bool,
     /// Its agent's drain report is recorded (one `drained` event per instance).
     pub drained: bool,
+    /// What it did since its group's canary bake began (none outside a bake).
+    pub window: Option<Window>,
+}
+
+/// One instance's canary-analysis window, accumulated from its heartbeats.
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    /// Its components' restarts when the window began.
+    pub restarts_at_start: u32,
+    pub unhealthy: u32,
+    /// Per custom metric: sum and count of the values reported.
+    pub metrics: BTreeMap<String, (f64, u32)>,
+    /// The balancers' connections and connect failures to it when the window began.
+    pub lb_at_start: (u64, u64),
+}
+
+impl Window {
+    pub fn restarts(components: &[ComponentReport]) -> u32 {
+        components.iter().map(|c| c.restarts).sum()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +147,17 @@ pub fn last_failure(components: &[ComponentReport]) -> Option<String> {
     Some(out)
 }
 
+/// Whether `g`'s rollout is in its canary stage (a canary configured, not passed yet, and
+/// instances of older generations left).
+fn st_canary(st: &State, g: &Group) -> bool {
+    !g.record.rollout.canary_passed
+        && st.service(g).is_some_and(|s| s.rollout.canary.is_some())
+        && st
+            .instances
+            .values()
+            .any(|i| i.record.group == g.record.group && i.record.generation < g.record.generation)
+}
+
 /// Delay before the next launch after `failures` instances in a row died unhealthy.
 pub fn launch_delay_ms(failures: u32) -> u64 {
     if failures == 0 {
@@ -181,6 +212,15 @@ impl State {
             rollout_open: g.record.rollout.open,
             paused: g.record.rollout.paused,
             resumed_ms: g.record.rollout.resumed_ms,
+            canary: rollout
+                .canary
+                .as_ref()
+                .filter(|_| !g.record.rollout.canary_passed)
+                .map(|c| drover_control::CanaryGate {
+                    size: c.size(g.record.desired),
+                    bake_ms: c.bake.as_millis(),
+                    baking_since_ms: g.record.rollout.canary_baking_ms,
+                }),
             provider_replaces_leavers: provider_replaces_leavers(&g.provider, &rollout),
             rollout,
             replace_unhealthy_after_ms: svc
@@ -278,10 +318,16 @@ impl State {
                         failed_generation: g.record.rollout.failed_generation,
                         failure: g.record.rollout.failure.clone(),
                         paused: g.record.rollout.paused && g.record.rollout.open,
+                        analysis: g.record.rollout.analysis.clone(),
                         phase: {
                             let r = &g.record.rollout;
+                            let canary = st_canary(self, g);
                             if r.open && r.paused {
                                 "paused"
+                            } else if r.open && canary && r.canary_baking_ms > 0 {
+                                "baking"
+                            } else if r.open && canary {
+                                "canary"
                             } else if r.open {
                                 "rolling"
                             } else if r.failed_generation >= g.record.generation {
@@ -538,6 +584,19 @@ pub fn absorb_heartbeat(
     }
     if healthy {
         inst.soft.ever_healthy = true;
+    }
+    if let Some(w) = inst.soft.window.as_mut() {
+        // The canary analysis window: custom metrics and health transitions.
+        for (k, v) in &hb.utilization.custom {
+            if v.is_finite() {
+                let e = w.metrics.entry(k.clone()).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        if changed && matches!(after, Health::Unhealthy { .. }) {
+            w.unhealthy += 1;
+        }
     }
     inst.soft.health = after;
     inst.soft.last_seen_ms = now;

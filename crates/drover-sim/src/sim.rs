@@ -217,6 +217,7 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
         launch_not_before_ms: 0,
         paused: false,
         resumed_ms: 0,
+        canary: None,
         provider_replaces_leavers: false,
     }
 }

@@ -49,6 +49,15 @@ pub struct RolloutRecord {
     /// it spent paused does not fail it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resumed_ms: u64,
+    /// When every canary was ready and the bake began (0: not yet, or no canary).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub canary_baking_ms: u64,
+    /// The canary stage is over (its analysis passed, or a person promoted it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary_passed: bool,
+    /// The last canary analysis: verdict and numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -71,6 +71,9 @@ fn group(generation: u64) -> GroupRecord {
             failure: None,
             paused: false,
             resumed_ms: 0,
+            canary_baking_ms: 0,
+            canary_passed: false,
+            analysis: None,
         },
     }
 }
