@@ -518,6 +518,8 @@ mod tests {
                 fail_after_exits: 3,
                 canary: None,
                 analysis: Default::default(),
+                waves: Vec::new(),
+                wave_bake: Dur::from_secs(600),
             },
             replace_unhealthy_after_ms: 30_000,
             launch_not_before_ms: 0,

@@ -4,6 +4,7 @@
 pub mod analysis;
 pub mod autoscale;
 pub mod group;
+pub mod waves;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
 pub use group::{

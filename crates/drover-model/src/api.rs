@@ -400,6 +400,12 @@ pub struct RolloutStatus {
     /// The last canary analysis: `passed: ...` or `failed: ...`, with its numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<String>,
+    /// The group's wave (1 = the first; 0: the service has no waves).
+    #[serde(default)]
+    pub wave: u32,
+    /// The fleet's last change waits for this group's wave (phase `waiting`).
+    #[serde(default)]
+    pub wave_pending: bool,
 }
 
 /// What `POST /v1/rollout` does to a service's rollouts.

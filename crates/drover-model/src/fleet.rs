@@ -120,6 +120,10 @@ pub struct Ingress {
     pub component: Option<String>,
     /// Name of the component port traffic is forwarded to.
     pub port: String,
+    /// Per region, another `ip:port` than `listen` (several `local` regions of one service
+    /// each need their own), e.g. `{ b = "127.0.0.1:8081" }`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub listen_in: IndexMap<String, String>,
     /// How the built-in balancer (`local` regions) picks an instance for a new connection:
     /// `round_robin` (the default) or `least_connections`.
     #[serde(default, skip_serializing_if = "crate::api::Balance::is_default")]
@@ -145,6 +149,24 @@ pub struct Rollout {
     /// How the canary is judged (with a canary only).
     #[serde(skip_serializing_if = "Analysis::is_default")]
     pub analysis: Analysis,
+    /// Regions in waves, e.g. `[["eu-west-1"], ["us-east-1", "us-west-2"], ["*"]]`: a change
+    /// reaches the groups of a wave once every group of the earlier waves has finished its
+    /// rollout and `wave_bake` has passed. `"*"`: every region not named before.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Vec<String>>,
+    /// How long a finished wave runs before the next one starts.
+    pub wave_bake: Dur,
+}
+
+impl Rollout {
+    /// The wave of `region` (0 = the first); 0 without waves, or for a region in none.
+    pub fn wave_of(&self, region: &str) -> usize {
+        self.waves
+            .iter()
+            .position(|w| w.iter().any(|r| r == region))
+            .or_else(|| self.waves.iter().position(|w| w.iter().any(|r| r == "*")))
+            .unwrap_or(0)
+    }
 }
 
 /// `rollout.canary`: how many new instances serve beside the old ones, and for how long.
@@ -246,6 +268,8 @@ impl Default for Rollout {
             fail_after_exits: 3,
             canary: None,
             analysis: Analysis::default(),
+            waves: Vec::new(),
+            wave_bake: Dur::from_secs(600),
         }
     }
 }

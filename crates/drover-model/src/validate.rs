@@ -484,6 +484,58 @@ fn check_service(
             ),
         ));
     }
+    if !r.waves.is_empty() {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (k, wave) in r.waves.iter().enumerate() {
+            for region in wave {
+                let path = [
+                    "services".to_string(),
+                    s.to_string(),
+                    "rollout".into(),
+                    "waves".into(),
+                    k.to_string(),
+                ];
+                if region != "*" && !svc.regions.contains(region) {
+                    out.push(p_owned(
+                        &path,
+                        format!(
+                            "wave {} names region {region:?}, which {s} does not run in; its regions: {}",
+                            k + 1,
+                            svc.regions.join(", ")
+                        ),
+                    ));
+                }
+                if let Some(first) = seen.insert(region.as_str(), k) {
+                    out.push(p_owned(
+                        &path,
+                        format!(
+                            "{region:?} is in wave {} and in wave {}: a region goes in one wave",
+                            first + 1,
+                            k + 1
+                        ),
+                    ));
+                }
+            }
+        }
+        if !seen.contains_key("*") {
+            for region in &svc.regions {
+                if !seen.contains_key(region.as_str()) {
+                    out.push(p(
+                        &["services", s, "rollout", "waves"],
+                        format!(
+                            "region {region:?} of {s} is in no wave: add it to one, or end with [\"*\"]"
+                        ),
+                    ));
+                }
+            }
+        }
+        if r.wave_bake.0.is_zero() && r.waves.len() > 1 {
+            out.push(p(
+                &["services", s, "rollout", "wave_bake"],
+                "wave_bake = 0s: give a wave time to show trouble, e.g. 10m",
+            ));
+        }
+    }
     if let Some(c) = &r.canary {
         let at = |f: &'static str| ["services", s, "rollout", "canary", f];
         if c.instances.is_some() && c.percent.is_some() {
@@ -901,11 +953,76 @@ fn check_service(
                 ),
             )),
             Ok(addr) => {
-                if let Some(other) = listens.insert(addr, s.to_string()) {
-                    out.push(p(
-                        &["services", s, "ingress", "listen"],
-                        format!("{addr} is already the ingress of service {other:?}"),
-                    ));
+                // One listener per group: several regions of a service that are not on AWS
+                // (whose ingress is a load balancer of its own) need their own addresses.
+                let local: Vec<&String> = svc
+                    .regions
+                    .iter()
+                    .filter(|r| {
+                        fleet
+                            .regions
+                            .get(*r)
+                            .is_some_and(|x| x.provider != ProviderKind::Aws)
+                    })
+                    .collect();
+                if local.is_empty() {
+                    if let Some(other) = listens.insert(addr, format!("service {s:?}")) {
+                        out.push(p(
+                            &["services", s, "ingress", "listen"],
+                            format!("{addr} is already the ingress of {other}"),
+                        ));
+                    }
+                }
+                for region in &local {
+                    let (text, path) = match ing.listen_in.get(*region) {
+                        Some(t) => (
+                            t.clone(),
+                            vec![
+                                "services".to_string(),
+                                s.to_string(),
+                                "ingress".into(),
+                                "listen_in".into(),
+                                region.to_string(),
+                            ],
+                        ),
+                        None => (
+                            ing.listen.clone(),
+                            vec![
+                                "services".to_string(),
+                                s.to_string(),
+                                "ingress".into(),
+                                "listen".into(),
+                            ],
+                        ),
+                    };
+                    let Ok(a) = text.parse::<SocketAddr>() else {
+                        out.push(p_owned(
+                            &path,
+                            format!("{text:?} is not an ip:port address, e.g. \"127.0.0.1:8081\""),
+                        ));
+                        continue;
+                    };
+                    let who = if local.len() == 1 {
+                        format!("service {s:?}")
+                    } else {
+                        format!("service {s:?} in region {region}")
+                    };
+                    if let Some(other) = listens.insert(a, who) {
+                        out.push(p_owned(
+                            &path,
+                            format!(
+                                "{a} is already the ingress of {other}; each region's group needs its own address: set ingress.listen_in = {{ {region} = \"IP:PORT\" }}"
+                            ),
+                        ));
+                    }
+                }
+                for region in ing.listen_in.keys() {
+                    if !svc.regions.contains(region) {
+                        out.push(p(
+                            &["services", s, "ingress", "listen_in"],
+                            format!("listen_in names region {region:?}, which {s} does not run in"),
+                        ));
+                    }
                 }
             }
         }

@@ -410,7 +410,61 @@ impl Engine {
         }
         self.update_targets(targets);
         self.check_rebuilt();
+        if let Err(e) = self.release_waves(now).await {
+            tracing::error!("waves: {e}");
+        }
         self.sweep_providers().await;
+    }
+
+    /// Let the fleet's change reach the next wave of each service whose earlier waves are
+    /// done (`drover_control::waves::release`). The caller holds the write lock.
+    async fn release_waves(&self, now: u64) -> Result<(), ServerError> {
+        let releases: Vec<(usize, Vec<String>)> = {
+            let st = self.state();
+            let Some(fleet) = st.fleet() else {
+                return Ok(());
+            };
+            fleet
+                .services
+                .iter()
+                .filter(|(_, s)| !s.rollout.waves.is_empty())
+                .filter_map(|(name, s)| {
+                    let groups: Vec<drover_control::waves::WaveGroup> = s
+                        .regions
+                        .iter()
+                        .filter_map(|r| {
+                            let g = st.groups.get(&drover_model::GroupId::new(name, r).0)?;
+                            let ro = &g.record.rollout;
+                            Some(drover_control::waves::WaveGroup {
+                                group: g.record.group.clone(),
+                                wave: s.rollout.wave_of(r),
+                                pending: ro.wave_pending,
+                                open: ro.open,
+                                failed: ro.failed_generation >= g.record.generation,
+                                done_ms: ro.done_ms,
+                            })
+                        })
+                        .collect();
+                    drover_control::waves::release(&groups, s.rollout.wave_bake.as_millis(), now)
+                })
+                .collect()
+        };
+        for (wave, groups) in releases {
+            let Some(rev) = self.current_revision() else {
+                return Ok(());
+            };
+            self.apply_locked(
+                drover_model::api::ApplyRequest {
+                    file: rev.file.clone(),
+                    toml: rev.toml.clone(),
+                    dry_run: false,
+                    force_file: false,
+                },
+                crate::apply::Origin::Wave { wave, groups },
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// The view is rebuilt once every instance restored from the store whose agent is alive
@@ -727,6 +781,7 @@ impl Engine {
                 let Some((record, versions)) = self.update_rollout(&group, |r, g| {
                     r.open = false;
                     r.good_generation = g;
+                    r.done_ms = now;
                 }) else {
                     return Ok(());
                 };
@@ -1183,7 +1238,13 @@ pub(crate) fn provider_and_ingress(
         return (provider, None);
     }
     let ingress = fleet.services.get(service).and_then(|svc| {
-        let listen = svc.ingress.as_ref()?.listen.parse().ok()?;
+        let ing = svc.ingress.as_ref()?;
+        let listen = ing
+            .listen_in
+            .get(region)
+            .unwrap_or(&ing.listen)
+            .parse()
+            .ok()?;
         let (_, _, port) = drover_model::Fleet::ingress_target(svc)?;
         Some((listen, port))
     });

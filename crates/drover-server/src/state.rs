@@ -319,10 +319,18 @@ impl State {
                         failure: g.record.rollout.failure.clone(),
                         paused: g.record.rollout.paused && g.record.rollout.open,
                         analysis: g.record.rollout.analysis.clone(),
+                        wave: self
+                            .service(g)
+                            .filter(|s| !s.rollout.waves.is_empty())
+                            .map(|s| s.rollout.wave_of(&g.plan.region) as u32 + 1)
+                            .unwrap_or(0),
+                        wave_pending: g.record.rollout.wave_pending,
                         phase: {
                             let r = &g.record.rollout;
                             let canary = st_canary(self, g);
-                            if r.open && r.paused {
+                            if r.wave_pending && !r.open {
+                                "waiting"
+                            } else if r.open && r.paused {
                                 "paused"
                             } else if r.open && canary && r.canary_baking_ms > 0 {
                                 "baking"

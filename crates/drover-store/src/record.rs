@@ -58,6 +58,12 @@ pub struct RolloutRecord {
     /// The last canary analysis: verdict and numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<String>,
+    /// The fleet's last change waits for this group's wave: its plan is held.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wave_pending: bool,
+    /// When its last rollout finished (ms): the next wave counts `wave_bake` from here.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub done_ms: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -74,6 +74,8 @@ fn group(generation: u64) -> GroupRecord {
             canary_baking_ms: 0,
             canary_passed: false,
             analysis: None,
+            wave_pending: false,
+            done_ms: 0,
         },
     }
 }

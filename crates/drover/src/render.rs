@@ -75,7 +75,9 @@ pub fn status(s: &FleetStatus) -> String {
     ]);
     for g in &s.groups {
         let r = &g.rollout;
-        let rollout = if r.in_progress && r.paused {
+        let rollout = if r.wave_pending && !r.in_progress {
+            format!("waits for wave {}", r.wave)
+        } else if r.in_progress && r.paused {
             format!(
                 "paused at gen {}: {}/{} healthy on it, {} stale",
                 g.generation, r.current_healthy, g.desired, r.stale
