@@ -91,8 +91,16 @@ pub struct RolloutPlan {
     pub replaced: u32,
     /// Replacement batches, given max_surge and max_unavailable.
     pub batches: u32,
-    /// Estimated duration in ms: batches x (boot + min_healthy_time).
+    /// Estimated duration in ms: batches x (boot + min_healthy_time), plus the canary's
+    /// boot and bake.
     pub estimated_ms: u64,
+    /// Its wave (1 = the first; 0: no waves). A group of a later wave starts once the waves
+    /// before it are done and `wave_bake` has passed.
+    #[serde(default)]
+    pub wave: u32,
+    /// The change waits for the group's wave (`to_generation` is the one it will get).
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// One stored fleet revision.

@@ -349,8 +349,37 @@ impl Engine {
                         Origin::Wave { groups, .. } => !groups.contains(&gid),
                         Origin::Command(_) | Origin::AutoRevert { .. } => false,
                     };
+                let estimate = |desired: u32| {
+                    let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
+                    let batches = desired.div_ceil(step);
+                    let boot = boot_ms.unwrap_or(DEFAULT_BOOT_MS)
+                        + svc.rollout.min_healthy_time.as_millis();
+                    let canary = svc
+                        .rollout
+                        .canary
+                        .as_ref()
+                        .map(|c| boot + c.bake.as_millis())
+                        .unwrap_or(0);
+                    (batches, batches as u64 * boot + canary)
+                };
+                let wave_no = if svc.rollout.waves.is_empty() {
+                    0
+                } else {
+                    wave as u32 + 1
+                };
                 let (mut plan, generation) = match (held, old) {
                     (true, Some(g)) => {
+                        let (batches, estimated_ms) = estimate(g.record.desired);
+                        rollouts.push(RolloutPlan {
+                            group: gid.clone(),
+                            from_generation: g.record.generation,
+                            to_generation: g.record.generation + 1,
+                            replaced: g.record.desired,
+                            batches,
+                            estimated_ms,
+                            wave: wave_no,
+                            held: true,
+                        });
                         plan_changes.push(format!(
                             "{gid}: held for wave {} ({} -> {} when the waves before it are done)",
                             wave + 1,
@@ -454,17 +483,16 @@ impl Engine {
                 if plan_changed {
                     let replaced = old.map(|_| desired).unwrap_or(0);
                     if let Some(g) = old {
-                        let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
-                        let batches = replaced.div_ceil(step);
+                        let (batches, estimated_ms) = estimate(replaced);
                         rollouts.push(RolloutPlan {
                             group: gid.clone(),
                             from_generation: g.record.generation,
                             to_generation: generation,
                             replaced,
                             batches,
-                            estimated_ms: batches as u64
-                                * (boot_ms.unwrap_or(DEFAULT_BOOT_MS)
-                                    + svc.rollout.min_healthy_time.as_millis()),
+                            estimated_ms,
+                            wave: wave_no,
+                            held: false,
                         });
                     }
                     plan_changes.push(match old {
