@@ -359,6 +359,14 @@ async fn revision(
                 .scrub(&drover_model::secret::redact_toml(&r.toml))
                 .into_owned();
             sc.scrub_in_place(&mut r.summary);
+            // The file as last applied (the three-way merge's base) holds secrets too.
+            if let Some(l) = r.last_applied.as_mut() {
+                let base = drover_model::parse_fleet(&l.toml, &r.file).ok();
+                let sb = drover_model::secret::Scrubber::for_fleet(base.as_ref());
+                l.toml = sc
+                    .scrub(&sb.scrub(&drover_model::secret::redact_toml(&l.toml)))
+                    .into_owned();
+            }
             let mut v = serde_json::to_value(&r)
                 .map_err(|err| ServerError::Internal(format!("revision {n}: {err}")))?;
             drover_model::secret::redact_json(&mut v);
