@@ -59,6 +59,52 @@ fn etcd_conformance() {
     write_conditions_fence_every_commit(&cluster);
     eprintln!("etcd: unreachable");
     unreachable_endpoints_fail_clearly();
+    // Last: it turns authentication on for the whole cluster.
+    eprintln!("etcd: credentials");
+    credentials_are_used_and_refusals_are_clear(&cluster);
+}
+
+/// With authentication on: no user or a wrong password is refused clearly, the right one
+/// works (from the config, as the URL's userinfo or DROVER_ETCD_USER/PASSWORD give it).
+fn credentials_are_used_and_refusals_are_clear(cluster: &Mutex<LocalEtcd>) {
+    let cfg = cluster.lock().unwrap().config("/drover-test/auth/");
+    let admin = EtcdStore::open(&cfg).unwrap();
+    let mut client = admin.client();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        client.user_add("root", "s3cret", None).await.unwrap();
+        client.user_grant_role("root", "root").await.unwrap();
+        client.auth_enable().await.unwrap();
+    });
+    let with = |user: Option<&str>, password: &str| {
+        let mut c = cfg.clone();
+        c.user = user.map(str::to_string);
+        c.password = Some(password.to_string());
+        EtcdStore::open(&c)
+    };
+    let err = with(Some("root"), "wrong").err().expect("a wrong password");
+    eprintln!("wrong password: {err}");
+    assert!(matches!(err, StoreError::EtcdAuth { .. }), "{err:?}");
+    assert!(err.to_string().contains("DROVER_ETCD_PASSWORD"), "{err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "the password is not shown: {err}"
+    );
+    let err = with(None, "").err().expect("no user");
+    eprintln!("no user: {err}");
+    assert!(matches!(err, StoreError::EtcdAuth { .. }), "{err:?}");
+    let store = with(Some("root"), "s3cret").unwrap();
+    assert_eq!(
+        commit_one(&store, "authenticated").unwrap().revision,
+        Some(1)
+    );
+    rt.block_on(async {
+        let mut c = store.client();
+        c.auth_disable().await.unwrap();
+    });
 }
 
 fn commit_one(store: &dyn Store, what: &str) -> Result<drover_store::Committed, StoreError> {
