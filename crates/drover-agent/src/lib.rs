@@ -350,6 +350,7 @@ pub async fn run_with_auth(
             restarts: 0,
             last_exit: None,
             message: None,
+            last_output: None,
         })
         .collect();
     let components_len = cfg.plan.components.len();

@@ -61,17 +61,21 @@ pub(crate) async fn supervise(
             }
             End::Exited { exit, ran } => {
                 tracing::warn!(component = %comp.name, %exit, ran_ms = ran.as_millis() as u64, "component exited; restarting");
+                let output = last_output(&ctx.instance.log_file(comp));
                 ctx.update(idx, |c| {
                     c.state = ComponentState::Backoff;
                     c.pid = None;
                     c.restarts += 1;
                     c.last_exit = Some(exit);
+                    c.last_output = output;
                 });
                 ran
             }
             End::Unhealthy { exit, reason, ran } => {
                 tracing::warn!(component = %comp.name, %reason, "component failed its health check; restarted");
+                let output = last_output(&ctx.instance.log_file(comp));
                 ctx.update(idx, |c| {
+                    c.last_output = output;
                     c.state = ComponentState::Backoff;
                     c.pid = None;
                     c.restarts += 1;
@@ -266,5 +270,62 @@ async fn watch_health(
             _ => {}
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// The last lines of a component's log (what it printed before it exited), at most
+/// [`drover_model::api::LAST_OUTPUT_MAX`] bytes, cut at a line start and at a character
+/// boundary. `None` when there is no log (a Docker component: the engine keeps its output).
+pub(crate) fn last_output(log: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let max = drover_model::api::LAST_OUTPUT_MAX as u64;
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    let start = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut buf = Vec::with_capacity(max as usize);
+    f.take(max).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    // Started mid-line: drop the partial first line.
+    let text = match (start > 0, text.find('\n')) {
+        (true, Some(i)) => &text[i + 1..],
+        _ => &text[..],
+    };
+    let text = text.trim_end();
+    if text.is_empty() {
+        return None;
+    }
+    // Lossy decoding may have grown the text past the cap: keep the end.
+    let mut cut = text.len().saturating_sub(max as usize);
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    Some(text[cut..].to_string())
+}
+
+#[cfg(test)]
+mod last_output_tests {
+    use super::last_output;
+
+    #[test]
+    fn the_last_lines_are_kept_within_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        assert_eq!(last_output(&log), None);
+        std::fs::write(&log, "starting\nerror: cannot bind 127.0.0.1:8080\n").unwrap();
+        assert_eq!(
+            last_output(&log).as_deref(),
+            Some("starting\nerror: cannot bind 127.0.0.1:8080")
+        );
+        let long: String = (0..500).map(|i| format!("line {i} é\n")).collect();
+        std::fs::write(&log, &long).unwrap();
+        let out = last_output(&log).unwrap();
+        assert!(
+            out.len() <= drover_model::api::LAST_OUTPUT_MAX,
+            "{}",
+            out.len()
+        );
+        assert!(out.ends_with("line 499 é"), "{out}");
+        assert!(out.starts_with("line "), "starts at a line: {out}");
     }
 }

@@ -17,6 +17,12 @@ pub struct GroupSpec {
     pub generation_since_ms: u64,
     /// Whether a rollout to `generation` is still being watched (not yet done or failed).
     pub rollout_open: bool,
+    /// The rollout is paused: no permit, and no launch beyond keeping `desired` instances.
+    pub paused: bool,
+    /// When the rollout was last resumed (ms; 0: never paused): the deadline counts from it.
+    pub resumed_ms: u64,
+    /// The canary stage of the rollout, until its analysis passed (or it was promoted).
+    pub canary: Option<CanaryGate>,
     pub rollout: Rollout,
     /// An instance that has not turned healthy this long after launch, or that has been
     /// unhealthy this long, is replaced.
@@ -31,6 +37,16 @@ pub struct GroupSpec {
     /// second replacement; its launch comes once the leaver is gone, and claims the
     /// provider's replacement. See [`provider_replaces`].
     pub provider_replaces_leavers: bool,
+}
+
+/// A rollout's canary stage: `size` new instances serve beside the old ones; once all are
+/// ready they bake for `bake_ms`, then the server judges them (`CanaryAnalyse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CanaryGate {
+    pub size: u32,
+    pub bake_ms: u64,
+    /// When every canary was ready and the bake began (0: not yet).
+    pub baking_since_ms: u64,
 }
 
 /// Where an instance is in its life, as the server recorded it.
@@ -77,6 +93,10 @@ pub struct InstanceView {
     /// Since when its health has been watched: its launch, or the server's start when the
     /// server restarted after the launch. "Never turned healthy" counts from here.
     pub watched_since_ms: u64,
+    /// Exits of its components before it was ever healthy (the most of any component), and
+    /// what the last one said (exit status, last lines printed).
+    pub exits_before_healthy: u32,
+    pub last_failure: Option<String>,
 }
 
 /// Timings that are not per service.
@@ -100,6 +120,10 @@ pub enum Action {
     Launch { group: String, generation: u64 },
     /// The rollout to `generation` finished: every instance runs it.
     RolloutDone { group: String, generation: u64 },
+    /// Every canary of the rollout to `generation` is ready: the bake begins now.
+    CanaryBaking { group: String, generation: u64 },
+    /// The bake is over: judge the canaries against the baseline.
+    CanaryAnalyse { group: String, generation: u64 },
     /// The rollout to `generation` did not turn healthy within its deadline.
     RolloutFailed {
         group: String,
@@ -262,6 +286,11 @@ fn reconcile_group(
 
     // 2. Rollout bookkeeping.
     let ready_fresh = fresh.iter().filter(|i| ready(i)).count();
+    // The canary stage holds the rollout until the analysis passed.
+    let canary = spec
+        .canary
+        .filter(|_| spec.rollout_open && !stale.is_empty());
+    let baking = canary.is_some_and(|c| c.baking_since_ms > 0);
     if spec.rollout_open {
         // Progress is the last time a new instance became ready; the rollout fails when
         // healthy_deadline passes without any.
@@ -274,13 +303,38 @@ fn reconcile_group(
             })
             .max()
             .unwrap_or(0)
-            .max(spec.generation_since_ms);
+            .max(spec.generation_since_ms)
+            .max(spec.resumed_ms);
         if stale.is_empty() && ready_fresh >= desired {
             d.actions.push(Action::RolloutDone {
                 group: spec.group.clone(),
                 generation: spec.generation,
             });
-        } else if now.saturating_sub(last_progress) > r.healthy_deadline.as_millis() {
+        } else if let Some(i) = fresh.iter().find(|i| {
+            r.fail_after_exits > 0
+                && !i.ever_healthy
+                && i.exits_before_healthy >= r.fail_after_exits
+        }) {
+            // Fail fast: a version that keeps crashing before it ever turns healthy does
+            // not get the whole healthy_deadline.
+            d.actions.push(Action::RolloutFailed {
+                group: spec.group.clone(),
+                generation: spec.generation,
+                reason: format!(
+                    "{} exited {} times before it was ever healthy (fail_after_exits = {}){}",
+                    i.id,
+                    i.exits_before_healthy,
+                    r.fail_after_exits,
+                    i.last_failure
+                        .as_deref()
+                        .map(|f| format!(": {f}"))
+                        .unwrap_or_default()
+                ),
+            });
+        } else if !spec.paused
+            && !baking
+            && now.saturating_sub(last_progress) > r.healthy_deadline.as_millis()
+        {
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
                 generation: spec.generation,
@@ -292,6 +346,39 @@ fn reconcile_group(
         }
     }
 
+    if let Some(c) = canary {
+        if spec.rollout_open && !spec.paused {
+            if c.baking_since_ms == 0 && ready_fresh >= c.size as usize {
+                d.actions.push(Action::CanaryBaking {
+                    group: spec.group.clone(),
+                    generation: spec.generation,
+                });
+            } else if c.baking_since_ms > 0 && now >= c.baking_since_ms + c.bake_ms {
+                d.actions.push(Action::CanaryAnalyse {
+                    group: spec.group.clone(),
+                    generation: spec.generation,
+                });
+            }
+        }
+        // Canaries beside the old instances (and replacements that keep the count): no
+        // permit until the analysis passed.
+        let keep = desired.saturating_sub(stale.len() + fresh.len());
+        let want = if spec.paused {
+            keep
+        } else {
+            (c.size as usize).saturating_sub(fresh.len()).max(keep)
+        };
+        if now >= spec.launch_not_before_ms {
+            for _ in 0..want {
+                d.actions.push(Action::Launch {
+                    group: spec.group.clone(),
+                    generation: spec.generation,
+                });
+            }
+        }
+        return;
+    }
+
     // 3. Launches: up to desired instances on the current generation, within the surge cap.
     //    A leaver the provider replaces holds its place until it is gone.
     let occupancy = stale.len() + fresh.len() + replaced_leavers;
@@ -299,6 +386,12 @@ fn reconcile_group(
         desired
     } else {
         desired + r.max_surge as usize
+    };
+    // A paused rollout launches nothing for itself: at most what keeps `desired` instances.
+    let cap = if spec.paused && !stale.is_empty() {
+        desired
+    } else {
+        cap
     };
     let launches = if now < spec.launch_not_before_ms {
         0
@@ -321,6 +414,10 @@ fn reconcile_group(
     stale.sort_by_key(|i| (healthy(i), i.generation, i.launched_at_ms, i.id.clone()));
     let mut remaining_stale = stale.len();
     for i in &stale {
+        // A paused rollout hands out no permit.
+        if spec.paused {
+            break;
+        }
         // Health not known yet (e.g. just after a server restart): wait for its report.
         if i.health == Health::Unknown {
             continue;
@@ -418,9 +515,17 @@ mod tests {
                 healthy_deadline: Dur::from_secs(60),
                 auto_revert: false,
                 drain_timeout: Dur::from_secs(2),
+                fail_after_exits: 3,
+                canary: None,
+                analysis: Default::default(),
+                waves: Vec::new(),
+                wave_bake: Dur::from_secs(600),
             },
             replace_unhealthy_after_ms: 30_000,
             launch_not_before_ms: 0,
+            paused: false,
+            resumed_ms: 0,
+            canary: None,
             provider_replaces_leavers: replaces,
         }
     }
@@ -440,6 +545,8 @@ mod tests {
             last_seen_ms: now,
             ever_healthy: healthy_since.is_some(),
             watched_since_ms: now,
+            exits_before_healthy: 0,
+            last_failure: None,
         }
     }
 
@@ -588,5 +695,105 @@ mod tests {
         let mut smaller = s.clone();
         smaller.desired = 2;
         assert!(!provider_replaces(&smaller, &a, &group));
+    }
+
+    /// A new instance whose component keeps exiting before it was ever healthy fails the
+    /// rollout at once, with what it said; below the threshold, or once healthy, it does not.
+    #[test]
+    fn a_version_that_keeps_crashing_fails_its_rollout_at_once() {
+        let now = 600_000;
+        let mut spec = spec(2, 1, false);
+        spec.generation = 2;
+        spec.generation_since_ms = now - 1_000;
+        spec.rollout_open = true;
+        let old: Vec<InstanceView> = (0..2)
+            .map(|k| instance(&format!("i-old{k}"), 1, 0, Some(0)))
+            .collect();
+        let mut new = instance("i-new", 2, now - 900, None);
+        new.exits_before_healthy = 2;
+        new.last_failure = Some("component app: exit status 1; last output:\npanic".into());
+        let failed = |list: &[InstanceView], spec: &GroupSpec| {
+            reconcile(now, std::slice::from_ref(spec), list, &TIMING)
+                .actions
+                .into_iter()
+                .find_map(|a| match a {
+                    Action::RolloutFailed { reason, .. } => Some(reason),
+                    _ => None,
+                })
+        };
+        let mut list = old.clone();
+        list.push(new.clone());
+        assert_eq!(failed(&list, &spec), None, "2 exits: not yet");
+        list.last_mut().unwrap().exits_before_healthy = 3;
+        let reason = failed(&list, &spec).expect("3 exits fail the rollout");
+        assert!(
+            reason.contains("i-new exited 3 times before it was ever healthy"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("exit status 1; last output:\npanic"),
+            "{reason}"
+        );
+        // Off with 0; and not for an instance that was healthy once.
+        let mut off = spec.clone();
+        off.rollout.fail_after_exits = 0;
+        assert_eq!(failed(&list, &off), None);
+        list.last_mut().unwrap().ever_healthy = true;
+        assert_eq!(failed(&list, &spec), None);
+    }
+
+    /// A paused rollout hands out no permit and launches no surge; it keeps the group at
+    /// its desired count, its deadline does not run, and it goes on once resumed.
+    #[test]
+    fn a_paused_rollout_hands_out_no_permit_and_launches_no_surge() {
+        let now = 600_000;
+        let mut spec = spec(3, 1, false);
+        spec.generation = 2;
+        spec.generation_since_ms = now - 120_000;
+        spec.rollout_open = true;
+        spec.paused = true;
+        let mut list: Vec<InstanceView> = (0..2)
+            .map(|k| instance(&format!("i-old{k}"), 1, 0, Some(0)))
+            .collect();
+        list.push(instance("i-new0", 2, now - 60_000, Some(now - 50_000)));
+        for i in list.iter_mut() {
+            i.last_seen_ms = now;
+        }
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(
+            d.actions.is_empty(),
+            "no permit, no launch, no failure past the deadline: {:?}",
+            d.actions
+        );
+        // An old instance is lost: its replacement keeps the count (3), and no more (no
+        // surge to 4).
+        list[0].alive = false;
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        let launches = d
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Launch { .. }))
+            .count();
+        assert_eq!(launches, 1, "back to desired, no surge: {:?}", d.actions);
+        assert!(!d.actions.iter().any(|a| matches!(a, Action::Permit { .. })));
+        list.remove(0);
+        let mut replacement = instance("i-new1", 2, now - 30_000, Some(now - 20_000));
+        replacement.last_seen_ms = now;
+        list.push(replacement);
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(d.actions.is_empty(), "still paused: {:?}", d.actions);
+        // Resumed: permits again, and the deadline counts from the resume.
+        spec.paused = false;
+        spec.resumed_ms = now;
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(
+            d.actions.iter().any(|a| matches!(a, Action::Permit { .. })),
+            "{:?}",
+            d.actions
+        );
+        assert!(!d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::RolloutFailed { .. })));
     }
 }

@@ -1,8 +1,12 @@
 //! drover's controllers: deterministic functions of (desired state, observed state, clock) to
 //! actions. They do no I/O; the server carries out their decisions, the simulator replays them.
 
+pub mod analysis;
 pub mod autoscale;
 pub mod group;
+pub mod waves;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
-pub use group::{reconcile, Action, Decision, GroupSpec, Health, InstanceView, Phase, Timing};
+pub use group::{
+    reconcile, Action, CanaryGate, Decision, GroupSpec, Health, InstanceView, Phase, Timing,
+};

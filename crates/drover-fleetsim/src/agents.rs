@@ -873,6 +873,7 @@ fn build(spec: &Spec, ctl: &Ctl) -> Heartbeat {
                 restarts: 0,
                 last_exit: None,
                 message,
+                last_output: None,
             }
         })
         .collect();

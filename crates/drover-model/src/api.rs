@@ -91,8 +91,16 @@ pub struct RolloutPlan {
     pub replaced: u32,
     /// Replacement batches, given max_surge and max_unavailable.
     pub batches: u32,
-    /// Estimated duration in ms: batches x (boot + min_healthy_time).
+    /// Estimated duration in ms: batches x (boot + min_healthy_time), plus the canary's
+    /// boot and bake.
     pub estimated_ms: u64,
+    /// Its wave (1 = the first; 0: no waves). A group of a later wave starts once the waves
+    /// before it are done and `wave_bake` has passed.
+    #[serde(default)]
+    pub wave: u32,
+    /// The change waits for the group's wave (`to_generation` is the one it will get).
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// One stored fleet revision.
@@ -153,7 +161,14 @@ pub struct ComponentReport {
     pub last_exit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The last lines the component printed before its last exit (at most
+    /// [`LAST_OUTPUT_MAX`] bytes; `secret_env` values are scrubbed by the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_output: Option<String>,
 }
+
+/// Most bytes of a component's last output an agent sends.
+pub const LAST_OUTPUT_MAX: usize = 2048;
 
 /// What the instance as a whole is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +388,10 @@ pub struct RolloutStatus {
     pub good_generation: u64,
     /// The last generation whose rollout failed (0: none).
     pub failed_generation: u64,
+    /// Why it failed: what the instance's component said (exit status, last lines printed),
+    /// or that no instance turned healthy within `healthy_deadline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// The current generation reverted this one (0: not a revert).
     pub reverted_from: u64,
     /// Instances on the current generation / on older ones.
@@ -380,6 +399,59 @@ pub struct RolloutStatus {
     pub stale: u32,
     /// Instances on the current generation that are healthy.
     pub current_healthy: u32,
+    /// Paused by a person (`drover rollout pause`).
+    #[serde(default)]
+    pub paused: bool,
+    /// `canary`, `baking`, `rolling`, `paused`, `failed` or `done`.
+    #[serde(default)]
+    pub phase: String,
+    /// The last canary analysis: `passed: ...` or `failed: ...`, with its numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
+    /// The group's wave (1 = the first; 0: the service has no waves).
+    #[serde(default)]
+    pub wave: u32,
+    /// The fleet's last change waits for this group's wave (phase `waiting`).
+    #[serde(default)]
+    pub wave_pending: bool,
+}
+
+/// What `POST /v1/rollout` does to a service's rollouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutAction {
+    /// No permit, nothing new launched, until resumed (kept across server restarts).
+    Pause,
+    Resume,
+    /// Go on at once (a paused rollout resumes).
+    Promote,
+    /// Stop it and go back to the last good generation.
+    Abort,
+}
+
+/// `POST /v1/rollout`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutActionRequest {
+    pub service: String,
+    /// Only this region's group (default: every region of the service).
+    #[serde(default)]
+    pub region: Option<String>,
+    pub action: RolloutAction,
+}
+
+/// The answer of `POST /v1/rollout`: the groups it acted on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutActionResponse {
+    pub groups: Vec<RolloutActed>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutActed {
+    pub group: String,
+    pub generation: u64,
+    /// What was done, e.g. `paused`, `already paused`, `resumed`, `aborted: going back to generation 1`.
+    pub result: String,
 }
 
 /// `POST /v1/deploy`: make `version` the preferred version of one component of a service.

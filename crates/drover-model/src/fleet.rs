@@ -120,6 +120,10 @@ pub struct Ingress {
     pub component: Option<String>,
     /// Name of the component port traffic is forwarded to.
     pub port: String,
+    /// Per region, another `ip:port` than `listen` (several `local` regions of one service
+    /// each need their own), e.g. `{ b = "127.0.0.1:8081" }`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub listen_in: IndexMap<String, String>,
     /// How the built-in balancer (`local` regions) picks an instance for a new connection:
     /// `round_robin` (the default) or `least_connections`.
     #[serde(default, skip_serializing_if = "crate::api::Balance::is_default")]
@@ -136,6 +140,120 @@ pub struct Rollout {
     pub healthy_deadline: Dur,
     pub auto_revert: bool,
     pub drain_timeout: Dur,
+    /// A new instance whose component exits this many times before it was ever healthy
+    /// fails the rollout at once (0: only `healthy_deadline` does).
+    pub fail_after_exits: u32,
+    /// First a few new instances beside the old ones for `bake`, then an analysis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    /// How the canary is judged (with a canary only).
+    #[serde(skip_serializing_if = "Analysis::is_default")]
+    pub analysis: Analysis,
+    /// Regions in waves, e.g. `[["eu-west-1"], ["us-east-1", "us-west-2"], ["*"]]`: a change
+    /// reaches the groups of a wave once every group of the earlier waves has finished its
+    /// rollout and `wave_bake` has passed. `"*"`: every region not named before.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Vec<String>>,
+    /// How long a finished wave runs before the next one starts.
+    pub wave_bake: Dur,
+}
+
+impl Rollout {
+    /// The wave of `region` (0 = the first); 0 without waves, or for a region in none.
+    pub fn wave_of(&self, region: &str) -> usize {
+        self.waves
+            .iter()
+            .position(|w| w.iter().any(|r| r == region))
+            .or_else(|| self.waves.iter().position(|w| w.iter().any(|r| r == "*")))
+            .unwrap_or(0)
+    }
+}
+
+/// `rollout.canary`: how many new instances serve beside the old ones, and for how long.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// This many canary instances (default 1 without `percent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
+    /// Or this share of the group's desired count, rounded up (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// How long the canaries serve before they are judged.
+    #[serde(default = "default_bake")]
+    pub bake: Dur,
+}
+
+fn default_bake() -> Dur {
+    Dur::from_secs(300)
+}
+
+impl Canary {
+    /// Canary instances for a group of `desired`: at least 1, at most `desired`.
+    pub fn size(&self, desired: u32) -> u32 {
+        let n = match (self.instances, self.percent) {
+            (Some(n), _) => n,
+            (None, Some(p)) => (desired * p).div_ceil(100),
+            (None, None) => 1,
+        };
+        n.clamp(1, desired.max(1))
+    }
+}
+
+/// `rollout.analysis`: what the canary is compared with its baseline on, beyond the
+/// built-in checks (restarts, health, the balancer's connect failures), and what a failed
+/// analysis does.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Analysis {
+    pub mode: AnalysisMode,
+    pub metrics: Vec<AnalysisMetric>,
+}
+
+impl Analysis {
+    pub fn is_default(&self) -> bool {
+        *self == Analysis::default()
+    }
+}
+
+/// What a failed analysis does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnalysisMode {
+    /// Fail the rollout (and revert, with `auto_revert`).
+    #[default]
+    Auto,
+    /// Pause the rollout and wait for a person (`drover rollout promote` or `abort`).
+    Advise,
+}
+
+/// One custom metric the canary is judged on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisMetric {
+    /// A custom metric of the service's components (`custom_metrics`).
+    pub metric: String,
+    /// Which way is better.
+    pub direction: Direction,
+    /// The canary fails when its mean is beyond the baseline's mean times this (lower), or
+    /// divided by it (higher).
+    #[serde(default = "default_max_ratio")]
+    pub max_ratio: f64,
+    /// An absolute allowance on top of the ratio (a baseline at 0 would fail any canary).
+    #[serde(default)]
+    pub tolerance: f64,
+}
+
+fn default_max_ratio() -> f64 {
+    1.5
+}
+
+/// Which way a metric is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Lower,
+    Higher,
 }
 
 impl Default for Rollout {
@@ -147,6 +265,11 @@ impl Default for Rollout {
             healthy_deadline: Dur::from_secs(60),
             auto_revert: true,
             drain_timeout: Dur::from_secs(10),
+            fail_after_exits: 3,
+            canary: None,
+            analysis: Analysis::default(),
+            waves: Vec::new(),
+            wave_bake: Dur::from_secs(600),
         }
     }
 }

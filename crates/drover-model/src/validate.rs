@@ -196,6 +196,13 @@ fn p(path: &[&str], message: impl Into<String>) -> Problem {
     }
 }
 
+fn p_owned(path: &[String], message: String) -> Problem {
+    Problem {
+        path: path.to_vec(),
+        message,
+    }
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -475,6 +482,139 @@ fn check_service(
                 "healthy_deadline ({}) must be longer than min_healthy_time ({})",
                 r.healthy_deadline, r.min_healthy_time
             ),
+        ));
+    }
+    if !r.waves.is_empty() {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (k, wave) in r.waves.iter().enumerate() {
+            for region in wave {
+                let path = [
+                    "services".to_string(),
+                    s.to_string(),
+                    "rollout".into(),
+                    "waves".into(),
+                    k.to_string(),
+                ];
+                if region != "*" && !svc.regions.contains(region) {
+                    out.push(p_owned(
+                        &path,
+                        format!(
+                            "wave {} names region {region:?}, which {s} does not run in; its regions: {}",
+                            k + 1,
+                            svc.regions.join(", ")
+                        ),
+                    ));
+                }
+                if let Some(first) = seen.insert(region.as_str(), k) {
+                    out.push(p_owned(
+                        &path,
+                        format!(
+                            "{region:?} is in wave {} and in wave {}: a region goes in one wave",
+                            first + 1,
+                            k + 1
+                        ),
+                    ));
+                }
+            }
+        }
+        if !seen.contains_key("*") {
+            for region in &svc.regions {
+                if !seen.contains_key(region.as_str()) {
+                    out.push(p(
+                        &["services", s, "rollout", "waves"],
+                        format!(
+                            "region {region:?} of {s} is in no wave: add it to one, or end with [\"*\"]"
+                        ),
+                    ));
+                }
+            }
+        }
+        if r.wave_bake.0.is_zero() && r.waves.len() > 1 {
+            out.push(p(
+                &["services", s, "rollout", "wave_bake"],
+                "wave_bake = 0s: give a wave time to show trouble, e.g. 10m",
+            ));
+        }
+    }
+    if let Some(c) = &r.canary {
+        let at = |f: &'static str| ["services", s, "rollout", "canary", f];
+        if c.instances.is_some() && c.percent.is_some() {
+            out.push(p(
+                &at("percent"),
+                "give the canary's size as instances or as percent, not both",
+            ));
+        }
+        if c.instances == Some(0) {
+            out.push(p(
+                &at("instances"),
+                "instances = 0: a canary needs at least 1",
+            ));
+        }
+        if c.percent.is_some_and(|p| p == 0 || p > 100) {
+            out.push(p(
+                &at("percent"),
+                format!("percent = {}: use 1 to 100", c.percent.unwrap_or(0)),
+            ));
+        }
+        if c.bake.0.is_zero() {
+            out.push(p(
+                &at("bake"),
+                "bake = 0s: give the canaries time to serve, e.g. 5m",
+            ));
+        }
+    }
+    for (k, m) in r.analysis.metrics.iter().enumerate() {
+        let at = |f: &'static str| {
+            vec![
+                "services".to_string(),
+                s.to_string(),
+                "rollout".into(),
+                "analysis".into(),
+                "metrics".into(),
+                k.to_string(),
+                f.to_string(),
+            ]
+        };
+        let known = svc
+            .components
+            .values()
+            .any(|c| c.custom_metrics.contains_key(&m.metric));
+        if !known {
+            let names: Vec<&str> = svc
+                .components
+                .values()
+                .flat_map(|c| c.custom_metrics.keys().map(String::as_str))
+                .collect();
+            out.push(p_owned(
+                &at("metric"),
+                format!(
+                    "no component of {s} reports the custom metric {:?}; its custom_metrics: {}",
+                    m.metric,
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            ));
+        }
+        if !(m.max_ratio.is_finite() && m.max_ratio >= 1.0) {
+            out.push(p_owned(
+                &at("max_ratio"),
+                format!("max_ratio = {}: use a number >= 1, e.g. 1.5", m.max_ratio),
+            ));
+        }
+        if !(m.tolerance.is_finite() && m.tolerance >= 0.0) {
+            out.push(p_owned(
+                &at("tolerance"),
+                "tolerance must be a number >= 0".into(),
+            ));
+        }
+    }
+    if !r.analysis.is_default() && r.canary.is_none() {
+        out.push(p(
+            &["services", s, "rollout", "analysis"],
+            "analysis judges a canary: add rollout.canary = { instances = 1, bake = \"5m\" }",
         ));
     }
     if let Some(a) = &svc.autoscale {
@@ -813,11 +953,76 @@ fn check_service(
                 ),
             )),
             Ok(addr) => {
-                if let Some(other) = listens.insert(addr, s.to_string()) {
-                    out.push(p(
-                        &["services", s, "ingress", "listen"],
-                        format!("{addr} is already the ingress of service {other:?}"),
-                    ));
+                // One listener per group: several regions of a service that are not on AWS
+                // (whose ingress is a load balancer of its own) need their own addresses.
+                let local: Vec<&String> = svc
+                    .regions
+                    .iter()
+                    .filter(|r| {
+                        fleet
+                            .regions
+                            .get(*r)
+                            .is_some_and(|x| x.provider != ProviderKind::Aws)
+                    })
+                    .collect();
+                if local.is_empty() {
+                    if let Some(other) = listens.insert(addr, format!("service {s:?}")) {
+                        out.push(p(
+                            &["services", s, "ingress", "listen"],
+                            format!("{addr} is already the ingress of {other}"),
+                        ));
+                    }
+                }
+                for region in &local {
+                    let (text, path) = match ing.listen_in.get(*region) {
+                        Some(t) => (
+                            t.clone(),
+                            vec![
+                                "services".to_string(),
+                                s.to_string(),
+                                "ingress".into(),
+                                "listen_in".into(),
+                                region.to_string(),
+                            ],
+                        ),
+                        None => (
+                            ing.listen.clone(),
+                            vec![
+                                "services".to_string(),
+                                s.to_string(),
+                                "ingress".into(),
+                                "listen".into(),
+                            ],
+                        ),
+                    };
+                    let Ok(a) = text.parse::<SocketAddr>() else {
+                        out.push(p_owned(
+                            &path,
+                            format!("{text:?} is not an ip:port address, e.g. \"127.0.0.1:8081\""),
+                        ));
+                        continue;
+                    };
+                    let who = if local.len() == 1 {
+                        format!("service {s:?}")
+                    } else {
+                        format!("service {s:?} in region {region}")
+                    };
+                    if let Some(other) = listens.insert(a, who) {
+                        out.push(p_owned(
+                            &path,
+                            format!(
+                                "{a} is already the ingress of {other}; each region's group needs its own address: set ingress.listen_in = {{ {region} = \"IP:PORT\" }}"
+                            ),
+                        ));
+                    }
+                }
+                for region in ing.listen_in.keys() {
+                    if !svc.regions.contains(region) {
+                        out.push(p(
+                            &["services", s, "ingress", "listen_in"],
+                            format!("listen_in names region {region:?}, which {s} does not run in"),
+                        ));
+                    }
                 }
             }
         }

@@ -43,6 +43,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/rollback", post(rollback))
         .route("/v1/destroy", post(destroy))
         .route("/v1/scale", post(scale))
+        .route("/v1/rollout", post(rollout))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
@@ -513,6 +514,12 @@ where
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
+/// `POST /v1/rollout`: pause, resume, promote or abort a service's rollouts.
+async fn rollout(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+    let req: drover_model::api::RolloutActionRequest = decode(body)?;
+    Ok(Json(e.rollout_action(req).await?).into_response())
+}
+
 async fn heartbeat(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
@@ -538,11 +545,14 @@ async fn heartbeat(
     if hb
         .components
         .iter()
-        .any(|c| c.message.is_some() || c.last_exit.is_some())
+        .any(|c| c.message.is_some() || c.last_exit.is_some() || c.last_output.is_some())
     {
         let sc = scrubber(&e);
         for c in &mut hb.components {
-            for t in [&mut c.message, &mut c.last_exit].into_iter().flatten() {
+            for t in [&mut c.message, &mut c.last_exit, &mut c.last_output]
+                .into_iter()
+                .flatten()
+            {
                 sc.scrub_in_place(t);
             }
         }
@@ -566,9 +576,9 @@ pub fn check_heartbeat(e: &Engine, hb: &Heartbeat) -> Result<(), ServerError> {
             return bad("a component name is empty or too long, or its version too long".into());
         }
         let long = |t: &Option<String>| t.as_ref().is_some_and(|t| t.len() > 4096);
-        if long(&c.message) || long(&c.last_exit) {
+        if long(&c.message) || long(&c.last_exit) || long(&c.last_output) {
             return bad(format!(
-                "component {}: message or last_exit over 4096 bytes",
+                "component {}: message, last_exit or last_output over 4096 bytes",
                 c.name
             ));
         }

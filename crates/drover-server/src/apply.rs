@@ -19,8 +19,12 @@ use crate::ServerError;
 pub enum Origin {
     /// A fleet file applied by a person.
     File,
-    /// `drover deploy` / `drover rollback`: the description says what was asked.
+    /// `drover deploy`: the description says what was asked (it goes wave by wave).
+    Deploy(String),
+    /// `drover rollback`, `drover destroy`: the description says what was asked.
     Command(String),
+    /// The next wave of the current revision's change reaches these groups (no new revision).
+    Wave { wave: usize, groups: Vec<String> },
     /// A rollout failed; these groups go back to their last good generation.
     AutoRevert { failed: BTreeMap<String, u64> },
 }
@@ -69,7 +73,7 @@ impl Engine {
                 dry_run: req.dry_run,
                 force_file: false,
             },
-            Origin::Command(why),
+            Origin::Deploy(why),
         )
         .await
     }
@@ -268,7 +272,7 @@ impl Engine {
                     },
                 )
             }
-            Origin::Command(why) => {
+            Origin::Command(why) | Origin::Deploy(why) => {
                 let set_by = drover_model::merge::commanded(
                     &old_set_by,
                     old_fleet.as_ref(),
@@ -284,6 +288,15 @@ impl Engine {
                     LastApplied { toml: base, set_by },
                 )
             }
+            Origin::Wave { .. } => (
+                req.toml.clone(),
+                file_fleet,
+                Vec::new(),
+                old_last.unwrap_or_else(|| LastApplied {
+                    toml: req.toml.clone(),
+                    set_by: BTreeMap::new(),
+                }),
+            ),
             Origin::AutoRevert { .. } => {
                 let set_by = drover_model::merge::commanded(
                     &old_set_by,
@@ -314,15 +327,83 @@ impl Engine {
         for (sname, svc) in &fleet.services {
             for region in &svc.regions {
                 let gid = drover_model::GroupId::new(sname, region).0;
-                let mut plan = drover_model::plan::plan_for(&fleet, sname, svc, region);
+                let plan = drover_model::plan::plan_for(&fleet, sname, svc, region);
                 let old = old_groups.get(&gid);
                 let old_svc = old_fleet.as_ref().and_then(|f| f.services.get(sname));
-                let (generation, plan_changed) = match old {
+                let (generation, mut plan_changed) = match old {
                     Some(g) if g.plan.same_content(&plan) => (g.record.generation, false),
                     Some(g) => (g.record.generation + 1, true),
                     // A group that existed before (removed, now back) continues its numbering:
                     // plans are immutable and kept.
                     None => (self.next_unused_generation(&gid)?, true),
+                };
+                // Waves: a change reaches the first wave now, the others when the wave before
+                // them is done (`release_waves`); until then their plan is held.
+                let wave = svc.rollout.wave_of(region);
+                let held = plan_changed
+                    && old.is_some()
+                    && match &origin {
+                        Origin::File | Origin::Deploy(_) => {
+                            !svc.rollout.waves.is_empty() && wave > 0
+                        }
+                        Origin::Wave { groups, .. } => !groups.contains(&gid),
+                        Origin::Command(_) | Origin::AutoRevert { .. } => false,
+                    };
+                let estimate = |desired: u32| {
+                    let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
+                    let batches = desired.div_ceil(step);
+                    let boot = boot_ms.unwrap_or(DEFAULT_BOOT_MS)
+                        + svc.rollout.min_healthy_time.as_millis();
+                    let canary = svc
+                        .rollout
+                        .canary
+                        .as_ref()
+                        .map(|c| boot + c.bake.as_millis())
+                        .unwrap_or(0);
+                    (batches, batches as u64 * boot + canary)
+                };
+                let wave_no = if svc.rollout.waves.is_empty() {
+                    0
+                } else {
+                    wave as u32 + 1
+                };
+                let (mut plan, generation) = match (held, old) {
+                    (true, Some(g)) => {
+                        let (batches, estimated_ms) = estimate(g.record.desired);
+                        rollouts.push(RolloutPlan {
+                            group: gid.clone(),
+                            from_generation: g.record.generation,
+                            to_generation: g.record.generation + 1,
+                            replaced: g.record.desired,
+                            batches,
+                            estimated_ms,
+                            wave: wave_no,
+                            held: true,
+                        });
+                        plan_changes.push(format!(
+                            "{gid}: held for wave {} ({} -> {} when the waves before it are done)",
+                            wave + 1,
+                            g.plan.versions(),
+                            plan.versions()
+                        ));
+                        if !g.record.rollout.wave_pending {
+                            events.push(
+                            NewEvent::new(
+                                EventKind::PlanChanged,
+                                format!(
+                                    "the change ({}) waits for wave {}: this group keeps generation {} until the waves before it are done",
+                                    plan.versions(),
+                                    wave + 1,
+                                    g.record.generation
+                                ),
+                            )
+                            .group(&gid),
+                        );
+                        }
+                        plan_changed = false;
+                        (g.plan.clone(), g.record.generation)
+                    }
+                    _ => (plan, generation),
                 };
                 plan.generation = generation;
                 plan.revision = match old {
@@ -360,7 +441,12 @@ impl Engine {
                     _ => (svc.capacity.desired, format!("fleet file ({})", req.file)),
                 };
                 let rollout = match (old, plan_changed) {
-                    (Some(g), false) => g.record.rollout.clone(),
+                    (Some(g), false) => {
+                        let mut r = g.record.rollout.clone();
+                        // Held for its wave, or (its plan what the fleet says) nothing pending.
+                        r.wave_pending = held;
+                        r
+                    }
                     (old, _) => RolloutRecord {
                         since_ms: now,
                         open: true,
@@ -383,22 +469,30 @@ impl Engine {
                         failed_generation: old
                             .map(|g| g.record.rollout.failed_generation)
                             .unwrap_or(0),
+                        failure: old.and_then(|g| g.record.rollout.failure.clone()),
+                        // A new rollout starts unpaused, with its canary stage ahead.
+                        paused: false,
+                        resumed_ms: 0,
+                        canary_baking_ms: 0,
+                        canary_passed: false,
+                        analysis: None,
+                        wave_pending: false,
+                        done_ms: 0,
                     },
                 };
                 if plan_changed {
                     let replaced = old.map(|_| desired).unwrap_or(0);
                     if let Some(g) = old {
-                        let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
-                        let batches = replaced.div_ceil(step);
+                        let (batches, estimated_ms) = estimate(replaced);
                         rollouts.push(RolloutPlan {
                             group: gid.clone(),
                             from_generation: g.record.generation,
                             to_generation: generation,
                             replaced,
                             batches,
-                            estimated_ms: batches as u64
-                                * (boot_ms.unwrap_or(DEFAULT_BOOT_MS)
-                                    + svc.rollout.min_healthy_time.as_millis()),
+                            estimated_ms,
+                            wave: wave_no,
+                            held: false,
                         });
                     }
                     plan_changes.push(match old {
@@ -484,7 +578,8 @@ impl Engine {
             rollouts: rollouts.clone(),
             drift: drift.clone(),
         };
-        if changes.is_empty() || req.dry_run {
+        let wave_release = matches!(origin, Origin::Wave { .. });
+        if (changes.is_empty() && !wave_release) || req.dry_run {
             return Ok(response(current, false));
         }
         // Nothing is stored unless every new artifact can be fetched and matches its sha256.
@@ -514,7 +609,14 @@ impl Engine {
                 fleet.regions.len()
             ),
             (Some(_), Origin::File) => summarize(&changes),
-            (Some(_), Origin::Command(why)) => format!("{why}: {}", summarize(&changes)),
+            (Some(_), Origin::Command(why) | Origin::Deploy(why)) => {
+                format!("{why}: {}", summarize(&changes))
+            }
+            (Some(_), Origin::Wave { wave, groups }) => format!(
+                "wave {} of revision {current} reaches {}",
+                wave + 1,
+                groups.join(", ")
+            ),
             (Some(_), Origin::AutoRevert { failed }) => format!(
                 "automatic revert after failed rollout of {}: {}",
                 failed
@@ -525,19 +627,27 @@ impl Engine {
                 summarize(&changes)
             ),
         };
-        let mut writes = vec![
-            Write::Event(NewEvent::new(
+        let mut writes = if wave_release {
+            // The revision is the same: the wave carries its change further.
+            vec![Write::Event(NewEvent::new(
                 EventKind::Applied,
-                format!("revision {next_revision}: {summary}"),
-            )),
-            Write::Revision {
-                file: req.file.clone(),
-                summary: summary.clone(),
-                toml: toml.clone(),
-                fleet: fleet.clone(),
-                last_applied: Some(last_applied.clone()),
-            },
-        ];
+                summary.clone(),
+            ))]
+        } else {
+            vec![
+                Write::Event(NewEvent::new(
+                    EventKind::Applied,
+                    format!("revision {next_revision}: {summary}"),
+                )),
+                Write::Revision {
+                    file: req.file.clone(),
+                    summary: summary.clone(),
+                    toml: toml.clone(),
+                    fleet: fleet.clone(),
+                    last_applied: Some(last_applied.clone()),
+                },
+            ]
+        };
         writes.extend(new_plans.into_iter().map(Write::Plan));
         for g in new_groups.values() {
             writes.push(Write::Group(g.record.clone()));
@@ -547,9 +657,18 @@ impl Engine {
         }
         writes.extend(events.into_iter().map(Write::Event));
         let committed = self.commit(writes).await?;
-        let number = committed.revision.unwrap_or(next_revision);
+        let number =
+            committed
+                .revision
+                .unwrap_or(if wave_release { current } else { next_revision });
         {
             let mut st = self.state();
+            if wave_release {
+                st.groups = new_groups;
+                drop(st);
+                self.wake.notify_one();
+                return Ok(response(number, true));
+            }
             st.revision = Some(Revision {
                 number,
                 applied_at_ms: now,

@@ -433,7 +433,7 @@ fn need(path: &str) -> Need {
     match path {
         "/v1/health" => Need::Nothing,
         "/v1/apply" | "/v1/deploy" | "/v1/rollback" | "/v1/scale" | "/v1/destroy"
-        | "/v1/tokens" => Need::Admin,
+        | "/v1/rollout" | "/v1/tokens" => Need::Admin,
         "/v1/status" | "/v1/events" | "/v1/revisions" | "/metrics" => Need::Read,
         p if p.starts_with("/v1/tokens/") => Need::Admin,
         p if p.starts_with("/v1/revisions/") => Need::Read,

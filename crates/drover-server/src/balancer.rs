@@ -286,6 +286,22 @@ impl Balancers {
             .sum())
     }
 
+    /// Connections established to `instance` through `group`'s listener, and connect
+    /// failures to it, summed over the balancers that reported lately (cumulative counters).
+    pub fn target_counters(&self, group: &str, instance: &str) -> (u64, u64) {
+        let mut total = (0, 0);
+        for s in self.stats() {
+            if s.name != group {
+                continue;
+            }
+            for t in s.targets.iter().filter(|t| t.id == instance) {
+                total.0 += t.total;
+                total.1 += t.connect_failures;
+            }
+        }
+        total
+    }
+
     /// The listener counters of every balancer that reported lately.
     pub fn stats(&self) -> Vec<drover_lb::ListenerStats> {
         let now = Instant::now();

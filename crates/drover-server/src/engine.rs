@@ -410,7 +410,61 @@ impl Engine {
         }
         self.update_targets(targets);
         self.check_rebuilt();
+        if let Err(e) = self.release_waves(now).await {
+            tracing::error!("waves: {e}");
+        }
         self.sweep_providers().await;
+    }
+
+    /// Let the fleet's change reach the next wave of each service whose earlier waves are
+    /// done (`drover_control::waves::release`). The caller holds the write lock.
+    async fn release_waves(&self, now: u64) -> Result<(), ServerError> {
+        let releases: Vec<(usize, Vec<String>)> = {
+            let st = self.state();
+            let Some(fleet) = st.fleet() else {
+                return Ok(());
+            };
+            fleet
+                .services
+                .iter()
+                .filter(|(_, s)| !s.rollout.waves.is_empty())
+                .filter_map(|(name, s)| {
+                    let groups: Vec<drover_control::waves::WaveGroup> = s
+                        .regions
+                        .iter()
+                        .filter_map(|r| {
+                            let g = st.groups.get(&drover_model::GroupId::new(name, r).0)?;
+                            let ro = &g.record.rollout;
+                            Some(drover_control::waves::WaveGroup {
+                                group: g.record.group.clone(),
+                                wave: s.rollout.wave_of(r),
+                                pending: ro.wave_pending,
+                                open: ro.open,
+                                failed: ro.failed_generation >= g.record.generation,
+                                done_ms: ro.done_ms,
+                            })
+                        })
+                        .collect();
+                    drover_control::waves::release(&groups, s.rollout.wave_bake.as_millis(), now)
+                })
+                .collect()
+        };
+        for (wave, groups) in releases {
+            let Some(rev) = self.current_revision() else {
+                return Ok(());
+            };
+            self.apply_locked(
+                drover_model::api::ApplyRequest {
+                    file: rev.file.clone(),
+                    toml: rev.toml.clone(),
+                    dry_run: false,
+                    force_file: false,
+                },
+                crate::apply::Origin::Wave { wave, groups },
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// The view is rebuilt once every instance restored from the store whose agent is alive
@@ -727,6 +781,7 @@ impl Engine {
                 let Some((record, versions)) = self.update_rollout(&group, |r, g| {
                     r.open = false;
                     r.good_generation = g;
+                    r.done_ms = now;
                 }) else {
                     return Ok(());
                 };
@@ -750,48 +805,66 @@ impl Engine {
                 group,
                 generation,
                 reason,
-            } => {
-                let Some((record, _)) = self.update_rollout(&group, |r, g| {
-                    r.open = false;
-                    r.failed_generation = g;
-                }) else {
-                    return Ok(());
-                };
-                let auto_revert = {
-                    let st = self.state();
-                    st.fleet()
-                        .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
-                        .is_some_and(|s| s.rollout.auto_revert)
-                };
-                let good = record.rollout.good_generation;
-                let next = if auto_revert && good > 0 {
-                    format!("; auto_revert: going back to generation {good}")
-                } else if good == 0 {
-                    "; no earlier good generation to go back to".to_string()
-                } else {
-                    "; auto_revert is off: fix the version or `drover rollback`".to_string()
-                };
-                self.commit(vec![
-                    Write::Group(record),
-                    Write::Event(
-                        NewEvent::new(
-                            EventKind::Rollout,
-                            format!("rollout to generation {generation} failed: {reason}{next}"),
-                        )
-                        .group(&group),
-                    ),
-                ])
-                .await?;
-                if auto_revert && good > 0 {
-                    self.auto_revert(&group, generation).await?;
-                }
-                Ok(())
+            } => self.rollout_failed(&group, generation, &reason).await,
+            Action::CanaryBaking { group, generation } => {
+                self.canary_baking(&group, generation, now).await
+            }
+            Action::CanaryAnalyse { group, generation } => {
+                self.canary_analyse(&group, generation, now).await
             }
         }
     }
 
+    /// A rollout failed: record why, and go back to the last good generation with
+    /// `auto_revert`. The caller holds the write lock.
+    pub(crate) async fn rollout_failed(
+        &self,
+        group: &str,
+        generation: u64,
+        reason: &str,
+    ) -> Result<(), ServerError> {
+        let group = group.to_string();
+        let Some((record, _)) = self.update_rollout(&group, |r, g| {
+            r.open = false;
+            r.paused = false;
+            r.failed_generation = g;
+            r.failure = Some(reason.to_string());
+        }) else {
+            return Ok(());
+        };
+        let auto_revert = {
+            let st = self.state();
+            st.fleet()
+                .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
+                .is_some_and(|s| s.rollout.auto_revert)
+        };
+        let good = record.rollout.good_generation;
+        let next = if auto_revert && good > 0 {
+            format!("; auto_revert: going back to generation {good}")
+        } else if good == 0 {
+            "; no earlier good generation to go back to".to_string()
+        } else {
+            "; auto_revert is off: fix the version or `drover rollback`".to_string()
+        };
+        self.commit(vec![
+            Write::Group(record),
+            Write::Event(
+                NewEvent::new(
+                    EventKind::Rollout,
+                    format!("rollout to generation {generation} failed: {reason}{next}"),
+                )
+                .group(&group),
+            ),
+        ])
+        .await?;
+        if auto_revert && good > 0 {
+            self.auto_revert(&group, generation).await?;
+        }
+        Ok(())
+    }
+
     /// Change a group's rollout record in memory; returns the new record to store.
-    fn update_rollout(
+    pub(crate) fn update_rollout(
         &self,
         group: &str,
         f: impl FnOnce(&mut drover_store::RolloutRecord, u64),
@@ -1135,6 +1208,7 @@ fn fresh_soft(now: u64) -> Soft {
         reporting: false,
         restored: false,
         drained: false,
+        window: None,
     }
 }
 
@@ -1164,7 +1238,13 @@ pub(crate) fn provider_and_ingress(
         return (provider, None);
     }
     let ingress = fleet.services.get(service).and_then(|svc| {
-        let listen = svc.ingress.as_ref()?.listen.parse().ok()?;
+        let ing = svc.ingress.as_ref()?;
+        let listen = ing
+            .listen_in
+            .get(region)
+            .unwrap_or(&ing.listen)
+            .parse()
+            .ok()?;
         let (_, _, port) = drover_model::Fleet::ingress_target(svc)?;
         Some((listen, port))
     });
@@ -1356,6 +1436,7 @@ command = "/bin/true"
                 restarts: 0,
                 last_exit: None,
                 message: None,
+                last_output: None,
             }],
             utilization: Utilization::default(),
             drained: None,

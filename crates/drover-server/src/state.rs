@@ -37,6 +37,26 @@ pub struct Soft {
     pub restored: bool,
     /// Its agent's drain report is recorded (one `drained` event per instance).
     pub drained: bool,
+    /// What it did since its group's canary bake began (none outside a bake).
+    pub window: Option<Window>,
+}
+
+/// One instance's canary-analysis window, accumulated from its heartbeats.
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    /// Its components' restarts when the window began.
+    pub restarts_at_start: u32,
+    pub unhealthy: u32,
+    /// Per custom metric: sum and count of the values reported.
+    pub metrics: BTreeMap<String, (f64, u32)>,
+    /// The balancers' connections and connect failures to it when the window began.
+    pub lb_at_start: (u64, u64),
+}
+
+impl Window {
+    pub fn restarts(components: &[ComponentReport]) -> u32 {
+        components.iter().map(|c| c.restarts).sum()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -88,7 +108,54 @@ fn view(i: &Instance) -> InstanceView {
         last_seen_ms: i.soft.last_seen_ms,
         ever_healthy: i.soft.ever_healthy,
         watched_since_ms: i.soft.watched_since_ms,
+        exits_before_healthy: if i.soft.ever_healthy {
+            0
+        } else {
+            i.soft
+                .components
+                .iter()
+                .map(|c| c.restarts)
+                .max()
+                .unwrap_or(0)
+        },
+        last_failure: (!i.soft.ever_healthy)
+            .then(|| last_failure(&i.soft.components))
+            .flatten(),
     }
+}
+
+/// What the component that exited most said of its last exit: `component app: exit status 1;
+/// last output: ...`.
+pub fn last_failure(components: &[ComponentReport]) -> Option<String> {
+    let c = components
+        .iter()
+        .filter(|c| c.restarts > 0)
+        .max_by_key(|c| c.restarts)?;
+    let mut out = format!(
+        "component {}: {}",
+        c.name,
+        c.last_exit.as_deref().unwrap_or("exited")
+    );
+    if let Some(o) = c
+        .last_output
+        .as_deref()
+        .map(str::trim_end)
+        .filter(|o| !o.is_empty())
+    {
+        out.push_str(&format!("; last output:\n{o}"));
+    }
+    Some(out)
+}
+
+/// Whether `g`'s rollout is in its canary stage (a canary configured, not passed yet, and
+/// instances of older generations left).
+fn st_canary(st: &State, g: &Group) -> bool {
+    !g.record.rollout.canary_passed
+        && st.service(g).is_some_and(|s| s.rollout.canary.is_some())
+        && st
+            .instances
+            .values()
+            .any(|i| i.record.group == g.record.group && i.record.generation < g.record.generation)
 }
 
 /// Delay before the next launch after `failures` instances in a row died unhealthy.
@@ -143,6 +210,17 @@ impl State {
             generation: g.record.generation,
             generation_since_ms: g.record.rollout.since_ms,
             rollout_open: g.record.rollout.open,
+            paused: g.record.rollout.paused,
+            resumed_ms: g.record.rollout.resumed_ms,
+            canary: rollout
+                .canary
+                .as_ref()
+                .filter(|_| !g.record.rollout.canary_passed)
+                .map(|c| drover_control::CanaryGate {
+                    size: c.size(g.record.desired),
+                    bake_ms: c.bake.as_millis(),
+                    baking_since_ms: g.record.rollout.canary_baking_ms,
+                }),
             provider_replaces_leavers: provider_replaces_leavers(&g.provider, &rollout),
             rollout,
             replace_unhealthy_after_ms: svc
@@ -238,6 +316,35 @@ impl State {
                         since_ms: g.record.rollout.since_ms,
                         good_generation: g.record.rollout.good_generation,
                         failed_generation: g.record.rollout.failed_generation,
+                        failure: g.record.rollout.failure.clone(),
+                        paused: g.record.rollout.paused && g.record.rollout.open,
+                        analysis: g.record.rollout.analysis.clone(),
+                        wave: self
+                            .service(g)
+                            .filter(|s| !s.rollout.waves.is_empty())
+                            .map(|s| s.rollout.wave_of(&g.plan.region) as u32 + 1)
+                            .unwrap_or(0),
+                        wave_pending: g.record.rollout.wave_pending,
+                        phase: {
+                            let r = &g.record.rollout;
+                            let canary = st_canary(self, g);
+                            if r.wave_pending && !r.open {
+                                "waiting"
+                            } else if r.open && r.paused {
+                                "paused"
+                            } else if r.open && canary && r.canary_baking_ms > 0 {
+                                "baking"
+                            } else if r.open && canary {
+                                "canary"
+                            } else if r.open {
+                                "rolling"
+                            } else if r.failed_generation >= g.record.generation {
+                                "failed"
+                            } else {
+                                "done"
+                            }
+                            .to_string()
+                        },
                         reverted_from: g.record.rollout.reverted_from,
                         current: instances
                             .iter()
@@ -485,6 +592,19 @@ pub fn absorb_heartbeat(
     }
     if healthy {
         inst.soft.ever_healthy = true;
+    }
+    if let Some(w) = inst.soft.window.as_mut() {
+        // The canary analysis window: custom metrics and health transitions.
+        for (k, v) in &hb.utilization.custom {
+            if v.is_finite() {
+                let e = w.metrics.entry(k.clone()).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        if changed && matches!(after, Health::Unhealthy { .. }) {
+            w.unhealthy += 1;
+        }
     }
     inst.soft.health = after;
     inst.soft.last_seen_ms = now;

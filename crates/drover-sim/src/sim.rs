@@ -215,6 +215,9 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
         rollout,
         replace_unhealthy_after_ms: 30_000,
         launch_not_before_ms: 0,
+        paused: false,
+        resumed_ms: 0,
+        canary: None,
         provider_replaces_leavers: false,
     }
 }
@@ -730,6 +733,8 @@ impl Sim {
             last_seen_ms: now,
             ever_healthy: false,
             watched_since_ms: now,
+            exits_before_healthy: 0,
+            last_failure: None,
         });
         self.agents.push(Agent {
             group: g,

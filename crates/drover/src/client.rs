@@ -236,6 +236,34 @@ impl Client {
         Ok(exit::OK)
     }
 
+    pub async fn rollout(
+        &self,
+        service: &str,
+        region: Option<String>,
+        action: drover_model::api::RolloutAction,
+    ) -> anyhow::Result<u8> {
+        let req = drover_model::api::RolloutActionRequest {
+            service: service.into(),
+            region,
+            action,
+        };
+        let resp: drover_model::api::RolloutActionResponse = match self
+            .send(self.http.post(self.url("/v1/rollout")).json(&req))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&resp)?);
+        } else {
+            for g in &resp.groups {
+                println!("{}: generation {}: {}", g.group, g.generation, g.result);
+            }
+        }
+        Ok(exit::OK)
+    }
+
     pub async fn fleet_status(&self) -> anyhow::Result<FleetStatus> {
         self.get("/v1/status").await
     }

@@ -43,6 +43,11 @@ pub struct DemoArgs {
     /// these: a way to try a broken deploy, e.g. `--crash-on-versions broken`.
     #[arg(long, value_delimiter = ',')]
     pub crash_on_versions: Vec<String>,
+    /// Answer `/` with 500 to this share of requests when this instance's version is one of
+    /// these, e.g. `--error-rate-on-versions v3=0.2`: a version bad only under load (for
+    /// canary analysis). `/error_rate` serves the last second's share of 500 answers.
+    #[arg(long, value_delimiter = ',', value_parser = parse_error_rate)]
+    pub error_rate_on_versions: Vec<(String, f64)>,
     /// Requests per second one instance is meant to serve: `/utilization` answers the last
     /// second's rate divided by this (a custom metric to autoscale on).
     #[arg(long, default_value_t = 100.0)]
@@ -56,6 +61,19 @@ pub struct DemoArgs {
     /// One of SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT, SIGTERM (SIGINT and SIGTERM also stop it).
     #[arg(long, default_value = "SIGUSR1", value_parser = parse_drain_signal)]
     pub drain_signal: i32,
+}
+
+fn parse_error_rate(s: &str) -> Result<(String, f64), String> {
+    let (v, r) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use VERSION=SHARE, e.g. v3=0.2"))?;
+    let r: f64 = r
+        .parse()
+        .map_err(|_| format!("{r:?} is not a number between 0 and 1"))?;
+    if !(0.0..=1.0).contains(&r) {
+        return Err(format!("{r} is not between 0 and 1"));
+    }
+    Ok((v.to_string(), r))
 }
 
 fn parse_drain_signal(s: &str) -> Result<i32, String> {
@@ -79,6 +97,11 @@ struct Demo {
     capacity_rps: f64,
     /// Stopping: every answer says `Connection: close`.
     closing: AtomicBool,
+    /// The share of `/` answered 500 (`--error-rate-on-versions`), as every Nth request.
+    error_every: Option<u64>,
+    /// 500 answers this second, and the last full second's share (per mille).
+    errors: AtomicU64,
+    last_error_permille: AtomicU64,
 }
 
 pub fn run(args: DemoArgs) -> u8 {
@@ -122,7 +145,23 @@ async fn serve(args: DemoArgs) -> u8 {
         last_rate: AtomicU64::new(0),
         capacity_rps: args.capacity_rps.max(0.001),
         closing: AtomicBool::new(false),
+        error_every: {
+            let version = std::env::var("DROVER_VERSION").unwrap_or_default();
+            args.error_rate_on_versions
+                .iter()
+                .find(|(v, _)| *v == version)
+                .filter(|(_, r)| *r > 0.0)
+                .map(|(_, r)| (1.0 / r).round().max(1.0) as u64)
+        },
+        errors: AtomicU64::new(0),
+        last_error_permille: AtomicU64::new(0),
     });
+    if let Some(n) = demo.error_every {
+        eprintln!(
+            "demo-server: version {} answers 500 to 1 request in {n} (--error-rate-on-versions)",
+            demo.version
+        );
+    }
     {
         let demo = demo.clone();
         tokio::spawn(async move {
@@ -131,6 +170,9 @@ async fn serve(args: DemoArgs) -> u8 {
                 tick.tick().await;
                 let n = demo.count.swap(0, Ordering::Relaxed);
                 demo.last_rate.store(n, Ordering::Relaxed);
+                let e = demo.errors.swap(0, Ordering::Relaxed);
+                let permille = (e * 1000).checked_div(n).unwrap_or(0);
+                demo.last_error_permille.store(permille, Ordering::Relaxed);
             }
         });
     }
@@ -153,6 +195,7 @@ async fn serve(args: DemoArgs) -> u8 {
         .route("/", get(root))
         .route("/healthz", get(healthz))
         .route("/utilization", get(utilization))
+        .route("/error_rate", get(error_rate))
         .route("/fail-health", post(fail_health))
         .layer(axum::middleware::map_response_with_state(
             demo.clone(),
@@ -264,11 +307,32 @@ async fn utilization(State(d): State<Arc<Demo>>) -> String {
     format!("{:.3}\n", rate / d.capacity_rps)
 }
 
-async fn root(State(d): State<Arc<Demo>>) -> String {
-    d.count.fetch_add(1, Ordering::Relaxed);
+async fn root(State(d): State<Arc<Demo>>) -> (StatusCode, String) {
+    let n = d.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if d.error_every.is_some_and(|every| n % every == 0) {
+        d.errors.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "error from version {} (--error-rate-on-versions), instance {}\n",
+                d.version, d.instance
+            ),
+        );
+    }
+    (
+        StatusCode::OK,
+        format!(
+            "{} (version {}, instance {} at {})\n",
+            d.message, d.version, d.instance, d.listen
+        ),
+    )
+}
+
+/// The last second's share of `/` answered 500, e.g. `0.200`.
+async fn error_rate(State(d): State<Arc<Demo>>) -> String {
     format!(
-        "{} (version {}, instance {} at {})\n",
-        d.message, d.version, d.instance, d.listen
+        "{:.3}\n",
+        d.last_error_permille.load(Ordering::Relaxed) as f64 / 1000.0
     )
 }
 

@@ -198,6 +198,19 @@ enum Command {
     ///
     /// The count must be within the service's capacity min..max. Extra instances leave
     /// through the same drain path as a deploy (stale ones first, then the newest).
+    /// Act on a service's rollout under way: pause, resume, promote or abort it.
+    ///
+    /// A paused rollout hands out no permit and launches nothing new (it keeps the group at
+    /// its desired count), and stays paused across server restarts; `resume` (or `promote`)
+    /// lets it go on. `abort` stops it and goes back to the group's last good generation.
+    Rollout {
+        /// pause, resume, promote or abort.
+        action: RolloutVerb,
+        service: String,
+        /// Only this region's group (default: every region of the service).
+        #[arg(long)]
+        region: Option<String>,
+    },
     Scale {
         service: String,
         /// The new desired count.
@@ -301,6 +314,14 @@ impl TlsArgs {
             _ => TlsMode::Generate,
         }
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RolloutVerb {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
 }
 
 #[derive(Subcommand, Debug)]
@@ -474,6 +495,19 @@ async fn dispatch(cli: Cli) -> u8 {
             count,
             region,
         } => client.scale(&service, count, region).await,
+        Command::Rollout {
+            action,
+            service,
+            region,
+        } => {
+            let action = match action {
+                RolloutVerb::Pause => drover_model::api::RolloutAction::Pause,
+                RolloutVerb::Resume => drover_model::api::RolloutAction::Resume,
+                RolloutVerb::Promote => drover_model::api::RolloutAction::Promote,
+                RolloutVerb::Abort => drover_model::api::RolloutAction::Abort,
+            };
+            client.rollout(&service, region, action).await
+        }
         Command::Destroy {
             service,
             dry_run,

@@ -36,11 +36,15 @@ pub async fn follow(
     let t0 = Instant::now();
     let start = client.fleet_status().await?;
     // The generation each group is rolling out to.
+    // A group whose wave has not come yet rolls out to its next generation later.
     let targets: Vec<(String, u64)> = start
         .groups
         .iter()
         .filter(|g| g.service == service)
-        .map(|g| (g.group.clone(), g.generation))
+        .map(|g| {
+            let next = if g.rollout.wave_pending { 1 } else { 0 };
+            (g.group.clone(), g.generation + next)
+        })
         .collect();
     if !changed && !json {
         let under_way = start

@@ -75,7 +75,14 @@ pub fn status(s: &FleetStatus) -> String {
     ]);
     for g in &s.groups {
         let r = &g.rollout;
-        let rollout = if r.in_progress {
+        let rollout = if r.wave_pending && !r.in_progress {
+            format!("waits for wave {}", r.wave)
+        } else if r.in_progress && r.paused {
+            format!(
+                "paused at gen {}: {}/{} healthy on it, {} stale",
+                g.generation, r.current_healthy, g.desired, r.stale
+            )
+        } else if r.in_progress {
             format!(
                 "{} to gen {}: {}/{} healthy on it, {} stale",
                 if r.reverted_from > 0 {
@@ -108,6 +115,15 @@ pub fn status(s: &FleetStatus) -> String {
     }
     out.push_str(&groups.to_string());
     out.push('\n');
+    for g in &s.groups {
+        let r = &g.rollout;
+        if let (Some(why), true) = (&r.failure, r.failed_generation > 0) {
+            out.push_str(&format!(
+                "{}: rollout to generation {} failed: {}\n",
+                g.group, r.failed_generation, why
+            ));
+        }
+    }
     out.push_str(&balancers(s));
     // One row per instance (10,000 in a large fleet): drawn by `Rows` in one pass, in the
     // same style as the other tables, without wrapping.
@@ -311,9 +327,32 @@ pub fn apply(r: &ApplyResponse, dry_run: bool) {
     for p in &r.plan_changes {
         println!("  plan {p}");
     }
-    for ro in &r.rollouts {
+    // By wave: each starts once the ones before it are done (and baked).
+    let mut rollouts: Vec<&drover_model::api::RolloutPlan> = r.rollouts.iter().collect();
+    rollouts.sort_by_key(|ro| (ro.wave, ro.group.clone()));
+    let mut eta_before = 0u64;
+    let mut wave_end = 0u64;
+    let mut current_wave = 0u32;
+    for ro in rollouts {
+        if ro.wave != current_wave {
+            eta_before += wave_end;
+            wave_end = 0;
+            current_wave = ro.wave;
+        }
+        wave_end = wave_end.max(ro.estimated_ms);
+        let wave = if ro.wave == 0 {
+            String::new()
+        } else if eta_before == 0 {
+            format!(" (wave {})", ro.wave)
+        } else {
+            format!(
+                " (wave {}: after the waves before it, about {}, and wave_bake)",
+                ro.wave,
+                drover_model::Dur::from_millis(eta_before / 1000 * 1000)
+            )
+        };
         println!(
-            "  rollout {}: generation {} -> {}: {} instance(s) replaced in {} batch(es), about {}",
+            "  rollout {}{wave}: generation {} -> {}: {} instance(s) replaced in {} batch(es), about {}",
             ro.group,
             ro.from_generation,
             ro.to_generation,

@@ -253,6 +253,7 @@ async fn agent(
             restarts: 0,
             last_exit: None,
             message: None,
+            last_output: None,
         }],
         utilization: Default::default(),
         drained: None,

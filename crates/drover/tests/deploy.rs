@@ -238,9 +238,24 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
         "2m",
     ]);
     assert_eq!(code, 1, "a failed deploy exits 1: {out}{err}");
+    let took = t0.elapsed();
+    eprintln!("broken deploy reported failed after {took:?}");
     assert!(err.contains("failed"), "{err}");
-    assert!(err.contains("healthy_deadline"), "says why: {err}");
-    eprintln!("broken deploy reported failed after {:?}", t0.elapsed());
+    // Fail fast: the crashing version fails its rollout at its third exit, well before
+    // healthy_deadline (8s here), and says why with what the component printed.
+    assert!(
+        err.contains("exited 3 times before it was ever healthy (fail_after_exits = 3)"),
+        "says why: {err}"
+    );
+    assert!(err.contains("exit status 1"), "the exit status: {err}");
+    assert!(
+        err.contains("demo-server: version broken crashes at start"),
+        "the crash line: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "failed after {took:?}, not by its deadline"
+    );
     // auto_revert: generation 3 runs v1 again, and every instance ends up on it.
     wait_generation_everywhere(&up, 3, 3, Duration::from_secs(60));
     stop.store(true, Ordering::SeqCst);
@@ -263,6 +278,11 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
     let s = up.status().unwrap();
     assert_eq!(s.groups[0].versions, "app=v1");
     assert_eq!(s.groups[0].rollout.reverted_from, 2);
+    let failure = s.groups[0].rollout.failure.clone().unwrap_or_default();
+    assert!(
+        failure.contains("crashes at start"),
+        "status says why: {failure}"
+    );
     let (_, ev, _) = up.cli(&["events", "--kind", "rollout"]);
     assert!(ev.contains("generation 2 failed"), "{ev}");
     assert!(ev.contains("going back to generation 1"), "{ev}");

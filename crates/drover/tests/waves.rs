@@ -1,0 +1,182 @@
+//! End to end: waves across regions. Three `local` regions (each its own loopback subnet and
+//! ingress) in two waves. A good version goes wave by wave and ends on every region; a version
+//! bad only under load is caught by the canary of the first wave and reverted there, and the
+//! regions of the later wave never launch it.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn fleet(ports: [u16; 3], blocks: [u8; 3]) -> String {
+    format!(
+        r#"[fleet]
+name = "waves"
+
+[regions.a]
+provider = "local"
+subnet = "127.{ba}.0.0/16"
+
+[regions.b]
+provider = "local"
+subnet = "127.{bb}.0.0/16"
+
+[regions.c]
+provider = "local"
+subnet = "127.{bc}.0.0/16"
+
+[services.web]
+regions = ["a", "b", "c"]
+capacity = {{ min = 1, desired = 2, max = 4 }}
+ingress = {{ listen = "127.0.0.1:{pa}", port = "http", listen_in = {{ b = "127.0.0.1:{pb}", c = "127.0.0.1:{pc}" }} }}
+
+[services.web.rollout]
+max_surge = 1
+min_healthy_time = "1s"
+healthy_deadline = "30s"
+drain_timeout = "2s"
+canary = {{ instances = 1, bake = "4s" }}
+analysis = {{ metrics = [{{ metric = "error_rate", direction = "lower", max_ratio = 1.5, tolerance = 0.02 }}] }}
+waves = [["a"], ["b", "c"]]
+wave_bake = "2s"
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "{{drover}}"
+args = ["demo-server", "--listen", "{{addr}}:{{port.http}}", "--error-rate-on-versions", "v3=0.2"]
+ports = {{ http = 8080 }}
+health = {{ type = "http", port = "http", path = "/healthz", interval = "500ms", timeout = "400ms", healthy_threshold = 1, unhealthy_threshold = 3 }}
+custom_metrics = {{ error_rate = {{ port = "http", path = "/error_rate" }} }}
+restart = {{ initial_delay = "200ms" }}
+stop_grace = "2s"
+drain_signal = "SIGUSR1"
+"#,
+        pa = ports[0],
+        pb = ports[1],
+        pc = ports[2],
+        ba = blocks[0],
+        bb = blocks[1],
+        bc = blocks[2],
+    )
+}
+
+fn events(up: &Up, kind: &str) -> Vec<drover_model::Event> {
+    let (_, ev, _) = up.cli(&["events", "--kind", kind, "--json", "--limit", "10000"]);
+    serde_json::from_str(&ev).unwrap_or_default()
+}
+
+fn on_everywhere(up: &Up, versions: &str) -> bool {
+    up.status().is_some_and(|s| {
+        s.groups.len() == 3
+            && s.groups.iter().all(|g| {
+                g.versions == versions
+                    && g.instances.len() == 2
+                    && g.instances
+                        .iter()
+                        .all(|i| i.generation == g.generation && i.in_rotation)
+            })
+    })
+}
+
+#[test]
+fn a_deploy_goes_wave_by_wave_and_a_bad_one_never_leaves_the_first_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let ports = [free_port(), free_port(), free_port()];
+    let blocks = [subnet(), subnet(), subnet()];
+    let text = fleet(ports, blocks);
+    let up = Up::start(dir.path(), &text, api, ports[0]);
+    up.wait_healthy(6, Duration::from_secs(20));
+
+    // A good version, through both waves.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(up.ingress, 2, false, stop.clone());
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--wait", "--timeout", "120s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(on_everywhere(&up, "app=v2"), "{:#?}", up.status());
+    // The order: a done, then wave 2 reached b and c, then their launches on v2.
+    let applied = events(&up, "applied");
+    let wave2 = applied
+        .iter()
+        .find(|e| {
+            e.message
+                .contains("wave 2 of revision 2 reaches web/b, web/c")
+        })
+        .unwrap_or_else(|| panic!("{applied:#?}"))
+        .seq;
+    let done_a = events(&up, "rollout")
+        .into_iter()
+        .find(|e| {
+            e.group.as_deref() == Some("web/a") && e.message.contains("rollout to generation 2")
+        })
+        .map(|e| e.seq)
+        .expect("web/a done");
+    assert!(done_a < wave2, "wave 2 started after wave 1 was done");
+    let launched = events(&up, "launched");
+    for g in ["web/b", "web/c"] {
+        let first_v2 = launched
+            .iter()
+            .find(|e| e.group.as_deref() == Some(g) && e.message.contains("app=v2"))
+            .unwrap_or_else(|| panic!("{g} launched v2: {launched:#?}"))
+            .seq;
+        assert!(first_v2 > wave2, "{g} launched v2 only after wave 2 began");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let r = traffic.join().unwrap();
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+
+    // A version bad under load: the canary of wave 1 (region a) catches it; b and c never run it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(up.ingress, 2, false, stop.clone());
+    let t0 = Instant::now();
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v3", "--wait", "--timeout", "120s"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("web/a: rollout to generation 3 failed: canary analysis failed"),
+        "{err}"
+    );
+    eprintln!("bad version caught in wave 1 after {:?}", t0.elapsed());
+    let t0 = Instant::now();
+    while !on_everywhere(&up, "app=v2") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "back on v2: {:#?}",
+            up.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let r = traffic.join().unwrap();
+    eprintln!(
+        "{} of {} requests failed during the bad canary",
+        r.failed,
+        r.ok + r.failed
+    );
+    assert!(
+        r.errors.iter().all(|e| e.contains("status 500")),
+        "{:?}",
+        r.errors
+    );
+    let launched = events(&up, "launched");
+    for g in ["web/b", "web/c"] {
+        assert!(
+            !launched
+                .iter()
+                .any(|e| e.group.as_deref() == Some(g) && e.message.contains("app=v3")),
+            "{g} never launched v3: {launched:#?}"
+        );
+    }
+    let s = up.status().unwrap();
+    for g in &s.groups {
+        assert!(
+            !g.rollout.wave_pending,
+            "{}: nothing waits after the revert",
+            g.group
+        );
+        assert_eq!(g.rollout.wave, if g.group == "web/a" { 1 } else { 2 });
+    }
+}
