@@ -68,6 +68,9 @@ pub enum ServerError {
 pub struct ServerConfig {
     /// Holds `drover.db`, `instances/`, `plans/`.
     pub data_dir: PathBuf,
+    /// Where desired and observed state are kept; `None`: the SQLite file `drover.db` in
+    /// `data_dir`.
+    pub store: Option<drover_store::StoreSpec>,
     /// Where the API listens (port 0: any free port).
     pub listen: SocketAddr,
     /// The binary agents are started from (`drover agent`).
@@ -114,6 +117,7 @@ impl ServerConfig {
             .filter(|p| p.is_file());
         ServerConfig {
             data_dir,
+            store: None,
             listen,
             drover_bin,
             agent_bin,
@@ -175,7 +179,18 @@ impl Server {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
         }
-        let store: Box<dyn Store> = Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?);
+        let store: Box<dyn Store> = match &cfg.store {
+            None => Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?),
+            Some(spec) => {
+                let spec = spec.clone();
+                let shown = spec.to_string();
+                let store = tokio::task::spawn_blocking(move || spec.open())
+                    .await
+                    .map_err(|e| ServerError::Internal(format!("opening the store: {e}")))??;
+                tracing::info!(store = %shown, "store opened");
+                store
+            }
+        };
         let api = bind_api(cfg.listen).map_err(|e| {
             ServerError::Io(
                 format!(

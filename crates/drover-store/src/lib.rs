@@ -1,19 +1,32 @@
 //! The revisioned store: fleet revisions, groups, plans, instances, counters and events, behind
-//! one trait ([`Store`]), with an embedded SQLite implementation ([`SqliteStore`]).
+//! one trait ([`Store`]), with an embedded SQLite implementation ([`SqliteStore`]) and, under
+//! the cargo feature `etcd`, one on etcd v3 ([`EtcdStore`]). [`StoreSpec`] names either
+//! (`sqlite:PATH`, `etcd://HOST:PORT,...`); [`copy`] moves everything from one to another.
 //!
 //! Every change goes through [`Store::commit`] (or [`Store::commit_many`], several commits under
 //! one fsync): a batch of [`Write`]s applied atomically and
 //! durably. Revisions and events are numbered 1, 2, 3… without gaps and are never deleted.
 
+pub mod copy;
 mod error;
+#[cfg(feature = "etcd")]
+mod etcd;
+#[cfg(feature = "etcd")]
+pub mod local_etcd;
 mod record;
+mod spec;
 mod sqlite;
 
 pub use error::StoreError;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
+#[cfg(feature = "etcd")]
+pub use etcd_client;
 pub use record::{
     Committed, EventFilter, GroupRecord, InstanceRecord, Lifecycle, RolloutRecord, Snapshot,
     TokenRecord, Write,
 };
+pub use spec::{EtcdConfig, StoreSpec, DEFAULT_ETCD_PREFIX, STORE_FORMS};
 pub use sqlite::SqliteStore;
 
 use drover_model::api::{Revision, RevisionSummary};
@@ -47,4 +60,11 @@ pub trait Store: Send + Sync {
     fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
     /// Every API token (revoked ones too), by id.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Every plan of every group and generation (current or not, of groups removed too),
+    /// ordered by (group, generation): what [`copy`] moves.
+    fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {
+        Err(StoreError::Config(
+            "this store cannot list every plan".into(),
+        ))
+    }
 }

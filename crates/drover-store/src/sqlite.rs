@@ -569,6 +569,13 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT plan FROM plans ORDER BY grp, generation")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|text| from_json("plan", &text?)).collect()
+    }
+
     fn tokens(&self) -> Result<Vec<crate::TokenRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(

@@ -10,6 +10,7 @@ mod exit;
 mod lb;
 mod progress;
 mod render;
+mod store;
 mod up;
 
 use std::net::SocketAddr;
@@ -109,9 +110,20 @@ enum Command {
         /// `lb` token), pointed at this server.
         #[arg(long)]
         no_lb: bool,
+        /// Where the fleet's state is kept: sqlite:PATH, or etcd://HOST:PORT,HOST:PORT,...
+        /// [/PREFIX] (user and password from DROVER_ETCD_USER / DROVER_ETCD_PASSWORD or
+        /// etcd://USER:PASSWORD@...). Default: the SQLite file drover.db in the data
+        /// directory. See docs/store.md.
+        #[arg(long, env = "DROVER_STORE")]
+        store: Option<String>,
+        #[command(flatten)]
+        etcd: store::EtcdArgs,
         #[command(flatten)]
         timing: TimingArgs,
     },
+    /// Move a fleet's state between stores (`drover store copy --from sqlite:PATH --to etcd://...`).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Create, list and revoke API tokens (needs an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -356,6 +368,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Validate { ref file } => validate(file, cli.json),
+        Command::Store(cmd) => store::run(cmd, cli.json),
         _ => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -415,21 +428,27 @@ async fn dispatch(cli: Cli) -> u8 {
             advertise_url,
             cloud_poll,
             no_lb,
+            store,
+            etcd,
             timing,
-        } => {
-            up::serve(
-                &data_dir,
-                listen,
-                tls.mode(listen),
-                &timing,
-                up::CloudArgs {
-                    advertise_url,
-                    poll: cloud_poll.0,
-                    spawn_lb: !no_lb,
-                },
-            )
-            .await
-        }
+        } => match store::server_store(store.as_deref(), &etcd) {
+            Err(e) => Err(e),
+            Ok(store) => {
+                up::serve(
+                    &data_dir,
+                    listen,
+                    tls.mode(listen),
+                    &timing,
+                    up::CloudArgs {
+                        advertise_url,
+                        poll: cloud_poll.0,
+                        spawn_lb: !no_lb,
+                        store,
+                    },
+                )
+                .await
+            }
+        },
         Command::Token(t) => match t {
             TokenCommand::Create { scope, name, group } => {
                 client.token_create(&scope, name, group).await
@@ -520,9 +539,11 @@ async fn dispatch(cli: Cli) -> u8 {
                 .await
         }
         Command::History => client.history().await,
-        Command::Agent(_) | Command::DemoServer(_) | Command::Lb(_) | Command::Validate { .. } => {
-            Ok(exit::OK)
-        }
+        Command::Agent(_)
+        | Command::DemoServer(_)
+        | Command::Lb(_)
+        | Command::Validate { .. }
+        | Command::Store(_) => Ok(exit::OK),
     };
     match result {
         Ok(code) => code,

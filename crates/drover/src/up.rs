@@ -42,6 +42,8 @@ pub struct CloudArgs {
     pub poll: Duration,
     /// Start (or adopt) the balancer process.
     pub spawn_lb: bool,
+    /// `--store`: none is the SQLite file in the data directory.
+    pub store: Option<drover_store::StoreSpec>,
 }
 
 /// `drover server`: logs to stderr, runs until SIGTERM/SIGINT.
@@ -57,6 +59,7 @@ pub async fn serve(
     cfg.advertise_url = cloud.advertise_url;
     cfg.cloud_poll = cloud.poll;
     cfg.spawn_lb = cloud.spawn_lb;
+    cfg.store = cloud.store;
     if tls == drover_server::tls::TlsMode::Off && !listen.ip().is_loopback() {
         tracing::warn!(
             "the API is served over plain HTTP on {listen}: tokens cross the network in clear text (--no-tls); see docs/security.md"

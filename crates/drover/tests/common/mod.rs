@@ -211,14 +211,25 @@ impl Up {
 /// `drover server` with its data in `dir/data` and its API on `api`, in a process group of
 /// its own; stderr to `dir/server-API.err`.
 pub fn start_server(dir: &Path, api: u16) -> Child {
+    start_server_with(dir, api, &[])
+}
+
+/// [`start_server`] with more arguments (e.g. `--store etcd://...`); stderr is appended to.
+pub fn start_server_with(dir: &Path, api: u16, extra: &[&str]) -> Child {
     use std::os::unix::process::CommandExt;
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("server-{api}.err")))
+        .unwrap();
     Command::new(BIN)
         .args(["server", "--listen", &format!("127.0.0.1:{api}")])
         .arg("--data-dir")
         .arg(dir.join("data"))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("server-{api}.err"))).unwrap())
+        .stderr(err)
         .process_group(0)
         .spawn()
         .unwrap()
