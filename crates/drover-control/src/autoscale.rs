@@ -234,7 +234,11 @@ mod tests {
         (i.min, i.max, i.bounds_by) = (20, 40, Some(by));
         let d = s.decide(400_000, &i).unwrap();
         assert_eq!((d.from, d.to), (3, 20));
-        assert!(d.reason.contains("outside the raised bounds 20..40"), "{}", d.reason);
+        assert!(
+            d.reason.contains("outside the raised bounds 20..40"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]

@@ -6,5 +6,5 @@ pub mod group;
 pub mod schedule;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
-pub use schedule::{Bounds, ScheduleMemory, ScheduleStep, Schedules};
 pub use group::{reconcile, Action, Decision, GroupSpec, Health, InstanceView, Phase, Timing};
+pub use schedule::{Bounds, ScheduleMemory, ScheduleStep, Schedules};

@@ -502,7 +502,11 @@ mod tests {
         let r = step(t("2026-10-31 17:00"), &s, 3, false, &mut m);
         let d = r.decision.unwrap();
         assert_eq!((d.from, d.to), (3, 30));
-        assert!(d.reason.contains("web#0 (0 17 * * SAT Europe/London)"), "{}", d.reason);
+        assert!(
+            d.reason.contains("web#0 (0 17 * * SAT Europe/London)"),
+            "{}",
+            d.reason
+        );
         assert_eq!(r.notes.len(), 1);
         assert!(
             r.notes[0].contains("raised min to 20, desired to 30, max to 40 until 21:00 GMT"),
@@ -529,7 +533,11 @@ mod tests {
         let mut m = ScheduleMemory::default();
         step(t("2026-10-31 17:00"), &s, 3, true, &mut m);
         let end = step(t("2026-10-31 21:00"), &s, 35, true, &mut m);
-        assert_eq!(end.decision.unwrap().to, 10, "above the file's max: at once");
+        assert_eq!(
+            end.decision.unwrap().to,
+            10,
+            "above the file's max: at once"
+        );
     }
 
     #[test]
@@ -544,7 +552,11 @@ mod tests {
         assert!(note.unwrap().contains("web#0"));
         assert_eq!(manual(25, "web", &b, &mut m).unwrap(), (25, None));
         let end = step(t("2026-10-31 21:00"), &s, 25, false, &mut m);
-        assert_eq!(end.decision.unwrap().to, 10, "kept, within the file's bounds");
+        assert_eq!(
+            end.decision.unwrap().to,
+            10,
+            "kept, within the file's bounds"
+        );
         let b = s.bounds(t("2026-10-31 22:00"));
         assert!(manual(11, "web", &b, &mut m).unwrap_err().contains("3..10"));
     }
