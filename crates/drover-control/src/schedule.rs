@@ -14,7 +14,7 @@
 //!    and a manual count is kept, clamped to them ([`manual`]).
 //! 5. When the last one ends, the bounds drop back. A group with autoscaling scales in
 //!    through its usual stabilization; one without goes back to the count it had before the
-//!    schedule raised it (unless a person set a count meanwhile), within the bounds.
+//!    schedule raised it (or to the count a person set meanwhile), within the bounds.
 
 use std::collections::BTreeMap;
 
@@ -225,8 +225,8 @@ pub struct ScheduleMemory {
     pub began: BTreeMap<String, u64>,
     /// Schedule id -> start of the last window seen ending.
     pub ended: BTreeMap<String, u64>,
-    /// The desired count before the first of the active windows raised it (groups without
-    /// autoscaling go back to it); cleared when a person sets a count.
+    /// The desired count before the first of the active windows raised it, or the one a
+    /// person set while they hold (groups without autoscaling go back to it at the end).
     pub restore: Option<u32>,
 }
 
@@ -407,8 +407,9 @@ pub fn step(
 
 /// A person sets `count` (`drover scale`). Outside schedules, a count outside the file's
 /// min..max is refused (`Err`, the message). While a schedule holds, the count is kept,
-/// clamped to the raised bounds (`Ok` with the count and a note saying so), and the group
-/// no longer goes back to its count from before the schedule when it ends.
+/// clamped to the raised bounds (`Ok` with the count and a note saying so), and when the
+/// schedules end a group without autoscaling goes back to the person's count (within the
+/// file's bounds), not to the one from before the schedule.
 pub fn manual(
     count: u32,
     service: &str,
@@ -424,7 +425,8 @@ pub fn manual(
         }
         return Ok((count, None));
     };
-    memory.restore = None;
+    // The person's count is what the group goes back to (within the file's bounds).
+    memory.restore = Some(count);
     let to = count.clamp(bounds.min, bounds.max);
     let note = (to != count).then(|| format!("{count} clamped to {to}: bounds {by}"));
     Ok((to, note))
@@ -549,6 +551,7 @@ mod tests {
         let b = s.bounds(t("2026-10-31 18:00"));
         let (n, note) = manual(5, "web", &b, &mut m).unwrap();
         assert_eq!(n, 20);
+        assert_eq!(m.restore, Some(5), "what it goes back to");
         assert!(note.unwrap().contains("web#0"));
         assert_eq!(manual(25, "web", &b, &mut m).unwrap(), (25, None));
         let end = step(t("2026-10-31 21:00"), &s, 25, false, &mut m);

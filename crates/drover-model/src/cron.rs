@@ -133,10 +133,22 @@ impl fmt::Display for CronTz {
 }
 
 /// `ms` as a wall-clock time in `tz`, e.g. `Sat 2026-10-31 17:00 GMT`.
+/// Seconds are shown only when there are some: `Sat 2026-10-31 17:00:05 GMT`.
 pub fn format_in(ms: u64, tz: Tz) -> String {
+    let t = ms_to_utc(ms).with_timezone(&tz);
+    let f = if ms % 60_000 == 0 {
+        "%a %Y-%m-%d %H:%M %Z"
+    } else {
+        "%a %Y-%m-%d %H:%M:%S %Z"
+    };
+    t.format(f).to_string()
+}
+
+/// `ms` as `YYYY-MM-DD HH:MM:SS` in `tz`: what [`parse_time`] reads back.
+pub fn format_seconds(ms: u64, tz: Tz) -> String {
     ms_to_utc(ms)
         .with_timezone(&tz)
-        .format("%a %Y-%m-%d %H:%M %Z")
+        .format("%Y-%m-%d %H:%M:%S")
         .to_string()
 }
 
@@ -146,7 +158,12 @@ pub fn format_until(ms: u64, since_ms: u64, tz: Tz) -> String {
     let a = ms_to_utc(ms).with_timezone(&tz);
     let b = ms_to_utc(since_ms).with_timezone(&tz);
     if a.date_naive() == b.date_naive() {
-        a.format("%H:%M %Z").to_string()
+        a.format(if ms % 60_000 == 0 {
+            "%H:%M %Z"
+        } else {
+            "%H:%M:%S %Z"
+        })
+        .to_string()
     } else {
         format_in(ms, tz)
     }
@@ -258,6 +275,11 @@ mod tests {
         assert_eq!(utc("1970-01-01 00:01"), 60_000);
         assert_eq!(utc("1970-01-01T00:00:05"), 5_000);
         assert_eq!(utc("1970-01-01T01:00:00+01:00"), 0);
+        assert_eq!(format_seconds(65_000, Tz::UTC), "1970-01-01 00:01:05");
+        assert_eq!(
+            utc(&format_seconds(1_800_000_001_000, Tz::UTC)),
+            1_800_000_001_000
+        );
         let london = parse_tz("Europe/London").unwrap();
         assert_eq!(
             parse_time("2026-07-01 18:00", london).unwrap(),
