@@ -136,12 +136,17 @@ impl fmt::Display for CronTz {
 /// Seconds are shown only when there are some: `Sat 2026-10-31 17:00:05 GMT`.
 pub fn format_in(ms: u64, tz: Tz) -> String {
     let t = ms_to_utc(ms).with_timezone(&tz);
-    let f = if ms % 60_000 == 0 {
-        "%a %Y-%m-%d %H:%M %Z"
-    } else {
+    let f = if has_seconds(ms) {
         "%a %Y-%m-%d %H:%M:%S %Z"
+    } else {
+        "%a %Y-%m-%d %H:%M %Z"
     };
     t.format(f).to_string()
+}
+
+/// Whether a time is not on a whole minute.
+fn has_seconds(ms: u64) -> bool {
+    ms.rem_euclid(60_000) != 0
 }
 
 /// `ms` as `YYYY-MM-DD HH:MM:SS` in `tz`: what [`parse_time`] reads back.
@@ -158,10 +163,10 @@ pub fn format_until(ms: u64, since_ms: u64, tz: Tz) -> String {
     let a = ms_to_utc(ms).with_timezone(&tz);
     let b = ms_to_utc(since_ms).with_timezone(&tz);
     if a.date_naive() == b.date_naive() {
-        a.format(if ms % 60_000 == 0 {
-            "%H:%M %Z"
-        } else {
+        a.format(if has_seconds(ms) {
             "%H:%M:%S %Z"
+        } else {
+            "%H:%M %Z"
         })
         .to_string()
     } else {
