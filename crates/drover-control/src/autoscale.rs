@@ -12,8 +12,13 @@ pub struct AutoscaleInput<'a> {
     pub group: &'a str,
     pub policy: &'a Autoscale,
     pub desired: u32,
+    /// The bounds now: the fleet file's capacity, or raised by a schedule
+    /// ([`crate::schedule::Schedules::bounds`]).
     pub min: u32,
     pub max: u32,
+    /// What raised `min`/`max`, when a schedule did ([`crate::schedule::Bounds::by`]): the
+    /// decisions it shapes say so.
+    pub bounds_by: Option<&'a str>,
     /// A rollout is replacing instances: no scale-in now.
     pub rollout_in_progress: bool,
     /// The metric of each instance that counts (healthy, past warm-up, reporting it).
@@ -91,8 +96,14 @@ impl AutoscaleState {
         }
         let metric = &p.metric;
         let why = |dir: &str| {
+            let held = match input.bounds_by {
+                Some(by) if recommended == input.min || recommended == input.max => {
+                    format!("; bounds {by}")
+                }
+                _ => String::new(),
+            };
             format!(
-                "autoscale {dir}: {metric} {observed:.2} per instance over {} instance(s), target {:.2}",
+                "autoscale {dir}: {metric} {observed:.2} per instance over {} instance(s), target {:.2}{held}",
                 input.samples.len(),
                 p.target
             )
@@ -104,10 +115,13 @@ impl AutoscaleState {
             return Some(ScaleDecision {
                 from: current,
                 to: target,
-                reason: format!(
-                    "autoscale: {current} is outside min..max ({}..{})",
-                    input.min, input.max
-                ),
+                reason: match input.bounds_by {
+                    Some(by) => format!("autoscale: {current} is outside the raised bounds {by}"),
+                    None => format!(
+                        "autoscale: {current} is outside min..max ({}..{})",
+                        input.min, input.max
+                    ),
+                },
             });
         }
         if recommended > current {
@@ -179,6 +193,7 @@ mod tests {
             desired,
             min: 2,
             max: 10,
+            bounds_by: None,
             rollout_in_progress: false,
             samples,
             oldest_sample_ms: 0,
@@ -202,6 +217,28 @@ mod tests {
         let mut s = AutoscaleState::default();
         assert_eq!(s.decide(0, &input(&p, 4, &[0.54, 0.52])), None);
         assert_eq!(s.last_recommended, Some(4));
+    }
+
+    #[test]
+    fn within_raised_bounds_the_schedule_is_named() {
+        let p = policy();
+        let mut s = AutoscaleState::default();
+        let by = "20..40 from schedule web#0 (0 17 * * SAT Europe/London) until 21:00 GMT";
+        let mut i = input(&p, 25, &[0.1; 25]);
+        (i.min, i.max, i.bounds_by) = (20, 40, Some(by));
+        s.manual(0, 25);
+        let d = s.decide(400_000, &i).expect("scale in to the raised floor");
+        assert_eq!(d.to, 20, "low load, but not below the raised min");
+        assert!(d.reason.contains("schedule web#0"), "{}", d.reason);
+        let mut i = input(&p, 3, &[0.5; 3]);
+        (i.min, i.max, i.bounds_by) = (20, 40, Some(by));
+        let d = s.decide(400_000, &i).unwrap();
+        assert_eq!((d.from, d.to), (3, 20));
+        assert!(
+            d.reason.contains("outside the raised bounds 20..40"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]

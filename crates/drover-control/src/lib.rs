@@ -4,9 +4,11 @@
 pub mod analysis;
 pub mod autoscale;
 pub mod group;
+pub mod schedule;
 pub mod waves;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
 pub use group::{
     reconcile, Action, CanaryGate, Decision, GroupSpec, Health, InstanceView, Phase, Timing,
 };
+pub use schedule::{Bounds, ScheduleMemory, ScheduleStep, Schedules};

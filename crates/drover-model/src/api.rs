@@ -79,6 +79,9 @@ pub struct ApplyResponse {
     /// Where the file and the live state disagree on what the file did not change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<Drift>,
+    /// Schedules the file adds or changes, with their next firings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleFirings>,
 }
 
 /// How a new generation will replace a group's instances.
@@ -336,7 +339,122 @@ pub struct GroupStatus {
     pub desired_reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleStatus>,
+    /// The group's schedules (fleet file and one-off): the active one and the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<GroupSchedule>,
     pub instances: Vec<InstanceStatus>,
+}
+
+/// One window of a schedule: from a firing (or a one-off's start) to its end, the bounds it
+/// raises.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleWindow {
+    /// `web#0` (the first `[[services.web.schedule]]` of the file) or `7` (a one-off).
+    pub id: String,
+    /// What it is, e.g. `schedule web#0 (0 17 * * SAT Europe/London)`.
+    pub what: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// The IANA time zone its times are shown in.
+    pub timezone: String,
+}
+
+/// A group's schedules as `status` shows them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSchedule {
+    /// The window that holds the bounds now (the highest min of those active), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ScheduleWindow>,
+    /// The next window to begin, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<ScheduleWindow>,
+    /// The service's own capacity range (the file's), which `min`/`max` of the group raise.
+    pub base_min: u32,
+    pub base_max: u32,
+}
+
+/// A one-off scheduled change of a service's count, as stored (`drover scale web 50 --at
+/// "2026-12-24 18:00" --for 3h`): from `start_ms` to `end_ms` its groups have at least
+/// `desired` instances (min and desired raised to it, max too if it is lower).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledScale {
+    pub id: u64,
+    pub service: String,
+    /// Only this region's group (default: every region of the service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub desired: u32,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// The IANA time zone the person wrote the time in (how it is shown).
+    pub timezone: String,
+    pub created_ms: u64,
+    /// When it was cancelled (`drover schedule cancel ID`); a cancelled one never applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_ms: Option<u64>,
+}
+
+/// `POST /v1/schedules`: schedule a one-off change of a service's count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub desired: u32,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// How its times are shown (default `UTC`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+}
+
+/// One schedule as `drover schedule list` shows it: of the fleet file, or a one-off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleEntry {
+    /// `web#0` (fleet file) or `7` (one-off: what `drover schedule cancel` takes).
+    pub id: String,
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `file` or `once`.
+    pub source: String,
+    pub what: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// `active`, `waiting`, `done` or `cancelled`.
+    pub state: String,
+    /// The window that holds now, if it is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ScheduleWindow>,
+    /// The next windows to begin (up to 3).
+    #[serde(default)]
+    pub next: Vec<ScheduleWindow>,
+}
+
+/// `GET /v1/schedules`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleEntry>,
+}
+
+/// What `plan`/`apply` shows of a schedule the file adds or changes: its next firings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleFirings {
+    pub id: String,
+    pub what: String,
+    /// The next windows (up to 5).
+    pub next: Vec<ScheduleWindow>,
 }
 
 /// What the autoscaler sees for a group.

@@ -42,6 +42,9 @@ pub enum EventKind {
     /// The provider made, changed or removed cloud resources (a launch template version, an
     /// Auto Scaling group, a load balancer).
     Provider,
+    /// A schedule raised or dropped a group's bounds, or a one-off scheduled change was
+    /// made or cancelled.
+    Schedule,
     /// A balancer process (`drover lb`) started, was adopted, exited, handed its listeners
     /// over, or could not open a listener.
     Balancer,
@@ -68,6 +71,7 @@ impl EventKind {
             EventKind::Server => "server",
             EventKind::Provider => "provider",
             EventKind::Balancer => "balancer",
+            EventKind::Schedule => "schedule",
         }
     }
 

@@ -88,6 +88,10 @@ pub struct Service {
     /// Target tracking on a utilization metric, between capacity.min and capacity.max.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<Autoscale>,
+    /// Capacity raised ahead of demand: from each firing of a cron pattern, for a while
+    /// (`[[services.NAME.schedule]]`; see docs/autoscaling.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<Schedule>,
     /// An instance that reports unhealthy (or nothing) for this long after booting is replaced.
     #[serde(default = "default_replace_unhealthy_after")]
     pub replace_unhealthy_after: Dur,
@@ -316,6 +320,33 @@ impl Autoscale {
     pub fn custom_name(&self) -> Option<&str> {
         self.metric.strip_prefix("custom:")
     }
+}
+
+/// A scheduled raise of a service's capacity: from every firing of `cron` (read in
+/// `timezone`), for `duration`, the group's min, desired and max are at least these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Five-field cron: minute hour day-of-month month day-of-week, e.g. `0 17 * * SAT`.
+    pub cron: String,
+    /// The IANA time zone the pattern is read in (default `UTC`).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// How long the raised bounds hold after each firing.
+    pub duration: Dur,
+    /// The floor while it holds (autoscaling never goes below it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    /// The count it sets when it fires (if the group has fewer); autoscaling goes on from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u32>,
+    /// The ceiling while it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+}
+
+fn default_timezone() -> String {
+    "UTC".to_string()
 }
 
 /// A number a component serves over HTTP (its body, e.g. `0.73`), read by the agent with

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod cron;
 pub mod diff;
 pub mod duration;
 pub mod event;

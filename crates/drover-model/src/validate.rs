@@ -140,7 +140,7 @@ fn syntax_field(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 fn locate(root: &toml_edit::Item, path: &[String]) -> Option<usize> {
     let mut item = root;
     let mut found = None;
-    for seg in path {
+    for (depth, seg) in path.iter().enumerate() {
         let next = if let Some(t) = item.as_table_like() {
             match t.get_key_value(seg) {
                 Some((k, v)) => {
@@ -153,6 +153,13 @@ fn locate(root: &toml_edit::Item, path: &[String]) -> Option<usize> {
                 }
                 None => return found,
             }
+        } else if let Some(arr) = item.as_array_of_tables() {
+            // [[a.b]]: the i-th table; its fields are located inside it.
+            let Some(t) = seg.parse::<usize>().ok().and_then(|i| arr.get(i)) else {
+                return found;
+            };
+            found = t.span().map(|s| s.start).or(found);
+            return locate_in_table(t, &path[depth + 1..], found);
         } else if let Some(arr) = item.as_array() {
             let Ok(i) = seg.parse::<usize>() else {
                 return found;
@@ -170,6 +177,24 @@ fn locate(root: &toml_edit::Item, path: &[String]) -> Option<usize> {
         item = next;
     }
     found
+}
+
+/// [`locate`] within one table of an array of tables (whose items are tables, not items).
+fn locate_in_table(t: &toml_edit::Table, rest: &[String], found: Option<usize>) -> Option<usize> {
+    let Some((first, rest)) = rest.split_first() else {
+        return found;
+    };
+    match t.get_key_value(first) {
+        Some((k, v)) => {
+            let here = v.span().or(k.span()).map(|s| s.start).or(found);
+            if rest.is_empty() {
+                here
+            } else {
+                locate(v, rest).or(here)
+            }
+        }
+        None => found,
+    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -468,6 +493,7 @@ fn check_service(
             ),
         ));
     }
+    check_schedules(s, svc, out);
     let r = &svc.rollout;
     if r.max_surge == 0 && r.max_unavailable == 0 {
         out.push(p(
@@ -1070,6 +1096,93 @@ fn check_service(
                         ),
                     ));
                 }
+            }
+        }
+    }
+}
+
+/// `[[services.NAME.schedule]]`: a cron that fires, an IANA time zone, a duration, bounds
+/// that only raise and agree with each other.
+fn check_schedules(s: &str, svc: &Service, out: &mut Vec<Problem>) {
+    let c = svc.capacity;
+    for (i, sch) in svc.schedule.iter().enumerate() {
+        let idx = i.to_string();
+        let at = |f: &'static str| vec!["services", s, "schedule", idx.as_str(), f];
+        let base = ["services", s, "schedule", idx.as_str()];
+        match crate::cron::CronTz::parse(&sch.cron, &sch.timezone) {
+            Err(e) => {
+                let field = if crate::cron::parse_tz(&sch.timezone).is_err() {
+                    "timezone"
+                } else {
+                    "cron"
+                };
+                out.push(p(&at(field), e.0));
+            }
+            Ok(cron) if !cron.fires() => out.push(p(
+                &at("cron"),
+                format!(
+                    "{:?} never fires (no date matches it); check the day of month, month and day of week",
+                    sch.cron
+                ),
+            )),
+            Ok(_) => {}
+        }
+        if sch.duration.as_millis() < 60_000 {
+            out.push(p(
+                &at("duration"),
+                format!(
+                    "duration = {:?} is shorter than a minute; how long the raised bounds hold, e.g. \"4h\"",
+                    sch.duration.to_string()
+                ),
+            ));
+        }
+        if sch.min.is_none() && sch.desired.is_none() && sch.max.is_none() {
+            out.push(p(
+                &base,
+                "a schedule raises min, desired or max; set at least one, e.g. min = 20",
+            ));
+        }
+        let max = sch.max.unwrap_or(c.max).max(c.max);
+        let max_from = if sch.max.is_some() {
+            "the schedule's max"
+        } else {
+            "capacity.max"
+        };
+        if let Some(m) = sch.max {
+            if m < c.max {
+                out.push(p(
+                    &at("max"),
+                    format!("max = {m} is below capacity.max = {}: a schedule only raises bounds; leave max out or raise it", c.max),
+                ));
+            } else if m > MAX_GROUP_SIZE {
+                out.push(p(
+                    &at("max"),
+                    format!("max = {m} is above the limit of {MAX_GROUP_SIZE} instances per group"),
+                ));
+            }
+        }
+        if let Some(m) = sch.min {
+            if m > max {
+                out.push(p(
+                    &at("min"),
+                    format!("min = {m} is above max = {max} ({max_from}); raise max in the schedule or lower min"),
+                ));
+            }
+        }
+        if let Some(d) = sch.desired {
+            if d > max {
+                out.push(p(
+                    &at("desired"),
+                    format!("desired = {d} is above max = {max} ({max_from}); raise max in the schedule or lower desired"),
+                ));
+            } else if sch.min.is_some_and(|m| d < m) {
+                out.push(p(
+                    &at("desired"),
+                    format!(
+                        "desired = {d} is below the schedule's min = {}; need min <= desired",
+                        sch.min.unwrap_or(0)
+                    ),
+                ));
             }
         }
     }

@@ -493,3 +493,101 @@ fn bad_drain_signal_is_located_and_lists_the_allowed_ones() {
     ));
     assert_eq!(e.line, 18, "{e}");
 }
+
+/// GOOD (18 lines) with two schedules appended: headers on lines 20 and 27.
+fn with_schedules(first: &str, second: &str) -> String {
+    format!("{GOOD}\n[[services.web.schedule]]\n{first}\n\n[[services.web.schedule]]\n{second}\n")
+}
+
+const SAT: &str = "cron = \"0 17 * * SAT\"\ntimezone = \"Europe/London\"\nduration = \"4h\"\nmin = 4\ndesired = 5";
+
+#[test]
+fn schedules_parse_with_defaults() {
+    let text = with_schedules(
+        SAT,
+        "cron = \"0 9 * * MON-FRI\"\nduration = \"8h\"\nmin = 3",
+    );
+    let f = parse_fleet(&text, "drover.toml").unwrap();
+    let s = &f.services["web"].schedule;
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0].timezone, "Europe/London");
+    assert_eq!(s[0].duration.to_string(), "4h");
+    assert_eq!((s[0].min, s[0].desired, s[0].max), (Some(4), Some(5), None));
+    assert_eq!(s[1].timezone, "UTC", "the default time zone");
+}
+
+#[test]
+fn a_schedule_that_never_fires_is_located_in_its_table() {
+    let text = with_schedules(SAT, "cron = \"0 0 30 2 *\"\nduration = \"1h\"\nmin = 3");
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.schedule.1.cron");
+    assert_eq!((e.line, e.column), (28, 8), "{e}");
+    assert!(e.message.contains("never fires"), "{e}");
+}
+
+#[test]
+fn a_schedule_min_above_max_is_refused() {
+    let text = with_schedules(SAT, "cron = \"0 9 * * *\"\nduration = \"1h\"\nmin = 7");
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.schedule.1.min");
+    assert_eq!(e.line, 30, "{e}");
+    assert!(e.message.contains("above max = 6 (capacity.max)"), "{e}");
+    let text = with_schedules(
+        SAT,
+        "cron = \"0 9 * * *\"\nduration = \"1h\"\nmin = 9\nmax = 8",
+    );
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.schedule.1.min");
+    assert!(
+        e.message.contains("above max = 8 (the schedule's max)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn schedule_mistakes_are_explained() {
+    let cases = [
+        (
+            "cron = \"0 17 * *\"\nduration = \"1h\"\nmin = 3",
+            "cron",
+            "4 field",
+        ),
+        (
+            "cron = \"0 25 * * *\"\nduration = \"1h\"\nmin = 3",
+            "cron",
+            "not a cron pattern",
+        ),
+        (
+            "cron = \"0 17 * * *\"\ntimezone = \"London\"\nduration = \"1h\"\nmin = 3",
+            "timezone",
+            "IANA",
+        ),
+        (
+            "cron = \"0 17 * * *\"\nduration = \"10s\"\nmin = 3",
+            "duration",
+            "shorter than a minute",
+        ),
+        (
+            "cron = \"0 17 * * *\"\nduration = \"1h\"\nmax = 2",
+            "max",
+            "only raises",
+        ),
+        (
+            "cron = \"0 17 * * *\"\nduration = \"1h\"\nmin = 4\ndesired = 3",
+            "desired",
+            "below",
+        ),
+    ];
+    for (second, field, says) in cases {
+        let e = one(&with_schedules(SAT, second));
+        assert_eq!(e.field, format!("services.web.schedule.1.{field}"), "{e}");
+        assert!(e.message.contains(says), "{e}");
+        assert!(e.line >= 28, "{e}");
+    }
+    let e = one(&with_schedules(
+        SAT,
+        "cron = \"0 17 * * *\"\nduration = \"1h\"",
+    ));
+    assert_eq!(e.field, "services.web.schedule.1");
+    assert_eq!((e.line, e.column), (27, 1), "{e}");
+}

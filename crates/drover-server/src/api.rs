@@ -44,6 +44,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/destroy", post(destroy))
         .route("/v1/scale", post(scale))
         .route("/v1/rollout", post(rollout))
+        .route("/v1/schedules", get(list_schedules).post(create_schedule))
+        .route("/v1/schedules/{id}", axum::routing::delete(cancel_schedule))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
@@ -211,6 +213,25 @@ async fn deploy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, S
 async fn scale(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
     let req: drover_model::api::ScaleRequest = decode(body)?;
     Ok(Json(e.scale(req).await?).into_response())
+}
+
+async fn create_schedule(
+    State(e): State<Arc<Engine>>,
+    body: Body2,
+) -> Result<Response, ServerError> {
+    let req: drover_model::api::ScheduleRequest = decode(body)?;
+    Ok((StatusCode::CREATED, Json(e.schedule_once(req).await?)).into_response())
+}
+
+async fn list_schedules(State(e): State<Arc<Engine>>) -> Result<Response, ServerError> {
+    Ok(Json(e.list_schedules()).into_response())
+}
+
+async fn cancel_schedule(
+    State(e): State<Arc<Engine>>,
+    Path(id): Path<String>,
+) -> Result<Response, ServerError> {
+    Ok(Json(e.cancel_schedule(&id).await?).into_response())
 }
 
 async fn rollback(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {

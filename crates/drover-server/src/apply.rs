@@ -212,7 +212,7 @@ impl Engine {
     ) -> Result<ApplyResponse, ServerError> {
         let file_fleet = drover_model::parse_fleet(&req.toml, &req.file)?;
         let now = now_ms();
-        let (old_fleet, old_groups, current, boot_ms, old_last) = {
+        let (old_fleet, old_groups, current, boot_ms, old_last, once) = {
             let st = self.state();
             (
                 st.fleet().cloned(),
@@ -225,6 +225,7 @@ impl Engine {
                         set_by: BTreeMap::new(),
                     })
                 }),
+                st.once.clone(),
             )
         };
         let next_revision = current + 1;
@@ -433,9 +434,20 @@ impl Engine {
                         }
                     }
                 }
+                // The range, raised by the schedules that hold now (the new file's and the
+                // one-offs): a count a schedule set is not undone by an apply.
+                let bounds = drover_control::Schedules {
+                    service: sname,
+                    region,
+                    base_min: svc.capacity.min,
+                    base_max: svc.capacity.max,
+                    file: &svc.schedule,
+                    once: &once,
+                }
+                .bounds(now);
                 let (desired, reason) = match old {
                     Some(g) if !file_desired_changed => (
-                        g.record.desired.clamp(svc.capacity.min, svc.capacity.max),
+                        g.record.desired.clamp(bounds.min, bounds.max),
                         g.record.desired_reason.clone(),
                     ),
                     _ => (svc.capacity.desired, format!("fleet file ({})", req.file)),
@@ -570,6 +582,26 @@ impl Engine {
                 .group(g),
             );
         }
+        // Schedules the file adds or changes: their next firings.
+        let mut schedules = Vec::new();
+        for (sname, svc) in &fleet.services {
+            let old = old_fleet
+                .as_ref()
+                .and_then(|f| f.services.get(sname))
+                .map(|s| s.schedule.as_slice())
+                .unwrap_or(&[]);
+            for (i, sch) in svc.schedule.iter().enumerate() {
+                if old.get(i) == Some(sch) {
+                    continue;
+                }
+                let next = drover_control::schedule::next_firings(sname, i, sch, now, 5);
+                schedules.push(drover_model::api::ScheduleFirings {
+                    id: drover_control::schedule::file_id(sname, i),
+                    what: next.first().map(|w| w.what.clone()).unwrap_or_default(),
+                    next,
+                });
+            }
+        }
         let response = |revision, applied| ApplyResponse {
             revision,
             applied,
@@ -577,6 +609,7 @@ impl Engine {
             plan_changes: plan_changes.clone(),
             rollouts: rollouts.clone(),
             drift: drift.clone(),
+            schedules: schedules.clone(),
         };
         let wave_release = matches!(origin, Origin::Wave { .. });
         if (changes.is_empty() && !wave_release) || req.dry_run {

@@ -429,9 +429,12 @@ enum Need {
     Lb,
 }
 
-fn need(path: &str) -> Need {
+fn need(method: &axum::http::Method, path: &str) -> Need {
     match path {
         "/v1/health" => Need::Nothing,
+        "/v1/schedules" if method == axum::http::Method::GET => Need::Read,
+        "/v1/schedules" => Need::Admin,
+        p if p.starts_with("/v1/schedules/") => Need::Admin,
         "/v1/apply" | "/v1/deploy" | "/v1/rollback" | "/v1/scale" | "/v1/destroy"
         | "/v1/rollout" | "/v1/tokens" => Need::Admin,
         "/v1/status" | "/v1/events" | "/v1/revisions" | "/metrics" => Need::Read,
@@ -466,7 +469,7 @@ pub async fn layer(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let need = need(req.uri().path());
+    let need = need(req.method(), req.uri().path());
     if need == Need::Nothing {
         return next.run(req).await;
     }
@@ -545,15 +548,25 @@ mod tests {
 
     #[test]
     fn every_path_has_a_need() {
-        assert_eq!(need("/v1/health"), Need::Nothing);
-        assert_eq!(need("/v1/apply"), Need::Admin);
-        assert_eq!(need("/v1/tokens/t-000001"), Need::Admin);
-        assert_eq!(need("/v1/status"), Need::Read);
-        assert_eq!(need("/v1/revisions/3"), Need::Read);
-        assert_eq!(need("/v1/plans/web/local/1"), Need::ReadOrAgent);
-        assert_eq!(need("/v1/agent/heartbeat"), Need::Agent);
-        assert_eq!(need("/v1/lb/config"), Need::Lb);
-        assert_eq!(need("/v1/health/"), Need::Any);
-        assert_eq!(need("/nope"), Need::Any);
+        const G: axum::http::Method = axum::http::Method::GET;
+        assert_eq!(need(&G, "/v1/health"), Need::Nothing);
+        assert_eq!(need(&G, "/v1/apply"), Need::Admin);
+        assert_eq!(need(&G, "/v1/tokens/t-000001"), Need::Admin);
+        assert_eq!(need(&G, "/v1/status"), Need::Read);
+        assert_eq!(need(&G, "/v1/revisions/3"), Need::Read);
+        assert_eq!(need(&G, "/v1/plans/web/local/1"), Need::ReadOrAgent);
+        assert_eq!(need(&G, "/v1/agent/heartbeat"), Need::Agent);
+        assert_eq!(need(&G, "/v1/lb/config"), Need::Lb);
+        assert_eq!(need(&G, "/v1/health/"), Need::Any);
+        assert_eq!(need(&G, "/nope"), Need::Any);
+        assert_eq!(need(&G, "/v1/schedules"), Need::Read);
+        assert_eq!(
+            need(&axum::http::Method::POST, "/v1/schedules"),
+            Need::Admin
+        );
+        assert_eq!(
+            need(&axum::http::Method::DELETE, "/v1/schedules/3"),
+            Need::Admin
+        );
     }
 }

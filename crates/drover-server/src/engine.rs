@@ -76,6 +76,8 @@ impl Engine {
         let mut state = State {
             revision: snap.revision,
             instance_seq: snap.counters.get("instance_seq").copied().unwrap_or(0),
+            once: snap.schedules,
+            schedule_memory: crate::state::memory_from_counters(&snap.counters),
             ..State::default()
         };
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
@@ -373,6 +375,9 @@ impl Engine {
         // and no stale instance leaves, before its group's provider knows the plan.
         self.prepare_groups().await;
         let now = now_ms();
+        if let Err(e) = self.schedule_pass(now).await {
+            tracing::error!("schedules: {e}");
+        }
         if let Err(e) = self.autoscale(now).await {
             tracing::error!("autoscale: {e}");
         }
@@ -488,6 +493,64 @@ impl Engine {
         }
     }
 
+    /// Run the schedule rules of every group that has schedules
+    /// ([`drover_control::schedule::step`]); store their memory, record the windows that
+    /// began or ended, and the counts they set.
+    async fn schedule_pass(&self, now: u64) -> Result<(), ServerError> {
+        let mut writes = Vec::new();
+        {
+            let mut st = self.state();
+            let groups: Vec<String> = st.groups.keys().cloned().collect();
+            for gid in groups {
+                let g = &st.groups[&gid];
+                if !st.has_schedules(g) {
+                    continue;
+                }
+                let autoscaled = st.service(g).is_some_and(|s| s.autoscale.is_some());
+                let mut memory = st.schedule_memory.get(&gid).cloned().unwrap_or_default();
+                let r = drover_control::schedule::step(
+                    now,
+                    &st.schedules(g),
+                    g.record.desired,
+                    autoscaled,
+                    &mut memory,
+                );
+                for note in r.notes {
+                    writes.push(Write::Event(
+                        NewEvent::new(EventKind::Schedule, note).group(&gid),
+                    ));
+                }
+                if r.remembered {
+                    writes.extend(crate::state::memory_writes(&gid, &memory));
+                }
+                st.schedule_memory.insert(gid.clone(), memory);
+                if let Some(d) = r.decision {
+                    if r.sets_count {
+                        st.autoscale
+                            .entry(gid.clone())
+                            .or_default()
+                            .manual(now, d.to);
+                    }
+                    let g = st.groups.get_mut(&gid).expect("group exists");
+                    g.record.desired = d.to;
+                    g.record.desired_reason = d.reason.clone();
+                    writes.push(Write::Group(g.record.clone()));
+                    writes.push(Write::Event(
+                        NewEvent::new(
+                            EventKind::Scaled,
+                            format!("desired {} -> {} ({})", d.from, d.to, d.reason),
+                        )
+                        .group(&gid),
+                    ));
+                }
+            }
+        }
+        if !writes.is_empty() {
+            self.commit(writes).await?;
+        }
+        Ok(())
+    }
+
     /// Run the autoscaler of every group that has a policy; store and record its changes.
     async fn autoscale(&self, now: u64) -> Result<(), ServerError> {
         let mut writes = Vec::new();
@@ -500,7 +563,9 @@ impl Engine {
                 let Some(policy) = svc.autoscale.clone() else {
                     continue;
                 };
-                let (min, max) = (svc.capacity.min, svc.capacity.max);
+                let bounds = st.bounds(g, now);
+                let (min, max) = (bounds.min, bounds.max);
+                let by = bounds.by();
                 let (samples, oldest_sample_ms) = st.samples(g, &policy, now);
                 let desired = g.record.desired;
                 let rollout = g.record.rollout.open;
@@ -512,6 +577,7 @@ impl Engine {
                         desired,
                         min,
                         max,
+                        bounds_by: by.as_deref(),
                         rollout_in_progress: rollout,
                         samples: &samples,
                         oldest_sample_ms,
@@ -572,45 +638,58 @@ impl Engine {
                     )));
                 }
             }
-            let (min, max) = (svc.capacity.min, svc.capacity.max);
-            if req.desired < min || req.desired > max {
-                return Err(ServerError::BadRequest(format!(
-                    "{} is outside {}'s capacity range min..max = {min}..{max}; choose a count in that range, or change capacity in the fleet file and apply it",
-                    req.desired, req.service
-                )));
-            }
-            let mut writes = Vec::new();
-            let mut changed = Vec::new();
+            // The count for each group: refused outside the file's range, kept but clamped
+            // while a schedule raises the bounds (the rule: drover_control::schedule::manual).
+            let mut counts = Vec::new();
             for region in &svc.regions {
                 if req.region.as_ref().is_some_and(|r| r != region) {
                     continue;
                 }
                 let gid = drover_model::GroupId::new(&req.service, region).0;
-                let Some(g) = st.groups.get_mut(&gid) else {
+                let Some(g) = st.groups.get(&gid) else {
                     continue;
                 };
+                let bounds = st.bounds(g, now);
+                let mut memory = st.schedule_memory.get(&gid).cloned().unwrap_or_default();
+                let (to, note) = drover_control::schedule::manual(
+                    req.desired,
+                    &req.service,
+                    &bounds,
+                    &mut memory,
+                )
+                .map_err(ServerError::BadRequest)?;
+                counts.push((gid, to, note, memory));
+            }
+            let mut writes = Vec::new();
+            let mut changed = Vec::new();
+            for (gid, to, note, memory) in counts {
+                if st.schedule_memory.get(&gid) != Some(&memory) {
+                    writes.extend(crate::state::memory_writes(&gid, &memory));
+                    st.schedule_memory.insert(gid.clone(), memory);
+                }
+                let g = st.groups.get_mut(&gid).expect("group exists");
                 let from = g.record.desired;
-                g.record.desired = req.desired;
-                g.record.desired_reason = "manual: drover scale".into();
+                g.record.desired = to;
+                g.record.desired_reason = match &note {
+                    Some(n) => format!("manual: drover scale ({n})"),
+                    None => "manual: drover scale".into(),
+                };
                 writes.push(Write::Group(g.record.clone()));
                 writes.push(Write::Event(
                     NewEvent::new(
                         EventKind::Scaled,
                         format!(
-                            "desired {from} -> {} (manual: drover scale; autoscaling goes on from here)",
-                            req.desired
+                            "desired {from} -> {to} (manual: drover scale{}; autoscaling goes on from here)",
+                            note.map(|n| format!(", {n}")).unwrap_or_default()
                         ),
                     )
                     .group(&gid),
                 ));
-                st.autoscale
-                    .entry(gid.clone())
-                    .or_default()
-                    .manual(now, req.desired);
+                st.autoscale.entry(gid.clone()).or_default().manual(now, to);
                 changed.push(drover_model::api::ScaledGroup {
                     group: gid,
                     from,
-                    to: req.desired,
+                    to,
                 });
             }
             (writes, changed)
@@ -618,6 +697,217 @@ impl Engine {
         self.commit(writes).await?;
         self.wake.notify_one();
         Ok(drover_model::api::ScaleResponse { groups: changed })
+    }
+
+    /// Store a one-off scheduled change (`drover scale web 50 --at ... --for 3h`).
+    pub async fn schedule_once(
+        &self,
+        req: drover_model::api::ScheduleRequest,
+    ) -> Result<drover_model::api::ScheduledScale, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let now = now_ms();
+        let tz_name = req.timezone.clone().unwrap_or_else(|| "UTC".into());
+        drover_model::cron::parse_tz(&tz_name).map_err(|e| ServerError::BadRequest(e.0))?;
+        let once = {
+            let st = self.state();
+            let fleet = st.fleet().cloned().ok_or_else(|| {
+                ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
+            })?;
+            let svc = fleet.services.get(&req.service).ok_or_else(|| {
+                ServerError::NotFound(format!(
+                    "no service {:?}; services: {}",
+                    req.service,
+                    fleet
+                        .services
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            if let Some(r) = &req.region {
+                if !svc.regions.contains(r) {
+                    return Err(ServerError::NotFound(format!(
+                        "service {} does not run in region {r:?}; its regions: {}",
+                        req.service,
+                        svc.regions.join(", ")
+                    )));
+                }
+            }
+            if req.end_ms <= req.start_ms {
+                return Err(ServerError::BadRequest(
+                    "the end must be after the start; give --for DURATION (e.g. 3h) or a later --until".into(),
+                ));
+            }
+            if req.end_ms <= now {
+                return Err(ServerError::BadRequest(format!(
+                    "it would end at {}, which is past; choose a later time",
+                    drover_model::cron::format_in(
+                        req.end_ms,
+                        drover_model::cron::parse_tz(&tz_name)
+                            .unwrap_or(drover_model::cron::Tz::UTC)
+                    )
+                )));
+            }
+            let limit = drover_model::validate::MAX_GROUP_SIZE;
+            if req.desired > limit || req.desired == 0 {
+                return Err(ServerError::BadRequest(format!(
+                    "{} is not a count a schedule can hold: use 1 to {limit}",
+                    req.desired
+                )));
+            }
+            let id = st.once.iter().map(|o| o.id).max().unwrap_or(0) + 1;
+            drover_model::api::ScheduledScale {
+                id,
+                service: req.service.clone(),
+                region: req.region.clone(),
+                desired: req.desired,
+                start_ms: req.start_ms,
+                end_ms: req.end_ms,
+                timezone: tz_name,
+                created_ms: now,
+                cancelled_ms: None,
+            }
+        };
+        let w = drover_control::schedule::once_window(&once);
+        let tz =
+            drover_model::cron::parse_tz(&once.timezone).unwrap_or(drover_model::cron::Tz::UTC);
+        self.commit(vec![
+            Write::Schedule(once.clone()),
+            Write::Event(NewEvent::new(
+                EventKind::Schedule,
+                format!(
+                    "{} scheduled: min and desired {} from {} until {}",
+                    w.what,
+                    once.desired,
+                    drover_model::cron::format_in(once.start_ms, tz),
+                    drover_model::cron::format_in(once.end_ms, tz)
+                ),
+            )),
+        ])
+        .await?;
+        self.state().once.push(once.clone());
+        self.wake.notify_one();
+        Ok(once)
+    }
+
+    /// Cancel a one-off scheduled change; if it holds now, its bounds drop at the next pass.
+    pub async fn cancel_schedule(
+        &self,
+        id: &str,
+    ) -> Result<drover_model::api::ScheduledScale, ServerError> {
+        let _w = self.write_lock.lock().await;
+        let now = now_ms();
+        let Ok(n) = id.parse::<u64>() else {
+            return Err(ServerError::BadRequest(format!(
+                "{id:?} is not the id of a one-off schedule (a number, as `drover schedule list` shows); a schedule of the fleet file (like web#0) ends when you remove it from the file and apply it"
+            )));
+        };
+        let mut once = {
+            let st = self.state();
+            let o = st.once.iter().find(|o| o.id == n).cloned().ok_or_else(|| {
+                ServerError::NotFound(format!("no schedule {n}; see `drover schedule list`"))
+            })?;
+            if o.cancelled_ms.is_some() {
+                return Err(ServerError::Conflict(format!(
+                    "schedule {n} is cancelled already"
+                )));
+            }
+            if o.end_ms <= now {
+                return Err(ServerError::Conflict(format!(
+                    "schedule {n} has ended already"
+                )));
+            }
+            o
+        };
+        once.cancelled_ms = Some(now);
+        let w = drover_control::schedule::once_window(&once);
+        self.commit(vec![
+            Write::Schedule(once.clone()),
+            Write::Event(NewEvent::new(
+                EventKind::Schedule,
+                format!("{} cancelled", w.what),
+            )),
+        ])
+        .await?;
+        if let Some(o) = self.state().once.iter_mut().find(|o| o.id == n) {
+            *o = once.clone();
+        }
+        self.wake.notify_one();
+        Ok(once)
+    }
+
+    /// Every schedule: the fleet file's, and the one-offs (ended and cancelled ones too).
+    pub fn list_schedules(&self) -> drover_model::api::ScheduleList {
+        use drover_control::schedule;
+        let now = now_ms();
+        let st = self.state();
+        let mut out = Vec::new();
+        if let Some(fleet) = st.fleet() {
+            for (name, svc) in &fleet.services {
+                for (i, s) in svc.schedule.iter().enumerate() {
+                    let next = schedule::next_firings(name, i, s, now, 3);
+                    let active = drover_model::cron::CronTz::parse(&s.cron, &s.timezone)
+                        .ok()
+                        .and_then(|c| c.last_at_or_before(now))
+                        .filter(|start| now < start + s.duration.as_millis())
+                        .and_then(|start| {
+                            schedule::next_firings(name, i, s, start.saturating_sub(1), 1)
+                                .into_iter()
+                                .next()
+                        });
+                    let w = next.first().or(active.as_ref());
+                    out.push(drover_model::api::ScheduleEntry {
+                        id: schedule::file_id(name, i),
+                        service: name.clone(),
+                        region: None,
+                        source: "file".into(),
+                        what: w.map(|w| w.what.clone()).unwrap_or_default(),
+                        min: s.min,
+                        desired: s.desired,
+                        max: s.max,
+                        state: if active.is_some() {
+                            "active"
+                        } else {
+                            "waiting"
+                        }
+                        .into(),
+                        active,
+                        next,
+                    });
+                }
+            }
+        }
+        for o in &st.once {
+            let w = schedule::once_window(o);
+            let state = if o.cancelled_ms.is_some() {
+                "cancelled"
+            } else if o.end_ms <= now {
+                "done"
+            } else if o.start_ms <= now {
+                "active"
+            } else {
+                "waiting"
+            };
+            out.push(drover_model::api::ScheduleEntry {
+                id: o.id.to_string(),
+                service: o.service.clone(),
+                region: o.region.clone(),
+                source: "once".into(),
+                what: w.what.clone(),
+                min: w.min,
+                desired: w.desired,
+                max: w.max,
+                state: state.into(),
+                active: (state == "active").then(|| w.clone()),
+                next: if state == "waiting" {
+                    vec![w]
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+        drover_model::api::ScheduleList { schedules: out }
     }
 
     /// Take one instance out of its group's balancer at once.

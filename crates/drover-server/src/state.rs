@@ -81,6 +81,63 @@ pub struct State {
     pub launch_backoff: BTreeMap<String, (u32, u64)>,
     /// Per group: the autoscaler's memory (soft).
     pub autoscale: BTreeMap<String, drover_control::AutoscaleState>,
+    /// One-off scheduled changes (stored), by id.
+    pub once: Vec<drover_model::api::ScheduledScale>,
+    /// Per group: what the schedule rules remember (stored as counters, [`memory_writes`]).
+    pub schedule_memory: BTreeMap<String, drover_control::ScheduleMemory>,
+}
+
+const BEGAN: &str = "schedule.began.";
+const ENDED: &str = "schedule.ended.";
+const RESTORE: &str = "schedule.restore.";
+
+/// The schedule rules' memory of every group, from the store's counters
+/// (`schedule.began.GROUP.ID` = start of the window seen beginning, `schedule.ended.GROUP.ID`,
+/// `schedule.restore.GROUP` = the count to go back to + 1, 0 for none).
+pub fn memory_from_counters(
+    counters: &BTreeMap<String, u64>,
+) -> BTreeMap<String, drover_control::ScheduleMemory> {
+    let mut out: BTreeMap<String, drover_control::ScheduleMemory> = BTreeMap::new();
+    for (name, value) in counters {
+        if let Some(rest) = name.strip_prefix(BEGAN) {
+            if let Some((g, id)) = rest.split_once('.') {
+                out.entry(g.into())
+                    .or_default()
+                    .began
+                    .insert(id.into(), *value);
+            }
+        } else if let Some(rest) = name.strip_prefix(ENDED) {
+            if let Some((g, id)) = rest.split_once('.') {
+                out.entry(g.into())
+                    .or_default()
+                    .ended
+                    .insert(id.into(), *value);
+            }
+        } else if let Some(g) = name.strip_prefix(RESTORE) {
+            out.entry(g.into()).or_default().restore = value.checked_sub(1).map(|v| v as u32);
+        }
+    }
+    out
+}
+
+/// The counters that store `group`'s memory (all of them: a memory holds a few).
+pub fn memory_writes(group: &str, m: &drover_control::ScheduleMemory) -> Vec<drover_store::Write> {
+    let counter = |name: String, value: u64| drover_store::Write::Counter { name, value };
+    let mut w: Vec<drover_store::Write> = m
+        .began
+        .iter()
+        .map(|(id, v)| counter(format!("{BEGAN}{group}.{id}"), *v))
+        .chain(
+            m.ended
+                .iter()
+                .map(|(id, v)| counter(format!("{ENDED}{group}.{id}"), *v)),
+        )
+        .collect();
+    w.push(counter(
+        format!("{RESTORE}{group}"),
+        m.restore.map_or(0, |r| u64::from(r) + 1),
+    ));
+    w
 }
 
 /// Whether a group's provider replaces its stale leavers itself ("replace mode"): an `aws`
@@ -285,16 +342,27 @@ impl State {
                     .filter(|i| i.record.group == g.record.group)
                     .map(|i| instance_status(i, &targets, now, silent_after_ms))
                     .collect();
+                let bounds = self.bounds(g, now);
+                let schedule = self.has_schedules(g).then(|| {
+                    let (base_min, base_max) = self.capacity(g);
+                    drover_model::api::GroupSchedule {
+                        active: bounds.cause.clone(),
+                        next: bounds.next.clone(),
+                        base_min,
+                        base_max,
+                    }
+                });
                 GroupStatus {
+                    schedule,
                     group: g.record.group.clone(),
                     service: g.plan.service.clone(),
                     region: g.plan.region.clone(),
                     provider: g.provider.clone(),
                     generation: g.record.generation,
                     versions: g.plan.versions(),
-                    min: self.capacity(g).0,
+                    min: bounds.min,
                     desired: g.record.desired,
-                    max: self.capacity(g).1,
+                    max: bounds.max,
                     healthy: instances
                         .iter()
                         .filter(|i| i.state == InstanceState::Healthy)
@@ -392,6 +460,45 @@ impl State {
 
     pub fn service(&self, g: &Group) -> Option<&drover_model::fleet::Service> {
         self.fleet().and_then(|f| f.services.get(&g.plan.service))
+    }
+
+    /// The schedules of a group (the file's and the one-offs), with the range they raise.
+    pub fn schedules<'a>(&'a self, g: &'a Group) -> drover_control::Schedules<'a> {
+        let svc = self.service(g);
+        let (base_min, base_max) = self.capacity(g);
+        drover_control::Schedules {
+            service: &g.plan.service,
+            region: &g.plan.region,
+            base_min,
+            base_max,
+            file: svc.map_or(&[], |s| s.schedule.as_slice()),
+            once: &self.once,
+        }
+    }
+
+    /// Whether any schedule could apply to `g` (so idle groups cost no cron search).
+    pub fn has_schedules(&self, g: &Group) -> bool {
+        self.service(g).is_some_and(|s| !s.schedule.is_empty())
+            || self.once.iter().any(|o| o.service == g.plan.service)
+            || self
+                .schedule_memory
+                .get(&g.record.group)
+                .is_some_and(|m| m.began.iter().any(|(id, v)| m.ended.get(id) != Some(v)))
+    }
+
+    /// A group's bounds now: the file's capacity, raised by its active schedules.
+    pub fn bounds(&self, g: &Group, now: u64) -> drover_control::Bounds {
+        if !self.has_schedules(g) {
+            let (min, max) = self.capacity(g);
+            return drover_control::Bounds {
+                min,
+                max,
+                cause: None,
+                active: Vec::new(),
+                next: None,
+            };
+        }
+        self.schedules(g).bounds(now)
     }
 
     /// The autoscaling metric of each instance of `g` that counts (active, healthy for at

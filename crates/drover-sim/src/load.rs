@@ -93,6 +93,8 @@ pub enum ScaledBy {
     /// A raw write of the count ([`crate::Sim::set_desired`], [`crate::Fault::SetDesired`]),
     /// which the autoscaler is not told about.
     SetDesired,
+    /// A schedule began or ended (`drover_control::schedule::step`).
+    Schedule,
 }
 
 /// One change of a group's desired count.

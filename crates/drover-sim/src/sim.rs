@@ -6,14 +6,18 @@
 //! 1. apply the faults scheduled at or before now;
 //! 2. advance the agents: heartbeats (every `heartbeat_ms`, each agent on its own phase) are
 //!    absorbed the way the server absorbs them, agents whose time is up exit;
-//! 3. for every group with an autoscale policy ([`Sim::set_autoscale`]), do what the server's
+//! 3. for every group with schedules ([`Sim::set_schedules`], [`Sim::schedule_once`]), do
+//!    what the server's schedule pass does: [`drover_control::schedule::step`], recording
+//!    its notes ([`Sim::schedule_notes`]) and applying its count; the bounds it returns are
+//!    the autoscaler's (its memory is stored by the server, so it survives a restart);
+//! 4. for every group with an autoscale policy ([`Sim::set_autoscale`]), do what the server's
 //!    `autoscale` pass does: take the metric of each Active instance healthy for at least
 //!    `warmup` (the value its agent last reported, from the group's [`LoadModel`]), call
 //!    [`AutoscaleState::decide`], apply the new desired count, and record the step
 //!    ([`Sim::autoscale_trace`]) and any change ([`Sim::scale_events`], [`Sim::desired_series`]);
-//! 4. call [`drover_control::reconcile`] and carry out its actions like the server does
+//! 5. call [`drover_control::reconcile`] and carry out its actions like the server does
 //!    (launch backoff, rollout bookkeeping, auto-revert);
-//! 5. check the invariants, and panic with the step, the time and the counts if one breaks.
+//! 6. check the invariants, and panic with the step, the time and the counts if one breaks.
 //!
 //! Invariants checked (numbers as in the panic message): 1. no Terminate of a healthy,
 //! heartbeating instance; 2. permits never take a group below `desired - max_unavailable`
@@ -34,11 +38,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use drover_control::group::in_rotation;
+use drover_control::schedule::{self, ScheduleMemory, Schedules};
 use drover_control::{
     reconcile, Action, AutoscaleInput, AutoscaleState, Decision, GroupSpec, Health, InstanceView,
     Phase, Timing,
 };
-use drover_model::fleet::{Autoscale, Rollout};
+use drover_model::api::ScheduledScale;
+use drover_model::fleet::{Autoscale, Rollout, Schedule};
 
 use crate::load::{AutoscalePoint, LoadModel, ScaleEvent, ScaledBy};
 use crate::rng::SplitMix64;
@@ -275,6 +281,23 @@ struct GroupState {
     trace: Vec<AutoscalePoint>,
     /// The simulated Auto Scaling group (groups with `provider_replaces_leavers` only).
     asg: Option<Asg>,
+    schedules: Option<GroupSchedules>,
+}
+
+/// A group's schedules, as the server keeps them (memory in the store).
+#[derive(Clone, Debug, Default)]
+struct GroupSchedules {
+    service: String,
+    region: String,
+    base_min: u32,
+    base_max: u32,
+    file: Vec<Schedule>,
+    once: Vec<ScheduledScale>,
+    memory: ScheduleMemory,
+    /// The bounds of this step, and what raised them.
+    bounds: Option<(u32, u32, Option<String>)>,
+    /// (time, message) of each `schedule` event.
+    notes: Vec<(u64, String)>,
 }
 
 /// A group's autoscale policy, its range, and the autoscaler's memory (soft: a server restart
@@ -398,6 +421,14 @@ impl Sim {
         &self.cfg
     }
 
+    /// Start the virtual clock at `ms` (e.g. a date, in ms since the epoch, for schedules).
+    /// Only before any group is added.
+    pub fn set_clock(&mut self, ms: u64) {
+        assert!(self.specs.is_empty(), "set the clock before adding groups");
+        self.now = ms;
+        self.stats.now_ms = ms;
+    }
+
     /// Virtual time, in ms.
     pub fn now(&self) -> u64 {
         self.now
@@ -508,6 +539,78 @@ impl Sim {
         });
     }
 
+    /// Give `group` (of service `service` in `region`) the fleet file's schedules, raising
+    /// its capacity range `base_min..base_max` (the service's `capacity`).
+    pub fn set_schedules(
+        &mut self,
+        group: &str,
+        service: &str,
+        base_min: u32,
+        base_max: u32,
+        file: Vec<Schedule>,
+    ) {
+        let g = self.group_idx(group);
+        let region = group.split_once('/').map_or("", |(_, r)| r).to_string();
+        let st = self.groups[g]
+            .schedules
+            .get_or_insert_with(Default::default);
+        st.service = service.to_string();
+        st.region = region;
+        st.base_min = base_min;
+        st.base_max = base_max;
+        st.file = file;
+    }
+
+    /// A one-off scheduled change (`drover scale SERVICE N --at ... --for ...`) for `group`
+    /// (after [`Sim::set_schedules`]).
+    pub fn schedule_once(&mut self, group: &str, once: ScheduledScale) {
+        let g = self.group_idx(group);
+        let st = self.groups[g]
+            .schedules
+            .as_mut()
+            .expect("set_schedules first");
+        st.once.push(once);
+    }
+
+    /// Every `schedule` event of `group`: (time, message).
+    pub fn schedule_notes(&self, group: &str) -> &[(u64, String)] {
+        self.groups[self.group_idx(group)]
+            .schedules
+            .as_ref()
+            .map_or(&[], |s| &s.notes)
+    }
+
+    /// The schedule pass: what the server's does, with the same function.
+    fn schedules(&mut self) {
+        let now = self.now;
+        for g in 0..self.specs.len() {
+            let autoscaled = self.groups[g].autoscale.is_some();
+            let desired = self.specs[g].desired;
+            let Some(st) = self.groups[g].schedules.as_mut() else {
+                continue;
+            };
+            let sch = Schedules {
+                service: &st.service,
+                region: &st.region,
+                base_min: st.base_min,
+                base_max: st.base_max,
+                file: &st.file,
+                once: &st.once,
+            };
+            let r = schedule::step(now, &sch, desired, autoscaled, &mut st.memory);
+            st.bounds = Some((r.bounds.min, r.bounds.max, r.bounds.by()));
+            st.notes.extend(r.notes.into_iter().map(|n| (now, n)));
+            if let Some(d) = r.decision {
+                if r.sets_count {
+                    if let Some(a) = &mut self.groups[g].autoscale {
+                        a.state.manual(now, d.to);
+                    }
+                }
+                self.change_desired(g, d.to, ScaledBy::Schedule, d.reason);
+            }
+        }
+    }
+
     /// The total load `group` receives from now on (see [`LoadModel`]).
     pub fn set_load(&mut self, group: &str, load: LoadModel) {
         let g = self.group_idx(group);
@@ -520,7 +623,22 @@ impl Sim {
     /// autoscale range, like the server.
     pub fn scale(&mut self, group: &str, desired: u32, at_ms: u64) -> Result<(), String> {
         let g = self.group_idx(group);
-        if let Some(a) = &self.groups[g].autoscale {
+        if let Some(st) = &mut self.groups[g].schedules {
+            if at_ms <= self.now {
+                let sch = Schedules {
+                    service: &st.service,
+                    region: &st.region,
+                    base_min: st.base_min,
+                    base_max: st.base_max,
+                    file: &st.file,
+                    once: &st.once,
+                };
+                let bounds = sch.bounds(self.now);
+                let (n, _) = schedule::manual(desired, &st.service, &bounds, &mut st.memory)?;
+                self.manual_scale(g, n);
+                return Ok(());
+            }
+        } else if let Some(a) = &self.groups[g].autoscale {
             if desired < a.min || desired > a.max {
                 return Err(format!(
                     "{desired} is outside {group}'s capacity range min..max = {}..{}",
@@ -813,7 +931,12 @@ impl Sim {
             Fault::SetDesired { group, desired } => self.set_desired(&group, desired),
             Fault::Scale { group, desired } => {
                 let g = self.group_idx(&group);
-                self.manual_scale(g, desired);
+                if self.groups[g].schedules.is_some() {
+                    // Clamped to the bounds of now (a schedule may hold them).
+                    let _ = self.scale(&group, desired, self.now);
+                } else {
+                    self.manual_scale(g, desired);
+                }
             }
         }
     }
@@ -1011,26 +1134,32 @@ impl Sim {
             }
             let spec = &self.specs[g];
             let st = &mut self.groups[g];
+            let raised = st.schedules.as_ref().and_then(|s| s.bounds.clone());
             let GroupAutoscale {
                 policy,
                 min,
                 max,
                 state,
             } = st.autoscale.as_mut().expect("autoscaled group");
+            let (min, max, by) = match raised {
+                Some((lo, hi, by)) => (lo, hi, by),
+                None => (*min, *max, None),
+            };
             let decision = state.decide(
                 now,
                 &AutoscaleInput {
                     group: &spec.group,
                     policy,
                     desired: spec.desired,
-                    min: *min,
-                    max: *max,
+                    min,
+                    max,
+                    bounds_by: by.as_deref(),
                     rollout_in_progress: spec.rollout_open,
                     samples: &samples,
                     oldest_sample_ms: if oldest == u64::MAX { 0 } else { oldest },
                 },
             );
-            let (min, max, recommended) = (*min, *max, state.last_recommended);
+            let recommended = state.last_recommended;
             let observed = state.last_observed;
             let rollout_open = spec.rollout_open;
             let (load, per_instance) = match &st.load {
@@ -1091,6 +1220,7 @@ impl Sim {
             self.apply_fault(f);
         }
         self.advance_agents();
+        self.schedules();
         self.autoscale();
 
         let t = self.timing();

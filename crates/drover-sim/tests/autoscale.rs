@@ -41,6 +41,7 @@ fn rollout(max_surge: u32, min_healthy_ms: u64) -> Rollout {
         healthy_deadline: Dur::from_secs(3_600),
         auto_revert: true,
         drain_timeout: Dur::from_secs(3),
+        ..Rollout::default()
     }
 }
 
@@ -666,6 +667,7 @@ fn recommendation_on_an_exact_boundary_is_not_rounded_up() {
                 desired: 7,
                 min: 2,
                 max: 20,
+                bounds_by: None,
                 rollout_in_progress: false,
                 samples: &samples,
                 oldest_sample_ms: 0,

@@ -20,6 +20,7 @@ fn rollout(max_surge: u32, max_unavailable: u32) -> Rollout {
         healthy_deadline: Dur::from_secs(3_600),
         auto_revert: true,
         drain_timeout: Dur::from_secs(3),
+        ..Rollout::default()
     }
 }
 

@@ -167,6 +167,11 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Counts, StoreError> {
             .into_iter()
             .map(|(name, value)| (vec![Write::Counter { name, value }], 0)),
     );
+    state.extend(
+        snap.schedules
+            .into_iter()
+            .map(|o| (vec![Write::Schedule(o)], 0)),
+    );
     commit_all(to, state)?;
     // Events, each at its own time.
     let mut after = 0;
@@ -280,6 +285,13 @@ pub fn compare(a: &dyn Store, b: &dyn Store) -> Result<Result<Counts, Vec<String
             "instances differ: {} against {}",
             sa.instances.len(),
             sb.instances.len()
+        ));
+    }
+    if sa.schedules != sb.schedules {
+        diffs.push(format!(
+            "one-off schedules differ: {} against {}",
+            sa.schedules.len(),
+            sb.schedules.len()
         ));
     }
     if sa.counters != sb.counters {

@@ -106,6 +106,9 @@ impl Keys {
     fn instance(&self, id: &str) -> String {
         format!("{}instances/{id}", self.p)
     }
+    fn schedule(&self, id: u64) -> String {
+        format!("{}schedules/{id:020}", self.p)
+    }
     fn counter(&self, name: &str) -> String {
         format!("{}counters/{name}", self.p)
     }
@@ -823,6 +826,9 @@ impl Inner {
                 Write::Instance(i) => {
                     ops.insert(k.instance(&i.id), Some(to_json("instance", &i)?));
                 }
+                Write::Schedule(o) => {
+                    ops.insert(k.schedule(o.id), Some(to_json("schedule", &o)?));
+                }
                 Write::RemoveInstance(id) => {
                     ops.insert(k.instance(&id), None);
                 }
@@ -1158,6 +1164,7 @@ impl Inner {
             }
         }
         let instances: Vec<InstanceRecord> = self.all("instances", rev).await?;
+        let schedules: Vec<drover_model::api::ScheduledScale> = self.all("schedules", rev).await?;
         let mut counters = BTreeMap::new();
         let prefix = self.keys.dir("counters");
         self.range(prefix.clone(), prefix_end(&prefix), rev, |k, v| {
@@ -1177,6 +1184,7 @@ impl Inner {
             instances,
             counters,
             last_event_seq: head.event_seq,
+            schedules,
         })
     }
 

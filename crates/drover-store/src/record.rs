@@ -140,6 +140,8 @@ pub enum Write {
         name: String,
         value: u64,
     },
+    /// Insert or replace a one-off scheduled change (by its id).
+    Schedule(drover_model::api::ScheduledScale),
     /// Append an event with the next seq, stamped with the commit's time.
     Event(NewEvent),
     /// Insert a new API token (its id must be new). Only the token's hash is stored.
@@ -180,6 +182,9 @@ pub struct Snapshot {
     /// Ordered by id.
     pub instances: Vec<InstanceRecord>,
     pub counters: BTreeMap<String, u64>,
+    /// One-off scheduled changes, by id (cancelled and past ones too).
+    #[serde(default)]
+    pub schedules: Vec<drover_model::api::ScheduledScale>,
     /// The seq of the newest event (0 when there is none).
     pub last_event_seq: u64,
 }

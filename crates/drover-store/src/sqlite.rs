@@ -81,6 +81,15 @@ CREATE TABLE tokens (
     // The last applied file (three-way merge of apply), JSON of `LastApplied`; NULL in
     // revisions stored before it.
     "ALTER TABLE revisions ADD COLUMN last_applied TEXT;",
+    // One-off scheduled changes (`drover scale web 50 --at ...`), kept after they ended or
+    // were cancelled.
+    r#"
+CREATE TABLE schedules (
+    id      INTEGER PRIMARY KEY,
+    service TEXT NOT NULL,
+    body    TEXT NOT NULL                -- drover_model::api::ScheduledScale as JSON
+);
+"#,
 ];
 
 /// The schema version this code writes.
@@ -261,6 +270,12 @@ fn apply(
             tx.execute(
                 "INSERT OR REPLACE INTO counters (name, value) VALUES (?1, ?2)",
                 params![name, value],
+            )?;
+        }
+        Write::Schedule(o) => {
+            tx.execute(
+                "INSERT OR REPLACE INTO schedules (id, service, body) VALUES (?1, ?2, ?3)",
+                params![o.id, o.service, to_json("schedule", &o)?],
             )?;
         }
         Write::Event(e) => {
@@ -493,6 +508,11 @@ impl Store for SqliteStore {
             .prepare("SELECT name, value FROM counters")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
+        let schedules = tx
+            .prepare("SELECT body FROM schedules ORDER BY id")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|text| from_json("schedule", &text?))
+            .collect::<Result<Vec<_>, _>>()?;
         let last_event_seq: Option<u64> =
             tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
         Ok(Snapshot {
@@ -501,6 +521,7 @@ impl Store for SqliteStore {
             plans,
             instances,
             counters,
+            schedules,
             last_event_seq: last_event_seq.unwrap_or(0),
         })
     }

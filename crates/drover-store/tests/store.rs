@@ -119,3 +119,50 @@ fn refuses_a_newer_schema() {
         "{err:?}"
     );
 }
+
+#[test]
+fn one_off_schedules_survive_a_reopen_and_are_replaced_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let once = drover_model::api::ScheduledScale {
+        id: 1,
+        service: "web".into(),
+        region: None,
+        desired: 50,
+        start_ms: 1_800_000_000_000,
+        end_ms: 1_800_010_800_000,
+        timezone: "Europe/London".into(),
+        created_ms: 5,
+        cancelled_ms: None,
+    };
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .commit(
+                vec![
+                    Write::Schedule(once.clone()),
+                    Write::Schedule(drover_model::api::ScheduledScale {
+                        id: 2,
+                        ..once.clone()
+                    }),
+                ],
+                1,
+            )
+            .unwrap();
+        store
+            .commit(
+                vec![Write::Schedule(drover_model::api::ScheduledScale {
+                    id: 2,
+                    cancelled_ms: Some(9),
+                    ..once.clone()
+                })],
+                2,
+            )
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let s = store.snapshot().unwrap().schedules;
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0], once);
+    assert_eq!((s[1].id, s[1].cancelled_ms), (2, Some(9)));
+}

@@ -542,4 +542,55 @@ impl Client {
         }
         Ok(exit::OK)
     }
+
+    pub async fn schedule_once(
+        &self,
+        req: drover_model::api::ScheduleRequest,
+    ) -> anyhow::Result<u8> {
+        let once: drover_model::api::ScheduledScale = match self
+            .send(self.http.post(self.url("/v1/schedules")).json(&req))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&once)?);
+        } else {
+            println!("{}", render::scheduled(&once));
+        }
+        Ok(exit::OK)
+    }
+
+    pub async fn schedule_list(&self) -> anyhow::Result<u8> {
+        let list: drover_model::api::ScheduleList = match self.get("/v1/schedules").await {
+            Ok(t) => t,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            println!("{}", render::schedules(&list));
+        }
+        Ok(exit::OK)
+    }
+
+    pub async fn schedule_cancel(&self, id: &str) -> anyhow::Result<u8> {
+        let once: drover_model::api::ScheduledScale = match self
+            .send(self.http.delete(self.url(&format!("/v1/schedules/{id}"))))
+            .await
+        {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&once)?);
+        } else {
+            println!(
+                "cancelled schedule {} (scale {} to {})",
+                once.id, once.service, once.desired
+            );
+        }
+        Ok(exit::OK)
+    }
 }

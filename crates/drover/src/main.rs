@@ -194,10 +194,6 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Set the desired count of SERVICE's groups; autoscaling (if any) goes on from it.
-    ///
-    /// The count must be within the service's capacity min..max. Extra instances leave
-    /// through the same drain path as a deploy (stale ones first, then the newest).
     /// Act on a service's rollout under way: pause, resume, promote or abort it.
     ///
     /// A paused rollout hands out no permit and launches nothing new (it keeps the group at
@@ -211,6 +207,16 @@ enum Command {
         #[arg(long)]
         region: Option<String>,
     },
+    /// Set the desired count of SERVICE's groups; autoscaling (if any) goes on from it.
+    ///
+    /// The count must be within the service's capacity min..max (while a schedule raises
+    /// them, it is kept but clamped to the raised bounds). Extra instances leave through the
+    /// same drain path as a deploy (stale ones first, then the newest).
+    ///
+    /// With --at and --for (or --until), the change is scheduled instead: from then on, for
+    /// that long, the groups have at least COUNT instances (min and desired raised to COUNT,
+    /// max too if lower); autoscaling goes on within those bounds; afterwards they drop back.
+    /// Stored, so it survives restarts; see `drover schedule list`.
     Scale {
         service: String,
         /// The new desired count.
@@ -218,7 +224,22 @@ enum Command {
         /// Only this region's group (default: every region of the service).
         #[arg(long)]
         region: Option<String>,
+        /// When the scheduled change begins, e.g. "2026-12-24 18:00" (in --timezone).
+        #[arg(long)]
+        at: Option<String>,
+        /// How long it holds, e.g. 3h (instead of --until).
+        #[arg(long = "for", value_name = "DURATION", conflicts_with = "until")]
+        for_: Option<Dur>,
+        /// When it ends, e.g. "2026-12-24 21:00" (in --timezone).
+        #[arg(long)]
+        until: Option<String>,
+        /// The IANA time zone --at and --until are read in (default UTC), e.g. Europe/London.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
     },
+    /// Scheduled capacity: list the schedules (fleet file and one-off), cancel a one-off.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Remove SERVICE (or, without it, every service) from the fleet, and what drover made
     /// for it.
     ///
@@ -322,6 +343,16 @@ enum RolloutVerb {
     Resume,
     Promote,
     Abort,
+}
+
+#[derive(Subcommand, Debug)]
+enum ScheduleCommand {
+    /// Every schedule: those of the fleet file (web#0, ...) with their next firings, and the
+    /// one-off changes of `drover scale --at` (with their ids), active, waiting, done or
+    /// cancelled.
+    List,
+    /// Cancel a one-off scheduled change by its id; if it holds now, the bounds drop back.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -494,7 +525,37 @@ async fn dispatch(cli: Cli) -> u8 {
             service,
             count,
             region,
-        } => client.scale(&service, count, region).await,
+            at,
+            for_,
+            until,
+            timezone,
+        } => {
+            if at.is_none() && for_.is_none() && until.is_none() {
+                client.scale(&service, count, region).await
+            } else {
+                match scheduled_window(at.as_deref(), for_, until.as_deref(), &timezone) {
+                    Ok((start_ms, end_ms)) => {
+                        let req = drover_model::api::ScheduleRequest {
+                            service,
+                            region,
+                            desired: count,
+                            start_ms,
+                            end_ms,
+                            timezone: Some(timezone),
+                        };
+                        client.schedule_once(req).await
+                    }
+                    Err(msg) => {
+                        eprintln!("error: {msg}");
+                        Ok(exit::USAGE)
+                    }
+                }
+            }
+        }
+        Command::Schedule(c) => match c {
+            ScheduleCommand::List => client.schedule_list().await,
+            ScheduleCommand::Cancel { id } => client.schedule_cancel(&id).await,
+        },
         Command::Rollout {
             action,
             service,
@@ -558,6 +619,42 @@ async fn dispatch(cli: Cli) -> u8 {
             exit::FAILED
         }
     }
+}
+
+/// `--at`, `--for`, `--until` and `--timezone` of `drover scale` as (start, end) in ms.
+/// Without --at it begins now.
+fn scheduled_window(
+    at: Option<&str>,
+    for_: Option<Dur>,
+    until: Option<&str>,
+    timezone: &str,
+) -> Result<(u64, u64), String> {
+    use drover_model::cron::{parse_time, parse_tz};
+    let tz = parse_tz(timezone).map_err(|e| format!("--timezone: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let start = match at {
+        Some(t) => parse_time(t, tz).map_err(|e| format!("--at: {e}"))?,
+        None => now,
+    };
+    let end = match (for_, until) {
+        (Some(d), _) => start.saturating_add(d.as_millis()),
+        (None, Some(t)) => parse_time(t, tz).map_err(|e| format!("--until: {e}"))?,
+        (None, None) => return Err(
+            "--at needs --for DURATION (e.g. --for 3h) or --until TIME: how long the count holds"
+                .into(),
+        ),
+    };
+    if end <= start {
+        return Err(format!(
+            "the end ({}) is not after the start ({}); give a positive --for or a later --until",
+            drover_model::cron::format_in(end, tz),
+            drover_model::cron::format_in(start, tz)
+        ));
+    }
+    Ok((start, end))
 }
 
 fn validate(file: &std::path::Path, json: bool) -> u8 {

@@ -1,7 +1,7 @@
 //! Human output: tables for status, events and history, and the diff of an apply.
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Cell, ContentArrangement, Table};
-use drover_model::api::{ApplyResponse, FleetStatus, RevisionSummary};
+use drover_model::api::{ApplyResponse, FleetStatus, RevisionSummary, ScheduleWindow};
 use drover_model::Event;
 
 fn table(header: &[&str]) -> Table {
@@ -115,6 +115,11 @@ pub fn status(s: &FleetStatus) -> String {
     }
     out.push_str(&groups.to_string());
     out.push('\n');
+    for g in &s.groups {
+        if let Some(sch) = &g.schedule {
+            out.push_str(&group_schedule(&g.group, sch));
+        }
+    }
     for g in &s.groups {
         let r = &g.rollout;
         if let (Some(why), true) = (&r.failure, r.failed_generation > 0) {
@@ -315,6 +320,117 @@ pub fn history(revs: &[RevisionSummary]) -> String {
     t.to_string()
 }
 
+/// A window's time in its own zone: `Sat 2026-10-31 17:00 GMT`.
+fn at(ms: u64, tz: &str) -> String {
+    let tz = drover_model::cron::parse_tz(tz).unwrap_or(drover_model::cron::Tz::UTC);
+    drover_model::cron::format_in(ms, tz)
+}
+
+fn bounds(w: &ScheduleWindow) -> String {
+    let mut parts = Vec::new();
+    for (k, v) in [("min", w.min), ("desired", w.desired), ("max", w.max)] {
+        if let Some(v) = v {
+            parts.push(format!("{k} {v}"));
+        }
+    }
+    parts.join(", ")
+}
+
+fn window(w: &ScheduleWindow) -> String {
+    let tz = drover_model::cron::parse_tz(&w.timezone).unwrap_or(drover_model::cron::Tz::UTC);
+    format!(
+        "{} ({}) from {} until {}",
+        w.what,
+        bounds(w),
+        at(w.start_ms, &w.timezone),
+        drover_model::cron::format_until(w.end_ms, w.start_ms, tz)
+    )
+}
+
+/// `web/local: schedule active: ...; next: ...` under the status table.
+fn group_schedule(group: &str, s: &drover_model::api::GroupSchedule) -> String {
+    let mut out = String::new();
+    match &s.active {
+        Some(w) => out.push_str(&format!(
+            "{group}: schedule active: {} (the file's capacity: {}..{})\n",
+            window(w),
+            s.base_min,
+            s.base_max
+        )),
+        None => out.push_str(&format!("{group}: no schedule active\n")),
+    }
+    if let Some(w) = &s.next {
+        out.push_str(&format!("{group}: next schedule: {}\n", window(w)));
+    }
+    out
+}
+
+/// What `drover scale --at` stored.
+pub fn scheduled(o: &drover_model::api::ScheduledScale) -> String {
+    let tz = drover_model::cron::parse_tz(&o.timezone).unwrap_or(drover_model::cron::Tz::UTC);
+    format!(
+        "scheduled {}: {} to at least {} from {} until {} (cancel with `drover schedule cancel {}`)",
+        o.id,
+        o.region
+            .as_ref()
+            .map(|r| format!("{}/{r}", o.service))
+            .unwrap_or_else(|| o.service.clone()),
+        o.desired,
+        drover_model::cron::format_in(o.start_ms, tz),
+        drover_model::cron::format_in(o.end_ms, tz),
+        o.id
+    )
+}
+
+/// `drover schedule list`.
+pub fn schedules(l: &drover_model::api::ScheduleList) -> String {
+    if l.schedules.is_empty() {
+        return "no schedules: add [[services.NAME.schedule]] to the fleet file, or run `drover scale SERVICE N --at TIME --for DURATION`".into();
+    }
+    let mut t = table(&[
+        "ID",
+        "SERVICE",
+        "STATE",
+        "BOUNDS",
+        "WHAT",
+        "ACTIVE UNTIL / NEXT",
+    ]);
+    for e in &l.schedules {
+        let when = match (&e.active, e.next.first()) {
+            (Some(w), _) => format!("until {}", at(w.end_ms, &w.timezone)),
+            (None, Some(_)) => e
+                .next
+                .iter()
+                .map(|n| at(n.start_ms, &n.timezone))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (None, None) => "-".into(),
+        };
+        let b = ScheduleWindow {
+            id: String::new(),
+            what: String::new(),
+            start_ms: 0,
+            end_ms: 0,
+            min: e.min,
+            desired: e.desired,
+            max: e.max,
+            timezone: String::new(),
+        };
+        t.add_row(vec![
+            e.id.clone(),
+            match &e.region {
+                Some(r) => format!("{}/{r}", e.service),
+                None => e.service.clone(),
+            },
+            e.state.clone(),
+            bounds(&b),
+            e.what.clone(),
+            when,
+        ]);
+    }
+    t.to_string()
+}
+
 pub fn apply(r: &ApplyResponse, dry_run: bool) {
     print!("{}", drift(&r.drift));
     if r.changes.is_empty() {
@@ -360,6 +476,17 @@ pub fn apply(r: &ApplyResponse, dry_run: bool) {
             ro.batches,
             drover_model::Dur::from_millis(ro.estimated_ms / 1000 * 1000)
         );
+    }
+    for f in &r.schedules {
+        println!("  schedule {}: {}; next firings:", f.id, f.what);
+        for w in &f.next {
+            println!(
+                "    {} until {} ({})",
+                at(w.start_ms, &w.timezone),
+                at(w.end_ms, &w.timezone),
+                bounds(w)
+            );
+        }
     }
     if dry_run || !r.applied {
         println!("dry run: nothing was stored");
