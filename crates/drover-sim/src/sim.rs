@@ -348,6 +348,12 @@ fn hash_decision(mut h: u64, now: u64, d: &Decision) -> u64 {
             Action::RolloutDone { group, generation } => {
                 fnv(fnv_str(fnv(h, b"D"), group), &generation.to_le_bytes())
             }
+            Action::CanaryBaking { group, generation } => {
+                fnv(fnv_str(fnv(h, b"B"), group), &generation.to_le_bytes())
+            }
+            Action::CanaryAnalyse { group, generation } => {
+                fnv(fnv_str(fnv(h, b"A"), group), &generation.to_le_bytes())
+            }
             Action::RolloutFailed {
                 group,
                 generation,
@@ -1248,6 +1254,21 @@ impl Sim {
 
         for action in decision.actions {
             match action {
+                // The canary stage, as the server carries it out: the bake begins; at its end
+                // the canary is judged. The simulation's agents report no metrics and no
+                // restarts that set canaries apart, so its verdict passes (the analysis
+                // itself is `drover_control::analysis`, tested on its own).
+                Action::CanaryBaking { group, .. } => {
+                    let g = self.group_idx(&group);
+                    let now = self.now;
+                    if let Some(c) = self.specs[g].canary.as_mut() {
+                        c.baking_since_ms = now;
+                    }
+                }
+                Action::CanaryAnalyse { group, .. } => {
+                    let g = self.group_idx(&group);
+                    self.specs[g].canary = None;
+                }
                 Action::Forget { instance, .. } => {
                     let Some(&i) = self.index.get(&instance) else {
                         continue;
