@@ -614,30 +614,7 @@ impl Engine {
         let now = now_ms();
         let (writes, changed) = {
             let mut st = self.state();
-            let fleet = st.fleet().cloned().ok_or_else(|| {
-                ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
-            })?;
-            let svc = fleet.services.get(&req.service).ok_or_else(|| {
-                ServerError::NotFound(format!(
-                    "no service {:?}; services: {}",
-                    req.service,
-                    fleet
-                        .services
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
-            if let Some(r) = &req.region {
-                if !svc.regions.contains(r) {
-                    return Err(ServerError::NotFound(format!(
-                        "service {} does not run in region {r:?}; its regions: {}",
-                        req.service,
-                        svc.regions.join(", ")
-                    )));
-                }
-            }
+            let svc = &crate::state::service_in(&st, &req.service, req.region.as_deref())?;
             // The count for each group: refused outside the file's range, kept but clamped
             // while a schedule raises the bounds (the rule: drover_control::schedule::manual).
             let mut counts = Vec::new();
@@ -710,30 +687,7 @@ impl Engine {
         drover_model::cron::parse_tz(&tz_name).map_err(|e| ServerError::BadRequest(e.0))?;
         let once = {
             let st = self.state();
-            let fleet = st.fleet().cloned().ok_or_else(|| {
-                ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
-            })?;
-            let svc = fleet.services.get(&req.service).ok_or_else(|| {
-                ServerError::NotFound(format!(
-                    "no service {:?}; services: {}",
-                    req.service,
-                    fleet
-                        .services
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
-            if let Some(r) = &req.region {
-                if !svc.regions.contains(r) {
-                    return Err(ServerError::NotFound(format!(
-                        "service {} does not run in region {r:?}; its regions: {}",
-                        req.service,
-                        svc.regions.join(", ")
-                    )));
-                }
-            }
+            crate::state::service_in(&st, &req.service, req.region.as_deref())?;
             if req.end_ms <= req.start_ms {
                 return Err(ServerError::BadRequest(
                     "the end must be after the start; give --for DURATION (e.g. 3h) or a later --until".into(),

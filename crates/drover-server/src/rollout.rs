@@ -18,28 +18,7 @@ impl Engine {
         region: Option<&str>,
     ) -> Result<Vec<String>, ServerError> {
         let st = self.state();
-        let fleet = st.fleet().ok_or_else(|| {
-            ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
-        })?;
-        let svc = fleet.services.get(service).ok_or_else(|| {
-            ServerError::NotFound(format!(
-                "no service {service:?}; services: {}",
-                fleet
-                    .services
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-        if let Some(r) = region {
-            if !svc.regions.iter().any(|x| x == r) {
-                return Err(ServerError::NotFound(format!(
-                    "service {service} does not run in region {r:?}; its regions: {}",
-                    svc.regions.join(", ")
-                )));
-            }
-        }
+        let svc = crate::state::service_in(&st, service, region)?;
         Ok(svc
             .regions
             .iter()

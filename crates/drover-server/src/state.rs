@@ -215,6 +215,39 @@ fn st_canary(st: &State, g: &Group) -> bool {
             .any(|i| i.record.group == g.record.group && i.record.generation < g.record.generation)
 }
 
+/// The service `service` of the fleet (checked to run in `region` when given), or why not:
+/// nothing applied (409), no such service or region (404, naming the ones there are).
+pub fn service_in(
+    st: &State,
+    service: &str,
+    region: Option<&str>,
+) -> Result<drover_model::fleet::Service, crate::ServerError> {
+    use crate::ServerError;
+    let fleet = st.fleet().ok_or_else(|| {
+        ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
+    })?;
+    let svc = fleet.services.get(service).ok_or_else(|| {
+        ServerError::NotFound(format!(
+            "no service {service:?}; services: {}",
+            fleet
+                .services
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    if let Some(r) = region {
+        if !svc.regions.iter().any(|x| x == r) {
+            return Err(ServerError::NotFound(format!(
+                "service {service} does not run in region {r:?}; its regions: {}",
+                svc.regions.join(", ")
+            )));
+        }
+    }
+    Ok(svc.clone())
+}
+
 /// Delay before the next launch after `failures` instances in a row died unhealthy.
 pub fn launch_delay_ms(failures: u32) -> u64 {
     if failures == 0 {

@@ -81,6 +81,7 @@ fn group(generation: u64) -> GroupRecord {
             good_generation: generation.saturating_sub(1),
             reverted_from: 0,
             failed_generation: 0,
+            ..Default::default()
         },
     }
 }

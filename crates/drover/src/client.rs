@@ -247,21 +247,17 @@ impl Client {
             region,
             action,
         };
-        let resp: drover_model::api::RolloutActionResponse = match self
-            .send(self.http.post(self.url("/v1/rollout")).json(&req))
-            .await
-        {
-            Ok(r) => r.json().await?,
-            Err(e) => return self.refused(e),
-        };
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&resp)?);
-        } else {
-            for g in &resp.groups {
-                println!("{}: generation {}: {}", g.group, g.generation, g.result);
-            }
-        }
-        Ok(exit::OK)
+        self.call(
+            self.http.post(self.url("/v1/rollout")).json(&req),
+            |r: &drover_model::api::RolloutActionResponse| {
+                r.groups
+                    .iter()
+                    .map(|g| format!("{}: generation {}: {}", g.group, g.generation, g.result))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            },
+        )
+        .await
     }
 
     pub async fn fleet_status(&self) -> anyhow::Result<FleetStatus> {
@@ -514,83 +510,69 @@ impl Client {
         Ok(exit::OK)
     }
 
-    pub async fn token_list(&self) -> anyhow::Result<u8> {
-        let tokens: Vec<drover_model::token::TokenInfo> = match self.get("/v1/tokens").await {
-            Ok(t) => t,
-            Err(e) => return self.refused(e),
-        };
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&tokens)?);
-        } else {
-            println!("{}", render::tokens(&tokens));
-        }
-        Ok(exit::OK)
-    }
-
-    pub async fn token_revoke(&self, id: &str) -> anyhow::Result<u8> {
-        let info: drover_model::token::TokenInfo = match self
-            .send(self.http.delete(self.url(&format!("/v1/tokens/{id}"))))
-            .await
-        {
+    /// Send `req` and print its answer: as JSON with `--json`, else as `human` renders it
+    /// (a refusal is printed and exits 1).
+    async fn call<T: DeserializeOwned + serde::Serialize>(
+        &self,
+        req: reqwest::RequestBuilder,
+        human: impl FnOnce(&T) -> String,
+    ) -> anyhow::Result<u8> {
+        let answer: T = match self.send(req).await {
             Ok(r) => r.json().await?,
             Err(e) => return self.refused(e),
         };
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            println!("{}", serde_json::to_string_pretty(&answer)?);
         } else {
-            println!("revoked {} ({}, {:?})", info.id, info.scope, info.name);
+            println!("{}", human(&answer));
         }
         Ok(exit::OK)
+    }
+
+    pub async fn token_list(&self) -> anyhow::Result<u8> {
+        self.call(
+            self.http.get(self.url("/v1/tokens")),
+            |t: &Vec<drover_model::token::TokenInfo>| render::tokens(t),
+        )
+        .await
+    }
+
+    pub async fn token_revoke(&self, id: &str) -> anyhow::Result<u8> {
+        self.call(
+            self.http.delete(self.url(&format!("/v1/tokens/{id}"))),
+            |i: &drover_model::token::TokenInfo| {
+                format!("revoked {} ({}, {:?})", i.id, i.scope, i.name)
+            },
+        )
+        .await
     }
 
     pub async fn schedule_once(
         &self,
         req: drover_model::api::ScheduleRequest,
     ) -> anyhow::Result<u8> {
-        let once: drover_model::api::ScheduledScale = match self
-            .send(self.http.post(self.url("/v1/schedules")).json(&req))
-            .await
-        {
-            Ok(r) => r.json().await?,
-            Err(e) => return self.refused(e),
-        };
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&once)?);
-        } else {
-            println!("{}", render::scheduled(&once));
-        }
-        Ok(exit::OK)
+        self.call(
+            self.http.post(self.url("/v1/schedules")).json(&req),
+            render::scheduled,
+        )
+        .await
     }
 
     pub async fn schedule_list(&self) -> anyhow::Result<u8> {
-        let list: drover_model::api::ScheduleList = match self.get("/v1/schedules").await {
-            Ok(t) => t,
-            Err(e) => return self.refused(e),
-        };
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&list)?);
-        } else {
-            println!("{}", render::schedules(&list));
-        }
-        Ok(exit::OK)
+        self.call(self.http.get(self.url("/v1/schedules")), render::schedules)
+            .await
     }
 
     pub async fn schedule_cancel(&self, id: &str) -> anyhow::Result<u8> {
-        let once: drover_model::api::ScheduledScale = match self
-            .send(self.http.delete(self.url(&format!("/v1/schedules/{id}"))))
-            .await
-        {
-            Ok(r) => r.json().await?,
-            Err(e) => return self.refused(e),
-        };
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&once)?);
-        } else {
-            println!(
-                "cancelled schedule {} (scale {} to {})",
-                once.id, once.service, once.desired
-            );
-        }
-        Ok(exit::OK)
+        self.call(
+            self.http.delete(self.url(&format!("/v1/schedules/{id}"))),
+            |o: &drover_model::api::ScheduledScale| {
+                format!(
+                    "cancelled schedule {} (scale {} to {})",
+                    o.id, o.service, o.desired
+                )
+            },
+        )
+        .await
     }
 }
