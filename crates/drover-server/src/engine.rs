@@ -531,17 +531,7 @@ impl Engine {
                             .or_default()
                             .manual(now, d.to);
                     }
-                    let g = st.groups.get_mut(&gid).expect("group exists");
-                    g.record.desired = d.to;
-                    g.record.desired_reason = d.reason.clone();
-                    writes.push(Write::Group(g.record.clone()));
-                    writes.push(Write::Event(
-                        NewEvent::new(
-                            EventKind::Scaled,
-                            format!("desired {} -> {} ({})", d.from, d.to, d.reason),
-                        )
-                        .group(&gid),
-                    ));
+                    set_desired(&mut st, &gid, d.from, d.to, &d.reason, &mut writes);
                 }
             }
         }
@@ -584,17 +574,7 @@ impl Engine {
                     },
                 );
                 if let Some(d) = decision {
-                    let g = st.groups.get_mut(&gid).expect("group exists");
-                    g.record.desired = d.to;
-                    g.record.desired_reason = d.reason.clone();
-                    writes.push(Write::Group(g.record.clone()));
-                    writes.push(Write::Event(
-                        NewEvent::new(
-                            EventKind::Scaled,
-                            format!("desired {} -> {} ({})", d.from, d.to, d.reason),
-                        )
-                        .group(&gid),
-                    ));
+                    set_desired(&mut st, &gid, d.from, d.to, &d.reason, &mut writes);
                 }
             }
         }
@@ -1426,6 +1406,29 @@ impl Engine {
     pub fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, ServerError> {
         Ok(self.store.plan(group, generation)?)
     }
+}
+
+/// A group's new desired count, in memory and as the writes (record and `scaled` event) to
+/// commit: what schedules and the autoscaler decide.
+fn set_desired(
+    st: &mut State,
+    gid: &str,
+    from: u32,
+    to: u32,
+    reason: &str,
+    writes: &mut Vec<Write>,
+) {
+    let g = st.groups.get_mut(gid).expect("group exists");
+    g.record.desired = to;
+    g.record.desired_reason = reason.to_string();
+    writes.push(Write::Group(g.record.clone()));
+    writes.push(Write::Event(
+        NewEvent::new(
+            EventKind::Scaled,
+            format!("desired {from} -> {to} ({reason})"),
+        )
+        .group(gid),
+    ));
 }
 
 /// Whether a listener could be opened on `addr` now (`SO_REUSEADDR`, as the balancer binds).

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,7 +45,7 @@ fn keep_alive_load(
                     let mut failures = Vec::new();
                     let mut conn: Option<TcpStream> = None;
                     while !stop.load(Ordering::SeqCst) {
-                        match get(addr, &mut conn) {
+                        match get_keep_alive(addr, &mut conn) {
                             Ok(body) => {
                                 let v = body
                                     .split("version ")
@@ -69,67 +68,6 @@ fn keep_alive_load(
             .flat_map(|h| h.join().unwrap())
             .collect()
     })
-}
-
-fn get(addr: SocketAddr, conn: &mut Option<TcpStream>) -> std::io::Result<String> {
-    for attempt in 0..2 {
-        let reused = conn.is_some();
-        if conn.is_none() {
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.set_nodelay(true)?;
-            *conn = Some(s);
-        }
-        let s = conn.as_mut().unwrap();
-        let r = write!(s, "GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").and_then(|_| read(s));
-        match r {
-            Ok((body, close)) => {
-                if close {
-                    *conn = None;
-                }
-                return Ok(body);
-            }
-            Err(e) if reused && attempt == 0 => {
-                let _ = e;
-                *conn = None;
-            }
-            Err(e) => {
-                *conn = None;
-                return Err(e);
-            }
-        }
-    }
-    Err(std::io::Error::other("retry failed"))
-}
-
-/// One response with a Content-Length: (body, whether the server closes the connection).
-fn read(s: &mut TcpStream) -> std::io::Result<(String, bool)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before an answer",
-            ));
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    if !head.starts_with("http/1.1 200") {
-        return Err(std::io::Error::other(head));
-    }
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    Ok((
-        String::from_utf8_lossy(&body).into_owned(),
-        head.contains("connection: close"),
-    ))
 }
 
 fn events(up: &Up, kind: EventKind) -> Vec<Event> {

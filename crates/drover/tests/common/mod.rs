@@ -475,7 +475,7 @@ pub fn load_paced(
 }
 
 /// One GET over a kept-alive connection.
-fn get_keep_alive(addr: SocketAddr, conn: &mut Option<TcpStream>) -> std::io::Result<String> {
+pub fn get_keep_alive(addr: SocketAddr, conn: &mut Option<TcpStream>) -> std::io::Result<String> {
     for attempt in 0..2 {
         let reused = conn.is_some();
         if conn.is_none() {
