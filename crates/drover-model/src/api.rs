@@ -532,6 +532,9 @@ pub struct RolloutStatus {
     /// The fleet's last change waits for this group's wave (phase `waiting`).
     #[serde(default)]
     pub wave_pending: bool,
+    /// Held by hand: the last change was deployed to other regions only (phase `held`).
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// What `POST /v1/rollout` does to a service's rollouts.
@@ -580,6 +583,10 @@ pub struct DeployRequest {
     pub version: String,
     #[serde(default)]
     pub dry_run: bool,
+    /// Only these regions' groups (default: every region, wave by wave). The service's other
+    /// groups keep their plan, held by hand, until a deploy names them or names no region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// `POST /v1/rollback`: go back to the versions of the revision before the current one.

@@ -19,8 +19,10 @@ use crate::ServerError;
 pub enum Origin {
     /// A fleet file applied by a person.
     File,
-    /// `drover deploy`: the description says what was asked (it goes wave by wave).
-    Deploy(String),
+    /// `drover deploy`: the description says what was asked. With no groups named it goes
+    /// wave by wave; with some (`--region`), only they get the change and the service's
+    /// other groups are held by hand.
+    Deploy { why: String, only: Vec<String> },
     /// `drover rollback`, `drover destroy`: the description says what was asked.
     Command(String),
     /// The next wave of the current revision's change reaches these groups (no new revision).
@@ -60,12 +62,26 @@ impl Engine {
                 list(svc.components.keys())
             )));
         }
+        let mut only = Vec::new();
+        for r in &req.regions {
+            if !svc.regions.contains(r) {
+                return Err(ServerError::NotFound(format!(
+                    "service {} does not run in region {r:?}; its regions: {}",
+                    req.service,
+                    list(svc.regions.iter())
+                )));
+            }
+            only.push(drover_model::GroupId::new(&req.service, r).0);
+        }
         let toml = set_versions(
             &rev.toml,
             &req.service,
             &[(req.component.clone(), req.version.clone())],
         )?;
-        let why = format!("deploy {} {} {}", req.service, req.component, req.version);
+        let mut why = format!("deploy {} {} {}", req.service, req.component, req.version);
+        if !req.regions.is_empty() {
+            why.push_str(&format!(" to {} only", req.regions.join(", ")));
+        }
         self.apply_locked(
             ApplyRequest {
                 file: rev.file.clone(),
@@ -73,7 +89,7 @@ impl Engine {
                 dry_run: req.dry_run,
                 force_file: false,
             },
-            Origin::Deploy(why),
+            Origin::Deploy { why, only },
         )
         .await
     }
@@ -273,7 +289,7 @@ impl Engine {
                     },
                 )
             }
-            Origin::Command(why) | Origin::Deploy(why) => {
+            Origin::Command(why) | Origin::Deploy { why, .. } => {
                 let set_by = drover_model::merge::commanded(
                     &old_set_by,
                     old_fleet.as_ref(),
@@ -340,16 +356,23 @@ impl Engine {
                 };
                 // Waves: a change reaches the first wave now, the others when the wave before
                 // them is done (`release_waves`); until then their plan is held.
+                // `deploy --region` holds the service's other groups by hand: an apply or a
+                // wave leaves them held; a deploy that names them (or names none) lets go.
                 let wave = svc.rollout.wave_of(region);
-                let held = plan_changed
-                    && old.is_some()
-                    && match &origin {
-                        Origin::File | Origin::Deploy(_) => {
-                            !svc.rollout.waves.is_empty() && wave > 0
-                        }
-                        Origin::Wave { groups, .. } => !groups.contains(&gid),
-                        Origin::Command(_) | Origin::AutoRevert { .. } => false,
-                    };
+                let was_held = old.is_some_and(|g| g.record.rollout.held);
+                let by_waves = !svc.rollout.waves.is_empty() && wave > 0;
+                let (held, by_hand) = match &origin {
+                    Origin::Deploy { only, .. } if !only.is_empty() && only.contains(&gid) => {
+                        (false, false)
+                    }
+                    Origin::Deploy { only, .. } if !only.is_empty() => (true, true),
+                    Origin::Deploy { .. } => (by_waves, false),
+                    Origin::File => (was_held || by_waves, was_held),
+                    Origin::Wave { groups, .. } => (!groups.contains(&gid), was_held),
+                    Origin::Command(_) | Origin::AutoRevert { .. } => (false, false),
+                };
+                let held = held && plan_changed && old.is_some();
+                let by_hand = held && by_hand;
                 let estimate = |desired: u32| {
                     let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
                     let batches = desired.div_ceil(step);
@@ -381,13 +404,33 @@ impl Engine {
                             wave: wave_no,
                             held: true,
                         });
-                        plan_changes.push(format!(
-                            "{gid}: held for wave {} ({} -> {} when the waves before it are done)",
-                            wave + 1,
-                            g.plan.versions(),
-                            plan.versions()
-                        ));
-                        if !g.record.rollout.wave_pending {
+                        plan_changes.push(if by_hand {
+                            format!(
+                                "{gid}: held by hand ({} -> {} when a deploy names {region} or no region)",
+                                g.plan.versions(),
+                                plan.versions()
+                            )
+                        } else {
+                            format!(
+                                "{gid}: held for wave {} ({} -> {} when the waves before it are done)",
+                                wave + 1,
+                                g.plan.versions(),
+                                plan.versions()
+                            )
+                        });
+                        if by_hand && !was_held {
+                            events.push(
+                                NewEvent::new(
+                                    EventKind::PlanChanged,
+                                    format!(
+                                        "the change ({}) was deployed to other regions only: this group keeps generation {} until a deploy names {region} (or no region)",
+                                        plan.versions(),
+                                        g.record.generation
+                                    ),
+                                )
+                                .group(&gid),
+                            );
+                        } else if !by_hand && !g.record.rollout.wave_pending {
                             events.push(
                             NewEvent::new(
                                 EventKind::PlanChanged,
@@ -455,8 +498,10 @@ impl Engine {
                 let rollout = match (old, plan_changed) {
                     (Some(g), false) => {
                         let mut r = g.record.rollout.clone();
-                        // Held for its wave, or (its plan what the fleet says) nothing pending.
+                        // Held for its wave or by hand, or (its plan what the fleet says)
+                        // nothing pending.
                         r.wave_pending = held;
+                        r.held = by_hand;
                         r
                     }
                     (old, _) => RolloutRecord {
@@ -489,6 +534,7 @@ impl Engine {
                         canary_passed: false,
                         analysis: None,
                         wave_pending: false,
+                        held: false,
                         done_ms: 0,
                     },
                 };
@@ -611,7 +657,15 @@ impl Engine {
             drift: drift.clone(),
             schedules: schedules.clone(),
         };
-        let wave_release = matches!(origin, Origin::Wave { .. });
+        // A wave, or a deploy of what the revision already says to groups held by hand,
+        // carries the revision's change further without a new revision.
+        let let_go = new_groups.iter().any(|(k, g)| {
+            old_groups
+                .get(k)
+                .is_some_and(|o| o.record.rollout.held && !g.record.rollout.held)
+        });
+        let wave_release =
+            matches!(origin, Origin::Wave { .. }) || (changes.is_empty() && let_go);
         if (changes.is_empty() && !wave_release) || req.dry_run {
             return Ok(response(current, false));
         }
@@ -642,7 +696,22 @@ impl Engine {
                 fleet.regions.len()
             ),
             (Some(_), Origin::File) => summarize(&changes),
-            (Some(_), Origin::Command(why) | Origin::Deploy(why)) => {
+            (Some(_), Origin::Deploy { why, .. }) if changes.is_empty() => {
+                let reached: Vec<&str> = new_groups
+                    .iter()
+                    .filter(|(k, g)| {
+                        old_groups
+                            .get(*k)
+                            .is_some_and(|o| o.record.rollout.held && !g.record.rollout.held)
+                    })
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                format!(
+                    "{why}: the change of revision {current} reaches {}",
+                    reached.join(", ")
+                )
+            }
+            (Some(_), Origin::Command(why) | Origin::Deploy { why, .. }) => {
                 format!("{why}: {}", summarize(&changes))
             }
             (Some(_), Origin::Wave { wave, groups }) => format!(

@@ -433,6 +433,14 @@ impl Engine {
                 .services
                 .iter()
                 .filter(|(_, s)| !s.rollout.waves.is_empty())
+                // A service deployed by hand to some regions waits for a person.
+                .filter(|(name, s)| {
+                    !s.regions.iter().any(|r| {
+                        st.groups
+                            .get(&drover_model::GroupId::new(name, r).0)
+                            .is_some_and(|g| g.record.rollout.held)
+                    })
+                })
                 .filter_map(|(name, s)| {
                     let groups: Vec<drover_control::waves::WaveGroup> = s
                         .regions

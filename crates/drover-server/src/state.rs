@@ -426,10 +426,13 @@ impl State {
                             .map(|s| s.rollout.wave_of(&g.plan.region) as u32 + 1)
                             .unwrap_or(0),
                         wave_pending: g.record.rollout.wave_pending,
+                        held: g.record.rollout.held,
                         phase: {
                             let r = &g.record.rollout;
                             let canary = st_canary(self, g);
-                            if r.wave_pending && !r.open {
+                            if r.held && !r.open {
+                                "held"
+                            } else if r.wave_pending && !r.open {
                                 "waiting"
                             } else if r.open && r.paused {
                                 "paused"

@@ -61,6 +61,10 @@ pub struct RolloutRecord {
     /// The fleet's last change waits for this group's wave: its plan is held.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wave_pending: bool,
+    /// Held by hand: the change was deployed to other regions only (`drover deploy
+    /// --region`); this group keeps its plan until a deploy names it (or names none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
     /// When its last rollout finished (ms): the next wave counts `wave_bake` from here.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub done_ms: u64,

@@ -148,6 +148,7 @@ impl Client {
         service: &str,
         component: &str,
         version: &str,
+        regions: &[String],
         dry_run: bool,
         wait: Option<std::time::Duration>,
     ) -> anyhow::Result<u8> {
@@ -156,6 +157,7 @@ impl Client {
             component: component.into(),
             version: version.into(),
             dry_run,
+            regions: regions.to_vec(),
         };
         let what = format!("{service} {component} {version}");
         self.change("/v1/deploy", &req, service, &what, dry_run, wait)

@@ -169,11 +169,19 @@ enum Command {
     ///
     /// A new plan generation is made for each group of the service; the rollout replaces
     /// instances within max_surge / max_unavailable, and reverts by itself if the new version
-    /// does not turn healthy within healthy_deadline (auto_revert).
+    /// does not turn healthy within healthy_deadline (auto_revert). With rollout.waves, the
+    /// regions go wave by wave.
+    ///
+    /// With --region (repeatable), only those regions' groups get the version; the service's
+    /// other groups keep theirs, held by hand (status: `held`), until a deploy names them or
+    /// names no region (the same version then carries on to them, wave by wave).
     Deploy {
         service: String,
         component: String,
         version: String,
+        /// Only this region (repeatable; default: every region of the service).
+        #[arg(long = "region", value_name = "REGION")]
+        regions: Vec<String>,
         /// Follow the rollout with a progress bar until it is done or fails (exit 1 if it fails).
         #[arg(long)]
         wait: bool,
@@ -497,6 +505,7 @@ async fn dispatch(cli: Cli) -> u8 {
             service,
             component,
             version,
+            regions,
             wait,
             timeout,
             dry_run,
@@ -506,6 +515,7 @@ async fn dispatch(cli: Cli) -> u8 {
                     &service,
                     &component,
                     &version,
+                    &regions,
                     dry_run,
                     wait.then_some(timeout.0),
                 )

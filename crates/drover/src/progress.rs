@@ -41,6 +41,8 @@ pub async fn follow(
         .groups
         .iter()
         .filter(|g| g.service == service)
+        // A group held by hand (`deploy --region` elsewhere) is not waited for.
+        .filter(|g| !g.rollout.held)
         .map(|g| {
             let next = if g.rollout.wave_pending { 1 } else { 0 };
             (g.group.clone(), g.generation + next)

@@ -75,7 +75,9 @@ pub fn status(s: &FleetStatus) -> String {
     ]);
     for g in &s.groups {
         let r = &g.rollout;
-        let rollout = if r.wave_pending && !r.in_progress {
+        let rollout = if r.held && !r.in_progress {
+            "held by hand".to_string()
+        } else if r.wave_pending && !r.in_progress {
             format!("waits for wave {}", r.wave)
         } else if r.in_progress && r.paused {
             format!(

@@ -1,7 +1,8 @@
 //! End to end: waves across regions. Three `local` regions (each its own loopback subnet and
 //! ingress) in two waves. A good version goes wave by wave and ends on every region; a version
 //! bad only under load is caught by the canary of the first wave and reverted there, and the
-//! regions of the later wave never launch it.
+//! regions of the later wave never launch it. `deploy --region` takes a version to one
+//! region by hand and holds the others until a deploy names them.
 
 mod common;
 
@@ -151,11 +152,17 @@ fn a_deploy_goes_wave_by_wave_and_a_bad_one_never_leaves_the_first_wave() {
     }
     stop.store(true, Ordering::SeqCst);
     let r = traffic.join().unwrap();
+    // The canary is one of region a's three instances in rotation (two old, one surge) and
+    // fails 20% of its requests: failures stay within its share of traffic (a third of
+    // 20%), and a bad version on every instance of a would have failed 20%.
+    let share = r.failed as f64 / (r.ok + r.failed).max(1) as f64;
     eprintln!(
-        "{} of {} requests failed during the bad canary",
+        "{} of {} requests ({:.2}%) failed during the bad canary",
         r.failed,
-        r.ok + r.failed
+        r.ok + r.failed,
+        share * 100.0
     );
+    assert!(share < 0.2 / 3.0 + 0.02, "failed share {share:.3}");
     assert!(
         r.errors.iter().all(|e| e.contains("status 500")),
         "{:?}",
@@ -179,4 +186,89 @@ fn a_deploy_goes_wave_by_wave_and_a_bad_one_never_leaves_the_first_wave() {
         );
         assert_eq!(g.rollout.wave, if g.group == "web/a" { 1 } else { 2 });
     }
+}
+
+#[test]
+fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let ports = [free_port(), free_port(), free_port()];
+    let blocks = [subnet(), subnet(), subnet()];
+    let text = fleet(ports, blocks);
+    let up = Up::start(dir.path(), &text, api, ports[0]);
+    up.wait_healthy(6, Duration::from_secs(20));
+    let revision = |up: &Up| up.status().and_then(|s| s.revision);
+    let group = |up: &Up, g: &str| {
+        up.status()
+            .and_then(|s| s.groups.into_iter().find(|x| x.group == g))
+            .unwrap_or_else(|| panic!("no group {g}"))
+    };
+
+    // A region the service does not run in: a clear error, nothing stored.
+    let before = revision(&up);
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--region", "x"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("service web does not run in region \"x\"; its regions: a, b, c"),
+        "{err}"
+    );
+    assert_eq!(revision(&up), before);
+
+    // v2 to region b only (a later wave): b rolls out at once, a and c are held by hand.
+    let (code, out, err) = up.cli(&[
+        "deploy", "web", "app", "v2", "--region", "b", "--wait", "--timeout", "60s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let b = group(&up, "web/b");
+    assert_eq!(b.versions, "app=v2");
+    assert!(b.instances.iter().all(|i| i.generation == b.generation));
+    for g in ["web/a", "web/c"] {
+        let s = group(&up, g);
+        assert_eq!(s.versions, "app=v1", "{g}");
+        assert!(s.rollout.held, "{g}: {:?}", s.rollout);
+        assert_eq!(s.rollout.phase, "held", "{g}");
+    }
+    let (_, table, _) = up.cli(&["status"]);
+    assert!(table.contains("held by hand"), "{table}");
+
+    // An apply of the unchanged file keeps v2 where it went and the others held; no wave
+    // lets them go on its own.
+    let (code, out, err) = up.cli(&["apply", up.file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(group(&up, "web/b").versions, "app=v2");
+    for g in ["web/a", "web/c"] {
+        let s = group(&up, g);
+        assert!(s.rollout.held && s.versions == "app=v1", "{g}: {s:?}");
+    }
+    let launched = events(&up, "launched");
+    assert!(
+        !launched.iter().any(|e| e.group.as_deref() != Some("web/b")
+            && e.message.contains("app=v2")),
+        "only web/b launched v2: {launched:#?}"
+    );
+
+    // The same deploy without --region carries it on to the others, wave by wave (a, then c)
+    // with no new revision.
+    let rev = revision(&up);
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--wait", "--timeout", "120s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(on_everywhere(&up, "app=v2"), "{:#?}", up.status());
+    assert_eq!(revision(&up), rev, "no new revision: the change was already stored");
+    let applied = events(&up, "applied");
+    assert!(
+        applied.iter().any(|e| e
+            .message
+            .contains("deploy web app v2: the change of revision")
+            && e.message.contains("reaches web/a, web/c")),
+        "{applied:#?}"
+    );
+    assert!(
+        applied
+            .iter()
+            .any(|e| e.message.contains("wave 2 of revision") && e.message.contains("web/c")),
+        "{applied:#?}"
+    );
+    let s = up.status().unwrap();
+    assert!(s.groups.iter().all(|g| !g.rollout.held && !g.rollout.wave_pending));
 }
