@@ -664,8 +664,7 @@ impl Engine {
                 .get(k)
                 .is_some_and(|o| o.record.rollout.held && !g.record.rollout.held)
         });
-        let wave_release =
-            matches!(origin, Origin::Wave { .. }) || (changes.is_empty() && let_go);
+        let wave_release = matches!(origin, Origin::Wave { .. }) || (changes.is_empty() && let_go);
         if (changes.is_empty() && !wave_release) || req.dry_run {
             return Ok(response(current, false));
         }

@@ -216,7 +216,15 @@ fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
 
     // v2 to region b only (a later wave): b rolls out at once, a and c are held by hand.
     let (code, out, err) = up.cli(&[
-        "deploy", "web", "app", "v2", "--region", "b", "--wait", "--timeout", "60s",
+        "deploy",
+        "web",
+        "app",
+        "v2",
+        "--region",
+        "b",
+        "--wait",
+        "--timeout",
+        "60s",
     ]);
     assert_eq!(code, 0, "{out}{err}");
     let b = group(&up, "web/b");
@@ -243,8 +251,9 @@ fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
     }
     let launched = events(&up, "launched");
     assert!(
-        !launched.iter().any(|e| e.group.as_deref() != Some("web/b")
-            && e.message.contains("app=v2")),
+        !launched
+            .iter()
+            .any(|e| e.group.as_deref() != Some("web/b") && e.message.contains("app=v2")),
         "only web/b launched v2: {launched:#?}"
     );
 
@@ -254,7 +263,11 @@ fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
     let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--wait", "--timeout", "120s"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(on_everywhere(&up, "app=v2"), "{:#?}", up.status());
-    assert_eq!(revision(&up), rev, "no new revision: the change was already stored");
+    assert_eq!(
+        revision(&up),
+        rev,
+        "no new revision: the change was already stored"
+    );
     let applied = events(&up, "applied");
     assert!(
         applied.iter().any(|e| e
@@ -270,5 +283,8 @@ fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
         "{applied:#?}"
     );
     let s = up.status().unwrap();
-    assert!(s.groups.iter().all(|g| !g.rollout.held && !g.rollout.wave_pending));
+    assert!(s
+        .groups
+        .iter()
+        .all(|g| !g.rollout.held && !g.rollout.wave_pending));
 }
