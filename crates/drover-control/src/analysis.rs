@@ -105,6 +105,19 @@ pub fn verdict(canary: &[Window], baseline: &[Window], analysis: &Analysis) -> V
         limit,
         c <= limit,
     );
+    // A canary that served nothing while the baseline served cannot be judged on what it
+    // served: its metrics say nothing (clients that keep their connections open never reach
+    // a new instance behind an L4 balancer).
+    let served = |ws: &[Window]| ws.iter().map(|w| w.connections).sum::<u64>();
+    let (cs, bs) = (served(canary), served(baseline));
+    if cs == 0 && bs > 0 {
+        pass = false;
+        lines.push(format!(
+            "balancer connections: canary 0, baseline {bs}: the canary served no connection, \
+             so nothing can be judged on it (clients keep their connections to the old \
+             instances: bake longer, or analysis.mode = \"advise\") FAILED"
+        ));
+    }
     let (c, b) = (failure_share(canary), failure_share(baseline));
     let limit = b * BUILTIN_RATIO + FAILURE_SHARE_ALLOWANCE;
     pass &= check(
@@ -243,5 +256,20 @@ mod tests {
         }];
         assert!(!verdict(&slow, &base, &a).pass);
         assert!(verdict(&fine, &base, &a).pass);
+    }
+
+    #[test]
+    fn a_canary_that_served_no_connection_is_not_passed() {
+        let mut c = w("i-c", 0, Some(0.0));
+        c.connections = 0;
+        let v = verdict(&[c], &[w("i-b", 0, Some(0.0))], &analysis());
+        assert!(!v.pass, "{v:?}");
+        assert!(v.lines[0].contains("the canary served no connection"), "{v:?}");
+        // Without a balancer (no connections anywhere) the other checks decide.
+        let mut c = w("i-c", 0, Some(0.0));
+        let mut b = w("i-b", 0, Some(0.0));
+        c.connections = 0;
+        b.connections = 0;
+        assert!(verdict(&[c], &[b], &analysis()).pass);
     }
 }

@@ -286,10 +286,17 @@ fn reconcile_group(
 
     // 2. Rollout bookkeeping.
     let ready_fresh = fresh.iter().filter(|i| ready(i)).count();
-    // The canary stage holds the rollout until the analysis passed.
+    // The canary stage holds the rollout until the analysis passed. Its canaries serve
+    // beside the old instances within the surge (a `percent` larger than max_surge gets
+    // max_surge). While a superseded rollout left more stale instances than desired, the
+    // surplus leaves first, the usual way, so that the canaries have room.
     let canary = spec
         .canary
-        .filter(|_| spec.rollout_open && !stale.is_empty());
+        .filter(|_| spec.rollout_open && !stale.is_empty() && stale.len() <= desired)
+        .map(|c| CanaryGate {
+            size: c.size.min(r.max_surge.max(1)),
+            ..c
+        });
     let baking = canary.is_some_and(|c| c.baking_since_ms > 0);
     if spec.rollout_open {
         // Progress is the last time a new instance became ready; the rollout fails when
@@ -360,13 +367,18 @@ fn reconcile_group(
                 });
             }
         }
-        // Canaries beside the old instances (and replacements that keep the count): no
-        // permit until the analysis passed.
-        let keep = desired.saturating_sub(stale.len() + fresh.len());
+        // Canaries beside the old instances, within desired + max_surge (and replacements
+        // that keep the count): no permit until the analysis passed.
+        let occupancy = stale.len() + fresh.len() + replaced_leavers;
+        let keep = desired.saturating_sub(occupancy);
+        let room = (desired + r.max_surge as usize).saturating_sub(occupancy);
         let want = if spec.paused {
             keep
         } else {
-            (c.size as usize).saturating_sub(fresh.len()).max(keep)
+            (c.size as usize)
+                .saturating_sub(fresh.len())
+                .min(room)
+                .max(keep)
         };
         if now >= spec.launch_not_before_ms {
             for _ in 0..want {
@@ -795,5 +807,65 @@ mod tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::RolloutFailed { .. })));
+    }
+
+    /// Canaries serve beside the old instances within the surge: a canary of 5 with
+    /// max_surge 2 launches 2 (`percent` may ask for more than the surge); a superseded
+    /// rollout's surplus leaves first, by permits, so that the canaries have room.
+    #[test]
+    fn canaries_stay_within_the_surge_and_a_superseded_rollout_makes_room() {
+        let now = 600_000;
+        let mut spec = spec(4, 2, false);
+        spec.rollout.max_unavailable = 0;
+        spec.generation = 2;
+        spec.generation_since_ms = now - 1_000;
+        spec.rollout_open = true;
+        spec.canary = Some(CanaryGate {
+            size: 5,
+            bake_ms: 60_000,
+            baking_since_ms: 0,
+        });
+        let mut list: Vec<InstanceView> = (0..4)
+            .map(|k| instance(&format!("i-old{k}"), 1, 0, Some(0)))
+            .collect();
+        for i in list.iter_mut() {
+            i.last_seen_ms = now;
+        }
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        let launches = |d: &Decision| {
+            d.actions
+                .iter()
+                .filter(|a| matches!(a, Action::Launch { .. }))
+                .count()
+        };
+        assert_eq!(launches(&d), 2, "4 + max_surge 2: {:?}", d.actions);
+        assert!(!d.actions.iter().any(|a| matches!(a, Action::Permit { .. })));
+        // Two ready canaries: the bake begins (the canary is as large as the surge allows).
+        for k in 0..2 {
+            let mut c = instance(&format!("i-can{k}"), 2, now - 20_000, Some(now - 15_000));
+            c.last_seen_ms = now;
+            list.push(c);
+        }
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::CanaryBaking { .. })),
+            "{:?}",
+            d.actions
+        );
+        assert_eq!(launches(&d), 0);
+        // Generation 3 supersedes it: 6 stale (4 + 2) for 4 desired. No canary of 3 can
+        // launch within the surge until the surplus left: permits come first.
+        spec.generation = 3;
+        spec.generation_since_ms = now;
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        let permits = d
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Permit { .. }))
+            .count();
+        assert!(permits >= 1, "the surplus leaves: {:?}", d.actions);
+        assert_eq!(launches(&d), 0, "no launch above 4 + 2: {:?}", d.actions);
     }
 }

@@ -576,6 +576,21 @@ fn check_service(
                 "instances = 0: a canary needs at least 1",
             ));
         }
+        if r.max_surge == 0 {
+            out.push(p(
+                &["services", s, "rollout", "canary"],
+                "max_surge = 0: canaries serve beside the old instances, within the surge; set rollout.max_surge >= 1",
+            ));
+        } else if c.instances.is_some_and(|n| n > r.max_surge) {
+            out.push(p(
+                &at("instances"),
+                format!(
+                    "instances = {} is more than max_surge = {}: canaries serve beside the old instances, within the surge; raise max_surge or lower instances",
+                    c.instances.unwrap_or(0),
+                    r.max_surge
+                ),
+            ));
+        }
         if c.percent.is_some_and(|p| p == 0 || p > 100) {
             out.push(p(
                 &at("percent"),

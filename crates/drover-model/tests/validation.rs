@@ -591,3 +591,24 @@ fn schedule_mistakes_are_explained() {
     assert_eq!(e.field, "services.web.schedule.1");
     assert_eq!((e.line, e.column), (27, 1), "{e}");
 }
+
+#[test]
+fn a_canary_must_fit_in_the_surge() {
+    let text = GOOD.to_string()
+        + "\n[services.web.rollout]\nmax_surge = 1\ncanary = { instances = 2, bake = \"1m\" }\n";
+    let e = one(&text);
+    assert!(
+        e.message.contains(
+            "instances = 2 is more than max_surge = 1: canaries serve beside the old instances, within the surge"
+        ),
+        "{e}"
+    );
+    assert_eq!((e.line, e.column), (22, 24), "{e}");
+    let text = GOOD.to_string()
+        + "\n[services.web.rollout]\nmax_surge = 0\nmax_unavailable = 1\ncanary = { instances = 1, bake = \"1m\" }\n";
+    let e = one(&text);
+    assert!(e.message.contains("max_surge = 0: canaries serve beside"), "{e}");
+    let ok = GOOD.to_string()
+        + "\n[services.web.rollout]\nmax_surge = 2\ncanary = { instances = 2, bake = \"1m\" }\n";
+    parse_fleet(&ok, "drover.toml").expect("a canary of 2 within a surge of 2");
+}

@@ -531,7 +531,8 @@ impl Engine {
                         paused: false,
                         resumed_ms: 0,
                         canary_baking_ms: 0,
-                        canary_passed: false,
+                        // An automatic revert goes back to what ran healthy: no canary stage.
+                        canary_passed: matches!(origin, Origin::AutoRevert { .. }),
                         analysis: None,
                         wave_pending: false,
                         held: false,

@@ -46,6 +46,9 @@ use drover_control::{
 use drover_model::api::ScheduledScale;
 use drover_model::fleet::{Autoscale, Rollout, Schedule};
 
+mod waves;
+pub use waves::{NoisyMetric, ServiceSpec, VerdictRecord};
+
 use crate::load::{AutoscalePoint, LoadModel, ScaleEvent, ScaledBy};
 use crate::rng::SplitMix64;
 
@@ -252,6 +255,10 @@ struct Agent {
     reported: Option<f64>,
     /// Its permit kept the group's capacity: the provider replaces it as it goes.
     keeps_capacity: bool,
+    /// Its constant bias on the service's noisy metric ...
+    bias: f64,
+    /// ... and its canary analysis window (sum, samples): the server's soft state.
+    window: Option<(f64, u32)>,
 }
 
 impl Agent {
@@ -282,6 +289,10 @@ struct GroupState {
     /// The simulated Auto Scaling group (groups with `provider_replaces_leavers` only).
     asg: Option<Asg>,
     schedules: Option<GroupSchedules>,
+    /// Generations whose instances report the service's metric at its `bad` mean.
+    degraded: std::collections::BTreeSet<u64>,
+    /// Its service's waves (see [`Sim::add_service`]).
+    wave: waves::WaveState,
 }
 
 /// A group's schedules, as the server keeps them (memory in the store).
@@ -390,6 +401,8 @@ pub struct Sim {
     faults: Vec<(u64, u64, Fault)>,
     fault_seq: u64,
     stats: Stats,
+    services: Vec<waves::SimService>,
+    verdicts: Vec<VerdictRecord>,
 }
 
 impl Sim {
@@ -416,6 +429,8 @@ impl Sim {
             next_id: 0,
             faults: Vec::new(),
             fault_seq: 0,
+            services: Vec::new(),
+            verdicts: Vec::new(),
             stats: Stats {
                 decision_hash: FNV_OFFSET,
                 ..Stats::default()
@@ -842,6 +857,7 @@ impl Sim {
         } else {
             None
         };
+        let bias = self.metric_bias(g);
         let boot_at = started + self.cfg.boot_ms + self.rng.below(self.cfg.boot_jitter_ms + 1);
         let next_heartbeat = now + 1 + self.rng.below(self.cfg.heartbeat_ms);
         let exit_at = (fails == Some(FailMode::Crash)).then_some(now + self.cfg.crash_ms);
@@ -870,6 +886,8 @@ impl Sim {
             in_rotation: false,
             reported: None,
             keeps_capacity: false,
+            bias,
+            window: None,
         });
         id
     }
@@ -961,6 +979,7 @@ impl Sim {
         }
         for a in &mut self.agents {
             a.reported = None;
+            a.window = None;
         }
         for (spec, st) in self.specs.iter_mut().zip(&mut self.groups) {
             spec.launch_not_before_ms = 0;
@@ -977,7 +996,9 @@ impl Sim {
         let hb = self.cfg.heartbeat_ms;
         // Instances that ended at this step: their group, whether the capacity stays.
         let mut ended: Vec<(usize, bool)> = Vec::new();
-        for (v, a) in self.views.iter_mut().zip(&mut self.agents) {
+        // Heartbeats that carry a metric sample (instance index, one per heartbeat).
+        let mut sampled: Vec<usize> = Vec::new();
+        for (k, (v, a)) in self.views.iter_mut().zip(&mut self.agents).enumerate() {
             if !v.alive {
                 continue;
             }
@@ -989,6 +1010,9 @@ impl Sim {
                 }
                 if a.silenced {
                     continue;
+                }
+                if a.window.is_some() {
+                    sampled.push(k);
                 }
                 let st = &self.groups[a.group];
                 if let Some(load) = &st.load {
@@ -1036,6 +1060,9 @@ impl Sim {
                 };
                 ended.push((a.group, keeps));
             }
+        }
+        for i in sampled {
+            self.sample_metric(i);
         }
         for (g, keeps) in ended {
             let generation = self.specs[g].generation;
@@ -1228,6 +1255,7 @@ impl Sim {
         self.advance_agents();
         self.schedules();
         self.autoscale();
+        self.release_waves();
 
         let t = self.timing();
         let decision = reconcile(now, &self.specs, &self.views, &t);
@@ -1254,20 +1282,18 @@ impl Sim {
 
         for action in decision.actions {
             match action {
-                // The canary stage, as the server carries it out: the bake begins; at its end
-                // the canary is judged. The simulation's agents report no metrics and no
-                // restarts that set canaries apart, so its verdict passes (the analysis
-                // itself is `drover_control::analysis`, tested on its own).
+                // The canary stage, as the server carries it out: the bake begins and every
+                // instance opens its window; at its end the canaries are judged against the
+                // old instances on the service's metric (`waves.rs`).
                 Action::CanaryBaking { group, .. } => {
                     let g = self.group_idx(&group);
-                    let now = self.now;
-                    if let Some(c) = self.specs[g].canary.as_mut() {
-                        c.baking_since_ms = now;
-                    }
+                    self.canary_baking(g);
                 }
-                Action::CanaryAnalyse { group, .. } => {
+                Action::CanaryAnalyse { group, generation } => {
                     let g = self.group_idx(&group);
-                    self.specs[g].canary = None;
+                    if self.canary_analyse(g, generation) {
+                        self.rollout_failed(g, generation);
+                    }
                 }
                 Action::Forget { instance, .. } => {
                     let Some(&i) = self.index.get(&instance) else {
@@ -1384,6 +1410,7 @@ impl Sim {
                     let spec = &mut self.specs[g];
                     spec.rollout_open = false;
                     self.groups[g].last_good = generation;
+                    self.groups[g].wave.done_ms = now;
                     self.stats.rollouts_done.push(RolloutEvent {
                         group,
                         generation,
@@ -1395,23 +1422,7 @@ impl Sim {
                     group, generation, ..
                 } => {
                     let g = self.group_idx(&group);
-                    let spec = &mut self.specs[g];
-                    spec.rollout_open = false;
-                    self.stats.rollouts_failed.push(RolloutEvent {
-                        group,
-                        generation,
-                        at_ms: now,
-                        took_ms: now - spec.generation_since_ms,
-                    });
-                    if spec.rollout.auto_revert {
-                        // A new generation with the content of the last good one.
-                        deploy(spec, now);
-                        self.stats.reverts += 1;
-                        let last_good = self.groups[g].last_good;
-                        if let Some(m) = self.groups[g].broken.get(&last_good).copied() {
-                            self.groups[g].broken.insert(spec.generation, m);
-                        }
-                    }
+                    self.rollout_failed(g, generation);
                 }
             }
         }
@@ -1441,6 +1452,38 @@ impl Sim {
             &permitted,
             &launched,
         );
+    }
+
+    /// A rollout failed (never healthy in time, or its canary analysis failed): with
+    /// `auto_revert`, a new generation with the content of the last good one; the service's
+    /// later waves stop and the regions the deploy reached go back too.
+    fn rollout_failed(&mut self, g: usize, generation: u64) {
+        let now = self.now;
+        let spec = &mut self.specs[g];
+        spec.rollout_open = false;
+        self.stats.rollouts_failed.push(RolloutEvent {
+            group: spec.group.clone(),
+            generation,
+            at_ms: now,
+            took_ms: now - spec.generation_since_ms,
+        });
+        if spec.rollout.auto_revert {
+            deploy(spec, now);
+            let new = spec.generation;
+            self.stats.reverts += 1;
+            let last_good = self.groups[g].last_good;
+            if let Some(m) = self.groups[g].broken.get(&last_good).copied() {
+                self.groups[g].broken.insert(new, m);
+            }
+            if self.groups[g].degraded.contains(&last_good) {
+                self.groups[g].degraded.insert(new);
+            }
+            // As the server: an automatic revert has no canary stage.
+            self.specs[g].canary = None;
+            self.waves_after_failure(g, generation);
+        } else {
+            self.groups[g].wave.failed_generation = generation;
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
