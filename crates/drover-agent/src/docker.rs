@@ -1002,6 +1002,34 @@ impl Run {
     }
 }
 
+/// The last lines a container printed, stdout and stderr interleaved as the engine logged
+/// them (its logs API: the `json-file`, `local` and `journald` drivers), capped as a process
+/// component's are; `None` when the engine has none or does not answer within 2 s.
+pub(crate) async fn last_output(docker: &Docker, id: &str) -> Option<String> {
+    use futures::StreamExt;
+    let opts = bollard::query_parameters::LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail("200")
+        .build();
+    let read = async {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut logs = docker.logs(id, Some(opts));
+        while let Some(chunk) = logs.next().await {
+            match chunk {
+                Ok(out) => buf.extend_from_slice(&out.into_bytes()),
+                Err(e) => {
+                    tracing::debug!(container = %short(id), error = %e, "no logs from the engine");
+                    break;
+                }
+            }
+        }
+        buf
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(2), read).await.ok()?;
+    crate::supervisor::capped_output(&buf, false)
+}
+
 /// Send `signal` (e.g. `SIGUSR1`) to a container's main process (its PID 1), as
 /// `docker kill --signal` does.
 pub(crate) async fn kill(docker: &Docker, id: &str, signal: &str) -> Result<(), String> {

@@ -176,6 +176,14 @@ impl Slot {
             slot.remove(ctx, &ctx.plan.components[idx]).await;
         }
     }
+
+    /// The container of a Docker component, once created.
+    pub fn container_id(&self) -> Option<&str> {
+        match self {
+            Slot::Docker(s) => s.id.as_deref(),
+            Slot::Process { .. } => None,
+        }
+    }
 }
 
 impl Running {

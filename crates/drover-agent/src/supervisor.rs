@@ -61,7 +61,10 @@ pub(crate) async fn supervise(
             }
             End::Exited { exit, ran } => {
                 tracing::warn!(component = %comp.name, %exit, ran_ms = ran.as_millis() as u64, "component exited; restarting");
-                let output = last_output(&ctx.instance.log_file(comp));
+                let output = match last_output(&ctx.instance.log_file(comp)) {
+                    Some(o) => Some(o),
+                    None => container_output(&ctx, &slot).await,
+                };
                 ctx.update(idx, |c| {
                     c.state = ComponentState::Backoff;
                     c.pid = None;
@@ -73,7 +76,10 @@ pub(crate) async fn supervise(
             }
             End::Unhealthy { exit, reason, ran } => {
                 tracing::warn!(component = %comp.name, %reason, "component failed its health check; restarted");
-                let output = last_output(&ctx.instance.log_file(comp));
+                let output = match last_output(&ctx.instance.log_file(comp)) {
+                    Some(o) => Some(o),
+                    None => container_output(&ctx, &slot).await,
+                };
                 ctx.update(idx, |c| {
                     c.last_output = output;
                     c.state = ComponentState::Backoff;
@@ -273,6 +279,14 @@ async fn watch_health(
     }
 }
 
+/// A Docker component's last lines, from the engine's logs API (none for a process
+/// component, or when the engine keeps no logs for it: a log driver such as `none`).
+async fn container_output(ctx: &Ctx, slot: &runtime::Slot) -> Option<String> {
+    let id = slot.container_id()?;
+    let docker = ctx.docker.client().await.ok()?;
+    crate::docker::last_output(&docker, id).await
+}
+
 /// The last lines of a component's log (what it printed before it exited), at most
 /// [`drover_model::api::LAST_OUTPUT_MAX`] bytes, cut at a line start and at a character
 /// boundary. `None` when there is no log (a Docker component: the engine keeps its output).
@@ -285,9 +299,18 @@ pub(crate) fn last_output(log: &std::path::Path) -> Option<String> {
     f.seek(SeekFrom::Start(start)).ok()?;
     let mut buf = Vec::with_capacity(max as usize);
     f.take(max).read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf);
+    capped_output(&buf, start > 0)
+}
+
+/// The end of `buf` as text, at most [`drover_model::api::LAST_OUTPUT_MAX`] bytes, cut at a
+/// line start (`mid_line`: `buf` itself starts mid-line) and at a character boundary.
+pub(crate) fn capped_output(buf: &[u8], mid_line: bool) -> Option<String> {
+    let max = drover_model::api::LAST_OUTPUT_MAX as u64;
+    let mid_line = mid_line || buf.len() as u64 > max;
+    let buf = &buf[buf.len().saturating_sub(max as usize)..];
+    let text = String::from_utf8_lossy(buf);
     // Started mid-line: drop the partial first line.
-    let text = match (start > 0, text.find('\n')) {
+    let text = match (mid_line, text.find('\n')) {
         (true, Some(i)) => &text[i + 1..],
         _ => &text[..],
     };

@@ -359,7 +359,7 @@ runtime = "docker"
 version = "v1"
 image = "{image}"
 command = "sh"
-args = ["-c", "sleep 3; x=0123456789abcdef; while true; do x=$x$x; done"]
+args = ["-c", "echo hog: filling memory >&2; sleep 3; x=0123456789abcdef; while true; do x=$x$x; done"]
 memory = "16m"
 # A check of its own that passes while it runs (else the image's HEALTHCHECK, which this one
 # fails, would restart it first).
@@ -438,6 +438,9 @@ fn oom_kills_and_unhealthy_containers_are_restarted_and_told() {
         exit.contains("out of memory") && exit.contains("16.0 MiB"),
         "{exit}"
     );
+    // What it printed, through the engine's logs API (stderr included).
+    let printed = c.last_output.unwrap_or_default();
+    assert!(printed.contains("hog: filling memory"), "{printed:?}");
     wait_for(
         Duration::from_secs(30),
         "an event naming the OOM kill",
