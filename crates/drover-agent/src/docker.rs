@@ -1026,7 +1026,9 @@ pub(crate) async fn last_output(docker: &Docker, id: &str) -> Option<String> {
         }
         buf
     };
-    let buf = tokio::time::timeout(Duration::from_secs(2), read).await.ok()?;
+    let buf = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()?;
     crate::supervisor::capped_output(&buf, false)
 }
 

@@ -264,7 +264,10 @@ mod tests {
         c.connections = 0;
         let v = verdict(&[c], &[w("i-b", 0, Some(0.0))], &analysis());
         assert!(!v.pass, "{v:?}");
-        assert!(v.lines[0].contains("the canary served no connection"), "{v:?}");
+        assert!(
+            v.lines[0].contains("the canary served no connection"),
+            "{v:?}"
+        );
         // Without a balancer (no connections anywhere) the other checks decide.
         let mut c = w("i-c", 0, Some(0.0));
         let mut b = w("i-b", 0, Some(0.0));

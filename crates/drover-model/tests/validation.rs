@@ -607,7 +607,10 @@ fn a_canary_must_fit_in_the_surge() {
     let text = GOOD.to_string()
         + "\n[services.web.rollout]\nmax_surge = 0\nmax_unavailable = 1\ncanary = { instances = 1, bake = \"1m\" }\n";
     let e = one(&text);
-    assert!(e.message.contains("max_surge = 0: canaries serve beside"), "{e}");
+    assert!(
+        e.message.contains("max_surge = 0: canaries serve beside"),
+        "{e}"
+    );
     let ok = GOOD.to_string()
         + "\n[services.web.rollout]\nmax_surge = 2\ncanary = { instances = 2, bake = \"1m\" }\n";
     parse_fleet(&ok, "drover.toml").expect("a canary of 2 within a surge of 2");

@@ -94,7 +94,13 @@ fn a_good_version_goes_wave_by_wave_through_ten_regions_across_a_server_restart(
     }
     // Run until wave 2's canaries bake, then restart the server mid-wave.
     sim.run_until(
-        |s| (1..4).all(|r| s.spec(&region(r)).canary.is_some_and(|c| c.baking_since_ms > 0)),
+        |s| {
+            (1..4).all(|r| {
+                s.spec(&region(r))
+                    .canary
+                    .is_some_and(|c| c.baking_since_ms > 0)
+            })
+        },
         3_600_000,
     )
     .expect("wave 2 bakes");
@@ -118,7 +124,11 @@ fn a_good_version_goes_wave_by_wave_through_ten_regions_across_a_server_restart(
     assert!(v.iter().all(|v| v.pass && !v.bad), "{v:#?}");
     for r in 1..4 {
         let at = v.iter().find(|v| v.group == region(r)).unwrap().at_ms;
-        assert!(at >= restart_at + BAKE_MS, "{} judged on a full window", region(r));
+        assert!(
+            at >= restart_at + BAKE_MS,
+            "{} judged on a full window",
+            region(r)
+        );
     }
     // Wave by wave: every group of a wave began after the last of the earlier waves was done,
     // plus wave_bake.
@@ -131,10 +141,7 @@ fn a_good_version_goes_wave_by_wave_through_ten_regions_across_a_server_restart(
     };
     for r in 0..10 {
         let began = sim.spec(&region(r)).generation_since_ms;
-        let earlier_done = (0..10)
-            .filter(|&e| wave_of(e) < wave_of(r))
-            .map(done)
-            .max();
+        let earlier_done = (0..10).filter(|&e| wave_of(e) < wave_of(r)).map(done).max();
         if let Some(d) = earlier_done {
             assert!(
                 began >= d + WAVE_BAKE_MS,

@@ -164,15 +164,11 @@ impl Sim {
         let Some(s) = self.groups[g].wave.service else {
             return;
         };
-        self.specs[g].canary = self.services[s]
-            .spec
-            .canary
-            .as_ref()
-            .map(|c| CanaryGate {
-                size: c.size(self.specs[g].desired),
-                bake_ms: c.bake.as_millis(),
-                baking_since_ms: 0,
-            });
+        self.specs[g].canary = self.services[s].spec.canary.as_ref().map(|c| CanaryGate {
+            size: c.size(self.specs[g].desired),
+            bake_ms: c.bake.as_millis(),
+            baking_since_ms: 0,
+        });
     }
 
     /// The server's `release_waves`, at every step: each service's next wave, once the
@@ -302,7 +298,11 @@ impl Sim {
         let mut canary = Vec::new();
         let mut baseline = Vec::new();
         let mut missing = false;
-        let metric = self.services[s].spec.metric.as_ref().map(|m| m.name.clone());
+        let metric = self.services[s]
+            .spec
+            .metric
+            .as_ref()
+            .map(|m| m.name.clone());
         for (a, v) in self.agents.iter().zip(&self.views) {
             if a.group != g || !v.alive || v.phase != Phase::Active {
                 continue;
