@@ -187,7 +187,7 @@ impl Ctx {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let pids: Vec<u32> = components.iter().filter_map(|c| c.pid).collect();
-        Heartbeat {
+        let mut hb = Heartbeat {
             instance: self.instance.instance.clone(),
             group: self.instance.group.clone(),
             generation: self.plan.generation,
@@ -201,7 +201,10 @@ impl Ctx {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
-        }
+        };
+        // Within the limits the server accepts: long messages are cut here.
+        hb.clamp();
+        hb
     }
 }
 
@@ -436,6 +439,7 @@ pub async fn run_with_auth(
                 };
                 let mut hb = ctx.heartbeat();
                 hb.utilization.custom = custom;
+                hb.clamp();
                 // Without an answer the hint stays as it was: nothing changes on no evidence.
                 if let Some(reply) = reporter.send(&hb, HEARTBEAT_TIMEOUT).await {
                     let poll = reply.wants_permit_poll();

@@ -173,6 +173,59 @@ pub struct ComponentReport {
 /// Most bytes of a component's last output an agent sends.
 pub const LAST_OUTPUT_MAX: usize = 2048;
 
+/// The heartbeat's limits, shared by fleet validation (a valid fleet's agents always fit), the
+/// agent (which truncates what it sends) and the server (which clamps what it receives).
+pub mod limits {
+    /// Most components a service (and so a heartbeat) may have.
+    pub const COMPONENTS: usize = 256;
+    /// Longest component version, in bytes.
+    pub const VERSION: usize = 256;
+    /// Longest component name, in bytes.
+    pub const COMPONENT_NAME: usize = 128;
+    /// Most distinct custom metrics an instance may report.
+    pub const CUSTOM_METRICS: usize = 64;
+    /// Longest custom metric name, in bytes.
+    pub const METRIC_NAME: usize = 128;
+    /// Longest free text (message, last_exit, last_output) per component, in bytes.
+    pub const TEXT: usize = 4096;
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary, with `…` marking the cut.
+pub fn truncate_text(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    const MARK: &str = "\u{2026}";
+    let mut end = max.saturating_sub(MARK.len());
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(MARK);
+}
+
+impl Heartbeat {
+    /// Bring the free-form parts within [`limits`]: texts truncated, extra custom metrics (by
+    /// name order) dropped. What identifies the instance and its components is left alone (the
+    /// server refuses those when out of bounds). Both the agent, before sending, and the server,
+    /// on receipt, call it: an over-long message is cut, never a reason to refuse a heartbeat.
+    pub fn clamp(&mut self) {
+        for c in &mut self.components {
+            for t in [&mut c.message, &mut c.last_exit, &mut c.last_output]
+                .into_iter()
+                .flatten()
+            {
+                truncate_text(t, limits::TEXT);
+            }
+        }
+        let custom = &mut self.utilization.custom;
+        custom.retain(|k, v| !k.is_empty() && k.len() <= limits::METRIC_NAME && v.is_finite());
+        while custom.len() > limits::CUSTOM_METRICS {
+            custom.pop_last();
+        }
+    }
+}
+
 /// What the instance as a whole is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -754,4 +807,63 @@ pub struct BalancerStatus {
     pub accepting: bool,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub errors: std::collections::BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod clamp_tests {
+    use super::*;
+
+    fn hb() -> Heartbeat {
+        Heartbeat {
+            instance: "i".into(),
+            group: "web/local".into(),
+            generation: 1,
+            addr: "127.0.0.1".into(),
+            phase: AgentPhase::Running,
+            seq: 1,
+            components: vec![ComponentReport {
+                name: "app".into(),
+                version: "v1".into(),
+                state: ComponentState::Unhealthy,
+                pid: None,
+                restarts: 0,
+                last_exit: Some("é".repeat(5000)),
+                message: Some("x".repeat(limits::TEXT)),
+                last_output: Some("y".repeat(1_000_000)),
+            }],
+            utilization: Utilization::default(),
+            drained: None,
+        }
+    }
+
+    #[test]
+    fn clamp_cuts_texts_on_char_boundaries_and_drops_extra_metrics() {
+        let mut h = hb();
+        for i in 0..100 {
+            h.utilization.custom.insert(format!("m{i:03}"), i as f64);
+        }
+        h.utilization.custom.insert("bad".into(), f64::NAN);
+        h.clamp();
+        let c = &h.components[0];
+        // At the limit: untouched.
+        assert_eq!(
+            c.message.as_deref(),
+            Some("x".repeat(limits::TEXT).as_str())
+        );
+        let exit = c.last_exit.as_deref().unwrap();
+        assert!(
+            exit.len() <= limits::TEXT && exit.ends_with('\u{2026}'),
+            "{}",
+            exit.len()
+        );
+        assert!(exit
+            .trim_end_matches('\u{2026}')
+            .chars()
+            .all(|ch| ch == 'é'));
+        assert!(c.last_output.as_deref().unwrap().len() <= limits::TEXT);
+        assert_eq!(h.utilization.custom.len(), limits::CUSTOM_METRICS);
+        assert!(!h.utilization.custom.contains_key("bad"));
+        assert!(h.utilization.custom.contains_key("m000"));
+        assert!(!h.utilization.custom.contains_key("m099"));
+    }
 }

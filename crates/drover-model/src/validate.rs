@@ -718,6 +718,47 @@ fn check_service(
             "a service needs at least one component: add [services.NAME.components.NAME]",
         ));
     }
+    // The heartbeat's limits (api::limits): a valid fleet's agents are never refused.
+    use crate::api::limits;
+    if svc.components.len() > limits::COMPONENTS {
+        out.push(p(
+            &["services", s, "components"],
+            format!(
+                "{} components: a service may have at most {} (the most a heartbeat carries)",
+                svc.components.len(),
+                limits::COMPONENTS
+            ),
+        ));
+    }
+    let metric_names: std::collections::BTreeSet<&String> = svc
+        .components
+        .values()
+        .flat_map(|c| c.custom_metrics.keys())
+        .collect();
+    if metric_names.len() > limits::CUSTOM_METRICS {
+        // Located at the first component past the limit.
+        let mut seen = std::collections::BTreeSet::new();
+        let at = svc.components.iter().find_map(|(cname, c)| {
+            c.custom_metrics.keys().for_each(|k| {
+                seen.insert(k);
+            });
+            (seen.len() > limits::CUSTOM_METRICS).then_some(cname.as_str())
+        });
+        out.push(p(
+            &[
+                "services",
+                s,
+                "components",
+                at.unwrap_or_default(),
+                "custom_metrics",
+            ],
+            format!(
+                "{} custom metrics in service {s}: an instance may report at most {}",
+                metric_names.len(),
+                limits::CUSTOM_METRICS
+            ),
+        ));
+    }
     // Port numbers are shared by all components of an instance (one address per instance).
     let mut port_owner: BTreeMap<u16, String> = BTreeMap::new();
     for (cname, comp) in &svc.components {
@@ -734,6 +775,16 @@ fn check_service(
                 format!(
                     "version {:?} must be non-empty with no spaces, e.g. \"v1\" or \"1.4.2\"",
                     comp.version
+                ),
+            ));
+        }
+        if comp.version.len() > limits::VERSION {
+            out.push(p(
+                &join(&base, &["version"]),
+                format!(
+                    "version is {} bytes long: at most {} are allowed",
+                    comp.version.len(),
+                    limits::VERSION
                 ),
             ));
         }

@@ -615,3 +615,60 @@ fn a_canary_must_fit_in_the_surge() {
         + "\n[services.web.rollout]\nmax_surge = 2\ncanary = { instances = 2, bake = \"1m\" }\n";
     parse_fleet(&ok, "drover.toml").expect("a canary of 2 within a surge of 2");
 }
+
+/// The fleet file is held to the heartbeat's limits (drover_model::api::limits): a fleet that
+/// validates has agents whose heartbeats the server accepts.
+#[test]
+fn heartbeat_limits_hold_in_validation() {
+    use drover_model::api::limits;
+    // A version of 257 bytes: refused at its line and column.
+    let long = "v".repeat(limits::VERSION + 1);
+    let e = one(&bad("version = \"v1\"", &format!("version = \"{long}\"")));
+    assert_eq!(e.field, "services.web.components.app.version");
+    assert_eq!((e.line, e.column), (14, 11), "{e}");
+    assert!(e.message.contains("at most 256"), "{e}");
+    // Exactly at the limit is fine.
+    let ok = "v".repeat(limits::VERSION);
+    parse_fleet(
+        &bad("version = \"v1\"", &format!("version = \"{ok}\"")),
+        "f",
+    )
+    .unwrap();
+
+    // 257 components.
+    let mut text = GOOD.to_string();
+    for i in 0..limits::COMPONENTS {
+        text.push_str(&format!(
+            "\n[services.web.components.c{i}]\nruntime = \"process\"\nversion = \"1\"\ncommand = \"/bin/true\"\n"
+        ));
+    }
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.components");
+    assert!(e.message.contains("at most 256"), "{e}");
+    assert!(e.line > 0, "{e}");
+
+    // 65 distinct custom metrics over two components.
+    let metrics = |port: &str, from: usize, to: usize| {
+        (from..to)
+            .map(|i| format!("m{i} = {{ port = \"{port}\", path = \"/m\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = format!(
+        "{}custom_metrics = {{ {} }}\n\n[services.web.components.side]\nruntime = \"process\"\nversion = \"1\"\ncommand = \"/bin/true\"\nports = {{ stats = 9090 }}\ncustom_metrics = {{ {} }}\n",
+        GOOD,
+        metrics("http", 0, 40),
+        metrics("stats", 40, limits::CUSTOM_METRICS + 1)
+    );
+    let e = one(&text);
+    assert_eq!(e.field, "services.web.components.side.custom_metrics");
+    assert!(e.message.contains("at most 64"), "{e}");
+    assert_eq!(e.line, 26, "{e}");
+    // 64 are fine.
+    let text = format!(
+        "{}custom_metrics = {{ {} }}\n",
+        GOOD,
+        metrics("http", 0, limits::CUSTOM_METRICS)
+    );
+    parse_fleet(&text, "f").unwrap();
+}

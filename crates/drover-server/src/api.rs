@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_model::api::{
-    ApiError, ApplyRequest, ConnectionsReply, DeployRequest, Heartbeat, RollbackRequest,
+    limits, ApiError, ApplyRequest, ConnectionsReply, DeployRequest, Heartbeat, RollbackRequest,
 };
 use drover_model::EventKind;
 use drover_store::EventFilter;
@@ -555,11 +555,12 @@ async fn heartbeat(
     body: Body2,
 ) -> Result<Response, ServerError> {
     let hb: Heartbeat = decode(body)?;
-    if hb.instance.is_empty() || hb.instance.len() > 64 || hb.components.len() > 256 {
-        return Err(ServerError::BadRequest(
-            "heartbeat needs an instance id (at most 64 characters) and at most 256 components"
-                .into(),
-        ));
+    if hb.instance.is_empty() || hb.instance.len() > 64 || hb.components.len() > limits::COMPONENTS
+    {
+        return Err(ServerError::BadRequest(format!(
+            "heartbeat needs an instance id (at most 64 characters) and at most {} components",
+            limits::COMPONENTS
+        )));
     }
     check_group(
         &caller,
@@ -567,10 +568,10 @@ async fn heartbeat(
         &format!("the heartbeat's group {}", hb.group),
     )?;
     check_instance(&e, &caller, &hb.instance)?;
-    check_heartbeat(&e, &hb)?;
+    let mut hb = hb;
+    admit_heartbeat(&e, &mut hb)?;
     // A component's message may quote its own secret: scrubbed before it reaches the state,
     // the events and the logs.
-    let mut hb = hb;
     if hb
         .components
         .iter()
@@ -589,10 +590,13 @@ async fn heartbeat(
     Ok(Json(e.heartbeat(hb)?).into_response())
 }
 
-/// Limits and consistency of a heartbeat, so that a malformed one changes nothing: every
-/// string bounded, numbers finite, and the generation and address those the server launched
-/// the instance with.
-pub fn check_heartbeat(e: &Engine, hb: &Heartbeat) -> Result<(), ServerError> {
+/// Limits and consistency of a heartbeat. Free text and custom metrics are clamped to
+/// [`limits`] (cut, never a reason to refuse: a valid fleet's agents are always heard). What
+/// identifies the instance is checked, so that a malformed one changes nothing: every name
+/// bounded, numbers finite, and the generation and address those the server launched the
+/// instance with.
+pub fn admit_heartbeat(e: &Engine, hb: &mut Heartbeat) -> Result<(), ServerError> {
+    hb.clamp();
     let bad = |m: String| Err(ServerError::BadRequest(format!("heartbeat: {m}")));
     if hb.group.len() > 200 || hb.addr.len() > 64 {
         return bad("group or address too long".into());
@@ -601,27 +605,20 @@ pub fn check_heartbeat(e: &Engine, hb: &Heartbeat) -> Result<(), ServerError> {
         return bad(format!("address {:?} is not an IP address", hb.addr));
     }
     for c in &hb.components {
-        if c.name.is_empty() || c.name.len() > 128 || c.version.len() > 256 {
-            return bad("a component name is empty or too long, or its version too long".into());
-        }
-        let long = |t: &Option<String>| t.as_ref().is_some_and(|t| t.len() > 4096);
-        if long(&c.message) || long(&c.last_exit) || long(&c.last_output) {
+        if c.name.is_empty()
+            || c.name.len() > limits::COMPONENT_NAME
+            || c.version.len() > limits::VERSION
+        {
             return bad(format!(
-                "component {}: message, last_exit or last_output over 4096 bytes",
-                c.name
+                "a component name is empty or over {} bytes, or its version over {}",
+                limits::COMPONENT_NAME,
+                limits::VERSION
             ));
         }
     }
     let u = &hb.utilization;
     if !u.cpu.is_finite() || u.cpu < 0.0 {
         return bad("utilization.cpu must be a finite number >= 0".into());
-    }
-    if u.custom.len() > 64
-        || u.custom
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > 128 || !v.is_finite())
-    {
-        return bad("at most 64 custom metrics, named (at most 128 bytes), finite".into());
     }
     let st = e.state();
     if let Some(i) = st.instances.get(&hb.instance) {

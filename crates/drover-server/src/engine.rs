@@ -1773,6 +1773,36 @@ command = "/bin/true"
         assert_eq!(e.state().launch_backoff["web/local"].0, 1);
     }
 
+    /// Long messages and too many custom metrics are cut, not refused: the instance is
+    /// heard, with its texts within the limits; what identifies it is still checked.
+    #[tokio::test]
+    async fn an_oversized_heartbeat_is_clamped_not_refused() {
+        use drover_model::api::limits;
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let mut hb = beat(1, ComponentState::Unhealthy);
+        hb.components[0].message = Some("m".repeat(1 << 20));
+        hb.components[0].last_output = Some("o".repeat(limits::TEXT + 1));
+        for i in 0..200 {
+            hb.utilization.custom.insert(format!("m{i:03}"), 1.0);
+        }
+        crate::api::admit_heartbeat(&e, &mut hb).unwrap();
+        let c = &hb.components[0];
+        assert!(c.message.as_ref().unwrap().len() <= limits::TEXT);
+        assert!(c.last_output.as_ref().unwrap().len() <= limits::TEXT);
+        assert_eq!(hb.utilization.custom.len(), limits::CUSTOM_METRICS);
+        assert!(e.heartbeat(hb).unwrap().known);
+        let stored = e.state().instances["i-000001"].soft.components[0]
+            .message
+            .clone();
+        assert!(stored.unwrap().len() <= limits::TEXT);
+        // An identity out of bounds is still refused.
+        let mut hb = beat(2, ComponentState::Healthy);
+        hb.components[0].version = "v".repeat(limits::VERSION + 1);
+        let err = crate::api::admit_heartbeat(&e, &mut hb).unwrap_err();
+        assert!(matches!(err, ServerError::BadRequest(_)), "{err}");
+    }
+
     #[tokio::test]
     async fn silence_after_a_restart_counts_from_when_the_api_answers() {
         let dir = tempfile::tempdir().unwrap();
