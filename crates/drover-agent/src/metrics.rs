@@ -9,30 +9,50 @@ use drover_model::Plan;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Read every custom metric of the plan's components on `addr`. A metric that cannot be read
-/// (component down, bad body) is left out: no data is better than a made-up value.
+/// Read every custom metric of the plan's components on `addr`, all at once, within one
+/// `deadline`: a slow or hung endpoint costs no more than the deadline, however many there are,
+/// so the heartbeat that carries them is never late. A metric that cannot be read in time
+/// (component down, bad body, no answer) is left out: no data is better than a made-up value.
 pub(crate) async fn read_all(
     plan: &Plan,
     addr: IpAddr,
-    timeout: Duration,
+    deadline: Duration,
 ) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for c in &plan.components {
-        for (name, m) in &c.custom_metrics {
-            let Some(port) = c.ports.get(&m.port) else {
-                continue;
-            };
-            let at = SocketAddr::new(addr, *port);
-            match tokio::time::timeout(timeout, get_number(at, &m.path)).await {
-                Ok(Ok(v)) => {
-                    out.insert(name.clone(), v);
-                }
-                Ok(Err(e)) => tracing::debug!(metric = %name, "custom metric not read: {e}"),
-                Err(_) => tracing::debug!(metric = %name, "custom metric timed out"),
+    let targets = plan
+        .components
+        .iter()
+        .flat_map(|c| {
+            c.custom_metrics.iter().filter_map(move |(name, m)| {
+                let port = c.ports.get(&m.port)?;
+                Some((name.clone(), SocketAddr::new(addr, *port), m.path.clone()))
+            })
+        })
+        .collect();
+    read_each(targets, deadline).await
+}
+
+async fn read_each(
+    targets: Vec<(String, SocketAddr, String)>,
+    deadline: Duration,
+) -> BTreeMap<String, f64> {
+    let reads = targets.into_iter().map(|(name, at, path)| async move {
+        match tokio::time::timeout(deadline, get_number(at, &path)).await {
+            Ok(Ok(v)) => Some((name, v)),
+            Ok(Err(e)) => {
+                tracing::debug!(metric = %name, "custom metric not read: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(metric = %name, "custom metric timed out");
+                None
             }
         }
-    }
-    out
+    });
+    futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// GET `path` and parse the body as one number.
@@ -85,6 +105,43 @@ fn parse_answer(buf: &[u8]) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 40 endpoints that accept and never answer, and one that answers: read together, the
+    /// good one is reported and the whole read ends with its deadline (one after another, the
+    /// hung ones would take 40 deadlines).
+    #[tokio::test]
+    async fn hung_metrics_cost_one_deadline_not_one_each() {
+        let mut held = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..40 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            targets.push((
+                format!("hung{i}"),
+                l.local_addr().unwrap(),
+                "/m".to_string(),
+            ));
+            held.push(l); // accepted by the kernel, never read or answered
+        }
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        targets.push(("good".into(), good.local_addr().unwrap(), "/m".into()));
+        let answer = tokio::spawn(async move {
+            let (mut s, _) = good.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\n0.5").await.unwrap();
+        });
+        let deadline = Duration::from_millis(300);
+        let t = std::time::Instant::now();
+        let got = read_each(targets, deadline).await;
+        let took = t.elapsed();
+        answer.await.unwrap();
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            [("good".to_string(), 0.5)]
+        );
+        // 40 x 300 ms in sequence; at once, one deadline (with room for a loaded machine).
+        assert!(took < deadline * 5, "{took:?}");
+    }
 
     #[test]
     fn parses_a_number_answer() {
