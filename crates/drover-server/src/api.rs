@@ -28,8 +28,9 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 /// Deepest nesting of arrays and objects accepted in a JSON body (real requests need 4).
 pub const MAX_JSON_DEPTH: usize = 32;
 
-pub fn router(engine: Arc<Engine>) -> Router {
+pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>) -> Router {
     Router::new()
+        .merge(crate::ui::routes())
         .route(
             "/v1/health",
             get(|| async { Json(serde_json::json!({"ok": true})) }),
@@ -67,6 +68,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
             engine.clone(),
             crate::auth::layer,
         ))
+        // Outside the auth layer: it finds the dashboard's sessions here.
+        .layer(Extension(ui))
         .with_state(engine)
 }
 
@@ -436,6 +439,7 @@ struct EventsQuery {
 
 async fn events(
     State(e): State<Arc<Engine>>,
+    headers: axum::http::HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
@@ -444,6 +448,21 @@ async fn events(
             r.body_text()
         ))
     })?;
+    // Server-sent events for browsers (`Accept: text/event-stream`), which come back after a
+    // lost connection with the last seq they saw.
+    let sse = q.follow
+        && headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+    let mut q = q;
+    if let Some(seen) = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        q.after = q.after.max(seen);
+    }
     let kind = match &q.kind {
         Some(k) => Some(EventKind::parse(k).ok_or_else(|| {
             ServerError::BadRequest(format!(
@@ -493,6 +512,7 @@ async fn events(
     for ev in &mut stored {
         sc.scrub_in_place(&mut ev.message);
     }
+    let line = if sse { sse_line } else { line };
     let backlog = futures::stream::iter(stored.into_iter().map(line));
     let live = async_stream(move |tx| async move {
         loop {
@@ -523,13 +543,31 @@ async fn events(
         }
     });
     let body = Body::from_stream(backlog.chain(live));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    let kind = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 fn line(ev: drover_model::Event) -> Result<Bytes, Infallible> {
     let mut v = serde_json::to_vec(&ev).unwrap_or_default();
     v.push(b'\n');
     Ok(Bytes::from(v))
+}
+
+/// One event as a server-sent event: its seq as the id, its JSON as the data.
+fn sse_line(ev: drover_model::Event) -> Result<Bytes, Infallible> {
+    let json = serde_json::to_string(&ev).unwrap_or_default();
+    Ok(Bytes::from(format!("id: {}\ndata: {json}\n\n", ev.seq)))
 }
 
 /// A stream fed by a task through a small channel.

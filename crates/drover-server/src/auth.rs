@@ -62,7 +62,7 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-fn random_bytes() -> Result<[u8; 32], ServerError> {
+pub(crate) fn random_bytes() -> Result<[u8; 32], ServerError> {
     let mut b = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
@@ -137,6 +137,16 @@ impl Auth {
             .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
+    }
+
+    /// The token of id `id`, revoked or not.
+    pub fn by_id(&self, id: &str) -> Option<TokenInfo> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|t| t.id == id)
+            .cloned()
     }
 
     /// Who holds the `Authorization` header; `401` when it is missing, unknown or revoked.
@@ -432,6 +442,10 @@ enum Need {
 fn need(method: &axum::http::Method, path: &str) -> Need {
     match path {
         "/v1/health" => Need::Nothing,
+        // The dashboard's pages and login (they check the session themselves).
+        "/ui" => Need::Nothing,
+        p if p.starts_with("/ui/") => Need::Nothing,
+        p if p.starts_with("/v1/ui/") => Need::Read,
         "/v1/schedules" if method == axum::http::Method::GET => Need::Read,
         "/v1/schedules" => Need::Admin,
         p if p.starts_with("/v1/schedules/") => Need::Admin,
@@ -474,7 +488,15 @@ pub async fn layer(
         return next.run(req).await;
     }
     let auth = engine.auth();
-    let caller = match auth.authenticate(req.headers().get(header::AUTHORIZATION)) {
+    // A bearer token, else the dashboard's session cookie (CSRF-checked for changes).
+    let by_cookie =
+        req.headers().get(header::AUTHORIZATION).is_none() && crate::ui::has_session(&req);
+    let caller = if by_cookie {
+        crate::ui::session_caller(&engine, &mut req)
+    } else {
+        auth.authenticate(req.headers().get(header::AUTHORIZATION))
+    };
+    let caller = match caller {
         Ok(c) => c,
         Err(e) => {
             let mut resp = e.into_response();
@@ -559,6 +581,13 @@ mod tests {
         assert_eq!(need(&G, "/v1/lb/config"), Need::Lb);
         assert_eq!(need(&G, "/v1/health/"), Need::Any);
         assert_eq!(need(&G, "/nope"), Need::Any);
+        assert_eq!(need(&G, "/ui/"), Need::Nothing);
+        assert_eq!(need(&G, "/ui/login"), Need::Nothing);
+        assert_eq!(need(&G, "/v1/ui/summary"), Need::Read);
+        assert_eq!(
+            need(&axum::http::Method::POST, "/v1/ui/login-links"),
+            Need::Read
+        );
         assert_eq!(need(&G, "/v1/schedules"), Need::Read);
         assert_eq!(
             need(&axum::http::Method::POST, "/v1/schedules"),

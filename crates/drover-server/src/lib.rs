@@ -14,6 +14,7 @@ pub mod registry;
 pub mod rollout;
 pub mod state;
 pub mod tls;
+pub mod ui;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -162,6 +163,8 @@ pub struct Server {
     pub ca_file: Option<PathBuf>,
     /// The admin token file written on first start, if this start wrote it.
     pub admin_token_file: Option<PathBuf>,
+    /// The dashboard's sessions, login links and history.
+    pub ui: Arc<ui::Ui>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Supervises the balancer process; it stops that process only if tied to the server.
@@ -264,7 +267,13 @@ impl Server {
         engine.flush().await;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
-        let app = api::router(engine.clone());
+        let ui = Arc::new(ui::Ui::new(addr.port(), scheme == "https"));
+        let app = api::router(engine.clone(), ui.clone());
+        tasks.push(tokio::spawn(ui::history::run(
+            engine.clone(),
+            ui.clone(),
+            stop.clone(),
+        )));
         let s = stop.clone();
         let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
         match tls {
@@ -316,6 +325,7 @@ impl Server {
             scheme,
             ca_file,
             admin_token_file,
+            ui,
             stop,
             tasks,
             lb_task,

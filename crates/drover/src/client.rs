@@ -577,4 +577,45 @@ impl Client {
         )
         .await
     }
+
+    /// `drover ui`: a one-time dashboard login link for this token.
+    pub async fn ui_link(&self, open: bool) -> anyhow::Result<u8> {
+        let resp = self
+            .send(self.http.post(self.url("/v1/ui/login-links")))
+            .await;
+        let link: drover_server::ui::LoginLink = match resp {
+            Ok(r) => r.json().await?,
+            Err(e) => return self.refused(e),
+        };
+        let url = self.url(&link.path);
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({"url": url, "expires_at_ms": link.expires_at_ms, "scope": link.scope})
+            );
+        } else {
+            println!("{url}");
+            eprintln!(
+                "  {} session; the link works once, until {} (60 s)",
+                match link.scope {
+                    drover_model::token::TokenScope::Admin => "an admin",
+                    _ => "a read-only",
+                },
+                render::time(link.expires_at_ms)
+            );
+        }
+        if open {
+            let opener = if cfg!(target_os = "macos") {
+                "open"
+            } else {
+                "xdg-open"
+            };
+            match std::process::Command::new(opener).arg(&url).status() {
+                Ok(s) if s.success() => {}
+                Ok(s) => eprintln!("{opener} {s}: open the link above by hand"),
+                Err(e) => eprintln!("cannot run {opener}: {e}; open the link above by hand"),
+            }
+        }
+        Ok(exit::OK)
+    }
 }

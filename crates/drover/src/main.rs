@@ -290,6 +290,16 @@ enum Command {
         #[arg(long)]
         kind: Option<String>,
     },
+    /// Print a one-time login link to the web dashboard (it works once, within 60 seconds).
+    ///
+    /// The dashboard session gets the scope of the token this command runs with: an admin
+    /// token's session can deploy, scale and roll back from the page; a read token's can only
+    /// look. The dashboard also takes a token pasted on its login page. See docs/ui.md.
+    Ui {
+        /// Open the link in the default browser (xdg-open, or open on macOS).
+        #[arg(long)]
+        open: bool,
+    },
     /// List every applied revision of the fleet file.
     History,
     /// Check a fleet file without contacting the server.
@@ -610,6 +620,7 @@ async fn dispatch(cli: Cli) -> u8 {
                 .await
         }
         Command::History => client.history().await,
+        Command::Ui { open } => client.ui_link(open).await,
         Command::Agent(_)
         | Command::DemoServer(_)
         | Command::Lb(_)

@@ -1,0 +1,628 @@
+//! End to end: the web dashboard in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, driven over WebDriver by fantoccini), with `drover up` on the example
+//! fleet: log in with the link from `drover ui`, watch three healthy instances, deploy v2 from
+//! the page and watch the rollout bar reach done while the instances change generation, scale
+//! to 5, see events arrive live, compare two revisions, and check that a read token's session
+//! can act on nothing (no buttons, and a direct POST is refused 403).
+//!
+//! Skips with a printed reason when chromedriver or chromium is missing, unless `DROVER_CI=1`.
+//! Screenshots go to `$DROVER_UI_SCREENSHOTS` (default: a directory under the target
+//! directory); docs/ui.md shows the ones taken here.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// A chromedriver this test started; killed (by its pid) when dropped.
+struct Driver(Child, u16);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn driver() -> Option<Driver> {
+    let missing: Vec<&str> = [CHROMEDRIVER, CHROMIUM]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if !missing.is_empty() {
+        let why = format!(
+            "{} missing: install Debian's chromium and chromium-driver (.ci/run does)",
+            missing.join(" and ")
+        );
+        if std::env::var("DROVER_CI").as_deref() == Ok("1") {
+            panic!("{why}");
+        }
+        eprintln!("skipping the browser tests: {why}");
+        return None;
+    }
+    let port = free_port();
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "chromedriver did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Driver(child, port))
+}
+
+/// A new browser (its own profile: no cookies).
+async fn browser(d: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1400,1000", "--force-color-profile=srgb"]
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", d.1))
+        .await
+        .expect("a chromium session")
+}
+
+/// Run `script` (a function body) in the page until it returns something truthy; that value.
+async fn until(c: &Client, what: &str, script: &str, timeout: Duration) -> Value {
+    let t0 = Instant::now();
+    let mut last = Value::Null;
+    while t0.elapsed() < timeout {
+        match c.execute(script, vec![]).await {
+            Ok(v) if truthy(&v) => return v,
+            Ok(v) => last = v,
+            Err(e) => last = Value::String(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = c
+        .execute("return document.body.innerText", vec![])
+        .await
+        .unwrap_or_default();
+    panic!("not within {timeout:?}: {what} (last: {last})\npage:\n{text}");
+}
+
+/// Click element `id` (again, if a live refresh replaced it between the find and the click).
+async fn click(c: &Client, id: &str) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match c.find(Locator::Id(id)).await {
+            Ok(el) => match el.click().await {
+                Ok(()) => return,
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot click #{id}: {last}");
+}
+
+/// Set input `id` to `text` (in one step: a live refresh keeps what was typed).
+async fn type_into(c: &Client, id: &str, text: &str) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let r = async {
+            let el = c.find(Locator::Id(id)).await?;
+            el.clear().await?;
+            el.send_keys(text).await
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                let v = c
+                    .execute(
+                        &format!("return document.getElementById({id:?}).value"),
+                        vec![],
+                    )
+                    .await
+                    .unwrap_or_default();
+                if v == text {
+                    return;
+                }
+                last = format!("value is {v}");
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot type into #{id}: {last}");
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        _ => true,
+    }
+}
+
+fn shots() -> PathBuf {
+    let dir = std::env::var_os("DROVER_UI_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    let path = shots().join(name);
+    std::fs::write(&path, png).unwrap();
+    eprintln!("screenshot {}", path.display());
+}
+
+/// The `drover ui` link: printed alone on stdout.
+fn login_link(up: &Up) -> String {
+    let (code, out, err) = up.cli(&["ui"]);
+    assert_eq!(code, 0, "drover ui: {err}");
+    let url = out.trim().to_string();
+    assert!(
+        url.starts_with(&format!("{}/ui/login?code=", up.server())),
+        "{url}"
+    );
+    assert!(err.contains("works once"), "{err}");
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_read_only() {
+    let Some(d) = driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let _agents = KillAgents(dir.path().to_path_buf());
+    let (api, ing) = (free_port(), free_port());
+    let up = Up::start(dir.path(), &fleet_text(ing, subnet(), 3), api, ing);
+    up.wait_healthy(3, Duration::from_secs(20));
+    let base = up.server();
+    let c = browser(&d).await;
+    let long = Duration::from_secs(60);
+
+    // A bad link and a used one get a clear page, not a session.
+    c.goto(&format!("{base}/ui/login?code=0123")).await.unwrap();
+    let title = c
+        .find(Locator::Id("login-title"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(title, "This login link is not valid");
+
+    // 1. Log in with the link from `drover ui`.
+    let link = login_link(&up);
+    c.goto(&link).await.unwrap();
+    // 2. Three healthy instances of web/local, on the fleet page.
+    until(
+        &c,
+        "the fleet page shows web/local 3/3",
+        r#"const el = document.querySelector('.cell[data-group="web/local"] [data-health]');
+           return el && el.textContent === "3/3";"#,
+        long,
+    )
+    .await;
+    let url = c.current_url().await.unwrap();
+    assert_eq!(url.path(), "/ui/", "the link leads to the dashboard");
+    let who = c
+        .find(Locator::Id("who"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(who.contains("admin"), "{who}");
+    let cell = c
+        .find(Locator::Css(r#".cell[data-group="web/local"]"#))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(cell.contains("app=v1 · gen 1"), "{cell}");
+    assert!(cell.contains("2 / 3 / 6"), "min/desired/max: {cell}");
+    // The link worked once.
+    c.goto(&link).await.unwrap();
+    let title = c
+        .find(Locator::Id("login-title"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        title, "This login link is not valid",
+        "a used link is refused"
+    );
+    // ... and the session it opened goes on.
+    c.goto(&format!("{base}/ui/#/fleet")).await.unwrap();
+    until(
+        &c,
+        "the session survives the used link",
+        r#"const el = document.querySelector('.cell[data-group="web/local"] [data-health]');
+           return el && el.textContent === "3/3";"#,
+        long,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shot(&c, "fleet.png").await;
+
+    // The group page: three instances on generation 1.
+    c.goto(&format!("{base}/ui/#/group/web/local"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "three instances of generation 1",
+        r#"const rows = [...document.querySelectorAll('#instances tbody tr')];
+           return rows.length === 3 && rows.every(r => r.dataset.generation === "1" && r.dataset.state === "healthy");"#,
+        long,
+    )
+    .await;
+
+    // 3. Deploy v2 from the page: the plan is shown, confirmed, and the rollout followed.
+    let marker = "window.__same_page = 42; return true;";
+    c.execute(marker, vec![]).await.unwrap();
+    type_into(&c, "deploy-version", "v2").await;
+    click(&c, "deploy").await;
+    let plan = until(
+        &c,
+        "the deploy's plan in the dialog",
+        r#"const ok = document.getElementById('confirm-ok');
+           const p = document.getElementById('confirm-plan').textContent;
+           return document.getElementById('confirm').open && !ok.disabled && p;"#,
+        long,
+    )
+    .await;
+    let plan = plan.as_str().unwrap().to_string();
+    assert!(
+        plan.contains(
+            "rollout web/local: generation 1 -> 2: 3 instance(s) replaced in 3 batch(es)"
+        ),
+        "what `drover plan` says: {plan}"
+    );
+    assert!(plan.contains("dry run: nothing was stored"), "{plan}");
+    // Nothing changed before the confirmation.
+    assert_eq!(
+        up.status().unwrap().groups[0].generation,
+        1,
+        "the preview stored nothing"
+    );
+    click(&c, "confirm-ok").await;
+
+    // The bar moves batch by batch while the instance list changes generation.
+    let t0 = Instant::now();
+    let mut seen_done = std::collections::BTreeSet::new();
+    let mut mixed = false;
+    let mut mid_shot = false;
+    loop {
+        assert!(t0.elapsed() < Duration::from_secs(120), "rollout not done");
+        let v = c
+            .execute(
+                r#"const r = document.querySelector('#rollout-section .rollout');
+                   const gens = [...document.querySelectorAll('#instances tbody tr')].map(t => t.dataset.generation);
+                   return { phase: r && r.dataset.phase, done: r && r.dataset.done, batches: r && r.dataset.batches,
+                            gens, versions: (document.getElementById('group-versions') || {}).textContent,
+                            batchItems: document.querySelectorAll('.batches li').length };"#,
+                vec![],
+            )
+            .await
+            .unwrap();
+        if let Some(done) = v["done"].as_str() {
+            seen_done.insert(done.to_string());
+            assert_eq!(v["batches"], "3", "3 batches of 1: {v}");
+            assert_eq!(v["batchItems"], 3, "each batch listed: {v}");
+            if !mid_shot && done == "1" {
+                shot(&c, "group-rollout.png").await;
+                mid_shot = true;
+            }
+        }
+        let gens: Vec<&str> = v["gens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|g| g.as_str())
+            .collect();
+        if gens.contains(&"1") && gens.contains(&"2") {
+            mixed = true;
+        }
+        if v["phase"] == "done"
+            && gens.len() == 3
+            && gens.iter().all(|g| *g == "2")
+            && v["versions"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("app=v2 · generation 2")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen_done.len() >= 2,
+        "the bar moved through batches: {seen_done:?}"
+    );
+    assert!(
+        mixed,
+        "the instance list showed both generations mid-rollout"
+    );
+    assert_eq!(
+        c.execute("return window.__same_page", vec![])
+            .await
+            .unwrap(),
+        json!(42),
+        "the page followed the rollout live, without a reload"
+    );
+    let answer = get(up.ingress).unwrap();
+    assert!(answer.contains("version v2"), "{answer}");
+
+    // 4. Scale to 5: the confirmation says what changes, then five healthy.
+    type_into(&c, "scale-count", "5").await;
+    click(&c, "scale").await;
+    let plan = until(
+        &c,
+        "the scale's preview",
+        r#"const ok = document.getElementById('confirm-ok');
+           return !ok.disabled && document.getElementById('confirm-plan').textContent;"#,
+        long,
+    )
+    .await;
+    assert!(
+        plan.as_str().unwrap().contains("desired 3 -> 5")
+            && plan.as_str().unwrap().contains("2 instance(s) launched"),
+        "{plan}"
+    );
+    click(&c, "confirm-ok").await;
+    until(
+        &c,
+        "five healthy instances of generation 2",
+        r#"const rows = [...document.querySelectorAll('#instances tbody tr')];
+           return document.getElementById('group-health').textContent === "5/5 healthy" && rows.length === 5
+             && rows.every(r => r.dataset.generation === "2");"#,
+        long,
+    )
+    .await;
+    assert_eq!(up.status().unwrap().groups[0].desired, 5);
+
+    // A refusal shows the server's message: more than max.
+    type_into(&c, "scale-count", "60").await;
+    click(&c, "scale").await;
+    until(
+        &c,
+        "the scale's preview",
+        "return !document.getElementById('confirm-ok').disabled",
+        long,
+    )
+    .await;
+    click(&c, "confirm-ok").await;
+    let refusal = until(
+        &c,
+        "the server's refusal",
+        r#"const t = [...document.querySelectorAll('#toast div.bad')].map(d => d.textContent).join("\n");
+           return t;"#,
+        long,
+    )
+    .await;
+    assert!(
+        refusal.as_str().unwrap().starts_with("refused: ")
+            && refusal.as_str().unwrap().contains("60"),
+        "{refusal}"
+    );
+    assert_eq!(up.status().unwrap().groups[0].desired, 5, "nothing changed");
+
+    // 5. Events arrive live: a change made elsewhere appears on the events page.
+    c.goto(&format!("{base}/ui/#/events?kind=scaled"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "the scaled events",
+        r#"return document.querySelectorAll('#events tbody tr[data-kind="scaled"]').length >= 1"#,
+        long,
+    )
+    .await;
+    c.execute(marker, vec![]).await.unwrap();
+    let before = c
+        .execute(
+            "return document.querySelectorAll('#events tbody tr').length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (code, _, err) = up.cli(&["scale", "web", "4"]);
+    assert_eq!(code, 0, "{err}");
+    let row = until(
+        &c,
+        "the new scaled event, live",
+        &format!(
+            r#"const rows = document.querySelectorAll('#events tbody tr');
+               return rows.length > {before} && rows[0].textContent"#
+        ),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(row.as_str().unwrap().contains("scaled"), "{row}");
+    assert!(row.as_str().unwrap().contains("desired 5 -> 4"), "{row}");
+    assert_eq!(
+        c.execute("return window.__same_page", vec![])
+            .await
+            .unwrap(),
+        json!(42),
+        "no reload"
+    );
+    // Filtered: only `scaled` rows.
+    let kinds = c
+        .execute(
+            "return [...document.querySelectorAll('#events tbody tr')].map(r => r.dataset.kind)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        kinds.as_array().unwrap().iter().all(|k| k == "scaled"),
+        "{kinds}"
+    );
+
+    // History: the diff between revisions 1 and 2 side by side.
+    c.goto(&format!("{base}/ui/#/history?a=1&b=2"))
+        .await
+        .unwrap();
+    let diff = until(
+        &c,
+        "the diff of revisions 1 and 2",
+        r#"const d = document.querySelector('#diff');
+           if (!d) return null;
+           return { del: [...d.querySelectorAll('pre.del')].map(p => p.textContent),
+                    add: [...d.querySelectorAll('pre.add')].map(p => p.textContent),
+                    revs: document.querySelectorAll('#revisions tbody tr').length };"#,
+        long,
+    )
+    .await;
+    let text = diff.to_string();
+    assert!(
+        diff["del"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("version = \"v1\"")),
+        "{text}"
+    );
+    assert!(
+        diff["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("version = \"v2\"")),
+        "{text}"
+    );
+    assert!(diff["revs"].as_u64().unwrap() >= 2, "{text}");
+    c.execute(
+        "document.getElementById('toast').replaceChildren(); return true",
+        vec![],
+    )
+    .await
+    .unwrap();
+    shot(&c, "history-diff.png").await;
+
+    // Log out: the session is gone, the API refuses it.
+    c.goto(&format!("{base}/ui/#/fleet")).await.unwrap();
+    until(
+        &c,
+        "the fleet page",
+        "return document.querySelector('.cell')",
+        long,
+    )
+    .await;
+    click(&c, "logout").await;
+    until(
+        &c,
+        "the login page after logout",
+        "return document.getElementById('token-form')",
+        long,
+    )
+    .await;
+    c.close().await.unwrap();
+
+    // 6. A read token's session sees everything and can act on nothing.
+    let (code, token, err) = up.cli(&["token", "create", "--scope", "read", "--name", "viewer"]);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim().to_string();
+    let r = browser(&d).await;
+    r.goto(&format!("{base}/ui/")).await.unwrap();
+    r.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(&token)
+        .await
+        .unwrap();
+    r.find(Locator::Css("#token-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &r,
+        "the read session's fleet page",
+        r#"const el = document.querySelector('.cell[data-group="web/local"] [data-health]');
+           return el && el.textContent === "4/4";"#,
+        long,
+    )
+    .await;
+    r.goto(&format!("{base}/ui/#/group/web/local"))
+        .await
+        .unwrap();
+    until(
+        &r,
+        "the read session's group page",
+        "return document.querySelectorAll('#instances tbody tr').length === 4",
+        long,
+    )
+    .await;
+    for id in ["deploy", "scale", "rollback", "deploy-form"] {
+        assert!(
+            r.find(Locator::Id(id)).await.is_err(),
+            "a read session has no {id} button"
+        );
+    }
+    let note = r
+        .find(Locator::Id("read-only"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(note.contains("Read-only"), "{note}");
+    // A direct POST from the page, with the session's CSRF token: 403.
+    let got = r
+        .execute_async(
+            r#"const done = arguments[arguments.length - 1];
+               (async () => {
+                 const s = await (await fetch('/v1/ui/session')).json();
+                 const post = (csrf) => fetch('/v1/deploy', { method: 'POST',
+                   headers: Object.assign({ 'Content-Type': 'application/json' }, csrf ? { 'X-Drover-CSRF': csrf } : {}),
+                   body: JSON.stringify({ service: 'web', component: 'app', version: 'v3' }) });
+                 const a = await post(s.csrf);
+                 const b = await post(null);
+                 done({ with_csrf: a.status, message: (await a.json()).message, without: b.status, scope: s.scope });
+               })();"#,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(got["scope"], "read", "{got}");
+    assert_eq!(got["with_csrf"], 403, "{got}");
+    assert_eq!(got["without"], 403, "{got}");
+    assert!(
+        got["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs an admin token"),
+        "{got}"
+    );
+    let s = up.status().unwrap();
+    assert_eq!(s.groups[0].versions, "app=v2", "nothing was deployed");
+    r.close().await.unwrap();
+}
