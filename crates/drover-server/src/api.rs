@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::auth::{check_group, Caller};
 use crate::engine::Engine;
+use crate::guard::{Guards, Held, Kind};
 use crate::ServerError;
 
 /// Largest request body accepted (a fleet file of thousands of services fits).
@@ -28,7 +29,7 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 /// Deepest nesting of arrays and objects accepted in a JSON body (real requests need 4).
 pub const MAX_JSON_DEPTH: usize = 32;
 
-pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>) -> Router {
+pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>, guards: Arc<Guards>) -> Router {
     Router::new()
         .merge(crate::ui::routes())
         .route(
@@ -63,6 +64,7 @@ pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(Extension(guards))
         // Outermost: nobody's body is read before their token is checked.
         .layer(axum::middleware::from_fn_with_state(
             engine.clone(),
@@ -84,6 +86,7 @@ impl IntoResponse for ServerError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
             ServerError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ServerError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ServerError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ServerError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ServerError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -439,6 +442,8 @@ struct EventsQuery {
 
 async fn events(
     State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    Extension(guards): Extension<Arc<Guards>>,
     headers: axum::http::HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
@@ -490,7 +495,13 @@ async fn events(
         return Ok(Json(evs).into_response());
     }
     // Follow: subscribe first, then send what is stored, then stream new ones (deduplicated by seq).
-    let mut rx = e.events_tx.subscribe();
+    let held = guards.hold(Kind::Follow, &caller.id).ok_or_else(|| {
+        ServerError::TooManyRequests(format!(
+            "this token holds {} follow streams already; close one first",
+            crate::guard::FOLLOWS_PER_CALLER
+        ))
+    })?;
+    let rx = e.events_tx.subscribe();
     // Every stored event after `after` (page by page), then the live ones.
     let mut stored = Vec::new();
     let mut page = EventFilter {
@@ -508,40 +519,13 @@ async fn events(
             break;
         }
     }
-    let mut last = stored.last().map(|ev| ev.seq).unwrap_or(q.after);
+    let last = stored.last().map(|ev| ev.seq).unwrap_or(q.after);
     for ev in &mut stored {
         sc.scrub_in_place(&mut ev.message);
     }
     let line = if sse { sse_line } else { line };
     let backlog = futures::stream::iter(stored.into_iter().map(line));
-    let live = async_stream(move |tx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    if ev.seq <= last {
-                        continue;
-                    }
-                    last = ev.seq;
-                    let keep = filter
-                        .group
-                        .as_ref()
-                        .is_none_or(|g| ev.group.as_ref() == Some(g))
-                        && filter
-                            .instance
-                            .as_ref()
-                            .is_none_or(|i| ev.instance.as_ref() == Some(i))
-                        && filter.kind.is_none_or(|k| ev.kind == k);
-                    let mut ev = ev;
-                    sc.scrub_in_place(&mut ev.message);
-                    if keep && tx.send(line(ev)).await.is_err() {
-                        break;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => break,
-            }
-        }
-    });
+    let live = live_events(rx, last, filter, sc, held, line);
     let body = Body::from_stream(backlog.chain(live));
     let kind = if sse {
         "text/event-stream"
@@ -556,6 +540,56 @@ async fn events(
         body,
     )
         .into_response())
+}
+
+/// The live part of a follow stream: events after `last` that pass `filter`, scrubbed. Its task
+/// ends as soon as the client is gone (the body dropped), whether or not anything matches, or
+/// when the server stops sending events; `held` is given back then.
+fn live_events(
+    mut rx: tokio::sync::broadcast::Receiver<drover_model::Event>,
+    mut last: u64,
+    filter: EventFilter,
+    sc: drover_model::secret::Scrubber,
+    held: Held,
+    line: fn(drover_model::Event) -> Result<Bytes, Infallible>,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+    async_stream(move |tx| async move {
+        let _held = held;
+        loop {
+            let got = tokio::select! {
+                // Nobody reads any more: stop now, not at the next event that matches.
+                _ = tx.closed() => break,
+                got = rx.recv() => got,
+            };
+            match got {
+                Ok(ev) => {
+                    if ev.seq <= last {
+                        continue;
+                    }
+                    last = ev.seq;
+                    let keep = filter
+                        .group
+                        .as_ref()
+                        .is_none_or(|g| ev.group.as_ref() == Some(g))
+                        && filter
+                            .instance
+                            .as_ref()
+                            .is_none_or(|i| ev.instance.as_ref() == Some(i))
+                        && filter.kind.is_none_or(|k| ev.kind == k);
+                    if !keep {
+                        continue;
+                    }
+                    let mut ev = ev;
+                    sc.scrub_in_place(&mut ev.message);
+                    if tx.send(line(ev)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    })
 }
 
 fn line(ev: drover_model::Event) -> Result<Bytes, Infallible> {
@@ -701,8 +735,15 @@ async fn plan(
 
 /// Prometheus text: per listener and per target counters of the built-in balancer, and the
 /// permit long-polls agents hold open.
-async fn metrics(State(e): State<Arc<Engine>>) -> Response {
+async fn metrics(
+    State(e): State<Arc<Engine>>,
+    Extension(guards): Extension<Arc<Guards>>,
+) -> Response {
     let mut out = drover_lb::prometheus(&e.balancer_stats());
+    out.push_str(&format!(
+        "# HELP drover_event_follows Event follow streams open now.\n# TYPE drover_event_follows gauge\ndrover_event_follows {}\n",
+        guards.follows()
+    ));
     out.push_str(&format!(
         "# HELP drover_permit_long_polls Permit long-polls agents hold open now.\n# TYPE drover_permit_long_polls gauge\ndrover_permit_long_polls {}\n",
         e.permit_polls()
@@ -736,4 +777,59 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<Response, ServerError> {
     Ok(Json(e.auth().revoke(&e, &id).await?).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_model::{Event, EventKind};
+    use std::time::Duration;
+
+    fn event(seq: u64, kind: EventKind) -> Event {
+        Event {
+            seq,
+            at_ms: seq,
+            kind,
+            group: Some("web/local".into()),
+            instance: None,
+            message: format!("event {seq}"),
+        }
+    }
+
+    /// A follow whose filter never matches ends its task once its client is gone, while
+    /// events that do not match keep coming (before, it ran until one matched: never).
+    #[tokio::test]
+    async fn a_follow_that_never_matches_ends_when_its_client_goes() {
+        let guards = Arc::new(Guards::default());
+        let (tx, _) = tokio::sync::broadcast::channel(64);
+        let filter = EventFilter {
+            kind: Some(EventKind::Drained),
+            ..Default::default()
+        };
+        let held = guards.hold(Kind::Follow, "t").unwrap();
+        let mut stream = Box::pin(live_events(
+            tx.subscribe(),
+            0,
+            filter,
+            drover_model::secret::Scrubber::for_fleet(None),
+            held,
+            line,
+        ));
+        // One matching event arrives; then the client reads no more and goes.
+        tx.send(event(1, EventKind::Drained)).unwrap();
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains("event 1"));
+        assert_eq!(guards.follows(), 1);
+        drop(stream);
+        for seq in 2..200 {
+            let _ = tx.send(event(seq, EventKind::Healthy));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if guards.follows() == 0 {
+                break;
+            }
+        }
+        assert_eq!(guards.follows(), 0, "the follow's task outlived its client");
+        // And its receiver is gone: nobody is subscribed any more.
+        assert_eq!(tx.receiver_count(), 0);
+    }
 }

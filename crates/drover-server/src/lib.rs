@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod canary;
 pub mod cloud;
 pub mod engine;
+pub mod guard;
 pub mod lbproc;
 pub mod registry;
 pub mod rollout;
@@ -45,6 +46,9 @@ pub enum ServerError {
     MethodNotAllowed(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The caller holds its limit of long-lived requests (429).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// No token, an unknown one or a revoked one (401).
     #[error("{0}")]
     Unauthorized(String),
@@ -268,7 +272,8 @@ impl Server {
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let ui = Arc::new(ui::Ui::new(addr.port(), scheme == "https"));
-        let app = api::router(engine.clone(), ui.clone());
+        let guards = Arc::new(guard::Guards::default());
+        let app = api::router(engine.clone(), ui.clone(), guards.clone());
         tasks.push(tokio::spawn(ui::history::run(
             engine.clone(),
             ui.clone(),
