@@ -161,6 +161,7 @@ pub async fn run(
 
     let tty = std::io::stdout().is_terminal() && !json;
     let mut last = String::new();
+    let mut link = Link::default();
     let stop = crate::shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -168,7 +169,18 @@ pub async fn run(
         let text = if json {
             serde_json::to_string(&s).unwrap_or_default()
         } else {
-            render::status(&s)
+            // On a terminal: a login link, renewed before it expires; elsewhere (a log) the
+            // dashboard's address, as a link would be stale by the time anyone reads it.
+            let dashboard = if tty {
+                link.current(&server)
+            } else {
+                format!("{}/ui/  (`drover ui` prints a login link)", server.url())
+            };
+            format!(
+                "{}\n{}",
+                pointers(&server, &s, &dashboard, &cfg.data_dir),
+                render::status(&s)
+            )
         };
         // On a terminal, redraw in place every second; otherwise print only changes.
         let shown = if tty { text.clone() } else { strip_ages(&text) };
@@ -192,10 +204,94 @@ pub async fn run(
     Ok(exit::OK)
 }
 
+/// How many of the newest events `drover up` shows.
+const UP_EVENTS: usize = 5;
+
+/// Where to look next: the dashboard, the API, each ingress, and the newest events.
+fn pointers(
+    server: &Server,
+    status: &drover_model::api::FleetStatus,
+    dashboard: &str,
+    data_dir: &Path,
+) -> String {
+    let mut out = format!("dashboard  {dashboard}\n");
+    out.push_str(&format!(
+        "API        {}  (admin token in {})\n",
+        server.url(),
+        data_dir
+            .join(drover_server::auth::ADMIN_TOKEN_FILE)
+            .display()
+    ));
+    for g in &status.groups {
+        if let Some(ing) = &g.ingress {
+            out.push_str(&format!("ingress    {:<20} curl {ing}/\n", g.group));
+        }
+    }
+    let (_, recent) = server.ui.history.recent();
+    out.push_str("latest events:\n");
+    let skip = recent.len().saturating_sub(UP_EVENTS);
+    for e in &recent[skip..] {
+        let mut line = render::event_line(e);
+        if line.chars().count() > 160 {
+            line = line.chars().take(157).collect::<String>() + "...";
+        }
+        out.push_str(&format!("  {line}\n"));
+    }
+    out
+}
+
+/// The dashboard login link `drover up` shows: one-time, renewed every [`LINK_RENEW`] so that
+/// the one on screen has at least half a minute left.
+#[derive(Default)]
+struct Link {
+    url: String,
+    made: Option<std::time::Instant>,
+}
+
+const LINK_RENEW: Duration = Duration::from_secs(30);
+
+impl Link {
+    fn current(&mut self, server: &Server) -> String {
+        if self.made.is_some_and(|t| t.elapsed() < LINK_RENEW) {
+            return self.url.clone();
+        }
+        // For the first admin token (the one `drover up` wrote).
+        let admin = server.engine.auth().list().into_iter().find(|t| {
+            t.scope == drover_model::token::TokenScope::Admin && t.revoked_at_ms.is_none()
+        });
+        let Some(admin) = admin else {
+            return format!("{}/ui/  (log in with a token)", server.url());
+        };
+        let caller = drover_server::auth::Caller {
+            id: admin.id,
+            scope: admin.scope,
+            group: None,
+        };
+        match server.ui.sessions.new_link(&caller) {
+            Ok((code, _)) => {
+                self.url = format!(
+                    "{}/ui/login?code={code}  (one-time login link, renewed every {}s; or `drover ui`)",
+                    server.url(),
+                    LINK_RENEW.as_secs()
+                );
+                self.made = Some(std::time::Instant::now());
+                self.url.clone()
+            }
+            Err(_) => format!("{}/ui/  (`drover ui` prints a login link)", server.url()),
+        }
+    }
+}
+
 /// The status text without its AGE column values, to detect real changes.
 fn strip_ages(s: &str) -> String {
     s.lines()
-        .map(|l| l.trim_end_matches(|c: char| c != '│').to_string())
+        .map(|l| {
+            if l.contains('│') {
+                l.trim_end_matches(|c: char| c != '│').to_string()
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

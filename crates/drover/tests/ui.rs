@@ -161,6 +161,23 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
+/// The text of `path` once it contains `what`.
+fn until_file(path: &Path, what: &str, timeout: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(what) {
+            return text;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "{what} not in {}: {text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn shots() -> PathBuf {
     let dir = std::env::var_os("DROVER_UI_SCREENSHOTS")
         .map(PathBuf::from)
@@ -197,9 +214,24 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
     let (api, ing) = (free_port(), free_port());
     let up = Up::start(dir.path(), &fleet_text(ing, subnet(), 3), api, ing);
     up.wait_healthy(3, Duration::from_secs(20));
-    let base = up.server();
-    let c = browser(&d).await;
     let long = Duration::from_secs(60);
+    let base = up.server();
+    // `drover up`'s screen points the way: the dashboard, the API, the ingress, the events.
+    let screen = until_file(&dir.path().join("up.out"), "rollout to generation 1", long);
+    assert!(
+        screen.contains(&format!("dashboard  {base}/ui/")),
+        "{screen}"
+    );
+    assert!(screen.contains(&format!("API        {base}")), "{screen}");
+    assert!(
+        screen.contains(&format!(
+            "ingress    web/local            curl {}/",
+            up.ingress
+        )),
+        "{screen}"
+    );
+    assert!(screen.contains("latest events:\n"), "{screen}");
+    let c = browser(&d).await;
 
     // A bad link and a used one get a clear page, not a session.
     c.goto(&format!("{base}/ui/login?code=0123")).await.unwrap();
