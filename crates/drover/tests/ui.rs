@@ -67,16 +67,28 @@ fn driver() -> Option<Driver> {
     Some(Driver(child, port))
 }
 
-/// A new browser (its own profile: no cookies).
+/// A new browser (its own profile: no cookies), in the light scheme.
 async fn browser(d: &Driver) -> Client {
+    browser_with(d, false).await
+}
+
+/// A new browser whose system prefers the dark scheme when `dark`.
+async fn browser_with(d: &Driver, dark: bool) -> Client {
+    let mut args = vec![
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--force-color-profile=srgb",
+    ];
+    if dark {
+        args.push("--force-dark-mode");
+    }
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
-        json!({
-            "binary": CHROMIUM,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,1000", "--force-color-profile=srgb"]
-        }),
+        json!({ "binary": CHROMIUM, "args": args }),
     );
     ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
@@ -298,6 +310,18 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
         long,
     )
     .await;
+    let colors = c
+        .execute(
+            "const b = getComputedStyle(document.body); return [b.backgroundColor, b.color]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        colors,
+        json!(["rgb(247, 247, 245)", "rgb(27, 31, 36)"]),
+        "light scheme"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     shot(&c, "fleet.png").await;
 
@@ -581,7 +605,8 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
     let (code, token, err) = up.cli(&["token", "create", "--scope", "read", "--name", "viewer"]);
     assert_eq!(code, 0, "{err}");
     let token = token.trim().to_string();
-    let r = browser(&d).await;
+    // In the dark scheme.
+    let r = browser_with(&d, true).await;
     r.goto(&format!("{base}/ui/")).await.unwrap();
     r.find(Locator::Id("token"))
         .await
@@ -603,6 +628,20 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
         long,
     )
     .await;
+    // Legible in both schemes: light text on a dark page here, dark on light before.
+    let colors = r
+        .execute(
+            "const b = getComputedStyle(document.body); return [b.backgroundColor, b.color]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        colors,
+        json!(["rgb(13, 17, 23)", "rgb(230, 237, 243)"]),
+        "dark scheme"
+    );
+    shot(&r, "fleet-dark.png").await;
     r.goto(&format!("{base}/ui/#/group/web/local"))
         .await
         .unwrap();

@@ -194,8 +194,11 @@ function rolloutBar(g) {
 function chart(g) {
   const pts = g.history || [];
   const a = g.autoscale;
-  const W = 300, H = 64, now = Date.now(), from = now - 3600 * 1000;
-  const x = (t) => Math.max(0, ((t - from) / (3600 * 1000)) * W);
+  // The last hour, or less while there is less to show (5 minutes at least).
+  const W = 300, H = 64, now = Date.now();
+  const span = Math.min(3600e3, Math.max(300e3, pts.length ? now - pts[0].at_ms : 0));
+  const from = now - span;
+  const x = (t) => Math.max(0, ((t - from) / span) * W);
   const maxCount = Math.max(g.max || 1, ...pts.map((p) => Math.max(p.desired, p.healthy))) || 1;
   const metricMax = a ? Math.max(a.target * 2, ...pts.map((p) => p.observed || 0)) || 1 : 1;
   const yC = (v) => H - 4 - (v / maxCount) * (H - 8);
@@ -228,7 +231,7 @@ function chart(g) {
       h("span", {}, h("i", { class: "hl" }), "healthy " + g.healthy),
       a ? [h("span", {}, h("i", { class: "o" }), a.metric + " " + (a.observed === undefined ? "–" : a.observed.toFixed(2))),
         h("span", {}, h("i", { class: "t" }), "target " + a.target)] : h("span", {}, "no autoscaling"),
-      h("span", {}, "last hour")));
+      h("span", {}, span >= 3600e3 ? "last hour" : "last " + Math.round(span / 60e3) + " min")));
 }
 
 // ---------------------------------------------------------------- fleet page
@@ -237,7 +240,9 @@ function fleetPage() {
   let data = null;
   const root = h("div", {});
   async function refresh() {
-    data = await api("/v1/ui/summary");
+    // The first one is the summary the start already fetched.
+    data = S.firstSummary || await api("/v1/ui/summary");
+    S.firstSummary = null;
     if (data.last_seq > S.lastSeq && !S.source) S.lastSeq = data.last_seq;
     render();
   }
@@ -422,7 +427,7 @@ function groupPage(service, region, params) {
         r.wave ? h("p", {}, "wave " + r.wave + (r.wave_pending ? " (waiting for the waves before it)" : "")) : null,
         data.rollout_events.length ? h("details", { open: true }, h("summary", {}, "rollout and canary events"),
           eventsTable(data.rollout_events.slice().reverse(), "rollout-events")) : null),
-      h("h2", {}, "Autoscaling"), chart(data),
+      h("h2", {}, "Capacity and autoscaling"), chart(data),
       h("h2", {}, "Instances"), pager(), instancesTable(),
       h("h2", {}, "Current plan (generation " + data.generation + ")"), planTable());
     for (const [id, v] of Object.entries(typed)) {
@@ -466,6 +471,8 @@ async function confirmAction(title, preview, run) {
   planEl.textContent = "…";
   err.hidden = true; err.textContent = "";
   ok.disabled = true;
+  // Listening before it opens: closed while the preview loads (Esc) counts as cancel.
+  const closed = new Promise((resolve) => dlg.addEventListener("close", () => resolve(dlg.returnValue), { once: true }));
   dlg.showModal();
   try {
     planEl.textContent = await preview();
@@ -476,7 +483,7 @@ async function confirmAction(title, preview, run) {
     err.textContent = "refused: " + e.message; err.hidden = false;
     return;
   }
-  const choice = await new Promise((resolve) => dlg.addEventListener("close", () => resolve(dlg.returnValue), { once: true }));
+  const choice = await closed;
   if (choice !== "ok") return;
   try {
     toast(await run());
@@ -621,13 +628,15 @@ function route() {
   else if (parts[0] === "history") page = historyPage(params);
   else page = fleetPage();
   S.page = page;
+  if (page.name !== "fleet") S.firstSummary = null;
   for (const a of document.querySelectorAll("[data-nav]")) {
     if (a.dataset.nav === (page.name === "group" ? "fleet" : page.name)) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
   document.getElementById("main").replaceChildren(page.el);
   document.title = "drover · " + page.name;
-  page.refresh().catch(showError);
+  // The mark says when the page first showed its data (bench/ui.sh reads it).
+  page.refresh().then(() => performance.mark("drover:" + page.name + ":rendered")).catch(showError);
 }
 
 async function start() {
@@ -644,6 +653,7 @@ async function start() {
     const sum = await api("/v1/ui/summary");
     S.lastSeq = sum.last_seq;
     S.events = sum.recent.slice();
+    S.firstSummary = sum;
   } catch (_) { /* the page says */ }
   window.addEventListener("hashchange", route);
   route();
