@@ -2,8 +2,9 @@
 //! `chromium-driver`, driven over WebDriver by fantoccini), with `drover up` on the example
 //! fleet: log in with the link from `drover ui`, watch three healthy instances, deploy v2 from
 //! the page and watch the rollout bar reach done while the instances change generation, scale
-//! to 5, see events arrive live, compare two revisions, and check that a read token's session
-//! can act on nothing (no buttons, and a direct POST is refused 403).
+//! to 5, see events arrive live, compare two revisions, roll back with a pause and a resume,
+//! and check that a read token's session can act on nothing (no buttons, and a direct POST is
+//! refused 403), in the dark scheme.
 //!
 //! Skips with a printed reason when chromedriver or chromium is missing, unless `DROVER_CI=1`.
 //! Screenshots go to `$DROVER_UI_SCREENSHOTS` (default: a directory under the target
@@ -582,6 +583,100 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
     .unwrap();
     shot(&c, "history-diff.png").await;
 
+    // Roll back from the page, pause the rollout, see it hold, resume it to done.
+    c.goto(&format!("{base}/ui/#/group/web/local"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "the group page with four instances",
+        "return document.querySelectorAll('#instances tbody tr').length === 4",
+        long,
+    )
+    .await;
+    click(&c, "rollback").await;
+    let plan = until(
+        &c,
+        "the rollback's plan",
+        r#"const ok = document.getElementById('confirm-ok');
+           return !ok.disabled && document.getElementById('confirm-plan').textContent;"#,
+        long,
+    )
+    .await;
+    assert!(
+        plan.as_str()
+            .unwrap()
+            .contains("rollout web/local: generation 2 -> 3"),
+        "{plan}"
+    );
+    click(&c, "confirm-ok").await;
+    until(
+        &c,
+        "the rollout under way, with its pause button",
+        "return document.getElementById('rollout-pause')",
+        long,
+    )
+    .await;
+    click(&c, "rollout-pause").await;
+    until(
+        &c,
+        "the pause's preview",
+        "return !document.getElementById('confirm-ok').disabled",
+        long,
+    )
+    .await;
+    click(&c, "confirm-ok").await;
+    until(
+        &c,
+        "the rollout shown paused, with a resume button",
+        r#"const l = document.querySelector('#rollout-section .bar-label');
+           return document.getElementById('rollout-resume') && l && l.textContent.startsWith('paused');"#,
+        long,
+    )
+    .await;
+    let gens = |c: &Client| {
+        let c = c.clone();
+        async move {
+            c.execute(
+                "return [...document.querySelectorAll('#instances tbody tr')].map(r => r.dataset.generation).sort().join(',')",
+                vec![],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let held = up.status().unwrap().groups[0].clone();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let still = up.status().unwrap().groups[0].clone();
+    assert!(still.rollout.paused, "{:?}", still.rollout);
+    assert_eq!(
+        (held.rollout.current, held.rollout.stale),
+        (still.rollout.current, still.rollout.stale),
+        "nothing moves while paused"
+    );
+    let before = gens(&c).await;
+    click(&c, "rollout-resume").await;
+    until(
+        &c,
+        "the resume's preview",
+        "return !document.getElementById('confirm-ok').disabled",
+        long,
+    )
+    .await;
+    click(&c, "confirm-ok").await;
+    until(
+        &c,
+        "the rollback done: four instances of generation 3 running v1",
+        r#"const rows = [...document.querySelectorAll('#instances tbody tr')];
+           const r = document.querySelector('#rollout-section .rollout');
+           return r && r.dataset.phase === 'done' && rows.length === 4 && rows.every(t => t.dataset.generation === '3')
+             && document.getElementById('group-versions').textContent.includes('app=v1 · generation 3');"#,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_ne!(before, gens(&c).await);
+    assert!(get(up.ingress).unwrap().contains("version v1"));
+
     // Log out: the session is gone, the API refuses it.
     c.goto(&format!("{base}/ui/#/fleet")).await.unwrap();
     until(
@@ -694,6 +789,6 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
         "{got}"
     );
     let s = up.status().unwrap();
-    assert_eq!(s.groups[0].versions, "app=v2", "nothing was deployed");
+    assert_eq!(s.groups[0].versions, "app=v1", "nothing was deployed");
     r.close().await.unwrap();
 }
