@@ -91,13 +91,20 @@ pub struct NewEvent {
     pub message: String,
 }
 
+/// Longest event message stored, in bytes.
+pub const EVENT_TEXT_MAX: usize = 4096;
+
 impl NewEvent {
+    /// An event; its message is cut to [`EVENT_TEXT_MAX`] bytes (what an agent reports can
+    /// be long: a store row stays small whatever it says).
     pub fn new(kind: EventKind, message: impl Into<String>) -> NewEvent {
+        let mut message = message.into();
+        crate::api::truncate_text(&mut message, EVENT_TEXT_MAX);
         NewEvent {
             kind,
             group: None,
             instance: None,
-            message: message.into(),
+            message,
         }
     }
     pub fn group(mut self, g: impl ToString) -> NewEvent {
@@ -121,4 +128,18 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_message_is_capped() {
+        let e = NewEvent::new(EventKind::Unhealthy, "x".repeat(1 << 20));
+        assert!(e.message.len() <= EVENT_TEXT_MAX, "{}", e.message.len());
+        assert!(e.message.ends_with('\u{2026}'));
+        let short = NewEvent::new(EventKind::Healthy, "fine");
+        assert_eq!(short.message, "fine");
+    }
 }

@@ -335,6 +335,7 @@ impl Engine {
             }
             let inst = st.instances.get_mut(&hb.instance).expect("looked up above");
             let (events, changed) = absorb_heartbeat(inst, &hb, now);
+            let events = inst.soft.budget.admit(events, now, &hb.group, &hb.instance);
             if changed && matches!(inst.soft.health, Health::Healthy { .. }) {
                 let group = inst.record.group.clone();
                 st.launch_backoff.remove(&group);
@@ -1464,6 +1465,7 @@ fn fresh_soft(now: u64) -> Soft {
         restored: false,
         drained: false,
         window: None,
+        budget: Default::default(),
     }
 }
 
@@ -1801,6 +1803,59 @@ command = "/bin/true"
         hb.components[0].version = "v".repeat(limits::VERSION + 1);
         let err = crate::api::admit_heartbeat(&e, &mut hb).unwrap_err();
         assert!(matches!(err, ServerError::BadRequest(_)), "{err}");
+    }
+
+    /// An agent that flaps (healthy, unhealthy, restarts up and down) on every heartbeat
+    /// causes at most the per-minute budget of events; the rest is counted and said once.
+    #[tokio::test]
+    async fn a_flapping_instance_cannot_flood_the_store_with_events() {
+        use crate::state::EVENTS_PER_INSTANCE_PER_MINUTE;
+        let dir = tempfile::tempdir().unwrap();
+        let (e, slow) = engine(dir.path(), Duration::ZERO);
+        for seq in 1..=400u64 {
+            let state = if seq % 2 == 0 {
+                ComponentState::Healthy
+            } else {
+                ComponentState::Unhealthy
+            };
+            let mut hb = beat(seq, state);
+            hb.components[0].restarts = (seq % 2) as u32;
+            hb.components[0].message = Some("m".repeat(100_000));
+            e.heartbeat(hb).unwrap();
+        }
+        e.flush().await;
+        let mine = |ev: &drover_model::Event| ev.instance.as_deref() == Some("i-000001");
+        let stored: Vec<_> = slow
+            .inner
+            .events(&EventFilter::default())
+            .unwrap()
+            .into_iter()
+            .filter(mine)
+            .collect();
+        assert_eq!(
+            stored.len() as u32,
+            EVENTS_PER_INSTANCE_PER_MINUTE,
+            "{}",
+            stored.len()
+        );
+        assert!(stored
+            .iter()
+            .all(|ev| ev.message.len() <= drover_model::event::EVENT_TEXT_MAX));
+        // A minute later, the next event says how many were left out.
+        let mut st = e.state();
+        let budget = &mut st.instances.get_mut("i-000001").unwrap().soft.budget;
+        let later = budget.admit(
+            vec![NewEvent::new(EventKind::Healthy, "x")],
+            now_ms() + 61_000,
+            "web/local",
+            "i-000001",
+        );
+        assert_eq!(later.len(), 2);
+        assert!(
+            later[0].message.contains("were not recorded"),
+            "{}",
+            later[0].message
+        );
     }
 
     #[tokio::test]

@@ -102,7 +102,18 @@ pub struct ServerConfig {
     /// Start (or adopt) a balancer process (`drover lb`) for the ingresses of `local`
     /// regions; off when balancers are run apart (`drover server --no-lb`).
     pub spawn_lb: bool,
+    /// Event retention: the newest this many events are kept ([`EVENTS_KEEP`])...
+    pub events_keep: u64,
+    /// ... and none older than this ([`EVENTS_MAX_AGE`]).
+    pub events_max_age: Duration,
 }
+
+/// Events kept by default: the newest 100,000 (tens of MB in the store at most).
+pub const EVENTS_KEEP: u64 = 100_000;
+/// Events older than this are deleted by default: 30 days.
+pub const EVENTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often event retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// `silent_after` is at least this many heartbeat intervals: one late or lost heartbeat (or
 /// two) never replaces an instance.
@@ -134,6 +145,34 @@ impl ServerConfig {
             advertise_url: None,
             cloud_poll: Duration::from_secs(5),
             spawn_lb: true,
+            events_keep: EVENTS_KEEP,
+            events_max_age: EVENTS_MAX_AGE,
+        }
+    }
+}
+
+/// Event retention, every [`PRUNE_EVERY`] until `stop`: events beyond the newest `keep`, and
+/// those older than `max_age`, are deleted (revisions and everything else stay); each pass
+/// that deletes any says so in one event.
+async fn prune_events(engine: Arc<Engine>, keep: u64, max_age: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+        let store = engine.store.clone();
+        let before = engine::now_ms().saturating_sub(max_age.as_millis() as u64);
+        match tokio::task::spawn_blocking(move || store.prune_events(keep, before)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => engine.record(vec![drover_model::NewEvent::new(
+                drover_model::EventKind::Server,
+                format!(
+                    "event retention: deleted {n} events (keeping the newest {keep}, none older than {})",
+                    drover_model::Dur(max_age)
+                ),
+            )]),
+            Ok(Err(e)) => tracing::warn!("event retention: {e}"),
+            Err(e) => tracing::warn!("event retention: {e}"),
         }
     }
 }
@@ -319,6 +358,12 @@ impl Server {
             }
             tokio::spawn(lbproc::supervise(engine.clone(), spawn, stop.clone()))
         });
+        tasks.push(tokio::spawn(prune_events(
+            engine.clone(),
+            cfg.events_keep,
+            cfg.events_max_age,
+            stop.clone(),
+        )));
         tasks.push(tokio::spawn(engine.clone().run(
             cfg.tick,
             exits_rx,

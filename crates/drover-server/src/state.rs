@@ -39,6 +39,68 @@ pub struct Soft {
     pub drained: bool,
     /// What it did since its group's canary bake began (none outside a bake).
     pub window: Option<Window>,
+    /// How many events its heartbeats may still cause this minute.
+    pub budget: EventBudget,
+}
+
+/// Most events one instance's heartbeats may cause per minute. A real instance changes state
+/// a few times a minute at worst (a crash loop: respawned, unhealthy, healthy); more is a
+/// broken or hostile agent, whose events would grow the store without bound.
+pub const EVENTS_PER_INSTANCE_PER_MINUTE: u32 = 30;
+
+/// A per-instance event budget: [`EVENTS_PER_INSTANCE_PER_MINUTE`] per minute; what is over is
+/// dropped and counted, and said in one event when the next minute begins.
+#[derive(Clone, Debug, Default)]
+pub struct EventBudget {
+    minute_start_ms: u64,
+    used: u32,
+    dropped: u32,
+}
+
+impl EventBudget {
+    /// The events of one heartbeat that fit in the budget (in order), and, first, one that
+    /// says how many were dropped in the last minute, if any.
+    pub fn admit(
+        &mut self,
+        events: Vec<drover_model::NewEvent>,
+        now_ms: u64,
+        group: &str,
+        instance: &str,
+    ) -> Vec<drover_model::NewEvent> {
+        if events.is_empty() {
+            return events;
+        }
+        let mut out = Vec::new();
+        if now_ms >= self.minute_start_ms + 60_000 {
+            if self.dropped > 0 {
+                out.push(
+                    drover_model::NewEvent::new(
+                        drover_model::EventKind::Server,
+                        format!(
+                            "{} events of this instance were not recorded: over {} a minute",
+                            self.dropped, EVENTS_PER_INSTANCE_PER_MINUTE
+                        ),
+                    )
+                    .group(group)
+                    .instance(instance),
+                );
+            }
+            *self = EventBudget {
+                minute_start_ms: now_ms,
+                used: out.len() as u32,
+                dropped: 0,
+            };
+        }
+        for e in events {
+            if self.used < EVENTS_PER_INSTANCE_PER_MINUTE {
+                self.used += 1;
+                out.push(e);
+            } else {
+                self.dropped += 1;
+            }
+        }
+        out
+    }
 }
 
 /// One instance's canary-analysis window, accumulated from its heartbeats.

@@ -10,8 +10,9 @@
 //! that order once it is durable.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use drover_model::Event;
 use drover_store::{Committed, Store, StoreError, Write};
@@ -19,6 +20,11 @@ use tokio::sync::oneshot;
 
 /// Most commits in one group: a bound on one transaction's size, not a pacing.
 const MAX_GROUP: usize = 4096;
+
+/// Most commits waiting for the writer. A durable commit waits for room (back-pressure on
+/// the API); a soft-state event that finds the queue full is dropped and counted
+/// ([`WriterStats::dropped`]): a slow disk never grows the server's memory without bound.
+pub const QUEUE: usize = 16_384;
 
 struct Job {
     writes: Vec<Write>,
@@ -34,6 +40,8 @@ pub struct WriterStats {
     pub groups: AtomicU64,
     /// Commits in them.
     pub commits: AtomicU64,
+    /// Soft-state events dropped because the queue was full.
+    pub dropped: AtomicU64,
 }
 
 /// Handle to the writer thread; the thread ends when the last handle is dropped, after
@@ -49,7 +57,16 @@ impl Writer {
         store: Arc<dyn Store>,
         publish: impl Fn(&Event) + Send + 'static,
     ) -> std::io::Result<Writer> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        Writer::start_with(store, publish, QUEUE)
+    }
+
+    /// [`Writer::start`] with a queue of `queue` commits.
+    pub fn start_with(
+        store: Arc<dyn Store>,
+        publish: impl Fn(&Event) + Send + 'static,
+        queue: usize,
+    ) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel::<Job>(queue);
         let stats = Arc::new(WriterStats::default());
         let s = stats.clone();
         std::thread::Builder::new()
@@ -67,6 +84,7 @@ impl Writer {
                 now_ms,
                 done: Some(done),
             })
+            .await
             .map_err(|_| StoreError::Group("the store writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Group("the store writer has stopped".into()))?
@@ -82,8 +100,22 @@ impl Writer {
             now_ms,
             done: None,
         };
-        if self.tx.send(job).is_err() {
-            tracing::error!("cannot record events: the store writer has stopped");
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let k = job.writes.len() as u64;
+                let n = self.stats.dropped.fetch_add(k, Ordering::Relaxed);
+                // Said once per 1,000 dropped, not once each.
+                if n == 0 || n / 1000 != (n + k) / 1000 {
+                    tracing::error!(
+                        dropped = n + k,
+                        "the store cannot keep up: soft-state events dropped ({QUEUE} commits queued)"
+                    );
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("cannot record events: the store writer has stopped");
+            }
         }
     }
 
@@ -97,9 +129,14 @@ impl Writer {
     }
 }
 
-fn run(store: &dyn Store, rx: mpsc::Receiver<Job>, publish: &dyn Fn(&Event), stats: &WriterStats) {
+fn run(
+    store: &dyn Store,
+    mut rx: mpsc::Receiver<Job>,
+    publish: &dyn Fn(&Event),
+    stats: &WriterStats,
+) {
     // Whatever queued while the last group was being written makes the next group.
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -221,6 +258,35 @@ pub(crate) mod tests {
         // Durable: a fresh connection to the file sees every one.
         let again = SqliteStore::open(&path).unwrap();
         assert_eq!(again.events(&EventFilter::default()).unwrap().len(), 50);
+    }
+
+    /// A slow disk and a flood of soft-state events: the queue holds at most its bound, the
+    /// rest is dropped and counted (before, every one queued in memory, without bound).
+    #[tokio::test]
+    async fn a_full_queue_drops_soft_events_instead_of_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Slow {
+            inner: SqliteStore::open(&dir.path().join("drover.db")).unwrap(),
+            delay: Duration::from_millis(200),
+            groups: Mutex::new(Vec::new()),
+        });
+        let w = Writer::start_with(store.clone(), |_| {}, 8).unwrap();
+        for i in 0..1000 {
+            w.submit(event(&format!("flood {i}")), i);
+        }
+        let dropped = w.stats().dropped.load(Ordering::Relaxed);
+        // A durable commit still gets through (it waits for room).
+        w.commit(event("durable"), 2000).await.unwrap();
+        w.flush().await;
+        let stored = store.inner.events(&EventFilter::default()).unwrap();
+        eprintln!(
+            "1000 submitted to a queue of 8: {dropped} dropped, {} stored",
+            stored.len()
+        );
+        // The writer takes what is queued while the loop runs; the rest never fits in 8.
+        assert!(dropped >= 900, "{dropped}");
+        assert_eq!(stored.len() as u64, 1000 - dropped + 1);
+        assert_eq!(stored.last().unwrap().message, "durable");
     }
 
     #[tokio::test]

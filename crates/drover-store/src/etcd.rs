@@ -1252,6 +1252,41 @@ impl Inner {
         Ok(out)
     }
 
+    async fn prune_events(&self, keep_last: u64, before_ms: u64) -> Result<u64, StoreError> {
+        let prefix = self.keys.dir("events");
+        // (seq, at_ms) of every stored event, oldest first.
+        let mut seen: Vec<(u64, u64)> = Vec::new();
+        self.range(prefix.clone(), prefix_end(&prefix), 0, |k, v| {
+            let e: Event = from_json(&String::from_utf8_lossy(k), v)?;
+            seen.push((e.seq, e.at_ms));
+            Ok(true)
+        })
+        .await?;
+        let Some(&(newest, _)) = seen.last() else {
+            return Ok(0);
+        };
+        let by_count = newest.saturating_sub(keep_last);
+        let by_age = seen
+            .iter()
+            .filter(|(_, at)| *at < before_ms)
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(0);
+        let cutoff = by_count.max(by_age).min(newest - 1);
+        let n = seen.iter().filter(|(seq, _)| *seq <= cutoff).count() as u64;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut kv = self.kv.clone();
+        let end = self.keys.event(cutoff + 1);
+        self.req(kv.delete(
+            prefix,
+            Some(etcd_client::DeleteOptions::new().with_range(end)),
+        ))
+        .await?;
+        Ok(n)
+    }
+
     async fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {
         let mut plans: Vec<Plan> = self.all("plans", 0).await?;
         plans.sort_by_key(|p| (p.group().0, p.generation));
@@ -1337,5 +1372,10 @@ impl Store for EtcdStore {
 
     fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {
         self.read(|i| async move { i.all_plans().await })
+    }
+
+    fn prune_events(&self, keep_last: u64, before_ms: u64) -> Result<u64, StoreError> {
+        let i = self.inner.clone();
+        self.run(async move { i.prune_events(keep_last, before_ms).await })
     }
 }

@@ -60,6 +60,13 @@ pub trait Store: Send + Sync {
     fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
     /// Every API token (revoked ones too), by id.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Event retention: delete the events that are not among the newest `keep_last`, and
+    /// those stamped before `before_ms`; the newest event is always kept (numbering goes on
+    /// from it). Revisions, plans and everything else are kept. Returns how many went.
+    fn prune_events(&self, keep_last: u64, before_ms: u64) -> Result<u64, StoreError> {
+        let _ = (keep_last, before_ms);
+        Err(StoreError::Config("this store cannot prune events".into()))
+    }
     /// Every plan of every group and generation (current or not, of groups removed too),
     /// ordered by (group, generation): what [`copy`] moves.
     fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {

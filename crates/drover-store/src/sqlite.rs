@@ -590,6 +590,28 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn prune_events(&self, keep_last: u64, before_ms: u64) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let newest: Option<u64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+        let Some(newest) = newest else {
+            return Ok(0);
+        };
+        let by_count = newest.saturating_sub(keep_last);
+        let by_age: Option<u64> = tx.query_row(
+            "SELECT MAX(seq) FROM events WHERE at_ms < ?1",
+            params![clamp_i64(before_ms)],
+            |r| r.get(0),
+        )?;
+        let cutoff = by_count.max(by_age.unwrap_or(0)).min(newest - 1);
+        let n = tx.execute(
+            "DELETE FROM events WHERE seq <= ?1",
+            params![clamp_i64(cutoff)],
+        )?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+
     fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT plan FROM plans ORDER BY grp, generation")?;

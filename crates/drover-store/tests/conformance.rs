@@ -856,6 +856,37 @@ fn crash_and_check(f: &dyn Fixture, mode: &str, in_flight: u64) {
     assert_eq!(c.revision, Some(n + 1));
 }
 
+/// Retention: events beyond the newest N, and those older than the cut-off, go; revisions
+/// stay; numbering goes on after the newest, which is always kept.
+pub fn prune_events_keeps_the_newest_and_every_revision(f: &dyn Fixture) {
+    let store = f.store();
+    store.commit(vec![revision_write("first")], 1).unwrap();
+    for t in 0..20u64 {
+        let ev = NewEvent::new(EventKind::Healthy, format!("e{t}"));
+        store.commit(vec![Write::Event(ev)], 1000 + t).unwrap();
+    }
+    // By count: the newest 5 stay.
+    assert_eq!(store.prune_events(5, 0).unwrap(), 15);
+    let left = store.events(&EventFilter::default()).unwrap();
+    let msgs: Vec<&str> = left.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(msgs, ["e15", "e16", "e17", "e18", "e19"]);
+    // By age: those stamped before 1018 go, even within the count.
+    assert_eq!(store.prune_events(100, 1018).unwrap(), 3);
+    let left = store.events(&EventFilter::default()).unwrap();
+    assert_eq!(left.len(), 2);
+    // Never the newest, so numbering carries on.
+    assert_eq!(store.prune_events(0, u64::MAX).unwrap(), 1);
+    let c = store
+        .commit(
+            vec![Write::Event(NewEvent::new(EventKind::Healthy, "next"))],
+            2000,
+        )
+        .unwrap();
+    assert_eq!(c.events[0].seq, 21);
+    assert_eq!(store.revisions().unwrap().len(), 1);
+    assert_eq!(store.prune_events(0, 0).unwrap(), 1);
+}
+
 /// Every case, by name.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -886,6 +917,7 @@ suite!(
     copy_moves_everything_and_compares_equal,
     acknowledged_commits_survive_sigkill,
     acknowledged_group_commits_survive_sigkill,
+    prune_events_keeps_the_newest_and_every_revision,
 );
 
 struct SqliteFixture {

@@ -317,6 +317,19 @@ pub struct TimingArgs {
     /// [default: 5s, or 3 heartbeat intervals if that is more].
     #[arg(long)]
     pub silent_after: Option<Dur>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// How long events are kept (revisions, plans and the rest are kept for good).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Keep at most this many events, the newest (older ones are deleted every minute).
+    #[arg(long, default_value_t = drover_server::EVENTS_KEEP)]
+    pub events_keep: u64,
+    /// Delete events older than this (720h: 30 days), e.g. 168h, 90m.
+    #[arg(long, default_value = "720h")]
+    pub events_max_age: Dur,
 }
 
 #[derive(clap::Args, Debug, Clone)]

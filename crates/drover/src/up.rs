@@ -27,6 +27,8 @@ fn config(
         .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
     let mut cfg = ServerConfig::new(data_dir, listen, bin);
     cfg.heartbeat_interval = timing.heartbeat_interval.0;
+    cfg.events_keep = timing.retention.events_keep;
+    cfg.events_max_age = timing.retention.events_max_age.0;
     // Unless given: the default, or 3 intervals if that is more (a given value below that is
     // raised by the server, with a warning).
     cfg.silent_after = match timing.silent_after {
