@@ -145,6 +145,9 @@ function connect() {
   };
   src.onerror = async () => {
     setLive(false, "reconnecting");
+    // Refused outright (e.g. 429: the token's follow streams are all in use), the browser
+    // gives up: try again later; the page still refreshes every 5 s meanwhile.
+    if (src.readyState === EventSource.CLOSED) setTimeout(() => { if (S.source === src) connect(); }, 5000);
     // A lost session is not worth retrying: say so (api() shows the page).
     try { await api("/v1/ui/session"); } catch (_) { /* shown */ }
   };
@@ -265,11 +268,11 @@ function fleetPage() {
     const regions = [...new Set(data.groups.map((g) => g.region))].sort();
     const by = new Map(data.groups.map((g) => [g.service + "/" + g.region, g]));
     const grid = h("div", { class: "grid", style: { "--cols": String(Math.max(1, regions.length)) },
-      role: "table", "aria-label": "services by region" },
-      h("div", { class: "head", role: "columnheader" }, "service \\ region"),
-      regions.map((r) => h("div", { class: "head", role: "columnheader" }, r)),
+      "aria-label": "services by region" },
+      h("div", { class: "head" }, "service \\ region"),
+      regions.map((r) => h("div", { class: "head" }, r)),
       services.map((svc) => [
-        h("div", { class: "head", role: "rowheader" }, svc),
+        h("div", { class: "head" }, svc),
         regions.map((r) => by.has(svc + "/" + r) ? cell(by.get(svc + "/" + r))
           : h("div", { class: "cell empty" }, "–")),
       ]));
