@@ -32,6 +32,7 @@ fn component(name: &str, port: u16) -> PlanComponent {
         stop_signal: "SIGTERM".into(),
         drain_signal: None,
         docker: None,
+        uses: Vec::new(),
         custom_metrics: Default::default(),
     }
 }

@@ -20,6 +20,8 @@ pub(crate) struct Instance {
     pub dir: PathBuf,
     pub drover_bin: PathBuf,
     pub generation: u64,
+    /// Per component that uses other services: `DROVER_PEERS` and `DROVER_DNS`.
+    pub peers_env: std::collections::BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl Instance {
@@ -60,6 +62,7 @@ impl Instance {
             ("DROVER_VERSION".to_string(), comp.version.clone()),
             ("DROVER_GENERATION".to_string(), self.generation.to_string()),
         ];
+        env.extend(self.peers_env.get(&comp.name).cloned().unwrap_or_default());
         for name in comp.ports.keys() {
             let port = inside_port(comp, name).unwrap_or_default();
             env.push((port_var(name), port.to_string()));
@@ -216,6 +219,7 @@ mod tests {
             stop_signal: "SIGTERM".into(),
             drain_signal: None,
             docker: None,
+            uses: Vec::new(),
             custom_metrics: Default::default(),
         }
     }
@@ -228,6 +232,7 @@ mod tests {
             dir: "/srv/i-000003".into(),
             drover_bin: "/usr/bin/drover".into(),
             generation: 7,
+            peers_env: Default::default(),
         }
     }
 

@@ -20,6 +20,8 @@ mod health;
 mod leave;
 mod metrics;
 mod neigh;
+mod peers;
+pub use peers::lookup;
 mod process;
 mod report;
 mod runtime;
@@ -357,6 +359,21 @@ pub async fn run_with_auth(
         })
         .collect();
     let components_len = cfg.plan.components.len();
+    // Service discovery: files and the DNS socket ready before any component starts.
+    let discovery = cfg
+        .server
+        .as_ref()
+        .and_then(|_| peers::Discovery::prepare(&cfg.plan, &dir, cfg.addr));
+    let peers_env = cfg
+        .plan
+        .components
+        .iter()
+        .map(|c| {
+            let env = discovery.as_ref().map(|d| d.env(&c.name)).unwrap_or_default();
+            (c.name.clone(), env)
+        })
+        .filter(|(_, env)| !env.is_empty())
+        .collect();
     let ctx = Arc::new(Ctx {
         instance: Instance {
             instance: cfg.instance.clone(),
@@ -365,6 +382,7 @@ pub async fn run_with_auth(
             dir,
             drover_bin: cfg.drover_bin.clone(),
             generation: cfg.plan.generation,
+            peers_env,
         },
         plan: cfg.plan,
         client: client.clone(),
@@ -506,14 +524,23 @@ pub async fn run_with_auth(
             *ctx.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
             permit
         };
+        let discover = async {
+            match (discovery, cfg.server.as_deref()) {
+                (Some(d), Some(server)) => {
+                    d.run(server_client.clone(), server, &cfg.instance).await
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = shutdown => Outcome::Shutdown,
             permit = leaving => Outcome::Left {
                 reason: permit.reason,
                 decrement: permit.decrement,
             },
-            // Never completes: the reporter (or, without a server, its stand-in) runs until dropped.
-            _ = async { tokio::join!(boot, report) } => Outcome::Shutdown,
+            // Never completes: the reporter (or, without a server, its stand-in) and discovery
+            // run until dropped.
+            _ = async { tokio::join!(boot, report, discover) } => Outcome::Shutdown,
         }
     };
 

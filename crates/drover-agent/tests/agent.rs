@@ -38,6 +38,7 @@ fn sh(name: &str, script: &str) -> PlanComponent {
         stop_signal: "SIGTERM".into(),
         drain_signal: None,
         docker: None,
+        uses: Vec::new(),
         custom_metrics: Default::default(),
     }
 }

@@ -44,6 +44,7 @@ fn polite(name: &str) -> PlanComponent {
         stop_signal: "SIGTERM".into(),
         drain_signal: None,
         docker: None,
+        uses: Vec::new(),
         custom_metrics: Default::default(),
     }
 }

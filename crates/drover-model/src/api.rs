@@ -337,6 +337,26 @@ impl HeartbeatReply {
     }
 }
 
+/// One instance of a used service, as its peers see it (`GET /v1/agent/peers`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerAddr {
+    pub instance: String,
+    /// Its IP address.
+    pub addr: String,
+    /// Its named ports (every component's), e.g. `{"http": 8080}`.
+    pub ports: std::collections::BTreeMap<String, u16>,
+}
+
+/// `GET /v1/agent/peers`: the instances (healthy, in rotation, not leaving) of each service
+/// the instance's components use, in its region. `version` grows with every change anywhere;
+/// the agent sends back the last one it applied, which is how the server knows a leaving
+/// instance is out of its peer sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeersReply {
+    pub version: u64,
+    pub services: std::collections::BTreeMap<String, Vec<PeerAddr>>,
+}
+
 /// What the server thinks of an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -98,6 +98,11 @@ pub struct Service {
     /// `aws` regions: the EC2 instance type of the service's instances (default `t3.micro`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_type: Option<String>,
+    /// Services its components talk to: each gets their instances in its region (healthy, in
+    /// rotation, not leaving) in `$DROVER_PEERS` and from the agent's DNS responder
+    /// (`NAME.drover.`). See docs/operate.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
     pub components: IndexMap<String, Component>,
 }
 
@@ -432,6 +437,9 @@ pub struct Component {
     /// process would), or the name of a network the engine has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Services this component talks to, beside its service's `uses`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
 }
 
 /// A container's log driver and options, as `docker run --log-driver/--log-opt` take them.

@@ -51,6 +51,10 @@ pub struct PlanComponent {
     /// `docker` components: the image and the container's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerSpec>,
+    /// Services it talks to (its service's `uses` and its own, sorted): its agent gives it
+    /// their peers in `$DROVER_PEERS` and over DNS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uses: Vec<String>,
 }
 
 /// How a `docker` component's container is made.
@@ -166,6 +170,12 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
                 stop_grace: c.stop_grace,
                 stop_signal: c.stop_signal.clone(),
                 drain_signal: c.drain_signal.clone(),
+                uses: {
+                    let mut u: Vec<String> = svc.uses.iter().chain(&c.uses).cloned().collect();
+                    u.sort();
+                    u.dedup();
+                    u
+                },
                 docker: (c.runtime == Runtime::Docker).then(|| DockerSpec {
                     image: crate::image::with_version(
                         c.image.as_deref().unwrap_or_default(),

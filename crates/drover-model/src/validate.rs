@@ -291,8 +291,92 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
     let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
     for (sname, svc) in &fleet.services {
         check_service(fleet, sname, svc, &mut listens, &mut out);
+        check_uses(fleet, sname, svc, &mut out);
     }
     out
+}
+
+/// `uses` (service and component): services of the fleet that run in every region of the
+/// user, named once; components that get peers run as processes.
+fn check_uses(fleet: &Fleet, s: &str, svc: &Service, out: &mut Vec<Problem>) {
+    let mut lists: Vec<(Vec<String>, &Vec<String>, Option<&str>)> =
+        vec![(vec!["services".into(), s.into(), "uses".into()], &svc.uses, None)];
+    for (cname, comp) in &svc.components {
+        lists.push((
+            vec![
+                "services".into(),
+                s.into(),
+                "components".into(),
+                cname.clone(),
+                "uses".into(),
+            ],
+            &comp.uses,
+            Some(cname.as_str()),
+        ));
+    }
+    for (path, uses, component) in lists {
+        let mut seen = BTreeSet::new();
+        for (i, name) in uses.iter().enumerate() {
+            let mut at = path.clone();
+            at.push(i.to_string());
+            if !seen.insert(name) {
+                out.push(p_owned(&at, format!("{name:?} is named twice")));
+                continue;
+            }
+            let Some(used) = fleet.services.get(name) else {
+                out.push(p_owned(
+                    &at,
+                    format!(
+                        "unknown service {name:?}; the fleet's services: {}",
+                        names(fleet.services.keys())
+                    ),
+                ));
+                continue;
+            };
+            if name == s {
+                out.push(p_owned(
+                    &at,
+                    format!("{s} uses itself; name the services it talks to"),
+                ));
+                continue;
+            }
+            let missing: Vec<&String> = svc
+                .regions
+                .iter()
+                .filter(|r| !used.regions.contains(r))
+                .collect();
+            if !missing.is_empty() {
+                out.push(p_owned(
+                    &at,
+                    format!(
+                        "{s} runs in {}, where {name} does not run (peers are found in the user's region; {name} runs in: {})",
+                        names(missing.into_iter()),
+                        names(used.regions.iter())
+                    ),
+                ));
+            }
+        }
+        if uses.is_empty() {
+            continue;
+        }
+        let docker: Vec<&String> = svc
+            .components
+            .iter()
+            .filter(|(c, comp)| {
+                comp.runtime == Runtime::Docker && component.is_none_or(|only| only == c.as_str())
+            })
+            .map(|(c, _)| c)
+            .collect();
+        if !docker.is_empty() {
+            out.push(p_owned(
+                &path,
+                format!(
+                    "uses is not available to docker components yet ({}); give it to the process components that talk to these services",
+                    names(docker.into_iter())
+                ),
+            ));
+        }
+    }
 }
 
 /// The fields of an `aws` region (and that no other region uses them).

@@ -51,6 +51,7 @@ pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>, guards: Arc<Guards>) 
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
+        .route("/v1/agent/peers", get(peers))
         .route("/v1/lb/config", get(lb_config))
         .route("/v1/lb/report", post(lb_report))
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
@@ -272,6 +273,33 @@ async fn permit(
     check_instance(&e, &caller, &q.instance)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_permit(&q.instance, wait).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeersQuery {
+    instance: String,
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `GET /v1/agent/peers`: service discovery's long-poll; `version` is what the agent applied.
+async fn peers(
+    State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<PeersQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!(
+            "{}; parameters: instance, version, wait_ms",
+            r.body_text()
+        ))
+    })?;
+    check_instance(&e, &caller, &q.instance)?;
+    let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
+    Ok(Json(e.wait_peers(&q.instance, q.version, wait).await?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -34,6 +34,8 @@ pub struct Engine {
     pub(crate) factory: crate::ProviderFactory,
     /// The ingresses and targets that balancer processes follow, and their reports.
     pub(crate) balancers: crate::balancer::Balancers,
+    /// Service discovery: each group's peers, and which agents applied them.
+    pub(crate) peers: crate::peers::Peers,
     /// When the API began to answer (ms since the epoch; 0 before).
     ready_ms: std::sync::atomic::AtomicU64,
     pub(crate) events_tx: broadcast::Sender<drover_model::Event>,
@@ -141,6 +143,7 @@ impl Engine {
             providers: Mutex::new(providers),
             factory,
             balancers: crate::balancer::Balancers::new(),
+            peers: crate::peers::Peers::new(),
             ready_ms: Default::default(),
             events_tx,
             wake: Notify::new(),
@@ -856,6 +859,7 @@ impl Engine {
     /// Take one instance out of its group's balancer at once.
     fn remove_target(&self, group: &str, instance: &str) {
         self.balancers.remove_target(group, instance);
+        self.peers.remove(group, instance);
     }
 
     fn update_targets(&self, targets: BTreeMap<String, Vec<String>>) {
@@ -863,6 +867,26 @@ impl Engine {
         {
             let mut st = self.state();
             for (group, ids) in targets {
+                // Service discovery: the same instances, with every named port of the plan.
+                if let Some(g) = st.groups.get(&group) {
+                    let ports: BTreeMap<String, u16> = g
+                        .plan
+                        .components
+                        .iter()
+                        .flat_map(|c| c.ports.iter().map(|(n, p)| (n.clone(), *p)))
+                        .collect();
+                    let peers = ids
+                        .iter()
+                        .filter_map(|id| {
+                            Some(drover_model::api::PeerAddr {
+                                instance: id.clone(),
+                                addr: st.instances.get(id)?.record.addr.clone(),
+                                ports: ports.clone(),
+                            })
+                        })
+                        .collect();
+                    self.peers.set(&group, peers);
+                }
                 let port = st
                     .groups
                     .get(&group)
@@ -938,6 +962,7 @@ impl Engine {
                 let mut st = self.state();
                 let removed = st.instances.remove(&instance);
                 self.balancers.forget_instance(&instance);
+                self.peers.forget(&instance);
                 if let Some(i) = &removed {
                     // A long-poll still held for it ends (404) rather than at its deadline.
                     i.permit_wake.notify_waiters();
@@ -1190,9 +1215,79 @@ impl Engine {
         {
             return Ok(n);
         }
-        self.balancers
+        let open = self
+            .balancers
             .open_connections(&group, instance)
-            .map_err(|e| ServerError::Unavailable(e.0))
+            .map_err(|e| ServerError::Unavailable(e.0))?;
+        // Not before every agent whose components use this service dropped it.
+        let consumers = self.peer_consumers(&group);
+        self.peers
+            .dropped_by(instance, &consumers)
+            .map_err(ServerError::Unavailable)?;
+        Ok(open)
+    }
+
+    /// The instances whose components use `group`'s service, in its region.
+    fn peer_consumers(&self, group: &str) -> Vec<String> {
+        let gid = drover_model::GroupId(group.to_string());
+        let (service, region) = (gid.service(), gid.region());
+        let st = self.state();
+        let users: Vec<&String> = st
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.plan.region == region
+                    && g.plan.components.iter().any(|c| c.uses.iter().any(|u| u == service))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        st.instances
+            .values()
+            .filter(|i| i.alive && users.contains(&&i.record.group))
+            .map(|i| i.record.id.clone())
+            .collect()
+    }
+
+    /// `GET /v1/agent/peers`: the peers of the services `instance`'s components use, once
+    /// the version is past `version` (or after `wait`); `version` is what its agent applied.
+    pub async fn wait_peers(
+        &self,
+        instance: &str,
+        version: u64,
+        wait: Duration,
+    ) -> Result<drover_model::api::PeersReply, ServerError> {
+        let services = self.used_services(instance)?;
+        self.peers.ack(instance, version);
+        self.peers.wait(version, wait).await;
+        Ok(self.peers.reply(&services))
+    }
+
+    /// (service, group in the instance's region) of every service its plan uses.
+    fn used_services(&self, instance: &str) -> Result<Vec<(String, String)>, ServerError> {
+        let st = self.state();
+        let i = st
+            .instances
+            .get(instance)
+            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+        let region = drover_model::GroupId(i.record.group.clone()).region().to_string();
+        let plan = st.groups.get(&i.record.group).map(|g| &g.plan);
+        let mut used: Vec<String> = plan
+            .map(|p| {
+                p.components
+                    .iter()
+                    .flat_map(|c| c.uses.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        used.sort();
+        used.dedup();
+        Ok(used
+            .into_iter()
+            .map(|s| {
+                let g = drover_model::GroupId::new(&s, &region).0;
+                (s, g)
+            })
+            .collect())
     }
 
     fn drain_timeout(&self, group: &str) -> Duration {

@@ -11,6 +11,7 @@ pub mod cloud;
 pub mod engine;
 pub mod guard;
 pub mod lbproc;
+pub mod peers;
 pub mod registry;
 pub mod rollout;
 pub mod state;

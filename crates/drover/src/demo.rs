@@ -61,6 +61,12 @@ pub struct DemoArgs {
     /// One of SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT, SIGTERM (SIGINT and SIGTERM also stop it).
     #[arg(long, default_value = "SIGUSR1", value_parser = parse_drain_signal)]
     pub drain_signal: i32,
+    /// Answer `/` by calling this URL and passing its answer on (a front in front of a core),
+    /// e.g. `http://core.drover:8080/`: a host under `.drover` is resolved for every request
+    /// through the agent's DNS responder (`$DROVER_DNS`, service discovery), one of its
+    /// addresses in turn.
+    #[arg(long)]
+    pub upstream: Option<reqwest::Url>,
 }
 
 fn parse_error_rate(s: &str) -> Result<(String, f64), String> {
@@ -102,6 +108,8 @@ struct Demo {
     /// 500 answers this second, and the last full second's share (per mille).
     errors: AtomicU64,
     last_error_permille: AtomicU64,
+    /// `--upstream`, with the client that calls it and the DNS responder that resolves it.
+    upstream: Option<(reqwest::Url, reqwest::Client, Option<SocketAddr>)>,
 }
 
 pub fn run(args: DemoArgs) -> u8 {
@@ -155,6 +163,14 @@ async fn serve(args: DemoArgs) -> u8 {
         },
         errors: AtomicU64::new(0),
         last_error_permille: AtomicU64::new(0),
+        upstream: args.upstream.clone().map(|u| {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()
+                .unwrap_or_default();
+            let dns = std::env::var("DROVER_DNS").ok().and_then(|d| d.parse().ok());
+            (u, client, dns)
+        }),
     });
     if let Some(n) = demo.error_every {
         eprintln!(
@@ -309,6 +325,18 @@ async fn utilization(State(d): State<Arc<Demo>>) -> String {
 
 async fn root(State(d): State<Arc<Demo>>) -> (StatusCode, String) {
     let n = d.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if let Some((url, client, dns)) = &d.upstream {
+        return match call_upstream(url, client, *dns, n).await {
+            Ok((status, body)) => (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                format!("{} (version {}, instance {}) -> {body}", d.message, d.version, d.instance),
+            ),
+            Err(e) => (
+                StatusCode::BAD_GATEWAY,
+                format!("{} (instance {}): upstream {url}: {e}\n", d.message, d.instance),
+            ),
+        };
+    }
     if d.error_every.is_some_and(|every| n % every == 0) {
         d.errors.fetch_add(1, Ordering::Relaxed);
         return (
@@ -326,6 +354,35 @@ async fn root(State(d): State<Arc<Demo>>) -> (StatusCode, String) {
             d.message, d.version, d.instance, d.listen
         ),
     )
+}
+
+/// Call `url`; a `.drover` host is resolved through the DNS responder, the `n`th address.
+async fn call_upstream(
+    url: &reqwest::Url,
+    client: &reqwest::Client,
+    dns: Option<SocketAddr>,
+    n: u64,
+) -> Result<(u16, String), String> {
+    let mut url = url.clone();
+    let host = url.host_str().unwrap_or_default().to_string();
+    if host.ends_with(".drover") || host.ends_with(".drover.") {
+        let dns = dns.ok_or("$DROVER_DNS is not set: does the component `use` the service?")?;
+        let name = if host.ends_with('.') { host } else { format!("{host}.") };
+        let ips = drover_agent::lookup(dns, &name).await?;
+        if ips.is_empty() {
+            return Err(format!("no instance of {name} in rotation"));
+        }
+        let ip = ips[(n as usize) % ips.len()];
+        url.set_ip_host(ip).map_err(|_| "cannot set the address".to_string())?;
+    }
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.map_err(|e| e.to_string())?;
+    Ok((status, body))
 }
 
 /// The last second's share of `/` answered 500, e.g. `0.200`.
