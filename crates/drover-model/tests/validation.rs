@@ -672,3 +672,27 @@ fn heartbeat_limits_hold_in_validation() {
     );
     parse_fleet(&text, "f").unwrap();
 }
+
+#[test]
+fn uses_names_services_that_run_where_the_user_runs() {
+    let two = GOOD.replace(
+        "[services.web]\nregions = [\"local\"]",
+        "[regions.far]\nprovider = \"local\"\nsubnet = \"127.60.0.0/16\"\n\n[services.core]\nregions = [\"far\"]\ncapacity = { min = 1, desired = 1, max = 1 }\n\n[services.core.components.app]\nruntime = \"process\"\nversion = \"v1\"\ncommand = \"{drover}\"\n\n[services.web]\nregions = [\"local\"]\nuses = [\"core\", \"nope\"]",
+    );
+    let e = errors(&two);
+    let text = e.to_string();
+    assert!(
+        text.contains("services.web.uses.0: web runs in \"local\", where core does not run"),
+        "{text}"
+    );
+    assert!(
+        text.contains("services.web.uses.1: unknown service \"nope\"; the fleet's services: \"core\", \"web\""),
+        "{text}"
+    );
+    assert!(e.0.iter().all(|x| x.line > 0), "{text}");
+    let ok = two
+        .replace("regions = [\"far\"]", "regions = [\"local\"]")
+        .replace(", \"nope\"", "");
+    let fleet = parse_fleet(&ok, "drover.toml").expect("core runs in local too");
+    assert_eq!(fleet.services["web"].uses, vec!["core".to_string()]);
+}
