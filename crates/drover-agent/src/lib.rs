@@ -369,7 +369,10 @@ pub async fn run_with_auth(
         .components
         .iter()
         .map(|c| {
-            let env = discovery.as_ref().map(|d| d.env(&c.name)).unwrap_or_default();
+            let env = discovery
+                .as_ref()
+                .map(|d| d.env(&c.name))
+                .unwrap_or_default();
             (c.name.clone(), env)
         })
         .filter(|(_, env)| !env.is_empty())

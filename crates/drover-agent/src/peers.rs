@@ -100,7 +100,12 @@ impl Discovery {
         for (name, uses, path) in &self.files {
             let services: BTreeMap<String, Vec<PeerAddr>> = uses
                 .iter()
-                .map(|s| (s.clone(), reply.services.get(s).cloned().unwrap_or_default()))
+                .map(|s| {
+                    (
+                        s.clone(),
+                        reply.services.get(s).cloned().unwrap_or_default(),
+                    )
+                })
                 .collect();
             let body = PeersReply {
                 version: reply.version,
@@ -214,7 +219,10 @@ pub async fn lookup(dns: SocketAddr, name: &str) -> Result<Vec<IpAddr>, String> 
     let socket = tokio::net::UdpSocket::bind(bind)
         .await
         .map_err(|e| e.to_string())?;
-    socket.send_to(&bytes, dns).await.map_err(|e| e.to_string())?;
+    socket
+        .send_to(&bytes, dns)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 1500];
     let n = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf))
         .await
@@ -267,7 +275,10 @@ pub(crate) fn answer(query: &[u8], peers: &PeersReply) -> Option<Vec<u8>> {
     };
     let ip_of = |p: &PeerAddr| p.addr.parse::<IpAddr>().ok();
     let family_ok = |ip: &IpAddr, t: RecordType| {
-        matches!((ip, t), (IpAddr::V4(_), RecordType::A) | (IpAddr::V6(_), RecordType::AAAA))
+        matches!(
+            (ip, t),
+            (IpAddr::V4(_), RecordType::A) | (IpAddr::V6(_), RecordType::AAAA)
+        )
     };
     let qtype = question.query_type;
     match labels.as_slice() {
@@ -293,7 +304,8 @@ pub(crate) fn answer(query: &[u8], peers: &PeersReply) -> Option<Vec<u8>> {
                     let (Some(n), Some(ip)) = (p.ports.get(port), ip_of(p)) else {
                         continue;
                     };
-                    let target = Name::from_ascii(format!("{}.{service}.{ZONE}", p.instance)).ok()?;
+                    let target =
+                        Name::from_ascii(format!("{}.{service}.{ZONE}", p.instance)).ok()?;
                     out.add_answer(Record::from_rdata(
                         name.clone(),
                         DNS_TTL_SECS,
@@ -362,7 +374,11 @@ mod tests {
 
         let m = ask("_http._tcp.core.drover.", RecordType::SRV);
         assert_eq!(m.answers.len(), 2);
-        assert!(m.answers[0].data.to_string().contains("8080"), "{:?}", m.answers);
+        assert!(
+            m.answers[0].data.to_string().contains("8080"),
+            "{:?}",
+            m.answers
+        );
         assert_eq!(m.additionals.len(), 2);
 
         let m = ask("i-000005.core.drover.", RecordType::A);

@@ -299,8 +299,11 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
 /// `uses` (service and component): services of the fleet that run in every region of the
 /// user, named once; components that get peers run as processes.
 fn check_uses(fleet: &Fleet, s: &str, svc: &Service, out: &mut Vec<Problem>) {
-    let mut lists: Vec<(Vec<String>, &Vec<String>, Option<&str>)> =
-        vec![(vec!["services".into(), s.into(), "uses".into()], &svc.uses, None)];
+    let mut lists: Vec<(Vec<String>, &Vec<String>, Option<&str>)> = vec![(
+        vec!["services".into(), s.into(), "uses".into()],
+        &svc.uses,
+        None,
+    )];
     for (cname, comp) in &svc.components {
         lists.push((
             vec![

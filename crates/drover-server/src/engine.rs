@@ -1237,7 +1237,10 @@ impl Engine {
             .iter()
             .filter(|(_, g)| {
                 g.plan.region == region
-                    && g.plan.components.iter().any(|c| c.uses.iter().any(|u| u == service))
+                    && g.plan
+                        .components
+                        .iter()
+                        .any(|c| c.uses.iter().any(|u| u == service))
             })
             .map(|(k, _)| k)
             .collect();
@@ -1269,7 +1272,9 @@ impl Engine {
             .instances
             .get(instance)
             .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
-        let region = drover_model::GroupId(i.record.group.clone()).region().to_string();
+        let region = drover_model::GroupId(i.record.group.clone())
+            .region()
+            .to_string();
         let plan = st.groups.get(&i.record.group).map(|g| &g.plan);
         let mut used: Vec<String> = plan
             .map(|p| {

@@ -168,7 +168,9 @@ async fn serve(args: DemoArgs) -> u8 {
                 .timeout(std::time::Duration::from_secs(5))
                 .build()
                 .unwrap_or_default();
-            let dns = std::env::var("DROVER_DNS").ok().and_then(|d| d.parse().ok());
+            let dns = std::env::var("DROVER_DNS")
+                .ok()
+                .and_then(|d| d.parse().ok());
             (u, client, dns)
         }),
     });
@@ -329,11 +331,17 @@ async fn root(State(d): State<Arc<Demo>>) -> (StatusCode, String) {
         return match call_upstream(url, client, *dns, n).await {
             Ok((status, body)) => (
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-                format!("{} (version {}, instance {}) -> {body}", d.message, d.version, d.instance),
+                format!(
+                    "{} (version {}, instance {}) -> {body}",
+                    d.message, d.version, d.instance
+                ),
             ),
             Err(e) => (
                 StatusCode::BAD_GATEWAY,
-                format!("{} (instance {}): upstream {url}: {e}\n", d.message, d.instance),
+                format!(
+                    "{} (instance {}): upstream {url}: {e}\n",
+                    d.message, d.instance
+                ),
             ),
         };
     }
@@ -367,19 +375,20 @@ async fn call_upstream(
     let host = url.host_str().unwrap_or_default().to_string();
     if host.ends_with(".drover") || host.ends_with(".drover.") {
         let dns = dns.ok_or("$DROVER_DNS is not set: does the component `use` the service?")?;
-        let name = if host.ends_with('.') { host } else { format!("{host}.") };
+        let name = if host.ends_with('.') {
+            host
+        } else {
+            format!("{host}.")
+        };
         let ips = drover_agent::lookup(dns, &name).await?;
         if ips.is_empty() {
             return Err(format!("no instance of {name} in rotation"));
         }
         let ip = ips[(n as usize) % ips.len()];
-        url.set_ip_host(ip).map_err(|_| "cannot set the address".to_string())?;
+        url.set_ip_host(ip)
+            .map_err(|_| "cannot set the address".to_string())?;
     }
-    let resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let body = resp.text().await.map_err(|e| e.to_string())?;
     Ok((status, body))

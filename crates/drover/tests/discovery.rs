@@ -13,8 +13,8 @@ use common::*;
 use drover_model::api::PeersReply;
 
 fn fleet(ingress: u16, block: u8) -> String {
-    let example =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-tier/drover.toml");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/two-tier/drover.toml");
     let text = std::fs::read_to_string(example).unwrap();
     let text = text
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{ingress}"))
@@ -85,7 +85,10 @@ fn front_finds_core_by_name_and_a_core_deploy_under_load_fails_no_request() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(body.starts_with("front v1") && body.contains("-> core v1"), "{body}");
+    assert!(
+        body.starts_with("front v1") && body.contains("-> core v1"),
+        "{body}"
+    );
 
     // $DROVER_PEERS of each front instance: core's three instances with their port.
     let t0 = Instant::now();
