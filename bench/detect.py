@@ -226,8 +226,9 @@ def main():
                  f"{bt:.2f} s | {failed} of {ok + failed} ({failed * 100 / max(1, ok + failed):.1f} %) |")
     L += ["", "Goal: a crash at start fails its rollout in under 5 s (was `healthy_deadline`, "
           "30 s). A version bad under load fails at the end of its bake (boot + "
-          "min_healthy_time + bake); its failed requests are the canary's share (1 of 4 "
-          "instances in rotation x 1 in 5 answers) over that window only."]
+          "min_healthy_time + bake); its failed requests (counted over the whole round) stay "
+          "within the canary's share: 1 of 4 instances in rotation x 1 in 5 answers = 5 %, during "
+          "its bake only."]
     body = "\n".join(L)
     print(body)
     if not a.no_write:
