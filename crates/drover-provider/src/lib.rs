@@ -19,7 +19,8 @@ pub use local::{LocalConfig, LocalProvider};
 /// keeps the token map current (a new group, a rotated token); clones share it.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    tokens: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, String>>>,
+    /// Per group: the agent token's id and secret.
+    tokens: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, (String, String)>>>,
     /// The server's CA certificate, when the API is served over TLS.
     pub ca: Option<CaPin>,
 }
@@ -34,20 +35,31 @@ pub struct CaPin {
 }
 
 impl Credentials {
-    /// The token new instances of `group` are launched with.
+    /// The group's agent token (for launch configurations shared by a whole group, such as
+    /// an AWS launch template's boot document).
     pub fn token(&self, group: &str) -> Option<String> {
         self.tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(group)
-            .cloned()
+            .map(|(_, t)| t.clone())
     }
 
-    pub fn set_token(&self, group: &str, token: String) {
+    /// The token instance `instance` of `group` is launched with: good for that instance
+    /// only ([`drover_model::token::instance_token`]).
+    pub fn instance_token(&self, group: &str, instance: &str) -> Option<String> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .map(|(id, t)| drover_model::token::instance_token(t, id, instance))
+    }
+
+    pub fn set_token(&self, group: &str, id: &str, token: String) {
         self.tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(group.to_string(), token);
+            .insert(group.to_string(), (id.to_string(), token));
     }
 
     pub fn remove_token(&self, group: &str) {

@@ -97,7 +97,12 @@ impl LocalProvider {
         if self.cfg.agent_bin.is_none() {
             cmd.arg("agent");
         }
-        if let Some(token) = self.cfg.credentials.token(&req.group) {
+        // Its own instance token: it cannot speak for any other instance of its group.
+        if let Some(token) = self
+            .cfg
+            .credentials
+            .instance_token(&req.group, &req.instance)
+        {
             let token_file = dir.join("agent.token");
             write_private(&token_file, token.as_bytes())
                 .map_err(|e| ProviderError::Io(token_file.clone(), e))?;

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::auth::{check_group, Caller};
+use crate::auth::{check_group, BoundInstance, Caller};
 use crate::engine::Engine;
 use crate::guard::{Guards, Held, Kind};
 use crate::ServerError;
@@ -265,12 +265,13 @@ struct PermitQuery {
 async fn permit(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
     query: Result<Query<PermitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
         ServerError::BadRequest(format!("{}; parameters: instance, wait_ms", r.body_text()))
     })?;
-    check_instance(&e, &caller, &q.instance)?;
+    check_instance(&e, &caller, &bound, &q.instance)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_permit(&q.instance, wait).await?).into_response())
 }
@@ -289,6 +290,7 @@ struct PeersQuery {
 async fn peers(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
     query: Result<Query<PeersQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
@@ -297,7 +299,7 @@ async fn peers(
             r.body_text()
         ))
     })?;
-    check_instance(&e, &caller, &q.instance)?;
+    check_instance(&e, &caller, &bound, &q.instance)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_peers(&q.instance, q.version, wait).await?).into_response())
 }
@@ -363,29 +365,45 @@ struct InstanceQuery {
 async fn connections(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
     query: Result<Query<InstanceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query
         .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
-    check_instance(&e, &caller, &q.instance)?;
+    check_instance(&e, &caller, &bound, &q.instance)?;
     Ok(Json(ConnectionsReply {
         open: e.connections(&q.instance)?,
     })
     .into_response())
 }
 
-/// An agent may act only for instances of its own group (an unknown instance is left to the
-/// handler, which answers 404).
-fn check_instance(e: &Engine, caller: &Caller, instance: &str) -> Result<(), ServerError> {
-    let group = e
-        .state()
-        .instances
-        .get(instance)
-        .map(|i| i.record.group.clone());
-    match group {
-        Some(g) => check_group(caller, &g, &format!("instance {instance}")),
-        None => Ok(()),
+/// An agent may act only for instances of its own group, and an instance token only for its
+/// own instance; an instance once heard with its instance token is no longer spoken for by the
+/// group's token. The refusal says nothing of the instance (its group, its address): an
+/// unknown instance is left to the handler, which answers 404.
+fn check_instance(
+    e: &Engine,
+    caller: &Caller,
+    bound: &BoundInstance,
+    instance: &str,
+) -> Result<(), ServerError> {
+    let denied = || ServerError::Forbidden("this token may not act for that instance".into());
+    if bound.0.as_deref().is_some_and(|b| b != instance) {
+        return Err(denied());
     }
+    let st = e.state();
+    let Some(i) = st.instances.get(instance) else {
+        return Ok(());
+    };
+    if caller.scope == drover_model::token::TokenScope::Agent
+        && caller.group.as_deref() != Some(i.record.group.as_str())
+    {
+        return Err(denied());
+    }
+    if bound.0.is_none() && i.soft.bound {
+        return Err(denied());
+    }
+    Ok(())
 }
 
 /// Replaces the current fleet's secret values in free text.
@@ -652,6 +670,7 @@ async fn rollout(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, 
 async fn heartbeat(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
     body: Body2,
 ) -> Result<Response, ServerError> {
     let hb: Heartbeat = decode(body)?;
@@ -667,9 +686,19 @@ async fn heartbeat(
         &hb.group,
         &format!("the heartbeat's group {}", hb.group),
     )?;
-    check_instance(&e, &caller, &hb.instance)?;
+    check_instance(&e, &caller, &bound, &hb.instance)?;
     let mut hb = hb;
     admit_heartbeat(&e, &mut hb)?;
+    if bound.0.is_some() {
+        // From now on only this instance's own token speaks for it; whatever the group's
+        // token said before (a sequence number to jam it, say) is forgotten.
+        if let Some(i) = e.state().instances.get_mut(&hb.instance) {
+            if !i.soft.bound {
+                i.soft.bound = true;
+                i.soft.last_seq = 0;
+            }
+        }
+    }
     // A component's message may quote its own secret: scrubbed before it reaches the state,
     // the events and the logs.
     if hb
@@ -722,16 +751,13 @@ pub fn admit_heartbeat(e: &Engine, hb: &mut Heartbeat) -> Result<(), ServerError
     }
     let st = e.state();
     if let Some(i) = st.instances.get(&hb.instance) {
-        if i.record.group == hb.group && i.record.generation != hb.generation {
+        // What it was launched with is not told: the real agent knows it.
+        let wrong_generation = i.record.generation != hb.generation;
+        let wrong_addr = !i.record.addr.is_empty() && i.record.addr != hb.addr;
+        if i.record.group == hb.group && (wrong_generation || wrong_addr) {
             return bad(format!(
-                "instance {} was launched on generation {}, not {}",
-                hb.instance, i.record.generation, hb.generation
-            ));
-        }
-        if i.record.group == hb.group && !i.record.addr.is_empty() && i.record.addr != hb.addr {
-            return bad(format!(
-                "instance {} was launched at {}, not {}",
-                hb.instance, i.record.addr, hb.addr
+                "instance {}: the generation or address is not the one it was launched with",
+                hb.instance
             ));
         }
     }

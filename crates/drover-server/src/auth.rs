@@ -71,22 +71,13 @@ pub(crate) fn random_bytes() -> Result<[u8; 32], ServerError> {
 }
 
 fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for i in 0..32 {
-        ipad[i] ^= key[i];
-        opad[i] ^= key[i];
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
+    drover_model::token::hmac_sha256(key, msg)
 }
+
+/// The instance an instance token speaks for (None: any token but an instance token). Put in
+/// every authenticated request's extensions beside the [`Caller`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BoundInstance(pub Option<String>);
 
 impl Auth {
     /// Load the tokens from `store` and the agent-token key from `data_dir` (made if absent).
@@ -151,6 +142,16 @@ impl Auth {
 
     /// Who holds the `Authorization` header; `401` when it is missing, unknown or revoked.
     pub fn authenticate(&self, value: Option<&HeaderValue>) -> Result<Caller, ServerError> {
+        self.authenticate_bound(value).map(|(c, _)| c)
+    }
+
+    /// [`Auth::authenticate`], and the instance an instance token is bound to. An instance
+    /// token is checked against its group token (which must be valid): the caller is that
+    /// group token, bound to one instance.
+    pub fn authenticate_bound(
+        &self,
+        value: Option<&HeaderValue>,
+    ) -> Result<(Caller, BoundInstance), ServerError> {
         let Some(value) = value else {
             return Err(ServerError::Unauthorized(
                 "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads DATA_DIR/admin.token, DROVER_TOKEN or --token); see docs/security.md".into(),
@@ -168,8 +169,20 @@ impl Auth {
             .ok_or_else(|| {
                 ServerError::Unauthorized("the Authorization header must be `Bearer TOKEN`".into())
             })?;
+        let mut bound = BoundInstance(None);
+        let mut token = std::borrow::Cow::Borrowed(token);
+        if let Some((instance, id)) = drover_model::token::parse_instance_token(&token) {
+            let group_secret = self.agent_secret(id);
+            let expected = drover_model::token::instance_token(&group_secret, id, instance);
+            // Compared by hash: no early exit on the secret's bytes.
+            if hash_token(&expected) != hash_token(&token) {
+                return Err(ServerError::Unauthorized("unknown token".into()));
+            }
+            bound = BoundInstance(Some(instance.to_string()));
+            token = std::borrow::Cow::Owned(group_secret);
+        }
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        let Some(info) = tokens.get(&hash_token(token)) else {
+        let Some(info) = tokens.get(&hash_token(&token)) else {
             return Err(ServerError::Unauthorized(
                 "unknown token: it was never created on this server (`drover token list` shows the tokens)".into(),
             ));
@@ -180,11 +193,17 @@ impl Auth {
                 info.id
             )));
         }
-        Ok(Caller {
-            id: info.id.clone(),
-            scope: info.scope,
-            group: info.group.clone(),
-        })
+        if bound.0.is_some() && info.scope != TokenScope::Agent {
+            return Err(ServerError::Unauthorized("unknown token".into()));
+        }
+        Ok((
+            Caller {
+                id: info.id.clone(),
+                scope: info.scope,
+                group: info.group.clone(),
+            },
+            bound,
+        ))
     }
 
     fn next_id(&self) -> String {
@@ -264,7 +283,7 @@ impl Auth {
             .insert(hash, info.clone());
         if let (TokenScope::Agent, Some(g)) = (scope, &group) {
             // The newest agent token of a group is the one new instances get.
-            self.credentials.set_token(g, token.clone());
+            self.credentials.set_token(g, &id, token.clone());
         }
         Ok(CreateTokenResponse { info, token })
     }
@@ -347,7 +366,7 @@ impl Auth {
             match newest {
                 // Derivable from the key: the same token as before.
                 Some((hash, id)) if hash_token(&self.agent_secret(&id)) == hash => {
-                    self.credentials.set_token(g, self.agent_secret(&id));
+                    self.credentials.set_token(g, &id, self.agent_secret(&id));
                 }
                 _ => {
                     self.create(
@@ -492,11 +511,11 @@ pub async fn layer(
     let by_cookie =
         req.headers().get(header::AUTHORIZATION).is_none() && crate::ui::has_session(&req);
     let caller = if by_cookie {
-        crate::ui::session_caller(&engine, &mut req)
+        crate::ui::session_caller(&engine, &mut req).map(|c| (c, BoundInstance(None)))
     } else {
-        auth.authenticate(req.headers().get(header::AUTHORIZATION))
+        auth.authenticate_bound(req.headers().get(header::AUTHORIZATION))
     };
-    let caller = match caller {
+    let (caller, bound) = match caller {
         Ok(c) => c,
         Err(e) => {
             let mut resp = e.into_response();
@@ -534,6 +553,7 @@ pub async fn layer(
         .into_response();
     }
     req.extensions_mut().insert(caller);
+    req.extensions_mut().insert(bound);
     next.run(req).await
 }
 

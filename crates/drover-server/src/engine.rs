@@ -323,10 +323,9 @@ impl Engine {
                 });
             };
             if inst.record.group != hb.group {
-                return Err(ServerError::BadRequest(format!(
-                    "instance {} belongs to group {}, not {}",
-                    hb.instance, inst.record.group, hb.group
-                )));
+                return Err(ServerError::Forbidden(
+                    "this token may not act for that instance".into(),
+                ));
             }
             let leave_soon = Some(st.leave_soon(inst));
             if hb.seq != 0 && hb.seq <= inst.soft.last_seq {
@@ -1566,6 +1565,7 @@ fn fresh_soft(now: u64) -> Soft {
         drained: false,
         window: None,
         budget: Default::default(),
+        bound: false,
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Soft {
     pub window: Option<Window>,
     /// How many events its heartbeats may still cause this minute.
     pub budget: EventBudget,
+    /// Heard from with its own instance token: its group's token no longer speaks for it.
+    pub bound: bool,
 }
 
 /// Most events one instance's heartbeats may cause per minute. A real instance changes state

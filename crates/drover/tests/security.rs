@@ -87,6 +87,142 @@ fn heartbeat(instance: &str, group: &str, addr: &str, generation: u64) -> String
     .to_string()
 }
 
+/// The group agent token the server launches `group`'s instances from, and its id: derived
+/// from `DATA/agent-token.key` as the server does (what the local provider gives an instance
+/// is an instance token made from it).
+fn group_token(up: &Up, group: &str) -> (String, String) {
+    let (code, out) = http_as(up.api, "GET", "/v1/tokens", None, Some(&admin(up))).unwrap();
+    assert_eq!(code, 200, "{out}");
+    let all: Vec<drover_model::token::TokenInfo> = serde_json::from_str(&out).unwrap();
+    let id = all
+        .iter()
+        .filter(|t| t.group.as_deref() == Some(group) && t.revoked_at_ms.is_none())
+        .map(|t| t.id.clone())
+        .max()
+        .unwrap();
+    let key = std::fs::read(up.dir.join("data/agent-token.key")).unwrap();
+    let mac = drover_model::token::hmac_sha256(&key, format!("drover agent token {id}").as_bytes());
+    let secret = format!(
+        "drover_agent_{}",
+        mac.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    (id, secret)
+}
+
+/// Issue 20, item 4: one instance cannot silence another. An instance's token speaks for that
+/// instance only (403 for another, with a message that names neither its group nor its
+/// address); once an instance has reported with its own token, its group's token cannot speak
+/// for it either, so a heartbeat with seq = 2^64-1 (which would make the real agent's
+/// heartbeats "late" for ever) is refused, and the instance stays healthy and is not
+/// replaced. A heartbeat with the wrong generation is refused without telling the right one.
+#[test]
+fn an_instance_token_speaks_for_its_own_instance_only() {
+    let (_dir, up) = start();
+    let status = up.status().unwrap();
+    let (web_i, web_addr, web_gen) = instance_of_group(&status, "web/local");
+    let (id, group_secret) = group_token(&up, "web/local");
+    let own = drover_model::token::instance_token(&group_secret, &id, &web_i);
+    // A second web instance, to speak for.
+    let (code, out) = http_as(
+        up.api,
+        "POST",
+        "/v1/scale",
+        Some(r#"{"service":"web","desired":2}"#),
+        Some(&admin(&up)),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{out}");
+    up.wait_healthy(3, Duration::from_secs(20));
+    let status = up.status().unwrap();
+    let web = status
+        .groups
+        .iter()
+        .find(|g| g.group == "web/local")
+        .unwrap();
+    let other = web
+        .instances
+        .iter()
+        .find(|i| i.id != web_i)
+        .unwrap()
+        .clone();
+    let jam = |instance: &str, addr: &str, generation: u64| {
+        serde_json::json!({
+            "instance": instance, "group": "web/local", "generation": generation, "addr": addr,
+            "phase": "running", "seq": u64::MAX,
+            "components": [{"name": "app", "version": "v1", "state": "healthy", "restarts": 0}],
+            "utilization": {"cpu": 0.0, "memory_bytes": 0, "agent_rss_bytes": 0}
+        })
+        .to_string()
+    };
+    // web_i's token for the other instance: refused, generically.
+    let body = jam(&other.id, &other.addr, other.generation);
+    let (code, out) = http_as(
+        up.api,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&body),
+        Some(&own),
+    )
+    .unwrap();
+    assert_eq!(code, 403, "{out}");
+    assert!(
+        !out.contains(&other.addr) && !out.contains("web/local"),
+        "{out}"
+    );
+    for path in [
+        format!("/v1/agent/permit?instance={}", other.id),
+        format!("/v1/agent/connections?instance={}", other.id),
+    ] {
+        let (code, out) = http_as(up.api, "GET", &path, None, Some(&own)).unwrap();
+        assert_eq!(code, 403, "{path}: {out}");
+    }
+    // The group's token, for an instance that reports with its own: refused too.
+    let (code, out) = http_as(
+        up.api,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&body),
+        Some(&group_secret),
+    )
+    .unwrap();
+    assert_eq!(code, 403, "{out}");
+    // Its own token, wrong generation: 400 that does not say the right one or the address.
+    let wrong = jam(&web_i, &web_addr, web_gen + 7);
+    let (code, out) = http_as(
+        up.api,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&wrong),
+        Some(&own),
+    )
+    .unwrap();
+    assert_eq!(code, 400, "{out}");
+    assert!(!out.contains(&format!("generation {web_gen}")), "{out}");
+    // A token made up for an instance, with a bad MAC: 401.
+    let forged = format!("{}0", &own[..own.len() - 1]);
+    let forged = if forged == own {
+        format!("{}1", &own[..own.len() - 1])
+    } else {
+        forged
+    };
+    let (code, _) = http_as(up.api, "GET", "/v1/status", None, Some(&forged)).unwrap();
+    assert_eq!(code, 401);
+    // Well past silent_after (5 s): both instances still healthy, none replaced.
+    std::thread::sleep(Duration::from_secs(8));
+    let after = up.status().unwrap();
+    let web = after
+        .groups
+        .iter()
+        .find(|g| g.group == "web/local")
+        .unwrap();
+    let mut ids: Vec<&str> = web.instances.iter().map(|i| i.id.as_str()).collect();
+    ids.sort();
+    let mut want = vec![web_i.as_str(), other.id.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "an instance was replaced: {web:#?}");
+    assert_eq!(web.healthy, 2, "{web:#?}");
+}
+
 #[test]
 fn every_endpoint_answers_every_caller_as_it_should() {
     let (_dir, up) = start();
@@ -160,13 +296,15 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("POST", "/v1/tokens", Some(r#"{"scope":"read","name":"matrix"}"#),
                                                                    [U, U, U, 201, F, F, F, F]),
         ("DELETE", "/v1/tokens/t-999999", None,                    [U, U, U, 404, F, F, F, F]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_web),             [U, U, U, F, F, 200, F, F]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_api),             [U, U, U, F, F, F, 200, F]),
+        // The instances report with their own instance tokens: a group's token no longer
+        // speaks for them (an_instance_token_speaks_for_its_own_instance_only).
+        ("POST", "/v1/agent/heartbeat", Some(&hb_web),             [U, U, U, F, F, F, F, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_api),             [U, U, U, F, F, F, F, F]),
         ("POST", "/v1/agent/heartbeat", Some(&hb_web_as_api),      [U, U, U, F, F, F, F, F]),
-        ("GET", &permit_web, None,                                 [U, U, U, F, F, 200, F, F]),
-        ("GET", &permit_api, None,                                 [U, U, U, F, F, F, 200, F]),
-        ("GET", &conns_web, None,                                  [U, U, U, F, F, 200, F, F]),
-        ("GET", &conns_api, None,                                  [U, U, U, F, F, F, 200, F]),
+        ("GET", &permit_web, None,                                 [U, U, U, F, F, F, F, F]),
+        ("GET", &permit_api, None,                                 [U, U, U, F, F, F, F, F]),
+        ("GET", &conns_web, None,                                  [U, U, U, F, F, F, F, F]),
+        ("GET", &conns_api, None,                                  [U, U, U, F, F, F, F, F]),
         ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F]),
         ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404]),
         ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F]),
@@ -361,13 +499,16 @@ fn tokens_from_the_cli_secrets_redacted_and_hostile_bodies_refused() {
     let (code, body) = http(up.api, "POST", "/v1/apply", Some(&deep)).unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("nested deeper than 32"), "{body}");
-    let (_, agent) = create(&up, r#"{"scope":"agent","group":"api/local"}"#);
+    let (agent_id, agent) = create(&up, r#"{"scope":"agent","group":"api/local"}"#);
     let group = before
         .groups
         .iter()
         .find(|g| g.group == "api/local")
         .unwrap();
     let inst = &group.instances[0];
+    // The instance's own token (made from any valid agent token of its group): its group's
+    // token no longer speaks for it once it has reported with its own.
+    let agent = drover_model::token::instance_token(&agent, &agent_id, &inst.id);
     let hb = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v: serde_json::Value = serde_json::from_str(&heartbeat(
             &inst.id,
@@ -384,10 +525,6 @@ fn tokens_from_the_cli_secrets_redacted_and_hostile_bodies_refused() {
         ("another generation", hb(&|v| v["generation"] = 99.into())),
         ("another address", hb(&|v| v["addr"] = "127.0.0.99".into())),
         ("not an address", hb(&|v| v["addr"] = "nowhere".into())),
-        (
-            "a huge message",
-            hb(&|v| v["components"][0]["message"] = long.clone().into()),
-        ),
         (
             "an empty component name",
             hb(&|v| v["components"][0]["name"] = "".into()),
@@ -425,6 +562,17 @@ fn tokens_from_the_cli_secrets_redacted_and_hostile_bodies_refused() {
         .unwrap();
         assert_eq!(code, 400, "{what}: {out}");
     }
+    // A huge message is cut, not a reason to refuse (issue 20, item 8).
+    let huge = hb(&|v| v["components"][0]["message"] = long.clone().into());
+    let (code, out) = http_as(
+        up.api,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&huge),
+        Some(&agent),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "a huge message: {out}");
     let after = up.status().unwrap();
     let same = |s: &FleetStatus| {
         s.groups
