@@ -484,6 +484,11 @@ struct EventsQuery {
     kind: Option<String>,
     #[serde(default)]
     follow: bool,
+    /// With a limit (default 10,000): the newest matching events rather than the oldest.
+    #[serde(default)]
+    newest: bool,
+    /// Only events of the last this long, e.g. `10m`.
+    since: Option<drover_model::Dur>,
 }
 
 async fn events(
@@ -495,7 +500,7 @@ async fn events(
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
         ServerError::BadRequest(format!(
-            "{}; allowed parameters: after, limit, group, instance, kind, follow",
+            "{}; allowed parameters: after, limit, group, instance, kind, follow, newest, since (a duration, e.g. 10m)",
             r.body_text()
         ))
     })?;
@@ -522,7 +527,7 @@ async fn events(
         })?),
         None => None,
     };
-    let filter = EventFilter {
+    let mut filter = EventFilter {
         after_seq: q.after,
         limit: q
             .limit
@@ -531,7 +536,21 @@ async fn events(
         group: q.group.clone(),
         instance: q.instance.clone(),
         kind,
+        since_ms: q
+            .since
+            .map(|d| crate::engine::now_ms().saturating_sub(d.as_millis()))
+            .unwrap_or(0),
+        newest: q.newest,
     };
+    if q.follow && filter.newest {
+        // The newest `limit` first, then the live ones: start the stream before them.
+        let tail = e.store.events(&filter)?;
+        if let Some(first) = tail.first() {
+            q.after = q.after.max(first.seq - 1);
+            filter.after_seq = q.after;
+        }
+        filter.newest = false;
+    }
     let sc = scrubber(&e);
     if !q.follow {
         let mut evs = e.store.events(&filter)?;

@@ -1242,11 +1242,16 @@ impl Inner {
                     .instance
                     .as_ref()
                     .map_or(true, |i| e.instance.as_ref() == Some(i))
-                && filter.kind.as_ref().map_or(true, |kd| &e.kind == kd);
+                && filter.kind.as_ref().map_or(true, |kd| &e.kind == kd)
+                && e.at_ms >= filter.since_ms;
             if keep {
                 out.push(e);
+                // The newest `limit`: keep scanning, drop the oldest.
+                if filter.newest && filter.limit > 0 && out.len() > filter.limit {
+                    out.remove(0);
+                }
             }
-            Ok(filter.limit == 0 || out.len() < filter.limit)
+            Ok(filter.limit == 0 || filter.newest || out.len() < filter.limit)
         })
         .await?;
         Ok(out)

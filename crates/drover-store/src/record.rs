@@ -203,4 +203,10 @@ pub struct EventFilter {
     pub group: Option<String>,
     pub instance: Option<String>,
     pub kind: Option<EventKind>,
+    /// Only events at or after this time (ms since the epoch; 0: any).
+    #[serde(default)]
+    pub since_ms: u64,
+    /// With a limit: the newest matching events instead of the oldest (still oldest first).
+    #[serde(default)]
+    pub newest: bool,
 }

@@ -579,10 +579,20 @@ impl Store for SqliteStore {
         if let Some(k) = &filter.kind {
             and("kind", k.as_str());
         }
-        sql.push_str(" ORDER BY seq");
-        if filter.limit > 0 {
-            sql.push_str(" LIMIT ?");
+        if filter.since_ms > 0 {
+            sql.push_str(" AND at_ms >= ?");
+            args.push(Value::Integer(clamp_i64(filter.since_ms)));
+        }
+        if filter.newest && filter.limit > 0 {
+            // The newest `limit`, oldest first.
+            sql = format!("SELECT * FROM ({sql} ORDER BY seq DESC LIMIT ?) ORDER BY seq");
             args.push(Value::Integer(clamp_i64(filter.limit as u64)));
+        } else {
+            sql.push_str(" ORDER BY seq");
+            if filter.limit > 0 {
+                sql.push_str(" LIMIT ?");
+                args.push(Value::Integer(clamp_i64(filter.limit as u64)));
+            }
         }
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;

@@ -407,6 +407,52 @@ pub fn event_filters(f: &dyn Fixture) {
         }),
         Vec::<u64>::new()
     );
+    // The newest N (as `drover events --limit N`), still oldest first; with a filter too.
+    assert_eq!(
+        q(EventFilter {
+            limit: 2,
+            newest: true,
+            ..Default::default()
+        }),
+        vec![5, 6]
+    );
+    let all = q(EventFilter::default());
+    let newest_of_kind = |kind: EventKind, n: usize| {
+        let of: Vec<u64> = store
+            .events(&EventFilter {
+                kind: Some(kind.clone()),
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        let got = q(EventFilter {
+            kind: Some(kind),
+            limit: n,
+            newest: true,
+            ..Default::default()
+        });
+        (of[of.len().saturating_sub(n)..].to_vec(), got)
+    };
+    let (want, got) = newest_of_kind(EventKind::Launched, 1);
+    assert_eq!(got, want);
+    assert!(!got.is_empty() && all.contains(&got[0]));
+    // By time: every event here is at 7 ms.
+    assert_eq!(
+        q(EventFilter {
+            since_ms: 7,
+            ..Default::default()
+        }),
+        all
+    );
+    assert_eq!(
+        q(EventFilter {
+            since_ms: 8,
+            ..Default::default()
+        }),
+        Vec::<u64>::new()
+    );
 }
 
 pub fn reopen_keeps_everything(f: &dyn Fixture) {

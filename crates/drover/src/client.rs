@@ -36,6 +36,7 @@ pub struct EventArgs {
     pub follow: bool,
     pub after: u64,
     pub limit: Option<usize>,
+    pub since: Option<drover_model::Dur>,
     pub group: Option<String>,
     pub instance: Option<String>,
     pub kind: Option<String>,
@@ -421,6 +422,13 @@ impl Client {
         let mut q: Vec<(&str, String)> = vec![("after", a.after.to_string())];
         if let Some(l) = a.limit {
             q.push(("limit", l.to_string()));
+        }
+        // Like `tail`: the latest ones, unless reading on from a sequence number.
+        if a.after == 0 && (a.limit.is_some() || !a.follow) {
+            q.push(("newest", "true".into()));
+        }
+        if let Some(s) = a.since {
+            q.push(("since", s.to_string()));
         }
         if let Some(g) = &a.group {
             q.push(("group", g.clone()));

@@ -273,13 +273,16 @@ enum Command {
         /// Keep printing new events as they happen.
         #[arg(long, short)]
         follow: bool,
-        /// Only events after this sequence number.
+        /// Only events after this sequence number (then the oldest first, from there).
         #[arg(long, default_value_t = 0)]
         after: u64,
-        /// At most this many, oldest first (default: 10000). With --follow: every stored event
-        /// first, then new ones as they happen.
+        /// The latest N, like `tail` (default: 10000; with --after: the first N after it).
+        /// With --follow: those first, then new ones as they happen.
         #[arg(long)]
         limit: Option<usize>,
+        /// Only events of the last this long, e.g. 10m or 2h.
+        #[arg(long)]
+        since: Option<Dur>,
         #[arg(long)]
         group: Option<String>,
         #[arg(long)]
@@ -617,6 +620,7 @@ async fn dispatch(cli: Cli) -> u8 {
             follow,
             after,
             limit,
+            since,
             group,
             instance,
             kind,
@@ -626,6 +630,7 @@ async fn dispatch(cli: Cli) -> u8 {
                     follow,
                     after,
                     limit,
+                    since,
                     group,
                     instance,
                     kind,

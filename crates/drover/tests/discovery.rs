@@ -160,4 +160,26 @@ fn front_finds_core_by_name_and_a_core_deploy_under_load_fails_no_request() {
         };
         assert!(ms >= 1000.0, "drained after {took}: {}", e.message);
     }
+
+    // Events read like a log: `--limit N` is the latest N, oldest first; `--since` by time.
+    let all = |args: &[&str]| -> Vec<u64> {
+        let (code, out, err) = up.cli(args);
+        assert_eq!(code, 0, "{out}{err}");
+        let evs: Vec<drover_model::Event> = serde_json::from_str(&out).unwrap();
+        evs.iter().map(|e| e.seq).collect()
+    };
+    let every = all(&["events", "--json"]);
+    assert!(every.len() > 10);
+    assert_eq!(
+        all(&["events", "--json", "--limit", "3"]),
+        every[every.len() - 3..].to_vec()
+    );
+    assert_eq!(all(&["events", "--json", "--since", "1h"]), every);
+    assert_eq!(
+        all(&["events", "--json", "--after", "2", "--limit", "2"]),
+        vec![3, 4]
+    );
+    let (code, _, err) = up.cli(&["events", "--since", "ten minutes"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--since"), "{err}");
 }

@@ -99,6 +99,7 @@ impl History {
             group: Some(group.to_string()),
             instance: None,
             kind: Some(EventKind::Rollout),
+            ..Default::default()
         })?;
         let keep = evs.len().saturating_sub(30);
         evs.drain(..keep);
