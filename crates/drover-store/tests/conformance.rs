@@ -420,7 +420,7 @@ pub fn event_filters(f: &dyn Fixture) {
     let newest_of_kind = |kind: EventKind, n: usize| {
         let of: Vec<u64> = store
             .events(&EventFilter {
-                kind: Some(kind.clone()),
+                kind: Some(kind),
                 ..Default::default()
             })
             .unwrap()
