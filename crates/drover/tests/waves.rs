@@ -83,15 +83,20 @@ fn on_everywhere(up: &Up, versions: &str) -> bool {
     })
 }
 
-#[test]
-fn a_deploy_goes_wave_by_wave_and_a_bad_one_never_leaves_the_first_wave() {
-    let dir = tempfile::tempdir().unwrap();
+/// `drover up` of the three-region fleet, every instance healthy.
+fn start(dir: &std::path::Path) -> Up {
     let api = free_port();
     let ports = [free_port(), free_port(), free_port()];
     let blocks = [subnet(), subnet(), subnet()];
-    let text = fleet(ports, blocks);
-    let up = Up::start(dir.path(), &text, api, ports[0]);
+    let up = Up::start(dir, &fleet(ports, blocks), api, ports[0]);
     up.wait_healthy(6, Duration::from_secs(20));
+    up
+}
+
+#[test]
+fn a_deploy_goes_wave_by_wave_and_a_bad_one_never_leaves_the_first_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start(dir.path());
 
     // A good version, through both waves.
     let stop = Arc::new(AtomicBool::new(false));
@@ -191,12 +196,7 @@ fn a_deploy_goes_wave_by_wave_and_a_bad_one_never_leaves_the_first_wave() {
 #[test]
 fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let ports = [free_port(), free_port(), free_port()];
-    let blocks = [subnet(), subnet(), subnet()];
-    let text = fleet(ports, blocks);
-    let up = Up::start(dir.path(), &text, api, ports[0]);
-    up.wait_healthy(6, Duration::from_secs(20));
+    let up = start(dir.path());
     let revision = |up: &Up| up.status().and_then(|s| s.revision);
     let group = |up: &Up, g: &str| {
         up.status()

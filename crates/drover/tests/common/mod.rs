@@ -55,15 +55,24 @@ pub fn subnet() -> u8 {
 
 /// The example fleet, moved to the given ingress port and loopback block.
 pub fn fleet_text(ingress_port: u16, block: u8, desired: u32) -> String {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello/drover.toml");
+    example_text("hello", ingress_port, block)
+        .replace("desired = 3", &format!("desired = {desired}"))
+}
+
+/// `examples/NAME/drover.toml` with its ingress on `ingress_port` and its local region on
+/// `127.BLOCK.0.0/16`.
+pub fn example_text(name: &str, ingress_port: u16, block: u8) -> String {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+        .join("drover.toml");
     let text = std::fs::read_to_string(example).unwrap();
     let text = text
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{ingress_port}"))
         .replace(
             "provider = \"local\"",
             &format!("provider = \"local\"\nsubnet = \"127.{block}.0.0/16\""),
-        )
-        .replace("desired = 3", &format!("desired = {desired}"));
+        );
     assert!(text.contains(&format!("subnet = \"127.{block}.0.0/16\"")));
     text
 }
