@@ -356,10 +356,14 @@ impl Engine {
                 };
                 // Waves: a change reaches the first wave now, the others when the wave before
                 // them is done (`release_waves`); until then their plan is held.
-                // `deploy --region` holds the service's other groups by hand: an apply or a
-                // wave leaves them held; a deploy that names them (or names none) lets go.
+                // `deploy --region` holds the service's other groups by hand: a wave, or an
+                // apply that does not change the service, leaves them held; a deploy that
+                // names them (or names none), or a file that changes the service, lets go.
                 let wave = svc.rollout.wave_of(region);
-                let was_held = old.is_some_and(|g| g.record.rollout.held);
+                let service_path = format!("services.{sname}.");
+                let was_held = old.is_some_and(|g| g.record.rollout.held)
+                    && !(matches!(origin, Origin::File)
+                        && changes.iter().any(|c| c.path.starts_with(&service_path)));
                 let by_waves = !svc.rollout.waves.is_empty() && wave > 0;
                 let (held, by_hand) = match &origin {
                     Origin::Deploy { only, .. } if !only.is_empty() && only.contains(&gid) => {

@@ -257,6 +257,24 @@ fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
         "only web/b launched v2: {launched:#?}"
     );
 
+    // A file that changes the service lets the held groups go (by waves): its plan says so;
+    // the unchanged file's plan keeps them held by hand.
+    let (_, plan, _) = up.cli(&["plan", up.file.to_str().unwrap()]);
+    assert!(!plan.contains("plan web/a"), "nothing changes: {plan}");
+    let v3 = dir.path().join("v3.toml");
+    std::fs::write(
+        &v3,
+        std::fs::read_to_string(&up.file)
+            .unwrap()
+            .replace("version = \"v1\"", "version = \"v3\""),
+    )
+    .unwrap();
+    let (code, plan, err) = up.cli(&["plan", v3.to_str().unwrap()]);
+    assert_eq!(code, 0, "{plan}{err}");
+    assert!(plan.contains("plan web/a: generation 1 -> 2"), "{plan}");
+    assert!(plan.contains("plan web/c: held for wave 2"), "{plan}");
+    assert!(!plan.contains("held by hand"), "{plan}");
+
     // The same deploy without --region carries it on to the others, wave by wave (a, then c)
     // with no new revision.
     let rev = revision(&up);
