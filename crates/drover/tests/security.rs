@@ -172,6 +172,7 @@ fn an_instance_token_speaks_for_its_own_instance_only() {
     for path in [
         format!("/v1/agent/permit?instance={}", other.id),
         format!("/v1/agent/connections?instance={}", other.id),
+        format!("/v1/agent/peers?instance={}&wait_ms=0", other.id),
     ] {
         let (code, out) = http_as(up.api, "GET", &path, None, Some(&own)).unwrap();
         assert_eq!(code, 403, "{path}: {out}");
@@ -268,6 +269,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     let permit_api = format!("/v1/agent/permit?instance={api_i}");
     let conns_web = format!("/v1/agent/connections?instance={web_i}");
     let conns_api = format!("/v1/agent/connections?instance={api_i}");
+    let peers_web = format!("/v1/agent/peers?instance={web_i}&wait_ms=0");
     const U: u16 = 401;
     const F: u16 = 403;
     #[rustfmt::skip]
@@ -305,6 +307,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("GET", &permit_api, None,                                 [U, U, U, F, F, F, F, F]),
         ("GET", &conns_web, None,                                  [U, U, U, F, F, F, F, F]),
         ("GET", &conns_api, None,                                  [U, U, U, F, F, F, F, F]),
+        ("GET", &peers_web, None,                                  [U, U, U, F, F, F, F, F]),
         ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F]),
         ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404]),
         ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F]),
