@@ -392,6 +392,14 @@ mod tests {
             ask("example.com.", RecordType::A).metadata.response_code,
             ResponseCode::Refused
         );
+        // Garbage, or an answer rather than a query: no reply at all.
+        assert!(answer(b"\x12\x34garbage", &peers()).is_none());
+        let mut not_a_query = Message::response(7, OpCode::Query);
+        not_a_query.add_query(Query::query(
+            Name::from_ascii("core.drover.").unwrap(),
+            RecordType::A,
+        ));
+        assert!(answer(&not_a_query.to_vec().unwrap(), &peers()).is_none());
         // No AAAA for IPv4 peers: an empty answer, not an error.
         let m = ask("core.drover.", RecordType::AAAA);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
