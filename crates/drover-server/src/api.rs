@@ -818,6 +818,11 @@ async fn metrics(
         guards.follows()
     ));
     out.push_str(&format!(
+        "# HELP drover_api_connections API connections open now.\n# TYPE drover_api_connections gauge\ndrover_api_connections {}\n# HELP drover_api_connections_refused_total API connections closed at once: over the cap (in all, or from one address).\n# TYPE drover_api_connections_refused_total counter\ndrover_api_connections_refused_total {}\n",
+        guards.connections.open(),
+        guards.connections.refused()
+    ));
+    out.push_str(&format!(
         "# HELP drover_permit_long_polls Permit long-polls agents hold open now.\n# TYPE drover_permit_long_polls gauge\ndrover_permit_long_polls {}\n",
         e.permit_polls()
     ));

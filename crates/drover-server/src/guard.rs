@@ -17,6 +17,8 @@ pub struct Guards {
     follows: AtomicUsize,
     polls: AtomicUsize,
     per_caller: Mutex<HashMap<(Kind, String), usize>>,
+    /// The API's open connections.
+    pub connections: Arc<Connections>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,6 +96,64 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::serve::Listener as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Past the per-address cap a connection is closed at once; one that sends nothing is
+    /// closed after the first-byte timeout, one that sent a byte is kept until it has been
+    /// idle; the counts go back down as they close.
+    #[tokio::test]
+    async fn connections_are_capped_per_address_and_silent_ones_closed() {
+        let limits = ConnLimits {
+            max: 1000,
+            per_ip: 20,
+            first_byte: std::time::Duration::from_millis(300),
+            idle: std::time::Duration::from_millis(900),
+        };
+        let conns = Arc::new(Connections::with_limits(limits));
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let mut l = Capped::new(inner, conns.clone());
+        // The server side: accept and hold every admitted connection, echoing what it reads.
+        let server = tokio::spawn(async move {
+            let mut held = tokio::task::JoinSet::new();
+            loop {
+                let (mut io, _) = l.accept().await;
+                held.spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let mut clients = Vec::new();
+        for _ in 0..30 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // One talks: it stays past the first-byte timeout.
+        clients[0].write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        clients[0].read_exact(&mut b).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(conns.open(), 20);
+        assert_eq!(conns.refused(), 10);
+        // The 10 refused are closed at once (read: end of stream, or reset).
+        for c in &mut clients[20..] {
+            let r = tokio::time::timeout(std::time::Duration::from_secs(2), c.read(&mut b)).await;
+            assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+        }
+        // The silent ones go after the first-byte timeout; the talker stays until idle.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(conns.open(), 1);
+        clients[0].write_all(b"y").await.unwrap();
+        clients[0].read_exact(&mut b).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        assert_eq!(conns.open(), 0);
+        server.abort();
+    }
 
     #[test]
     fn a_caller_holds_at_most_its_limit_and_drops_give_back() {
@@ -112,5 +172,241 @@ mod tests {
         assert_eq!((g.follows(), g.polls()), (0, 0));
         assert!(g.per_caller.lock().unwrap().is_empty());
         assert!(g.hold(Kind::Follow, "t1").is_some());
+    }
+}
+
+/// Most API connections open at once, from everyone; and from one IP address. Past either, a
+/// new connection is closed at once (what the kernel accepted costs no file descriptor of the
+/// server's for long). One address holds at most a small share: thousands of idle
+/// connections from one client leave room for every agent's heartbeats.
+pub const MAX_CONNECTIONS: usize = 16_384;
+pub const MAX_CONNECTIONS_PER_IP: usize = 512;
+/// A new connection that sends nothing for this long is closed (no request, a slow loris).
+pub const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection with no byte either way for this long is closed: longer than the longest
+/// long-poll (60 s), so a held poll is never cut.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// The caps and timeouts of [`Connections`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    pub max: usize,
+    pub per_ip: usize,
+    pub first_byte: std::time::Duration,
+    pub idle: std::time::Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> ConnLimits {
+        ConnLimits {
+            max: MAX_CONNECTIONS,
+            per_ip: MAX_CONNECTIONS_PER_IP,
+            first_byte: FIRST_BYTE_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Open API connections, in all and per address.
+#[derive(Default)]
+pub struct Connections {
+    limits: ConnLimits,
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Connections {
+    pub fn with_limits(limits: ConnLimits) -> Connections {
+        Connections {
+            limits,
+            ..Default::default()
+        }
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed at once because a cap was reached, since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnHeld> {
+        let mut per = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per.entry(ip).or_default();
+        if *n >= self.limits.per_ip || self.open.load(Ordering::Relaxed) >= self.limits.max {
+            if *n == 0 {
+                per.remove(&ip);
+            }
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *n += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(ConnHeld {
+            conns: self.clone(),
+            ip,
+        })
+    }
+}
+
+struct ConnHeld {
+    conns: Arc<Connections>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ConnHeld {
+    fn drop(&mut self) {
+        self.conns.open.fetch_sub(1, Ordering::Relaxed);
+        let mut per = self.conns.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A listener that admits connections within [`MAX_CONNECTIONS`] and
+/// [`MAX_CONNECTIONS_PER_IP`] and closes those that stay silent ([`FIRST_BYTE_TIMEOUT`],
+/// [`IDLE_TIMEOUT`]).
+pub struct Capped<L> {
+    inner: L,
+    conns: Arc<Connections>,
+}
+
+impl<L> Capped<L> {
+    pub fn new(inner: L, conns: Arc<Connections>) -> Capped<L> {
+        Capped { inner, conns }
+    }
+}
+
+impl<L> axum::serve::Listener for Capped<L>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    type Io = Timed<L::Io>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (io, addr) = self.inner.accept().await;
+            match self.conns.admit(addr.ip()) {
+                Some(held) => return (Timed::new(io, held), addr),
+                None => drop(io),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that ends with an error once it has been silent too long.
+pub struct Timed<Io> {
+    io: Io,
+    idle: std::time::Duration,
+    _held: ConnHeld,
+    seen_bytes: bool,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<Io> Timed<Io> {
+    fn new(io: Io, held: ConnHeld) -> Timed<Io> {
+        let l = held.conns.limits;
+        Timed {
+            io,
+            idle: l.idle,
+            _held: held,
+            seen_bytes: false,
+            deadline: Box::pin(tokio::time::sleep(l.first_byte)),
+        }
+    }
+
+    fn activity(&mut self) {
+        self.seen_bytes = true;
+        self.deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.idle);
+    }
+
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+use std::future::Future as _;
+use std::task::Poll;
+
+fn timed_out(first: bool) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        if first {
+            "no request within the first-byte timeout"
+        } else {
+            "idle connection"
+        },
+    )
+}
+
+impl<Io: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Timed<Io> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.activity();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if self.expired(cx) {
+                    let first = !self.seen_bytes;
+                    Poll::Ready(Err(timed_out(first)))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<Io: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Timed<Io> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 && self.seen_bytes {
+                self.activity();
+            }
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -320,10 +320,11 @@ impl Server {
             stop.clone(),
         )));
         let s = stop.clone();
+        let conns = guards.connections.clone();
         let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
         match tls {
             None => tasks.push(tokio::spawn(async move {
-                let r = axum::serve(api, app)
+                let r = axum::serve(guard::Capped::new(api, conns), app)
                     .with_graceful_shutdown(async move { s.cancelled().await })
                     .await;
                 if let Err(e) = r {
@@ -334,7 +335,7 @@ impl Server {
                 let listener = tls::TlsListener::new(api, t.acceptor)
                     .map_err(|e| ServerError::Io("API address".into(), e))?;
                 tasks.push(tokio::spawn(async move {
-                    let r = axum::serve(listener, app)
+                    let r = axum::serve(guard::Capped::new(listener, conns), app)
                         .with_graceful_shutdown(async move { s.cancelled().await })
                         .await;
                     if let Err(e) = r {
