@@ -138,6 +138,31 @@ pub struct Decision {
     pub actions: Vec<Action>,
     /// Per group, the instances the balancer should send new connections to, sorted.
     pub targets: BTreeMap<String, Vec<String>>,
+    /// Groups where the server suspects itself ([`suspects_itself`]): a large share went
+    /// silent at once, so none of them is replaced until they are heard from again.
+    pub suspect: Vec<String>,
+}
+
+/// The self-suspicion guard. When at least [`SUSPECT_MIN_SILENT`] of a group's active
+/// instances, and at least [`SUSPECT_SHARE_PERCENT`] % of those that had turned healthy, are
+/// silent at the same time, the likelier cause is on the server's side (its network, its
+/// file descriptors, a stall) rather than that many machines failing at once: the server
+/// replaces none of them and keeps them in rotation, as last known, until it hears from them
+/// again (or they are reported gone by their provider). One silent instance, or a few in a
+/// large group, are replaced as usual.
+pub const SUSPECT_SHARE_PERCENT: usize = 50;
+/// See [`SUSPECT_SHARE_PERCENT`].
+pub const SUSPECT_MIN_SILENT: usize = 2;
+
+/// Whether the server should suspect itself for this group's silence, and who is silent (of
+/// the active, alive instances that had turned healthy).
+pub fn suspects_itself(list: &[&InstanceView], now: u64, t: &Timing) -> bool {
+    let heard: Vec<&&InstanceView> = list
+        .iter()
+        .filter(|i| i.alive && i.phase == Phase::Active && i.ever_healthy)
+        .collect();
+    let silent = heard.iter().filter(|i| !fresh_heartbeat(i, now, t)).count();
+    silent >= SUSPECT_MIN_SILENT && silent * 100 >= heard.len() * SUSPECT_SHARE_PERCENT
 }
 
 fn fresh_heartbeat(i: &InstanceView, now: u64, t: &Timing) -> bool {
@@ -234,9 +259,22 @@ fn reconcile_group(
     d: &mut Decision,
 ) {
     let r = &spec.rollout;
+    let suspect = suspects_itself(list, now, t);
+    // Silent, healthy when last heard, and spared by the self-suspicion guard.
+    let spared = |i: &InstanceView| {
+        suspect
+            && i.alive
+            && i.phase == Phase::Active
+            && i.ever_healthy
+            && !fresh_heartbeat(i, now, t)
+            && matches!(i.health, Health::Healthy { .. })
+    };
+    if suspect {
+        d.suspect.push(spec.group.clone());
+    }
     let mut targets: Vec<String> = list
         .iter()
-        .filter(|i| in_rotation(i, now, t))
+        .filter(|i| in_rotation(i, now, t) || spared(i))
         .map(|i| i.id.clone())
         .collect();
     targets.sort();
@@ -260,7 +298,10 @@ fn reconcile_group(
             }
             continue;
         }
-        if let Some(reason) = broken(now, spec, i, t) {
+        let silent = !fresh_heartbeat(i, now, t);
+        if let Some(reason) =
+            broken(now, spec, i, t).filter(|_| !(suspect && silent && i.ever_healthy))
+        {
             d.actions.push(Action::Terminate {
                 instance: i.id.clone(),
                 reason,
@@ -646,6 +687,70 @@ mod tests {
             }
         }
         t
+    }
+
+    /// Issue 20, item 6: two of three healthy instances silent at once: the server suspects
+    /// itself, replaces neither and keeps them in rotation; once they report again nothing
+    /// happened. One of three silent is replaced as before, and so is a pair of instances
+    /// that never turned healthy (a broken boot is not the server's fault).
+    #[test]
+    fn when_much_of_a_group_goes_silent_at_once_nothing_is_replaced() {
+        let spec = spec(3, 1, false);
+        let now = 100_000;
+        let healthy = |id: &str, last_seen: u64| InstanceView {
+            last_seen_ms: last_seen,
+            ..instance(id, 1, 0, Some(1_000))
+        };
+        let silent_at = now - TIMING.silent_after_ms - 1_000;
+        let terminated = |d: &Decision| -> Vec<String> {
+            d.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Terminate { instance, .. } => Some(instance.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let launches = |d: &Decision| {
+            d.actions
+                .iter()
+                .filter(|a| matches!(a, Action::Launch { .. }))
+                .count()
+        };
+        // Two of three silent.
+        let list = vec![
+            healthy("a", now),
+            healthy("b", silent_at),
+            healthy("c", silent_at),
+        ];
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert_eq!(terminated(&d), Vec::<String>::new(), "{d:?}");
+        assert_eq!(launches(&d), 0, "{d:?}");
+        assert_eq!(d.suspect, vec![spec.group.clone()]);
+        assert_eq!(d.targets[&spec.group], ["a", "b", "c"]);
+        // Heard from again: all is as before.
+        let list = vec![healthy("a", now), healthy("b", now), healthy("c", now)];
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert!(d.actions.is_empty() && d.suspect.is_empty(), "{d:?}");
+        // One of three silent: replaced.
+        let list = vec![
+            healthy("a", now),
+            healthy("b", now),
+            healthy("c", silent_at),
+        ];
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert_eq!(terminated(&d), ["c"]);
+        assert!(d.suspect.is_empty());
+        assert_eq!(d.targets[&spec.group], ["a", "b"]);
+        // Never healthy and silent: replaced whatever their share.
+        let booting = |id: &str| InstanceView {
+            last_seen_ms: silent_at,
+            ..instance(id, 1, 0, None)
+        };
+        let list = vec![healthy("a", now), booting("b"), booting("c")];
+        let d = reconcile(now, std::slice::from_ref(&spec), &list, &TIMING);
+        assert_eq!(terminated(&d), ["b", "c"]);
+        assert!(d.suspect.is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod waves;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
 pub use group::{
-    reconcile, Action, CanaryGate, Decision, GroupSpec, Health, InstanceView, Phase, Timing,
+    reconcile, suspects_itself, Action, CanaryGate, Decision, GroupSpec, Health, InstanceView,
+    Phase, Timing, SUSPECT_MIN_SILENT, SUSPECT_SHARE_PERCENT,
 };
 pub use schedule::{Bounds, ScheduleMemory, ScheduleStep, Schedules};

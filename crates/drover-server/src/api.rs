@@ -266,12 +266,14 @@ async fn permit(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
     Extension(bound): Extension<BoundInstance>,
+    Extension(guards): Extension<Arc<Guards>>,
     query: Result<Query<PermitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
         ServerError::BadRequest(format!("{}; parameters: instance, wait_ms", r.body_text()))
     })?;
     check_instance(&e, &caller, &bound, &q.instance)?;
+    let _held = hold_poll(&guards, &caller, &bound)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_permit(&q.instance, wait).await?).into_response())
 }
@@ -291,6 +293,7 @@ async fn peers(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
     Extension(bound): Extension<BoundInstance>,
+    Extension(guards): Extension<Arc<Guards>>,
     query: Result<Query<PeersQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
@@ -300,6 +303,7 @@ async fn peers(
         ))
     })?;
     check_instance(&e, &caller, &bound, &q.instance)?;
+    let _held = hold_poll(&guards, &caller, &bound)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.wait_peers(&q.instance, q.version, wait).await?).into_response())
 }
@@ -318,6 +322,8 @@ struct LbConfigQuery {
 /// `GET /v1/lb/config`: the balancers' long-poll.
 async fn lb_config(
     State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    Extension(guards): Extension<Arc<Guards>>,
     query: Result<Query<LbConfigQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
@@ -326,6 +332,7 @@ async fn lb_config(
             r.body_text()
         ))
     })?;
+    let _held = hold_poll(&guards, &caller, &BoundInstance(None))?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
     Ok(Json(e.balancers.wait_config(&q.epoch, q.version, wait).await).into_response())
 }
@@ -404,6 +411,31 @@ fn check_instance(
         return Err(denied());
     }
     Ok(())
+}
+
+/// A hold on one long-poll for this caller (an instance token: per instance), or 429.
+fn hold_poll(
+    guards: &Arc<Guards>,
+    caller: &Caller,
+    bound: &BoundInstance,
+) -> Result<Held, ServerError> {
+    let (kind, key, limit) = match &bound.0 {
+        Some(i) => (
+            Kind::InstancePoll,
+            format!("{}/{i}", caller.id),
+            crate::guard::POLLS_PER_INSTANCE,
+        ),
+        None => (
+            Kind::Poll,
+            caller.id.clone(),
+            crate::guard::POLLS_PER_CALLER,
+        ),
+    };
+    guards.hold(kind, &key).ok_or_else(|| {
+        ServerError::TooManyRequests(format!(
+            "this token holds {limit} long-polls already; wait for one to answer"
+        ))
+    })
 }
 
 /// Replaces the current fleet's secret values in free text.

@@ -49,6 +49,8 @@ pub struct Engine {
     permit_polls: std::sync::atomic::AtomicUsize,
     /// Controller passes so far (`/metrics`).
     passes: std::sync::atomic::AtomicU64,
+    /// Groups the self-suspicion guard holds now (drover_control::suspects_itself).
+    suspected: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Counts a held permit long-poll while it lives.
@@ -152,6 +154,7 @@ impl Engine {
             provider_errors: Mutex::new(BTreeMap::new()),
             permit_polls: Default::default(),
             passes: Default::default(),
+            suspected: Default::default(),
         })
     }
 
@@ -393,6 +396,9 @@ impl Engine {
                 let st = self.state();
                 drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
             };
+            if pass == 0 {
+                self.note_suspicion(&decision.suspect);
+            }
             targets = decision.targets;
             let frees_room = decision.actions.iter().any(|a| {
                 matches!(
@@ -1193,6 +1199,42 @@ impl Engine {
     /// Permit long-polls held open now.
     pub fn permit_polls(&self) -> usize {
         self.permit_polls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Record when the self-suspicion guard starts and stops holding a group.
+    fn note_suspicion(&self, now_suspect: &[String]) {
+        let now: std::collections::BTreeSet<String> = now_suspect.iter().cloned().collect();
+        let mut held = self.suspected.lock().unwrap_or_else(|e| e.into_inner());
+        if *held == now {
+            return;
+        }
+        let mut events = Vec::new();
+        for g in now.difference(&held) {
+            tracing::warn!(group = %g, "much of the group went silent at once: suspecting this server, replacing none of them");
+            events.push(
+                NewEvent::new(
+                    EventKind::Server,
+                    format!(
+                        "at least {}% of the group's instances (and {} or more) went silent at once: the server suspects itself and replaces none of them until it hears from them again",
+                        drover_control::SUSPECT_SHARE_PERCENT,
+                        drover_control::SUSPECT_MIN_SILENT
+                    ),
+                )
+                .group(g),
+            );
+        }
+        for g in held.difference(&now) {
+            events.push(
+                NewEvent::new(
+                    EventKind::Server,
+                    "heard from the group again: silent instances are replaced as usual",
+                )
+                .group(g),
+            );
+        }
+        *held = now;
+        drop(held);
+        self.record(events);
     }
 
     /// Controller passes ([`Engine::tick`]) so far.

@@ -7,9 +7,13 @@ use std::sync::{Arc, Mutex};
 
 /// Most follow streams (`GET /v1/events?follow=true`) one token may hold open at once.
 pub const FOLLOWS_PER_CALLER: usize = 16;
-/// Most long-polls (`/v1/agent/permit`, `/v1/lb/config`) one token may hold open at once; an
-/// agent token serves a whole group (one permit poll per instance), so this is generous.
+/// Most long-polls (`/v1/agent/permit`, `/v1/agent/peers`, `/v1/lb/config`) one token may hold
+/// open at once; a group's agent token may serve a whole group (a poll or two per instance),
+/// so this is generous.
 pub const POLLS_PER_CALLER: usize = 4096;
+/// Most long-polls one instance token may hold open at once (an agent holds two at most: its
+/// permit and its peers).
+pub const POLLS_PER_INSTANCE: usize = 8;
 
 /// Open long-lived requests.
 #[derive(Default)]
@@ -25,6 +29,8 @@ pub struct Guards {
 pub enum Kind {
     Follow,
     Poll,
+    /// A long-poll by an instance token (the caller key names the instance).
+    InstancePoll,
 }
 
 /// Held while one long-lived request is open; released on drop.
@@ -40,6 +46,7 @@ impl Guards {
         let limit = match kind {
             Kind::Follow => FOLLOWS_PER_CALLER,
             Kind::Poll => POLLS_PER_CALLER,
+            Kind::InstancePoll => POLLS_PER_INSTANCE,
         };
         let mut per = self.per_caller.lock().unwrap_or_else(|e| e.into_inner());
         let n = per.entry((kind, caller.to_string())).or_default();
@@ -58,7 +65,7 @@ impl Guards {
     fn counter(&self, kind: Kind) -> &AtomicUsize {
         match kind {
             Kind::Follow => &self.follows,
-            Kind::Poll => &self.polls,
+            Kind::Poll | Kind::InstancePoll => &self.polls,
         }
     }
 
@@ -172,6 +179,14 @@ mod tests {
         assert_eq!((g.follows(), g.polls()), (0, 0));
         assert!(g.per_caller.lock().unwrap().is_empty());
         assert!(g.hold(Kind::Follow, "t1").is_some());
+        // An instance token's long-polls: a few per instance.
+        let polls: Vec<Held> = (0..POLLS_PER_INSTANCE)
+            .map(|_| g.hold(Kind::InstancePoll, "t1/i-000001").unwrap())
+            .collect();
+        assert!(g.hold(Kind::InstancePoll, "t1/i-000001").is_none());
+        assert!(g.hold(Kind::InstancePoll, "t1/i-000002").is_some());
+        drop(polls);
+        assert!(g.hold(Kind::InstancePoll, "t1/i-000001").is_some());
     }
 }
 
