@@ -29,6 +29,22 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 /// Deepest nesting of arrays and objects accepted in a JSON body (real requests need 4).
 pub const MAX_JSON_DEPTH: usize = 32;
 
+/// Most events one `GET /v1/events` answers with (`limit` is capped to it; 0 is it).
+pub const MAX_EVENTS_PAGE: usize = 10_000;
+
+/// A store read, on a blocking thread: never on the async workers that answer heartbeats.
+async fn read<T, F>(e: &Engine, f: F) -> Result<T, ServerError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn drover_store::Store) -> Result<T, drover_store::StoreError> + Send + 'static,
+{
+    let store = e.store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|err| ServerError::Internal(format!("store read: {err}")))?
+        .map_err(ServerError::from)
+}
+
 pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>, guards: Arc<Guards>) -> Router {
     Router::new()
         .merge(crate::ui::routes())
@@ -446,7 +462,7 @@ fn scrubber(e: &Engine) -> drover_model::secret::Scrubber {
 
 async fn revisions(State(e): State<Arc<Engine>>) -> Result<Response, ServerError> {
     let sc = scrubber(&e);
-    let mut all = e.store.revisions()?;
+    let mut all = read(&e, |s| s.revisions()).await?;
     for r in &mut all {
         sc.scrub_in_place(&mut r.summary);
     }
@@ -460,7 +476,7 @@ async fn revision(
     let n: u64 = number
         .parse()
         .map_err(|_| ServerError::BadRequest(format!("revision {number:?} is not a number")))?;
-    match e.store.revision(n)? {
+    match read(&e, move |s| s.revision(n)).await? {
         Some(mut r) => {
             // Secrets never leave the server: not in the text, not in the parsed fleet.
             let sc = drover_model::secret::Scrubber::for_fleet(Some(&r.fleet));
@@ -561,10 +577,12 @@ async fn events(
     };
     let mut filter = EventFilter {
         after_seq: q.after,
-        limit: q
-            .limit
-            .unwrap_or(if q.follow { 1000 } else { 10_000 })
-            .min(100_000),
+        // Never unbounded: 0 or anything over the cap is the cap.
+        limit: match q.limit {
+            None if q.follow => 1000,
+            None | Some(0) => MAX_EVENTS_PAGE,
+            Some(n) => n.min(MAX_EVENTS_PAGE),
+        },
         group: q.group.clone(),
         instance: q.instance.clone(),
         kind,
@@ -576,7 +594,8 @@ async fn events(
     };
     if q.follow && filter.newest {
         // The newest `limit` first, then the live ones: start the stream before them.
-        let tail = e.store.events(&filter)?;
+        let f = filter.clone();
+        let tail = read(&e, move |s| s.events(&f)).await?;
         if let Some(first) = tail.first() {
             q.after = q.after.max(first.seq - 1);
             filter.after_seq = q.after;
@@ -585,7 +604,8 @@ async fn events(
     }
     let sc = scrubber(&e);
     if !q.follow {
-        let mut evs = e.store.events(&filter)?;
+        let f = filter.clone();
+        let mut evs = read(&e, move |s| s.events(&f)).await?;
         for ev in &mut evs {
             sc.scrub_in_place(&mut ev.message);
         }
@@ -599,31 +619,49 @@ async fn events(
         ))
     })?;
     let rx = e.events_tx.subscribe();
-    // Every stored event after `after` (page by page), then the live ones.
-    let mut stored = Vec::new();
-    let mut page = EventFilter {
+    // Every stored event after `after`, read a page at a time as the client takes them (off
+    // the async workers), then the live ones; deduplicated by seq where they meet.
+    let store = e.store.clone();
+    let first = EventFilter {
         limit: 1000,
         ..filter.clone()
     };
-    loop {
-        let got = e.store.events(&page)?;
-        let n = got.len();
-        if let Some(last) = got.last() {
-            page.after_seq = last.seq;
+    let backlog = futures::stream::unfold(Some(first), move |page| {
+        let store = store.clone();
+        async move {
+            let mut page = page?;
+            let f = page.clone();
+            let got = match tokio::task::spawn_blocking(move || store.events(&f)).await {
+                Ok(Ok(got)) => got,
+                Ok(Err(err)) => {
+                    tracing::warn!("events follow: reading the stored events: {err}");
+                    Vec::new()
+                }
+                Err(err) => {
+                    tracing::warn!("events follow: {err}");
+                    Vec::new()
+                }
+            };
+            let full = got.len() >= page.limit;
+            if let Some(l) = got.last() {
+                page.after_seq = l.seq;
+            }
+            Some((futures::stream::iter(got), full.then_some(page)))
         }
-        stored.extend(got);
-        if n < page.limit || stored.len() >= 1_000_000 {
-            break;
-        }
-    }
-    let last = stored.last().map(|ev| ev.seq).unwrap_or(q.after);
-    for ev in &mut stored {
-        sc.scrub_in_place(&mut ev.message);
-    }
+    })
+    .flatten();
+    let live = live_events(rx, filter, held);
     let line = if sse { sse_line } else { line };
-    let backlog = futures::stream::iter(stored.into_iter().map(line));
-    let live = live_events(rx, last, filter, sc, held, line);
-    let body = Body::from_stream(backlog.chain(live));
+    let mut last = q.after;
+    let stream = backlog.chain(live).filter_map(move |mut ev| {
+        let fresh = ev.seq > last;
+        if fresh {
+            last = ev.seq;
+            sc.scrub_in_place(&mut ev.message);
+        }
+        futures::future::ready(fresh.then(|| line(ev)))
+    });
+    let body = Body::from_stream(stream);
     let kind = if sse {
         "text/event-stream"
     } else {
@@ -639,17 +677,14 @@ async fn events(
         .into_response())
 }
 
-/// The live part of a follow stream: events after `last` that pass `filter`, scrubbed. Its task
-/// ends as soon as the client is gone (the body dropped), whether or not anything matches, or
-/// when the server stops sending events; `held` is given back then.
+/// The live part of a follow stream: events that pass `filter`. Its task ends as soon as the
+/// client is gone (the body dropped), whether or not anything matches, or when the server
+/// stops sending events; `held` is given back then.
 fn live_events(
     mut rx: tokio::sync::broadcast::Receiver<drover_model::Event>,
-    mut last: u64,
     filter: EventFilter,
-    sc: drover_model::secret::Scrubber,
     held: Held,
-    line: fn(drover_model::Event) -> Result<Bytes, Infallible>,
-) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+) -> impl futures::Stream<Item = drover_model::Event> {
     async_stream(move |tx| async move {
         let _held = held;
         loop {
@@ -660,10 +695,6 @@ fn live_events(
             };
             match got {
                 Ok(ev) => {
-                    if ev.seq <= last {
-                        continue;
-                    }
-                    last = ev.seq;
                     let keep = filter
                         .group
                         .as_ref()
@@ -673,12 +704,7 @@ fn live_events(
                             .as_ref()
                             .is_none_or(|i| ev.instance.as_ref() == Some(i))
                         && filter.kind.is_none_or(|k| ev.kind == k);
-                    if !keep {
-                        continue;
-                    }
-                    let mut ev = ev;
-                    sc.scrub_in_place(&mut ev.message);
-                    if tx.send(line(ev)).await.is_err() {
+                    if keep && tx.send(ev).await.is_err() {
                         break;
                     }
                 }
@@ -702,9 +728,10 @@ fn sse_line(ev: drover_model::Event) -> Result<Bytes, Infallible> {
 }
 
 /// A stream fed by a task through a small channel.
-fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Result<Bytes, Infallible>>
+fn async_stream<T, F, Fut>(f: F) -> impl futures::Stream<Item = T>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>) -> Fut,
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -828,7 +855,10 @@ async fn plan(
     match e.plan(&group, g)? {
         Some(mut p) => {
             // Secret env values are the instance's business only.
-            let fleet = e.store.revision(p.revision)?.map(|r| r.fleet);
+            let number = p.revision;
+            let fleet = read(&e, move |s| s.revision(number))
+                .await?
+                .map(|r| r.fleet);
             drover_model::secret::redact_plan(&mut p, fleet.as_ref());
             Ok(Json(p).into_response())
         }
@@ -917,18 +947,11 @@ mod tests {
             ..Default::default()
         };
         let held = guards.hold(Kind::Follow, "t").unwrap();
-        let mut stream = Box::pin(live_events(
-            tx.subscribe(),
-            0,
-            filter,
-            drover_model::secret::Scrubber::for_fleet(None),
-            held,
-            line,
-        ));
+        let mut stream = Box::pin(live_events(tx.subscribe(), filter, held));
         // One matching event arrives; then the client reads no more and goes.
         tx.send(event(1, EventKind::Drained)).unwrap();
-        let first = stream.next().await.unwrap().unwrap();
-        assert!(String::from_utf8_lossy(&first).contains("event 1"));
+        let first = stream.next().await.unwrap();
+        assert_eq!(first.message, "event 1");
         assert_eq!(guards.follows(), 1);
         drop(stream);
         for seq in 2..200 {

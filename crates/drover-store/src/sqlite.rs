@@ -95,9 +95,13 @@ CREATE TABLE schedules (
 /// The schema version this code writes.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// The SQLite store. One connection behind a mutex: commits are serialised.
+/// The SQLite store. One connection behind a mutex for commits (serialised), and one for
+/// reads: under WAL a reader sees the last commit and never waits for a writer's fsync, so
+/// a reader (the API) cannot stall the controller's writes, nor they it.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// None in memory (one connection is the whole database there).
+    read: Option<Mutex<Connection>>,
 }
 
 impl SqliteStore {
@@ -111,7 +115,15 @@ impl SqliteStore {
             other => other,
         };
         let conn = Connection::open(path).map_err(|e| with_path(e.into()))?;
-        let store = SqliteStore::init(conn).map_err(with_path)?;
+        let mut store = SqliteStore::init(conn).map_err(with_path)?;
+        let read = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| with_path(e.into()))?;
+        read.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| with_path(e.into()))?;
+        store.read = Some(Mutex::new(read));
         tracing::debug!(path = %path.display(), "store opened");
         Ok(store)
     }
@@ -131,12 +143,21 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            read: None,
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock dropped its transaction, which rolled back.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection for reads (the write connection in memory).
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        match &self.read {
+            Some(r) => r.lock().unwrap_or_else(|e| e.into_inner()),
+            None => self.conn(),
+        }
     }
 }
 
@@ -527,7 +548,7 @@ impl Store for SqliteStore {
     }
 
     fn revision(&self, number: u64) -> Result<Option<Revision>, StoreError> {
-        self.conn()
+        self.reader()
             .query_row(
                 &format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE number = ?1"),
                 [number],
@@ -539,18 +560,24 @@ impl Store for SqliteStore {
     }
 
     fn revisions(&self) -> Result<Vec<RevisionSummary>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {REVISION_COLUMNS} FROM revisions ORDER BY number"
-        ))?;
-        let rows = stmt.query_map([], revision_row)?;
-        Ok(rows
-            .map(|r| r.map(|(s, _, _, _)| s))
-            .collect::<Result<_, _>>()?)
+        // The summaries only: the bodies (fleet file, parsed fleet) are never read here.
+        let conn = self.reader();
+        let mut stmt = conn.prepare(
+            "SELECT number, applied_at_ms, file, summary FROM revisions ORDER BY number",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok(RevisionSummary {
+                number: row.get(0)?,
+                applied_at_ms: row.get(1)?,
+                file: row.get(2)?,
+                summary: row.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, StoreError> {
-        self.conn()
+        self.reader()
             .query_row(
                 "SELECT plan FROM plans WHERE grp = ?1 AND generation = ?2",
                 params![group, generation],
@@ -594,7 +621,7 @@ impl Store for SqliteStore {
                 args.push(Value::Integer(clamp_i64(filter.limit as u64)));
             }
         }
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args), event_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -623,14 +650,14 @@ impl Store for SqliteStore {
     }
 
     fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare("SELECT plan FROM plans ORDER BY grp, generation")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         rows.map(|text| from_json("plan", &text?)).collect()
     }
 
     fn tokens(&self) -> Result<Vec<crate::TokenRecord>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT id, name, scope, grp, hash, created_at_ms, revoked_at_ms FROM tokens ORDER BY id",
         )?;

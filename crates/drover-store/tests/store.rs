@@ -166,3 +166,56 @@ fn one_off_schedules_survive_a_reopen_and_are_replaced_by_id() {
     assert_eq!(s[0], once);
     assert_eq!((s[1].id, s[1].cancelled_ms), (2, Some(9)));
 }
+
+/// Issue 20, item 1: reads have a connection of their own. While one large commit is being
+/// written (the write connection held), events and revisions are read at once, and see the
+/// last commit, not the one in progress.
+#[test]
+fn reads_do_not_wait_for_a_commit_in_progress() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).unwrap());
+    store.commit(vec![revision_write("first")], 1).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (store, done) = (store.clone(), done.clone());
+        std::thread::spawn(move || {
+            // A commit that takes a long while: 100,000 events of 512 bytes.
+            let big: Vec<Write> = (0..100_000)
+                .map(|i| {
+                    Write::Event(drover_model::NewEvent::new(
+                        drover_model::EventKind::Healthy,
+                        format!("{i} {}", "x".repeat(512)),
+                    ))
+                })
+                .collect();
+            store.commit(big, 2).unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut reads = 0;
+    while !done.load(Ordering::SeqCst) && reads < 20 {
+        assert_eq!(store.revisions().unwrap().len(), 1);
+        let evs = store.events(&drover_store::EventFilter::default()).unwrap();
+        assert!(evs.is_empty(), "a read saw a commit in progress");
+        reads += 1;
+    }
+    let finished_first = done.load(Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(
+        reads == 20 && !finished_first,
+        "the reads waited for the commit ({reads} done before it ended)"
+    );
+    assert_eq!(
+        store
+            .events(&drover_store::EventFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .len(),
+        10
+    );
+}
