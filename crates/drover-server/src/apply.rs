@@ -37,12 +37,28 @@ const DEFAULT_BOOT_MS: u64 = 3_000;
 impl Engine {
     /// Validate, diff and store a fleet file as a new revision. Nothing changes on error.
     pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
+        // Artifacts are fetched before the lock: a slow host holds up this apply only.
+        if !req.dry_run {
+            if let Ok(fleet) = drover_model::parse_fleet(&req.toml, &req.file) {
+                crate::artifact::prefetch(&fleet).await;
+            }
+        }
         let _w = self.write_lock.lock().await;
         self.apply_locked(req, Origin::File).await
     }
 
     /// Make `version` preferred for one component of a service.
     pub async fn deploy(&self, req: DeployRequest) -> Result<ApplyResponse, ServerError> {
+        // The file as it will be, to fetch its new artifacts before the lock (if the revision
+        // changes meanwhile, the check under the lock fetches what is still missing).
+        if let Some(rev) = self.current_revision().filter(|_| !req.dry_run) {
+            let pair = [(req.component.clone(), req.version.clone())];
+            if let Ok(toml) = set_versions(&rev.toml, &req.service, &pair) {
+                if let Ok(fleet) = drover_model::parse_fleet(&toml, &rev.file) {
+                    crate::artifact::prefetch(&fleet).await;
+                }
+            }
+        }
         let _w = self.write_lock.lock().await;
         let rev = self.current_revision().ok_or_else(|| {
             ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
