@@ -114,8 +114,9 @@ impl LocalProvider {
                 .arg("--server-ca-sha256")
                 .arg(&ca.sha256);
         }
-        // An operator's token in the server's environment must not reach instances.
-        cmd.env_remove("DROVER_TOKEN");
+        // The server's environment holds its own secrets (DROVER_TOKEN, registry and etcd
+        // passwords, cloud keys): an agent, and so its components, get only the allow-list.
+        cmd.env_clear().envs(agent_env(std::env::vars()));
         cmd.arg("--instance")
             .arg(&req.instance)
             .arg("--group")
@@ -365,6 +366,34 @@ fn process_running(pid: u32) -> bool {
     }
 }
 
+/// Variables of the server's environment an agent (and so its components) inherits: what a
+/// process needs to run (search path, locale, time zone, temporary directory, home), the
+/// agent's log settings and how to reach Docker. Nothing else: the server's environment holds
+/// secrets (`DROVER_TOKEN`, `DROVER_REGISTRY_PASSWORD`, `DROVER_ETCD_PASSWORD`, `AWS_*`).
+pub const AGENT_ENV_ALLOW: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "NO_COLOR",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "XDG_RUNTIME_DIR",
+];
+
+/// The allowed part of `vars` ([`AGENT_ENV_ALLOW`], and `LC_*`).
+pub fn agent_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    vars.filter(|(k, _)| AGENT_ENV_ALLOW.contains(&k.as_str()) || k.starts_with("LC_"))
+        .collect()
+}
+
 /// Kill agents recorded in `DATA/instances/*/agent.pid` that are still running as
 /// `drover agent` for that directory. Returns how many were killed.
 pub fn reap_leftovers(data_dir: &Path) -> usize {
@@ -389,6 +418,26 @@ pub fn reap_leftovers(data_dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_inherit_only_the_allow_list() {
+        let vars = [
+            ("PATH", "/usr/bin"),
+            ("LC_ALL", "C.UTF-8"),
+            ("DROVER_TOKEN", "drover_admin_x"),
+            ("DROVER_REGISTRY_PASSWORD", "p"),
+            ("DROVER_ETCD_PASSWORD", "p"),
+            ("AWS_SECRET_ACCESS_KEY", "k"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("RUST_LOG", "debug"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let got: Vec<String> = agent_env(vars.into_iter())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, ["PATH", "LC_ALL", "RUST_LOG"]);
+    }
 
     #[test]
     fn agents_are_recognized_by_their_command_line() {
