@@ -197,6 +197,35 @@ fn bind_api(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(API_BACKLOG)
 }
 
+/// Take `DATA/server.lock` (an exclusive `flock`, released when the process ends, however
+/// it ends), or say which process holds it.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.join("server.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| ServerError::Io(path.display().to_string(), e))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        return Err(ServerError::Conflict(format!(
+            "another drover server (pid {}) uses the data directory {}: stop it first, or use another --data-dir",
+            holder.trim(),
+            dir.display()
+        )));
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(f)
+}
+
 /// A running server.
 pub struct Server {
     pub engine: Arc<Engine>,
@@ -213,6 +242,8 @@ pub struct Server {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Supervises the balancer process; it stops that process only if tied to the server.
     lb_task: Option<tokio::task::JoinHandle<()>>,
+    /// The data directory's lock (`DATA/server.lock`), held while the server runs.
+    _data_lock: std::fs::File,
     own_instances: bool,
 }
 
@@ -224,8 +255,20 @@ impl Server {
         // The data directory holds tokens, keys and secrets: its owner's only.
         {
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
+            std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| {
+                    ServerError::Io(
+                        format!(
+                            "cannot make the data directory {} private (mode 0700)",
+                            cfg.data_dir.display()
+                        ),
+                        e,
+                    )
+                })?;
         }
+        // One server per data directory: a second one would launch and replace the first
+        // one's instances, and write the same store.
+        let data_lock = lock_data_dir(&cfg.data_dir)?;
         let store: Box<dyn Store> = match &cfg.store {
             None => Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?),
             Some(spec) => {
@@ -382,6 +425,7 @@ impl Server {
             tasks,
             lb_task,
             own_instances,
+            _data_lock: data_lock,
         })
     }
 
@@ -506,6 +550,23 @@ impl ProviderFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 20, item 10: one server per data directory. A second is refused, naming the
+    /// first one's pid; once the first is gone (its lock goes with its process) it may start.
+    #[test]
+    fn a_data_directory_takes_one_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_data_dir(dir.path()).unwrap();
+        let err = lock_data_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, ServerError::Conflict(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())) && msg.contains("--data-dir"),
+            "{msg}"
+        );
+        drop(first);
+        lock_data_dir(dir.path()).unwrap();
+    }
 
     /// Connections the kernel completes for the API before the server accepts any: more than
     /// tokio's default backlog of 1024 (as many as `net.core.somaxconn` allows).
