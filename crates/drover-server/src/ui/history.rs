@@ -34,10 +34,14 @@ pub struct Sample {
     pub target: Option<f64>,
 }
 
+/// Rollout events kept per group (canary numbers and verdicts among them).
+pub const ROLLOUT_EVENTS: usize = 30;
+
 #[derive(Default)]
 pub struct History {
     samples: Mutex<BTreeMap<String, VecDeque<Sample>>>,
     recent: Mutex<(u64, VecDeque<Event>)>,
+    rollouts: Mutex<BTreeMap<String, VecDeque<Event>>>,
 }
 
 impl History {
@@ -61,6 +65,9 @@ impl History {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if ev.seq <= r.0 {
             return;
+        }
+        if let (EventKind::Rollout, Some(g)) = (ev.kind, &ev.group) {
+            self.push_rollout(g.clone(), ev.clone());
         }
         r.0 = ev.seq;
         r.1.push_back(ev);
@@ -90,60 +97,27 @@ impl History {
         }
     }
 
-    /// A group's rollout events (canary numbers and verdicts among them), newest last.
-    pub fn rollout_events(&self, e: &Engine, group: &str) -> Result<Vec<Event>, ServerError> {
-        let last = self.recent().0;
-        let mut evs = e.store.events(&EventFilter {
-            after_seq: last.saturating_sub(20_000),
-            limit: 0,
-            group: Some(group.to_string()),
-            instance: None,
-            kind: Some(EventKind::Rollout),
-            ..Default::default()
-        })?;
-        let keep = evs.len().saturating_sub(30);
-        evs.drain(..keep);
-        let sc = drover_model::secret::Scrubber::for_fleet(
-            e.state().revision.as_ref().map(|r| &r.fleet),
-        );
-        for ev in &mut evs {
-            sc.scrub_in_place(&mut ev.message);
+    fn push_rollout(&self, group: String, ev: Event) {
+        let mut all = self.rollouts.lock().unwrap_or_else(|e| e.into_inner());
+        let d = all.entry(group).or_default();
+        if d.back().is_some_and(|last| last.seq >= ev.seq) {
+            return;
         }
-        Ok(evs)
+        d.push_back(ev);
+        while d.len() > ROLLOUT_EVENTS {
+            d.pop_front();
+        }
     }
-}
 
-/// The seq of the newest stored event, found in about 2·log2(seq) indexed look-ups.
-fn newest_seq(e: &Engine) -> Result<u64, ServerError> {
-    let exists_after = |after: u64| -> Result<bool, ServerError> {
-        Ok(!e
-            .store
-            .events(&EventFilter {
-                after_seq: after,
-                limit: 1,
-                ..Default::default()
-            })?
-            .is_empty())
-    };
-    if !exists_after(0)? {
-        return Ok(0);
+    /// A group's rollout events (canary numbers and verdicts among them), oldest first.
+    pub fn rollout_events(&self, group: &str) -> Vec<Event> {
+        self.rollouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default()
     }
-    // An event exists after `lo`, none after `hi`.
-    let mut lo = 0u64;
-    let mut hi = 1u64;
-    while exists_after(hi)? {
-        lo = hi;
-        hi = hi.saturating_mul(2);
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if exists_after(mid)? {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(hi)
 }
 
 /// Keep the history until `stop`: the newest events as they are published, and a sample of
@@ -153,15 +127,27 @@ pub async fn run(e: Arc<Engine>, ui: Arc<super::Ui>, stop: CancellationToken) {
     // The newest stored events first (published ones after that are deduplicated by seq).
     let (e2, ui2) = (e.clone(), ui.clone());
     let backfill = tokio::task::spawn_blocking(move || -> Result<(), ServerError> {
-        let last = newest_seq(&e2)?;
-        let evs = e2.store.events(&EventFilter {
-            after_seq: last.saturating_sub(RECENT as u64),
-            limit: RECENT,
-            ..Default::default()
-        })?;
         let sc = drover_model::secret::Scrubber::for_fleet(
             e2.state().revision.as_ref().map(|r| &r.fleet),
         );
+        // Each group's latest rollout events, from the newest 5,000 of them.
+        let rollouts = e2.store.events(&EventFilter {
+            limit: 5_000,
+            kind: Some(EventKind::Rollout),
+            newest: true,
+            ..Default::default()
+        })?;
+        for mut ev in rollouts {
+            if let Some(g) = ev.group.clone() {
+                sc.scrub_in_place(&mut ev.message);
+                ui2.history.push_rollout(g, ev);
+            }
+        }
+        let evs = e2.store.events(&EventFilter {
+            limit: RECENT,
+            newest: true,
+            ..Default::default()
+        })?;
         for mut ev in evs {
             sc.scrub_in_place(&mut ev.message);
             ui2.history.push_event(ev);
@@ -175,9 +161,12 @@ pub async fn run(e: Arc<Engine>, ui: Arc<super::Ui>, stop: CancellationToken) {
     }
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Between ticks, a change (an event of a group) is sampled within a second.
+    // Between ticks, a change of a desired count is sampled within a second (not every
+    // event: a status of the whole fleet costs O(instances)).
     let mut soon = tokio::time::interval(Duration::from_secs(1));
     let mut changed = false;
+    // The scrubber of the current revision, made again only when the revision changes.
+    let mut scrubber: Option<(Option<u64>, drover_model::secret::Scrubber)> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -193,11 +182,17 @@ pub async fn run(e: Arc<Engine>, ui: Arc<super::Ui>, stop: CancellationToken) {
             }
             got = rx.recv() => match got {
                 Ok(mut ev) => {
-                    changed |= ev.group.is_some();
-                    let sc = drover_model::secret::Scrubber::for_fleet(
-                        e.state().revision.as_ref().map(|r| &r.fleet),
-                    );
-                    sc.scrub_in_place(&mut ev.message);
+                    changed |= ev.kind == EventKind::Scaled;
+                    let current = e.state().revision.as_ref().map(|r| r.number);
+                    if scrubber.as_ref().is_none_or(|(n, _)| *n != current) {
+                        let sc = drover_model::secret::Scrubber::for_fleet(
+                            e.state().revision.as_ref().map(|r| &r.fleet),
+                        );
+                        scrubber = Some((current, sc));
+                    }
+                    if let Some((_, sc)) = &scrubber {
+                        sc.scrub_in_place(&mut ev.message);
+                    }
                     ui.history.push_event(ev);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,

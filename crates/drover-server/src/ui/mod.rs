@@ -471,11 +471,17 @@ pub struct Summary {
     pub now_ms: u64,
 }
 
-fn state_name(s: InstanceState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{s:?}").to_lowercase())
+/// An instance state's name as the API spells it.
+fn state_name(s: InstanceState) -> &'static str {
+    match s {
+        InstanceState::Launching => "launching",
+        InstanceState::Booting => "booting",
+        InstanceState::Healthy => "healthy",
+        InstanceState::Unhealthy => "unhealthy",
+        InstanceState::Silent => "silent",
+        InstanceState::Draining => "draining",
+        InstanceState::Terminating => "terminating",
+    }
 }
 
 fn bar(e: &Engine, g: &GroupStatus, now: u64) -> Option<RolloutBar> {
@@ -510,7 +516,7 @@ fn bar(e: &Engine, g: &GroupStatus, now: u64) -> Option<RolloutBar> {
 fn summarize(e: &Engine, ui: &Ui, mut g: GroupStatus, now: u64) -> GroupSummary {
     let mut states = std::collections::BTreeMap::new();
     for i in &g.instances {
-        *states.entry(state_name(i.state)).or_insert(0) += 1;
+        *states.entry(state_name(i.state).to_string()).or_insert(0) += 1;
     }
     let instance_count = g.instances.len();
     g.instances = Vec::new();
@@ -634,15 +640,39 @@ async fn group_page(
         .skip((page - 1) * per_page)
         .take(per_page)
         .collect();
-    let plan = match e.plan(&id, generation)? {
-        Some(mut p) => {
-            let fleet = e.store.revision(p.revision)?.map(|r| r.fleet);
-            drover_model::secret::redact_plan(&mut p, fleet.as_ref());
-            serde_json::to_value(&p).ok()
-        }
-        None => None,
+    // The current plan is in memory, and so is the revision it was (almost always) made from.
+    let current = {
+        let st = e.state();
+        st.groups
+            .get(&id)
+            .filter(|g| g.record.generation == generation)
+            .map(|g| g.plan.clone())
+            .map(|p| {
+                let fleet = st
+                    .revision
+                    .as_ref()
+                    .filter(|r| r.number == p.revision)
+                    .map(|r| r.fleet.clone());
+                (p, fleet)
+            })
     };
-    let rollout_events = ui.history.rollout_events(&e, &id)?;
+    let found = match current {
+        Some((p, Some(fleet))) => Some((p, Some(fleet))),
+        Some((p, None)) => {
+            let fleet = e.store.revision(p.revision)?.map(|r| r.fleet);
+            Some((p, fleet))
+        }
+        None => e.plan(&id, generation)?.map(|p| (p, None)),
+    };
+    let plan = found.and_then(|(mut p, fleet)| {
+        let fleet = match fleet {
+            Some(f) => Some(f),
+            None => e.store.revision(p.revision).ok().flatten().map(|r| r.fleet),
+        };
+        drover_model::secret::redact_plan(&mut p, fleet.as_ref());
+        serde_json::to_value(&p).ok()
+    });
+    let rollout_events = ui.history.rollout_events(&id);
     Ok(axum::Json(GroupPage {
         group: summary,
         instances,

@@ -516,10 +516,11 @@ function eventsPage(params) {
   let tbody = null;
   const keep = (e) => (!f.group || e.group === f.group) && (!f.instance || e.instance === f.instance) && (!f.kind || e.kind === f.kind);
   async function load() {
-    const qs = new URLSearchParams({ after: String(Math.max(0, S.lastSeq - 5000)), limit: "5000" });
+    // The newest 500 that match, however far back.
+    const qs = new URLSearchParams({ limit: "500", newest: "true" });
     for (const [k, v] of Object.entries(f)) if (v) qs.set(k, v);
     const evs = await api("/v1/events?" + qs);
-    render(evs.slice(-500));
+    render(evs);
   }
   function render(evs) {
     const form = h("form", { class: "filters", id: "event-filters", "aria-label": "filter events" },
@@ -536,11 +537,14 @@ function eventsPage(params) {
     });
     const table = eventsTable(evs.slice().reverse(), "events");
     tbody = table.querySelector("tbody");
+    // Those that arrived live while the page was loading.
+    const top = evs.length ? evs[evs.length - 1].seq : 0;
+    for (const e of S.events) if (e.seq > top && keep(e)) tbody.prepend(eventRow(e));
     root.replaceChildren(h("h1", {}, "Events"), form,
       h("p", { class: "muted" }, "Newest first; new ones appear as they happen."), table);
   }
   return { name: "events", el: root, refresh: async () => { if (!tbody) await load(); },
-    onEvent: (e) => { if (tbody && keep(e)) { const row = eventRow(e); row.classList.add("fresh"); tbody.prepend(row); } } };
+    onEvent: (e) => { if (tbody && keep(e) && !tbody.querySelector(`tr[data-seq="${e.seq}"]`)) { const row = eventRow(e); row.classList.add("fresh"); tbody.prepend(row); } } };
 }
 
 // ---------------------------------------------------------------- history page
