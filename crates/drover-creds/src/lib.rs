@@ -14,6 +14,8 @@ use drover_model::image::{config_auth, ConfigAuth};
 
 /// How long a credential helper may take to answer.
 pub const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most bytes of a helper's output read (each of stdout and stderr).
+const HELPER_OUTPUT_MAX: u64 = 1 << 20;
 
 /// Where credentials come from.
 #[derive(Clone, Debug, Default)]
@@ -97,6 +99,30 @@ impl Sources {
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(server.as_bytes());
         }
+        // Its output is read while it runs (a helper that prints more than a pipe holds would
+        // block on it otherwise), up to HELPER_OUTPUT_MAX bytes each.
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(p) = pipe {
+                    use std::io::Read;
+                    let _ = p.take(HELPER_OUTPUT_MAX).read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out_reader = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        );
+        let err_reader = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        );
         // A helper that hangs (a locked keychain waiting for a prompt) must not hang the
         // caller: it gets HELPER_TIMEOUT, then it is killed.
         let timeout = self.helper_timeout.unwrap_or(HELPER_TIMEOUT);
@@ -118,9 +144,14 @@ impl Sources {
                 Err(e) => return Err(format!("cannot run `{program} get`: {e}")),
             }
         }
-        let out = child
-            .wait_with_output()
+        let status = child
+            .wait()
             .map_err(|e| format!("cannot run `{program} get`: {e}"))?;
+        let out = std::process::Output {
+            status,
+            stdout: out_reader.join().unwrap_or_default(),
+            stderr: err_reader.join().unwrap_or_default(),
+        };
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             let said = format!(
@@ -234,6 +265,27 @@ mod tests {
             .credentials("docker.io")
             .unwrap_err()
             .contains("identity token"));
+    }
+
+    /// Issue 20, item 11: a helper that prints more than a pipe holds (64 KiB) answers; it
+    /// used to block on its output until it was killed as hanging.
+    #[test]
+    fn a_helper_with_a_large_answer_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pad = "x".repeat(200_000);
+        helper(
+            dir.path(),
+            "big",
+            &format!(
+                r#"cat >/dev/null; echo '{{"Username":"alice","Secret":"pw","Pad":"{pad}"}}'"#
+            ),
+        );
+        let mut src = sources(dir.path(), r#"{"credsStore": "big"}"#);
+        src.helper_timeout = Some(std::time::Duration::from_secs(5));
+        assert_eq!(
+            src.credentials("ghcr.io").unwrap(),
+            Some(("alice".into(), "pw".into()))
+        );
     }
 
     #[test]

@@ -291,6 +291,9 @@ impl Auth {
     /// Revoke a token: refused from now on. Revoking a group's current agent token makes a
     /// new one for the instances launched from now on.
     pub async fn revoke(&self, engine: &Engine, id: &str) -> Result<TokenInfo, ServerError> {
+        // One change of the token set at a time: two revokes of the last two admin tokens
+        // cannot both see the other one still there.
+        let guard = self.create.lock().await;
         let info = self
             .list()
             .into_iter()
@@ -337,6 +340,7 @@ impl Auth {
                 }
             }
         }
+        drop(guard);
         if let (TokenScope::Agent, Some(g)) = (info.scope, &info.group) {
             self.credentials.remove_token(g);
             self.ensure_agent_tokens(engine, [g.as_str()]).await?;

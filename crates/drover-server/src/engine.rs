@@ -2000,6 +2000,37 @@ command = "/bin/true"
         );
     }
 
+    /// Issue 20, item 11: two revokes at once of the last two admin tokens (each commit slow)
+    /// leave one: the second sees the first done and is refused.
+    #[tokio::test]
+    async fn concurrent_revokes_never_leave_no_admin_token() {
+        use drover_model::token::TokenScope;
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::from_millis(150));
+        let a = e
+            .auth()
+            .create(&e, TokenScope::Admin, None, None)
+            .await
+            .unwrap();
+        let b = e
+            .auth()
+            .create(&e, TokenScope::Admin, None, None)
+            .await
+            .unwrap();
+        let (ra, rb) = tokio::join!(
+            e.auth().revoke(&e, &a.info.id),
+            e.auth().revoke(&e, &b.info.id)
+        );
+        assert!(ra.is_ok() != rb.is_ok(), "{ra:?} {rb:?}");
+        let left = e
+            .auth()
+            .list()
+            .into_iter()
+            .filter(|t| t.scope == TokenScope::Admin && t.revoked_at_ms.is_none())
+            .count();
+        assert_eq!(left, 1);
+    }
+
     #[tokio::test]
     async fn silence_after_a_restart_counts_from_when_the_api_answers() {
         let dir = tempfile::tempdir().unwrap();

@@ -91,7 +91,8 @@ impl Access {
                 .with_context(|| format!("cannot read the CA {}", ca.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
-            b = b.add_root_certificate(cert);
+            // The given CA only: not the public roots as well.
+            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
         }
         if self.insecure {
             eprintln!(

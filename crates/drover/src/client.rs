@@ -349,7 +349,7 @@ impl Client {
                 seen = seen.max(e.seq);
                 if let Some((g, _)) = e.message.split_once(" removed: ") {
                     if pending.remove(g) && !self.json {
-                        println!("{}", e.message);
+                        println!("{}", crate::render::printable(&e.message));
                     }
                 }
             }

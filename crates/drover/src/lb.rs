@@ -358,7 +358,8 @@ fn http_client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
             std::fs::read(ca).with_context(|| format!("cannot read the CA {}", ca.display()))?;
         let cert = reqwest::Certificate::from_pem(&pem)
             .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
-        b = b.add_root_certificate(cert);
+        // The given CA only: not the public roots as well.
+        b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
     }
     b.build().context("cannot build the HTTP client")
 }

@@ -282,6 +282,25 @@ fn scaling(g: &drover_model::api::GroupStatus) -> String {
     }
 }
 
+/// `s` safe for a terminal: control characters (escape sequences, carriage returns, bells:
+/// what an agent or a component may put in a message) shown as `\u{..}`, not sent.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 pub fn event_line(e: &Event) -> String {
     format!(
         "{:>6}  {}  {:<12} {:<12} {:<9} {}",
@@ -290,7 +309,7 @@ pub fn event_line(e: &Event) -> String {
         e.kind.as_str(),
         e.group.as_deref().unwrap_or("-"),
         e.instance.as_deref().unwrap_or("-"),
-        e.message
+        printable(&e.message)
     )
 }
 
@@ -303,7 +322,7 @@ pub fn events(events: &[Event]) -> String {
             e.kind.as_str().to_string(),
             e.group.clone().unwrap_or_else(|| "-".into()),
             e.instance.clone().unwrap_or_else(|| "-".into()),
-            e.message.clone(),
+            printable(&e.message).into_owned(),
         ]);
     }
     t.to_string()
@@ -541,5 +560,31 @@ mod tests {
     fn formats_utc_time() {
         assert_eq!(super::time(0), "1970-01-01 00:00:00");
         assert_eq!(super::time(1_795_627_101_000), "2026-11-25 17:18:21");
+    }
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::*;
+
+    /// Issue 20, item 11: agent-supplied text reaches the terminal without its escapes.
+    #[test]
+    fn event_text_is_printed_without_control_characters() {
+        let e = Event {
+            seq: 1,
+            at_ms: 0,
+            kind: drover_model::EventKind::Unhealthy,
+            group: None,
+            instance: None,
+            message: "app is unhealthy (\u{1b}]0;pwned\u{7}\u{1b}[2J\rok)".into(),
+        };
+        for out in [event_line(&e), events(std::slice::from_ref(&e))] {
+            assert!(
+                !out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\r'),
+                "{out:?}"
+            );
+            assert!(out.contains("\\u{1b}"), "{out}");
+        }
+        assert_eq!(printable("plain"), "plain");
     }
 }
