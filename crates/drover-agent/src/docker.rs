@@ -307,7 +307,7 @@ async fn sweep_orphans(docker: Docker, own_dir: String) {
                 let Some(dir) = labels.get(LABEL_DIR) else {
                     continue;
                 };
-                if *dir == own_dir || agent_alive(Path::new(dir)) {
+                if *dir == own_dir || !orphaned(Path::new(dir)) {
                     continue;
                 }
                 seen.insert(id.clone());
@@ -331,6 +331,18 @@ async fn sweep_orphans(docker: Docker, own_dir: String) {
             dead_since.retain(|id, _| seen.contains(id));
         }
         tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+/// Whether the containers labelled with agent directory `dir` are orphans: its lock file can
+/// be opened and nobody holds it, or the directory is gone altogether. A lock file that
+/// exists but cannot be opened (another user's, another installation's) says nothing: those
+/// containers are left alone.
+pub fn orphaned(dir: &Path) -> bool {
+    match File::open(dir.join(LOCK_FILE)) {
+        Ok(_) => !agent_alive(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => !dir.exists(),
+        Err(_) => false,
     }
 }
 
@@ -1207,6 +1219,26 @@ mod tests {
         );
         assert_eq!(parse_rfc3339_ns("0001-01-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339_ns("garbage"), None);
+    }
+
+    /// Issue 20, item 10: containers whose agent directory's lock cannot be opened are not
+    /// swept; those of a free lock, or of a directory that is gone, are.
+    #[test]
+    fn only_provable_orphans_are_swept() {
+        let d = tempfile::tempdir().unwrap();
+        // Not a directory: its lock file cannot be opened (ENOTDIR), and it exists.
+        let file = d.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(!orphaned(&file));
+        // Gone altogether.
+        assert!(orphaned(&d.path().join("gone")));
+        // A directory without a lock file: an agent may be starting there.
+        let empty = d.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(!orphaned(&empty));
+        // A free lock.
+        std::fs::write(empty.join(LOCK_FILE), b"").unwrap();
+        assert!(orphaned(&empty));
     }
 
     #[test]

@@ -70,6 +70,15 @@ pub(crate) fn random_bytes() -> Result<[u8; 32], ServerError> {
     Ok(b)
 }
 
+/// A new random secret of a scope other than `agent`.
+fn new_secret(scope: TokenScope) -> Result<String, ServerError> {
+    Ok(format!(
+        "drover_{}_{}",
+        scope.as_str(),
+        hex::encode(random_bytes()?)
+    ))
+}
+
 fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
     drover_model::token::hmac_sha256(key, msg)
 }
@@ -226,6 +235,18 @@ impl Auth {
         name: Option<String>,
         group: Option<String>,
     ) -> Result<CreateTokenResponse, ServerError> {
+        self.create_with(engine, scope, name, group, None).await
+    }
+
+    /// [`Auth::create`], with the secret given (an admin or read token) or made.
+    pub(crate) async fn create_with(
+        &self,
+        engine: &Engine,
+        scope: TokenScope,
+        name: Option<String>,
+        group: Option<String>,
+        secret: Option<String>,
+    ) -> Result<CreateTokenResponse, ServerError> {
         let name = name.unwrap_or_else(|| scope.as_str().to_string());
         if name.len() > 100 || name.chars().any(char::is_control) {
             return Err(ServerError::BadRequest(
@@ -248,9 +269,10 @@ impl Auth {
         }
         let _guard = self.create.lock().await;
         let id = self.next_id();
-        let token = match scope {
-            TokenScope::Agent => self.agent_secret(&id),
-            _ => format!("drover_{}_{}", scope.as_str(), hex::encode(random_bytes()?)),
+        let token = match (scope, secret) {
+            (TokenScope::Agent, _) => self.agent_secret(&id),
+            (_, Some(s)) => s,
+            _ => new_secret(scope)?,
         };
         let info = TokenInfo {
             id: id.clone(),
@@ -393,6 +415,23 @@ impl Auth {
         engine: &Engine,
         data_dir: &Path,
     ) -> Result<Option<PathBuf>, ServerError> {
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        let pending = data_dir.join(format!("{ADMIN_TOKEN_FILE}.new"));
+        // The file is written before the token is committed, and renamed once it is: a crash
+        // in between leaves the pending file, taken here on the next start, never a stored
+        // admin token that nobody has.
+        if let Ok(text) = std::fs::read_to_string(&pending) {
+            let stored = HeaderValue::from_str(&format!("Bearer {}", text.trim()))
+                .ok()
+                .and_then(|v| self.authenticate(Some(&v)).ok())
+                .is_some_and(|c| c.scope == TokenScope::Admin);
+            if stored {
+                std::fs::rename(&pending, &path)
+                    .map_err(|e| ServerError::Io(path.display().to_string(), e))?;
+                return Ok(Some(path));
+            }
+            let _ = std::fs::remove_file(&pending);
+        }
         let any = self
             .list()
             .iter()
@@ -400,16 +439,18 @@ impl Auth {
         if any {
             return Ok(None);
         }
-        let made = self
-            .create(
-                engine,
-                TokenScope::Admin,
-                Some("admin (made on first start)".into()),
-                None,
-            )
-            .await?;
-        let path = data_dir.join(ADMIN_TOKEN_FILE);
-        crate::tls::write_private(&path, format!("{}\n", made.token).as_bytes())?;
+        let secret = new_secret(TokenScope::Admin)?;
+        crate::tls::write_private(&pending, format!("{secret}\n").as_bytes())?;
+        self.create_with(
+            engine,
+            TokenScope::Admin,
+            Some("admin (made on first start)".into()),
+            None,
+            Some(secret),
+        )
+        .await?;
+        std::fs::rename(&pending, &path)
+            .map_err(|e| ServerError::Io(path.display().to_string(), e))?;
         Ok(Some(path))
     }
 }
