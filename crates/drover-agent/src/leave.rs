@@ -11,7 +11,7 @@ use drover_model::api::{ConnectionsReply, PermitReply};
 use reqwest::StatusCode;
 use serde_json::from_slice;
 
-use crate::report::{error_chain, Throttle};
+use crate::report::{error_chain, Servers, Throttle};
 
 /// How long the server may hold one permit long-poll.
 pub(crate) const PERMIT_WAIT: Duration = Duration::from_secs(20);
@@ -52,19 +52,51 @@ pub(crate) struct Drained {
 #[derive(Debug)]
 pub(crate) struct Leave {
     client: reqwest::Client,
+    servers: Servers,
     permit_url: String,
     connections_url: String,
     instance: String,
 }
 
 impl Leave {
-    pub fn new(client: reqwest::Client, server: &str, instance: &str) -> Leave {
-        let base = server.trim_end_matches('/');
+    pub fn new(client: reqwest::Client, servers: Servers, instance: &str) -> Leave {
         Leave {
             client,
-            permit_url: format!("{base}/v1/agent/permit"),
-            connections_url: format!("{base}/v1/agent/connections"),
+            permit_url: servers.url("/v1/agent/permit").1,
+            connections_url: servers.url("/v1/agent/connections").1,
+            servers,
             instance: instance.to_string(),
+        }
+    }
+
+    /// A call to `path` on the current server; a server that does not answer, or says to ask
+    /// another, makes the next call go to the next server.
+    async fn call(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<reqwest::Response, String> {
+        let (i, url) = self.servers.url(path);
+        let sent = self
+            .client
+            .get(&url)
+            .query(&[("instance", self.instance.as_str())])
+            .query(query)
+            .timeout(timeout)
+            .send()
+            .await;
+        match sent {
+            Err(e) => {
+                self.servers.failed(i);
+                Err(error_chain(&e))
+            }
+            Ok(r) => {
+                if Servers::try_another(r.status()) {
+                    self.servers.failed(i);
+                }
+                Ok(r)
+            }
         }
     }
 
@@ -103,13 +135,8 @@ impl Leave {
     /// One long-poll: Some only on a 200 whose body reads `permit: true`.
     async fn poll_permit(&self, wait_ms: &str) -> Result<Option<Permit>, String> {
         let resp = self
-            .client
-            .get(&self.permit_url)
-            .query(&[("instance", self.instance.as_str()), ("wait_ms", wait_ms)])
-            .timeout(PERMIT_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| error_chain(&e))?;
+            .call("/v1/agent/permit", &[("wait_ms", wait_ms)], PERMIT_TIMEOUT)
+            .await?;
         let reply: PermitReply =
             from_slice(&read_body(resp).await?).map_err(|e| format!("unreadable answer: {e}"))?;
         Ok(reply.permit.then(|| Permit {
@@ -125,13 +152,8 @@ impl Leave {
     /// Open connections the balancer holds to this instance.
     async fn connections(&self) -> Result<u64, String> {
         let resp = self
-            .client
-            .get(&self.connections_url)
-            .query(&[("instance", self.instance.as_str())])
-            .timeout(CONNECTIONS_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| error_chain(&e))?;
+            .call("/v1/agent/connections", &[], CONNECTIONS_TIMEOUT)
+            .await?;
         let reply: ConnectionsReply =
             from_slice(&read_body(resp).await?).map_err(|e| format!("unreadable answer: {e}"))?;
         Ok(reply.open)

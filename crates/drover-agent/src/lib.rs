@@ -59,7 +59,9 @@ pub struct AgentConfig {
     pub group: String,
     /// The instance's own address (e.g. `127.1.0.3`): components bind there.
     pub addr: IpAddr,
-    /// Base URL of the server, e.g. `http://127.0.0.1:7878`; `None`: no reporting.
+    /// Base URL of the server, e.g. `http://127.0.0.1:7878`, or of every server of the
+    /// control plane, comma separated (the agent moves to the next when one does not answer);
+    /// `None`: no reporting.
     pub server: Option<String>,
     pub plan: Plan,
     /// The instance's own directory (created if absent).
@@ -334,10 +336,8 @@ pub async fn run_with_auth(
         .tls_built_in_root_certs(https_artifacts)
         .build()
         .map_err(|e| AgentError::HttpClient(e.to_string()))?;
-    let server_https = cfg
-        .server
-        .as_deref()
-        .is_some_and(|s| s.starts_with("https://"));
+    let servers = cfg.server.as_deref().map(report::Servers::parse);
+    let server_https = servers.as_ref().is_some_and(report::Servers::https);
     let server_client = auth.server_client(server_https)?;
     let components = cfg
         .plan
@@ -398,14 +398,15 @@ pub async fn run_with_auth(
         drain_targets: Mutex::new(vec![None; components_len]),
         drained: Mutex::new(None),
     });
-    let mut reporter = cfg
-        .server
-        .as_deref()
+    let mut reporter = servers
+        .clone()
         .map(|s| Reporter::new(server_client.clone(), s));
-    let leave = cfg
-        .server
-        .as_deref()
-        .map(|s| (Leave::new(server_client.clone(), s, &cfg.instance), s));
+    let leave = servers.clone().map(|s| {
+        (
+            Leave::new(server_client.clone(), s.clone(), &cfg.instance),
+            s,
+        )
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(ctx.plan.components.len());
     tracing::info!(
@@ -494,7 +495,7 @@ pub async fn run_with_auth(
             // Reported at once (not through the reporter, which may be busy or debouncing),
             // while the drain already runs.
             ctx.set_phase(None, AgentPhase::Draining, false);
-            let mut draining = Reporter::new(server_client.clone(), server);
+            let mut draining = Reporter::new(server_client.clone(), server.clone());
             let hb = ctx.heartbeat();
             let started = std::time::Instant::now();
             // The components learn of the drain (their drain_signal) while the balancer has

@@ -124,19 +124,74 @@ impl Throttle {
     }
 }
 
+/// The servers of the control plane (`--server URL[,URL...]`): calls go to the current one
+/// and move on to the next when it does not answer (or answers that it cannot serve: 502,
+/// 503, 504). Any server serves an agent (one that does not lead forwards to the leader).
+#[derive(Clone, Debug)]
+pub(crate) struct Servers {
+    urls: std::sync::Arc<Vec<String>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Servers {
+    pub fn parse(list: &str) -> Servers {
+        let urls: Vec<String> = list
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        Servers {
+            urls: std::sync::Arc::new(urls),
+            current: Default::default(),
+        }
+    }
+
+    /// Whether any server is given over https.
+    pub fn https(&self) -> bool {
+        self.urls.iter().any(|u| u.starts_with("https://"))
+    }
+
+    /// The URL of `path` on the current server, and which server that is.
+    pub fn url(&self, path: &str) -> (usize, String) {
+        let n = self.urls.len().max(1);
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let base = self.urls.get(i).map(String::as_str).unwrap_or_default();
+        (i, format!("{base}{path}"))
+    }
+
+    /// Server `i` did not answer: the next call goes to the next one (unless another call
+    /// moved on already).
+    pub fn failed(&self, i: usize) {
+        let n = self.urls.len().max(1);
+        let _ = self.current.compare_exchange(
+            i,
+            (i + 1) % n,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// An answer with this status means "ask another server".
+    pub fn try_another(status: reqwest::StatusCode) -> bool {
+        matches!(status.as_u16(), 502..=504)
+    }
+}
+
 /// Sends heartbeats; remembers whether the server was reachable, to log failures sparingly.
 #[derive(Debug)]
 pub(crate) struct Reporter {
     client: reqwest::Client,
+    servers: Servers,
     url: String,
     throttle: Throttle,
 }
 
 impl Reporter {
-    pub fn new(client: reqwest::Client, server: &str) -> Reporter {
+    pub fn new(client: reqwest::Client, servers: Servers) -> Reporter {
         Reporter {
             client,
-            url: format!("{}/v1/agent/heartbeat", server.trim_end_matches('/')),
+            url: servers.url("/v1/agent/heartbeat").1,
+            servers,
             throttle: Throttle::default(),
         }
     }
@@ -145,6 +200,8 @@ impl Reporter {
     /// An accepted heartbeat whose answer cannot be read counts as an answer from a server
     /// that predates the permit hint (`leave_soon: None`: keep long-polling for a permit).
     pub async fn send(&mut self, hb: &Heartbeat, timeout: Duration) -> Option<HeartbeatReply> {
+        let (server, url) = self.servers.url("/v1/agent/heartbeat");
+        self.url = url;
         let result = self
             .client
             .post(&self.url)
@@ -152,6 +209,11 @@ impl Reporter {
             .json(hb)
             .send()
             .await;
+        match &result {
+            Err(_) => self.servers.failed(server),
+            Ok(r) if Servers::try_another(r.status()) => self.servers.failed(server),
+            Ok(_) => {}
+        }
         let (reply, problem) = match result {
             Ok(resp) if resp.status().is_success() => {
                 // Read the (small) reply, also so the connection can be reused.

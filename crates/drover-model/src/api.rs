@@ -692,6 +692,10 @@ pub struct FleetStatus {
     /// Balancer processes (`drover lb`) that reported in the last minute.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub balancers: Vec<BalancerStatus>,
+    /// Who leads the control plane and the role of the server asked (`GET /v1/health` of
+    /// that server; `drover status` fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<Health>,
 }
 
 /// `GET /v1/agent/permit?instance=ID&wait_ms=N`: a long-poll that answers as soon as the
@@ -827,6 +831,39 @@ pub struct BalancerStatus {
     pub accepting: bool,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub errors: std::collections::BTreeMap<String, String>,
+}
+
+/// A server of the control plane, as the election knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerView {
+    /// The server's id (one per process run).
+    pub id: String,
+    /// The URL it answers on (its `--advertise-url`).
+    pub url: String,
+    /// When it took the lead (ms since the epoch; leaders only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+}
+
+/// `GET /v1/health`: this server answers, its role, and who leads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    /// `leader`, `follower` (another server leads) or `candidate` (nobody is known to lead).
+    #[serde(default)]
+    pub role: String,
+    /// This server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerView>,
+    /// The leader, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<ServerView>,
+    /// `sqlite` or `etcd`.
+    #[serde(default)]
+    pub store: String,
+    /// Why nobody leads (the store's last error), when nobody does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[cfg(test)]

@@ -111,6 +111,10 @@ impl IntoResponse for ServerError {
             ServerError::Store(e) if e.is_unavailable() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
+            // A deposed leader's write, refused by the store's fencing: ask the leader.
+            ServerError::Store(drover_store::StoreError::Fenced(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "not_leader")
+            }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let errors = match &self {

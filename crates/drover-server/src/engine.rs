@@ -51,6 +51,8 @@ pub struct Engine {
     passes: std::sync::atomic::AtomicU64,
     /// Groups the self-suspicion guard holds now (drover_control::suspects_itself).
     suspected: Mutex<std::collections::BTreeSet<String>>,
+    /// The lead this engine acts under (several servers on etcd); none: it always may act.
+    authority: std::sync::OnceLock<Arc<crate::ha::Authority>>,
 }
 
 /// Counts a held permit long-poll while it lives.
@@ -72,6 +74,16 @@ impl Drop for HeldPoll<'_> {
 impl Engine {
     pub fn new(
         store: Box<dyn Store>,
+        timing: Timing,
+        factory: crate::ProviderFactory,
+    ) -> Result<Engine, ServerError> {
+        Engine::new_shared(Arc::from(store), timing, factory)
+    }
+
+    /// Like [`Engine::new`], over a store shared with others (the leader's terms, each with
+    /// an engine of its own, read the same store).
+    pub fn new_shared(
+        store: Arc<dyn Store>,
         timing: Timing,
         factory: crate::ProviderFactory,
     ) -> Result<Engine, ServerError> {
@@ -131,7 +143,6 @@ impl Engine {
             );
         }
         let (events_tx, _) = broadcast::channel(4096);
-        let store: Arc<dyn Store> = Arc::from(store);
         let publish = events_tx.clone();
         let writer = crate::writer::Writer::start(store.clone(), move |e| {
             tracing::info!(seq = e.seq, kind = e.kind.as_str(), group = ?e.group, instance = ?e.instance, "{}", e.message);
@@ -155,7 +166,19 @@ impl Engine {
             permit_polls: Default::default(),
             passes: Default::default(),
             suspected: Default::default(),
+            authority: Default::default(),
         })
+    }
+
+    /// Act only while `authority` holds (a leader's lease): no controller pass and no permit
+    /// after it ran out, whatever the engine still holds in memory.
+    pub fn set_authority(&self, authority: Arc<crate::ha::Authority>) {
+        let _ = self.authority.set(authority);
+    }
+
+    /// Whether this engine may act now (always, without an election).
+    pub fn may_act(&self) -> bool {
+        !matches!(self.authority.get(), Some(a) if !a.holds())
     }
 
     pub(crate) fn providers_by_region(&self) -> Vec<(String, Arc<dyn Provider>)> {
@@ -375,6 +398,9 @@ impl Engine {
     /// One controller pass: autoscale, decide, then carry out the decision.
     pub async fn tick(self: &Arc<Self>) {
         let _w = self.write_lock.lock().await;
+        if !self.may_act() {
+            return;
+        }
         self.passes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Launch configurations at the providers first: nothing of a new generation launches,
@@ -1180,6 +1206,12 @@ impl Engine {
                 return Err(ServerError::NotFound(format!("no instance {instance}")));
             };
             if let Some(decrement) = decrement {
+                // A deposed or paused leader hands out nothing, even a permit it stored.
+                if !self.may_act() {
+                    return Err(ServerError::Unavailable(
+                        "this server no longer leads (its lease ran out); ask the leader (GET /v1/health names it)".into(),
+                    ));
+                }
                 return Ok(drover_model::api::PermitReply {
                     permit: true,
                     drain_timeout_ms: self.drain_timeout(&group).as_millis() as u64,

@@ -188,9 +188,10 @@ pub async fn supervise(engine: Arc<Engine>, spawn: LbSpawn, stop: CancellationTo
             let found = running_lb_args(&spawn.dir);
             // One that follows another URL (the server moved) is replaced: the new one takes
             // its listeners over, and the old one leaves.
+            // `server_url` may list every server of the control plane (comma separated).
+            let ours: Vec<&str> = spawn.server_url.split(',').collect();
             let follows_us = found.as_ref().is_some_and(|(_, args)| {
-                args.iter()
-                    .any(|a| a.split(',').any(|u| u == spawn.server_url))
+                args.iter().any(|a| a.split(',').any(|u| ours.contains(&u)))
             });
             if let (Some((pid, _)), false) = (&found, follows_us) {
                 engine.record(vec![NewEvent::new(

@@ -10,6 +10,7 @@ pub mod canary;
 pub mod cloud;
 pub mod engine;
 pub mod guard;
+pub mod ha;
 pub mod lbproc;
 pub mod peers;
 pub mod registry;
@@ -107,6 +108,10 @@ pub struct ServerConfig {
     pub events_keep: u64,
     /// ... and none older than this ([`EVENTS_MAX_AGE`]).
     pub events_max_age: Duration,
+    /// Every server of the control plane, as agents and balancers reach them (`--servers`):
+    /// given to instances and the balancer process, which move from one to another when one
+    /// stops answering. Empty: this server's URL alone.
+    pub servers: Vec<String>,
 }
 
 /// Events kept by default: the newest 100,000 (tens of MB in the store at most).
@@ -148,6 +153,7 @@ impl ServerConfig {
             spawn_lb: true,
             events_keep: EVENTS_KEEP,
             events_max_age: EVENTS_MAX_AGE,
+            servers: Vec::new(),
         }
     }
 }
@@ -198,8 +204,9 @@ fn bind_api(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Take `DATA/server.lock` (an exclusive `flock`, released when the process ends, however
-/// it ends), or say which process holds it.
-pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+/// it ends), or say which process holds it. `shared`: a shared lock, which other servers of
+/// the same etcd control plane may hold too (but not a SQLite server).
+pub fn lock_data_dir(dir: &std::path::Path, shared: bool) -> Result<std::fs::File, ServerError> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     let path = dir.join("server.lock");
@@ -211,7 +218,8 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError
         .open(&path)
         .map_err(|e| ServerError::Io(path.display().to_string(), e))?;
     // SAFETY: flock on a file descriptor this function owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let mode = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+    if unsafe { libc::flock(f.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
         let mut holder = String::new();
         let _ = f.read_to_string(&mut holder);
         return Err(ServerError::Conflict(format!(
@@ -220,15 +228,18 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServerError
             dir.display()
         )));
     }
-    let _ = f.set_len(0);
-    let _ = f.rewind();
-    let _ = write!(f, "{}", std::process::id());
+    if !shared {
+        let _ = f.set_len(0);
+        let _ = f.rewind();
+        let _ = write!(f, "{}", std::process::id());
+    }
     Ok(f)
 }
 
 /// A running server.
 pub struct Server {
-    pub engine: Arc<Engine>,
+    /// Its role, and the engine of the term it leads (always, without an election).
+    pub node: Arc<ha::Node>,
     pub addr: SocketAddr,
     /// `https` when the API is served over TLS.
     pub scheme: &'static str,
@@ -239,16 +250,179 @@ pub struct Server {
     /// The dashboard's sessions, login links and history.
     pub ui: Arc<ui::Ui>,
     stop: CancellationToken,
+    /// The API, and the campaign for the lead (several servers on etcd).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The one term of a server without an election (SQLite): it leads from start to stop.
+    single: Option<Term>,
+    shared: Arc<Shared>,
+    /// The data directory's lock (`DATA/server.lock`), held while the server runs.
+    _data_lock: std::fs::File,
+}
+
+/// What every term of leadership starts from.
+pub(crate) struct Shared {
+    cfg: ServerConfig,
+    store: Arc<dyn Store>,
+    /// The URLs agents and balancers are given: every server's (`--servers`), else this one's.
+    client_urls: String,
+    ca_pin: Option<drover_provider::CaPin>,
+    ca_file: Option<PathBuf>,
+    silent_after: Duration,
+    addr: SocketAddr,
+    /// Cancelled when the server stops (each term has a child token of its own).
+    stop: CancellationToken,
+    /// The dashboard's sessions and login links (this server's; a follower forwards the
+    /// dashboard to the leader).
+    ui: Arc<ui::Ui>,
+    /// Limits on long-lived requests.
+    guards: Arc<guard::Guards>,
+}
+
+/// One term of leadership: an engine from the store, its controller loop and balancer
+/// process supervision.
+pub(crate) struct Term {
+    pub(crate) engine: Arc<Engine>,
+    /// The API over this term's engine.
+    pub(crate) router: axum::Router,
+    admin_token_file: Option<PathBuf>,
+    stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Supervises the balancer process; it stops that process only if tied to the server.
     lb_task: Option<tokio::task::JoinHandle<()>>,
-    /// The data directory's lock (`DATA/server.lock`), held while the server runs.
-    _data_lock: std::fs::File,
-    own_instances: bool,
+}
+
+impl Shared {
+    /// Start leading: a fresh engine from the store (as after a restart: health from
+    /// heartbeats, silence counted from now), tokens, ingresses, the controller loop and the
+    /// balancer process. With `authority`, the engine acts only while it holds.
+    pub(crate) async fn start_term(
+        &self,
+        authority: Option<Arc<ha::Authority>>,
+        since_ms: u64,
+    ) -> Result<Term, ServerError> {
+        let cfg = &self.cfg;
+        let mut credentials = drover_provider::Credentials::default();
+        credentials.ca = self.ca_pin.clone();
+        let auth = Arc::new(auth::Auth::load(&*self.store, &cfg.data_dir, credentials)?);
+        let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Arc::new(Engine::new_shared(
+            self.store.clone(),
+            Timing {
+                silent_after_ms: self.silent_after.as_millis() as u64,
+            },
+            ProviderFactory {
+                cfg: cfg.clone(),
+                server_url: self.client_urls.clone(),
+                exits: exits_tx,
+                auth: auth.clone(),
+            },
+        )?);
+        if let Some(a) = authority {
+            engine.set_authority(a);
+        }
+        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir).await?;
+        let lb_token_file = auth.ensure_lb(&engine, &cfg.data_dir).await?;
+        if let Some(f) = &admin_token_file {
+            tracing::info!(file = %f.display(), "wrote the first admin token");
+        }
+        // Groups from an earlier run (or an older drover) get their agent tokens back.
+        let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
+        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))
+            .await?;
+        engine.open_ingresses();
+        let message = if cfg.store.as_ref().is_some_and(|s| s.is_etcd()) {
+            format!(
+                "server {} leads (since {since_ms}, on {}, data directory {})",
+                self.addr,
+                self.client_urls,
+                cfg.data_dir.display()
+            )
+        } else {
+            format!(
+                "server started on {} (data directory {})",
+                self.addr,
+                cfg.data_dir.display()
+            )
+        };
+        engine.record(vec![drover_model::NewEvent::new(
+            drover_model::EventKind::Server,
+            message,
+        )]);
+        engine.flush().await;
+        let stop = self.stop.child_token();
+        let router = api::router(engine.clone(), self.ui.clone(), self.guards.clone());
+        // The API answers for this engine from here on: silence counts from now.
+        engine.api_ready();
+        let lb_task = cfg.spawn_lb.then(|| {
+            let spawn = lbproc::LbSpawn {
+                drover_bin: cfg.drover_bin.clone(),
+                dir: cfg.data_dir.join("lb"),
+                server_url: self.client_urls.clone(),
+                token_file: lb_token_file.clone(),
+                ca_file: self.ca_file.clone(),
+                tied: cfg.own_instances,
+            };
+            if cfg.own_instances && lbproc::reap_leftover(&spawn.dir) {
+                tracing::warn!("killed a balancer left by an earlier run");
+            }
+            tokio::spawn(lbproc::supervise(engine.clone(), spawn, stop.clone()))
+        });
+        let tasks = vec![
+            tokio::spawn(ui::history::run(
+                engine.clone(),
+                self.ui.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(prune_events(
+                engine.clone(),
+                cfg.events_keep,
+                cfg.events_max_age,
+                stop.clone(),
+            )),
+            tokio::spawn(engine.clone().run(cfg.tick, exits_rx, stop.clone())),
+        ];
+        Ok(Term {
+            engine,
+            router,
+            admin_token_file,
+            stop,
+            tasks,
+            lb_task,
+        })
+    }
+
+    /// End a term: the controllers and the balancer's supervision stop (the balancer process
+    /// and the instances keep running unless the server owns them). `stopping`: the server
+    /// stops, with this grace for the instances it owns (else it lost the lead, and its store
+    /// no longer takes its writes).
+    pub(crate) async fn end_term(&self, term: Term, stopping: Option<Duration>) {
+        term.stop.cancel();
+        for t in term.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        let own = self.cfg.own_instances;
+        if let Some(grace) = stopping {
+            term.engine.shutdown(grace, own).await;
+        }
+        if let Some(t) = term.lb_task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        if stopping.is_some() {
+            term.engine.record(vec![drover_model::NewEvent::new(
+                drover_model::EventKind::Server,
+                if own {
+                    "server stopped; every instance it started was stopped"
+                } else {
+                    "server stopped; instances keep running and will be adopted on restart"
+                },
+            )]);
+            term.engine.flush().await;
+        }
+    }
 }
 
 impl Server {
-    /// Open the store, bind the API, start the providers and the controller loop.
+    /// Open the store, bind the API, and lead (SQLite) or campaign for the lead (etcd).
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| ServerError::Io(cfg.data_dir.display().to_string(), e))?;
@@ -266,11 +440,32 @@ impl Server {
                     )
                 })?;
         }
-        // One server per data directory: a second one would launch and replace the first
-        // one's instances, and write the same store.
-        let data_lock = lock_data_dir(&cfg.data_dir)?;
-        let store: Box<dyn Store> = match &cfg.store {
-            None => Box::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?),
+        // One server per data directory on SQLite: a second one would launch and replace
+        // the first one's instances, and write the same store. On etcd, several servers may
+        // share one (on one machine, for the `local` provider's instances and the balancer):
+        // only the elected leader acts on them. A shared lock keeps a SQLite server out.
+        let elected = cfg.store.as_ref().is_some_and(|s| s.is_etcd());
+        let data_lock = lock_data_dir(&cfg.data_dir, elected)?;
+        #[cfg(feature = "etcd")]
+        let mut etcd: Option<Arc<drover_store::EtcdStore>> = None;
+        let store: Arc<dyn Store> = match &cfg.store {
+            None => Arc::new(SqliteStore::open(&cfg.data_dir.join("drover.db"))?),
+            #[cfg(feature = "etcd")]
+            Some(drover_store::StoreSpec::Etcd(ecfg)) => {
+                let ecfg = ecfg.clone();
+                let shown = cfg
+                    .store
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                let e = tokio::task::spawn_blocking(move || drover_store::EtcdStore::open(&ecfg))
+                    .await
+                    .map_err(|e| ServerError::Internal(format!("opening the store: {e}")))??;
+                tracing::info!(store = %shown, "store opened");
+                let e = Arc::new(e);
+                etcd = Some(e.clone());
+                e
+            }
             Some(spec) => {
                 let spec = spec.clone();
                 let shown = spec.to_string();
@@ -278,7 +473,7 @@ impl Server {
                     .await
                     .map_err(|e| ServerError::Internal(format!("opening the store: {e}")))??;
                 tracing::info!(store = %shown, "store opened");
-                store
+                Arc::from(store)
             }
         };
         let api = bind_api(cfg.listen).map_err(|e| {
@@ -296,15 +491,20 @@ impl Server {
         let tls = tls::setup(&cfg.tls, &cfg.data_dir, addr)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let server_url = format!("{scheme}://{}", tls::client_host(addr));
-        let _ = std::fs::write(cfg.data_dir.join("server.url"), &server_url);
-        let mut credentials = drover_provider::Credentials::default();
-        credentials.ca = tls.as_ref().map(|t| drover_provider::CaPin {
+        let advertised = cfg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| server_url.clone());
+        let client_urls = if cfg.servers.is_empty() {
+            advertised.clone()
+        } else {
+            cfg.servers.join(",")
+        };
+        let _ = std::fs::write(cfg.data_dir.join("server.url"), &client_urls);
+        let ca_pin = tls.as_ref().map(|t| drover_provider::CaPin {
             file: t.ca_file.clone(),
             sha256: t.ca_sha256.clone(),
         });
-        let auth = Arc::new(auth::Auth::load(&*store, &cfg.data_dir, credentials)?);
-
-        let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
         if cfg.own_instances {
             // Kill agents an earlier run may have left before anything new starts.
             let reaped = drover_provider::local::reap_leftovers(&cfg.data_dir);
@@ -312,7 +512,6 @@ impl Server {
                 tracing::warn!(reaped, "killed agents left by an earlier run");
             }
         }
-        let own_instances = cfg.own_instances;
         let silent_after = cfg.effective_silent_after();
         if silent_after != cfg.silent_after {
             tracing::warn!(
@@ -322,49 +521,44 @@ impl Server {
                 drover_model::Dur(cfg.heartbeat_interval)
             );
         }
-        let engine = Arc::new(Engine::new(
-            store,
-            Timing {
-                silent_after_ms: silent_after.as_millis() as u64,
-            },
-            ProviderFactory {
-                cfg: cfg.clone(),
-                server_url: server_url.clone(),
-                exits: exits_tx,
-                auth: auth.clone(),
-            },
-        )?);
-        let admin_token_file = auth.ensure_admin(&engine, &cfg.data_dir).await?;
-        let lb_token_file = auth.ensure_lb(&engine, &cfg.data_dir).await?;
-        if let Some(f) = &admin_token_file {
-            tracing::info!(file = %f.display(), "wrote the first admin token");
-        }
-        // Groups from an earlier run (or an older drover) get their agent tokens back.
-        let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
-        auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))
-            .await?;
-        engine.open_ingresses();
-        engine.record(vec![drover_model::NewEvent::new(
-            drover_model::EventKind::Server,
-            format!(
-                "server started on {addr} (data directory {})",
-                cfg.data_dir.display()
-            ),
-        )]);
-        engine.flush().await;
-        let stop = CancellationToken::new();
-        let mut tasks = Vec::new();
-        let ui = Arc::new(ui::Ui::new(addr.port(), scheme == "https"));
-        let guards = Arc::new(guard::Guards::default());
-        let app = api::router(engine.clone(), ui.clone(), guards.clone());
-        tasks.push(tokio::spawn(ui::history::run(
-            engine.clone(),
-            ui.clone(),
-            stop.clone(),
-        )));
-        let s = stop.clone();
-        let conns = guards.connections.clone();
         let ca_file = tls.as_ref().map(|t| t.ca_file.clone());
+        let me = drover_model::api::ServerView {
+            id: server_id(addr),
+            url: advertised,
+            since_ms: None,
+        };
+        let node = Arc::new(ha::Node::new(
+            me,
+            if elected { "etcd" } else { "sqlite" },
+            ca_file.as_deref(),
+        )?);
+        let stop = CancellationToken::new();
+        let ui = Arc::new(ui::Ui::new(addr.port(), scheme == "https"));
+        let shared = Arc::new(Shared {
+            ui: ui.clone(),
+            guards: Arc::new(guard::Guards::default()),
+            cfg: cfg.clone(),
+            store,
+            client_urls,
+            ca_pin,
+            ca_file: ca_file.clone(),
+            silent_after,
+            addr,
+            stop: stop.clone(),
+        });
+        // Without an election (SQLite) this server leads from the start.
+        let mut single = None;
+        let mut admin_token_file = None;
+        if !elected {
+            let term = shared.start_term(None, engine::now_ms()).await?;
+            admin_token_file = term.admin_token_file.clone();
+            node.lead(term.engine.clone(), term.router.clone(), engine::now_ms());
+            single = Some(term);
+        }
+        let mut tasks = Vec::new();
+        let app = ha::router(node.clone());
+        let s = stop.clone();
+        let conns = shared.guards.connections.clone();
         match tls {
             None => tasks.push(tokio::spawn(async move {
                 let r = axum::serve(guard::Capped::new(api, conns), app)
@@ -387,35 +581,21 @@ impl Server {
                 }));
             }
         }
-        // The API answers from here on: silence counts from now, not from the store's read.
-        engine.api_ready();
-        let lb_task = cfg.spawn_lb.then(|| {
-            let spawn = lbproc::LbSpawn {
-                drover_bin: cfg.drover_bin.clone(),
-                dir: cfg.data_dir.join("lb"),
-                server_url: server_url.clone(),
-                token_file: lb_token_file.clone(),
-                ca_file: ca_file.clone(),
-                tied: cfg.own_instances,
-            };
-            if cfg.own_instances && lbproc::reap_leftover(&spawn.dir) {
-                tracing::warn!("killed a balancer left by an earlier run");
-            }
-            tokio::spawn(lbproc::supervise(engine.clone(), spawn, stop.clone()))
-        });
-        tasks.push(tokio::spawn(prune_events(
-            engine.clone(),
-            cfg.events_keep,
-            cfg.events_max_age,
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(engine.clone().run(
-            cfg.tick,
-            exits_rx,
-            stop.clone(),
-        )));
+        if let Some(engine) = node.engine() {
+            // The API answers from here on: silence counts from now, not from the store's read.
+            engine.api_ready();
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = etcd {
+            tasks.push(tokio::spawn(ha::campaign(
+                node.clone(),
+                etcd,
+                shared.clone(),
+                stop.clone(),
+            )));
+        }
         Ok(Server {
-            engine,
+            node,
             addr,
             scheme,
             ca_file,
@@ -423,8 +603,8 @@ impl Server {
             ui,
             stop,
             tasks,
-            lb_task,
-            own_instances,
+            single,
+            shared,
             _data_lock: data_lock,
         })
     }
@@ -433,32 +613,38 @@ impl Server {
         format!("{}://{}", self.scheme, tls::client_host(self.addr))
     }
 
+    /// The engine of the term this server leads (always there without an election).
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.node.engine()
+    }
+
     /// Apply a fleet file in-process (what `drover up` does first).
     pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
-        self.engine.apply(req).await
+        match self.engine() {
+            Some(e) => e.apply(req).await,
+            None => Err(ServerError::Unavailable(
+                "this server does not lead; apply through the leader".into(),
+            )),
+        }
     }
 
     /// Stop the controllers and the API, then (if it owns them) every instance, then the
-    /// listeners.
+    /// listeners. A leader on etcd gives the lead up, so another server leads at once.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
         for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
         }
-        self.engine.shutdown(grace, self.own_instances).await;
-        if let Some(t) = self.lb_task {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        if let Some(term) = self.single {
+            self.shared.end_term(term, Some(grace)).await;
         }
-        self.engine.record(vec![drover_model::NewEvent::new(
-            drover_model::EventKind::Server,
-            if self.own_instances {
-                "server stopped; every instance it started was stopped"
-            } else {
-                "server stopped; instances keep running and will be adopted on restart"
-            },
-        )]);
-        self.engine.flush().await;
     }
+}
+
+/// This run's id: the API address and the process id (unique among the servers of one
+/// control plane, readable in `GET /v1/health`).
+fn server_id(addr: SocketAddr) -> String {
+    format!("{}-{}", addr, std::process::id())
 }
 
 /// Makes providers for regions that appear in a newly applied revision.
@@ -556,8 +742,8 @@ mod tests {
     #[test]
     fn a_data_directory_takes_one_server() {
         let dir = tempfile::tempdir().unwrap();
-        let first = lock_data_dir(dir.path()).unwrap();
-        let err = lock_data_dir(dir.path()).unwrap_err();
+        let first = lock_data_dir(dir.path(), false).unwrap();
+        let err = lock_data_dir(dir.path(), false).unwrap_err();
         assert!(matches!(err, ServerError::Conflict(_)), "{err}");
         let msg = err.to_string();
         assert!(
@@ -565,7 +751,21 @@ mod tests {
             "{msg}"
         );
         drop(first);
-        lock_data_dir(dir.path()).unwrap();
+        lock_data_dir(dir.path(), false).unwrap();
+    }
+
+    /// Servers of one etcd control plane may share a data directory; a SQLite server may not
+    /// join them, nor they it.
+    #[test]
+    fn servers_on_etcd_share_a_data_directory_and_keep_a_sqlite_server_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = lock_data_dir(dir.path(), true).unwrap();
+        let b = lock_data_dir(dir.path(), true).unwrap();
+        assert!(lock_data_dir(dir.path(), false).is_err());
+        drop((a, b));
+        let sqlite = lock_data_dir(dir.path(), false).unwrap();
+        assert!(lock_data_dir(dir.path(), true).is_err());
+        drop(sqlite);
     }
 
     /// Connections the kernel completes for the API before the server accepts any: more than

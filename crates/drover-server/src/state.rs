@@ -539,6 +539,7 @@ impl State {
             revision: self.revision.as_ref().map(|r| r.number),
             groups,
             balancers: Vec::new(),
+            control_plane: None,
         }
     }
 

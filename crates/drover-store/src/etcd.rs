@@ -24,6 +24,10 @@ use crate::{
     Write,
 };
 
+#[path = "election.rs"]
+mod election;
+pub use election::{LeaderInfo, Leadership, Lease};
+
 /// The layout version this code writes (the `schema` key).
 const SCHEMA: u64 = 1;
 /// Keys per page of a range read.

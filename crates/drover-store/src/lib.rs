@@ -19,7 +19,7 @@ mod sqlite;
 
 pub use error::StoreError;
 #[cfg(feature = "etcd")]
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, LeaderInfo, Leadership, Lease};
 #[cfg(feature = "etcd")]
 pub use etcd_client;
 pub use record::{

@@ -228,6 +228,11 @@ impl StoreSpec {
         Ok(StoreSpec::Etcd(cfg))
     }
 
+    /// An etcd store (several servers may share it; they elect a leader).
+    pub fn is_etcd(&self) -> bool {
+        matches!(self, StoreSpec::Etcd(_))
+    }
+
     /// Open the store this names.
     pub fn open(&self) -> Result<Box<dyn Store>, StoreError> {
         match self {

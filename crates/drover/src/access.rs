@@ -55,9 +55,18 @@ pub fn resolve(
         .trim_end_matches('/')
         .to_string();
     let token = token.filter(|t| !t.trim().is_empty()).or_else(|| {
-        let same_server = local_url
-            .as_deref()
-            .is_some_and(|u| u.trim_end_matches('/') == server);
+        // `server.url` lists every server of that control plane (comma separated): the
+        // token goes only to servers of that list.
+        let same_server = local_url.as_deref().is_some_and(|u| {
+            let local: Vec<&str> = u
+                .split(',')
+                .map(|u| u.trim().trim_end_matches('/'))
+                .collect();
+            server
+                .split(',')
+                .map(|s| s.trim().trim_end_matches('/'))
+                .all(|s| local.contains(&s))
+        });
         same_server
             .then(|| read_trimmed(&data_dir.join(drover_server::auth::ADMIN_TOKEN_FILE)))
             .flatten()
@@ -108,6 +117,29 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_token_goes_to_the_servers_of_the_local_control_plane_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("server.url"),
+            "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("admin.token"), "drover_admin_x\n").unwrap();
+        let token =
+            |server: &str| resolve(Some(server.into()), None, None, false, dir.path()).token;
+        assert_eq!(
+            token("http://127.0.0.1:2").as_deref(),
+            Some("drover_admin_x")
+        );
+        assert_eq!(
+            token("http://127.0.0.1:3,http://127.0.0.1:1/").as_deref(),
+            Some("drover_admin_x")
+        );
+        assert_eq!(token("http://127.0.0.1:2,http://10.0.0.1:7878"), None);
+        assert_eq!(token("http://10.0.0.1:7878"), None);
+    }
 
     #[test]
     fn the_local_token_goes_only_to_the_local_server() {

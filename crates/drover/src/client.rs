@@ -26,8 +26,34 @@ impl std::fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
+/// `url` on another server (same path and query).
+fn rebase(url: &reqwest::Url, base: &str) -> anyhow::Result<reqwest::Url> {
+    let mut path = url.path().to_string();
+    if let Some(q) = url.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    reqwest::Url::parse(&format!("{base}{path}"))
+        .with_context(|| format!("{base} is not a server URL"))
+}
+
+/// Another server may answer what this one could not: it did not answer, or it has no leader
+/// to forward to (`no_leader`, `leader_unreachable`).
+fn moves_on(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unreachable>().is_some()
+        || e.downcast_ref::<Refused>().is_some_and(|r| {
+            matches!(
+                r.0.code.as_str(),
+                "no_leader" | "leader_unreachable" | "not_leader"
+            )
+        })
+}
+
 pub struct Client {
-    base: String,
+    /// Every server given (`--server URL[,URL...]`); calls go to `current` and move on to the
+    /// next when one does not answer or has no leader to forward to.
+    servers: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     http: reqwest::Client,
     json: bool,
 }
@@ -45,19 +71,70 @@ pub struct EventArgs {
 impl Client {
     /// A client with the token and CA of `access` on every request.
     pub fn with_access(access: &crate::access::Access, json: bool) -> anyhow::Result<Client> {
+        let servers: Vec<String> = access
+            .server
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        anyhow::ensure!(
+            !servers.is_empty(),
+            "--server needs a URL (or several, comma separated)"
+        );
         Ok(Client {
-            base: access.server.clone(),
+            servers,
+            current: Default::default(),
             http: access.client()?,
             json,
         })
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    fn base(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.servers.len();
+        &self.servers[i]
     }
 
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+
+    /// Send a request to the current server; when it does not answer (or answers 502/503
+    /// without a leader to forward to), to the next, until each was tried once.
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = req.send().await.map_err(|e| {
+        let request = req.build().context("cannot build the request")?;
+        let n = self.servers.len();
+        let first = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let Some(mut attempt) = request.try_clone() else {
+                return self.send_to(&self.servers[first], request).await;
+            };
+            if k > 0 {
+                let url = rebase(attempt.url(), &self.servers[i])?;
+                *attempt.url_mut() = url;
+            }
+            match self.send_to(&self.servers[i], attempt).await {
+                Err(e) if n > 1 && moves_on(&e) => {
+                    self.current
+                        .store((i + 1) % n, std::sync::atomic::Ordering::Relaxed);
+                    last = Some(e);
+                }
+                other => {
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no server given")))
+    }
+
+    async fn send_to(
+        &self,
+        base: &str,
+        request: reqwest::Request,
+    ) -> anyhow::Result<reqwest::Response> {
+        let resp = self.http.execute(request).await.map_err(|e| {
             let chain = {
                 let mut s = e.to_string();
                 let mut src = std::error::Error::source(&e);
@@ -71,10 +148,10 @@ impl Client {
             if lower.contains("certificate") || lower.contains("handshake") {
                 anyhow::anyhow!(
                     "cannot verify the TLS certificate of the drover server at {}: {chain}\n  pass the server's CA with --ca FILE (DATA_DIR/ca.pem of the server) or DROVER_CA, or --insecure to skip verification",
-                    self.base
+                    base
                 )
             } else if e.is_connect() || e.is_timeout() {
-                anyhow::Error::new(Unreachable(self.base.clone()))
+                anyhow::Error::new(Unreachable(base.to_string()))
             } else {
                 anyhow::Error::new(e).context("request failed")
             }
@@ -393,10 +470,12 @@ impl Client {
     }
 
     pub async fn status(&self) -> anyhow::Result<u8> {
-        let s: FleetStatus = match self.get("/v1/status").await {
+        let mut s: FleetStatus = match self.get("/v1/status").await {
             Ok(s) => s,
             Err(e) => return self.refused(e),
         };
+        // The server that answered: its role, and who leads.
+        s.control_plane = self.get("/v1/health").await.ok();
         if self.json {
             println!("{}", serde_json::to_string_pretty(&s)?);
         } else {

@@ -101,8 +101,15 @@ enum Command {
         tls: TlsArgs,
         /// The URL instances on a cloud reach this server at (written into their launch
         /// templates), e.g. https://drover.internal:7878. Default: the listen address.
-        #[arg(long, env = "DROVER_ADVERTISE_URL")]
+        /// With several servers on etcd it is also the URL the other servers forward calls
+        /// to while this one leads (shown by GET /v1/health and `drover status`).
+        #[arg(long, alias = "advertise", env = "DROVER_ADVERTISE_URL")]
         advertise_url: Option<String>,
+        /// Every server of the control plane (comma separated URLs), as instances and the
+        /// balancer reach them: they are given the whole list and move to another server
+        /// when one stops answering. Default: this server's URL alone.
+        #[arg(long, env = "DROVER_SERVERS", value_delimiter = ',')]
+        servers: Vec<String>,
         /// How often cloud regions' groups are read (instances gone or launched).
         #[arg(long, default_value = "5s")]
         cloud_poll: Dur,
@@ -491,6 +498,7 @@ async fn dispatch(cli: Cli) -> u8 {
             listen,
             tls,
             advertise_url,
+            servers,
             cloud_poll,
             no_lb,
             store,
@@ -509,6 +517,11 @@ async fn dispatch(cli: Cli) -> u8 {
                         poll: cloud_poll.0,
                         spawn_lb: !no_lb,
                         store,
+                        servers: servers
+                            .iter()
+                            .map(|s| s.trim().trim_end_matches('/').to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
                     },
                 )
                 .await

@@ -56,12 +56,34 @@ fn snake<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+/// Who leads, when several servers share an etcd store (nothing to say for one server).
+fn control_plane(h: &drover_model::api::Health) -> Option<String> {
+    if h.store != "etcd" {
+        return None;
+    }
+    let me = h.server.as_ref().map(|s| s.url.as_str()).unwrap_or("?");
+    Some(match &h.leader {
+        Some(l) if h.role == "leader" => format!("control plane: {me} leads ({})\n", l.id),
+        Some(l) => format!(
+            "control plane: {} leads ({}); {me} is a follower and forwards to it\n",
+            l.url, l.id
+        ),
+        None => format!(
+            "control plane: no server leads now ({}); {me} is a candidate\n",
+            h.problem.as_deref().unwrap_or("an election is under way")
+        ),
+    })
+}
+
 pub fn status(s: &FleetStatus) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let mut out = String::new();
+    if let Some(line) = s.control_plane.as_ref().and_then(control_plane) {
+        out.push_str(&line);
+    }
     match (&s.fleet, s.revision) {
         (Some(f), Some(r)) => out.push_str(&format!("fleet {f}, revision {r}\n")),
         _ => {

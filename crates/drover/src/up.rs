@@ -46,6 +46,8 @@ pub struct CloudArgs {
     pub spawn_lb: bool,
     /// `--store`: none is the SQLite file in the data directory.
     pub store: Option<drover_store::StoreSpec>,
+    /// `--servers`: every server of the control plane, for agents and balancers.
+    pub servers: Vec<String>,
 }
 
 /// `drover server`: logs to stderr, runs until SIGTERM/SIGINT.
@@ -62,6 +64,7 @@ pub async fn serve(
     cfg.cloud_poll = cloud.poll;
     cfg.spawn_lb = cloud.spawn_lb;
     cfg.store = cloud.store;
+    cfg.servers = cloud.servers;
     if tls == drover_server::tls::TlsMode::Off && !listen.ip().is_loopback() {
         tracing::warn!(
             "the API is served over plain HTTP on {listen}: tokens cross the network in clear text (--no-tls); see docs/security.md"
@@ -141,7 +144,11 @@ pub async fn run(
             return Ok(exit::FAILED);
         }
     }
-    let status = server.engine.status();
+    // Without an election (`drover up` keeps its state in SQLite) the server always leads.
+    let engine = server
+        .engine()
+        .context("drover up runs one server, which leads")?;
+    let status = engine.status();
     eprintln!(
         "drover is up: API {} (data in {}, logs in {})",
         server.url(),
@@ -167,7 +174,7 @@ pub async fn run(
     let stop = crate::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let s = server.engine.status();
+        let s = engine.status();
         let text = if json {
             serde_json::to_string(&s).unwrap_or_default()
         } else {
@@ -258,7 +265,8 @@ impl Link {
             return self.url.clone();
         }
         // For the first admin token (the one `drover up` wrote).
-        let admin = server.engine.auth().list().into_iter().find(|t| {
+        let tokens = server.engine().map(|e| e.auth().list()).unwrap_or_default();
+        let admin = tokens.into_iter().find(|t| {
             t.scope == drover_model::token::TokenScope::Admin && t.revoked_at_ms.is_none()
         });
         let Some(admin) = admin else {

@@ -57,6 +57,8 @@ fn etcd_conformance() {
     losing_one_member_changes_nothing_losing_two_fails_clearly(&cluster);
     eprintln!("etcd: write conditions");
     write_conditions_fence_every_commit(&cluster);
+    eprintln!("etcd: election");
+    one_leader_at_a_time_and_a_deposed_one_cannot_commit(&cluster);
     eprintln!("etcd: unreachable");
     unreachable_endpoints_fail_clearly();
     // Last: it turns authentication on for the whole cluster.
@@ -216,6 +218,59 @@ fn write_conditions_fence_every_commit(cluster: &Mutex<LocalEtcd>) {
     store.set_write_conditions(Vec::new());
     let c = commit_one(&store, "unfenced again").unwrap();
     assert_eq!(c.revision, Some(2), "the fenced commit took no number");
+}
+
+/// The lead: one holder at a time; it lives while kept alive, its end lets another take it,
+/// and the deposed holder's commits are fenced while the new one's go through.
+fn one_leader_at_a_time_and_a_deposed_one_cannot_commit(cluster: &Mutex<LocalEtcd>) {
+    use drover_store::LeaderInfo;
+    let cfg = cluster.lock().unwrap().config("/drover-test/election/");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = EtcdStore::open(&cfg).unwrap();
+    let b = EtcdStore::open(&cfg).unwrap();
+    let who = |id: &str| LeaderInfo {
+        id: id.into(),
+        url: format!("http://{id}"),
+        since_ms: 1,
+    };
+    let ttl = Duration::from_secs(2);
+    rt.block_on(async {
+        assert_eq!(a.leader().await.unwrap(), None);
+        let mut la = a.try_lead(&who("a"), ttl).await.unwrap().expect("a leads");
+        assert!(la.valid_until() > Instant::now());
+        assert!(
+            b.try_lead(&who("b"), ttl).await.unwrap().is_none(),
+            "one at a time"
+        );
+        let seen = b.leader().await.unwrap().unwrap();
+        assert_eq!(seen.leader, who("a"));
+        assert_eq!(seen.create_revision, la.create_revision);
+        // Kept alive past its TTL, it still leads.
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(a.keep_alive(&mut la).await.unwrap());
+        }
+        assert!(la.valid_until() > Instant::now() + Duration::from_secs(1));
+        commit_one(&a, "the leader writes").unwrap();
+        // No keep-alive for longer than the TTL (a pause): the lease expires, b takes over.
+        tokio::time::sleep(ttl + Duration::from_millis(1500)).await;
+        assert!(
+            la.valid_until() < Instant::now(),
+            "a knows it may no longer act"
+        );
+        let lb = b.try_lead(&who("b"), ttl).await.unwrap().expect("b leads");
+        assert_ne!(lb.create_revision, la.create_revision);
+        let err = commit_one(&a, "the deposed leader writes").unwrap_err();
+        assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+        assert!(!a.keep_alive(&mut la).await.unwrap(), "a's lease is gone");
+        commit_one(&b, "the new leader writes").unwrap();
+        // Giving the lead up frees it at once.
+        b.resign(lb).await.unwrap();
+        assert_eq!(a.leader().await.unwrap(), None);
+    });
 }
 
 fn unreachable_endpoints_fail_clearly() {
