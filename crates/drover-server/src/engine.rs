@@ -2149,6 +2149,46 @@ command = "/bin/true"
         assert_eq!((r.known, r.leave_soon), (false, Some(false)));
     }
 
+    /// A leader whose lease ran out answers no permit (even one it stored) and makes no
+    /// controller pass: only while its authority holds.
+    #[tokio::test]
+    async fn an_engine_whose_lease_ran_out_hands_out_no_permit_and_does_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        e.state()
+            .instances
+            .get_mut("i-000001")
+            .unwrap()
+            .record
+            .lifecycle = Lifecycle::Draining;
+        let authority = Arc::new(crate::ha::Authority::new(
+            std::time::Instant::now() + Duration::from_secs(60),
+        ));
+        e.set_authority(authority.clone());
+        assert!(e.may_act());
+        let r = e.wait_permit("i-000001", Duration::ZERO).await.unwrap();
+        assert!(r.permit, "while the lease holds");
+
+        authority.revoke();
+        assert!(!e.may_act());
+        let err = e.wait_permit("i-000001", Duration::ZERO).await.unwrap_err();
+        assert!(matches!(err, ServerError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("no longer leads"), "{err}");
+        // No controller pass: a group short of instances gets none launched.
+        e.state()
+            .groups
+            .get_mut("web/local")
+            .unwrap()
+            .record
+            .desired = 4;
+        let (passes, seq) = (e.passes(), e.state().instance_seq);
+        e.tick().await;
+        assert_eq!(e.passes(), passes, "no pass without authority");
+        assert_eq!(e.state().instance_seq, seq, "no launch without authority");
+        assert_eq!(e.state().instances.len(), 2);
+    }
+
     #[tokio::test]
     async fn a_permit_says_whether_the_leaver_keeps_its_groups_capacity() {
         let dir = tempfile::tempdir().unwrap();

@@ -540,6 +540,8 @@ fn a_leader_paused_past_its_lease_neither_commits_nor_hands_out_a_permit() {
         assert!(t0.elapsed() < Duration::from_secs(60), "no permit");
         std::thread::sleep(Duration::from_millis(20));
     };
+    // The permit is in the store; a moment for the leader to take it into memory too.
+    std::thread::sleep(Duration::from_millis(100));
     let paused = plane.servers[0].as_ref().unwrap();
     paused.signal(libc::SIGSTOP);
     let stopped = Instant::now();
@@ -570,8 +572,11 @@ fn a_leader_paused_past_its_lease_neither_commits_nor_hands_out_a_permit() {
     let permit = permit.join().unwrap();
     let scale = scale.join().unwrap();
     eprintln!("the paused leader answered, on waking:\n{permit}\n{scale}");
+    // Refused (503: its lease ran out, or it stepped down already), or, when it was paused
+    // between storing the permit and taking it into memory, `permit: false`: never a permit.
     assert!(
-        permit.starts_with("HTTP/1.1 503"),
+        permit.starts_with("HTTP/1.1 503")
+            || (permit.starts_with("HTTP/1.1 200") && permit.contains("\"permit\":false")),
         "a permit poll to the deposed leader: {permit}"
     );
     assert!(!permit.contains("\"permit\":true"), "{permit}");
