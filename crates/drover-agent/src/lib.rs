@@ -529,9 +529,9 @@ pub async fn run_with_auth(
             permit
         };
         let discover = async {
-            match (discovery, cfg.server.as_deref()) {
-                (Some(d), Some(server)) => {
-                    d.run(server_client.clone(), server, &cfg.instance).await
+            match (discovery, servers.clone()) {
+                (Some(d), Some(servers)) => {
+                    d.run(server_client.clone(), servers, &cfg.instance).await
                 }
                 _ => std::future::pending::<()>().await,
             }

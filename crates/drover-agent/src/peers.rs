@@ -16,7 +16,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::report::{error_chain, Throttle};
+use crate::report::{error_chain, Servers, Throttle};
 
 /// Seconds a DNS answer may be kept (the server waits this long after an agent applied a
 /// set before a leaver it dropped may stop).
@@ -127,13 +127,13 @@ impl Discovery {
     }
 
     /// Poll the server and answer DNS, until dropped.
-    pub async fn run(self, client: reqwest::Client, server: &str, instance: &str) {
-        let url = format!("{}/v1/agent/peers", server.trim_end_matches('/'));
+    pub async fn run(self, client: reqwest::Client, servers: Servers, instance: &str) {
         let poll = async {
             let mut applied = 0u64;
             let mut throttle = Throttle::default();
             let wait_ms = POLL_WAIT.as_millis().to_string();
             loop {
+                let (server, url) = servers.url("/v1/agent/peers");
                 let answer = async {
                     let resp = client
                         .get(&url)
@@ -145,8 +145,14 @@ impl Discovery {
                         .timeout(POLL_TIMEOUT)
                         .send()
                         .await
-                        .map_err(|e| error_chain(&e))?;
+                        .map_err(|e| {
+                            servers.failed(server);
+                            error_chain(&e)
+                        })?;
                     if !resp.status().is_success() {
+                        if Servers::try_another(resp.status()) {
+                            servers.failed(server);
+                        }
                         return Err(format!("status {}", resp.status()));
                     }
                     let bytes = resp.bytes().await.map_err(|e| error_chain(&e))?;

@@ -332,7 +332,15 @@ pub(crate) async fn campaign(
             url: node.me.url.clone(),
             since_ms: crate::engine::now_ms(),
         };
-        let outcome = match etcd.leader().await {
+        // A leader known from a read older than a lease may be gone: the read is bounded.
+        let read = match tokio::time::timeout(LEASE_TTL, etcd.leader()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "etcd did not say who leads within {} s: the cluster has probably lost quorum; check `etcdctl endpoint status --cluster`",
+                LEASE_TTL.as_secs()
+            )),
+        };
+        let outcome = match read {
             Ok(Some(l)) if l.leader.id != node.me.id => {
                 node.follow(
                     Some(ServerView {
@@ -353,8 +361,7 @@ pub(crate) async fn campaign(
                     None
                 }
             },
-            Err(e) => {
-                let p = e.to_string();
+            Err(p) => {
                 if logged_problem.as_deref() != Some(p.as_str()) {
                     tracing::warn!("cannot tell who leads: {p}");
                     logged_problem = Some(p.clone());

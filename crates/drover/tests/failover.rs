@@ -497,6 +497,20 @@ fn agent_token(dir: &std::path::Path, id: &str) -> String {
     format!("drover_agent_{}", hex::encode(mac))
 }
 
+/// Whether every thread of `pid` is stopped (state `T`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
 /// Send a request now (while the server may be stopped) and read its answer later.
 fn send_raw(addr: SocketAddr, request: String) -> std::thread::JoinHandle<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
@@ -545,6 +559,14 @@ fn a_leader_paused_past_its_lease_neither_commits_nor_hands_out_a_permit() {
     let paused = plane.servers[0].as_ref().unwrap();
     paused.signal(libc::SIGSTOP);
     let stopped = Instant::now();
+    // Every thread of it stopped before anything is sent to it.
+    while !all_threads_stopped(paused.pid()) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(2),
+            "SIGSTOP not delivered"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // Calls that reach it while it sleeps; it reads them when it wakes up. Marked as
     // forwarded, so it answers them itself rather than forwarding them to the new leader.
     let permit = send_raw(
