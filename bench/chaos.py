@@ -620,7 +620,12 @@ def report(quiet):
     for e in evs:
         if e["kind"] == "launched" and "-broken" in e["message"]:
             broken_gens.add(e.get("instance"))
-    needed = {i for i in replaced if i in must_replace or i in broken_gens}
+    # Replacing an instance that never turned healthy (a broken version, an artifact it could
+    # not fetch during an outage) is what has to happen; only a healthy one replaced without
+    # a fault of its own is wrong.
+    ever_healthy = {e.get("instance") for e in evs if e["kind"] == "healthy"}
+    needed = {i for i in replaced
+              if i in must_replace or i in broken_gens or i not in ever_healthy}
     wrong = {i: m for i, m in replaced.items() if i not in needed}
     # Failed requests and the windows that explain them (a request may fail up to 3 s after
     # it started: its timeout).
