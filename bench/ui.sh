@@ -47,6 +47,8 @@ cleanup() {
     [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null || true
     [[ -n $SERVER_PID ]] && kill -9 "$SERVER_PID" 2>/dev/null || true
     "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
+    # The server's balancer process outlives it by design.
+    [[ -s $D/lb/lb.pid ]] && kill "$(cat "$D/lb/lb.pid")" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
