@@ -505,14 +505,17 @@ pub fn get_keep_alive(addr: SocketAddr, conn: &mut Option<TcpStream>) -> std::io
                 }
                 return Ok(body);
             }
-            // The server closed an idle kept-alive connection before answering: retry once
-            // on a new connection (RFC 9112 9.3.1), as HTTP clients do.
+            // The server closed an idle kept-alive connection before answering (seen as an
+            // EOF, a reset, or, when the close came before the request was written, a broken
+            // pipe): retry once on a new connection (RFC 9112 9.3.1), as HTTP clients do.
             Err(e)
                 if reused
                     && attempt == 0
                     && matches!(
                         e.kind(),
-                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
                     ) =>
             {
                 *conn = None;
