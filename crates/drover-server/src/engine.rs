@@ -1317,6 +1317,10 @@ impl Engine {
             })
             .map(|(k, _)| k)
             .collect();
+        if users.is_empty() {
+            // Nobody uses it (the common case): no scan of the instances.
+            return Vec::new();
+        }
         st.instances
             .values()
             .filter(|i| i.alive && users.contains(&&i.record.group))
