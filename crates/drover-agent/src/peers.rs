@@ -108,6 +108,7 @@ impl Discovery {
                 })
                 .collect();
             let body = PeersReply {
+                epoch: reply.epoch.clone(),
                 version: reply.version,
                 services,
             };
@@ -129,6 +130,8 @@ impl Discovery {
     /// Poll the server and answer DNS, until dropped.
     pub async fn run(self, client: reqwest::Client, servers: Servers, instance: &str) {
         let poll = async {
+            // The server's epoch and the version of it applied last.
+            let mut epoch = String::new();
             let mut applied = 0u64;
             let mut throttle = Throttle::default();
             let wait_ms = POLL_WAIT.as_millis().to_string();
@@ -139,6 +142,7 @@ impl Discovery {
                         .get(&url)
                         .query(&[
                             ("instance", instance),
+                            ("epoch", &epoch),
                             ("version", &applied.to_string()),
                             ("wait_ms", &wait_ms),
                         ])
@@ -169,6 +173,12 @@ impl Discovery {
                             let cur = self.current.read().unwrap_or_else(|e| e.into_inner());
                             cur.services != reply.services
                         };
+                        // An answer from another run of the server (a restart, a new
+                        // leader) whose sets are empty while it rebuilds: keep what we have.
+                        let changed = changed
+                            && !(reply.epoch != epoch
+                                && reply.services.values().all(Vec::is_empty)
+                                && !epoch.is_empty());
                         if changed {
                             self.write_files(&reply);
                             *self.current.write().unwrap_or_else(|e| e.into_inner()) =
@@ -176,6 +186,7 @@ impl Discovery {
                             tracing::debug!(version = reply.version, "peers changed");
                         }
                         applied = reply.version;
+                        epoch = reply.epoch;
                     }
                     Err(problem) => {
                         if throttle.failed() {
@@ -351,6 +362,7 @@ mod tests {
             ports: [("http".to_string(), 8080)].into_iter().collect(),
         };
         PeersReply {
+            epoch: String::new(),
             version: 3,
             services: [(
                 "core".to_string(),

@@ -353,6 +353,10 @@ pub struct PeerAddr {
 /// instance is out of its peer sets.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeersReply {
+    /// This run of the server (a new leader or a restart starts a new one): a version is
+    /// only comparable within one epoch.
+    #[serde(default)]
+    pub epoch: String,
     pub version: u64,
     pub services: std::collections::BTreeMap<String, Vec<PeerAddr>>,
 }

@@ -303,6 +303,8 @@ async fn permit(
 struct PeersQuery {
     instance: String,
     #[serde(default)]
+    epoch: String,
+    #[serde(default)]
     version: u64,
     #[serde(default)]
     wait_ms: u64,
@@ -318,14 +320,14 @@ async fn peers(
 ) -> Result<Response, ServerError> {
     let Query(q) = query.map_err(|r| {
         ServerError::BadRequest(format!(
-            "{}; parameters: instance, version, wait_ms",
+            "{}; parameters: instance, epoch, version, wait_ms",
             r.body_text()
         ))
     })?;
     check_instance(&e, &caller, &bound, &q.instance)?;
     let _held = hold_poll(&guards, &caller, &bound)?;
     let wait = std::time::Duration::from_millis(q.wait_ms.min(60_000));
-    Ok(Json(e.wait_peers(&q.instance, q.version, wait).await?).into_response())
+    Ok(Json(e.wait_peers(&q.instance, &q.epoch, q.version, wait).await?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -1333,10 +1333,17 @@ impl Engine {
     pub async fn wait_peers(
         &self,
         instance: &str,
+        epoch: &str,
         version: u64,
         wait: Duration,
     ) -> Result<drover_model::api::PeersReply, ServerError> {
         let services = self.used_services(instance)?;
+        // A version of another epoch (before a restart or failover) proves nothing: the
+        // agent has applied none of this run's sets yet; answer at once.
+        if epoch != self.peers.epoch() {
+            self.peers.ack(instance, 0);
+            return Ok(self.peers.reply(&services));
+        }
         self.peers.ack(instance, version);
         self.peers.wait(version, wait).await;
         Ok(self.peers.reply(&services))

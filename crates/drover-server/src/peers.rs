@@ -44,6 +44,7 @@ struct Ack {
 pub struct Peers {
     view: Mutex<View>,
     version_tx: watch::Sender<u64>,
+    epoch: String,
 }
 
 impl Default for Peers {
@@ -54,10 +55,20 @@ impl Default for Peers {
 
 impl Peers {
     pub fn new() -> Peers {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         Peers {
             view: Mutex::new(View::default()),
             version_tx: watch::Sender::new(0),
+            epoch: format!("{nanos:x}-{:x}", std::process::id()),
         }
+    }
+
+    /// This run's epoch: versions of another one say nothing about what an agent applied.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     fn view(&self) -> MutexGuard<'_, View> {
@@ -152,6 +163,7 @@ impl Peers {
     pub fn reply(&self, services: &[(String, String)]) -> PeersReply {
         let v = self.view();
         PeersReply {
+            epoch: self.epoch.clone(),
             version: v.version,
             services: services
                 .iter()
@@ -232,5 +244,10 @@ mod tests {
         let v = without.version;
         p.set("core/a", vec![peer("i-2")]);
         assert_eq!(p.reply(&[]).version, v);
+        // Another run (a restart, a new leader) has another epoch: versions do not compare.
+        std::thread::sleep(Duration::from_millis(2));
+        let q = Peers::new();
+        assert_ne!(q.epoch(), p.epoch());
+        assert_eq!(p.reply(&[]).epoch, p.epoch());
     }
 }
