@@ -289,7 +289,9 @@ mod tests {
         let u = s.sample(&[pid]);
         let _ = child.kill();
         let _ = child.wait();
-        assert!(u.cpu > 0.3 && u.cpu < 1.5, "{u:?}");
+        // A spinning child uses at most one core; on a machine busy with other tests it may
+        // get much less than one, but never none over 300 ms.
+        assert!(u.cpu > 0.02 && u.cpu < 1.5, "{u:?}");
         assert!(u.memory_bytes > 0, "{u:?}");
         assert!(u.agent_rss_bytes > 0, "{u:?}");
         // Gone processes count for nothing.
