@@ -66,14 +66,20 @@ impl Default for Balancers {
     }
 }
 
+/// A new run's epoch: the clock in nanoseconds and the pid, so that no two runs (restarts, a
+/// new leader's terms) share one. Versions are compared only within an epoch.
+pub(crate) fn new_epoch() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{:x}", nanos, std::process::id())
+}
+
 impl Balancers {
     pub fn new() -> Balancers {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         Balancers {
-            epoch: format!("{:x}-{:x}", nanos, std::process::id()),
+            epoch: new_epoch(),
             view: Mutex::new(View::default()),
             version_tx: watch::channel(0).0,
         }

@@ -55,14 +55,10 @@ impl Default for Peers {
 
 impl Peers {
     pub fn new() -> Peers {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         Peers {
             view: Mutex::new(View::default()),
             version_tx: watch::Sender::new(0),
-            epoch: format!("{nanos:x}-{:x}", std::process::id()),
+            epoch: crate::balancer::new_epoch(),
         }
     }
 
