@@ -6,7 +6,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -105,14 +105,14 @@ struct Held<'a>(&'a AtomicUsize);
 
 impl<'a> Held<'a> {
     fn new(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Relaxed);
+        counter.fetch_add(1, SeqCst);
         Held(counter)
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -191,16 +191,26 @@ async fn connect_any(
                 .reset(Instant::now() + shared.connect_timeout);
         }
         let pending = Held::new(&entry.pending);
+        // Out of rotation since it was chosen: a drain that read no attempt under way may
+        // already have let the target stop. The listener clears `in_rotation` before a
+        // report reads `pending` (`open_connections`), and this counts the attempt before
+        // reading `in_rotation` again, all sequentially consistent: either this sees the
+        // removal, or the report sees the attempt.
+        if !entry.in_rotation.load(SeqCst) {
+            continue;
+        }
         let attempt = match open(entry.target.addr) {
             Ok(backend) => established(&backend, client, up, timer.as_mut())
                 .await
                 .map(|()| backend),
             Err(e) => Err(Failed::Target(e)),
         };
-        drop(pending);
         match attempt {
             Ok(stream) => {
-                entry.active.fetch_add(1, Relaxed);
+                // Counted as active before it stops being pending: a drain never reads
+                // the connection as neither.
+                entry.active.fetch_add(1, SeqCst);
+                drop(pending);
                 entry.total.fetch_add(1, Relaxed);
                 // What was read from the client while connecting goes to this target.
                 entry.bytes_in.fetch_add(up.bytes, Relaxed);
@@ -218,6 +228,7 @@ async fn connect_any(
                       "connect to target timed out; trying the next one");
             }
         }
+        drop(pending);
         entry.connect_failures.fetch_add(1, Relaxed);
         shared.counters.connect_failures.fetch_add(1, Relaxed);
         let until = shared

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -108,7 +108,7 @@ impl Shared {
                 continue;
             }
             reg.checker = None;
-            if reg.entry.in_rotation.swap(false, Relaxed) {
+            if reg.entry.in_rotation.swap(false, SeqCst) {
                 info!(listener = %self.name, target = %id, %addr,
                       open = reg.entry.active.load(Relaxed), "target removed; draining");
             }
@@ -170,7 +170,7 @@ impl Shared {
         self.registry()
             .iter()
             .filter(|((id, _), _)| id == target_id)
-            .map(|(_, r)| r.entry.active.load(Relaxed))
+            .map(|(_, r)| r.entry.open())
             .sum()
     }
 
@@ -346,8 +346,10 @@ impl Listener {
         self.inner.shared.local_addr
     }
 
-    /// Open proxied connections to the target with this id right now, including those of
-    /// a removed target that is draining; 0 if the id is unknown.
+    /// Open proxied connections to the target with this id right now, and attempts to
+    /// connect to it under way, including those of a removed target that is draining; 0 if
+    /// the id is unknown. Read after an update removed the target, it counts every
+    /// connection that may still reach it (see `conn::connect_any`).
     pub fn open_connections(&self, target_id: &str) -> usize {
         self.inner.shared.open_connections(target_id)
     }

@@ -184,6 +184,7 @@ mod tests {
             bytes_in: 100,
             bytes_out: 2000,
             in_rotation: true,
+            connecting: 0,
             penalized: false,
             up,
             checks_failed: 4,

@@ -1,7 +1,10 @@
 //! Counters of a listener and of each target, and their serializable snapshot.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,10 @@ pub struct TargetStats {
     pub addr: SocketAddr,
     /// Proxied connections open now.
     pub active: usize,
+    /// Connection attempts to it under way. A drain waits for these too: each may still
+    /// become a connection.
+    #[serde(default)]
+    pub connecting: usize,
     /// Proxied connections established since the target was first seen.
     pub total: u64,
     pub connect_failures: u64,
@@ -102,15 +109,31 @@ impl TargetEntry {
         }
     }
 
+    /// Established connections and attempts under way: every connection that may still
+    /// reach the target. `active` is raised before `pending` is lowered, so a connection
+    /// is always in one of them, and reading `pending` first never misses it.
+    pub(crate) fn open(&self) -> usize {
+        let (pending, active) = self.counts();
+        pending + active
+    }
+
+    /// (`pending`, `active`), read in that order (see [`Self::open`]).
+    fn counts(&self) -> (usize, usize) {
+        let pending = self.pending.load(SeqCst);
+        (pending, self.active.load(SeqCst))
+    }
+
     pub(crate) fn is_penalized(&self, now_ms: u64) -> bool {
         self.penalized_until_ms.load(Relaxed) > now_ms
     }
 
     pub(crate) fn snapshot(&self, now_ms: u64) -> TargetStats {
+        let (connecting, active) = self.counts();
         TargetStats {
             id: self.target.id.clone(),
             addr: self.target.addr,
-            active: self.active.load(Relaxed),
+            active,
+            connecting,
             total: self.total.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),

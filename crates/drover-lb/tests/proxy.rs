@@ -523,3 +523,78 @@ async fn a_target_that_closes_first_is_seen_closing_by_a_client_that_waits() {
     wait_until("closed", || lb.stats().active == 0).await;
     lb.shutdown().await;
 }
+
+/// A target whose accept queue is full: the kernel drops new SYNs, so a connection to it
+/// stays under way (SYN retransmitted) until the connect times out. The returned
+/// streams and listener keep the queue full.
+fn unanswering_target() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&addr.into()).expect("bind");
+    socket.listen(0).expect("listen");
+    let listener: std::net::TcpListener = socket.into();
+    let addr = listener.local_addr().expect("addr");
+    let mut fill = Vec::new();
+    // With a backlog of 0 the queue holds one connection; a connect that then times out
+    // proves it full.
+    for _ in 0..4 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => fill.push(s),
+            Err(_) => return (listener, fill),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+#[tokio::test]
+async fn a_connection_still_connecting_to_a_removed_target_counts_until_it_ends() {
+    let (slow, _fill) = unanswering_target();
+    let slow = Target::new("slow", slow.local_addr().expect("addr"));
+    let b = backend("b").await;
+    let cfg = ListenerConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (lb, tx) = start(cfg, vec![slow, b.target.clone()]).await;
+    // Round robin sends the first connection to `slow`, where it hangs connecting.
+    let mut client = TcpStream::connect(lb.local_addr()).await.expect("connect");
+    client.write_all(b"hello").await.expect("write");
+    wait_until("the attempt is under way", || {
+        lb.open_connections("slow") == 1
+    })
+    .await;
+    let t = lb
+        .stats()
+        .targets
+        .into_iter()
+        .find(|t| t.id == "slow")
+        .expect("slow");
+    assert_eq!((t.active, t.connecting), (0, 1), "{t:?}");
+
+    // Removed while the attempt is under way: a drain reading the target now must not see
+    // it idle, for the attempt may still reach it.
+    tx.send(vec![b.target.clone()]).expect("send");
+    for _ in 0..3 {
+        assert_eq!(open(lb.local_addr()).await.1, "b");
+    }
+    assert_eq!(lb.open_connections("slow"), 1);
+    let t = lb
+        .stats()
+        .targets
+        .into_iter()
+        .find(|t| t.id == "slow")
+        .expect("slow");
+    assert!(!t.in_rotation && t.connecting == 1, "{t:?}");
+
+    // The attempt times out; a target out of rotation is not tried again, and the client
+    // moves on to `b` with what it sent.
+    let mut greeting = [0u8; 2];
+    timeout(Duration::from_secs(5), client.read_exact(&mut greeting))
+        .await
+        .expect("answered after the connect timeout")
+        .expect("read");
+    assert_eq!(&greeting, b"b\n");
+    wait_until("the attempt ended", || lb.open_connections("slow") == 0).await;
+    lb.shutdown().await;
+}

@@ -284,9 +284,15 @@ async fn serve(args: DemoArgs) -> u8 {
     exit::OK
 }
 
-/// Serve one connection. Once the server drains, a connection that was open before is closed
-/// as soon as it is idle (after the answer in flight, if any); one opened during the drain is
-/// served, each answer saying `Connection: close`.
+/// Serve one connection. Once the server drains, a kept-alive connection (one that has
+/// already been answered) is closed as soon as it is idle (after the answer in flight, if
+/// any); one that has not yet sent its first request is served, as is one opened during the
+/// drain, each answer saying `Connection: close`.
+///
+/// Closing an idle connection that was never answered would drop a request: the balancer
+/// may have sent it just before taking the instance out of rotation, and it may still be in
+/// the socket, unread. A client may retry a kept-alive connection closed under it
+/// (RFC 9112 9.3.1), not a new one.
 async fn connection(
     stream: tokio::net::TcpStream,
     app: Router,
@@ -294,14 +300,36 @@ async fn connection(
     mut stopping: watch::Receiver<bool>,
     _alive: mpsc::Sender<()>,
 ) {
-    let opened_draining = *draining.borrow_and_update();
+    let mut opened_draining = *draining.borrow_and_update();
+    let asked = Arc::new(AtomicBool::new(false));
+    let service = tower::ServiceBuilder::new()
+        .map_request({
+            let asked = asked.clone();
+            move |req| {
+                asked.store(true, Ordering::Relaxed);
+                req
+            }
+        })
+        .service(app);
     let builder = hyper::server::conn::http1::Builder::new();
     let mut conn =
-        pin!(builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app)));
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = draining.wait_for(|d| *d), if !opened_draining => conn.as_mut().graceful_shutdown(),
-        _ = stopping.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        pin!(builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = draining.wait_for(|d| *d), if !opened_draining => {
+                if asked.load(Ordering::Relaxed) {
+                    conn.as_mut().graceful_shutdown();
+                    break;
+                }
+                // Its first answer will say `Connection: close`.
+                opened_draining = true;
+            }
+            _ = stopping.wait_for(|s| *s) => {
+                conn.as_mut().graceful_shutdown();
+                break;
+            }
+        }
     }
     let _ = conn.await;
 }

@@ -798,9 +798,11 @@ impl Ingresses {
             let s = listener.stats();
             let per = connections.entry(name.clone()).or_default();
             for t in &s.targets {
-                *per.entry(t.id.clone()).or_default() += t.active as u64;
+                // Attempts under way count: each may still become a connection.
+                let open = (t.active + t.connecting) as u64;
+                *per.entry(t.id.clone()).or_default() += open;
                 if !t.in_rotation || n >= live {
-                    draining.push((name.clone(), t.id.clone(), t.active as u64));
+                    draining.push((name.clone(), t.id.clone(), open));
                 }
             }
             if let Ok(v) = serde_json::to_value(&s) {
