@@ -37,6 +37,11 @@ pub struct GroupSpec {
     /// second replacement; its launch comes once the leaver is gone, and claims the
     /// provider's replacement. See [`provider_replaces`].
     pub provider_replaces_leavers: bool,
+    /// How long an instance has after its permit to be gone: its drain timeout, its
+    /// components' longest stop grace and some slack. Past it, the instance (a hung agent,
+    /// an old one) is terminated through the provider. Counted from the permit's stored
+    /// time, so it holds across server restarts.
+    pub leave_within_ms: u64,
 }
 
 /// A rollout's canary stage: `size` new instances serve beside the old ones; once all are
@@ -97,6 +102,8 @@ pub struct InstanceView {
     /// what the last one said (exit status, last lines printed).
     pub exits_before_healthy: u32,
     pub last_failure: Option<String>,
+    /// When it was given its permit (`Draining`), as stored.
+    pub permit_at_ms: Option<u64>,
 }
 
 /// Timings that are not per service.
@@ -104,6 +111,32 @@ pub struct InstanceView {
 pub struct Timing {
     /// An instance not heard from for this long is out of rotation and is replaced.
     pub silent_after_ms: u64,
+    /// [`GroupSpec::leave_within_ms`] for an instance whose group left the fleet.
+    pub leave_within_ms: u64,
+}
+
+/// Slack beyond a leaver's drain timeout and stop grace before it is terminated.
+pub const LEAVE_SLACK_MS: u64 = 10_000;
+
+/// [`GroupSpec::leave_within_ms`] of a group: the drain timeout, the longest stop grace of
+/// its components, and [`LEAVE_SLACK_MS`].
+pub fn leave_within_ms(drain_timeout_ms: u64, longest_stop_grace_ms: u64) -> u64 {
+    drain_timeout_ms
+        .saturating_add(longest_stop_grace_ms)
+        .saturating_add(LEAVE_SLACK_MS)
+}
+
+/// A leaver still there `within` after its permit: why it must be terminated.
+fn overstayed(i: &InstanceView, now: u64, within: u64) -> Option<String> {
+    let at = i
+        .permit_at_ms
+        .filter(|_| i.alive && i.phase == Phase::Draining)?;
+    (now.saturating_sub(at) >= within).then(|| {
+        format!(
+            "its agent did not leave within {} of its permit",
+            drover_model::Dur::from_millis(within)
+        )
+    })
 }
 
 /// One thing to do. The server carries these out and records each as an event. Decisions
@@ -234,6 +267,14 @@ pub fn reconcile(
                         instance: i.id.clone(),
                         reason: format!("group {group} is no longer in the fleet"),
                     }),
+                    (true, Phase::Draining) => {
+                        if let Some(reason) = overstayed(i, now, timing.leave_within_ms) {
+                            d.actions.push(Action::Terminate {
+                                instance: i.id.clone(),
+                                reason,
+                            });
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -293,6 +334,12 @@ fn reconcile_group(
             continue;
         }
         if i.phase != Phase::Active {
+            if let Some(reason) = overstayed(i, now, spec.leave_within_ms) {
+                d.actions.push(Action::Terminate {
+                    instance: i.id.clone(),
+                    reason,
+                });
+            }
             if occupies(spec, i) {
                 replaced_leavers += 1;
             }
@@ -552,6 +599,7 @@ mod tests {
     const TICK: u64 = 250;
     const TIMING: Timing = Timing {
         silent_after_ms: 5_000,
+        leave_within_ms: 30_000,
     };
 
     fn spec(desired: u32, max_surge: u32, replaces: bool) -> GroupSpec {
@@ -580,6 +628,7 @@ mod tests {
             resumed_ms: 0,
             canary: None,
             provider_replaces_leavers: replaces,
+            leave_within_ms: 22_000,
         }
     }
 
@@ -600,7 +649,66 @@ mod tests {
             watched_since_ms: now,
             exits_before_healthy: 0,
             last_failure: None,
+            permit_at_ms: None,
         }
+    }
+
+    /// Issue 15: a leaver's deadline is a rule of the controller, counted from the permit's
+    /// stored time (a server that restarted since still enforces it): until then nothing
+    /// happens to it; from then on it is terminated, whatever its health; one already
+    /// terminating is left alone; so is one of a group that left the fleet until its own
+    /// (default) deadline.
+    #[test]
+    fn a_leaver_that_overstays_its_permit_is_terminated() {
+        let spec = spec(1, 1, false);
+        let permit_at = 50_000;
+        let leaver = |now: u64, phase: Phase| InstanceView {
+            phase,
+            permit_at_ms: Some(permit_at),
+            last_seen_ms: now,
+            ..instance("old", 1, 0, Some(1_000))
+        };
+        let fresh = |now: u64| InstanceView {
+            last_seen_ms: now,
+            ..instance("new", 1, 40_000, Some(41_000))
+        };
+        let terminated = |d: &Decision| -> Vec<(String, String)> {
+            d.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Terminate { instance, reason } => {
+                        Some((instance.clone(), reason.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let within = spec.leave_within_ms;
+        assert_eq!(within, leave_within_ms(2_000, 10_000));
+        let early = permit_at + within - 1;
+        let list = [leaver(early, Phase::Draining), fresh(early)];
+        let d = reconcile(early, std::slice::from_ref(&spec), &list, &TIMING);
+        assert_eq!(terminated(&d), vec![], "{d:?}");
+        let due = permit_at + within;
+        let list = [leaver(due, Phase::Draining), fresh(due)];
+        let d = reconcile(due, std::slice::from_ref(&spec), &list, &TIMING);
+        assert_eq!(
+            terminated(&d),
+            [(
+                "old".to_string(),
+                "its agent did not leave within 22s of its permit".to_string()
+            )]
+        );
+        // Already being terminated, or gone: nothing more.
+        let list = [leaver(due, Phase::Terminating), fresh(due)];
+        let d = reconcile(due, std::slice::from_ref(&spec), &list, &TIMING);
+        assert_eq!(terminated(&d), vec![]);
+        // Its group left the fleet: the default deadline of `Timing`.
+        let d = reconcile(due, &[], &[leaver(due, Phase::Draining)], &TIMING);
+        assert_eq!(terminated(&d), vec![], "{d:?}");
+        let late = permit_at + TIMING.leave_within_ms;
+        let d = reconcile(late, &[], &[leaver(late, Phase::Draining)], &TIMING);
+        assert_eq!(terminated(&d).len(), 1, "{d:?}");
     }
 
     /// What happened over one rollout of a small world: instances boot in 2 s, leavers drain

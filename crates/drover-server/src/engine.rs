@@ -1041,29 +1041,8 @@ impl Engine {
                 }
                 self.wake_permit_poll(&rec.id);
                 // The agent drains, stops and exits by itself. If it does not (old agent,
-                // hung), the provider terminates it after the drain and stop budgets.
-                let budget = self.drain_timeout(&rec.group)
-                    + self.stop_grace(&rec.group)
-                    + Duration::from_secs(10);
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(budget).await;
-                    let still = me
-                        .state()
-                        .instances
-                        .get(&rec.id)
-                        .is_some_and(|i| i.alive && i.record.lifecycle == Lifecycle::Draining);
-                    if still {
-                        let _w = me.write_lock.lock().await;
-                        let why = format!(
-                            "its agent did not leave within {} of its permit",
-                            drover_model::Dur(budget)
-                        );
-                        if let Err(e) = me.terminate(&rec.id, &why).await {
-                            tracing::error!("terminate after permit: {e}");
-                        }
-                    }
-                });
+                // hung), the controller terminates it once `leave_within_ms` has passed
+                // since the permit's stored time (`drover_control::group`).
                 Ok(())
             }
             Action::RolloutDone { group, generation } => {
@@ -1381,26 +1360,18 @@ impl Engine {
 
     fn drain_timeout(&self, group: &str) -> Duration {
         let st = self.state();
-        let service = group.split('/').next().unwrap_or_default();
         st.fleet()
-            .and_then(|f| f.services.get(service))
+            .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
             .map(|s| s.rollout.drain_timeout.0)
-            .unwrap_or(Duration::from_secs(10))
+            .unwrap_or(Duration::from_millis(crate::state::DEFAULT_DRAIN_MS))
     }
 
     fn stop_grace(&self, group: &str) -> Duration {
         let st = self.state();
         st.groups
             .get(group)
-            .map(|g| {
-                g.plan
-                    .components
-                    .iter()
-                    .map(|c| c.stop_grace.0)
-                    .max()
-                    .unwrap_or_default()
-            })
-            .unwrap_or(Duration::from_secs(10))
+            .map(|g| crate::state::longest_stop_grace(&g.plan))
+            .unwrap_or(Duration::from_millis(crate::state::DEFAULT_DRAIN_MS))
     }
 
     async fn set_lifecycle(
@@ -1812,6 +1783,7 @@ command = "/bin/true"
         let e = Engine::new(
             store,
             Timing {
+                leave_within_ms: 30_000,
                 silent_after_ms: 5000,
             },
             crate::ProviderFactory::for_tests(dir),

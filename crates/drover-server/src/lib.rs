@@ -309,6 +309,10 @@ impl Shared {
             self.store.clone(),
             Timing {
                 silent_after_ms: self.silent_after.as_millis() as u64,
+                leave_within_ms: drover_control::group::leave_within_ms(
+                    state::DEFAULT_DRAIN_MS,
+                    state::DEFAULT_DRAIN_MS,
+                ),
             },
             ProviderFactory {
                 cfg: cfg.clone(),

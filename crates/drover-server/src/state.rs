@@ -212,6 +212,19 @@ pub fn provider_replaces_leavers(provider: &str, rollout: &drover_model::fleet::
     provider == drover_model::fleet::ProviderKind::Aws.as_str() && rollout.max_surge == 0
 }
 
+/// The drain timeout of a group whose service is no longer in the fleet.
+pub const DEFAULT_DRAIN_MS: u64 = 10_000;
+
+/// How long an instance of `plan` may take to stop once asked: its components' longest
+/// `stop_grace`.
+pub fn longest_stop_grace(plan: &drover_model::Plan) -> std::time::Duration {
+    plan.components
+        .iter()
+        .map(|c| c.stop_grace.0)
+        .max()
+        .unwrap_or_default()
+}
+
 /// What the group controller knows of an instance.
 fn view(i: &Instance) -> InstanceView {
     InstanceView {
@@ -242,6 +255,7 @@ fn view(i: &Instance) -> InstanceView {
         last_failure: (!i.soft.ever_healthy)
             .then(|| last_failure(&i.soft.components))
             .flatten(),
+        permit_at_ms: i.record.permit_at_ms,
     }
 }
 
@@ -380,6 +394,11 @@ impl State {
             replace_unhealthy_after_ms: svc
                 .map(|s| s.replace_unhealthy_after.as_millis())
                 .unwrap_or(30_000),
+            leave_within_ms: drover_control::group::leave_within_ms(
+                svc.map(|s| s.rollout.drain_timeout.as_millis())
+                    .unwrap_or(DEFAULT_DRAIN_MS),
+                longest_stop_grace(&g.plan).as_millis() as u64,
+            ),
             launch_not_before_ms: self
                 .launch_backoff
                 .get(&g.record.group)

@@ -116,6 +116,10 @@ pub enum Fault {
     Kill { group: String, count: usize },
     /// One instance dies.
     KillInstance { instance: String },
+    /// `count` running instances of `group` (picked by the PRNG) get an agent that ignores
+    /// its permit (hung, or too old to know permits): it keeps running and heartbeating
+    /// until the provider terminates it.
+    IgnorePermits { group: String, count: usize },
     /// The server restarts: soft state is dropped and rebuilt the way the server does it.
     ServerRestart,
     /// A deploy; with `broken`, no instance of the new generation ever turns healthy.
@@ -152,6 +156,9 @@ pub struct Stats {
     pub terminated_never_healthy: u64,
     /// Terminations of instances whose agent went silent.
     pub terminated_silent: u64,
+    /// Terminations of leavers still there past their permit's deadline (their agent
+    /// ignored the permit, [`Fault::IgnorePermits`]).
+    pub terminated_overstayed: u64,
     /// Instances forgotten while Active: their agent exited (crash, kill).
     pub died: u64,
     /// Instances gone after a permit (drained and terminated themselves).
@@ -213,6 +220,9 @@ pub struct GroupStatus {
     pub floor: usize,
 }
 
+/// The components' stop grace the simulated groups have (the fleet file's default).
+pub const LEAVER_STOP_GRACE_MS: u64 = 10_000;
+
 /// Build a spec for a group at generation 1 with no rollout open.
 pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
     GroupSpec {
@@ -221,13 +231,17 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
         generation: 1,
         generation_since_ms: 0,
         rollout_open: false,
-        rollout,
         replace_unhealthy_after_ms: 30_000,
         launch_not_before_ms: 0,
         paused: false,
         resumed_ms: 0,
         canary: None,
         provider_replaces_leavers: false,
+        leave_within_ms: drover_control::group::leave_within_ms(
+            rollout.drain_timeout.as_millis(),
+            LEAVER_STOP_GRACE_MS,
+        ),
+        rollout,
     }
 }
 
@@ -255,6 +269,8 @@ struct Agent {
     reported: Option<f64>,
     /// Its permit kept the group's capacity: the provider replaces it as it goes.
     keeps_capacity: bool,
+    /// It does not leave on its permit ([`Fault::IgnorePermits`]).
+    ignores_permit: bool,
     /// Its constant bias on the service's noisy metric ...
     bias: f64,
     /// ... and its canary analysis window (sum, samples): the server's soft state.
@@ -826,6 +842,7 @@ impl Sim {
     fn timing(&self) -> Timing {
         Timing {
             silent_after_ms: self.cfg.silent_after_ms,
+            leave_within_ms: drover_control::group::leave_within_ms(10_000, LEAVER_STOP_GRACE_MS),
         }
     }
 
@@ -875,6 +892,7 @@ impl Sim {
             watched_since_ms: now,
             exits_before_healthy: 0,
             last_failure: None,
+            permit_at_ms: None,
         });
         self.agents.push(Agent {
             group: g,
@@ -886,6 +904,7 @@ impl Sim {
             in_rotation: false,
             reported: None,
             keeps_capacity: false,
+            ignores_permit: false,
             bias,
             window: None,
         });
@@ -938,6 +957,12 @@ impl Sim {
                 let g = self.group_idx(&group);
                 for i in self.pick_serving(g, count) {
                     self.agents[i].exit_at = Some(self.now);
+                }
+            }
+            Fault::IgnorePermits { group, count } => {
+                let g = self.group_idx(&group);
+                for i in self.pick_serving(g, count) {
+                    self.agents[i].ignores_permit = true;
                 }
             }
             Fault::KillInstance { instance } => {
@@ -1320,7 +1345,13 @@ impl Sim {
                     };
                     let (g, v, a) = (self.agents[i].group, &self.views[i], &self.agents[i]);
                     // Invariant 1: Terminate only what is broken, silent or never healthy.
-                    if a.silenced {
+                    let overstayed = v.phase == Phase::Draining
+                        && v.permit_at_ms.is_some_and(|at| {
+                            now.saturating_sub(at) >= self.specs[g].leave_within_ms
+                        });
+                    if overstayed {
+                        self.stats.terminated_overstayed += 1;
+                    } else if a.silenced {
                         self.stats.terminated_silent += 1;
                     } else if !a.healthy_at(now) {
                         self.stats.terminated_never_healthy += 1;
@@ -1365,8 +1396,11 @@ impl Sim {
                     }
                     let drained = now + self.cfg.drain_ms;
                     let a = &mut self.agents[i];
-                    a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
+                    if !a.ignores_permit {
+                        a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
+                    }
                     self.views[i].phase = Phase::Draining;
+                    self.views[i].permit_at_ms = Some(now);
                     if self.groups[g].asg.is_some() {
                         // The agent's permit poll answers now, as the server does.
                         let group: Vec<&InstanceView> = self

@@ -610,3 +610,40 @@ fn without_surge_on_an_auto_scaling_group_with_faults() {
         st.launches, st.claimed_from_provider, st.permits, st.kept_capacity, st.orphans, st.max_capacity_over_desired
     );
 }
+
+/// Issue 15: agents that ignore their permits (hung, or too old) hold a rollout only until
+/// their deadline, counted from the permit's stored time: a server restart in between
+/// changes nothing. Each is terminated once, by the shared controller rule, never before
+/// `leave_within_ms`; the rollout completes.
+#[test]
+fn leavers_that_ignore_their_permits_are_terminated_at_their_deadline_across_a_restart() {
+    let mut sim = Sim::new(11);
+    sim.add_group(group_spec("web/eu", 20, rollout(2, 0)));
+    sim.inject(
+        1_000,
+        Fault::IgnorePermits {
+            group: "web/eu".into(),
+            count: 3,
+        },
+    );
+    sim.run_for(2_000);
+    let deployed_at = sim.now();
+    sim.deploy("web/eu");
+    sim.inject(deployed_at + 20_000, Fault::ServerRestart);
+    sim.run_until(|s| s.converged("web/eu"), 3_600_000)
+        .expect("converges although 3 leavers ignore their permits");
+    let st = sim.stats();
+    assert_eq!(st.terminated_overstayed, 3, "{st:?}");
+    assert_eq!(
+        st.terminated_silent + st.terminated_never_healthy,
+        0,
+        "{st:?}"
+    );
+    assert_eq!(st.rollouts_done.len(), 1, "{st:?}");
+    assert!(st.rollouts_failed.is_empty());
+    assert_eq!(st.permits, 20, "each old instance got one permit");
+    // Not before the deadline: the rollout took at least one.
+    let within = sim.spec("web/eu").leave_within_ms;
+    let took = st.rollouts_done[0].took_ms;
+    assert!(took >= within, "done in {took} ms, deadline {within} ms");
+}
