@@ -104,6 +104,8 @@ pub struct InstanceView {
     pub last_failure: Option<String>,
     /// When it was given its permit (`Draining`), as stored.
     pub permit_at_ms: Option<u64>,
+    /// Known only from the store since a server restart: not heard from by this server yet.
+    pub restored: bool,
 }
 
 /// Timings that are not per service.
@@ -650,6 +652,7 @@ mod tests {
             exits_before_healthy: 0,
             last_failure: None,
             permit_at_ms: None,
+            restored: false,
         }
     }
 

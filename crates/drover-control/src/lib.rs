@@ -3,11 +3,13 @@
 
 pub mod analysis;
 pub mod autoscale;
+pub mod backoff;
 pub mod group;
 pub mod schedule;
 pub mod waves;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
+pub use backoff::LaunchBackoff;
 pub use group::{
     reconcile, suspects_itself, Action, CanaryGate, Decision, GroupSpec, Health, InstanceView,
     Phase, Timing, SUSPECT_MIN_SILENT, SUSPECT_SHARE_PERCENT,

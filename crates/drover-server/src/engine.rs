@@ -13,7 +13,7 @@ use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{absorb_heartbeat, Group, Instance, Soft, State};
+use crate::state::{absorb_heartbeat, view, Group, Instance, Soft, State};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -965,6 +965,20 @@ impl Engine {
     }
 
     async fn act(self: &Arc<Self>, action: Action, now: u64) -> Result<(), ServerError> {
+        let failed_launch = match &action {
+            Action::Forget { instance, .. } | Action::Terminate { instance, .. } => {
+                let st = self.state();
+                st.instances
+                    .get(instance)
+                    .filter(|i| drover_control::backoff::ends_failed_launch(&action, &view(i)))
+                    .map(|i| i.record.group.clone())
+            }
+            _ => None,
+        };
+        if let Some(group) = failed_launch {
+            let n = self.state().launch_failed(&group, now);
+            tracing::warn!(%group, failures = n, "instance ended before turning healthy; backing off launches");
+        }
         match action {
             Action::Launch { group, generation } => self.launch(&group, generation).await,
             Action::Forget { instance, reason } => {
@@ -998,28 +1012,9 @@ impl Engine {
                     // A long-poll still held for it ends (404) rather than at its deadline.
                     i.permit_wake.notify_waiters();
                 }
-                // An instance restored from the store that never reported to this server may
-                // have run healthy for days: its loss says nothing about its version.
-                let never_healthy =
-                    removed.is_some_and(|i| !i.soft.ever_healthy && !i.soft.restored);
-                if never_healthy && rec.lifecycle == Lifecycle::Active {
-                    let n = st.launch_failed(&rec.group, now);
-                    tracing::warn!(group = %rec.group, failures = n, "instance ended before turning healthy; backing off launches");
-                }
                 Ok(())
             }
             Action::Terminate { instance, reason } => {
-                {
-                    let mut st = self.state();
-                    let failed = st
-                        .instances
-                        .get(&instance)
-                        .filter(|i| !i.soft.ever_healthy && !i.soft.restored)
-                        .map(|i| i.record.group.clone());
-                    if let Some(g) = failed {
-                        st.launch_failed(&g, now);
-                    }
-                }
                 self.terminate(&instance, &format!("replacing it: {reason}"))
                     .await
             }
@@ -1929,7 +1924,7 @@ command = "/bin/true"
             .soft
             .restored = false;
         e.act(forget("i-000002"), now_ms()).await.unwrap();
-        assert_eq!(e.state().launch_backoff["web/local"].0, 1);
+        assert_eq!(e.state().launch_backoff["web/local"].failures, 1);
     }
 
     /// Long messages and too many custom metrics are cut, not refused: the instance is

@@ -142,7 +142,7 @@ pub struct State {
     pub targets: BTreeMap<String, Vec<String>>,
     /// Per group: instances that ended before ever turning healthy, in a row, and the time
     /// before which no new launch happens.
-    pub launch_backoff: BTreeMap<String, (u32, u64)>,
+    pub launch_backoff: BTreeMap<String, drover_control::LaunchBackoff>,
     /// Per group: the autoscaler's memory (soft).
     pub autoscale: BTreeMap<String, drover_control::AutoscaleState>,
     /// One-off scheduled changes (stored), by id.
@@ -226,7 +226,7 @@ pub fn longest_stop_grace(plan: &drover_model::Plan) -> std::time::Duration {
 }
 
 /// What the group controller knows of an instance.
-fn view(i: &Instance) -> InstanceView {
+pub(crate) fn view(i: &Instance) -> InstanceView {
     InstanceView {
         id: i.record.id.clone(),
         group: i.record.group.clone(),
@@ -256,6 +256,7 @@ fn view(i: &Instance) -> InstanceView {
             .then(|| last_failure(&i.soft.components))
             .flatten(),
         permit_at_ms: i.record.permit_at_ms,
+        restored: i.soft.restored,
     }
 }
 
@@ -326,24 +327,13 @@ pub fn service_in(
     Ok(svc.clone())
 }
 
-/// Delay before the next launch after `failures` instances in a row died unhealthy.
-pub fn launch_delay_ms(failures: u32) -> u64 {
-    if failures == 0 {
-        return 0;
-    }
-    (500u64 << (failures - 1).min(10)).min(30_000)
-}
-
 impl State {
     /// An instance of `group` ended before turning healthy: back off the next launch.
     pub fn launch_failed(&mut self, group: &str, now: u64) -> u32 {
-        let b = self
-            .launch_backoff
+        self.launch_backoff
             .entry(group.to_string())
-            .or_insert((0, 0));
-        b.0 += 1;
-        b.1 = now + launch_delay_ms(b.0);
-        b.0
+            .or_default()
+            .failed(now)
     }
 
     /// Whether `inst` may get a permit soon, so its agent should hold the permit long-poll
@@ -402,7 +392,7 @@ impl State {
             launch_not_before_ms: self
                 .launch_backoff
                 .get(&g.record.group)
-                .map(|b| b.1)
+                .map(|b| b.not_before_ms)
                 .unwrap_or(0),
         }
     }

@@ -37,11 +37,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use drover_control::backoff::ends_failed_launch;
 use drover_control::group::in_rotation;
 use drover_control::schedule::{self, ScheduleMemory, Schedules};
 use drover_control::{
     reconcile, Action, AutoscaleInput, AutoscaleState, Decision, GroupSpec, Health, InstanceView,
-    Phase, Timing,
+    LaunchBackoff, Phase, Timing,
 };
 use drover_model::api::ScheduledScale;
 use drover_model::fleet::{Autoscale, Rollout, Schedule};
@@ -291,7 +292,8 @@ struct GroupState {
     /// The last generation whose rollout finished (what auto-revert goes back to).
     last_good: u64,
     boot_failures: Option<(f64, FailMode)>,
-    launch_failures: u32,
+    /// Its launch backoff, as the server keeps it ([`drover_control::backoff`]).
+    backoff: LaunchBackoff,
     autoscale: Option<GroupAutoscale>,
     load: Option<LoadModel>,
     /// This step's common load noise factor.
@@ -335,14 +337,6 @@ struct GroupAutoscale {
     min: u32,
     max: u32,
     state: AutoscaleState,
-}
-
-/// The server's launch backoff: 500 ms doubling to 30 s.
-fn launch_delay_ms(failures: u32) -> u64 {
-    if failures == 0 {
-        return 0;
-    }
-    (500u64 << (failures - 1).min(10)).min(30_000)
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -893,6 +887,7 @@ impl Sim {
             exits_before_healthy: 0,
             last_failure: None,
             permit_at_ms: None,
+            restored: false,
         });
         self.agents.push(Agent {
             group: g,
@@ -1001,6 +996,7 @@ impl Sim {
             v.last_seen_ms = now;
             v.ever_healthy = false;
             v.watched_since_ms = now;
+            v.restored = true;
         }
         for a in &mut self.agents {
             a.reported = None;
@@ -1008,7 +1004,7 @@ impl Sim {
         }
         for (spec, st) in self.specs.iter_mut().zip(&mut self.groups) {
             spec.launch_not_before_ms = 0;
-            st.launch_failures = 0;
+            st.backoff = LaunchBackoff::default();
             if let Some(a) = &mut st.autoscale {
                 a.state = AutoscaleState::default();
             }
@@ -1066,11 +1062,13 @@ impl Sim {
                     v.ever_healthy = true;
                     if !matches!(before, Health::Healthy { .. }) {
                         // A healthy instance resets the group's launch backoff.
-                        self.groups[a.group].launch_failures = 0;
+                        self.groups[a.group].backoff = LaunchBackoff::default();
                         self.specs[a.group].launch_not_before_ms = 0;
                     }
                 }
                 v.last_seen_ms = h;
+                // Heard from: no longer known only from the store.
+                v.restored = false;
             }
             if a.exit_at.is_some_and(|e| e <= now) {
                 // The provider saw it end.
@@ -1117,8 +1115,8 @@ impl Sim {
 
     fn launch_failed(&mut self, g: usize) {
         let st = &mut self.groups[g];
-        st.launch_failures += 1;
-        self.specs[g].launch_not_before_ms = self.now + launch_delay_ms(st.launch_failures);
+        st.backoff.failed(self.now);
+        self.specs[g].launch_not_before_ms = st.backoff.not_before_ms;
     }
 
     fn violation(&self, n: u32, group: &str, what: String) -> ! {
@@ -1320,27 +1318,28 @@ impl Sim {
                         self.rollout_failed(g, generation);
                     }
                 }
-                Action::Forget { instance, .. } => {
-                    let Some(&i) = self.index.get(&instance) else {
+                Action::Forget { ref instance, .. } => {
+                    let Some(&i) = self.index.get(instance) else {
                         continue;
                     };
                     let g = self.agents[i].group;
+                    if ends_failed_launch(&action, &self.views[i]) {
+                        self.launch_failed(g);
+                    }
                     match self.views[i].phase {
-                        Phase::Active => {
-                            self.stats.died += 1;
-                            if !self.views[i].ever_healthy {
-                                self.launch_failed(g);
-                            }
-                        }
+                        Phase::Active => self.stats.died += 1,
                         Phase::Draining => self.stats.left_by_permit += 1,
                         Phase::Terminating => self.stats.left_by_terminate += 1,
                     }
-                    self.index.remove(&instance);
+                    self.index.remove(instance);
                     self.views[i].id.clear(); // marks it for removal below
                     removed = true;
                 }
-                Action::Terminate { instance, reason } => {
-                    let Some(&i) = self.index.get(&instance) else {
+                Action::Terminate {
+                    ref instance,
+                    ref reason,
+                } => {
+                    let Some(&i) = self.index.get(instance) else {
                         continue;
                     };
                     let (g, v, a) = (self.agents[i].group, &self.views[i], &self.agents[i]);
@@ -1372,7 +1371,7 @@ impl Sim {
                     if self.serving(&self.views[i], &self.agents[i]) {
                         serving_removed[g] += 1;
                     }
-                    if !self.views[i].ever_healthy {
+                    if ends_failed_launch(&action, &self.views[i]) {
                         self.launch_failed(g);
                     }
                     let stop = now + self.cfg.stop_ms;
