@@ -6,6 +6,8 @@ use std::collections::VecDeque;
 
 use drover_model::fleet::Autoscale;
 
+use crate::group::{Health, Phase};
+
 /// What the autoscaler must know about a group at one moment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AutoscaleInput<'a> {
@@ -25,6 +27,46 @@ pub struct AutoscaleInput<'a> {
     pub samples: &'a [f64],
     /// When the oldest of those samples was reported.
     pub oldest_sample_ms: u64,
+}
+
+/// What one instance offers the autoscaler: where it is, its health, and the value of the
+/// policy's metric in its last report.
+#[derive(Clone, Copy, Debug)]
+pub struct Offer {
+    pub alive: bool,
+    pub phase: Phase,
+    pub health: Health,
+    pub last_seen_ms: u64,
+    pub value: Option<f64>,
+}
+
+/// The samples the autoscaler decides on, and when the oldest of them was reported (0: none).
+/// An instance counts when it is alive, active (not leaving), healthy for at least the
+/// policy's warm-up, and its value is finite and not negative.
+pub fn samples(
+    now: u64,
+    policy: &Autoscale,
+    offers: impl IntoIterator<Item = Offer>,
+) -> (Vec<f64>, u64) {
+    let warmup = policy.warmup.as_millis();
+    let mut values = Vec::new();
+    let mut oldest = None::<u64>;
+    for o in offers {
+        if !o.alive || o.phase != Phase::Active {
+            continue;
+        }
+        let Health::Healthy { since_ms } = o.health else {
+            continue;
+        };
+        if now.saturating_sub(since_ms) < warmup {
+            continue;
+        }
+        if let Some(v) = o.value.filter(|v| v.is_finite() && *v >= 0.0) {
+            values.push(v);
+            oldest = Some(oldest.map_or(o.last_seen_ms, |t| t.min(o.last_seen_ms)));
+        }
+    }
+    (values, oldest.unwrap_or(0))
 }
 
 /// The autoscaler's memory of one group. Soft: after a server restart it starts empty, which
@@ -174,6 +216,52 @@ impl AutoscaleState {
 mod tests {
     use super::*;
     use drover_model::Dur;
+
+    /// Only alive, active instances healthy past the warm-up (10 s) with a usable value
+    /// count; the oldest report among them is the one the autoscaler waits past.
+    #[test]
+    fn samples_come_from_warm_active_instances_with_usable_values() {
+        let now = 100_000;
+        let ok = Offer {
+            alive: true,
+            phase: Phase::Active,
+            health: Health::Healthy { since_ms: 50_000 },
+            last_seen_ms: 99_000,
+            value: Some(0.4),
+        };
+        let offers = [
+            ok,
+            Offer {
+                last_seen_ms: 98_000,
+                value: Some(0.6),
+                ..ok
+            },
+            Offer { alive: false, ..ok },
+            Offer {
+                phase: Phase::Draining,
+                ..ok
+            },
+            Offer {
+                health: Health::Healthy { since_ms: 95_000 },
+                ..ok
+            },
+            Offer {
+                health: Health::Unhealthy { since_ms: 1 },
+                ..ok
+            },
+            Offer { value: None, ..ok },
+            Offer {
+                value: Some(f64::NAN),
+                ..ok
+            },
+            Offer {
+                value: Some(-1.0),
+                ..ok
+            },
+        ];
+        assert_eq!(samples(now, &policy(), offers), (vec![0.4, 0.6], 98_000));
+        assert_eq!(samples(now, &policy(), []), (vec![], 0));
+    }
 
     fn policy() -> Autoscale {
         Autoscale {

@@ -226,17 +226,22 @@ pub fn longest_stop_grace(plan: &drover_model::Plan) -> std::time::Duration {
 }
 
 /// What the group controller knows of an instance.
+/// The controller's name for a stored lifecycle.
+pub(crate) fn phase_of(l: Lifecycle) -> Phase {
+    match l {
+        Lifecycle::Active => Phase::Active,
+        Lifecycle::Draining => Phase::Draining,
+        Lifecycle::Terminating => Phase::Terminating,
+    }
+}
+
 pub(crate) fn view(i: &Instance) -> InstanceView {
     InstanceView {
         id: i.record.id.clone(),
         group: i.record.group.clone(),
         generation: i.record.generation,
         launched_at_ms: i.record.launched_at_ms,
-        phase: match i.record.lifecycle {
-            Lifecycle::Active => Phase::Active,
-            Lifecycle::Draining => Phase::Draining,
-            Lifecycle::Terminating => Phase::Terminating,
-        },
+        phase: phase_of(i.record.lifecycle),
         alive: i.alive,
         health: i.soft.health,
         last_seen_ms: i.soft.last_seen_ms,
@@ -620,34 +625,21 @@ impl State {
         now: u64,
     ) -> (Vec<f64>, u64) {
         let custom = policy.custom_name();
-        let mut values = Vec::new();
-        let mut oldest = None::<u64>;
-        for i in self.instances.values() {
-            if i.record.group != g.record.group
-                || !i.alive
-                || i.record.lifecycle != drover_store::Lifecycle::Active
-            {
-                continue;
-            }
-            let warm = match i.soft.health {
-                Health::Healthy { since_ms } => {
-                    now.saturating_sub(since_ms) >= policy.warmup.as_millis()
-                }
-                _ => false,
-            };
-            let value = match custom {
-                Some(name) => i.soft.utilization.custom.get(name).copied(),
-                None => Some(i.soft.utilization.cpu),
-            };
-            if let (true, Some(v)) = (warm, value) {
-                if v.is_finite() && v >= 0.0 {
-                    values.push(v);
-                    oldest =
-                        Some(oldest.map_or(i.soft.last_seen_ms, |o| o.min(i.soft.last_seen_ms)));
-                }
-            }
-        }
-        (values, oldest.unwrap_or(0))
+        let offers = self
+            .instances
+            .values()
+            .filter(|i| i.record.group == g.record.group)
+            .map(|i| drover_control::autoscale::Offer {
+                alive: i.alive,
+                phase: phase_of(i.record.lifecycle),
+                health: i.soft.health,
+                last_seen_ms: i.soft.last_seen_ms,
+                value: match custom {
+                    Some(name) => i.soft.utilization.custom.get(name).copied(),
+                    None => Some(i.soft.utilization.cpu),
+                },
+            });
+        drover_control::autoscale::samples(now, policy, offers)
     }
 
     fn capacity(&self, g: &Group) -> (u32, u32) {

@@ -1162,10 +1162,8 @@ impl Sim {
             let Some(a) = &self.groups[g].autoscale else {
                 continue;
             };
-            let warmup = a.policy.warmup.as_millis();
-            let mut samples = Vec::new();
-            let mut oldest = u64::MAX;
             let mut rot = 0usize;
+            let mut offers = Vec::new();
             for (v, ag) in self.views.iter().zip(&self.agents) {
                 if ag.group != g {
                     continue;
@@ -1173,21 +1171,15 @@ impl Sim {
                 if in_rotation(v, now, &t) {
                     rot += 1;
                 }
-                // state.rs `samples`: alive, Active, healthy for at least the warm-up.
-                if !v.alive || v.phase != Phase::Active {
-                    continue;
-                }
-                let Health::Healthy { since_ms } = v.health else {
-                    continue;
-                };
-                if now.saturating_sub(since_ms) < warmup {
-                    continue;
-                }
-                if let Some(m) = ag.reported.filter(|m| m.is_finite() && *m >= 0.0) {
-                    samples.push(m);
-                    oldest = oldest.min(v.last_seen_ms);
-                }
+                offers.push(drover_control::autoscale::Offer {
+                    alive: v.alive,
+                    phase: v.phase,
+                    health: v.health,
+                    last_seen_ms: v.last_seen_ms,
+                    value: ag.reported,
+                });
             }
+            let (samples, oldest) = drover_control::autoscale::samples(now, &a.policy, offers);
             let spec = &self.specs[g];
             let st = &mut self.groups[g];
             let raised = st.schedules.as_ref().and_then(|s| s.bounds.clone());
@@ -1212,7 +1204,7 @@ impl Sim {
                     bounds_by: by.as_deref(),
                     rollout_in_progress: spec.rollout_open,
                     samples: &samples,
-                    oldest_sample_ms: if oldest == u64::MAX { 0 } else { oldest },
+                    oldest_sample_ms: oldest,
                 },
             );
             let recommended = state.last_recommended;
