@@ -27,7 +27,8 @@ pub struct FleetMeta {
 #[serde(deny_unknown_fields)]
 pub struct Region {
     pub provider: ProviderKind,
-    /// `local` only: the loopback block instance addresses come from (default `127.1.0.0/16`).
+    /// `local` and `sim`: the loopback block instance addresses come from (default
+    /// `127.1.0.0/16`; a `sim` instance's address is only recorded, never bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
     /// `aws` only: the AWS region (default: the region's own name, e.g. `us-east-1`).
@@ -63,6 +64,9 @@ pub enum ProviderKind {
     Local,
     Docker,
     Aws,
+    /// Launches are recorded, no process starts: an external load tool reports for the
+    /// instances (see docs/benchmarks.md, `drover-fleetsim`).
+    Sim,
 }
 
 impl ProviderKind {
@@ -71,6 +75,7 @@ impl ProviderKind {
             ProviderKind::Local => "local",
             ProviderKind::Docker => "docker",
             ProviderKind::Aws => "aws",
+            ProviderKind::Sim => "sim",
         }
     }
 }

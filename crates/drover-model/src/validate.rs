@@ -269,15 +269,15 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
         if region.provider == ProviderKind::Docker {
             out.push(p(
                 &["regions", name, "provider"],
-                "provider \"docker\" is not available yet; allowed: \"local\", \"aws\" (to run containers, use a component with runtime = \"docker\")",
+                "provider \"docker\" is not available yet; allowed: \"local\", \"aws\", \"sim\" (to run containers, use a component with runtime = \"docker\")",
             ));
         }
         check_aws_region(name, region, &mut out);
         if let Some(subnet) = &region.subnet {
-            if region.provider != ProviderKind::Local {
+            if !matches!(region.provider, ProviderKind::Local | ProviderKind::Sim) {
                 out.push(p(
                     &["regions", name, "subnet"],
-                    "subnet applies only to provider \"local\"",
+                    "subnet applies only to providers \"local\" and \"sim\"",
                 ));
             } else if crate::ids::parse_loopback_subnet(subnet).is_none() {
                 out.push(p(

@@ -696,3 +696,33 @@ fn uses_names_services_that_run_where_the_user_runs() {
     let fleet = parse_fleet(&ok, "drover.toml").expect("core runs in local too");
     assert_eq!(fleet.services["web"].uses, vec!["core".to_string()]);
 }
+
+/// Issue 15: `provider = "sim"` (launches recorded, no process) is a provider like the others,
+/// with a loopback subnet of its own; a misspelt provider is refused with the allowed list.
+#[test]
+fn a_sim_region_validates_and_an_unknown_provider_lists_the_allowed_ones() {
+    let f = parse_fleet(
+        &bad(
+            "provider = \"local\"\n",
+            "provider = \"sim\"\nsubnet = \"127.77.0.0/16\"\n",
+        ),
+        "f.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        f.regions["local"].provider,
+        drover_model::fleet::ProviderKind::Sim
+    );
+    assert_eq!(f.regions["local"].provider.as_str(), "sim");
+    let e = one(&bad("provider = \"local\"\n", "provider = \"simulated\"\n"));
+    assert_eq!((e.line, e.field.as_str()), (5, "regions.local.provider"), "{e}");
+    for allowed in ["`local`", "`aws`", "`sim`"] {
+        assert!(e.message.contains(allowed), "{e}");
+    }
+    // aws fields stay aws-only.
+    let e = one(&bad(
+        "provider = \"local\"\n",
+        "provider = \"sim\"\nami = \"ami-1\"\n",
+    ));
+    assert!(e.message.contains("applies only to provider \"aws\""), "{e}");
+}

@@ -1,5 +1,5 @@
 //! Providers: where instances come from. One trait; `local` (child processes on loopback
-//! addresses) always, `aws` (EC2 Auto Scaling groups and Network Load Balancers) behind the
+//! addresses) and `sim` (launches recorded, no process: for load tests) always, `aws` (EC2 Auto Scaling groups and Network Load Balancers) behind the
 //! cargo feature `aws`.
 
 use std::net::IpAddr;
@@ -11,8 +11,10 @@ use futures::future::BoxFuture;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod local;
+pub mod sim;
 
 pub use local::{LocalConfig, LocalProvider};
+pub use sim::{SimProvider, SimRegion};
 
 /// What an instance needs to talk to the server, besides its plan: its group's agent token
 /// and the server's CA, pinned by fingerprint. Part of the launch configuration. The server

@@ -67,6 +67,7 @@ pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>, guards: Arc<Guards>) 
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/permit", get(permit))
         .route("/v1/agent/connections", get(connections))
+        .route("/v1/agent/exit", post(exit))
         .route("/v1/agent/peers", get(peers))
         .route("/v1/lb/config", get(lb_config))
         .route("/v1/lb/report", post(lb_report))
@@ -404,6 +405,53 @@ async fn connections(
         open: e.connections(&q.instance)?,
     })
     .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExitRequest {
+    instance: String,
+    /// Why it ended, for the logs (at most 200 bytes).
+    #[serde(default)]
+    status: String,
+}
+
+/// `POST /v1/agent/exit`: the agent of an instance of a `sim` region says its instance ended
+/// (what a process exit is to the `local` provider). Instances of other providers end when
+/// their provider sees them end: 409.
+async fn exit(
+    State(e): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
+    body: Body2,
+) -> Result<Response, ServerError> {
+    let req: ExitRequest = decode(body)?;
+    if req.status.len() > 200 {
+        return Err(ServerError::BadRequest(
+            "exit: status is at most 200 bytes".into(),
+        ));
+    }
+    check_instance(&e, &caller, &bound, &req.instance)?;
+    let region = e
+        .state()
+        .instances
+        .get(&req.instance)
+        .map(|i| crate::engine::region_of(&i.record.group).to_string())
+        .ok_or_else(|| ServerError::NotFound(format!("no instance {}", req.instance)))?;
+    let kind = e.provider(&region).map(|p| p.kind()).unwrap_or("none");
+    if kind != "sim" {
+        return Err(ServerError::Conflict(format!(
+            "instance {} is in region {region} (provider {kind}): only instances of a \"sim\" region end by POST /v1/agent/exit; its provider sees it end",
+            req.instance
+        )));
+    }
+    let status = if req.status.is_empty() {
+        "exited (sim)"
+    } else {
+        req.status.as_str()
+    };
+    let ended = e.factory.sim.exit(&req.instance, status);
+    Ok(Json(serde_json::json!({ "ended": ended })).into_response())
 }
 
 /// An agent may act only for instances of its own group, and an instance token only for its

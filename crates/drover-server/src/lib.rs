@@ -317,6 +317,7 @@ impl Shared {
             ProviderFactory {
                 cfg: cfg.clone(),
                 server_url: self.client_urls.clone(),
+                sim: drover_provider::SimProvider::new(exits_tx.clone()),
                 exits: exits_tx,
                 auth: auth.clone(),
             },
@@ -656,6 +657,8 @@ pub struct ProviderFactory {
     cfg: ServerConfig,
     server_url: String,
     exits: tokio::sync::mpsc::UnboundedSender<drover_provider::Exit>,
+    /// The instances of every `sim` region (`POST /v1/agent/exit` ends them).
+    pub(crate) sim: drover_provider::SimProvider,
     /// Tokens; its credentials (agent tokens, CA pin) are part of every launch configuration.
     pub(crate) auth: Arc<auth::Auth>,
 }
@@ -673,6 +676,7 @@ impl ProviderFactory {
             ),
             server_url: "http://127.0.0.1:9".into(),
             exits: tokio::sync::mpsc::unbounded_channel().0,
+            sim: drover_provider::SimProvider::new(tokio::sync::mpsc::unbounded_channel().0),
             auth: Arc::new(
                 auth::Auth::load(&store, data_dir, Default::default()).expect("test auth"),
             ),
@@ -732,6 +736,14 @@ impl ProviderFactory {
                 },
                 self.exits.clone(),
             ))),
+            ProviderKind::Sim => Some(Arc::new(drover_provider::SimRegion {
+                sim: self.sim.clone(),
+                block: region
+                    .subnet
+                    .as_deref()
+                    .and_then(drover_model::ids::parse_loopback_subnet)
+                    .unwrap_or(1),
+            })),
             _ => None,
         }
     }

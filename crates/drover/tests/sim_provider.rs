@@ -1,0 +1,287 @@
+//! End to end (issue 15): a region with `provider = "sim"` validates; `drover server` launches
+//! its instances without starting any process; a fake agent heartbeats for them over HTTP with
+//! its group's agent token and they turn healthy; a deploy replaces them through permits, each
+//! leaver ending by `POST /v1/agent/exit`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use drover_model::api::{
+    AgentPhase, ComponentReport, ComponentState, FleetStatus, Heartbeat, HeartbeatReply,
+    InstanceState, PermitReply,
+};
+
+fn fleet(block: u8) -> String {
+    format!(
+        r#"[fleet]
+name = "simmed"
+
+[regions.lab]
+provider = "sim"
+subnet = "127.{block}.0.0/16"
+
+[services.web]
+regions = ["lab"]
+capacity = {{ min = 0, desired = 3, max = 4 }}
+rollout = {{ max_surge = 1, max_unavailable = 1, min_healthy_time = "1s", drain_timeout = "1s", healthy_deadline = "60s" }}
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "{{drover}}"
+args = ["demo-server", "--listen", "{{addr}}:{{port.http}}"]
+ports = {{ http = 8080 }}
+"#
+    )
+}
+
+/// What the fake agent knows of one instance.
+#[derive(Default)]
+struct Agent {
+    seq: u64,
+    generation: u64,
+    addr: String,
+    version: String,
+    leaving: bool,
+}
+
+struct Fake {
+    api: std::net::SocketAddr,
+    token: String,
+    agents: BTreeMap<String, Agent>,
+    ended: BTreeSet<String>,
+    permits: usize,
+}
+
+impl Fake {
+    fn beat(&mut self, id: &str, phase: AgentPhase) -> HeartbeatReply {
+        let a = self.agents.get_mut(id).unwrap();
+        a.seq += 1;
+        let state = match phase {
+            AgentPhase::Running => ComponentState::Healthy,
+            _ => ComponentState::Stopped,
+        };
+        let hb = Heartbeat {
+            instance: id.to_string(),
+            group: "web/lab".into(),
+            generation: a.generation,
+            addr: a.addr.clone(),
+            phase,
+            seq: a.seq,
+            components: vec![ComponentReport {
+                name: "app".into(),
+                version: a.version.clone(),
+                state,
+                pid: None,
+                restarts: 0,
+                last_exit: None,
+                message: None,
+                last_output: None,
+            }],
+            utilization: Default::default(),
+            drained: None,
+        };
+        let body = serde_json::to_string(&hb).unwrap();
+        let (code, reply) = http_as(
+            self.api,
+            "POST",
+            "/v1/agent/heartbeat",
+            Some(&body),
+            Some(&self.token),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{reply}");
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    /// One round: an agent for every instance status lists, a heartbeat each, and for those
+    /// told `leave_soon` a permit poll; a permitted one drains, stops and ends.
+    fn round(&mut self, status: &FleetStatus) {
+        for i in status.groups.iter().flat_map(|g| &g.instances) {
+            if self.ended.contains(&i.id) {
+                continue;
+            }
+            let version = status.groups[0].versions.clone();
+            let a = self.agents.entry(i.id.clone()).or_default();
+            if a.addr.is_empty() {
+                a.generation = i.generation;
+                a.addr = i.addr.clone();
+                // "app=v2" -> "v2"
+                a.version = version.split('=').nth(1).unwrap_or("v1").to_string();
+            }
+        }
+        let ids: Vec<String> = self
+            .agents
+            .keys()
+            .filter(|id| !self.ended.contains(*id))
+            .cloned()
+            .collect();
+        for id in ids {
+            let reply = self.beat(&id, AgentPhase::Running);
+            assert!(reply.known, "{id} unknown to the server");
+            if !reply.wants_permit_poll() || self.agents[&id].leaving {
+                continue;
+            }
+            let (code, body) = http_as(
+                self.api,
+                "GET",
+                &format!("/v1/agent/permit?instance={id}&wait_ms=0"),
+                None,
+                Some(&self.token),
+            )
+            .unwrap();
+            assert_eq!(code, 200, "{body}");
+            let p: PermitReply = serde_json::from_str(&body).unwrap();
+            if !p.permit {
+                continue;
+            }
+            self.permits += 1;
+            self.agents.get_mut(&id).unwrap().leaving = true;
+            self.beat(&id, AgentPhase::Draining);
+            self.beat(&id, AgentPhase::Stopping);
+            let (code, body) = http_as(
+                self.api,
+                "POST",
+                "/v1/agent/exit",
+                Some(&format!(r#"{{"instance":"{id}","status":"left on its permit"}}"#)),
+                Some(&self.token),
+            )
+            .unwrap();
+            assert_eq!((code, body.as_str()), (200, r#"{"ended":true}"#));
+            self.ended.insert(id);
+        }
+    }
+}
+
+fn healthy_on(status: &FleetStatus, generation: u64) -> usize {
+    status
+        .groups
+        .iter()
+        .flat_map(|g| &g.instances)
+        .filter(|i| i.state == InstanceState::Healthy && i.generation == generation && i.in_rotation)
+        .count()
+}
+
+#[test]
+fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced_by_a_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    std::fs::write(dir.path().join("drover.toml"), fleet(subnet())).unwrap();
+    let _server = KillOnDrop(start_server_with(
+        dir.path(),
+        api,
+        &["--heartbeat-interval", "1s"],
+    ));
+    let up = Up::for_server(dir.path(), api, ing);
+    let (code, out, err) = up.cli(&["validate", "drover.toml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    up.apply_when_up(Duration::from_secs(20));
+
+    // The group's agent token, as the load tool gets it.
+    let (code, body) = http(
+        up.api,
+        "POST",
+        "/v1/tokens",
+        Some(r#"{"scope":"agent","group":"web/lab","name":"fake-agent"}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut fake = Fake {
+        api: up.api,
+        token: token["token"].as_str().unwrap().to_string(),
+        agents: BTreeMap::new(),
+        ended: BTreeSet::new(),
+        permits: 0,
+    };
+
+    // Launched: three instances, recorded, nothing started.
+    let t0 = Instant::now();
+    let status = loop {
+        let s = up.status().unwrap();
+        if s.groups.iter().map(|g| g.instances.len()).sum::<usize>() == 3 {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "not launched: {s:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.groups[0].provider, "sim");
+    for i in &status.groups[0].instances {
+        assert_eq!(i.state, InstanceState::Launching, "{i:?}");
+        assert!(i.addr.starts_with("127."), "{i:?}");
+    }
+    assert!(
+        !dir.path().join("data/instances").exists(),
+        "a sim launch starts no agent and makes no instance directory"
+    );
+    let first: BTreeSet<String> = status.groups[0].instances.iter().map(|i| i.id.clone()).collect();
+
+    // The fake agent reports: healthy, in rotation.
+    let t0 = Instant::now();
+    loop {
+        let s = up.status().unwrap();
+        fake.round(&s);
+        if healthy_on(&up.status().unwrap(), 1) == 3 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "not healthy: {s:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(fake.permits, 0);
+
+    // A deploy replaces every instance through permits.
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let t0 = Instant::now();
+    let done = loop {
+        let s = up.status().unwrap();
+        fake.round(&s);
+        let s = up.status().unwrap();
+        let ids: BTreeSet<String> = s.groups[0].instances.iter().map(|i| i.id.clone()).collect();
+        if healthy_on(&s, 2) == 3 && ids.len() == 3 {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "deploy not done: {s:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done.groups[0].generation, 2);
+    let now: BTreeSet<String> = done.groups[0].instances.iter().map(|i| i.id.clone()).collect();
+    assert!(now.is_disjoint(&first), "{first:?} -> {now:?}");
+    assert_eq!(fake.permits, 3, "each old instance left on a permit");
+    assert!(fake.ended.is_superset(&first));
+
+    // The exit call: an unknown instance is 404; a token of another group may not end one.
+    let (code, _) = http_as(
+        up.api,
+        "POST",
+        "/v1/agent/exit",
+        Some(r#"{"instance":"i-999999"}"#),
+        Some(&fake.token),
+    )
+    .unwrap();
+    assert_eq!(code, 404);
+    let (code, _) = http(
+        up.api,
+        "POST",
+        "/v1/agent/exit",
+        Some(&format!(
+            r#"{{"instance":"{}"}}"#,
+            now.iter().next().unwrap()
+        )),
+    )
+    .unwrap();
+    assert_eq!(code, 403, "the admin token is not an agent's");
+}
+
+/// The server goes with the test, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
