@@ -715,7 +715,11 @@ fn a_sim_region_validates_and_an_unknown_provider_lists_the_allowed_ones() {
     );
     assert_eq!(f.regions["local"].provider.as_str(), "sim");
     let e = one(&bad("provider = \"local\"\n", "provider = \"simulated\"\n"));
-    assert_eq!((e.line, e.field.as_str()), (5, "regions.local.provider"), "{e}");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (5, "regions.local.provider"),
+        "{e}"
+    );
     for allowed in ["`local`", "`aws`", "`sim`"] {
         assert!(e.message.contains(allowed), "{e}");
     }
@@ -724,5 +728,8 @@ fn a_sim_region_validates_and_an_unknown_provider_lists_the_allowed_ones() {
         "provider = \"local\"\n",
         "provider = \"sim\"\nami = \"ami-1\"\n",
     ));
-    assert!(e.message.contains("applies only to provider \"aws\""), "{e}");
+    assert!(
+        e.message.contains("applies only to provider \"aws\""),
+        "{e}"
+    );
 }

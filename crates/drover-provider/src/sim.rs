@@ -156,7 +156,10 @@ mod tests {
 
         assert!(sim.exit("i-000002", "left on its permit"));
         let e = rx.try_recv().unwrap();
-        assert_eq!((e.instance.as_str(), e.status.as_str()), ("i-000002", "left on its permit"));
+        assert_eq!(
+            (e.instance.as_str(), e.status.as_str()),
+            ("i-000002", "left on its permit")
+        );
         assert!(sim.is_empty());
         assert!(!sim.exit("i-000009", "never launched"));
     }

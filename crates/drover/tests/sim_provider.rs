@@ -146,7 +146,9 @@ impl Fake {
                 self.api,
                 "POST",
                 "/v1/agent/exit",
-                Some(&format!(r#"{{"instance":"{id}","status":"left on its permit"}}"#)),
+                Some(&format!(
+                    r#"{{"instance":"{id}","status":"left on its permit"}}"#
+                )),
                 Some(&self.token),
             )
             .unwrap();
@@ -161,7 +163,9 @@ fn healthy_on(status: &FleetStatus, generation: u64) -> usize {
         .groups
         .iter()
         .flat_map(|g| &g.instances)
-        .filter(|i| i.state == InstanceState::Healthy && i.generation == generation && i.in_rotation)
+        .filter(|i| {
+            i.state == InstanceState::Healthy && i.generation == generation && i.in_rotation
+        })
         .count()
 }
 
@@ -205,7 +209,10 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
         if s.groups.iter().map(|g| g.instances.len()).sum::<usize>() == 3 {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "not launched: {s:#?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not launched: {s:#?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.groups[0].provider, "sim");
@@ -217,7 +224,11 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
         !dir.path().join("data/instances").exists(),
         "a sim launch starts no agent and makes no instance directory"
     );
-    let first: BTreeSet<String> = status.groups[0].instances.iter().map(|i| i.id.clone()).collect();
+    let first: BTreeSet<String> = status.groups[0]
+        .instances
+        .iter()
+        .map(|i| i.id.clone())
+        .collect();
 
     // The fake agent reports: healthy, in rotation.
     let t0 = Instant::now();
@@ -227,7 +238,10 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
         if healthy_on(&up.status().unwrap(), 1) == 3 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "not healthy: {s:#?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not healthy: {s:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(fake.permits, 0);
@@ -244,11 +258,18 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
         if healthy_on(&s, 2) == 3 && ids.len() == 3 {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "deploy not done: {s:#?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "deploy not done: {s:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(done.groups[0].generation, 2);
-    let now: BTreeSet<String> = done.groups[0].instances.iter().map(|i| i.id.clone()).collect();
+    let now: BTreeSet<String> = done.groups[0]
+        .instances
+        .iter()
+        .map(|i| i.id.clone())
+        .collect();
     assert!(now.is_disjoint(&first), "{first:?} -> {now:?}");
     assert_eq!(fake.permits, 3, "each old instance left on a permit");
     assert!(fake.ended.is_superset(&first));
