@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The control plane at fleet scale (issue 9): one `drover server`, N simulated agents over real
-# HTTP (drover-fleetsim), N = 1,000 / 5,000 / 10,000 in 10 regions. Per N:
+# The control plane at fleet scale (issues 9, 15): one `drover server`, N simulated agents over
+# real HTTP (drover-fleetsim), N = 10,000 / 50,000 in 10 regions. Per N:
 #
 #   1. "unknown" - agents heartbeat (1 per 5 s) for ids the server does not know: it answers
 #      {"known": false} at once. HTTP + JSON + one map lookup only, NOT the heartbeat path.
-#   2. "known"   - `drover apply` of a fleet of N instances (10 groups of N/10, one per region).
-#      The `local` provider launches each instance; after the server started, its `drover`
-#      binary is swapped for drover-fleetsim, so what it launches as `drover agent ...` is a
-#      sleeping stub, not a real agent (no `sim` provider exists yet), and drover-fleetsim
-#      runs the agents for them (it follows the `launched` events): heartbeats (1 per 5 s; the
+#   2. "known"   - `drover apply` of a fleet of N instances (10 groups of N/10, one per region,
+#      every region `provider = "sim"`: the server records each launch and starts nothing).
+#      drover-fleetsim runs the agents for them (it follows the `launched` events, and ends
+#      an instance that leaves with POST /v1/agent/exit): heartbeats (1 per 5 s; the
 #      server runs with --heartbeat-interval 5s, so silent_after is 15 s), a permit long-poll
 #      while the heartbeat answer says `leave_soon` (the agent's protocol), leaving on a
 #      permit. Measured once every instance is healthy: heartbeat latency, status latency (API
@@ -18,12 +17,13 @@
 # Writes the "Control plane at fleet scale" section of docs/benchmarks.md (--no-write to only
 # print). One command from the repository root:
 #
-#   bench/fleet.sh [--no-write] [--profile] [--sizes "1000 5000 10000"]
+#   bench/fleet.sh [--no-write] [--profile] [--sizes "10000 50000"]
 #
 # Settings (environment): DURATION (30: measured seconds per run), WARMUP (10), PERMITS_MODE
-# (auto: permit long-polls on, as hinted, when N + N/10 + 2000 fit the open-file limit; on;
+# (auto: permit long-polls on, as hinted, when N/10 + 2000 fit the open-file limit; on;
 # always: every agent holds one, the protocol before the hint; off), INTERVAL (5s: heartbeat
-# interval of the known instances; the server gets the same), NICE (-20:
+# interval of the known instances; the server gets the same), AB (0; 1: also run the largest N
+# whose agents can all hold a long-poll with `--permits always`), NICE (-20:
 # server and load tool run at this niceness, so other work on a shared machine disturbs them
 # less; empty to leave it), PORT (17990), KEEP (1: keep the work directory),
 # DROVER_BIN / FLEETSIM_BIN (default target/release/{drover,drover-fleetsim}, built if
@@ -32,13 +32,14 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SIZES=${SIZES:-"1000 5000 10000"}
+SIZES=${SIZES:-"10000 50000"}
 DURATION=${DURATION:-30}
 INTERVAL=${INTERVAL:-5s}
 WARMUP=${WARMUP:-10}
 NICE=${NICE--20}
 PORT=${PORT:-17990}
 KEEP=${KEEP:-0}
+AB=${AB:-0}
 WRITE=1
 PROFILE=0
 while (($#)); do
@@ -46,7 +47,7 @@ while (($#)); do
         --no-write) WRITE=0 ;;
         --profile) PROFILE=1 ;;
         --sizes) SIZES=$2; shift ;;
-        *) echo "usage: bench/fleet.sh [--no-write] [--profile] [--sizes \"1000 5000 10000\"]" >&2; exit 2 ;;
+        *) echo "usage: bench/fleet.sh [--no-write] [--profile] [--sizes \"10000 50000\"]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -62,7 +63,7 @@ for tool in curl python3; do
 done
 if ((PROFILE)) && ! command -v perf >/dev/null; then log "--profile needs perf"; exit 1; fi
 
-# 10,000 permit long-polls are 10,000 open sockets in the server and in the load tool.
+# Permit long-polls (a group being replaced) are open sockets in the server and the load tool.
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
 
@@ -83,27 +84,22 @@ URL=http://127.0.0.1:$PORT
 
 SERVER_PID=
 SIM_PID=
-DATA_DIRS=()
 cleanup() {
     [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null || true
     [[ -n $SERVER_PID ]] && kill -9 "$SERVER_PID" 2>/dev/null || true
-    for d in "${DATA_DIRS[@]}"; do "$SIM" reap --data-dir "$d" >/dev/null 2>&1 || true; done
     if [[ $KEEP == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Start `drover server` on data directory $1 from $WORK/srv/drover. Once it answers, move that
-# directory away (the server keeps running from srv.PID, where perf finds its symbols) and put
-# drover-fleetsim at srv/drover: what the `local` provider launches from now on is a stub.
+# Start `drover server` on data directory $1 and wait until it answers.
 start_server() {
     local d=$1
     if curl -sf -m 1 "$URL/v1/health" >/dev/null 2>&1; then
         log "something already answers on $URL; set PORT"; exit 1
     fi
-    rm -rf "$WORK/srv"; mkdir -p "$WORK/srv"; cp "$DROVER" "$WORK/srv/drover"
     now_ms >"$d.start_ms"
-    "${NICE_CMD[@]}" "$WORK/srv/drover" server --data-dir "$d" --listen "127.0.0.1:$PORT" \
+    "${NICE_CMD[@]}" "$DROVER" server --data-dir "$d" --listen "127.0.0.1:$PORT" \
         --heartbeat-interval "$INTERVAL" >>"$d.server.log" 2>&1 &
     SERVER_PID=$!
     echo "$SERVER_PID" >"$d.pid"
@@ -114,8 +110,6 @@ start_server() {
         sleep 0.05
     done
     kill -0 "$SERVER_PID" 2>/dev/null || { log "server died; see $d.server.log"; exit 1; }
-    rm -rf "$WORK/srv.$SERVER_PID"; mv "$WORK/srv" "$WORK/srv.$SERVER_PID"
-    mkdir -p "$WORK/srv"; cp "$SIM" "$WORK/srv/drover"
 }
 
 stop_server() {
@@ -138,7 +132,6 @@ python3 "$ROOT/bench/fleet_report.py" meta "$RES/meta.json" "$DROVER_BIN" "$FLEE
 known_phase() {
     local N=$1 PERMITS=$2 TAG=$3 FULL=$4
     local PG=$((N / 10)) D=$WORK/k$TAG$N
-    DATA_DIRS+=("$D")
     "$SIM" fleet-file --groups 10 --desired "$PG" --max "$PG" >"$D.toml"
     log "N=$N known instances: apply, 1 heartbeat per $INTERVAL each, permit long-polls $PERMITS"
     start_server "$D"
@@ -167,7 +160,6 @@ known_phase() {
         wait "$SIM_PID" 2>/dev/null || true
         SIM_PID=
         stop_server
-        "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
         return 0
     fi
 
@@ -232,7 +224,6 @@ EOF
     wait "$SIM_PID" 2>/dev/null || true
     SIM_PID=
     stop_server
-    "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
 }
 
 AB_N=
@@ -240,7 +231,7 @@ for N in $SIZES; do
     PG=$((N / 10))
 
     # 1. Unknown ids: the HTTP + JSON floor.
-    D=$WORK/u$N; DATA_DIRS+=("$D")
+    D=$WORK/u$N
     log "N=$N unknown ids: 1 heartbeat per 5 s each"
     start_server "$D"
     # The groups exist (desired 0), so the agents get their groups' agent tokens.
@@ -254,16 +245,15 @@ for N in $SIZES; do
     stop_server
 
     # 2. Known instances: apply N, run their agents, measure, deploy, restart.
-    # Open files in the server: a pidfd per launched stub, the heartbeat connections, and a
-    # long-poll per hinted agent (one group of N/10 during the deploy); with `always`, one
-    # long-poll per agent.
+    # Open files in the server: the heartbeat connections and a long-poll per hinted agent
+    # (one group of N/10 during the deploy); with `always`, one long-poll per agent.
     PERMITS=${PERMITS_MODE:-auto}
     if [[ $PERMITS == auto ]]; then
         PERMITS=off
-        ((N + N / 10 + 2000 <= NOFILE)) && PERMITS=on
+        ((N / 10 + 2000 <= NOFILE)) && PERMITS=on
     fi
     known_phase "$N" "$PERMITS" "" 1
-    ((2 * N + 2000 <= NOFILE)) && [[ $PERMITS == on ]] && AB_N=$N
+    ((AB)) && ((N + 2000 <= NOFILE)) && [[ $PERMITS == on ]] && AB_N=$N
 
 done
 

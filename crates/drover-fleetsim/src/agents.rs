@@ -36,8 +36,8 @@ const FORGOTTEN: u8 = 7;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Heartbeat for the instances the server lists in `GET /v1/status` (adopted seeded
-    /// instances today; a `sim` provider's instances tomorrow).
+    /// Heartbeat for the instances the server lists in `GET /v1/status` (and, with
+    /// --follow-new, those it launches: the instances of its `sim` regions).
     Fleet,
     /// Heartbeat for made-up ids the server does not know: it answers `{"known":false}` at once,
     /// so this measures HTTP + JSON + one map lookup only, not the heartbeat path.
@@ -56,11 +56,6 @@ pub struct RunArgs {
     /// an agent token per group, created with it at start (`POST /v1/tokens`).
     #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Fleet mode: take the instances from this file (written by `seed` as
-    /// DATA/fleetsim-instances.json) instead of GET /v1/status, so the agents can start
-    /// before the server and reach it the moment it listens.
-    #[arg(long)]
-    pub instances_file: Option<PathBuf>,
     /// `unknown` mode: how many agents.
     #[arg(long, default_value_t = 1000)]
     pub instances: usize,
@@ -109,8 +104,7 @@ pub struct RunArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// The server's data directory: a crashing or leaving agent kills the holder process
-    /// named by DATA/instances/ID/agent.pid (seeded instances), so the server sees it end.
+    /// The server's data directory, for its admin token (DATA/admin.token).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Scheduled faults, `AT:KIND:COUNT` with KIND fail|heal|silent|crash, AT from the
@@ -154,8 +148,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub progress: bool,
     /// Fleet mode: follow the server's `launched` events (GET /v1/events?follow=true) and
-    /// start an agent for each new instance at once (for a `sim` provider, or the `local`
-    /// provider launching stubs; leave off when new instances are real `drover agent`s).
+    /// start an agent for each new instance at once (the instances of `sim` regions; leave
+    /// off when new instances are real `drover agent`s).
     #[arg(long)]
     pub follow_new: bool,
 }
@@ -240,7 +234,6 @@ struct Shared {
     /// on AWS the Auto Scaling group would launch their replacement).
     kept_capacity: AtomicU64,
     first_permit_epoch_ms: AtomicU64,
-    data_dir: Option<PathBuf>,
     agents: Mutex<Vec<(Spec, Arc<Ctl>)>>,
     boot_rate: Option<f64>,
     boot_t0: Instant,
@@ -319,39 +312,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             })
             .collect::<Vec<_>>(),
-        Mode::Fleet => match &args.instances_file {
-            Some(f) => {
-                let list: Vec<Value> = serde_json::from_slice(
-                    &std::fs::read(f).with_context(|| format!("read {}", f.display()))?,
-                )?;
-                list.iter()
-                    .map(|v| {
-                        let id = v["id"].as_str().unwrap_or_default().to_string();
-                        let seqno: u64 = id.trim_start_matches("i-").parse().unwrap_or(0);
-                        Spec {
-                            group: v["group"].as_str().unwrap_or_default().to_string(),
-                            generation: v["generation"].as_u64().unwrap_or(1),
-                            addr: v["addr"].as_str().unwrap_or_default().to_string(),
-                            components: serde_json::from_value(v["components"].clone())
-                                .unwrap_or_else(|_| default_components(0)),
-                            salt: mix(seqno),
-                            client: 0,
-                            id,
-                        }
-                    })
-                    .collect()
-            }
-            None => {
-                discover(
-                    &client,
-                    admin.as_deref(),
-                    &base,
-                    &HashSet::new(),
-                    &mut BTreeMap::new(),
-                )
-                .await?
-            }
-        },
+        Mode::Fleet => {
+            discover(
+                &client,
+                admin.as_deref(),
+                &base,
+                &HashSet::new(),
+                &mut BTreeMap::new(),
+            )
+            .await?
+        }
     };
     if specs.is_empty() && !(args.follow_new && args.mode == Mode::Fleet) {
         bail!("no instance to simulate (fleet mode: does GET {base}/v1/status list instances?)");
@@ -400,10 +370,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         left: AtomicU64::new(0),
         kept_capacity: AtomicU64::new(0),
         first_permit_epoch_ms: AtomicU64::new(0),
-        data_dir: args
-            .data_dir
-            .as_ref()
-            .map(|d| std::fs::canonicalize(d).unwrap_or(d.clone())),
         agents: Mutex::new(Vec::new()),
         boot_rate: args.boot_rate.filter(|r| *r > 0.0),
         boot_t0: Instant::now() + Duration::from_millis(200),
@@ -1044,9 +1010,9 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
 }
 
 /// On a permit: report draining, wait for the balancer's connections to reach 0 (at most the
-/// drain timeout), report stopping, stop, and end the instance (kill its holder). `decrement`
-/// is the permit's word on the group's capacity: the local provider has none, so it is
-/// counted and printed (`PERMIT ID EPOCH_MS decrement=BOOL`), not acted on.
+/// drain timeout), report stopping, stop, and end the instance (`POST /v1/agent/exit`).
+/// `decrement` is the permit's word on the group's capacity: the sim provider has none, so it
+/// is counted and printed (`PERMIT ID EPOCH_MS decrement=BOOL`), not acted on.
 async fn leave(
     sh: &Shared,
     spec: &Spec,
@@ -1088,22 +1054,33 @@ async fn leave(
     send_heartbeat(sh, spec, ctl, auth).await;
     ctl.mode.store(GONE, Relaxed);
     ctl.wake.notify_one();
-    end_instance(sh, &spec.id);
+    end_instance(sh, spec, "left on its permit").await;
     sh.left.fetch_add(1, Relaxed);
     if !decrement {
         sh.kept_capacity.fetch_add(1, Relaxed);
     }
 }
 
-/// Kill the holder of a seeded instance, so the server's provider sees it end.
-fn end_instance(sh: &Shared, id: &str) {
-    if let Some(d) = &sh.data_dir {
-        if let Some(pid) = procfs::instance_pid(&d.join("instances").join(id)) {
-            // Only holders: never a real agent the server launched under this id.
-            if procfs::cmdline(pid).contains(" hold agent ") {
-                procfs::kill_group(pid, libc::SIGKILL);
-            }
-        }
+/// Tell the server the instance ended (`POST /v1/agent/exit`: what a process exit is to the
+/// `local` provider; the instances of a `sim` region have no process).
+async fn end_instance(sh: &Shared, spec: &Spec, status: &str) {
+    let auth = agent_auth(sh, &spec.group).await;
+    let r = with_auth(
+        sh.clients[spec.client].post(format!("{}/v1/agent/exit", sh.base)),
+        auth.as_deref(),
+    )
+    .json(&serde_json::json!({"instance": spec.id, "status": status}))
+    .timeout(Duration::from_secs(10))
+    .send()
+    .await;
+    match r {
+        Ok(resp) if resp.status().is_success() => {}
+        Ok(resp) => eprintln!(
+            "exit of {}: POST /v1/agent/exit answered {}",
+            spec.id,
+            resp.status()
+        ),
+        Err(e) => eprintln!("exit of {}: {e}", spec.id),
     }
 }
 
@@ -1174,8 +1151,9 @@ fn parse_fault(s: &str) -> anyhow::Result<(Duration, String, usize)> {
     Ok((at.0, kind.to_string(), count.parse()?))
 }
 
-/// Put `count` agents in a fault mode (spread over the fleet); returns what was done.
-fn inject(sh: &Shared, kind: &str, count: usize) -> String {
+/// Put `count` agents in a fault mode (spread over the fleet); returns what was done. A crashed
+/// agent's instance ends (`POST /v1/agent/exit`, from a task of its own).
+fn inject(sh: &Arc<Shared>, kind: &str, count: usize) -> String {
     let agents = sh.agents.lock().unwrap();
     let (from, to) = match kind {
         "fail" => (NORMAL, FAILING),
@@ -1192,7 +1170,8 @@ fn inject(sh: &Shared, kind: &str, count: usize) -> String {
         c.mode.store(to, Relaxed);
         c.wake.notify_one();
         if to == CRASHED {
-            end_instance(sh, &s.id);
+            let (sh, spec) = (sh.clone(), s.clone());
+            tokio::spawn(async move { end_instance(&sh, &spec, "crashed (simulated)").await });
         }
         ids.push(s.id.clone());
     }

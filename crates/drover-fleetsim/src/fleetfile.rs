@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 /// A fleet of `groups` groups of up to `max` instances, each starting at `desired`.
-/// Every region uses the `local` provider (the only one in this build) on `127.SUBNET.0.0/16`.
+/// Every region uses the `sim` provider (launches recorded, no process) on `127.SUBNET.0.0/16`.
 pub fn fleet_file(
     groups: usize,
     desired: u32,
@@ -20,7 +20,7 @@ pub fn fleet_file(
     for r in 0..groups {
         let _ = writeln!(
             s,
-            "[regions.r{r}]\nprovider = \"local\"\nsubnet = \"127.{subnet}.0.0/16\"\n"
+            "[regions.r{r}]\nprovider = \"sim\"\nsubnet = \"127.{subnet}.0.0/16\"\n"
         );
     }
     let comps = ["app", "sidecar", "logship"];

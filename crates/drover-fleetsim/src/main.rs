@@ -1,13 +1,14 @@
 //! `drover-fleetsim`: a load tool for the control plane at fleet scale. It runs thousands of
 //! simulated agents in one process against a real `drover server` over HTTP (heartbeats,
 //! permit long-polls, leaving, faults), samples the server's CPU and RSS, and times status,
-//! restarts and deploys. See `bench/fleet.sh` and docs/benchmarks.md.
+//! restarts and deploys. The server runs a fleet of `provider = "sim"` regions: it records
+//! launches and starts nothing, and this tool's agents report for what it launched (learnt
+//! from its `launched` events). See `bench/fleet.sh` and docs/benchmarks.md.
 
 mod agents;
 mod fleetfile;
 mod probes;
 mod procfs;
-mod seed;
 mod stats;
 
 use std::path::PathBuf;
@@ -40,25 +41,9 @@ enum Command {
         /// rollout.max_unavailable of every service.
         #[arg(long, default_value_t = 10)]
         max_unavailable: u32,
-        /// Loopback block 127.B.0.0/16 of the local provider.
+        /// Loopback block 127.B.0.0/16 the sim provider records addresses from.
         #[arg(long, default_value_t = 77)]
         subnet: u8,
-    },
-    /// Seed a stopped server's data directory (fleet applied with desired 0) with PER_GROUP
-    /// instances per group, each held by a sleeping process the server adopts on start.
-    Seed {
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long)]
-        per_group: u32,
-        /// Write the holders' pids here, one a line.
-        #[arg(long)]
-        pids_out: Option<PathBuf>,
-    },
-    /// Kill the holders (and any `drover agent`) recorded under DATA/instances/*/agent.pid.
-    Reap {
-        #[arg(long)]
-        data_dir: PathBuf,
     },
     /// Poll status until COUNT instances report and are healthy (restart recovery).
     WaitHealthy {
@@ -119,36 +104,6 @@ impl AuthArgs {
 }
 
 fn main() -> ExitCode {
-    // A holder only sleeps, as cheaply as possible: no runtime, no argument parsing.
-    if std::env::args_os().nth(1).is_some_and(|a| a == "hold") {
-        loop {
-            // SAFETY: pause() has no preconditions; a signal's default action ends us.
-            unsafe { libc::pause() };
-        }
-    }
-    // Installed in place of the server's `drover` binary (bench/fleet.sh does this after the
-    // server started), this binary is what the `local` provider launches as
-    // `drover agent --instance ID ... --dir DIR`: it becomes a holder for DIR, and a
-    // `run --follow-new` heartbeats for the new instance. No real agent is ever started.
-    if std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
-        use std::os::unix::process::CommandExt;
-        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-        let dir = args
-            .iter()
-            .position(|a| a == "--dir")
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_default();
-        if let Ok(exe) = std::env::current_exe() {
-            let err = std::process::Command::new(exe)
-                .arg("hold")
-                .arg("agent")
-                .arg(dir)
-                .exec();
-            eprintln!("drover-fleetsim (as agent stub): exec failed: {err}");
-        }
-        return ExitCode::FAILURE;
-    }
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -171,14 +126,6 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Seed {
-            data_dir,
-            per_group,
-            pids_out,
-        } => seed::seed(&data_dir, per_group, pids_out.as_deref()),
-        Command::Reap { data_dir } => seed::reap(&data_dir).map(|n| {
-            eprintln!("killed {n} holder/agent processes");
-        }),
         other => {
             // One thread for the agents: the server under test shares the machine.
             let rt = match tokio::runtime::Builder::new_current_thread()

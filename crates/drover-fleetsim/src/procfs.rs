@@ -1,7 +1,5 @@
 //! Reading other processes from `/proc`: CPU time, memory, command lines.
 
-use std::path::Path;
-
 /// Clock ticks per second (`utime`/`stime` unit).
 pub fn clk_tck() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -50,41 +48,6 @@ pub fn threads_fds(pid: u32) -> (u64, u64) {
         .map(|d| d.count() as u64)
         .unwrap_or(0);
     (threads, fds)
-}
-
-/// Whether a process exists and is not a zombie.
-pub fn running(pid: u32) -> bool {
-    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
-}
-
-/// The command line, NULs as spaces.
-pub fn cmdline(pid: u32) -> String {
-    let b = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    String::from_utf8_lossy(&b).replace('\0', " ")
-}
-
-/// Read `DIR/agent.pid` and return the pid if that process still runs for `DIR` (a holder we
-/// started, or a `drover agent` the server started there). Guards against pid reuse.
-pub fn instance_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join("agent.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmd = cmdline(pid);
-    (pid > 1 && cmd.contains(" agent ") && cmd.contains(&dir.display().to_string()) && running(pid))
-        .then_some(pid)
-}
-
-/// SIGKILL a process group and its leader (every holder and agent leads its own group).
-pub fn kill_group(pid: u32, sig: i32) {
-    if pid > 1 {
-        // SAFETY: plain syscalls on a pid checked by `instance_pid`.
-        unsafe {
-            libc::kill(-(pid as i32), sig);
-            libc::kill(pid as i32, sig);
-        }
-    }
 }
 
 /// Raise the soft limit of open files to the hard limit; returns (soft, hard) after.
