@@ -5,6 +5,7 @@ pub mod analysis;
 pub mod autoscale;
 pub mod backoff;
 pub mod group;
+pub mod rollout;
 pub mod schedule;
 pub mod waves;
 

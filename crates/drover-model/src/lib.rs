@@ -11,6 +11,7 @@ pub mod ids;
 pub mod image;
 pub mod merge;
 pub mod plan;
+pub mod record;
 pub mod secret;
 pub mod subst;
 pub mod token;

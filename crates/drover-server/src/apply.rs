@@ -8,7 +8,7 @@ use drover_model::api::{
     RollbackRequest, RolloutPlan,
 };
 use drover_model::{EventKind, NewEvent, Plan};
-use drover_store::{GroupRecord, RolloutRecord, Write};
+use drover_store::{GroupRecord, Write};
 
 use crate::engine::{now_ms, Engine};
 use crate::state::Group;
@@ -524,40 +524,15 @@ impl Engine {
                         r.held = by_hand;
                         r
                     }
-                    (old, _) => RolloutRecord {
-                        since_ms: now,
-                        open: true,
-                        // A superseded, unfinished rollout did not make its generation good;
-                        // with no good one before it (a new group), it is the best there is.
-                        good_generation: old
-                            .map(|g| {
-                                let r = &g.record.rollout;
-                                if r.open && r.good_generation > 0 {
-                                    r.good_generation
-                                } else {
-                                    g.record.generation
-                                }
-                            })
-                            .unwrap_or(0),
-                        reverted_from: match &origin {
+                    (old, _) => drover_control::rollout::begin(
+                        old.map(|g| (&g.record.rollout, g.record.generation)),
+                        now,
+                        matches!(origin, Origin::AutoRevert { .. }),
+                        match &origin {
                             Origin::AutoRevert { failed } => failed.get(&gid).copied().unwrap_or(0),
                             _ => 0,
                         },
-                        failed_generation: old
-                            .map(|g| g.record.rollout.failed_generation)
-                            .unwrap_or(0),
-                        failure: old.and_then(|g| g.record.rollout.failure.clone()),
-                        // A new rollout starts unpaused, with its canary stage ahead.
-                        paused: false,
-                        resumed_ms: 0,
-                        canary_baking_ms: 0,
-                        // An automatic revert goes back to what ran healthy: no canary stage.
-                        canary_passed: matches!(origin, Origin::AutoRevert { .. }),
-                        analysis: None,
-                        wave_pending: false,
-                        held: false,
-                        done_ms: 0,
-                    },
+                    ),
                 };
                 if plan_changed {
                     let replaced = old.map(|_| desired).unwrap_or(0);

@@ -1041,21 +1041,10 @@ impl Engine {
                 Ok(())
             }
             Action::RolloutDone { group, generation } => {
-                let Some((record, versions)) = self.update_rollout(&group, |r, g| {
-                    r.open = false;
-                    r.good_generation = g;
-                    r.done_ms = now;
+                let Some((record, what)) = self.update_rollout(&group, |r, _, versions| {
+                    drover_control::rollout::done(r, generation, versions, now)
                 }) else {
                     return Ok(());
-                };
-                let secs = now.saturating_sub(record.rollout.since_ms) as f64 / 1000.0;
-                let what = if record.rollout.reverted_from > 0 {
-                    format!(
-                        "revert of generation {} to generation {generation} ({versions}) done in {secs:.1}s",
-                        record.rollout.reverted_from
-                    )
-                } else {
-                    format!("rollout to generation {generation} ({versions}) done in {secs:.1}s")
                 };
                 self.commit(vec![
                     Write::Group(record),
@@ -1087,56 +1076,41 @@ impl Engine {
         reason: &str,
     ) -> Result<(), ServerError> {
         let group = group.to_string();
-        let Some((record, _)) = self.update_rollout(&group, |r, g| {
-            r.open = false;
-            r.paused = false;
-            r.failed_generation = g;
-            r.failure = Some(reason.to_string());
-        }) else {
-            return Ok(());
-        };
         let auto_revert = {
             let st = self.state();
             st.fleet()
                 .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
                 .is_some_and(|s| s.rollout.auto_revert)
         };
-        let good = record.rollout.good_generation;
-        let next = if auto_revert && good > 0 {
-            format!("; auto_revert: going back to generation {good}")
-        } else if good == 0 {
-            "; no earlier good generation to go back to".to_string()
-        } else {
-            "; auto_revert is off: fix the version or `drover rollback`".to_string()
+        let Some((record, (after, what))) = self.update_rollout(&group, |r, _, _| {
+            drover_control::rollout::failed(r, generation, reason, auto_revert)
+        }) else {
+            return Ok(());
         };
         self.commit(vec![
             Write::Group(record),
-            Write::Event(
-                NewEvent::new(
-                    EventKind::Rollout,
-                    format!("rollout to generation {generation} failed: {reason}{next}"),
-                )
-                .group(&group),
-            ),
+            Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
         ])
         .await?;
-        if auto_revert && good > 0 {
+        if let drover_control::rollout::AfterFailure::Revert { .. } = after {
             self.auto_revert(&group, generation).await?;
         }
         Ok(())
     }
 
     /// Change a group's rollout record in memory; returns the new record to store.
-    pub(crate) fn update_rollout(
+    /// `f` gets the record, the group's generation and what that generation runs.
+    pub(crate) fn update_rollout<T>(
         &self,
         group: &str,
-        f: impl FnOnce(&mut drover_store::RolloutRecord, u64),
-    ) -> Option<(GroupRecord, String)> {
+        f: impl FnOnce(&mut drover_store::RolloutRecord, u64, &str) -> T,
+    ) -> Option<(GroupRecord, T)> {
         let mut st = self.state();
         let g = st.groups.get_mut(group)?;
         let generation = g.record.generation;
-        f(&mut g.record.rollout, generation);
-        Some((g.record.clone(), g.plan.versions()))
+        let versions = g.plan.versions();
+        let out = f(&mut g.record.rollout, generation, &versions);
+        Some((g.record.clone(), out))
     }
 
     /// Wake the permit long-poll of `instance` (only its own).

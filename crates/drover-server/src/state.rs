@@ -367,23 +367,20 @@ impl State {
     pub fn spec(&self, g: &Group) -> GroupSpec {
         let svc = self.service(g);
         let rollout = svc.map(|s| s.rollout.clone()).unwrap_or_default();
-        GroupSpec {
+        let mut spec = GroupSpec {
             group: g.record.group.clone(),
             desired: g.record.desired,
             generation: g.record.generation,
-            generation_since_ms: g.record.rollout.since_ms,
-            rollout_open: g.record.rollout.open,
-            paused: g.record.rollout.paused,
-            resumed_ms: g.record.rollout.resumed_ms,
-            canary: rollout
-                .canary
-                .as_ref()
-                .filter(|_| !g.record.rollout.canary_passed)
-                .map(|c| drover_control::CanaryGate {
-                    size: c.size(g.record.desired),
-                    bake_ms: c.bake.as_millis(),
-                    baking_since_ms: g.record.rollout.canary_baking_ms,
-                }),
+            // From the rollout record, below.
+            generation_since_ms: 0,
+            rollout_open: false,
+            paused: false,
+            resumed_ms: 0,
+            canary: rollout.canary.as_ref().map(|c| drover_control::CanaryGate {
+                size: c.size(g.record.desired),
+                bake_ms: c.bake.as_millis(),
+                baking_since_ms: 0,
+            }),
             provider_replaces_leavers: provider_replaces_leavers(&g.provider, &rollout),
             rollout,
             replace_unhealthy_after_ms: svc
@@ -399,7 +396,9 @@ impl State {
                 .get(&g.record.group)
                 .map(|b| b.not_before_ms)
                 .unwrap_or(0),
-        }
+        };
+        drover_control::rollout::apply_to_spec(&g.record.rollout, &mut spec);
+        spec
     }
 
     /// Whether `instance`, leaving on its permit, lowers its group's capacity as it goes (the

@@ -54,6 +54,6 @@ pub mod sim;
 pub use load::{direction_changes, AutoscalePoint, LoadModel, ScaleEvent, ScaledBy};
 pub use rng::SplitMix64;
 pub use sim::{
-    deploy, group_spec, FailMode, Fault, GroupStatus, NoisyMetric, RolloutEvent, ServiceSpec, Sim,
+    group_spec, FailMode, Fault, GroupStatus, NoisyMetric, RolloutEvent, ServiceSpec, Sim,
     SimConfig, Stats, VerdictRecord, ORPHAN_GRACE_MS,
 };

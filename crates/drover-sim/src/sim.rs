@@ -39,6 +39,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use drover_control::backoff::ends_failed_launch;
 use drover_control::group::in_rotation;
+use drover_control::rollout::{self, AfterFailure};
 use drover_control::schedule::{self, ScheduleMemory, Schedules};
 use drover_control::{
     reconcile, Action, AutoscaleInput, AutoscaleState, Decision, GroupSpec, Health, InstanceView,
@@ -46,6 +47,7 @@ use drover_control::{
 };
 use drover_model::api::ScheduledScale;
 use drover_model::fleet::{Autoscale, Rollout, Schedule};
+use drover_model::record::RolloutRecord;
 
 mod waves;
 pub use waves::{NoisyMetric, ServiceSpec, VerdictRecord};
@@ -246,12 +248,19 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
     }
 }
 
-/// A deploy, the way the server records one: a new generation, preferred from `now_ms`, with
-/// its rollout open. Returns the new generation.
-pub fn deploy(spec: &mut GroupSpec, now_ms: u64) -> u64 {
+/// A deploy, the way the server records one: a new generation, preferred from `now_ms`, its
+/// rollout begun by the core (`drover_control::rollout::begin`). `revert`: an automatic
+/// revert going back from `reverted_from`. Returns the new generation.
+fn begin_rollout(
+    spec: &mut GroupSpec,
+    rec: &mut RolloutRecord,
+    now_ms: u64,
+    revert: bool,
+    reverted_from: u64,
+) -> u64 {
+    *rec = rollout::begin(Some((rec, spec.generation)), now_ms, revert, reverted_from);
     spec.generation += 1;
-    spec.generation_since_ms = now_ms;
-    spec.rollout_open = true;
+    rollout::apply_to_spec(rec, spec);
     spec.generation
 }
 
@@ -289,8 +298,9 @@ impl Agent {
 struct GroupState {
     /// Generations whose instances never boot.
     broken: BTreeMap<u64, FailMode>,
-    /// The last generation whose rollout finished (what auto-revert goes back to).
-    last_good: u64,
+    /// Its rollout record, as the server stores it and changes it (through
+    /// `drover_control::rollout`).
+    rollout: RolloutRecord,
     boot_failures: Option<(f64, FailMode)>,
     /// Its launch backoff, as the server keeps it ([`drover_control::backoff`]).
     backoff: LaunchBackoff,
@@ -509,7 +519,12 @@ impl Sim {
         let g = self.specs.len();
         self.group_index.insert(spec.group.clone(), g);
         self.groups.push(GroupState {
-            last_good: spec.generation,
+            rollout: RolloutRecord {
+                since_ms: spec.generation_since_ms,
+                open: spec.rollout_open,
+                good_generation: spec.generation,
+                ..RolloutRecord::default()
+            },
             load_factor: 1.0,
             desired_series: vec![(self.now, spec.desired)],
             asg: spec.provider_replaces_leavers.then(Asg::default),
@@ -522,13 +537,31 @@ impl Sim {
     /// Deploy a good new version to `group` now. Returns the new generation.
     pub fn deploy(&mut self, group: &str) -> u64 {
         let g = self.group_idx(group);
-        deploy(&mut self.specs[g], self.now)
+        self.begin_rollout(g, false, 0)
+    }
+
+    /// A new generation of group `g` preferred now (see [`begin_rollout`]).
+    pub(crate) fn begin_rollout(&mut self, g: usize, revert: bool, reverted_from: u64) -> u64 {
+        let now = self.now;
+        let st = &mut self.groups[g];
+        begin_rollout(
+            &mut self.specs[g],
+            &mut st.rollout,
+            now,
+            revert,
+            reverted_from,
+        )
+    }
+
+    /// The group's rollout record changed: what the controller reads of it.
+    pub(crate) fn sync_rollout(&mut self, g: usize) {
+        rollout::apply_to_spec(&self.groups[g].rollout, &mut self.specs[g]);
     }
 
     /// Deploy a version whose instances never turn healthy. Returns the new generation.
     pub fn deploy_broken(&mut self, group: &str, mode: FailMode) -> u64 {
         let g = self.group_idx(group);
-        let generation = deploy(&mut self.specs[g], self.now);
+        let generation = self.begin_rollout(g, false, 0);
         self.groups[g].broken.insert(generation, mode);
         generation
     }
@@ -1430,17 +1463,19 @@ impl Sim {
                     }
                     self.new_instance(g, generation, false, started);
                 }
-                Action::RolloutDone { group, generation } => {
-                    let g = self.group_idx(&group);
-                    let spec = &mut self.specs[g];
-                    spec.rollout_open = false;
-                    self.groups[g].last_good = generation;
-                    self.groups[g].wave.done_ms = now;
+                Action::RolloutDone {
+                    ref group,
+                    generation,
+                } => {
+                    let g = self.group_idx(group);
+                    let since = self.groups[g].rollout.since_ms;
+                    rollout::done(&mut self.groups[g].rollout, generation, "", now);
+                    self.sync_rollout(g);
                     self.stats.rollouts_done.push(RolloutEvent {
-                        group,
+                        group: group.clone(),
                         generation,
                         at_ms: now,
-                        took_ms: now - spec.generation_since_ms,
+                        took_ms: now - since,
                     });
                 }
                 Action::RolloutFailed {
@@ -1484,30 +1519,33 @@ impl Sim {
     /// later waves stop and the regions the deploy reached go back too.
     fn rollout_failed(&mut self, g: usize, generation: u64) {
         let now = self.now;
-        let spec = &mut self.specs[g];
-        spec.rollout_open = false;
+        let since = self.groups[g].rollout.since_ms;
+        let auto_revert = self.specs[g].rollout.auto_revert;
+        let (after, _) = rollout::failed(
+            &mut self.groups[g].rollout,
+            generation,
+            "failed in the simulation",
+            auto_revert,
+        );
+        self.sync_rollout(g);
         self.stats.rollouts_failed.push(RolloutEvent {
-            group: spec.group.clone(),
+            group: self.specs[g].group.clone(),
             generation,
             at_ms: now,
-            took_ms: now - spec.generation_since_ms,
+            took_ms: now - since,
         });
-        if spec.rollout.auto_revert {
-            deploy(spec, now);
-            let new = spec.generation;
+        if let AfterFailure::Revert { to } = after {
+            // As the server: a new generation with the content of the good one, and no
+            // canary stage.
+            let new = self.begin_rollout(g, true, generation);
             self.stats.reverts += 1;
-            let last_good = self.groups[g].last_good;
-            if let Some(m) = self.groups[g].broken.get(&last_good).copied() {
+            if let Some(m) = self.groups[g].broken.get(&to).copied() {
                 self.groups[g].broken.insert(new, m);
             }
-            if self.groups[g].degraded.contains(&last_good) {
+            if self.groups[g].degraded.contains(&to) {
                 self.groups[g].degraded.insert(new);
             }
-            // As the server: an automatic revert has no canary stage.
-            self.specs[g].canary = None;
-            self.waves_after_failure(g, generation);
-        } else {
-            self.groups[g].wave.failed_generation = generation;
+            self.waves_after_failure(g);
         }
     }
 

@@ -17,7 +17,7 @@ use drover_control::waves::{release, WaveGroup};
 use drover_control::{CanaryGate, Phase};
 use drover_model::fleet::{Analysis, Canary};
 
-use super::{deploy, Sim};
+use super::Sim;
 
 /// A custom metric the simulated agents report (e.g. `error_rate`): each instance's mean
 /// (`good`, or `bad` on a degraded version), plus a constant bias per instance and a noise
@@ -75,8 +75,6 @@ pub(super) struct SimService {
 pub(super) struct WaveState {
     pub(super) service: Option<usize>,
     pub(super) pending: bool,
-    pub(super) done_ms: u64,
-    pub(super) failed_generation: u64,
 }
 
 impl Sim {
@@ -150,7 +148,7 @@ impl Sim {
     /// stage, if the service has one).
     fn release_group(&mut self, s: usize, g: usize) {
         let before = self.specs[g].generation;
-        let generation = deploy(&mut self.specs[g], self.now);
+        let generation = self.begin_rollout(g, false, 0);
         self.groups[g].wave.pending = false;
         if self.services[s].bad_in.contains(&g) {
             self.groups[g].degraded.insert(generation);
@@ -188,8 +186,8 @@ impl Sim {
                     wave,
                     pending: self.groups[g].wave.pending,
                     open: self.specs[g].rollout_open,
-                    failed: self.groups[g].wave.failed_generation >= self.specs[g].generation,
-                    done_ms: self.groups[g].wave.done_ms,
+                    failed: self.groups[g].rollout.failed_generation >= self.specs[g].generation,
+                    done_ms: self.groups[g].rollout.done_ms,
                 })
                 .collect();
             let Some((wave, names)) = release(&view, sv.spec.wave_bake_ms, now) else {
@@ -278,9 +276,8 @@ impl Sim {
     /// `CanaryBaking`: the bake begins; every instance of the group opens its window.
     pub(super) fn canary_baking(&mut self, g: usize) {
         let now = self.now;
-        if let Some(c) = self.specs[g].canary.as_mut() {
-            c.baking_since_ms = now;
-        }
+        self.groups[g].rollout.canary_baking_ms = now;
+        self.sync_rollout(g);
         for (a, v) in self.agents.iter_mut().zip(&self.views) {
             if a.group == g && v.phase == Phase::Active {
                 a.window = Some((0.0, 0));
@@ -292,7 +289,8 @@ impl Sim {
     /// failed (the caller carries out the failure).
     pub(super) fn canary_analyse(&mut self, g: usize, generation: u64) -> bool {
         let Some(s) = self.groups[g].wave.service else {
-            self.specs[g].canary = None;
+            self.groups[g].rollout.canary_passed = true;
+            self.sync_rollout(g);
             return false;
         };
         let mut canary = Vec::new();
@@ -343,15 +341,15 @@ impl Sim {
             numbers: verdict.describe(),
         });
         if verdict.pass {
-            self.specs[g].canary = None;
+            self.groups[g].rollout.canary_passed = true;
+            self.sync_rollout(g);
         }
         !verdict.pass
     }
 
     /// A rollout of `g` failed: it stops every later wave of its service, and the automatic
     /// revert moves every group the deploy reached back to what it ran before.
-    pub(super) fn waves_after_failure(&mut self, g: usize, generation: u64) {
-        self.groups[g].wave.failed_generation = generation;
+    pub(super) fn waves_after_failure(&mut self, g: usize) {
         let Some(s) = self.groups[g].wave.service else {
             return;
         };
@@ -370,7 +368,7 @@ impl Sim {
             .collect();
         for (h, before) in touched {
             // Back to its content before the deploy.
-            let new = deploy(&mut self.specs[h], self.now);
+            let new = self.begin_rollout(h, true, 0);
             self.stats.reverts += 1;
             if let Some(m) = self.groups[h].broken.get(&before).copied() {
                 self.groups[h].broken.insert(new, m);
@@ -378,7 +376,6 @@ impl Sim {
             if self.groups[h].degraded.contains(&before) {
                 self.groups[h].degraded.insert(new);
             }
-            self.specs[h].canary = None;
         }
     }
 }

@@ -1,0 +1,166 @@
+//! A group's rollout record through its life: begun when a new generation becomes
+//! preferred, then done, or failed (and, with `auto_revert`, reverted). The server stores the
+//! record; the simulation keeps the same one; both change it only here.
+
+use drover_model::record::RolloutRecord;
+
+use crate::group::GroupSpec;
+
+/// The record of a rollout to a new generation preferred from `now`. `prev` is the group's
+/// record and generation before (none for a new group). `revert`: an automatic revert, which
+/// goes back from generation `reverted_from` (0 for a group reverted along with the one that
+/// failed, e.g. an earlier wave's region).
+pub fn begin(
+    prev: Option<(&RolloutRecord, u64)>,
+    now: u64,
+    revert: bool,
+    reverted_from: u64,
+) -> RolloutRecord {
+    RolloutRecord {
+        since_ms: now,
+        open: true,
+        // A superseded, unfinished rollout did not make its generation good; with no good
+        // one before it (a new group), it is the best there is.
+        good_generation: prev
+            .map(|(r, generation)| {
+                if r.open && r.good_generation > 0 {
+                    r.good_generation
+                } else {
+                    generation
+                }
+            })
+            .unwrap_or(0),
+        reverted_from,
+        failed_generation: prev.map(|(r, _)| r.failed_generation).unwrap_or(0),
+        failure: prev.and_then(|(r, _)| r.failure.clone()),
+        // A new rollout starts unpaused, with its canary stage ahead; an automatic revert
+        // goes back to what ran healthy: no canary stage.
+        paused: false,
+        resumed_ms: 0,
+        canary_baking_ms: 0,
+        canary_passed: revert,
+        analysis: None,
+        wave_pending: false,
+        held: false,
+        done_ms: 0,
+    }
+}
+
+/// The rollout to `generation` is done at `now`: it is the group's good generation. Returns
+/// what the event says (`versions`: what it runs, e.g. `app=v2`).
+pub fn done(r: &mut RolloutRecord, generation: u64, versions: &str, now: u64) -> String {
+    r.open = false;
+    r.good_generation = generation;
+    r.done_ms = now;
+    let secs = now.saturating_sub(r.since_ms) as f64 / 1000.0;
+    if r.reverted_from > 0 {
+        format!(
+            "revert of generation {} to generation {generation} ({versions}) done in {secs:.1}s",
+            r.reverted_from
+        )
+    } else {
+        format!("rollout to generation {generation} ({versions}) done in {secs:.1}s")
+    }
+}
+
+/// What follows a failed rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// `auto_revert`: a new generation with the content of generation `to`.
+    Revert { to: u64 },
+    /// The group stays on the failed generation until a person acts.
+    Stay,
+}
+
+/// The rollout to `generation` failed for `reason`. Returns what follows, and what the event
+/// says.
+pub fn failed(
+    r: &mut RolloutRecord,
+    generation: u64,
+    reason: &str,
+    auto_revert: bool,
+) -> (AfterFailure, String) {
+    r.open = false;
+    r.paused = false;
+    r.failed_generation = generation;
+    r.failure = Some(reason.to_string());
+    let good = r.good_generation;
+    let (after, next) = if auto_revert && good > 0 {
+        (
+            AfterFailure::Revert { to: good },
+            format!("; auto_revert: going back to generation {good}"),
+        )
+    } else if good == 0 {
+        (
+            AfterFailure::Stay,
+            "; no earlier good generation to go back to".to_string(),
+        )
+    } else {
+        (
+            AfterFailure::Stay,
+            "; auto_revert is off: fix the version or `drover rollback`".to_string(),
+        )
+    };
+    (
+        after,
+        format!("rollout to generation {generation} failed: {reason}{next}"),
+    )
+}
+
+/// What the group controller reads of the rollout record.
+pub fn apply_to_spec(r: &RolloutRecord, spec: &mut GroupSpec) {
+    spec.generation_since_ms = r.since_ms;
+    spec.rollout_open = r.open;
+    spec.paused = r.paused;
+    spec.resumed_ms = r.resumed_ms;
+    if let Some(c) = &mut spec.canary {
+        c.baking_since_ms = r.canary_baking_ms;
+    }
+    if r.canary_passed {
+        spec.canary = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rollout_begins_is_done_or_fails_and_reverts_to_the_last_good_generation() {
+        let first = begin(None, 1_000, false, 0);
+        assert!(first.open && first.good_generation == 0 && !first.canary_passed);
+        let mut r = first;
+        assert_eq!(
+            done(&mut r, 1, "app=v1", 3_500),
+            "rollout to generation 1 (app=v1) done in 2.5s"
+        );
+        assert!(!r.open && r.good_generation == 1 && r.done_ms == 3_500);
+        // Generation 2, superseded by 3 before it was done: 1 stays the good one.
+        let second = begin(Some((&r, 1)), 10_000, false, 0);
+        assert_eq!(second.good_generation, 1);
+        let third = begin(Some((&second, 2)), 11_000, false, 0);
+        assert_eq!(third.good_generation, 1, "2 never finished");
+        let mut r = third;
+        let (after, msg) = failed(&mut r, 3, "never healthy", true);
+        assert_eq!(after, AfterFailure::Revert { to: 1 });
+        assert_eq!(
+            msg,
+            "rollout to generation 3 failed: never healthy; auto_revert: going back to generation 1"
+        );
+        assert_eq!((r.failed_generation, r.open), (3, false));
+        let mut revert = begin(Some((&r, 3)), 20_000, true, 3);
+        assert!(revert.canary_passed, "a revert has no canary stage");
+        assert_eq!(revert.failed_generation, 3);
+        assert_eq!(
+            done(&mut revert, 4, "app=v1", 21_000),
+            "revert of generation 3 to generation 4 (app=v1) done in 1.0s"
+        );
+        // Without auto_revert, or without a good generation: it stays.
+        let mut r = begin(None, 0, false, 0);
+        assert_eq!(failed(&mut r, 1, "x", true).0, AfterFailure::Stay);
+        let mut r = begin(Some((&revert, 4)), 0, false, 0);
+        let (after, msg) = failed(&mut r, 5, "x", false);
+        assert_eq!(after, AfterFailure::Stay);
+        assert!(msg.ends_with("auto_revert is off: fix the version or `drover rollback`"));
+    }
+}
