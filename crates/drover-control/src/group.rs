@@ -80,6 +80,22 @@ pub enum Health {
     },
 }
 
+impl Health {
+    /// Health after a report at `now` that says `healthy` (every component healthy): a
+    /// change of state starts its clock, the same state keeps it; an instance that never
+    /// was healthy is still starting, not unhealthy.
+    pub fn after_report(self, healthy: bool, ever_healthy: bool, now: u64) -> Health {
+        match (healthy, self) {
+            (true, Health::Healthy { since_ms }) => Health::Healthy { since_ms },
+            (true, _) => Health::Healthy { since_ms: now },
+            (false, Health::Unhealthy { since_ms }) => Health::Unhealthy { since_ms },
+            (false, Health::Healthy { .. }) => Health::Unhealthy { since_ms: now },
+            (false, _) if ever_healthy => Health::Unhealthy { since_ms: now },
+            (false, _) => Health::Starting,
+        }
+    }
+}
+
 /// What the controller must know about an instance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceView {
@@ -654,6 +670,29 @@ mod tests {
             permit_at_ms: None,
             restored: false,
         }
+    }
+
+    #[test]
+    fn health_after_a_report_keeps_its_clock_until_it_changes() {
+        let h = Health::Unknown.after_report(false, false, 10);
+        assert_eq!(h, Health::Starting);
+        let h = h.after_report(true, false, 20);
+        assert_eq!(h, Health::Healthy { since_ms: 20 });
+        assert_eq!(
+            h.after_report(true, true, 30),
+            Health::Healthy { since_ms: 20 }
+        );
+        let h = h.after_report(false, true, 40);
+        assert_eq!(h, Health::Unhealthy { since_ms: 40 });
+        assert_eq!(
+            h.after_report(false, true, 50),
+            Health::Unhealthy { since_ms: 40 }
+        );
+        // Known only from the store (Unknown) but healthy before: unhealthy, not starting.
+        assert_eq!(
+            Health::Unknown.after_report(false, true, 60),
+            Health::Unhealthy { since_ms: 60 }
+        );
     }
 
     /// Issue 15: a leaver's deadline is a rule of the controller, counted from the permit's

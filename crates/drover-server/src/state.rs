@@ -734,11 +734,11 @@ pub fn absorb_heartbeat(
     }
     let healthy = hb.healthy();
     if std::mem::take(&mut inst.soft.restored) {
-        inst.soft.health = if healthy {
-            Health::Healthy { since_ms: now }
-        } else {
-            Health::Starting
-        };
+        // Unknown, never healthy (see `Engine::new`): healthy from now, or starting.
+        inst.soft.health = inst
+            .soft
+            .health
+            .after_report(healthy, inst.soft.ever_healthy, now);
         inst.soft.ever_healthy |= healthy;
         inst.soft.last_seen_ms = now;
         inst.soft.last_seq = hb.seq;
@@ -748,14 +748,7 @@ pub fn absorb_heartbeat(
         return (events, true);
     }
     let before = inst.soft.health;
-    let after = match (healthy, before) {
-        (true, Health::Healthy { since_ms }) => Health::Healthy { since_ms },
-        (true, _) => Health::Healthy { since_ms: now },
-        (false, Health::Unhealthy { since_ms }) => Health::Unhealthy { since_ms },
-        (false, Health::Healthy { .. }) => Health::Unhealthy { since_ms: now },
-        (false, _) if inst.soft.ever_healthy => Health::Unhealthy { since_ms: now },
-        (false, _) => Health::Starting,
-    };
+    let after = before.after_report(healthy, inst.soft.ever_healthy, now);
     let changed = std::mem::discriminant(&before) != std::mem::discriminant(&after);
     if changed {
         match after {

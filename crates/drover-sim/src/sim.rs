@@ -1083,14 +1083,7 @@ impl Sim {
                 // The server's absorb_heartbeat.
                 let healthy = a.healthy_at(h);
                 let before = v.health;
-                v.health = match (healthy, before) {
-                    (true, Health::Healthy { since_ms }) => Health::Healthy { since_ms },
-                    (true, _) => Health::Healthy { since_ms: h },
-                    (false, Health::Unhealthy { since_ms }) => Health::Unhealthy { since_ms },
-                    (false, Health::Healthy { .. }) => Health::Unhealthy { since_ms: h },
-                    (false, _) if v.ever_healthy => Health::Unhealthy { since_ms: h },
-                    (false, _) => Health::Starting,
-                };
+                v.health = before.after_report(healthy, v.ever_healthy, h);
                 if healthy {
                     v.ever_healthy = true;
                     if !matches!(before, Health::Healthy { .. }) {
