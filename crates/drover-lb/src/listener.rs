@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     health: Option<HealthCheckConfig>,
     /// Parent of every checker's token; cancelled when the listener stops.
     checks: CancellationToken,
+    /// The health checkers' tasks, awaited by the shutdown.
+    checkers: TaskTracker,
     /// Every target in rotation, plus removed ones still referenced by a connection,
     /// keyed by (id, addr). Locked only on target-set changes and by stats queries.
     registry: Mutex<Registry>,
@@ -140,7 +142,7 @@ impl Shared {
     /// guard is dropped, when the listener stops, or when the entry is gone.
     fn start_checker(&self, entry: &Arc<TargetEntry>, cfg: &HealthCheckConfig) -> DropGuard {
         let token = self.checks.child_token();
-        tokio::spawn(health::run_checker(
+        self.checkers.spawn(health::run_checker(
             self.name.clone(),
             Arc::downgrade(entry),
             cfg.clone(),
@@ -306,6 +308,7 @@ impl Listener {
             abort: Signal::new(),
             health: cfg.health.clone(),
             checks: CancellationToken::new(),
+            checkers: TaskTracker::new(),
             registry: Mutex::new(HashMap::new()),
         });
         let mut targets = targets;
@@ -388,6 +391,7 @@ impl Listener {
         let inner = &self.inner;
         inner.shared.stop.fire();
         inner.shared.checks.cancel();
+        inner.shared.checkers.close();
         let accept_task = inner
             .accept_task
             .lock()
@@ -398,6 +402,8 @@ impl Listener {
                 warn!(listener = %inner.shared.name, error = %e, "accept loop ended abnormally");
             }
         }
+        // Cancelled above: each ends at its next await.
+        inner.shared.checkers.wait().await;
         inner.connections.close();
         let open = inner.shared.counters.active.load(Relaxed);
         if open > 0 {

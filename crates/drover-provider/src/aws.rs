@@ -16,6 +16,7 @@ use drover_model::boot::BootDoc;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::tasks::Tasks;
 use crate::{Credentials, Exit, GroupSpec, LaunchRequest, Launched, Provider, ProviderError};
 
 /// One `aws` region of a fleet.
@@ -86,6 +87,8 @@ pub struct AwsProvider {
     exits: UnboundedSender<Exit>,
     /// Launches one at a time: each decides from the group's reading which instance is its own.
     launching: tokio::sync::Mutex<()>,
+    /// The poller and the drains of leaving instances' targets.
+    tasks: Tasks,
 }
 
 fn cloud(e: drover_aws::AwsError) -> ProviderError {
@@ -101,10 +104,11 @@ impl AwsProvider {
             inner: Arc::new(Mutex::new(Inner::default())),
             exits,
             launching: tokio::sync::Mutex::new(()),
+            tasks: Tasks::default(),
         });
         let weak = Arc::downgrade(&p);
         let period = p.cfg.poll;
-        tokio::spawn(async move {
+        p.tasks.spawn(async move {
             loop {
                 let Some(p) = weak.upgrade() else { return };
                 if let Err(e) = p.poll().await {
@@ -534,7 +538,7 @@ impl AwsProvider {
         let id = instance.to_string();
         let c = self.clients.get().cloned();
         let poll = self.cfg.poll.min(Duration::from_secs(1));
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let Some(c) = c else { return };
             if let Err(e) = ingress::deregister(&c, &tg, &id).await {
                 tracing::warn!(instance = %id, "deregistering from the load balancer: {e}");
@@ -609,6 +613,10 @@ impl Provider for Aws {
     fn shutdown(&self, _grace: Duration) -> BoxFuture<'_, ()> {
         // Instances on EC2 outlive the server (static stability); `drover destroy` removes them.
         Box::pin(async {})
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.0.tasks.close())
     }
 
     fn prepare(&self, spec: GroupSpec) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {

@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 pub mod aws;
 pub mod local;
 pub mod sim;
+mod tasks;
 
 pub use local::{LocalConfig, LocalProvider};
 pub use sim::{SimProvider, SimRegion};
@@ -177,6 +178,11 @@ pub trait Provider: Send + Sync {
     fn adopt(&self, instance: &str) -> bool;
     /// Stop every instance this provider started, waiting up to `grace`.
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
+    /// Stop the provider's background tasks and wait for them: afterwards nothing of the
+    /// provider runs. Its instances are left as they are.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 
     /// Make the group exist at the provider with `spec` as its launch configuration, before
     /// any instance of a new generation launches or any stale instance gets a permit.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use crate::tasks::Tasks;
 use crate::{Exit, LaunchRequest, Launched, Provider, ProviderError};
 
 /// How the local provider starts agents.
@@ -44,6 +45,8 @@ pub struct LocalProvider {
     exits: mpsc::UnboundedSender<Exit>,
     /// Live agents: instance id → pid (also the process group id).
     agents: Arc<Mutex<HashMap<String, u32>>>,
+    /// Exit watchers and kills after a stop grace.
+    tasks: Tasks,
 }
 
 impl LocalProvider {
@@ -54,6 +57,7 @@ impl LocalProvider {
             cfg,
             exits,
             agents: Arc::new(Mutex::new(HashMap::new())),
+            tasks: Tasks::default(),
         }
     }
 
@@ -161,7 +165,7 @@ impl LocalProvider {
         let agents = self.agents.clone();
         let instance = req.instance.clone();
         let pid_file = dir.join("agent.pid");
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => describe(s),
                 Err(e) => format!("wait failed: {e}"),
@@ -240,7 +244,7 @@ impl Provider for LocalProvider {
             };
             // The agent stops its components gracefully on SIGTERM.
             signal_group(pid, libc::SIGTERM);
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(2);
                 while tokio::time::Instant::now() < deadline {
                     if !agents.lock().expect("agents lock").contains_key(&instance) {
@@ -278,7 +282,7 @@ impl Provider for LocalProvider {
         let exits = self.exits.clone();
         let agents = self.agents.clone();
         let instance = instance.to_string();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             while process_running(pid) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -330,6 +334,10 @@ impl Provider for LocalProvider {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.tasks.close())
     }
 }
 

@@ -731,7 +731,7 @@ async fn events(
         .into_response())
 }
 
-/// The live part of a follow stream: events that pass `filter`. Its task ends as soon as the
+/// The live part of a follow stream: events that pass `filter`. It ends as soon as the
 /// client is gone (the body dropped), whether or not anything matches, or when the server
 /// stops sending events; `held` is given back then.
 fn live_events(
@@ -781,16 +781,21 @@ fn sse_line(ev: drover_model::Event) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(format!("id: {}\ndata: {json}\n\n", ev.seq)))
 }
 
-/// A stream fed by a task through a small channel.
+/// A stream fed by the future `f` makes through a small channel. The future runs inside the
+/// stream, polled with it (no task of its own): the response body owns it, and it ends when
+/// the client goes away.
 fn async_stream<T, F, Fut>(f: F) -> impl futures::Stream<Item = T>
 where
     T: Send + 'static,
     F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    use futures::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+    let producer = futures::stream::once(f(tx)).filter_map(|()| async { None::<T> });
+    let items =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    futures::stream::select(producer, items)
 }
 
 /// `POST /v1/rollout`: pause, resume, promote or abort a service's rollouts.

@@ -1529,10 +1529,12 @@ impl Engine {
             .values()
             .cloned()
             .collect();
-        if stop_instances {
-            for p in providers {
+        for p in providers {
+            if stop_instances {
                 p.shutdown(grace).await;
             }
+            // Its watchers and timers end with the term (an adopting server starts its own).
+            p.close().await;
         }
     }
 

@@ -282,8 +282,14 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
         let accept_task = tokio::spawn(async move {
+            // Handshakes under way: owned by this task, aborted with it.
+            let mut handshakes = tokio::task::JoinSet::new();
             loop {
-                let (stream, peer) = match tcp.accept().await {
+                let accepted = tokio::select! {
+                    accepted = tcp.accept() => accepted,
+                    Some(_) = handshakes.join_next() => continue,
+                };
+                let (stream, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!("API accept: {e}");
@@ -296,7 +302,7 @@ impl TlsListener {
                 }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;

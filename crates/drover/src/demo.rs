@@ -21,7 +21,7 @@ use drover_model::Dur;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::exit;
 
@@ -180,9 +180,11 @@ async fn serve(args: DemoArgs) -> u8 {
             demo.version
         );
     }
+    // Timers of this server: owned here, aborted when it returns.
+    let mut background = tokio::task::JoinSet::new();
     {
         let demo = demo.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 tick.tick().await;
@@ -196,14 +198,14 @@ async fn serve(args: DemoArgs) -> u8 {
     }
     if let Some(d) = args.fail_health_after {
         let demo = demo.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             tokio::time::sleep(d.0).await;
             demo.healthy.store(false, Ordering::SeqCst);
             eprintln!("demo-server: failing health checks from now on (--fail-health-after)");
         });
     }
     if let Some(d) = args.crash_after {
-        tokio::spawn(async move {
+        background.spawn(async move {
             tokio::time::sleep(d.0).await;
             eprintln!("demo-server: crashing as asked (--crash-after)");
             std::process::exit(1);
@@ -231,8 +233,8 @@ async fn serve(args: DemoArgs) -> u8 {
     // `draining`: connections close once idle. `stopping`: they close once idle, for good.
     let (draining, _) = watch::channel(false);
     let (stopping, _) = watch::channel(false);
-    // Every connection task holds a sender: all are done when the receiver sees none left.
-    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    // Every connection's task, awaited before exiting.
+    let connections = tokio_util::task::TaskTracker::new();
     let mut shutdown = pin!(crate::shutdown_signal());
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -254,12 +256,11 @@ async fn serve(args: DemoArgs) -> u8 {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(
+                connections.spawn(connection(
                     stream,
                     app.clone(),
                     draining.subscribe(),
                     stopping.subscribe(),
-                    alive.clone(),
                 ));
             }
             _ = drain_sig.recv() => {
@@ -279,8 +280,8 @@ async fn serve(args: DemoArgs) -> u8 {
     }
     drop(listener);
     stopping.send_replace(true);
-    drop(alive);
-    let _ = all_done.recv().await;
+    connections.close();
+    connections.wait().await;
     exit::OK
 }
 
@@ -298,7 +299,6 @@ async fn connection(
     app: Router,
     mut draining: watch::Receiver<bool>,
     mut stopping: watch::Receiver<bool>,
-    _alive: mpsc::Sender<()>,
 ) {
     let mut opened_draining = *draining.borrow_and_update();
     let asked = Arc::new(AtomicBool::new(false));
