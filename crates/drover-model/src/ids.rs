@@ -14,10 +14,19 @@ impl GroupId {
         GroupId(format!("{service}/{region}"))
     }
     pub fn service(&self) -> &str {
-        self.0.split('/').next().unwrap_or_default()
+        GroupId::service_of(&self.0)
     }
     pub fn region(&self) -> &str {
-        self.0.split('/').nth(1).unwrap_or_default()
+        GroupId::region_of(&self.0)
+    }
+    /// The service of a group id held as a string (`web` of `web/local`). The one place a
+    /// group id is taken apart.
+    pub fn service_of(group: &str) -> &str {
+        group.split_once('/').map_or(group, |(s, _)| s)
+    }
+    /// The region of a group id held as a string (`local` of `web/local`; empty without one).
+    pub fn region_of(group: &str) -> &str {
+        group.split_once('/').map_or("", |(_, r)| r)
     }
 }
 

@@ -131,10 +131,10 @@ impl IntoResponse for ServerError {
     }
 }
 
-type Body2 = Result<Bytes, axum::extract::rejection::BytesRejection>;
+type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// Decode a JSON body with an error that says what is wrong and where.
-fn decode<T: DeserializeOwned>(body: Body2) -> Result<T, ServerError> {
+fn decode<T: DeserializeOwned>(body: RawBody) -> Result<T, ServerError> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ServerError::TooLarge(format!(
@@ -193,7 +193,7 @@ pub fn json_depth(body: &[u8]) -> usize {
     max
 }
 
-async fn apply(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn apply(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let req: ApplyRequest = decode(body)?;
     // The request's own secrets (even if it does not validate) and the current ones.
     let sc = drover_model::secret::Scrubber::new(
@@ -232,20 +232,20 @@ fn scrub_error(err: ServerError, sc: &drover_model::secret::Scrubber) -> ServerE
     }
 }
 
-async fn deploy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn deploy(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let req: DeployRequest = decode(body)?;
     let sc = scrubber(&e);
     Ok(Json(e.deploy(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
 }
 
-async fn scale(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn scale(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let req: drover_model::api::ScaleRequest = decode(body)?;
     Ok(Json(e.scale(req).await?).into_response())
 }
 
 async fn create_schedule(
     State(e): State<Arc<Engine>>,
-    body: Body2,
+    body: RawBody,
 ) -> Result<Response, ServerError> {
     let req: drover_model::api::ScheduleRequest = decode(body)?;
     Ok((StatusCode::CREATED, Json(e.schedule_once(req).await?)).into_response())
@@ -262,13 +262,13 @@ async fn cancel_schedule(
     Ok(Json(e.cancel_schedule(&id).await?).into_response())
 }
 
-async fn rollback(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn rollback(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let req: RollbackRequest = decode(body)?;
     let sc = scrubber(&e);
     Ok(Json(e.rollback(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
 }
 
-async fn destroy(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn destroy(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let req: drover_model::api::DestroyRequest = decode(body)?;
     let sc = scrubber(&e);
     Ok(Json(e.destroy(req).await.map_err(|err| scrub_error(err, &sc))?).into_response())
@@ -361,7 +361,7 @@ async fn lb_config(
 }
 
 /// `POST /v1/lb/report`: a balancer's connection counts.
-async fn lb_report(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn lb_report(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let report: drover_model::api::LbReport = decode(body)?;
     if report.lb.is_empty() || report.lb.len() > 128 || report.connections.len() > 10_000 {
         return Err(ServerError::BadRequest(
@@ -423,7 +423,7 @@ async fn exit(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
     Extension(bound): Extension<BoundInstance>,
-    body: Body2,
+    body: RawBody,
 ) -> Result<Response, ServerError> {
     let req: ExitRequest = decode(body)?;
     if req.status.len() > 200 {
@@ -799,7 +799,7 @@ where
 }
 
 /// `POST /v1/rollout`: pause, resume, promote or abort a service's rollouts.
-async fn rollout(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn rollout(State(e): State<Arc<Engine>>, body: RawBody) -> Result<Response, ServerError> {
     let req: drover_model::api::RolloutActionRequest = decode(body)?;
     Ok(Json(e.rollout_action(req).await?).into_response())
 }
@@ -808,7 +808,7 @@ async fn heartbeat(
     State(e): State<Arc<Engine>>,
     Extension(caller): Extension<Caller>,
     Extension(bound): Extension<BoundInstance>,
-    body: Body2,
+    body: RawBody,
 ) -> Result<Response, ServerError> {
     let hb: Heartbeat = decode(body)?;
     if hb.instance.is_empty() || hb.instance.len() > 64 || hb.components.len() > limits::COMPONENTS
@@ -958,7 +958,10 @@ async fn list_tokens(State(e): State<Arc<Engine>>) -> Json<Vec<drover_model::tok
     Json(e.auth().list())
 }
 
-async fn create_token(State(e): State<Arc<Engine>>, body: Body2) -> Result<Response, ServerError> {
+async fn create_token(
+    State(e): State<Arc<Engine>>,
+    body: RawBody,
+) -> Result<Response, ServerError> {
     let req: drover_model::token::CreateTokenRequest = decode(body)?;
     if let Some(g) = &req.group {
         if !e.state().groups.contains_key(g) {

@@ -216,7 +216,7 @@ impl Engine {
             format!("canary analysis passed: {numbers}; the rollout goes on")
         } else {
             record.rollout.paused = true;
-            let service = group.split('/').next().unwrap_or_default();
+            let service = drover_model::GroupId::service_of(group);
             format!(
                 "canary analysis failed (analysis.mode = advise): the rollout is paused; `drover rollout promote {service}` goes on, `drover rollout abort {service}` goes back: {numbers}"
             )

@@ -13,7 +13,7 @@ use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{absorb_heartbeat, view, Group, Instance, Soft, State};
+use crate::state::{absorb_heartbeat, lifecycle_of, view, Group, Instance, Soft, State};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -965,80 +965,22 @@ impl Engine {
     }
 
     async fn act(self: &Arc<Self>, action: Action, now: u64) -> Result<(), ServerError> {
-        let failed_launch = match &action {
-            Action::Forget { instance, .. } | Action::Terminate { instance, .. } => {
-                let st = self.state();
-                st.instances
-                    .get(instance)
-                    .filter(|i| drover_control::backoff::ends_failed_launch(&action, &view(i)))
-                    .map(|i| i.record.group.clone())
-            }
-            _ => None,
-        };
-        if let Some(group) = failed_launch {
-            let n = self.state().launch_failed(&group, now);
-            tracing::warn!(%group, failures = n, "instance ended before turning healthy; backing off launches");
-        }
         match action {
-            Action::Launch { group, generation } => self.launch(&group, generation).await,
-            Action::Forget { instance, reason } => {
-                let rec = self
-                    .state()
-                    .instances
-                    .get(&instance)
-                    .map(|i| i.record.clone());
-                let Some(rec) = rec else { return Ok(()) };
-                let (kind, msg) = match rec.lifecycle {
-                    Lifecycle::Active => (
-                        EventKind::Lost,
-                        format!("lost: {reason}; it will be replaced"),
-                    ),
-                    _ => (EventKind::Terminated, "terminated".to_string()),
+            Action::Launch { .. }
+            | Action::Forget { .. }
+            | Action::Terminate { .. }
+            | Action::Permit { .. } => {
+                let effects = {
+                    let st = self.state();
+                    let named = match &action {
+                        Action::Forget { instance, .. }
+                        | Action::Terminate { instance, .. }
+                        | Action::Permit { instance, .. } => st.instances.get(instance).map(view),
+                        _ => None,
+                    };
+                    drover_control::effects::of(&action, named.as_ref(), now)
                 };
-                self.commit(vec![
-                    Write::RemoveInstance(instance.clone()),
-                    Write::Event(
-                        NewEvent::new(kind, msg)
-                            .group(&rec.group)
-                            .instance(&instance),
-                    ),
-                ])
-                .await?;
-                let mut st = self.state();
-                let removed = st.instances.remove(&instance);
-                self.balancers.forget_instance(&instance);
-                self.peers.forget(&instance);
-                if let Some(i) = &removed {
-                    // A long-poll still held for it ends (404) rather than at its deadline.
-                    i.permit_wake.notify_waiters();
-                }
-                Ok(())
-            }
-            Action::Terminate { instance, reason } => {
-                self.terminate(&instance, &format!("replacing it: {reason}"))
-                    .await
-            }
-            Action::Permit { instance, reason } => {
-                let rec = self
-                    .set_lifecycle(
-                        &instance,
-                        Lifecycle::Draining,
-                        Some(now),
-                        EventKind::Permit,
-                        &format!("permit: {reason}; out of rotation, draining"),
-                    )
-                    .await?;
-                let Some(rec) = rec else { return Ok(()) };
-                // Out of the balancer now, then wake the agent's long-poll.
-                self.remove_target(&rec.group, &rec.id);
-                if let Some(p) = self.provider(region_of(&rec.group)) {
-                    p.deregister(&rec.id);
-                }
-                self.wake_permit_poll(&rec.id);
-                // The agent drains, stops and exits by itself. If it does not (old agent,
-                // hung), the controller terminates it once `leave_within_ms` has passed
-                // since the permit's stored time (`drover_control::group`).
-                Ok(())
+                self.carry_out(effects, now).await
             }
             Action::RolloutDone { group, generation } => {
                 let Some((record, what)) = self.update_rollout(&group, |r, _, versions| {
@@ -1067,6 +1009,105 @@ impl Engine {
         }
     }
 
+    /// Carry out an action's effects (`drover_control::effects`), in their order: what
+    /// goes to the store is committed first, in one batch (an event with its change), then
+    /// memory follows, then the balancers, the agents and the providers.
+    async fn carry_out(
+        &self,
+        effects: Vec<drover_control::effects::Effect>,
+        now: u64,
+    ) -> Result<(), ServerError> {
+        use drover_control::effects::Effect;
+        let mut writes = Vec::new();
+        let mut records: Vec<InstanceRecord> = Vec::new();
+        {
+            let mut st = self.state();
+            for e in &effects {
+                match e {
+                    Effect::SetPhase {
+                        instance,
+                        phase,
+                        permit_at_ms,
+                    } => {
+                        let Some(i) = st.instances.get(instance) else {
+                            continue;
+                        };
+                        let mut rec = i.record.clone();
+                        rec.lifecycle = lifecycle_of(*phase);
+                        rec.permit_at_ms = *permit_at_ms;
+                        writes.push(Write::Instance(rec.clone()));
+                        records.push(rec);
+                    }
+                    Effect::Remove { instance } => {
+                        writes.push(Write::RemoveInstance(instance.clone()))
+                    }
+                    Effect::Event {
+                        kind,
+                        group,
+                        instance,
+                        message,
+                    } => writes.push(Write::Event(
+                        NewEvent::new(*kind, message.clone())
+                            .group(group)
+                            .instance(instance),
+                    )),
+                    Effect::LaunchFailed { group } => {
+                        let n = st.launch_failed(group, now);
+                        tracing::warn!(%group, failures = n, "instance ended before turning healthy; backing off launches");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !writes.is_empty() {
+            self.commit(writes).await?;
+        }
+        {
+            let mut st = self.state();
+            for rec in records {
+                if let Some(i) = st.instances.get_mut(&rec.id) {
+                    i.record = rec;
+                }
+            }
+        }
+        for e in effects {
+            match e {
+                Effect::Remove { instance } => {
+                    let removed = self.state().instances.remove(&instance);
+                    self.balancers.forget_instance(&instance);
+                    self.peers.forget(&instance);
+                    if let Some(i) = &removed {
+                        // A long-poll still held for it ends (404) rather than at its deadline.
+                        i.permit_wake.notify_waiters();
+                    }
+                }
+                Effect::OutOfRotation { group, instance } => {
+                    self.remove_target(&group, &instance);
+                    if let Some(p) = self.provider(region_of(&group)) {
+                        p.deregister(&instance);
+                    }
+                }
+                Effect::WakePermitPoll { instance } => self.wake_permit_poll(&instance),
+                Effect::ProviderTerminate { instance } => {
+                    let group = self
+                        .state()
+                        .instances
+                        .get(&instance)
+                        .map(|i| i.record.group.clone());
+                    if let Some(group) = group {
+                        let grace = self.stop_grace(&group);
+                        if let Some(p) = self.provider(region_of(&group)) {
+                            p.terminate(&instance, grace).await?;
+                        }
+                    }
+                }
+                Effect::Launch { group, generation } => self.launch(&group, generation).await?,
+                Effect::SetPhase { .. } | Effect::Event { .. } | Effect::LaunchFailed { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
     /// A rollout failed: record why, and go back to the last good generation with
     /// `auto_revert`. The caller holds the write lock.
     pub(crate) async fn rollout_failed(
@@ -1079,7 +1120,7 @@ impl Engine {
         let auto_revert = {
             let st = self.state();
             st.fleet()
-                .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
+                .and_then(|f| f.services.get(drover_model::GroupId::service_of(&group)))
                 .is_some_and(|s| s.rollout.auto_revert)
         };
         let Some((record, (after, what))) = self.update_rollout(&group, |r, _, _| {
@@ -1330,7 +1371,7 @@ impl Engine {
     fn drain_timeout(&self, group: &str) -> Duration {
         let st = self.state();
         st.fleet()
-            .and_then(|f| f.services.get(group.split('/').next().unwrap_or_default()))
+            .and_then(|f| f.services.get(drover_model::GroupId::service_of(group)))
             .map(|s| s.rollout.drain_timeout.0)
             .unwrap_or(Duration::from_millis(crate::state::DEFAULT_DRAIN_MS))
     }
@@ -1341,66 +1382,6 @@ impl Engine {
             .get(group)
             .map(|g| crate::state::longest_stop_grace(&g.plan))
             .unwrap_or(Duration::from_millis(crate::state::DEFAULT_DRAIN_MS))
-    }
-
-    async fn set_lifecycle(
-        &self,
-        instance: &str,
-        lifecycle: Lifecycle,
-        permit_at: Option<u64>,
-        kind: EventKind,
-        message: &str,
-    ) -> Result<Option<InstanceRecord>, ServerError> {
-        let rec = {
-            let st = self.state();
-            let Some(i) = st.instances.get(instance) else {
-                return Ok(None);
-            };
-            if i.record.lifecycle == lifecycle || !i.alive {
-                return Ok(None);
-            }
-            let mut rec = i.record.clone();
-            rec.lifecycle = lifecycle;
-            if permit_at.is_some() {
-                rec.permit_at_ms = permit_at;
-            }
-            rec
-        };
-        self.commit(vec![
-            Write::Instance(rec.clone()),
-            Write::Event(
-                NewEvent::new(kind, message)
-                    .group(&rec.group)
-                    .instance(instance),
-            ),
-        ])
-        .await?;
-        if let Some(i) = self.state().instances.get_mut(instance) {
-            i.record = rec.clone();
-        }
-        Ok(Some(rec))
-    }
-
-    async fn terminate(&self, instance: &str, why: &str) -> Result<(), ServerError> {
-        let Some(rec) = self
-            .set_lifecycle(
-                instance,
-                Lifecycle::Terminating,
-                None,
-                EventKind::Terminating,
-                &format!("terminating: {why}"),
-            )
-            .await?
-        else {
-            return Ok(());
-        };
-        // A long-poll under way answers `permit: true` now (the agent leaves by itself).
-        self.wake_permit_poll(instance);
-        let grace = self.stop_grace(&rec.group);
-        if let Some(p) = self.provider(region_of(&rec.group)) {
-            p.terminate(instance, grace).await?;
-        }
-        Ok(())
     }
 
     async fn launch(&self, group: &str, generation: u64) -> Result<(), ServerError> {
@@ -1604,7 +1585,7 @@ const MIN_TICK_GAP: Duration = Duration::from_millis(50);
 const RESTART_GRACE_MS: u64 = 10_000;
 
 pub(crate) fn region_of(group: &str) -> &str {
-    group.split('/').nth(1).unwrap_or_default()
+    drover_model::GroupId::region_of(group)
 }
 
 pub(crate) fn provider_and_ingress(
@@ -2227,21 +2208,25 @@ command = "/bin/true"
         let two = poll("i-000002", Duration::from_millis(700));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(e.permit_polls(), 2);
-        // Granted as the controller does: lifecycle stored, then the instance's own wake.
+        // Granted as the controller does (`drover_control::effects`): lifecycle stored, out
+        // of rotation, then the instance's own wake.
         e.state().instances.get_mut("i-000001").unwrap().alive = true;
         let t = Instant::now();
-        let rec = e
-            .set_lifecycle(
-                "i-000001",
-                Lifecycle::Draining,
-                Some(now_ms()),
-                EventKind::Permit,
-                "permit: test",
-            )
-            .await
-            .unwrap();
-        assert_eq!(rec.unwrap().lifecycle, Lifecycle::Draining);
-        e.wake_permit_poll("i-000001");
+        let at = now_ms();
+        e.act(
+            Action::Permit {
+                instance: "i-000001".into(),
+                reason: "test".into(),
+            },
+            at,
+        )
+        .await
+        .unwrap();
+        let rec = e.state().instances["i-000001"].record.clone();
+        assert_eq!(
+            (rec.lifecycle, rec.permit_at_ms),
+            (Lifecycle::Draining, Some(at))
+        );
         let (reply, _) = one.await.unwrap();
         let took = t.elapsed();
         assert!(reply.permit, "{reply:?}");

@@ -226,6 +226,15 @@ pub fn longest_stop_grace(plan: &drover_model::Plan) -> std::time::Duration {
 }
 
 /// What the group controller knows of an instance.
+/// The stored lifecycle of a controller's phase.
+pub(crate) fn lifecycle_of(p: Phase) -> Lifecycle {
+    match p {
+        Phase::Active => Lifecycle::Active,
+        Phase::Draining => Lifecycle::Draining,
+        Phase::Terminating => Lifecycle::Terminating,
+    }
+}
+
 /// The controller's name for a stored lifecycle.
 pub(crate) fn phase_of(l: Lifecycle) -> Phase {
     match l {

@@ -37,7 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use drover_control::backoff::ends_failed_launch;
+use drover_control::effects::Effect;
 use drover_control::group::in_rotation;
 use drover_control::rollout::{self, AfterFailure};
 use drover_control::schedule::{self, ScheduleMemory, Schedules};
@@ -614,7 +614,7 @@ impl Sim {
         file: Vec<Schedule>,
     ) {
         let g = self.group_idx(group);
-        let region = group.split_once('/').map_or("", |(_, r)| r).to_string();
+        let region = drover_model::GroupId::region_of(group).to_string();
         let st = self.groups[g]
             .schedules
             .get_or_insert_with(Default::default);
@@ -1340,18 +1340,12 @@ impl Sim {
                     let Some(&i) = self.index.get(instance) else {
                         continue;
                     };
-                    let g = self.agents[i].group;
-                    if ends_failed_launch(&action, &self.views[i]) {
-                        self.launch_failed(g);
-                    }
                     match self.views[i].phase {
                         Phase::Active => self.stats.died += 1,
                         Phase::Draining => self.stats.left_by_permit += 1,
                         Phase::Terminating => self.stats.left_by_terminate += 1,
                     }
-                    self.index.remove(instance);
-                    self.views[i].id.clear(); // marks it for removal below
-                    removed = true;
+                    removed |= self.carry_out(&action);
                 }
                 Action::Terminate {
                     ref instance,
@@ -1389,16 +1383,10 @@ impl Sim {
                     if self.serving(&self.views[i], &self.agents[i]) {
                         serving_removed[g] += 1;
                     }
-                    if ends_failed_launch(&action, &self.views[i]) {
-                        self.launch_failed(g);
-                    }
-                    let stop = now + self.cfg.stop_ms;
-                    let a = &mut self.agents[i];
-                    a.exit_at = Some(a.exit_at.map_or(stop, |e| e.min(stop)));
-                    self.views[i].phase = Phase::Terminating;
+                    self.carry_out(&action);
                 }
-                Action::Permit { instance, .. } => {
-                    let Some(&i) = self.index.get(&instance) else {
+                Action::Permit { ref instance, .. } => {
+                    let Some(&i) = self.index.get(instance) else {
                         continue;
                     };
                     let g = self.agents[i].group;
@@ -1411,50 +1399,13 @@ impl Sim {
                         serving_permitted[g] += 1;
                         serving_removed[g] += 1;
                     }
-                    let drained = now + self.cfg.drain_ms;
-                    let a = &mut self.agents[i];
-                    if !a.ignores_permit {
-                        a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
-                    }
-                    self.views[i].phase = Phase::Draining;
-                    self.views[i].permit_at_ms = Some(now);
-                    if self.groups[g].asg.is_some() {
-                        // The agent's permit poll answers now, as the server does.
-                        let group: Vec<&InstanceView> = self
-                            .views
-                            .iter()
-                            .zip(&self.agents)
-                            .filter(|(_, a)| a.group == g)
-                            .map(|(v, _)| v)
-                            .collect();
-                        let keeps = drover_control::group::provider_replaces(
-                            &self.specs[g],
-                            &self.views[i],
-                            &group,
-                        );
-                        self.agents[i].keeps_capacity = keeps;
-                        if keeps {
-                            self.stats.kept_capacity += 1;
-                        }
-                    }
+                    self.carry_out(&action);
                 }
-                Action::Launch { group, generation } => {
-                    let g = self.group_idx(&group);
+                Action::Launch { ref group, .. } => {
+                    let g = self.group_idx(group);
                     self.stats.launches += 1;
                     launched[g] += 1;
-                    // On an Auto Scaling group: claim an instance it started on its own, or
-                    // raise its capacity by one.
-                    let mut started = now;
-                    if let Some(asg) = &mut self.groups[g].asg {
-                        match asg.unclaimed.iter().position(|(_, gen)| *gen == generation) {
-                            Some(k) => {
-                                started = asg.unclaimed.remove(k).0;
-                                self.stats.claimed_from_provider += 1;
-                            }
-                            None => asg.capacity += 1,
-                        }
-                    }
-                    self.new_instance(g, generation, false, started);
+                    self.carry_out(&action);
                 }
                 Action::RolloutDone {
                     ref group,
@@ -1505,6 +1456,96 @@ impl Sim {
             &permitted,
             &launched,
         );
+    }
+
+    /// Carry out an instance action as the server does (`drover_control::effects`), on the
+    /// simulated world: the server's records, and what the agent and the provider do then.
+    /// Returns whether the instance was removed (its view marked, see `step`).
+    fn carry_out(&mut self, action: &Action) -> bool {
+        let now = self.now;
+        let i = match action {
+            Action::Forget { instance, .. }
+            | Action::Terminate { instance, .. }
+            | Action::Permit { instance, .. } => self.index.get(instance).copied(),
+            _ => None,
+        };
+        let effects = drover_control::effects::of(action, i.map(|i| &self.views[i]), now);
+        let mut removed = false;
+        for e in effects {
+            match (e, i) {
+                (
+                    Effect::SetPhase {
+                        phase,
+                        permit_at_ms,
+                        ..
+                    },
+                    Some(i),
+                ) => {
+                    self.views[i].phase = phase;
+                    self.views[i].permit_at_ms = permit_at_ms;
+                }
+                (Effect::Remove { instance }, Some(i)) => {
+                    self.index.remove(&instance);
+                    self.views[i].id.clear(); // marks it for removal in `step`
+                    removed = true;
+                }
+                (Effect::LaunchFailed { .. }, Some(i)) => self.launch_failed(self.agents[i].group),
+                (Effect::WakePermitPoll { .. }, Some(i))
+                    if self.views[i].phase == Phase::Draining =>
+                {
+                    // The agent's permit poll answers now: it drains, then leaves (unless it
+                    // ignores permits).
+                    let g = self.agents[i].group;
+                    let drained = now + self.cfg.drain_ms;
+                    let a = &mut self.agents[i];
+                    if !a.ignores_permit {
+                        a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
+                    }
+                    if self.groups[g].asg.is_some() {
+                        let group: Vec<&InstanceView> = self
+                            .views
+                            .iter()
+                            .zip(&self.agents)
+                            .filter(|(_, a)| a.group == g)
+                            .map(|(v, _)| v)
+                            .collect();
+                        let keeps = drover_control::group::provider_replaces(
+                            &self.specs[g],
+                            &self.views[i],
+                            &group,
+                        );
+                        self.agents[i].keeps_capacity = keeps;
+                        if keeps {
+                            self.stats.kept_capacity += 1;
+                        }
+                    }
+                }
+                (Effect::ProviderTerminate { .. }, Some(i)) => {
+                    let stop = now + self.cfg.stop_ms;
+                    let a = &mut self.agents[i];
+                    a.exit_at = Some(a.exit_at.map_or(stop, |e| e.min(stop)));
+                }
+                (Effect::Launch { group, generation }, _) => {
+                    let g = self.group_idx(&group);
+                    // On an Auto Scaling group: claim an instance it started on its own, or
+                    // raise its capacity by one.
+                    let mut started = now;
+                    if let Some(asg) = &mut self.groups[g].asg {
+                        match asg.unclaimed.iter().position(|(_, gen)| *gen == generation) {
+                            Some(k) => {
+                                started = asg.unclaimed.remove(k).0;
+                                self.stats.claimed_from_provider += 1;
+                            }
+                            None => asg.capacity += 1,
+                        }
+                    }
+                    self.new_instance(g, generation, false, started);
+                }
+                // The balancer's targets follow the phases; events are not simulated.
+                _ => {}
+            }
+        }
+        removed
     }
 
     /// A rollout failed (never healthy in time, or its canary analysis failed): with
