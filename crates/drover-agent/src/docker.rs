@@ -1016,7 +1016,8 @@ impl Run {
 
 /// The last lines a container printed, stdout and stderr interleaved as the engine logged
 /// them (its logs API: the `json-file`, `local` and `journald` drivers), capped as a process
-/// component's are; `None` when the engine has none or does not answer within 2 s.
+/// component's are; `None` when the engine has none or does not answer within 5 s (a busy
+/// engine takes seconds; the restart waits for it, so the restart's event carries them).
 pub(crate) async fn last_output(docker: &Docker, id: &str) -> Option<String> {
     use futures::StreamExt;
     let opts = bollard::query_parameters::LogsOptionsBuilder::default()
@@ -1038,7 +1039,7 @@ pub(crate) async fn last_output(docker: &Docker, id: &str) -> Option<String> {
         }
         buf
     };
-    let buf = tokio::time::timeout(Duration::from_secs(2), read)
+    let buf = tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .ok()?;
     crate::supervisor::capped_output(&buf, false)

@@ -114,15 +114,8 @@ fn read_pids(path: &Path) -> Vec<i32> {
         .collect()
 }
 
-async fn wait_until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(2 * MS).await;
-    }
+async fn wait_until<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    drover_test_support::wait_until_async(within, what, f).await
 }
 
 /// A heartbeat listener: every POSTed heartbeat comes out of the receiver. Permit long-polls are

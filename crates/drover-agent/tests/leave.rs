@@ -131,15 +131,8 @@ async fn both_pids(dir: &Path) -> [i32; 2] {
     .await
 }
 
-async fn wait_until<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(MS).await;
-    }
+async fn wait_until<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    drover_test_support::wait_until_async(within, what, f).await
 }
 
 /// How the fake server answers permit polls.

@@ -133,6 +133,15 @@ pub struct Timing {
     pub leave_within_ms: u64,
 }
 
+/// Whether an instance may get a permit soon, so its agent should hold the permit long-poll
+/// open (the heartbeat answer's `leave_soon`): it holds one already (or is being
+/// terminated), its group is gone (`group_generation` none), or it runs a stale generation (a
+/// rollout replaces it within its budget). Surplus instances (scale-in) get their permits in
+/// the pass that sees them and so are covered by the first case.
+pub fn leave_soon(phase: Phase, generation: u64, group_generation: Option<u64>) -> bool {
+    phase != Phase::Active || group_generation.is_none_or(|current| generation < current)
+}
+
 /// Slack beyond a leaver's drain timeout and stop grace before it is terminated.
 pub const LEAVE_SLACK_MS: u64 = 10_000;
 
@@ -670,6 +679,15 @@ mod tests {
             permit_at_ms: None,
             restored: false,
         }
+    }
+
+    #[test]
+    fn leavers_stale_instances_and_orphans_are_told_to_leave_soon() {
+        assert!(!leave_soon(Phase::Active, 2, Some(2)));
+        assert!(leave_soon(Phase::Active, 1, Some(2)));
+        assert!(leave_soon(Phase::Active, 2, None));
+        assert!(leave_soon(Phase::Draining, 2, Some(2)));
+        assert!(leave_soon(Phase::Terminating, 2, Some(2)));
     }
 
     #[test]

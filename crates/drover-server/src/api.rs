@@ -98,7 +98,11 @@ impl IntoResponse for ServerError {
         let (status, code) = match &self {
             ServerError::InvalidFleet(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_fleet"),
             ServerError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ServerError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServerError::NotFound(_)
+            | ServerError::NoService { .. }
+            | ServerError::NoComponent { .. }
+            | ServerError::NoRegion { .. }
+            | ServerError::NoInstance(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ServerError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
@@ -437,7 +441,7 @@ async fn exit(
         .instances
         .get(&req.instance)
         .map(|i| crate::engine::region_of(&i.record.group).to_string())
-        .ok_or_else(|| ServerError::NotFound(format!("no instance {}", req.instance)))?;
+        .ok_or_else(|| ServerError::NoInstance(req.instance.clone()))?;
     let kind = e.provider(&region).map(|p| p.kind()).unwrap_or("none");
     if kind != "sim" {
         return Err(ServerError::Conflict(format!(

@@ -63,29 +63,26 @@ impl Engine {
         let rev = self.current_revision().ok_or_else(|| {
             ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
         })?;
-        let svc = rev.fleet.services.get(&req.service).ok_or_else(|| {
-            ServerError::NotFound(format!(
-                "no service {:?}; services: {}",
-                req.service,
-                list(rev.fleet.services.keys())
-            ))
-        })?;
+        let svc = rev
+            .fleet
+            .services
+            .get(&req.service)
+            .ok_or_else(|| no_service(&req.service, &rev.fleet))?;
         if !svc.components.contains_key(&req.component) {
-            return Err(ServerError::NotFound(format!(
-                "service {} has no component {:?}; its components: {}",
-                req.service,
-                req.component,
-                list(svc.components.keys())
-            )));
+            return Err(ServerError::NoComponent {
+                service: req.service.clone(),
+                component: req.component.clone(),
+                known: svc.components.keys().cloned().collect(),
+            });
         }
         let mut only = Vec::new();
         for r in &req.regions {
             if !svc.regions.contains(r) {
-                return Err(ServerError::NotFound(format!(
-                    "service {} does not run in region {r:?}; its regions: {}",
-                    req.service,
-                    list(svc.regions.iter())
-                )));
+                return Err(ServerError::NoRegion {
+                    service: req.service.clone(),
+                    region: r.clone(),
+                    known: svc.regions.clone(),
+                });
             }
             only.push(drover_model::GroupId::new(&req.service, r).0);
         }
@@ -119,10 +116,7 @@ impl Engine {
         })?;
         let services: Vec<String> = match &req.service {
             Some(s) if !rev.fleet.services.contains_key(s) => {
-                return Err(ServerError::NotFound(format!(
-                    "no service {s:?}; services: {}",
-                    list(rev.fleet.services.keys())
-                )))
+                return Err(no_service(s, &rev.fleet))
             }
             Some(s) => vec![s.clone()],
             None => rev.fleet.services.keys().cloned().collect(),
@@ -147,13 +141,8 @@ impl Engine {
         let rev = self.current_revision().ok_or_else(|| {
             ServerError::Conflict("nothing applied yet: there is nothing to roll back".into())
         })?;
-        let current = versions_in(&rev, &req.service).ok_or_else(|| {
-            ServerError::NotFound(format!(
-                "no service {:?}; services: {}",
-                req.service,
-                list(rev.fleet.services.keys())
-            ))
-        })?;
+        let current =
+            versions_in(&rev, &req.service).ok_or_else(|| no_service(&req.service, &rev.fleet))?;
         let mut target = None;
         for n in (1..rev.number).rev() {
             let Some(old) = self.store.revision(n)? else {
@@ -847,6 +836,14 @@ pub fn remove_services(toml: &str, services: &[String]) -> Result<String, Server
         }
     }
     Ok(doc.to_string())
+}
+
+/// The error for a service `fleet` does not have.
+pub(crate) fn no_service(service: &str, fleet: &drover_model::Fleet) -> ServerError {
+    ServerError::NoService {
+        service: service.to_string(),
+        known: fleet.services.keys().cloned().collect(),
+    }
 }
 
 fn list<'a>(it: impl Iterator<Item = &'a String>) -> String {

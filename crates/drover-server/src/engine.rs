@@ -1174,7 +1174,7 @@ impl Engine {
             .instances
             .get(instance)
             .map(|i| i.permit_wake.clone())
-            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+            .ok_or_else(|| ServerError::NoInstance(instance.to_string()))?;
         let _held = HeldPoll::new(&self.permit_polls);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -1192,7 +1192,7 @@ impl Engine {
                 })
             };
             let Some((group, decrement)) = found else {
-                return Err(ServerError::NotFound(format!("no instance {instance}")));
+                return Err(ServerError::NoInstance(instance.to_string()));
             };
             if let Some(decrement) = decrement {
                 // A deposed or paused leader hands out nothing, even a permit it stored.
@@ -1270,7 +1270,7 @@ impl Engine {
             .instances
             .get(instance)
             .map(|i| i.record.group.clone())
-            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+            .ok_or_else(|| ServerError::NoInstance(instance.to_string()))?;
         if let Some(n) = self
             .provider(region_of(&group))
             .and_then(|p| p.draining(instance))
@@ -1344,7 +1344,7 @@ impl Engine {
         let i = st
             .instances
             .get(instance)
-            .ok_or_else(|| ServerError::NotFound(format!("no instance {instance}")))?;
+            .ok_or_else(|| ServerError::NoInstance(instance.to_string()))?;
         let region = drover_model::GroupId(i.record.group.clone())
             .region()
             .to_string();
@@ -2240,7 +2240,7 @@ command = "/bin/true"
         // Unknown instance: 404 at once.
         assert!(matches!(
             e.wait_permit("i-000099", Duration::from_secs(5)).await,
-            Err(ServerError::NotFound(_))
+            Err(ServerError::NoInstance(_))
         ));
     }
 

@@ -42,6 +42,32 @@ pub enum ServerError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// A service the current revision does not have (404).
+    #[error("no service {service:?}; services: {}", names(known))]
+    NoService { service: String, known: Vec<String> },
+    /// A component its service does not have (404).
+    #[error(
+        "service {service} has no component {component:?}; its components: {}",
+        names(known)
+    )]
+    NoComponent {
+        service: String,
+        component: String,
+        known: Vec<String>,
+    },
+    /// A region its service does not run in (404).
+    #[error(
+        "service {service} does not run in region {region:?}; its regions: {}",
+        names(known)
+    )]
+    NoRegion {
+        service: String,
+        region: String,
+        known: Vec<String>,
+    },
+    /// An instance the server does not know (404).
+    #[error("no instance {0}")]
+    NoInstance(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -68,6 +94,15 @@ pub enum ServerError {
     Internal(String),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+}
+
+/// Names for an error message: `a, b`, or `none`.
+fn names(known: &[String]) -> String {
+    if known.is_empty() {
+        "none".into()
+    } else {
+        known.join(", ")
+    }
 }
 
 /// How to run a server.

@@ -319,23 +319,17 @@ pub fn service_in(
     let fleet = st.fleet().ok_or_else(|| {
         ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
     })?;
-    let svc = fleet.services.get(service).ok_or_else(|| {
-        ServerError::NotFound(format!(
-            "no service {service:?}; services: {}",
-            fleet
-                .services
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
+    let svc = fleet
+        .services
+        .get(service)
+        .ok_or_else(|| crate::apply::no_service(service, fleet))?;
     if let Some(r) = region {
         if !svc.regions.iter().any(|x| x == r) {
-            return Err(ServerError::NotFound(format!(
-                "service {service} does not run in region {r:?}; its regions: {}",
-                svc.regions.join(", ")
-            )));
+            return Err(ServerError::NoRegion {
+                service: service.to_string(),
+                region: r.to_string(),
+                known: svc.regions.clone(),
+            });
         }
     }
     Ok(svc.clone())
@@ -350,18 +344,15 @@ impl State {
             .failed(now)
     }
 
-    /// Whether `inst` may get a permit soon, so its agent should hold the permit long-poll
-    /// open: it holds one already (or is being terminated), its group is gone, or it runs a
-    /// stale generation (a rollout replaces it within its budget). Surplus instances (scale-in)
-    /// get their permits in the pass that sees them and so are covered by the first case.
+    /// The heartbeat answer's `leave_soon` (`drover_control::group::leave_soon`).
     pub fn leave_soon(&self, inst: &Instance) -> bool {
-        if inst.record.lifecycle != Lifecycle::Active {
-            return true;
-        }
-        match self.groups.get(&inst.record.group) {
-            None => true,
-            Some(g) => inst.record.generation < g.record.generation,
-        }
+        drover_control::group::leave_soon(
+            phase_of(inst.record.lifecycle),
+            inst.record.generation,
+            self.groups
+                .get(&inst.record.group)
+                .map(|g| g.record.generation),
+        )
     }
 
     pub fn fleet(&self) -> Option<&Fleet> {

@@ -38,18 +38,12 @@ fn wait_until(
     timeout: Duration,
     f: impl Fn(&drover_model::api::FleetStatus) -> bool,
 ) {
-    let t0 = Instant::now();
-    loop {
-        if up.status().is_some_and(|s| f(&s)) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "{what} within {timeout:?}: {:#?}",
-            up.status()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    drover_test_support::wait_until_or(
+        timeout,
+        what,
+        || up.status().is_some_and(|s| f(&s)),
+        || format!("{:#?}", up.status()),
+    )
 }
 
 #[test]

@@ -547,19 +547,8 @@ args = ["infinity"]
     text
 }
 
-fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> bool,
-    diag: impl Fn() -> String,
-) {
-    let t0 = Instant::now();
-    while !f() {
-        if t0.elapsed() > timeout {
-            panic!("timed out waiting for {what}\n{}", diag());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool, diag: impl Fn() -> String) {
+    drover_test_support::wait_until_or(timeout, what, f, diag)
 }
 
 /// In-rotation instances per group, and each group's generation.

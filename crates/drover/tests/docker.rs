@@ -35,19 +35,7 @@ fn engine(test: &str) -> Option<Docker> {
     }
 }
 
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out ({within:?}) waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use drover_test_support::wait_until as wait_for;
 
 /// The running containers of `up`'s instances: (instance address, container id).
 fn containers(docker: &Docker, up: &Up) -> Vec<(String, String)> {

@@ -111,12 +111,8 @@ pub async fn expect_closed<S: AsyncReadExt + Unpin>(stream: &mut S) -> Duration 
     }
 }
 
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    drover_test_support::wait_until_async(WAIT, what, cond).await
 }
 
 pub async fn start(

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_model::api::FleetStatus;
@@ -22,7 +22,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-static BLOCK: AtomicU8 = AtomicU8::new(0);
+static BLOCK: AtomicU32 = AtomicU32::new(0);
 
 /// API address -> data directory of the server there: [`http`] sends that server's admin
 /// token (from `DATA/admin.token`) with every request to it.
@@ -50,7 +50,20 @@ pub fn admin_token(api: SocketAddr) -> Option<String> {
 /// A loopback /16 for this test's instances, distinct per test and per test binary.
 pub fn subnet() -> u8 {
     let base = (std::process::id() % 40) as u8 * 5 + 20; // 20..=215
-    base + BLOCK.fetch_add(1, Ordering::SeqCst) % 5
+                                                         // Another test process (a concurrent run) may use the block: skip one where the first
+                                                         // instance addresses' port 8080 is taken.
+    for _ in 0..200 {
+        let n = BLOCK.fetch_add(1, Ordering::SeqCst);
+        let block = 20 + ((u32::from(base - 20) + n) % 200) as u8;
+        let free = (1..=12).all(|host| {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, block, 0, host), 8080))
+                .is_ok()
+        });
+        if free {
+            return block;
+        }
+    }
+    panic!("no free loopback block 127.B.0.0/16 (port 8080 taken everywhere)");
 }
 
 /// The example fleet, moved to the given ingress port and loopback block.
