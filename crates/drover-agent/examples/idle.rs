@@ -33,6 +33,7 @@ fn component(name: &str, port: u16) -> PlanComponent {
         drain_signal: None,
         docker: None,
         uses: Vec::new(),
+        log: None,
         custom_metrics: Default::default(),
     }
 }

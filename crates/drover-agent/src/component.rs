@@ -220,6 +220,7 @@ mod tests {
             drain_signal: None,
             docker: None,
             uses: Vec::new(),
+            log: None,
             custom_metrics: Default::default(),
         }
     }

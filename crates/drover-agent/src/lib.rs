@@ -18,11 +18,13 @@ mod docker;
 mod error;
 mod health;
 mod leave;
+mod logfile;
 mod metrics;
 mod neigh;
 mod peers;
 pub use peers::lookup;
 mod process;
+mod relay;
 mod report;
 mod runtime;
 mod supervisor;
@@ -115,6 +117,10 @@ pub(crate) struct Ctx {
     drain_targets: Mutex<Vec<Option<runtime::DrainTarget>>>,
     /// How the drain on a permit went, once it is over (reported in every heartbeat after).
     drained: Mutex<Option<DrainReport>>,
+    /// Per `docker` component: its container (the last run's), for logs and exec.
+    containers: Mutex<Vec<Option<String>>>,
+    /// Where flight records go (to the server, by the relay); none without a server.
+    flights: Option<tokio::sync::mpsc::Sender<drover_model::logs::FlightRecord>>,
 }
 
 impl Ctx {
@@ -126,6 +132,32 @@ impl Ctx {
         if comps[idx] != before {
             drop(comps);
             self.changed.send_replace(());
+        }
+    }
+
+    /// Component `idx`'s container (the last run's).
+    pub fn set_container(&self, idx: usize, id: &str) {
+        let mut c = self.containers.lock().unwrap_or_else(|e| e.into_inner());
+        c[idx] = Some(id.to_string());
+    }
+
+    pub fn container(&self, idx: usize) -> Option<String> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(idx)
+            .cloned()
+            .flatten()
+    }
+
+    /// The flight recorder: component `idx` died (`reason`); its last lines go to the server.
+    pub async fn record_flight(&self, idx: usize, reason: String) {
+        let Some(tx) = &self.flights else {
+            return;
+        };
+        let rec = relay::flight_record(self, idx, reason).await;
+        if tx.try_send(rec).is_err() {
+            tracing::warn!(component = %self.plan.components[idx].name, "flight records queue up (the server is slow or away): this one is dropped");
         }
     }
 
@@ -359,6 +391,7 @@ pub async fn run_with_auth(
         })
         .collect();
     let components_len = cfg.plan.components.len();
+    let (flight_tx, flight_rx) = tokio::sync::mpsc::channel(relay::FLIGHT_QUEUE);
     // Service discovery: files and the DNS socket ready before any component starts.
     let discovery = cfg
         .server
@@ -397,6 +430,12 @@ pub async fn run_with_auth(
         docker: docker::Engine::new(&cfg.dir),
         drain_targets: Mutex::new(vec![None; components_len]),
         drained: Mutex::new(None),
+        containers: Mutex::new(vec![None; components_len]),
+        flights: servers.as_ref().map(|_| flight_tx.clone()),
+    });
+    let link = servers.clone().map(|s| relay::Link {
+        client: server_client.clone(),
+        servers: s,
     });
     let mut reporter = servers
         .clone()
@@ -536,6 +575,12 @@ pub async fn run_with_auth(
                 _ => std::future::pending::<()>().await,
             }
         };
+        let relay = async {
+            match link.clone() {
+                Some(link) => relay::run(ctx.clone(), link, flight_rx).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = shutdown => Outcome::Shutdown,
             permit = leaving => Outcome::Left {
@@ -544,7 +589,7 @@ pub async fn run_with_auth(
             },
             // Never completes: the reporter (or, without a server, its stand-in) and discovery
             // run until dropped.
-            _ = async { tokio::join!(boot, report, discover) } => Outcome::Shutdown,
+            _ = async { tokio::join!(boot, report, discover, relay) } => Outcome::Shutdown,
         }
     };
 
@@ -567,6 +612,21 @@ pub async fn run_with_auth(
         }
     };
     tokio::join!(stopped, report_drain);
+    // The flight recorder: the last lines of every component of an instance that leaves.
+    if let Some(link) = &link {
+        let why = match &outcome {
+            Outcome::Shutdown => "the agent stopped".to_string(),
+            Outcome::Left { reason, .. } => format!("the instance left: {reason}"),
+        };
+        let mut recs = Vec::new();
+        for idx in 0..ctx.plan.components.len() {
+            recs.push(relay::send_flight(
+                link.clone(),
+                relay::flight_record(&ctx, idx, why.clone()).await,
+            ));
+        }
+        futures::future::join_all(recs).await;
+    }
     for idx in 0..ctx.plan.components.len() {
         ctx.update(idx, |c| {
             c.state = ComponentState::Stopped;

@@ -1,9 +1,8 @@
 //! Component processes: spawn (own process group, killed if the agent dies), signal, stop, describe.
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -19,13 +18,15 @@ pub(crate) struct Launch {
     pub cwd: PathBuf,
 }
 
-/// Start `launch` in its own process group, with stdout and stderr appended to `log`.
+/// Start `launch` in its own process group, with stdout and stderr copied line by line into
+/// `log` (timestamped, rotated) by the returned task, which ends once both pipes are closed.
 ///
 /// The child gets `PR_SET_PDEATHSIG = SIGKILL`: it dies with the thread that spawned it, so
 /// call this from the runtime's thread (a task), never from `spawn_blocking`.
-pub(crate) fn spawn(launch: &Launch, log: &Path) -> io::Result<Child> {
-    let out = OpenOptions::new().create(true).append(true).open(log)?;
-    let err = out.try_clone()?;
+pub(crate) fn spawn(
+    launch: &Launch,
+    log: crate::logfile::LogFile,
+) -> io::Result<(Child, tokio::task::JoinHandle<()>)> {
     let mut cmd = Command::new(&launch.program);
     cmd.args(&launch.args)
         .envs(
@@ -36,12 +37,18 @@ pub(crate) fn spawn(launch: &Launch, log: &Path) -> io::Result<Child> {
         )
         .current_dir(&launch.cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     die_with_agent(&mut cmd);
-    cmd.spawn()
+    let mut child = cmd.spawn()?;
+    let capture = tokio::spawn(crate::logfile::capture(
+        child.stdout.take(),
+        child.stderr.take(),
+        log,
+    ));
+    Ok((child, capture))
 }
 
 /// Arrange for the child to get SIGKILL when the spawning thread dies.
@@ -150,7 +157,8 @@ mod tests {
             env: vec![],
             cwd: dir.path().into(),
         };
-        let mut child = spawn(&launch, &dir.path().join("log")).unwrap();
+        let log = crate::logfile::LogFile::open(&dir.path().join("log"), (1 << 20, 2)).unwrap();
+        let (mut child, _capture) = spawn(&launch, log).unwrap();
         let pgid = child.id().unwrap();
         let grandchild = loop {
             if let Ok(s) = std::fs::read_to_string(&pidfile) {

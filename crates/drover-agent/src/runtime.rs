@@ -21,7 +21,12 @@ pub(crate) enum Slot {
 
 /// One run of a component.
 pub(crate) enum Running {
-    Process { child: Child, pid: u32 },
+    Process {
+        child: Child,
+        pid: u32,
+        /// Copies its output into its log; ends when the pipes close.
+        capture: Option<tokio::task::JoinHandle<()>>,
+    },
     Container(docker::Run),
 }
 
@@ -124,17 +129,27 @@ impl Slot {
             Slot::Process { .. } => {
                 let launch = ctx.instance.launch(comp)?;
                 let probe = ctx.instance.probe(comp)?;
+                let spawn_error = |source| AgentError::Spawn {
+                    component: comp.name.clone(),
+                    command: launch.program.display().to_string(),
+                    source,
+                };
+                let log = crate::logfile::LogFile::open(
+                    &ctx.instance.log_file(comp),
+                    drover_model::logs::rotation(comp.log.as_ref()),
+                )
+                .map_err(spawn_error)?;
                 // Spawned from this task, i.e. on the runtime's thread (see process::spawn).
-                let child =
-                    process::spawn(&launch, &ctx.instance.log_file(comp)).map_err(|source| {
-                        AgentError::Spawn {
-                            component: comp.name.clone(),
-                            command: launch.program.display().to_string(),
-                            source,
-                        }
-                    })?;
+                let (child, capture) = process::spawn(&launch, log).map_err(spawn_error)?;
                 let pid = child.id().unwrap_or(0);
-                Ok((Running::Process { child, pid }, probe))
+                Ok((
+                    Running::Process {
+                        child,
+                        pid,
+                        capture: Some(capture),
+                    },
+                    probe,
+                ))
             }
             Slot::Docker(slot) => {
                 let client = ctx.docker.client().await?;
@@ -227,10 +242,15 @@ impl Running {
     /// The next event of this run.
     pub async fn next(&mut self) -> Event {
         match self {
-            Running::Process { child, pid } => {
+            Running::Process {
+                child,
+                pid,
+                capture,
+            } => {
                 let r = child.wait().await;
                 // Whatever the leader left behind in its group goes with it.
                 process::signal_group(*pid, libc::SIGKILL);
+                finish_capture(capture).await;
                 Event::Exited(match r {
                     Ok(st) => process::describe(&st),
                     Err(e) => format!("unknown ({e})"),
@@ -247,15 +267,34 @@ impl Running {
     /// Stop gracefully: the stop signal, up to `grace`, then SIGKILL. Returns how it ended.
     pub async fn stop(&mut self, comp: &PlanComponent, grace: Duration) -> String {
         match self {
-            Running::Process { child, pid } => {
+            Running::Process {
+                child,
+                pid,
+                capture,
+            } => {
                 let signal =
                     drover_model::signal_number(&comp.stop_signal).unwrap_or(libc::SIGTERM);
-                match process::stop(child, *pid, signal, grace).await {
+                let how = match process::stop(child, *pid, signal, grace).await {
                     Ok(st) => process::describe(&st),
                     Err(e) => format!("unknown ({e})"),
-                }
+                };
+                finish_capture(capture).await;
+                how
             }
             Running::Container(r) => r.stop(grace).await,
+        }
+    }
+}
+
+/// Wait (briefly) until a process's last lines are in its log: its pipes close when its group
+/// is gone. A pipe kept open by something that escaped the group is let go after 1 s.
+async fn finish_capture(capture: &mut Option<tokio::task::JoinHandle<()>>) {
+    if let Some(mut task) = capture.take() {
+        if tokio::time::timeout(Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
         }
     }
 }

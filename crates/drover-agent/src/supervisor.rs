@@ -61,6 +61,7 @@ pub(crate) async fn supervise(
             }
             End::Exited { exit, ran } => {
                 tracing::warn!(component = %comp.name, %exit, ran_ms = ran.as_millis() as u64, "component exited; restarting");
+                ctx.record_flight(idx, format!("exited ({exit})")).await;
                 let output = match last_output(&ctx.instance.log_file(comp)) {
                     Some(o) => Some(o),
                     None => container_output(&ctx, &slot).await,
@@ -76,6 +77,8 @@ pub(crate) async fn supervise(
             }
             End::Unhealthy { exit, reason, ran } => {
                 tracing::warn!(component = %comp.name, %reason, "component failed its health check; restarted");
+                ctx.record_flight(idx, format!("failed its health check ({reason}); stopped: {exit}"))
+                    .await;
                 let output = match last_output(&ctx.instance.log_file(comp)) {
                     Some(o) => Some(o),
                     None => container_output(&ctx, &slot).await,
@@ -149,6 +152,9 @@ async fn run_once(
         Err(e) => return End::Failed(e),
     };
     let started = Instant::now();
+    if let Some(id) = slot.container_id() {
+        ctx.set_container(idx, id);
+    }
     let pid = run.pid();
     let checked = probe.is_some() || run.runtime_health();
     match (run.container(), run.adopted()) {
@@ -288,18 +294,17 @@ async fn container_output(ctx: &Ctx, slot: &runtime::Slot) -> Option<String> {
 }
 
 /// The last lines of a component's log (what it printed before it exited), at most
-/// [`drover_model::api::LAST_OUTPUT_MAX`] bytes, cut at a line start and at a character
-/// boundary. `None` when there is no log (a Docker component: the engine keeps its output).
+/// [`drover_model::api::LAST_OUTPUT_MAX`] bytes, whole lines, without their timestamps.
+/// `None` when there is no log (a Docker component: the engine keeps its output).
 pub(crate) fn last_output(log: &std::path::Path) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let max = drover_model::api::LAST_OUTPUT_MAX as u64;
-    let mut f = std::fs::File::open(log).ok()?;
-    let len = f.metadata().ok()?.len();
-    let start = len.saturating_sub(max);
-    f.seek(SeekFrom::Start(start)).ok()?;
-    let mut buf = Vec::with_capacity(max as usize);
-    f.take(max).read_to_end(&mut buf).ok()?;
-    capped_output(&buf, start > 0)
+    if !log.exists() {
+        return None;
+    }
+    let lines = crate::logfile::last_lines(log, drover_model::api::LAST_OUTPUT_MAX);
+    let text: Vec<&str> = lines.iter().map(|l| l.2.as_str()).collect();
+    let text = text.join("\n");
+    let text = text.trim_end();
+    (!text.is_empty()).then(|| text.to_string())
 }
 
 /// The end of `buf` as text, at most [`drover_model::api::LAST_OUTPUT_MAX`] bytes, cut at a
@@ -335,7 +340,11 @@ mod last_output_tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("app.log");
         assert_eq!(last_output(&log), None);
-        std::fs::write(&log, "starting\nerror: cannot bind 127.0.0.1:8080\n").unwrap();
+        std::fs::write(
+            &log,
+            "2024-01-01T00:00:00.000Z out starting\n2024-01-01T00:00:00.001Z err error: cannot bind 127.0.0.1:8080\n",
+        )
+        .unwrap();
         assert_eq!(
             last_output(&log).as_deref(),
             Some("starting\nerror: cannot bind 127.0.0.1:8080")

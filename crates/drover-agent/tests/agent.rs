@@ -39,6 +39,7 @@ fn sh(name: &str, script: &str) -> PlanComponent {
         drain_signal: None,
         docker: None,
         uses: Vec::new(),
+        log: None,
         custom_metrics: Default::default(),
     }
 }

@@ -45,6 +45,7 @@ fn polite(name: &str) -> PlanComponent {
         drain_signal: None,
         docker: None,
         uses: Vec::new(),
+        log: None,
         custom_metrics: Default::default(),
     }
 }

@@ -48,6 +48,11 @@ pub enum EventKind {
     /// A balancer process (`drover lb`) started, was adopted, exited, handed its listeners
     /// over, or could not open a listener.
     Balancer,
+    /// Somebody ran a command on an instance (`drover exec`): who, what, where, how it ended.
+    Exec,
+    /// The flight recorder kept the last lines of a component that died (or of an instance
+    /// that left): `drover logs SERVICE --instance ID` shows them after the instance is gone.
+    Output,
 }
 
 impl EventKind {
@@ -72,6 +77,8 @@ impl EventKind {
             EventKind::Provider => "provider",
             EventKind::Balancer => "balancer",
             EventKind::Schedule => "schedule",
+            EventKind::Exec => "exec",
+            EventKind::Output => "output",
         }
     }
 

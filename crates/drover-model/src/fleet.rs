@@ -108,7 +108,18 @@ pub struct Service {
     /// (`NAME.drover.`). See docs/operate.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<String>,
+    /// `false`: `drover exec` is refused on its instances (default: allowed, to admins).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub exec: bool,
     pub components: IndexMap<String, Component>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_replace_unhealthy_after() -> Dur {

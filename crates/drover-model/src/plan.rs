@@ -55,6 +55,10 @@ pub struct PlanComponent {
     /// their peers in `$DROVER_PEERS` and over DNS.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uses: Vec<String>,
+    /// `process` components: the rotation of the agent's log files (`max-size`, `max-file`);
+    /// `None`: the defaults (10m x 3). Docker components' is in `docker.log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogConfig>,
 }
 
 /// How a `docker` component's container is made.
@@ -197,6 +201,9 @@ pub fn plan_for(fleet: &Fleet, service_name: &str, svc: &Service, region: &str) 
                     log: c.log.clone().unwrap_or_default(),
                     network: c.network.clone().unwrap_or_else(default_network),
                 }),
+                log: (c.runtime == Runtime::Process)
+                    .then(|| c.log.clone())
+                    .flatten(),
             }
         })
         .collect();

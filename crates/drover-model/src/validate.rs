@@ -1358,7 +1358,7 @@ fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
 
 /// Settings that only a container has, on a component of another runtime.
 fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Problem>) {
-    let set: [(&str, bool); 8] = [
+    let set: [(&str, bool); 7] = [
         ("network", comp.network.is_some()),
         ("image", comp.image.is_some()),
         ("entrypoint", comp.entrypoint.is_some()),
@@ -1366,7 +1366,6 @@ fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Probl
         ("volumes", !comp.volumes.is_empty()),
         ("cpus", comp.cpus.is_some()),
         ("memory", comp.memory.is_some()),
-        ("log", comp.log.is_some()),
     ];
     for (field, present) in set {
         if present {
@@ -1374,6 +1373,38 @@ fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Probl
                 &join(base, &[field]),
                 format!("{field} applies only to runtime = \"docker\"; this component's runtime is \"process\""),
             ));
+        }
+    }
+    // A process's output is kept by the agent in rotated files: only their size and count.
+    if let Some(log) = &comp.log {
+        if log.driver != "json-file" {
+            out.push(p(
+                &join(base, &["log", "driver"]),
+                format!("{:?}: a process component's output is kept by its agent in rotated files; leave driver out (only runtime = \"docker\" takes another log driver)", log.driver),
+            ));
+        }
+        for (k, v) in &log.options {
+            let ok = match k.as_str() {
+                "max-size" => crate::image::parse_memory(v)
+                    .is_some_and(|n| n >= crate::logs::MIN_MAX_SIZE),
+                "max-file" => v.trim().parse::<u32>().is_ok_and(|n| (1..=100).contains(&n)),
+                _ => {
+                    out.push(p(
+                        &join(base, &["log", "options", k]),
+                        format!("{k:?}: a process component's log takes only max-size (e.g. \"10m\") and max-file (e.g. \"3\")"),
+                    ));
+                    continue;
+                }
+            };
+            if !ok {
+                out.push(p(
+                    &join(base, &["log", "options", k]),
+                    match k.as_str() {
+                        "max-size" => format!("{v:?} is not a size of at least 64k, e.g. \"10m\""),
+                        _ => format!("{v:?} is not a number of files from 1 to 100"),
+                    },
+                ));
+            }
         }
     }
 }

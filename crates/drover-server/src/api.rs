@@ -69,6 +69,11 @@ pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>, guards: Arc<Guards>) 
         .route("/v1/agent/connections", get(connections))
         .route("/v1/agent/exit", post(exit))
         .route("/v1/agent/peers", get(peers))
+        .route("/v1/logs", get(crate::ops::logs))
+        .route("/v1/exec", post(crate::ops::exec))
+        .route("/v1/agent/tasks", get(crate::ops::agent_tasks))
+        .route("/v1/agent/tasks/{id}", post(crate::ops::agent_upload))
+        .route("/v1/agent/flight", post(crate::ops::agent_flight))
         .route("/v1/lb/config", get(lb_config))
         .route("/v1/lb/report", post(lb_report))
         .route("/v1/plans/{service}/{region}/{generation}", get(plan))
@@ -83,6 +88,9 @@ pub fn router(engine: Arc<Engine>, ui: Arc<crate::ui::Ui>, guards: Arc<Guards>) 
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(Extension(guards))
+        .layer(Extension(Arc::new(crate::ops::Ops::new(
+            &engine.factory.cfg.data_dir,
+        ))))
         // Outermost: nobody's body is read before their token is checked.
         .layer(axum::middleware::from_fn_with_state(
             engine.clone(),
@@ -135,10 +143,10 @@ impl IntoResponse for ServerError {
     }
 }
 
-type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
+pub(crate) type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// Decode a JSON body with an error that says what is wrong and where.
-fn decode<T: DeserializeOwned>(body: RawBody) -> Result<T, ServerError> {
+pub(crate) fn decode<T: DeserializeOwned>(body: RawBody) -> Result<T, ServerError> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ServerError::TooLarge(format!(
@@ -462,7 +470,7 @@ async fn exit(
 /// own instance; an instance once heard with its instance token is no longer spoken for by the
 /// group's token. The refusal says nothing of the instance (its group, its address): an
 /// unknown instance is left to the handler, which answers 404.
-fn check_instance(
+pub(crate) fn check_instance(
     e: &Engine,
     caller: &Caller,
     bound: &BoundInstance,
@@ -488,7 +496,7 @@ fn check_instance(
 }
 
 /// A hold on one long-poll for this caller (an instance token: per instance), or 429.
-fn hold_poll(
+pub(crate) fn hold_poll(
     guards: &Arc<Guards>,
     caller: &Caller,
     bound: &BoundInstance,
@@ -513,7 +521,7 @@ fn hold_poll(
 }
 
 /// Replaces the current fleet's secret values in free text.
-fn scrubber(e: &Engine) -> drover_model::secret::Scrubber {
+pub(crate) fn scrubber(e: &Engine) -> drover_model::secret::Scrubber {
     let st = e.state();
     drover_model::secret::Scrubber::for_fleet(st.revision.as_ref().map(|r| &r.fleet))
 }

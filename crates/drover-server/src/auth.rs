@@ -514,8 +514,8 @@ fn need(method: &axum::http::Method, path: &str) -> Need {
         "/v1/schedules" => Need::Admin,
         p if p.starts_with("/v1/schedules/") => Need::Admin,
         "/v1/apply" | "/v1/deploy" | "/v1/rollback" | "/v1/scale" | "/v1/destroy"
-        | "/v1/rollout" | "/v1/tokens" => Need::Admin,
-        "/v1/status" | "/v1/events" | "/v1/revisions" | "/metrics" => Need::Read,
+        | "/v1/rollout" | "/v1/tokens" | "/v1/exec" => Need::Admin,
+        "/v1/status" | "/v1/events" | "/v1/revisions" | "/v1/logs" | "/metrics" => Need::Read,
         p if p.starts_with("/v1/tokens/") => Need::Admin,
         p if p.starts_with("/v1/revisions/") => Need::Read,
         p if p.starts_with("/v1/plans/") => Need::ReadOrAgent,
@@ -640,6 +640,13 @@ mod tests {
         assert_eq!(need(&G, "/v1/apply"), Need::Admin);
         assert_eq!(need(&G, "/v1/tokens/t-000001"), Need::Admin);
         assert_eq!(need(&G, "/v1/status"), Need::Read);
+        assert_eq!(need(&G, "/v1/logs"), Need::Read);
+        assert_eq!(need(&axum::http::Method::POST, "/v1/exec"), Need::Admin);
+        assert_eq!(need(&G, "/v1/agent/tasks"), Need::Agent);
+        assert_eq!(
+            need(&axum::http::Method::POST, "/v1/agent/flight"),
+            Need::Agent
+        );
         assert_eq!(need(&G, "/v1/revisions/3"), Need::Read);
         assert_eq!(need(&G, "/v1/plans/web/local/1"), Need::ReadOrAgent);
         assert_eq!(need(&G, "/v1/agent/heartbeat"), Need::Agent);

@@ -556,6 +556,119 @@ impl Client {
     }
 }
 
+/// Read NDJSON frames from a response as they come.
+async fn frames(
+    resp: reqwest::Response,
+    mut each: impl FnMut(drover_model::logs::Frame) -> bool,
+) -> anyhow::Result<()> {
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the stream from the server broke")?;
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if let Ok(f) = serde_json::from_slice(&line) {
+                if !each(f) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Client {
+    pub async fn logs(&self, q: drover_model::logs::LogsQuery) -> anyhow::Result<u8> {
+        use drover_model::logs::Frame;
+        use std::io::{IsTerminal, Write};
+        let resp = match self
+            .send(self.http.get(self.url("/v1/logs")).query(&q))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return self.refused(e),
+        };
+        let colour = std::io::stdout().is_terminal() && !self.json;
+        let mut colours: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut failed = false;
+        let json = self.json;
+        frames(resp, |f| {
+            let mut out = std::io::stdout().lock();
+            match f {
+                Frame::Line(l) if json => {
+                    let _ = writeln!(out, "{}", serde_json::to_string(&l).unwrap_or_default());
+                }
+                Frame::Line(l) => {
+                    let prefix = format!("{} {}", l.instance, l.component);
+                    if colour {
+                        let n = colours.len();
+                        let c = *colours.entry(l.instance.clone()).or_insert(n);
+                        let _ = writeln!(out, "\x1b[{}m{prefix}\x1b[0m | {}", 31 + c % 6, l.line);
+                    } else {
+                        let _ = writeln!(out, "{prefix} | {}", l.line);
+                    }
+                }
+                Frame::Note { message } => eprintln!("note: {message}"),
+                Frame::Error { message, .. } => {
+                    failed = true;
+                    eprintln!("error: {message}");
+                }
+                _ => {}
+            }
+            let _ = out.flush();
+            true
+        })
+        .await?;
+        Ok(if failed { exit::FAILED } else { exit::OK })
+    }
+
+    /// Run a command on an instance; the exit code is the command's.
+    pub async fn exec(&self, req: drover_model::logs::ExecRequest) -> anyhow::Result<u8> {
+        use drover_model::logs::{Frame, Stream};
+        use std::io::Write;
+        let resp = match self
+            .send(self.http.post(self.url("/v1/exec")).json(&req))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return self.refused(e),
+        };
+        let mut code = None;
+        frames(resp, |f| {
+            match f {
+                Frame::Output { stream, data } => {
+                    if stream == Stream::Stderr {
+                        let mut e = std::io::stderr().lock();
+                        let _ = e.write_all(data.as_bytes());
+                        let _ = e.flush();
+                    } else {
+                        let mut o = std::io::stdout().lock();
+                        let _ = o.write_all(data.as_bytes());
+                        let _ = o.flush();
+                    }
+                }
+                Frame::Exit { code: c, .. } => {
+                    code = Some(c);
+                    return false;
+                }
+                Frame::Error { message, .. } => {
+                    eprintln!("error: {message}");
+                    return false;
+                }
+                Frame::Note { message } => eprintln!("note: {message}"),
+                _ => {}
+            }
+            true
+        })
+        .await?;
+        Ok(match code {
+            Some(c) => c.clamp(0, 255) as u8,
+            None => exit::FAILED,
+        })
+    }
+}
+
 /// The server refused a request; carries its error body.
 #[derive(Debug)]
 pub struct Refused(pub ApiError);

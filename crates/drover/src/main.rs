@@ -300,6 +300,56 @@ enum Command {
         #[arg(long)]
         kind: Option<String>,
     },
+    /// Show what a service's components print, merged across its instances in time order.
+    ///
+    /// Each line is prefixed with its instance and component. The output is fetched by the
+    /// server over the agents' own connections (nothing needs to reach the instances) and
+    /// values of `secret_env` are replaced. Of an instance that is gone, --instance ID or
+    /// --generation N show what the flight recorder kept (its last 64 KiB per component).
+    /// Without --tail or --since: the last 100 lines of each component. See docs/operate.md.
+    Logs {
+        service: String,
+        /// Only this component (default: all).
+        component: Option<String>,
+        #[arg(long = "component", conflicts_with = "component")]
+        component_flag: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Only this instance (running, or gone: then what the flight recorder kept).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Only instances of this plan generation (with gone ones' flight records).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Keep printing new lines as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines of the last this long, e.g. 10m.
+        #[arg(long)]
+        since: Option<Dur>,
+        /// Only the last N lines of each component.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Run a command in a component's environment on one instance; exits with its exit code.
+    ///
+    /// `drover exec web -- printenv DROVER_VERSION`, `drover exec i-000003 app -- ls`. A
+    /// process component's command runs with its environment and working directory, a
+    /// Docker component's inside its container. Needs an admin token; every session is an
+    /// event (who, where, what, how it ended). No stdin and no TTY.
+    Exec {
+        /// A service (its first running instance, or --instance), or an instance id.
+        target: String,
+        /// The component (default: the plan's first).
+        component: Option<String>,
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print a one-time login link to the web dashboard (it works once, within 60 seconds).
     ///
     /// The dashboard session gets the scope of the token this command runs with: an admin
@@ -651,6 +701,53 @@ async fn dispatch(cli: Cli) -> u8 {
                 .await
         }
         Command::History => client.history().await,
+        Command::Logs {
+            service,
+            component,
+            component_flag,
+            region,
+            instance,
+            generation,
+            follow,
+            since,
+            tail,
+        } => {
+            let tail = tail.or((since.is_none()).then_some(100));
+            client
+                .logs(drover_model::logs::LogsQuery {
+                    service,
+                    component: component.or(component_flag),
+                    region,
+                    instance,
+                    generation,
+                    since,
+                    tail,
+                    follow,
+                })
+                .await
+        }
+        Command::Exec {
+            target,
+            component,
+            instance,
+            region,
+            command,
+        } => {
+            let (service, instance) = if target.starts_with("i-") && instance.is_none() {
+                (String::new(), Some(target))
+            } else {
+                (target, instance)
+            };
+            client
+                .exec(drover_model::logs::ExecRequest {
+                    service,
+                    region,
+                    instance,
+                    component,
+                    command,
+                })
+                .await
+        }
         Command::Ui { open } => client.ui_link(open).await,
         Command::Agent(_)
         | Command::DemoServer(_)

@@ -1,0 +1,657 @@
+//! Logs, exec and the flight recorder over the agent's own connections: the agent long-polls
+//! `GET /v1/agent/tasks` (so nothing needs to reach the instance: it works behind NAT), runs
+//! each task it is handed — send a component's output (history, then new lines with
+//! `follow`), run a command in a component's environment — and streams the result back as
+//! the body of `POST /v1/agent/tasks/ID`, one JSON frame a line. The upload ends when the task
+//! is done, or when the server closes it (the person went away), which stops the task.
+//! The flight recorder: when a component dies, the last lines of its output go to
+//! `POST /v1/agent/flight`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_model::fleet::Runtime;
+use drover_model::logs::{AgentTask, FlightRecord, Frame, LogLine, Stream, TasksReply};
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::logfile;
+use crate::report::{error_chain, Servers, Throttle};
+use crate::Ctx;
+
+/// How long one task long-poll is held by the server.
+const POLL_WAIT: Duration = Duration::from_secs(25);
+/// Client-side bound of one long-poll.
+const POLL_TIMEOUT: Duration = Duration::from_secs(35);
+/// Pause after a failed poll.
+const RETRY: Duration = Duration::from_secs(1);
+/// Most tasks running at once; more are answered with an error.
+const MAX_TASKS: usize = 16;
+/// How long a flight record upload may take.
+const FLIGHT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Flight records waiting to be sent (more are dropped, with a log line).
+pub(crate) const FLIGHT_QUEUE: usize = 32;
+
+/// The agent's connection for logs and exec.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub client: reqwest::Client,
+    pub servers: Servers,
+}
+
+/// Poll for tasks and run them, and send flight records as they come, until dropped.
+pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<FlightRecord>) {
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut throttle = Throttle::default();
+    let poll = |throttle: &mut Throttle| {
+        let (server, url) = link.servers.url("/v1/agent/tasks");
+        let req = link
+            .client
+            .get(url)
+            .query(&[
+                ("instance", ctx.instance.instance.as_str()),
+                ("wait_ms", &POLL_WAIT.as_millis().to_string()),
+            ])
+            .timeout(POLL_TIMEOUT)
+            .send();
+        let servers = link.servers.clone();
+        let warn = throttle.failed();
+        async move {
+            let answer = async {
+                let resp = req.await.map_err(|e| {
+                    servers.failed(server);
+                    error_chain(&e)
+                })?;
+                if !resp.status().is_success() {
+                    if Servers::try_another(resp.status()) {
+                        servers.failed(server);
+                    }
+                    return Err(format!("status {}", resp.status()));
+                }
+                let bytes = resp.bytes().await.map_err(|e| error_chain(&e))?;
+                serde_json::from_slice::<TasksReply>(&bytes)
+                    .map_err(|e| format!("unreadable answer: {e}"))
+            }
+            .await;
+            match answer {
+                Ok(r) => Ok(r.tasks),
+                Err(problem) => {
+                    if warn {
+                        tracing::warn!(%problem, "cannot poll the server for logs and exec tasks (logged at most once a minute)");
+                    }
+                    tokio::time::sleep(RETRY).await;
+                    Err(())
+                }
+            }
+        }
+    };
+    let mut next = Box::pin(poll(&mut throttle));
+    let mut uploads = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            got = &mut next => {
+                match got {
+                    Ok(tasks) => {
+                        throttle.recovered();
+                        for task in tasks {
+                            if running.len() >= MAX_TASKS {
+                                running.push(Box::pin(refuse(link.clone(), ctx.clone(), task)) as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>);
+                            } else {
+                                running.push(Box::pin(handle(ctx.clone(), link.clone(), task)));
+                            }
+                        }
+                    }
+                    Err(()) => {}
+                }
+                next = Box::pin(poll(&mut throttle));
+            }
+            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(rec) = flights.recv() => uploads.push(send_flight(link.clone(), rec)),
+            Some(()) = uploads.next(), if !uploads.is_empty() => {}
+        }
+    }
+}
+
+/// Too many tasks at once: say so.
+async fn refuse(link: Link, ctx: Arc<Ctx>, task: AgentTask) {
+    let (tx, rx) = mpsc::channel(1);
+    let _ = tx
+        .send(Frame::Error {
+            instance: Some(ctx.instance.instance.clone()),
+            message: format!(
+                "the agent runs {MAX_TASKS} logs or exec sessions already; try again when one ends"
+            ),
+        })
+        .await;
+    drop(tx);
+    upload(&link, &ctx, task.id(), rx).await;
+}
+
+/// Run one task, its frames uploaded as they come; stops when the server closes the upload.
+async fn handle(ctx: Arc<Ctx>, link: Link, task: AgentTask) {
+    let (tx, rx) = mpsc::channel(256);
+    let id = task.id();
+    let produce = async {
+        match task {
+            AgentTask::Logs {
+                component,
+                since_ms,
+                tail,
+                follow,
+                ..
+            } => logs(&ctx, component.as_deref(), since_ms, tail, follow, &tx).await,
+            AgentTask::Exec {
+                component, command, ..
+            } => exec(&ctx, component.as_deref(), &command, &tx).await,
+        }
+        drop(tx);
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = upload(&link, &ctx, id, rx) => {}
+        _ = produce => {}
+    }
+}
+
+/// POST the frames of task `id` as they come; returns when the upload ends either way.
+async fn upload(link: &Link, ctx: &Ctx, id: u64, rx: mpsc::Receiver<Frame>) {
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        let f = rx.recv().await?;
+        let mut v = serde_json::to_vec(&f).unwrap_or_default();
+        v.push(b'\n');
+        Some((Ok::<_, std::io::Error>(v), rx))
+    });
+    let (server, url) = link.servers.url(&format!("/v1/agent/tasks/{id}"));
+    let r = link
+        .client
+        .post(url)
+        .query(&[("instance", ctx.instance.instance.as_str())])
+        .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await;
+    match r {
+        Ok(resp) if resp.status().is_success() => {}
+        Ok(resp) => tracing::debug!(task = id, status = %resp.status(), "task upload refused"),
+        Err(e) => {
+            if e.is_connect() {
+                link.servers.failed(server);
+            }
+            tracing::debug!(task = id, error = %error_chain(&e), "task upload ended")
+        }
+    }
+}
+
+/// The components a task is about (all, or the one named), or an error frame's text.
+fn components(ctx: &Ctx, name: Option<&str>) -> Result<Vec<usize>, String> {
+    match name {
+        None => Ok((0..ctx.plan.components.len()).collect()),
+        Some(n) => ctx
+            .plan
+            .components
+            .iter()
+            .position(|c| c.name == n)
+            .map(|i| vec![i])
+            .ok_or_else(|| {
+                let names: Vec<&str> = ctx.plan.components.iter().map(|c| c.name.as_str()).collect();
+                format!(
+                    "instance {} has no component {n:?}; it has {}",
+                    ctx.instance.instance,
+                    names.join(", ")
+                )
+            }),
+    }
+}
+
+fn line(ctx: &Ctx, idx: usize, (at_ms, stream, text): logfile::Line) -> Frame {
+    Frame::Line(LogLine {
+        at_ms,
+        instance: ctx.instance.instance.clone(),
+        component: ctx.plan.components[idx].name.clone(),
+        stream,
+        line: text,
+    })
+}
+
+fn error(ctx: &Ctx, message: String) -> Frame {
+    Frame::Error {
+        instance: Some(ctx.instance.instance.clone()),
+        message,
+    }
+}
+
+/// Send the components' kept output (merged in time order), then, with `follow`, new lines.
+async fn logs(
+    ctx: &Ctx,
+    component: Option<&str>,
+    since_ms: u64,
+    tail: Option<usize>,
+    follow: bool,
+    tx: &mpsc::Sender<Frame>,
+) {
+    let idxs = match components(ctx, component) {
+        Ok(i) => i,
+        Err(m) => {
+            let _ = tx.send(error(ctx, m)).await;
+            return;
+        }
+    };
+    // History: every component's, merged by time.
+    let mut history: Vec<(usize, logfile::Line)> = Vec::new();
+    let mut cursors = Vec::new();
+    for &idx in &idxs {
+        let comp = &ctx.plan.components[idx];
+        match comp.runtime {
+            Runtime::Process => {
+                let path = ctx.instance.log_file(comp);
+                let (lines, cursor) =
+                    tokio::task::spawn_blocking(move || logfile::read(&path, since_ms, tail))
+                        .await
+                        .unwrap_or_default();
+                history.extend(lines.into_iter().map(|l| (idx, l)));
+                cursors.push((idx, cursor));
+            }
+            Runtime::Docker => match container_lines(ctx, idx, since_ms, tail).await {
+                Ok(lines) => history.extend(lines.into_iter().map(|l| (idx, l))),
+                Err(m) => {
+                    let _ = tx.send(error(ctx, m)).await;
+                }
+            },
+        }
+    }
+    history.sort_by_key(|(_, l)| l.0);
+    for (idx, l) in history {
+        if tx.send(line(ctx, idx, l)).await.is_err() {
+            return;
+        }
+    }
+    if !follow {
+        return;
+    }
+    // The history is sent: the server merges every instance's before it streams new lines.
+    if tx.send(Frame::Idle).await.is_err() {
+        return;
+    }
+    // New lines: process logs polled, containers' from the engine's follow stream.
+    let files = async {
+        if cursors.is_empty() {
+            return std::future::pending::<()>().await;
+        }
+        loop {
+            tokio::time::sleep(logfile::FOLLOW_POLL).await;
+            let mut batch = Vec::new();
+            for (idx, cursor) in cursors.iter_mut() {
+                let path = ctx.instance.log_file(&ctx.plan.components[*idx]);
+                let mut c = *cursor;
+                let (lines, c) = tokio::task::spawn_blocking(move || {
+                    let lines = logfile::read_new(&path, &mut c);
+                    (lines, c)
+                })
+                .await
+                .unwrap_or_default();
+                *cursor = c;
+                batch.extend(lines.into_iter().map(|l| (*idx, l)));
+            }
+            batch.sort_by_key(|(_, l)| l.0);
+            for (idx, l) in batch {
+                if tx.send(line(ctx, idx, l)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let containers = futures::future::join_all(
+        idxs.iter()
+            .filter(|i| ctx.plan.components[**i].runtime == Runtime::Docker)
+            .map(|&idx| follow_container(ctx, idx, tx)),
+    );
+    let idle = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if tx.send(Frame::Idle).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = files => {}
+        _ = async { containers.await; std::future::pending::<()>().await } => {}
+        _ = idle => {}
+        _ = tx.closed() => {}
+    }
+}
+
+/// The container of a Docker component (its last run's), or why there is none.
+fn container(ctx: &Ctx, idx: usize) -> Result<String, String> {
+    ctx.container(idx).ok_or_else(|| {
+        format!(
+            "component {} of instance {} has no container yet",
+            ctx.plan.components[idx].name, ctx.instance.instance
+        )
+    })
+}
+
+/// A container's kept output through the engine's logs API (with the engine's timestamps).
+async fn container_lines(
+    ctx: &Ctx,
+    idx: usize,
+    since_ms: u64,
+    tail: Option<usize>,
+) -> Result<Vec<logfile::Line>, String> {
+    let id = container(ctx, idx)?;
+    let docker = ctx.docker.client().await.map_err(|e| e.to_string())?;
+    let mut b = bollard::query_parameters::LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .timestamps(true)
+        .since((since_ms / 1000) as i32);
+    b = b.tail(&tail.map_or("all".to_string(), |t| t.to_string()));
+    let mut stream = docker.logs(&id, Some(b.build()));
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(o) => out.extend(engine_lines(o).into_iter().filter(|l| l.0 >= since_ms)),
+            Err(e) => return Err(format!("the engine's logs of {}: {e}", &id[..id.len().min(12)])),
+        }
+    }
+    Ok(out)
+}
+
+/// New output of a container, from now on, until the upload is closed.
+async fn follow_container(ctx: &Ctx, idx: usize, tx: &mpsc::Sender<Frame>) {
+    let Ok(id) = container(ctx, idx) else {
+        return std::future::pending().await;
+    };
+    let Ok(docker) = ctx.docker.client().await else {
+        return std::future::pending().await;
+    };
+    let opts = bollard::query_parameters::LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .timestamps(true)
+        .follow(true)
+        .since((logfile::now_ms() / 1000) as i32)
+        .build();
+    let started = logfile::now_ms();
+    let mut stream = docker.logs(&id, Some(opts));
+    while let Some(Ok(o)) = stream.next().await {
+        for l in engine_lines(o) {
+            // `since` is in whole seconds: lines the history already sent are skipped.
+            if l.0 < started {
+                continue;
+            }
+            if tx.send(line(ctx, idx, l)).await.is_err() {
+                return;
+            }
+        }
+    }
+    std::future::pending().await
+}
+
+/// Lines of one chunk of the engine's logs (`TIMESTAMP TEXT` with `timestamps`).
+fn engine_lines(o: bollard::container::LogOutput) -> Vec<logfile::Line> {
+    use bollard::container::LogOutput;
+    let (stream, bytes) = match o {
+        LogOutput::StdErr { message } => (Stream::Stderr, message),
+        LogOutput::StdOut { message } | LogOutput::Console { message } => (Stream::Stdout, message),
+        LogOutput::StdIn { .. } => return Vec::new(),
+    };
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .map(|l| {
+            let (ts, text) = l.split_once(' ').unwrap_or((l, ""));
+            match crate::docker::parse_rfc3339_ns(ts) {
+                Some(ns) => ((ns / 1_000_000).max(0) as u64, stream, text.to_string()),
+                None => (logfile::now_ms(), stream, l.to_string()),
+            }
+        })
+        .collect()
+}
+
+/// Run `command` in component `name`'s environment; its output as frames, then its exit.
+async fn exec(ctx: &Ctx, name: Option<&str>, command: &[String], tx: &mpsc::Sender<Frame>) {
+    let idx = match components(ctx, name) {
+        Ok(i) => i[0],
+        Err(m) => {
+            let _ = tx.send(error(ctx, m)).await;
+            return;
+        }
+    };
+    let Some(program) = command.first() else {
+        let _ = tx.send(error(ctx, "exec needs a command".into())).await;
+        return;
+    };
+    let comp = &ctx.plan.components[idx];
+    let env = match ctx.instance.env(comp) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = tx.send(error(ctx, e.to_string())).await;
+            return;
+        }
+    };
+    let end = match comp.runtime {
+        Runtime::Process => exec_process(ctx, idx, program, &command[1..], env, tx).await,
+        Runtime::Docker => exec_container(ctx, idx, command, env, tx).await,
+    };
+    let _ = tx
+        .send(match end {
+            Ok((code, how)) => Frame::Exit { code, how },
+            Err(m) => error(ctx, m),
+        })
+        .await;
+}
+
+async fn exec_process(
+    ctx: &Ctx,
+    idx: usize,
+    program: &str,
+    args: &[String],
+    env: Vec<(String, String)>,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(i32, String), String> {
+    let comp = &ctx.plan.components[idx];
+    let cwd = ctx.instance.component_dir(comp);
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(env)
+        .current_dir(&cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    crate::process::die_with_agent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {program:?} in {}: {e}", cwd.display()))?;
+    let pgid = child.id().unwrap_or(0);
+    // The whole group goes if the person goes (this future dropped).
+    struct Group(u32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            crate::process::signal_group(self.0, libc::SIGKILL);
+        }
+    }
+    let _group = Group(pgid);
+    let pump = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>, stream: Stream| async move {
+        let mut buf = vec![0u8; 8192];
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            carry.extend_from_slice(&buf[..n]);
+            // Whole characters only; a split one waits for its rest.
+            let cut = match std::str::from_utf8(&carry) {
+                Ok(_) => carry.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                Err(_) => carry.len(),
+            };
+            let data = String::from_utf8_lossy(&carry[..cut]).into_owned();
+            carry.drain(..cut);
+            if tx.send(Frame::Output { stream, data }).await.is_err() {
+                break;
+            }
+        }
+        if !carry.is_empty() {
+            let data = String::from_utf8_lossy(&carry).into_owned();
+            let _ = tx.send(Frame::Output { stream, data }).await;
+        }
+    };
+    let out = child.stdout.take().map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let err = child.stderr.take().map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let (_, _, status) = tokio::join!(
+        async {
+            if let Some(o) = out {
+                pump(o, Stream::Stdout).await
+            }
+        },
+        async {
+            if let Some(e) = err {
+                pump(e, Stream::Stderr).await
+            }
+        },
+        child.wait()
+    );
+    let status = status.map_err(|e| format!("waiting for {program:?}: {e}"))?;
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok((code, crate::process::describe(&status)))
+}
+
+async fn exec_container(
+    ctx: &Ctx,
+    idx: usize,
+    command: &[String],
+    env: Vec<(String, String)>,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(i32, String), String> {
+    use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+    let id = container(ctx, idx)?;
+    let docker = ctx.docker.client().await.map_err(|e| e.to_string())?;
+    let what = |e: bollard::errors::Error| format!("exec in container {}: {e}", &id[..id.len().min(12)]);
+    let created = docker
+        .create_exec(
+            &id,
+            CreateExecOptions {
+                cmd: Some(command.to_vec()),
+                env: Some(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(what)?;
+    let started = docker
+        .start_exec(
+            &created.id,
+            Some(StartExecOptions {
+                detach: false,
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(what)?;
+    if let StartExecResults::Attached { mut output, .. } = started {
+        while let Some(chunk) = output.next().await {
+            let Ok(o) = chunk else { break };
+            use bollard::container::LogOutput;
+            let (stream, bytes) = match o {
+                LogOutput::StdErr { message } => (Stream::Stderr, message),
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    (Stream::Stdout, message)
+                }
+                LogOutput::StdIn { .. } => continue,
+            };
+            let data = String::from_utf8_lossy(&bytes).into_owned();
+            if tx.send(Frame::Output { stream, data }).await.is_err() {
+                return Err("the session was closed".into());
+            }
+        }
+    }
+    // The output ends as the command does; its exit code may lag a moment behind.
+    for _ in 0..50 {
+        let i = docker.inspect_exec(&created.id).await.map_err(what)?;
+        if i.running != Some(true) {
+            let code = i.exit_code.unwrap_or(-1) as i32;
+            return Ok((code, format!("exit status {code}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err("the command's output ended but it still runs".into())
+}
+
+/// The flight record of component `idx` now: its last lines, at most `FLIGHT_BYTES`.
+pub(crate) async fn flight_record(ctx: &Ctx, idx: usize, reason: String) -> FlightRecord {
+    let comp = &ctx.plan.components[idx];
+    let max = drover_model::logs::FLIGHT_BYTES;
+    let lines = match comp.runtime {
+        Runtime::Process => logfile::last_lines(&ctx.instance.log_file(comp), max),
+        Runtime::Docker => {
+            let mut l = tokio::time::timeout(
+                Duration::from_secs(2),
+                container_lines(ctx, idx, 0, Some(1000)),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+            let mut total = 0usize;
+            let mut keep = l.len();
+            for (k, x) in l.iter().enumerate().rev() {
+                total += x.2.len() + 1;
+                if total > max {
+                    break;
+                }
+                keep = k;
+            }
+            l.drain(..keep);
+            l
+        }
+    };
+    FlightRecord {
+        instance: ctx.instance.instance.clone(),
+        group: ctx.instance.group.clone(),
+        generation: ctx.plan.generation,
+        component: comp.name.clone(),
+        reason,
+        at_ms: logfile::now_ms(),
+        lines: lines
+            .into_iter()
+            .map(|(at_ms, stream, line)| LogLine {
+                at_ms,
+                instance: ctx.instance.instance.clone(),
+                component: comp.name.clone(),
+                stream,
+                line,
+            })
+            .collect(),
+    }
+}
+
+/// POST one flight record (best effort).
+pub(crate) async fn send_flight(link: Link, rec: FlightRecord) {
+    let (server, url) = link.servers.url("/v1/agent/flight");
+    match link
+        .client
+        .post(url)
+        .json(&rec)
+        .timeout(FLIGHT_TIMEOUT)
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!(component = %rec.component, status = %r.status(), "the server refused the flight record"),
+        Err(e) => {
+            if e.is_connect() {
+                link.servers.failed(server);
+            }
+            tracing::warn!(component = %rec.component, error = %error_chain(&e), "cannot send the flight record")
+        }
+    }
+}

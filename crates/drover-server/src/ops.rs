@@ -1,0 +1,695 @@
+//! The API of logs, exec and the flight recorder: `GET /v1/logs` (read), `POST /v1/exec`
+//! (admin), and the agents' side, `GET /v1/agent/tasks`, `POST /v1/agent/tasks/{id}` and
+//! `POST /v1/agent/flight`. The relaying itself is in `relay.rs`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use drover_model::logs::{AgentTask, ExecRequest, FlightRecord, Frame, LogLine, LogsQuery};
+use drover_model::secret::Scrubber;
+use drover_model::{EventKind, NewEvent};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::api::{check_instance, hold_poll, scrubber, RawBody};
+use crate::auth::{check_group, BoundInstance, Caller};
+use crate::engine::{now_ms, Engine};
+use crate::guard::{Guards, Kind};
+use crate::relay::{Flights, Relay, Session, TAKE_TIMEOUT};
+use crate::ServerError;
+
+/// How long a `drover logs` without `-f` waits for the slowest instance.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest line accepted in a task's upload.
+const MAX_FRAME: usize = 64 << 10;
+/// Longest exec command accepted (all its arguments), in bytes.
+const MAX_COMMAND: usize = 16 << 10;
+
+/// What the handlers share: the tasks in flight and the flight recorder's files.
+pub struct Ops {
+    pub relay: Relay,
+    pub flights: Flights,
+}
+
+impl Ops {
+    pub fn new(data_dir: &std::path::Path) -> Ops {
+        Ops {
+            relay: Relay::default(),
+            flights: Flights::new(data_dir),
+        }
+    }
+}
+
+/// An instance the server can ask: (id, group, generation).
+type Live = (String, String, u64);
+
+/// The service's instances matching the query that an agent may answer for, and whether the
+/// service is known at all.
+fn live_instances(
+    e: &Engine,
+    service: &str,
+    region: Option<&str>,
+    instance: Option<&str>,
+    generation: Option<u64>,
+) -> (Vec<Live>, bool) {
+    let st = e.state();
+    let known = st.groups.keys().any(|g| g.split('/').next() == Some(service))
+        || st
+            .revision
+            .as_ref()
+            .is_some_and(|r| r.fleet.services.contains_key(service));
+    let live = st
+        .instances
+        .values()
+        .filter(|i| {
+            let (s, r) = i.record.group.split_once('/').unwrap_or((&i.record.group, ""));
+            s == service
+                && i.alive
+                && region.is_none_or(|x| x == r)
+                && instance.is_none_or(|x| x == i.record.id)
+                && generation.is_none_or(|g| g == i.record.generation)
+        })
+        .map(|i| {
+            (
+                i.record.id.clone(),
+                i.record.group.clone(),
+                i.record.generation,
+            )
+        })
+        .collect();
+    (live, known)
+}
+
+fn scrub_frame(sc: &Scrubber, f: &mut Frame) {
+    match f {
+        Frame::Line(l) => sc.scrub_in_place(&mut l.line),
+        Frame::Output { data, .. } => sc.scrub_in_place(data),
+        Frame::Error { message, .. } | Frame::Note { message } => sc.scrub_in_place(message),
+        Frame::Exit { how, .. } => sc.scrub_in_place(how),
+        Frame::Idle => {}
+    }
+}
+
+fn ndjson(f: &Frame) -> Result<Bytes, std::convert::Infallible> {
+    let mut v = serde_json::to_vec(f).unwrap_or_default();
+    v.push(b'\n');
+    Ok(Bytes::from(v))
+}
+
+fn stream_response(body: Body) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Wait until the agent took the task; else an error frame saying so.
+async fn taken(s: &Session) -> Result<(), Frame> {
+    tokio::time::timeout(TAKE_TIMEOUT, s.taken())
+        .await
+        .map_err(|_| Frame::Error {
+            instance: Some(s.instance.clone()),
+            message: format!(
+                "instance {}'s agent did not take the request within {}s: it is stopping, cannot reach this server, or is older than it",
+                s.instance,
+                TAKE_TIMEOUT.as_secs()
+            ),
+        })
+}
+
+/// `GET /v1/logs`: the output of a service's components, merged across instances in time
+/// order, as NDJSON frames; `follow`: then new lines as they come.
+pub async fn logs(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Extension(guards): Extension<Arc<Guards>>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!(
+            "{}; parameters: service, component, region, instance, generation, since (a duration, e.g. 10m), tail, follow",
+            r.body_text()
+        ))
+    })?;
+    let (live, known) = live_instances(
+        &e,
+        &q.service,
+        q.region.as_deref(),
+        q.instance.as_deref(),
+        q.generation,
+    );
+    // Instances that are gone: what the flight recorder kept of them.
+    let asks_gone = q.instance.is_some() || q.generation.is_some();
+    let recs = if asks_gone {
+        let ops2 = ops.clone();
+        let (svc, reg, inst, generation) = (
+            q.service.clone(),
+            q.region.clone(),
+            q.instance.clone(),
+            q.generation,
+        );
+        let live_ids: Vec<String> = live.iter().map(|l| l.0.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            ops2.flights
+                .find(&svc, reg.as_deref(), inst.as_deref(), generation)
+                .into_iter()
+                .filter(|r| !live_ids.contains(&r.instance))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if !known && recs.is_empty() {
+        return Err(ServerError::NotFound(format!(
+            "no service {:?}; `drover status` lists them",
+            q.service
+        )));
+    }
+    if live.is_empty() && recs.is_empty() {
+        let which = match (&q.instance, q.generation) {
+            (Some(i), _) => format!(
+                "instance {i} of service {} is not running and the flight recorder kept nothing of it",
+                q.service
+            ),
+            (None, Some(g)) => format!(
+                "no instance of generation {g} of service {} runs and the flight recorder kept nothing of one",
+                q.service
+            ),
+            _ => format!("service {} has no instance running", q.service),
+        };
+        return Err(ServerError::NotFound(which));
+    }
+    let held = if q.follow {
+        Some(guards.hold(Kind::Follow, &caller.id).ok_or_else(|| {
+            ServerError::TooManyRequests(format!(
+                "this token holds {} follow streams already; close one first",
+                crate::guard::FOLLOWS_PER_CALLER
+            ))
+        })?)
+    } else {
+        None
+    };
+    let since_ms = q
+        .since
+        .map(|d| now_ms().saturating_sub(d.as_millis()))
+        .unwrap_or(0);
+    let mut sessions = Vec::new();
+    let mut errors = Vec::new();
+    for (id, _, _) in &live {
+        let task = |tid| AgentTask::Logs {
+            id: tid,
+            component: q.component.clone(),
+            since_ms,
+            tail: q.tail,
+            follow: q.follow,
+        };
+        match ops.relay.dispatch(id, task) {
+            Some(s) => sessions.push(s),
+            None => errors.push(Frame::Error {
+                instance: Some(id.clone()),
+                message: format!("instance {id} has too many requests waiting; try again"),
+            }),
+        }
+    }
+    // History: every instance's until it is sent (or, following, until its marker).
+    let history = futures::future::join_all(sessions.iter_mut().map(|s| async {
+        let mut lines = Vec::new();
+        let mut errs = Vec::new();
+        if let Err(f) = taken(s).await {
+            errs.push(f);
+            return (lines, errs, false);
+        }
+        let read = async {
+            while let Some(f) = s.rx.recv().await {
+                match f {
+                    Frame::Line(l) => lines.push(l),
+                    Frame::Idle if q.follow => return true,
+                    Frame::Idle => {}
+                    other => errs.push(other),
+                }
+            }
+            false
+        };
+        let open = tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .unwrap_or(false);
+        (lines, errs, open)
+    }))
+    .await;
+    let mut merged: Vec<LogLine> = Vec::new();
+    let mut notes: Vec<Frame> = Vec::new();
+    for r in &recs {
+        if q.component.as_ref().is_some_and(|c| *c != r.component) {
+            continue;
+        }
+        let mut kept: Vec<LogLine> = r
+            .lines
+            .iter()
+            .filter(|l| l.at_ms >= since_ms)
+            .cloned()
+            .collect();
+        if let Some(t) = q.tail {
+            kept.drain(..kept.len().saturating_sub(t));
+        }
+        notes.push(Frame::Note {
+            message: format!(
+                "{} {}: instance gone; the flight recorder's last {} lines ({})",
+                r.instance,
+                r.component,
+                kept.len(),
+                r.reason
+            ),
+        });
+        merged.extend(kept);
+    }
+    let mut still_open = Vec::new();
+    for ((lines, errs, open), s) in history.into_iter().zip(sessions) {
+        merged.extend(lines);
+        errors.extend(errs);
+        if open {
+            still_open.push(s);
+        }
+    }
+    merged.sort_by_key(|l| l.at_ms);
+    let sc = scrubber(&e);
+    let mut first: Vec<Frame> = notes;
+    first.extend(merged.into_iter().map(Frame::Line));
+    first.extend(errors);
+    for f in &mut first {
+        scrub_frame(&sc, f);
+    }
+    let head = futures::stream::iter(first.into_iter().map(|f| ndjson(&f)));
+    if !q.follow {
+        return Ok(stream_response(Body::from_stream(head)));
+    }
+    let live = futures::stream::select_all(still_open.into_iter().map(|s| {
+        futures::stream::unfold(s, |mut s| async move {
+            let f = s.rx.recv().await?;
+            Some((f, s))
+        })
+        .boxed()
+    }));
+    let sc2 = sc.clone();
+    let tail = live.filter_map(move |mut f| {
+        let _held = &held;
+        let out = match f {
+            Frame::Idle => None,
+            _ => {
+                scrub_frame(&sc2, &mut f);
+                Some(ndjson(&f))
+            }
+        };
+        futures::future::ready(out)
+    });
+    Ok(stream_response(Body::from_stream(head.chain(tail))))
+}
+
+/// Records the end of an exec session once, however it ends (the person going included).
+struct ExecAudit {
+    engine: Arc<Engine>,
+    group: String,
+    instance: String,
+    what: String,
+    started: Instant,
+    done: bool,
+}
+
+impl ExecAudit {
+    fn end(&mut self, how: &str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.engine.record(vec![NewEvent::new(
+            EventKind::Exec,
+            format!(
+                "{} ended: {how} after {:.1}s",
+                self.what,
+                self.started.elapsed().as_secs_f64()
+            ),
+        )
+        .group(&self.group)
+        .instance(&self.instance)]);
+    }
+}
+
+impl Drop for ExecAudit {
+    fn drop(&mut self) {
+        self.end("the client went away (the command was stopped)");
+    }
+}
+
+/// `POST /v1/exec`: run a command in a component's environment on one instance; its output
+/// as NDJSON frames, ending with its exit. Every session is an event, at its start and end.
+pub async fn exec(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    body: RawBody,
+) -> Result<Response, ServerError> {
+    let mut req: ExecRequest = crate::api::decode(body)?;
+    if req.service.is_empty() {
+        // `drover exec INSTANCE`: its service.
+        let inst = req.instance.clone().unwrap_or_default();
+        let st = e.state();
+        match st.instances.get(&inst) {
+            Some(i) => {
+                req.service = i.record.group.split('/').next().unwrap_or_default().into();
+            }
+            None => {
+                return Err(ServerError::NotFound(format!(
+                    "no instance {inst:?} runs; `drover status` lists them"
+                )))
+            }
+        }
+    }
+    if req.command.is_empty() || req.command[0].is_empty() {
+        return Err(ServerError::BadRequest(
+            "exec needs a command, e.g. [\"printenv\", \"DROVER_VERSION\"]".into(),
+        ));
+    }
+    if req.command.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_COMMAND {
+        return Err(ServerError::BadRequest(format!(
+            "the command is longer than {MAX_COMMAND} bytes"
+        )));
+    }
+    let service = e
+        .state()
+        .revision
+        .as_ref()
+        .and_then(|r| r.fleet.services.get(&req.service))
+        .cloned();
+    let Some(service) = service else {
+        return Err(ServerError::NotFound(format!(
+            "no service {:?}; `drover status` lists them",
+            req.service
+        )));
+    };
+    if !service.exec {
+        return Err(ServerError::Forbidden(format!(
+            "exec is turned off for service {} (exec = false in the fleet file)",
+            req.service
+        )));
+    }
+    let (mut live, _) = live_instances(
+        &e,
+        &req.service,
+        req.region.as_deref(),
+        req.instance.as_deref(),
+        None,
+    );
+    live.sort();
+    let Some((instance, group, _)) = live.into_iter().next() else {
+        return Err(ServerError::NotFound(match &req.instance {
+            Some(i) => format!("instance {i} of service {} is not running", req.service),
+            None => format!("service {} has no instance running", req.service),
+        }));
+    };
+    let component = match &req.component {
+        Some(c) => {
+            if !service.components.contains_key(c) {
+                let names: Vec<&String> = service.components.keys().collect();
+                return Err(ServerError::NotFound(format!(
+                    "service {} has no component {c:?}; it has {}",
+                    req.service,
+                    names
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            c.clone()
+        }
+        None => e
+            .state()
+            .groups
+            .get(&group)
+            .and_then(|g| g.plan.components.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
+    };
+    let sc = scrubber(&e);
+    let shown = sc
+        .scrub(&shell_words(&req.command))
+        .chars()
+        .take(1000)
+        .collect::<String>();
+    let what = format!(
+        "exec by {} ({}) on {instance} {component}: {shown}",
+        caller.id, caller.scope
+    );
+    e.record(vec![NewEvent::new(EventKind::Exec, format!("{what}: started"))
+        .group(&group)
+        .instance(&instance)]);
+    let mut audit = ExecAudit {
+        engine: e.clone(),
+        group,
+        instance: instance.clone(),
+        what,
+        started: Instant::now(),
+        done: false,
+    };
+    let Some(session) = ops.relay.dispatch(&instance, |id| AgentTask::Exec {
+        id,
+        component: Some(component.clone()),
+        command: req.command.clone(),
+    }) else {
+        audit.end("refused: too many requests waiting for the instance");
+        return Err(ServerError::TooManyRequests(format!(
+            "instance {instance} has too many requests waiting; try again"
+        )));
+    };
+    if let Err(Frame::Error { message, .. }) = taken(&session).await {
+        audit.end("the agent did not take it");
+        return Err(ServerError::Unavailable(message));
+    }
+    let frames = futures::stream::unfold(
+        (session, audit, false),
+        move |(mut s, mut audit, ended)| {
+            let sc = sc.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let Some(mut f) = s.rx.recv().await else {
+                    audit.end("no exit code (the agent's upload broke off)");
+                    let f = Frame::Error {
+                        instance: Some(s.instance.clone()),
+                        message: "the session ended without the command's exit code".into(),
+                    };
+                    return Some((ndjson(&f), (s, audit, true)));
+                };
+                scrub_frame(&sc, &mut f);
+                let end = match &f {
+                    Frame::Exit { code, how } => {
+                        audit.end(&format!("exit code {code} ({how})"));
+                        true
+                    }
+                    Frame::Error { message, .. } => {
+                        audit.end(&format!("failed: {message}"));
+                        true
+                    }
+                    _ => false,
+                };
+                Some((ndjson(&f), (s, audit, end)))
+            }
+        },
+    );
+    Ok(stream_response(Body::from_stream(frames)))
+}
+
+/// A command as a person would type it (quoted where needed), for events.
+fn shell_words(cmd: &[String]) -> String {
+    cmd.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksQuery {
+    instance: String,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `GET /v1/agent/tasks`: an agent's long-poll for logs and exec tasks.
+pub async fn agent_tasks(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
+    Extension(guards): Extension<Arc<Guards>>,
+    query: Result<Query<TasksQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!("{}; parameters: instance, wait_ms", r.body_text()))
+    })?;
+    check_instance(&e, &caller, &bound, &q.instance)?;
+    if !e.state().instances.contains_key(&q.instance) {
+        return Err(ServerError::NotFound(format!(
+            "no instance {}",
+            q.instance
+        )));
+    }
+    let _held = hold_poll(&guards, &caller, &bound)?;
+    let wait = Duration::from_millis(q.wait_ms.min(60_000));
+    let tasks = ops.relay.take(&q.instance, wait).await;
+    Ok(Json(drover_model::logs::TasksReply { tasks }).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceParam {
+    instance: String,
+}
+
+/// `POST /v1/agent/tasks/{id}`: a task's frames, streamed by its agent; ends when the upload
+/// does, or closes it when nobody reads any more.
+pub async fn agent_upload(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
+    Path(id): Path<String>,
+    query: Result<Query<InstanceParam>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ServerError> {
+    let Query(q) = query
+        .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
+    check_instance(&e, &caller, &bound, &q.instance)?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ServerError::BadRequest(format!("task {id:?} is not a number")))?;
+    let Some(tx) = ops.relay.sink(id, &q.instance) else {
+        return Err(ServerError::NotFound(format!(
+            "no task {id} open for instance {}",
+            q.instance
+        )));
+    };
+    let mut data = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let pump = async {
+        while let Some(chunk) = data.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let Ok(f) = serde_json::from_slice::<Frame>(&line) else {
+                    continue;
+                };
+                if tx.send(f).await.is_err() {
+                    return;
+                }
+            }
+            if buf.len() > MAX_FRAME {
+                // A line that never ends: drop it.
+                buf.clear();
+            }
+        }
+    };
+    tokio::select! {
+        _ = pump => {}
+        _ = tx.closed() => {}
+    }
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+/// `POST /v1/agent/flight`: the last lines of a component that died, or of an instance that
+/// leaves; kept within the recorder's bounds, and an event says so.
+pub async fn agent_flight(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
+    body: RawBody,
+) -> Result<Response, ServerError> {
+    let mut rec: FlightRecord = crate::api::decode(body)?;
+    check_group(&caller, &rec.group, &format!("the record's group {}", rec.group))?;
+    check_instance(&e, &caller, &bound, &rec.instance)?;
+    if let Some(i) = e.state().instances.get(&rec.instance) {
+        if i.record.group != rec.group || i.record.generation != rec.generation {
+            return Err(ServerError::BadRequest(format!(
+                "instance {}: the group or generation is not the one it was launched with",
+                rec.instance
+            )));
+        }
+    }
+    // Within the bound (the newest lines kept), each line as the agent's own.
+    let mut total = 0usize;
+    let mut keep = rec.lines.len();
+    for (k, l) in rec.lines.iter().enumerate().rev() {
+        total += l.line.len() + 64;
+        if total > crate::relay::FLIGHT_MAX {
+            break;
+        }
+        keep = k;
+    }
+    rec.lines.drain(..keep);
+    let sc = scrubber(&e);
+    sc.scrub_in_place(&mut rec.reason);
+    drover_model::api::truncate_text(&mut rec.reason, 1000);
+    for l in &mut rec.lines {
+        l.instance = rec.instance.clone();
+        l.component = rec.component.clone();
+        sc.scrub_in_place(&mut l.line);
+    }
+    let now = now_ms();
+    rec.at_ms = now;
+    let last: Vec<&str> = rec
+        .lines
+        .iter()
+        .rev()
+        .take(5)
+        .map(|l| l.line.as_str())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let service = rec.group.split('/').next().unwrap_or_default().to_string();
+    let mut message = format!(
+        "{} {}: {}; the flight recorder kept its last {} lines (`drover logs {service} --instance {}`)",
+        rec.instance,
+        rec.component,
+        rec.reason,
+        rec.lines.len(),
+        rec.instance
+    );
+    if !last.is_empty() {
+        message.push_str(":\n");
+        message.push_str(&last.join("\n"));
+    }
+    let (group, instance) = (rec.group.clone(), rec.instance.clone());
+    let ops2 = ops.clone();
+    tokio::task::spawn_blocking(move || ops2.flights.keep(&rec, now))
+        .await
+        .map_err(|err| ServerError::Internal(format!("flight recorder: {err}")))?
+        .map_err(|err| ServerError::BadRequest(format!("flight record not kept: {err}")))?;
+    e.record(vec![NewEvent::new(EventKind::Output, message)
+        .group(group)
+        .instance(instance)]);
+    Ok(Json(serde_json::json!({})).into_response())
+}
