@@ -252,9 +252,10 @@ pub(crate) fn read_new(path: &Path, cursor: &mut Cursor) -> Vec<Line> {
         // Rotated (once or more): the rest of our file, now `.K`, then the newer ones whole.
         let all = files(path);
         let older = &all[..all.len() - 1];
-        if let Some(k) = older.iter().position(|f| {
-            std::fs::metadata(f).is_ok_and(|m| m.ino() == cursor.ino)
-        }) {
+        if let Some(k) = older
+            .iter()
+            .position(|f| std::fs::metadata(f).is_ok_and(|m| m.ino() == cursor.ino))
+        {
             read_from(&older[k], cursor.offset, &mut out);
             for f in &older[k + 1..] {
                 read_from(f, 0, &mut out);
@@ -352,8 +353,12 @@ mod tests {
         let path = dir.path().join("app.log");
         let mut log = LogFile::open(&path, (4096, 3)).unwrap();
         for i in 0..1000u64 {
-            log.write(1000 + i, Stream::Stdout, &format!("line {i:04} of the test"))
-                .unwrap();
+            log.write(
+                1000 + i,
+                Stream::Stdout,
+                &format!("line {i:04} of the test"),
+            )
+            .unwrap();
         }
         let total: u64 = files(&path)
             .iter()
@@ -376,8 +381,12 @@ mod tests {
         assert_eq!(since.len(), 10);
         // Following across a rotation loses nothing.
         for i in 1000..1200u64 {
-            log.write(1000 + i, Stream::Stderr, &format!("line {i:04} of the test"))
-                .unwrap();
+            log.write(
+                1000 + i,
+                Stream::Stderr,
+                &format!("line {i:04} of the test"),
+            )
+            .unwrap();
         }
         let new = read_new(&path, &mut cursor);
         assert_eq!(new.len(), 200, "{:?}", new.first());

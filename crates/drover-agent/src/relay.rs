@@ -194,7 +194,12 @@ fn components(ctx: &Ctx, name: Option<&str>) -> Result<Vec<usize>, String> {
             .position(|c| c.name == n)
             .map(|i| vec![i])
             .ok_or_else(|| {
-                let names: Vec<&str> = ctx.plan.components.iter().map(|c| c.name.as_str()).collect();
+                let names: Vec<&str> = ctx
+                    .plan
+                    .components
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect();
                 format!(
                     "instance {} has no component {n:?}; it has {}",
                     ctx.instance.instance,
@@ -352,7 +357,12 @@ async fn container_lines(
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(o) => out.extend(engine_lines(o).into_iter().filter(|l| l.0 >= since_ms)),
-            Err(e) => return Err(format!("the engine's logs of {}: {e}", &id[..id.len().min(12)])),
+            Err(e) => {
+                return Err(format!(
+                    "the engine's logs of {}: {e}",
+                    &id[..id.len().min(12)]
+                ))
+            }
         }
     }
     Ok(out)
@@ -500,8 +510,14 @@ async fn exec_process(
             let _ = tx.send(Frame::Output { stream, data }).await;
         }
     };
-    let out = child.stdout.take().map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
-    let err = child.stderr.take().map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let out = child
+        .stdout
+        .take()
+        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let err = child
+        .stderr
+        .take()
+        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
     let (_, _, status) = tokio::join!(
         async {
             if let Some(o) = out {
@@ -533,7 +549,8 @@ async fn exec_container(
     use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
     let id = container(ctx, idx)?;
     let docker = ctx.docker.client().await.map_err(|e| e.to_string())?;
-    let what = |e: bollard::errors::Error| format!("exec in container {}: {e}", &id[..id.len().min(12)]);
+    let what =
+        |e: bollard::errors::Error| format!("exec in container {}: {e}", &id[..id.len().min(12)]);
     let created = docker
         .create_exec(
             &id,
@@ -646,7 +663,9 @@ pub(crate) async fn send_flight(link: Link, rec: FlightRecord) {
         .await
     {
         Ok(r) if r.status().is_success() => {}
-        Ok(r) => tracing::warn!(component = %rec.component, status = %r.status(), "the server refused the flight record"),
+        Ok(r) => {
+            tracing::warn!(component = %rec.component, status = %r.status(), "the server refused the flight record")
+        }
         Err(e) => {
             if e.is_connect() {
                 link.servers.failed(server);

@@ -77,8 +77,11 @@ pub(crate) async fn supervise(
             }
             End::Unhealthy { exit, reason, ran } => {
                 tracing::warn!(component = %comp.name, %reason, "component failed its health check; restarted");
-                ctx.record_flight(idx, format!("failed its health check ({reason}); stopped: {exit}"))
-                    .await;
+                ctx.record_flight(
+                    idx,
+                    format!("failed its health check ({reason}); stopped: {exit}"),
+                )
+                .await;
                 let output = match last_output(&ctx.instance.log_file(comp)) {
                     Some(o) => Some(o),
                     None => container_output(&ctx, &slot).await,

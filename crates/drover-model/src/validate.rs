@@ -1385,9 +1385,13 @@ fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Probl
         }
         for (k, v) in &log.options {
             let ok = match k.as_str() {
-                "max-size" => crate::image::parse_memory(v)
-                    .is_some_and(|n| n >= crate::logs::MIN_MAX_SIZE),
-                "max-file" => v.trim().parse::<u32>().is_ok_and(|n| (1..=100).contains(&n)),
+                "max-size" => {
+                    crate::image::parse_memory(v).is_some_and(|n| n >= crate::logs::MIN_MAX_SIZE)
+                }
+                "max-file" => v
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|n| (1..=100).contains(&n)),
                 _ => {
                     out.push(p(
                         &join(base, &["log", "options", k]),

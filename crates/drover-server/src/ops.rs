@@ -58,7 +58,10 @@ fn live_instances(
     generation: Option<u64>,
 ) -> (Vec<Live>, bool) {
     let st = e.state();
-    let known = st.groups.keys().any(|g| g.split('/').next() == Some(service))
+    let known = st
+        .groups
+        .keys()
+        .any(|g| g.split('/').next() == Some(service))
         || st
             .revision
             .as_ref()
@@ -67,7 +70,11 @@ fn live_instances(
         .instances
         .values()
         .filter(|i| {
-            let (s, r) = i.record.group.split_once('/').unwrap_or((&i.record.group, ""));
+            let (s, r) = i
+                .record
+                .group
+                .split_once('/')
+                .unwrap_or((&i.record.group, ""));
             s == service
                 && i.alive
                 && region.is_none_or(|x| x == r)
@@ -450,9 +457,12 @@ pub async fn exec(
         "exec by {} ({}) on {instance} {component}: {shown}",
         caller.id, caller.scope
     );
-    e.record(vec![NewEvent::new(EventKind::Exec, format!("{what}: started"))
-        .group(&group)
-        .instance(&instance)]);
+    e.record(vec![NewEvent::new(
+        EventKind::Exec,
+        format!("{what}: started"),
+    )
+    .group(&group)
+    .instance(&instance)]);
     let mut audit = ExecAudit {
         engine: e.clone(),
         group,
@@ -475,9 +485,8 @@ pub async fn exec(
         audit.end("the agent did not take it");
         return Err(ServerError::Unavailable(message));
     }
-    let frames = futures::stream::unfold(
-        (session, audit, false),
-        move |(mut s, mut audit, ended)| {
+    let frames =
+        futures::stream::unfold((session, audit, false), move |(mut s, mut audit, ended)| {
             let sc = sc.clone();
             async move {
                 if ended {
@@ -505,8 +514,7 @@ pub async fn exec(
                 };
                 Some((ndjson(&f), (s, audit, end)))
             }
-        },
-    );
+        });
     Ok(stream_response(Body::from_stream(frames)))
 }
 
@@ -515,8 +523,7 @@ fn shell_words(cmd: &[String]) -> String {
     cmd.iter()
         .map(|a| {
             if !a.is_empty()
-                && a
-                    .bytes()
+                && a.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
             {
                 a.clone()
@@ -550,10 +557,7 @@ pub async fn agent_tasks(
     })?;
     check_instance(&e, &caller, &bound, &q.instance)?;
     if !e.state().instances.contains_key(&q.instance) {
-        return Err(ServerError::NotFound(format!(
-            "no instance {}",
-            q.instance
-        )));
+        return Err(ServerError::NotFound(format!("no instance {}", q.instance)));
     }
     let _held = hold_poll(&guards, &caller, &bound)?;
     let wait = Duration::from_millis(q.wait_ms.min(60_000));
@@ -628,7 +632,11 @@ pub async fn agent_flight(
     body: RawBody,
 ) -> Result<Response, ServerError> {
     let mut rec: FlightRecord = crate::api::decode(body)?;
-    check_group(&caller, &rec.group, &format!("the record's group {}", rec.group))?;
+    check_group(
+        &caller,
+        &rec.group,
+        &format!("the record's group {}", rec.group),
+    )?;
     check_instance(&e, &caller, &bound, &rec.instance)?;
     if let Some(i) = e.state().instances.get(&rec.instance) {
         if i.record.group != rec.group || i.record.generation != rec.generation {

@@ -101,7 +101,11 @@ impl Relay {
     /// Queue a task for `instance`'s agent (`make` gets its id); None when too many wait.
     pub fn dispatch(&self, instance: &str, make: impl FnOnce(u64) -> AgentTask) -> Option<Session> {
         let mut inner = self.lock();
-        if inner.queues.get(instance).is_some_and(|q| q.len() >= QUEUE_MAX) {
+        if inner
+            .queues
+            .get(instance)
+            .is_some_and(|q| q.len() >= QUEUE_MAX)
+        {
             return None;
         }
         inner.next += 1;

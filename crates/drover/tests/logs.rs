@@ -91,19 +91,29 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     assert_eq!(ids.len(), 3, "{ids:?}");
 
     // Every instance's lines, prefixed with instance and component; the secret never shows.
-    wait_for("every side component's start", Duration::from_secs(10), || {
-        let (_, out, _) = up.cli(&["logs", "web", "side"]);
-        ids.iter()
-            .all(|i| out.contains(&format!("{i} side | started {i}")))
-    });
+    wait_for(
+        "every side component's start",
+        Duration::from_secs(10),
+        || {
+            let (_, out, _) = up.cli(&["logs", "web", "side"]);
+            ids.iter()
+                .all(|i| out.contains(&format!("{i} side | started {i}")))
+        },
+    );
     let (code, out, err) = up.cli(&["logs", "web", "side"]);
     assert_eq!(code, 0, "{out}\n{err}");
     for i in &ids {
-        assert!(out.contains(&format!("{i} side | token is (secret)")), "{out}");
+        assert!(
+            out.contains(&format!("{i} side | token is (secret)")),
+            "{out}"
+        );
         assert!(out.contains(&format!("{i} side | oops")), "{out}");
     }
     assert!(!out.contains(SECRET), "the secret leaked: {out}");
-    assert!(!out.contains("chatty"), "only the component asked for: {out}");
+    assert!(
+        !out.contains("chatty"),
+        "only the component asked for: {out}"
+    );
 
     // --tail: the last line of each instance's component.
     let (code, out, _) = up.cli(&["logs", "web", "side", "--tail", "1"]);
@@ -174,7 +184,10 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     // Rotation: the chatty component wrote ~400 KB; its files stay within 2 x 64 KiB.
     wait_for("chatty's output", Duration::from_secs(20), || {
         let (_, out, _) = up.cli(&["logs", "web", "chatty", "--tail", "1"]);
-        out.lines().filter(|l| l.contains("chatty line 5999")).count() == 3
+        out.lines()
+            .filter(|l| l.contains("chatty line 5999"))
+            .count()
+            == 3
     });
     for i in &ids {
         let idir = up.dir.join("data/instances").join(i);
@@ -185,7 +198,10 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
                 total += e.metadata().unwrap().len();
             }
         }
-        assert!(total > 64 << 10 && total <= 2 * (64 << 10), "{i}: {total} bytes");
+        assert!(
+            total > 64 << 10 && total <= 2 * (64 << 10),
+            "{i}: {total} bytes"
+        );
     }
 
     // exec: output, the exit code passed through, secrets redacted, an event each.
@@ -235,12 +251,20 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     assert_eq!(out.lines().count(), 3, "{out}");
 
     // The flight recorder: a component that dies leaves its last lines in an event.
-    let crash = up.dir.join("data/instances").join(&ids[0]).join("side/crash");
+    let crash = up
+        .dir
+        .join("data/instances")
+        .join(&ids[0])
+        .join("side/crash");
     std::fs::write(&crash, "").unwrap();
-    wait_for("the flight recorder's event", Duration::from_secs(10), || {
-        let (_, ev, _) = up.cli(&["events", "--kind", "output", "--json"]);
-        ev.contains("fatal: crashing now") && ev.contains(&ids[0])
-    });
+    wait_for(
+        "the flight recorder's event",
+        Duration::from_secs(10),
+        || {
+            let (_, ev, _) = up.cli(&["events", "--kind", "output", "--json"]);
+            ev.contains("fatal: crashing now") && ev.contains(&ids[0])
+        },
+    );
     let (_, ev, _) = up.cli(&["events", "--kind", "output", "--json"]);
     assert!(!ev.contains(SECRET), "{ev}");
 

@@ -173,6 +173,7 @@ fn an_instance_token_speaks_for_its_own_instance_only() {
         format!("/v1/agent/permit?instance={}", other.id),
         format!("/v1/agent/connections?instance={}", other.id),
         format!("/v1/agent/peers?instance={}&wait_ms=0", other.id),
+        format!("/v1/agent/tasks?instance={}&wait_ms=0", other.id),
     ] {
         let (code, out) = http_as(up.api, "GET", &path, None, Some(&own)).unwrap();
         assert_eq!(code, 403, "{path}: {out}");
@@ -270,6 +271,13 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     let conns_web = format!("/v1/agent/connections?instance={web_i}");
     let conns_api = format!("/v1/agent/connections?instance={api_i}");
     let peers_web = format!("/v1/agent/peers?instance={web_i}&wait_ms=0");
+    let tasks_web = format!("/v1/agent/tasks?instance={web_i}&wait_ms=0");
+    let upload_web = format!("/v1/agent/tasks/1?instance={web_i}");
+    let flight_web = serde_json::json!({
+        "instance": web_i, "group": "web/local", "generation": web_gen, "component": "app",
+        "reason": "matrix", "at_ms": 0, "lines": []
+    })
+    .to_string();
     const U: u16 = 401;
     const F: u16 = 403;
     #[rustfmt::skip]
@@ -308,6 +316,12 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("GET", &conns_web, None,                                  [U, U, U, F, F, F, F, F]),
         ("GET", &conns_api, None,                                  [U, U, U, F, F, F, F, F]),
         ("GET", &peers_web, None,                                  [U, U, U, F, F, F, F, F]),
+        ("GET", &tasks_web, None,                                  [U, U, U, F, F, F, F, F]),
+        ("POST", &upload_web, Some("{}"),                          [U, U, U, F, F, F, F, F]),
+        ("POST", "/v1/agent/flight", Some(&flight_web),            [U, U, U, F, F, F, F, F]),
+        ("GET", "/v1/logs?service=nope", None,                     [U, U, U, 404, 404, F, F, F]),
+        ("POST", "/v1/exec", Some(r#"{"service":"nope","command":["true"]}"#),
+                                                                   [U, U, U, 404, F, F, F, F]),
         ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F]),
         ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404]),
         ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F]),
