@@ -91,18 +91,15 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
     loop {
         tokio::select! {
             got = &mut next => {
-                match got {
-                    Ok(tasks) => {
+                if let Ok(tasks) = got {
                         throttle.recovered();
                         for task in tasks {
                             if running.len() >= MAX_TASKS {
-                                running.push(Box::pin(refuse(link.clone(), ctx.clone(), task)) as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>);
+                                running.push(Box::pin(refuse(link.clone(), ctx.clone(), task)) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
                             } else {
                                 running.push(Box::pin(handle(ctx.clone(), link.clone(), task)));
                             }
                         }
-                    }
-                    Err(()) => {}
                 }
                 next = Box::pin(poll(&mut throttle));
             }
