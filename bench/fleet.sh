@@ -172,11 +172,14 @@ known_phase() {
             >"$RES/perf-$N.txt" || true
     fi
 
-    # `drover status` over the whole fleet: the CLI end to end (request, JSON, table).
+    # `drover status` lists groups (summaries); `drover status s0/r0 --page 2`: 100 instances.
     STATUS_CLI=()
+    STATUS_PAGE=()
     for i in 1 2 3; do
         t0=$(date +%s%N); cli "$D" status >/dev/null; t1=$(date +%s%N)
         STATUS_CLI+=($(((t1 - t0) / 1000000)))
+        t0=$(date +%s%N); cli "$D" status s0/r0 --page 2 >/dev/null; t1=$(date +%s%N)
+        STATUS_PAGE+=($(((t1 - t0) / 1000000)))
     done
 
     # A deploy of one group (s0/r0, N/10 instances): time to the first permit.
@@ -209,6 +212,7 @@ json.dump({
     "terminated_while_launching": int("${LAUNCH_TERM:-0}" or 0),
     "permits": "$PERMITS",
     "status_cli_ms": [$(IFS=,; echo "${STATUS_CLI[*]}")],
+    "status_page_cli_ms": [$(IFS=,; echo "${STATUS_PAGE[*]}")],
     "permits_in_5s": $PERMITS_5S,
     "agent_first_permit_epoch_ms": int("${AGENT_PERMIT_MS:-0}" or 0) or None,
     "restart_api_up_ms": $API_UP_MS,

@@ -495,19 +495,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let since = Instant::now();
         loop {
             let healthy = async {
-                let body = with_auth(
-                    sh.client.get(format!("{}/v1/status", sh.base)),
+                let s: drover_model::api::FleetStatus = with_auth(
+                    sh.client
+                        .get(format!("{}/v1/status?instances=none", sh.base)),
                     sh.admin.as_deref(),
                 )
                 .timeout(Duration::from_secs(60))
                 .send()
                 .await?
-                .bytes()
+                .json()
                 .await?;
-                Ok::<usize, reqwest::Error>(count_substr(
-                    &body,
-                    b"\"state\":\"healthy\",\"launched_at_ms\"",
-                ))
+                Ok::<usize, reqwest::Error>(s.groups.iter().map(|g| g.healthy as usize).sum())
             }
             .await
             .unwrap_or(0);

@@ -21,8 +21,9 @@ pub fn admin_auth(token: Option<String>, data_dir: Option<&std::path::Path>) -> 
     Some(format!("Bearer {}", t.trim()))
 }
 
-/// Poll `GET /v1/status` until at least `count` instances report (have a last heartbeat) and
-/// are healthy. Times count from `since_epoch_ms` (e.g. when the server was started).
+/// Poll `GET /v1/status?instances=none` (the per-group counts, not the instance list) until at
+/// least `count` instances are healthy (a healthy instance reports). Times count from
+/// `since_epoch_ms` (e.g. when the server was started).
 pub async fn wait_healthy(
     admin: Option<String>,
     server: &str,
@@ -42,22 +43,29 @@ pub async fn wait_healthy(
     let mut polls = 0;
     while Instant::now() < deadline {
         let r = async {
-            with_auth(client.get(format!("{base}/v1/status")), admin.as_deref())
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await
+            with_auth(
+                client.get(format!("{base}/v1/status?instances=none")),
+                admin.as_deref(),
+            )
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?
+            .error_for_status()?
+            .json::<drover_model::api::FleetStatus>()
+            .await
         }
         .await;
         let at = epoch_ms().saturating_sub(since);
-        if let Ok(body) = r {
+        if let Ok(s) = r {
             polls += 1;
             api_up.get_or_insert(at);
-            let total = count_substr(&body, b"\"launched_at_ms\"");
-            let reporting = count_substr(&body, b"\"last_heartbeat_ms\"");
-            let healthy = count_substr(&body, b"\"state\":\"healthy\",\"launched_at_ms\"");
+            let sum = |f: fn(&drover_model::api::GroupStatus) -> u32| {
+                s.groups.iter().map(f).sum::<u32>() as usize
+            };
+            let total = sum(|g| g.rollout.current + g.rollout.stale);
+            let healthy = sum(|g| g.healthy);
+            // A healthy instance reports; the summary has no count of reporting ones.
+            let reporting = healthy;
             last = (total, reporting, healthy);
             if reporting >= count && all_known.is_none() {
                 all_known = Some(at);

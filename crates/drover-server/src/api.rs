@@ -569,8 +569,53 @@ async fn revision(
     }
 }
 
-async fn status(State(e): State<Arc<Engine>>) -> Json<drover_model::api::FleetStatus> {
-    let mut s = e.status();
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    /// `all` (the default) or `none` (per-group counts only).
+    #[serde(default)]
+    instances: Option<String>,
+    /// One group's instances, a page at a time (`service/region`).
+    group: Option<String>,
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+/// `GET /v1/status[?instances=none | ?group=S/R&page=P&per_page=N]`.
+async fn status(
+    State(e): State<Arc<Engine>>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<drover_model::api::FleetStatus>, ServerError> {
+    let Query(q) = query.map_err(|r| {
+        ServerError::BadRequest(format!(
+            "{}; parameters: instances (all, none), group, page, per_page",
+            r.body_text()
+        ))
+    })?;
+    let listing = match (q.instances.as_deref(), q.group) {
+        (Some("none"), None) => crate::state::Listing::None,
+        (None | Some("all"), None) if q.page.is_none() && q.per_page.is_none() => {
+            crate::state::Listing::All
+        }
+        (None | Some("all"), Some(group)) => {
+            if !e.state().groups.contains_key(&group) {
+                return Err(ServerError::NotFound(format!(
+                    "no group {group}; `drover status` lists the groups"
+                )));
+            }
+            crate::state::Listing::Page {
+                group,
+                page: q.page.unwrap_or(1).max(1),
+                per_page: q.per_page.unwrap_or(100).clamp(1, 1000),
+            }
+        }
+        _ => {
+            return Err(ServerError::BadRequest(
+                "status: instances is all or none; page and per_page go with group (e.g. ?group=web/local&page=2)".into(),
+            ))
+        }
+    };
+    let mut s = crate::status::fleet_status(&e, &listing);
     let sc = scrubber(&e);
     if !sc.is_empty() {
         for c in s
@@ -584,7 +629,7 @@ async fn status(State(e): State<Arc<Engine>>) -> Json<drover_model::api::FleetSt
             }
         }
     }
-    Json(s)
+    Ok(Json(s))
 }
 
 #[derive(Deserialize)]

@@ -297,10 +297,9 @@ impl Engine {
         self.balancers.stats()
     }
 
+    /// Every instance listed, read a chunk at a time ([`crate::status`]).
     pub fn status(&self) -> FleetStatus {
-        let mut status = self.state().status(now_ms(), self.timing.silent_after_ms);
-        status.balancers = self.balancers.status();
-        status
+        crate::status::fleet_status(self, &crate::state::Listing::All)
     }
 
     pub fn current_revision(&self) -> Option<Revision> {

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod relay;
 pub mod rollout;
 pub mod state;
+pub mod status;
 pub mod tls;
 pub mod ui;
 pub mod writer;

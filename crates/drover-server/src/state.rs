@@ -132,6 +132,24 @@ pub struct Instance {
     pub permit_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
+/// Which instances a status lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Listing {
+    /// Every instance.
+    #[default]
+    All,
+    /// None: per-group counts only.
+    None,
+    /// None, but each group's instance ids (see [`State::status_of`]).
+    Ids,
+    /// One page (from 1) of one group's instances, by id.
+    Page {
+        group: String,
+        page: usize,
+        per_page: usize,
+    },
+}
+
 #[derive(Default)]
 pub struct State {
     pub revision: Option<Revision>,
@@ -436,6 +454,25 @@ impl State {
     }
 
     pub fn status(&self, now: u64, silent_after_ms: u64) -> FleetStatus {
+        self.status_of(now, silent_after_ms, &Listing::All).0
+    }
+
+    /// The fleet's status with the instances `listing` asks for; the counts (healthy, current,
+    /// stale) are over every instance either way. With [`Listing::Ids`] the instances are
+    /// left out and returned instead as each group's ids with whether each is in rotation,
+    /// for [`crate::status`] to read a chunk at a time. One pass over the instances.
+    pub fn status_of(
+        &self,
+        now: u64,
+        silent_after_ms: u64,
+        listing: &Listing,
+    ) -> (FleetStatus, Vec<Vec<(String, bool)>>) {
+        let mut members: std::collections::HashMap<&str, Vec<&Instance>> =
+            std::collections::HashMap::with_capacity(self.groups.len());
+        for i in self.instances.values() {
+            members.entry(i.record.group.as_str()).or_default().push(i);
+        }
+        let mut ids = Vec::new();
         let groups = self
             .groups
             .values()
@@ -446,12 +483,55 @@ impl State {
                     .get(&g.record.group)
                     .map(|t| t.iter().map(String::as_str).collect())
                     .unwrap_or_default();
-                let instances: Vec<InstanceStatus> = self
-                    .instances
-                    .values()
-                    .filter(|i| i.record.group == g.record.group)
-                    .map(|i| instance_status(i, &targets, now, silent_after_ms))
-                    .collect();
+                let mut mine = members.remove(g.record.group.as_str()).unwrap_or_default();
+                let (mut healthy, mut current, mut stale, mut current_healthy) = (0, 0, 0, 0);
+                for i in &mine {
+                    let ok = instance_state(i, now, silent_after_ms) == InstanceState::Healthy;
+                    healthy += ok as u32;
+                    if i.record.generation == g.record.generation {
+                        current += 1;
+                        current_healthy += ok as u32;
+                    } else if i.record.generation < g.record.generation {
+                        stale += 1;
+                    }
+                }
+                let instances: Vec<InstanceStatus> = match listing {
+                    Listing::All => mine
+                        .iter()
+                        .map(|i| {
+                            let r = targets.contains(i.record.id.as_str());
+                            instance_status(i, r, now, silent_after_ms)
+                        })
+                        .collect(),
+                    Listing::Ids => {
+                        ids.push(
+                            mine.iter()
+                                .map(|i| {
+                                    let id = i.record.id.as_str();
+                                    (id.to_string(), targets.contains(id))
+                                })
+                                .collect(),
+                        );
+                        Vec::new()
+                    }
+                    Listing::None => Vec::new(),
+                    Listing::Page {
+                        group,
+                        page,
+                        per_page,
+                    } if *group == g.record.group => {
+                        mine.sort_unstable_by(|a, b| a.record.id.cmp(&b.record.id));
+                        mine.iter()
+                            .skip(page.saturating_sub(1).saturating_mul(*per_page))
+                            .take(*per_page)
+                            .map(|i| {
+                                let r = targets.contains(i.record.id.as_str());
+                                instance_status(i, r, now, silent_after_ms)
+                            })
+                            .collect()
+                    }
+                    Listing::Page { .. } => Vec::new(),
+                };
                 let bounds = self.bounds(g, now);
                 let schedule = self.has_schedules(g).then(|| {
                     let (base_min, base_max) = self.capacity(g);
@@ -473,10 +553,7 @@ impl State {
                     min: bounds.min,
                     desired: g.record.desired,
                     max: bounds.max,
-                    healthy: instances
-                        .iter()
-                        .filter(|i| i.state == InstanceState::Healthy)
-                        .count() as u32,
+                    healthy,
                     ingress: g.ingress.map(|(a, _)| a.to_string()),
                     desired_reason: g.record.desired_reason.clone(),
                     autoscale: self.service(g).and_then(|s| s.autoscale.as_ref()).map(|p| {
@@ -527,33 +604,22 @@ impl State {
                             .to_string()
                         },
                         reverted_from: g.record.rollout.reverted_from,
-                        current: instances
-                            .iter()
-                            .filter(|i| i.generation == g.record.generation)
-                            .count() as u32,
-                        stale: instances
-                            .iter()
-                            .filter(|i| i.generation < g.record.generation)
-                            .count() as u32,
-                        current_healthy: instances
-                            .iter()
-                            .filter(|i| {
-                                i.generation == g.record.generation
-                                    && i.state == InstanceState::Healthy
-                            })
-                            .count() as u32,
+                        current,
+                        stale,
+                        current_healthy,
                     },
                     instances,
                 }
             })
             .collect();
-        FleetStatus {
+        let status = FleetStatus {
             fleet: self.fleet().map(|f| f.fleet.name.clone()),
             revision: self.revision.as_ref().map(|r| r.number),
             groups,
             balancers: Vec::new(),
             control_plane: None,
-        }
+        };
+        (status, ids)
     }
 
     /// Median time from launch to healthy of the instances that are healthy now.
@@ -649,13 +715,9 @@ impl State {
     }
 }
 
-fn instance_status(
-    i: &Instance,
-    targets: &std::collections::HashSet<&str>,
-    now: u64,
-    silent_after_ms: u64,
-) -> InstanceStatus {
-    let state = match i.record.lifecycle {
+/// What `drover status` calls the instance now.
+pub(crate) fn instance_state(i: &Instance, now: u64, silent_after_ms: u64) -> InstanceState {
+    match i.record.lifecycle {
         Lifecycle::Draining => InstanceState::Draining,
         Lifecycle::Terminating => InstanceState::Terminating,
         Lifecycle::Active if !i.soft.reporting => InstanceState::Launching,
@@ -667,7 +729,16 @@ fn instance_status(
             Health::Unhealthy { .. } => InstanceState::Unhealthy,
             Health::Starting | Health::Unknown => InstanceState::Booting,
         },
-    };
+    }
+}
+
+pub(crate) fn instance_status(
+    i: &Instance,
+    in_rotation: bool,
+    now: u64,
+    silent_after_ms: u64,
+) -> InstanceStatus {
+    let state = instance_state(i, now, silent_after_ms);
     InstanceStatus {
         id: i.record.id.clone(),
         group: i.record.group.clone(),
@@ -678,7 +749,7 @@ fn instance_status(
         last_heartbeat_ms: i.soft.reporting.then_some(i.soft.last_seen_ms),
         components: i.soft.components.clone(),
         utilization: i.soft.utilization.clone(),
-        in_rotation: targets.contains(i.record.id.as_str()),
+        in_rotation,
     }
 }
 

@@ -469,17 +469,75 @@ impl Client {
         }
     }
 
-    pub async fn status(&self) -> anyhow::Result<u8> {
-        let mut s: FleetStatus = match self.get("/v1/status").await {
+    /// Summaries by default (`GET /v1/status?instances=none`); a small fleet's instances, one
+    /// group's page of instances, or with `all` every instance.
+    pub async fn status(&self, a: StatusArgs) -> anyhow::Result<u8> {
+        let path = match &a.group {
+            Some(g) => {
+                let group = if g.contains('/') {
+                    g.clone()
+                } else {
+                    // A service with one region.
+                    let summary: FleetStatus = match self.get("/v1/status?instances=none").await {
+                        Ok(s) => s,
+                        Err(e) => return self.refused(e),
+                    };
+                    let mine: Vec<&str> = summary
+                        .groups
+                        .iter()
+                        .filter(|x| x.service == *g)
+                        .map(|x| x.group.as_str())
+                        .collect();
+                    match mine.as_slice() {
+                        [one] => one.to_string(),
+                        [] => anyhow::bail!("no service {g:?}; `drover status` lists the groups"),
+                        many => anyhow::bail!(
+                            "service {g:?} runs in {} regions; name one group: {}",
+                            many.len(),
+                            many.join(", ")
+                        ),
+                    }
+                };
+                format!(
+                    "/v1/status?group={}&page={}&per_page={}",
+                    url_escape(&group),
+                    a.page.max(1),
+                    a.per_page.clamp(1, 1000)
+                )
+            }
+            None if a.all => "/v1/status".to_string(),
+            None => "/v1/status?instances=none".to_string(),
+        };
+        let mut s: FleetStatus = match self.get(&path).await {
             Ok(s) => s,
             Err(e) => return self.refused(e),
+        };
+        let total: u32 = s
+            .groups
+            .iter()
+            .map(|g| g.rollout.current + g.rollout.stale)
+            .sum();
+        if a.group.is_none() && !a.all && total <= SMALL_FLEET {
+            // A small fleet: every instance, as before.
+            s = match self.get("/v1/status").await {
+                Ok(s) => s,
+                Err(e) => return self.refused(e),
+            };
+        }
+        let listing = match &a.group {
+            Some(_) => render::Listing::Page {
+                page: a.page.max(1),
+                per_page: a.per_page.clamp(1, 1000),
+            },
+            None if a.all || total <= SMALL_FLEET => render::Listing::All,
+            None => render::Listing::Summary,
         };
         // The server that answered: its role, and who leads.
         s.control_plane = self.get("/v1/health").await.ok();
         if self.json {
             println!("{}", serde_json::to_string_pretty(&s)?);
         } else {
-            print!("{}", render::status(&s));
+            print!("{}", render::status(&s, listing));
         }
         Ok(exit::OK)
     }
@@ -818,4 +876,28 @@ impl Client {
         }
         Ok(exit::OK)
     }
+}
+
+/// A fleet of at most this many instances: `drover status` lists them all.
+const SMALL_FLEET: u32 = 100;
+
+/// What `drover status` lists.
+pub struct StatusArgs {
+    pub group: Option<String>,
+    pub page: usize,
+    pub per_page: usize,
+    pub all: bool,
+}
+
+/// A group id in a query string (`/` and the name characters need no escape; anything else
+/// is percent-encoded).
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -273,8 +273,21 @@ enum Command {
         #[arg(long, default_value = "10m")]
         timeout: Dur,
     },
-    /// Show every group and instance: generation, health, rotation, restarts.
-    Status,
+    /// Show every group (generation, health, rollout, scaling) and, for a fleet of at most
+    /// 100 instances, every instance; `drover status GROUP` lists one group's instances a page
+    /// at a time, `--all` every instance of the fleet.
+    Status {
+        /// A group (`service/region`, or a service with one region): its instances, a page at
+        /// a time.
+        group: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        page: usize,
+        #[arg(long, default_value_t = 100)]
+        per_page: usize,
+        /// Every instance of the fleet (one large answer for a large fleet).
+        #[arg(long, conflicts_with = "group")]
+        all: bool,
+    },
     /// Show the event log: everything that happened, in order.
     Events {
         /// Keep printing new events as they happen.
@@ -678,7 +691,21 @@ async fn dispatch(cli: Cli) -> u8 {
                 .destroy(service, dry_run, wait.then_some(timeout.0))
                 .await
         }
-        Command::Status => client.status().await,
+        Command::Status {
+            group,
+            page,
+            per_page,
+            all,
+        } => {
+            client
+                .status(client::StatusArgs {
+                    group,
+                    page,
+                    per_page,
+                    all,
+                })
+                .await
+        }
         Command::Events {
             follow,
             after,

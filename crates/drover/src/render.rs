@@ -75,7 +75,18 @@ fn control_plane(h: &drover_model::api::Health) -> Option<String> {
     })
 }
 
-pub fn status(s: &FleetStatus) -> String {
+/// How much of the instances `status` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// Groups only, and how to list their instances.
+    Summary,
+    /// Every instance in the answer.
+    All,
+    /// One page of one group's instances (the answer holds that page only).
+    Page { page: usize, per_page: usize },
+}
+
+pub fn status(s: &FleetStatus, listing: Listing) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -154,6 +165,37 @@ pub fn status(s: &FleetStatus) -> String {
         }
     }
     out.push_str(&balancers(s));
+    let total: u32 = s
+        .groups
+        .iter()
+        .map(|g| g.rollout.current + g.rollout.stale)
+        .sum();
+    match listing {
+        Listing::Summary => {
+            out.push_str(&format!(
+                "{total} instances; `drover status GROUP` lists a group's, 100 a page (--page N), `drover status --all` every one\n"
+            ));
+            return out;
+        }
+        Listing::Page { page, per_page } => {
+            if let Some(g) = s.groups.iter().find(|g| !g.instances.is_empty()) {
+                let n = (g.rollout.current + g.rollout.stale) as usize;
+                let pages = n.div_ceil(per_page).max(1);
+                out.push_str(&format!(
+                    "{}: page {page} of {pages} ({n} instances, {per_page} a page){}\n",
+                    g.group,
+                    if page < pages {
+                        format!("; --page {} for the next", page + 1)
+                    } else {
+                        String::new()
+                    }
+                ));
+            } else {
+                out.push_str(&format!("page {page}: no instances\n"));
+            }
+        }
+        Listing::All => {}
+    }
     // One row per instance (10,000 in a large fleet): drawn by `Rows` in one pass, in the
     // same style as the other tables, without wrapping.
     let mut inst = Rows::new(&[

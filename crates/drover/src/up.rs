@@ -188,7 +188,7 @@ pub async fn run(
             format!(
                 "{}\n{}",
                 pointers(&server, &s, &dashboard, &cfg.data_dir),
-                render::status(&s)
+                render::status(&s, render::Listing::All)
             )
         };
         // On a terminal, redraw in place every second; otherwise print only changes.

@@ -274,6 +274,45 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
     assert_eq!(fake.permits, 3, "each old instance left on a permit");
     assert!(fake.ended.is_superset(&first));
 
+    // Status: summaries without instances, and one group's instances a page at a time.
+    let (code, body) = http(up.api, "GET", "/v1/status?instances=none", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let summary: FleetStatus = serde_json::from_str(&body).unwrap();
+    assert_eq!(summary.groups[0].healthy, 3);
+    assert_eq!(summary.groups[0].rollout.current, 3);
+    assert!(summary.groups[0].instances.is_empty());
+    let (code, body) = http(
+        up.api,
+        "GET",
+        "/v1/status?group=web/lab&page=2&per_page=2",
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let page: FleetStatus = serde_json::from_str(&body).unwrap();
+    let mut sorted: Vec<String> = now.iter().cloned().collect();
+    sorted.sort();
+    assert_eq!(
+        page.groups[0]
+            .instances
+            .iter()
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>(),
+        vec![sorted[2].clone()],
+        "page 2 of 2 a page: the third id"
+    );
+    let (code, _) = http(up.api, "GET", "/v1/status?group=nope/lab", None).unwrap();
+    assert_eq!(code, 404);
+    let (code, _) = http(up.api, "GET", "/v1/status?page=2", None).unwrap();
+    assert_eq!(code, 400, "a page without its group");
+    let (code, out, err) = up.cli(&["status", "web", "--per-page", "2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("web/lab: page 1 of 2 (3 instances, 2 a page); --page 2 for the next"),
+        "{out}"
+    );
+    assert_eq!(out.matches("i-0").count(), 2, "{out}");
+
     // The exit call: an unknown instance is 404; a token of another group may not end one.
     let (code, _) = http_as(
         up.api,
