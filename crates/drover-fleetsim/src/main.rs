@@ -19,6 +19,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "drover-fleetsim", version, about)]
 struct Cli {
+    /// Worker threads of the agents' runtime (the server under test shares the machine; at
+    /// 50,000 agents one thread is not enough).
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -127,11 +131,17 @@ fn main() -> ExitCode {
             Ok(())
         }
         other => {
-            // One thread for the agents: the server under test shares the machine.
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = if cli.threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(cli.threads)
+                    .enable_all()
+                    .build()
+            };
+            let rt = match rt {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: {e}");
