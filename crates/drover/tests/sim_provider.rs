@@ -174,6 +174,8 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
     let dir = tempfile::tempdir().unwrap();
     let (api, ing) = (free_port(), free_port());
     std::fs::write(dir.path().join("drover.toml"), fleet(subnet())).unwrap();
+    // The balancer process the server starts outlives it by design: stopped last.
+    let _cleanup = KillAgents(dir.path().to_path_buf());
     let _server = KillOnDrop(start_server_with(
         dir.path(),
         api,

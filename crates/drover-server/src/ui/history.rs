@@ -79,7 +79,8 @@ impl History {
     /// Sample every group now.
     pub fn sample(&self, e: &Engine) {
         let now = now_ms();
-        let status = e.status();
+        // Group counts only: no instance list is built for a sample.
+        let status = crate::status::fleet_status(e, &crate::state::Listing::None);
         let mut all = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|g, _| status.groups.iter().any(|s| &s.group == g));
         for g in &status.groups {
