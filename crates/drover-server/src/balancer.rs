@@ -95,15 +95,17 @@ impl Balancers {
     }
 
     /// Add or change a listener; its targets are kept.
+    /// Returns whether the listener is new (it has no target yet).
     pub fn set_listener(
         &self,
         group: &str,
         listen: SocketAddr,
         balance: Balance,
         health: Option<LbHealth>,
-    ) {
+    ) -> bool {
         let mut v = self.view();
         let listen = listen.to_string();
+        let mut created = false;
         let changed = match v.listeners.get_mut(group) {
             Some(l) if l.listen == listen && l.balance == balance && l.health == health => false,
             Some(l) => {
@@ -113,6 +115,7 @@ impl Balancers {
                 true
             }
             None => {
+                created = true;
                 v.listeners.insert(
                     group.to_string(),
                     LbListener {
@@ -130,6 +133,7 @@ impl Balancers {
         if changed {
             v.bump(&self.version_tx);
         }
+        created
     }
 
     /// Where the listener of `group` listens, if it has one.

@@ -266,12 +266,16 @@ impl Engine {
                 .collect()
         };
         for (group, addr, balance, health) in wanted {
-            self.balancers.set_listener(
+            let created = self.balancers.set_listener(
                 &group,
                 addr,
                 balance,
                 health.as_ref().map(crate::balancer::wire_health),
             );
+            if created {
+                // Its targets go to it at the next pass.
+                self.state().published.remove(&group);
+            }
         }
     }
 
@@ -290,6 +294,7 @@ impl Engine {
 
     pub(crate) fn close_ingress(&self, group: &str) {
         self.balancers.remove_listener(group);
+        self.state().published.remove(group);
     }
 
     /// The balancers' counters (`/metrics`).
@@ -896,7 +901,28 @@ impl Engine {
         let mut events = Vec::new();
         {
             let mut st = self.state();
+            // Leaving instances per group, in one pass over the instances.
+            let mut leaving_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for i in st.instances.values() {
+                if i.record.lifecycle != Lifecycle::Active {
+                    leaving_of
+                        .entry(i.record.group.clone())
+                        .or_default()
+                        .push(i.record.id.clone());
+                }
+            }
             for (group, ids) in targets {
+                let leaving = leaving_of.remove(&group).unwrap_or_default();
+                let generation = st.groups.get(&group).map_or(0, |g| g.record.generation);
+                let unchanged = st
+                    .published
+                    .get(&group)
+                    .is_some_and(|(i, l, g)| *i == ids && *l == leaving && *g == generation);
+                if unchanged {
+                    continue;
+                }
+                st.published
+                    .insert(group.clone(), (ids.clone(), leaving.clone(), generation));
                 // Service discovery: the same instances, with every named port of the plan.
                 if let Some(g) = st.groups.get(&group) {
                     let ports: BTreeMap<String, u16> = g
@@ -932,14 +958,6 @@ impl Engine {
                                 addr: SocketAddr::new(ip, port).to_string(),
                             })
                         })
-                        .collect();
-                    let leaving: Vec<String> = st
-                        .instances
-                        .values()
-                        .filter(|i| {
-                            i.record.group == group && i.record.lifecycle != Lifecycle::Active
-                        })
-                        .map(|i| i.record.id.clone())
                         .collect();
                     self.balancers.set_targets(&group, list, leaving);
                 }

@@ -158,6 +158,10 @@ pub struct State {
     pub instance_seq: u64,
     /// Instances currently given to the balancer, per group.
     pub targets: BTreeMap<String, Vec<String>>,
+    /// Per group, what the balancers and discovery were last given: the instances in
+    /// rotation, those leaving, and the plan generation (whose ports peers see). A pass
+    /// that changes none of them gives them nothing (a pass costs what changed).
+    pub published: BTreeMap<String, (Vec<String>, Vec<String>, u64)>,
     /// Per group: instances that ended before ever turning healthy, in a row, and the time
     /// before which no new launch happens.
     pub launch_backoff: BTreeMap<String, drover_control::LaunchBackoff>,
