@@ -244,7 +244,7 @@ pub fn start_server_with(dir: &Path, api: u16, extra: &[&str]) -> Child {
         .append(true)
         .open(dir.join(format!("server-{api}.err")))
         .unwrap();
-    Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["server", "--listen", &format!("127.0.0.1:{api}")])
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -254,7 +254,15 @@ pub fn start_server_with(dir: &Path, api: u16, extra: &[&str]) -> Child {
         .stderr(err)
         .process_group(0)
         .spawn()
-        .unwrap()
+        .unwrap();
+    // For `KillAgents`: a test that fails leaves no server behind.
+    let mut pids = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.pids"))
+        .unwrap();
+    writeln!(pids, "{}", child.id()).unwrap();
+    child
 }
 
 impl Up {
@@ -295,12 +303,24 @@ impl Up {
     }
 }
 
-/// Stops the agents and the balancer that a test's `drover server` started (they outlive it
-/// by design), by the pids in their pid files under `DIR/data`, even when the test fails.
+/// Stops the servers [`start_server`] started in `DIR`, and the agents and the balancer they
+/// started (which outlive a server by design), by the pids in their pid files, even when the
+/// test fails.
 pub struct KillAgents(pub PathBuf);
 
 impl Drop for KillAgents {
     fn drop(&mut self) {
+        // The servers `start_server` started here, if still ours (a pid not reused).
+        if let Ok(pids) = std::fs::read_to_string(self.0.join("server.pids")) {
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    String::from_utf8_lossy(&c).contains(&*self.0.to_string_lossy())
+                });
+                if ours {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         if let Ok(p) = std::fs::read_to_string(self.0.join("data/lb/lb.pid")) {
             if let Ok(pid) = p.trim().parse::<i32>() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
