@@ -287,8 +287,8 @@ async fn serve(args: DemoArgs) -> u8 {
 
 /// Serve one connection. Once the server drains, a kept-alive connection (one that has
 /// already been answered) is closed as soon as it is idle (after the answer in flight, if
-/// any); one that has not yet sent its first request is served, as is one opened during the
-/// drain, each answer saying `Connection: close`.
+/// any); one that has not yet sent its first request gets [`UNASKED_GRACE`] to send it, and
+/// one opened during the drain is served; each answer says `Connection: close`.
 ///
 /// Closing an idle connection that was never answered would drop a request: the balancer
 /// may have sent it just before taking the instance out of rotation, and it may still be in
@@ -314,7 +314,17 @@ async fn connection(
     let builder = hyper::server::conn::http1::Builder::new();
     let mut conn =
         pin!(builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
+    // A connection not yet asked when the drain began: closed after this grace (its first
+    // answer, if a request comes, says `Connection: close`), so a client that connected and
+    // never asks does not hold the drain until its timeout.
+    let mut unasked_deadline: Option<tokio::time::Instant> = None;
     loop {
+        let unasked_over = async {
+            match unasked_deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = draining.wait_for(|d| *d), if !opened_draining => {
@@ -322,8 +332,13 @@ async fn connection(
                     conn.as_mut().graceful_shutdown();
                     break;
                 }
-                // Its first answer will say `Connection: close`.
                 opened_draining = true;
+                unasked_deadline = Some(tokio::time::Instant::now() + UNASKED_GRACE);
+            }
+            // A request under way by then is answered first.
+            _ = unasked_over => {
+                conn.as_mut().graceful_shutdown();
+                break;
             }
             _ = stopping.wait_for(|s| *s) => {
                 conn.as_mut().graceful_shutdown();
@@ -333,6 +348,11 @@ async fn connection(
     }
     let _ = conn.await;
 }
+
+/// How long a connection accepted but not yet asked when a drain begins waits for its first
+/// request (one the balancer sent just before taking the instance out arrives in
+/// milliseconds).
+const UNASKED_GRACE: Duration = Duration::from_secs(1);
 
 async fn close_when_stopping(
     State(d): State<Arc<Demo>>,

@@ -110,6 +110,8 @@ fn a_drain_closes_idle_kept_alive_connections_and_answers_those_not_yet_asked() 
     // Accepted but not yet asked (as a request the balancer sent just before taking the
     // instance out may be): its request must still be answered.
     let mut fresh = connect(demo.addr);
+    // One that never asks: closed after a short grace, so it cannot hold the drain.
+    let mut silent = connect(demo.addr);
     std::thread::sleep(Duration::from_millis(200));
 
     demo.signal(libc::SIGUSR1);
@@ -117,12 +119,16 @@ fn a_drain_closes_idle_kept_alive_connections_and_answers_those_not_yet_asked() 
         closed_within(&mut kept, Duration::from_secs(3)),
         "the idle kept-alive connection is closed at the drain"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(100));
     let head = ask(&mut fresh).expect("the connection not yet asked is answered");
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(
         head.contains("connection: close"),
         "answers now close: {head}"
+    );
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(3)),
+        "a connection that never asks is closed soon after the drain began"
     );
     // New connections are still served during the drain, closing after their answer.
     let mut new = connect(demo.addr);
