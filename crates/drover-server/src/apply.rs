@@ -847,12 +847,7 @@ pub(crate) fn no_service(service: &str, fleet: &drover_model::Fleet) -> ServerEr
 }
 
 fn list<'a>(it: impl Iterator<Item = &'a String>) -> String {
-    let v: Vec<&str> = it.map(String::as_str).collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
-    }
+    crate::names(&it.cloned().collect::<Vec<_>>())
 }
 
 fn summarize(changes: &[drover_model::diff::Change]) -> String {

@@ -914,15 +914,16 @@ impl Engine {
             for (group, ids) in targets {
                 let leaving = leaving_of.remove(&group).unwrap_or_default();
                 let generation = st.groups.get(&group).map_or(0, |g| g.record.generation);
-                let unchanged = st
-                    .published
-                    .get(&group)
-                    .is_some_and(|(i, l, g)| *i == ids && *l == leaving && *g == generation);
+                let unchanged = st.targets.get(&group) == Some(&ids)
+                    && st
+                        .published
+                        .get(&group)
+                        .is_some_and(|(l, g)| *l == leaving && *g == generation);
                 if unchanged {
                     continue;
                 }
                 st.published
-                    .insert(group.clone(), (ids.clone(), leaving.clone(), generation));
+                    .insert(group.clone(), (leaving.clone(), generation));
                 // Service discovery: the same instances, with every named port of the plan.
                 if let Some(g) = st.groups.get(&group) {
                     let ports: BTreeMap<String, u16> = g
@@ -1398,7 +1399,7 @@ impl Engine {
         st.groups
             .get(group)
             .map(|g| crate::state::longest_stop_grace(&g.plan))
-            .unwrap_or(Duration::from_millis(crate::state::DEFAULT_DRAIN_MS))
+            .unwrap_or(Duration::from_millis(crate::state::DEFAULT_STOP_GRACE_MS))
     }
 
     async fn launch(&self, group: &str, generation: u64) -> Result<(), ServerError> {

@@ -99,8 +99,8 @@ pub enum ServerError {
     Io(String, #[source] std::io::Error),
 }
 
-/// Names for an error message: `a, b`, or `none`.
-fn names(known: &[String]) -> String {
+/// Names for a message: `a, b`, or `none`.
+pub(crate) fn names(known: &[String]) -> String {
     if known.is_empty() {
         "none".into()
     } else {
@@ -349,7 +349,7 @@ impl Shared {
                 silent_after_ms: self.silent_after.as_millis() as u64,
                 leave_within_ms: drover_control::group::leave_within_ms(
                     state::DEFAULT_DRAIN_MS,
-                    state::DEFAULT_DRAIN_MS,
+                    state::DEFAULT_STOP_GRACE_MS,
                 ),
             },
             ProviderFactory {

@@ -158,10 +158,10 @@ pub struct State {
     pub instance_seq: u64,
     /// Instances currently given to the balancer, per group.
     pub targets: BTreeMap<String, Vec<String>>,
-    /// Per group, what the balancers and discovery were last given: the instances in
-    /// rotation, those leaving, and the plan generation (whose ports peers see). A pass
-    /// that changes none of them gives them nothing (a pass costs what changed).
-    pub published: BTreeMap<String, (Vec<String>, Vec<String>, u64)>,
+    /// Per group, what the balancers and discovery were last given besides `targets`: the
+    /// instances leaving, and the plan generation (whose ports peers see). A pass that
+    /// changes none of the three gives them nothing (a pass costs what changed).
+    pub published: BTreeMap<String, (Vec<String>, u64)>,
     /// Per group: instances that ended before ever turning healthy, in a row, and the time
     /// before which no new launch happens.
     pub launch_backoff: BTreeMap<String, drover_control::LaunchBackoff>,
@@ -236,6 +236,8 @@ pub fn provider_replaces_leavers(provider: &str, rollout: &drover_model::fleet::
 
 /// The drain timeout of a group whose service is no longer in the fleet.
 pub const DEFAULT_DRAIN_MS: u64 = 10_000;
+/// The stop grace of an instance whose group's plan is unknown (the fleet file's default).
+pub const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
 
 /// How long an instance of `plan` may take to stop once asked: its components' longest
 /// `stop_grace`.

@@ -248,22 +248,6 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
     }
 }
 
-/// A deploy, the way the server records one: a new generation, preferred from `now_ms`, its
-/// rollout begun by the core (`drover_control::rollout::begin`). `revert`: an automatic
-/// revert going back from `reverted_from`. Returns the new generation.
-fn begin_rollout(
-    spec: &mut GroupSpec,
-    rec: &mut RolloutRecord,
-    now_ms: u64,
-    revert: bool,
-    reverted_from: u64,
-) -> u64 {
-    *rec = rollout::begin(Some((rec, spec.generation)), now_ms, revert, reverted_from);
-    spec.generation += 1;
-    rollout::apply_to_spec(rec, spec);
-    spec.generation
-}
-
 /// The simulated truth about one instance (what the server does not see).
 #[derive(Clone, Debug)]
 struct Agent {
@@ -540,17 +524,20 @@ impl Sim {
         self.begin_rollout(g, false, 0)
     }
 
-    /// A new generation of group `g` preferred now (see [`begin_rollout`]).
+    /// A deploy of group `g` now, the way the server records one: a new generation, its
+    /// rollout begun by the core (`drover_control::rollout::begin`). `revert`: an automatic
+    /// revert going back from `reverted_from`. Returns the new generation.
     pub(crate) fn begin_rollout(&mut self, g: usize, revert: bool, reverted_from: u64) -> u64 {
-        let now = self.now;
-        let st = &mut self.groups[g];
-        begin_rollout(
-            &mut self.specs[g],
-            &mut st.rollout,
-            now,
+        let (spec, rec) = (&mut self.specs[g], &mut self.groups[g].rollout);
+        *rec = rollout::begin(
+            Some((rec, spec.generation)),
+            self.now,
             revert,
             reverted_from,
-        )
+        );
+        spec.generation += 1;
+        rollout::apply_to_spec(rec, spec);
+        spec.generation
     }
 
     /// The group's rollout record changed: what the controller reads of it.
