@@ -528,45 +528,65 @@ pub(crate) fn scrubber(e: &Engine) -> drover_model::secret::Scrubber {
 
 async fn revisions(State(e): State<Arc<Engine>>) -> Result<Response, ServerError> {
     let sc = scrubber(&e);
-    let mut all = read(&e, |s| s.revisions()).await?;
+    let all = read(&e, |s| s.revisions()).await?;
+    Ok(Json(scrub_summaries(all, &sc)).into_response())
+}
+
+/// Revision summaries as served: secret values replaced in their text.
+pub(crate) fn scrub_summaries(
+    mut all: Vec<drover_model::api::RevisionSummary>,
+    sc: &drover_model::secret::Scrubber,
+) -> Vec<drover_model::api::RevisionSummary> {
     for r in &mut all {
         sc.scrub_in_place(&mut r.summary);
     }
-    Ok(Json(all).into_response())
+    all
+}
+
+/// The number in `/v1/revisions/{number}`.
+pub(crate) fn revision_number(number: &str) -> Result<u64, ServerError> {
+    number
+        .parse()
+        .map_err(|_| ServerError::BadRequest(format!("revision {number:?} is not a number")))
 }
 
 async fn revision(
     State(e): State<Arc<Engine>>,
     Path(number): Path<String>,
 ) -> Result<Response, ServerError> {
-    let n: u64 = number
-        .parse()
-        .map_err(|_| ServerError::BadRequest(format!("revision {number:?} is not a number")))?;
-    match read(&e, move |s| s.revision(n)).await? {
-        Some(mut r) => {
-            // Secrets never leave the server: not in the text, not in the parsed fleet.
-            let sc = drover_model::secret::Scrubber::for_fleet(Some(&r.fleet));
-            r.toml = sc
-                .scrub(&drover_model::secret::redact_toml(&r.toml))
-                .into_owned();
-            sc.scrub_in_place(&mut r.summary);
-            // The file as last applied (the three-way merge's base) holds secrets too.
-            if let Some(l) = r.last_applied.as_mut() {
-                let base = drover_model::parse_fleet(&l.toml, &r.file).ok();
-                let sb = drover_model::secret::Scrubber::for_fleet(base.as_ref());
-                l.toml = sc
-                    .scrub(&sb.scrub(&drover_model::secret::redact_toml(&l.toml)))
-                    .into_owned();
-            }
-            let mut v = serde_json::to_value(&r)
-                .map_err(|err| ServerError::Internal(format!("revision {n}: {err}")))?;
-            drover_model::secret::redact_json(&mut v);
-            Ok(Json(v).into_response())
-        }
-        None => Err(ServerError::NotFound(format!(
+    let n = revision_number(&number)?;
+    let r = read(&e, move |s| s.revision(n)).await?;
+    Ok(Json(revision_served(n, r)?).into_response())
+}
+
+/// One revision as served: secrets never leave the server, not in the text, not in the
+/// parsed fleet, not in the file as last applied.
+pub(crate) fn revision_served(
+    n: u64,
+    r: Option<drover_model::api::Revision>,
+) -> Result<serde_json::Value, ServerError> {
+    let Some(mut r) = r else {
+        return Err(ServerError::NotFound(format!(
             "no revision {n}; `drover history` lists them"
-        ))),
+        )));
+    };
+    let sc = drover_model::secret::Scrubber::for_fleet(Some(&r.fleet));
+    r.toml = sc
+        .scrub(&drover_model::secret::redact_toml(&r.toml))
+        .into_owned();
+    sc.scrub_in_place(&mut r.summary);
+    // The file as last applied (the three-way merge's base) holds secrets too.
+    if let Some(l) = r.last_applied.as_mut() {
+        let base = drover_model::parse_fleet(&l.toml, &r.file).ok();
+        let sb = drover_model::secret::Scrubber::for_fleet(base.as_ref());
+        l.toml = sc
+            .scrub(&sb.scrub(&drover_model::secret::redact_toml(&l.toml)))
+            .into_owned();
     }
+    let mut v = serde_json::to_value(&r)
+        .map_err(|err| ServerError::Internal(format!("revision {n}: {err}")))?;
+    drover_model::secret::redact_json(&mut v);
+    Ok(v)
 }
 
 #[derive(Deserialize)]
@@ -634,7 +654,7 @@ async fn status(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
+pub(crate) struct EventsQuery {
     #[serde(default)]
     after: u64,
     limit: Option<usize>,
@@ -642,7 +662,7 @@ struct EventsQuery {
     instance: Option<String>,
     kind: Option<String>,
     #[serde(default)]
-    follow: bool,
+    pub(crate) follow: bool,
     /// With a limit (default 10,000): the newest matching events rather than the oldest.
     #[serde(default)]
     newest: bool,
@@ -657,12 +677,7 @@ async fn events(
     headers: axum::http::HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
-    let Query(q) = query.map_err(|r| {
-        ServerError::BadRequest(format!(
-            "{}; allowed parameters: after, limit, group, instance, kind, follow, newest, since (a duration, e.g. 10m)",
-            r.body_text()
-        ))
-    })?;
+    let q = events_query(query)?;
     // Server-sent events for browsers (`Accept: text/event-stream`), which come back after a
     // lost connection with the last seq they saw.
     let sse = q.follow
@@ -678,31 +693,7 @@ async fn events(
     {
         q.after = q.after.max(seen);
     }
-    let kind = match &q.kind {
-        Some(k) => Some(EventKind::parse(k).ok_or_else(|| {
-            ServerError::BadRequest(format!(
-                "unknown event kind {k:?}; see `drover events --help` for the kinds"
-            ))
-        })?),
-        None => None,
-    };
-    let mut filter = EventFilter {
-        after_seq: q.after,
-        // Never unbounded: 0 or anything over the cap is the cap.
-        limit: match q.limit {
-            None if q.follow => 1000,
-            None | Some(0) => MAX_EVENTS_PAGE,
-            Some(n) => n.min(MAX_EVENTS_PAGE),
-        },
-        group: q.group.clone(),
-        instance: q.instance.clone(),
-        kind,
-        since_ms: q
-            .since
-            .map(|d| crate::engine::now_ms().saturating_sub(d.as_millis()))
-            .unwrap_or(0),
-        newest: q.newest,
-    };
+    let mut filter = events_filter(&q)?;
     if q.follow && filter.newest {
         // The newest `limit` first, then the live ones: start the stream before them.
         let f = filter.clone();
@@ -786,6 +777,47 @@ async fn events(
         body,
     )
         .into_response())
+}
+
+/// What `GET /v1/events` reads, from its parameters.
+pub(crate) fn events_filter(q: &EventsQuery) -> Result<EventFilter, ServerError> {
+    let kind = match &q.kind {
+        Some(k) => Some(EventKind::parse(k).ok_or_else(|| {
+            ServerError::BadRequest(format!(
+                "unknown event kind {k:?}; see `drover events --help` for the kinds"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(EventFilter {
+        after_seq: q.after,
+        // Never unbounded: 0 or anything over the cap is the cap.
+        limit: match q.limit {
+            None if q.follow => 1000,
+            None | Some(0) => MAX_EVENTS_PAGE,
+            Some(n) => n.min(MAX_EVENTS_PAGE),
+        },
+        group: q.group.clone(),
+        instance: q.instance.clone(),
+        kind,
+        since_ms: q
+            .since
+            .map(|d| crate::engine::now_ms().saturating_sub(d.as_millis()))
+            .unwrap_or(0),
+        newest: q.newest,
+    })
+}
+
+/// The parameters of `GET /v1/events`, or what is wrong with them.
+pub(crate) fn events_query(
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<EventsQuery, ServerError> {
+    query.map(|Query(q)| q).map_err(|r| {
+        ServerError::BadRequest(format!(
+            "{}; allowed parameters: after, limit, group, instance, kind, follow, newest, since (a duration, e.g. 10m)",
+            r.body_text()
+        ))
+    })
 }
 
 /// The live part of a follow stream: events that pass `filter`. It ends as soon as the
@@ -963,20 +995,34 @@ async fn plan(
     Extension(caller): Extension<Caller>,
     Path((service, region, generation)): Path<(String, String, String)>,
 ) -> Result<Response, ServerError> {
+    let store = e.store.clone();
+    let p = tokio::task::spawn_blocking(move || {
+        plan_served(&*store, &caller, &service, &region, &generation)
+    })
+    .await
+    .map_err(|err| ServerError::Internal(format!("store read: {err}")))??;
+    Ok(Json(p).into_response())
+}
+
+/// `GET /v1/plans/{service}/{region}/{generation}`, from the store: an agent reads its own
+/// group's plans only, and secret env values are the instance's business only.
+pub(crate) fn plan_served(
+    store: &dyn drover_store::Store,
+    caller: &Caller,
+    service: &str,
+    region: &str,
+    generation: &str,
+) -> Result<drover_model::Plan, ServerError> {
     let g: u64 = generation.parse().map_err(|_| {
         ServerError::BadRequest(format!("generation {generation:?} is not a number"))
     })?;
-    let group = drover_model::GroupId::new(&service, &region).0;
-    check_group(&caller, &group, &format!("plan {group}"))?;
-    match e.plan(&group, g)? {
+    let group = drover_model::GroupId::new(service, region).0;
+    check_group(caller, &group, &format!("plan {group}"))?;
+    match store.plan(&group, g)? {
         Some(mut p) => {
-            // Secret env values are the instance's business only.
-            let number = p.revision;
-            let fleet = read(&e, move |s| s.revision(number))
-                .await?
-                .map(|r| r.fleet);
+            let fleet = store.revision(p.revision)?.map(|r| r.fleet);
             drover_model::secret::redact_plan(&mut p, fleet.as_ref());
-            Ok(Json(p).into_response())
+            Ok(p)
         }
         None => Err(ServerError::NotFound(format!(
             "no plan generation {g} for group {group}"

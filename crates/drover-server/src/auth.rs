@@ -10,9 +10,9 @@
 //! a valid token of the wrong scope or group `403`.
 //!
 //! Admin and read tokens are 32 random bytes. Agent tokens are derived from a key kept in the
-//! data directory (`agent-token.key`, 0600) and the token's id (HMAC-SHA256), so the server
-//! can hand them to every instance it launches, after a restart too, while the store keeps
-//! only hashes.
+//! store ([`AGENT_KEY_SECRET`], made once) and the token's id (HMAC-SHA256), so any server on
+//! that store hands the same tokens to the instances it launches, after a restart or a
+//! failover too, while the store keeps only hashes of tokens.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -36,7 +36,9 @@ use crate::ServerError;
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The file, in the data directory, that holds the token of the server's balancer process.
 pub const LB_TOKEN_FILE: &str = "lb.token";
-/// The key agent tokens are derived from.
+/// The name, in the store, of the key agent tokens are derived from.
+pub const AGENT_KEY_SECRET: &str = "agent-token-key";
+/// Where an older drover kept that key (in the data directory): taken into the store once.
 const AGENT_KEY_FILE: &str = "agent-token.key";
 
 /// Who is calling: the token's id, scope and (for agents) group.
@@ -55,6 +57,15 @@ pub struct Auth {
     pub credentials: Credentials,
     /// Serialises token creation (ids are max + 1).
     create: tokio::sync::Mutex<()>,
+}
+
+/// Every stored token, by its hash.
+fn tokens_by_hash(store: &dyn Store) -> Result<HashMap<String, TokenInfo>, ServerError> {
+    Ok(store
+        .tokens()?
+        .into_iter()
+        .map(|t| (t.hash, t.info))
+        .collect())
 }
 
 /// Lowercase hex sha256 of a token.
@@ -89,32 +100,33 @@ fn hmac_sha256(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
 pub struct BoundInstance(pub Option<String>);
 
 impl Auth {
-    /// Load the tokens from `store` and the agent-token key from `data_dir` (made if absent).
+    /// Load the tokens and the agent-token key from `store`. The key is made on the first
+    /// start (taken from `DATA/agent-token.key` when an older drover left one there, which
+    /// is then removed): every server on the store derives the same agent tokens.
     pub fn load(
         store: &dyn Store,
         data_dir: &Path,
         credentials: Credentials,
     ) -> Result<Auth, ServerError> {
         let key_path = data_dir.join(AGENT_KEY_FILE);
-        let key = match std::fs::read(&key_path) {
-            Ok(k) if k.len() == 32 => {
-                let mut key = [0u8; 32];
-                key.copy_from_slice(&k);
-                key
-            }
-            _ => {
-                let key = random_bytes()?;
-                crate::tls::write_private(&key_path, &key)?;
-                key
-            }
+        let old = std::fs::read(&key_path).ok().filter(|k| k.len() == 32);
+        let candidate = match &old {
+            Some(k) => k.to_vec(),
+            None => random_bytes()?.to_vec(),
         };
-        let tokens = store
-            .tokens()?
-            .into_iter()
-            .map(|t| (t.hash, t.info))
-            .collect();
+        let stored = store.keep_secret(AGENT_KEY_SECRET, &candidate)?;
+        let key: [u8; 32] = stored.as_slice().try_into().map_err(|_| {
+            ServerError::Internal(format!(
+                "the store's {AGENT_KEY_SECRET} is {} bytes long, not 32: the store was written by something else than drover",
+                stored.len()
+            ))
+        })?;
+        if old.is_some_and(|k| k == stored) {
+            // The store holds it now: no second copy on this disk.
+            let _ = std::fs::remove_file(&key_path);
+        }
         Ok(Auth {
-            tokens: RwLock::new(tokens),
+            tokens: RwLock::new(tokens_by_hash(store)?),
             key,
             credentials,
             create: tokio::sync::Mutex::new(()),
@@ -124,6 +136,21 @@ impl Auth {
     fn agent_secret(&self, id: &str) -> String {
         let mac = hmac_sha256(&self.key, format!("drover agent token {id}").as_bytes());
         format!("drover_agent_{}", hex::encode(mac))
+    }
+
+    /// The token of the balancer process the leader runs: derived too, so that whichever
+    /// server leads hands its balancer the same token (none is made per server).
+    fn lb_secret(&self, id: &str) -> String {
+        let mac = hmac_sha256(&self.key, format!("drover lb token {id}").as_bytes());
+        format!("drover_lb_{}", hex::encode(mac))
+    }
+
+    /// Read the tokens from `store` again (a server that does not lead: the leader creates
+    /// and revokes them).
+    pub fn refresh(&self, store: &dyn Store) -> Result<(), ServerError> {
+        let tokens = tokens_by_hash(store)?;
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+        Ok(())
     }
 
     /// Every token, by id (never a secret).
@@ -235,7 +262,8 @@ impl Auth {
         name: Option<String>,
         group: Option<String>,
     ) -> Result<CreateTokenResponse, ServerError> {
-        self.create_with(engine, scope, name, group, None).await
+        self.create_with(engine, scope, name, group, Secret::Made)
+            .await
     }
 
     /// [`Auth::create`], with the secret given (an admin or read token) or made.
@@ -245,7 +273,7 @@ impl Auth {
         scope: TokenScope,
         name: Option<String>,
         group: Option<String>,
-        secret: Option<String>,
+        secret: Secret,
     ) -> Result<CreateTokenResponse, ServerError> {
         let name = name.unwrap_or_else(|| scope.as_str().to_string());
         if name.len() > 100 || name.chars().any(char::is_control) {
@@ -271,7 +299,8 @@ impl Auth {
         let id = self.next_id();
         let token = match (scope, secret) {
             (TokenScope::Agent, _) => self.agent_secret(&id),
-            (_, Some(s)) => s,
+            (TokenScope::Lb, Secret::Derived) => self.lb_secret(&id),
+            (_, Secret::Given(s)) => s,
             _ => new_secret(scope)?,
         };
         let info = TokenInfo {
@@ -446,7 +475,7 @@ impl Auth {
             TokenScope::Admin,
             Some("admin (made on first start)".into()),
             None,
-            Some(secret),
+            Secret::Given(secret),
         )
         .await?;
         std::fs::rename(&pending, &path)
@@ -464,33 +493,65 @@ impl Auth {
         data_dir: &Path,
     ) -> Result<PathBuf, ServerError> {
         let path = data_dir.join(LB_TOKEN_FILE);
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let value = HeaderValue::from_str(&format!("Bearer {}", text.trim()));
-            if let Ok(v) = value {
-                if self
-                    .authenticate(Some(&v))
-                    .is_ok_and(|c| c.scope == TokenScope::Lb)
-                {
-                    return Ok(path);
+        // The server's balancer token, as any server on this store derives it.
+        let derived = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(hash, t)| {
+                t.scope == TokenScope::Lb
+                    && t.revoked_at_ms.is_none()
+                    && hash_token(&self.lb_secret(&t.id)) == **hash
+            })
+            .map(|(_, t)| t.id.clone())
+            .max();
+        let token = match derived {
+            Some(id) => self.lb_secret(&id),
+            None => {
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    // An older drover's balancer token, made at random: still good.
+                    let value = HeaderValue::from_str(&format!("Bearer {}", text.trim()));
+                    if value.is_ok_and(|v| {
+                        self.authenticate(Some(&v))
+                            .is_ok_and(|c| c.scope == TokenScope::Lb)
+                    }) {
+                        return Ok(path);
+                    }
                 }
+                self.create_with(
+                    engine,
+                    TokenScope::Lb,
+                    Some("lb (the server's balancer process)".into()),
+                    None,
+                    Secret::Derived,
+                )
+                .await?
+                .token
             }
+        };
+        let line = format!("{token}\n");
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(line.as_str()) {
+            crate::tls::write_private(&path, line.as_bytes())?;
         }
-        let made = self
-            .create(
-                engine,
-                TokenScope::Lb,
-                Some("lb (the server's balancer process)".into()),
-                None,
-            )
-            .await?;
-        crate::tls::write_private(&path, format!("{}\n", made.token).as_bytes())?;
         Ok(path)
     }
 }
 
+/// Where a new token's secret comes from.
+pub(crate) enum Secret {
+    /// 32 random bytes (an agent token's is always derived).
+    Made,
+    /// This one (the first admin token, whose file is written before it is stored).
+    Given(String),
+    /// Derived from the agent-token key and the token's id, as every server on the store
+    /// derives it (the balancer process's token).
+    Derived,
+}
+
 /// What an endpoint asks of its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Need {
+pub(crate) enum Need {
     Nothing,
     /// Any valid token (unknown paths: 404 or 405 only to callers with a token).
     Any,
@@ -503,7 +564,7 @@ enum Need {
     Lb,
 }
 
-fn need(method: &axum::http::Method, path: &str) -> Need {
+pub(crate) fn need(method: &axum::http::Method, path: &str) -> Need {
     match path {
         "/v1/health" => Need::Nothing,
         // The dashboard's pages and login (they check the session themselves).
@@ -523,6 +584,39 @@ fn need(method: &axum::http::Method, path: &str) -> Need {
         p if p.starts_with("/v1/lb/") => Need::Lb,
         _ => Need::Any,
     }
+}
+
+/// Whether `caller` may make a call that needs `need`: `403`, saying what it needs, if not.
+pub(crate) fn allow(
+    need: Need,
+    caller: &Caller,
+    method: &Method,
+    path: &str,
+) -> Result<(), ServerError> {
+    let ok = match (need, caller.scope) {
+        (Need::Nothing | Need::Any, _) => true,
+        (Need::Admin, s) => s == TokenScope::Admin,
+        (Need::Read, s) => matches!(s, TokenScope::Admin | TokenScope::Read),
+        (Need::ReadOrAgent, s) => s != TokenScope::Lb,
+        (Need::Agent, s) => s == TokenScope::Agent,
+        (Need::Lb, s) => matches!(s, TokenScope::Admin | TokenScope::Lb),
+    };
+    if ok {
+        return Ok(());
+    }
+    let what = match need {
+        Need::Admin if method == Method::GET => "needs an admin token",
+        Need::Admin => "changes desired state or tokens and needs an admin token",
+        Need::Read => "needs a read or admin token",
+        Need::Agent => "is for agents and needs the agent token of the instance's group",
+        Need::Lb => "is for balancers and needs an lb token",
+        Need::ReadOrAgent => "needs a read, admin or agent token",
+        _ => "needs another token",
+    };
+    Err(ServerError::Forbidden(format!(
+        "{method} {path} {what}; {}",
+        describe(caller)
+    )))
 }
 
 fn describe(c: &Caller) -> String {
@@ -571,31 +665,8 @@ pub async fn layer(
             return resp;
         }
     };
-    let ok = match (need, caller.scope) {
-        (Need::Nothing | Need::Any, _) => true,
-        (Need::Admin, s) => s == TokenScope::Admin,
-        (Need::Read, s) => matches!(s, TokenScope::Admin | TokenScope::Read),
-        (Need::ReadOrAgent, s) => s != TokenScope::Lb,
-        (Need::Agent, s) => s == TokenScope::Agent,
-        (Need::Lb, s) => matches!(s, TokenScope::Admin | TokenScope::Lb),
-    };
-    if !ok {
-        let what = match need {
-            Need::Admin if req.method() == Method::GET => "needs an admin token",
-            Need::Admin => "changes desired state or tokens and needs an admin token",
-            Need::Read => "needs a read or admin token",
-            Need::Agent => "is for agents and needs the agent token of the instance's group",
-            Need::Lb => "is for balancers and needs an lb token",
-            Need::ReadOrAgent => "needs a read, admin or agent token",
-            _ => "needs another token",
-        };
-        return ServerError::Forbidden(format!(
-            "{} {} {what}; {}",
-            req.method(),
-            req.uri().path(),
-            describe(&caller)
-        ))
-        .into_response();
+    if let Err(e) = allow(need, &caller, req.method(), req.uri().path()) {
+        return e.into_response();
     }
     req.extensions_mut().insert(caller);
     req.extensions_mut().insert(bound);

@@ -1802,6 +1802,16 @@ command = "/bin/true"
         fn tokens(&self) -> Result<Vec<drover_store::TokenRecord>, drover_store::StoreError> {
             self.0.tokens()
         }
+        fn keep_secret(
+            &self,
+            name: &str,
+            candidate: &[u8],
+        ) -> Result<Vec<u8>, drover_store::StoreError> {
+            self.0.keep_secret(name, candidate)
+        }
+        fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, drover_store::StoreError> {
+            self.0.secrets()
+        }
     }
 
     fn beat(seq: u64, state: ComponentState) -> Heartbeat {
@@ -2038,7 +2048,13 @@ command = "/bin/true"
         let secret = format!("drover_admin_{}", "a".repeat(64));
         std::fs::write(data.join("admin.token.new"), format!("{secret}\n")).unwrap();
         e.auth()
-            .create_with(&e, TokenScope::Admin, None, None, Some(secret.clone()))
+            .create_with(
+                &e,
+                TokenScope::Admin,
+                None,
+                None,
+                crate::auth::Secret::Given(secret.clone()),
+            )
             .await
             .unwrap();
         let again = e.auth().ensure_admin(&e, data).await.unwrap().unwrap();

@@ -9,10 +9,10 @@
 //!   third of it. Taking it fences the store (every commit compares the key's
 //!   `create_revision`), and the engine acts only while [`Authority::holds`]: a deposed or
 //!   paused leader neither commits nor hands out a permit.
-//! - A follower answers `GET /v1/health` itself and forwards every other call to the leader
-//!   (a reverse proxy: same method, path, headers, body; the leader's answer as it is), so
-//!   agents, balancers and the CLI may talk to any server. With no leader known it answers
-//!   `503 no_leader`, saying why.
+//! - A follower answers `GET /v1/health` and the reads of the store ([`crate::follower`])
+//!   itself, and forwards every other call to the leader (a reverse proxy: same method, path,
+//!   headers, body; the leader's answer as it is), so agents, balancers and the CLI may talk
+//!   to any server. With no leader known it answers `503 no_leader`, saying why.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,6 +74,8 @@ pub struct Node {
     store: &'static str,
     state: Mutex<NodeState>,
     proxy: reqwest::Client,
+    /// The reads this server answers itself while it does not lead (several servers only).
+    reads: Option<Arc<crate::follower::Reads>>,
 }
 
 #[derive(Default)]
@@ -89,6 +91,7 @@ impl Node {
         me: ServerView,
         store: &'static str,
         ca_file: Option<&std::path::Path>,
+        reads: Option<Arc<crate::follower::Reads>>,
     ) -> Result<Node, crate::ServerError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
@@ -110,6 +113,7 @@ impl Node {
             store,
             state: Mutex::new(NodeState::default()),
             proxy,
+            reads,
         })
     }
 
@@ -232,6 +236,9 @@ async fn dispatch(State(node): State<Arc<Node>>, req: Request) -> Response {
             Ok(resp) => resp,
             Err(never) => match never {},
         };
+    }
+    if let Some(reads) = node.reads.as_ref().filter(|r| r.serves(&req)) {
+        return reads.answer(&node.me.id, req).await;
     }
     let health = node.health();
     let Some(leader) = health.leader.filter(|l| l.id != node.me.id) else {

@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod canary;
 pub mod cloud;
 pub mod engine;
+pub mod follower;
 pub mod guard;
 pub mod ha;
 pub mod lbproc;
@@ -531,7 +532,8 @@ impl Server {
         let addr = api
             .local_addr()
             .map_err(|e| ServerError::Io("API address".into(), e))?;
-        let tls = tls::setup(&cfg.tls, &cfg.data_dir, addr)?;
+        let advertised: Vec<String> = cfg.advertise_url.iter().cloned().collect();
+        let tls = tls::setup(&cfg.tls, &*store, &cfg.data_dir, addr, &advertised)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let server_url = format!("{scheme}://{}", tls::client_host(addr));
         let advertised = cfg
@@ -570,10 +572,19 @@ impl Server {
             url: advertised,
             since_ms: None,
         };
+        let reads = if elected {
+            Some(Arc::new(follower::Reads::new(
+                store.clone(),
+                &cfg.data_dir,
+            )?))
+        } else {
+            None
+        };
         let node = Arc::new(ha::Node::new(
             me,
             if elected { "etcd" } else { "sqlite" },
             ca_file.as_deref(),
+            reads,
         )?);
         let stop = CancellationToken::new();
         let ui = Arc::new(ui::Ui::new(addr.port(), scheme == "https"));

@@ -1,11 +1,13 @@
-//! TLS for the API (rustls): a certificate and key given by the operator, or a CA and a
-//! server certificate the server makes itself in its data directory.
+//! TLS for the API (rustls): a certificate and key given by the operator, or a CA kept in the
+//! store and a server certificate each server makes from it.
 //!
-//! Generated files (`DATA/`): `ca.pem` (public: what clients and agents trust), `ca.key`
-//! (0600: only the server reads it), `server.pem` and `server.key` (0600). The CA is made
-//! once and kept; the server certificate is made again from it on every start, so its names
-//! always cover the address the server listens on. Agents pin the CA by the sha256 of its
-//! DER encoding, which travels in their launch configuration.
+//! The generated CA (certificate and key) is made once and kept in the store
+//! ([`CA_SECRET`]), so every server on one store has the same CA: agents, balancers, the CLI
+//! and the servers forwarding to each other trust one CA whichever server they reach. Each
+//! server signs a certificate of its own from it on every start, so its names always cover
+//! the address it listens on and the one it advertises. Files (`DATA/`): `ca.pem` (public:
+//! what clients trust), `server.pem` and `server.key` (0600). Agents pin the CA by the sha256
+//! of its DER encoding, which travels in their launch configuration.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
+
+use drover_store::Store;
 
 use crate::ServerError;
 
@@ -69,9 +73,20 @@ fn ca_params() -> Result<rcgen::CertificateParams, ServerError> {
     Ok(p)
 }
 
-/// Names the generated server certificate is valid for: loopback, this host's name, and the
-/// address the API listens on.
-fn server_names(listen: SocketAddr) -> Vec<String> {
+/// The name, in the store, of the generated CA (JSON of [`StoredCa`]).
+pub const CA_SECRET: &str = "api-ca";
+
+/// The generated CA as the store keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredCa {
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// Names the generated server certificate is valid for: loopback, this host's name, the
+/// address the API listens on, and the hosts of `advertised` (the URL other servers and
+/// agents are given).
+fn server_names(listen: SocketAddr, advertised: &[String]) -> Vec<String> {
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
@@ -79,6 +94,14 @@ fn server_names(listen: SocketAddr) -> Vec<String> {
     ];
     if !listen.ip().is_unspecified() {
         names.push(listen.ip().to_string());
+    }
+    for url in advertised {
+        if let Some(host) = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+        {
+            names.push(host);
+        }
     }
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim();
@@ -111,37 +134,63 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), ServerError> {
     std::fs::rename(&tmp, path).map_err(|e| ServerError::Io(path.display().to_string(), e))
 }
 
-/// Make (or load) the CA in `data_dir` and a fresh server certificate signed by it.
-/// Returns (CA PEM, server chain PEM, server key PEM).
-pub fn generate(
-    data_dir: &Path,
-    listen: SocketAddr,
-) -> Result<(String, String, String), ServerError> {
+/// The CA from the store, made and stored on the first start (from `DATA/ca.pem` and
+/// `DATA/ca.key` when an older drover left them there; the key file is then removed).
+/// Returns (CA PEM, CA key).
+fn stored_ca(store: &dyn Store, data_dir: &Path) -> Result<(String, rcgen::KeyPair), ServerError> {
     let ca_pem_path = data_dir.join("ca.pem");
     let ca_key_path = data_dir.join("ca.key");
-    let (ca_pem, ca_key) = match (
+    let old = match (
         std::fs::read_to_string(&ca_pem_path),
         std::fs::read_to_string(&ca_key_path),
     ) {
-        (Ok(pem), Ok(key)) => {
-            let key =
-                rcgen::KeyPair::from_pem(&key).map_err(|e| io_err(ca_key_path.display(), e))?;
-            (pem, key)
-        }
-        _ => {
+        (Ok(cert_pem), Ok(key_pem)) => Some(StoredCa { cert_pem, key_pem }),
+        _ => None,
+    };
+    let candidate = match &old {
+        Some(ca) => serde_json::to_vec(ca).map_err(|e| io_err("CA", e))?,
+        None => {
             let key = rcgen::KeyPair::generate().map_err(|e| io_err("CA key", e))?;
             let cert = ca_params()?
                 .self_signed(&key)
                 .map_err(|e| io_err("CA certificate", e))?;
-            write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
-            std::fs::write(&ca_pem_path, cert.pem())
-                .map_err(|e| ServerError::Io(ca_pem_path.display().to_string(), e))?;
-            tracing::info!(ca = %ca_pem_path.display(), "made a new CA for the API");
-            (cert.pem(), key)
+            serde_json::to_vec(&StoredCa {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            })
+            .map_err(|e| io_err("CA", e))?
         }
     };
+    let stored = store.keep_secret(CA_SECRET, &candidate)?;
+    if stored == candidate {
+        tracing::info!("the API's CA is in the store (shared by every server on it)");
+    }
+    let ca: StoredCa = serde_json::from_slice(&stored)
+        .map_err(|e| io_err(format!("the store's {CA_SECRET}"), e))?;
+    let key = rcgen::KeyPair::from_pem(&ca.key_pem)
+        .map_err(|e| io_err(format!("the store's {CA_SECRET} key"), e))?;
+    if old.is_some_and(|o| o.key_pem == ca.key_pem) {
+        // The store holds it now: no second copy of the key on this disk.
+        let _ = std::fs::remove_file(&ca_key_path);
+    }
+    if std::fs::read_to_string(&ca_pem_path).ok().as_deref() != Some(ca.cert_pem.as_str()) {
+        std::fs::write(&ca_pem_path, &ca.cert_pem)
+            .map_err(|e| ServerError::Io(ca_pem_path.display().to_string(), e))?;
+    }
+    Ok((ca.cert_pem, key))
+}
+
+/// The store's CA (made once) and a fresh server certificate signed by it, for `listen`
+/// and the `advertised` URLs. Returns (CA PEM, server chain PEM, server key PEM).
+pub fn generate(
+    store: &dyn Store,
+    data_dir: &Path,
+    listen: SocketAddr,
+    advertised: &[String],
+) -> Result<(String, String, String), ServerError> {
+    let (ca_pem, ca_key) = stored_ca(store, data_dir)?;
     let issuer = rcgen::Issuer::new(ca_params()?, &ca_key);
-    let mut params = rcgen::CertificateParams::new(server_names(listen))
+    let mut params = rcgen::CertificateParams::new(server_names(listen, advertised))
         .map_err(|e| io_err("server certificate names", e))?;
     params
         .distinguished_name
@@ -185,13 +234,15 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Prepare TLS for `mode`; `None` for plain HTTP.
 pub fn setup(
     mode: &TlsMode,
+    store: &dyn Store,
     data_dir: &Path,
     listen: SocketAddr,
+    advertised: &[String],
 ) -> Result<Option<Tls>, ServerError> {
     let (ca_file, chain_pem, key_pem) = match mode {
         TlsMode::Off => return Ok(None),
         TlsMode::Generate => {
-            let (_, chain, key) = generate(data_dir, listen)?;
+            let (_, chain, key) = generate(store, data_dir, listen, advertised)?;
             (
                 data_dir.join("ca.pem"),
                 chain.into_bytes(),
@@ -364,20 +415,65 @@ mod tests {
     #[test]
     fn pem_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let (ca, chain, _) = generate(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let store = drover_store::SqliteStore::open_in_memory().unwrap();
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let (ca, chain, _) = generate(&store, dir.path(), listen, &[]).unwrap();
         let c = certs(ca.as_bytes(), "ca").unwrap();
         assert_eq!(pem_encode(&c[0]).trim(), ca.trim());
         assert_eq!(certs(chain.as_bytes(), "chain").unwrap().len(), 2);
         // The CA is kept: a second start signs with the same one.
-        let (ca2, _, _) = generate(dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (ca2, _, _) = generate(&store, dir.path(), listen, &[]).unwrap();
         assert_eq!(ca, ca2);
         use std::os::unix::fs::PermissionsExt;
-        for f in ["ca.key", "server.key"] {
-            let mode = std::fs::metadata(dir.path().join(f))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{f}");
-        }
+        let mode = std::fs::metadata(dir.path().join("server.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The CA's key is in the store, not on this disk.
+        assert!(!dir.path().join("ca.key").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.pem")).unwrap(),
+            ca
+        );
+    }
+
+    /// Two servers with data directories of their own on one store: the same CA, each its
+    /// own certificate, naming the host it advertises.
+    #[test]
+    fn servers_on_one_store_share_the_ca_and_name_their_advertised_host() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = drover_store::SqliteStore::open_in_memory().unwrap();
+        let listen = "0.0.0.0:7878".parse().unwrap();
+        let (ca_a, chain_a, _) = generate(&store, a.path(), listen, &[]).unwrap();
+        let adv = ["https://cp-2.example.internal:7878".to_string()];
+        let (ca_b, chain_b, _) = generate(&store, b.path(), listen, &adv).unwrap();
+        assert_eq!(ca_a, ca_b);
+        assert_ne!(chain_a, chain_b);
+        let leaf = certs(chain_b.as_bytes(), "chain").unwrap().remove(0);
+        let text = String::from_utf8_lossy(leaf.as_ref()).into_owned();
+        assert!(text.contains("cp-2.example.internal"));
+        assert!(
+            !String::from_utf8_lossy(certs(chain_a.as_bytes(), "chain").unwrap()[0].as_ref())
+                .contains("cp-2.example.internal")
+        );
+    }
+
+    /// An older drover's CA files are taken into the store, and the key file removed.
+    #[test]
+    fn an_older_ca_in_the_data_directory_moves_into_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = ca_params().unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("ca.key"), key.serialize_pem()).unwrap();
+        let store = drover_store::SqliteStore::open_in_memory().unwrap();
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let (ca, _, _) = generate(&store, dir.path(), listen, &[]).unwrap();
+        assert_eq!(ca, cert.pem());
+        assert!(!dir.path().join("ca.key").exists());
+        let kept: StoredCa =
+            serde_json::from_slice(&store.keep_secret(CA_SECRET, b"other").unwrap()).unwrap();
+        assert_eq!(kept.key_pem, key.serialize_pem());
     }
 }

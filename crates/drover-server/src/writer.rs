@@ -218,6 +218,12 @@ pub(crate) mod tests {
         fn tokens(&self) -> Result<Vec<drover_store::TokenRecord>, StoreError> {
             self.inner.tokens()
         }
+        fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+            self.inner.keep_secret(name, candidate)
+        }
+        fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.secrets()
+        }
     }
 
     fn event(msg: &str) -> Vec<Write> {

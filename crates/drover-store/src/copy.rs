@@ -1,5 +1,6 @@
 //! Moving a fleet from one store to another (`drover store copy`): every revision, plan,
-//! group, instance, counter, event and token, with their numbers and times; then a
+//! group, instance, counter, event, token and control-plane secret, with their numbers and
+//! times; then a
 //! comparison of the two stores, record by record.
 
 use std::fmt;
@@ -24,6 +25,8 @@ pub struct Counts {
     pub counters: usize,
     pub events: usize,
     pub tokens: usize,
+    /// The control plane's own secrets (the agent-token key, the API's CA).
+    pub secrets: usize,
 }
 
 impl Counts {
@@ -36,14 +39,15 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} revisions, {} plans, {} groups, {} instances, {} counters, {} events, {} tokens",
+            "{} revisions, {} plans, {} groups, {} instances, {} counters, {} events, {} tokens, {} secrets",
             self.revisions,
             self.plans,
             self.groups,
             self.instances,
             self.counters,
             self.events,
-            self.tokens
+            self.tokens,
+            self.secrets
         )
     }
 }
@@ -59,6 +63,7 @@ pub fn counts(store: &dyn Store) -> Result<Counts, StoreError> {
         counters: snap.counters.len(),
         events: count_events(store)?,
         tokens: store.tokens()?.len(),
+        secrets: store.secrets()?.len(),
     })
 }
 
@@ -226,6 +231,15 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Counts, StoreError> {
         })
         .collect();
     commit_all(to, batches)?;
+    // The control plane's secrets: the same agent tokens, the same CA, on the new store.
+    for (name, value) in from.secrets()? {
+        if to.keep_secret(&name, &value)? != value {
+            return Err(mismatch(format!(
+                "the destination already holds another secret {name}"
+            )));
+        }
+        done.secrets += 1;
+    }
     Ok(done)
 }
 
@@ -334,6 +348,25 @@ pub fn compare(a: &dyn Store, b: &dyn Store) -> Result<Result<Counts, Vec<String
     if ta != tb {
         diffs.push(format!("tokens differ: {} against {}", ta.len(), tb.len()));
     }
+    let (xa, xb) = (a.secrets()?, b.secrets()?);
+    if xa != xb {
+        let names = |x: &[(String, Vec<u8>)]| {
+            x.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        diffs.push(format!(
+            "secrets differ: [{}] against [{}]{}",
+            names(&xa),
+            names(&xb),
+            if names(&xa) == names(&xb) {
+                " (same names, other values)"
+            } else {
+                ""
+            }
+        ));
+    }
     if !diffs.is_empty() {
         return Ok(Err(diffs));
     }
@@ -345,5 +378,6 @@ pub fn compare(a: &dyn Store, b: &dyn Store) -> Result<Result<Counts, Vec<String
         counters: sa.counters.len(),
         events,
         tokens: ta.len(),
+        secrets: xa.len(),
     }))
 }

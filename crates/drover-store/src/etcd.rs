@@ -125,6 +125,9 @@ impl Keys {
     fn token_hash(&self, hash: &str) -> String {
         format!("{}token-hashes/{hash}", self.p)
     }
+    fn secret(&self, name: &str) -> String {
+        format!("{}secrets/{name}", self.p)
+    }
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -1261,6 +1264,48 @@ impl Inner {
         Ok(out)
     }
 
+    /// Create-if-absent in one transaction, else read what is there. Sent again on
+    /// transient errors: an earlier attempt that did create the key is then read back.
+    async fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let key = self.keys.secret(name);
+        let start = tokio::time::Instant::now();
+        let resp = self
+            .read_req(start, || {
+                let mut kv = self.kv.clone();
+                let txn = Txn::new()
+                    .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+                    .and_then(vec![TxnOp::put(key.clone(), candidate.to_vec(), None)])
+                    .or_else(vec![TxnOp::get(key.clone(), None)]);
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            return Ok(candidate.to_vec());
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op {
+                if let Some(kv) = g.kvs().first() {
+                    return Ok(kv.value().to_vec());
+                }
+            }
+        }
+        Err(StoreError::Etcd(format!(
+            "the key {key} exists but could not be read back"
+        )))
+    }
+
+    async fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = self.keys.dir("secrets");
+        let mut out = Vec::new();
+        self.range(prefix.clone(), prefix_end(&prefix), 0, |k, v| {
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, v.to_vec()));
+            Ok(true)
+        })
+        .await?;
+        Ok(out)
+    }
+
     async fn prune_events(&self, keep_last: u64, before_ms: u64) -> Result<u64, StoreError> {
         let prefix = self.keys.dir("events");
         // (seq, at_ms) of every stored event, oldest first.
@@ -1377,6 +1422,15 @@ impl Store for EtcdStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|i| async move { i.all::<TokenRecord>("tokens", 0).await })
+    }
+
+    fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let (i, name, candidate) = (self.inner.clone(), name.to_string(), candidate.to_vec());
+        self.run(async move { i.keep_secret(&name, &candidate).await })
+    }
+
+    fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(|i| async move { i.secrets().await })
     }
 
     fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {

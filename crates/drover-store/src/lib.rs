@@ -67,6 +67,13 @@ pub trait Store: Send + Sync {
         let _ = (keep_last, before_ms);
         Err(StoreError::Config("this store cannot prune events".into()))
     }
+    /// A secret of the control plane itself (the agent-token key, the API's CA), made once
+    /// and shared by every server on this store: when nothing is stored under `name`, store
+    /// `candidate`. Returns what is stored, so that servers starting together agree (the
+    /// first one stored wins). Not fenced: any server may call it before it leads.
+    fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// Every secret of the control plane, by name (what [`copy`] moves).
+    fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Every plan of every group and generation (current or not, of groups removed too),
     /// ordered by (group, generation): what [`copy`] moves.
     fn all_plans(&self) -> Result<Vec<Plan>, StoreError> {

@@ -90,6 +90,13 @@ CREATE TABLE schedules (
     body    TEXT NOT NULL                -- drover_model::api::ScheduledScale as JSON
 );
 "#,
+    // The control plane's own secrets (the agent-token key, the API's CA), made once.
+    r#"
+CREATE TABLE secrets (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"#,
 ];
 
 /// The schema version this code writes.
@@ -654,6 +661,26 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare("SELECT plan FROM plans ORDER BY grp, generation")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         rows.map(|text| from_json("plan", &text?)).collect()
+    }
+
+    fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO secrets (name, value) VALUES (?1, ?2)",
+            rusqlite::params![name, candidate],
+        )?;
+        Ok(
+            conn.query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
+    fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare("SELECT name, value FROM secrets ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn tokens(&self) -> Result<Vec<crate::TokenRecord>, StoreError> {

@@ -547,6 +547,43 @@ pub fn tokens_are_stored_by_hash_revoked_once_and_survive_reopen(f: &dyn Fixture
     );
 }
 
+/// The control plane's secrets: the first one stored under a name wins, for every handle and
+/// after a restart; nothing else changes (no revision, no event).
+pub fn a_secret_is_kept_once_and_the_first_wins(f: &dyn Fixture) {
+    {
+        let a = f.store();
+        let b = f.store();
+        assert_eq!(a.secrets().unwrap(), Vec::new());
+        assert_eq!(
+            a.keep_secret("agent-token-key", b"first").unwrap(),
+            b"first"
+        );
+        // Another server starting with another candidate gets the first one.
+        assert_eq!(
+            b.keep_secret("agent-token-key", b"second").unwrap(),
+            b"first"
+        );
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(b.keep_secret("api-ca", &bytes).unwrap(), bytes);
+    }
+    f.restart();
+    let store = f.store();
+    let bytes: Vec<u8> = (0..=255).collect();
+    assert_eq!(
+        store.secrets().unwrap(),
+        vec![
+            ("agent-token-key".to_string(), b"first".to_vec()),
+            ("api-ca".to_string(), bytes)
+        ]
+    );
+    assert_eq!(
+        store.keep_secret("agent-token-key", b"third").unwrap(),
+        b"first"
+    );
+    let snap = store.snapshot().unwrap();
+    assert_eq!((snap.revision, snap.last_event_seq), (None, 0));
+}
+
 /// Writers on several handles at once: every commit gets its own numbers, without gaps, and
 /// a commit's revision and event are numbered together.
 pub fn concurrent_commits_stay_gapless_and_whole(f: &dyn Fixture) {
@@ -712,8 +749,14 @@ pub fn copy_moves_everything_and_compares_equal(f: &dyn Fixture) {
         )
         .unwrap();
     }
+    src.keep_secret("agent-token-key", &[7; 32]).unwrap();
     let dst = f.store();
     let moved = drover_store::copy::copy(&src, &*dst).unwrap();
+    assert_eq!(moved.secrets, 1);
+    assert_eq!(
+        dst.secrets().unwrap(),
+        vec![("agent-token-key".to_string(), vec![7; 32])]
+    );
     assert_eq!(
         (
             moved.revisions,
@@ -740,6 +783,14 @@ pub fn copy_moves_everything_and_compares_equal(f: &dyn Fixture) {
         .unwrap()
         .unwrap_err();
     assert!(diff.iter().any(|d| d.contains("event")), "{diff:?}");
+    src.keep_secret("api-ca", b"ca").unwrap();
+    let diff = drover_store::copy::compare(&src, &*dst)
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        diff.iter().any(|d| d.contains("secrets differ")),
+        "{diff:?}"
+    );
     // The copy goes on numbering where the source stopped.
     let c = dst
         .commit(vec![revision_write("after the copy")], 10)
@@ -958,6 +1009,7 @@ suite!(
     event_filters,
     reopen_keeps_everything,
     tokens_are_stored_by_hash_revoked_once_and_survive_reopen,
+    a_secret_is_kept_once_and_the_first_wins,
     concurrent_commits_stay_gapless_and_whole,
     a_large_group_commit_keeps_each_commit_whole,
     copy_moves_everything_and_compares_equal,

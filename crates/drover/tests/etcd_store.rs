@@ -1,7 +1,7 @@
 //! End to end on a real 3-member etcd cluster on loopback: `drover server --store etcd://...`
 //! runs the example fleet, is SIGKILLed and restarted on the same etcd and finds the same
 //! revision and instances; `drover store copy` moves a SQLite store over with the same
-//! revisions, events and tokens, and a server started on the copy carries on.
+//! revisions, events, tokens and secrets, and a server started on the copy carries on.
 #![cfg(feature = "etcd")]
 
 mod common;
@@ -164,6 +164,15 @@ fn store_copy_moves_a_sqlite_fleet_to_etcd_and_a_server_carries_on_there() {
     assert_eq!(sqlite.events(&all).unwrap(), etcd.events(&all).unwrap());
     assert_eq!(sqlite.tokens().unwrap(), etcd.tokens().unwrap());
     assert!(etcd.tokens().unwrap().iter().any(|t| t.info.name == "ci"));
+    // The agent-token key moves with the store (no server's disk holds it): the instances'
+    // tokens stay valid on etcd.
+    assert_eq!(sqlite.secrets().unwrap(), etcd.secrets().unwrap());
+    assert!(etcd
+        .secrets()
+        .unwrap()
+        .iter()
+        .any(|(name, v)| name == "agent-token-key" && v.len() == 32));
+    assert!(!dir.path().join("data/agent-token.key").exists());
     let last_seq = sqlite.snapshot().unwrap().last_event_seq;
     drop(sqlite);
 

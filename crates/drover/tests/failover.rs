@@ -474,27 +474,10 @@ fn a_leader_sigkilled_mid_rollout_is_replaced_within_3s_and_the_rollout_finishes
     assert!(out.contains("deploy") || out.lines().count() >= 3, "{out}");
 }
 
-/// The agent token of `group`, as the server derives it from the key in the data directory
-/// (HMAC-SHA256 of the token id).
-fn agent_token(dir: &std::path::Path, id: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let key = std::fs::read(dir.join("data/agent-token.key")).unwrap();
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for i in 0..32 {
-        ipad[i] ^= key[i];
-        opad[i] ^= key[i];
-    }
-    let msg = format!("drover agent token {id}");
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg.as_bytes())
-        .finalize();
-    let mac = Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize();
-    format!("drover_agent_{}", hex::encode(mac))
+/// The agent token of id `id`, as the servers derive it from the key in the store.
+fn agent_token(plane: &Plane, id: &str) -> String {
+    let store = drover_store::EtcdStore::open(&plane.etcd.config("/drover/failover")).unwrap();
+    derive_agent_token(&agent_key_in(&store), id)
 }
 
 /// Whether every thread of `pid` is stopped (state `T`).
@@ -539,7 +522,7 @@ fn a_leader_paused_past_its_lease_neither_commits_nor_hands_out_a_permit() {
         .max()
         .unwrap()
         .to_string();
-    let token = agent_token(dir, &agent_id);
+    let token = agent_token(&plane, &agent_id);
     let admin = std::fs::read_to_string(dir.join("data/admin.token")).unwrap();
     let admin = admin.trim();
 

@@ -88,7 +88,7 @@ fn heartbeat(instance: &str, group: &str, addr: &str, generation: u64) -> String
 }
 
 /// The group agent token the server launches `group`'s instances from, and its id: derived
-/// from `DATA/agent-token.key` as the server does (what the local provider gives an instance
+/// from the store's agent-token key as the server does (what the local provider gives an instance
 /// is an instance token made from it).
 fn group_token(up: &Up, group: &str) -> (String, String) {
     let (code, out) = http_as(up.api, "GET", "/v1/tokens", None, Some(&admin(up))).unwrap();
@@ -100,12 +100,7 @@ fn group_token(up: &Up, group: &str) -> (String, String) {
         .map(|t| t.id.clone())
         .max()
         .unwrap();
-    let key = std::fs::read(up.dir.join("data/agent-token.key")).unwrap();
-    let mac = drover_model::token::hmac_sha256(&key, format!("drover agent token {id}").as_bytes());
-    let secret = format!(
-        "drover_agent_{}",
-        mac.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let secret = derive_agent_token(&agent_key(&up.dir.join("data")), &id);
     (id, secret)
 }
 

@@ -337,13 +337,3 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
     .unwrap();
     assert_eq!(code, 403, "the admin token is not an agent's");
 }
-
-/// The server goes with the test, passed or failed.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}

@@ -133,7 +133,9 @@ fn agents_pin_the_ca_and_the_cli_refuses_a_wrong_one() {
     // Another CA (made the same way, in another directory): refused.
     let other = dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
-    drover_server::tls::generate(&other, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let other_store = drover_store::SqliteStore::open_in_memory().unwrap();
+    drover_server::tls::generate(&other_store, &other, "127.0.0.1:0".parse().unwrap(), &[])
+        .unwrap();
     let (code, _, err) = remote(
         &[],
         &["status", "--ca", other.join("ca.pem").to_str().unwrap()],

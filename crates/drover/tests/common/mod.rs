@@ -595,3 +595,36 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String, bool)> {
     s.read_exact(&mut body)?;
     Ok((code, String::from_utf8_lossy(&body).into_owned(), close))
 }
+
+/// The agent-token key as the server keeps it in `store` (made on its first start).
+pub fn agent_key_in(store: &dyn drover_store::Store) -> Vec<u8> {
+    store
+        .secrets()
+        .unwrap()
+        .into_iter()
+        .find(|(name, _)| name == "agent-token-key")
+        .map(|(_, v)| v)
+        .expect("the store holds no agent-token key: has the server started?")
+}
+
+/// The agent-token key of the server whose (SQLite) data directory is `data`.
+pub fn agent_key(data: &Path) -> Vec<u8> {
+    let store = drover_store::SqliteStore::open(&data.join("drover.db")).unwrap();
+    agent_key_in(&store)
+}
+
+/// A group's agent token of id `id`, derived from `key` as the server does (HMAC-SHA256).
+pub fn derive_agent_token(key: &[u8], id: &str) -> String {
+    let mac = drover_model::token::hmac_sha256(key, format!("drover agent token {id}").as_bytes());
+    format!("drover_agent_{}", hex::encode(mac))
+}
+
+/// A process that goes with the test, passed or failed (SIGKILL).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
