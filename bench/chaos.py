@@ -29,6 +29,7 @@ import http.client
 import io
 import json
 import os
+import sqlite3
 import random
 import re
 import resource
@@ -419,14 +420,15 @@ stolen = {"group": None}
 
 def instance_token_of(instance):
     """The token the local provider gave `instance` (as if read out of it): derived from the
-    group's agent token as the server does, from DATA/agent-token.key."""
+    group's agent token as the server does, from the agent-token key in the store."""
     code, toks = api("GET", "/v1/tokens")
     if code != 200:
         return None
     ids = sorted(t["id"] for t in toks if t.get("group") == "web/local" and not t.get("revoked_at_ms"))
     if not ids:
         return None
-    key = open(os.path.join(DATA, "agent-token.key"), "rb").read()
+    with sqlite3.connect(f"file:{os.path.join(DATA, 'drover.db')}?mode=ro", uri=True) as db:
+        key = db.execute("SELECT value FROM secrets WHERE name = 'agent-token-key'").fetchone()[0]
     tid = ids[0]
     group = "drover_agent_" + hmac.new(key, f"drover agent token {tid}".encode(), hashlib.sha256).hexdigest()
     mac = hmac.new(group.encode(), f"drover instance token {instance}".encode(), hashlib.sha256).hexdigest()
