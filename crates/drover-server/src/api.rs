@@ -1054,6 +1054,7 @@ async fn metrics(
         "# HELP drover_controller_passes_total Controller passes since the server started.\n# TYPE drover_controller_passes_total counter\ndrover_controller_passes_total {}\n",
         e.passes()
     ));
+    out.push_str(&e.writer_stats().prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

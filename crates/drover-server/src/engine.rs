@@ -1276,6 +1276,11 @@ impl Engine {
         self.record(events);
     }
 
+    /// The store writer's counters (commits, records, group commit latency).
+    pub fn writer_stats(&self) -> &crate::writer::WriterStats {
+        self.writer.stats()
+    }
+
     /// Controller passes ([`Engine::tick`]) so far.
     pub fn passes(&self) -> u64 {
         self.passes.load(std::sync::atomic::Ordering::Relaxed)

@@ -33,15 +33,84 @@ struct Job {
     done: Option<oneshot::Sender<Result<Committed, StoreError>>>,
 }
 
-/// Counters of the writer, for tests and logs.
+/// Upper bounds (ms) of the buckets of [`WriterStats::group_ms`]; the last bucket has none.
+pub const GROUP_MS_BUCKETS: [u64; 11] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000];
+
+/// Counters of the writer, for tests, logs and `/metrics`.
 #[derive(Debug, Default)]
 pub struct WriterStats {
     /// Transactions committed (fsyncs).
     pub groups: AtomicU64,
     /// Commits in them.
     pub commits: AtomicU64,
+    /// Records written by them (revisions, instances, events, ...).
+    pub writes: AtomicU64,
     /// Soft-state events dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// How long each group took to commit (the store's round trip and fsync), by bucket of
+    /// [`GROUP_MS_BUCKETS`] (not cumulative; one more for longer ones).
+    pub group_ms: [AtomicU64; GROUP_MS_BUCKETS.len() + 1],
+    /// Their sum, in microseconds.
+    pub group_us_sum: AtomicU64,
+}
+
+impl WriterStats {
+    fn record_group(&self, took: std::time::Duration) {
+        let ms = took.as_micros() as u64;
+        let i = GROUP_MS_BUCKETS
+            .iter()
+            .position(|b| ms <= b * 1000)
+            .unwrap_or(GROUP_MS_BUCKETS.len());
+        self.group_ms[i].fetch_add(1, Ordering::Relaxed);
+        self.group_us_sum.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Prometheus text: commits, records and group commit latency (a histogram).
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, help, v) in [
+            (
+                "drover_store_groups_total",
+                "Store transactions (group commits) written.",
+                &self.groups,
+            ),
+            (
+                "drover_store_commits_total",
+                "Commits in them.",
+                &self.commits,
+            ),
+            (
+                "drover_store_writes_total",
+                "Records they wrote.",
+                &self.writes,
+            ),
+            (
+                "drover_store_dropped_total",
+                "Soft-state events dropped because the writer's queue was full.",
+                &self.dropped,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# HELP drover_store_commit_seconds How long a group commit took (the store's round trip and fsync).\n# TYPE drover_store_commit_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, bound) in GROUP_MS_BUCKETS.iter().enumerate() {
+            cumulative += self.group_ms[i].load(Ordering::Relaxed);
+            out.push_str(&format!(
+                "drover_store_commit_seconds_bucket{{le=\"{}\"}} {cumulative}\n",
+                *bound as f64 / 1000.0
+            ));
+        }
+        cumulative += self.group_ms[GROUP_MS_BUCKETS.len()].load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "drover_store_commit_seconds_bucket{{le=\"+Inf\"}} {cumulative}\ndrover_store_commit_seconds_sum {}\ndrover_store_commit_seconds_count {cumulative}\n",
+            self.group_us_sum.load(Ordering::Relaxed) as f64 / 1e6
+        ));
+        out
+    }
 }
 
 /// Handle to the writer thread; the thread ends when the last handle is dropped, after
@@ -144,11 +213,15 @@ fn run(
                 Err(_) => break,
             }
         }
-        let batches = jobs
+        let batches: Vec<_> = jobs
             .iter_mut()
             .map(|j| (std::mem::take(&mut j.writes), j.now_ms))
             .collect();
+        let records: usize = batches.iter().map(|(w, _)| w.len()).sum();
+        let began = std::time::Instant::now();
         let results = store.commit_many(batches);
+        stats.record_group(began.elapsed());
+        stats.writes.fetch_add(records as u64, Ordering::Relaxed);
         stats.groups.fetch_add(1, Ordering::Relaxed);
         stats
             .commits
@@ -258,6 +331,19 @@ pub(crate) mod tests {
         assert_eq!(groups.iter().sum::<usize>(), 50);
         assert!(groups.len() < 25, "commits were grouped: {groups:?}");
         assert_eq!(w.stats().commits.load(Ordering::Relaxed), 50);
+        assert_eq!(w.stats().writes.load(Ordering::Relaxed), 50);
+        // Each group took the slow store's 20 ms at least: the histogram says so.
+        let text = w.stats().prometheus();
+        let n = groups.len();
+        assert!(
+            text.contains("drover_store_commit_seconds_bucket{le=\"0.01\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("drover_store_commit_seconds_count {n}\n")),
+            "{text}"
+        );
+        assert!(text.contains("drover_store_writes_total 50\n"), "{text}");
         // Published once durable, in seq order.
         assert_eq!(*published.lock().unwrap(), (1..=50).collect::<Vec<u64>>());
         drop(w);
