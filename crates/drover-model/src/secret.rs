@@ -205,11 +205,97 @@ impl Scrubber {
             *text = s;
         }
     }
+
+    /// Scrub a text that comes in pieces (an exec's output chunks), so a secret split across
+    /// two pieces is replaced too: returns what may be shown of `held` + `piece` now, and
+    /// keeps in `held` the end that may be the start of a secret (the longest end of it that
+    /// begins some secret; nothing, mostly). [`Scrubber::finish`] gives the rest at the end.
+    pub fn scrub_piece(&self, held: &mut String, piece: &str) -> String {
+        held.push_str(piece);
+        let buf = std::mem::take(held);
+        // The longest end of `buf` that is a proper start of a secret.
+        let mut cut = buf.len();
+        for v in &self.values {
+            if let Some(k) = (1..v.len())
+                .rev()
+                .find(|k| v.is_char_boundary(*k) && buf.ends_with(&v[..*k]))
+            {
+                cut = cut.min(buf.len() - k);
+            }
+        }
+        // A whole secret across the cut goes out whole (replaced), not in two parts.
+        loop {
+            let end = self
+                .values
+                .iter()
+                .flat_map(|v| {
+                    buf.match_indices(v.as_str())
+                        .map(|(at, m)| (at, at + m.len()))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|(at, end)| *at < cut && *end > cut)
+                .map(|(_, end)| end)
+                .max();
+            match end {
+                Some(e) => cut = e,
+                None => break,
+            }
+        }
+        *held = buf[cut..].to_string();
+        self.scrub(&buf[..cut]).into_owned()
+    }
+
+    /// The rest of a text scrubbed piece by piece ([`Scrubber::scrub_piece`]).
+    pub fn finish(&self, held: &mut String) -> String {
+        let rest = std::mem::take(held);
+        self.scrub(&rest).into_owned()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scrub `pieces` one by one; what was shown.
+    fn shown(sc: &Scrubber, pieces: &[&str]) -> String {
+        let mut held = String::new();
+        let mut out = String::new();
+        for p in pieces {
+            out.push_str(&sc.scrub_piece(&mut held, p));
+        }
+        out + &sc.finish(&mut held)
+    }
+
+    #[test]
+    fn a_secret_split_across_pieces_is_replaced() {
+        let sc = Scrubber::new(["hunter22".to_string(), "s3cr3t-välue".to_string()]);
+        // Split anywhere, by one or several cuts: never shown, the rest intact.
+        let text = "a hunter22 b s3cr3t-välue c hunter22";
+        let want = "a (secret) b (secret) c (secret)";
+        let bounds: Vec<usize> = (0..=text.len())
+            .filter(|i| text.is_char_boundary(*i))
+            .collect();
+        for &i in &bounds {
+            for &j in bounds.iter().filter(|j| **j >= i) {
+                let got = shown(&sc, &[&text[..i], &text[i..j], &text[j..]]);
+                assert_eq!(got, want, "cut at {i} and {j}");
+            }
+        }
+        // One byte at a time.
+        let bytes: Vec<String> = text.chars().map(String::from).collect();
+        let refs: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        assert_eq!(shown(&sc, &refs), want);
+        // Only a possible start of a secret waits; other text goes out at once.
+        let mut held = String::new();
+        assert_eq!(sc.scrub_piece(&mut held, "$ "), "$ ");
+        assert_eq!(sc.scrub_piece(&mut held, "echo hun"), "echo ");
+        assert_eq!(held, "hun");
+        assert_eq!(sc.scrub_piece(&mut held, "gry"), "hungry");
+        assert!(held.is_empty());
+        // A secret that never completes is shown as it was at the end.
+        assert_eq!(sc.scrub_piece(&mut held, "x hunter2"), "x ");
+        assert_eq!(sc.finish(&mut held), "hunter2");
+    }
 
     #[test]
     fn redacts_json_toml_changes_and_text() {
