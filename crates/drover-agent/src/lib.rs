@@ -121,6 +121,9 @@ pub(crate) struct Ctx {
     containers: Mutex<Vec<Option<String>>>,
     /// Where flight records go (to the server, by the relay); none without a server.
     flights: Option<tokio::sync::mpsc::Sender<drover_model::logs::FlightRecord>>,
+    /// Per `docker` component: its last lines, read just before its container was removed
+    /// (the final flight record is made after the stop, when the engine has them no more).
+    last_words: Mutex<Vec<Vec<logfile::Line>>>,
 }
 
 impl Ctx {
@@ -139,6 +142,21 @@ impl Ctx {
     pub fn set_container(&self, idx: usize, id: &str) {
         let mut c = self.containers.lock().unwrap_or_else(|e| e.into_inner());
         c[idx] = Some(id.to_string());
+    }
+
+    /// Keep component `idx`'s last lines for its final flight record.
+    pub fn set_last_words(&self, idx: usize, lines: Vec<logfile::Line>) {
+        let mut w = self.last_words.lock().unwrap_or_else(|e| e.into_inner());
+        w[idx] = lines;
+    }
+
+    pub fn last_words(&self, idx: usize) -> Vec<logfile::Line> {
+        self.last_words
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(idx)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn container(&self, idx: usize) -> Option<String> {
@@ -432,6 +450,7 @@ pub async fn run_with_auth(
         drained: Mutex::new(None),
         containers: Mutex::new(vec![None; components_len]),
         flights: servers.as_ref().map(|_| flight_tx.clone()),
+        last_words: Mutex::new(vec![Vec::new(); components_len]),
     });
     let link = servers.clone().map(|s| relay::Link {
         client: server_client.clone(),

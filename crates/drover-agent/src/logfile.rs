@@ -305,13 +305,21 @@ fn read_from(path: &Path, offset: u64, out: &mut Vec<Line>) -> u64 {
 
 /// The last lines of a log whose text is at most `max` bytes in all (oldest first).
 pub(crate) fn last_lines(path: &Path, max: usize) -> Vec<Line> {
+    last_lines_and_cursor(path, max).0
+}
+
+/// The last whole lines of a log whose text is at most `max` bytes in all (oldest first), and
+/// where [`read_new`] goes on after them (no line lost or read twice between the two).
+pub(crate) fn last_lines_and_cursor(path: &Path, max: usize) -> (Vec<Line>, Cursor) {
     let mut out: VecDeque<Line> = VecDeque::new();
+    let mut cursor = Cursor::default();
     let mut total = 0usize;
-    for f in files(path).iter().rev() {
+    for (i, f) in files(path).iter().rev().enumerate() {
         let Ok(mut file) = File::open(f) else {
             continue;
         };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let meta = file.metadata().ok();
+        let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
         // Enough for `max` bytes of text with their prefixes.
         let want = (max as u64 * 2 + 4096).min(len);
         if file.seek(SeekFrom::Start(len - want)).is_err() {
@@ -321,7 +329,15 @@ pub(crate) fn last_lines(path: &Path, max: usize) -> Vec<Line> {
         if file.read_to_end(&mut buf).is_err() {
             continue;
         }
-        let mut chunk: Vec<&[u8]> = buf.split(|b| *b == b'\n').collect();
+        // Only whole lines: a partial last one is read by the next `read_new`.
+        let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        if i == 0 {
+            cursor = Cursor {
+                ino: meta.map(|m| m.ino()).unwrap_or(0),
+                offset: len - want + whole as u64,
+            };
+        }
+        let mut chunk: Vec<&[u8]> = buf[..whole].split(|b| *b == b'\n').collect();
         if len > want && !chunk.is_empty() {
             chunk.remove(0); // starts mid-line
         }
@@ -332,7 +348,7 @@ pub(crate) fn last_lines(path: &Path, max: usize) -> Vec<Line> {
             let l = parse(&String::from_utf8_lossy(raw));
             total += l.2.len() + 1;
             if total > max {
-                return out.into();
+                return (out.into(), cursor);
             }
             out.push_front(l);
         }
@@ -340,7 +356,7 @@ pub(crate) fn last_lines(path: &Path, max: usize) -> Vec<Line> {
             break;
         }
     }
-    out.into()
+    (out.into(), cursor)
 }
 
 #[cfg(test)]
@@ -396,6 +412,13 @@ mod tests {
         let last = last_lines(&path, 100);
         assert_eq!(last.last().unwrap().2, "line 1199 of the test");
         assert!(last.iter().map(|l| l.2.len() + 1).sum::<usize>() <= 100);
+        // The tail and where to go on from it: nothing lost, nothing twice.
+        let (last, mut cursor) = last_lines_and_cursor(&path, 100);
+        assert_eq!(last.last().unwrap().2, "line 1199 of the test");
+        log.write(5000, Stream::Stdout, "after the tail").unwrap();
+        let new = read_new(&path, &mut cursor);
+        assert_eq!(new.len(), 1, "{new:?}");
+        assert_eq!(new[0].2, "after the tail");
     }
 
     #[test]

@@ -5,13 +5,18 @@
 //! the body of `POST /v1/agent/tasks/ID`, one JSON frame a line. The upload ends when the task
 //! is done, or when the server closes it (the person went away), which stops the task.
 //! The flight recorder: when a component dies, the last lines of its output go to
-//! `POST /v1/agent/flight`.
+//! `POST /v1/agent/flight`; and while the agent runs, the new lines of every component's
+//! tail go to `POST /v1/agent/tail` (at most once a second, at most `FLIGHT_BYTES` per
+//! component), so the server's copy outlives an agent killed without warning.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use drover_model::fleet::Runtime;
-use drover_model::logs::{AgentTask, FlightRecord, Frame, LogLine, Stream, TasksReply};
+use drover_model::logs::{
+    AgentTask, FlightRecord, Frame, LogLine, Stream, TailBatch, TailPart, TasksReply, FLIGHT_BYTES,
+};
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -32,6 +37,12 @@ const MAX_TASKS: usize = 16;
 const FLIGHT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Flight records waiting to be sent (more are dropped, with a log line).
 pub(crate) const FLIGHT_QUEUE: usize = 32;
+/// How often the new lines of the components' tails go to the server (at most).
+const TAIL_EVERY: Duration = Duration::from_millis(drover_model::logs::TAIL_EVERY_MS);
+/// How long a tail batch upload may take.
+const TAIL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long reading a container's new lines from the engine may take.
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The agent's connection for logs and exec.
 #[derive(Clone)]
@@ -88,6 +99,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
     };
     let mut next = Box::pin(poll(&mut throttle));
     let mut uploads = futures::stream::FuturesUnordered::new();
+    let tails = keep_tails(&ctx, &link);
+    tokio::pin!(tails);
     loop {
         tokio::select! {
             got = &mut next => {
@@ -106,7 +119,201 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
             Some(()) = running.next(), if !running.is_empty() => {}
             Some(rec) = flights.recv() => uploads.push(send_flight(link.clone(), rec)),
             Some(()) = uploads.next(), if !uploads.is_empty() => {}
+            _ = &mut tails => {}
         }
+    }
+}
+
+/// One component's tail as the server has it: where reading goes on, and the lines read but
+/// not sent yet (at most `FLIGHT_BYTES` of text: the oldest go first, and then the server's
+/// copy is replaced rather than continued).
+#[derive(Default)]
+struct Tail {
+    started: bool,
+    cursor: logfile::Cursor,
+    /// For a container: the engine's time (ns) of the newest line taken, and how many of the
+    /// lines taken had that time (the engine's `since` is in whole seconds).
+    last_ns: Option<(i64, usize)>,
+    pending: VecDeque<logfile::Line>,
+    bytes: usize,
+    reset: bool,
+}
+
+impl Tail {
+    fn push(&mut self, lines: impl IntoIterator<Item = logfile::Line>) {
+        for l in lines {
+            self.bytes += l.2.len() + 1;
+            self.pending.push_back(l);
+        }
+        while self.bytes > FLIGHT_BYTES {
+            let Some(l) = self.pending.pop_front() else {
+                break;
+            };
+            self.bytes -= l.2.len() + 1;
+            self.reset = true;
+        }
+    }
+}
+
+/// Keep the server's copy of every component's tail current: every `TAIL_EVERY`, the new
+/// lines of each (the first batch: the last `FLIGHT_BYTES` each) in one request, and only
+/// when there are some. What the server did not take is sent with the next batch. Never ends.
+async fn keep_tails(ctx: &Ctx, link: &Link) {
+    let n = ctx.plan.components.len();
+    let mut tails: Vec<Tail> = (0..n)
+        .map(|_| Tail {
+            reset: true,
+            ..Default::default()
+        })
+        .collect();
+    let mut throttle = Throttle::default();
+    loop {
+        tokio::time::sleep(TAIL_EVERY).await;
+        for (idx, t) in tails.iter_mut().enumerate() {
+            gather_tail(ctx, idx, t).await;
+        }
+        if tails.iter().all(|t| t.pending.is_empty()) {
+            continue;
+        }
+        let batch = TailBatch {
+            instance: ctx.instance.instance.clone(),
+            group: ctx.instance.group.clone(),
+            generation: ctx.plan.generation,
+            components: tails
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !t.pending.is_empty())
+                .map(|(idx, t)| TailPart {
+                    component: ctx.plan.components[idx].name.clone(),
+                    reset: t.reset,
+                    lines: t.pending.iter().map(|l| log_line(ctx, idx, l)).collect(),
+                })
+                .collect(),
+        };
+        let (server, url) = link.servers.url("/v1/agent/tail");
+        let sent = match link
+            .client
+            .post(url)
+            .json(&batch)
+            .timeout(TAIL_TIMEOUT)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => {
+                if Servers::try_another(r.status()) {
+                    link.servers.failed(server);
+                }
+                Err(format!("status {}", r.status()))
+            }
+            Err(e) => {
+                if e.is_connect() {
+                    link.servers.failed(server);
+                }
+                Err(error_chain(&e))
+            }
+        };
+        match sent {
+            Ok(()) => {
+                throttle.recovered();
+                for t in &mut tails {
+                    if !t.pending.is_empty() {
+                        t.pending.clear();
+                        t.bytes = 0;
+                        t.reset = false;
+                    }
+                }
+            }
+            Err(problem) => {
+                if throttle.failed() {
+                    tracing::warn!(%problem, "cannot send the components' new output to the flight recorder; kept for the next try (logged at most once a minute)");
+                }
+            }
+        }
+    }
+}
+
+/// Read component `idx`'s new lines into its tail.
+async fn gather_tail(ctx: &Ctx, idx: usize, t: &mut Tail) {
+    let comp = &ctx.plan.components[idx];
+    match comp.runtime {
+        Runtime::Process => {
+            let path = ctx.instance.log_file(comp);
+            let (started, mut cursor) = (t.started, t.cursor);
+            let (lines, cursor) = tokio::task::spawn_blocking(move || {
+                if started {
+                    let lines = logfile::read_new(&path, &mut cursor);
+                    (lines, cursor)
+                } else {
+                    logfile::last_lines_and_cursor(&path, FLIGHT_BYTES)
+                }
+            })
+            .await
+            .unwrap_or_default();
+            t.started = true;
+            t.cursor = cursor;
+            t.push(lines);
+        }
+        Runtime::Docker => {
+            let Some(id) = ctx.container(idx) else { return };
+            let Ok(docker) = ctx.docker.client().await else {
+                return;
+            };
+            let mut b = bollard::query_parameters::LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .timestamps(true);
+            b = match t.last_ns {
+                None => b.tail("1000"),
+                Some((ns, _)) => b.since((ns / 1_000_000_000) as i32),
+            };
+            let read = async {
+                let mut stream = docker.logs(&id, Some(b.build()));
+                let mut out = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(o) => out.extend(engine_lines_ns(o)),
+                        Err(_) => break,
+                    }
+                }
+                out
+            };
+            let Ok(lines) = tokio::time::timeout(ENGINE_TIMEOUT, read).await else {
+                return;
+            };
+            let (mut last, mut at_last) = t.last_ns.unwrap_or((i64::MIN, 0));
+            let mut skip = at_last;
+            let mut new = Vec::new();
+            for (ns, stream, text) in lines {
+                if ns < last {
+                    continue;
+                }
+                if ns == last {
+                    if skip > 0 {
+                        skip -= 1;
+                        continue;
+                    }
+                    at_last += 1;
+                } else {
+                    (last, at_last, skip) = (ns, 1, 0);
+                }
+                new.push(((ns / 1_000_000).max(0) as u64, stream, text));
+            }
+            if last != i64::MIN {
+                t.last_ns = Some((last, at_last));
+            }
+            t.push(new);
+        }
+    }
+}
+
+fn log_line(ctx: &Ctx, idx: usize, (at_ms, stream, text): &logfile::Line) -> LogLine {
+    LogLine {
+        at_ms: *at_ms,
+        instance: ctx.instance.instance.clone(),
+        component: ctx.plan.components[idx].name.clone(),
+        stream: *stream,
+        line: text.clone(),
     }
 }
 
@@ -398,6 +605,14 @@ async fn follow_container(ctx: &Ctx, idx: usize, tx: &mpsc::Sender<Frame>) {
 
 /// Lines of one chunk of the engine's logs (`TIMESTAMP TEXT` with `timestamps`).
 fn engine_lines(o: bollard::container::LogOutput) -> Vec<logfile::Line> {
+    engine_lines_ns(o)
+        .into_iter()
+        .map(|(ns, stream, text)| ((ns / 1_000_000).max(0) as u64, stream, text))
+        .collect()
+}
+
+/// Lines of one chunk of the engine's logs, with the engine's time in ns.
+fn engine_lines_ns(o: bollard::container::LogOutput) -> Vec<(i64, Stream, String)> {
     use bollard::container::LogOutput;
     let (stream, bytes) = match o {
         LogOutput::StdErr { message } => (Stream::Stderr, message),
@@ -409,8 +624,8 @@ fn engine_lines(o: bollard::container::LogOutput) -> Vec<logfile::Line> {
         .map(|l| {
             let (ts, text) = l.split_once(' ').unwrap_or((l, ""));
             match crate::docker::parse_rfc3339_ns(ts) {
-                Some(ns) => ((ns / 1_000_000).max(0) as u64, stream, text.to_string()),
-                None => (logfile::now_ms(), stream, l.to_string()),
+                Some(ns) => (ns, stream, text.to_string()),
+                None => (logfile::now_ms() as i64 * 1_000_000, stream, l.to_string()),
             }
         })
         .collect()
@@ -600,32 +815,32 @@ async fn exec_container(
     Err("the command's output ended but it still runs".into())
 }
 
+/// A container's last lines, at most `FLIGHT_BYTES` of text (none when it has no container
+/// or the engine does not answer within 2 s).
+pub(crate) async fn container_tail(ctx: &Ctx, idx: usize) -> Vec<logfile::Line> {
+    let mut l = tokio::time::timeout(ENGINE_TIMEOUT, container_lines(ctx, idx, 0, Some(1000)))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let keep = drover_model::logs::flight_cut(&l, |x| x.2.len());
+    l.drain(..keep);
+    l
+}
+
 /// The flight record of component `idx` now: its last lines, at most `FLIGHT_BYTES`.
 pub(crate) async fn flight_record(ctx: &Ctx, idx: usize, reason: String) -> FlightRecord {
     let comp = &ctx.plan.components[idx];
-    let max = drover_model::logs::FLIGHT_BYTES;
     let lines = match comp.runtime {
-        Runtime::Process => logfile::last_lines(&ctx.instance.log_file(comp), max),
+        Runtime::Process => logfile::last_lines(&ctx.instance.log_file(comp), FLIGHT_BYTES),
         Runtime::Docker => {
-            let mut l = tokio::time::timeout(
-                Duration::from_secs(2),
-                container_lines(ctx, idx, 0, Some(1000)),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-            let mut total = 0usize;
-            let mut keep = l.len();
-            for (k, x) in l.iter().enumerate().rev() {
-                total += x.2.len() + 1;
-                if total > max {
-                    break;
-                }
-                keep = k;
+            let l = container_tail(ctx, idx).await;
+            if l.is_empty() {
+                // Removed at the stop: the lines read just before.
+                ctx.last_words(idx)
+            } else {
+                l
             }
-            l.drain(..keep);
-            l
         }
     };
     FlightRecord {
@@ -635,16 +850,7 @@ pub(crate) async fn flight_record(ctx: &Ctx, idx: usize, reason: String) -> Flig
         component: comp.name.clone(),
         reason,
         at_ms: logfile::now_ms(),
-        lines: lines
-            .into_iter()
-            .map(|(at_ms, stream, line)| LogLine {
-                at_ms,
-                instance: ctx.instance.instance.clone(),
-                component: comp.name.clone(),
-                stream,
-                line,
-            })
-            .collect(),
+        lines: lines.iter().map(|l| log_line(ctx, idx, l)).collect(),
     }
 }
 

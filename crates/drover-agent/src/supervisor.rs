@@ -52,6 +52,7 @@ pub(crate) async fn supervise(
         let end = run_once(&ctx, idx, &mut slot, &mut booted, &mut stop).await;
         let ran = match end {
             End::Stopped => {
+                keep_last_words(&ctx, idx, &slot).await;
                 slot.cleanup(&ctx, idx).await;
                 ctx.update(idx, |c| {
                     c.state = ComponentState::Stopped;
@@ -117,12 +118,22 @@ pub(crate) async fn supervise(
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop_requested(&mut stop) => {
+                    keep_last_words(&ctx, idx, &slot).await;
                     slot.cleanup(&ctx, idx).await;
                     ctx.update(idx, |c| c.state = ComponentState::Stopped);
                     return;
                 }
             }
         }
+    }
+}
+
+/// A container's last lines, read before it is removed: its final flight record is made
+/// after the stop, when the engine has them no more.
+async fn keep_last_words(ctx: &Ctx, idx: usize, slot: &runtime::Slot) {
+    if slot.container_id().is_some() {
+        let lines = crate::relay::container_tail(ctx, idx).await;
+        ctx.set_last_words(idx, lines);
     }
 }
 

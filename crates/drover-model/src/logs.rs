@@ -168,6 +168,47 @@ pub struct FlightRecord {
     pub lines: Vec<LogLine>,
 }
 
+/// `POST /v1/agent/tail`: what the instance's components printed since the agent's last
+/// batch, so that the server's copy of their tail (the flight recorder's) is current while the
+/// agent runs and survives an agent killed without warning (SIGKILL, a machine lost).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailBatch {
+    pub instance: String,
+    pub group: String,
+    pub generation: u64,
+    pub components: Vec<TailPart>,
+}
+
+/// One component's new lines in a [`TailBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailPart {
+    pub component: String,
+    /// The lines replace what the server kept of this component's tail (an agent's first
+    /// batch, or one after lines were lost while the server was away); else they follow it.
+    #[serde(default)]
+    pub reset: bool,
+    /// Oldest first, at most [`FLIGHT_BYTES`] of text.
+    pub lines: Vec<LogLine>,
+}
+
+/// How often an agent sends the new lines of its components' tails (at most).
+pub const TAIL_EVERY_MS: u64 = 1000;
+
+/// The newest `FLIGHT_BYTES` of text of `lines` (counting each line's newline): the index of
+/// the first line to keep.
+pub fn flight_cut<T>(lines: &[T], text: impl Fn(&T) -> usize) -> usize {
+    let mut total = 0usize;
+    let mut keep = lines.len();
+    for (k, l) in lines.iter().enumerate().rev() {
+        total += text(l) + 1;
+        if total > FLIGHT_BYTES {
+            break;
+        }
+        keep = k;
+    }
+    keep
+}
+
 /// A process component's rotation: (size at which the file is rotated, files kept).
 pub fn rotation(log: Option<&LogConfig>) -> (u64, u32) {
     let opt = |k: &str| log.and_then(|l| l.options.get(k));

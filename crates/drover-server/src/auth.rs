@@ -718,6 +718,10 @@ mod tests {
             need(&axum::http::Method::POST, "/v1/agent/flight"),
             Need::Agent
         );
+        assert_eq!(
+            need(&axum::http::Method::POST, "/v1/agent/tail"),
+            Need::Agent
+        );
         assert_eq!(need(&G, "/v1/revisions/3"), Need::Read);
         assert_eq!(need(&G, "/v1/plans/web/local/1"), Need::ReadOrAgent);
         assert_eq!(need(&G, "/v1/agent/heartbeat"), Need::Agent);

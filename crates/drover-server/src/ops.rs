@@ -1,6 +1,6 @@
 //! The API of logs, exec and the flight recorder: `GET /v1/logs` (read), `POST /v1/exec`
-//! (admin), and the agents' side, `GET /v1/agent/tasks`, `POST /v1/agent/tasks/{id}` and
-//! `POST /v1/agent/flight`. The relaying itself is in `relay.rs`.
+//! (admin), and the agents' side, `GET /v1/agent/tasks`, `POST /v1/agent/tasks/{id}`,
+//! `POST /v1/agent/flight` and `POST /v1/agent/tail`. The relaying itself is in `relay.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +10,9 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use drover_model::logs::{AgentTask, ExecRequest, FlightRecord, Frame, LogLine, LogsQuery};
+use drover_model::logs::{
+    AgentTask, ExecRequest, FlightRecord, Frame, LogLine, LogsQuery, Stream, TailBatch,
+};
 use drover_model::secret::Scrubber;
 use drover_model::{EventKind, NewEvent};
 use futures::StreamExt;
@@ -103,9 +105,13 @@ fn scrub_frame(sc: &Scrubber, f: &mut Frame) {
 }
 
 fn ndjson(f: &Frame) -> Result<Bytes, std::convert::Infallible> {
+    Ok(Bytes::from(frame_bytes(f)))
+}
+
+fn frame_bytes(f: &Frame) -> Vec<u8> {
     let mut v = serde_json::to_vec(f).unwrap_or_default();
     v.push(b'\n');
-    Ok(Bytes::from(v))
+    v
 }
 
 fn stream_response(body: Body) -> Response {
@@ -257,26 +263,18 @@ pub async fn logs(
     .await;
     let mut merged: Vec<LogLine> = Vec::new();
     let mut notes: Vec<Frame> = Vec::new();
-    for r in &recs {
-        if q.component.as_ref().is_some_and(|c| *c != r.component) {
+    for ((instance, component), (reason, lines)) in crate::relay::merged(&recs) {
+        if q.component.as_ref().is_some_and(|c| *c != component) {
             continue;
         }
-        let mut kept: Vec<LogLine> = r
-            .lines
-            .iter()
-            .filter(|l| l.at_ms >= since_ms)
-            .cloned()
-            .collect();
+        let mut kept: Vec<LogLine> = lines.into_iter().filter(|l| l.at_ms >= since_ms).collect();
         if let Some(t) = q.tail {
             kept.drain(..kept.len().saturating_sub(t));
         }
         notes.push(Frame::Note {
             message: format!(
-                "{} {}: instance gone; the flight recorder's last {} lines ({})",
-                r.instance,
-                r.component,
+                "{instance} {component}: instance gone; the flight recorder's last {} lines ({reason})",
                 kept.len(),
-                r.reason
             ),
         });
         merged.extend(kept);
@@ -485,36 +483,79 @@ pub async fn exec(
         audit.end("the agent did not take it");
         return Err(ServerError::Unavailable(message));
     }
-    let frames =
-        futures::stream::unfold((session, audit, false), move |(mut s, mut audit, ended)| {
-            let sc = sc.clone();
-            async move {
-                if ended {
-                    return None;
+    // Secrets are scrubbed across output chunks: a possible start of one waits for the next.
+    struct Exec {
+        s: Session,
+        audit: ExecAudit,
+        ended: bool,
+        held: [String; 2],
+    }
+    let held_of = |st: Stream| match st {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    };
+    let state = Exec {
+        s: session,
+        audit,
+        ended: false,
+        held: Default::default(),
+    };
+    let frames = futures::stream::unfold(state, move |mut x| {
+        let sc = sc.clone();
+        async move {
+            if x.ended {
+                return None;
+            }
+            // What is still held goes out before the end.
+            let flush = |x: &mut Exec, out: &mut Vec<u8>| {
+                for st in [Stream::Stdout, Stream::Stderr] {
+                    let data = sc.finish(&mut x.held[held_of(st)]);
+                    if !data.is_empty() {
+                        out.extend_from_slice(&frame_bytes(&Frame::Output { stream: st, data }));
+                    }
                 }
-                let Some(mut f) = s.rx.recv().await else {
-                    audit.end("no exit code (the agent's upload broke off)");
+            };
+            let mut out = Vec::new();
+            loop {
+                let Some(mut f) = x.s.rx.recv().await else {
+                    x.audit.end("no exit code (the agent's upload broke off)");
+                    flush(&mut x, &mut out);
                     let f = Frame::Error {
-                        instance: Some(s.instance.clone()),
+                        instance: Some(x.s.instance.clone()),
                         message: "the session ended without the command's exit code".into(),
                     };
-                    return Some((ndjson(&f), (s, audit, true)));
+                    out.extend_from_slice(&frame_bytes(&f));
+                    x.ended = true;
+                    return Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), x));
                 };
-                scrub_frame(&sc, &mut f);
+                if let Frame::Output { stream, data } = &mut f {
+                    *data = sc.scrub_piece(&mut x.held[held_of(*stream)], data);
+                    if data.is_empty() {
+                        continue;
+                    }
+                } else {
+                    scrub_frame(&sc, &mut f);
+                }
                 let end = match &f {
                     Frame::Exit { code, how } => {
-                        audit.end(&format!("exit code {code} ({how})"));
+                        x.audit.end(&format!("exit code {code} ({how})"));
                         true
                     }
                     Frame::Error { message, .. } => {
-                        audit.end(&format!("failed: {message}"));
+                        x.audit.end(&format!("failed: {message}"));
                         true
                     }
                     _ => false,
                 };
-                Some((ndjson(&f), (s, audit, end)))
+                if end {
+                    flush(&mut x, &mut out);
+                    x.ended = true;
+                }
+                out.extend_from_slice(&frame_bytes(&f));
+                return Some((Ok(Bytes::from(out)), x));
             }
-        });
+        }
+    });
     Ok(stream_response(Body::from_stream(frames)))
 }
 
@@ -699,5 +740,80 @@ pub async fn agent_flight(
     e.record(vec![NewEvent::new(EventKind::Output, message)
         .group(group)
         .instance(instance)]);
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+/// `POST /v1/agent/tail`: the new lines of an instance's components since its last batch,
+/// added to the flight recorder's copy of each component's tail (no event: this is routine).
+pub async fn agent_tail(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
+    body: RawBody,
+) -> Result<Response, ServerError> {
+    let batch: TailBatch = crate::api::decode(body)?;
+    check_group(
+        &caller,
+        &batch.group,
+        &format!("the batch's group {}", batch.group),
+    )?;
+    check_instance(&e, &caller, &bound, &batch.instance)?;
+    let components: Vec<String> = {
+        let st = e.state();
+        let Some(i) = st.instances.get(&batch.instance) else {
+            return Err(ServerError::NotFound(format!(
+                "no instance {}",
+                batch.instance
+            )));
+        };
+        if i.record.group != batch.group || i.record.generation != batch.generation {
+            return Err(ServerError::BadRequest(format!(
+                "instance {}: the group or generation is not the one it was launched with",
+                batch.instance
+            )));
+        }
+        st.groups
+            .get(&batch.group)
+            .and_then(|g| {
+                (g.plan.generation == batch.generation)
+                    .then(|| g.plan.components.iter().map(|c| c.name.clone()).collect())
+            })
+            .unwrap_or_default()
+    };
+    let sc = scrubber(&e);
+    let now = now_ms();
+    let ops2 = ops.clone();
+    tokio::task::spawn_blocking(move || {
+        for mut part in batch.components {
+            // A component of its plan only (when the plan at hand is the instance's).
+            if !components.is_empty() && !components.contains(&part.component) {
+                continue;
+            }
+            let cut = drover_model::logs::flight_cut(&part.lines, |l| l.line.len());
+            part.lines.drain(..cut);
+            for l in &mut part.lines {
+                l.instance = batch.instance.clone();
+                l.component = part.component.clone();
+                drover_model::api::truncate_text(&mut l.line, drover_model::logs::MAX_LINE);
+                sc.scrub_in_place(&mut l.line);
+            }
+            let head = FlightRecord {
+                instance: batch.instance.clone(),
+                group: batch.group.clone(),
+                generation: batch.generation,
+                component: part.component,
+                reason: String::new(),
+                at_ms: now,
+                lines: Vec::new(),
+            };
+            ops2.flights
+                .append_tail(&head, part.reset, part.lines, now)
+                .map_err(|err| ServerError::BadRequest(format!("tail not kept: {err}")))?;
+        }
+        Ok::<(), ServerError>(())
+    })
+    .await
+    .map_err(|err| ServerError::Internal(format!("flight recorder: {err}")))??;
     Ok(Json(serde_json::json!({})).into_response())
 }

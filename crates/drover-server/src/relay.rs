@@ -7,15 +7,18 @@
 //! is closed, which ends the task on the instance. Nothing reaches an instance from outside.
 //!
 //! The flight recorder keeps what agents send when a component dies or an instance leaves
-//! (`POST /v1/agent/flight`): one file per record in `DATA/flight/`, at most
-//! [`FLIGHT_TOTAL`] bytes in all and [`FLIGHT_RETENTION`] old, the oldest removed first.
+//! (`POST /v1/agent/flight`): one file per record in `DATA/flight/`; and, per component of
+//! each instance, its tail as the agent keeps sending it while it runs (`POST
+//! /v1/agent/tail`: `...~tail.json`, the new lines appended, the newest `FLIGHT_BYTES` kept),
+//! which is all there is of an agent killed without warning. At most [`FLIGHT_TOTAL`] bytes in
+//! all and [`FLIGHT_RETENTION`] old, the oldest removed first.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_model::logs::{AgentTask, FlightRecord, Frame};
+use drover_model::logs::{AgentTask, FlightRecord, Frame, LogLine};
 use tokio::sync::{mpsc, Notify};
 
 /// How long an agent has to take a task before the person is told it did not.
@@ -46,7 +49,9 @@ struct Inner {
 
 struct Open {
     instance: String,
-    tx: mpsc::Sender<Frame>,
+    /// Handed to the agent's upload when it comes (so the session sees the end of the upload
+    /// as the end of its frames).
+    tx: Option<mpsc::Sender<Frame>>,
     taken: Arc<Notify>,
     was_taken: bool,
 }
@@ -116,7 +121,7 @@ impl Relay {
             id,
             Open {
                 instance: instance.to_string(),
-                tx,
+                tx: Some(tx),
                 taken: taken.clone(),
                 was_taken: false,
             },
@@ -181,22 +186,31 @@ impl Relay {
         }
     }
 
-    /// Where the frames of task `id` go, if it is open and for `instance`.
+    /// Where the frames of task `id` go, if it is open, for `instance` and not uploaded to
+    /// yet: the session's frames end when this sender is dropped (the upload ended).
     pub fn sink(&self, id: u64, instance: &str) -> Option<mpsc::Sender<Frame>> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         inner
             .open
-            .get(&id)
+            .get_mut(&id)
             .filter(|o| o.instance == instance)
-            .map(|o| o.tx.clone())
+            .and_then(|o| o.tx.take())
     }
 }
 
 /// The flight recorder's files.
 pub struct Flights {
     dir: PathBuf,
-    lock: Mutex<()>,
+    /// Held while a file is written; the time of the last pruning of the directory.
+    lock: Mutex<u64>,
 }
+
+/// A tail's file is pruned with the others at most this often (tails come every second).
+const TAIL_PRUNE_EVERY_MS: u64 = 10_000;
+
+/// The reason a tail record gives.
+pub const TAIL_REASON: &str =
+    "its output as its agent last sent it (the agent sent no final record: killed, or its machine lost)";
 
 /// Whether a name may be part of a file name (ids, component names: validated already, but
 /// this is what a hostile agent sends).
@@ -212,7 +226,7 @@ impl Flights {
     pub fn new(data_dir: &Path) -> Flights {
         Flights {
             dir: data_dir.join("flight"),
-            lock: Mutex::new(()),
+            lock: Mutex::new(0),
         }
     }
 
@@ -227,16 +241,67 @@ impl Flights {
                 "a name in the record is not a valid id",
             ));
         }
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&self.dir)?;
         let name = format!(
             "{service}~{region}~{}~{}~{}~{}.json",
             rec.generation, rec.instance, rec.component, rec.at_ms
         );
+        self.write(&name, rec)?;
+        self.prune(now_ms);
+        *g = now_ms;
+        Ok(())
+    }
+
+    fn write(&self, name: &str, rec: &FlightRecord) -> std::io::Result<()> {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec(rec).unwrap_or_default())?;
-        std::fs::rename(&tmp, self.dir.join(&name))?;
-        self.prune(now_ms);
+        std::fs::rename(&tmp, self.dir.join(name))
+    }
+
+    /// Add `lines` (already scrubbed and bounded) to the tail kept of `rec`'s component
+    /// (`reset`: in place of it), the newest `FLIGHT_BYTES` kept. `rec` names the component
+    /// and carries no lines.
+    pub fn append_tail(
+        &self,
+        rec: &FlightRecord,
+        reset: bool,
+        lines: Vec<LogLine>,
+        now_ms: u64,
+    ) -> std::io::Result<()> {
+        let (service, region) = rec.group.split_once('/').unwrap_or((&rec.group, ""));
+        if ![service, region, &rec.instance, &rec.component]
+            .iter()
+            .all(|s| safe(s))
+        {
+            return Err(std::io::Error::other(
+                "a name in the record is not a valid id",
+            ));
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        std::fs::create_dir_all(&self.dir)?;
+        let name = format!(
+            "{service}~{region}~{}~{}~{}~tail.json",
+            rec.generation, rec.instance, rec.component
+        );
+        let mut kept: FlightRecord = if reset {
+            rec.clone()
+        } else {
+            std::fs::read(self.dir.join(&name))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_else(|| rec.clone())
+        };
+        kept.at_ms = now_ms;
+        kept.reason = TAIL_REASON.to_string();
+        kept.lines.extend(lines);
+        let cut = drover_model::logs::flight_cut(&kept.lines, |l| l.line.len());
+        kept.lines.drain(..cut);
+        self.write(&name, &kept)?;
+        if now_ms.saturating_sub(*g) >= TAIL_PRUNE_EVERY_MS {
+            self.prune(now_ms);
+            *g = now_ms;
+        }
         Ok(())
     }
 
@@ -261,8 +326,17 @@ impl Flights {
         rd.flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let meta = Meta::parse(&name)?;
-                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let mut meta = Meta::parse(&name)?;
+                let md = e.metadata().ok();
+                if meta.tail {
+                    // A tail's time is its last append's.
+                    meta.at_ms = md
+                        .as_ref()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_millis() as u64);
+                }
+                let len = md.map(|m| m.len()).unwrap_or(0);
                 Some((meta, e.path(), len))
             })
             .collect()
@@ -277,7 +351,7 @@ impl Flights {
         instance: Option<&str>,
         generation: Option<u64>,
     ) -> Vec<FlightRecord> {
-        let mut found: Vec<(Meta, PathBuf)> = self
+        let found: Vec<(Meta, PathBuf)> = self
             .list()
             .into_iter()
             .filter(|(m, _, _)| {
@@ -288,11 +362,13 @@ impl Flights {
             })
             .map(|(m, p, _)| (m, p))
             .collect();
-        found.sort_by_key(|(m, _)| m.at_ms);
-        found
+        let mut recs: Vec<FlightRecord> = found
             .into_iter()
             .filter_map(|(_, p)| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
-            .collect()
+            .collect();
+        // By the records' own times (a tail's: its last append).
+        recs.sort_by_key(|r| r.at_ms);
+        recs
     }
 }
 
@@ -303,6 +379,8 @@ struct Meta {
     generation: u64,
     instance: String,
     at_ms: u64,
+    /// A component's tail as its agent keeps sending it (its time: the file's).
+    tail: bool,
 }
 
 impl Meta {
@@ -312,23 +390,45 @@ impl Meta {
         let [service, region, generation, instance, _component, at] = parts[..] else {
             return None;
         };
+        let tail = at == "tail";
         Some(Meta {
             service: service.into(),
             region: region.into(),
             generation: generation.parse().ok()?,
             instance: instance.into(),
-            at_ms: at.parse().ok()?,
+            at_ms: if tail { 0 } else { at.parse().ok()? },
+            tail,
         })
     }
 }
 
-/// The newest records per (instance, component), for a summary line.
-pub fn latest(recs: &[FlightRecord]) -> BTreeMap<(String, String), &FlightRecord> {
-    let mut out = BTreeMap::new();
+/// What the records (oldest first) keep of each (instance, component): the newest record's
+/// lines, preceded by those of older records (a crash's, the tail's) from before its first
+/// line, so no line shows twice; with the newest record's reason.
+pub fn merged(recs: &[FlightRecord]) -> BTreeMap<(String, String), (String, Vec<LogLine>)> {
+    let mut by: BTreeMap<(String, String), Vec<&FlightRecord>> = BTreeMap::new();
     for r in recs {
-        out.insert((r.instance.clone(), r.component.clone()), r);
+        by.entry((r.instance.clone(), r.component.clone()))
+            .or_default()
+            .push(r);
     }
-    out
+    by.into_iter()
+        .map(|(k, rs)| {
+            let mut lines: Vec<LogLine> = Vec::new();
+            for r in rs.iter().rev() {
+                let first = lines.first().map_or(u64::MAX, |l| l.at_ms);
+                let older: Vec<LogLine> = r
+                    .lines
+                    .iter()
+                    .filter(|l| l.at_ms < first)
+                    .cloned()
+                    .collect();
+                lines.splice(0..0, older);
+            }
+            let reason = rs.last().map(|r| r.reason.clone()).unwrap_or_default();
+            (k, (reason, lines))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -370,6 +470,66 @@ mod tests {
         assert!(f.find("web", None, Some("i-000003"), None).is_empty());
         // A hostile name is refused.
         assert!(f.keep(&rec("../../etc", now, "x"), now).is_err());
+        assert!(f
+            .append_tail(&rec("../../etc", now, "x"), false, Vec::new(), now)
+            .is_err());
+    }
+
+    fn line(at_ms: u64, text: &str) -> LogLine {
+        LogLine {
+            at_ms,
+            instance: "i-000009".into(),
+            component: "app".into(),
+            stream: Stream::Stdout,
+            line: text.into(),
+        }
+    }
+
+    #[test]
+    fn a_tail_grows_by_appends_within_its_bound_and_merges_with_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Flights::new(dir.path());
+        let now = 10 * FLIGHT_RETENTION.as_millis() as u64;
+        let mut head = rec("i-000009", now, "");
+        head.lines.clear();
+        f.append_tail(&head, true, vec![line(1, "one"), line(2, "two")], now)
+            .unwrap();
+        f.append_tail(&head, false, vec![line(3, "three")], now + 1)
+            .unwrap();
+        let found = f.find("web", None, Some("i-000009"), None);
+        assert_eq!(found.len(), 1);
+        let texts: Vec<&str> = found[0].lines.iter().map(|l| l.line.as_str()).collect();
+        assert_eq!(texts, ["one", "two", "three"]);
+        assert_eq!(found[0].reason, TAIL_REASON);
+        // A reset replaces it.
+        f.append_tail(&head, true, vec![line(4, "four")], now + 2)
+            .unwrap();
+        let found = f.find("web", None, Some("i-000009"), None);
+        assert_eq!(found[0].lines.len(), 1);
+        // Bounded: the newest FLIGHT_BYTES of text.
+        let big = "x".repeat(1000);
+        for k in 0..100 {
+            f.append_tail(&head, false, vec![line(10 + k, &big)], now + 3)
+                .unwrap();
+        }
+        let found = f.find("web", None, Some("i-000009"), None);
+        let text: usize = found[0].lines.iter().map(|l| l.line.len() + 1).sum();
+        assert!(text <= drover_model::logs::FLIGHT_BYTES, "{text}");
+        assert_eq!(found[0].lines.last().unwrap().at_ms, 109);
+        // Merged with a final record: each line once, the final record's reason.
+        let mut fin = rec("i-000009", now + 5, "");
+        fin.lines = vec![line(108, &big), line(109, &big), line(110, "bye")];
+        fin.reason = "the instance left".into();
+        f.keep(&fin, now + 5).unwrap();
+        let all = f.find("web", None, Some("i-000009"), None);
+        assert_eq!(all.len(), 2);
+        let m = merged(&all);
+        let (reason, lines) = &m[&("i-000009".to_string(), "app".to_string())];
+        assert_eq!(reason, "the instance left");
+        let ats: Vec<u64> = lines.iter().map(|l| l.at_ms).collect();
+        let mut want: Vec<u64> = (10 + 100 - found[0].lines.len() as u64..110).collect();
+        want.push(110);
+        assert_eq!(ats, want);
     }
 
     #[tokio::test]
@@ -394,8 +554,12 @@ mod tests {
             .unwrap();
         assert!(relay.sink(s.id, "i-000002").is_none(), "another instance's");
         let tx = relay.sink(s.id, "i-000001").unwrap();
+        assert!(relay.sink(s.id, "i-000001").is_none(), "one upload a task");
         tx.send(Frame::Idle).await.unwrap();
         assert_eq!(s.rx.recv().await, Some(Frame::Idle));
+        // The upload's end is the end of the session's frames (no wait for a timeout).
+        drop(tx);
+        assert_eq!(s.rx.recv().await, None);
         let id = s.id;
         drop(s);
         assert!(relay.sink(id, "i-000001").is_none());

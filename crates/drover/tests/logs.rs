@@ -291,3 +291,142 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     );
     assert!(!out.contains(SECRET), "{out}");
 }
+
+/// Two instances; `side` says who it is, and what it is poked with.
+fn small_fleet(ingress: u16, block: u8) -> String {
+    format!(
+        r#"
+[fleet]
+name = "flight"
+
+[regions.local]
+provider = "local"
+subnet = "127.{block}.0.0/16"
+
+[services.web]
+regions = ["local"]
+capacity = {{ min = 1, desired = 2, max = 3 }}
+ingress = {{ listen = "127.0.0.1:{ingress}", component = "app", port = "http" }}
+
+[services.web.rollout]
+min_healthy_time = "0s"
+drain_timeout = "1s"
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "{{drover}}"
+args = ["demo-server", "--listen", "{{addr}}:{{port.http}}", "--message", "hi"]
+ports = {{ http = 8080 }}
+health = {{ type = "http", port = "http", path = "/healthz", interval = "200ms", timeout = "200ms", healthy_threshold = 1, unhealthy_threshold = 3 }}
+stop_grace = "1s"
+
+[services.web.components.side]
+runtime = "process"
+version = "v1"
+command = "/bin/sh"
+args = ["-c", "echo started $DROVER_INSTANCE; echo token is $API_TOKEN; trap 'echo bye from $DROVER_INSTANCE; exit 0' TERM; while true; do if [ -f poke ]; then echo poked $DROVER_INSTANCE with $(cat poke); rm -f poke; fi; sleep 0.05; done"]
+secret_env = {{ API_TOKEN = "{SECRET}" }}
+stop_grace = "1s"
+"#
+    )
+}
+
+/// Whether the server's flight recorder holds a tail of `instance`'s `side` with `text`.
+fn tail_holds(up: &Up, instance: &str, text: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir(up.dir.join("data/flight")) else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.contains(&format!("~{instance}~side~tail"))
+            && std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(text))
+    })
+}
+
+#[test]
+fn the_flight_recorder_keeps_the_tail_of_a_sigkilled_agent_and_of_a_replaced_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ingress) = (free_port(), free_port());
+    let up = Up::start(dir.path(), &small_fleet(ingress, subnet()), api, ingress);
+    up.wait_healthy(2, Duration::from_secs(60));
+    let ids = instances(&up);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let (victim, leaver) = (&ids[0], &ids[1]);
+    let poke = |i: &str, with: &str| {
+        let p = up.dir.join("data/instances").join(i).join("side/poke");
+        std::fs::write(p, with).unwrap();
+    };
+
+    // While the agents run, the server's copy of their tails follows what they print.
+    poke(victim, "one");
+    let t0 = Instant::now();
+    wait_for(
+        "the victim's tail at the server",
+        Duration::from_secs(10),
+        || tail_holds(&up, victim, &format!("poked {victim} with one")),
+    );
+    let took = t0.elapsed();
+    eprintln!("a new line reached the server's tail after {took:?}");
+    assert!(took < Duration::from_secs(3), "the tail lags: {took:?}");
+    assert!(!tail_holds(&up, victim, SECRET), "the tail is scrubbed");
+
+    // SIGKILL of the agent: it sends nothing more; what it sent is all there is.
+    let pid: i32 =
+        std::fs::read_to_string(up.dir.join("data/instances").join(victim).join("agent.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    assert!(pid > 1);
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    wait_for(
+        "the killed instance replaced",
+        Duration::from_secs(30),
+        || {
+            let now = instances(&up);
+            !now.contains(victim) && now.len() == 2
+        },
+    );
+    let (code, out, err) = up.cli(&["logs", "web", "--instance", victim, "side"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("flight recorder") && err.contains("killed"),
+        "{err}"
+    );
+    for want in [
+        format!("{victim} side | started {victim}"),
+        format!("{victim} side | token is (secret)"),
+        format!("{victim} side | poked {victim} with one"),
+    ] {
+        assert_eq!(out.matches(&want).count(), 1, "{want:?} once in: {out}");
+    }
+    assert!(!out.contains(SECRET), "{out}");
+
+    // A deploy replaces the other: its final record and its tail show each line once, with
+    // what it printed as it stopped.
+    poke(leaver, "two");
+    wait_for("the leaver's line", Duration::from_secs(10), || {
+        tail_holds(&up, leaver, &format!("poked {leaver} with two"))
+    });
+    let (code, out, err) = up.cli(&["deploy", "web", "side", "v2", "--wait", "--timeout", "1m"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!instances(&up).contains(leaver));
+    let (code, out, err) = up.cli(&["logs", "web", "--instance", leaver, "side"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("the instance left"), "{err}");
+    for want in [
+        format!("{leaver} side | started {leaver}"),
+        format!("{leaver} side | poked {leaver} with two"),
+        format!("{leaver} side | bye from {leaver}"),
+    ] {
+        assert_eq!(out.matches(&want).count(), 1, "{want:?} once in: {out}");
+    }
+    // By generation: both gone instances of generation 1.
+    let (code, out, err) = up.cli(&["logs", "web", "--generation", "1", "side"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains(&format!("{victim} side | poked")), "{out}");
+    assert!(out.contains(&format!("{leaver} side | poked")), "{out}");
+}

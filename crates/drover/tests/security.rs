@@ -273,6 +273,11 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         "reason": "matrix", "at_ms": 0, "lines": []
     })
     .to_string();
+    let tail_web = serde_json::json!({
+        "instance": web_i, "group": "web/local", "generation": web_gen,
+        "components": [{"component": "app", "reset": true, "lines": []}]
+    })
+    .to_string();
     const U: u16 = 401;
     const F: u16 = 403;
     #[rustfmt::skip]
@@ -314,6 +319,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("GET", &tasks_web, None,                                  [U, U, U, F, F, F, F, F]),
         ("POST", &upload_web, Some("{}"),                          [U, U, U, F, F, F, F, F]),
         ("POST", "/v1/agent/flight", Some(&flight_web),            [U, U, U, F, F, F, F, F]),
+        ("POST", "/v1/agent/tail", Some(&tail_web),                [U, U, U, F, F, F, F, F]),
         ("GET", "/v1/logs?service=nope", None,                     [U, U, U, 404, 404, F, F, F]),
         ("POST", "/v1/exec", Some(r#"{"service":"nope","command":["true"]}"#),
                                                                    [U, U, U, 404, F, F, F, F]),
