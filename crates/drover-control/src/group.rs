@@ -189,6 +189,9 @@ pub enum Action {
         group: String,
         generation: u64,
         reason: String,
+        /// The new instance whose output tells why (the one that kept exiting, or one that
+        /// is not healthy), if there is one.
+        instance: Option<String>,
     },
 }
 
@@ -452,6 +455,7 @@ fn reconcile_group(
                         .map(|f| format!(": {f}"))
                         .unwrap_or_default()
                 ),
+                instance: Some(i.id.clone()),
             });
         } else if !spec.paused
             && !baking
@@ -464,6 +468,11 @@ fn reconcile_group(
                     "no new instance turned healthy within healthy_deadline ({}); {ready_fresh} of {desired} on generation {} are healthy",
                     r.healthy_deadline, spec.generation
                 ),
+                instance: fresh
+                    .iter()
+                    .filter(|i| !ready(i))
+                    .max_by_key(|i| i.exits_before_healthy)
+                    .map(|i| i.id.clone()),
             });
         }
     }
@@ -1002,8 +1011,15 @@ mod tests {
                 .actions
                 .into_iter()
                 .find_map(|a| match a {
-                    Action::RolloutFailed { reason, .. } => Some(reason),
+                    Action::RolloutFailed {
+                        reason, instance, ..
+                    } => Some((reason, instance)),
                     _ => None,
+                })
+                .map(|(reason, instance)| {
+                    // The instance whose output tells why is named.
+                    assert_eq!(instance.as_deref(), Some("i-new"), "{reason}");
+                    reason
                 })
         };
         let mut list = old.clone();

@@ -208,6 +208,7 @@ impl Engine {
                     group,
                     generation,
                     &format!("canary analysis failed: {numbers}"),
+                    None,
                 )
                 .await;
         }

@@ -1017,7 +1017,11 @@ impl Engine {
                 group,
                 generation,
                 reason,
-            } => self.rollout_failed(&group, generation, &reason).await,
+                instance,
+            } => {
+                self.rollout_failed(&group, generation, &reason, instance.as_deref())
+                    .await
+            }
             Action::CanaryBaking { group, generation } => {
                 self.canary_baking(&group, generation, now).await
             }
@@ -1128,11 +1132,14 @@ impl Engine {
 
     /// A rollout failed: record why, and go back to the last good generation with
     /// `auto_revert`. The caller holds the write lock.
+    /// A rollout failed; `instance`: the new instance whose output tells why (the event
+    /// names it and says where its last lines are: live, or the flight recorder's).
     pub(crate) async fn rollout_failed(
         &self,
         group: &str,
         generation: u64,
         reason: &str,
+        instance: Option<&str>,
     ) -> Result<(), ServerError> {
         let group = group.to_string();
         let auto_revert = {
@@ -1146,9 +1153,20 @@ impl Engine {
         }) else {
             return Ok(());
         };
+        let event = match instance {
+            Some(i) => NewEvent::new(
+                EventKind::Rollout,
+                format!(
+                    "{what}\nthe last lines of {i}: `drover logs {} --instance {i}` (the flight recorder keeps them once it is gone)",
+                    drover_model::GroupId::service_of(&group)
+                ),
+            )
+            .instance(i),
+            None => NewEvent::new(EventKind::Rollout, what),
+        };
         self.commit(vec![
             Write::Group(record),
-            Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
+            Write::Event(event.group(&group)),
         ])
         .await?;
         if let drover_control::rollout::AfterFailure::Revert { .. } = after {

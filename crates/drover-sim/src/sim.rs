@@ -373,6 +373,7 @@ fn hash_decision(mut h: u64, now: u64, d: &Decision) -> u64 {
                 group,
                 generation,
                 reason,
+                ..
             } => fnv_str(
                 fnv(fnv_str(fnv(h, b"X"), group), &generation.to_le_bytes()),
                 reason,

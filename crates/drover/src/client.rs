@@ -681,6 +681,36 @@ impl Client {
         Ok(if failed { exit::FAILED } else { exit::OK })
     }
 
+    /// The last `tail` lines of every component of `instance` (running, or what the flight
+    /// recorder kept of it), oldest first.
+    pub async fn last_lines(
+        &self,
+        service: &str,
+        instance: &str,
+        tail: usize,
+    ) -> anyhow::Result<Vec<drover_model::logs::LogLine>> {
+        use drover_model::logs::{Frame, LogsQuery};
+        let q = LogsQuery {
+            service: service.to_string(),
+            instance: Some(instance.to_string()),
+            tail: Some(tail),
+            ..Default::default()
+        };
+        let resp = self
+            .send(self.http.get(self.url("/v1/logs")).query(&q))
+            .await?;
+        let mut lines = Vec::new();
+        frames(resp, |f| {
+            if let Frame::Line(l) = f {
+                lines.push(l);
+            }
+            true
+        })
+        .await?;
+        lines.drain(..lines.len().saturating_sub(tail));
+        Ok(lines)
+    }
+
     /// Run a command on an instance; the exit code is the command's.
     pub async fn exec(&self, req: drover_model::logs::ExecRequest) -> anyhow::Result<u8> {
         use drover_model::logs::{Frame, Stream};

@@ -12,6 +12,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::client::Client;
 use crate::exit;
 
+/// How many of a failing instance's last lines a failed `--wait` prints.
+const LAST_LINES: usize = 10;
+
 /// How one stale instance left, from its events.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Leave {
@@ -75,6 +78,8 @@ pub async fn follow(
     bar.set_prefix(what.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut failed: Vec<String> = Vec::new();
+    // The instances whose output tells why (named by the failure's event).
+    let mut failing: Vec<(String, String)> = Vec::new();
     // Every stale instance seen while following: their drains go in the summary.
     let mut leavers: BTreeSet<String> = BTreeSet::new();
     loop {
@@ -86,6 +91,7 @@ pub async fn follow(
         let mut draining = 0u32;
         let mut done = true;
         failed.clear();
+        failing.clear();
         for (group, target) in &targets {
             let Some(g) = s.groups.iter().find(|g| &g.group == group) else {
                 continue;
@@ -114,14 +120,14 @@ pub async fn follow(
                 .count() as u32;
             leavers.extend(old.iter().map(|i| i.id.clone()));
             if g.rollout.failed_generation >= *target {
-                let why = client
-                    .rollout_events(group)
-                    .await
-                    .ok()
-                    .and_then(|ev| {
-                        let key = format!("generation {target} failed");
-                        ev.into_iter().rev().find(|e| e.message.contains(&key))
-                    })
+                let event = client.rollout_events(group).await.ok().and_then(|ev| {
+                    let key = format!("generation {target} failed");
+                    ev.into_iter().rev().find(|e| e.message.contains(&key))
+                });
+                if let Some(i) = event.as_ref().and_then(|e| e.instance.clone()) {
+                    failing.push((g.service.clone(), i));
+                }
+                let why = event
                     .map(|e| e.message)
                     .unwrap_or_else(|| format!("rollout to generation {target} failed"));
                 failed.push(format!("{group}: {why}"));
@@ -143,15 +149,40 @@ pub async fn follow(
         if !failed.is_empty() {
             bar.abandon();
             let secs = t0.elapsed().as_secs_f64();
+            // What the failing instances printed last (live, or from the flight recorder).
+            let mut last = Vec::new();
+            for (service, instance) in &failing {
+                let lines = client
+                    .last_lines(service, instance, LAST_LINES)
+                    .await
+                    .unwrap_or_default();
+                last.push((service, instance, lines));
+            }
             if json {
+                let last: serde_json::Map<String, serde_json::Value> = last
+                    .iter()
+                    .map(|(_, i, lines)| ((*i).clone(), serde_json::json!(lines)))
+                    .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"ok": false, "seconds": secs, "failed": failed})
+                    serde_json::json!({"ok": false, "seconds": secs, "failed": failed, "last_lines": last})
                 );
             } else {
                 eprintln!("{what} failed after {secs:.1}s:");
                 for f in &failed {
                     eprintln!("  {f}");
+                }
+                for (service, instance, lines) in &last {
+                    if lines.is_empty() {
+                        continue;
+                    }
+                    eprintln!(
+                        "the last {} lines of {instance} (`drover logs {service} --instance {instance}`):",
+                        lines.len()
+                    );
+                    for l in lines {
+                        eprintln!("  {} {} | {}", l.instance, l.component, l.line);
+                    }
                 }
             }
             return Ok(exit::FAILED);

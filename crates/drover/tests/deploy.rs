@@ -254,6 +254,17 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
         err.contains("demo-server: version broken crashes at start"),
         "the crash line: {err}"
     );
+    // The failing instance's last lines, as `drover logs` shows them (its agent's, or the
+    // flight recorder's), and where to read more.
+    assert!(
+        err.contains("(`drover logs web --instance i-"),
+        "where its lines are: {err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains(" app | ") && l.contains("version broken crashes at start")),
+        "its last lines: {err}"
+    );
     assert!(
         took < Duration::from_secs(8),
         "failed after {took:?}, not by its deadline"
@@ -287,6 +298,12 @@ fn a_broken_version_is_reverted_and_the_service_keeps_answering() {
     );
     let (_, ev, _) = up.cli(&["events", "--kind", "rollout"]);
     assert!(ev.contains("generation 2 failed"), "{ev}");
+    let (_, ev_json, _) = up.cli(&["events", "--kind", "rollout", "--json"]);
+    assert!(
+        ev_json.contains("the last lines of i-")
+            && ev_json.contains("`drover logs web --instance i-"),
+        "the failure's event points at the flight record: {ev_json}"
+    );
     assert!(ev.contains("going back to generation 1"), "{ev}");
     let (_, hist, _) = up.cli(&["history"]);
     assert!(hist.contains("automatic revert"), "{hist}");
