@@ -329,6 +329,22 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("GET", "/v1/lb/config?wait_ms=0", None,                   [U, U, U, 200, F, F, F, 200]),
         ("POST", "/v1/lb/report", Some(r#"{"lb":"matrix","epoch":"","version":0,"accepting":false,"connections":{}}"#),
                                                                    [U, U, U, 200, F, F, F, 200]),
+        // The dashboard's pages check the session cookie, never a bearer token: the login
+        // page for everybody here (none has a session); its API needs read.
+        ("GET", "/ui", None,                                       [308, 308, 308, 308, 308, 308, 308, 308]),
+        ("GET", "/ui/", None,                                      [200, 200, 200, 200, 200, 200, 200, 200]),
+        ("POST", "/ui/", None,                                     [405, 405, 405, 405, 405, 405, 405, 405]),
+        ("GET", "/ui/login", None,                                 [400, 400, 400, 400, 400, 400, 400, 400]),
+        ("GET", "/ui/login?code=0123", None,                       [U, U, U, U, U, U, U, U]),
+        ("GET", "/ui/assets/app.js", None,                         [200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/ui/assets/app.css", None,                        [200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/ui/assets/nope.js", None,                        [404, 404, 404, 404, 404, 404, 404, 404]),
+        ("GET", "/v1/ui/session", None,                            [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/ui/summary", None,                            [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/ui/groups/web/local", None,                   [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/v1/ui/groups/nope/local", None,                  [U, U, U, 404, 404, F, F, F]),
+        ("POST", "/v1/ui/login-links", None,                       [U, U, U, 201, 201, F, F, F]),
+        ("POST", "/v1/ui/logout", None,                            [U, U, U, 200, 200, F, F, F]),
     ];
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -342,7 +358,8 @@ fn every_endpoint_answers_every_caller_as_it_should() {
                 ));
                 continue;
             }
-            if code == U || code == F {
+            // The pages answer HTML (the login page says why); the API an ApiError.
+            if (code == U || code == F) && !path.starts_with("/ui") {
                 let e: ApiError = serde_json::from_str(&out)
                     .unwrap_or_else(|_| panic!("{method} {path} as {who}: not an ApiError: {out}"));
                 let want_code = if code == U {
@@ -378,8 +395,255 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     let (_, out) = http_as(up.api, "GET", "/v1/status", None, Some(&agent_a)).unwrap();
     assert!(out.contains("agent token of group web/local"), "{out}");
 
+    sessions_answer_as_their_tokens(&up, &admin, &read);
+
     // The instances still run and report with their own (launch) tokens.
     up.wait_healthy(2, Duration::from_secs(5));
+}
+
+/// A request with extra header lines: (status, head, body).
+fn raw(
+    up: &Up,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[String],
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&up.api, Duration::from_secs(2)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        up.api,
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+/// A dashboard session opened with `token` through a `drover ui` link: its `Cookie:` header
+/// line and its CSRF token.
+fn session(up: &Up, token: &str) -> (String, String) {
+    let (code, out) = http_as(up.api, "POST", "/v1/ui/login-links", None, Some(token)).unwrap();
+    assert_eq!(code, 201, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (code, head, body) = raw(up, "GET", v["path"].as_str().unwrap(), None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let set = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    let pair = set
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap();
+    let cookie = format!("Cookie: {pair}");
+    let (code, _, body) = raw(
+        up,
+        "GET",
+        "/v1/ui/session",
+        None,
+        std::slice::from_ref(&cookie),
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (cookie, v["csrf"].as_str().unwrap().to_string())
+}
+
+/// The dashboard's routes and the API through session cookies: no session (or an ended or
+/// made-up one) gets the login page and 401s; a read session sees everything and is refused
+/// every change, CSRF token or not; an admin session acts only with its CSRF token, and
+/// never when the browser says the request came from another site.
+fn sessions_answer_as_their_tokens(up: &Up, admin: &str, read: &str) {
+    let (acookie, acsrf) = session(up, admin);
+    let (rcookie, rcsrf) = session(up, read);
+    let (ended, ended_csrf) = session(up, admin);
+    let (code, _, body) = raw(
+        up,
+        "POST",
+        "/v1/ui/logout",
+        None,
+        &[ended.clone(), format!("X-Drover-CSRF: {ended_csrf}")],
+    );
+    assert_eq!(code, 200, "{body}");
+    let name = acookie
+        .trim_start_matches("Cookie: ")
+        .split('=')
+        .next()
+        .unwrap();
+    let made_up = format!("Cookie: {name}={}", "a".repeat(64));
+    let csrf = |t: &str| format!("X-Drover-CSRF: {t}");
+    let cross = "Sec-Fetch-Site: cross-site".to_string();
+    let same = "Sec-Fetch-Site: same-origin".to_string();
+    // Callers, in this order in every row below.
+    let callers: Vec<(&str, Vec<String>)> = vec![
+        ("no session", vec![]),
+        ("ended session", vec![ended.clone(), csrf(&ended_csrf)]),
+        ("made-up session", vec![made_up, csrf(&acsrf)]),
+        (
+            "admin session",
+            vec![acookie.clone(), csrf(&acsrf), same.clone()],
+        ),
+        ("admin, no CSRF", vec![acookie.clone()]),
+        ("admin, wrong CSRF", vec![acookie.clone(), csrf(&rcsrf)]),
+        (
+            "admin, cross-site",
+            vec![acookie.clone(), csrf(&acsrf), cross.clone()],
+        ),
+        ("read session", vec![rcookie.clone(), csrf(&rcsrf), same]),
+        ("read, no CSRF", vec![rcookie.clone()]),
+    ];
+    const U: u16 = 401;
+    const F: u16 = 403;
+    // 200 with the login page's token form, and 200 with the dashboard itself.
+    const LOGIN: u16 = 1200;
+    const DASH: u16 = 2200;
+    let deploy = r#"{"service":"web","component":"app","version":"v1","dry_run":true}"#;
+    #[rustfmt::skip]
+    let rows: Vec<(&str, &str, Option<&str>, [u16; 9])> = vec![
+        //                                         none  ended made-up admin noCSRF wrong cross read rnoCSRF
+        ("GET", "/ui/", None,                     [LOGIN, LOGIN, LOGIN, DASH, DASH, DASH, DASH, DASH, DASH]),
+        ("GET", "/ui/assets/app.js", None,        [200, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/ui/session", None,           [U, U, U, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/ui/summary", None,           [U, U, U, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/ui/groups/web/local", None,  [U, U, U, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/status", None,               [U, U, U, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/events?limit=5", None,       [U, U, U, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/revisions/1", None,          [U, U, U, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/logs?service=nope", None,    [U, U, U, 404, 404, 404, 404, 404, 404]),
+        ("GET", "/v1/tokens", None,               [U, U, U, 200, 200, 200, 200, F, F]),
+        ("POST", "/v1/deploy", Some(deploy),      [U, U, U, 200, F, F, F, F, F]),
+        ("POST", "/v1/scale", Some(r#"{"service":"web","desired":1}"#),
+                                                  [U, U, U, 200, F, F, F, F, F]),
+        ("POST", "/v1/rollout", Some(r#"{"service":"web","action":"resume"}"#),
+                                                  [U, U, U, 200, F, F, F, F, F]),
+        ("POST", "/v1/tokens", Some(r#"{"scope":"read","name":"by-session"}"#),
+                                                  [U, U, U, 201, F, F, F, F, F]),
+        ("POST", "/v1/exec", Some(r#"{"service":"nope","command":["true"]}"#),
+                                                  [U, U, U, 404, F, F, F, F, F]),
+        ("POST", "/v1/ui/login-links", None,      [U, U, U, 201, F, F, F, 201, F]),
+        ("POST", "/v1/agent/heartbeat", Some("{}"),
+                                                  [U, U, U, F, F, F, F, F, F]),
+        ("GET", "/v1/lb/config?wait_ms=0", None,  [U, U, U, 200, 200, 200, 200, F, F]),
+    ];
+    let mut failures = Vec::new();
+    for (method, path, body, expected) in &rows {
+        for ((who, headers), want) in callers.iter().zip(expected) {
+            let (code, _, out) = raw(up, method, path, *body, headers);
+            let ok = match *want {
+                LOGIN => code == 200 && out.contains("id=\"token-form\""),
+                DASH => code == 200 && out.contains("/ui/assets/app.js"),
+                w => code == w,
+            };
+            if !ok {
+                failures.push(format!(
+                    "{method} {path} as {who}: {code}, want {want}: {}",
+                    out.chars().take(300).collect::<String>()
+                ));
+                continue;
+            }
+            if code == U || code == F {
+                let e: ApiError = serde_json::from_str(&out)
+                    .unwrap_or_else(|_| panic!("{method} {path} as {who}: not an ApiError: {out}"));
+                assert!(e.message.len() > 20, "a clear message: {out}");
+                // A change without the session's CSRF token (or from another site) is
+                // refused for that; anything else as its token would be, naming it.
+                let csrf_less = [
+                    "admin, no CSRF",
+                    "admin, wrong CSRF",
+                    "admin, cross-site",
+                    "read, no CSRF",
+                ];
+                if code == F && *method != "GET" && csrf_less.contains(who) {
+                    assert!(
+                        e.message.contains("CSRF"),
+                        "{method} {path} as {who}: {out}"
+                    );
+                } else if code == F {
+                    let scope = if who.starts_with("read") {
+                        "read"
+                    } else {
+                        "admin"
+                    };
+                    assert!(
+                        e.message.contains(&format!(
+                            "is a{} {scope} token",
+                            if scope == "admin" { "n" } else { "" }
+                        )),
+                        "{method} {path} as {who}: {out}"
+                    );
+                }
+            }
+            for secret in [admin, read, &acsrf[..], &rcsrf[..]] {
+                if !path.starts_with("/v1/ui/session") {
+                    assert!(
+                        !out.contains(secret),
+                        "{method} {path} as {who} leaked a secret"
+                    );
+                }
+            }
+            assert!(
+                !out.contains(acookie.split('=').nth(1).unwrap()),
+                "{method} {path} as {who} leaked a session id"
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} answers wrong:\n{}",
+        failures.len(),
+        rows.len() * callers.len(),
+        failures.join("\n")
+    );
+    // Logging out is a change too: refused without the CSRF token, then done with it; the
+    // session is gone and the dashboard shows the login page.
+    let (code, _, out) = raw(
+        up,
+        "POST",
+        "/v1/ui/logout",
+        None,
+        std::slice::from_ref(&rcookie),
+    );
+    assert_eq!(code, F, "{out}");
+    let (code, _, out) = raw(
+        up,
+        "POST",
+        "/v1/ui/logout",
+        None,
+        &[rcookie.clone(), csrf(&rcsrf)],
+    );
+    assert_eq!(code, 200, "{out}");
+    let (code, _, _) = raw(
+        up,
+        "GET",
+        "/v1/ui/summary",
+        None,
+        std::slice::from_ref(&rcookie),
+    );
+    assert_eq!(code, U);
+    let (_, _, page) = raw(up, "GET", "/ui/", None, std::slice::from_ref(&rcookie));
+    assert!(page.contains("id=\"token-form\""), "{page}");
+    // The admin session is untouched by the other's logout.
+    let (code, _, _) = raw(
+        up,
+        "GET",
+        "/v1/ui/summary",
+        None,
+        std::slice::from_ref(&acookie),
+    );
+    assert_eq!(code, 200);
 }
 
 #[test]
