@@ -150,6 +150,38 @@ pub enum Listing {
     },
 }
 
+/// A group's instance ids, each with whether it is in rotation ([`Listing::Ids`]).
+pub type GroupIds = Vec<(String, bool)>;
+
+/// Every state an instance can be in, in the order of [`StateCounts`].
+pub const STATES: [InstanceState; 7] = [
+    InstanceState::Launching,
+    InstanceState::Booting,
+    InstanceState::Healthy,
+    InstanceState::Unhealthy,
+    InstanceState::Silent,
+    InstanceState::Draining,
+    InstanceState::Terminating,
+];
+
+/// A group's instances by state, indexed by `InstanceState as usize`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts(pub [u32; 7]);
+
+impl StateCounts {
+    /// (state, count) of the states that have instances, in [`STATES`] order.
+    pub fn nonzero(&self) -> impl Iterator<Item = (InstanceState, u32)> + '_ {
+        STATES
+            .iter()
+            .map(|s| (*s, self.0[*s as usize]))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    pub fn total(&self) -> u32 {
+        self.0.iter().sum()
+    }
+}
+
 #[derive(Default)]
 pub struct State {
     pub revision: Option<Revision>,
@@ -472,13 +504,26 @@ impl State {
         now: u64,
         silent_after_ms: u64,
         listing: &Listing,
-    ) -> (FleetStatus, Vec<Vec<(String, bool)>>) {
+    ) -> (FleetStatus, Vec<GroupIds>) {
+        let (status, ids, _) = self.status_counted(now, silent_after_ms, listing);
+        (status, ids)
+    }
+
+    /// [`State::status_of`], and each group's instances by state (in the order of
+    /// `status.groups`, indexed by `InstanceState as usize`), from the same pass.
+    pub fn status_counted(
+        &self,
+        now: u64,
+        silent_after_ms: u64,
+        listing: &Listing,
+    ) -> (FleetStatus, Vec<GroupIds>, Vec<StateCounts>) {
         let mut members: std::collections::HashMap<&str, Vec<&Instance>> =
             std::collections::HashMap::with_capacity(self.groups.len());
         for i in self.instances.values() {
             members.entry(i.record.group.as_str()).or_default().push(i);
         }
         let mut ids = Vec::new();
+        let mut counts = Vec::with_capacity(self.groups.len());
         let groups = self
             .groups
             .values()
@@ -491,8 +536,11 @@ impl State {
                     .unwrap_or_default();
                 let mut mine = members.remove(g.record.group.as_str()).unwrap_or_default();
                 let (mut healthy, mut current, mut stale, mut current_healthy) = (0, 0, 0, 0);
+                let mut by_state = StateCounts::default();
                 for i in &mine {
-                    let ok = instance_state(i, now, silent_after_ms) == InstanceState::Healthy;
+                    let state = instance_state(i, now, silent_after_ms);
+                    by_state.0[state as usize] += 1;
+                    let ok = state == InstanceState::Healthy;
                     healthy += ok as u32;
                     if i.record.generation == g.record.generation {
                         current += 1;
@@ -501,6 +549,7 @@ impl State {
                         stale += 1;
                     }
                 }
+                counts.push(by_state);
                 let instances: Vec<InstanceStatus> = match listing {
                     Listing::All => mine
                         .iter()
@@ -625,7 +674,7 @@ impl State {
             balancers: Vec::new(),
             control_plane: None,
         };
-        (status, ids)
+        (status, ids, counts)
     }
 
     /// Median time from launch to healthy of the instances that are healthy now.
@@ -891,4 +940,172 @@ pub fn absorb_heartbeat(
     inst.soft.utilization = hb.utilization.clone();
     inst.soft.reporting = true;
     (events, changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_store::RolloutRecord;
+
+    const FLEET: &str = r#"
+[fleet]
+name = "t"
+
+[regions.a]
+provider = "sim"
+
+[regions.b]
+provider = "sim"
+
+[services.web]
+regions = ["a", "b"]
+capacity = { min = 1, desired = 5000, max = 6000 }
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "/bin/true"
+"#;
+
+    /// Two groups of 5,000 instances in every state there is.
+    fn fleet_of_10000(now: u64) -> State {
+        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let mut st = State::default();
+        for region in ["a", "b"] {
+            let group = format!("web/{region}");
+            let mut plan =
+                drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], region);
+            plan.generation = 2;
+            st.groups.insert(
+                group.clone(),
+                Group {
+                    record: GroupRecord {
+                        group: group.clone(),
+                        desired: 5000,
+                        desired_reason: "apply".into(),
+                        generation: 2,
+                        rollout: RolloutRecord::default(),
+                    },
+                    plan,
+                    provider: "sim".into(),
+                    ingress: None,
+                },
+            );
+            for n in 0..5000u64 {
+                let id = format!("i-{region}{n:06}");
+                let (lifecycle, reporting, last_seen_ms, health) = match n % 7 {
+                    0 => (Lifecycle::Active, false, now, Health::Unknown),
+                    1 => (Lifecycle::Active, true, now, Health::Starting),
+                    2 | 3 => (
+                        Lifecycle::Active,
+                        true,
+                        now,
+                        Health::Healthy { since_ms: 1 },
+                    ),
+                    4 => (
+                        Lifecycle::Active,
+                        true,
+                        now,
+                        Health::Unhealthy { since_ms: 1 },
+                    ),
+                    5 => (
+                        Lifecycle::Active,
+                        true,
+                        now - 60_000,
+                        Health::Healthy { since_ms: 1 },
+                    ),
+                    _ if n % 2 == 0 => (
+                        Lifecycle::Draining,
+                        true,
+                        now,
+                        Health::Healthy { since_ms: 1 },
+                    ),
+                    _ => (
+                        Lifecycle::Terminating,
+                        true,
+                        now,
+                        Health::Healthy { since_ms: 1 },
+                    ),
+                };
+                st.instances.insert(
+                    id.clone(),
+                    Instance {
+                        record: InstanceRecord {
+                            id,
+                            group: group.clone(),
+                            generation: 1 + n % 2,
+                            addr: format!("127.9.{}.{}", n / 250, n % 250),
+                            provider_id: "sim".into(),
+                            launched_at_ms: 1,
+                            lifecycle,
+                            permit_at_ms: None,
+                        },
+                        soft: Soft {
+                            watched_since_ms: 1,
+                            last_seen_ms,
+                            health,
+                            ever_healthy: true,
+                            last_seq: 0,
+                            components: Vec::new(),
+                            utilization: Utilization::default(),
+                            reporting,
+                            restored: false,
+                            drained: false,
+                            window: None,
+                            budget: EventBudget::default(),
+                            bound: false,
+                        },
+                        alive: true,
+                        permit_wake: Default::default(),
+                    },
+                );
+            }
+        }
+        st
+    }
+
+    /// The dashboard's summary lists no instance, yet counts every one by state exactly as
+    /// the full listing shows them; a page of one group lists that page only, with the
+    /// counts of the whole group.
+    #[test]
+    fn summaries_count_every_instance_without_listing_any() {
+        let now = 1_000_000;
+        let st = fleet_of_10000(now);
+        let (full, _, full_counts) = st.status_counted(now, 5000, &Listing::All);
+        let (sum, ids, counts) = st.status_counted(now, 5000, &Listing::None);
+        assert!(ids.is_empty());
+        assert_eq!(sum.groups.len(), 2);
+        assert!(sum.groups.iter().all(|g| g.instances.is_empty()));
+        assert_eq!(counts, full_counts);
+        for ((g, c), f) in sum.groups.iter().zip(&counts).zip(&full.groups) {
+            assert_eq!(c.total(), 5000);
+            for s in STATES {
+                let listed = f.instances.iter().filter(|i| i.state == s).count() as u32;
+                assert_eq!(c.0[s as usize], listed, "{} {s:?}", g.group);
+                assert!(listed > 0, "the fleet has every state: {s:?}");
+            }
+            assert_eq!(g.healthy, c.0[InstanceState::Healthy as usize]);
+            assert_eq!(g.healthy, f.healthy);
+            assert_eq!(
+                (g.rollout.current, g.rollout.stale),
+                (f.rollout.current, f.rollout.stale)
+            );
+        }
+        let page = Listing::Page {
+            group: "web/b".into(),
+            page: 3,
+            per_page: 50,
+        };
+        let (p, _, pc) = st.status_counted(now, 5000, &page);
+        assert!(p.groups[0].instances.is_empty(), "web/a is not listed");
+        let listed: Vec<&str> = p.groups[1]
+            .instances
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect();
+        assert_eq!(listed.len(), 50);
+        assert_eq!(listed[0], "i-b000100");
+        assert_eq!(listed[49], "i-b000149");
+        assert_eq!(pc[1].total(), 5000);
+    }
 }

@@ -513,12 +513,17 @@ fn bar(e: &Engine, g: &GroupStatus, now: u64) -> Option<RolloutBar> {
     })
 }
 
-fn summarize(e: &Engine, ui: &Ui, mut g: GroupStatus, now: u64) -> GroupSummary {
-    let mut states = std::collections::BTreeMap::new();
-    for i in &g.instances {
-        *states.entry(state_name(i.state).to_string()).or_insert(0) += 1;
-    }
-    let instance_count = g.instances.len();
+fn summarize(
+    e: &Engine,
+    ui: &Ui,
+    mut g: GroupStatus,
+    counts: &crate::state::StateCounts,
+    now: u64,
+) -> GroupSummary {
+    let states = counts
+        .nonzero()
+        .map(|(s, n)| (state_name(s).to_string(), n))
+        .collect();
     g.instances = Vec::new();
     let mut status = match serde_json::to_value(&g) {
         Ok(serde_json::Value::Object(m)) => m,
@@ -529,38 +534,36 @@ fn summarize(e: &Engine, ui: &Ui, mut g: GroupStatus, now: u64) -> GroupSummary 
         bar: bar(e, &g, now),
         history: ui.history.of(&g.group),
         states,
-        instance_count,
+        instance_count: counts.total() as usize,
         status,
     }
 }
 
-fn scrub_status(e: &Engine, s: &mut drover_model::api::FleetStatus) {
+fn scrub_instances(e: &Engine, instances: &mut [drover_model::api::InstanceStatus]) {
     let sc =
         drover_model::secret::Scrubber::for_fleet(e.state().revision.as_ref().map(|r| &r.fleet));
     if sc.is_empty() {
         return;
     }
-    for c in s
-        .groups
-        .iter_mut()
-        .flat_map(|g| g.instances.iter_mut())
-        .flat_map(|i| i.components.iter_mut())
-    {
+    for c in instances.iter_mut().flat_map(|i| i.components.iter_mut()) {
         for t in [&mut c.message, &mut c.last_exit].into_iter().flatten() {
             sc.scrub_in_place(t);
         }
     }
 }
 
-/// `GET /v1/ui/summary`: every group without its instances (the fleet page).
+/// `GET /v1/ui/summary`: every group without its instances (the fleet page); no instance's
+/// status is built, so its cost grows with the groups, plus one counting pass over the
+/// instances.
 async fn summary(State(e): State<Arc<Engine>>, Extension(ui): Extension<Arc<Ui>>) -> Response {
-    let s = e.status();
+    let (s, counts) = crate::status::summaries(&e);
     let now = now_ms();
     let (last_seq, recent) = ui.history.recent();
     let groups = s
         .groups
         .into_iter()
-        .map(|g| summarize(&e, &ui, g, now))
+        .zip(&counts)
+        .map(|(g, c)| summarize(&e, &ui, g, c, now))
         .collect();
     axum::Json(Summary {
         fleet: s.fleet,
@@ -613,33 +616,49 @@ async fn group_page(
         ServerError::BadRequest(format!("{}; parameters: page, per_page, q", r.body_text()))
     })?;
     let id = drover_model::GroupId::new(&service, &region).0;
-    let mut s = e.status();
-    scrub_status(&e, &mut s);
-    let Some(g) = s.groups.into_iter().find(|g| g.group == id) else {
+    let per_page = q.per_page.unwrap_or(50).clamp(1, 500);
+    let page = q.page.unwrap_or(1).max(1);
+    let filter =
+        q.q.as_deref()
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .map(str::to_string);
+    // Only this group's instances are listed: the page asked for, or, to filter, all of
+    // this group's (never the fleet's).
+    let (listed_page, listed_per_page) = match filter {
+        Some(_) => (1, usize::MAX),
+        None => (page, per_page),
+    };
+    let Some((mut g, counts)) = crate::status::group_page(&e, &id, listed_page, listed_per_page)
+    else {
         return Err(ServerError::NotFound(format!(
             "no group {id}; `drover status` lists the groups"
         )));
     };
-    let per_page = q.per_page.unwrap_or(50).clamp(1, 500);
-    let page = q.page.unwrap_or(1).max(1);
-    let all = g.instances.clone();
+    let listed = std::mem::take(&mut g.instances);
     let generation = g.generation;
     let now = now_ms();
     // The counts are over every instance, not only this page's.
-    let summary = summarize(&e, &ui, g, now);
-    let wanted: Vec<_> = match q.q.as_deref().map(str::trim).filter(|f| !f.is_empty()) {
-        Some(f) => all
-            .into_iter()
-            .filter(|i| i.id.contains(f) || i.addr.contains(f) || state_name(i.state).contains(f))
-            .collect(),
-        None => all,
+    let summary = summarize(&e, &ui, g, &counts, now);
+    let (mut instances, matching) = match filter {
+        Some(f) => {
+            let wanted: Vec<_> = listed
+                .into_iter()
+                .filter(|i| {
+                    i.id.contains(&f) || i.addr.contains(&f) || state_name(i.state).contains(&f)
+                })
+                .collect();
+            let matching = wanted.len();
+            let page: Vec<_> = wanted
+                .into_iter()
+                .skip((page - 1) * per_page)
+                .take(per_page)
+                .collect();
+            (page, matching)
+        }
+        None => (listed, counts.total() as usize),
     };
-    let matching = wanted.len();
-    let instances: Vec<_> = wanted
-        .into_iter()
-        .skip((page - 1) * per_page)
-        .take(per_page)
-        .collect();
+    scrub_instances(&e, &mut instances);
     // The current plan is in memory, and so is the revision it was (almost always) made from.
     let current = {
         let st = e.state();
