@@ -3,7 +3,9 @@
 //! A token is a random secret shown once, when it is created; the server keeps only its
 //! sha256. Its scope says what it may do:
 //! - `admin`: everything, including changing desired state and managing tokens;
-//! - `read`: status, events, revisions, plans, metrics;
+//! - `read`: status, events, revisions, plans, metrics, logs;
+//! - `exec`: what `read` may, and `drover exec` (commands on instances): for whoever needs a
+//!   shell on instances without changing desired state or tokens;
 //! - `agent`: bound to one group; heartbeats, permits and connection counts for that group's
 //!   instances, and that group's plans;
 //! - `lb`: a balancer process (`drover lb`): read the ingresses and their targets, and
@@ -23,6 +25,7 @@ pub enum TokenScope {
     Read,
     Agent,
     Lb,
+    Exec,
 }
 
 impl TokenScope {
@@ -32,6 +35,7 @@ impl TokenScope {
             TokenScope::Read => "read",
             TokenScope::Agent => "agent",
             TokenScope::Lb => "lb",
+            TokenScope::Exec => "exec",
         }
     }
 
@@ -41,6 +45,7 @@ impl TokenScope {
             "read" => Some(TokenScope::Read),
             "agent" => Some(TokenScope::Agent),
             "lb" => Some(TokenScope::Lb),
+            "exec" => Some(TokenScope::Exec),
             _ => None,
         }
     }

@@ -559,6 +559,8 @@ pub(crate) enum Need {
     /// Read, or an agent token (the handler checks the agent's group).
     ReadOrAgent,
     Admin,
+    /// An admin or an exec token: `drover exec`.
+    Exec,
     Agent,
     /// A balancer process (or an admin): the ingress config and connection reports.
     Lb,
@@ -575,7 +577,9 @@ pub(crate) fn need(method: &axum::http::Method, path: &str) -> Need {
         "/v1/schedules" => Need::Admin,
         p if p.starts_with("/v1/schedules/") => Need::Admin,
         "/v1/apply" | "/v1/deploy" | "/v1/rollback" | "/v1/scale" | "/v1/destroy"
-        | "/v1/rollout" | "/v1/tokens" | "/v1/exec" => Need::Admin,
+        | "/v1/rollout" | "/v1/tokens" => Need::Admin,
+        "/v1/exec" => Need::Exec,
+        p if p.starts_with("/v1/exec/") => Need::Exec,
         "/v1/status" | "/v1/events" | "/v1/revisions" | "/v1/logs" | "/metrics" => Need::Read,
         p if p.starts_with("/v1/tokens/") => Need::Admin,
         p if p.starts_with("/v1/revisions/") => Need::Read,
@@ -596,7 +600,8 @@ pub(crate) fn allow(
     let ok = match (need, caller.scope) {
         (Need::Nothing | Need::Any, _) => true,
         (Need::Admin, s) => s == TokenScope::Admin,
-        (Need::Read, s) => matches!(s, TokenScope::Admin | TokenScope::Read),
+        (Need::Read, s) => matches!(s, TokenScope::Admin | TokenScope::Read | TokenScope::Exec),
+        (Need::Exec, s) => matches!(s, TokenScope::Admin | TokenScope::Exec),
         (Need::ReadOrAgent, s) => s != TokenScope::Lb,
         (Need::Agent, s) => s == TokenScope::Agent,
         (Need::Lb, s) => matches!(s, TokenScope::Admin | TokenScope::Lb),
@@ -607,7 +612,8 @@ pub(crate) fn allow(
     let what = match need {
         Need::Admin if method == Method::GET => "needs an admin token",
         Need::Admin => "changes desired state or tokens and needs an admin token",
-        Need::Read => "needs a read or admin token",
+        Need::Read => "needs a read, exec or admin token",
+        Need::Exec => "runs a command on an instance and needs an admin or exec token",
         Need::Agent => "is for agents and needs the agent token of the instance's group",
         Need::Lb => "is for balancers and needs an lb token",
         Need::ReadOrAgent => "needs a read, admin or agent token",
@@ -628,7 +634,7 @@ fn describe(c: &Caller) -> String {
 
 fn article(s: TokenScope) -> &'static str {
     match s {
-        TokenScope::Admin | TokenScope::Agent => "an",
+        TokenScope::Admin | TokenScope::Agent | TokenScope::Exec => "an",
         TokenScope::Read => "a",
         TokenScope::Lb => "an",
     }
@@ -712,7 +718,11 @@ mod tests {
         assert_eq!(need(&G, "/v1/tokens/t-000001"), Need::Admin);
         assert_eq!(need(&G, "/v1/status"), Need::Read);
         assert_eq!(need(&G, "/v1/logs"), Need::Read);
-        assert_eq!(need(&axum::http::Method::POST, "/v1/exec"), Need::Admin);
+        assert_eq!(need(&axum::http::Method::POST, "/v1/exec"), Need::Exec);
+        assert_eq!(
+            need(&axum::http::Method::POST, "/v1/exec/7/input"),
+            Need::Exec
+        );
         assert_eq!(need(&G, "/v1/agent/tasks"), Need::Agent);
         assert_eq!(
             need(&axum::http::Method::POST, "/v1/agent/flight"),

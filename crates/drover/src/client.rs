@@ -777,7 +777,7 @@ impl Client {
         group: Option<String>,
     ) -> anyhow::Result<u8> {
         let Some(scope) = drover_model::token::TokenScope::parse(scope) else {
-            eprintln!("error: --scope must be admin, read or agent, not {scope:?}");
+            eprintln!("error: --scope must be admin, read, exec, agent or lb, not {scope:?}");
             return Ok(exit::USAGE);
         };
         let req = drover_model::token::CreateTokenRequest { scope, name, group };

@@ -463,8 +463,9 @@ enum ScheduleCommand {
 enum TokenCommand {
     /// Create a token and print it: it is shown this once, and never again.
     Create {
-        /// admin (change desired state, manage tokens), read (status, events, history) or
-        /// agent (one group's instances; new instances of the group get it).
+        /// admin (change desired state, manage tokens), read (status, events, history, logs),
+        /// exec (what read may, and `drover exec`), agent (one group's instances; new
+        /// instances of the group get it) or lb (a balancer process).
         #[arg(long)]
         scope: String,
         /// A label shown by `token list`.

@@ -245,10 +245,29 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     };
     let (code, _, err) = as_reader(&["exec", "web", "--", "true"]);
     assert_eq!(code, 1);
-    assert!(err.contains("needs an admin token"), "{err}");
+    assert!(err.contains("needs an admin or exec token"), "{err}");
     let (code, out, _) = as_reader(&["logs", "web", "side", "--tail", "1"]);
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 3, "{out}");
+    // An exec token may: its session's events say who.
+    let (code, exec_token, err) = up.cli(&["token", "create", "--scope", "exec"]);
+    assert_eq!(code, 0, "{err}");
+    let o = Command::new(BIN)
+        .args(["exec", "web", "--", "printenv", "DROVER_INSTANCE"])
+        .env("DROVER_SERVER", up.server())
+        .env("DROVER_TOKEN", exec_token.trim())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("i-"),
+        "{o:?}"
+    );
+    let (_, events, _) = up.cli(&["events", "--kind", "exec", "--json"]);
+    assert!(
+        events.contains("(exec) on") && events.contains("printenv DROVER_INSTANCE"),
+        "{events}"
+    );
 
     // The flight recorder: a component that dies leaves its last lines in an event.
     let crash = up

@@ -241,13 +241,15 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     let (_, agent_a) = create(&up, r#"{"scope":"agent","group":"web/local"}"#);
     let (_, agent_b) = create(&up, r#"{"scope":"agent","group":"api/local"}"#);
     let (_, lb) = create(&up, r#"{"scope":"lb","name":"edge"}"#);
+    let (_, exec) = create(&up, r#"{"scope":"exec","name":"oncall"}"#);
+    assert!(exec.starts_with("drover_exec_"), "{exec}");
     let wrong = format!("drover_admin_{}", "0".repeat(64));
     let toml = std::fs::read_to_string(&up.file).unwrap();
     let apply_body =
         serde_json::json!({"file": "drover.toml", "toml": toml, "dry_run": true}).to_string();
 
     // Callers, in this order in every row below.
-    let callers: [(&str, Option<&str>); 8] = [
+    let callers: [(&str, Option<&str>); 9] = [
         ("none", None),
         ("wrong", Some(&wrong)),
         ("revoked", Some(&revoked)),
@@ -256,6 +258,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("agent A", Some(&agent_a)),
         ("agent B", Some(&agent_b)),
         ("lb", Some(&lb)),
+        ("exec", Some(&exec)),
     ];
     let hb_web = heartbeat(&web_i, "web/local", &web_addr, web_gen);
     let hb_api = heartbeat(&api_i, "api/local", &api_addr, api_gen);
@@ -281,70 +284,70 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     const U: u16 = 401;
     const F: u16 = 403;
     #[rustfmt::skip]
-    let rows: Vec<(&str, &str, Option<&str>, [u16; 8])> = vec![
-        //                                                          none wrong revoked admin read agentA agentB lb
-        ("GET", "/v1/health", None,                                [200, 200, 200, 200, 200, 200, 200, 200]),
-        ("GET", "/v1/status", None,                                [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/events?limit=5", None,                        [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/revisions", None,                             [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/revisions/1", None,                           [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/metrics", None,                                  [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/plans/web/local/1", None,                     [U, U, U, 200, 200, 200, F, F]),
-        ("GET", "/v1/plans/api/local/1", None,                     [U, U, U, 200, 200, F, 200, F]),
-        ("POST", "/v1/apply", Some(&apply_body),                   [U, U, U, 200, F, F, F, F]),
+    let rows: Vec<(&str, &str, Option<&str>, [u16; 9])> = vec![
+        //                                                          none wrong revoked admin read agentA agentB lb exec
+        ("GET", "/v1/health", None,                                [200, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/v1/status", None,                                [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/events?limit=5", None,                        [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/revisions", None,                             [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/revisions/1", None,                           [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/metrics", None,                                  [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/plans/web/local/1", None,                     [U, U, U, 200, 200, 200, F, F, 200]),
+        ("GET", "/v1/plans/api/local/1", None,                     [U, U, U, 200, 200, F, 200, F, 200]),
+        ("POST", "/v1/apply", Some(&apply_body),                   [U, U, U, 200, F, F, F, F, F]),
         ("POST", "/v1/deploy", Some(r#"{"service":"web","component":"app","version":"v1","dry_run":true}"#),
-                                                                   [U, U, U, 200, F, F, F, F]),
+                                                                   [U, U, U, 200, F, F, F, F, F]),
         ("POST", "/v1/rollback", Some(r#"{"service":"web","dry_run":true}"#),
-                                                                   [U, U, U, 409, F, F, F, F]),
+                                                                   [U, U, U, 409, F, F, F, F, F]),
         ("POST", "/v1/scale", Some(r#"{"service":"web","desired":1}"#),
-                                                                   [U, U, U, 200, F, F, F, F]),
-        ("GET", "/v1/schedules", None,                             [U, U, U, 200, 200, F, F, F]),
+                                                                   [U, U, U, 200, F, F, F, F, F]),
+        ("GET", "/v1/schedules", None,                             [U, U, U, 200, 200, F, F, F, 200]),
         ("POST", "/v1/schedules", Some(r#"{"service":"web","desired":2,"start_ms":4102444800000,"end_ms":4102448400000}"#),
-                                                                   [U, U, U, 201, F, F, F, F]),
-        ("DELETE", "/v1/schedules/999", None,                      [U, U, U, 404, F, F, F, F]),
-        ("GET", "/v1/tokens", None,                                [U, U, U, 200, F, F, F, F]),
+                                                                   [U, U, U, 201, F, F, F, F, F]),
+        ("DELETE", "/v1/schedules/999", None,                      [U, U, U, 404, F, F, F, F, F]),
+        ("GET", "/v1/tokens", None,                                [U, U, U, 200, F, F, F, F, F]),
         ("POST", "/v1/tokens", Some(r#"{"scope":"read","name":"matrix"}"#),
-                                                                   [U, U, U, 201, F, F, F, F]),
-        ("DELETE", "/v1/tokens/t-999999", None,                    [U, U, U, 404, F, F, F, F]),
+                                                                   [U, U, U, 201, F, F, F, F, F]),
+        ("DELETE", "/v1/tokens/t-999999", None,                    [U, U, U, 404, F, F, F, F, F]),
         // The instances report with their own instance tokens: a group's token no longer
         // speaks for them (an_instance_token_speaks_for_its_own_instance_only).
-        ("POST", "/v1/agent/heartbeat", Some(&hb_web),             [U, U, U, F, F, F, F, F]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_api),             [U, U, U, F, F, F, F, F]),
-        ("POST", "/v1/agent/heartbeat", Some(&hb_web_as_api),      [U, U, U, F, F, F, F, F]),
-        ("GET", &permit_web, None,                                 [U, U, U, F, F, F, F, F]),
-        ("GET", &permit_api, None,                                 [U, U, U, F, F, F, F, F]),
-        ("GET", &conns_web, None,                                  [U, U, U, F, F, F, F, F]),
-        ("GET", &conns_api, None,                                  [U, U, U, F, F, F, F, F]),
-        ("GET", &peers_web, None,                                  [U, U, U, F, F, F, F, F]),
-        ("GET", &tasks_web, None,                                  [U, U, U, F, F, F, F, F]),
-        ("POST", &upload_web, Some("{}"),                          [U, U, U, F, F, F, F, F]),
-        ("POST", "/v1/agent/flight", Some(&flight_web),            [U, U, U, F, F, F, F, F]),
-        ("POST", "/v1/agent/tail", Some(&tail_web),                [U, U, U, F, F, F, F, F]),
-        ("GET", "/v1/logs?service=nope", None,                     [U, U, U, 404, 404, F, F, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_web),             [U, U, U, F, F, F, F, F, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_api),             [U, U, U, F, F, F, F, F, F]),
+        ("POST", "/v1/agent/heartbeat", Some(&hb_web_as_api),      [U, U, U, F, F, F, F, F, F]),
+        ("GET", &permit_web, None,                                 [U, U, U, F, F, F, F, F, F]),
+        ("GET", &permit_api, None,                                 [U, U, U, F, F, F, F, F, F]),
+        ("GET", &conns_web, None,                                  [U, U, U, F, F, F, F, F, F]),
+        ("GET", &conns_api, None,                                  [U, U, U, F, F, F, F, F, F]),
+        ("GET", &peers_web, None,                                  [U, U, U, F, F, F, F, F, F]),
+        ("GET", &tasks_web, None,                                  [U, U, U, F, F, F, F, F, F]),
+        ("POST", &upload_web, Some("{}"),                          [U, U, U, F, F, F, F, F, F]),
+        ("POST", "/v1/agent/flight", Some(&flight_web),            [U, U, U, F, F, F, F, F, F]),
+        ("POST", "/v1/agent/tail", Some(&tail_web),                [U, U, U, F, F, F, F, F, F]),
+        ("GET", "/v1/logs?service=nope", None,                     [U, U, U, 404, 404, F, F, F, 404]),
         ("POST", "/v1/exec", Some(r#"{"service":"nope","command":["true"]}"#),
-                                                                   [U, U, U, 404, F, F, F, F]),
-        ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F]),
-        ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404]),
-        ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F]),
-        ("GET", "/v1/lb/config?wait_ms=0", None,                   [U, U, U, 200, F, F, F, 200]),
+                                                                   [U, U, U, 404, F, F, F, F, 404]),
+        ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F, F]),
+        ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404, 404]),
+        ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F, 405]),
+        ("GET", "/v1/lb/config?wait_ms=0", None,                   [U, U, U, 200, F, F, F, 200, F]),
         ("POST", "/v1/lb/report", Some(r#"{"lb":"matrix","epoch":"","version":0,"accepting":false,"connections":{}}"#),
-                                                                   [U, U, U, 200, F, F, F, 200]),
+                                                                   [U, U, U, 200, F, F, F, 200, F]),
         // The dashboard's pages check the session cookie, never a bearer token: the login
         // page for everybody here (none has a session); its API needs read.
-        ("GET", "/ui", None,                                       [308, 308, 308, 308, 308, 308, 308, 308]),
-        ("GET", "/ui/", None,                                      [200, 200, 200, 200, 200, 200, 200, 200]),
-        ("POST", "/ui/", None,                                     [405, 405, 405, 405, 405, 405, 405, 405]),
-        ("GET", "/ui/login", None,                                 [400, 400, 400, 400, 400, 400, 400, 400]),
-        ("GET", "/ui/login?code=0123", None,                       [U, U, U, U, U, U, U, U]),
-        ("GET", "/ui/assets/app.js", None,                         [200, 200, 200, 200, 200, 200, 200, 200]),
-        ("GET", "/ui/assets/app.css", None,                        [200, 200, 200, 200, 200, 200, 200, 200]),
-        ("GET", "/ui/assets/nope.js", None,                        [404, 404, 404, 404, 404, 404, 404, 404]),
-        ("GET", "/v1/ui/session", None,                            [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/ui/summary", None,                            [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/ui/groups/web/local", None,                   [U, U, U, 200, 200, F, F, F]),
-        ("GET", "/v1/ui/groups/nope/local", None,                  [U, U, U, 404, 404, F, F, F]),
-        ("POST", "/v1/ui/login-links", None,                       [U, U, U, 201, 201, F, F, F]),
-        ("POST", "/v1/ui/logout", None,                            [U, U, U, 200, 200, F, F, F]),
+        ("GET", "/ui", None,                                       [308, 308, 308, 308, 308, 308, 308, 308, 308]),
+        ("GET", "/ui/", None,                                      [200, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("POST", "/ui/", None,                                     [405, 405, 405, 405, 405, 405, 405, 405, 405]),
+        ("GET", "/ui/login", None,                                 [400, 400, 400, 400, 400, 400, 400, 400, 400]),
+        ("GET", "/ui/login?code=0123", None,                       [U, U, U, U, U, U, U, U, U]),
+        ("GET", "/ui/assets/app.js", None,                         [200, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/ui/assets/app.css", None,                        [200, 200, 200, 200, 200, 200, 200, 200, 200]),
+        ("GET", "/ui/assets/nope.js", None,                        [404, 404, 404, 404, 404, 404, 404, 404, 404]),
+        ("GET", "/v1/ui/session", None,                            [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/ui/summary", None,                            [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/ui/groups/web/local", None,                   [U, U, U, 200, 200, F, F, F, 200]),
+        ("GET", "/v1/ui/groups/nope/local", None,                  [U, U, U, 404, 404, F, F, F, 404]),
+        ("POST", "/v1/ui/login-links", None,                       [U, U, U, 201, 201, F, F, F, 201]),
+        ("POST", "/v1/ui/logout", None,                            [U, U, U, 200, 200, F, F, F, 200]),
     ];
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -371,7 +374,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
                 assert!(e.message.len() > 20, "a clear message: {out}");
             }
             // No answer ever carries a token's secret, except creation's own.
-            for secret in [&admin, &read, &agent_a, &agent_b, &lb] {
+            for secret in [&admin, &read, &agent_a, &agent_b, &lb, &exec] {
                 if !(path.starts_with("/v1/tokens") && *method == "POST") {
                     assert!(
                         !out.contains(secret.as_str()),
@@ -387,7 +390,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         failures.len(),
         failures.join("\n")
     );
-    assert_eq!(checked, rows.len() * 8);
+    assert_eq!(checked, rows.len() * 9);
 
     // The revoked token says so; the messages name the problem.
     let (_, out) = http_as(up.api, "GET", "/v1/status", None, Some(&revoked)).unwrap();

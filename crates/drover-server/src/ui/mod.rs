@@ -340,7 +340,12 @@ async fn login_form(
         Err(_) => Err(ServerError::Unauthorized("that is not a token".into())),
     };
     match caller {
-        Ok(c) if matches!(c.scope, TokenScope::Admin | TokenScope::Read) => {
+        Ok(c)
+            if matches!(
+                c.scope,
+                TokenScope::Admin | TokenScope::Read | TokenScope::Exec
+            ) =>
+        {
             match ui.sessions.create(c.id, c.scope) {
                 Ok(sid) => logged_in(&ui, &sid),
                 Err(err) => login_page(
