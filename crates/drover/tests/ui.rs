@@ -3,8 +3,9 @@
 //! fleet: log in with the link from `drover ui`, watch three healthy instances, deploy v2 from
 //! the page and watch the rollout bar reach done while the instances change generation, scale
 //! to 5, see events arrive live, compare two revisions, roll back with a pause and a resume,
-//! and check that a read token's session can act on nothing (no buttons, and a direct POST is
-//! refused 403), in the dark scheme.
+//! read the logs as `drover logs` prints them (filtered, then followed live), and check that
+//! a read token's session can act on nothing (no buttons, and a direct POST is refused 403),
+//! in the dark scheme.
 //!
 //! Skips with a printed reason when chromedriver or chromium is missing, unless `DROVER_CI=1`.
 //! Screenshots go to `$DROVER_UI_SCREENSHOTS` (default: a directory under the target
@@ -204,6 +205,23 @@ async fn shot(c: &Client, name: &str) {
     let path = shots().join(name);
     std::fs::write(&path, png).unwrap();
     eprintln!("screenshot {}", path.display());
+}
+
+/// The logs page's lines, as `drover logs` prints them, once its stream has ended.
+async fn log_lines(c: &Client) -> Vec<String> {
+    let v = until(
+        c,
+        "the logs page's lines",
+        r#"const b = document.getElementById('log-lines');
+           return b && b.dataset.state === 'done' && [...b.querySelectorAll('.log-line')].map(l => l.textContent);"#,
+        Duration::from_secs(60),
+    )
+    .await;
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The `drover ui` link: printed alone on stdout.
@@ -676,6 +694,99 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
     .await;
     assert_ne!(before, gens(&c).await);
     assert!(get(up.ingress).unwrap().contains("version v1"));
+
+    // Logs: the same view as `drover logs`, filtered by instance and component, then
+    // followed live.
+    let ids: std::collections::BTreeSet<String> = up.status().unwrap().groups[0]
+        .instances
+        .iter()
+        .map(|i| i.id.clone())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    let (code, cli, err) = up.cli(&["logs", "web"]);
+    assert_eq!(code, 0, "drover logs: {err}");
+    c.goto(&format!("{base}/ui/#/logs?service=web"))
+        .await
+        .unwrap();
+    let shown = log_lines(&c).await;
+    assert_eq!(
+        shown,
+        cli.lines().collect::<Vec<_>>(),
+        "the page shows what `drover logs web` prints"
+    );
+    for id in &ids {
+        assert!(
+            shown
+                .iter()
+                .any(|l| l.starts_with(&format!("{id} app | demo-server: listening on"))),
+            "{id} is there: {shown:#?}"
+        );
+    }
+    // Filtered from the form: one instance's app.
+    let one = ids.iter().next().unwrap().clone();
+    type_into(&c, "logs-instance", &one).await;
+    type_into(&c, "logs-component", "app").await;
+    click(&c, "logs-show").await;
+    until(
+        &c,
+        "the filter in the address",
+        &format!("return location.hash.includes('instance={one}') && location.hash.includes('component=app')"),
+        long,
+    )
+    .await;
+    let mine = log_lines(&c).await;
+    let (code, cli, err) = up.cli(&["logs", "web", "app", "--instance", &one]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mine, cli.lines().collect::<Vec<_>>());
+    assert!(
+        !mine.is_empty() && mine.iter().all(|l| l.starts_with(&format!("{one} app | "))),
+        "{mine:#?}"
+    );
+    // Followed: the line of a component that restarts arrives live, without a reload.
+    c.goto(&format!("{base}/ui/#/logs?service=web&follow=1"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "the followed logs",
+        r#"const b = document.getElementById('log-lines');
+           return b && b.dataset.state === 'following' && b.querySelectorAll('.log-line').length >= 4;"#,
+        long,
+    )
+    .await;
+    c.execute(marker, vec![]).await.unwrap();
+    let s = up.status().unwrap();
+    let victim = s.groups[0].instances.iter().find(|i| i.id == one).unwrap();
+    let pid = victim.components[0].pid.expect("the app's pid");
+    let before = mine.len();
+    // Killed: its agent starts it again at once, and it says so.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let again = until(
+        &c,
+        "the restarted app's line, live",
+        &format!(
+            r#"const l = [...document.querySelectorAll('#log-lines .log-line[data-instance="{one}"]')];
+               return l.length > {before} && l[l.length - 1].textContent;"#
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        again
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{one} app | demo-server: listening on")),
+        "{again}"
+    );
+    assert_eq!(
+        c.execute("return window.__same_page", vec![])
+            .await
+            .unwrap(),
+        json!(42),
+        "followed live, without a reload"
+    );
+    shot(&c, "logs.png").await;
+    up.wait_healthy(4, long);
 
     // Log out: the session is gone, the API refuses it.
     c.goto(&format!("{base}/ui/#/fleet")).await.unwrap();

@@ -1,7 +1,8 @@
 // drover's dashboard: plain modern JavaScript, no library, nothing fetched from elsewhere.
-// Pages (by the URL's hash): #/fleet, #/group/SERVICE/REGION, #/events, #/history.
+// Pages (by the URL's hash): #/fleet, #/group/SERVICE/REGION, #/events, #/history, #/logs.
 // Live: one EventSource on /v1/events (server-sent events); each event refreshes the page
-// shown (debounced), and the events page appends it.
+// shown (debounced), and the events page appends it. The logs page reads /v1/logs as a
+// stream of NDJSON frames (what `drover logs` reads), following it while asked to.
 "use strict";
 
 const S = {
@@ -310,7 +311,8 @@ function groupPage(service, region, params) {
       h("thead", {}, h("tr", {}, ["instance", "address", "state", "rotation", "restarts", "CPU", "memory", "age", "generation"]
         .map((c, i) => h("th", { class: i >= 4 && i !== 6 ? "num" : "", scope: "col" }, c)))),
       h("tbody", {}, data.instances.map((i) => h("tr", { "data-instance": i.id, "data-generation": i.generation, "data-state": i.state },
-        h("td", { class: "mono" }, h("a", { href: "#/events?instance=" + encodeURIComponent(i.id) }, i.id)),
+        h("td", { class: "mono" }, h("a", { href: "#/events?instance=" + encodeURIComponent(i.id) }, i.id),
+          " ", h("a", { class: "small", href: "#/logs?" + new URLSearchParams({ service, instance: i.id }), "aria-label": "logs of " + i.id }, "logs")),
         h("td", { class: "mono" }, i.addr),
         h("td", {}, h("span", { class: "pill " + stateClass(i.state) }, i.state)),
         h("td", {}, i.in_rotation ? "in" : "out"),
@@ -413,7 +415,8 @@ function groupPage(service, region, params) {
     const cls = data.healthy >= data.desired ? "ok" : data.healthy === 0 ? "bad" : "warn";
     root.replaceChildren(
       h("h1", {}, h("a", { href: "#/fleet" }, "Fleet"), " / " + group + " ",
-        h("span", { class: "pill " + cls, id: "group-health" }, data.healthy + "/" + data.desired + " healthy")),
+        h("span", { class: "pill " + cls, id: "group-health" }, data.healthy + "/" + data.desired + " healthy"),
+        " ", h("a", { class: "small", id: "group-logs", href: "#/logs?" + new URLSearchParams({ service, region, follow: "1" }) }, "logs")),
       h("dl", { class: "kv" },
         h("dt", {}, "versions"), h("dd", { id: "group-versions" }, data.versions + " · generation " + data.generation),
         h("dt", {}, "min/desired/max"), h("dd", { id: "group-capacity" }, data.min + " / " + data.desired + " / " + data.max +
@@ -625,17 +628,154 @@ function historyPage(params) {
   return { name: "history", el: root, refresh };
 }
 
+// ---------------------------------------------------------------- logs page
+
+// What `drover logs SERVICE [COMPONENT] [--instance I] [--region R] [--tail N] [-f]` shows:
+// every instance's lines merged in time order, each as "INSTANCE COMPONENT | line", notes and
+// errors beside them; with follow, new lines as they come until the page is left.
+const MAX_LOG_LINES = 5000;
+
+function logsPage(params) {
+  const f = { service: params.get("service") || "", component: params.get("component") || "",
+    instance: params.get("instance") || "", region: params.get("region") || "",
+    tail: params.get("tail") || "100", follow: params.get("follow") === "1" };
+  const root = h("div", {});
+  let services = null;
+  let box = null, status = null, ctl = null, started = false;
+  const colours = new Map();
+  const colourOf = (inst) => { if (!colours.has(inst)) colours.set(inst, colours.size % 6); return colours.get(inst); };
+  function line(fr) {
+    if (fr.type === "line") {
+      return h("div", { class: "log-line", "data-instance": fr.instance, "data-component": fr.component,
+        "data-stream": fr.stream, title: clock(fr.at_ms) + " · " + fr.stream },
+        h("span", { class: "log-prefix c" + colourOf(fr.instance) }, fr.instance + " " + fr.component),
+        " | ", h("span", { class: "log-text" }, fr.line));
+    }
+    if (fr.type === "note") return h("div", { class: "log-note", role: "note" }, "note: " + fr.message);
+    if (fr.type === "error") return h("div", { class: "log-error" }, "error: " + fr.message);
+    return null;
+  }
+  function append(els) {
+    if (!els.length) return;
+    const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+    box.append(...els);
+    const extra = box.childElementCount - MAX_LOG_LINES;
+    for (let i = 0; i < extra; i++) box.firstElementChild.remove();
+    if (atEnd) box.scrollTop = box.scrollHeight;
+    box.dataset.lines = String(box.querySelectorAll(".log-line").length);
+  }
+  async function read() {
+    if (!f.service) { status.textContent = "Pick a service."; return; }
+    const qs = new URLSearchParams({ service: f.service });
+    for (const k of ["component", "instance", "region"]) if (f[k]) qs.set(k, f[k]);
+    if (f.tail) qs.set("tail", f.tail);
+    if (f.follow) qs.set("follow", "true");
+    ctl = new AbortController();
+    box.dataset.state = "loading";
+    status.textContent = "loading…";
+    let r;
+    try {
+      r = await fetch("/v1/logs?" + qs, { credentials: "same-origin", signal: ctl.signal,
+        headers: { Accept: "application/x-ndjson" } });
+    } catch (e) { if (e.name !== "AbortError") status.textContent = "cannot read the logs: " + e.message; return; }
+    if (!r.ok) {
+      let body = null; try { body = await r.json(); } catch (_) { /* not JSON */ }
+      if (r.status === 401) { sessionEnded(body && body.message); return; }
+      box.dataset.state = "refused";
+      status.textContent = "";
+      box.replaceChildren(h("div", { class: "log-error", id: "logs-refused" }, (body && body.message) || ("HTTP " + r.status)));
+      return;
+    }
+    const reader = r.body.getReader();
+    const dec = new TextDecoder();
+    let rest = "";
+    // The history comes in one go; once it has, the page says so (and, following, "live").
+    let first = true;
+    const shown = () => {
+      if (!first) return;
+      first = false;
+      box.dataset.state = f.follow ? "following" : "done";
+      status.textContent = f.follow ? "following: new lines appear as they come" : "";
+    };
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        rest += dec.decode(value, { stream: true });
+        const parts = rest.split("\n");
+        rest = parts.pop();
+        const els = [];
+        for (const p of parts) {
+          if (!p.trim()) continue;
+          let fr; try { fr = JSON.parse(p); } catch (_) { continue; }
+          const el = line(fr); if (el) els.push(el);
+        }
+        append(els);
+        if (first) setTimeout(shown, 150);
+      }
+      shown();
+      box.dataset.state = "done";
+      status.textContent = f.follow ? "the stream ended (the server or the instances went away)" : "";
+    } catch (e) {
+      if (e.name !== "AbortError") { box.dataset.state = "done"; status.textContent = "the stream broke: " + e.message; }
+    }
+  }
+  function render() {
+    const form = h("form", { class: "filters", id: "logs-form", "aria-label": "which logs" },
+      h("label", {}, "service", h("select", { name: "service", id: "logs-service" },
+        (services || []).map((sv) => h("option", { value: sv, selected: sv === f.service }, sv)))),
+      h("label", {}, "component", h("input", { name: "component", id: "logs-component", value: f.component, placeholder: "all", size: 12 })),
+      h("label", {}, "instance", h("input", { name: "instance", id: "logs-instance", value: f.instance, placeholder: "all", size: 12 })),
+      h("label", {}, "region", h("input", { name: "region", id: "logs-region", value: f.region, placeholder: "all", size: 10 })),
+      h("label", {}, "last lines", h("input", { name: "tail", id: "logs-tail", type: "number", min: 1, value: f.tail, class: "count" })),
+      h("label", { class: "check" }, h("input", { type: "checkbox", name: "follow", id: "logs-follow", checked: f.follow }), "follow"),
+      h("button", { type: "submit", id: "logs-show", class: "primary" }, "Show"));
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const qs = new URLSearchParams();
+      for (const k of ["service", "component", "instance", "region", "tail"]) if (form[k].value.trim()) qs.set(k, form[k].value.trim());
+      if (form.follow.checked) qs.set("follow", "1");
+      const to = "#/logs?" + qs;
+      // The same filters again: read again.
+      if (location.hash === to) route(); else location.hash = to;
+    });
+    box = h("div", { id: "log-lines", class: "log-lines mono", role: "log", "aria-live": f.follow ? "polite" : "off",
+      tabindex: 0, "aria-label": "log lines" });
+    status = h("p", { class: "muted", id: "logs-status" });
+    root.replaceChildren(h("h1", {}, "Logs" + (f.service ? " of " + f.service : "")), form,
+      h("p", { class: "muted" }, "The same view as ", h("code", {}, "drover logs"),
+        ": every instance's lines in time order (the last lines of each component), values of secret_env replaced."),
+      status, box);
+  }
+  async function refresh() {
+    if (started) return;
+    started = true;
+    const sum = S.firstSummary || await api("/v1/ui/summary");
+    S.firstSummary = null;
+    services = [...new Set(sum.groups.map((g) => g.service))];
+    if (!f.service && services.length) f.service = services[0];
+    render();
+    // Streams on by itself; refresh() returns once the page shows its form.
+    read();
+  }
+  function leave() { if (ctl) { ctl.abort(); ctl = null; } }
+  return { name: "logs", el: root, refresh, leave };
+}
+
 // ---------------------------------------------------------------- routing and start
 
 function route() {
   const { parts, params } = parseHash();
+  // A page that streams (logs) stops when left.
+  if (S.page && S.page.leave) S.page.leave();
   let page;
   if (parts[0] === "group" && parts.length >= 3) page = groupPage(parts[1], parts[2], params);
   else if (parts[0] === "events") page = eventsPage(params);
   else if (parts[0] === "history") page = historyPage(params);
+  else if (parts[0] === "logs") page = logsPage(params);
   else page = fleetPage();
   S.page = page;
-  if (page.name !== "fleet") S.firstSummary = null;
+  if (page.name !== "fleet" && page.name !== "logs") S.firstSummary = null;
   for (const a of document.querySelectorAll("[data-nav]")) {
     if (a.dataset.nav === (page.name === "group" ? "fleet" : page.name)) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
