@@ -5,7 +5,9 @@
 //! to 5, see events arrive live, compare two revisions, roll back with a pause and a resume,
 //! read the logs as `drover logs` prints them (filtered, then followed live), and check that
 //! a read token's session can act on nothing (no buttons, and a direct POST is refused 403),
-//! in the dark scheme.
+//! in the dark scheme. With a canary and an autoscaled service: the group page shows the
+//! canary's analysis check by check with the server's numbers, and the fleet and group pages
+//! chart desired against the metric and its target.
 //!
 //! Skips with a printed reason when chromedriver or chromium is missing, unless `DROVER_CI=1`.
 //! Screenshots go to `$DROVER_UI_SCREENSHOTS` (default: a directory under the target
@@ -902,4 +904,270 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
     let s = up.status().unwrap();
     assert_eq!(s.groups[0].versions, "app=v1", "nothing was deployed");
     r.close().await.unwrap();
+}
+
+/// Two services in one region: `web` deploys through a canary (one instance, a 4 s bake,
+/// judged on the demo server's `error_rate` as well as the built-in checks), `api`
+/// autoscales on the demo server's `load` (requests per second over its capacity, target 0.5).
+fn canary_and_autoscale_fleet(web_ingress: u16, api_ingress: u16, block: u8) -> String {
+    let web = fleet_text(web_ingress, block, 3)
+        .replace("min_healthy_time = \"2s\"", "min_healthy_time = \"1s\"")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"2s\"")
+        .replace(
+            "auto_revert = true",
+            "auto_revert = true\ncanary = { instances = 1, bake = \"4s\" }\nanalysis = { metrics = [{ metric = \"error_rate\", direction = \"lower\", max_ratio = 1.5, tolerance = 0.02 }] }",
+        )
+        .replace(
+            "\"--message\", \"hello from web {version}\"]",
+            "\"--message\", \"hello from web {version}\"]\ncustom_metrics = { error_rate = { port = \"http\", path = \"/error_rate\" } }",
+        );
+    let api = format!(
+        r#"
+[services.api]
+regions = ["local"]
+capacity = {{ min = 2, desired = 2, max = 4 }}
+ingress = {{ listen = "127.0.0.1:{api_ingress}", component = "app", port = "http" }}
+autoscale = {{ metric = "custom:load", target = 0.5, scale_out_cooldown = "2s", scale_in_stabilization = "10m", tolerance = 0.1, warmup = "1s" }}
+
+[services.api.rollout]
+drain_timeout = "2s"
+
+[services.api.components.app]
+runtime = "process"
+version = "v1"
+command = "{{drover}}"
+args = ["demo-server", "--listen", "{{addr}}:{{port.http}}", "--message", "hello from api", "--capacity-rps", "50"]
+ports = {{ http = 8080 }}
+custom_metrics = {{ load = {{ port = "http", path = "/utilization" }} }}
+health = {{ type = "http", port = "http", path = "/healthz", interval = "500ms", timeout = "400ms", healthy_threshold = 1, unhealthy_threshold = 3 }}
+stop_grace = "2s"
+drain_signal = "SIGUSR1"
+"#
+    );
+    format!("{web}{api}")
+}
+
+/// Issue 19: the group page shows a canary's analysis, check by check with the numbers the
+/// server judged, and the fleet page (and the group page) chart an autoscaled group's desired
+/// count against its metric and target over the last hour, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_canary_numbers_and_the_autoscale_chart() {
+    let Some(d) = driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let _agents = KillAgents(dir.path().to_path_buf());
+    let (api, web_ing, api_ing) = (free_port(), free_port(), free_port());
+    let text = canary_and_autoscale_fleet(web_ing, api_ing, subnet());
+    drover_model::parse_fleet(&text, "test").unwrap();
+    let up = Up::start(dir.path(), &text, api, web_ing);
+    up.wait_healthy(5, Duration::from_secs(30));
+    let long = Duration::from_secs(60);
+    let base = up.server();
+    let c = browser(&d).await;
+    c.goto(&login_link(&up)).await.unwrap();
+    until(
+        &c,
+        "both groups on the fleet page",
+        r#"return document.querySelectorAll('.cell[data-group]').length === 2"#,
+        long,
+    )
+    .await;
+
+    // A deploy of web through its canary, followed on the group page.
+    c.goto(&format!("{base}/ui/#/group/web/local"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "web's group page",
+        "return document.querySelectorAll('#instances tbody tr').length === 3",
+        long,
+    )
+    .await;
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let baking = until(
+        &c,
+        "the canary baking beside the old instances",
+        r#"const r = document.querySelector('#rollout-section .rollout');
+           const gens = [...document.querySelectorAll('#instances tbody tr')].map(t => t.dataset.generation);
+           return r && r.dataset.phase === 'baking' && gens.filter(g => g === '2').length === 1
+             && gens.filter(g => g === '1').length === 3 && r.textContent;"#,
+        long,
+    )
+    .await;
+    assert!(
+        baking
+            .as_str()
+            .unwrap()
+            .starts_with("baking to generation 2"),
+        "{baking}"
+    );
+    let shown = until(
+        &c,
+        "the canary analysis, check by check",
+        r#"const a = document.getElementById('canary');
+           const rows = a ? [...a.querySelectorAll('#canary-checks tbody tr[data-check]')] : [];
+           return a && rows.length >= 4 && { verdict: a.dataset.verdict, head: a.querySelector('p').textContent,
+             checks: rows.map(r => [...r.cells].map(c => c.textContent)) };"#,
+        long,
+    )
+    .await;
+    // The numbers are the server's: those in the group's status, check by check.
+    let s = up.status().unwrap();
+    let web = s.groups.iter().find(|g| g.group == "web/local").unwrap();
+    let analysis = web
+        .rollout
+        .analysis
+        .clone()
+        .expect("the status has the analysis");
+    assert!(
+        analysis.starts_with("passed: 1 canary against 3 baseline instance(s): "),
+        "{analysis}"
+    );
+    assert_eq!(shown["verdict"], "passed", "{shown}");
+    assert!(
+        shown["head"]
+            .as_str()
+            .unwrap()
+            .contains("1 canary against 3 baseline instance(s)"),
+        "{shown}"
+    );
+    let checks = shown["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|r| r[0].as_str().unwrap()).collect();
+    for want in [
+        "restarts per instance",
+        "turned unhealthy per instance",
+        "balancer connect failures share",
+        "error_rate",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    for row in checks {
+        let r: Vec<&str> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(r[4], "ok", "{r:?}");
+        let words = format!(
+            "{}: canary {}, baseline {} (limit {})",
+            r[0], r[1], r[2], r[3]
+        );
+        assert!(analysis.contains(&words), "{words} in {analysis}");
+    }
+    until(
+        &c,
+        "the rollout through its canary done",
+        r#"const r = document.querySelector('#rollout-section .rollout');
+           const gens = [...document.querySelectorAll('#instances tbody tr')].map(t => t.dataset.generation);
+           return r && r.dataset.phase === 'done' && gens.length === 3 && gens.every(g => g === '2')
+             && document.querySelector('#canary[data-verdict="passed"]');"#,
+        Duration::from_secs(90),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shot(&c, "group-canary.png").await;
+
+    // The fleet page: api's chart draws desired against the metric and its target. First
+    // at 2 instances, idle (the history samples every 10 s) ...
+    c.goto(&format!("{base}/ui/#/fleet")).await.unwrap();
+    until(
+        &c,
+        "api's chart at 2 instances",
+        r#"const cell = document.querySelector('.cell[data-group="api/local"]');
+           return cell && cell.querySelector('svg.chart path.desired')
+             && cell.querySelector('.legend').textContent.includes('desired 2');"#,
+        long,
+    )
+    .await;
+    // ... then under load: the autoscaler measures it and scales out.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = load(
+        format!("127.0.0.1:{api_ing}").parse().unwrap(),
+        2,
+        false,
+        stop.clone(),
+    );
+    let chart = until(
+        &c,
+        "api's autoscale chart with the metric measured after a scale-out",
+        r#"const cell = document.querySelector('.cell[data-group="api/local"]');
+           const svg = cell && cell.querySelector('svg.chart');
+           const obs = svg && svg.querySelector('polyline.observed');
+           const d = svg && svg.querySelector('path.desired');
+           if (!obs || !d || !svg.querySelector('line.target')) return null;
+           const legend = cell.querySelector('.legend').textContent;
+           const desired = parseInt(cell.querySelector('[data-health]').textContent.split('/')[1], 10);
+           const dd = d.getAttribute('d');
+           const y0 = parseFloat(dd.slice(1).split(/[HV]/)[0].split(',')[1]);
+           const stepped = [...dd.matchAll(/V([\d.]+)/g)].some(m => parseFloat(m[1]) < y0);
+           return desired > 2 && stepped && { label: svg.getAttribute('aria-label'), legend, desired,
+             points: obs.getAttribute('points').trim().split(' ').length, path: d.getAttribute('d') };"#,
+        long,
+    )
+    .await;
+    let s = up.status().unwrap();
+    let g = s.groups.iter().find(|g| g.group == "api/local").unwrap();
+    let a = g.autoscale.clone().expect("api autoscales");
+    assert_eq!(a.metric, "custom:load");
+    assert!(a.observed.unwrap_or(0.0) > 0.5, "{a:?}");
+    let legend = chart["legend"].as_str().unwrap();
+    assert!(legend.contains("custom:load"), "{chart}");
+    assert!(legend.contains("target 0.5"), "{chart}");
+    assert!(
+        legend.contains(&format!("desired {}", chart["desired"])),
+        "{chart}"
+    );
+    let label = chart["label"].as_str().unwrap();
+    assert!(
+        label.starts_with("last hour of api/local: desired ")
+            && label.contains("custom:load")
+            && label.contains("against target 0.5"),
+        "{chart}"
+    );
+    assert!(chart["points"].as_u64().unwrap() >= 1, "{chart}");
+    // The desired count stepped up: "M x,y" at 2 instances, then a "V y" higher on the chart.
+    let path = chart["path"].as_str().unwrap();
+    let y0: f64 = path
+        .trim_start_matches('M')
+        .split(['H', 'V'])
+        .next()
+        .and_then(|p| p.split(',').nth(1))
+        .and_then(|y| y.parse().ok())
+        .unwrap_or_else(|| panic!("{path}"));
+    let ups = path
+        .split('V')
+        .skip(1)
+        .filter_map(|p| p.split('H').next().and_then(|y| y.parse::<f64>().ok()))
+        .filter(|y| *y < y0)
+        .count();
+    assert!(ups >= 1, "desired drawn stepping up from 2: {path}");
+    // web has no autoscaling, and its chart says so.
+    let web_legend = c
+        .find(Locator::Css(r#".cell[data-group="web/local"] .legend"#))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(web_legend.contains("no autoscaling"), "{web_legend}");
+    shot(&c, "fleet-autoscale.png").await;
+    // The group page charts the same.
+    c.goto(&format!("{base}/ui/#/group/api/local"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "api's group page chart",
+        r#"const svg = document.querySelector('main svg.chart');
+           return svg && svg.querySelector('polyline.observed') && svg.querySelector('line.target')
+             && document.querySelector('main .legend').textContent.includes('target 0.5');"#,
+        long,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = traffic.join().unwrap();
+    assert!(r.ok > 0, "{r:?}");
+    c.close().await.unwrap();
 }

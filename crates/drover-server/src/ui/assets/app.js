@@ -193,6 +193,31 @@ function rolloutBar(g) {
       r.current_healthy + "/" + g.desired + " new healthy, " + r.stale + " old · ETA " + dur(b.eta_ms)));
 }
 
+// A canary analysis as the server words it ("passed: 1 canary against 3 baseline
+// instance(s): CHECK; CHECK", each check "NAME: canary C, baseline B (limit L)[ FAILED]"), as
+// a table of its checks; a line of another shape is shown as it is.
+function canaryAnalysis(text) {
+  const m = /^(passed|failed): (.*? baseline instance\(s\)): (.*)$/s.exec(text);
+  if (!m) return h("p", { id: "canary" }, h("strong", {}, "canary analysis: "), text);
+  const rows = m[3].split("; ").map((line) => {
+    const c = /^(.*?): canary ([^,]+), baseline (\S+) \((?:limit|over) (\S+)\)( FAILED)?$/.exec(line);
+    if (!c) {
+      return h("tr", { class: / FAILED$/.test(line) ? "failed" : "" }, h("td", { colspan: 5 }, line));
+    }
+    return h("tr", { "data-check": c[1], class: c[5] ? "failed" : "" },
+      h("td", {}, c[1]), h("td", { class: "num" }, c[2]), h("td", { class: "num" }, c[3]),
+      h("td", { class: "num" }, c[4]),
+      h("td", {}, h("span", { class: "pill " + (c[5] ? "bad" : "ok") }, c[5] ? "failed" : "ok")));
+  });
+  return h("div", { id: "canary", "data-verdict": m[1] },
+    h("p", {}, h("strong", {}, "canary analysis "),
+      h("span", { class: "pill " + (m[1] === "passed" ? "ok" : "bad") }, m[1]), " " + m[2]),
+    h("table", { id: "canary-checks", "aria-label": "canary analysis checks" },
+      h("thead", {}, h("tr", {}, ["check", "canary", "baseline", "limit", "result"].map((x, i) =>
+        h("th", { scope: "col", class: i >= 1 && i <= 3 ? "num" : "" }, x)))),
+      h("tbody", {}, rows)));
+}
+
 // The last hour: desired and healthy counts, and for a group that autoscales its metric
 // against the target (on a scale of its own, right).
 function chart(g) {
@@ -429,7 +454,7 @@ function groupPage(service, region, params) {
       h("section", { id: "rollout-section" },
         rolloutBar(data),
         batches(),
-        r.analysis ? h("p", { id: "canary" }, h("strong", {}, "canary analysis: "), r.analysis) : null,
+        r.analysis ? canaryAnalysis(r.analysis) : null,
         r.wave ? h("p", {}, "wave " + r.wave + (r.wave_pending ? " (waiting for the waves before it)" : "")) : null,
         data.rollout_events.length ? h("details", { open: true }, h("summary", {}, "rollout and canary events"),
           eventsTable(data.rollout_events.slice().reverse(), "rollout-events")) : null),
