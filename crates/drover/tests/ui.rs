@@ -1,17 +1,19 @@
-//! End to end: the web dashboard in a real headless Chromium (Debian's `chromium` and
-//! `chromium-driver`, driven over WebDriver by fantoccini), with `drover up` on the example
-//! fleet: log in with the link from `drover ui`, watch three healthy instances, deploy v2 from
-//! the page and watch the rollout bar reach done while the instances change generation, scale
-//! to 5, see events arrive live, compare two revisions, roll back with a pause and a resume,
-//! read the logs as `drover logs` prints them (filtered, then followed live), and check that
-//! a read token's session can act on nothing (no buttons, and a direct POST is refused 403),
-//! in the dark scheme. With a canary and an autoscaled service: the group page shows the
-//! canary's analysis check by check with the server's numbers, and the fleet and group pages
-//! chart desired against the metric and its target.
+//! End to end: the web dashboard in real headless browsers, driven over WebDriver by
+//! fantoccini: Debian's `chromium` through `chromium-driver`, and Debian's `firefox-esr`
+//! through geckodriver (from crates.io), each test once in each. With `drover up` on the
+//! example fleet: log in with the link from `drover ui`, watch three healthy instances, deploy
+//! v2 from the page and watch the rollout bar reach done while the instances change
+//! generation, scale to 5, see events arrive live, compare two revisions, roll back with a
+//! pause and a resume, read the logs as `drover logs` prints them (filtered, then followed
+//! live), and check that a read token's session can act on nothing (no buttons, and a direct
+//! POST is refused 403), in the dark scheme. With a canary and an autoscaled service: the
+//! group page shows the canary's analysis check by check with the server's numbers, and the
+//! fleet and group pages chart desired against the metric and its target.
 //!
-//! Skips with a printed reason when chromedriver or chromium is missing, unless `DROVER_CI=1`.
-//! Screenshots go to `$DROVER_UI_SCREENSHOTS` (default: a directory under the target
-//! directory); docs/ui.md shows the ones taken here.
+//! Skips with a printed reason when a browser or its driver is missing, unless `DROVER_CI=1`.
+//! The tests run one at a time. Screenshots go to `$DROVER_UI_SCREENSHOTS` (default: a
+//! directory under the target directory; Firefox's in `firefox/` there); docs/ui.md shows
+//! Chromium's.
 
 mod common;
 
@@ -25,9 +27,19 @@ use serde_json::{json, Value};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
+const FIREFOX: &str = "/usr/bin/firefox-esr";
 
-/// A chromedriver this test started; killed (by its pid) when dropped.
-struct Driver(Child, u16);
+/// The browsers the dashboard is tested in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Debian's chromium, through chromium-driver.
+    Chromium,
+    /// Debian's firefox-esr, through geckodriver (`cargo install geckodriver`).
+    Firefox,
+}
+
+/// A WebDriver server this test started; killed (by its pid) when dropped.
+struct Driver(Child, u16, Kind);
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -36,39 +48,99 @@ impl Drop for Driver {
     }
 }
 
-fn driver() -> Option<Driver> {
-    let missing: Vec<&str> = [CHROMEDRIVER, CHROMIUM]
-        .into_iter()
-        .filter(|p| !Path::new(p).exists())
-        .collect();
+/// geckodriver on `PATH`, or where `cargo install` puts it.
+fn geckodriver() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(c) = std::env::var_os("CARGO_HOME") {
+        dirs.push(Path::new(&c).join("bin"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&h).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("geckodriver"))
+        .find(|p| p.is_file())
+}
+
+/// The WebDriver server of `kind`, or None (a printed reason) when it or its browser is
+/// missing; with `DROVER_CI=1` a missing one fails the test instead.
+fn driver(kind: Kind) -> Option<Driver> {
+    let (program, missing, install) = match kind {
+        Kind::Chromium => {
+            let missing: Vec<&str> = [CHROMEDRIVER, CHROMIUM]
+                .into_iter()
+                .filter(|p| !Path::new(p).exists())
+                .collect();
+            (
+                PathBuf::from(CHROMEDRIVER),
+                missing.join(" and "),
+                "install Debian's chromium and chromium-driver (.ci/run does)",
+            )
+        }
+        Kind::Firefox => {
+            let gecko = geckodriver();
+            let mut missing = Vec::new();
+            if gecko.is_none() {
+                missing.push("geckodriver");
+            }
+            if !Path::new(FIREFOX).exists() {
+                missing.push(FIREFOX);
+            }
+            (
+                gecko.unwrap_or_default(),
+                missing.join(" and "),
+                "install Debian's firefox-esr and `cargo install geckodriver --locked` (.ci/run does)",
+            )
+        }
+    };
     if !missing.is_empty() {
-        let why = format!(
-            "{} missing: install Debian's chromium and chromium-driver (.ci/run does)",
-            missing.join(" and ")
-        );
+        let why = format!("{missing} missing: {install}");
         if std::env::var("DROVER_CI").as_deref() == Ok("1") {
             panic!("{why}");
         }
-        eprintln!("skipping the browser tests: {why}");
+        eprintln!("skipping the {kind:?} browser test: {why}");
         return None;
     }
     let port = free_port();
-    let child = Command::new(CHROMEDRIVER)
+    let child = Command::new(&program)
         .arg(format!("--port={port}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start chromedriver");
+        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "chromedriver did not listen"
+            "{} did not listen",
+            program.display()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    Some(Driver(child, port))
+    Some(Driver(child, port, kind))
+}
+
+/// One browser test at a time: each runs a fleet and a browser on a 2-core machine, and the
+/// rollouts they watch are timed.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Run a browser test in `kind` (skipped, with its reason, when that browser is missing).
+fn in_browser<F, Fut>(kind: Kind, test: F)
+where
+    F: FnOnce(Driver) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(d) = driver(kind) else { return };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test(d));
 }
 
 /// A new browser (its own profile: no cookies), in the light scheme.
@@ -78,27 +150,45 @@ async fn browser(d: &Driver) -> Client {
 
 /// A new browser whose system prefers the dark scheme when `dark`.
 async fn browser_with(d: &Driver, dark: bool) -> Client {
-    let mut args = vec![
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-        "--force-color-profile=srgb",
-    ];
-    if dark {
-        args.push("--force-dark-mode");
-    }
     let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({ "binary": CHROMIUM, "args": args }),
-    );
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+    match d.2 {
+        Kind::Chromium => {
+            let mut args = vec![
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--window-size=1400,1000",
+                "--force-color-profile=srgb",
+            ];
+            if dark {
+                args.push("--force-dark-mode");
+            }
+            caps.insert(
+                "goog:chromeOptions".into(),
+                json!({ "binary": CHROMIUM, "args": args }),
+            );
+        }
+        Kind::Firefox => {
+            // 0: dark, 1: light, for what pages see of prefers-color-scheme.
+            caps.insert(
+                "moz:firefoxOptions".into(),
+                json!({ "binary": FIREFOX, "args": ["-headless"], "prefs": {
+                    "layout.css.prefers-color-scheme.content-override": if dark { 0 } else { 1 },
+                    "ui.systemUsesDarkTheme": if dark { 1 } else { 0 },
+                } }),
+            );
+        }
+    }
+    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
         .connect(&format!("http://127.0.0.1:{}", d.1))
         .await
-        .expect("a chromium session")
+        .unwrap_or_else(|e| panic!("a {:?} session: {e}", d.2));
+    if d.2 == Kind::Firefox {
+        c.set_window_size(1400, 1000).await.unwrap();
+    }
+    c
 }
 
 /// Run `script` (a function body) in the page until it returns something truthy; that value.
@@ -202,9 +292,15 @@ fn shots() -> PathBuf {
     dir
 }
 
-async fn shot(c: &Client, name: &str) {
+/// A screenshot of the page; Firefox's go to `firefox/` (docs/ui.md shows Chromium's).
+async fn shot(d: &Driver, c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
-    let path = shots().join(name);
+    let dir = match d.2 {
+        Kind::Chromium => shots(),
+        Kind::Firefox => shots().join("firefox"),
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
     std::fs::write(&path, png).unwrap();
     eprintln!("screenshot {}", path.display());
 }
@@ -239,9 +335,17 @@ fn login_link(up: &Up) -> String {
     url
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_read_only() {
-    let Some(d) = driver() else { return };
+#[test]
+fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_read_only() {
+    in_browser(Kind::Chromium, the_main_flow);
+}
+
+#[test]
+fn in_firefox_the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_read_only() {
+    in_browser(Kind::Firefox, the_main_flow);
+}
+
+async fn the_main_flow(d: Driver) {
     let dir = tempfile::tempdir().unwrap();
     let _agents = KillAgents(dir.path().to_path_buf());
     let (api, ing) = (free_port(), free_port());
@@ -344,7 +448,7 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
         "light scheme"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shot(&c, "fleet.png").await;
+    shot(&d, &c, "fleet.png").await;
 
     // The group page: three instances on generation 1.
     c.goto(&format!("{base}/ui/#/group/web/local"))
@@ -412,7 +516,7 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
             assert_eq!(v["batches"], "3", "3 batches of 1: {v}");
             assert_eq!(v["batchItems"], 3, "each batch listed: {v}");
             if !mid_shot && done == "1" {
-                shot(&c, "group-rollout.png").await;
+                shot(&d, &c, "group-rollout.png").await;
                 mid_shot = true;
             }
         }
@@ -601,7 +705,7 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
     )
     .await
     .unwrap();
-    shot(&c, "history-diff.png").await;
+    shot(&d, &c, "history-diff.png").await;
 
     // Roll back from the page, pause the rollout, see it hold, resume it to done.
     c.goto(&format!("{base}/ui/#/group/web/local"))
@@ -787,7 +891,7 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
         json!(42),
         "followed live, without a reload"
     );
-    shot(&c, "logs.png").await;
+    shot(&d, &c, "logs.png").await;
     up.wait_healthy(4, long);
 
     // Log out: the session is gone, the API refuses it.
@@ -849,7 +953,7 @@ async fn the_dashboard_shows_the_fleet_deploys_scales_and_keeps_read_sessions_re
         json!(["rgb(13, 17, 23)", "rgb(230, 237, 243)"]),
         "dark scheme"
     );
-    shot(&r, "fleet-dark.png").await;
+    shot(&d, &r, "fleet-dark.png").await;
     r.goto(&format!("{base}/ui/#/group/web/local"))
         .await
         .unwrap();
@@ -950,9 +1054,17 @@ drain_signal = "SIGUSR1"
 /// Issue 19: the group page shows a canary's analysis, check by check with the numbers the
 /// server judged, and the fleet page (and the group page) chart an autoscaled group's desired
 /// count against its metric and target over the last hour, live.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_canary_numbers_and_the_autoscale_chart() {
-    let Some(d) = driver() else { return };
+#[test]
+fn the_dashboard_shows_canary_numbers_and_the_autoscale_chart() {
+    in_browser(Kind::Chromium, canary_and_autoscale);
+}
+
+#[test]
+fn in_firefox_the_dashboard_shows_canary_numbers_and_the_autoscale_chart() {
+    in_browser(Kind::Firefox, canary_and_autoscale);
+}
+
+async fn canary_and_autoscale(d: Driver) {
     let dir = tempfile::tempdir().unwrap();
     let _agents = KillAgents(dir.path().to_path_buf());
     let (api, web_ing, api_ing) = (free_port(), free_port(), free_port());
@@ -1067,7 +1179,7 @@ async fn the_dashboard_shows_canary_numbers_and_the_autoscale_chart() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    shot(&c, "group-canary.png").await;
+    shot(&d, &c, "group-canary.png").await;
 
     // The fleet page: api's chart draws desired against the metric and its target. First
     // at 2 instances, idle (the history samples every 10 s) ...
@@ -1152,7 +1264,7 @@ async fn the_dashboard_shows_canary_numbers_and_the_autoscale_chart() {
         .await
         .unwrap();
     assert!(web_legend.contains("no autoscaling"), "{web_legend}");
-    shot(&c, "fleet-autoscale.png").await;
+    shot(&d, &c, "fleet-autoscale.png").await;
     // The group page charts the same.
     c.goto(&format!("{base}/ui/#/group/api/local"))
         .await
