@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use drover_model::fleet::Runtime;
 use drover_model::logs::{
-    AgentTask, FlightRecord, Frame, LogLine, Stream, TailBatch, TailPart, TasksReply, FLIGHT_BYTES,
+    AgentTask, ExecInput, FlightRecord, Frame, LogLine, Stream, TailBatch, TailPart, TasksReply,
+    WinSize, FLIGHT_BYTES,
 };
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -346,8 +347,16 @@ async fn handle(ctx: Arc<Ctx>, link: Link, task: AgentTask) {
                 ..
             } => logs(&ctx, component.as_deref(), since_ms, tail, follow, &tx).await,
             AgentTask::Exec {
-                component, command, ..
-            } => exec(&ctx, component.as_deref(), &command, &tx).await,
+                component,
+                command,
+                tty,
+                stdin,
+                size,
+                ..
+            } => {
+                let how = How { tty, stdin, size };
+                exec(&ctx, &link, id, component.as_deref(), &command, how, &tx).await
+            }
         }
         drop(tx);
         std::future::pending::<()>().await
@@ -631,8 +640,68 @@ fn engine_lines_ns(o: bollard::container::LogOutput) -> Vec<(i64, Stream, String
         .collect()
 }
 
+/// How an exec runs: with a terminal, with the person's input, the terminal's first size.
+#[derive(Clone, Copy)]
+struct How {
+    tty: bool,
+    stdin: bool,
+    size: Option<WinSize>,
+}
+
+/// The person's input of task `id` as it comes (`GET /v1/agent/tasks/ID/input`), into `tx`,
+/// until the session ends or the input does.
+async fn read_input(link: &Link, ctx: &Ctx, id: u64, tx: mpsc::Sender<ExecInput>) {
+    for attempt in 0..5 {
+        let (_, url) = link.servers.url(&format!("/v1/agent/tasks/{id}/input"));
+        let resp = link
+            .client
+            .get(url)
+            .query(&[("instance", ctx.instance.instance.as_str())])
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                let mut stream = r.bytes_stream();
+                let mut buf = Vec::new();
+                while let Some(Ok(chunk)) = stream.next().await {
+                    buf.extend_from_slice(&chunk);
+                    while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=pos).collect();
+                        if let Ok(i) = serde_json::from_slice::<ExecInput>(&line) {
+                            if tx.send(i).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                return;
+            }
+            // The server opens the input as it hands out the task: a moment, at most.
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND && attempt < 4 => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(r) => {
+                tracing::debug!(task = id, status = %r.status(), "exec input refused");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(task = id, error = %error_chain(&e), "exec input ended");
+                return;
+            }
+        }
+    }
+}
+
 /// Run `command` in component `name`'s environment; its output as frames, then its exit.
-async fn exec(ctx: &Ctx, name: Option<&str>, command: &[String], tx: &mpsc::Sender<Frame>) {
+async fn exec(
+    ctx: &Ctx,
+    link: &Link,
+    id: u64,
+    name: Option<&str>,
+    command: &[String],
+    how: How,
+    tx: &mpsc::Sender<Frame>,
+) {
     let idx = match components(ctx, name) {
         Ok(i) => i[0],
         Err(m) => {
@@ -645,16 +714,40 @@ async fn exec(ctx: &Ctx, name: Option<&str>, command: &[String], tx: &mpsc::Send
         return;
     };
     let comp = &ctx.plan.components[idx];
-    let env = match ctx.instance.env(comp) {
+    let mut env = match ctx.instance.env(comp) {
         Ok(e) => e,
         Err(e) => {
             let _ = tx.send(error(ctx, e.to_string())).await;
             return;
         }
     };
-    let end = match comp.runtime {
-        Runtime::Process => exec_process(ctx, idx, program, &command[1..], env, tx).await,
-        Runtime::Docker => exec_container(ctx, idx, command, env, tx).await,
+    if how.tty && !env.iter().any(|(k, _)| k == "TERM") {
+        env.push(("TERM".into(), "xterm".into()));
+    }
+    // The input, as it comes; without `stdin` there is none (an end at once).
+    let (in_tx, in_rx) = mpsc::channel(64);
+    let input = async {
+        if how.stdin {
+            read_input(link, ctx, id, in_tx).await;
+        } else {
+            drop(in_tx);
+        }
+        std::future::pending::<()>().await
+    };
+    let run = async {
+        match (comp.runtime, how.tty) {
+            (Runtime::Process, false) => {
+                exec_process(ctx, idx, program, &command[1..], env, in_rx, tx).await
+            }
+            (Runtime::Process, true) => {
+                exec_pty(ctx, idx, program, &command[1..], env, how.size, in_rx, tx).await
+            }
+            (Runtime::Docker, _) => exec_container(ctx, idx, command, env, how, in_rx, tx).await,
+        }
+    };
+    let end = tokio::select! {
+        end = run => end,
+        _ = input => unreachable!("the input future never ends"),
     };
     let _ = tx
         .send(match end {
@@ -664,21 +757,52 @@ async fn exec(ctx: &Ctx, name: Option<&str>, command: &[String], tx: &mpsc::Send
         .await;
 }
 
+/// The whole characters at the front of `carry` (a split one waits for its rest), taken out.
+fn whole_chars(carry: &mut Vec<u8>) -> String {
+    let cut = match std::str::from_utf8(carry) {
+        Ok(_) => carry.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => carry.len(),
+    };
+    let data = String::from_utf8_lossy(&carry[..cut]).into_owned();
+    carry.drain(..cut);
+    data
+}
+
+/// The whole process group goes when this is dropped (the person went, or the run is over).
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        crate::process::signal_group(self.0, libc::SIGKILL);
+    }
+}
+
+fn exit_of(status: std::process::ExitStatus) -> (i32, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    (code, crate::process::describe(&status))
+}
+
 async fn exec_process(
     ctx: &Ctx,
     idx: usize,
     program: &str,
     args: &[String],
     env: Vec<(String, String)>,
+    mut input: mpsc::Receiver<ExecInput>,
     tx: &mpsc::Sender<Frame>,
 ) -> Result<(i32, String), String> {
+    use tokio::io::AsyncWriteExt;
     let comp = &ctx.plan.components[idx];
     let cwd = ctx.instance.component_dir(comp);
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .envs(env)
         .current_dir(&cwd)
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .process_group(0)
@@ -687,15 +811,7 @@ async fn exec_process(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {program:?} in {}: {e}", cwd.display()))?;
-    let pgid = child.id().unwrap_or(0);
-    // The whole group goes if the person goes (this future dropped).
-    struct Group(u32);
-    impl Drop for Group {
-        fn drop(&mut self) {
-            crate::process::signal_group(self.0, libc::SIGKILL);
-        }
-    }
-    let _group = Group(pgid);
+    let _group = Group(child.id().unwrap_or(0));
     let pump = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>, stream: Stream| async move {
         let mut buf = vec![0u8; 8192];
         let mut carry: Vec<u8> = Vec::new();
@@ -705,14 +821,7 @@ async fn exec_process(
                 Ok(n) => n,
             };
             carry.extend_from_slice(&buf[..n]);
-            // Whole characters only; a split one waits for its rest.
-            let cut = match std::str::from_utf8(&carry) {
-                Ok(_) => carry.len(),
-                Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                Err(_) => carry.len(),
-            };
-            let data = String::from_utf8_lossy(&carry[..cut]).into_owned();
-            carry.drain(..cut);
+            let data = whole_chars(&mut carry);
             if tx.send(Frame::Output { stream, data }).await.is_err() {
                 break;
             }
@@ -730,6 +839,24 @@ async fn exec_process(
         .stderr
         .take()
         .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let mut stdin = child.stdin.take();
+    // The person's input to the command's stdin; closed at its end.
+    let feed = async {
+        while let Some(i) = input.recv().await {
+            match i {
+                ExecInput::Data { data } => {
+                    let Some(w) = stdin.as_mut() else { continue };
+                    if w.write_all(data.as_bytes()).await.is_err() {
+                        stdin = None;
+                    }
+                }
+                ExecInput::Eof => break,
+                ExecInput::Resize(_) => {}
+            }
+        }
+        drop(stdin.take());
+        std::future::pending::<()>().await
+    };
     let (_, _, status) = tokio::join!(
         async {
             if let Some(o) = out {
@@ -741,14 +868,221 @@ async fn exec_process(
                 pump(e, Stream::Stderr).await
             }
         },
-        child.wait()
+        async {
+            tokio::select! {
+                st = child.wait() => st,
+                _ = feed => unreachable!("the feed never ends"),
+            }
+        }
     );
     let status = status.map_err(|e| format!("waiting for {program:?}: {e}"))?;
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok((code, crate::process::describe(&status)))
+    Ok(exit_of(status))
+}
+
+/// A pty: (master, slave), the master non-blocking, both closed on exec.
+fn open_pty(
+    size: Option<WinSize>,
+) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let ws = winsize(size.unwrap_or(WinSize { cols: 80, rows: 24 }));
+    let (mut m, mut sl) = (0, 0);
+    // SAFETY: openpty writes two fds on success; the pointers are valid for the call.
+    let r = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just opened and are owned by nothing else.
+    let (m, sl) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(m),
+            std::os::fd::OwnedFd::from_raw_fd(sl),
+        )
+    };
+    use std::os::fd::AsRawFd;
+    for fd in [m.as_raw_fd(), sl.as_raw_fd()] {
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: as above.
+    unsafe {
+        let fl = libc::fcntl(m.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(m.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    Ok((m, sl))
+}
+
+fn winsize(s: WinSize) -> libc::winsize {
+    libc::winsize {
+        ws_row: s.rows,
+        ws_col: s.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// Run a command on a pty of its own (a new session, the pty its controlling terminal): its
+/// output as it comes, the person's keys and window sizes passed on.
+#[allow(clippy::too_many_arguments)]
+async fn exec_pty(
+    ctx: &Ctx,
+    idx: usize,
+    program: &str,
+    args: &[String],
+    env: Vec<(String, String)>,
+    size: Option<WinSize>,
+    mut input: mpsc::Receiver<ExecInput>,
+    tx: &mpsc::Sender<Frame>,
+) -> Result<(i32, String), String> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::unix::AsyncFd;
+    let comp = &ctx.plan.components[idx];
+    let cwd = ctx.instance.component_dir(comp);
+    let (master, slave) = open_pty(size).map_err(|e| format!("cannot open a pty: {e}"))?;
+    let stdio = || {
+        slave
+            .try_clone()
+            .map(std::process::Stdio::from)
+            .map_err(|e| format!("cannot open a pty: {e}"))
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(env)
+        .current_dir(&cwd)
+        .stdin(stdio()?)
+        .stdout(stdio()?)
+        .stderr(stdio()?)
+        .kill_on_drop(true);
+    // SAFETY: runs in the child before exec; setsid and ioctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    crate::process::die_with_agent(&mut cmd);
+    let spawned = cmd.spawn();
+    // Our copies of the slave go: the master reads EIO once the command's are closed too.
+    drop(cmd);
+    drop(slave);
+    let mut child =
+        spawned.map_err(|e| format!("cannot run {program:?} in {}: {e}", cwd.display()))?;
+    // setsid: its pid is its session's and group's id.
+    let _group = Group(child.id().unwrap_or(0));
+    // SAFETY: the OwnedFd is the master's one owner, and nothing replaces or closes it while
+    // the AsyncFd holds it.
+    let master = unsafe { AsyncFd::register(master) }
+        .map_err(|e| format!("cannot watch the pty: {}", std::io::Error::from(e)))?;
+    let out = async {
+        let mut buf = vec![0u8; 8192];
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let Ok(mut ready) = master.readable().await else {
+                break;
+            };
+            let r = ready.try_io(|fd| {
+                // SAFETY: reads into a buffer of the given length.
+                let n = unsafe {
+                    libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match r {
+                Ok(Ok(n)) if n > 0 => {
+                    carry.extend_from_slice(&buf[..n]);
+                    let data = whole_chars(&mut carry);
+                    if !data.is_empty()
+                        && tx
+                            .send(Frame::Output {
+                                stream: Stream::Stdout,
+                                data,
+                            })
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(_would_block) => continue,
+                // EIO: every end of the slave is closed.
+                _ => break,
+            }
+        }
+        if !carry.is_empty() {
+            let data = String::from_utf8_lossy(&carry).into_owned();
+            let _ = tx
+                .send(Frame::Output {
+                    stream: Stream::Stdout,
+                    data,
+                })
+                .await;
+        }
+    };
+    let write_all = |owned: Vec<u8>| {
+        let master = &master;
+        async move {
+            let mut rest: &[u8] = &owned;
+            while !rest.is_empty() {
+                let Ok(mut ready) = master.writable().await else {
+                    return;
+                };
+                match ready.try_io(|fd| {
+                    // SAFETY: writes from a buffer of the given length.
+                    let n = unsafe {
+                        libc::write(fd.get_ref().as_raw_fd(), rest.as_ptr().cast(), rest.len())
+                    };
+                    if n < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(n as usize)
+                    }
+                }) {
+                    Ok(Ok(n)) => rest = &rest[n..],
+                    Ok(Err(_)) => return,
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    };
+    let feed = async {
+        while let Some(i) = input.recv().await {
+            match i {
+                ExecInput::Data { data } => write_all(data.into_bytes()).await,
+                ExecInput::Resize(s) => {
+                    let ws = winsize(s);
+                    // SAFETY: TIOCSWINSZ reads a winsize from the pointer.
+                    unsafe { libc::ioctl(master.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+                }
+                // The terminal's end-of-file key.
+                ExecInput::Eof => write_all(vec![4]).await,
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(out);
+    let (status, drained) = tokio::select! {
+        st = async {
+            tokio::select! {
+                st = child.wait() => st,
+                _ = feed => unreachable!("the feed never ends"),
+            }
+        } => (st, false),
+        _ = &mut out => (child.wait().await, true),
+    };
+    if !drained {
+        // What it printed last; something it left running may hold the pty: 1 s, then it goes.
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut out).await;
+    }
+    let status = status.map_err(|e| format!("waiting for {program:?}: {e}"))?;
+    Ok(exit_of(status))
 }
 
 async fn exec_container(
@@ -756,9 +1090,12 @@ async fn exec_container(
     idx: usize,
     command: &[String],
     env: Vec<(String, String)>,
+    how: How,
+    mut input: mpsc::Receiver<ExecInput>,
     tx: &mpsc::Sender<Frame>,
 ) -> Result<(i32, String), String> {
-    use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+    use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
+    use tokio::io::AsyncWriteExt;
     let id = container(ctx, idx)?;
     let docker = ctx.docker.client().await.map_err(|e| e.to_string())?;
     let what =
@@ -769,8 +1106,10 @@ async fn exec_container(
             CreateExecOptions {
                 cmd: Some(command.to_vec()),
                 env: Some(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
+                attach_stdin: Some(how.stdin),
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
+                tty: Some(how.tty),
                 ..Default::default()
             },
         )
@@ -781,26 +1120,82 @@ async fn exec_container(
             &created.id,
             Some(StartExecOptions {
                 detach: false,
+                tty: how.tty,
                 ..Default::default()
             }),
         )
         .await
         .map_err(what)?;
-    if let StartExecResults::Attached { mut output, .. } = started {
-        while let Some(chunk) = output.next().await {
-            let Ok(o) = chunk else { break };
-            use bollard::container::LogOutput;
-            let (stream, bytes) = match o {
-                LogOutput::StdErr { message } => (Stream::Stderr, message),
-                LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                    (Stream::Stdout, message)
+    let resize = |s: WinSize| {
+        let docker = docker.clone();
+        let exec = created.id.clone();
+        async move {
+            let _ = docker
+                .resize_exec(
+                    &exec,
+                    ResizeExecOptions {
+                        height: s.rows,
+                        width: s.cols,
+                    },
+                )
+                .await;
+        }
+    };
+    if let (true, Some(s)) = (how.tty, how.size) {
+        resize(s).await;
+    }
+    if let StartExecResults::Attached {
+        mut output,
+        input: mut stdin,
+    } = started
+    {
+        let out = async {
+            while let Some(chunk) = output.next().await {
+                let Ok(o) = chunk else { break };
+                use bollard::container::LogOutput;
+                let (stream, bytes) = match o {
+                    LogOutput::StdErr { message } => (Stream::Stderr, message),
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        (Stream::Stdout, message)
+                    }
+                    LogOutput::StdIn { .. } => continue,
+                };
+                let data = String::from_utf8_lossy(&bytes).into_owned();
+                if tx.send(Frame::Output { stream, data }).await.is_err() {
+                    return Err("the session was closed".to_string());
                 }
-                LogOutput::StdIn { .. } => continue,
-            };
-            let data = String::from_utf8_lossy(&bytes).into_owned();
-            if tx.send(Frame::Output { stream, data }).await.is_err() {
-                return Err("the session was closed".into());
             }
+            Ok(())
+        };
+        let feed = async {
+            let mut open = how.stdin;
+            while let Some(i) = input.recv().await {
+                match i {
+                    ExecInput::Data { data } if open => {
+                        if stdin.write_all(data.as_bytes()).await.is_err() {
+                            open = false;
+                        }
+                        let _ = stdin.flush().await;
+                    }
+                    ExecInput::Resize(s) if how.tty => resize(s).await,
+                    ExecInput::Eof if open => {
+                        if how.tty {
+                            // The terminal's end-of-file key.
+                            let _ = stdin.write_all(&[4]).await;
+                            let _ = stdin.flush().await;
+                        } else {
+                            let _ = stdin.shutdown().await;
+                            open = false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            r = out => r?,
+            _ = feed => unreachable!("the feed never ends"),
         }
     }
     // The output ends as the command does; its exit code may lag a moment behind.

@@ -71,7 +71,37 @@ pub enum AgentTask {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         component: Option<String>,
         command: Vec<String>,
+        /// Give it a terminal (a pty; the engine's tty for a container).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        tty: bool,
+        /// Give it the person's input: the agent reads it from
+        /// `GET /v1/agent/tasks/ID/input`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stdin: bool,
+        /// The terminal's size to begin with (with `tty`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<WinSize>,
     },
+}
+
+/// A terminal's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// What a person sends an interactive exec (`POST /v1/exec/ID/input`, one JSON object a
+/// line), and what the server hands its agent (`GET /v1/agent/tasks/ID/input`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecInput {
+    /// Keys typed, or bytes of a file piped in.
+    Data { data: String },
+    /// The terminal's new size.
+    Resize(WinSize),
+    /// The input ended (the command's stdin is closed).
+    Eof,
 }
 
 impl AgentTask {
@@ -111,6 +141,9 @@ pub enum Frame {
     /// Something the person should know (on stderr), e.g. that lines come from the flight
     /// recorder of an instance that is gone.
     Note { message: String },
+    /// The session of an interactive exec (`stdin`): where its input goes,
+    /// `POST /v1/exec/ID/input`. The server's first frame.
+    Session { id: u64 },
     /// Nothing to say: sent by an agent once its history is sent (then now and then, which
     /// keeps an idle follow open and finds a person gone); never relayed.
     Idle,
@@ -152,6 +185,16 @@ pub struct ExecRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub component: Option<String>,
     pub command: Vec<String>,
+    /// A terminal for the command (`-t`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    /// The person's input for the command (`-i`): the answer's first frame is a `session`
+    /// whose id `POST /v1/exec/ID/input` takes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// The terminal's size to begin with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<WinSize>,
 }
 
 /// What the flight recorder keeps of a component that died (`POST /v1/agent/flight`).

@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use drover_model::logs::{
-    AgentTask, ExecRequest, FlightRecord, Frame, LogLine, LogsQuery, Stream, TailBatch,
+    AgentTask, ExecInput, ExecRequest, FlightRecord, Frame, LogLine, LogsQuery, Stream, TailBatch,
 };
 use drover_model::secret::Scrubber;
 use drover_model::{EventKind, NewEvent};
@@ -100,7 +100,7 @@ fn scrub_frame(sc: &Scrubber, f: &mut Frame) {
         Frame::Output { data, .. } => sc.scrub_in_place(data),
         Frame::Error { message, .. } | Frame::Note { message } => sc.scrub_in_place(message),
         Frame::Exit { how, .. } => sc.scrub_in_place(how),
-        Frame::Idle => {}
+        Frame::Idle | Frame::Session { .. } => {}
     }
 }
 
@@ -473,12 +473,20 @@ pub async fn exec(
         id,
         component: Some(component.clone()),
         command: req.command.clone(),
+        tty: req.tty,
+        stdin: req.stdin,
+        size: req.size,
     }) else {
         audit.end("refused: too many requests waiting for the instance");
         return Err(ServerError::TooManyRequests(format!(
             "instance {instance} has too many requests waiting; try again"
         )));
     };
+    // The person's input: only from this token, to this session's agent.
+    let first = req.stdin.then(|| {
+        ops.relay.open_input(session.id, &caller.id, &instance);
+        frame_bytes(&Frame::Session { id: session.id })
+    });
     if let Err(Frame::Error { message, .. }) = taken(&session).await {
         audit.end("the agent did not take it");
         return Err(ServerError::Unavailable(message));
@@ -556,7 +564,85 @@ pub async fn exec(
             }
         }
     });
-    Ok(stream_response(Body::from_stream(frames)))
+    let head =
+        futures::stream::iter(first.map(|b| Ok::<_, std::convert::Infallible>(Bytes::from(b))));
+    Ok(stream_response(Body::from_stream(head.chain(frames))))
+}
+
+/// Longest input message accepted (a line of `POST /v1/exec/ID/input`).
+const MAX_INPUT: usize = 64 << 10;
+
+/// `POST /v1/exec/{id}/input`: the person's input to an interactive exec (`ExecInput`, one
+/// JSON object a line), from the token that started it; forwarded to its agent in order.
+pub async fn exec_input(
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ServerError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ServerError::BadRequest(format!("session {id:?} is not a number")))?;
+    let Some(tx) = ops.relay.input_sender(id, &caller.id) else {
+        return Err(ServerError::NotFound(format!(
+            "no interactive exec session {id} of this token is open"
+        )));
+    };
+    let mut data = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = data.next().await {
+        let chunk =
+            chunk.map_err(|e| ServerError::BadRequest(format!("the input broke off: {e}")))?;
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let input: ExecInput = serde_json::from_slice(&line).map_err(|e| {
+                ServerError::BadRequest(format!(
+                    "an input line is not an exec input ({{\"type\":\"data\",\"data\":\"...\"}}, resize, eof): {e}"
+                ))
+            })?;
+            if tx.send(input).await.is_err() {
+                return Err(ServerError::NotFound(format!("session {id} has ended")));
+            }
+        }
+        if buf.len() > MAX_INPUT {
+            return Err(ServerError::BadRequest(format!(
+                "an input line is longer than {MAX_INPUT} bytes"
+            )));
+        }
+    }
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+/// `GET /v1/agent/tasks/{id}/input`: an interactive exec's input for its agent, NDJSON as it
+/// comes, until the session ends.
+pub async fn agent_input(
+    State(e): State<Arc<Engine>>,
+    Extension(ops): Extension<Arc<Ops>>,
+    Extension(caller): Extension<Caller>,
+    Extension(bound): Extension<BoundInstance>,
+    Path(id): Path<String>,
+    query: Result<Query<InstanceParam>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ServerError> {
+    let Query(q) = query
+        .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
+    check_instance(&e, &caller, &bound, &q.instance)?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ServerError::BadRequest(format!("task {id:?} is not a number")))?;
+    let Some(rx) = ops.relay.take_input(id, &q.instance) else {
+        return Err(ServerError::NotFound(format!(
+            "no interactive task {id} open for instance {}",
+            q.instance
+        )));
+    };
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        let input = rx.recv().await?;
+        let mut v = serde_json::to_vec(&input).unwrap_or_default();
+        v.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(v)), rx))
+    });
+    Ok(stream_response(Body::from_stream(body)))
 }
 
 /// A command as a person would type it (quoted where needed), for events.

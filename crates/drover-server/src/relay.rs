@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_model::logs::{AgentTask, FlightRecord, Frame, LogLine};
+use drover_model::logs::{AgentTask, ExecInput, FlightRecord, Frame, LogLine};
 use tokio::sync::{mpsc, Notify};
 
 /// How long an agent has to take a task before the person is told it did not.
@@ -45,7 +45,21 @@ struct Inner {
     wakers: HashMap<String, Arc<Notify>>,
     /// By task id: the instance it is for, where its frames go, whether it was taken.
     open: HashMap<u64, Open>,
+    /// By task id, for an interactive exec: the person's input on its way to the agent.
+    inputs: HashMap<u64, Input>,
 }
+
+struct Input {
+    /// The token that started the session: only it may send input.
+    owner: String,
+    instance: String,
+    tx: mpsc::Sender<ExecInput>,
+    /// Taken by the agent's `GET /v1/agent/tasks/ID/input`.
+    rx: Option<mpsc::Receiver<ExecInput>>,
+}
+
+/// Input messages waiting for the agent, per session.
+const INPUT_QUEUE: usize = 64;
 
 struct Open {
     instance: String,
@@ -70,6 +84,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         let mut inner = self.relay.lock();
         inner.open.remove(&self.id);
+        inner.inputs.remove(&self.id);
         if let Some(q) = inner.queues.get_mut(&self.instance) {
             q.retain(|t| t.id() != self.id);
             if q.is_empty() {
@@ -184,6 +199,40 @@ impl Relay {
                 return Vec::new();
             }
         }
+    }
+
+    /// Let session `id` take input from `owner` (the token that started it).
+    pub fn open_input(&self, id: u64, owner: &str, instance: &str) {
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        self.lock().inputs.insert(
+            id,
+            Input {
+                owner: owner.to_string(),
+                instance: instance.to_string(),
+                tx,
+                rx: Some(rx),
+            },
+        );
+    }
+
+    /// Where `owner`'s input to session `id` goes, if it is open and theirs.
+    pub fn input_sender(&self, id: u64, owner: &str) -> Option<mpsc::Sender<ExecInput>> {
+        let inner = self.lock();
+        inner
+            .inputs
+            .get(&id)
+            .filter(|i| i.owner == owner)
+            .map(|i| i.tx.clone())
+    }
+
+    /// The input of session `id` for its agent (once), if it is open and for `instance`.
+    pub fn take_input(&self, id: u64, instance: &str) -> Option<mpsc::Receiver<ExecInput>> {
+        let mut inner = self.lock();
+        inner
+            .inputs
+            .get_mut(&id)
+            .filter(|i| i.instance == instance)
+            .and_then(|i| i.rx.take())
     }
 
     /// Where the frames of task `id` go, if it is open, for `instance` and not uploaded to
@@ -545,6 +594,9 @@ mod tests {
                 id,
                 component: None,
                 command: vec!["true".into()],
+                tty: false,
+                stdin: false,
+                size: None,
             })
             .unwrap();
         let got = waiting.await.unwrap();
@@ -563,12 +615,48 @@ mod tests {
         let id = s.id;
         drop(s);
         assert!(relay.sink(id, "i-000001").is_none());
+        // Input: only from its owner, to its own instance's agent, once.
+        let s = relay
+            .dispatch("i-000001", |id| AgentTask::Exec {
+                id,
+                component: None,
+                command: vec!["cat".into()],
+                tty: true,
+                stdin: true,
+                size: None,
+            })
+            .unwrap();
+        relay.open_input(s.id, "t-000001", "i-000001");
+        assert!(
+            relay.input_sender(s.id, "t-000002").is_none(),
+            "another token's"
+        );
+        assert!(
+            relay.take_input(s.id, "i-000002").is_none(),
+            "another instance's"
+        );
+        let mut rx = relay.take_input(s.id, "i-000001").unwrap();
+        assert!(relay.take_input(s.id, "i-000001").is_none(), "once");
+        let tx = relay.input_sender(s.id, "t-000001").unwrap();
+        tx.send(ExecInput::Eof).await.unwrap();
+        assert_eq!(rx.recv().await, Some(ExecInput::Eof));
+        let id = s.id;
+        drop(s);
+        assert!(
+            relay.input_sender(id, "t-000001").is_none(),
+            "gone with its session"
+        );
+        drop(tx);
+        assert_eq!(rx.recv().await, None);
         // A task withdrawn before it was taken is not handed out.
         let s = relay
             .dispatch("i-000001", |id| AgentTask::Exec {
                 id,
                 component: None,
                 command: vec!["true".into()],
+                tty: false,
+                stdin: false,
+                size: None,
             })
             .unwrap();
         drop(s);

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::exit;
 use crate::render;
+use crate::terminal;
 
 /// The server could not be reached at this URL.
 #[derive(Debug)]
@@ -711,10 +712,15 @@ impl Client {
         Ok(lines)
     }
 
-    /// Run a command on an instance; the exit code is the command's.
-    pub async fn exec(&self, req: drover_model::logs::ExecRequest) -> anyhow::Result<u8> {
+    /// Run a command on an instance; the exit code is the command's. With `stdin`, the
+    /// person's input goes to it (`POST /v1/exec/ID/input`); with `tty`, on a terminal, this
+    /// terminal is raw while it runs and its size changes are passed on.
+    pub async fn exec(&self, mut req: drover_model::logs::ExecRequest) -> anyhow::Result<u8> {
         use drover_model::logs::{Frame, Stream};
-        use std::io::Write;
+        use std::io::{IsTerminal, Write};
+        if req.tty {
+            req.size = terminal::size();
+        }
         let resp = match self
             .send(self.http.post(self.url("/v1/exec")).json(&req))
             .await
@@ -722,9 +728,20 @@ impl Client {
             Ok(r) => r,
             Err(e) => return self.refused(e),
         };
+        // Restored when this returns, however it does.
+        let _raw = (req.tty && req.stdin && std::io::stdin().is_terminal())
+            .then(terminal::Raw::enter)
+            .flatten();
+        let (id_tx, id_rx) = tokio::sync::oneshot::channel();
+        let mut id_tx = Some(id_tx);
         let mut code = None;
-        frames(resp, |f| {
+        let output = frames(resp, |f| {
             match f {
+                Frame::Session { id } => {
+                    if let Some(t) = id_tx.take() {
+                        let _ = t.send(id);
+                    }
+                }
                 Frame::Output { stream, data } => {
                     if stream == Stream::Stderr {
                         let mut e = std::io::stderr().lock();
@@ -748,12 +765,108 @@ impl Client {
                 _ => {}
             }
             true
-        })
-        .await?;
+        });
+        let input = async {
+            if let Ok(id) = id_rx.await {
+                self.exec_input(id, req.tty).await;
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            r = output => r?,
+            _ = input => unreachable!("the input never ends"),
+        }
         Ok(match code {
             Some(c) => c.clamp(0, 255) as u8,
             None => exit::FAILED,
         })
+    }
+
+    /// Send this process's stdin (and, with `tty`, the terminal's size changes) to exec
+    /// session `id`, in order, until it ends or the session does.
+    async fn exec_input(&self, id: u64, tty: bool) {
+        use drover_model::logs::ExecInput;
+        use std::io::Read;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ExecInput>(64);
+        // A thread blocked on reading stdin: such a read cannot be cancelled; the thread ends
+        // with stdin, or with this process.
+        let keys = tx.clone();
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 4096];
+            let mut carry: Vec<u8> = Vec::new();
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = keys.blocking_send(ExecInput::Eof);
+                        return;
+                    }
+                    Ok(n) => {
+                        carry.extend_from_slice(&buf[..n]);
+                        let cut = match std::str::from_utf8(&carry) {
+                            Ok(_) => carry.len(),
+                            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                            Err(_) => carry.len(),
+                        };
+                        let data = String::from_utf8_lossy(&carry[..cut]).into_owned();
+                        carry.drain(..cut);
+                        if !data.is_empty() && keys.blocking_send(ExecInput::Data { data }).is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let resizes = async {
+            let sig = tty
+                .then(|| {
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+                        .ok()
+                })
+                .flatten();
+            let Some(mut sig) = sig else {
+                return std::future::pending::<()>().await;
+            };
+            while sig.recv().await.is_some() {
+                if let Some(s) = terminal::size() {
+                    if tx.send(ExecInput::Resize(s)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        let send = async {
+            // What came while the last request was on its way goes in the next one.
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let ended = batch.contains(&ExecInput::Eof);
+                let mut body = Vec::new();
+                for i in &batch {
+                    body.extend(serde_json::to_vec(i).unwrap_or_default());
+                    body.push(b'\n');
+                }
+                let sent = self
+                    .send(
+                        self.http
+                            .post(self.url(&format!("/v1/exec/{id}/input")))
+                            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+                            .body(body),
+                    )
+                    .await;
+                if sent.is_err() || ended {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = resizes => {}
+            _ = send => {}
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod lb;
 mod progress;
 mod render;
 mod store;
+mod terminal;
 mod up;
 
 use std::net::SocketAddr;
@@ -348,9 +349,17 @@ enum Command {
     ///
     /// `drover exec web -- printenv DROVER_VERSION`, `drover exec i-000003 app -- ls`. A
     /// process component's command runs with its environment and working directory, a
-    /// Docker component's inside its container. Needs an admin token; every session is an
-    /// event (who, where, what, how it ended). No stdin and no TTY.
+    /// Docker component's inside its container. Needs an admin or exec token; every session
+    /// is an event (who, where, what, how it ended). `-it` for an interactive shell:
+    /// `drover exec -it web -- /bin/sh`.
     Exec {
+        /// Pass this process's stdin to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Give the command a terminal (a pty; the engine's tty for a container); with -i on
+        /// a terminal, this one is raw while the command runs and its size follows.
+        #[arg(short = 't', long)]
+        tty: bool,
         /// A service (its first running instance, or --instance), or an instance id.
         target: String,
         /// The component (default: the plan's first).
@@ -755,6 +764,8 @@ async fn dispatch(cli: Cli) -> u8 {
                 .await
         }
         Command::Exec {
+            interactive,
+            tty,
             target,
             component,
             instance,
@@ -773,6 +784,9 @@ async fn dispatch(cli: Cli) -> u8 {
                     instance,
                     component,
                     command,
+                    tty,
+                    stdin: interactive,
+                    size: None,
                 })
                 .await
         }

@@ -271,6 +271,7 @@ fn every_endpoint_answers_every_caller_as_it_should() {
     let peers_web = format!("/v1/agent/peers?instance={web_i}&wait_ms=0");
     let tasks_web = format!("/v1/agent/tasks?instance={web_i}&wait_ms=0");
     let upload_web = format!("/v1/agent/tasks/1?instance={web_i}");
+    let input_web = format!("/v1/agent/tasks/1/input?instance={web_i}");
     let flight_web = serde_json::json!({
         "instance": web_i, "group": "web/local", "generation": web_gen, "component": "app",
         "reason": "matrix", "at_ms": 0, "lines": []
@@ -326,6 +327,8 @@ fn every_endpoint_answers_every_caller_as_it_should() {
         ("GET", "/v1/logs?service=nope", None,                     [U, U, U, 404, 404, F, F, F, 404]),
         ("POST", "/v1/exec", Some(r#"{"service":"nope","command":["true"]}"#),
                                                                    [U, U, U, 404, F, F, F, F, 404]),
+        ("POST", "/v1/exec/1/input", Some(r#"{"type":"eof"}"#),    [U, U, U, 404, F, F, F, F, 404]),
+        ("GET", &input_web, None,                                  [U, U, U, F, F, F, F, F, F]),
         ("GET", "/v1/agent/permit?instance=i-999999", None,        [U, U, U, F, F, 404, 404, F, F]),
         ("GET", "/v1/nope", None,                                  [U, U, U, 404, 404, 404, 404, 404, 404]),
         ("POST", "/v1/status", None,                               [U, U, U, 405, 405, F, F, F, 405]),
