@@ -42,6 +42,13 @@ pub struct GroupSpec {
     /// an old one) is terminated through the provider. Counted from the permit's stored
     /// time, so it holds across server restarts.
     pub leave_within_ms: u64,
+    /// The provider launches the generation it is asked for (every provider but an Auto
+    /// Scaling group, which launches its launch template's current version): while a
+    /// rollout has not proven itself, instances it loses are replaced on the last good
+    /// generation.
+    pub launches_any_generation: bool,
+    /// The last generation every instance ran healthy (the rollout record's; 0: none).
+    pub good_generation: u64,
 }
 
 /// A rollout's canary stage: `size` new instances serve beside the old ones; once all are
@@ -401,6 +408,16 @@ fn reconcile_group(
         active.iter().partition(|i| i.generation < spec.generation);
     let desired = spec.desired as usize;
     let floor = spec.desired.saturating_sub(r.max_unavailable) as usize;
+    // A rollout proves itself when one of its instances turns healthy. Until then, with room
+    // to surge, no old instance leaves for it and old instances that die are replaced on
+    // the last good generation (as Kubernetes' old ReplicaSet keeps its count): a version
+    // that never works cannot drain the group while faults take old instances.
+    let unproven = spec.rollout_open
+        && r.max_surge > 0
+        && spec.good_generation > 0
+        && spec.good_generation < spec.generation
+        && !fresh.iter().any(|i| i.ever_healthy);
+    let last_good = Some(spec.good_generation).filter(|_| unproven && spec.launches_any_generation);
 
     // 2. Rollout bookkeeping.
     let ready_fresh = fresh.iter().filter(|i| ready(i)).count();
@@ -536,10 +553,25 @@ fn reconcile_group(
             .saturating_sub(fresh.len())
             .min(cap.saturating_sub(occupancy))
     };
-    for _ in 0..launches {
+    // While the rollout is unproven, what keeps `desired` (old instances lost) goes on the
+    // last good generation, first; the surge tries the new one with what room is left.
+    let keep_old = match last_good {
+        Some(good) if now >= spec.launch_not_before_ms => {
+            let old = stale.iter().filter(|i| i.generation <= good).count();
+            desired
+                .saturating_sub(old + ready_fresh)
+                .min(cap.saturating_sub(occupancy))
+        }
+        _ => 0,
+    };
+    let launches = launches.min(cap.saturating_sub(occupancy + keep_old));
+    for k in 0..keep_old + launches {
         d.actions.push(Action::Launch {
             group: spec.group.clone(),
-            generation: spec.generation,
+            generation: match last_good {
+                Some(good) if k < keep_old => good,
+                _ => spec.generation,
+            },
         });
     }
 
@@ -550,12 +582,18 @@ fn reconcile_group(
     stale.sort_by_key(|i| (healthy(i), i.generation, i.launched_at_ms, i.id.clone()));
     let mut remaining_stale = stale.len();
     for i in &stale {
-        // A paused rollout hands out no permit.
-        if spec.paused {
+        // A paused rollout hands out no permit, nor one that has not proven itself (but for
+        // a surplus over `desired`, which leaves first to make room).
+        if spec.paused || (unproven && remaining_stale <= desired) {
             break;
         }
         // Health not known yet (e.g. just after a server restart): wait for its report.
         if i.health == Health::Unknown {
+            continue;
+        }
+        // A replacement on the last good generation that has not turned healthy yet: it was
+        // launched to keep the count, and leaves in its turn once it serves.
+        if !i.ever_healthy && spec.good_generation > 0 && i.generation <= spec.good_generation {
             continue;
         }
         // Keep enough stale instances to hold the floor until fresh ones are ready.
@@ -664,6 +702,8 @@ mod tests {
             resumed_ms: 0,
             canary: None,
             provider_replaces_leavers: replaces,
+            launches_any_generation: true,
+            good_generation: 0,
             leave_within_ms: 22_000,
         }
     }

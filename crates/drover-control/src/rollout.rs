@@ -111,6 +111,7 @@ pub fn failed(
 pub fn apply_to_spec(r: &RolloutRecord, spec: &mut GroupSpec) {
     spec.generation_since_ms = r.since_ms;
     spec.rollout_open = r.open;
+    spec.good_generation = r.good_generation;
     spec.paused = r.paused;
     spec.resumed_ms = r.resumed_ms;
     if let Some(c) = &mut spec.canary {

@@ -1433,12 +1433,25 @@ impl Engine {
             let Some(g) = st.groups.get(group) else {
                 return Ok(());
             };
-            if g.record.generation != generation {
+            if g.record.generation < generation {
                 return Ok(());
             }
-            let plan = g.plan.clone();
+            let plan = (g.record.generation == generation).then(|| g.plan.clone());
             st.instance_seq += 1;
             (plan, st.instance_seq)
+        };
+        // An older generation (the last good one, while a rollout has not proven itself):
+        // its plan as stored, immutable.
+        let plan = match plan {
+            Some(p) => p,
+            None => match self.store.plan(group, generation)? {
+                Some(p) => p,
+                None => {
+                    return Err(ServerError::Internal(format!(
+                        "no plan generation {generation} of {group} in the store to launch"
+                    )))
+                }
+            },
         };
         let requested = drover_model::ids::instance_id(seq);
         let Some(provider) = self.provider(&plan.region) else {

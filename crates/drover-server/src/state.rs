@@ -438,6 +438,9 @@ impl State {
                 baking_since_ms: 0,
             }),
             provider_replaces_leavers: provider_replaces_leavers(&g.provider, &rollout),
+            // An Auto Scaling group launches its template's current version only.
+            launches_any_generation: g.provider != "aws",
+            good_generation: 0,
             rollout,
             replace_unhealthy_after_ms: svc
                 .map(|s| s.replace_unhealthy_after.as_millis())

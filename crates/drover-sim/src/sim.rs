@@ -240,6 +240,8 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
         resumed_ms: 0,
         canary: None,
         provider_replaces_leavers: false,
+        launches_any_generation: true,
+        good_generation: 0,
         leave_within_ms: drover_control::group::leave_within_ms(
             rollout.drain_timeout.as_millis(),
             LEAVER_STOP_GRACE_MS,

@@ -647,3 +647,64 @@ fn leavers_that_ignore_their_permits_are_terminated_at_their_deadline_across_a_r
     let took = st.rollouts_done[0].took_ms;
     assert!(took >= within, "done in {took} ms, deadline {within} ms");
 }
+
+/// Issue 20's chaos soak: a version that never works is rolled out while faults kill the old
+/// instances. Until one new instance turns healthy, no old instance gets a permit, and the
+/// old instances that die are replaced on the last good generation: the group never runs
+/// dry, and a few seconds after each kill it is back at its desired count in rotation.
+/// (Before: the dead ones were replaced on the broken generation and a momentarily
+/// unhealthy old one was drained into it, so the group served nothing until the revert.)
+#[test]
+fn a_broken_version_under_kills_never_leaves_the_group_without_instances() {
+    for mode in [FailMode::Crash, FailMode::Hang] {
+        let mut sim = Sim::new(21);
+        let mut r = rollout(1, 1);
+        r.healthy_deadline = Dur::from_secs(60);
+        r.fail_after_exits = 0;
+        sim.add_group(group_spec("web/eu", 3, r));
+        sim.run_until(|s| s.converged("web/eu"), 120_000)
+            .expect("up");
+        let good = sim.spec("web/eu").generation;
+        let broken = sim.deploy_broken("web/eu", mode);
+        let t0 = sim.now();
+        for k in 0..4u64 {
+            sim.inject(
+                t0 + 2_000 + k * 12_000,
+                Fault::Kill {
+                    group: "web/eu".into(),
+                    count: 1,
+                },
+            );
+        }
+        let mut min_in_rotation = usize::MAX;
+        sim.run_until(
+            |s| {
+                min_in_rotation = min_in_rotation.min(s.group_status("web/eu").in_rotation);
+                s.now() > t0 + 50_000
+            },
+            120_000,
+        )
+        .expect("runs");
+        let st = sim.stats();
+        // Each kill took one of 3 and the replacement booted on the good generation: never
+        // fewer than 2 in rotation, and no permit for the broken version.
+        assert!(
+            min_in_rotation >= 2,
+            "{mode:?}: dropped to {min_in_rotation}"
+        );
+        assert_eq!(st.permits, 0, "{mode:?}: {st:?}");
+        let on_good = sim
+            .views()
+            .iter()
+            .filter(|v| v.generation == good && v.ever_healthy)
+            .count();
+        assert_eq!(on_good, 3, "{mode:?}: {:?}", sim.views());
+        // Then the rollout fails at its deadline and the revert converges.
+        sim.run_until(|s| s.converged("web/eu"), 600_000)
+            .expect("converges back");
+        let st = sim.stats();
+        assert_eq!(st.rollouts_failed.len(), 1, "{mode:?}");
+        assert_eq!(st.rollouts_failed[0].generation, broken);
+        assert!(sim.spec("web/eu").generation > broken);
+    }
+}
