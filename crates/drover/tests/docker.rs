@@ -747,3 +747,191 @@ fn engine_outage_is_survived() {
         .block_on(ds::containers_under(&docker, &dir))
         .is_empty());
 }
+
+/// One container that serves (so the instance turns healthy) and one that prints: who it is,
+/// a secret, a line each time /tmp/poke appears, and a last word at its stop.
+fn printing_fleet(image: &str, ingress_port: u16, block: u8) -> String {
+    format!(
+        r#"[fleet]
+name = "ops"
+
+[regions.local]
+provider = "local"
+subnet = "127.{block}.0.0/16"
+
+[services.web]
+regions = ["local"]
+capacity = {{ min = 1, desired = 1, max = 2 }}
+ingress = {{ listen = "127.0.0.1:{ingress_port}", component = "web", port = "http" }}
+
+[services.web.rollout]
+min_healthy_time = "0s"
+drain_timeout = "1s"
+
+[services.web.components.web]
+runtime = "docker"
+version = "v1"
+image = "{image}"
+command = "sh"
+args = ["-c", "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 80 -h /www"]
+ports = {{ http = 8080 }}
+container_ports = {{ http = 80 }}
+health = {{ type = "tcp", port = "http", interval = "200ms", timeout = "150ms" }}
+
+[services.web.components.app]
+runtime = "docker"
+version = "v1"
+image = "{image}"
+command = "sh"
+args = ["-c", "mkdir -p /tmp; echo started $DROVER_INSTANCE; echo token is $API_TOKEN; echo oops >&2; trap 'echo bye from $DROVER_INSTANCE; exit 0' TERM; while true; do if [ -f /tmp/poke ]; then rm /tmp/poke; echo poked $DROVER_INSTANCE; fi; sleep 0.1; done"]
+secret_env = {{ API_TOKEN = "{DOCKER_SECRET}" }}
+stop_grace = "2s"
+"#
+    )
+}
+
+const DOCKER_SECRET: &str = "d0ck3r-s3cr3t-value";
+
+/// `drover exec ARGS` with `input` on its stdin: (exit code, stdout).
+fn exec_with_input(up: &Up, args: &[&str], input: &[u8]) -> (i32, String) {
+    use std::io::Write;
+    let mut c = Command::new(BIN)
+        .arg("exec")
+        .args(args)
+        .env("DROVER_SERVER", up.server())
+        .env("DROVER_DATA_DIR", up.dir.join("data"))
+        .env_remove("DROVER_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(input).unwrap();
+    let o = c.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+#[test]
+fn container_logs_exec_and_flight_records_through_the_engine() {
+    let test = "container_logs_exec_and_flight_records_through_the_engine";
+    let Some(docker) = engine(test) else {
+        return;
+    };
+    let _serial = ds::serial();
+    let mut cleanup = ds::Cleanup::default();
+    let registry = ds::Registry::start();
+    let mut image = String::new();
+    for tag in ["v1", "v2"] {
+        let (reference, _) = rt().block_on(ds::busybox_image(
+            &docker,
+            &registry,
+            &mut cleanup,
+            "drover-test-bb-ops",
+            tag,
+            "",
+        ));
+        image = reference.rsplit_once(':').unwrap().0.to_string();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    cleanup.dir(dir.path());
+    let (api, ingress) = (free_port(), free_port());
+    let up = Up::start(
+        dir.path(),
+        &printing_fleet(&image, ingress, subnet()),
+        api,
+        ingress,
+    );
+    up.wait_healthy(1, Duration::from_secs(90));
+    let first = up.status().unwrap().groups[0].instances[0].id.clone();
+
+    // Logs through the engine's logs API: both streams, prefixed, the secret replaced.
+    let out = wait_up(
+        &up,
+        Duration::from_secs(20),
+        "the container's lines",
+        || {
+            let (_, out, _) = up.cli(&["logs", "web", "app"]);
+            out.contains(&format!("{first} app | started {first}"))
+                .then_some(out)
+        },
+    );
+    assert!(
+        out.contains(&format!("{first} app | token is (secret)")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{first} app | oops")),
+        "stderr too: {out}"
+    );
+    assert!(!out.contains(DOCKER_SECRET), "{out}");
+
+    // Exec inside the container (its environment, the engine's exec), the exit code passed.
+    let (code, out, err) = up.cli(&[
+        "exec",
+        "web",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "test -f /.dockerenv && echo inside $DROVER_INSTANCE; echo $API_TOKEN; exit 3",
+    ]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains(&format!("inside {first}")), "{out}");
+    assert!(
+        out.contains("(secret)") && !out.contains(DOCKER_SECRET),
+        "{out}"
+    );
+    // -t: the engine's tty; -i: the input reaches the command, its end closes it.
+    let terminal = "if [ -t 0 ] && [ -t 1 ]; then echo a terminal; else echo no terminal; fi";
+    let (code, out, err) = up.cli(&["exec", "-t", "web", "app", "--", "sh", "-c", terminal]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("a terminal") && !out.contains("no terminal"),
+        "{out}"
+    );
+    let (_, out, _) = up.cli(&["exec", "web", "app", "--", "sh", "-c", terminal]);
+    assert!(out.contains("no terminal"), "without -t: {out}");
+    let (code, out) = exec_with_input(&up, &["-i", "web", "app", "--", "cat"], b"hi there\n");
+    assert_eq!((code, out.as_str()), (0, "hi there\n"));
+
+    // The server's copy of the container's tail follows it (the engine read every second).
+    let (code, _, err) = up.cli(&["exec", "web", "app", "--", "touch", "/tmp/poke"]);
+    assert_eq!(code, 0, "{err}");
+    wait_up(
+        &up,
+        Duration::from_secs(10),
+        "the poke in the server's tail",
+        || {
+            std::fs::read_dir(up.dir.join("data/flight"))
+                .ok()?
+                .flatten()
+                .any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .contains(&format!("~{first}~app~tail"))
+                        && std::fs::read_to_string(e.path())
+                            .is_ok_and(|t| t.contains(&format!("poked {first}")))
+                })
+                .then_some(())
+        },
+    );
+
+    // Replaced by a deploy: its final record, read before its container was removed, holds its
+    // last word; each line once.
+    let (code, out, err) = up.cli(&["deploy", "web", "app", "v2", "--wait", "--timeout", "2m"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = up.cli(&["logs", "web", "--instance", &first, "app"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("the instance left"), "{err}");
+    for want in [
+        format!("{first} app | started {first}"),
+        format!("{first} app | poked {first}"),
+        format!("{first} app | bye from {first}"),
+    ] {
+        assert_eq!(out.matches(&want).count(), 1, "{want:?} once in: {out}");
+    }
+    assert!(!out.contains(DOCKER_SECRET), "{out}");
+}
