@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The dashboard at fleet scale (issue 19): one `drover server` with N instances (default
-# 10,000: 10 regions, one service of N/10 per region), their agents simulated over real HTTP by
-# drover-fleetsim (as in bench/fleet.sh: the `local` provider launches sleeping stubs, the load
-# tool heartbeats for them every 5 s). Once all N are healthy, it measures:
+# 10,000: 10 regions, one service of N/10 per region, every region `provider = "sim"`: the
+# server records each launch and starts nothing), their agents simulated over real HTTP by
+# drover-fleetsim (as in bench/fleet.sh: it follows the `launched` events and heartbeats for
+# each instance every 5 s). Once all N are healthy, it measures:
 #
 #   - the API the dashboard reads: `GET /v1/ui/summary` (every group, no instance lists) and
 #     `GET /v1/ui/groups/s0/r0` (one group, the first 50 of its N/10 instances), beside
@@ -34,7 +35,7 @@ FLEETSIM_BIN=${FLEETSIM_BIN:-$ROOT/target/release/drover-fleetsim}
 [[ -x $FLEETSIM_BIN ]] || (cd "$ROOT" && cargo build --release -p drover-fleetsim)
 
 WORK=$(mktemp -d /tmp/drover-ui.XXXXXX)
-mkdir -p "$WORK/bin" "$WORK/srv"
+mkdir -p "$WORK/bin"
 cp "$DROVER_BIN" "$WORK/bin/drover"
 cp "$FLEETSIM_BIN" "$WORK/bin/fleetsim"
 DROVER=$WORK/bin/drover
@@ -46,29 +47,31 @@ SIM_PID=
 cleanup() {
     [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null || true
     [[ -n $SERVER_PID ]] && kill -9 "$SERVER_PID" 2>/dev/null || true
-    "$SIM" reap --data-dir "$D" >/dev/null 2>&1 || true
-    # The server's balancer process outlives it by design.
-    [[ -s $D/lb/lb.pid ]] && kill "$(cat "$D/lb/lb.pid")" 2>/dev/null || true
+    # The server's balancer process (`drover lb`, which outlives its server by design): every
+    # process whose command line names this run's work directory.
+    local p
+    for p in /proc/[0-9]*; do
+        [[ ${p#/proc/} == "$$" ]] && continue
+        if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$WORK/"; then
+            kill "${p#/proc/}" 2>/dev/null || true
+        fi
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 if curl -sf -m 1 "$URL/v1/health" >/dev/null 2>&1; then log "something answers on $URL; set PORT"; exit 1; fi
-# The server runs from srv/drover; once it answers, srv/drover becomes the load tool, so what
-# the `local` provider launches as `drover agent ...` is a sleeping stub.
-cp "$DROVER" "$WORK/srv/drover"
-"$WORK/srv/drover" server --data-dir "$D" --listen "127.0.0.1:$PORT" --heartbeat-interval 5s \
+"$DROVER" server --data-dir "$D" --listen "127.0.0.1:$PORT" --heartbeat-interval 5s \
     >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 echo "$SERVER_PID" >"$WORK/server.pid"
 for _ in $(seq 600); do curl -sf -m 2 "$URL/v1/health" >/dev/null && break; sleep 0.05; done
-mv "$WORK/srv" "$WORK/srv.run"; mkdir -p "$WORK/srv"; cp "$SIM" "$WORK/srv/drover"
 TOKEN=$(cat "$D/admin.token")
 cli() { DROVER_TOKEN=$TOKEN "$DROVER" --server "$URL" "$@"; }
 
 "$SIM" fleet-file --groups 10 --desired $((N / 10)) --max $((N / 10)) >"$WORK/fleet.toml"
-"$SIM" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" --interval 5s \
+"$SIM" --threads 2 run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" --interval 5s \
     --warmup 1s --duration 3600s --server-pid-file "$WORK/server.pid" --data-dir "$D" --linger \
     >"$WORK/sim.out" 2>"$WORK/sim.err" &
 SIM_PID=$!
@@ -122,9 +125,9 @@ lines = [
     "## Dashboard at fleet scale",
     "",
     f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {cores} cores (shared with other builds), "
-    f"`bench/ui.sh` (N={n:,}, {runs} runs each), server `{binp.replace('/work/w19/', '')}` at {head}, {chromium}.",
+    f"`bench/ui.sh` (N={n:,}, {runs} runs each), server `{binp.replace(binp.split('target/')[0], '') if 'target/' in binp else binp}` at {head}, {chromium}.",
     "",
-    f"One `drover server` with {n:,} instances (10 groups of {n // 10:,}; agents simulated by drover-fleetsim, "
+    f"One `drover server` with {n:,} instances (10 groups of {n // 10:,} on `sim` regions; agents simulated by drover-fleetsim, "
     "heartbeats every 5 s). Browser: a new headless Chromium per run (empty cache), logged in by a "
     "`drover ui` link, then the page opened afresh; time from the start of the navigation until the page "
     "first shows its data (the `drover:PAGE:rendered` mark).",
