@@ -120,10 +120,20 @@ pub async fn follow(
                 .count() as u32;
             leavers.extend(old.iter().map(|i| i.id.clone()));
             if g.rollout.failed_generation >= *target {
-                let event = client.rollout_events(group).await.ok().and_then(|ev| {
-                    let key = format!("generation {target} failed");
-                    ev.into_iter().rev().find(|e| e.message.contains(&key))
-                });
+                // The status may show the failure a moment before its event is stored.
+                let key = format!("generation {target} failed");
+                let mut event = None;
+                for _ in 0..20 {
+                    event = client
+                        .rollout_events(group)
+                        .await
+                        .ok()
+                        .and_then(|ev| ev.into_iter().rev().find(|e| e.message.contains(&key)));
+                    if event.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 if let Some(i) = event.as_ref().and_then(|e| e.instance.clone()) {
                     failing.push((g.service.clone(), i));
                 }

@@ -896,6 +896,8 @@ fn container_logs_exec_and_flight_records_through_the_engine() {
     assert!(out.contains("no terminal"), "without -t: {out}");
     let (code, out) = exec_with_input(&up, &["-i", "web", "app", "--", "cat"], b"hi there\n");
     assert_eq!((code, out.as_str()), (0, "hi there\n"));
+    // -it on a terminal: the engine's tty of the terminal's size, resized with it.
+    common::it_on_a_terminal(&up, &["web", "app"]);
 
     // The server's copy of the container's tail follows it (the engine read every second).
     let (code, _, err) = up.cli(&["exec", "web", "app", "--", "touch", "/tmp/poke"]);

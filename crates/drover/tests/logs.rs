@@ -73,89 +73,6 @@ fn instances(up: &Up) -> Vec<String> {
     ids
 }
 
-/// `drover exec -it INSTANCE side -- /bin/sh` on a pty of the test's (30 x 100), resized to
-/// 40 x 120 while it runs.
-fn it_on_a_terminal(up: &Up, instance: &str) {
-    use std::io::{Read, Write};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let winsize = |rows, cols| libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let (mut m, mut s) = (0, 0);
-    let ws = winsize(30, 100);
-    // SAFETY: openpty writes two fds through valid pointers.
-    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both were just opened; nothing else owns them.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
-    let mut cli = Command::new(BIN)
-        .args(["exec", "-it", instance, "side", "--", "/bin/sh"])
-        .env("DROVER_SERVER", up.server())
-        .env("DROVER_DATA_DIR", up.dir.join("data"))
-        .env_remove("DROVER_TOKEN")
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let seen = seen.clone();
-        let mut f = std::fs::File::from(master.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            // EIO once the CLI (the last holder of the slave) is gone.
-            while let Ok(n) = f.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                seen.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
-    let mut keys = std::fs::File::from(master.try_clone().unwrap());
-    let saw = |text: &str| seen.lock().unwrap().contains(text);
-    keys.write_all(b"stty size; tty\n").unwrap();
-    wait_for("the first size and a tty", Duration::from_secs(10), || {
-        saw("30 100") && saw("/dev/pts/")
-    });
-    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
-    let ws = winsize(40, 120);
-    assert_eq!(
-        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
-    // (the CLI's terminal is not its controlling one: the signal a terminal would send)
-    unsafe { libc::kill(cli.id() as i32, libc::SIGWINCH) };
-    wait_for("the new size", Duration::from_secs(10), || {
-        keys.write_all(b"stty size\n").unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        saw("40 120")
-    });
-    keys.write_all(b"exit 5\n").unwrap();
-    let t0 = Instant::now();
-    let code = loop {
-        if let Some(st) = cli.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "still running: {}",
-            seen.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(5), "{}", seen.lock().unwrap());
-    drop(keys);
-    drop(master);
-    let _ = reader.join();
-}
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -340,7 +257,7 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
 
     // -it on a terminal: the command gets a pty of the terminal's size, follows its resizes,
     // and its exit code comes back.
-    it_on_a_terminal(&up, &ids[1]);
+    it_on_a_terminal(&up, &[&ids[1], "side"]);
 
     // A read token may read logs, not exec.
     let (code, token, err) = up.cli(&["token", "create", "--scope", "read"]);

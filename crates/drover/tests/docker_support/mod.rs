@@ -227,7 +227,7 @@ pub fn tar(files: &[(&str, Vec<u8>, u32)]) -> Vec<u8> {
 /// Busybox applets the tests use, linked to /bin/busybox.
 const APPLETS: &[&str] = &[
     "sh", "httpd", "sleep", "test", "touch", "rm", "mkdir", "echo", "cat", "true", "false", "kill",
-    "nc", "wget", "date", "ls",
+    "nc", "wget", "date", "ls", "stty",
 ];
 
 /// Build `tag` from a Dockerfile and files, through the Engine API (the classic builder).
