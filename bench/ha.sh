@@ -7,9 +7,10 @@
 #               server`s on it (one data directory), the first one leading.
 #
 # In both, drover-fleetsim runs the N agents (1 heartbeat per 5 s each, permit long-polls as
-# hinted) through an HAProxy in TCP mode in front of the servers (the leader first, the others
-# as backups: as agents move to the next server when theirs stops answering), so both runs
-# pay the same extra hop. Measured once every instance is healthy: heartbeat latency (the
+# hinted) through an HAProxy in TCP mode in front of the servers (the leader first, the second
+# server as the backup: as agents move to the next server when theirs stops answering), so
+# both runs pay the same extra hop. The proxy connects from 16 loopback addresses per server,
+# since the server caps connections per client address at 512. Measured once every instance is healthy: heartbeat latency (the
 # load tool's window), and the leader's store writer from /metrics (commit latency
 # histogram, commits and records written per second) over the launch of the N instances
 # (apply to every instance healthy) and over 20 s of steady state. On etcd then: SIGKILL of the leader,
@@ -103,8 +104,15 @@ start_proxy() {
         echo "  default_backend servers"
         echo "backend servers"
         echo "  option httpchk GET /v1/health"
-        for ((i = 0; i < $2; i++)); do
-            echo "  server s$i 127.0.0.1:$((PORT + 1 + i)) check inter 200 fall 1 rise 2 $( ((i > 0)) && echo backup)"
+        echo "  balance roundrobin"
+        echo "  option allbackups"
+        # The server caps connections per client address (512): the proxy's connections to
+        # one server come from 16 loopback addresses, as agents come from their own.
+        local k
+        for ((i = 0; i < $2 && i < 2; i++)); do
+            for ((k = 1; k <= 16; k++)); do
+                echo "  server s$i-$k 127.0.0.1:$((PORT + 1 + i)) source 127.0.$((100 + i)).$k check inter 200 fall 1 rise 2 $( ((i > 0)) && echo backup)"
+            done
         done
     } >"$cfg"
     haproxy -f "$cfg" -db >"$WORK/haproxy-$1.log" 2>&1 &

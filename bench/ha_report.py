@@ -118,7 +118,7 @@ def main():
         f"(N={n:,}), `{os.path.relpath(drover_bin, ROOT)}` at {commit}, {etcd_v}, one run.",
         "",
         f"{n:,} instances in 10 groups of the `sim` provider; drover-fleetsim runs their agents "
-        "(a heartbeat per 5 s each) through HAProxy (TCP; the first server, the others as backups) "
+        "(a heartbeat per 5 s each) through HAProxy (TCP, connecting from 16 loopback addresses per server; the first server, the second as its backup) "
         "in front of one `drover server` on SQLite, then of 3 servers on a 3-member etcd cluster on "
         "loopback (fsync on, as SQLite's `synchronous = FULL`). Heartbeat latency over the load "
         "tool's window once every instance is healthy. The leader's store writer (`/metrics`): "

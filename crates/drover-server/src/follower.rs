@@ -2,10 +2,11 @@
 //! (not followed), plans and the token list. Everything else (status, metrics, logs, event
 //! streams, the dashboard, every change and agent report) is the leader's, and forwarded.
 //!
-//! Each read authenticates against the tokens as stored at that moment (read again per
-//! call), so a token revoked on the leader is refused here at once, and answers with the
-//! same body the leader would give (the same scrubbing of secret values). The answer carries
-//! `x-drover-served-by: ID`, this server's id.
+//! Only calls with a bearer token are answered here (the dashboard's, by session cookie, go
+//! to the leader, where the sessions are). Each read authenticates against the tokens as
+//! stored at that moment (read again per call), so a token revoked on the leader is refused
+//! here at once, and answers with the same body the leader would give (the same scrubbing of
+//! secret values). The answer carries `x-drover-served-by: ID`, this server's id.
 
 use std::sync::Arc;
 
@@ -68,9 +69,11 @@ impl Reads {
         Ok(Reads { store, auth })
     }
 
-    /// Whether this is a read a follower answers itself.
+    /// Whether this is a read a follower answers itself: one with a bearer token. A call
+    /// without (the dashboard's, by its session cookie) is the leader's: sessions live there.
     pub fn serves(&self, req: &Request) -> bool {
-        read_of(req.method(), req.uri().path(), req.uri().query()).is_some()
+        req.headers().contains_key(header::AUTHORIZATION)
+            && read_of(req.method(), req.uri().path(), req.uri().query()).is_some()
     }
 
     /// Answer a read (one [`Reads::serves`] accepted), off the async workers.
@@ -126,17 +129,10 @@ impl Reads {
         })
     }
 
-    /// The caller, by bearer token (a follower holds no dashboard session: the dashboard is
-    /// forwarded to the leader).
+    /// The caller, by bearer token.
     fn caller(&self, req: &Request) -> Result<Caller, ServerError> {
         self.auth
             .authenticate(req.headers().get(header::AUTHORIZATION))
-            .map_err(|e| match e {
-                ServerError::Unauthorized(m) if req.headers().get(header::AUTHORIZATION).is_none() && crate::ui::has_session(req) => {
-                    ServerError::Unauthorized(format!("{m} (a dashboard session is the leader's: open the dashboard on the leader)"))
-                }
-                other => other,
-            })
     }
 
     /// Replaces the current fleet's secret values in free text (the latest revision's).

@@ -117,11 +117,13 @@ impl Https {
     }
 }
 
-/// One server, on its own data directory (`DIR/data`).
+/// One server, on its own data directory (`DIR/data`). Dropped in this order: the server,
+/// then the balancer process it left (it outlives its server by design), then the directory.
 struct Member {
+    child: Option<KillOnDrop>,
+    _leftovers: KillAgents,
     dir: tempfile::TempDir,
     api: u16,
-    child: Option<KillOnDrop>,
 }
 
 impl Member {
@@ -214,10 +216,14 @@ fn servers_on_their_own_disks_share_the_ca_and_agent_key_through_the_store() {
     let etcd = LocalEtcd::start(&bin, 3).unwrap();
     let store = etcd.url(PREFIX);
     let mut members: Vec<Member> = (0..3)
-        .map(|_| Member {
-            dir: tempfile::tempdir().unwrap(),
-            api: free_port(),
-            child: None,
+        .map(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            Member {
+                child: None,
+                _leftovers: KillAgents(dir.path().to_path_buf()),
+                dir,
+                api: free_port(),
+            }
         })
         .collect();
     let list = members
