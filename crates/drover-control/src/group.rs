@@ -730,6 +730,33 @@ mod tests {
         }
     }
 
+    /// After a revert (generation 3, the content of 1), the broken generation-2 instance
+    /// still crash-looping is a surplus over desired: it leaves, so the revert has room.
+    #[test]
+    fn after_a_revert_the_broken_surplus_leaves_first() {
+        let now = 100_000;
+        let mut s = spec(3, 1, false);
+        s.rollout.max_unavailable = 0;
+        s.generation = 3;
+        s.generation_since_ms = now - 1_000;
+        s.rollout_open = true;
+        s.good_generation = 1;
+        let mut broken = instance("i-4", 2, now, None);
+        broken.exits_before_healthy = 5;
+        let list = vec![
+            instance("i-1", 1, now, Some(1_000)),
+            instance("i-2", 1, now, Some(1_000)),
+            instance("i-3", 1, now, Some(1_000)),
+            broken,
+        ];
+        let d = reconcile(now, &[s], &list, &TIMING);
+        eprintln!("{:?}", d.actions);
+        assert!(d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Permit { instance, .. } if instance == "i-4")));
+    }
+
     #[test]
     fn leavers_stale_instances_and_orphans_are_told_to_leave_soon() {
         assert!(!leave_soon(Phase::Active, 2, Some(2)));

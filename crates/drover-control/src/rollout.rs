@@ -23,7 +23,10 @@ pub fn begin(
         // one before it (a new group), it is the best there is.
         good_generation: prev
             .map(|(r, generation)| {
-                if r.open && r.good_generation > 0 {
+                // A rollout still open, or one that failed, did not make its generation
+                // good: the earlier good one stays (a revert's rollout must not count the
+                // broken generation it leaves as good).
+                if (r.open || r.failed_generation == generation) && r.good_generation > 0 {
                     r.good_generation
                 } else {
                     generation
@@ -125,6 +128,20 @@ pub fn apply_to_spec(r: &RolloutRecord, spec: &mut GroupSpec) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The revert's own rollout keeps the generation before the failure as the good one: if
+    /// the revert fails too, it does not go back to the broken generation.
+    #[test]
+    fn a_revert_after_a_failure_keeps_the_earlier_good_generation() {
+        let mut r = begin(None, 0, false, 0);
+        done(&mut r, 1, "app=v1", 10);
+        let mut second = begin(Some((&r, 1)), 20, false, 0);
+        assert_eq!(second.good_generation, 1);
+        let (after, _) = failed(&mut second, 2, "crashes", true);
+        assert_eq!(after, AfterFailure::Revert { to: 1 });
+        let revert = begin(Some((&second, 2)), 30, true, 2);
+        assert_eq!(revert.good_generation, 1, "not the broken generation 2");
+    }
 
     #[test]
     fn a_rollout_begins_is_done_or_fails_and_reverts_to_the_last_good_generation() {
