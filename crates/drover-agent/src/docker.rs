@@ -552,6 +552,8 @@ pub(crate) fn spec(inst: &Instance, plan: &Plan, comp: &PlanComponent) -> Result
                     d.log
                         .options
                         .iter()
+                        // drover's own option (the flight recorder's size), not the engine's.
+                        .filter(|(k, _)| k.as_str() != drover_model::logs::FLIGHT_SIZE_OPTION)
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                 ),

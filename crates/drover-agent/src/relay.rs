@@ -6,8 +6,9 @@
 //! is done, or when the server closes it (the person went away), which stops the task.
 //! The flight recorder: when a component dies, the last lines of its output go to
 //! `POST /v1/agent/flight`; and while the agent runs, the new lines of every component's
-//! tail go to `POST /v1/agent/tail` (at most once a second, at most `FLIGHT_BYTES` per
-//! component), so the server's copy outlives an agent killed without warning.
+//! tail go to `POST /v1/agent/tail` (at most once a second, at most the component's flight
+//! size, `log.options.flight-size`, 64 KiB by default), so the server's copy outlives an
+//! agent killed without warning.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use drover_model::fleet::Runtime;
 use drover_model::logs::{
     AgentTask, ExecInput, FlightRecord, Frame, LogLine, Stream, TailBatch, TailPart, TasksReply,
-    WinSize, FLIGHT_BYTES,
+    WinSize,
 };
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
@@ -126,10 +127,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
 }
 
 /// One component's tail as the server has it: where reading goes on, and the lines read but
-/// not sent yet (at most `FLIGHT_BYTES` of text: the oldest go first, and then the server's
-/// copy is replaced rather than continued).
+/// not sent yet (at most `limit` bytes of text, the component's flight size: the oldest go
+/// first, and then the server's copy is replaced rather than continued).
 #[derive(Default)]
 struct Tail {
+    limit: usize,
     started: bool,
     cursor: logfile::Cursor,
     /// For a container: the engine's time (ns) of the newest line taken, and how many of the
@@ -146,7 +148,7 @@ impl Tail {
             self.bytes += l.2.len() + 1;
             self.pending.push_back(l);
         }
-        while self.bytes > FLIGHT_BYTES {
+        while self.bytes > self.limit {
             let Some(l) = self.pending.pop_front() else {
                 break;
             };
@@ -157,12 +159,15 @@ impl Tail {
 }
 
 /// Keep the server's copy of every component's tail current: every `TAIL_EVERY`, the new
-/// lines of each (the first batch: the last `FLIGHT_BYTES` each) in one request, and only
+/// lines of each (the first batch: the last of its flight size each) in one request, and only
 /// when there are some. What the server did not take is sent with the next batch. Never ends.
 async fn keep_tails(ctx: &Ctx, link: &Link) {
-    let n = ctx.plan.components.len();
-    let mut tails: Vec<Tail> = (0..n)
-        .map(|_| Tail {
+    let mut tails: Vec<Tail> = ctx
+        .plan
+        .components
+        .iter()
+        .map(|c| Tail {
+            limit: c.flight_bytes(),
             reset: true,
             ..Default::default()
         })
@@ -240,13 +245,13 @@ async fn gather_tail(ctx: &Ctx, idx: usize, t: &mut Tail) {
     match comp.runtime {
         Runtime::Process => {
             let path = ctx.instance.log_file(comp);
-            let (started, mut cursor) = (t.started, t.cursor);
+            let (started, mut cursor, limit) = (t.started, t.cursor, t.limit);
             let (lines, cursor) = tokio::task::spawn_blocking(move || {
                 if started {
                     let lines = logfile::read_new(&path, &mut cursor);
                     (lines, cursor)
                 } else {
-                    logfile::last_lines_and_cursor(&path, FLIGHT_BYTES)
+                    logfile::last_lines_and_cursor(&path, limit)
                 }
             })
             .await
@@ -1210,24 +1215,26 @@ async fn exec_container(
     Err("the command's output ended but it still runs".into())
 }
 
-/// A container's last lines, at most `FLIGHT_BYTES` of text (none when it has no container
+/// A container's last lines, at most its flight size of text (none when it has no container
 /// or the engine does not answer within 2 s).
 pub(crate) async fn container_tail(ctx: &Ctx, idx: usize) -> Vec<logfile::Line> {
-    let mut l = tokio::time::timeout(ENGINE_TIMEOUT, container_lines(ctx, idx, 0, Some(1000)))
+    let limit = ctx.plan.components[idx].flight_bytes();
+    let lines = (limit / 64).max(1000);
+    let mut l = tokio::time::timeout(ENGINE_TIMEOUT, container_lines(ctx, idx, 0, Some(lines)))
         .await
         .ok()
         .and_then(Result::ok)
         .unwrap_or_default();
-    let keep = drover_model::logs::flight_cut(&l, |x| x.2.len());
+    let keep = drover_model::logs::flight_cut(&l, limit, |x| x.2.len());
     l.drain(..keep);
     l
 }
 
-/// The flight record of component `idx` now: its last lines, at most `FLIGHT_BYTES`.
+/// The flight record of component `idx` now: its last lines, at most its flight size.
 pub(crate) async fn flight_record(ctx: &Ctx, idx: usize, reason: String) -> FlightRecord {
     let comp = &ctx.plan.components[idx];
     let lines = match comp.runtime {
-        Runtime::Process => logfile::last_lines(&ctx.instance.log_file(comp), FLIGHT_BYTES),
+        Runtime::Process => logfile::last_lines(&ctx.instance.log_file(comp), comp.flight_bytes()),
         Runtime::Docker => {
             let l = container_tail(ctx, idx).await;
             if l.is_empty() {
@@ -1270,5 +1277,26 @@ pub(crate) async fn send_flight(link: Link, rec: FlightRecord) {
             }
             tracing::warn!(component = %rec.component, error = %error_chain(&e), "cannot send the flight record")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tail holds at most its component's flight size: the oldest lines go first, and the
+    /// server's copy is then replaced rather than continued.
+    #[test]
+    fn a_tail_keeps_at_most_its_flight_size() {
+        let mut t = Tail {
+            limit: 4 << 10,
+            ..Default::default()
+        };
+        t.push((0..10).map(|k| (k, Stream::Stdout, "x".repeat(99))));
+        assert_eq!((t.pending.len(), t.bytes, t.reset), (10, 1000, false));
+        t.push((10..100).map(|k| (k, Stream::Stdout, "x".repeat(99))));
+        assert_eq!(t.pending.len(), 40, "4096 bytes hold 40 lines of 100");
+        assert!(t.bytes <= 4 << 10 && t.reset);
+        assert_eq!(t.pending.front().unwrap().0, 60, "the newest kept");
     }
 }

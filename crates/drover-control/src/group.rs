@@ -412,11 +412,13 @@ fn reconcile_group(
     // to surge, no old instance leaves for it and old instances that die are replaced on
     // the last good generation (as Kubernetes' old ReplicaSet keeps its count): a version
     // that never works cannot drain the group while faults take old instances.
+    // A new instance known only from the store (a server restart, a failover) may well be
+    // healthy: until it reports, the rollout counts as proven, as before the restart.
     let unproven = spec.rollout_open
         && r.max_surge > 0
         && spec.good_generation > 0
         && spec.good_generation < spec.generation
-        && !fresh.iter().any(|i| i.ever_healthy);
+        && !fresh.iter().any(|i| i.ever_healthy || i.restored);
     let last_good = Some(spec.good_generation).filter(|_| unproven && spec.launches_any_generation);
 
     // 2. Rollout bookkeeping.
@@ -578,8 +580,20 @@ fn reconcile_group(
     // 4. Permits for stale instances, never taking healthy capacity below the floor.
     //    Fresh instances count as healthy only once ready (healthy for min_healthy_time).
     let mut healthy_count = ready_fresh + stale.iter().filter(|i| healthy(i)).count();
-    // Unhealthy ones first (they cost nothing), then the oldest generation, then the oldest launch.
-    stale.sort_by_key(|i| (healthy(i), i.generation, i.launched_at_ms, i.id.clone()));
+    // Unhealthy ones first (they cost nothing), then those of a generation newer than the last
+    // good one (a failed rollout's, as a revert leaves them), then the oldest generation,
+    // then the oldest launch.
+    let known_good =
+        |i: &InstanceView| spec.good_generation == 0 || i.generation <= spec.good_generation;
+    stale.sort_by_key(|i| {
+        (
+            healthy(i),
+            known_good(i),
+            i.generation,
+            i.launched_at_ms,
+            i.id.clone(),
+        )
+    });
     let mut remaining_stale = stale.len();
     for i in &stale {
         // A paused rollout hands out no permit, nor one that has not proven itself (but for
@@ -755,6 +769,88 @@ mod tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::Permit { instance, .. } if instance == "i-4")));
+    }
+
+    /// After a server restart, a new instance not heard from yet may be healthy: no old
+    /// instance is launched for a rollout that may have proven itself already.
+    #[test]
+    fn a_restart_mid_rollout_launches_no_old_generation() {
+        let now = 100_000;
+        let mut s = spec(3, 1, false);
+        s.rollout.max_unavailable = 0;
+        s.generation = 2;
+        s.generation_since_ms = now - 60_000;
+        s.rollout_open = true;
+        s.good_generation = 1;
+        let mut new = instance("i-4", 2, now, None);
+        new.health = Health::Unknown;
+        new.restored = true;
+        let list = vec![
+            instance("i-2", 1, now, Some(1_000)),
+            instance("i-3", 1, now, Some(1_000)),
+            new,
+        ];
+        let d = reconcile(now, &[s.clone()], &list, &TIMING);
+        assert!(
+            !d.actions
+                .iter()
+                .any(|a| matches!(a, Action::Launch { generation: 1, .. })),
+            "{:?}",
+            d.actions
+        );
+        // Heard from, and never healthy: now the rollout is unproven, and the count is kept
+        // on the good generation.
+        let mut list = list;
+        list[2].restored = false;
+        list[2].health = Health::Starting;
+        let d = reconcile(now, &[s], &list, &TIMING);
+        assert!(d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Launch { generation: 1, .. })));
+    }
+
+    /// A revert leaves a healthy instance of the failed generation (a canary bad only under
+    /// load): it is the surplus that leaves, not an instance of the good generation, which
+    /// would only be launched again.
+    #[test]
+    fn after_a_revert_the_failed_generation_leaves_before_the_good_one() {
+        let now = 100_000;
+        let mut s = spec(3, 1, false);
+        s.rollout.max_unavailable = 0;
+        s.generation = 3;
+        s.generation_since_ms = now - 1_000;
+        s.rollout_open = true;
+        s.good_generation = 1;
+        let list = vec![
+            instance("i-1", 1, now, Some(1_000)),
+            instance("i-2", 1, now, Some(1_000)),
+            instance("i-3", 1, now, Some(1_000)),
+            instance("i-4", 2, now, Some(50_000)),
+        ];
+        let d = reconcile(now, &[s.clone()], &list, &TIMING);
+        let permits: Vec<&str> = d
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Permit { instance, .. } => Some(instance.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(permits, ["i-4"], "{:?}", d.actions);
+        // Once it drains: room for one of the revert's instances, not another of generation 1.
+        let mut list = list;
+        list[3].phase = Phase::Draining;
+        list[3].permit_at_ms = Some(now);
+        let d = reconcile(now + 250, &[s], &list, &TIMING);
+        assert!(d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Launch { generation: 3, .. })));
+        assert!(!d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Launch { generation: 1, .. })));
     }
 
     #[test]

@@ -14,8 +14,24 @@ pub const DEFAULT_MAX_FILES: u32 = 3;
 pub const MIN_MAX_SIZE: u64 = 64 << 10;
 /// Longest line kept; a longer one is cut into pieces of this size.
 pub const MAX_LINE: usize = 16 << 10;
-/// How much of a component's output the flight recorder keeps when it dies (per component).
+/// How much of a component's output the flight recorder keeps when it dies (per component),
+/// unless its `log.options.flight-size` says otherwise.
 pub const FLIGHT_BYTES: usize = 64 << 10;
+/// The log option that sets a component's flight recorder size (e.g. `"256k"`).
+pub const FLIGHT_SIZE_OPTION: &str = "flight-size";
+/// The smallest and the largest `flight-size`. The server keeps at most the largest of any
+/// component (the agent cuts to the component's own).
+pub const FLIGHT_BYTES_MIN: usize = 4 << 10;
+pub const FLIGHT_BYTES_MAX: usize = 1 << 20;
+
+/// A component's flight recorder size: its `log.options.flight-size`, else [`FLIGHT_BYTES`].
+pub fn flight_bytes(log: Option<&LogConfig>) -> usize {
+    log.and_then(|l| l.options.get(FLIGHT_SIZE_OPTION))
+        .and_then(|s| crate::image::parse_memory(s))
+        .map_or(FLIGHT_BYTES, |n| {
+            (n as usize).clamp(FLIGHT_BYTES_MIN, FLIGHT_BYTES_MAX)
+        })
+}
 
 /// Which of a component's outputs a line came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,14 +253,14 @@ pub struct TailPart {
 /// How often an agent sends the new lines of its components' tails (at most).
 pub const TAIL_EVERY_MS: u64 = 1000;
 
-/// The newest `FLIGHT_BYTES` of text of `lines` (counting each line's newline): the index of
+/// The newest `limit` bytes of text of `lines` (counting each line's newline): the index of
 /// the first line to keep.
-pub fn flight_cut<T>(lines: &[T], text: impl Fn(&T) -> usize) -> usize {
+pub fn flight_cut<T>(lines: &[T], limit: usize, text: impl Fn(&T) -> usize) -> usize {
     let mut total = 0usize;
     let mut keep = lines.len();
     for (k, l) in lines.iter().enumerate().rev() {
         total += text(l) + 1;
-        if total > FLIGHT_BYTES {
+        if total > limit {
             break;
         }
         keep = k;
@@ -298,6 +314,24 @@ pub fn parse_line(line: &str) -> Option<(u64, Stream, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_components_flight_size_is_its_option_within_bounds() {
+        let with = |v: &str| {
+            let mut c = LogConfig::default();
+            c.options.insert(FLIGHT_SIZE_OPTION.into(), v.into());
+            flight_bytes(Some(&c))
+        };
+        assert_eq!(flight_bytes(None), FLIGHT_BYTES);
+        assert_eq!(flight_bytes(Some(&LogConfig::default())), FLIGHT_BYTES);
+        assert_eq!(with("256k"), 256 << 10);
+        assert_eq!(with("1m"), FLIGHT_BYTES_MAX);
+        assert_eq!(with("1g"), FLIGHT_BYTES_MAX);
+        assert_eq!(with("1k"), FLIGHT_BYTES_MIN);
+        let lines = ["aaa", "bbb", "ccc"];
+        assert_eq!(flight_cut(&lines, 8, |l| l.len()), 1);
+        assert_eq!(flight_cut(&lines, 100, |l| l.len()), 0);
+    }
 
     #[test]
     fn lines_round_trip_and_rotation_has_defaults() {

@@ -61,6 +61,14 @@ pub struct PlanComponent {
     pub log: Option<LogConfig>,
 }
 
+impl PlanComponent {
+    /// How much of its output the flight recorder keeps: its `log.options.flight-size`
+    /// (`docker.log` for a container), else 64 KiB.
+    pub fn flight_bytes(&self) -> usize {
+        crate::logs::flight_bytes(self.log.as_ref().or(self.docker.as_ref().map(|d| &d.log)))
+    }
+}
+
 /// How a `docker` component's container is made.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DockerSpec {

@@ -1392,10 +1392,11 @@ fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Probl
                     .trim()
                     .parse::<u32>()
                     .is_ok_and(|n| (1..=100).contains(&n)),
+                crate::logs::FLIGHT_SIZE_OPTION => flight_size_ok(v),
                 _ => {
                     out.push(p(
                         &join(base, &["log", "options", k]),
-                        format!("{k:?}: a process component's log takes only max-size (e.g. \"10m\") and max-file (e.g. \"3\")"),
+                        format!("{k:?}: a process component's log takes only max-size (e.g. \"10m\"), max-file (e.g. \"3\") and flight-size (e.g. \"256k\")"),
                     ));
                     continue;
                 }
@@ -1405,6 +1406,7 @@ fn check_docker_only_fields(comp: &Component, base: &[&str], out: &mut Vec<Probl
                     &join(base, &["log", "options", k]),
                     match k.as_str() {
                         "max-size" => format!("{v:?} is not a size of at least 64k, e.g. \"10m\""),
+                        crate::logs::FLIGHT_SIZE_OPTION => flight_size_error(v),
                         _ => format!("{v:?} is not a number of files from 1 to 100"),
                     },
                 ));
@@ -1601,13 +1603,26 @@ fn check_docker(comp: &Component, base: &[&str], out: &mut Vec<Problem>) {
                 format!("{:?} is not a log driver name, e.g. \"json-file\", \"local\", \"journald\", \"none\"", log.driver),
             ));
         }
-        for k in log.options.keys() {
+        for (k, v) in &log.options {
             if k.is_empty() || k.contains(char::is_whitespace) {
                 out.push(p(
                     &join(base, &["log", "options", k]),
                     format!("{k:?} is not a log option name, e.g. \"max-size\""),
                 ));
+            } else if k == crate::logs::FLIGHT_SIZE_OPTION && !flight_size_ok(v) {
+                out.push(p(&join(base, &["log", "options", k]), flight_size_error(v)));
             }
         }
     }
+}
+
+/// A `log.options.flight-size`: a size from 4k to 1m.
+fn flight_size_ok(v: &str) -> bool {
+    crate::image::parse_memory(v).is_some_and(|n| {
+        (crate::logs::FLIGHT_BYTES_MIN as u64..=crate::logs::FLIGHT_BYTES_MAX as u64).contains(&n)
+    })
+}
+
+fn flight_size_error(v: &str) -> String {
+    format!("{v:?} is not a flight recorder size from 4k to 1m, e.g. \"256k\" (the default is 64k)")
 }

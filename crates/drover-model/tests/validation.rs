@@ -733,3 +733,44 @@ fn a_sim_region_validates_and_an_unknown_provider_lists_the_allowed_ones() {
         "{e}"
     );
 }
+
+/// The flight recorder's size per component (`log.options.flight-size`): a process's and a
+/// container's, from 4k to 1m, located when wrong; the plan carries it to the agent.
+#[test]
+fn a_components_flight_size_is_validated_and_planned() {
+    let text = bad(
+        "ports = { http = 8080 }\nhealth",
+        "ports = { http = 8080 }\nlog = { options = { flight-size = \"256k\" } }\nhealth",
+    );
+    let fleet = parse_fleet(&text, "drover.toml").unwrap();
+    let plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+    assert_eq!(plan.components[0].flight_bytes(), 256 << 10);
+    let plan = drover_model::plan::plan_for(
+        &parse_fleet(GOOD, "drover.toml").unwrap(),
+        "web",
+        &parse_fleet(GOOD, "drover.toml").unwrap().services["web"],
+        "local",
+    );
+    assert_eq!(plan.components[0].flight_bytes(), 64 << 10, "the default");
+    let e = one(&bad(
+        "ports = { http = 8080 }\nhealth",
+        "ports = { http = 8080 }\nlog = { options = { flight-size = \"2m\" } }\nhealth",
+    ));
+    assert_eq!(
+        e.field,
+        "services.web.components.app.log.options.flight-size"
+    );
+    assert!(e.message.contains("from 4k to 1m"), "{}", e.message);
+    assert!(e.line > 0 && e.column > 0);
+    // A container's: its own option, checked the same way.
+    let e = docker_bad("max-size = \"1m\"", "flight-size = \"1k\"");
+    assert!(e.message.contains("from 4k to 1m"), "{}", e.message);
+    let ok = DOCKER.replacen(
+        "max-size = \"1m\"",
+        "max-size = \"1m\", flight-size = \"512k\"",
+        1,
+    );
+    let fleet = parse_fleet(&ok, "drover.toml").unwrap();
+    let plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+    assert_eq!(plan.components[0].flight_bytes(), 512 << 10);
+}

@@ -876,7 +876,11 @@ pub async fn agent_tail(
             if !components.is_empty() && !components.contains(&part.component) {
                 continue;
             }
-            let cut = drover_model::logs::flight_cut(&part.lines, |l| l.line.len());
+            let cut = drover_model::logs::flight_cut(
+                &part.lines,
+                drover_model::logs::FLIGHT_BYTES_MAX,
+                |l| l.line.len(),
+            );
             part.lines.drain(..cut);
             for l in &mut part.lines {
                 l.instance = batch.instance.clone();

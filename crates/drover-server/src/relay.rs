@@ -344,7 +344,12 @@ impl Flights {
         kept.at_ms = now_ms;
         kept.reason = TAIL_REASON.to_string();
         kept.lines.extend(lines);
-        let cut = drover_model::logs::flight_cut(&kept.lines, |l| l.line.len());
+        // The agent cuts to the component's own size; this is the bound of any.
+        let cut = drover_model::logs::flight_cut(
+            &kept.lines,
+            drover_model::logs::FLIGHT_BYTES_MAX,
+            |l| l.line.len(),
+        );
         kept.lines.drain(..cut);
         self.write(&name, &kept)?;
         if now_ms.saturating_sub(*g) >= TAIL_PRUNE_EVERY_MS {
@@ -555,15 +560,19 @@ mod tests {
             .unwrap();
         let found = f.find("web", None, Some("i-000009"), None);
         assert_eq!(found[0].lines.len(), 1);
-        // Bounded: the newest FLIGHT_BYTES of text.
-        let big = "x".repeat(1000);
+        // Bounded: the newest FLIGHT_BYTES_MAX of text.
+        let big = "x".repeat(20_000);
         for k in 0..100 {
             f.append_tail(&head, false, vec![line(10 + k, &big)], now + 3)
                 .unwrap();
         }
         let found = f.find("web", None, Some("i-000009"), None);
         let text: usize = found[0].lines.iter().map(|l| l.line.len() + 1).sum();
-        assert!(text <= drover_model::logs::FLIGHT_BYTES, "{text}");
+        assert!(text <= drover_model::logs::FLIGHT_BYTES_MAX, "{text}");
+        assert!(
+            text > drover_model::logs::FLIGHT_BYTES_MAX - 20_001,
+            "{text}"
+        );
         assert_eq!(found[0].lines.last().unwrap().at_ms, 109);
         // Merged with a final record: each line once, the final record's reason.
         let mut fin = rec("i-000009", now + 5, "");

@@ -552,10 +552,13 @@ fn a_leader_paused_past_its_lease_neither_commits_nor_hands_out_a_permit() {
     }
     // Calls that reach it while it sleeps; it reads them when it wakes up. Marked as
     // forwarded, so it answers them itself rather than forwarding them to the new leader.
+    // With the holder's own instance token (its agent has reported with it, so its group's
+    // token may no longer speak for it).
+    let own = drover_model::token::instance_token(&token, &agent_id, &holder);
     let permit = send_raw(
         plane.addr(0),
         format!(
-            "GET /v1/agent/permit?instance={holder}&wait_ms=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nx-drover-forwarded-by: test\r\n\r\n"
+            "GET /v1/agent/permit?instance={holder}&wait_ms=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {own}\r\nx-drover-forwarded-by: test\r\n\r\n"
         ),
     );
     let body = r#"{"service":"web","desired":5}"#;
