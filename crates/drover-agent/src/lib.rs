@@ -124,6 +124,9 @@ pub(crate) struct Ctx {
     /// Per `docker` component: its last lines, read just before its container was removed
     /// (the final flight record is made after the stop, when the engine has them no more).
     last_words: Mutex<Vec<Vec<logfile::Line>>>,
+    /// `drover logs -f` sessions following this instance now: a stop waits for one more read
+    /// of the components' files when there are some.
+    pub follows: std::sync::atomic::AtomicUsize,
 }
 
 impl Ctx {
@@ -450,6 +453,7 @@ pub async fn run_with_auth(
         drained: Mutex::new(None),
         containers: Mutex::new(vec![None; components_len]),
         flights: servers.as_ref().map(|_| flight_tx.clone()),
+        follows: Default::default(),
         last_words: Mutex::new(vec![Vec::new(); components_len]),
     });
     let link = servers.clone().map(|s| relay::Link {
@@ -475,6 +479,15 @@ pub async fn run_with_auth(
         "agent starting"
     );
 
+    // Log sessions and exec go on through the drain and the stop (a `drover logs -f` sees
+    // what the components print as they leave), until the last lines are out.
+    let relay = async {
+        match link.clone() {
+            Some(link) => relay::run(ctx.clone(), link, flight_rx).await,
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(relay);
     let outcome = {
         let boot = async {
             for idx in 0..ctx.plan.components.len() {
@@ -594,12 +607,6 @@ pub async fn run_with_auth(
                 _ => std::future::pending::<()>().await,
             }
         };
-        let relay = async {
-            match link.clone() {
-                Some(link) => relay::run(ctx.clone(), link, flight_rx).await,
-                None => std::future::pending::<()>().await,
-            }
-        };
         tokio::select! {
             _ = shutdown => Outcome::Shutdown,
             permit = leaving => Outcome::Left {
@@ -608,7 +615,7 @@ pub async fn run_with_auth(
             },
             // Never completes: the reporter (or, without a server, its stand-in) and discovery
             // run until dropped.
-            _ = async { tokio::join!(boot, report, discover, relay) } => Outcome::Shutdown,
+            _ = async { tokio::join!(boot, report, discover, &mut relay) } => Outcome::Shutdown,
         }
     };
 
@@ -630,7 +637,17 @@ pub async fn run_with_auth(
             reporter.send(&hb, HEARTBEAT_TIMEOUT).await;
         }
     };
-    tokio::join!(stopped, report_drain);
+    let stopping = async {
+        tokio::join!(stopped, report_drain);
+        // A follow session reads the components' files every 200 ms: their last lines out.
+        if ctx.follows.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            tokio::time::sleep(logfile::FOLLOW_POLL + Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = stopping => {}
+        _ = &mut relay => {}
+    }
     // The flight recorder: the last lines of every component of an instance that leaves.
     if let Some(link) = &link {
         let why = match &outcome {

@@ -496,6 +496,16 @@ async fn logs(
     if tx.send(Frame::Idle).await.is_err() {
         return;
     }
+    // Counted while it follows (a stopping agent waits for one more read when some do).
+    struct Following<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Following<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    ctx.follows
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _following = Following(&ctx.follows);
     // New lines: process logs polled, containers' from the engine's follow stream.
     let files = async {
         if cursors.is_empty() {

@@ -44,7 +44,7 @@ stop_grace = "1s"
 runtime = "process"
 version = "v1"
 command = "/bin/sh"
-args = ["-c", "echo started $DROVER_INSTANCE; echo token is $API_TOKEN; echo oops >&2; while true; do if [ -f poke ]; then rm -f poke; echo poked $DROVER_INSTANCE; fi; if [ -f crash ]; then rm -f crash; echo fatal: crashing now >&2; exit 3; fi; sleep 0.05; done"]
+args = ["-c", "trap 'echo bye $DROVER_INSTANCE; exit 0' TERM; echo started $DROVER_INSTANCE; echo token is $API_TOKEN; echo oops >&2; while true; do if [ -f poke ]; then rm -f poke; echo poked $DROVER_INSTANCE; fi; if [ -f crash ]; then rm -f crash; echo fatal: crashing now >&2; exit 3; fi; sleep 0.05; done"]
 secret_env = {{ API_TOKEN = "{SECRET}" }}
 restart = {{ initial_delay = "100ms", max_delay = "1s", reset_after = "1m" }}
 stop_grace = "1s"
@@ -319,7 +319,27 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     let (_, ev, _) = up.cli(&["events", "--kind", "output", "--json"]);
     assert!(!ev.contains(SECRET), "{ev}");
 
-    // An instance that is gone: its last lines are still there.
+    // An instance that is gone: its last lines are still there. And a follower sees what it
+    // printed as it left (its agent relays until its components are stopped).
+    let mut follow = Command::new(BIN)
+        .args(["logs", "web", "side", "-f", "--tail", "0"])
+        .env("DROVER_SERVER", up.server())
+        .env("DROVER_DATA_DIR", up.dir.join("data"))
+        .env_remove("DROVER_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let followed = {
+        let out = follow.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains("| bye "))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1000));
     let (code, _, err) = up.cli(&["scale", "web", "2"]);
     assert_eq!(code, 0, "{err}");
     let mut gone = String::new();
@@ -333,9 +353,21 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
             None => false,
         }
     });
+    wait_for(
+        "the leaving instance's last line, followed",
+        Duration::from_secs(10),
+        || followed.is_finished(),
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        followed.join().unwrap(),
+        "the follow stream never had the leaving instance's last line"
+    );
     let (code, out, err) = up.cli(&["logs", "web", "--instance", &gone, "side"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(err.contains("flight recorder"), "{err}");
+    assert!(out.contains(&format!("{gone} side | bye {gone}")), "{out}");
     assert!(
         out.contains(&format!("{gone} side | started {gone}")),
         "{out}"
