@@ -744,17 +744,24 @@ mod tests {
         }
     }
 
+    /// A rollout of 3 (max_surge 1, max_unavailable 0) to `generation`, open since
+    /// `since_ms`, with generation 1 the last good one.
+    fn open_rollout(generation: u64, since_ms: u64) -> GroupSpec {
+        let mut s = spec(3, 1, false);
+        s.rollout.max_unavailable = 0;
+        s.generation = generation;
+        s.generation_since_ms = since_ms;
+        s.rollout_open = true;
+        s.good_generation = 1;
+        s
+    }
+
     /// After a revert (generation 3, the content of 1), the broken generation-2 instance
     /// still crash-looping is a surplus over desired: it leaves, so the revert has room.
     #[test]
     fn after_a_revert_the_broken_surplus_leaves_first() {
         let now = 100_000;
-        let mut s = spec(3, 1, false);
-        s.rollout.max_unavailable = 0;
-        s.generation = 3;
-        s.generation_since_ms = now - 1_000;
-        s.rollout_open = true;
-        s.good_generation = 1;
+        let s = open_rollout(3, now - 1_000);
         let mut broken = instance("i-4", 2, now, None);
         broken.exits_before_healthy = 5;
         let list = vec![
@@ -764,7 +771,6 @@ mod tests {
             broken,
         ];
         let d = reconcile(now, &[s], &list, &TIMING);
-        eprintln!("{:?}", d.actions);
         assert!(d
             .actions
             .iter()
@@ -776,12 +782,7 @@ mod tests {
     #[test]
     fn a_restart_mid_rollout_launches_no_old_generation() {
         let now = 100_000;
-        let mut s = spec(3, 1, false);
-        s.rollout.max_unavailable = 0;
-        s.generation = 2;
-        s.generation_since_ms = now - 60_000;
-        s.rollout_open = true;
-        s.good_generation = 1;
+        let s = open_rollout(2, now - 60_000);
         let mut new = instance("i-4", 2, now, None);
         new.health = Health::Unknown;
         new.restored = true;
@@ -816,12 +817,7 @@ mod tests {
     #[test]
     fn after_a_revert_the_failed_generation_leaves_before_the_good_one() {
         let now = 100_000;
-        let mut s = spec(3, 1, false);
-        s.rollout.max_unavailable = 0;
-        s.generation = 3;
-        s.generation_since_ms = now - 1_000;
-        s.rollout_open = true;
-        s.good_generation = 1;
+        let s = open_rollout(3, now - 1_000);
         let list = vec![
             instance("i-1", 1, now, Some(1_000)),
             instance("i-2", 1, now, Some(1_000)),
