@@ -791,7 +791,7 @@ mod tests {
             instance("i-3", 1, now, Some(1_000)),
             new,
         ];
-        let d = reconcile(now, &[s.clone()], &list, &TIMING);
+        let d = reconcile(now, std::slice::from_ref(&s), &list, &TIMING);
         assert!(
             !d.actions
                 .iter()
@@ -824,7 +824,7 @@ mod tests {
             instance("i-3", 1, now, Some(1_000)),
             instance("i-4", 2, now, Some(50_000)),
         ];
-        let d = reconcile(now, &[s.clone()], &list, &TIMING);
+        let d = reconcile(now, std::slice::from_ref(&s), &list, &TIMING);
         let permits: Vec<&str> = d
             .actions
             .iter()

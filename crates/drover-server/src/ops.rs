@@ -624,12 +624,7 @@ pub async fn agent_input(
     Path(id): Path<String>,
     query: Result<Query<InstanceParam>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
-    let Query(q) = query
-        .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
-    check_instance(&e, &caller, &bound, &q.instance)?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ServerError::BadRequest(format!("task {id:?} is not a number")))?;
+    let (id, q) = agent_task(&e, &caller, &bound, &id, query)?;
     let Some(rx) = ops.relay.take_input(id, &q.instance) else {
         return Err(ServerError::NotFound(format!(
             "no interactive task {id} open for instance {}",
@@ -692,6 +687,24 @@ pub async fn agent_tasks(
     Ok(Json(drover_model::logs::TasksReply { tasks }).into_response())
 }
 
+/// An agent's call about its task `id`: the instance it names, which its token may speak
+/// for, and the task's number.
+fn agent_task(
+    e: &Engine,
+    caller: &Caller,
+    bound: &BoundInstance,
+    id: &str,
+    query: Result<Query<InstanceParam>, axum::extract::rejection::QueryRejection>,
+) -> Result<(u64, InstanceParam), ServerError> {
+    let Query(q) = query
+        .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
+    check_instance(e, caller, bound, &q.instance)?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ServerError::BadRequest(format!("task {id:?} is not a number")))?;
+    Ok((id, q))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceParam {
@@ -709,12 +722,7 @@ pub async fn agent_upload(
     query: Result<Query<InstanceParam>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Response, ServerError> {
-    let Query(q) = query
-        .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
-    check_instance(&e, &caller, &bound, &q.instance)?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ServerError::BadRequest(format!("task {id:?} is not a number")))?;
+    let (id, q) = agent_task(&e, &caller, &bound, &id, query)?;
     let Some(tx) = ops.relay.sink(id, &q.instance) else {
         return Err(ServerError::NotFound(format!(
             "no task {id} open for instance {}",

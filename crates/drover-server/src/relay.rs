@@ -261,6 +261,24 @@ const TAIL_PRUNE_EVERY_MS: u64 = 10_000;
 pub const TAIL_REASON: &str =
     "its output as its agent last sent it (the agent sent no final record: killed, or its machine lost)";
 
+/// The file of `rec` in the recorder's directory, `SERVICE~REGION~GEN~INSTANCE~COMPONENT~LAST.json`
+/// (`LAST`: the record's time, or `tail`), once every name in it is a valid id.
+fn file_name(rec: &FlightRecord, last: &str) -> std::io::Result<String> {
+    let (service, region) = rec.group.split_once('/').unwrap_or((&rec.group, ""));
+    if ![service, region, &rec.instance, &rec.component]
+        .iter()
+        .all(|s| safe(s))
+    {
+        return Err(std::io::Error::other(
+            "a name in the record is not a valid id",
+        ));
+    }
+    Ok(format!(
+        "{service}~{region}~{}~{}~{}~{last}.json",
+        rec.generation, rec.instance, rec.component
+    ))
+}
+
 /// Whether a name may be part of a file name (ids, component names: validated already, but
 /// this is what a hostile agent sends).
 fn safe(s: &str) -> bool {
@@ -281,21 +299,9 @@ impl Flights {
 
     /// Keep `rec` (already scrubbed and bounded), then drop what is over the bounds.
     pub fn keep(&self, rec: &FlightRecord, now_ms: u64) -> std::io::Result<()> {
-        let (service, region) = rec.group.split_once('/').unwrap_or((&rec.group, ""));
-        if ![service, region, &rec.instance, &rec.component]
-            .iter()
-            .all(|s| safe(s))
-        {
-            return Err(std::io::Error::other(
-                "a name in the record is not a valid id",
-            ));
-        }
+        let name = file_name(rec, &rec.at_ms.to_string())?;
         let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&self.dir)?;
-        let name = format!(
-            "{service}~{region}~{}~{}~{}~{}.json",
-            rec.generation, rec.instance, rec.component, rec.at_ms
-        );
         self.write(&name, rec)?;
         self.prune(now_ms);
         *g = now_ms;
@@ -309,7 +315,7 @@ impl Flights {
     }
 
     /// Add `lines` (already scrubbed and bounded) to the tail kept of `rec`'s component
-    /// (`reset`: in place of it), the newest `FLIGHT_BYTES` kept. `rec` names the component
+    /// (`reset`: in place of it), the newest `FLIGHT_BYTES_MAX` kept. `rec` names the component
     /// and carries no lines.
     pub fn append_tail(
         &self,
@@ -318,21 +324,9 @@ impl Flights {
         lines: Vec<LogLine>,
         now_ms: u64,
     ) -> std::io::Result<()> {
-        let (service, region) = rec.group.split_once('/').unwrap_or((&rec.group, ""));
-        if ![service, region, &rec.instance, &rec.component]
-            .iter()
-            .all(|s| safe(s))
-        {
-            return Err(std::io::Error::other(
-                "a name in the record is not a valid id",
-            ));
-        }
+        let name = file_name(rec, "tail")?;
         let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&self.dir)?;
-        let name = format!(
-            "{service}~{region}~{}~{}~{}~tail.json",
-            rec.generation, rec.instance, rec.component
-        );
         let mut kept: FlightRecord = if reset {
             rec.clone()
         } else {

@@ -14,36 +14,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use drover_model::api::{
-    AgentPhase, ComponentReport, ComponentState, FleetStatus, Health, Heartbeat, InstanceState,
-};
+use drover_model::api::{AgentPhase, ComponentState, FleetStatus, Health, InstanceState};
 use drover_model::token::TokenInfo;
 use drover_store::local_etcd::{etcd_or_skip, LocalEtcd};
 
 const PREFIX: &str = "/drover/ha-secrets";
-
-fn fleet(block: u8) -> String {
-    format!(
-        r#"[fleet]
-name = "apart"
-
-[regions.lab]
-provider = "sim"
-subnet = "127.{block}.0.0/16"
-
-[services.web]
-regions = ["lab"]
-capacity = {{ min = 0, desired = 3, max = 4 }}
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "{{drover}}"
-args = ["demo-server", "--listen", "{{addr}}:{{port.http}}"]
-ports = {{ http = 8080 }}
-"#
-    )
-}
 
 /// An HTTPS client that trusts one CA, and nothing else.
 struct Https {
@@ -167,26 +142,16 @@ fn wait_role(https: &Https, members: &[Member], i: usize, role: &str, within: Du
 
 /// One heartbeat as instance `id` (healthy, generation 1), with its own instance token.
 fn beat(https: &Https, api: u16, id: &str, addr: &str, seq: u64, token: &str) -> Option<u16> {
-    let hb = Heartbeat {
-        instance: id.to_string(),
-        group: "web/lab".into(),
-        generation: 1,
-        addr: addr.to_string(),
-        phase: AgentPhase::Running,
+    let hb = app_heartbeat(
+        id,
+        "web/lab",
+        1,
+        addr,
+        AgentPhase::Running,
         seq,
-        components: vec![ComponentReport {
-            name: "app".into(),
-            version: "v1".into(),
-            state: ComponentState::Healthy,
-            pid: None,
-            restarts: 0,
-            last_exit: None,
-            message: None,
-            last_output: None,
-        }],
-        utilization: Default::default(),
-        drained: None,
-    };
+        "v1",
+        ComponentState::Healthy,
+    );
     let body = serde_json::to_string(&hb).unwrap();
     https
         .call(api, "POST", "/v1/agent/heartbeat", Some(body), Some(token))
@@ -276,7 +241,11 @@ fn servers_on_their_own_disks_share_the_ca_and_agent_key_through_the_store() {
     let admin = admin.trim().to_string();
 
     // The CLI, through a follower over HTTPS, trusting the CA as another server wrote it.
-    std::fs::write(members[0].dir.path().join("drover.toml"), fleet(subnet())).unwrap();
+    std::fs::write(
+        members[0].dir.path().join("drover.toml"),
+        sim_fleet(subnet()),
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["apply", "drover.toml"])
         .env(

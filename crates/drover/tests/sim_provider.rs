@@ -10,33 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use drover_model::api::{
-    AgentPhase, ComponentReport, ComponentState, FleetStatus, Heartbeat, HeartbeatReply,
-    InstanceState, PermitReply,
+    AgentPhase, ComponentState, FleetStatus, HeartbeatReply, InstanceState, PermitReply,
 };
-
-fn fleet(block: u8) -> String {
-    format!(
-        r#"[fleet]
-name = "simmed"
-
-[regions.lab]
-provider = "sim"
-subnet = "127.{block}.0.0/16"
-
-[services.web]
-regions = ["lab"]
-capacity = {{ min = 0, desired = 3, max = 4 }}
-rollout = {{ max_surge = 1, max_unavailable = 1, min_healthy_time = "1s", drain_timeout = "1s", healthy_deadline = "60s" }}
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "{{drover}}"
-args = ["demo-server", "--listen", "{{addr}}:{{port.http}}"]
-ports = {{ http = 8080 }}
-"#
-    )
-}
 
 /// What the fake agent knows of one instance.
 #[derive(Default)]
@@ -64,26 +39,16 @@ impl Fake {
             AgentPhase::Running => ComponentState::Healthy,
             _ => ComponentState::Stopped,
         };
-        let hb = Heartbeat {
-            instance: id.to_string(),
-            group: "web/lab".into(),
-            generation: a.generation,
-            addr: a.addr.clone(),
+        let hb = app_heartbeat(
+            id,
+            "web/lab",
+            a.generation,
+            &a.addr,
             phase,
-            seq: a.seq,
-            components: vec![ComponentReport {
-                name: "app".into(),
-                version: a.version.clone(),
-                state,
-                pid: None,
-                restarts: 0,
-                last_exit: None,
-                message: None,
-                last_output: None,
-            }],
-            utilization: Default::default(),
-            drained: None,
-        };
+            a.seq,
+            &a.version,
+            state,
+        );
         let body = serde_json::to_string(&hb).unwrap();
         let (code, reply) = http_as(
             self.api,
@@ -173,7 +138,7 @@ fn healthy_on(status: &FleetStatus, generation: u64) -> usize {
 fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced_by_a_deploy() {
     let dir = tempfile::tempdir().unwrap();
     let (api, ing) = (free_port(), free_port());
-    std::fs::write(dir.path().join("drover.toml"), fleet(subnet())).unwrap();
+    std::fs::write(dir.path().join("drover.toml"), sim_fleet(subnet())).unwrap();
     // The balancer process the server starts outlives it by design: stopped last.
     let _cleanup = KillAgents(dir.path().to_path_buf());
     let _server = KillOnDrop(start_server_with(

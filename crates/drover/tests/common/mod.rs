@@ -716,3 +716,63 @@ pub fn it_on_a_terminal(up: &Up, target: &[&str]) {
     drop(master);
     let _ = reader.join();
 }
+
+/// A fleet of one `sim` region (no process starts) and a service `web` of 3 instances
+/// (`web/lab`) with one component `app`.
+pub fn sim_fleet(block: u8) -> String {
+    format!(
+        r#"[fleet]
+name = "simmed"
+
+[regions.lab]
+provider = "sim"
+subnet = "127.{block}.0.0/16"
+
+[services.web]
+regions = ["lab"]
+capacity = {{ min = 0, desired = 3, max = 4 }}
+rollout = {{ max_surge = 1, max_unavailable = 1, min_healthy_time = "1s", drain_timeout = "1s", healthy_deadline = "60s" }}
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "{{drover}}"
+args = ["demo-server", "--listen", "{{addr}}:{{port.http}}"]
+ports = {{ http = 8080 }}
+"#
+    )
+}
+
+/// A heartbeat of `instance` whose one component `app` runs `version` in `state`.
+#[allow(clippy::too_many_arguments)]
+pub fn app_heartbeat(
+    instance: &str,
+    group: &str,
+    generation: u64,
+    addr: &str,
+    phase: drover_model::api::AgentPhase,
+    seq: u64,
+    version: &str,
+    state: drover_model::api::ComponentState,
+) -> drover_model::api::Heartbeat {
+    drover_model::api::Heartbeat {
+        instance: instance.to_string(),
+        group: group.into(),
+        generation,
+        addr: addr.to_string(),
+        phase,
+        seq,
+        components: vec![drover_model::api::ComponentReport {
+            name: "app".into(),
+            version: version.into(),
+            state,
+            pid: None,
+            restarts: 0,
+            last_exit: None,
+            message: None,
+            last_output: None,
+        }],
+        utilization: Default::default(),
+        drained: None,
+    }
+}
