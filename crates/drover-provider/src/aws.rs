@@ -449,6 +449,8 @@ impl AwsProvider {
                             .and_then(|f| f.addr)
                             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
                         instance: Some(id),
+                        // A launch template's boot document is shared by the whole group.
+                        own_token: false,
                     });
                 }
             }

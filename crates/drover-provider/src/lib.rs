@@ -106,6 +106,9 @@ pub struct Launched {
     /// The id the instance knows itself by, when the provider names instances (on EC2 the
     /// agent reads its instance id from metadata); `None`: the requested id.
     pub instance: Option<String>,
+    /// Launched with a token of its own ([`Credentials::instance_token`]): its group's
+    /// token must never speak for it.
+    pub own_token: bool,
 }
 
 /// A group as its provider must make it exist: its launch configuration (the plan) and, for a
@@ -176,6 +179,14 @@ pub trait Provider: Send + Sync {
     fn alive(&self, instance: &str) -> bool;
     /// After a server restart: take back a still-running instance. False if it is gone.
     fn adopt(&self, instance: &str) -> bool;
+    /// After a server restart: the running instances this provider launched that are not in
+    /// `known` (the store's records), each taken back as [`Provider::adopt`] does so it can
+    /// be terminated. A server that stopped between a launch and its record leaves one;
+    /// nothing else would ever stop it. Providers whose cloud reports its instances itself
+    /// (an Auto Scaling group) have none.
+    fn unrecorded(&self, _known: &std::collections::BTreeSet<String>) -> Vec<String> {
+        Vec::new()
+    }
     /// Stop every instance this provider started, waiting up to `grace`.
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()>;
     /// Stop the provider's background tasks and wait for them: afterwards nothing of the

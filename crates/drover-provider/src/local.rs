@@ -61,8 +61,13 @@ impl LocalProvider {
         }
     }
 
+    /// Where every instance's directory is.
+    fn instances_root(&self) -> PathBuf {
+        self.cfg.data_dir.join("instances")
+    }
+
     fn instance_dir(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("instances").join(id)
+        self.instances_root().join(id)
     }
 
     fn plan_file(&self, req: &LaunchRequest) -> Result<PathBuf, ProviderError> {
@@ -102,6 +107,7 @@ impl LocalProvider {
             cmd.arg("agent");
         }
         // Its own instance token: it cannot speak for any other instance of its group.
+        let mut own_token = false;
         if let Some(token) = self
             .cfg
             .credentials
@@ -111,6 +117,7 @@ impl LocalProvider {
             write_private(&token_file, token.as_bytes())
                 .map_err(|e| ProviderError::Io(token_file.clone(), e))?;
             cmd.arg("--token-file").arg(&token_file);
+            own_token = true;
         }
         if let Some(ca) = &self.cfg.credentials.ca {
             cmd.arg("--server-ca")
@@ -179,6 +186,7 @@ impl LocalProvider {
             provider_id: format!("pid:{pid}"),
             addr,
             instance: None,
+            own_token,
         })
     }
 }
@@ -296,6 +304,19 @@ impl Provider for LocalProvider {
         });
         tracing::info!(pid, "adopted a running agent");
         true
+    }
+
+    fn unrecorded(&self, known: &std::collections::BTreeSet<String>) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.instances_root()) else {
+            return Vec::new();
+        };
+        let mut found: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| !known.contains(id) && self.adopt(id))
+            .collect();
+        found.sort();
+        found
     }
 
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, ()> {

@@ -80,6 +80,8 @@ impl Provider for SimRegion {
             provider_id: format!("sim:{}", req.seq),
             addr: sim_addr(self.block, req.seq),
             instance: None,
+            // Simulated agents speak with their group's token.
+            own_token: false,
         };
         Box::pin(async move { Ok(launched) })
     }

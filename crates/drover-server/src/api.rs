@@ -492,7 +492,7 @@ pub(crate) fn check_instance(
     {
         return Err(denied());
     }
-    if bound.0.is_none() && i.soft.bound {
+    if bound.0.is_none() && (i.record.own_token || i.soft.bound) {
         return Err(denied());
     }
     Ok(())

@@ -37,10 +37,12 @@ const DEFAULT_BOOT_MS: u64 = 3_000;
 impl Engine {
     /// Validate, diff and store a fleet file as a new revision. Nothing changes on error.
     pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
-        // Artifacts are fetched before the lock: a slow host holds up this apply only.
+        // Artifacts are fetched and image tags resolved before the lock: a slow host holds up
+        // this apply only.
         if !req.dry_run {
             if let Ok(fleet) = drover_model::parse_fleet(&req.toml, &req.file) {
                 crate::artifact::prefetch(&fleet).await;
+                crate::registry::prefetch(self, &fleet).await;
             }
         }
         let _w = self.write_lock.lock().await;
@@ -56,6 +58,7 @@ impl Engine {
             if let Ok(toml) = set_versions(&rev.toml, &req.service, &pair) {
                 if let Ok(fleet) = drover_model::parse_fleet(&toml, &rev.file) {
                     crate::artifact::prefetch(&fleet).await;
+                    crate::registry::prefetch(self, &fleet).await;
                 }
             }
         }

@@ -53,6 +53,8 @@ pub struct Engine {
     suspected: Mutex<std::collections::BTreeSet<String>>,
     /// The lead this engine acts under (several servers on etcd); none: it always may act.
     authority: std::sync::OnceLock<Arc<crate::ha::Authority>>,
+    /// Image tags resolved before the write lock ([`crate::registry::prefetch`]).
+    pub(crate) pins: crate::registry::Prefetched,
 }
 
 /// Counts a held permit long-poll while it lives.
@@ -167,6 +169,7 @@ impl Engine {
             passes: Default::default(),
             suspected: Default::default(),
             authority: Default::default(),
+            pins: Default::default(),
         })
     }
 
@@ -236,6 +239,37 @@ impl Engine {
     /// Resolves once every write queued so far is durable.
     pub async fn flush(&self) {
         self.writer.flush().await;
+    }
+
+    /// Stop the instances a provider still runs that no record names: launched by a server
+    /// that stopped before it could record them (the id counter is stored before each
+    /// launch, the record after it). They were never in rotation; nothing else would ever
+    /// stop them. Each one is an event.
+    pub async fn reap_unrecorded(&self) {
+        let known: std::collections::BTreeSet<String> =
+            self.state().instances.keys().cloned().collect();
+        let providers: Vec<Arc<dyn Provider>> = self
+            .providers
+            .lock()
+            .expect("providers lock")
+            .values()
+            .cloned()
+            .collect();
+        let grace = Duration::from_millis(crate::state::DEFAULT_STOP_GRACE_MS);
+        for p in providers {
+            for id in p.unrecorded(&known) {
+                let message = match p.terminate(&id, grace).await {
+                    Ok(()) => format!(
+                        "{id} runs but was never recorded (a server stopped between its launch and its record): terminating it"
+                    ),
+                    Err(e) => format!("{id} runs but was never recorded; terminating it failed: {e}"),
+                };
+                tracing::warn!(instance = %id, "{message}");
+                self.record(vec![
+                    NewEvent::new(EventKind::Terminating, message).instance(&id)
+                ]);
+            }
+        }
     }
 
     /// Put the ingress of every group that has one in the balancers' config.
@@ -545,8 +579,9 @@ impl Engine {
     /// began or ended, and the counts they set.
     async fn schedule_pass(&self, now: u64) -> Result<(), ServerError> {
         let mut writes = Vec::new();
+        let mut staged = Staged::default();
         {
-            let mut st = self.state();
+            let st = self.state();
             let groups: Vec<String> = st.groups.keys().cloned().collect();
             for gid in groups {
                 let g = &st.groups[&gid];
@@ -570,29 +605,26 @@ impl Engine {
                 if r.remembered {
                     writes.extend(crate::state::memory_writes(&gid, &memory));
                 }
-                st.schedule_memory.insert(gid.clone(), memory);
+                staged.memory.push((gid.clone(), memory));
                 if let Some(d) = r.decision {
                     if r.sets_count {
-                        st.autoscale
-                            .entry(gid.clone())
-                            .or_default()
-                            .manual(now, d.to);
+                        let mut scaler = st.autoscale.get(&gid).cloned().unwrap_or_default();
+                        scaler.manual(now, d.to);
+                        staged.autoscale.push((gid.clone(), scaler));
                     }
-                    set_desired(&mut st, &gid, d.from, d.to, &d.reason, &mut writes);
+                    set_desired(&g.record, d.from, d.to, &d.reason, &mut writes, &mut staged);
                 }
             }
         }
-        if !writes.is_empty() {
-            self.commit(writes).await?;
-        }
-        Ok(())
+        self.commit_records(writes, staged).await
     }
 
     /// Run the autoscaler of every group that has a policy; store and record its changes.
     async fn autoscale(&self, now: u64) -> Result<(), ServerError> {
         let mut writes = Vec::new();
+        let mut staged = Staged::default();
         {
-            let mut st = self.state();
+            let st = self.state();
             let groups: Vec<String> = st.groups.keys().cloned().collect();
             for gid in groups {
                 let g = &st.groups[&gid];
@@ -606,7 +638,8 @@ impl Engine {
                 let (samples, oldest_sample_ms) = st.samples(g, &policy, now);
                 let desired = g.record.desired;
                 let rollout = g.record.rollout.open;
-                let decision = st.autoscale.entry(gid.clone()).or_default().decide(
+                let mut scaler = st.autoscale.get(&gid).cloned().unwrap_or_default();
+                let decision = scaler.decide(
                     now,
                     &drover_control::AutoscaleInput {
                         group: &gid,
@@ -621,14 +654,12 @@ impl Engine {
                     },
                 );
                 if let Some(d) = decision {
-                    set_desired(&mut st, &gid, d.from, d.to, &d.reason, &mut writes);
+                    set_desired(&g.record, d.from, d.to, &d.reason, &mut writes, &mut staged);
                 }
+                staged.autoscale.push((gid, scaler));
             }
         }
-        if !writes.is_empty() {
-            self.commit(writes).await?;
-        }
-        Ok(())
+        self.commit_records(writes, staged).await
     }
 
     /// Set the desired count of a service's groups (`drover scale`). Autoscaling goes on
@@ -639,8 +670,8 @@ impl Engine {
     ) -> Result<drover_model::api::ScaleResponse, ServerError> {
         let _w = self.write_lock.lock().await;
         let now = now_ms();
-        let (writes, changed) = {
-            let mut st = self.state();
+        let (writes, changed, staged) = {
+            let st = self.state();
             let svc = &crate::state::service_in(&st, &req.service, req.region.as_deref())?;
             // The count for each group: refused outside the file's range, kept but clamped
             // while a schedule raises the bounds (the rule: drover_control::schedule::manual).
@@ -666,19 +697,21 @@ impl Engine {
             }
             let mut writes = Vec::new();
             let mut changed = Vec::new();
+            let mut staged = Staged::default();
             for (gid, to, note, memory) in counts {
                 if st.schedule_memory.get(&gid) != Some(&memory) {
                     writes.extend(crate::state::memory_writes(&gid, &memory));
-                    st.schedule_memory.insert(gid.clone(), memory);
+                    staged.memory.push((gid.clone(), memory));
                 }
-                let g = st.groups.get_mut(&gid).expect("group exists");
-                let from = g.record.desired;
-                g.record.desired = to;
-                g.record.desired_reason = match &note {
+                let mut record = st.groups[&gid].record.clone();
+                let from = record.desired;
+                record.desired = to;
+                record.desired_reason = match &note {
                     Some(n) => format!("manual: drover scale ({n})"),
                     None => "manual: drover scale".into(),
                 };
-                writes.push(Write::Group(g.record.clone()));
+                writes.push(Write::Group(record.clone()));
+                staged.records.push(record);
                 writes.push(Write::Event(
                     NewEvent::new(
                         EventKind::Scaled,
@@ -689,16 +722,18 @@ impl Engine {
                     )
                     .group(&gid),
                 ));
-                st.autoscale.entry(gid.clone()).or_default().manual(now, to);
+                let mut scaler = st.autoscale.get(&gid).cloned().unwrap_or_default();
+                scaler.manual(now, to);
+                staged.autoscale.push((gid.clone(), scaler));
                 changed.push(drover_model::api::ScaledGroup {
                     group: gid,
                     from,
                     to,
                 });
             }
-            (writes, changed)
+            (writes, changed, staged)
         };
-        self.commit(writes).await?;
+        self.commit_records(writes, staged).await?;
         self.wake.notify_one();
         Ok(drover_model::api::ScaleResponse { groups: changed })
     }
@@ -1006,12 +1041,14 @@ impl Engine {
                 }) else {
                     return Ok(());
                 };
-                self.commit(vec![
-                    Write::Group(record),
-                    Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
-                ])
-                .await?;
-                Ok(())
+                self.commit_records(
+                    vec![
+                        Write::Group(record.clone()),
+                        Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
+                    ],
+                    Staged::record(record),
+                )
+                .await
             }
             Action::RolloutFailed {
                 group,
@@ -1164,10 +1201,13 @@ impl Engine {
             .instance(i),
             None => NewEvent::new(EventKind::Rollout, what),
         };
-        self.commit(vec![
-            Write::Group(record),
-            Write::Event(event.group(&group)),
-        ])
+        self.commit_records(
+            vec![
+                Write::Group(record.clone()),
+                Write::Event(event.group(&group)),
+            ],
+            Staged::record(record),
+        )
         .await?;
         if let drover_control::rollout::AfterFailure::Revert { .. } = after {
             self.auto_revert(&group, generation).await?;
@@ -1175,19 +1215,45 @@ impl Engine {
         Ok(())
     }
 
-    /// Change a group's rollout record in memory; returns the new record to store.
-    /// `f` gets the record, the group's generation and what that generation runs.
+    /// A group's record with its rollout changed by `f`, to store; memory is not changed
+    /// ([`Engine::commit_records`] keeps it once it is stored). `f` gets the rollout record,
+    /// the group's generation and what that generation runs.
     pub(crate) fn update_rollout<T>(
         &self,
         group: &str,
         f: impl FnOnce(&mut drover_store::RolloutRecord, u64, &str) -> T,
     ) -> Option<(GroupRecord, T)> {
+        let st = self.state();
+        let g = st.groups.get(group)?;
+        let mut record = g.record.clone();
+        let out = f(&mut record.rollout, record.generation, &g.plan.versions());
+        Some((record, out))
+    }
+
+    /// Commit `writes` and then, only once they are stored, take `staged` into memory: a
+    /// failed commit leaves memory as the store has it (the caller holds the write lock, so
+    /// nothing else changes these records in between).
+    pub(crate) async fn commit_records(
+        &self,
+        writes: Vec<Write>,
+        staged: Staged,
+    ) -> Result<(), ServerError> {
+        if !writes.is_empty() {
+            self.commit(writes).await?;
+        }
         let mut st = self.state();
-        let g = st.groups.get_mut(group)?;
-        let generation = g.record.generation;
-        let versions = g.plan.versions();
-        let out = f(&mut g.record.rollout, generation, &versions);
-        Some((g.record.clone(), out))
+        for record in staged.records {
+            if let Some(g) = st.groups.get_mut(&record.group) {
+                g.record = record;
+            }
+        }
+        for (gid, memory) in staged.memory {
+            st.schedule_memory.insert(gid, memory);
+        }
+        for (gid, scaler) in staged.autoscale {
+            st.autoscale.insert(gid, scaler);
+        }
+        Ok(())
     }
 
     /// Wake the permit long-poll of `instance` (only its own).
@@ -1496,6 +1562,7 @@ impl Engine {
             launched_at_ms: now,
             lifecycle: Lifecycle::Active,
             permit_at_ms: None,
+            own_token: launched.own_token,
         };
         self.commit(vec![
             Write::Instance(rec.clone()),
@@ -1578,27 +1645,46 @@ impl Engine {
     }
 }
 
-/// A group's new desired count, in memory and as the writes (record and `scaled` event) to
-/// commit: what schedules and the autoscaler decide.
+/// Changes to groups' records and soft state, taken into memory only once their writes
+/// are stored ([`Engine::commit_records`]).
+#[derive(Default)]
+pub(crate) struct Staged {
+    pub records: Vec<GroupRecord>,
+    pub memory: Vec<(String, drover_control::ScheduleMemory)>,
+    pub autoscale: Vec<(String, drover_control::AutoscaleState)>,
+}
+
+impl Staged {
+    fn record(record: GroupRecord) -> Staged {
+        Staged {
+            records: vec![record],
+            ..Staged::default()
+        }
+    }
+}
+
+/// A group's new desired count as the writes (record and `scaled` event) to commit, and the
+/// record staged: what schedules and the autoscaler decide.
 fn set_desired(
-    st: &mut State,
-    gid: &str,
+    record: &GroupRecord,
     from: u32,
     to: u32,
     reason: &str,
     writes: &mut Vec<Write>,
+    staged: &mut Staged,
 ) {
-    let g = st.groups.get_mut(gid).expect("group exists");
-    g.record.desired = to;
-    g.record.desired_reason = reason.to_string();
-    writes.push(Write::Group(g.record.clone()));
+    let mut record = record.clone();
+    record.desired = to;
+    record.desired_reason = reason.to_string();
+    writes.push(Write::Group(record.clone()));
     writes.push(Write::Event(
         NewEvent::new(
             EventKind::Scaled,
             format!("desired {from} -> {to} ({reason})"),
         )
-        .group(gid),
+        .group(&record.group),
     ));
+    staged.records.push(record);
 }
 
 /// Whether a listener could be opened on `addr` now (`SO_REUSEADDR`, as the balancer binds).
@@ -1765,6 +1851,7 @@ command = "/bin/true"
                         launched_at_ms: 1,
                         lifecycle: Lifecycle::Active,
                         permit_at_ms: None,
+                        own_token: false,
                     }),
                     Write::Instance(InstanceRecord {
                         id: "i-000002".into(),
@@ -1775,6 +1862,7 @@ command = "/bin/true"
                         launched_at_ms: 2,
                         lifecycle: Lifecycle::Active,
                         permit_at_ms: None,
+                        own_token: false,
                     }),
                 ],
                 1,
@@ -1784,6 +1872,7 @@ command = "/bin/true"
             inner,
             delay,
             groups: std::sync::Mutex::new(Vec::new()),
+            fail: Default::default(),
         });
         let store: Box<dyn Store> = Box::new(SlowRef(slow.clone()));
         let e = Engine::new(
@@ -1922,6 +2011,83 @@ command = "/bin/true"
     /// Instances restored after a restart whose agents are gone are replaced, but their loss
     /// is no evidence of a broken version: launches are not backed off. The same loss of an
     /// instance this server launched, never healthy, is.
+    /// Issue 20, item 2: an apply whose image tag lives on a registry that never answers
+    /// does not hold up the controller: the tag is looked up before the write lock, so a
+    /// pass runs at once while the look-up waits; the apply then fails, saying why, and
+    /// changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_registry_does_not_stall_the_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = engine(dir.path(), Duration::ZERO);
+        let e = Arc::new(e);
+        // A registry that takes connections and never answers.
+        let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = hang.local_addr().unwrap().port();
+        let toml = FLEET.replace(
+            "runtime = \"process\"",
+            &format!("runtime = \"docker\"\nimage = \"127.0.0.1:{port}/app\""),
+        );
+        let apply = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                e.apply(drover_model::api::ApplyRequest {
+                    file: "drover.toml".into(),
+                    toml,
+                    dry_run: false,
+                    force_file: false,
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!apply.is_finished());
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), e.tick())
+            .await
+            .expect("a controller pass waited for the registry");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        let err = apply.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("nothing was changed"), "{err}");
+        assert_eq!(e.current_revision().unwrap().number, 1);
+        drop(hang);
+    }
+
+    /// Issue 20, item 10: a change the store refused is not in memory either. `drover scale`
+    /// while the store is down fails, and the controller keeps acting on the stored count;
+    /// once the store is back the same change is taken, in both.
+    #[tokio::test]
+    async fn a_change_the_store_refused_leaves_memory_as_stored() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (e, slow) = engine(dir.path(), Duration::ZERO);
+        let scale = || drover_model::api::ScaleRequest {
+            service: "web".into(),
+            region: None,
+            desired: 2,
+        };
+        slow.fail.store(true, Ordering::SeqCst);
+        assert!(e.scale(scale()).await.is_err());
+        let desired = |e: &Engine| e.state().groups["web/local"].record.desired;
+        assert_eq!(desired(&e), 1, "memory took a change the store refused");
+        assert!(
+            !e.state().autoscale.contains_key("web/local"),
+            "the autoscaler heard of a manual count that was not stored"
+        );
+        // A rollout record refused by the store: memory keeps the stored one.
+        let before = e.state().groups["web/local"].record.clone();
+        assert!(e
+            .rollout_failed("web/local", 1, "test", None)
+            .await
+            .is_err());
+        assert_eq!(e.state().groups["web/local"].record, before);
+
+        slow.fail.store(false, Ordering::SeqCst);
+        e.scale(scale()).await.unwrap();
+        assert_eq!(desired(&e), 2);
+        let stored = slow.inner.snapshot().unwrap();
+        assert_eq!(stored.groups[0].desired, 2);
+    }
+
     #[tokio::test]
     async fn losing_restored_instances_does_not_back_off_launches() {
         let dir = tempfile::tempdir().unwrap();

@@ -373,6 +373,7 @@ impl Shared {
         let groups: Vec<String> = engine.state().groups.keys().cloned().collect();
         auth.ensure_agent_tokens(&engine, groups.iter().map(String::as_str))
             .await?;
+        engine.reap_unrecorded().await;
         engine.open_ingresses();
         let message = if cfg.store.as_ref().is_some_and(|s| s.is_etcd()) {
             format!(

@@ -15,6 +15,11 @@
 //! - A component whose image reference did not change keeps the digest its group already runs,
 //!   and a version that ran before gets its old digest back (rollbacks and automatic reverts
 //!   need no registry): only new references are resolved.
+//! - Look-ups run before the write lock ([`prefetch`], on apply and deploy): a slow or
+//!   hanging registry holds up the change that names it, never the controller's passes
+//!   (permits, replacements, rollouts). Under the lock a plan takes what the prefetch found;
+//!   a change that reaches the lock with a reference nobody prefetched (a later wave of a
+//!   deploy, a revision changed meanwhile) is resolved there, bounded by `REQUEST_TIMEOUT`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -36,6 +41,71 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, applicati
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many earlier generations of a group are searched for a digest to reuse.
 const HISTORY: u64 = 64;
+/// How long a prefetched digest is taken under the lock: the later waves of a deploy run
+/// the bytes its first wave resolved. Each apply or deploy resolves its tags again.
+const PIN_FRESH: Duration = Duration::from_secs(3600);
+/// How long a prefetched failure is given under the lock (the same request's look-up).
+const FAILURE_FRESH: Duration = Duration::from_secs(60);
+
+/// What a look-up found: the pinned reference, or why there is none.
+type Found = Result<String, String>;
+
+/// Tags resolved before the write lock, with when and what came of it.
+#[derive(Default)]
+pub(crate) struct Prefetched(std::sync::Mutex<HashMap<String, (std::time::Instant, Found)>>);
+
+impl Prefetched {
+    fn get(&self, reference: &str) -> Option<Found> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, (at, r)| {
+            at.elapsed()
+                < match r {
+                    Ok(_) => PIN_FRESH,
+                    Err(_) => FAILURE_FRESH,
+                }
+        });
+        m.get(reference).map(|(_, r)| r.clone())
+    }
+
+    fn put(&self, reference: &str, result: Found) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(reference.to_string(), (std::time::Instant::now(), result));
+    }
+}
+
+/// Resolve, before the write lock, every image tag of `fleet` that no group runs yet, so
+/// that the plan made under the lock finds them (failures too: the error is given there).
+pub(crate) async fn prefetch(engine: &Engine, fleet: &drover_model::Fleet) {
+    let wanted: Vec<String> = {
+        let st = engine.state();
+        let mut wanted = Vec::new();
+        for (name, svc) in &fleet.services {
+            for region in &svc.regions {
+                let plan = drover_model::plan::plan_for(fleet, name, svc, region);
+                let running = st.groups.get(&plan.group().0).map(|g| &g.plan);
+                for c in &plan.components {
+                    let Some(d) = &c.docker else { continue };
+                    if running.and_then(|p| pin_of(p, &d.image)).is_none()
+                        && !wanted.contains(&d.image)
+                    {
+                        wanted.push(d.image.clone());
+                    }
+                }
+            }
+        }
+        wanted
+    };
+    if wanted.is_empty() {
+        return;
+    }
+    let mut resolver = Resolver::from_env();
+    for image in wanted {
+        let result = resolver.resolve(&image).await;
+        engine.pins.put(&image, result);
+    }
+}
 
 /// Pin the images of `new_plans` (changed groups) and carry the current pins over to the
 /// groups whose plan did not change; the pinned plans are also the groups' plans.
@@ -81,14 +151,21 @@ pub(crate) async fn pin_images(
                     }
                 }
             }
-            let pinned = match known {
-                Some(p) => p,
-                None => resolver.resolve(&d.image).await.map_err(|why| {
-                    ServerError::Conflict(format!(
+            let found = match known {
+                Some(p) => Ok(p),
+                None => match engine.pins.get(&d.image) {
+                    Some(r) => r,
+                    None => resolver.resolve(&d.image).await,
+                },
+            };
+            let pinned = match found {
+                Ok(p) => p,
+                Err(why) => {
+                    return Err(ServerError::Conflict(format!(
                         "component {} version {}: image {}: {why}; nothing was changed",
                         c.name, c.version, d.image
-                    ))
-                })?,
+                    )))
+                }
             };
             tracing::info!(group = %gid, component = %c.name, image = %d.image, %pinned, "image pinned");
             d.pinned = Some(pinned);

@@ -1042,6 +1042,7 @@ command = "/bin/true"
                             launched_at_ms: 1,
                             lifecycle,
                             permit_at_ms: None,
+                            own_token: false,
                         },
                         soft: Soft {
                             watched_since_ms: 1,

@@ -259,6 +259,8 @@ pub(crate) mod tests {
         pub inner: SqliteStore,
         pub delay: Duration,
         pub groups: Mutex<Vec<usize>>,
+        /// While set, every commit fails (a store that is down).
+        pub fail: std::sync::atomic::AtomicBool,
     }
 
     impl Store for Slow {
@@ -271,6 +273,12 @@ pub(crate) mod tests {
         ) -> Vec<Result<Committed, StoreError>> {
             std::thread::sleep(self.delay);
             self.groups.lock().unwrap().push(batches.len());
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return batches
+                    .iter()
+                    .map(|_| Err(StoreError::Group("the store is down (test)".into())))
+                    .collect();
+            }
             self.inner.commit_many(batches)
         }
         fn snapshot(&self) -> Result<drover_store::Snapshot, StoreError> {
@@ -311,6 +319,7 @@ pub(crate) mod tests {
             inner: SqliteStore::open(&path).unwrap(),
             delay: Duration::from_millis(20),
             groups: Mutex::new(Vec::new()),
+            fail: Default::default(),
         });
         let published = Arc::new(Mutex::new(Vec::new()));
         let p = published.clone();
@@ -361,6 +370,7 @@ pub(crate) mod tests {
             inner: SqliteStore::open(&dir.path().join("drover.db")).unwrap(),
             delay: Duration::from_millis(200),
             groups: Mutex::new(Vec::new()),
+            fail: Default::default(),
         });
         let w = Writer::start_with(store.clone(), |_| {}, 8).unwrap();
         for i in 0..1000 {
@@ -388,6 +398,7 @@ pub(crate) mod tests {
             inner: SqliteStore::open(&dir.path().join("drover.db")).unwrap(),
             delay: Duration::from_millis(300),
             groups: Mutex::new(Vec::new()),
+            fail: Default::default(),
         });
         let w = Writer::start(store.clone(), |_| {}).unwrap();
         let t = Instant::now();

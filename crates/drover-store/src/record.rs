@@ -65,6 +65,10 @@ pub struct InstanceRecord {
     pub lifecycle: Lifecycle,
     /// When it was given a permit to drain and terminate itself.
     pub permit_at_ms: Option<u64>,
+    /// Launched with a token of its own (an HMAC of its id): its group's token never speaks
+    /// for it, from its launch on and across restarts.
+    #[serde(default)]
+    pub own_token: bool,
 }
 
 /// One change in a [`crate::Store::commit`].

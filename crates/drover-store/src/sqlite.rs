@@ -97,6 +97,9 @@ CREATE TABLE secrets (
     value BLOB NOT NULL
 );
 "#,
+    // Whether an instance was launched with a token of its own (its group's token never
+    // speaks for it); 0 for instances stored before.
+    "ALTER TABLE instances ADD COLUMN own_token INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this code writes.
@@ -277,8 +280,9 @@ fn apply(
         Write::Instance(i) => {
             tx.execute(
                 "INSERT OR REPLACE INTO instances
-                 (id, grp, generation, addr, provider_id, launched_at_ms, lifecycle, permit_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 (id, grp, generation, addr, provider_id, launched_at_ms, lifecycle, permit_at_ms,
+                  own_token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     i.id,
                     i.group,
@@ -287,7 +291,8 @@ fn apply(
                     i.provider_id,
                     i.launched_at_ms,
                     i.lifecycle.as_str(),
-                    i.permit_at_ms
+                    i.permit_at_ms,
+                    i.own_token
                 ],
             )?;
         }
@@ -418,6 +423,7 @@ fn instance_row(row: &Row) -> rusqlite::Result<InstanceRecord> {
         launched_at_ms: row.get(5)?,
         lifecycle: parsed(row, 6, "lifecycle", Lifecycle::parse)?,
         permit_at_ms: row.get(7)?,
+        own_token: row.get(8)?,
     })
 }
 
@@ -527,7 +533,8 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         let instances = tx
             .prepare(
-                "SELECT id, grp, generation, addr, provider_id, launched_at_ms, lifecycle, permit_at_ms
+                "SELECT id, grp, generation, addr, provider_id, launched_at_ms, lifecycle, permit_at_ms,
+                        own_token
                  FROM instances ORDER BY id",
             )?
             .query_map([], instance_row)?

@@ -96,6 +96,8 @@ fn instance(id: &str, lifecycle: Lifecycle, permit_at_ms: Option<u64>) -> Instan
         launched_at_ms: 1_000,
         lifecycle,
         permit_at_ms,
+        // Stored and read back by every store (the binding holds across restarts).
+        own_token: true,
     }
 }
 

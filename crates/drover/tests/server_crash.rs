@@ -114,3 +114,125 @@ fn a_rollout_survives_a_server_sigkill() {
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
     server.wait().unwrap();
 }
+
+/// Issue 20, items 4 and 10, across a SIGKILL of the server:
+/// - an instance launched with its own token is never spoken for by its group's token, even
+///   before its agent has reported to the restarted server (the binding is stored with the
+///   instance, not learnt from its heartbeats): a jamming heartbeat (seq = 2^64-1) is refused;
+/// - an agent the store has no record of (a server that died between a launch and its
+///   record leaves one) is terminated by the restarted server, with an event, and the group
+///   gets back to its count.
+#[test]
+fn after_a_restart_own_tokens_hold_and_unrecorded_agents_are_terminated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, ing) = (free_port(), free_port());
+    let text = fleet_text(ing, subnet(), 2);
+    std::fs::write(dir.path().join("drover.toml"), &text).unwrap();
+    let _cleanup = KillAgents(dir.path().to_path_buf());
+    let mut server = start_server(dir.path(), api);
+    let up = Up::for_server(dir.path(), api, ing);
+    up.apply_when_up(Duration::from_secs(10));
+    up.wait_healthy(2, Duration::from_secs(20));
+    let before = up.status().unwrap();
+    let g = &before.groups[0];
+    let (kept, lost) = (g.instances[0].clone(), g.instances[1].clone());
+    let agent_pid = |id: &str| -> i32 {
+        std::fs::read_to_string(dir.path().join(format!("data/instances/{id}/agent.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (kept_pid, lost_pid) = (agent_pid(&kept.id), agent_pid(&lost.id));
+
+    unsafe { libc::kill(server.id() as i32, libc::SIGKILL) };
+    server.wait().unwrap();
+    // `kept`'s agent says nothing to the restarted server until the end of the check.
+    unsafe { libc::kill(kept_pid, libc::SIGSTOP) };
+    // As if the server had died between `lost`'s launch and its record.
+    {
+        let store = drover_store::SqliteStore::open(&dir.path().join("data/drover.db")).unwrap();
+        use drover_store::Store;
+        store
+            .commit(
+                vec![drover_store::Write::RemoveInstance(lost.id.clone())],
+                1,
+            )
+            .unwrap();
+    }
+    let mut server = start_server(dir.path(), api);
+    let group = "web/local";
+    let key = {
+        let t0 = Instant::now();
+        loop {
+            if up.status().is_some() {
+                break agent_key(&dir.path().join("data"));
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no server");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    let (code, out) = http_as(up.api, "GET", "/v1/tokens", None, Some(admin.trim())).unwrap();
+    assert_eq!(code, 200, "{out}");
+    let tokens: Vec<drover_model::token::TokenInfo> = serde_json::from_str(&out).unwrap();
+    let token_id = tokens
+        .iter()
+        .filter(|t| t.group.as_deref() == Some(group) && t.revoked_at_ms.is_none())
+        .map(|t| t.id.clone())
+        .max()
+        .unwrap();
+    let group_secret = derive_agent_token(&key, &token_id);
+    let jam = app_heartbeat(
+        &kept.id,
+        group,
+        kept.generation,
+        &kept.addr,
+        drover_model::api::AgentPhase::Running,
+        u64::MAX,
+        "v1",
+        drover_model::api::ComponentState::Healthy,
+    );
+    let (code, out) = http_as(
+        up.api,
+        "POST",
+        "/v1/agent/heartbeat",
+        Some(&serde_json::to_string(&jam).unwrap()),
+        Some(&group_secret),
+    )
+    .unwrap();
+    unsafe { libc::kill(kept_pid, libc::SIGCONT) };
+    assert_eq!(
+        code, 403,
+        "the group's token spoke for an instance launched with its own: {out}"
+    );
+
+    // The unrecorded agent is stopped, and said so; the group is back to 2, `kept` among them.
+    let t0 = Instant::now();
+    while alive(lost_pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the unrecorded agent {} (pid {lost_pid}) still runs",
+            lost.id
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, ev, _) = up.cli(&["events", "--kind", "terminating", "--json"]);
+    let events: Vec<drover_model::Event> = serde_json::from_str(&ev).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.instance.as_deref() == Some(lost.id.as_str())
+                && e.message.contains("never recorded")),
+        "{events:#?}"
+    );
+    up.wait_healthy(2, Duration::from_secs(30));
+    let after = up.status().unwrap();
+    assert!(
+        after.groups[0].instances.iter().any(|i| i.id == kept.id),
+        "{after:#?}"
+    );
+    assert!(alive(kept_pid));
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    server.wait().unwrap();
+}
