@@ -169,7 +169,13 @@ impl Engine {
                 req.service
             ))
         })?;
-        let toml = set_versions(&rev.toml, &req.service, &versions)?;
+        // Each component as revision n had it: its version with what goes with it (an
+        // artifact's sha256, arguments, environment).
+        let components: Vec<String> = versions.iter().map(|(c, _)| c.clone()).collect();
+        let toml = match self.store.revision(n)? {
+            Some(old) => restore_components(&rev.toml, &old.toml, &req.service, &components)?,
+            None => set_versions(&rev.toml, &req.service, &versions)?,
+        };
         let why = format!(
             "rollback {} to the versions of revision {n} ({})",
             req.service,
@@ -212,7 +218,14 @@ impl Engine {
             .iter()
             .map(|c| (c.name.clone(), c.version.clone()))
             .collect();
-        let toml = set_versions(&rev.toml, &plan.service, &versions)?;
+        // The components as the revision that planned the good generation had them: a
+        // broken change may be more than a version (an artifact's sha256 that goes with it,
+        // arguments, environment), and all of it goes back.
+        let components: Vec<String> = versions.iter().map(|(c, _)| c.clone()).collect();
+        let toml = match self.store.revision(plan.revision)? {
+            Some(old) => restore_components(&rev.toml, &old.toml, &plan.service, &components)?,
+            None => set_versions(&rev.toml, &plan.service, &versions)?,
+        };
         let mut failed_map = BTreeMap::new();
         failed_map.insert(group.to_string(), failed);
         self.apply_locked(
@@ -828,6 +841,47 @@ pub fn set_versions(
     Ok(doc.to_string())
 }
 
+/// The fleet file's text with some components of one service as they are in `from` (an
+/// earlier revision's text), whole: version, artifact, arguments, environment. A component
+/// `from` does not have is left as it is. The rest of the file, formatting included, is
+/// kept.
+pub fn restore_components(
+    toml: &str,
+    from: &str,
+    service: &str,
+    components: &[String],
+) -> Result<String, ServerError> {
+    let parse = |t: &str| {
+        t.parse::<toml_edit::DocumentMut>()
+            .map_err(|e| ServerError::Internal(format!("stored fleet file does not parse: {e}")))
+    };
+    let mut doc = parse(toml)?;
+    let old = parse(from)?;
+    let old_components = old
+        .get("services")
+        .and_then(|s| s.get(service))
+        .and_then(|s| s.get("components"));
+    for component in components {
+        let Some(item) = old_components.and_then(|c| c.get(component)) else {
+            continue;
+        };
+        let slot = doc
+            .get_mut("services")
+            .and_then(|s| s.get_mut(service))
+            .and_then(|s| s.get_mut("components"))
+            .and_then(|c| c.as_table_like_mut())
+            .ok_or_else(|| {
+                ServerError::NotFound(format!(
+                    "service {service} has no components in the current revision"
+                ))
+            })?;
+        if slot.contains_key(component) {
+            slot.insert(component, item.clone());
+        }
+    }
+    Ok(doc.to_string())
+}
+
 /// The fleet file without these services (comments and layout of the rest kept).
 pub fn remove_services(toml: &str, services: &[String]) -> Result<String, ServerError> {
     let mut doc: toml_edit::DocumentMut = toml
@@ -890,5 +944,32 @@ mod tests {
         assert!(out.contains("version = \"v2\""), "{out}");
         assert!(out.contains("side = { version = \"2\""), "{out}");
         assert!(set_versions(text, "web", &[("nope".into(), "1".into())]).is_err());
+    }
+
+    /// A revert takes a component back whole: a broken change that came with its own
+    /// artifact sha256 and arguments goes back to the good ones, not only to the good
+    /// version (which would keep the broken sha256 and fail the revert).
+    #[test]
+    fn restore_components_takes_back_version_artifact_and_arguments() {
+        let good = "[fleet]\nname = \"t\"\n\n[services.web.components.app]\nversion = \"v3\"\nargs = [\"--ok\"]\nartifact = { url = \"http://h/app-{version}.tgz\", sha256 = \"aaa\" }\n\n[services.web.components.side]\nversion = \"1\"\n";
+        let broken = "[fleet]\nname = \"t\"\n# kept\n[services.web]\nregions = [\"local\"]\n\n[services.web.components.app]\nversion = \"v4\"\nargs = [\"--crash\"]\nartifact = { url = \"http://h/app-{version}.tgz\", sha256 = \"bbb\" }\n\n[services.web.components.new]\nversion = \"9\"\n";
+        let out = restore_components(
+            broken,
+            good,
+            "web",
+            &["app".into(), "new".into(), "side".into()],
+        )
+        .unwrap();
+        let doc: toml_edit::DocumentMut = out.parse().unwrap();
+        let comps = &doc["services"]["web"]["components"];
+        let app = &comps["app"];
+        assert_eq!(app["version"].as_str(), Some("v3"), "{out}");
+        assert_eq!(app["artifact"]["sha256"].as_str(), Some("aaa"), "{out}");
+        assert_eq!(app["args"][0].as_str(), Some("--ok"), "{out}");
+        // Not in the good revision: left as it is; not in the current one: not added.
+        assert_eq!(comps["new"]["version"].as_str(), Some("9"));
+        assert!(comps.get("side").is_none(), "{out}");
+        assert_eq!(doc["services"]["web"]["regions"][0].as_str(), Some("local"));
+        assert!(out.contains("# kept"), "{out}");
     }
 }
