@@ -296,23 +296,26 @@ pub struct AgentAuth {
     /// The group's agent token, sent as `Authorization: Bearer` to the server only (never to
     /// artifact URLs).
     pub token: Option<String>,
-    /// The server's CA certificate (PEM): with it, the server's certificate must chain to this
-    /// CA and no other root is trusted. Its fingerprint is checked by [`AgentAuth::pin_ca`].
-    pub ca_pem: Option<Vec<u8>>,
+    /// The server's CA certificate (DER): with it, the server's certificate must chain to this
+    /// one certificate and no other root is trusted. Set by [`AgentAuth::pin_ca`], which checks
+    /// its fingerprint.
+    pub ca_der: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for AgentAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentAuth")
             .field("token", &self.token.as_ref().map(|_| "(hidden)"))
-            .field("ca_pem", &self.ca_pem.as_ref().map(|p| p.len()))
+            .field("ca_der", &self.ca_der.as_ref().map(|p| p.len()))
             .finish()
     }
 }
 
 impl AgentAuth {
-    /// Trust `pem` as the server's CA only if the sha256 of its (first) certificate's DER bytes
-    /// is `sha256` (hex): the pin from the launch configuration.
+    /// Trust the first certificate of `pem` as the server's CA, only if the sha256 of its DER
+    /// bytes is `sha256` (hex): the pin from the launch configuration. That certificate alone
+    /// is trusted: any other certificate in the file is ignored (the pin covers what is
+    /// trusted, and the server pins the first certificate of its CA file).
     pub fn pin_ca(&mut self, pem: Vec<u8>, sha256: &str) -> Result<(), AgentError> {
         let der = pem_first_der(&pem).ok_or_else(|| {
             AgentError::HttpClient("the server CA file holds no PEM certificate".into())
@@ -325,7 +328,7 @@ impl AgentAuth {
                 sha256.trim()
             )));
         }
-        self.ca_pem = Some(pem);
+        self.ca_der = Some(der);
         Ok(())
     }
 
@@ -345,8 +348,8 @@ impl AgentAuth {
             h.insert(reqwest::header::AUTHORIZATION, v);
             b = b.default_headers(h);
         }
-        if let Some(pem) = &self.ca_pem {
-            let ca = reqwest::Certificate::from_pem(pem)
+        if let Some(der) = &self.ca_der {
+            let ca = reqwest::Certificate::from_der(der)
                 .map_err(|e| AgentError::HttpClient(format!("the server CA: {e}")))?;
             b = b.tls_built_in_root_certs(false).add_root_certificate(ca);
         } else if !https {
