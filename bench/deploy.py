@@ -16,7 +16,7 @@ Per deploy it reports:
   median launched -> healthy time of the new instances (server events, at_ms);
 - where the gap goes, from the event timestamps (controller ticks, CLI polling, ...);
 - permit latency: server `permit` event (at_ms) to the agent's "permit received; draining"
-  log line (DATA/instances/ID/agent.log, tracing's UTC RFC 3339 timestamps);
+  log line (DATA.instances/ID/agent.log, tracing's UTC RFC 3339 timestamps);
 - drain: what each leaving agent logged ("drained: no open connection left" or
   "drain timeout reached"), with its drain_ms.
 
@@ -299,7 +299,7 @@ def log_ts_ms(line):
 
 
 def agent_lines(data_dir, instance, needle):
-    path = os.path.join(data_dir, "instances", instance, "agent.log")
+    path = os.path.join(data_dir.rstrip("/") + ".instances", instance, "agent.log")
     out = []
     try:
         with open(path, errors="replace") as f:
@@ -489,10 +489,10 @@ def main():
             up_exit = up.returncode
         up_out.close()
         time.sleep(0.5)
-        for d in sorted(os.listdir(os.path.join(data, "instances"))) if os.path.isdir(
-                os.path.join(data, "instances")) else []:
+        for d in sorted(os.listdir((data.rstrip("/") + ".instances"))) if os.path.isdir(
+                (data.rstrip("/") + ".instances")) else []:
             try:
-                pid = int(open(os.path.join(data, "instances", d, "agent.pid")).read().strip())
+                pid = int(open(os.path.join(data.rstrip("/") + ".instances", d, "agent.pid")).read().strip())
             except (OSError, ValueError):
                 continue
             if c.alive(pid):
@@ -505,7 +505,7 @@ def main():
         c.log(f"drover up exited {up_exit}; surviving agents: {leftovers or 'none'}")
     if not results:
         return 1
-    agents_seen = len(os.listdir(os.path.join(data, "instances")))
+    agents_seen = len(os.listdir((data.rstrip("/") + ".instances")))
     body = report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers,
                   agents_seen, a.rounds, busy)
     print(body)
@@ -583,7 +583,7 @@ def report(results, m, uptime_start, uptime_end, binary, wrk, up_exit, leftovers
     L.append(f"| permit -> agent under 200 ms | {fmt_ms(lats)} over all permits: "
              f"**{'met' if lats and max(lats) < 200 else 'not met'}** |")
     L.append(f"| nothing left behind | `drover up` exited {up_exit} on SIGINT; "
-             f"{len(leftovers)} of {agents_seen} agent PIDs (DATA/instances/*/agent.pid) "
+             f"{len(leftovers)} of {agents_seen} agent PIDs (DATA.instances/*/agent.pid) "
              f"still alive |")
     L.append("")
     # Where the time goes: average segment per deploy.

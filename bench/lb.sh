@@ -54,7 +54,7 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     # The balancer and the agents outlive `drover server` by design: stop them by their pids.
-    for f in "$TMP"/data/lb/lb.pid "$TMP"/data/instances/*/agent.pid; do
+    for f in "$TMP"/data/lb/lb.pid "$TMP"/data.instances/*/agent.pid; do
         if [ -f "$f" ]; then kill -TERM "$(cat "$f")" 2>/dev/null || true; fi
     done
     sleep 1
@@ -148,7 +148,7 @@ LB_PID=$(cat "$TMP/data/lb/lb.pid")
 # The server started the balancer and the agents: give them the benchmark's priority and CPU.
 if [ -n "$NICE" ]; then
     renice -n "$NICE" -p "$LB_PID" >/dev/null
-    for f in "$TMP"/data/instances/*/agent.pid; do renice -n "$NICE" -g "$(cat "$f")" >/dev/null 2>&1 || true; done
+    for f in "$TMP"/data.instances/*/agent.pid; do renice -n "$NICE" -g "$(cat "$f")" >/dev/null 2>&1 || true; done
 fi
 if [ -n "$PIN" ]; then
     taskset -pc 1 "$LB_PID" >/dev/null

@@ -49,6 +49,11 @@ pub struct Region {
     /// `aws` only: another endpoint for every AWS API (e.g. a moto server in tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// `local` only: the user every instance's agent (and so its components) runs as, a
+    /// name (`"nobody"`) or `UID[:GID]`; the server must run as root. Default: the server's
+    /// own user (see docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
 }
 
 impl Region {

@@ -273,6 +273,19 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
             ));
         }
         check_aws_region(name, region, &mut out);
+        if let Some(user) = &region.run_as {
+            if region.provider != ProviderKind::Local {
+                out.push(p(
+                    &["regions", name, "run_as"],
+                    "run_as applies only to provider \"local\"",
+                ));
+            } else if !valid_user(user) {
+                out.push(p(
+                    &["regions", name, "run_as"],
+                    format!("{user:?} is not a user name or UID[:GID], e.g. \"nobody\" or \"65534:65534\""),
+                ));
+            }
+        }
         if let Some(subnet) = &region.subnet {
             if !matches!(region.provider, ProviderKind::Local | ProviderKind::Sim) {
                 out.push(p(
@@ -294,6 +307,28 @@ fn check(fleet: &Fleet) -> Vec<Problem> {
         check_uses(fleet, sname, svc, &mut out);
     }
     out
+}
+
+/// A `run_as`: a user name (`[a-z_][a-z0-9_.-]*`, at most 32 bytes) or `UID[:GID]`.
+fn valid_user(s: &str) -> bool {
+    let numeric = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 10
+            && n.bytes().all(|b| b.is_ascii_digit())
+            && n.parse::<u32>().is_ok()
+    };
+    match s.split_once(':') {
+        Some((u, g)) => numeric(u) && numeric(g),
+        None if numeric(s) => true,
+        None => {
+            s.len() <= 32
+                && s.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        }
+    }
 }
 
 /// `uses` (service and component): services of the fleet that run in every region of the

@@ -774,3 +774,32 @@ fn a_components_flight_size_is_validated_and_planned() {
     let plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
     assert_eq!(plan.components[0].flight_bytes(), 512 << 10);
 }
+
+/// Issue 20: a `local` region's `run_as` is a user name or `UID[:GID]`, and `local` only.
+#[test]
+fn run_as_is_a_user_of_a_local_region() {
+    for user in ["nobody", "_drover", "svc-1", "65534", "65534:65534"] {
+        let f = parse_fleet(
+            &bad(
+                "provider = \"local\"\n",
+                &format!("provider = \"local\"\nrun_as = \"{user}\"\n"),
+            ),
+            "f.toml",
+        )
+        .unwrap_or_else(|e| panic!("{user}: {e}"));
+        assert_eq!(f.regions["local"].run_as.as_deref(), Some(user));
+    }
+    for user in ["", "Root", "a b", "1:x", "x:1", "-n", "99999999999"] {
+        let e = one(&bad(
+            "provider = \"local\"\n",
+            &format!("provider = \"local\"\nrun_as = \"{user}\"\n"),
+        ));
+        assert_eq!(e.field, "regions.local.run_as", "{user}: {e}");
+        assert!(e.message.contains("is not a user name"), "{e}");
+    }
+    let e = one(&bad(
+        "provider = \"local\"\n",
+        "provider = \"sim\"\nrun_as = \"nobody\"\n",
+    ));
+    assert!(e.message.contains("only to provider \"local\""), "{e}");
+}

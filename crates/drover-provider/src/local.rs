@@ -1,6 +1,13 @@
 //! The `local` provider: every instance is an agent child process (`drover-agent`, or
 //! `drover agent` when that binary is not installed) with its own
 //! loopback address (127.B.x.y), its own directory, and a lifetime tied to the provider's.
+//!
+//! Instance directories are outside the data directory ([`default_instances_dir`]:
+//! `DATA.instances/ID/`), and hold all an agent reads: its plan (`plan.json`, `0600`), its
+//! token (read and deleted at start) and the server's CA certificate. Nothing under the data
+//! directory is handed to an instance, so with `run_as` (the region's user; the server runs as
+//! root) an instance's agent and components run as that user and cannot read the data
+//! directory (`0700`): its admin token, store and keys.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,8 +25,13 @@ use crate::{Exit, LaunchRequest, Launched, Provider, ProviderError};
 /// How the local provider starts agents.
 #[derive(Clone, Debug)]
 pub struct LocalConfig {
-    /// The data directory: instances live in `DATA/instances/ID/`, plans in `DATA/plans/`.
+    /// The server's data directory (nothing of it is handed to an instance).
     pub data_dir: PathBuf,
+    /// Where instance directories are made, `INSTANCES/ID/` ([`default_instances_dir`]).
+    pub instances_dir: PathBuf,
+    /// The user agents run as (the region's `run_as`: a name or `UID[:GID]`); `None`: the
+    /// server's own. Needs the server to run as root.
+    pub run_as: Option<String>,
     /// The drover binary to run as `drover agent`.
     pub drover_bin: PathBuf,
     /// The lean agent binary (`drover-agent`), run with the same arguments as `drover agent`
@@ -61,37 +73,57 @@ impl LocalProvider {
         }
     }
 
-    /// Where every instance's directory is.
+    /// Where every instance's directory is (outside the data directory).
     fn instances_root(&self) -> PathBuf {
-        self.cfg.data_dir.join("instances")
+        self.cfg.instances_dir.clone()
     }
 
     fn instance_dir(&self, id: &str) -> PathBuf {
         self.instances_root().join(id)
     }
 
-    fn plan_file(&self, req: &LaunchRequest) -> Result<PathBuf, ProviderError> {
-        let dir = self.cfg.data_dir.join("plans");
-        std::fs::create_dir_all(&dir).map_err(|e| ProviderError::Io(dir.clone(), e))?;
-        let path = dir.join(format!(
-            "{}-{}-g{}.json",
-            req.plan.service, req.plan.region, req.plan.generation
-        ));
-        if !path.exists() {
-            let body = serde_json::to_vec_pretty(&req.plan)
-                .map_err(|e| ProviderError::Launch(e.to_string()))?;
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, body).map_err(|e| ProviderError::Io(tmp.clone(), e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| ProviderError::Io(path.clone(), e))?;
-        }
+    /// The instance's own copy of its plan, `DIR/plan.json` (`0600`, the instance's user's):
+    /// never a file of the data directory, which holds every group's plan and secrets.
+    fn plan_file(
+        &self,
+        req: &LaunchRequest,
+        dir: &Path,
+        user: Option<&User>,
+    ) -> Result<PathBuf, ProviderError> {
+        let path = dir.join("plan.json");
+        let body = serde_json::to_vec_pretty(&req.plan)
+            .map_err(|e| ProviderError::Launch(e.to_string()))?;
+        write_owned(&path, &body, 0o600, user)?;
         Ok(path)
+    }
+
+    /// The instances directory (`0711`: each instance reaches its own directory, lists none)
+    /// and a new directory for one instance (`0700`, the instance's user's).
+    fn make_instance_dir(&self, id: &str, user: Option<&User>) -> Result<PathBuf, ProviderError> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = &self.cfg.instances_dir;
+        let io = |p: &Path, e| ProviderError::Io(p.to_path_buf(), e);
+        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| io(root, e))?;
+        let dir = self.instance_dir(id);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io(&dir, e))?;
+        if let Some(u) = user {
+            std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid)).map_err(|e| io(&dir, e))?;
+        }
+        Ok(dir)
     }
 
     fn spawn(&self, req: LaunchRequest) -> Result<Launched, ProviderError> {
         let addr = IpAddr::V4(drover_model::ids::loopback_addr(self.cfg.block, req.seq));
-        let dir = self.instance_dir(&req.instance);
-        std::fs::create_dir_all(&dir).map_err(|e| ProviderError::Io(dir.clone(), e))?;
-        let plan_file = self.plan_file(&req)?;
+        let user = match &self.cfg.run_as {
+            Some(spec) => Some(User::lookup(spec)?),
+            None => None,
+        };
+        let dir = self.make_instance_dir(&req.instance, user.as_ref())?;
+        let plan_file = self.plan_file(&req, &dir, user.as_ref())?;
         let log_path = dir.join("agent.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -114,20 +146,33 @@ impl LocalProvider {
             .instance_token(&req.group, &req.instance)
         {
             let token_file = dir.join("agent.token");
-            write_private(&token_file, token.as_bytes())
-                .map_err(|e| ProviderError::Io(token_file.clone(), e))?;
+            write_owned(&token_file, token.as_bytes(), 0o600, user.as_ref())?;
             cmd.arg("--token-file").arg(&token_file);
             own_token = true;
         }
         if let Some(ca) = &self.cfg.credentials.ca {
+            // A copy: the server's lives in the data directory. Public, and pinned anyway.
+            let pem = std::fs::read(&ca.file).map_err(|e| ProviderError::Io(ca.file.clone(), e))?;
+            let ca_file = dir.join("server-ca.pem");
+            write_owned(&ca_file, &pem, 0o644, user.as_ref())?;
             cmd.arg("--server-ca")
-                .arg(&ca.file)
+                .arg(&ca_file)
                 .arg("--server-ca-sha256")
                 .arg(&ca.sha256);
         }
         // The server's environment holds its own secrets (DROVER_TOKEN, registry and etcd
         // passwords, cloud keys): an agent, and so its components, get only the allow-list.
         cmd.env_clear().envs(agent_env(std::env::vars()));
+        if let Some(u) = &user {
+            // std drops the supplementary groups too when root sets a uid.
+            cmd.uid(u.uid).gid(u.gid);
+            cmd.env("HOME", &dir);
+            if let Some(name) = &u.name {
+                cmd.env("USER", name).env("LOGNAME", name);
+            } else {
+                cmd.env_remove("USER").env_remove("LOGNAME");
+            }
+        }
         cmd.arg("--instance")
             .arg(&req.instance)
             .arg("--group")
@@ -189,6 +234,104 @@ impl LocalProvider {
             own_token,
         })
     }
+}
+
+/// A user agents run as: `run_as` resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    /// The name, when given by name.
+    pub name: Option<String>,
+}
+
+impl User {
+    /// `NAME` (from the user database: its uid and primary group) or `UID[:GID]` (the gid
+    /// defaults to the uid). Only a server running as root can run agents as another user.
+    pub fn lookup(spec: &str) -> Result<User, ProviderError> {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            return Err(ProviderError::Launch(format!(
+                "run_as = {spec:?} needs the server to run as root (it runs as uid {euid}); \
+                 remove run_as to run instances as the server's user"
+            )));
+        }
+        let (u, g) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let bad = || ProviderError::Launch(format!("run_as = {spec:?}: no such user"));
+        let user = if let Ok(uid) = u.parse::<u32>() {
+            User {
+                uid,
+                gid: uid,
+                name: None,
+            }
+        } else {
+            let (uid, gid) = getpwnam(u).ok_or_else(bad)?;
+            User {
+                uid,
+                gid,
+                name: Some(u.to_string()),
+            }
+        };
+        let gid = match g {
+            Some(g) => g.parse::<u32>().map_err(|_| bad())?,
+            None => user.gid,
+        };
+        Ok(User { gid, ..user })
+    }
+}
+
+/// The uid and primary gid of a user name.
+fn getpwnam(name: &str) -> Option<(u32, u32)> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a zeroed passwd is a valid out-buffer; buf outlives the call; result points
+    // into pw or is null.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let r = libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        (r == 0 && !result.is_null()).then_some((pw.pw_uid, pw.pw_gid))
+    }
+}
+
+/// Where instance directories go by default: beside the data directory, not in it,
+/// `DATA.instances` (`/var/lib/drover` → `/var/lib/drover.instances`).
+pub fn default_instances_dir(data_dir: &Path) -> PathBuf {
+    let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "drover".into());
+    abs.with_file_name(format!("{name}.instances"))
+}
+
+/// [`write_private`] with `mode`, owned by `user` when given.
+fn write_owned(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    user: Option<&User>,
+) -> Result<(), ProviderError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e| ProviderError::Io(path.to_path_buf(), e);
+    write_private(path, data).map_err(io)?;
+    if let Some(u) = user {
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(io)?;
+    }
+    if mode != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Write a file only its owner can read (created 0600, truncated if it exists).
@@ -423,10 +566,11 @@ pub fn agent_env(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, S
         .collect()
 }
 
-/// Kill agents recorded in `DATA/instances/*/agent.pid` that are still running as
-/// `drover agent` for that directory. Returns how many were killed.
-pub fn reap_leftovers(data_dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(data_dir.join("instances")) else {
+/// Kill agents recorded in `INSTANCES/*/agent.pid` (`instances_dir`, see
+/// [`default_instances_dir`]) that are still running as `drover agent` for that directory.
+/// Returns how many were killed.
+pub fn reap_leftovers(instances_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(instances_dir) else {
         return 0;
     };
     let mut n = 0;

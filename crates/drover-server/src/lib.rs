@@ -112,8 +112,11 @@ pub(crate) fn names(known: &[String]) -> String {
 /// How to run a server.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Holds `drover.db`, `instances/`, `plans/`.
+    /// Holds `drover.db`, the admin token, keys (`0700`): nothing an instance reads.
     pub data_dir: PathBuf,
+    /// Where the `local` provider makes instance directories; `None`: beside the data
+    /// directory, `DATA.instances` ([`ServerConfig::instances_dir`]).
+    pub instances_dir: Option<PathBuf>,
     /// Where desired and observed state are kept; `None`: the SQLite file `drover.db` in
     /// `data_dir`.
     pub store: Option<drover_store::StoreSpec>,
@@ -171,6 +174,14 @@ impl ServerConfig {
             .max(self.heartbeat_interval * MIN_SILENT_INTERVALS)
     }
 
+    /// Where the `local` provider makes instance directories: `instances_dir`, else
+    /// `DATA.instances` beside the data directory.
+    pub fn instances_dir(&self) -> PathBuf {
+        self.instances_dir
+            .clone()
+            .unwrap_or_else(|| drover_provider::local::default_instances_dir(&self.data_dir))
+    }
+
     pub fn new(data_dir: PathBuf, listen: SocketAddr, drover_bin: PathBuf) -> ServerConfig {
         let agent_bin = drover_bin
             .parent()
@@ -178,6 +189,7 @@ impl ServerConfig {
             .filter(|p| p.is_file());
         ServerConfig {
             data_dir,
+            instances_dir: None,
             store: None,
             listen,
             drover_bin,
@@ -553,7 +565,7 @@ impl Server {
         });
         if cfg.own_instances {
             // Kill agents an earlier run may have left before anything new starts.
-            let reaped = drover_provider::local::reap_leftovers(&cfg.data_dir);
+            let reaped = drover_provider::local::reap_leftovers(&cfg.instances_dir());
             if reaped > 0 {
                 tracing::warn!(reaped, "killed agents left by an earlier run");
             }
@@ -772,6 +784,8 @@ impl ProviderFactory {
             ProviderKind::Local => Some(Arc::new(LocalProvider::new(
                 LocalConfig {
                     data_dir: self.cfg.data_dir.clone(),
+                    instances_dir: self.cfg.instances_dir(),
+                    run_as: region.run_as.clone(),
                     drover_bin: self.cfg.drover_bin.clone(),
                     agent_bin: self.cfg.agent_bin.clone(),
                     server_url: self.server_url.clone(),

@@ -401,6 +401,10 @@ pub struct TimingArgs {
     pub silent_after: Option<Dur>,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    /// Where `local` instances get their directories [default: DATA_DIR.instances, beside
+    /// the data directory: nothing an instance reads is in it].
+    #[arg(long, env = "DROVER_INSTANCES_DIR")]
+    pub instances_dir: Option<PathBuf>,
 }
 
 /// How long events are kept (revisions, plans and the rest are kept for good).

@@ -26,6 +26,7 @@ fn config(
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
     let mut cfg = ServerConfig::new(data_dir, listen, bin);
+    cfg.instances_dir = timing.instances_dir.clone();
     cfg.heartbeat_interval = timing.heartbeat_interval.0;
     cfg.events_keep = timing.retention.events_keep;
     cfg.events_max_age = timing.retention.events_max_age.0;

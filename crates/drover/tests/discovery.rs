@@ -35,7 +35,7 @@ fn peer_files(up: &Up) -> Vec<(String, PeersReply)> {
     {
         let path = up
             .dir
-            .join("data/instances")
+            .join("data.instances")
             .join(&i.id)
             .join("peers/app.json");
         if let Ok(text) = std::fs::read_to_string(&path) {

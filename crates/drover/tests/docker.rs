@@ -69,7 +69,7 @@ fn wait_up<T>(up: &Up, within: Duration, what: &str, mut f: impl FnMut() -> Opti
         }
         if Instant::now() >= deadline {
             let mut agents = String::new();
-            if let Ok(entries) = std::fs::read_dir(up.dir.join("data/instances")) {
+            if let Ok(entries) = std::fs::read_dir(up.dir.join("data.instances")) {
                 for e in entries.flatten() {
                     for log in ["agent.log", "agent.err", "agent.out"] {
                         if let Ok(t) = std::fs::read_to_string(e.path().join(log)) {
@@ -130,7 +130,7 @@ fn kill_and_time(docker: &Docker, id: &str, addr: &str) -> Duration {
 /// Every agent log of `up`'s instances.
 fn agent_logs(up: &Up) -> String {
     let mut out = String::new();
-    if let Ok(entries) = std::fs::read_dir(up.dir.join("data/instances")) {
+    if let Ok(entries) = std::fs::read_dir(up.dir.join("data.instances")) {
         for e in entries.flatten() {
             if let Ok(t) = std::fs::read_to_string(e.path().join("agent.log")) {
                 out.push_str(&format!("--- {}\n{t}\n", e.path().display()));

@@ -278,7 +278,7 @@ fn instance_ids(s: &FleetStatus) -> BTreeSet<String> {
 /// The pids of the agents (from their pid files).
 fn agent_pids(dir: &std::path::Path) -> BTreeMap<String, i32> {
     let mut out = BTreeMap::new();
-    if let Ok(entries) = std::fs::read_dir(dir.join("data/instances")) {
+    if let Ok(entries) = std::fs::read_dir(dir.join("data.instances")) {
         for e in entries.flatten() {
             if let Some(pid) = std::fs::read_to_string(e.path().join("agent.pid"))
                 .ok()

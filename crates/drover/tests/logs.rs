@@ -162,7 +162,7 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     };
     std::thread::sleep(Duration::from_millis(1000));
     let target = &ids[1];
-    let poked = up.dir.join("data/instances").join(target).join("side/poke");
+    let poked = up.dir.join("data.instances").join(target).join("side/poke");
     let t0 = Instant::now();
     std::fs::write(&poked, "").unwrap();
     let want = format!("{target} side | poked {target}");
@@ -190,7 +190,7 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
             == 3
     });
     for i in &ids {
-        let idir = up.dir.join("data/instances").join(i);
+        let idir = up.dir.join("data.instances").join(i);
         let mut total = 0;
         for e in std::fs::read_dir(&idir).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -304,7 +304,7 @@ fn logs_follow_since_tail_rotation_secrets_flight_recorder_and_exec() {
     // The flight recorder: a component that dies leaves its last lines in an event.
     let crash = up
         .dir
-        .join("data/instances")
+        .join("data.instances")
         .join(&ids[0])
         .join("side/crash");
     std::fs::write(&crash, "").unwrap();
@@ -437,7 +437,7 @@ fn the_flight_recorder_keeps_the_tail_of_a_sigkilled_agent_and_of_a_replaced_ins
     assert_eq!(ids.len(), 2, "{ids:?}");
     let (victim, leaver) = (&ids[0], &ids[1]);
     let poke = |i: &str, with: &str| {
-        let p = up.dir.join("data/instances").join(i).join("side/poke");
+        let p = up.dir.join("data.instances").join(i).join("side/poke");
         std::fs::write(p, with).unwrap();
     };
 
@@ -456,7 +456,7 @@ fn the_flight_recorder_keeps_the_tail_of_a_sigkilled_agent_and_of_a_replaced_ins
 
     // SIGKILL of the agent: it sends nothing more; what it sent is all there is.
     let pid: i32 =
-        std::fs::read_to_string(up.dir.join("data/instances").join(victim).join("agent.pid"))
+        std::fs::read_to_string(up.dir.join("data.instances").join(victim).join("agent.pid"))
             .unwrap()
             .trim()
             .parse()

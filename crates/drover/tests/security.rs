@@ -920,7 +920,7 @@ fn tokens_from_the_cli_secrets_redacted_and_hostile_bodies_refused() {
 
     // Nor do the logs: the server's, and the agents'.
     let mut logs = std::fs::read_to_string(up.dir.join("data/drover.log")).unwrap();
-    for e in std::fs::read_dir(up.dir.join("data/instances"))
+    for e in std::fs::read_dir(up.dir.join("data.instances"))
         .unwrap()
         .flatten()
     {

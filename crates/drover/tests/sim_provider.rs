@@ -188,7 +188,7 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
         assert!(i.addr.starts_with("127."), "{i:?}");
     }
     assert!(
-        !dir.path().join("data/instances").exists(),
+        !dir.path().join("data.instances").exists(),
         "a sim launch starts no agent and makes no instance directory"
     );
     let first: BTreeSet<String> = status.groups[0]

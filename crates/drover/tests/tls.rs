@@ -86,7 +86,10 @@ fn agents_pin_the_ca_and_the_cli_refuses_a_wrong_one() {
     let ca = drover_server::tls::certs(&ca_pem, "ca").unwrap();
     let pin = drover_server::tls::fingerprint(&ca[0]);
     let mut pinned = 0;
-    for e in std::fs::read_dir(data.join("instances")).unwrap().flatten() {
+    for e in std::fs::read_dir(data.with_file_name("data.instances"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(pid) = std::fs::read_to_string(e.path().join("agent.pid")) else {
             continue;
         };
@@ -159,12 +162,12 @@ fn agents_pin_the_ca_and_the_cli_refuses_a_wrong_one() {
     assert!(plain.is_err() || plain.unwrap().0 != 200);
 
     // An agent given a CA that does not match its pin refuses to start.
-    let plan = std::fs::read_dir(data.join("plans"))
+    let plan = std::fs::read_dir(data.with_file_name("data.instances"))
         .unwrap()
         .flatten()
-        .next()
-        .unwrap()
-        .path();
+        .map(|e| e.path().join("plan.json"))
+        .find(|p| p.exists())
+        .unwrap();
     let (code, _, err) = cli(
         dir.path(),
         &[],

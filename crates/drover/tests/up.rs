@@ -73,7 +73,7 @@ fn up_serves_round_robin_heals_components_and_replaces_dead_agents() {
     let s = up.status().unwrap();
     let dead = s.groups[0].instances[1].id.clone();
     let agent_pid: i32 =
-        std::fs::read_to_string(dir.path().join(format!("data/instances/{dead}/agent.pid")))
+        std::fs::read_to_string(dir.path().join(format!("data.instances/{dead}/agent.pid")))
             .unwrap()
             .trim()
             .parse()

@@ -171,7 +171,7 @@ impl Up {
     /// components (from status).
     pub fn pids(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self.lb_pid().into_iter().collect();
-        if let Ok(entries) = std::fs::read_dir(self.dir.join("data/instances")) {
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("data.instances")) {
             for e in entries.flatten() {
                 if let Ok(s) = std::fs::read_to_string(e.path().join("agent.pid")) {
                     if let Ok(p) = s.trim().parse() {
@@ -326,7 +326,7 @@ impl Drop for KillAgents {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        let Ok(entries) = std::fs::read_dir(self.0.join("data/instances")) else {
+        let Ok(entries) = std::fs::read_dir(self.0.join("data.instances")) else {
             return;
         };
         for e in entries.flatten() {
