@@ -2,7 +2,10 @@
 //!
 //! - URL: `--server` / `DROVER_SERVER`, else the `server.url` the server wrote in the data
 //!   directory (`--data-dir` / `DROVER_DATA_DIR`, default `.drover`), else
-//!   `http://127.0.0.1:7878`.
+//!   `http://127.0.0.1:7878`. The data directory's `server.url` is used only when the
+//!   directory is this user's and closed to others (the server makes it `0700`): a `.drover`
+//!   that someone else could write (planted in a checkout, say) would otherwise send them
+//!   `DROVER_TOKEN`. Such a directory is an error that says what to do.
 //! - Token: `--token` / `DROVER_TOKEN`, else `DATA/admin.token`, but only when the URL is the
 //!   one that data directory's server wrote (a local token is never sent to another server).
 //! - CA (for `https`): `--ca FILE` / `DROVER_CA`, else `DATA/ca.pem` when present, else the
@@ -40,15 +43,66 @@ fn read_trimmed(path: &Path) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+/// Why `path` (a data directory, or a file in it) may hold what someone else wrote: not
+/// owned by this user, or writable by others (a directory: open to others at all).
+fn not_private(path: &Path, dir: bool) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Some(format!(
+            "{} belongs to uid {}, not to you (uid {me})",
+            path.display(),
+            m.uid()
+        ));
+    }
+    let open = if dir { 0o077 } else { 0o022 };
+    if m.mode() & open != 0 {
+        return Some(format!(
+            "{} is open to others (mode {:o})",
+            path.display(),
+            m.mode() & 0o777
+        ));
+    }
+    None
+}
+
+/// The data directory's `server.url`, if there is one and the directory is private to this
+/// user (its own, `0700`, the file not writable by others); an error for one that is not.
+pub fn local_server_url(data_dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = data_dir.join("server.url");
+    let Some(url) = read_trimmed(&path) else {
+        return Ok(None);
+    };
+    if let Some(why) = not_private(data_dir, true).or_else(|| not_private(&path, false)) {
+        anyhow::bail!(
+            "not using {}: {why}, so anyone could have written the URL your token would go to \
+             (a drover server makes its data directory yours and 0700). Name the server with \
+             --server URL (or DROVER_SERVER), or another data directory with --data-dir; if \
+             this one is yours, `chmod 700 {}`",
+            path.display(),
+            data_dir.display()
+        );
+    }
+    Ok(Some(url))
+}
+
 /// Work out the URL, token and CA from the flags, the environment and the data directory.
+/// An error when the URL would come from a data directory that is not private to this user.
 pub fn resolve(
     server: Option<String>,
     token: Option<String>,
     ca: Option<PathBuf>,
     insecure: bool,
     data_dir: &Path,
-) -> Access {
-    let local_url = read_trimmed(&data_dir.join("server.url"));
+) -> anyhow::Result<Access> {
+    let local_url = match (&server, local_server_url(data_dir)) {
+        (_, Ok(url)) => url,
+        // Named elsewhere: the directory's URL (and so its token) is not used.
+        (Some(_), Err(_)) => None,
+        (None, Err(e)) => return Err(e),
+    };
     let server = server
         .or_else(|| local_url.clone())
         .unwrap_or_else(|| DEFAULT_SERVER.to_string())
@@ -75,12 +129,12 @@ pub fn resolve(
         let p = data_dir.join("ca.pem");
         (server.starts_with("https://") && p.exists()).then_some(p)
     });
-    Access {
+    Ok(Access {
         server,
         token: token.map(|t| t.trim().to_string()),
         ca,
         insecure,
-    }
+    })
 }
 
 impl Access {
@@ -118,17 +172,28 @@ impl Access {
 mod tests {
     use super::*;
 
+    /// A directory as a server makes it: this user's, 0700.
+    fn private_dir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
     #[test]
     fn the_local_token_goes_to_the_servers_of_the_local_control_plane_only() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_dir();
         std::fs::write(
             dir.path().join("server.url"),
             "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
         )
         .unwrap();
         std::fs::write(dir.path().join("admin.token"), "drover_admin_x\n").unwrap();
-        let token =
-            |server: &str| resolve(Some(server.into()), None, None, false, dir.path()).token;
+        let token = |server: &str| {
+            resolve(Some(server.into()), None, None, false, dir.path())
+                .unwrap()
+                .token
+        };
         assert_eq!(
             token("http://127.0.0.1:2").as_deref(),
             Some("drover_admin_x")
@@ -143,10 +208,10 @@ mod tests {
 
     #[test]
     fn the_local_token_goes_only_to_the_local_server() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_dir();
         std::fs::write(dir.path().join("server.url"), "http://127.0.0.1:9999\n").unwrap();
         std::fs::write(dir.path().join("admin.token"), "drover_admin_x\n").unwrap();
-        let a = resolve(None, None, None, false, dir.path());
+        let a = resolve(None, None, None, false, dir.path()).unwrap();
         assert_eq!(a.server, "http://127.0.0.1:9999");
         assert_eq!(a.token.as_deref(), Some("drover_admin_x"));
         let b = resolve(
@@ -155,7 +220,8 @@ mod tests {
             None,
             false,
             dir.path(),
-        );
+        )
+        .unwrap();
         assert_eq!(b.token, None, "never sent to another server");
         let c = resolve(
             Some("http://10.0.0.1:7878".into()),
@@ -163,10 +229,48 @@ mod tests {
             None,
             false,
             dir.path(),
-        );
+        )
+        .unwrap();
         assert_eq!(c.token.as_deref(), Some("t"));
-        let d = resolve(None, None, None, false, &dir.path().join("nothing"));
+        let d = resolve(None, None, None, false, &dir.path().join("nothing")).unwrap();
         assert_eq!(d.server, DEFAULT_SERVER);
         assert_eq!(d.token, None);
+    }
+
+    #[test]
+    fn a_token_never_goes_to_a_url_found_in_a_directory_others_can_write() {
+        use std::os::unix::fs::PermissionsExt;
+        // A `.drover` planted where the user runs drover: the URL is the planter's.
+        let dir = tempfile::tempdir().unwrap();
+        let planted = dir.path().join(".drover");
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::write(planted.join("server.url"), "http://10.9.9.9:7878\n").unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        for (dir_mode, file_mode) in [(0o755, 0o644), (0o777, 0o644), (0o700, 0o666)] {
+            mode(&planted, dir_mode).unwrap();
+            mode(&planted.join("server.url"), file_mode).unwrap();
+            let given = Some("drover_admin_mine".to_string());
+            let e = resolve(None, given.clone(), None, false, &planted)
+                .expect_err("the planted URL must not receive the user's token");
+            let e = format!("{e:#}");
+            assert!(e.contains("--server"), "says what to do: {e}");
+            assert!(e.contains("open to others"), "{e}");
+            // Named explicitly, the server gets the token; the directory is not used.
+            let a = resolve(
+                Some("http://127.0.0.1:7878".into()),
+                given,
+                None,
+                false,
+                &planted,
+            )
+            .unwrap();
+            assert_eq!(a.server, "http://127.0.0.1:7878");
+            assert_eq!(a.token.as_deref(), Some("drover_admin_mine"));
+        }
+        // The directory a server makes (its user's, 0700) is used.
+        mode(&planted, 0o700).unwrap();
+        mode(&planted.join("server.url"), 0o644).unwrap();
+        let a = resolve(None, Some("t".into()), None, false, &planted).unwrap();
+        assert_eq!(a.server, "http://10.9.9.9:7878");
     }
 }

@@ -74,8 +74,12 @@ impl LbArgs {
         let servers: Vec<String> = if !self.servers.is_empty() {
             self.servers
         } else {
+            let local = match &server {
+                Some(_) => None,
+                None => crate::access::local_server_url(data_dir)?,
+            };
             vec![server
-                .or_else(|| read(&data_dir.join("server.url")))
+                .or(local)
                 .unwrap_or_else(|| crate::access::DEFAULT_SERVER.to_string())]
         };
         let (token, token_file) = match (&self.token_file, token.filter(|t| !t.trim().is_empty())) {

@@ -537,13 +537,28 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> u8 {
-    let access = access::resolve(
+    let access = match access::resolve(
         cli.server.clone(),
         cli.token.clone(),
         cli.ca.clone(),
         cli.insecure,
         &cli.data_dir,
-    );
+    ) {
+        Ok(a) => a,
+        // A server does not call one: it makes (and closes) its own data directory.
+        Err(_) if matches!(cli.command, Command::Up { .. } | Command::Server { .. }) => {
+            access::Access {
+                server: access::DEFAULT_SERVER.to_string(),
+                token: None,
+                ca: None,
+                insecure: false,
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::FAILED;
+        }
+    };
     let client = match client::Client::with_access(&access, cli.json) {
         Ok(c) => c,
         Err(e) => {
