@@ -137,7 +137,7 @@ fn after_a_restart_own_tokens_hold_and_unrecorded_agents_are_terminated() {
     let g = &before.groups[0];
     let (kept, lost) = (g.instances[0].clone(), g.instances[1].clone());
     let agent_pid = |id: &str| -> i32 {
-        std::fs::read_to_string(dir.path().join(format!("data/instances/{id}/agent.pid")))
+        std::fs::read_to_string(dir.path().join(format!("data.instances/{id}/agent.pid")))
             .unwrap()
             .trim()
             .parse()
