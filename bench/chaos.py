@@ -250,7 +250,7 @@ def pid_file(path):
 
 def agents():
     out = {}
-    d = os.path.join(DATA, "instances")
+    d = DATA + ".instances"  # beside the data directory (DATA.instances/ID)
     for i in os.listdir(d) if os.path.isdir(d) else []:
         p = pid_file(os.path.join(d, i, "agent.pid"))
         if p and common.alive(p):
