@@ -385,14 +385,14 @@ def one_rep(rep, binary, wrk, base_work):
         up_out.close()
         time.sleep(0.5)
         res["leftovers"] = leftover_agents(data)
-        inst_dir = os.path.join(data, "instances")
+        inst_dir = data.rstrip("/") + ".instances"
         res["agents_seen"] = len(os.listdir(inst_dir)) if os.path.isdir(inst_dir) else 0
     return res
 
 
 def leftover_agents(data):
     out = []
-    d0 = os.path.join(data, "instances")
+    d0 = data.rstrip("/") + ".instances"
     for d in sorted(os.listdir(d0)) if os.path.isdir(d0) else []:
         try:
             pid = int(open(os.path.join(d0, d, "agent.pid")).read().strip())
