@@ -109,8 +109,8 @@ impl Leave {
             let started = Instant::now();
             match self.poll_permit(&wait_ms).await {
                 Ok(answer) => {
-                    if throttle.recovered() {
-                        tracing::info!(url = %self.permit_url, "permit polls reach the server again");
+                    if let Some(held_back) = throttle.recovered() {
+                        tracing::info!(url = %self.permit_url, held_back, "permit polls reach the server again");
                     }
                     if let Some(permit) = answer {
                         return permit;
@@ -121,8 +121,8 @@ impl Leave {
                     }
                 }
                 Err(problem) => {
-                    if throttle.failed() {
-                        tracing::warn!(url = %self.permit_url, %problem, "cannot poll the server for a permit; components keep running (logged at most once a minute)");
+                    if let Some(held_back) = throttle.failed() {
+                        tracing::warn!(url = %self.permit_url, %problem, held_back, "cannot poll the server for a permit; components keep running (logged at most once a minute)");
                     } else {
                         tracing::debug!(url = %self.permit_url, %problem, "permit poll failed");
                     }
@@ -182,8 +182,8 @@ impl Leave {
                         }
                     }
                     Err(problem) => {
-                        if throttle.failed() {
-                            tracing::warn!(url = %self.connections_url, %problem, "cannot read open connections; waiting out the drain timeout unless they are seen to close");
+                        if let Some(held_back) = throttle.failed() {
+                            tracing::warn!(url = %self.connections_url, %problem, held_back, "cannot read open connections; waiting out the drain timeout unless they are seen to close");
                         }
                     }
                 }

@@ -166,8 +166,8 @@ impl Discovery {
                 .await;
                 match answer {
                     Ok(reply) => {
-                        if throttle.recovered() {
-                            tracing::info!("peer polls reach the server again");
+                        if let Some(held_back) = throttle.recovered() {
+                            tracing::info!(held_back, "peer polls reach the server again");
                         }
                         let changed = {
                             let cur = self.current.read().unwrap_or_else(|e| e.into_inner());
@@ -189,8 +189,8 @@ impl Discovery {
                         epoch = reply.epoch;
                     }
                     Err(problem) => {
-                        if throttle.failed() {
-                            tracing::warn!(%problem, "cannot poll the server for peers; the last known stay (logged at most once a minute)");
+                        if let Some(held_back) = throttle.failed() {
+                            tracing::warn!(%problem, held_back, "cannot poll the server for peers; the last known stay (logged at most once a minute)");
                         }
                         tokio::time::sleep(RETRY).await;
                     }

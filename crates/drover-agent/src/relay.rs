@@ -56,8 +56,9 @@ pub(crate) struct Link {
 /// Poll for tasks and run them, and send flight records as they come, until dropped.
 pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<FlightRecord>) {
     let mut running = futures::stream::FuturesUnordered::new();
-    let mut throttle = Throttle::default();
-    let poll = |throttle: &mut Throttle| {
+    // Shared with each poll's future, which counts its failure (if it fails).
+    let throttle = Arc::new(std::sync::Mutex::new(Throttle::default()));
+    let poll = |throttle: &Arc<std::sync::Mutex<Throttle>>| {
         let (server, url) = link.servers.url("/v1/agent/tasks");
         let req = link
             .client
@@ -69,7 +70,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
             .timeout(POLL_TIMEOUT)
             .send();
         let servers = link.servers.clone();
-        let warn = throttle.failed();
+        let throttle = throttle.clone();
         async move {
             let answer = async {
                 let resp = req.await.map_err(|e| {
@@ -90,8 +91,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
             match answer {
                 Ok(r) => Ok(r.tasks),
                 Err(problem) => {
-                    if warn {
-                        tracing::warn!(%problem, "cannot poll the server for logs and exec tasks (logged at most once a minute)");
+                    let held = throttle.lock().unwrap_or_else(|e| e.into_inner()).failed();
+                    if let Some(held_back) = held {
+                        tracing::warn!(%problem, held_back, "cannot poll the server for logs and exec tasks (logged at most once a minute)");
                     }
                     tokio::time::sleep(RETRY).await;
                     Err(())
@@ -99,7 +101,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
             }
         }
     };
-    let mut next = Box::pin(poll(&mut throttle));
+    let mut next = Box::pin(poll(&throttle));
     let mut uploads = futures::stream::FuturesUnordered::new();
     let tails = keep_tails(&ctx, &link);
     tokio::pin!(tails);
@@ -107,7 +109,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
         tokio::select! {
             got = &mut next => {
                 if let Ok(tasks) = got {
-                        throttle.recovered();
+                        throttle.lock().unwrap_or_else(|e| e.into_inner()).recovered();
                         for task in tasks {
                             if running.len() >= MAX_TASKS {
                                 running.push(Box::pin(refuse(link.clone(), ctx.clone(), task)) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
@@ -116,7 +118,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, link: Link, mut flights: mpsc::Receiver<F
                             }
                         }
                 }
-                next = Box::pin(poll(&mut throttle));
+                next = Box::pin(poll(&throttle));
             }
             Some(()) = running.next(), if !running.is_empty() => {}
             Some(rec) = flights.recv() => uploads.push(send_flight(link.clone(), rec)),
@@ -231,8 +233,8 @@ async fn keep_tails(ctx: &Ctx, link: &Link) {
                 }
             }
             Err(problem) => {
-                if throttle.failed() {
-                    tracing::warn!(%problem, "cannot send the components' new output to the flight recorder; kept for the next try (logged at most once a minute)");
+                if let Some(held_back) = throttle.failed() {
+                    tracing::warn!(%problem, held_back, "cannot send the components' new output to the flight recorder; kept for the next try (logged at most once a minute)");
                 }
             }
         }

@@ -100,27 +100,27 @@ fn read_resident_pages(path: &str) -> Option<u64> {
 }
 
 /// Remembers whether calls to the server fail, so that failures are logged at `warn` at most
-/// once a minute and recovery once.
-#[derive(Debug, Default)]
-pub(crate) struct Throttle {
-    failing: bool,
-    last_warn: Option<Instant>,
+/// once a minute (with how many were held back) and recovery once
+/// ([`drover_model::lograte::LogRate`]).
+#[derive(Debug)]
+pub(crate) struct Throttle(drover_model::lograte::LogRate);
+
+impl Default for Throttle {
+    fn default() -> Throttle {
+        Throttle(drover_model::lograte::LogRate::new(WARN_EVERY))
+    }
 }
 
 impl Throttle {
-    /// A call failed: true when this failure should be logged at `warn` (else at `debug`).
-    pub fn failed(&mut self) -> bool {
-        self.failing = true;
-        if matches!(self.last_warn, Some(t) if t.elapsed() < WARN_EVERY) {
-            return false;
-        }
-        self.last_warn = Some(Instant::now());
-        true
+    /// A call failed: `Some(failures held back since the last warning)` when this one should
+    /// be logged at `warn` (else at `debug`).
+    pub fn failed(&mut self) -> Option<u64> {
+        self.0.failed(Instant::now())
     }
 
-    /// A call succeeded: true when calls had been failing until now.
-    pub fn recovered(&mut self) -> bool {
-        std::mem::replace(&mut self.failing, false)
+    /// A call succeeded: `Some(failures held back)` when calls had been failing until now.
+    pub fn recovered(&mut self) -> Option<u64> {
+        self.0.recovered()
     }
 }
 
@@ -233,14 +233,14 @@ impl Reporter {
         };
         match problem {
             None => {
-                if self.throttle.recovered() {
-                    tracing::info!(url = %self.url, "heartbeats reach the server again");
+                if let Some(held_back) = self.throttle.recovered() {
+                    tracing::info!(url = %self.url, held_back, "heartbeats reach the server again");
                 }
                 reply
             }
             Some(problem) => {
-                if self.throttle.failed() {
-                    tracing::warn!(url = %self.url, %problem, "cannot report to the server; components keep running (logged at most once a minute)");
+                if let Some(held_back) = self.throttle.failed() {
+                    tracing::warn!(url = %self.url, %problem, held_back, "cannot report to the server; components keep running (logged at most once a minute)");
                 } else {
                     tracing::debug!(url = %self.url, %problem, "heartbeat not delivered");
                 }

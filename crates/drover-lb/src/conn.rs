@@ -218,14 +218,18 @@ async fn connect_any(
             }
             Err(Failed::Client(e)) => return Err(NotConnected::Client(e)),
             Err(Failed::Target(error)) => {
-                warn!(listener = %shared.name, target = %entry.target.id,
-                      addr = %entry.target.addr, %error,
-                      "connect to target failed; trying the next one");
+                if let Some(held_back) = shared.connect_failed() {
+                    warn!(listener = %shared.name, target = %entry.target.id,
+                          addr = %entry.target.addr, %error, held_back,
+                          "connect to target failed; trying the next one (logged at most once per 10 s, held_back: failed connects since the last line)");
+                }
             }
             Err(Failed::TimedOut) => {
-                warn!(listener = %shared.name, target = %entry.target.id,
-                      addr = %entry.target.addr, timeout = ?shared.connect_timeout,
-                      "connect to target timed out; trying the next one");
+                if let Some(held_back) = shared.connect_failed() {
+                    warn!(listener = %shared.name, target = %entry.target.id,
+                          addr = %entry.target.addr, timeout = ?shared.connect_timeout, held_back,
+                          "connect to target timed out; trying the next one (logged at most once per 10 s, held_back: failed connects since the last line)");
+                }
             }
         }
         drop(pending);

@@ -31,6 +31,10 @@ pub(crate) const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 /// Shortest interval between two warnings about refused or failed accepts.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// Failed connects to targets are logged at most once per this (the first at once, then one
+/// line with how many were held back): a target that is down cannot flood the log.
+pub(crate) const CONNECT_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Pending connections the kernel queues before the accept loop takes them (tokio's and
 /// std's `bind` use the same).
 const LISTEN_BACKLOG: u32 = 1024;
@@ -66,6 +70,8 @@ pub(crate) struct Shared {
     /// Every target in rotation, plus removed ones still referenced by a connection,
     /// keyed by (id, addr). Locked only on target-set changes and by stats queries.
     registry: Mutex<Registry>,
+    /// Failed connects to targets, logged at most once per [`CONNECT_LOG_EVERY`].
+    connect_log: Mutex<drover_model::lograte::LogRate>,
 }
 
 type Registry = HashMap<(String, SocketAddr), Registered>;
@@ -80,6 +86,15 @@ struct Registered {
 impl Shared {
     pub(crate) fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A failed connect to a target: `Some(failures held back since the last line)` when it
+    /// is to be logged.
+    pub(crate) fn connect_failed(&self) -> Option<u64> {
+        self.connect_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed(std::time::Instant::now())
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -310,6 +325,7 @@ impl Listener {
             checks: CancellationToken::new(),
             checkers: TaskTracker::new(),
             registry: Mutex::new(HashMap::new()),
+            connect_log: Mutex::new(drover_model::lograte::LogRate::new(CONNECT_LOG_EVERY)),
         });
         let mut targets = targets;
         let snapshot = shared.rebuild(&targets.borrow_and_update());
@@ -442,26 +458,19 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Lets a warning through at most once per [`LOG_EVERY`], counting the ones held back.
-#[derive(Debug, Default)]
-struct RateLimit {
-    last: Option<Instant>,
-    suppressed: u64,
+#[derive(Debug)]
+struct RateLimit(drover_model::lograte::LogRate);
+
+impl Default for RateLimit {
+    fn default() -> RateLimit {
+        RateLimit(drover_model::lograte::LogRate::new(LOG_EVERY))
+    }
 }
 
 impl RateLimit {
     /// `Some(suppressed since the last one)` when a warning may be logged now.
     fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(last) if now.duration_since(last) < LOG_EVERY => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
+        self.0.failed(std::time::Instant::now())
     }
 }
 

@@ -9,6 +9,7 @@ pub mod event;
 pub mod fleet;
 pub mod ids;
 pub mod image;
+pub mod lograte;
 pub mod logs;
 pub mod merge;
 pub mod plan;

@@ -466,8 +466,7 @@ async fn follow(
     tx: mpsc::Sender<LbConfig>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut failing_since: Option<std::time::Instant> = None;
-    let mut last_warn: Option<std::time::Instant> = None;
+    let mut log = drover_model::lograte::LogRate::new(Duration::from_secs(60));
     loop {
         let i = current.load(Ordering::Relaxed) % servers.len();
         let url = format!("{}/v1/lb/config", servers[i].trim_end_matches('/'));
@@ -501,8 +500,8 @@ async fn follow(
         };
         match result {
             Ok(cfg) => {
-                if failing_since.take().is_some() {
-                    tracing::info!(%url, "the server answers again");
+                if let Some(held_back) = log.recovered() {
+                    tracing::info!(%url, held_back, "the server answers again");
                 }
                 if (cfg.epoch.clone(), cfg.version) != known {
                     known = (cfg.epoch.clone(), cfg.version);
@@ -512,10 +511,9 @@ async fn follow(
                 }
             }
             Err(problem) => {
-                failing_since.get_or_insert_with(std::time::Instant::now);
-                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    last_warn = Some(std::time::Instant::now());
+                if let Some(held_back) = log.failed(std::time::Instant::now()) {
                     tracing::warn!(
+                        held_back,
                         "cannot read the config: {problem}; serving the last targets (logged at most once a minute)"
                     );
                 }
