@@ -97,22 +97,31 @@ impl LocalProvider {
         Ok(path)
     }
 
-    /// The instances directory (`0711`: each instance reaches its own directory, lists none)
-    /// and a new directory for one instance (`0700`, the instance's user's).
-    fn make_instance_dir(&self, id: &str, user: Option<&User>) -> Result<PathBuf, ProviderError> {
-        use std::os::unix::fs::PermissionsExt;
+    /// The instances directory (made `0711`: each instance reaches its own directory, lists
+    /// none; one that exists keeps its mode) and a new directory for one instance (`0700`,
+    /// the server's until [`LocalProvider::spawn`] has written its files into it: then the
+    /// instance's user's, so no other process of that user can plant a link the server
+    /// would write through).
+    fn make_instance_dir(&self, id: &str) -> Result<PathBuf, ProviderError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let root = &self.cfg.instances_dir;
         let io = |p: &Path, e| ProviderError::Io(p.to_path_buf(), e);
-        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| io(root, e))?;
+        if !root.is_dir() {
+            if let Some(parent) = root.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+            }
+            match std::fs::DirBuilder::new().mode(0o711).create(root) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(root, e)),
+                _ => {}
+            }
+            // Whatever the umask says.
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| io(root, e))?;
+        }
         let dir = self.instance_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| io(&dir, e))?;
-        if let Some(u) = user {
-            std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid)).map_err(|e| io(&dir, e))?;
-        }
         Ok(dir)
     }
 
@@ -122,7 +131,7 @@ impl LocalProvider {
             Some(spec) => Some(User::lookup(spec)?),
             None => None,
         };
-        let dir = self.make_instance_dir(&req.instance, user.as_ref())?;
+        let dir = self.make_instance_dir(&req.instance)?;
         let plan_file = self.plan_file(&req, &dir, user.as_ref())?;
         let log_path = dir.join("agent.log");
         let log = std::fs::OpenOptions::new()
@@ -134,6 +143,11 @@ impl LocalProvider {
             .try_clone()
             .map_err(|e| ProviderError::Io(log_path.clone(), e))?;
         let program = self.cfg.agent_bin.as_ref().unwrap_or(&self.cfg.drover_bin);
+        // Written while the directory was the server's alone; now the instance's.
+        let own_dir = |user: &User| {
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
+                .map_err(|e| ProviderError::Io(dir.clone(), e))
+        };
         let mut cmd = tokio::process::Command::new(program);
         if self.cfg.agent_bin.is_none() {
             cmd.arg("agent");
@@ -164,6 +178,7 @@ impl LocalProvider {
         // passwords, cloud keys): an agent, and so its components, get only the allow-list.
         cmd.env_clear().envs(agent_env(std::env::vars()));
         if let Some(u) = &user {
+            own_dir(u)?;
             // std drops the supplementary groups too when root sets a uid.
             cmd.uid(u.uid).gid(u.gid);
             cmd.env("HOME", &dir);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn fleet(block: u8, data: &std::path::Path) -> String {
+fn fleet(block: u8, data: &std::path::Path, run_as: &str) -> String {
     let d = data.display();
     format!(
         r#"
@@ -20,7 +20,7 @@ name = "runas"
 [regions.local]
 provider = "local"
 subnet = "127.{block}.0.0/16"
-run_as = "nobody"
+{run_as}
 
 [services.probe]
 regions = ["local"]
@@ -35,8 +35,8 @@ args = ["-c", 'for f in {d}/admin.token {d}/drover.db {d}/plans/planted.json {d}
     )
 }
 
-#[test]
-fn a_component_run_as_nobody_cannot_read_the_data_directory() {
+/// Whether to run: as root; otherwise skipped with the reason (an error under DROVER_CI=1).
+fn as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         assert!(
@@ -44,22 +44,21 @@ fn a_component_run_as_nobody_cannot_read_the_data_directory() {
             "run_as needs root, and DROVER_CI=1 says not to skip"
         );
         eprintln!("skipped: run_as needs the server to run as root (this test runs as uid != 0)");
-        return;
+        return false;
     }
-    let dir = tempfile::tempdir().unwrap();
-    // nobody must reach its instance directory (DIR/data.instances/ID) through DIR.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let data = dir.path().join("data");
-    // What an older drover kept there: every group's plan, secrets and all.
-    std::fs::create_dir_all(data.join("plans")).unwrap();
-    std::fs::write(data.join("plans/planted.json"), "{\"secret\": 1}").unwrap();
-    let (api, ing) = (free_port(), free_port());
-    let _up = Up::start(dir.path(), &fleet(subnet(), &data), api, ing);
-    let _kill = KillAgents(dir.path().to_path_buf());
+    true
+}
 
-    let instances = dir.path().join("data.instances");
+/// Run the probe fleet in `dir` (with `run_as_line` in its region) until the probe has
+/// written what it could read: (its instance directory, the probe's output).
+fn probe(dir: &std::path::Path, run_as_line: &str) -> (Up, KillAgents, std::path::PathBuf, String) {
+    let data = dir.join("data");
+    let (api, ing) = (free_port(), free_port());
+    let up = Up::start(dir, &fleet(subnet(), &data, run_as_line), api, ing);
+    let kill = KillAgents(dir.to_path_buf());
+    let instances = dir.join("data.instances");
     let t0 = Instant::now();
-    let (idir, out) = loop {
+    loop {
         let found = std::fs::read_dir(&instances).ok().and_then(|d| {
             d.flatten().find_map(|e| {
                 let p = e.path().join("p/probe.out");
@@ -70,17 +69,50 @@ fn a_component_run_as_nobody_cannot_read_the_data_directory() {
                     .map(|t| (e.path(), t))
             })
         });
-        if let Some(f) = found {
-            break f;
+        if let Some((idir, out)) = found {
+            eprintln!("{out}");
+            return (up, kill, idir, out);
         }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "no probe output; up.err: {}",
-            std::fs::read_to_string(dir.path().join("up.err")).unwrap_or_default()
+            std::fs::read_to_string(dir.join("up.err")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
-    };
-    eprintln!("{out}");
+    }
+}
+
+/// What `run_as` is for: without it a component runs as the server's user (root here), and
+/// reads the data directory by its path (docs/security.md says so).
+#[test]
+fn without_run_as_a_component_reads_the_data_directory() {
+    if !as_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, _kill, _idir, out) = probe(dir.path(), "");
+    let d = dir.path().join("data");
+    assert!(
+        out.contains(&format!("read {}/admin.token", d.display())),
+        "{out}"
+    );
+    assert_eq!(out.lines().last(), Some("0"), "{out}");
+}
+
+#[test]
+fn a_component_run_as_nobody_cannot_read_the_data_directory() {
+    if !as_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // nobody must reach its instance directory (DIR/data.instances/ID) through DIR.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let data = dir.path().join("data");
+    // What an older drover kept there: every group's plan, secrets and all.
+    std::fs::create_dir_all(data.join("plans")).unwrap();
+    std::fs::write(data.join("plans/planted.json"), "{\"secret\": 1}").unwrap();
+    let (_up, _kill, idir, out) = probe(dir.path(), "run_as = \"nobody\"");
+    let instances = dir.path().join("data.instances");
     let d = data.display();
     for f in [
         "admin.token",
