@@ -160,12 +160,17 @@ pub fn leave_within_ms(drain_timeout_ms: u64, longest_stop_grace_ms: u64) -> u64
         .saturating_add(LEAVE_SLACK_MS)
 }
 
-/// A leaver still there `within` after its permit: why it must be terminated.
-fn overstayed(i: &InstanceView, now: u64, within: u64) -> Option<String> {
+/// When a leaver that is still there has overstayed its permit (`within` after it).
+fn overstays_from(i: &InstanceView, within: u64) -> Option<u64> {
     let at = i
         .permit_at_ms
         .filter(|_| i.alive && i.phase == Phase::Draining)?;
-    (now.saturating_sub(at) >= within).then(|| {
+    Some(at.saturating_add(within))
+}
+
+/// A leaver still there `within` after its permit: why it must be terminated.
+fn overstayed(i: &InstanceView, now: u64, within: u64) -> Option<String> {
+    (now >= overstays_from(i, within)?).then(|| {
         format!(
             "its agent did not leave within {} of its permit",
             drover_model::Dur::from_millis(within)
@@ -236,7 +241,60 @@ pub fn suspects_itself(list: &[&InstanceView], now: u64, t: &Timing) -> bool {
 }
 
 fn fresh_heartbeat(i: &InstanceView, now: u64, t: &Timing) -> bool {
-    now.saturating_sub(i.last_seen_ms) <= t.silent_after_ms
+    now < silent_from(i, t)
+}
+
+/// From when an instance not heard from again counts as silent: `silent_after` after its
+/// last heartbeat (strictly after).
+fn silent_from(i: &InstanceView, t: &Timing) -> u64 {
+    i.last_seen_ms
+        .saturating_add(t.silent_after_ms)
+        .saturating_add(1)
+}
+
+/// Whether a change of an instance's view (`before` as the controller last saw it, `after`
+/// now) can change its group's decision at `now`: anything but a later heartbeat time does,
+/// and so does a heartbeat from an instance that had gone silent. A heartbeat that only says
+/// "still here" changes nothing until its group's next deadline ([`next_change`]), so the
+/// server keeps it without reconciling the group.
+pub fn view_change_matters(
+    before: &InstanceView,
+    after: &InstanceView,
+    now: u64,
+    t: &Timing,
+) -> bool {
+    // Every field named, so a new one is considered here.
+    let InstanceView {
+        id,
+        group,
+        generation,
+        launched_at_ms,
+        phase,
+        alive,
+        health,
+        last_seen_ms,
+        ever_healthy,
+        watched_since_ms,
+        exits_before_healthy,
+        last_failure,
+        permit_at_ms,
+        restored,
+    } = after;
+    *id != before.id
+        || *group != before.group
+        || *generation != before.generation
+        || *launched_at_ms != before.launched_at_ms
+        || *phase != before.phase
+        || *alive != before.alive
+        || *health != before.health
+        || *ever_healthy != before.ever_healthy
+        || *watched_since_ms != before.watched_since_ms
+        || *exits_before_healthy != before.exits_before_healthy
+        || *last_failure != before.last_failure
+        || *permit_at_ms != before.permit_at_ms
+        || *restored != before.restored
+        || *last_seen_ms < before.last_seen_ms
+        || (*last_seen_ms != before.last_seen_ms && !fresh_heartbeat(before, now, t))
 }
 
 /// Whether new connections may go to this instance.
@@ -293,28 +351,7 @@ pub fn reconcile(
 
     for (group, list) in &by_group {
         if !specs.contains_key(group) {
-            // The group was removed from the fleet: its instances leave.
-            for i in list {
-                match (i.alive, i.phase) {
-                    (false, _) => d.actions.push(Action::Forget {
-                        instance: i.id.clone(),
-                        reason: "agent exited".into(),
-                    }),
-                    (true, Phase::Active) => d.actions.push(Action::Permit {
-                        instance: i.id.clone(),
-                        reason: format!("group {group} is no longer in the fleet"),
-                    }),
-                    (true, Phase::Draining) => {
-                        if let Some(reason) = overstayed(i, now, timing.leave_within_ms) {
-                            d.actions.push(Action::Terminate {
-                                instance: i.id.clone(),
-                                reason,
-                            });
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            orphans(now, group, list, timing, &mut d);
         }
     }
 
@@ -323,19 +360,156 @@ pub fn reconcile(
             .get(spec.group.as_str())
             .cloned()
             .unwrap_or_default();
-        reconcile_group(now, spec, &list, timing, &mut d);
+        decide_group(now, spec, &list, timing, &mut d);
     }
     d.actions.sort();
     d
 }
 
-fn reconcile_group(
+/// [`reconcile`] of one group: `list` is every instance of `spec`'s group, in id order. The
+/// server reconciles only the groups that changed or whose [`next_change`] came, with the
+/// views it keeps up to date; the decision is the part of [`reconcile`]'s for this group.
+pub fn reconcile_group(
     now: u64,
     spec: &GroupSpec,
     list: &[&InstanceView],
-    t: &Timing,
-    d: &mut Decision,
-) {
+    timing: &Timing,
+) -> Decision {
+    let mut d = Decision::default();
+    decide_group(now, spec, list, timing, &mut d);
+    d.actions.sort();
+    d
+}
+
+/// [`reconcile`] of the instances of a group no longer in the fleet (`list`, in id order).
+pub fn reconcile_orphans(
+    now: u64,
+    group: &str,
+    list: &[&InstanceView],
+    timing: &Timing,
+) -> Decision {
+    let mut d = Decision::default();
+    orphans(now, group, list, timing, &mut d);
+    d.actions.sort();
+    d
+}
+
+impl Decision {
+    /// Add another group's decision (a pass over several groups, merged in the order of the
+    /// groups, as [`reconcile`] takes them).
+    pub fn merge(&mut self, other: Decision) {
+        self.actions.extend(other.actions);
+        self.actions.sort();
+        self.targets.extend(other.targets);
+        self.suspect.extend(other.suspect);
+    }
+}
+
+/// The instances of a group gone from the fleet leave.
+fn orphans(now: u64, group: &str, list: &[&InstanceView], timing: &Timing, d: &mut Decision) {
+    for i in list {
+        match (i.alive, i.phase) {
+            (false, _) => d.actions.push(Action::Forget {
+                instance: i.id.clone(),
+                reason: "agent exited".into(),
+            }),
+            (true, Phase::Active) => d.actions.push(Action::Permit {
+                instance: i.id.clone(),
+                reason: format!("group {group} is no longer in the fleet"),
+            }),
+            (true, Phase::Draining) => {
+                if let Some(reason) = overstayed(i, now, timing.leave_within_ms) {
+                    d.actions.push(Action::Terminate {
+                        instance: i.id.clone(),
+                        reason,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// When the decision of a group's orphans ([`reconcile_orphans`]) could next change with no
+/// input: the first leaver's deadline.
+pub fn orphans_next_change(now: u64, list: &[&InstanceView], timing: &Timing) -> Option<u64> {
+    list.iter()
+        .filter_map(|i| overstays_from(i, timing.leave_within_ms))
+        .filter(|at| *at > now)
+        .min()
+}
+
+/// When the decision of one group ([`reconcile_group`]) could next change if nothing but
+/// time passes (no heartbeat that matters, no launch, exit or change of its spec): the first
+/// after `now` of the times its rules read, each from the same function the rule uses —
+/// silence ([`silent_from`]), a leaver's deadline, unhealthy or never healthy for
+/// `replace_unhealthy_after`, `min_healthy_time`, the rollout's `healthy_deadline`, the
+/// canary bake and the launch backoff. Never later than the first change (a sweep over
+/// virtual time proves it, `next_change_is_never_after_the_decision_changes`); it may be
+/// earlier, which costs one pass that decides the same. `None`: nothing changes until an
+/// input comes.
+pub fn next_change(now: u64, spec: &GroupSpec, list: &[&InstanceView], t: &Timing) -> Option<u64> {
+    let r = &spec.rollout;
+    let mut times: Vec<u64> = Vec::new();
+    for i in list {
+        if !i.alive {
+            continue;
+        }
+        times.push(silent_from(i, t));
+        times.extend(overstays_from(i, spec.leave_within_ms));
+        times.extend(ready_from(i, r));
+        times.extend(replace_unhealthy_from(spec, i));
+    }
+    if spec.rollout_open {
+        times.push(rollout_fails_from(now, spec, list, t));
+    }
+    if let Some(c) = spec.canary.filter(|c| c.baking_since_ms > 0) {
+        times.push(c.baking_since_ms.saturating_add(c.bake_ms));
+    }
+    times.push(spec.launch_not_before_ms);
+    times.into_iter().filter(|at| *at > now).min()
+}
+
+/// From when a healthy instance counts as ready (healthy for `min_healthy_time`).
+fn ready_from(i: &InstanceView, r: &Rollout) -> Option<u64> {
+    match i.health {
+        Health::Healthy { since_ms } => {
+            Some(since_ms.saturating_add(r.min_healthy_time.as_millis()))
+        }
+        _ => None,
+    }
+}
+
+/// Whether an instance is ready: healthy for `min_healthy_time`, and heard from.
+fn is_ready(i: &InstanceView, now: u64, r: &Rollout, t: &Timing) -> bool {
+    match i.health {
+        Health::Healthy { since_ms } => {
+            fresh_heartbeat(i, now, t)
+                && now.saturating_sub(since_ms) >= r.min_healthy_time.as_millis()
+        }
+        _ => false,
+    }
+}
+
+/// From when an open rollout fails for want of progress: `healthy_deadline` after the last
+/// time a new instance became ready (or the rollout began or was resumed), strictly after.
+fn rollout_fails_from(now: u64, spec: &GroupSpec, list: &[&InstanceView], t: &Timing) -> u64 {
+    let r = &spec.rollout;
+    let last_progress = list
+        .iter()
+        .filter(|i| i.alive && i.phase == Phase::Active && i.generation >= spec.generation)
+        .filter(|i| is_ready(i, now, r, t))
+        .filter_map(|i| ready_from(i, r))
+        .max()
+        .unwrap_or(0)
+        .max(spec.generation_since_ms)
+        .max(spec.resumed_ms);
+    last_progress
+        .saturating_add(r.healthy_deadline.as_millis())
+        .saturating_add(1)
+}
+
+fn decide_group(now: u64, spec: &GroupSpec, list: &[&InstanceView], t: &Timing, d: &mut Decision) {
     let r = &spec.rollout;
     let suspect = suspects_itself(list, now, t);
     // Silent, healthy when last heard, and spared by the self-suspicion guard.
@@ -395,13 +569,7 @@ fn reconcile_group(
         active.push(i);
     }
 
-    let ready = |i: &InstanceView| match i.health {
-        Health::Healthy { since_ms } => {
-            fresh_heartbeat(i, now, t)
-                && now.saturating_sub(since_ms) >= r.min_healthy_time.as_millis()
-        }
-        _ => false,
-    };
+    let ready = |i: &InstanceView| is_ready(i, now, r, t);
     let healthy = |i: &InstanceView| in_rotation(i, now, t);
 
     let (mut stale, fresh): (Vec<&InstanceView>, Vec<&InstanceView>) =
@@ -438,17 +606,7 @@ fn reconcile_group(
     if spec.rollout_open {
         // Progress is the last time a new instance became ready; the rollout fails when
         // healthy_deadline passes without any.
-        let last_progress = fresh
-            .iter()
-            .filter(|i| ready(i))
-            .filter_map(|i| match i.health {
-                Health::Healthy { since_ms } => Some(since_ms + r.min_healthy_time.as_millis()),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0)
-            .max(spec.generation_since_ms)
-            .max(spec.resumed_ms);
+        let fails_from = rollout_fails_from(now, spec, list, t);
         if stale.is_empty() && ready_fresh >= desired {
             d.actions.push(Action::RolloutDone {
                 group: spec.group.clone(),
@@ -476,10 +634,7 @@ fn reconcile_group(
                 ),
                 instance: Some(i.id.clone()),
             });
-        } else if !spec.paused
-            && !baking
-            && now.saturating_sub(last_progress) > r.healthy_deadline.as_millis()
-        {
+        } else if !spec.paused && !baking && now >= fails_from {
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
                 generation: spec.generation,
@@ -647,6 +802,22 @@ fn reconcile_group(
                 reason: format!("scale-in to {desired}"),
             });
         }
+    }
+}
+
+/// From when an active instance is replaced for its health: unhealthy for
+/// `replace_unhealthy_after`, or never healthy that long after it was first watched.
+fn replace_unhealthy_from(spec: &GroupSpec, i: &InstanceView) -> Option<u64> {
+    let limit = spec.replace_unhealthy_after_ms;
+    match i.health {
+        Health::Unhealthy { since_ms } if i.ever_healthy => Some(since_ms.saturating_add(limit)),
+        Health::Unhealthy { since_ms } => {
+            Some(since_ms.min(i.watched_since_ms).saturating_add(limit))
+        }
+        Health::Unknown | Health::Starting if !i.ever_healthy => {
+            Some(i.watched_since_ms.saturating_add(limit))
+        }
+        _ => None,
     }
 }
 
@@ -1315,5 +1486,233 @@ mod tests {
             .count();
         assert!(permits >= 1, "the surplus leaves: {:?}", d.actions);
         assert_eq!(launches(&d), 0, "no launch above 4 + 2: {:?}", d.actions);
+    }
+
+    /// A small deterministic generator for the sweep below.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+        /// A time in 100 ms steps, up to `most` ms.
+        fn time(&mut self, most: u64) -> u64 {
+            self.below(most / 100 + 1) * 100
+        }
+    }
+
+    /// A decision without its wording (which names how long something lasted, so it changes
+    /// with the clock while the decision does not).
+    fn shape(d: &Decision) -> (Vec<String>, BTreeMap<String, Vec<String>>, Vec<String>) {
+        let actions = d
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::Forget { instance, .. } => format!("forget {instance}"),
+                Action::Terminate { instance, .. } => format!("terminate {instance}"),
+                Action::Permit { instance, .. } => format!("permit {instance}"),
+                Action::Launch { group, generation } => format!("launch {group} {generation}"),
+                Action::RolloutDone { generation, .. } => format!("done {generation}"),
+                Action::CanaryBaking { generation, .. } => format!("baking {generation}"),
+                Action::CanaryAnalyse { generation, .. } => format!("analyse {generation}"),
+                Action::RolloutFailed {
+                    generation,
+                    instance,
+                    ..
+                } => format!("failed {generation} {instance:?}"),
+            })
+            .collect();
+        (actions, d.targets.clone(), d.suspect.clone())
+    }
+
+    /// A random group at `now`: a rollout or not, a canary or not, instances in every phase
+    /// and health, some silent, some leavers, a launch backoff. Every time and duration is a
+    /// multiple of 100 ms, so a decision can change only at a multiple of 100 ms or one ms
+    /// after one (the strict comparisons): the sweep looks at every such time.
+    fn random_group(g: &mut Lcg, now: u64) -> (GroupSpec, Vec<InstanceView>, Timing) {
+        // In a quiet group every instance was heard from just now and silence is far off, so
+        // the other deadlines come first.
+        let quiet = g.chance(50);
+        let timing = Timing {
+            silent_after_ms: if quiet { 60_000 } else { 1_000 } + g.time(15_000),
+            leave_within_ms: 1_000 + g.time(30_000),
+        };
+        let mut s = spec(1 + g.below(5) as u32, g.below(3) as u32, g.chance(20));
+        s.rollout.max_unavailable = g.below(3) as u32;
+        s.rollout.min_healthy_time = Dur::from_millis(g.time(10_000));
+        s.rollout.healthy_deadline = Dur::from_millis(1_000 + g.time(40_000));
+        s.rollout.fail_after_exits = g.below(4) as u32;
+        s.replace_unhealthy_after_ms = 1_000 + g.time(30_000);
+        s.leave_within_ms = 1_000 + g.time(30_000);
+        s.generation = 1 + g.below(3);
+        if g.chance(60) {
+            s.rollout_open = true;
+            s.generation_since_ms = now - g.time(30_000);
+            s.good_generation = g.below(s.generation);
+            s.paused = g.chance(15);
+            s.resumed_ms = if g.chance(20) {
+                now - g.time(20_000)
+            } else {
+                0
+            };
+        }
+        if g.chance(25) {
+            s.canary = Some(CanaryGate {
+                size: 1 + g.below(2) as u32,
+                bake_ms: 1_000 + g.time(20_000),
+                baking_since_ms: if g.chance(50) {
+                    now - g.time(20_000)
+                } else {
+                    0
+                },
+            });
+        }
+        if g.chance(30) {
+            s.launch_not_before_ms = now - 5_000 + g.time(20_000);
+        }
+        let n = g.below(8);
+        let list = (0..n)
+            .map(|k| {
+                let launched = now - g.time(60_000);
+                let ever_healthy = g.chance(60);
+                let health = match g.below(4) {
+                    0 => Health::Unknown,
+                    1 => Health::Starting,
+                    2 => Health::Healthy {
+                        since_ms: now - g.time(20_000),
+                    },
+                    _ => Health::Unhealthy {
+                        since_ms: now - g.time(40_000),
+                    },
+                };
+                let phase = match g.below(6) {
+                    0 => Phase::Draining,
+                    1 => Phase::Terminating,
+                    _ => Phase::Active,
+                };
+                InstanceView {
+                    id: format!("i-{k}"),
+                    group: s.group.clone(),
+                    generation: 1 + g.below(s.generation),
+                    launched_at_ms: launched,
+                    phase,
+                    alive: g.chance(90),
+                    health,
+                    // Some heard from a while ago, some after a restart's grace (ahead).
+                    last_seen_ms: now - g.time(if quiet { 500 } else { 20_000 })
+                        + if g.chance(10) { 10_000 } else { 0 },
+                    ever_healthy,
+                    watched_since_ms: launched + g.time(5_000),
+                    exits_before_healthy: g.below(4) as u32,
+                    last_failure: None,
+                    permit_at_ms: (phase == Phase::Draining).then(|| now - g.time(40_000)),
+                    restored: g.chance(10),
+                }
+            })
+            .collect();
+        (s, list, timing)
+    }
+
+    /// The server reconciles a group again only when an input changes it or at its
+    /// `next_change`: nothing that time alone changes may come before it. For random groups,
+    /// the decision at every time that could differ (each 100 ms step and 1 ms after it, up
+    /// to 90 s on) is the decision of `now` until `next_change`, and one that changes in that
+    /// window has a `next_change` at or before it.
+    #[test]
+    fn next_change_is_never_after_the_decision_changes() {
+        let mut g = Lcg(15);
+        let mut changed_within = 0;
+        for case in 0..400 {
+            let now = 1_000_000;
+            let (s, list, timing) = random_group(&mut g, now);
+            let refs: Vec<&InstanceView> = list.iter().collect();
+            let first = shape(&reconcile_group(now, &s, &refs, &timing));
+            let next = next_change(now, &s, &refs, &timing);
+            assert!(next.is_none_or(|at| at > now), "case {case}: {next:?}");
+            let mut changed = None;
+            'sweep: for step in 0..=900u64 {
+                for at in [now + step * 100, now + step * 100 + 1] {
+                    if at <= now {
+                        continue;
+                    }
+                    if shape(&reconcile_group(at, &s, &refs, &timing)) != first {
+                        changed = Some(at);
+                        break 'sweep;
+                    }
+                }
+            }
+            if let Some(at) = changed {
+                changed_within += 1;
+                assert!(
+                    next.is_some_and(|n| n <= at),
+                    "case {case}: the decision changes at +{} ms but next_change is {:?}\n{s:?}\n{list:#?}",
+                    at - now,
+                    next.map(|n| n - now)
+                );
+            }
+        }
+        // The sweep saw decisions that change with time, not only ones that never do.
+        assert!(changed_within > 100, "{changed_within}");
+    }
+
+    /// A heartbeat that only says "still here" does not call for a pass; one that changes
+    /// health, or that comes from an instance gone silent, does.
+    #[test]
+    fn only_heartbeats_that_change_something_call_for_a_pass() {
+        let before = instance("i-1", 1, 10_000, Some(1_000));
+        let mut after = before.clone();
+        after.last_seen_ms = 14_000;
+        assert!(!view_change_matters(&before, &after, 14_000, &TIMING));
+        // Silent since 5 s after 10,000: heard again.
+        after.last_seen_ms = 16_000;
+        assert!(view_change_matters(&before, &after, 16_000, &TIMING));
+        let mut sick = before.clone();
+        sick.health = Health::Unhealthy { since_ms: 12_000 };
+        assert!(view_change_matters(&before, &sick, 12_000, &TIMING));
+        // A restored instance's grace ends when it reports (its time goes back).
+        let mut restored = before.clone();
+        restored.last_seen_ms = 30_000;
+        assert!(view_change_matters(&restored, &before, 11_000, &TIMING));
+    }
+
+    /// Reconciling groups one at a time decides what one pass over all of them decides.
+    #[test]
+    fn groups_reconciled_one_at_a_time_decide_as_one_pass() {
+        let mut g = Lcg(7);
+        let now = 1_000_000;
+        let mut specs = Vec::new();
+        let mut all = Vec::new();
+        for k in 0..20 {
+            let (mut s, list, _) = random_group(&mut g, now);
+            s.group = format!("svc{k}/r");
+            all.extend(list.into_iter().map(|mut i| {
+                i.id = format!("{}-{k}", i.id);
+                i.group = s.group.clone();
+                i
+            }));
+            specs.push(s);
+        }
+        // One group gone from the fleet.
+        let orphan = specs.pop().unwrap();
+        let timing = TIMING;
+        let whole = reconcile(now, &specs, &all, &timing);
+        let mut parts = Decision::default();
+        for s in &specs {
+            let list: Vec<&InstanceView> = all.iter().filter(|i| i.group == s.group).collect();
+            parts.merge(reconcile_group(now, s, &list, &timing));
+        }
+        let list: Vec<&InstanceView> = all.iter().filter(|i| i.group == orphan.group).collect();
+        parts.merge(reconcile_orphans(now, &orphan.group, &list, &timing));
+        assert_eq!(whole, parts);
     }
 }
