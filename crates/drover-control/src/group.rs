@@ -253,16 +253,12 @@ fn silent_from(i: &InstanceView, t: &Timing) -> u64 {
 }
 
 /// Whether a change of an instance's view (`before` as the controller last saw it, `after`
-/// now) can change its group's decision at `now`: anything but a later heartbeat time does,
-/// and so does a heartbeat from an instance that had gone silent. A heartbeat that only says
+/// now) can change its group's decision: anything but a later heartbeat time does, and so
+/// does a heartbeat from an instance that was silent when it came (at its new
+/// `last_seen_ms`). A heartbeat that only says
 /// "still here" changes nothing until its group's next deadline ([`next_change`]), so the
 /// server keeps it without reconciling the group.
-pub fn view_change_matters(
-    before: &InstanceView,
-    after: &InstanceView,
-    now: u64,
-    t: &Timing,
-) -> bool {
+pub fn view_change_matters(before: &InstanceView, after: &InstanceView, t: &Timing) -> bool {
     // Every field named, so a new one is considered here.
     let InstanceView {
         id,
@@ -294,7 +290,7 @@ pub fn view_change_matters(
         || *permit_at_ms != before.permit_at_ms
         || *restored != before.restored
         || *last_seen_ms < before.last_seen_ms
-        || (*last_seen_ms != before.last_seen_ms && !fresh_heartbeat(before, now, t))
+        || (*last_seen_ms != before.last_seen_ms && !fresh_heartbeat(before, *last_seen_ms, t))
 }
 
 /// Whether new connections may go to this instance.
@@ -1672,17 +1668,17 @@ mod tests {
         let before = instance("i-1", 1, 10_000, Some(1_000));
         let mut after = before.clone();
         after.last_seen_ms = 14_000;
-        assert!(!view_change_matters(&before, &after, 14_000, &TIMING));
+        assert!(!view_change_matters(&before, &after, &TIMING));
         // Silent since 5 s after 10,000: heard again.
         after.last_seen_ms = 16_000;
-        assert!(view_change_matters(&before, &after, 16_000, &TIMING));
+        assert!(view_change_matters(&before, &after, &TIMING));
         let mut sick = before.clone();
         sick.health = Health::Unhealthy { since_ms: 12_000 };
-        assert!(view_change_matters(&before, &sick, 12_000, &TIMING));
+        assert!(view_change_matters(&before, &sick, &TIMING));
         // A restored instance's grace ends when it reports (its time goes back).
         let mut restored = before.clone();
         restored.last_seen_ms = 30_000;
-        assert!(view_change_matters(&restored, &before, 11_000, &TIMING));
+        assert!(view_change_matters(&restored, &before, &TIMING));
     }
 
     /// Reconciling groups one at a time decides what one pass over all of them decides.

@@ -921,7 +921,7 @@ async fn heartbeat(
     if bound.0.is_some() {
         // From now on only this instance's own token speaks for it; whatever the group's
         // token said before (a sequence number to jam it, say) is forgotten.
-        if let Some(i) = e.state().instances.get_mut(&hb.instance) {
+        if let Some(mut i) = e.state().instances.get_mut(&hb.instance) {
             if !i.soft.bound {
                 i.soft.bound = true;
                 i.soft.last_seq = 0;
@@ -1056,6 +1056,10 @@ async fn metrics(
     out.push_str(&format!(
         "# HELP drover_controller_passes_total Controller passes since the server started.\n# TYPE drover_controller_passes_total counter\ndrover_controller_passes_total {}\n",
         e.passes()
+    ));
+    out.push_str(&format!(
+        "# HELP drover_controller_instances_reconciled_total Instance views read by controller passes (a pass reads only the groups that changed or whose deadline came).\n# TYPE drover_controller_instances_reconciled_total counter\ndrover_controller_instances_reconciled_total {}\n",
+        e.reconciled()
     ));
     out.push_str(&e.writer_stats().prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

@@ -86,7 +86,7 @@ impl Engine {
             .collect();
         let mut st = self.state();
         for (id, lb) in counters {
-            if let Some(i) = st.instances.get_mut(&id) {
+            if let Some(mut i) = st.instances.get_mut(&id) {
                 i.soft.window = Some(Window {
                     restarts_at_start: Window::restarts(&i.soft.components),
                     lb_at_start: lb,
@@ -191,11 +191,11 @@ impl Engine {
         ));
         {
             let mut st = self.state();
-            for i in st.instances.values_mut() {
+            st.instances.for_each_mut(|i| {
                 if i.record.group == group {
                     i.soft.window = None;
                 }
-            }
+            });
         }
         if !verdict.pass && config.mode == AnalysisMode::Auto {
             // Store the numbers, then fail the rollout (auto_revert goes back).

@@ -121,10 +121,10 @@ impl Engine {
                     .insert(g.clone());
             }
             // A group whose instances are still leaving is kept until they are gone.
-            for i in st.instances.values() {
-                keep.entry(region_of(&i.record.group).to_string())
+            for g in st.instances.groups() {
+                keep.entry(region_of(g).to_string())
                     .or_default()
-                    .insert(i.record.group.clone());
+                    .insert(g.clone());
             }
             (self.providers_by_region(), keep)
         };

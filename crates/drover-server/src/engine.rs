@@ -49,6 +49,8 @@ pub struct Engine {
     permit_polls: std::sync::atomic::AtomicUsize,
     /// Controller passes so far (`/metrics`).
     passes: std::sync::atomic::AtomicU64,
+    /// Instance views the passes read so far (`/metrics`).
+    reconciled: std::sync::atomic::AtomicU64,
     /// Groups the self-suspicion guard holds now (drover_control::suspects_itself).
     suspected: Mutex<std::collections::BTreeSet<String>>,
     /// The lead this engine acts under (several servers on etcd); none: it always may act.
@@ -98,6 +100,7 @@ impl Engine {
             schedule_memory: crate::state::memory_from_counters(&snap.counters),
             ..State::default()
         };
+        state.instances.set_silent_after(timing.silent_after_ms);
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
         if let Some(rev) = &state.revision {
             for (name, region) in &rev.fleet.regions {
@@ -167,6 +170,7 @@ impl Engine {
             provider_errors: Mutex::new(BTreeMap::new()),
             permit_polls: Default::default(),
             passes: Default::default(),
+            reconciled: Default::default(),
             suspected: Default::default(),
             authority: Default::default(),
             pins: Default::default(),
@@ -200,12 +204,12 @@ impl Engine {
         self.ready_ms
             .store(now, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state();
-        for i in st.instances.values_mut() {
+        st.instances.for_each_mut(|i| {
             if i.soft.restored {
                 i.soft.watched_since_ms = now;
                 i.soft.last_seen_ms = now + RESTART_GRACE_MS;
             }
-        }
+        });
     }
 
     pub(crate) fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
@@ -399,12 +403,14 @@ impl Engine {
                     leave_soon,
                 });
             }
-            let inst = st.instances.get_mut(&hb.instance).expect("looked up above");
-            let (events, changed) = absorb_heartbeat(inst, &hb, now);
+            let mut inst = st.instances.get_mut(&hb.instance).expect("looked up above");
+            let (events, changed) = absorb_heartbeat(&mut inst, &hb, now);
             let events = inst.soft.budget.admit(events, now, &hb.group, &hb.instance);
-            if changed && matches!(inst.soft.health, Health::Healthy { .. }) {
-                let group = inst.record.group.clone();
-                st.launch_backoff.remove(&group);
+            let turned_healthy = changed && matches!(inst.soft.health, Health::Healthy { .. });
+            // Its view follows here (and its group is reconciled if the change matters).
+            drop(inst);
+            if turned_healthy {
+                st.launch_backoff.remove(&hb.group);
             }
             // Queued (never waited for) under the lock: events in the order of the changes.
             self.record(events);
@@ -422,7 +428,7 @@ impl Engine {
     /// The provider saw an instance end.
     pub fn exited(&self, exit: Exit) {
         let mut st = self.state();
-        if let Some(i) = st.instances.get_mut(&exit.instance) {
+        if let Some(mut i) = st.instances.get_mut(&exit.instance) {
             i.alive = false;
             i.soft.health = Health::Unknown;
             tracing::debug!(instance = %exit.instance, status = %exit.status, "instance exited");
@@ -454,16 +460,15 @@ impl Engine {
         // A pass that lets instances go (permits, terminations, losses) frees surge room:
         // a second pass launches their replacements now rather than a tick later. The last
         // decision's targets go to the balancer (a permit takes an instance out at once).
+        // Each pass reconciles only the groups that need it (`State::reconcile_due`): a
+        // group's targets are those of its last pass in this tick.
         let mut targets = BTreeMap::new();
         for pass in 0..3 {
-            let decision = {
-                let st = self.state();
-                drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing)
-            };
+            let decision = self.reconcile_due(now);
             if pass == 0 {
                 self.note_suspicion(&decision.suspect);
             }
-            targets = decision.targets;
+            targets.extend(decision.targets);
             let frees_room = decision.actions.iter().any(|a| {
                 matches!(
                     a,
@@ -479,10 +484,8 @@ impl Engine {
                 }
             }
             if !frees_room {
-                // Targets after these actions.
-                let st = self.state();
-                targets =
-                    drover_control::reconcile(now, &st.specs(), &st.views(), &self.timing).targets;
+                // Targets after these actions (of the groups they changed).
+                targets.extend(self.reconcile_due(now).targets);
                 break;
             }
         }
@@ -492,6 +495,21 @@ impl Engine {
             tracing::error!("waves: {e}");
         }
         self.sweep_providers().await;
+    }
+
+    /// Reconcile the groups that need it now ([`State::reconcile_due`]), under the state
+    /// lock for as long as their instances take.
+    fn reconcile_due(&self, now: u64) -> drover_control::Decision {
+        let pass = self.state().reconcile_due(now, &self.timing);
+        self.reconciled
+            .fetch_add(pass.instances as u64, std::sync::atomic::Ordering::Relaxed);
+        pass.decision
+    }
+
+    /// Instance views read by controller passes so far (`/metrics`: a pass costs what
+    /// changed, so this grows with changes, not with the fleet).
+    pub fn reconciled(&self) -> u64 {
+        self.reconciled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Let the fleet's change reach the next wave of each service whose earlier waves are
@@ -936,18 +954,14 @@ impl Engine {
         let mut events = Vec::new();
         {
             let mut st = self.state();
-            // Leaving instances per group, in one pass over the instances.
-            let mut leaving_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for i in st.instances.values() {
-                if i.record.lifecycle != Lifecycle::Active {
-                    leaving_of
-                        .entry(i.record.group.clone())
-                        .or_default()
-                        .push(i.record.id.clone());
-                }
-            }
             for (group, ids) in targets {
-                let leaving = leaving_of.remove(&group).unwrap_or_default();
+                // Its leaving instances, from its kept views.
+                let leaving: Vec<String> = st
+                    .instances
+                    .group_views(&group)
+                    .filter(|v| v.phase != drover_control::Phase::Active)
+                    .map(|v| v.id.clone())
+                    .collect();
                 let generation = st.groups.get(&group).map_or(0, |g| g.record.generation);
                 let unchanged = st.targets.get(&group) == Some(&ids)
                     && st
@@ -1124,7 +1138,7 @@ impl Engine {
         {
             let mut st = self.state();
             for rec in records {
-                if let Some(i) = st.instances.get_mut(&rec.id) {
+                if let Some(mut i) = st.instances.get_mut(&rec.id) {
                     i.record = rec;
                 }
             }
@@ -2367,9 +2381,7 @@ command = "/bin/true"
         // Two instances of generation 1, both running; i-000001 holds a permit.
         {
             let mut st = e.state();
-            for i in st.instances.values_mut() {
-                i.alive = true;
-            }
+            st.instances.for_each_mut(|i| i.alive = true);
             st.instances.get_mut("i-000001").unwrap().record.lifecycle = Lifecycle::Draining;
             let g = st.groups.get_mut("web/local").unwrap();
             g.record.desired = 2;

@@ -182,11 +182,217 @@ impl StateCounts {
     }
 }
 
+/// Every instance the server knows, by id, with the group controller's view of each kept up
+/// to date as it changes: an insert (a launch, a restart's load), a removal (forgotten), and
+/// every change through [`Instances::get_mut`] or [`Instances::for_each_mut`] (a heartbeat,
+/// an exit, a new lifecycle) refresh that instance's view in place. A change that can change
+/// its group's decision ([`drover_control::group::view_change_matters`]: not a heartbeat
+/// that only says "still here") marks the group for the next pass ([`State::reconcile_due`]).
+/// A pass reads the views of the groups it reconciles; none is built per pass.
+#[derive(Default)]
+pub struct Instances {
+    map: BTreeMap<String, Instance>,
+    /// Per group, its instances' views by id (the order `reconcile` reads them in).
+    views: BTreeMap<String, BTreeMap<String, InstanceView>>,
+    /// Groups with a change since their last pass.
+    changed: std::collections::BTreeSet<String>,
+    /// `silent_after` (a heartbeat from an instance gone silent matters).
+    silent_after_ms: u64,
+}
+
+/// An instance borrowed to change it: its view is refreshed when the borrow ends.
+pub struct InstanceMut<'a> {
+    inst: &'a mut Instance,
+    views: &'a mut BTreeMap<String, BTreeMap<String, InstanceView>>,
+    changed: &'a mut std::collections::BTreeSet<String>,
+    silent_after_ms: u64,
+}
+
+impl std::ops::Deref for InstanceMut<'_> {
+    type Target = Instance;
+    fn deref(&self) -> &Instance {
+        self.inst
+    }
+}
+
+impl std::ops::DerefMut for InstanceMut<'_> {
+    fn deref_mut(&mut self) -> &mut Instance {
+        self.inst
+    }
+}
+
+impl Drop for InstanceMut<'_> {
+    fn drop(&mut self) {
+        refresh(self.inst, self.views, self.changed, self.silent_after_ms);
+    }
+}
+
+/// Bring `i`'s view up to date; mark its group when the change matters.
+fn refresh(
+    i: &Instance,
+    views: &mut BTreeMap<String, BTreeMap<String, InstanceView>>,
+    changed: &mut std::collections::BTreeSet<String>,
+    silent_after_ms: u64,
+) {
+    let new = view(i);
+    let timing = drover_control::Timing {
+        silent_after_ms,
+        leave_within_ms: 0,
+    };
+    let matters = match views
+        .get_mut(&i.record.group)
+        .and_then(|g| g.get_mut(&i.record.id))
+    {
+        Some(old) => {
+            let m = drover_control::group::view_change_matters(old, &new, &timing);
+            *old = new;
+            m
+        }
+        None => {
+            views
+                .entry(i.record.group.clone())
+                .or_default()
+                .insert(i.record.id.clone(), new);
+            true
+        }
+    };
+    if matters && !changed.contains(&i.record.group) {
+        changed.insert(i.record.group.clone());
+    }
+}
+
+impl Instances {
+    /// `silent_after` of the server (which heartbeats matter to a pass).
+    pub fn set_silent_after(&mut self, ms: u64) {
+        self.silent_after_ms = ms;
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Instance> {
+        self.map.get(id)
+    }
+
+    /// One instance to change; its view follows when the borrow ends.
+    pub fn get_mut(&mut self, id: &str) -> Option<InstanceMut<'_>> {
+        let Instances {
+            map,
+            views,
+            changed,
+            silent_after_ms,
+        } = self;
+        map.get_mut(id).map(|inst| InstanceMut {
+            inst,
+            views,
+            changed,
+            silent_after_ms: *silent_after_ms,
+        })
+    }
+
+    /// Change every instance; their views follow.
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut Instance)) {
+        for i in self.map.values_mut() {
+            f(i);
+            refresh(i, &mut self.views, &mut self.changed, self.silent_after_ms);
+        }
+    }
+
+    pub fn insert(&mut self, id: String, inst: Instance) -> Option<Instance> {
+        let old = self.remove(&id);
+        refresh(
+            &inst,
+            &mut self.views,
+            &mut self.changed,
+            self.silent_after_ms,
+        );
+        self.map.insert(id, inst);
+        old
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<Instance> {
+        let old = self.map.remove(id)?;
+        let group = &old.record.group;
+        if let Some(g) = self.views.get_mut(group) {
+            g.remove(id);
+            if g.is_empty() {
+                self.views.remove(group);
+            }
+        }
+        self.changed.insert(group.clone());
+        Some(old)
+    }
+
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.map.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Instance> {
+        self.map.values()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Instance)> {
+        self.map.iter()
+    }
+
+    /// The views of one group's instances, by id.
+    pub fn group_views(&self, group: &str) -> impl Iterator<Item = &InstanceView> {
+        self.views.get(group).into_iter().flat_map(|g| g.values())
+    }
+
+    /// The groups that have instances (in the fleet or not).
+    pub fn groups(&self) -> impl Iterator<Item = &String> {
+        self.views.keys()
+    }
+
+    /// The number of instances of `group`.
+    pub fn count_of(&self, group: &str) -> usize {
+        self.views.get(group).map_or(0, |g| g.len())
+    }
+}
+
+impl std::ops::Index<&str> for Instances {
+    type Output = Instance;
+    fn index(&self, id: &str) -> &Instance {
+        &self.map[id]
+    }
+}
+
+/// What a group's last pass saw and decided ([`State::reconcile_due`]).
+#[derive(Clone, Debug)]
+pub struct LastPass {
+    /// The spec it reconciled (a change of spec calls for a pass).
+    pub spec: drover_control::GroupSpec,
+    /// When its decision could next change with no input ([`drover_control::group::next_change`]).
+    pub next_change: Option<u64>,
+    /// It decided something: the next pass looks again (what was done changed it, or it
+    /// failed and is tried again).
+    pub acted: bool,
+}
+
+/// What one pass did ([`State::reconcile_due`]).
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub decision: drover_control::Decision,
+    /// Groups reconciled, and the instances they hold.
+    pub groups: usize,
+    pub instances: usize,
+}
+
 #[derive(Default)]
 pub struct State {
     pub revision: Option<Revision>,
     pub groups: BTreeMap<String, Group>,
-    pub instances: BTreeMap<String, Instance>,
+    pub instances: Instances,
+    /// Per group, its last pass (which groups the next one reconciles).
+    pub last_pass: BTreeMap<String, LastPass>,
+    /// Groups the self-suspicion guard holds, as their last passes said.
+    pub suspect: std::collections::BTreeSet<String>,
     pub instance_seq: u64,
     /// Instances currently given to the balancer, per group.
     pub targets: BTreeMap<String, Vec<String>>,
@@ -477,21 +683,82 @@ impl State {
         if !spec.provider_replaces_leavers || instance.record.generation >= spec.generation {
             return true;
         }
-        let views: Vec<InstanceView> = self
-            .instances
-            .values()
-            .filter(|i| i.record.group == instance.record.group)
-            .map(view)
-            .collect();
-        let Some(leaver) = views.iter().find(|v| v.id == instance.record.id) else {
+        let group: Vec<&InstanceView> =
+            self.instances.group_views(&instance.record.group).collect();
+        let Some(leaver) = group.iter().find(|v| v.id == instance.record.id) else {
             return true;
         };
-        let group: Vec<&InstanceView> = views.iter().collect();
         !drover_control::group::provider_replaces(&spec, leaver, &group)
     }
 
+    /// Every instance's view, built afresh (the kept ones are [`Instances::group_views`]).
     pub fn views(&self) -> Vec<InstanceView> {
         self.instances.values().map(view).collect()
+    }
+
+    /// One controller pass over the groups that need one: those with a change that matters
+    /// since their last pass (an instance launched, forgotten, or whose health, phase or
+    /// liveness changed; a heartbeat after silence), whose spec changed (an apply, a deploy,
+    /// a scale, a rollout's record, a launch backoff), whose `next_change` came, that
+    /// decided something in their last pass, or whose targets are to be published again;
+    /// and the instances of groups gone from the fleet. Each reads its kept views
+    /// ([`Instances::group_views`]); the rest cost a spec each. The decision covers the
+    /// groups reconciled (their targets only); `suspect` is every group the guard holds.
+    pub fn reconcile_due(&mut self, now: u64, timing: &drover_control::Timing) -> Pass {
+        let mut pass = Pass::default();
+        let specs: Vec<GroupSpec> = self.groups.values().map(|g| self.spec(g)).collect();
+        for spec in specs {
+            let due = self.instances.changed.contains(&spec.group)
+                || !self.published.contains_key(&spec.group)
+                || self.last_pass.get(&spec.group).is_none_or(|p| {
+                    p.acted || p.spec != spec || p.next_change.is_some_and(|at| at <= now)
+                });
+            if !due {
+                continue;
+            }
+            self.instances.changed.remove(&spec.group);
+            let list: Vec<&InstanceView> = self.instances.group_views(&spec.group).collect();
+            let part = drover_control::group::reconcile_group(now, &spec, &list, timing);
+            let next_change = drover_control::group::next_change(now, &spec, &list, timing);
+            pass.groups += 1;
+            pass.instances += list.len();
+            if part.suspect.contains(&spec.group) {
+                self.suspect.insert(spec.group.clone());
+            } else {
+                self.suspect.remove(&spec.group);
+            }
+            self.last_pass.insert(
+                spec.group.clone(),
+                LastPass {
+                    spec,
+                    next_change,
+                    acted: !part.actions.is_empty(),
+                },
+            );
+            pass.decision.actions.extend(part.actions);
+            pass.decision.targets.extend(part.targets);
+        }
+        // Groups that left the fleet: their instances leave (few, and not for long).
+        let orphans: Vec<String> = self
+            .instances
+            .groups()
+            .filter(|g| !self.groups.contains_key(*g))
+            .cloned()
+            .collect();
+        for group in orphans {
+            self.instances.changed.remove(&group);
+            let list: Vec<&InstanceView> = self.instances.group_views(&group).collect();
+            pass.groups += 1;
+            pass.instances += list.len();
+            let part = drover_control::group::reconcile_orphans(now, &group, &list, timing);
+            pass.decision.actions.extend(part.actions);
+        }
+        let groups = &self.groups;
+        self.last_pass.retain(|g, _| groups.contains_key(g));
+        self.suspect.retain(|g| groups.contains_key(g));
+        pass.decision.actions.sort();
+        pass.decision.suspect = self.suspect.iter().cloned().collect();
+        pass
     }
 
     pub fn status(&self, now: u64, silent_after_ms: u64) -> FleetStatus {
@@ -1111,5 +1378,94 @@ command = "/bin/true"
         assert_eq!(listed[0], "i-b000100");
         assert_eq!(listed[49], "i-b000149");
         assert_eq!(pc[1].total(), 5000);
+    }
+
+    /// Every kept view equals the view built afresh from its instance.
+    fn assert_views_kept(st: &State) {
+        let mut kept: Vec<InstanceView> = st
+            .instances
+            .groups()
+            .flat_map(|g| st.instances.group_views(g).cloned())
+            .collect();
+        kept.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(kept, st.views());
+    }
+
+    /// A pass reads only what changed: an idle fleet costs no instance, a heartbeat that says
+    /// "still here" none, a health change its own group, and silence coming due every group
+    /// it may concern; the views follow every change, and what a pass decides is what a
+    /// pass over every instance decides.
+    #[test]
+    fn a_pass_reads_only_the_groups_that_changed_or_came_due() {
+        let now = 1_000_000;
+        let silent = 15_000;
+        let timing = drover_control::Timing {
+            silent_after_ms: silent,
+            leave_within_ms: 30_000,
+        };
+        let mut st = fleet_of_10000(now);
+        st.instances.set_silent_after(silent);
+        // Every instance current, active and healthy, heard from just now.
+        st.instances.for_each_mut(|i| {
+            i.record.generation = 2;
+            i.record.lifecycle = Lifecycle::Active;
+            i.soft.health = Health::Healthy { since_ms: 1 };
+            i.soft.reporting = true;
+            i.soft.last_seen_ms = now;
+        });
+        assert_views_kept(&st);
+        let full = drover_control::reconcile(now, &st.specs(), &st.views(), &timing);
+        let first = st.reconcile_due(now, &timing);
+        assert_eq!((first.groups, first.instances), (2, 10_000));
+        assert_eq!(first.decision, full);
+        assert!(
+            first.decision.actions.is_empty(),
+            "{:?}",
+            first.decision.actions
+        );
+        for (g, t) in &first.decision.targets {
+            st.targets.insert(g.clone(), t.clone());
+            st.published.insert(g.clone(), (Vec::new(), 2));
+        }
+
+        // Nothing changed: nothing read.
+        let idle = st.reconcile_due(now + 1_000, &timing);
+        assert_eq!((idle.groups, idle.instances), (0, 0));
+        // Heartbeats that only say "still here".
+        for id in ["i-a000001", "i-b000002"] {
+            st.instances.get_mut(id).unwrap().soft.last_seen_ms = now + 2_000;
+        }
+        let beats = st.reconcile_due(now + 2_000, &timing);
+        assert_eq!((beats.groups, beats.instances), (0, 0));
+        assert_views_kept(&st);
+
+        // A health change: its group only.
+        st.instances.get_mut("i-a000003").unwrap().soft.health = Health::Unhealthy {
+            since_ms: now + 3_000,
+        };
+        let sick = st.reconcile_due(now + 3_000, &timing);
+        assert_eq!((sick.groups, sick.instances), (1, 5_000));
+        assert!(!sick.decision.targets["web/a"].contains(&"i-a000003".to_string()));
+        assert!(!sick.decision.targets.contains_key("web/b"));
+
+        // A launch and a forget: their groups.
+        let mut born = st.instances.get("i-b000004").unwrap().clone();
+        born.record.id = "i-b999999".into();
+        st.instances.insert("i-b999999".into(), born);
+        st.instances.remove("i-b000005");
+        assert_views_kept(&st);
+        let moved = st.reconcile_due(now + 4_000, &timing);
+        assert_eq!(moved.groups, 1);
+
+        // Silence comes due (15 s after the heartbeats of `now`): every group, at that time
+        // and not before, deciding as a pass over every instance does.
+        let quiet = st.reconcile_due(now + silent, &timing);
+        assert_eq!(quiet.groups, 0, "not silent yet at exactly silent_after");
+        let at = now + silent + 1;
+        let full = drover_control::reconcile(at, &st.specs(), &st.views(), &timing);
+        let due = st.reconcile_due(at, &timing);
+        assert_eq!(due.groups, 2);
+        assert_eq!(due.decision.actions, full.actions);
+        assert_eq!(due.decision.targets, full.targets);
     }
 }
