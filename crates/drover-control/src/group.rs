@@ -229,13 +229,17 @@ pub const SUSPECT_SHARE_PERCENT: usize = 50;
 /// See [`SUSPECT_SHARE_PERCENT`].
 pub const SUSPECT_MIN_SILENT: usize = 2;
 
+/// Whether the guard speaks for `i`: active and alive, and either it turned healthy, or it
+/// is known only from the store since a server restart (it ran before the restart; its
+/// silence now says more about the server catching up, or cut off, than about it).
+fn guarded(i: &InstanceView) -> bool {
+    i.alive && i.phase == Phase::Active && (i.ever_healthy || i.restored)
+}
+
 /// Whether the server should suspect itself for this group's silence, and who is silent (of
-/// the active, alive instances that had turned healthy).
+/// the active, alive instances that had turned healthy or that a restart restored).
 pub fn suspects_itself(list: &[&InstanceView], now: u64, t: &Timing) -> bool {
-    let heard: Vec<&&InstanceView> = list
-        .iter()
-        .filter(|i| i.alive && i.phase == Phase::Active && i.ever_healthy)
-        .collect();
+    let heard: Vec<&&InstanceView> = list.iter().filter(|i| guarded(i)).collect();
     let silent = heard.iter().filter(|i| !fresh_heartbeat(i, now, t)).count();
     silent >= SUSPECT_MIN_SILENT && silent * 100 >= heard.len() * SUSPECT_SHARE_PERCENT
 }
@@ -553,8 +557,7 @@ fn decide_group(now: u64, spec: &GroupSpec, list: &[&InstanceView], t: &Timing, 
             continue;
         }
         let silent = !fresh_heartbeat(i, now, t);
-        if let Some(reason) =
-            broken(now, spec, i, t).filter(|_| !(suspect && silent && i.ever_healthy))
+        if let Some(reason) = broken(now, spec, i, t).filter(|_| !(suspect && silent && guarded(i)))
         {
             d.actions.push(Action::Terminate {
                 instance: i.id.clone(),
@@ -1482,6 +1485,44 @@ mod tests {
             .count();
         assert!(permits >= 1, "the surplus leaves: {:?}", d.actions);
         assert_eq!(launches(&d), 0, "no launch above 4 + 2: {:?}", d.actions);
+    }
+
+    /// A server that restarts and cannot hear its agents (its network cut, or too busy
+    /// catching up) past the grace replaces none of the instances it restored: they count
+    /// for the self-suspicion guard as healthy ones do. A few restored ones still silent
+    /// among many heard from are replaced as usual.
+    #[test]
+    fn restored_instances_not_heard_from_after_a_restart_are_not_replaced_at_once() {
+        let now = 100_000;
+        let mut list: Vec<InstanceView> = (0..10)
+            .map(|k| {
+                let mut i = instance(&format!("i-{k}"), 1, 0, None);
+                i.health = Health::Unknown;
+                i.restored = true;
+                // The restart's grace ended a while ago.
+                i.last_seen_ms = now - 2 * TIMING.silent_after_ms;
+                i.watched_since_ms = now - 2 * TIMING.silent_after_ms;
+                i
+            })
+            .collect();
+        let s = spec(10, 1, false);
+        let d = reconcile(now, std::slice::from_ref(&s), &list, &TIMING);
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert_eq!(d.suspect, vec![s.group.clone()]);
+        // Eight heard from: the two still silent are replaced.
+        for i in &mut list[..8] {
+            i.restored = false;
+            i.ever_healthy = true;
+            i.health = Health::Healthy { since_ms: now };
+            i.last_seen_ms = now;
+        }
+        let d = reconcile(now, std::slice::from_ref(&s), &list, &TIMING);
+        let replaced = d
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Terminate { .. }))
+            .count();
+        assert_eq!(replaced, 2, "{:?}", d.actions);
     }
 
     /// A small deterministic generator for the sweep below.
