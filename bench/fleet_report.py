@@ -293,8 +293,9 @@ def report(res, write):
                 L.append(
                     f"Controller cost, derived: the controller loop's {run_share:.0f}% of the "
                     f"server's {k['server_cpu_pct_mean']:.1f}% of a core is about "
-                    f"{per_tick:.1f} ms of CPU per tick (4 ticks a second, each at least two "
-                    f"`reconcile` passes over all {int(n):,} instances).")
+                    f"{per_tick:.1f} ms of CPU per tick (4 ticks a second; a pass reconciles "
+                    f"only the groups that changed or whose deadline came, not all "
+                    f"{int(n):,} instances).")
                 L.append("")
     findings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fleet_findings.md")
     if os.path.exists(findings):

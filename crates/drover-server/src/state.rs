@@ -340,6 +340,10 @@ impl Instances {
         self.map.iter()
     }
 
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+
     /// The views of one group's instances, by id.
     pub fn group_views(&self, group: &str) -> impl Iterator<Item = &InstanceView> {
         self.views.get(group).into_iter().flat_map(|g| g.values())
