@@ -450,24 +450,30 @@ pub fn orphans_next_change(now: u64, list: &[&InstanceView], timing: &Timing) ->
 /// input comes.
 pub fn next_change(now: u64, spec: &GroupSpec, list: &[&InstanceView], t: &Timing) -> Option<u64> {
     let r = &spec.rollout;
-    let mut times: Vec<u64> = Vec::new();
+    // The first time after `now` of those given.
+    let mut first: Option<u64> = None;
+    let mut at = |t: Option<u64>| {
+        if let Some(t) = t.filter(|t| *t > now) {
+            first = Some(first.map_or(t, |f| f.min(t)));
+        }
+    };
     for i in list {
         if !i.alive {
             continue;
         }
-        times.push(silent_from(i, t));
-        times.extend(overstays_from(i, spec.leave_within_ms));
-        times.extend(ready_from(i, r));
-        times.extend(replace_unhealthy_from(spec, i));
+        at(Some(silent_from(i, t)));
+        at(overstays_from(i, spec.leave_within_ms));
+        at(ready_from(i, r));
+        at(replace_unhealthy_from(spec, i));
     }
     if spec.rollout_open {
-        times.push(rollout_fails_from(now, spec, list, t));
+        at(Some(rollout_fails_from(now, spec, list, t)));
     }
     if let Some(c) = spec.canary.filter(|c| c.baking_since_ms > 0) {
-        times.push(c.baking_since_ms.saturating_add(c.bake_ms));
+        at(Some(c.baking_since_ms.saturating_add(c.bake_ms)));
     }
-    times.push(spec.launch_not_before_ms);
-    times.into_iter().filter(|at| *at > now).min()
+    at(Some(spec.launch_not_before_ms));
+    first
 }
 
 /// From when a healthy instance counts as ready (healthy for `min_healthy_time`).

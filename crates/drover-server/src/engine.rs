@@ -497,10 +497,16 @@ impl Engine {
         self.sweep_providers().await;
     }
 
-    /// Reconcile the groups that need it now ([`State::reconcile_due`]), under the state
-    /// lock for as long as their instances take.
+    /// Reconcile the groups that need it now ([`State::reconcile_due`]), one group per hold
+    /// of the state lock: a heartbeat waits at most for one group's reconcile.
     fn reconcile_due(&self, now: u64) -> drover_control::Decision {
-        let pass = self.state().reconcile_due(now, &self.timing);
+        let due = self.state().due(now);
+        let mut pass = crate::state::Pass::default();
+        for group in due {
+            self.state()
+                .reconcile_one(&group, now, &self.timing, &mut pass);
+        }
+        self.state().end_pass(&mut pass);
         self.reconciled
             .fetch_add(pass.instances as u64, std::sync::atomic::Ordering::Relaxed);
         pass.decision

@@ -700,69 +700,95 @@ impl State {
         self.instances.values().map(view).collect()
     }
 
-    /// One controller pass over the groups that need one: those with a change that matters
-    /// since their last pass (an instance launched, forgotten, or whose health, phase or
-    /// liveness changed; a heartbeat after silence), whose spec changed (an apply, a deploy,
-    /// a scale, a rollout's record, a launch backoff), whose `next_change` came, that
-    /// decided something in their last pass, or whose targets are to be published again;
-    /// and the instances of groups gone from the fleet. Each reads its kept views
-    /// ([`Instances::group_views`]); the rest cost a spec each. The decision covers the
-    /// groups reconciled (their targets only); `suspect` is every group the guard holds.
+    /// One controller pass over the groups that need one ([`State::due`]), each by
+    /// [`State::reconcile_one`]. The decision covers the groups reconciled (their targets
+    /// only); `suspect` is every group the guard holds.
     pub fn reconcile_due(&mut self, now: u64, timing: &drover_control::Timing) -> Pass {
         let mut pass = Pass::default();
-        let specs: Vec<GroupSpec> = self.groups.values().map(|g| self.spec(g)).collect();
-        for spec in specs {
-            let due = self.instances.changed.contains(&spec.group)
-                || !self.published.contains_key(&spec.group)
-                || self.last_pass.get(&spec.group).is_none_or(|p| {
-                    p.acted || p.spec != spec || p.next_change.is_some_and(|at| at <= now)
-                });
-            if !due {
-                continue;
-            }
-            self.instances.changed.remove(&spec.group);
-            let list: Vec<&InstanceView> = self.instances.group_views(&spec.group).collect();
-            let part = drover_control::group::reconcile_group(now, &spec, &list, timing);
-            let next_change = drover_control::group::next_change(now, &spec, &list, timing);
-            pass.groups += 1;
-            pass.instances += list.len();
-            if part.suspect.contains(&spec.group) {
-                self.suspect.insert(spec.group.clone());
-            } else {
-                self.suspect.remove(&spec.group);
-            }
-            self.last_pass.insert(
-                spec.group.clone(),
-                LastPass {
-                    spec,
-                    next_change,
-                    acted: !part.actions.is_empty(),
-                },
-            );
-            pass.decision.actions.extend(part.actions);
-            pass.decision.targets.extend(part.targets);
+        for group in self.due(now) {
+            self.reconcile_one(&group, now, timing, &mut pass);
         }
-        // Groups that left the fleet: their instances leave (few, and not for long).
-        let orphans: Vec<String> = self
-            .instances
-            .groups()
-            .filter(|g| !self.groups.contains_key(*g))
-            .cloned()
+        self.end_pass(&mut pass);
+        pass
+    }
+
+    /// The groups a pass reconciles now: those with a change that matters since their last
+    /// pass (an instance launched, forgotten, or whose health, phase or liveness changed; a
+    /// heartbeat after silence), whose spec changed (an apply, a deploy, a scale, a
+    /// rollout's record, a launch backoff), whose `next_change` came, that decided something
+    /// in their last pass, or whose targets are to be published again; and the groups gone
+    /// from the fleet that still have instances. Costs a spec per group, no instance.
+    pub fn due(&self, now: u64) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .groups
+            .values()
+            .filter(|g| {
+                let group = &g.record.group;
+                self.instances.changed.contains(group)
+                    || !self.published.contains_key(group)
+                    || self.last_pass.get(group).is_none_or(|p| {
+                        p.acted
+                            || p.next_change.is_some_and(|at| at <= now)
+                            || p.spec != self.spec(g)
+                    })
+            })
+            .map(|g| g.record.group.clone())
             .collect();
-        for group in orphans {
-            self.instances.changed.remove(&group);
-            let list: Vec<&InstanceView> = self.instances.group_views(&group).collect();
-            pass.groups += 1;
-            pass.instances += list.len();
-            let part = drover_control::group::reconcile_orphans(now, &group, &list, timing);
+        due.extend(
+            self.instances
+                .groups()
+                .filter(|g| !self.groups.contains_key(*g))
+                .cloned(),
+        );
+        due
+    }
+
+    /// Reconcile one group from its kept views (`drover_control::group::reconcile_group`,
+    /// or `reconcile_orphans` for a group gone from the fleet), remember its spec, its
+    /// `next_change` and whether it acted, and add its decision to `pass`.
+    pub fn reconcile_one(
+        &mut self,
+        group: &str,
+        now: u64,
+        timing: &drover_control::Timing,
+        pass: &mut Pass,
+    ) {
+        self.instances.changed.remove(group);
+        let list: Vec<&InstanceView> = self.instances.group_views(group).collect();
+        pass.groups += 1;
+        pass.instances += list.len();
+        let Some(g) = self.groups.get(group) else {
+            let part = drover_control::group::reconcile_orphans(now, group, &list, timing);
             pass.decision.actions.extend(part.actions);
+            return;
+        };
+        let spec = self.spec(g);
+        let part = drover_control::group::reconcile_group(now, &spec, &list, timing);
+        let next_change = drover_control::group::next_change(now, &spec, &list, timing);
+        if part.suspect.iter().any(|s| s == group) {
+            self.suspect.insert(group.to_string());
+        } else {
+            self.suspect.remove(group);
         }
+        self.last_pass.insert(
+            group.to_string(),
+            LastPass {
+                spec,
+                next_change,
+                acted: !part.actions.is_empty(),
+            },
+        );
+        pass.decision.actions.extend(part.actions);
+        pass.decision.targets.extend(part.targets);
+    }
+
+    /// Finish a pass: forget the groups gone, order its actions, name every suspect group.
+    pub fn end_pass(&mut self, pass: &mut Pass) {
         let groups = &self.groups;
         self.last_pass.retain(|g, _| groups.contains_key(g));
         self.suspect.retain(|g| groups.contains_key(g));
         pass.decision.actions.sort();
         pass.decision.suspect = self.suspect.iter().cloned().collect();
-        pass
     }
 
     pub fn status(&self, now: u64, silent_after_ms: u64) -> FleetStatus {
