@@ -474,7 +474,7 @@ def f_hb_flood():
             got = r.read()
             # 200 with `"known": false`: the instance is gone (terminated since the status
             # read), nothing was taken for it.
-            key = r.status
+            key = str(r.status)
             if r.status == 200 and b'"known":false' in got.replace(b" ", b""):
                 key = "200 unknown"
             answers[key] = answers.get(key, 0) + 1
@@ -677,7 +677,7 @@ def report(quiet):
         "wrongly_replaced": wrong, "lost": lost, "acked": len(acked), "panics": panics[:20],
         "server_rss_kb": growth(srv), "agent_rss_kb": growth(ag), "store_bytes": growth(st),
         "events": len(evs), "quiet_from_s": round(quiet), "flood_answers": flood_answers,
-        "flood_accepted": sum(a.get(200, 0) for a in flood_answers),
+        "flood_accepted": sum(a.get("200", 0) for a in flood_answers),
     }
 
 
