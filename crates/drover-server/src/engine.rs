@@ -188,6 +188,16 @@ impl Engine {
         !matches!(self.authority.get(), Some(a) if !a.holds())
     }
 
+    /// Every region's provider, out of the lock.
+    fn all_providers(&self) -> Vec<Arc<dyn Provider>> {
+        self.providers
+            .lock()
+            .expect("providers lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn providers_by_region(&self) -> Vec<(String, Arc<dyn Provider>)> {
         self.providers
             .lock()
@@ -252,13 +262,7 @@ impl Engine {
     pub async fn reap_unrecorded(&self) {
         let known: std::collections::BTreeSet<String> =
             self.state().instances.keys().cloned().collect();
-        let providers: Vec<Arc<dyn Provider>> = self
-            .providers
-            .lock()
-            .expect("providers lock")
-            .values()
-            .cloned()
-            .collect();
+        let providers = self.all_providers();
         let grace = Duration::from_millis(crate::state::DEFAULT_STOP_GRACE_MS);
         for p in providers {
             for id in p.unrecorded(&known) {
@@ -1644,13 +1648,7 @@ impl Engine {
 
     /// Stop every instance (if `stop_instances`).
     pub async fn shutdown(&self, grace: Duration, stop_instances: bool) {
-        let providers: Vec<Arc<dyn Provider>> = self
-            .providers
-            .lock()
-            .expect("providers lock")
-            .values()
-            .cloned()
-            .collect();
+        let providers = self.all_providers();
         for p in providers {
             if stop_instances {
                 p.shutdown(grace).await;

@@ -91,17 +91,7 @@ fn heartbeat(instance: &str, group: &str, addr: &str, generation: u64) -> String
 /// from the store's agent-token key as the server does (what the local provider gives an instance
 /// is an instance token made from it).
 fn group_token(up: &Up, group: &str) -> (String, String) {
-    let (code, out) = http_as(up.api, "GET", "/v1/tokens", None, Some(&admin(up))).unwrap();
-    assert_eq!(code, 200, "{out}");
-    let all: Vec<drover_model::token::TokenInfo> = serde_json::from_str(&out).unwrap();
-    let id = all
-        .iter()
-        .filter(|t| t.group.as_deref() == Some(group) && t.revoked_at_ms.is_none())
-        .map(|t| t.id.clone())
-        .max()
-        .unwrap();
-    let secret = derive_agent_token(&agent_key(&up.dir.join("data")), &id);
-    (id, secret)
+    group_agent_token(up.api, &admin(up), &up.dir.join("data"), group)
 }
 
 /// Issue 20, item 4: one instance cannot silence another. An instance's token speaks for that

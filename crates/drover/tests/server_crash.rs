@@ -162,27 +162,14 @@ fn after_a_restart_own_tokens_hold_and_unrecorded_agents_are_terminated() {
     }
     let mut server = start_server(dir.path(), api);
     let group = "web/local";
-    let key = {
-        let t0 = Instant::now();
-        loop {
-            if up.status().is_some() {
-                break agent_key(&dir.path().join("data"));
-            }
-            assert!(t0.elapsed() < Duration::from_secs(10), "no server");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let t0 = Instant::now();
+    while up.status().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let admin = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
-    let (code, out) = http_as(up.api, "GET", "/v1/tokens", None, Some(admin.trim())).unwrap();
-    assert_eq!(code, 200, "{out}");
-    let tokens: Vec<drover_model::token::TokenInfo> = serde_json::from_str(&out).unwrap();
-    let token_id = tokens
-        .iter()
-        .filter(|t| t.group.as_deref() == Some(group) && t.revoked_at_ms.is_none())
-        .map(|t| t.id.clone())
-        .max()
-        .unwrap();
-    let group_secret = derive_agent_token(&key, &token_id);
+    let (_, group_secret) =
+        group_agent_token(up.api, admin.trim(), &dir.path().join("data"), group);
     let jam = app_heartbeat(
         &kept.id,
         group,

@@ -619,6 +619,27 @@ pub fn derive_agent_token(key: &[u8], id: &str) -> String {
     format!("drover_agent_{}", hex::encode(mac))
 }
 
+/// The agent token `group`'s instances are launched from (the newest not revoked), as its
+/// id and its secret derived from the agent-token key of the SQLite data directory `data`.
+pub fn group_agent_token(
+    api: SocketAddr,
+    admin: &str,
+    data: &Path,
+    group: &str,
+) -> (String, String) {
+    let (code, out) = http_as(api, "GET", "/v1/tokens", None, Some(admin)).unwrap();
+    assert_eq!(code, 200, "{out}");
+    let all: Vec<drover_model::token::TokenInfo> = serde_json::from_str(&out).unwrap();
+    let id = all
+        .iter()
+        .filter(|t| t.group.as_deref() == Some(group) && t.revoked_at_ms.is_none())
+        .map(|t| t.id.clone())
+        .max()
+        .unwrap();
+    let secret = derive_agent_token(&agent_key(data), &id);
+    (id, secret)
+}
+
 /// A process that goes with the test, passed or failed (SIGKILL).
 pub struct KillOnDrop(pub Child);
 
