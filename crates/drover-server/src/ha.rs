@@ -31,6 +31,8 @@ use crate::engine::Engine;
 /// The lease of the lead: another server leads within about this long (plus one poll) after
 /// the leader dies.
 pub const LEASE_TTL: Duration = Duration::from_secs(2);
+/// The pause before another try after a failed lease renewal.
+const RENEW_RETRY: Duration = Duration::from_millis(100);
 /// How often a server that does not lead reads who leads.
 pub const POLL: Duration = Duration::from_millis(100);
 /// The header a forwarded call carries (the forwarding server's id): a server that does not
@@ -422,8 +424,12 @@ async fn lead_term(
         "this server leads (its engine started in {} ms)",
         took.elapsed().as_millis()
     );
+    // After a failed renewal the next one goes out soon, not a third of a lease later: a
+    // keep-alive stream on a member just lost fails once, and a new one reaches another.
+    let mut failed = false;
     let why = loop {
-        let renew_at = tokio::time::Instant::now() + lease.ttl() / 3;
+        let pause = if failed { RENEW_RETRY } else { lease.ttl() / 3 };
+        let renew_at = tokio::time::Instant::now() + pause;
         tokio::select! {
             _ = stop.cancelled() => break None,
             _ = tokio::time::sleep_until(renew_at) => {}
@@ -435,6 +441,7 @@ async fn lead_term(
                 break Some("the lease ran out before etcd renewed it".to_string());
             }
         };
+        failed = renewed.is_err();
         match renewed {
             Ok(true) => authority.extend(lease.valid_until()),
             Ok(false) => {

@@ -97,8 +97,16 @@ impl EtcdStore {
     pub async fn leader(&self) -> Result<Option<Leadership>, StoreError> {
         let i = self.inner.clone();
         self.on_rt(async move {
-            let mut kv = i.kv.clone();
-            let resp = i.req(kv.get(i.leader_key(), None)).await?;
+            // Sent again on transient errors: a request balanced onto a member just lost
+            // fails to connect, and a follower must not forget its leader for that.
+            let key = i.leader_key();
+            let resp = i
+                .read_req(tokio::time::Instant::now(), || {
+                    let mut kv = i.kv.clone();
+                    let key = key.clone();
+                    async move { kv.get(key, None).await }
+                })
+                .await?;
             resp.kvs().first().map(parse).transpose()
         })
         .await
@@ -118,7 +126,13 @@ impl EtcdStore {
         let got = self
             .on_rt(async move {
                 let mut client = i.client.clone();
-                let lease = i.req(client.lease_grant(ttl_s, None)).await?;
+                // A grant whose answer was lost only leaves a lease that expires unused.
+                let lease = i
+                    .read_req(tokio::time::Instant::now(), || {
+                        let mut client = i.client.clone();
+                        async move { client.lease_grant(ttl_s, None).await }
+                    })
+                    .await?;
                 let granted = Duration::from_secs(lease.ttl().max(0) as u64);
                 let key = i.leader_key();
                 let txn = Txn::new()

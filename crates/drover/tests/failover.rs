@@ -655,7 +655,7 @@ fn etcd_losing_one_member_changes_nothing_and_losing_quorum_refuses_changes_touc
     assert_eq!(code, 0, "{out}{err}");
     plane.up(1).wait_healthy(3, Duration::from_secs(60));
     assert_eq!(plane.health(leader).unwrap().server.unwrap().id, leader_id);
-    assert_eq!(plane.leader(), Some(leader));
+    assert_eq!(plane.leader(), Some(leader), "{}", plane.logs());
 
     // Quorum lost: changes are refused clearly; no workload is touched.
     let ids = instance_ids(&plane.status().unwrap());
