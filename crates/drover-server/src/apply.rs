@@ -1,38 +1,22 @@
 //! Changing desired state: apply a fleet file, deploy a version, roll back, revert a failed
-//! rollout. Every path ends in one validated, atomically stored revision.
+//! rollout. Every path ends in one validated, atomically stored revision. What a change does
+//! to the groups is planned by `drover_control::change` (pure); this is its shell.
 
 use std::collections::BTreeMap;
 
+use drover_control::change::Commit;
 use drover_model::api::{
     ApplyRequest, ApplyResponse, DeployRequest, DestroyRequest, LastApplied, Revision,
-    RollbackRequest, RolloutPlan,
+    RollbackRequest,
 };
-use drover_model::{EventKind, NewEvent, Plan};
 use drover_store::{GroupRecord, Write};
 
 use crate::engine::{now_ms, Engine};
 use crate::state::Group;
 use crate::ServerError;
 
-/// Why a revision is being made.
-#[derive(Clone, Debug)]
-pub enum Origin {
-    /// A fleet file applied by a person.
-    File,
-    /// `drover deploy`: the description says what was asked. With no groups named it goes
-    /// wave by wave; with some (`--region`), only they get the change and the service's
-    /// other groups are held by hand.
-    Deploy { why: String, only: Vec<String> },
-    /// `drover rollback`, `drover destroy`: the description says what was asked.
-    Command(String),
-    /// The next wave of the current revision's change reaches these groups (no new revision).
-    Wave { wave: usize, groups: Vec<String> },
-    /// A rollout failed; these groups go back to their last good generation.
-    AutoRevert { failed: BTreeMap<String, u64> },
-}
-
-/// Boot time assumed for estimates when a group has no history yet.
-const DEFAULT_BOOT_MS: u64 = 3_000;
+/// Why desired state changes (planned by `drover_control::change`).
+pub use drover_control::change::Origin;
 
 impl Engine {
     /// Validate, diff and store a fleet file as a new revision. Nothing changes on error.
@@ -241,7 +225,12 @@ impl Engine {
         .map(|_| ())
     }
 
-    /// The body of every change of desired state. The caller holds the write lock.
+    /// The body of every change of desired state, a shell around `drover_control::change`:
+    /// it decides the revision's text (the three-way merge of a file, or the text a command
+    /// made), gathers the world, has the change planned, then carries the plan out: new
+    /// artifacts checked, images pinned, providers and agent tokens ready, ingresses
+    /// checked, one store commit, then memory, then balancers. The caller holds the write
+    /// lock.
     pub(crate) async fn apply_locked(
         &self,
         req: ApplyRequest,
@@ -274,7 +263,7 @@ impl Engine {
             .as_ref()
             .map(|l| l.set_by.clone())
             .unwrap_or_default();
-        let (toml, fleet, mut drift, last_applied) = match &origin {
+        let (toml, fleet, drift, last_applied) = match &origin {
             Origin::File => {
                 let m = drover_model::merge::three_way(
                     base_fleet.as_ref(),
@@ -352,327 +341,88 @@ impl Engine {
                 )
             }
         };
-        let mut changes = drover_model::diff::diff(old_fleet.as_ref(), &fleet);
-        // Secret values never reach the answer, the stored summary or the events.
-        drover_model::secret::redact_changes(&mut changes);
-        let mut events = Vec::new();
-        let mut plan_changes = Vec::new();
-        let mut rollouts = Vec::new();
-        let mut new_groups: BTreeMap<String, Group> = BTreeMap::new();
-        let mut new_plans: Vec<Plan> = Vec::new();
-        // Groups whose count the file set: autoscaling goes on from it.
-        let mut file_scaled: Vec<(String, u32)> = Vec::new();
-        for (sname, svc) in &fleet.services {
-            for region in &svc.regions {
-                let gid = drover_model::GroupId::new(sname, region).0;
-                let plan = drover_model::plan::plan_for(&fleet, sname, svc, region);
-                let old = old_groups.get(&gid);
-                let old_svc = old_fleet.as_ref().and_then(|f| f.services.get(sname));
-                let (generation, mut plan_changed) = match old {
-                    Some(g) if g.plan.same_content(&plan) => (g.record.generation, false),
-                    Some(g) => (g.record.generation + 1, true),
-                    // A group that existed before (removed, now back) continues its numbering:
-                    // plans are immutable and kept.
-                    None => (self.next_unused_generation(&gid)?, true),
-                };
-                // Waves: a change reaches the first wave now, the others when the wave before
-                // them is done (`release_waves`); until then their plan is held.
-                // `deploy --region` holds the service's other groups by hand: a wave, or an
-                // apply that does not change the service, leaves them held; a deploy that
-                // names them (or names none), or a file that changes the service, lets go.
-                let wave = svc.rollout.wave_of(region);
-                let service_path = format!("services.{sname}.");
-                let was_held = old.is_some_and(|g| g.record.rollout.held)
-                    && !(matches!(origin, Origin::File)
-                        && changes.iter().any(|c| c.path.starts_with(&service_path)));
-                let by_waves = !svc.rollout.waves.is_empty() && wave > 0;
-                let (held, by_hand) = match &origin {
-                    Origin::Deploy { only, .. } if !only.is_empty() && only.contains(&gid) => {
-                        (false, false)
-                    }
-                    Origin::Deploy { only, .. } if !only.is_empty() => (true, true),
-                    Origin::Deploy { .. } => (by_waves, false),
-                    Origin::File => (was_held || by_waves, was_held),
-                    Origin::Wave { groups, .. } => (!groups.contains(&gid), was_held),
-                    Origin::Command(_) | Origin::AutoRevert { .. } => (false, false),
-                };
-                let held = held && plan_changed && old.is_some();
-                let by_hand = held && by_hand;
-                let estimate = |desired: u32| {
-                    let step = (svc.rollout.max_surge + svc.rollout.max_unavailable).max(1);
-                    let batches = desired.div_ceil(step);
-                    let boot = boot_ms.unwrap_or(DEFAULT_BOOT_MS)
-                        + svc.rollout.min_healthy_time.as_millis();
-                    let canary = svc
-                        .rollout
-                        .canary
-                        .as_ref()
-                        .map(|c| boot + c.bake.as_millis())
-                        .unwrap_or(0);
-                    (batches, batches as u64 * boot + canary)
-                };
-                let wave_no = if svc.rollout.waves.is_empty() {
-                    0
-                } else {
-                    wave as u32 + 1
-                };
-                let (mut plan, generation) = match (held, old) {
-                    (true, Some(g)) => {
-                        let (batches, estimated_ms) = estimate(g.record.desired);
-                        rollouts.push(RolloutPlan {
-                            group: gid.clone(),
-                            from_generation: g.record.generation,
-                            to_generation: g.record.generation + 1,
-                            replaced: g.record.desired,
-                            batches,
-                            estimated_ms,
-                            wave: wave_no,
-                            held: true,
-                        });
-                        plan_changes.push(if by_hand {
-                            format!(
-                                "{gid}: held by hand ({} -> {} when a deploy names {region} or no region)",
-                                g.plan.versions(),
-                                plan.versions()
-                            )
-                        } else {
-                            format!(
-                                "{gid}: held for wave {} ({} -> {} when the waves before it are done)",
-                                wave + 1,
-                                g.plan.versions(),
-                                plan.versions()
-                            )
-                        });
-                        if by_hand && !was_held {
-                            events.push(
-                                NewEvent::new(
-                                    EventKind::PlanChanged,
-                                    format!(
-                                        "the change ({}) was deployed to other regions only: this group keeps generation {} until a deploy names {region} (or no region)",
-                                        plan.versions(),
-                                        g.record.generation
-                                    ),
-                                )
-                                .group(&gid),
-                            );
-                        } else if !by_hand && !g.record.rollout.wave_pending {
-                            events.push(
-                            NewEvent::new(
-                                EventKind::PlanChanged,
-                                format!(
-                                    "the change ({}) waits for wave {}: this group keeps generation {} until the waves before it are done",
-                                    plan.versions(),
-                                    wave + 1,
-                                    g.record.generation
-                                ),
-                            )
-                            .group(&gid),
-                        );
-                        }
-                        plan_changed = false;
-                        (g.plan.clone(), g.record.generation)
-                    }
-                    _ => (plan, generation),
-                };
-                plan.generation = generation;
-                plan.revision = match old {
-                    Some(g) if !plan_changed => g.plan.revision,
-                    _ => next_revision,
-                };
-                // The file's desired count wins when it changed since the file was last
-                // applied (or the group is new, or the apply is forced); otherwise keep the
-                // current count (set by `scale` or autoscaling), clamped to the new range.
-                let reference = match &origin {
-                    Origin::File => base_fleet.as_ref().and_then(|f| f.services.get(sname)),
-                    _ => old_svc,
-                };
-                let file_desired_changed = (matches!(origin, Origin::File) && req.force_file)
-                    || reference.is_none_or(|o| o.capacity.desired != svc.capacity.desired);
-                if let (Origin::File, Some(g)) = (&origin, old) {
-                    if g.record.desired != svc.capacity.desired && reference.is_some() {
-                        let kept = !file_desired_changed;
-                        if kept || req.force_file {
-                            drift.push(drover_model::api::Drift {
-                                field: format!("services.{sname}.capacity.desired ({gid})"),
-                                file: svc.capacity.desired.to_string(),
-                                live: g.record.desired.to_string(),
-                                set_by: g.record.desired_reason.clone(),
-                                kept,
-                            });
-                        }
-                    }
-                }
-                // The range, raised by the schedules that hold now (the new file's and the
-                // one-offs): a count a schedule set is not undone by an apply.
-                let bounds = drover_control::Schedules {
-                    service: sname,
-                    region,
-                    base_min: svc.capacity.min,
-                    base_max: svc.capacity.max,
-                    file: &svc.schedule,
-                    once: &once,
-                }
-                .bounds(now);
-                let (desired, reason) = match old {
-                    Some(g) if !file_desired_changed => (
-                        g.record.desired.clamp(bounds.min, bounds.max),
-                        g.record.desired_reason.clone(),
-                    ),
-                    _ => (svc.capacity.desired, format!("fleet file ({})", req.file)),
-                };
-                let rollout = match (old, plan_changed) {
-                    (Some(g), false) => {
-                        let mut r = g.record.rollout.clone();
-                        // Held for its wave or by hand, or (its plan what the fleet says)
-                        // nothing pending.
-                        r.wave_pending = held;
-                        r.held = by_hand;
-                        r
-                    }
-                    (old, _) => drover_control::rollout::begin(
-                        old.map(|g| (&g.record.rollout, g.record.generation)),
-                        now,
-                        matches!(origin, Origin::AutoRevert { .. }),
-                        match &origin {
-                            Origin::AutoRevert { failed } => failed.get(&gid).copied().unwrap_or(0),
-                            _ => 0,
+        // The plan, from the world as the change finds it: pure. Only the first unused
+        // generation of a group new to the fleet comes from the store.
+        let mut world = drover_control::change::World {
+            fleet: old_fleet.as_ref(),
+            revision: current,
+            last_applied: base_fleet.as_ref(),
+            groups: old_groups
+                .iter()
+                .map(|(k, g)| {
+                    (
+                        k.clone(),
+                        drover_control::change::Before {
+                            desired: g.record.desired,
+                            desired_reason: &g.record.desired_reason,
+                            generation: g.record.generation,
+                            rollout: &g.record.rollout,
+                            plan: &g.plan,
                         },
-                    ),
-                };
-                if plan_changed {
-                    let replaced = old.map(|_| desired).unwrap_or(0);
-                    if let Some(g) = old {
-                        let (batches, estimated_ms) = estimate(replaced);
-                        rollouts.push(RolloutPlan {
-                            group: gid.clone(),
-                            from_generation: g.record.generation,
-                            to_generation: generation,
-                            replaced,
-                            batches,
-                            estimated_ms,
-                            wave: wave_no,
-                            held: false,
-                        });
-                    }
-                    plan_changes.push(match old {
-                        Some(g) => format!(
-                            "{gid}: generation {} -> {generation} ({} -> {})",
-                            g.record.generation,
-                            g.plan.versions(),
-                            plan.versions()
-                        ),
-                        None => format!("{gid}: new group, generation 1 ({})", plan.versions()),
-                    });
-                    events.push(
-                        NewEvent::new(
-                            EventKind::PlanChanged,
-                            match old {
-                                Some(g) => format!(
-                                    "launch configuration is now generation {generation} ({}); instances on generation {} are stale",
-                                    plan.versions(),
-                                    g.record.generation
-                                ),
-                                None => format!(
-                                    "group created: generation 1 ({}), desired {desired}",
-                                    plan.versions()
-                                ),
-                            },
-                        )
-                        .group(&gid),
-                    );
-                    new_plans.push(plan.clone());
-                }
-                if old.is_none() || (old.is_some() && file_desired_changed) {
-                    file_scaled.push((gid.clone(), desired));
-                }
-                if let Some(g) = old {
-                    if g.record.desired != desired {
-                        events.push(
-                            NewEvent::new(
-                                EventKind::Scaled,
-                                format!("desired {} -> {desired} ({reason})", g.record.desired),
-                            )
-                            .group(&gid),
-                        );
-                    }
-                }
+                    )
+                })
+                .collect(),
+            unused_generation: BTreeMap::new(),
+            boot_ms,
+            once: &once,
+        };
+        for gid in drover_control::change::new_groups(&fleet, &world) {
+            let n = self.next_unused_generation(&gid)?;
+            world.unused_generation.insert(gid, n);
+        }
+        let plan = drover_control::change::plan(
+            &world,
+            &drover_control::change::Request {
+                origin: &origin,
+                file: &req.file,
+                force_file: req.force_file,
+                fleet: &fleet,
+                drift,
+            },
+            now,
+        );
+        drop(world);
+        let response = |revision, applied| ApplyResponse {
+            revision,
+            applied,
+            changes: plan.changes.clone(),
+            plan_changes: plan.plan_changes.clone(),
+            rollouts: plan.rollouts.clone(),
+            drift: plan.drift.clone(),
+            schedules: plan.schedules.clone(),
+        };
+        let wave_release = plan.commit == Commit::Release;
+        if plan.commit == Commit::Nothing || req.dry_run {
+            return Ok(response(current, false));
+        }
+        let mut new_groups: BTreeMap<String, Group> = plan
+            .groups
+            .iter()
+            .map(|(gid, g)| {
                 let (provider, ingress) =
-                    crate::engine::provider_and_ingress(&fleet, sname, region);
-                new_groups.insert(
+                    crate::engine::provider_and_ingress(&fleet, &g.plan.service, &g.plan.region);
+                (
                     gid.clone(),
                     Group {
                         record: GroupRecord {
                             group: gid.clone(),
-                            desired,
-                            desired_reason: reason,
-                            generation,
-                            rollout,
+                            desired: g.desired,
+                            desired_reason: g.desired_reason.clone(),
+                            generation: g.generation,
+                            rollout: g.rollout.clone(),
                         },
-                        plan,
+                        plan: g.plan.clone(),
                         provider,
                         ingress,
                     },
-                );
-            }
-        }
-        let removed: Vec<String> = old_groups
-            .keys()
-            .filter(|g| !new_groups.contains_key(*g))
-            .cloned()
-            .collect();
-        for g in &removed {
-            events.push(
-                NewEvent::new(
-                    EventKind::PlanChanged,
-                    "group removed from the fleet; its instances will leave",
                 )
-                .group(g),
-            );
-        }
-        // Schedules the file adds or changes: their next firings.
-        let mut schedules = Vec::new();
-        for (sname, svc) in &fleet.services {
-            let old = old_fleet
-                .as_ref()
-                .and_then(|f| f.services.get(sname))
-                .map(|s| s.schedule.as_slice())
-                .unwrap_or(&[]);
-            for (i, sch) in svc.schedule.iter().enumerate() {
-                if old.get(i) == Some(sch) {
-                    continue;
-                }
-                let next = drover_control::schedule::next_firings(sname, i, sch, now, 5);
-                schedules.push(drover_model::api::ScheduleFirings {
-                    id: drover_control::schedule::file_id(sname, i),
-                    what: next.first().map(|w| w.what.clone()).unwrap_or_default(),
-                    next,
-                });
-            }
-        }
-        let response = |revision, applied| ApplyResponse {
-            revision,
-            applied,
-            changes: changes.clone(),
-            plan_changes: plan_changes.clone(),
-            rollouts: rollouts.clone(),
-            drift: drift.clone(),
-            schedules: schedules.clone(),
-        };
-        // A wave, or a deploy of what the revision already says to groups held by hand,
-        // carries the revision's change further without a new revision.
-        let let_go = new_groups.iter().any(|(k, g)| {
-            old_groups
-                .get(k)
-                .is_some_and(|o| o.record.rollout.held && !g.record.rollout.held)
-        });
-        let wave_release = matches!(origin, Origin::Wave { .. }) || (changes.is_empty() && let_go);
-        if (changes.is_empty() && !wave_release) || req.dry_run {
-            return Ok(response(current, false));
-        }
+            })
+            .collect();
+        let mut new_plans = plan.new_plans.clone();
         // Nothing is stored unless every new artifact can be fetched and matches its sha256.
-        for plan in &new_plans {
-            let old = old_groups.get(&plan.group().0).map(|g| &g.plan);
-            crate::artifact::check_new_artifacts(old, plan).await?;
+        for p in &new_plans {
+            let old = old_groups.get(&p.group().0).map(|g| &g.plan);
+            crate::artifact::check_new_artifacts(old, p).await?;
         }
         // ... and every new image tag resolves to a digest in its registry (the plans pin it).
         crate::registry::pin_images(self, &old_groups, &mut new_plans, &mut new_groups).await?;
@@ -687,77 +437,25 @@ impl Engine {
                 self.check_ingress(&g.record.group, addr)?;
             }
         }
-        let summary = match (&old_fleet, &origin) {
-            (None, _) => format!(
-                "fleet {} created: {} service(s) ({}), {} region(s)",
-                fleet.fleet.name,
-                fleet.services.len(),
-                list(fleet.services.keys()),
-                fleet.regions.len()
-            ),
-            (Some(_), Origin::File) => summarize(&changes),
-            (Some(_), Origin::Deploy { why, .. }) if changes.is_empty() => {
-                let reached: Vec<&str> = new_groups
-                    .iter()
-                    .filter(|(k, g)| {
-                        old_groups
-                            .get(*k)
-                            .is_some_and(|o| o.record.rollout.held && !g.record.rollout.held)
-                    })
-                    .map(|(k, _)| k.as_str())
-                    .collect();
-                format!(
-                    "{why}: the change of revision {current} reaches {}",
-                    reached.join(", ")
-                )
-            }
-            (Some(_), Origin::Command(why) | Origin::Deploy { why, .. }) => {
-                format!("{why}: {}", summarize(&changes))
-            }
-            (Some(_), Origin::Wave { wave, groups }) => format!(
-                "wave {} of revision {current} reaches {}",
-                wave + 1,
-                groups.join(", ")
-            ),
-            (Some(_), Origin::AutoRevert { failed }) => format!(
-                "automatic revert after failed rollout of {}: {}",
-                failed
-                    .iter()
-                    .map(|(g, n)| format!("{g} generation {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                summarize(&changes)
-            ),
-        };
-        let mut writes = if wave_release {
-            // The revision is the same: the wave carries its change further.
-            vec![Write::Event(NewEvent::new(
-                EventKind::Applied,
-                summary.clone(),
-            ))]
-        } else {
-            vec![
-                Write::Event(NewEvent::new(
-                    EventKind::Applied,
-                    format!("revision {next_revision}: {summary}"),
-                )),
-                Write::Revision {
-                    file: req.file.clone(),
-                    summary: summary.clone(),
-                    toml: toml.clone(),
-                    fleet: fleet.clone(),
-                    last_applied: Some(last_applied.clone()),
-                },
-            ]
-        };
+        let summary = plan.summary.clone();
+        let mut writes: Vec<Write> = plan.applied_event().into_iter().map(Write::Event).collect();
+        if !wave_release {
+            writes.push(Write::Revision {
+                file: req.file.clone(),
+                summary: summary.clone(),
+                toml: toml.clone(),
+                fleet: fleet.clone(),
+                last_applied: Some(last_applied.clone()),
+            });
+        }
         writes.extend(new_plans.into_iter().map(Write::Plan));
         for g in new_groups.values() {
             writes.push(Write::Group(g.record.clone()));
         }
-        for g in &removed {
+        for g in &plan.removed {
             writes.push(Write::RemoveGroup(g.clone()));
         }
-        writes.extend(events.into_iter().map(Write::Event));
+        writes.extend(plan.events.iter().cloned().map(Write::Event));
         let committed = self.commit(writes).await?;
         let number =
             committed
@@ -781,11 +479,11 @@ impl Engine {
                 last_applied: Some(last_applied),
             });
             st.groups = new_groups;
-            for (g, d) in file_scaled {
-                st.autoscale.entry(g).or_default().manual(now, d);
+            for (g, d) in &plan.file_scaled {
+                st.autoscale.entry(g.clone()).or_default().manual(now, *d);
             }
         }
-        for g in &removed {
+        for g in &plan.removed {
             self.close_ingress(g);
         }
         self.open_ingresses();
@@ -900,30 +598,6 @@ pub(crate) fn no_service(service: &str, fleet: &drover_model::Fleet) -> ServerEr
     ServerError::NoService {
         service: service.to_string(),
         known: fleet.services.keys().cloned().collect(),
-    }
-}
-
-fn list<'a>(it: impl Iterator<Item = &'a String>) -> String {
-    crate::names(&it.cloned().collect::<Vec<_>>())
-}
-
-fn summarize(changes: &[drover_model::diff::Change]) -> String {
-    let shown: Vec<String> = changes
-        .iter()
-        .take(3)
-        .map(|c| {
-            let s = c.to_string();
-            match s.char_indices().nth(100) {
-                Some((i, _)) => format!("{}...", &s[..i]),
-                None => s,
-            }
-        })
-        .collect();
-    let more = changes.len().saturating_sub(3);
-    if more > 0 {
-        format!("{} (and {more} more)", shown.join("; "))
-    } else {
-        shown.join("; ")
     }
 }
 

@@ -37,6 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use drover_control::change::{self, GroupChange, GroupStep, Origin, Reach};
 use drover_control::effects::Effect;
 use drover_control::group::in_rotation;
 use drover_control::rollout::{self, AfterFailure};
@@ -527,20 +528,55 @@ impl Sim {
         self.begin_rollout(g, false, 0)
     }
 
-    /// A deploy of group `g` now, the way the server records one: a new generation, its
-    /// rollout begun by the core (`drover_control::rollout::begin`). `revert`: an automatic
-    /// revert going back from `reverted_from`. Returns the new generation.
+    /// A deploy of group `g` (in no wave) now, the way the server records one: a new
+    /// generation, its rollout begun. `revert`: an automatic revert going back from
+    /// `reverted_from`. Returns the new generation.
     pub(crate) fn begin_rollout(&mut self, g: usize, revert: bool, reverted_from: u64) -> u64 {
+        let origin = if revert {
+            let mut failed = BTreeMap::new();
+            failed.insert(self.specs[g].group.clone(), reverted_from);
+            Origin::AutoRevert { failed }
+        } else {
+            Origin::Deploy {
+                why: "deploy".into(),
+                only: Vec::new(),
+            }
+        };
+        let step = self.change_group(g, &origin, 0, false, true);
+        assert_eq!(step.reach, Reach::NewGeneration, "{origin:?}");
+        step.generation
+    }
+
+    /// The change `origin` reaches group `g` (of wave `wave`; `waves`: its service goes wave
+    /// by wave) now, with a plan of other content (`changed`) or not: the server's group rule
+    /// (`drover_control::change::group`) says whether it gets a new generation with its
+    /// rollout begun, is held, or stays, and the group's record becomes what it says.
+    pub(crate) fn change_group(
+        &mut self,
+        g: usize,
+        origin: &Origin,
+        wave: usize,
+        waves: bool,
+        changed: bool,
+    ) -> GroupStep {
         let (spec, rec) = (&mut self.specs[g], &mut self.groups[g].rollout);
-        *rec = rollout::begin(
-            Some((rec, spec.generation)),
+        let step = change::group(
+            origin,
+            &GroupChange {
+                group: &spec.group,
+                wave,
+                waves,
+                file_changes_service: false,
+                before: Some((spec.generation, rec)),
+                content_changed: changed,
+                unused_generation: 1,
+            },
             self.now,
-            revert,
-            reverted_from,
         );
-        spec.generation += 1;
+        spec.generation = step.generation;
+        *rec = step.rollout.clone();
         rollout::apply_to_spec(rec, spec);
-        spec.generation
+        step
     }
 
     /// The group's rollout record changed: what the controller reads of it.

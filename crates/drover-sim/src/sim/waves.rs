@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use drover_control::analysis::{self, Window};
+use drover_control::change::{Origin, Reach};
 use drover_control::waves::{release, WaveGroup};
 use drover_control::{CanaryGate, Phase};
 use drover_model::fleet::{Analysis, Canary};
@@ -70,11 +71,11 @@ pub(super) struct SimService {
     failed: bool,
 }
 
-/// Per group, what the waves and the canary need (stored by the server, except `windows`).
+/// Per group, what the waves and the canary need (whether its plan waits for its wave is
+/// in its rollout record, `wave_pending`, as the server stores it).
 #[derive(Clone, Debug, Default)]
 pub(super) struct WaveState {
     pub(super) service: Option<usize>,
-    pub(super) pending: bool,
 }
 
 impl Sim {
@@ -107,8 +108,9 @@ impl Sim {
     }
 
     /// `drover deploy` of a new version of `service`: degraded (its metric at `bad`) in the
-    /// groups named in `bad_in`, good elsewhere. The first wave gets it now, the others are
-    /// held until [`release`] lets them go.
+    /// groups named in `bad_in`, good elsewhere. As the server's group rule says
+    /// ([`drover_control::change::group`]): the first wave gets it now, the others are held
+    /// until [`release`] lets them go.
     pub fn deploy_service(&mut self, service: &str, bad_in: &[&str]) {
         let s = self.service_idx(service);
         let bad: Vec<usize> = bad_in.iter().map(|g| self.group_idx(g)).collect();
@@ -116,14 +118,12 @@ impl Sim {
         sv.touched.clear();
         sv.failed = false;
         sv.bad_in = bad;
-        let first = sv.groups.iter().map(|(_, w)| *w).min().unwrap_or(0);
-        let groups = sv.groups.clone();
-        for (g, wave) in groups {
-            if wave == first {
-                self.release_group(s, g);
-            } else {
-                self.groups[g].wave.pending = true;
-            }
+        let origin = Origin::Deploy {
+            why: format!("deploy {service}"),
+            only: Vec::new(),
+        };
+        for (g, _) in self.services[s].groups.clone() {
+            self.release_group(s, g, &origin);
         }
     }
 
@@ -134,7 +134,7 @@ impl Sim {
 
     /// The group waits for its wave (the service's deploy has not reached it yet).
     pub fn held(&self, group: &str) -> bool {
-        self.groups[self.group_idx(group)].wave.pending
+        self.groups[self.group_idx(group)].rollout.wave_pending
     }
 
     fn service_idx(&self, name: &str) -> usize {
@@ -144,14 +144,31 @@ impl Sim {
             .unwrap_or_else(|| panic!("no service {name}"))
     }
 
-    /// The change reaches group `g`: a new generation with its rollout open (and its canary
-    /// stage, if the service has one).
-    fn release_group(&mut self, s: usize, g: usize) {
+    /// The wave of group `g` of service `s`, counted from the service's first (as the
+    /// fleet's `Rollout::wave_of`: 0 for the first), and whether the service has waves.
+    fn wave_of(&self, s: usize, g: usize) -> (usize, bool) {
+        let sv = &self.services[s];
+        let first = sv.groups.iter().map(|(_, w)| *w).min().unwrap_or(0);
+        let wave = sv
+            .groups
+            .iter()
+            .find(|(h, _)| *h == g)
+            .map_or(0, |(_, w)| *w);
+        (wave - first, !sv.spec.waves.is_empty())
+    }
+
+    /// The service's change (`origin`: a deploy, or a wave) comes to group `g`. When the
+    /// group rule gives it a new generation, its rollout is open (and its canary stage, if
+    /// the service has one); otherwise it is held for its wave.
+    fn release_group(&mut self, s: usize, g: usize, origin: &Origin) {
         let before = self.specs[g].generation;
-        let generation = self.begin_rollout(g, false, 0);
-        self.groups[g].wave.pending = false;
+        let (wave, waves) = self.wave_of(s, g);
+        let step = self.change_group(g, origin, wave, waves, true);
+        if step.reach != Reach::NewGeneration {
+            return;
+        }
         if self.services[s].bad_in.contains(&g) {
-            self.groups[g].degraded.insert(generation);
+            self.groups[g].degraded.insert(step.generation);
         }
         self.services[s].touched.push((g, before));
         self.open_canary(g);
@@ -175,7 +192,11 @@ impl Sim {
         let now = self.now;
         for s in 0..self.services.len() {
             let sv = &self.services[s];
-            if !sv.groups.iter().any(|(g, _)| self.groups[*g].wave.pending) {
+            if !sv
+                .groups
+                .iter()
+                .any(|(g, _)| self.groups[*g].rollout.wave_pending)
+            {
                 continue;
             }
             let view: Vec<WaveGroup> = sv
@@ -184,7 +205,7 @@ impl Sim {
                 .map(|&(g, wave)| WaveGroup {
                     group: self.specs[g].group.clone(),
                     wave,
-                    pending: self.groups[g].wave.pending,
+                    pending: self.groups[g].rollout.wave_pending,
                     open: self.specs[g].rollout_open,
                     failed: self.groups[g].rollout.failed_generation >= self.specs[g].generation,
                     done_ms: self.groups[g].rollout.done_ms,
@@ -196,9 +217,13 @@ impl Sim {
             if self.cfg.check_invariants {
                 self.check_wave_release(s, wave, &view);
             }
+            let origin = Origin::Wave {
+                wave,
+                groups: names.clone(),
+            };
             for name in names {
                 let g = self.group_idx(&name);
-                self.release_group(s, g);
+                self.release_group(s, g, &origin);
             }
         }
     }
@@ -357,9 +382,18 @@ impl Sim {
             return;
         }
         self.services[s].failed = true;
+        // The revert sets the service's versions back: the groups still held run them
+        // already, and the rule lets go of them.
+        let mut failed = BTreeMap::new();
+        failed.insert(self.specs[g].group.clone(), 0);
+        let revert = Origin::AutoRevert { failed };
         let groups: Vec<usize> = self.services[s].groups.iter().map(|(g, _)| *g).collect();
         for h in groups {
-            self.groups[h].wave.pending = false;
+            if self.groups[h].rollout.wave_pending {
+                let (wave, waves) = self.wave_of(s, h);
+                let step = self.change_group(h, &revert, wave, waves, false);
+                debug_assert_eq!(step.reach, Reach::Same);
+            }
         }
         let touched: BTreeMap<usize, u64> = self.services[s]
             .touched
