@@ -203,7 +203,12 @@ known_phase() {
     P0=$(count_kind "$D.server.log" permit)
     "$SIM" deploy-probe --data-dir "$D" --server "$URL" s0 app v2 --timeout 20s >"$RES/deploy-$N.json" 2>"$D.deploy.err" \
         || { log "deploy probe failed"; cat "$D.deploy.err" >&2; }
-    sleep 5
+    if ((PROFILE)) && [[ $N == "${SIZES##* }" ]]; then
+        # The 5 s after the deploy: its permits and the long-polls of the group it replaces.
+        perf record -F 499 --call-graph dwarf,16384 -p "$SERVER_PID" -o "$WORK/perf-deploy.data" -- sleep 5 >/dev/null 2>&1 || sleep 5
+    else
+        sleep 5
+    fi
     PERMITS_5S=$(($(count_kind "$D.server.log" permit) - P0))
     # The first permit an agent received after the deploy was sent (earlier ones: instances
     # being terminated, whose long-poll also answers permit: true).
@@ -218,8 +223,14 @@ known_phase() {
     stop_server
     start_server "$D"
     API_UP_MS=$(($(now_ms) - $(cat "$D.start_ms")))
+    PERF_PID=
+    if ((PROFILE)) && [[ $N == "${SIZES##* }" ]]; then
+        perf record -F 499 --call-graph dwarf,16384 -p "$SERVER_PID" -o "$WORK/perf-restart.data" -- sleep 10 >/dev/null 2>&1 &
+        PERF_PID=$!
+    fi
     "$SIM" wait-healthy --data-dir "$D" --server "$URL" --count "$N" --since-epoch-ms "$(cat "$D.start_ms")" \
         --timeout 60s --poll 500ms --server-pid "$SERVER_PID" >"$RES/restart-$N.json" 2>/dev/null || true
+    [[ -n $PERF_PID ]] && { wait "$PERF_PID" || true; }
     sleep 2
     python3 - "$RES/extra-$N.json" <<EOF
 import json, sys

@@ -210,6 +210,11 @@ struct Shared {
     agent_auth: tokio::sync::Mutex<HashMap<String, Option<String>>>,
     /// The agents' clients, one per `agents_per_client` agents.
     clients: Vec<reqwest::Client>,
+    /// Heartbeats in flight per client, at most [`IDLE_PER_CLIENT`]: a client never opens a
+    /// connection it will not keep, so a stall queues heartbeats here rather than making
+    /// connections the pool then closes (their connects and closes cost the tool and the
+    /// server more than the heartbeats did, and a stall became a collapse).
+    hb_slots: Vec<tokio::sync::Semaphore>,
     per_client: usize,
     base: String,
     hb_url: String,
@@ -339,18 +344,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let groups: HashSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
     let n_groups = groups.len();
+    // + room for --follow-new
+    let n_clients = n
+        .max(args.wait_healthy.unwrap_or(0))
+        .div_ceil(args.agents_per_client.max(1))
+        .max(1)
+        + 8;
     let sh = Arc::new(Shared {
         client: client.clone(),
         admin: admin.clone(),
         agent_auth: tokio::sync::Mutex::new(HashMap::new()),
-        clients: {
-            let per = args.agents_per_client.max(1);
-            // + room for --follow-new
-            let k = n.max(args.wait_healthy.unwrap_or(0)).div_ceil(per).max(1) + 8;
-            (0..k)
-                .map(agent_client)
-                .collect::<anyhow::Result<Vec<_>>>()?
-        },
+        clients: (0..n_clients)
+            .map(agent_client)
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        hb_slots: (0..n_clients)
+            .map(|_| tokio::sync::Semaphore::new(IDLE_PER_CLIENT))
+            .collect(),
         per_client: args.agents_per_client.max(1),
         hb_url: format!("{base}/v1/agent/heartbeat"),
         base: base.clone(),
@@ -866,6 +875,7 @@ async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl, auth: Option<&str>)
     let measuring = sh.measuring.load(Relaxed);
     let t = std::time::Instant::now();
     let _slot = sh.inflight.acquire().await;
+    let _conn = sh.hb_slots[spec.client].acquire().await;
     let r = with_auth(sh.clients[spec.client].post(&sh.hb_url), auth)
         .timeout(sh.hb_timeout)
         .json(&hb)
@@ -1123,11 +1133,17 @@ async fn agent_auth(sh: &Shared, group: &str) -> Option<String> {
     made
 }
 
+/// Idle connections an agent client keeps. In steady state a client's 500 agents have about
+/// one heartbeat in flight; unbounded, every stall left its burst of new connections open
+/// (16,384 at 50,000 agents: the server's connection cap, and 400 MiB of its memory), and
+/// the next stall found fewer free connections still.
+const IDLE_PER_CLIENT: usize = 32;
+
 /// The `i`-th agent client: its own pool, from its own loopback source address.
 fn agent_client(i: usize) -> anyhow::Result<reqwest::Client> {
     let src = std::net::Ipv4Addr::new(127, 0, (1 + i / 240) as u8, (10 + i % 240) as u8);
     Ok(reqwest::Client::builder()
-        .pool_max_idle_per_host(usize::MAX)
+        .pool_max_idle_per_host(IDLE_PER_CLIENT)
         .pool_idle_timeout(Duration::from_secs(90))
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)

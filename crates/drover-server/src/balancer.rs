@@ -167,12 +167,15 @@ impl Balancers {
         if l.targets == targets && l.leaving == leaving {
             return;
         }
+        // Linear in the group's size: a pairwise search is quadratic in a group of thousands.
+        let now: std::collections::HashSet<&str> = targets.iter().map(|t| t.id.as_str()).collect();
         let gone: Vec<String> = l
             .targets
             .iter()
-            .filter(|t| !targets.iter().any(|n| n.id == t.id))
+            .filter(|t| !now.contains(t.id.as_str()))
             .map(|t| t.id.clone())
             .collect();
+        drop(now);
         l.targets = targets;
         l.leaving = leaving;
         for id in gone {

@@ -80,16 +80,25 @@ impl Peers {
     pub fn set(&self, group: &str, mut peers: Vec<PeerAddr>) {
         peers.sort();
         let mut v = self.view();
-        let before = v.sets.get(group).cloned().unwrap_or_default();
-        if before == peers {
+        if v.sets.get(group).is_some_and(|before| *before == peers) {
             return;
         }
         let next = v.version + 1;
-        for gone in before
-            .iter()
-            .filter(|b| !peers.iter().any(|p| p.instance == b.instance))
-        {
-            v.left_at.insert(gone.instance.clone(), next);
+        // Linear in the set's size (a group of 5,000 changes every pass while a restart's
+        // instances come back; the pairwise search here was most of the server's CPU then).
+        let now: std::collections::HashSet<&str> =
+            peers.iter().map(|p| p.instance.as_str()).collect();
+        let gone: Vec<String> = v
+            .sets
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter(|b| !now.contains(b.instance.as_str()))
+            .map(|b| b.instance.clone())
+            .collect();
+        drop(now);
+        for id in gone {
+            v.left_at.insert(id, next);
         }
         v.sets.insert(group.to_string(), peers);
         self.bump(&mut v);
