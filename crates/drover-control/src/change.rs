@@ -104,7 +104,8 @@ pub enum Commit {
     /// A new revision with this number.
     Revision { number: u64 },
     /// A wave, or a deploy of what the revision already says to groups held by hand: the
-    /// revision's change goes further, with no new revision.
+    /// revision's change goes further, with no new revision: its new plans say the current
+    /// revision (whose text a revert to them restores).
     Release,
 }
 
@@ -272,6 +273,15 @@ pub fn plan(world: &World, req: &Request, now: u64) -> ChangePlan {
     let mut changes = drover_model::diff::diff(old_fleet, fleet);
     // Secret values never reach the answer, the stored summary or the events.
     drover_model::secret::redact_changes(&mut changes);
+    // A wave, or a change of nothing in the fleet (a deploy that carries a held change on),
+    // stores no revision: its new plans are the current revision's. Stamped with the next
+    // number, a revert to such a generation would read another revision's text.
+    let stores_revision = !matches!(origin, Origin::Wave { .. }) && !changes.is_empty();
+    let plans_revision = if stores_revision {
+        next_revision
+    } else {
+        current
+    };
     let mut events = Vec::new();
     let mut plan_changes = Vec::new();
     let mut rollouts = Vec::new();
@@ -378,7 +388,7 @@ pub fn plan(world: &World, req: &Request, now: u64) -> ChangePlan {
             plan.generation = generation;
             plan.revision = match old {
                 Some(g) if !plan_changed => g.plan.revision,
-                _ => next_revision,
+                _ => plans_revision,
             };
             // The file's desired count wins when it changed since the file was last applied
             // (or the group is new, or the apply is forced); otherwise keep the current count
@@ -535,16 +545,15 @@ pub fn plan(world: &World, req: &Request, now: u64) -> ChangePlan {
         })
         .map(|(k, _)| k.as_str())
         .collect();
-    let commit =
-        if matches!(origin, Origin::Wave { .. }) || (changes.is_empty() && !let_go.is_empty()) {
-            Commit::Release
-        } else if changes.is_empty() {
-            Commit::Nothing
-        } else {
-            Commit::Revision {
-                number: next_revision,
-            }
-        };
+    let commit = if stores_revision {
+        Commit::Revision {
+            number: next_revision,
+        }
+    } else if matches!(origin, Origin::Wave { .. }) || !let_go.is_empty() {
+        Commit::Release
+    } else {
+        Commit::Nothing
+    };
     let summary = match (commit == Commit::Nothing, old_fleet, origin) {
         (true, _, _) => String::new(),
         (false, None, _) => format!(
@@ -653,6 +662,8 @@ mod tests {
         file: Option<Fleet>,
         revision: u64,
         groups: BTreeMap<String, PlannedGroup>,
+        /// Every revision stored, by number (what a revert reads back).
+        revisions: BTreeMap<u64, Fleet>,
     }
 
     impl Live {
@@ -698,6 +709,7 @@ mod tests {
                 Commit::Nothing => return p,
                 Commit::Revision { number } => {
                     self.revision = number;
+                    self.revisions.insert(number, fleet.clone());
                     self.fleet = Some(fleet.clone());
                     if matches!(origin, Origin::File) {
                         self.file = Some(fleet.clone());
@@ -711,6 +723,32 @@ mod tests {
 
         fn group(&self, g: &str) -> &PlannedGroup {
             &self.groups[g]
+        }
+
+        /// Every group's plan is what the revision it names says for the group: the text a
+        /// revert to that generation restores runs what the generation ran.
+        fn assert_plans_match_their_revisions(&self) {
+            for (gid, g) in &self.groups {
+                let fleet = self.revisions.get(&g.plan.revision).unwrap_or_else(|| {
+                    panic!(
+                        "{gid}: generation {} names revision {}, not stored (revisions {:?})",
+                        g.generation,
+                        g.plan.revision,
+                        self.revisions.keys().collect::<Vec<_>>()
+                    )
+                });
+                let (service, region) = (&g.plan.service, &g.plan.region);
+                let of_revision =
+                    drover_model::plan::plan_for(fleet, service, &fleet.services[service], region);
+                assert!(
+                    of_revision.same_content(&g.plan),
+                    "{gid}: generation {} runs {} but its revision {} says {}",
+                    g.generation,
+                    g.plan.versions(),
+                    g.plan.revision,
+                    of_revision.versions()
+                );
+            }
         }
     }
 
@@ -899,6 +937,73 @@ mod tests {
         }
         assert_eq!(live.group("web/a").rollout.since_ms, 10, "web/a untouched");
         assert_eq!(live.revision, 2);
+    }
+
+    /// A release stores no revision, so the plans it makes are the current revision's: a
+    /// later change that stores the next number must not become the revision of a
+    /// generation it never made (an automatic revert to that generation rebuilds its
+    /// components from its revision's text).
+    #[test]
+    fn a_release_stamps_its_plans_with_the_current_revision() {
+        // A wave release.
+        let waves = "[[\"a\"], [\"b\", \"c\"]]";
+        let mut live = Live::default();
+        live.change(&fleet("v1", waves, 2), &Origin::File, 0);
+        let v2 = fleet("v2", waves, 2);
+        live.change(&v2, &deploy("deploy web app v2", &[]), 10);
+        let wave = Origin::Wave {
+            wave: 1,
+            groups: vec!["web/b".into(), "web/c".into()],
+        };
+        let p = live.change(&v2, &wave, 20);
+        assert_eq!(p.commit, Commit::Release);
+        assert_eq!(p.new_plans.len(), 2);
+        for plan in &p.new_plans {
+            assert_eq!(
+                (plan.generation, plan.revision),
+                (2, 2),
+                "{}: the plan of a release is revision 2's",
+                plan.group().0
+            );
+        }
+        live.assert_plans_match_their_revisions();
+        // The next change stores revision 3; web/b's generation 2 is still revision 2's.
+        let p = live.change(
+            &fleet("v3", waves, 2),
+            &deploy("deploy web app v3", &[]),
+            30,
+        );
+        assert_eq!(p.commit, Commit::Revision { number: 3 });
+        assert_eq!(live.group("web/a").plan.revision, 3);
+        assert_eq!(
+            (
+                live.group("web/b").generation,
+                live.group("web/b").plan.revision
+            ),
+            (2, 2)
+        );
+        live.assert_plans_match_their_revisions();
+
+        // A deploy naming no region that releases a change held by `deploy --region`.
+        let mut live = Live::default();
+        live.change(&fleet("v1", "", 2), &Origin::File, 0);
+        let v2 = fleet("v2", "", 2);
+        live.change(&v2, &deploy("deploy web app v2 to b only", &["web/b"]), 10);
+        let p = live.change(&v2, &deploy("deploy web app v2", &[]), 20);
+        assert_eq!(p.commit, Commit::Release);
+        assert!(
+            p.new_plans.iter().all(|plan| plan.revision == 2),
+            "{:?}",
+            p.new_plans
+        );
+        live.assert_plans_match_their_revisions();
+        let p = live.change(
+            &fleet("v3", "", 2),
+            &deploy("deploy web app v3 to c only", &["web/c"]),
+            30,
+        );
+        assert_eq!(p.commit, Commit::Revision { number: 3 });
+        live.assert_plans_match_their_revisions();
     }
 
     #[test]

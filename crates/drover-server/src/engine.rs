@@ -2525,4 +2525,103 @@ command = "/bin/true"
         stop.cancel();
         run.await.unwrap();
     }
+
+    /// A wave release stores no revision: the plans it makes are the current revision's. An
+    /// automatic revert of a region the release reached, after a later change stored the
+    /// next revision, rebuilds that region's good generation from the revision it names:
+    /// the good versions come back, and the regions held by hand do not get the broken one
+    /// (the revert read the broken revision's text, reverted nothing and let the held
+    /// groups go on to it).
+    #[tokio::test]
+    async fn an_automatic_revert_after_a_wave_release_restores_the_good_versions() {
+        const WAVES: &str = r#"
+[fleet]
+name = "t"
+
+[regions.a]
+provider = "sim"
+[regions.b]
+provider = "sim"
+[regions.c]
+provider = "sim"
+
+[services.web]
+regions = ["a", "b", "c"]
+capacity = { min = 1, desired = 1, max = 2 }
+rollout = { waves = [["a"], ["b", "c"]], wave_bake = "1s" }
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "/bin/true"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("drover.db")).unwrap();
+        let e = Arc::new(
+            Engine::new(
+                Box::new(store),
+                Timing {
+                    leave_within_ms: 30_000,
+                    silent_after_ms: 5000,
+                },
+                crate::ProviderFactory::for_tests(dir.path()),
+            )
+            .unwrap(),
+        );
+        let done = |group: &str, generation: u64| Action::RolloutDone {
+            group: group.into(),
+            generation,
+        };
+        let deploy = |version: &str, regions: &[&str]| drover_model::api::DeployRequest {
+            service: "web".into(),
+            component: "app".into(),
+            version: version.into(),
+            dry_run: false,
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+        };
+        let runs = |e: &Engine, g: &str| {
+            let st = e.state();
+            let g = &st.groups[g];
+            (g.record.generation, g.plan.versions())
+        };
+        e.apply(drover_model::api::ApplyRequest {
+            file: "drover.toml".into(),
+            toml: WAVES.into(),
+            dry_run: false,
+            force_file: false,
+        })
+        .await
+        .unwrap();
+        for g in ["web/a", "web/b", "web/c"] {
+            e.act(done(g, 1), now_ms()).await.unwrap();
+        }
+        // v2 wave by wave: a now (revision 2), then b and c released by the tick.
+        assert_eq!(e.deploy(deploy("v2", &[])).await.unwrap().revision, 2);
+        e.act(done("web/a", 2), now_ms()).await.unwrap();
+        e.release_waves(now_ms() + 2_000).await.unwrap();
+        assert_eq!(e.current_revision().unwrap().number, 2);
+        for g in ["web/b", "web/c"] {
+            assert_eq!(runs(&e, g), (2, "app=v2".to_string()), "{g}");
+            assert_eq!(
+                e.state().groups[g].plan.revision,
+                2,
+                "{g}: released in revision 2"
+            );
+            e.act(done(g, 2), now_ms()).await.unwrap();
+        }
+        // v3 to c by hand (revision 3): a and b held on v2. It fails; c goes back to v2.
+        assert_eq!(e.deploy(deploy("v3", &["c"])).await.unwrap().revision, 3);
+        assert_eq!(runs(&e, "web/c"), (3, "app=v3".to_string()));
+        e.rollout_failed("web/c", 3, "test", None).await.unwrap();
+        let rev = e.current_revision().unwrap();
+        assert_eq!(rev.number, 4, "the revert is a revision of its own");
+        assert_eq!(rev.fleet.services["web"].components["app"].version, "v2");
+        assert_eq!(runs(&e, "web/c"), (4, "app=v2".to_string()));
+        assert_eq!(e.state().groups["web/c"].record.rollout.reverted_from, 3);
+        for g in ["web/a", "web/b"] {
+            assert_eq!(runs(&e, g), (2, "app=v2".to_string()), "{g}: never on v3");
+            let r = &e.state().groups[g].record.rollout;
+            assert!(!r.held && !r.wave_pending, "{g}: {r:?}");
+        }
+    }
 }

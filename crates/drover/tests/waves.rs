@@ -2,7 +2,8 @@
 //! ingress) in two waves. A good version goes wave by wave and ends on every region; a version
 //! bad only under load is caught by the canary of the first wave and reverted there, and the
 //! regions of the later wave never launch it. `deploy --region` takes a version to one
-//! region by hand and holds the others until a deploy names them.
+//! region by hand and holds the others until a deploy names them; a broken one is reverted
+//! there to what a wave released, and the held regions never launch it.
 
 mod common;
 
@@ -48,7 +49,7 @@ wave_bake = "2s"
 runtime = "process"
 version = "v1"
 command = "{{drover}}"
-args = ["demo-server", "--listen", "{{addr}}:{{port.http}}", "--error-rate-on-versions", "v3=0.2"]
+args = ["demo-server", "--listen", "{{addr}}:{{port.http}}", "--error-rate-on-versions", "v3=0.2", "--crash-on-versions", "broken"]
 ports = {{ http = 8080 }}
 health = {{ type = "http", port = "http", path = "/healthz", interval = "500ms", timeout = "400ms", healthy_threshold = 1, unhealthy_threshold = 3 }}
 custom_metrics = {{ error_rate = {{ port = "http", path = "/error_rate" }} }}
@@ -305,4 +306,53 @@ fn deploy_region_takes_one_region_by_hand_and_holds_the_others() {
         .groups
         .iter()
         .all(|g| !g.rollout.held && !g.rollout.wave_pending));
+
+    // A version that crashes at start, to c by hand: it fails and is reverted to v2. c got
+    // v2 from a release (wave 2), which stores no revision: the revert rebuilds v2 from the
+    // revision the release's plans name (not from the broken deploy's, the next number),
+    // and a and b, held by hand, never launch the broken version.
+    let (code, out, err) = up.cli(&[
+        "deploy",
+        "web",
+        "app",
+        "broken",
+        "--region",
+        "c",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("web/c: rollout to generation"), "{err}");
+    let t0 = Instant::now();
+    while !on_everywhere(&up, "app=v2") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "back on v2: {:#?}",
+            up.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let launched = events(&up, "launched");
+    assert!(
+        !launched
+            .iter()
+            .any(|e| e.group.as_deref() != Some("web/c") && e.message.contains("app=broken")),
+        "only web/c launched the broken version: {launched:#?}"
+    );
+    let applied = events(&up, "applied");
+    assert!(
+        applied.iter().any(|e| e
+            .message
+            .contains("automatic revert after failed rollout of web/c")
+            && e.message.contains("\"broken\" -> \"v2\"")),
+        "{applied:#?}"
+    );
+    let s = up.status().unwrap();
+    assert!(
+        s.groups
+            .iter()
+            .all(|g| !g.rollout.held && !g.rollout.wave_pending),
+        "{s:#?}"
+    );
 }
