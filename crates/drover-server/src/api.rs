@@ -41,7 +41,7 @@ where
     let store = e.store.clone();
     tokio::task::spawn_blocking(move || f(&*store))
         .await
-        .map_err(|err| ServerError::Internal(format!("store read: {err}")))?
+        .map_err(ServerError::StoreRead)?
         .map_err(ServerError::from)
 }
 
@@ -108,21 +108,51 @@ impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
             ServerError::InvalidFleet(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_fleet"),
-            ServerError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ServerError::BadRequest(_)
+            | ServerError::NotANumber { .. }
+            | ServerError::GenerationMismatch { .. }
+            | ServerError::NotOneOffSchedule(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServerError::NotFound(_)
             | ServerError::NoService { .. }
             | ServerError::NoComponent { .. }
             | ServerError::NoRegion { .. }
-            | ServerError::NoInstance(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ServerError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            | ServerError::NoInstance(_)
+            | ServerError::NoGroup(_)
+            | ServerError::NoRevision(_)
+            | ServerError::NoSchedule(_)
+            | ServerError::NoToken(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServerError::Conflict(_)
+            | ServerError::NothingApplied { .. }
+            | ServerError::NothingToRollBack { .. }
+            | ServerError::RolloutNotOpen { .. }
+            | ServerError::ScheduleCancelled(_)
+            | ServerError::ScheduleEnded(_)
+            | ServerError::LastAdminToken(_)
+            | ServerError::IngressInUse { .. }
+            | ServerError::DataDirInUse { .. } => (StatusCode::CONFLICT, "conflict"),
             ServerError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
-            ServerError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            ServerError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
-            ServerError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ServerError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            ServerError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServerError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ServerError::TooManyRequests(_)
+            | ServerError::TooManyFollows { .. }
+            | ServerError::TooManyPolls { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
+            }
+            ServerError::Unauthorized(_)
+            | ServerError::TokenNeeded
+            | ServerError::NotBearer
+            | ServerError::UnknownToken
+            | ServerError::TokenNotCreated
+            | ServerError::TokenRevoked { .. }
+            | ServerError::SessionTokenRevoked { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ServerError::Forbidden(_)
+            | ServerError::NotAllowed { .. }
+            | ServerError::OtherGroup { .. }
+            | ServerError::NotThisInstance => (StatusCode::FORBIDDEN, "forbidden"),
+            ServerError::Unavailable(_) | ServerError::LeaseLost | ServerError::NotLeading => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             // etcd unreachable or without quorum: what to check is in the message.
             ServerError::Store(e) if e.is_unavailable() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
@@ -152,10 +182,7 @@ pub(crate) type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection
 pub(crate) fn decode<T: DeserializeOwned>(body: RawBody) -> Result<T, ServerError> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServerError::TooLarge(format!(
-                "request body is larger than the limit of {} bytes",
-                MAX_BODY
-            ))
+            ServerError::BodyTooLarge { limit: MAX_BODY }
         } else {
             ServerError::BadRequest(r.body_text())
         }
@@ -479,9 +506,8 @@ pub(crate) fn check_instance(
     bound: &BoundInstance,
     instance: &str,
 ) -> Result<(), ServerError> {
-    let denied = || ServerError::Forbidden("this token may not act for that instance".into());
     if bound.0.as_deref().is_some_and(|b| b != instance) {
-        return Err(denied());
+        return Err(ServerError::NotThisInstance);
     }
     let st = e.state();
     let Some(i) = st.instances.get(instance) else {
@@ -490,10 +516,10 @@ pub(crate) fn check_instance(
     if caller.scope == drover_model::token::TokenScope::Agent
         && caller.group.as_deref() != Some(i.record.group.as_str())
     {
-        return Err(denied());
+        return Err(ServerError::NotThisInstance);
     }
     if bound.0.is_none() && (i.record.own_token || i.soft.bound) {
-        return Err(denied());
+        return Err(ServerError::NotThisInstance);
     }
     Ok(())
 }
@@ -516,11 +542,9 @@ pub(crate) fn hold_poll(
             crate::guard::POLLS_PER_CALLER,
         ),
     };
-    guards.hold(kind, &key).ok_or_else(|| {
-        ServerError::TooManyRequests(format!(
-            "this token holds {limit} long-polls already; wait for one to answer"
-        ))
-    })
+    guards
+        .hold(kind, &key)
+        .ok_or(ServerError::TooManyPolls { limit })
 }
 
 /// Replaces the current fleet's secret values in free text.
@@ -548,9 +572,10 @@ pub(crate) fn scrub_summaries(
 
 /// The number in `/v1/revisions/{number}`.
 pub(crate) fn revision_number(number: &str) -> Result<u64, ServerError> {
-    number
-        .parse()
-        .map_err(|_| ServerError::BadRequest(format!("revision {number:?} is not a number")))
+    number.parse().map_err(|_| ServerError::NotANumber {
+        what: "revision",
+        value: number.to_string(),
+    })
 }
 
 async fn revision(
@@ -569,9 +594,7 @@ pub(crate) fn revision_served(
     r: Option<drover_model::api::Revision>,
 ) -> Result<serde_json::Value, ServerError> {
     let Some(mut r) = r else {
-        return Err(ServerError::NotFound(format!(
-            "no revision {n}; `drover history` lists them"
-        )));
+        return Err(ServerError::NoRevision(n));
     };
     let sc = drover_model::secret::Scrubber::for_fleet(Some(&r.fleet));
     r.toml = sc
@@ -622,9 +645,7 @@ async fn status(
         }
         (None | Some("all"), Some(group)) => {
             if !e.state().groups.contains_key(&group) {
-                return Err(ServerError::NotFound(format!(
-                    "no group {group}; `drover status` lists the groups"
-                )));
+                return Err(ServerError::NoGroup(group));
             }
             crate::state::Listing::Page {
                 group,
@@ -732,12 +753,11 @@ async fn events(
         return Ok(Json(evs).into_response());
     }
     // Follow: subscribe first, then send what is stored, then stream new ones (deduplicated by seq).
-    let held = guards.hold(Kind::Follow, &caller.id).ok_or_else(|| {
-        ServerError::TooManyRequests(format!(
-            "this token holds {} follow streams already; close one first",
-            crate::guard::FOLLOWS_PER_CALLER
-        ))
-    })?;
+    let held = guards
+        .hold(Kind::Follow, &caller.id)
+        .ok_or(ServerError::TooManyFollows {
+            limit: crate::guard::FOLLOWS_PER_CALLER,
+        })?;
     let rx = e.events_tx.subscribe();
     // Every stored event after `after`, read a page at a time as the client takes them (off
     // the async workers), then the live ones; deduplicated by seq where they meet.
@@ -1018,7 +1038,7 @@ async fn plan(
         plan_served(&*store, &caller, &service, &region, &generation)
     })
     .await
-    .map_err(|err| ServerError::Internal(format!("store read: {err}")))??;
+    .map_err(ServerError::StoreRead)??;
     Ok(Json(p).into_response())
 }
 
@@ -1031,8 +1051,9 @@ pub(crate) fn plan_served(
     region: &str,
     generation: &str,
 ) -> Result<drover_model::Plan, ServerError> {
-    let g: u64 = generation.parse().map_err(|_| {
-        ServerError::BadRequest(format!("generation {generation:?} is not a number"))
+    let g: u64 = generation.parse().map_err(|_| ServerError::NotANumber {
+        what: "generation",
+        value: generation.to_string(),
     })?;
     let group = drover_model::GroupId::new(service, region).0;
     check_group(caller, &group, &format!("plan {group}"))?;
@@ -1152,5 +1173,274 @@ mod tests {
         assert_eq!(guards.follows(), 0, "the follow's task outlived its client");
         // And its receiver is gone: nobody is subscribed any more.
         assert_eq!(tx.receiver_count(), 0);
+    }
+
+    /// The structured errors say word for word what their free-text forms said (tests,
+    /// scripts and people match on the words), with the same status and code.
+    #[tokio::test]
+    async fn structured_errors_keep_their_words_status_and_code() {
+        let s = |v: &str| v.to_string();
+        let cases: Vec<(ServerError, &str, u16, &str)> = vec![
+            (
+                ServerError::NotANumber {
+                    what: "revision",
+                    value: s("x"),
+                },
+                "revision \"x\" is not a number",
+                400,
+                "bad_request",
+            ),
+            (
+                ServerError::GenerationMismatch {
+                    instance: s("i-000001"),
+                    what: "group or generation",
+                },
+                "instance i-000001: the group or generation is not the one it was launched with",
+                400,
+                "bad_request",
+            ),
+            (
+                ServerError::NotOneOffSchedule(s("web#0")),
+                "\"web#0\" is not the id of a one-off schedule (a number, as `drover schedule list` shows); a schedule of the fleet file (like web#0) ends when you remove it from the file and apply it",
+                400,
+                "bad_request",
+            ),
+            (
+                ServerError::NoService {
+                    service: s("api"),
+                    known: Some(vec![s("web"), s("core")]),
+                },
+                "no service \"api\"; services: web, core",
+                404,
+                "not_found",
+            ),
+            (
+                ServerError::NoService {
+                    service: s("api"),
+                    known: None,
+                },
+                "no service \"api\"; `drover status` lists them",
+                404,
+                "not_found",
+            ),
+            (
+                ServerError::NoGroup(s("web/x")),
+                "no group web/x; `drover status` lists the groups",
+                404,
+                "not_found",
+            ),
+            (
+                ServerError::NoRevision(7),
+                "no revision 7; `drover history` lists them",
+                404,
+                "not_found",
+            ),
+            (
+                ServerError::NoSchedule(3),
+                "no schedule 3; see `drover schedule list`",
+                404,
+                "not_found",
+            ),
+            (
+                ServerError::NoToken(s("t-9")),
+                "no token t-9; `drover token list` shows them",
+                404,
+                "not_found",
+            ),
+            (
+                ServerError::NothingApplied { to: None },
+                "nothing applied yet: run `drover apply FILE` first",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::NothingApplied {
+                    to: Some("roll back"),
+                },
+                "nothing applied yet: there is nothing to roll back",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::NothingToRollBack { service: s("web") },
+                "no earlier revision runs other versions of web; `drover history` lists them",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::RolloutNotOpen {
+                    service: s("web"),
+                    region: None,
+                    action: "pause",
+                },
+                "no rollout under way for web: nothing to pause; `drover status` shows the rollouts",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::RolloutNotOpen {
+                    service: s("web"),
+                    region: Some(s("b")),
+                    action: "abort",
+                },
+                "no rollout under way for web in region b: nothing to abort; `drover status` shows the rollouts",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::ScheduleCancelled(3),
+                "schedule 3 is cancelled already",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::ScheduleEnded(3),
+                "schedule 3 has ended already",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::LastAdminToken(s("t-1")),
+                "t-1 is the last admin token: create another (`drover token create --scope admin`) before revoking it",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::IngressInUse {
+                    group: s("web/a"),
+                    addr: "127.0.0.1:8080".parse().unwrap(),
+                    source: std::io::Error::other("in use"),
+                },
+                "cannot open the ingress of web/a on 127.0.0.1:8080: in use; is another program (or another drover) listening there? Change `ingress.listen` or stop that program",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::DataDirInUse {
+                    pid: s("42"),
+                    dir: "/var/lib/drover".into(),
+                },
+                "another drover server (pid 42) uses the data directory /var/lib/drover: stop it first, or use another --data-dir",
+                409,
+                "conflict",
+            ),
+            (
+                ServerError::BodyTooLarge { limit: 10 },
+                "request body is larger than the limit of 10 bytes",
+                413,
+                "too_large",
+            ),
+            (
+                ServerError::TooManyFollows { limit: 16 },
+                "this token holds 16 follow streams already; close one first",
+                429,
+                "too_many_requests",
+            ),
+            (
+                ServerError::TooManyPolls { limit: 8 },
+                "this token holds 8 long-polls already; wait for one to answer",
+                429,
+                "too_many_requests",
+            ),
+            (
+                ServerError::TokenNeeded,
+                "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads DATA_DIR/admin.token, DROVER_TOKEN or --token); see docs/security.md",
+                401,
+                "unauthorized",
+            ),
+            (
+                ServerError::NotBearer,
+                "the Authorization header must be `Bearer TOKEN`",
+                401,
+                "unauthorized",
+            ),
+            (ServerError::UnknownToken, "unknown token", 401, "unauthorized"),
+            (
+                ServerError::TokenNotCreated,
+                "unknown token: it was never created on this server (`drover token list` shows the tokens)",
+                401,
+                "unauthorized",
+            ),
+            (
+                ServerError::TokenRevoked { id: s("t-2") },
+                "token t-2 was revoked; create a new one with `drover token create`",
+                401,
+                "unauthorized",
+            ),
+            (
+                ServerError::SessionTokenRevoked { id: s("t-2") },
+                "token t-2 that this session was opened with was revoked; log in again with another",
+                401,
+                "unauthorized",
+            ),
+            (
+                ServerError::NotAllowed {
+                    method: s("POST"),
+                    path: s("/v1/deploy"),
+                    needs: "changes desired state or tokens and needs an admin token",
+                    caller: s("t-3 is a read token"),
+                },
+                "POST /v1/deploy changes desired state or tokens and needs an admin token; t-3 is a read token",
+                403,
+                "forbidden",
+            ),
+            (
+                ServerError::OtherGroup {
+                    what: s("plan core/a"),
+                    group: s("core/a"),
+                    caller: s("t-4 is an agent token of group web/a"),
+                },
+                "plan core/a belongs to group core/a; t-4 is an agent token of group web/a",
+                403,
+                "forbidden",
+            ),
+            (
+                ServerError::NotThisInstance,
+                "this token may not act for that instance",
+                403,
+                "forbidden",
+            ),
+            (
+                ServerError::LeaseLost,
+                "this server no longer leads (its lease ran out); ask the leader (GET /v1/health names it)",
+                503,
+                "unavailable",
+            ),
+            (
+                ServerError::NotLeading,
+                "this server does not lead; apply through the leader",
+                503,
+                "unavailable",
+            ),
+        ];
+        let cancelled = || async {
+            let task = tokio::spawn(std::future::pending::<()>());
+            task.abort();
+            task.await.unwrap_err()
+        };
+        let joined = [
+            (
+                ServerError::StoreRead(cancelled().await),
+                "store read: task ",
+            ),
+            (
+                ServerError::FlightRecorder(cancelled().await),
+                "flight recorder: task ",
+            ),
+        ];
+        for (err, message, status, code) in cases {
+            assert_eq!(err.to_string(), message);
+            let resp = err.into_response();
+            assert_eq!(resp.status().as_u16(), status, "{message}");
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body: ApiError = serde_json::from_slice(&body).unwrap();
+            assert_eq!((body.code.as_str(), body.message.as_str()), (code, message));
+        }
+        for (err, start) in joined {
+            assert!(err.to_string().starts_with(start), "{err}");
+            assert_eq!(err.into_response().status().as_u16(), 500);
+        }
     }
 }

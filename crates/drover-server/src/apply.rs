@@ -47,9 +47,9 @@ impl Engine {
             }
         }
         let _w = self.write_lock.lock().await;
-        let rev = self.current_revision().ok_or_else(|| {
-            ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
-        })?;
+        let rev = self
+            .current_revision()
+            .ok_or(ServerError::NothingApplied { to: None })?;
         let svc = rev
             .fleet
             .services
@@ -98,8 +98,8 @@ impl Engine {
     /// instances leave by the drain path; its provider resources go once they are gone.
     pub async fn destroy(&self, req: DestroyRequest) -> Result<ApplyResponse, ServerError> {
         let _w = self.write_lock.lock().await;
-        let rev = self.current_revision().ok_or_else(|| {
-            ServerError::Conflict("nothing applied yet: there is nothing to destroy".into())
+        let rev = self.current_revision().ok_or(ServerError::NothingApplied {
+            to: Some("destroy"),
         })?;
         let services: Vec<String> = match &req.service {
             Some(s) if !rev.fleet.services.contains_key(s) => {
@@ -125,8 +125,8 @@ impl Engine {
     /// Go back to the versions a service had in the latest earlier revision that differs.
     pub async fn rollback(&self, req: RollbackRequest) -> Result<ApplyResponse, ServerError> {
         let _w = self.write_lock.lock().await;
-        let rev = self.current_revision().ok_or_else(|| {
-            ServerError::Conflict("nothing applied yet: there is nothing to roll back".into())
+        let rev = self.current_revision().ok_or(ServerError::NothingApplied {
+            to: Some("roll back"),
         })?;
         let current =
             versions_in(&rev, &req.service).ok_or_else(|| no_service(&req.service, &rev.fleet))?;
@@ -147,11 +147,8 @@ impl Engine {
                 }
             }
         }
-        let (n, versions) = target.ok_or_else(|| {
-            ServerError::Conflict(format!(
-                "no earlier revision runs other versions of {}; `drover history` lists them",
-                req.service
-            ))
+        let (n, versions) = target.ok_or_else(|| ServerError::NothingToRollBack {
+            service: req.service.clone(),
         })?;
         // Each component as revision n had it: its version with what goes with it (an
         // artifact's sha256, arguments, environment).
@@ -597,7 +594,7 @@ pub fn remove_services(toml: &str, services: &[String]) -> Result<String, Server
 pub(crate) fn no_service(service: &str, fleet: &drover_model::Fleet) -> ServerError {
     ServerError::NoService {
         service: service.to_string(),
-        known: fleet.services.keys().cloned().collect(),
+        known: Some(fleet.services.keys().cloned().collect()),
     }
 }
 

@@ -189,9 +189,7 @@ impl Auth {
         value: Option<&HeaderValue>,
     ) -> Result<(Caller, BoundInstance), ServerError> {
         let Some(value) = value else {
-            return Err(ServerError::Unauthorized(
-                "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads DATA_DIR/admin.token, DROVER_TOKEN or --token); see docs/security.md".into(),
-            ));
+            return Err(ServerError::TokenNeeded);
         };
         let token = value
             .to_str()
@@ -202,9 +200,7 @@ impl Auth {
             })
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ServerError::Unauthorized("the Authorization header must be `Bearer TOKEN`".into())
-            })?;
+            .ok_or(ServerError::NotBearer)?;
         let mut bound = BoundInstance(None);
         let mut token = std::borrow::Cow::Borrowed(token);
         if let Some((instance, id)) = drover_model::token::parse_instance_token(&token) {
@@ -212,25 +208,22 @@ impl Auth {
             let expected = drover_model::token::instance_token(&group_secret, id, instance);
             // Compared by hash: no early exit on the secret's bytes.
             if hash_token(&expected) != hash_token(&token) {
-                return Err(ServerError::Unauthorized("unknown token".into()));
+                return Err(ServerError::UnknownToken);
             }
             bound = BoundInstance(Some(instance.to_string()));
             token = std::borrow::Cow::Owned(group_secret);
         }
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
         let Some(info) = tokens.get(&hash_token(&token)) else {
-            return Err(ServerError::Unauthorized(
-                "unknown token: it was never created on this server (`drover token list` shows the tokens)".into(),
-            ));
+            return Err(ServerError::TokenNotCreated);
         };
         if info.revoked_at_ms.is_some() {
-            return Err(ServerError::Unauthorized(format!(
-                "token {} was revoked; create a new one with `drover token create`",
-                info.id
-            )));
+            return Err(ServerError::TokenRevoked {
+                id: info.id.clone(),
+            });
         }
         if bound.0.is_some() && info.scope != TokenScope::Agent {
-            return Err(ServerError::Unauthorized("unknown token".into()));
+            return Err(ServerError::UnknownToken);
         }
         Ok((
             Caller {
@@ -349,9 +342,7 @@ impl Auth {
             .list()
             .into_iter()
             .find(|t| t.id == id)
-            .ok_or_else(|| {
-                ServerError::NotFound(format!("no token {id}; `drover token list` shows them"))
-            })?;
+            .ok_or_else(|| ServerError::NoToken(id.to_string()))?;
         if info.revoked_at_ms.is_some() {
             return Ok(info);
         }
@@ -362,9 +353,7 @@ impl Auth {
                 .filter(|t| t.scope == TokenScope::Admin && t.revoked_at_ms.is_none())
                 .count();
             if admins <= 1 {
-                return Err(ServerError::Conflict(format!(
-                    "{id} is the last admin token: create another (`drover token create --scope admin`) before revoking it"
-                )));
+                return Err(ServerError::LastAdminToken(id.to_string()));
             }
         }
         let now = now_ms();
@@ -609,7 +598,7 @@ pub(crate) fn allow(
     if ok {
         return Ok(());
     }
-    let what = match need {
+    let needs = match need {
         Need::Admin if method == Method::GET => "needs an admin token",
         Need::Admin => "changes desired state or tokens and needs an admin token",
         Need::Read => "needs a read, exec or admin token",
@@ -619,10 +608,12 @@ pub(crate) fn allow(
         Need::ReadOrAgent => "needs a read, admin or agent token",
         _ => "needs another token",
     };
-    Err(ServerError::Forbidden(format!(
-        "{method} {path} {what}; {}",
-        describe(caller)
-    )))
+    Err(ServerError::NotAllowed {
+        method: method.to_string(),
+        path: path.to_string(),
+        needs,
+        caller: describe(caller),
+    })
 }
 
 fn describe(c: &Caller) -> String {
@@ -682,10 +673,11 @@ pub async fn layer(
 /// For agent endpoints: an agent token may only act for instances of its own group.
 pub fn check_group(caller: &Caller, group: &str, what: &str) -> Result<(), ServerError> {
     if caller.scope == TokenScope::Agent && caller.group.as_deref() != Some(group) {
-        return Err(ServerError::Forbidden(format!(
-            "{what} belongs to group {group}; {}",
-            describe(caller)
-        )));
+        return Err(ServerError::OtherGroup {
+            what: what.to_string(),
+            group: group.to_string(),
+            caller: describe(caller),
+        });
     }
     Ok(())
 }

@@ -327,10 +327,10 @@ impl Engine {
         if addr.port() == 0 || self.balancers.listens_on(addr) {
             return Ok(());
         }
-        probe_bind(addr).map_err(|e| {
-            ServerError::Conflict(format!(
-                "cannot open the ingress of {group} on {addr}: {e}; is another program (or another drover) listening there? Change `ingress.listen` or stop that program"
-            ))
+        probe_bind(addr).map_err(|source| ServerError::IngressInUse {
+            group: group.to_string(),
+            addr,
+            source,
         })
     }
 
@@ -843,24 +843,21 @@ impl Engine {
         let _w = self.write_lock.lock().await;
         let now = now_ms();
         let Ok(n) = id.parse::<u64>() else {
-            return Err(ServerError::BadRequest(format!(
-                "{id:?} is not the id of a one-off schedule (a number, as `drover schedule list` shows); a schedule of the fleet file (like web#0) ends when you remove it from the file and apply it"
-            )));
+            return Err(ServerError::NotOneOffSchedule(id.to_string()));
         };
         let mut once = {
             let st = self.state();
-            let o = st.once.iter().find(|o| o.id == n).cloned().ok_or_else(|| {
-                ServerError::NotFound(format!("no schedule {n}; see `drover schedule list`"))
-            })?;
+            let o = st
+                .once
+                .iter()
+                .find(|o| o.id == n)
+                .cloned()
+                .ok_or(ServerError::NoSchedule(n))?;
             if o.cancelled_ms.is_some() {
-                return Err(ServerError::Conflict(format!(
-                    "schedule {n} is cancelled already"
-                )));
+                return Err(ServerError::ScheduleCancelled(n));
             }
             if o.end_ms <= now {
-                return Err(ServerError::Conflict(format!(
-                    "schedule {n} has ended already"
-                )));
+                return Err(ServerError::ScheduleEnded(n));
             }
             o
         };
@@ -1323,9 +1320,7 @@ impl Engine {
             if let Some(decrement) = decrement {
                 // A deposed or paused leader hands out nothing, even a permit it stored.
                 if !self.may_act() {
-                    return Err(ServerError::Unavailable(
-                        "this server no longer leads (its lease ran out); ask the leader (GET /v1/health names it)".into(),
-                    ));
+                    return Err(ServerError::LeaseLost);
                 }
                 return Ok(drover_model::api::PermitReply {
                     permit: true,
@@ -2362,7 +2357,7 @@ command = "/bin/true"
         authority.revoke();
         assert!(!e.may_act());
         let err = e.wait_permit("i-000001", Duration::ZERO).await.unwrap_err();
-        assert!(matches!(err, ServerError::Unavailable(_)), "{err}");
+        assert!(matches!(err, ServerError::LeaseLost), "{err}");
         assert!(err.to_string().contains("no longer leads"), "{err}");
         // No controller pass: a group short of instances gets none launched.
         e.state()

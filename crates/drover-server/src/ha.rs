@@ -271,10 +271,9 @@ async fn forward(node: &Node, leader: &ServerView, req: Request) -> Response {
     let body = match axum::body::to_bytes(body, crate::api::MAX_BODY).await {
         Ok(b) => b,
         Err(_) => {
-            return crate::ServerError::TooLarge(format!(
-                "request body is larger than the limit of {} bytes",
-                crate::api::MAX_BODY
-            ))
+            return crate::ServerError::BodyTooLarge {
+                limit: crate::api::MAX_BODY,
+            }
             .into_response()
         }
     };

@@ -42,13 +42,35 @@ pub use engine::Engine;
 pub enum ServerError {
     #[error("{0}")]
     InvalidFleet(#[from] drover_model::FleetErrors),
+    /// A request that does not parse, or says something the server cannot take (400): free
+    /// text, for what no variant below names.
     #[error("{0}")]
     BadRequest(String),
+    /// A number in a path or a query that is not one (400), e.g. `revision "x"`.
+    #[error("{what} {value:?} is not a number")]
+    NotANumber { what: &'static str, value: String },
+    /// An agent's report names a group or generation that is not the one its instance was
+    /// launched with (400); `what` says which facts are compared.
+    #[error("instance {instance}: the {what} is not the one it was launched with")]
+    GenerationMismatch {
+        instance: String,
+        what: &'static str,
+    },
+    /// A one-off schedule id that is not a number (400): a fleet file's schedule ends with
+    /// the file.
+    #[error(
+        "{0:?} is not the id of a one-off schedule (a number, as `drover schedule list` shows); a schedule of the fleet file (like web#0) ends when you remove it from the file and apply it"
+    )]
+    NotOneOffSchedule(String),
     #[error("{0}")]
     NotFound(String),
-    /// A service the current revision does not have (404).
-    #[error("no service {service:?}; services: {}", names(known))]
-    NoService { service: String, known: Vec<String> },
+    /// A service the current revision does not have (404). `known`: the services, named in
+    /// the message; none: it points at `drover status`.
+    #[error("no service {service:?}; {}", known_services(known.as_deref()))]
+    NoService {
+        service: String,
+        known: Option<Vec<String>>,
+    },
     /// A component its service does not have (404).
     #[error(
         "service {service} has no component {component:?}; its components: {}",
@@ -72,21 +94,130 @@ pub enum ServerError {
     /// An instance the server does not know (404).
     #[error("no instance {0}")]
     NoInstance(String),
+    /// A group the fleet does not have (404).
+    #[error("no group {0}; `drover status` lists the groups")]
+    NoGroup(String),
+    /// A revision never stored (404).
+    #[error("no revision {0}; `drover history` lists them")]
+    NoRevision(u64),
+    /// A one-off schedule never made (404).
+    #[error("no schedule {0}; see `drover schedule list`")]
+    NoSchedule(u64),
+    /// A token id never made (404).
+    #[error("no token {0}; `drover token list` shows them")]
+    NoToken(String),
     #[error("{0}")]
     Conflict(String),
+    /// A change that needs a fleet before any was applied (409). `to`: what there is nothing
+    /// to do (`destroy`, `roll back`); none: apply one first.
+    #[error("nothing applied yet: {}", nothing_to(*to))]
+    NothingApplied { to: Option<&'static str> },
+    /// A rollback with no earlier revision to go to (409).
+    #[error("no earlier revision runs other versions of {service}; `drover history` lists them")]
+    NothingToRollBack { service: String },
+    /// A person's pause, resume, promote or abort (`action`) of a service (in `region`)
+    /// with no rollout open (409).
+    #[error(
+        "no rollout under way for {service}{}: nothing to {action}; `drover status` shows the rollouts",
+        region.as_deref().map(|r| format!(" in region {r}")).unwrap_or_default()
+    )]
+    RolloutNotOpen {
+        service: String,
+        region: Option<String>,
+        action: &'static str,
+    },
+    /// Cancelling a one-off schedule cancelled before (409) ...
+    #[error("schedule {0} is cancelled already")]
+    ScheduleCancelled(u64),
+    /// ... or over (409).
+    #[error("schedule {0} has ended already")]
+    ScheduleEnded(u64),
+    /// Revoking the only admin token not revoked (409).
+    #[error(
+        "{0} is the last admin token: create another (`drover token create --scope admin`) before revoking it"
+    )]
+    LastAdminToken(String),
+    /// An ingress address another program holds (409): the change is refused.
+    #[error(
+        "cannot open the ingress of {group} on {addr}: {source}; is another program (or another drover) listening there? Change `ingress.listen` or stop that program"
+    )]
+    IngressInUse {
+        group: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another server holds the data directory (409).
+    #[error(
+        "another drover server (pid {pid}) uses the data directory {}: stop it first, or use another --data-dir",
+        dir.display()
+    )]
+    DataDirInUse { pid: String, dir: PathBuf },
     #[error("{0}")]
     MethodNotAllowed(String),
-    #[error("{0}")]
-    TooLarge(String),
+    /// A request body over the API's limit (413).
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
     /// The caller holds its limit of long-lived requests (429).
     #[error("{0}")]
     TooManyRequests(String),
-    /// No token, an unknown one or a revoked one (401).
+    /// ... of follow streams (429) ...
+    #[error("this token holds {limit} follow streams already; close one first")]
+    TooManyFollows { limit: usize },
+    /// ... or of long-polls (429).
+    #[error("this token holds {limit} long-polls already; wait for one to answer")]
+    TooManyPolls { limit: usize },
+    /// Not known who calls (401), in free text (a dashboard session that ended, a login
+    /// that is not a token); the token errors are the variants below.
     #[error("{0}")]
     Unauthorized(String),
-    /// A valid token that may not do this (403).
+    /// No `Authorization` header (401).
+    #[error(
+        "this endpoint needs a token: send `Authorization: Bearer TOKEN` (the CLI reads DATA_DIR/admin.token, DROVER_TOKEN or --token); see docs/security.md"
+    )]
+    TokenNeeded,
+    /// An `Authorization` header that is not a bearer token (401).
+    #[error("the Authorization header must be `Bearer TOKEN`")]
+    NotBearer,
+    /// An instance token that does not check out, or one on a token that is not an agent
+    /// token (401): nothing more is said.
+    #[error("unknown token")]
+    UnknownToken,
+    /// A token this server never made (401).
+    #[error(
+        "unknown token: it was never created on this server (`drover token list` shows the tokens)"
+    )]
+    TokenNotCreated,
+    /// A revoked token (401) ...
+    #[error("token {id} was revoked; create a new one with `drover token create`")]
+    TokenRevoked { id: String },
+    /// ... or a dashboard session opened with one (401).
+    #[error("token {id} that this session was opened with was revoked; log in again with another")]
+    SessionTokenRevoked { id: String },
+    /// A valid token that may not do this (403), in free text (exec turned off, a change
+    /// through a session without its CSRF token); scopes and groups are the variants below.
     #[error("{0}")]
     Forbidden(String),
+    /// A call whose scope the token lacks (403): `needs` says what it needs, `caller` who
+    /// the token is.
+    #[error("{method} {path} {needs}; {caller}")]
+    NotAllowed {
+        method: String,
+        path: String,
+        needs: &'static str,
+        caller: String,
+    },
+    /// An agent token acting for another group (403): `what` it named.
+    #[error("{what} belongs to group {group}; {caller}")]
+    OtherGroup {
+        what: String,
+        group: String,
+        caller: String,
+    },
+    /// A token acting for an instance it does not speak for (403): another group's, another
+    /// instance's (an instance token), or one heard with its own token. Nothing more is said.
+    #[error("this token may not act for that instance")]
+    NotThisInstance,
     #[error("store: {0}")]
     Store(#[from] drover_store::StoreError),
     #[error("provider: {0}")]
@@ -94,10 +225,40 @@ pub enum ServerError {
     /// Not known now; asking again later may succeed (503).
     #[error("{0}")]
     Unavailable(String),
+    /// A leader whose lease ran out (503): it hands out nothing more.
+    #[error(
+        "this server no longer leads (its lease ran out); ask the leader (GET /v1/health names it)"
+    )]
+    LeaseLost,
+    /// A server that does not lead, asked to change desired state in-process (503).
+    #[error("this server does not lead; apply through the leader")]
+    NotLeading,
     #[error("{0}")]
     Internal(String),
+    /// A store read on a blocking thread that did not come back (500).
+    #[error("store read: {0}")]
+    StoreRead(#[source] tokio::task::JoinError),
+    /// A flight recorder's write on a blocking thread that did not come back (500).
+    #[error("flight recorder: {0}")]
+    FlightRecorder(#[source] tokio::task::JoinError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+}
+
+/// What [`ServerError::NoService`] says after the name.
+fn known_services(known: Option<&[String]>) -> String {
+    match known {
+        Some(k) => format!("services: {}", names(k)),
+        None => "`drover status` lists them".into(),
+    }
+}
+
+/// What [`ServerError::NothingApplied`] says after `nothing applied yet: `.
+fn nothing_to(to: Option<&str>) -> String {
+    match to {
+        Some(what) => format!("there is nothing to {what}"),
+        None => "run `drover apply FILE` first".into(),
+    }
 }
 
 /// Names for a message: `a, b`, or `none`.
@@ -273,11 +434,10 @@ pub fn lock_data_dir(dir: &std::path::Path, shared: bool) -> Result<std::fs::Fil
     if unsafe { libc::flock(f.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
         let mut holder = String::new();
         let _ = f.read_to_string(&mut holder);
-        return Err(ServerError::Conflict(format!(
-            "another drover server (pid {}) uses the data directory {}: stop it first, or use another --data-dir",
-            holder.trim(),
-            dir.display()
-        )));
+        return Err(ServerError::DataDirInUse {
+            pid: holder.trim().to_string(),
+            dir: dir.to_path_buf(),
+        });
     }
     if !shared {
         let _ = f.set_len(0);
@@ -689,9 +849,7 @@ impl Server {
     pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResponse, ServerError> {
         match self.engine() {
             Some(e) => e.apply(req).await,
-            None => Err(ServerError::Unavailable(
-                "this server does not lead; apply through the leader".into(),
-            )),
+            None => Err(ServerError::NotLeading),
         }
     }
 
@@ -824,7 +982,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = lock_data_dir(dir.path(), false).unwrap();
         let err = lock_data_dir(dir.path(), false).unwrap_err();
-        assert!(matches!(err, ServerError::Conflict(_)), "{err}");
+        assert!(matches!(err, ServerError::DataDirInUse { .. }), "{err}");
         let msg = err.to_string();
         assert!(
             msg.contains(&format!("pid {}", std::process::id())) && msg.contains("--data-dir"),

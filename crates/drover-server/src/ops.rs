@@ -185,10 +185,10 @@ pub async fn logs(
         Vec::new()
     };
     if !known && recs.is_empty() {
-        return Err(ServerError::NotFound(format!(
-            "no service {:?}; `drover status` lists them",
-            q.service
-        )));
+        return Err(ServerError::NoService {
+            service: q.service.clone(),
+            known: None,
+        });
     }
     if live.is_empty() && recs.is_empty() {
         let which = match (&q.instance, q.generation) {
@@ -205,12 +205,13 @@ pub async fn logs(
         return Err(ServerError::NotFound(which));
     }
     let held = if q.follow {
-        Some(guards.hold(Kind::Follow, &caller.id).ok_or_else(|| {
-            ServerError::TooManyRequests(format!(
-                "this token holds {} follow streams already; close one first",
-                crate::guard::FOLLOWS_PER_CALLER
-            ))
-        })?)
+        Some(
+            guards
+                .hold(Kind::Follow, &caller.id)
+                .ok_or(ServerError::TooManyFollows {
+                    limit: crate::guard::FOLLOWS_PER_CALLER,
+                })?,
+        )
     } else {
         None
     };
@@ -396,10 +397,10 @@ pub async fn exec(
         .and_then(|r| r.fleet.services.get(&req.service))
         .cloned();
     let Some(service) = service else {
-        return Err(ServerError::NotFound(format!(
-            "no service {:?}; `drover status` lists them",
-            req.service
-        )));
+        return Err(ServerError::NoService {
+            service: req.service.clone(),
+            known: None,
+        });
     };
     if !service.exec {
         return Err(ServerError::Forbidden(format!(
@@ -580,9 +581,10 @@ pub async fn exec_input(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ServerError> {
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ServerError::BadRequest(format!("session {id:?} is not a number")))?;
+    let id: u64 = id.parse().map_err(|_| ServerError::NotANumber {
+        what: "session",
+        value: id.clone(),
+    })?;
     let Some(tx) = ops.relay.input_sender(id, &caller.id) else {
         return Err(ServerError::NotFound(format!(
             "no interactive exec session {id} of this token is open"
@@ -679,7 +681,7 @@ pub async fn agent_tasks(
     })?;
     check_instance(&e, &caller, &bound, &q.instance)?;
     if !e.state().instances.contains_key(&q.instance) {
-        return Err(ServerError::NotFound(format!("no instance {}", q.instance)));
+        return Err(ServerError::NoInstance(q.instance));
     }
     let _held = hold_poll(&guards, &caller, &bound)?;
     let wait = Duration::from_millis(q.wait_ms.min(60_000));
@@ -699,9 +701,10 @@ fn agent_task(
     let Query(q) = query
         .map_err(|r| ServerError::BadRequest(format!("{}; parameters: instance", r.body_text())))?;
     check_instance(e, caller, bound, &q.instance)?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ServerError::BadRequest(format!("task {id:?} is not a number")))?;
+    let id: u64 = id.parse().map_err(|_| ServerError::NotANumber {
+        what: "task",
+        value: id.to_string(),
+    })?;
     Ok((id, q))
 }
 
@@ -775,10 +778,10 @@ pub async fn agent_flight(
     check_instance(&e, &caller, &bound, &rec.instance)?;
     if let Some(i) = e.state().instances.get(&rec.instance) {
         if i.record.group != rec.group || i.record.generation != rec.generation {
-            return Err(ServerError::BadRequest(format!(
-                "instance {}: the group or generation is not the one it was launched with",
-                rec.instance
-            )));
+            return Err(ServerError::GenerationMismatch {
+                instance: rec.instance,
+                what: "group or generation",
+            });
         }
     }
     // Within the bound (the newest lines kept), each line as the agent's own.
@@ -829,7 +832,7 @@ pub async fn agent_flight(
     let ops2 = ops.clone();
     tokio::task::spawn_blocking(move || ops2.flights.keep(&rec, now))
         .await
-        .map_err(|err| ServerError::Internal(format!("flight recorder: {err}")))?
+        .map_err(ServerError::FlightRecorder)?
         .map_err(|err| ServerError::BadRequest(format!("flight record not kept: {err}")))?;
     e.record(vec![NewEvent::new(EventKind::Output, message)
         .group(group)
@@ -856,16 +859,13 @@ pub async fn agent_tail(
     let components: Vec<String> = {
         let st = e.state();
         let Some(i) = st.instances.get(&batch.instance) else {
-            return Err(ServerError::NotFound(format!(
-                "no instance {}",
-                batch.instance
-            )));
+            return Err(ServerError::NoInstance(batch.instance));
         };
         if i.record.group != batch.group || i.record.generation != batch.generation {
-            return Err(ServerError::BadRequest(format!(
-                "instance {}: the group or generation is not the one it was launched with",
-                batch.instance
-            )));
+            return Err(ServerError::GenerationMismatch {
+                instance: batch.instance,
+                what: "group or generation",
+            });
         }
         st.groups
             .get(&batch.group)
@@ -912,6 +912,6 @@ pub async fn agent_tail(
         Ok::<(), ServerError>(())
     })
     .await
-    .map_err(|err| ServerError::Internal(format!("flight recorder: {err}")))??;
+    .map_err(ServerError::FlightRecorder)??;
     Ok(Json(serde_json::json!({})).into_response())
 }

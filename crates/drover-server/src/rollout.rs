@@ -133,14 +133,11 @@ impl Engine {
             });
         }
         if acted.is_empty() {
-            return Err(ServerError::Conflict(format!(
-                "no rollout under way for {}{}: nothing to {verb}; `drover status` shows the rollouts",
-                req.service,
-                req.region
-                    .as_deref()
-                    .map(|r| format!(" in region {r}"))
-                    .unwrap_or_default()
-            )));
+            return Err(ServerError::RolloutNotOpen {
+                service: req.service,
+                region: req.region,
+                action: verb,
+            });
         }
         // Durable first, then in memory: a failed commit changes nothing.
         self.commit(writes).await?;

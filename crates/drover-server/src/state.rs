@@ -582,9 +582,7 @@ pub fn service_in(
     region: Option<&str>,
 ) -> Result<drover_model::fleet::Service, crate::ServerError> {
     use crate::ServerError;
-    let fleet = st.fleet().ok_or_else(|| {
-        ServerError::Conflict("nothing applied yet: run `drover apply FILE` first".into())
-    })?;
+    let fleet = st.fleet().ok_or(ServerError::NothingApplied { to: None })?;
     let svc = fleet
         .services
         .get(service)

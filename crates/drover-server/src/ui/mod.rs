@@ -113,10 +113,9 @@ pub fn session_caller(engine: &Engine, req: &mut Request) -> Result<Caller, Serv
         Some(t) if t.revoked_at_ms.is_none() => {}
         _ => {
             ui.sessions.remove(&r);
-            return Err(ServerError::Unauthorized(format!(
-                "token {} that this session was opened with was revoked; log in again with another",
-                s.token_id
-            )));
+            return Err(ServerError::SessionTokenRevoked {
+                id: s.token_id.clone(),
+            });
         }
     }
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
@@ -636,9 +635,7 @@ async fn group_page(
     };
     let Some((mut g, counts)) = crate::status::group_page(&e, &id, listed_page, listed_per_page)
     else {
-        return Err(ServerError::NotFound(format!(
-            "no group {id}; `drover status` lists the groups"
-        )));
+        return Err(ServerError::NoGroup(id));
     };
     let listed = std::mem::take(&mut g.instances);
     let generation = g.generation;
