@@ -32,6 +32,7 @@ use crate::engine::Engine;
 /// the leader dies.
 pub const LEASE_TTL: Duration = Duration::from_secs(2);
 /// The pause before another try after a failed lease renewal.
+#[cfg(feature = "etcd")]
 const RENEW_RETRY: Duration = Duration::from_millis(100);
 /// How often a server that does not lead reads who leads.
 pub const POLL: Duration = Duration::from_millis(100);
