@@ -667,27 +667,31 @@ mod tests {
     }
 
     impl Live {
+        /// Each group as the planner sees it before the change.
+        fn before(&self) -> BTreeMap<String, Before<'_>> {
+            self.groups
+                .iter()
+                .map(|(k, g)| {
+                    (
+                        k.clone(),
+                        Before {
+                            desired: g.desired,
+                            desired_reason: &g.desired_reason,
+                            generation: g.generation,
+                            rollout: &g.rollout,
+                            plan: &g.plan,
+                        },
+                    )
+                })
+                .collect()
+        }
+
         fn plan(&self, fleet: &Fleet, origin: &Origin, now: u64) -> ChangePlan {
             let world = World {
                 fleet: self.fleet.as_ref(),
                 revision: self.revision,
                 last_applied: self.file.as_ref(),
-                groups: self
-                    .groups
-                    .iter()
-                    .map(|(k, g)| {
-                        (
-                            k.clone(),
-                            Before {
-                                desired: g.desired,
-                                desired_reason: &g.desired_reason,
-                                generation: g.generation,
-                                rollout: &g.rollout,
-                                plan: &g.plan,
-                            },
-                        )
-                    })
-                    .collect(),
+                groups: self.before(),
                 ..World::default()
             };
             plan(
@@ -1113,23 +1117,7 @@ mod tests {
             revision: live.revision,
             ..World::default()
         };
-        let before: BTreeMap<String, Before> = live
-            .groups
-            .iter()
-            .map(|(k, g)| {
-                (
-                    k.clone(),
-                    Before {
-                        desired: g.desired,
-                        desired_reason: &g.desired_reason,
-                        generation: g.generation,
-                        rollout: &g.rollout,
-                        plan: &g.plan,
-                    },
-                )
-            })
-            .collect();
-        world.groups = before;
+        world.groups = live.before();
         assert_eq!(new_groups(&v1, &world), ["web/c"]);
         world.unused_generation.insert("web/c".into(), 2);
         let p = plan(
