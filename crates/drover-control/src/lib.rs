@@ -10,6 +10,7 @@ pub mod group;
 pub mod rollout;
 pub mod schedule;
 pub mod waves;
+pub mod world;
 
 pub use autoscale::{AutoscaleInput, AutoscaleState, ScaleDecision};
 pub use backoff::LaunchBackoff;

@@ -1,5 +1,6 @@
-//! What the server stores of a group's rollout, so a rollout resumes where it was after a
-//! restart. The controllers change it (`drover_control::rollout`); the store keeps it.
+//! The records the server keeps of its groups and instances: a group's desired count,
+//! generation and rollout (so a rollout resumes where it was after a restart), and each
+//! instance it launched. The controllers change them (`drover_control`); the store keeps them.
 
 use serde::{Deserialize, Serialize};
 
@@ -54,4 +55,67 @@ pub struct RolloutRecord {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// A group's desired count and current plan generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// `service/region`.
+    pub group: String,
+    pub desired: u32,
+    /// Who or what set `desired` (e.g. `apply`, `scale by alice`, `autoscale`).
+    pub desired_reason: String,
+    /// The group's current plan generation.
+    pub generation: u64,
+    /// Rollout bookkeeping, so a rollout resumes where it was after a restart.
+    #[serde(default)]
+    pub rollout: RolloutRecord,
+}
+
+/// Where an instance is in its life, as the server decided it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    Active,
+    Draining,
+    Terminating,
+}
+
+impl Lifecycle {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Lifecycle::Active => "active",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Terminating => "terminating",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Lifecycle> {
+        match s {
+            "active" => Some(Lifecycle::Active),
+            "draining" => Some(Lifecycle::Draining),
+            "terminating" => Some(Lifecycle::Terminating),
+            _ => None,
+        }
+    }
+}
+
+/// One instance the server launched.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub group: String,
+    /// The plan generation it was launched with (never changes).
+    pub generation: u64,
+    pub addr: String,
+    /// The provider's handle: a local pid, an EC2 instance id…
+    pub provider_id: String,
+    pub launched_at_ms: u64,
+    pub lifecycle: Lifecycle,
+    /// When it was given a permit to drain and terminate itself.
+    pub permit_at_ms: Option<u64>,
+    /// Launched with a token of its own (an HMAC of its id): its group's token never speaks
+    /// for it, from its launch on and across restarts.
+    #[serde(default)]
+    pub own_token: bool,
 }

@@ -13,7 +13,7 @@ use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{absorb_heartbeat, lifecycle_of, view, Group, Instance, Soft, State};
+use crate::state::{absorb_heartbeat, lifecycle_of, view, Group, Instance, Soft, World};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -28,7 +28,11 @@ pub struct Engine {
     /// Reads go to the store directly; every write goes through `writer`.
     pub(crate) store: Arc<dyn Store>,
     writer: crate::writer::Writer,
-    state: Mutex<State>,
+    state: Mutex<World>,
+    /// Per instance, what wakes its permit long-poll (and no other) when its lifecycle
+    /// changes. Taken only while `state` is held (or after it), so an entry is never made
+    /// for an instance already gone.
+    permit_wakes: Mutex<std::collections::HashMap<String, Arc<Notify>>>,
     /// One provider per region, made when a region first appears.
     providers: Mutex<BTreeMap<String, Arc<dyn Provider>>>,
     pub(crate) factory: crate::ProviderFactory,
@@ -93,12 +97,12 @@ impl Engine {
     ) -> Result<Engine, ServerError> {
         let snap = store.snapshot()?;
         let now = now_ms();
-        let mut state = State {
+        let mut state = World {
             revision: snap.revision,
             instance_seq: snap.counters.get("instance_seq").copied().unwrap_or(0),
             once: snap.schedules,
             schedule_memory: crate::state::memory_from_counters(&snap.counters),
-            ..State::default()
+            ..World::default()
         };
         state.instances.set_silent_after(timing.silent_after_ms);
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
@@ -143,7 +147,6 @@ impl Engine {
                         .get(region_of(&rec.group))
                         .is_some_and(|p| p.adopt(&rec.id)),
                     record: rec,
-                    permit_wake: Default::default(),
                 },
             );
         }
@@ -158,6 +161,7 @@ impl Engine {
             store,
             writer,
             state: Mutex::new(state),
+            permit_wakes: Default::default(),
             providers: Mutex::new(providers),
             factory,
             balancers: crate::balancer::Balancers::new(),
@@ -230,7 +234,7 @@ impl Engine {
             .cloned()
     }
 
-    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, World> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -464,7 +468,7 @@ impl Engine {
         // A pass that lets instances go (permits, terminations, losses) frees surge room:
         // a second pass launches their replacements now rather than a tick later. The last
         // decision's targets go to the balancer (a permit takes an instance out at once).
-        // Each pass reconciles only the groups that need it (`State::reconcile_due`): a
+        // Each pass reconciles only the groups that need it (`World::reconcile_due`): a
         // group's targets are those of its last pass in this tick.
         let mut targets = BTreeMap::new();
         for pass in 0..3 {
@@ -501,7 +505,7 @@ impl Engine {
         self.sweep_providers().await;
     }
 
-    /// Reconcile the groups that need it now ([`State::reconcile_due`]), one group per hold
+    /// Reconcile the groups that need it now ([`World::reconcile_due`]), one group per hold
     /// of the state lock: a heartbeat waits at most for one group's reconcile.
     fn reconcile_due(&self, now: u64) -> drover_control::Decision {
         let due = self.state().due(now);
@@ -1153,12 +1157,12 @@ impl Engine {
         for e in effects {
             match e {
                 Effect::Remove { instance } => {
-                    let removed = self.state().instances.remove(&instance);
+                    self.state().instances.remove(&instance);
                     self.balancers.forget_instance(&instance);
                     self.peers.forget(&instance);
-                    if let Some(i) = &removed {
-                        // A long-poll still held for it ends (404) rather than at its deadline.
-                        i.permit_wake.notify_waiters();
+                    // A long-poll still held for it ends (404) rather than at its deadline.
+                    if let Some(w) = self.permit_wakes.lock().unwrap().remove(&instance) {
+                        w.notify_waiters();
                     }
                 }
                 Effect::OutOfRotation { group, instance } => {
@@ -1279,8 +1283,9 @@ impl Engine {
 
     /// Wake the permit long-poll of `instance` (only its own).
     fn wake_permit_poll(&self, instance: &str) {
-        if let Some(i) = self.state().instances.get(instance) {
-            i.permit_wake.notify_waiters();
+        let wake = self.permit_wakes.lock().unwrap().get(instance).cloned();
+        if let Some(w) = wake {
+            w.notify_waiters();
         }
     }
 
@@ -1292,12 +1297,19 @@ impl Engine {
         instance: &str,
         wait: Duration,
     ) -> Result<drover_model::api::PermitReply, ServerError> {
-        let wake = self
-            .state()
-            .instances
-            .get(instance)
-            .map(|i| i.permit_wake.clone())
-            .ok_or_else(|| ServerError::NoInstance(instance.to_string()))?;
+        let wake = {
+            let st = self.state();
+            if !st.instances.contains_key(instance) {
+                return Err(ServerError::NoInstance(instance.to_string()));
+            }
+            // Made while the instance is known (see `permit_wakes`).
+            self.permit_wakes
+                .lock()
+                .unwrap()
+                .entry(instance.to_string())
+                .or_default()
+                .clone()
+        };
         let _held = HeldPoll::new(&self.permit_polls);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -1610,7 +1622,6 @@ impl Engine {
                     ..fresh_soft(now)
                 },
                 alive,
-                permit_wake: Default::default(),
             },
         );
         Ok(())

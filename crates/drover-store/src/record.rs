@@ -6,70 +6,7 @@ use drover_model::api::Revision;
 use drover_model::{Event, EventKind, Fleet, NewEvent, Plan};
 use serde::{Deserialize, Serialize};
 
-/// A group's desired count and current plan generation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GroupRecord {
-    /// `service/region`.
-    pub group: String,
-    pub desired: u32,
-    /// Who or what set `desired` (e.g. `apply`, `scale by alice`, `autoscale`).
-    pub desired_reason: String,
-    /// The group's current plan generation.
-    pub generation: u64,
-    /// Rollout bookkeeping, so a rollout resumes where it was after a restart.
-    #[serde(default)]
-    pub rollout: RolloutRecord,
-}
-
-pub use drover_model::record::RolloutRecord;
-
-/// Where an instance is in its life, as the server decided it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Lifecycle {
-    Active,
-    Draining,
-    Terminating,
-}
-
-impl Lifecycle {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Lifecycle::Active => "active",
-            Lifecycle::Draining => "draining",
-            Lifecycle::Terminating => "terminating",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Lifecycle> {
-        match s {
-            "active" => Some(Lifecycle::Active),
-            "draining" => Some(Lifecycle::Draining),
-            "terminating" => Some(Lifecycle::Terminating),
-            _ => None,
-        }
-    }
-}
-
-/// One instance the server launched.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub id: String,
-    pub group: String,
-    /// The plan generation it was launched with (never changes).
-    pub generation: u64,
-    pub addr: String,
-    /// The provider's handle: a local pid, an EC2 instance id…
-    pub provider_id: String,
-    pub launched_at_ms: u64,
-    pub lifecycle: Lifecycle,
-    /// When it was given a permit to drain and terminate itself.
-    pub permit_at_ms: Option<u64>,
-    /// Launched with a token of its own (an HMAC of its id): its group's token never speaks
-    /// for it, from its launch on and across restarts.
-    #[serde(default)]
-    pub own_token: bool,
-}
+pub use drover_model::record::{GroupRecord, InstanceRecord, Lifecycle, RolloutRecord};
 
 /// One change in a [`crate::Store::commit`].
 #[derive(Clone, Debug, PartialEq)]
