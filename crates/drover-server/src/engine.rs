@@ -6,14 +6,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use drover_control::{Action, Health, Timing};
+use drover_control::{Action, Timing};
 use drover_model::api::{FleetStatus, Heartbeat, HeartbeatReply, Revision};
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_provider::{Exit, LaunchRequest, Provider};
-use drover_store::{GroupRecord, InstanceRecord, Lifecycle, Store, Write};
+use drover_store::{GroupRecord, InstanceRecord, Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{absorb_heartbeat, lifecycle_of, view, Group, Instance, Soft, World};
+use crate::state::{lifecycle_of, view, Change, Group, Record, Staged, World};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -97,16 +97,9 @@ impl Engine {
     ) -> Result<Engine, ServerError> {
         let snap = store.snapshot()?;
         let now = now_ms();
-        let mut state = World {
-            revision: snap.revision,
-            instance_seq: snap.counters.get("instance_seq").copied().unwrap_or(0),
-            once: snap.schedules,
-            schedule_memory: crate::state::memory_from_counters(&snap.counters),
-            ..World::default()
-        };
-        state.instances.set_silent_after(timing.silent_after_ms);
+        let revision = snap.revision;
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
-        if let Some(rev) = &state.revision {
+        if let Some(rev) = &revision {
             for (name, region) in &rev.fleet.regions {
                 if let Some(p) = factory.make(&rev.fleet.fleet.name, name, region) {
                     providers.insert(name.clone(), p);
@@ -115,41 +108,37 @@ impl Engine {
         }
         let plans: BTreeMap<String, Plan> =
             snap.plans.into_iter().map(|p| (p.group().0, p)).collect();
-        for rec in snap.groups {
-            let Some(plan) = plans.get(&rec.group).cloned() else {
-                continue;
-            };
-            let (provider, ingress) = group_facts(state.revision.as_ref(), &plan);
-            state.groups.insert(
-                rec.group.clone(),
-                Group {
+        let groups = snap
+            .groups
+            .into_iter()
+            .filter_map(|rec| {
+                let plan = plans.get(&rec.group).cloned()?;
+                let (provider, ingress) = group_facts(revision.as_ref(), &plan);
+                Some(Group {
                     record: rec,
                     plan,
                     provider,
                     ingress,
-                },
-            );
-        }
-        for rec in snap.instances {
-            // Soft state is rebuilt from heartbeats; until then, a grace period from when the
-            // API answers ([`Engine::api_ready`]; from now until then).
-            state.instances.insert(
-                rec.id.clone(),
-                Instance {
-                    soft: Soft {
-                        restored: true,
-                        // The silence budget starts after a grace: every agent must get
-                        // through to a server that is still catching up.
-                        last_seen_ms: now + RESTART_GRACE_MS,
-                        ..fresh_soft(now)
-                    },
-                    alive: providers
-                        .get(region_of(&rec.group))
-                        .is_some_and(|p| p.adopt(&rec.id)),
-                    record: rec,
-                },
-            );
-        }
+                })
+            })
+            .collect();
+        // Soft state is rebuilt from heartbeats; until then, a grace period from when the API
+        // answers ([`Engine::api_ready`]; from now until then).
+        let instances = snap.instances.into_iter().map(|rec| {
+            let alive = providers
+                .get(region_of(&rec.group))
+                .is_some_and(|p| p.adopt(&rec.id));
+            (rec, alive)
+        });
+        let state = World::restore(
+            revision,
+            groups,
+            instances,
+            &snap.counters,
+            snap.schedules,
+            timing.silent_after_ms,
+            now,
+        );
         let (events_tx, _) = broadcast::channel(4096);
         let publish = events_tx.clone();
         let writer = crate::writer::Writer::start(store.clone(), move |e| {
@@ -217,13 +206,7 @@ impl Engine {
         let now = now_ms();
         self.ready_ms
             .store(now, std::sync::atomic::Ordering::Relaxed);
-        let mut st = self.state();
-        st.instances.for_each_mut(|i| {
-            if i.soft.restored {
-                i.soft.watched_since_ms = now;
-                i.soft.last_seen_ms = now + RESTART_GRACE_MS;
-            }
-        });
+        self.state().api_ready(now);
     }
 
     pub(crate) fn provider(&self, region: &str) -> Option<Arc<dyn Provider>> {
@@ -390,58 +373,26 @@ impl Engine {
 
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<HeartbeatReply, ServerError> {
         let now = now_ms();
-        let (changed, leave_soon) = {
+        let step = {
             let mut st = self.state();
-            let Some(inst) = st.instances.get(&hb.instance) else {
-                return Ok(HeartbeatReply {
-                    known: false,
-                    leave_soon: Some(false),
-                });
-            };
-            if inst.record.group != hb.group {
-                return Err(ServerError::Forbidden(
-                    "this token may not act for that instance".into(),
-                ));
-            }
-            let leave_soon = Some(st.leave_soon(inst));
-            if hb.seq != 0 && hb.seq <= inst.soft.last_seq {
-                // Late or duplicate.
-                return Ok(HeartbeatReply {
-                    known: true,
-                    leave_soon,
-                });
-            }
-            let mut inst = st.instances.get_mut(&hb.instance).expect("looked up above");
-            let (events, changed) = absorb_heartbeat(&mut inst, &hb, now);
-            let events = inst.soft.budget.admit(events, now, &hb.group, &hb.instance);
-            let turned_healthy = changed && matches!(inst.soft.health, Health::Healthy { .. });
-            // Its view follows here (and its group is reconciled if the change matters).
-            drop(inst);
-            if turned_healthy {
-                st.launch_backoff.remove(&hb.group);
-            }
+            let step = st.heartbeat(&hb, now).map_err(|_| {
+                ServerError::Forbidden("this token may not act for that instance".into())
+            })?;
             // Queued (never waited for) under the lock: events in the order of the changes.
-            self.record(events);
-            (changed, leave_soon)
+            self.record(step.events);
+            (step.wake, step.reply)
         };
-        if changed {
+        if step.0 {
             self.wake.notify_one();
         }
-        Ok(HeartbeatReply {
-            known: true,
-            leave_soon,
-        })
+        Ok(step.1)
     }
 
     /// The provider saw an instance end.
     pub fn exited(&self, exit: Exit) {
-        let mut st = self.state();
-        if let Some(mut i) = st.instances.get_mut(&exit.instance) {
-            i.alive = false;
-            i.soft.health = Health::Unknown;
+        if self.state().exited(&exit.instance) {
             tracing::debug!(instance = %exit.instance, status = %exit.status, "instance exited");
         }
-        drop(st);
         self.wake.notify_one();
     }
 
@@ -529,44 +480,7 @@ impl Engine {
     /// Let the fleet's change reach the next wave of each service whose earlier waves are
     /// done (`drover_control::waves::release`). The caller holds the write lock.
     async fn release_waves(&self, now: u64) -> Result<(), ServerError> {
-        let releases: Vec<(usize, Vec<String>)> = {
-            let st = self.state();
-            let Some(fleet) = st.fleet() else {
-                return Ok(());
-            };
-            fleet
-                .services
-                .iter()
-                .filter(|(_, s)| !s.rollout.waves.is_empty())
-                // A service deployed by hand to some regions waits for a person.
-                .filter(|(name, s)| {
-                    !s.regions.iter().any(|r| {
-                        st.groups
-                            .get(&drover_model::GroupId::new(name, r).0)
-                            .is_some_and(|g| g.record.rollout.held)
-                    })
-                })
-                .filter_map(|(name, s)| {
-                    let groups: Vec<drover_control::waves::WaveGroup> = s
-                        .regions
-                        .iter()
-                        .filter_map(|r| {
-                            let g = st.groups.get(&drover_model::GroupId::new(name, r).0)?;
-                            let ro = &g.record.rollout;
-                            Some(drover_control::waves::WaveGroup {
-                                group: g.record.group.clone(),
-                                wave: s.rollout.wave_of(r),
-                                pending: ro.wave_pending,
-                                open: ro.open,
-                                failed: ro.failed_generation >= g.record.generation,
-                                done_ms: ro.done_ms,
-                            })
-                        })
-                        .collect();
-                    drover_control::waves::release(&groups, s.rollout.wave_bake.as_millis(), now)
-                })
-                .collect()
-        };
+        let releases = self.state().wave_releases(now);
         for (wave, groups) in releases {
             let Some(rev) = self.current_revision() else {
                 return Ok(());
@@ -593,15 +507,7 @@ impl Engine {
             return;
         }
         let ready = self.ready_ms.load(std::sync::atomic::Ordering::Relaxed);
-        if ready == 0 {
-            return;
-        }
-        let waiting = self
-            .state()
-            .instances
-            .values()
-            .any(|i| i.soft.restored && i.alive);
-        if !waiting || now_ms() >= ready + RESTART_GRACE_MS {
+        if self.state().rebuilt(now_ms(), ready) {
             self.balancers.set_rebuilt();
         }
     }
@@ -610,88 +516,15 @@ impl Engine {
     /// ([`drover_control::schedule::step`]); store their memory, record the windows that
     /// began or ended, and the counts they set.
     async fn schedule_pass(&self, now: u64) -> Result<(), ServerError> {
-        let mut writes = Vec::new();
-        let mut staged = Staged::default();
-        {
-            let st = self.state();
-            let groups: Vec<String> = st.groups.keys().cloned().collect();
-            for gid in groups {
-                let g = &st.groups[&gid];
-                if !st.has_schedules(g) {
-                    continue;
-                }
-                let autoscaled = st.service(g).is_some_and(|s| s.autoscale.is_some());
-                let mut memory = st.schedule_memory.get(&gid).cloned().unwrap_or_default();
-                let r = drover_control::schedule::step(
-                    now,
-                    &st.schedules(g),
-                    g.record.desired,
-                    autoscaled,
-                    &mut memory,
-                );
-                for note in r.notes {
-                    writes.push(Write::Event(
-                        NewEvent::new(EventKind::Schedule, note).group(&gid),
-                    ));
-                }
-                if r.remembered {
-                    writes.extend(crate::state::memory_writes(&gid, &memory));
-                }
-                staged.memory.push((gid.clone(), memory));
-                if let Some(d) = r.decision {
-                    if r.sets_count {
-                        let mut scaler = st.autoscale.get(&gid).cloned().unwrap_or_default();
-                        scaler.manual(now, d.to);
-                        staged.autoscale.push((gid.clone(), scaler));
-                    }
-                    set_desired(&g.record, d.from, d.to, &d.reason, &mut writes, &mut staged);
-                }
-            }
-        }
-        self.commit_records(writes, staged).await
+        let change = self.state().schedule_step(now);
+        self.carry_out_change(change).await
     }
 
-    /// Run the autoscaler of every group that has a policy; store and record its changes.
+    /// Run the autoscaler of every group that has a policy ([`World::autoscale_step`]);
+    /// store and record its changes.
     async fn autoscale(&self, now: u64) -> Result<(), ServerError> {
-        let mut writes = Vec::new();
-        let mut staged = Staged::default();
-        {
-            let st = self.state();
-            let groups: Vec<String> = st.groups.keys().cloned().collect();
-            for gid in groups {
-                let g = &st.groups[&gid];
-                let Some(svc) = st.service(g) else { continue };
-                let Some(policy) = svc.autoscale.clone() else {
-                    continue;
-                };
-                let bounds = st.bounds(g, now);
-                let (min, max) = (bounds.min, bounds.max);
-                let by = bounds.by();
-                let (samples, oldest_sample_ms) = st.samples(g, &policy, now);
-                let desired = g.record.desired;
-                let rollout = g.record.rollout.open;
-                let mut scaler = st.autoscale.get(&gid).cloned().unwrap_or_default();
-                let decision = scaler.decide(
-                    now,
-                    &drover_control::AutoscaleInput {
-                        group: &gid,
-                        policy: &policy,
-                        desired,
-                        min,
-                        max,
-                        bounds_by: by.as_deref(),
-                        rollout_in_progress: rollout,
-                        samples: &samples,
-                        oldest_sample_ms,
-                    },
-                );
-                if let Some(d) = decision {
-                    set_desired(&g.record, d.from, d.to, &d.reason, &mut writes, &mut staged);
-                }
-                staged.autoscale.push((gid, scaler));
-            }
-        }
-        self.commit_records(writes, staged).await
+        let change = self.state().autoscale_step(now);
+        self.carry_out_change(change).await
     }
 
     /// Set the desired count of a service's groups (`drover scale`). Autoscaling goes on
@@ -961,82 +794,15 @@ impl Engine {
         self.peers.remove(group, instance);
     }
 
+    /// Give the balancers and discovery the targets a pass decided ([`World::publish`]).
     fn update_targets(&self, targets: BTreeMap<String, Vec<String>>) {
-        let mut events = Vec::new();
-        {
-            let mut st = self.state();
-            for (group, ids) in targets {
-                // Its leaving instances, from its kept views.
-                let leaving: Vec<String> = st
-                    .instances
-                    .group_views(&group)
-                    .filter(|v| v.phase != drover_control::Phase::Active)
-                    .map(|v| v.id.clone())
-                    .collect();
-                let generation = st.groups.get(&group).map_or(0, |g| g.record.generation);
-                let unchanged = st.targets.get(&group) == Some(&ids)
-                    && st
-                        .published
-                        .get(&group)
-                        .is_some_and(|(l, g)| *l == leaving && *g == generation);
-                if unchanged {
-                    continue;
-                }
-                st.published
-                    .insert(group.clone(), (leaving.clone(), generation));
-                // Service discovery: the same instances, with every named port of the plan.
-                if let Some(g) = st.groups.get(&group) {
-                    let ports: BTreeMap<String, u16> = g
-                        .plan
-                        .components
-                        .iter()
-                        .flat_map(|c| c.ports.iter().map(|(n, p)| (n.clone(), *p)))
-                        .collect();
-                    let peers = ids
-                        .iter()
-                        .filter_map(|id| {
-                            Some(drover_model::api::PeerAddr {
-                                instance: id.clone(),
-                                addr: st.instances.get(id)?.record.addr.clone(),
-                                ports: ports.clone(),
-                            })
-                        })
-                        .collect();
-                    self.peers.set(&group, peers);
-                }
-                let port = st
-                    .groups
-                    .get(&group)
-                    .and_then(|g| g.ingress.map(|(_, p)| p));
-                if let Some(port) = port {
-                    let list: Vec<drover_model::api::LbTarget> = ids
-                        .iter()
-                        .filter_map(|id| {
-                            let ip: std::net::IpAddr =
-                                st.instances.get(id)?.record.addr.parse().ok()?;
-                            Some(drover_model::api::LbTarget {
-                                id: id.clone(),
-                                addr: SocketAddr::new(ip, port).to_string(),
-                            })
-                        })
-                        .collect();
-                    self.balancers.set_targets(&group, list, leaving);
-                }
-                if st.targets.get(&group) == Some(&ids) {
-                    continue;
-                }
-                events.push(
-                    NewEvent::new(
-                        EventKind::Targets,
-                        if ids.is_empty() {
-                            "no instance in rotation".to_string()
-                        } else {
-                            format!("in rotation: {}", ids.join(", "))
-                        },
-                    )
-                    .group(&group),
-                );
-                st.targets.insert(group, ids);
+        let (published, events) = self.state().publish(targets);
+        for p in published {
+            if let Some(peers) = p.peers {
+                self.peers.set(&p.group, peers);
+            }
+            if let Some((list, leaving)) = p.balancer {
+                self.balancers.set_targets(&p.group, list, leaving);
             }
         }
         self.record(events);
@@ -1266,19 +1032,15 @@ impl Engine {
         if !writes.is_empty() {
             self.commit(writes).await?;
         }
-        let mut st = self.state();
-        for record in staged.records {
-            if let Some(g) = st.groups.get_mut(&record.group) {
-                g.record = record;
-            }
-        }
-        for (gid, memory) in staged.memory {
-            st.schedule_memory.insert(gid, memory);
-        }
-        for (gid, scaler) in staged.autoscale {
-            st.autoscale.insert(gid, scaler);
-        }
+        self.state().accept(staged);
         Ok(())
+    }
+
+    /// Carry out a step's change ([`drover_control::world::Change`]): store its records in
+    /// one commit, then take its memory.
+    pub(crate) async fn carry_out_change(&self, change: Change) -> Result<(), ServerError> {
+        let writes = change.commits.into_iter().map(write_of).collect();
+        self.commit_records(writes, change.staged).await
     }
 
     /// Wake the permit long-poll of `instance` (only its own).
@@ -1317,26 +1079,18 @@ impl Engine {
             let woken = wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let found = {
-                let st = self.state();
-                st.instances.get(instance).map(|i| {
-                    // Decided as the permit is answered, from the group as it is now.
-                    let decrement =
-                        (i.record.lifecycle != Lifecycle::Active).then(|| st.leaver_decrements(i));
-                    (i.record.group.clone(), decrement)
-                })
-            };
-            let Some((group, decrement)) = found else {
+            // Decided as the permit is answered, from the group as it is now.
+            let Some(permit) = self.state().permit_of(instance) else {
                 return Err(ServerError::NoInstance(instance.to_string()));
             };
-            if let Some(decrement) = decrement {
+            if let Some((decrement, drain_timeout_ms)) = permit {
                 // A deposed or paused leader hands out nothing, even a permit it stored.
                 if !self.may_act() {
                     return Err(ServerError::LeaseLost);
                 }
                 return Ok(drover_model::api::PermitReply {
                     permit: true,
-                    drain_timeout_ms: self.drain_timeout(&group).as_millis() as u64,
+                    drain_timeout_ms,
                     reason: Some(format!("{} holds a permit", instance)),
                     decrement: Some(decrement),
                 });
@@ -1506,40 +1260,17 @@ impl Engine {
             .collect())
     }
 
-    fn drain_timeout(&self, group: &str) -> Duration {
-        let st = self.state();
-        st.fleet()
-            .and_then(|f| f.services.get(drover_model::GroupId::service_of(group)))
-            .map(|s| s.rollout.drain_timeout.0)
-            .unwrap_or(Duration::from_millis(crate::state::DEFAULT_DRAIN_MS))
-    }
-
     fn stop_grace(&self, group: &str) -> Duration {
-        let st = self.state();
-        st.groups
-            .get(group)
-            .map(|g| crate::state::longest_stop_grace(&g.plan))
-            .unwrap_or(Duration::from_millis(crate::state::DEFAULT_STOP_GRACE_MS))
+        Duration::from_millis(self.state().stop_grace_ms(group))
     }
 
     async fn launch(&self, group: &str, generation: u64) -> Result<(), ServerError> {
         // The launch's own clock: a long pass must not stamp late launches with its start time.
         let now = now_ms();
-        let (plan, seq) = {
-            let mut st = self.state();
-            let Some(g) = st.groups.get(group) else {
-                return Ok(());
-            };
-            if g.record.generation < generation {
-                return Ok(());
-            }
-            let plan = (g.record.generation == generation).then(|| g.plan.clone());
-            st.instance_seq += 1;
-            (plan, st.instance_seq)
+        let Some(ticket) = self.state().begin_launch(group, generation) else {
+            return Ok(());
         };
-        // An older generation (the last good one, while a rollout has not proven itself):
-        // its plan as stored, immutable.
-        let plan = match plan {
+        let plan = match ticket.plan.clone() {
             Some(p) => p,
             None => match self.store.plan(group, generation)? {
                 Some(p) => p,
@@ -1550,7 +1281,6 @@ impl Engine {
                 }
             },
         };
-        let requested = drover_model::ids::instance_id(seq);
         let Some(provider) = self.provider(&plan.region) else {
             return Err(ServerError::Internal(format!(
                 "no provider for region {}",
@@ -1560,13 +1290,13 @@ impl Engine {
         // Persist the counter first: an id is never reused, even after a crash mid-launch.
         self.commit(vec![Write::Counter {
             name: "instance_seq".into(),
-            value: seq,
+            value: ticket.seq,
         }])
         .await?;
         let launched = provider
             .launch(LaunchRequest {
-                instance: requested.clone(),
-                seq,
+                instance: ticket.instance.clone(),
+                seq: ticket.seq,
                 group: group.to_string(),
                 plan: plan.clone(),
             })
@@ -1574,56 +1304,22 @@ impl Engine {
         let launched = match launched {
             Ok(l) => l,
             Err(e) => {
-                self.record(vec![NewEvent::new(
-                    EventKind::Launched,
-                    format!("launch of {requested} failed: {e}"),
-                )
-                .group(group)]);
+                self.record(vec![World::launch_refused(&ticket, &e.to_string())]);
                 return Err(e.into());
             }
         };
-        // A provider that names its instances (EC2) gives the id the agent reports with.
-        let id = launched.instance.clone().unwrap_or(requested);
-        let rec = InstanceRecord {
-            id: id.clone(),
-            group: group.to_string(),
-            generation,
-            addr: launched.addr.to_string(),
+        let launched = drover_control::world::Launched {
+            // A provider that names its instances (EC2) gives the id the agent reports with.
+            id: launched.instance.clone().unwrap_or(ticket.instance.clone()),
+            addr: launched.addr,
             provider_id: launched.provider_id.clone(),
-            launched_at_ms: now,
-            lifecycle: Lifecycle::Active,
-            permit_at_ms: None,
             own_token: launched.own_token,
         };
-        self.commit(vec![
-            Write::Instance(rec.clone()),
-            Write::Event(
-                NewEvent::new(
-                    EventKind::Launched,
-                    format!(
-                        "launched at {} on generation {generation} ({}) [{}]",
-                        launched.addr,
-                        plan.versions(),
-                        launched.provider_id
-                    ),
-                )
-                .group(group)
-                .instance(&id),
-            ),
-        ])
-        .await?;
-        let alive = provider.alive(&id);
-        self.state().instances.insert(
-            id,
-            Instance {
-                record: rec,
-                soft: Soft {
-                    reporting: false,
-                    ..fresh_soft(now)
-                },
-                alive,
-            },
-        );
+        let (rec, records) = World::launched(&ticket, &plan, &launched, now);
+        self.commit(records.into_iter().map(write_of).collect())
+            .await?;
+        let alive = provider.alive(&launched.id);
+        self.state().adopt(rec, alive, now);
         Ok(())
     }
 
@@ -1669,46 +1365,15 @@ impl Engine {
     }
 }
 
-/// Changes to groups' records and soft state, taken into memory only once their writes
-/// are stored ([`Engine::commit_records`]).
-#[derive(Default)]
-pub(crate) struct Staged {
-    pub records: Vec<GroupRecord>,
-    pub memory: Vec<(String, drover_control::ScheduleMemory)>,
-    pub autoscale: Vec<(String, drover_control::AutoscaleState)>,
-}
-
-impl Staged {
-    fn record(record: GroupRecord) -> Staged {
-        Staged {
-            records: vec![record],
-            ..Staged::default()
-        }
+/// The store's write for a step's record.
+pub(crate) fn write_of(r: Record) -> Write {
+    match r {
+        Record::Group(g) => Write::Group(g),
+        Record::Instance(i) => Write::Instance(i),
+        Record::RemoveInstance(id) => Write::RemoveInstance(id),
+        Record::Counter { name, value } => Write::Counter { name, value },
+        Record::Event(e) => Write::Event(e),
     }
-}
-
-/// A group's new desired count as the writes (record and `scaled` event) to commit, and the
-/// record staged: what schedules and the autoscaler decide.
-fn set_desired(
-    record: &GroupRecord,
-    from: u32,
-    to: u32,
-    reason: &str,
-    writes: &mut Vec<Write>,
-    staged: &mut Staged,
-) {
-    let mut record = record.clone();
-    record.desired = to;
-    record.desired_reason = reason.to_string();
-    writes.push(Write::Group(record.clone()));
-    writes.push(Write::Event(
-        NewEvent::new(
-            EventKind::Scaled,
-            format!("desired {from} -> {to} ({reason})"),
-        )
-        .group(&record.group),
-    ));
-    staged.records.push(record);
 }
 
 /// Whether a listener could be opened on `addr` now (`SO_REUSEADDR`, as the balancer binds).
@@ -1723,30 +1388,9 @@ fn probe_bind(addr: SocketAddr) -> std::io::Result<()> {
     socket.listen(1)
 }
 
-fn fresh_soft(now: u64) -> Soft {
-    Soft {
-        watched_since_ms: now,
-        last_seen_ms: now,
-        health: Health::Unknown,
-        ever_healthy: false,
-        last_seq: 0,
-        components: Vec::new(),
-        utilization: Default::default(),
-        reporting: false,
-        restored: false,
-        drained: false,
-        window: None,
-        budget: Default::default(),
-        bound: false,
-    }
-}
-
 /// Shortest time from the start of one controller pass to the next (a pass woken early waits
 /// for this): a health change is acted on within this, and a burst of them costs one pass.
 const MIN_TICK_GAP: Duration = Duration::from_millis(50);
-
-/// After a server restart, how much longer than `silent_after` instances have to report.
-const RESTART_GRACE_MS: u64 = 10_000;
 
 pub(crate) fn region_of(group: &str) -> &str {
     drover_model::GroupId::region_of(group)
@@ -1819,7 +1463,9 @@ pub(crate) fn balancer_health(
 mod tests {
     use super::*;
     use crate::writer::tests::Slow;
+    use drover_control::world::RESTART_GRACE_MS;
     use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Utilization};
+    use drover_store::Lifecycle;
     use drover_store::{EventFilter, RolloutRecord, SqliteStore};
     use std::time::Instant;
 

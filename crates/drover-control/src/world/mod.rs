@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 mod heartbeat;
 mod instances;
 mod status;
+mod step;
 
 pub use heartbeat::*;
 pub use instances::*;
 pub use status::*;
+pub use step::*;
 
 use crate::schedule::ScheduleMemory;
 use crate::{GroupSpec, Health, InstanceView, Phase};

@@ -1,0 +1,621 @@
+//! The world's steps: each input (a heartbeat, an exit the provider saw, a tick's schedule and
+//! autoscale passes, a wave's release) planned as data, with no I/O. A step returns what to
+//! store ([`Change::commits`], one commit, events with their change) and what memory takes
+//! once that is stored ([`Change::staged`], through [`World::accept`]); the shell (the
+//! server's engine, the simulation) carries it out in that order, so a failed commit leaves
+//! memory as the store has it.
+
+use drover_model::api::{Heartbeat, HeartbeatReply};
+use drover_model::record::{GroupRecord, InstanceRecord};
+use drover_model::{EventKind, NewEvent};
+
+use super::{absorb_heartbeat, World};
+use crate::schedule::ScheduleMemory;
+use crate::{AutoscaleState, Health};
+
+/// One record a step stores.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// Insert or replace the group's record.
+    Group(GroupRecord),
+    /// Insert or replace the instance's record.
+    Instance(InstanceRecord),
+    RemoveInstance(String),
+    /// A named counter (the schedule rules' memory, [`super::memory_counters`]).
+    Counter {
+        name: String,
+        value: u64,
+    },
+    Event(NewEvent),
+}
+
+/// What memory takes once a step's records are stored ([`World::accept`]).
+#[derive(Clone, Debug, Default)]
+pub struct Staged {
+    pub records: Vec<GroupRecord>,
+    pub memory: Vec<(String, ScheduleMemory)>,
+    pub autoscale: Vec<(String, AutoscaleState)>,
+}
+
+impl Staged {
+    /// One group's new record.
+    pub fn record(record: GroupRecord) -> Staged {
+        Staged {
+            records: vec![record],
+            ..Staged::default()
+        }
+    }
+}
+
+/// A step's change: store `commits` (in one commit), then [`World::accept`] `staged`.
+#[derive(Clone, Debug, Default)]
+pub struct Change {
+    pub commits: Vec<Record>,
+    pub staged: Staged,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.commits.is_empty()
+            && self.staged.records.is_empty()
+            && self.staged.memory.is_empty()
+            && self.staged.autoscale.is_empty()
+    }
+
+    /// Set a group's desired count (by `reason`), with its `scaled` event.
+    pub fn set_desired(&mut self, record: &GroupRecord, from: u32, to: u32, reason: &str) {
+        let mut record = record.clone();
+        record.desired = to;
+        record.desired_reason = reason.to_string();
+        self.commits.push(Record::Group(record.clone()));
+        self.commits.push(Record::Event(
+            NewEvent::new(
+                EventKind::Scaled,
+                format!("desired {from} -> {to} ({reason})"),
+            )
+            .group(&record.group),
+        ));
+        self.staged.records.push(record);
+    }
+
+    /// Store the schedule rules' memory of `group` (its counters), and keep it.
+    pub fn remember(&mut self, group: &str, memory: ScheduleMemory) {
+        self.commits.extend(
+            super::memory_counters(group, &memory)
+                .into_iter()
+                .map(|(name, value)| Record::Counter { name, value }),
+        );
+        self.staged.memory.push((group.to_string(), memory));
+    }
+}
+
+/// A heartbeat the world refuses: it names an instance of another group than its token's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OtherGroup;
+
+/// What a heartbeat did ([`World::heartbeat`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeartbeatStep {
+    pub reply: HeartbeatReply,
+    /// Events to record (never waited for), in the order of the changes, within the
+    /// instance's budget ([`super::EventBudget`]).
+    pub events: Vec<NewEvent>,
+    /// Its health changed: the controller looks again now.
+    pub wake: bool,
+}
+
+impl World {
+    /// Absorb a heartbeat of an instance of `hb.group`: an unknown instance is told so (its
+    /// agent leaves); a late or duplicate one (`seq` not above the last) changes nothing; any
+    /// other updates the instance's soft state ([`absorb_heartbeat`]), and its turning
+    /// healthy ends its group's launch backoff.
+    pub fn heartbeat(&mut self, hb: &Heartbeat, now: u64) -> Result<HeartbeatStep, OtherGroup> {
+        let Some(inst) = self.instances.get(&hb.instance) else {
+            return Ok(HeartbeatStep {
+                reply: HeartbeatReply {
+                    known: false,
+                    leave_soon: Some(false),
+                },
+                events: Vec::new(),
+                wake: false,
+            });
+        };
+        if inst.record.group != hb.group {
+            return Err(OtherGroup);
+        }
+        let reply = HeartbeatReply {
+            known: true,
+            leave_soon: Some(self.leave_soon(inst)),
+        };
+        if hb.seq != 0 && hb.seq <= inst.soft.last_seq {
+            return Ok(HeartbeatStep {
+                reply,
+                events: Vec::new(),
+                wake: false,
+            });
+        }
+        let mut inst = self
+            .instances
+            .get_mut(&hb.instance)
+            .expect("looked up above");
+        let (events, changed) = absorb_heartbeat(&mut inst, hb, now);
+        let events = inst.soft.budget.admit(events, now, &hb.group, &hb.instance);
+        let turned_healthy = changed && matches!(inst.soft.health, Health::Healthy { .. });
+        // Its view follows here (and its group is reconciled if the change matters).
+        drop(inst);
+        if turned_healthy {
+            self.launch_backoff.remove(&hb.group);
+        }
+        Ok(HeartbeatStep {
+            reply,
+            events,
+            wake: changed,
+        })
+    }
+
+    /// The provider saw `instance` end: not alive, health unknown. Whether it was known.
+    pub fn exited(&mut self, instance: &str) -> bool {
+        let Some(mut i) = self.instances.get_mut(instance) else {
+            return false;
+        };
+        i.alive = false;
+        i.soft.health = Health::Unknown;
+        true
+    }
+
+    /// Take a stored step's memory ([`Change::staged`]).
+    pub fn accept(&mut self, staged: Staged) {
+        for record in staged.records {
+            if let Some(g) = self.groups.get_mut(&record.group) {
+                g.record = record;
+            }
+        }
+        for (gid, memory) in staged.memory {
+            self.schedule_memory.insert(gid, memory);
+        }
+        for (gid, scaler) in staged.autoscale {
+            self.autoscale.insert(gid, scaler);
+        }
+    }
+
+    /// The schedule rules of every group that has schedules
+    /// ([`crate::schedule::step`]): their memory stored when it changed, an event for each
+    /// window that began or ended, and the counts they set (the autoscaler goes on from a
+    /// count a schedule set).
+    pub fn schedule_step(&self, now: u64) -> Change {
+        let mut change = Change::default();
+        for (gid, g) in &self.groups {
+            if !self.has_schedules(g) {
+                continue;
+            }
+            let autoscaled = self.service(g).is_some_and(|s| s.autoscale.is_some());
+            let mut memory = self.schedule_memory.get(gid).cloned().unwrap_or_default();
+            let r = crate::schedule::step(
+                now,
+                &self.schedules(g),
+                g.record.desired,
+                autoscaled,
+                &mut memory,
+            );
+            for note in r.notes {
+                change.commits.push(Record::Event(
+                    NewEvent::new(EventKind::Schedule, note).group(gid),
+                ));
+            }
+            if r.remembered {
+                change.remember(gid, memory);
+            } else {
+                change.staged.memory.push((gid.clone(), memory));
+            }
+            if let Some(d) = r.decision {
+                if r.sets_count {
+                    let mut scaler = self.autoscale.get(gid).cloned().unwrap_or_default();
+                    scaler.manual(now, d.to);
+                    change.staged.autoscale.push((gid.clone(), scaler));
+                }
+                change.set_desired(&g.record, d.from, d.to, &d.reason);
+            }
+        }
+        change
+    }
+
+    /// The autoscaler of every group that has a policy ([`AutoscaleState::decide`]), on the
+    /// samples that count ([`World::samples`]) and the bounds of now ([`World::bounds`]).
+    pub fn autoscale_step(&self, now: u64) -> Change {
+        let mut change = Change::default();
+        for (gid, g) in &self.groups {
+            let Some(policy) = self.service(g).and_then(|s| s.autoscale.as_ref()) else {
+                continue;
+            };
+            let bounds = self.bounds(g, now);
+            let by = bounds.by();
+            let (samples, oldest_sample_ms) = self.samples(g, policy, now);
+            let mut scaler = self.autoscale.get(gid).cloned().unwrap_or_default();
+            let decision = scaler.decide(
+                now,
+                &crate::AutoscaleInput {
+                    group: gid,
+                    policy,
+                    desired: g.record.desired,
+                    min: bounds.min,
+                    max: bounds.max,
+                    bounds_by: by.as_deref(),
+                    rollout_in_progress: g.record.rollout.open,
+                    samples: &samples,
+                    oldest_sample_ms,
+                },
+            );
+            if let Some(d) = decision {
+                change.set_desired(&g.record, d.from, d.to, &d.reason);
+            }
+            change.staged.autoscale.push((gid.clone(), scaler));
+        }
+        change
+    }
+
+    /// The waves to release now: per service with waves whose earlier waves are done
+    /// ([`crate::waves::release`]), the wave and its groups. A service deployed by hand to
+    /// some regions (a group held) waits for a person.
+    pub fn wave_releases(&self, now: u64) -> Vec<(usize, Vec<String>)> {
+        let Some(fleet) = self.fleet() else {
+            return Vec::new();
+        };
+        let group_of = |service: &str, region: &str| {
+            self.groups
+                .get(&drover_model::GroupId::new(service, region).0)
+        };
+        fleet
+            .services
+            .iter()
+            .filter(|(_, s)| !s.rollout.waves.is_empty())
+            .filter(|(name, s)| {
+                !s.regions
+                    .iter()
+                    .any(|r| group_of(name, r).is_some_and(|g| g.record.rollout.held))
+            })
+            .filter_map(|(name, s)| {
+                let groups: Vec<crate::waves::WaveGroup> = s
+                    .regions
+                    .iter()
+                    .filter_map(|r| {
+                        let g = group_of(name, r)?;
+                        let ro = &g.record.rollout;
+                        Some(crate::waves::WaveGroup {
+                            group: g.record.group.clone(),
+                            wave: s.rollout.wave_of(r),
+                            pending: ro.wave_pending,
+                            open: ro.open,
+                            failed: ro.failed_generation >= g.record.generation,
+                            done_ms: ro.done_ms,
+                        })
+                    })
+                    .collect();
+                crate::waves::release(&groups, s.rollout.wave_bake.as_millis(), now)
+            })
+            .collect()
+    }
+}
+
+/// What the balancers and service discovery are given for one group ([`World::publish`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Publication {
+    pub group: String,
+    /// Its peers (the instances in rotation, with every named port of the plan); none when
+    /// the group is gone from the fleet.
+    pub peers: Option<Vec<drover_model::api::PeerAddr>>,
+    /// Its ingress's targets and the instances leaving (only a group with an ingress).
+    pub balancer: Option<(Vec<drover_model::api::LbTarget>, Vec<String>)>,
+}
+
+impl World {
+    /// Publish the instances in rotation, per group, as a pass decided them: a group whose
+    /// targets, leaving instances and generation are all as last published is given nothing
+    /// (a pass costs what changed); a change of the targets is a `targets` event.
+    pub fn publish(
+        &mut self,
+        targets: std::collections::BTreeMap<String, Vec<String>>,
+    ) -> (Vec<Publication>, Vec<NewEvent>) {
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        for (group, ids) in targets {
+            // Its leaving instances, from its kept views.
+            let leaving: Vec<String> = self
+                .instances
+                .group_views(&group)
+                .filter(|v| v.phase != crate::Phase::Active)
+                .map(|v| v.id.clone())
+                .collect();
+            let generation = self.groups.get(&group).map_or(0, |g| g.record.generation);
+            let unchanged = self.targets.get(&group) == Some(&ids)
+                && self
+                    .published
+                    .get(&group)
+                    .is_some_and(|(l, g)| *l == leaving && *g == generation);
+            if unchanged {
+                continue;
+            }
+            self.published
+                .insert(group.clone(), (leaving.clone(), generation));
+            let addr_of = |id: &str| self.instances.get(id).map(|i| i.record.addr.as_str());
+            let g = self.groups.get(&group);
+            // Service discovery: the same instances, with every named port of the plan.
+            let peers = g.map(|g| {
+                let ports: std::collections::BTreeMap<String, u16> = g
+                    .plan
+                    .components
+                    .iter()
+                    .flat_map(|c| c.ports.iter().map(|(n, p)| (n.clone(), *p)))
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| {
+                        Some(drover_model::api::PeerAddr {
+                            instance: id.clone(),
+                            addr: addr_of(id)?.to_string(),
+                            ports: ports.clone(),
+                        })
+                    })
+                    .collect()
+            });
+            let balancer = g.and_then(|g| g.ingress.map(|(_, p)| p)).map(|port| {
+                let list = ids
+                    .iter()
+                    .filter_map(|id| {
+                        let ip: std::net::IpAddr = addr_of(id)?.parse().ok()?;
+                        Some(drover_model::api::LbTarget {
+                            id: id.clone(),
+                            addr: std::net::SocketAddr::new(ip, port).to_string(),
+                        })
+                    })
+                    .collect();
+                (list, leaving)
+            });
+            out.push(Publication {
+                group: group.clone(),
+                peers,
+                balancer,
+            });
+            if self.targets.get(&group) == Some(&ids) {
+                continue;
+            }
+            events.push(
+                NewEvent::new(
+                    EventKind::Targets,
+                    if ids.is_empty() {
+                        "no instance in rotation".to_string()
+                    } else {
+                        format!("in rotation: {}", ids.join(", "))
+                    },
+                )
+                .group(&group),
+            );
+            self.targets.insert(group, ids);
+        }
+        (out, events)
+    }
+}
+
+/// After a server restart, how much longer than `silent_after` restored instances have to
+/// report, from when the API answers.
+pub const RESTART_GRACE_MS: u64 = 10_000;
+
+/// The soft state of an instance the world has not heard from yet.
+pub fn fresh_soft(now: u64) -> super::Soft {
+    super::Soft {
+        watched_since_ms: now,
+        last_seen_ms: now,
+        health: Health::Unknown,
+        ever_healthy: false,
+        last_seq: 0,
+        components: Vec::new(),
+        utilization: Default::default(),
+        reporting: false,
+        restored: false,
+        drained: false,
+        window: None,
+        budget: Default::default(),
+        bound: false,
+    }
+}
+
+/// A launch the world has numbered ([`World::begin_launch`]), for the provider to carry out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchTicket {
+    pub group: String,
+    pub generation: u64,
+    /// Its number (stored before the launch: an id is never reused, even after a crash).
+    pub seq: u64,
+    /// The id it asks for (a provider that names its instances gives another).
+    pub instance: String,
+    /// The plan of its generation when it is the group's current one; none for an older
+    /// generation (the last good one, while a rollout has not proven itself), whose plan is
+    /// the one stored, immutable.
+    pub plan: Option<drover_model::Plan>,
+}
+
+/// What the provider says of a launch it made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launched {
+    /// The id the agent reports with.
+    pub id: String,
+    pub addr: std::net::IpAddr,
+    pub provider_id: String,
+    pub own_token: bool,
+}
+
+impl World {
+    /// Restore the world as stored: the revision, each group with its plan (a group without
+    /// its plan is skipped), the instances (soft state rebuilt from heartbeats; until then,
+    /// silent only [`RESTART_GRACE_MS`] after now, and `alive` as their provider adopts
+    /// them), and the counters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        revision: Option<drover_model::api::Revision>,
+        groups: Vec<super::Group>,
+        instances: impl IntoIterator<Item = (InstanceRecord, bool)>,
+        counters: &std::collections::BTreeMap<String, u64>,
+        once: Vec<drover_model::api::ScheduledScale>,
+        silent_after_ms: u64,
+        now: u64,
+    ) -> World {
+        let mut world = World {
+            revision,
+            instance_seq: counters.get("instance_seq").copied().unwrap_or(0),
+            once,
+            schedule_memory: super::memory_from_counters(counters),
+            ..World::default()
+        };
+        world.instances.set_silent_after(silent_after_ms);
+        for g in groups {
+            world.groups.insert(g.record.group.clone(), g);
+        }
+        for (rec, alive) in instances {
+            world.instances.insert(
+                rec.id.clone(),
+                super::Instance {
+                    soft: super::Soft {
+                        restored: true,
+                        // The silence budget starts after a grace: every agent must get
+                        // through to a server that is still catching up.
+                        last_seen_ms: now + RESTART_GRACE_MS,
+                        ..fresh_soft(now)
+                    },
+                    alive,
+                    record: rec,
+                },
+            );
+        }
+        world
+    }
+
+    /// Number a launch of `group` on `generation` (none: the group is gone, or `generation`
+    /// is above its own).
+    pub fn begin_launch(&mut self, group: &str, generation: u64) -> Option<LaunchTicket> {
+        let g = self.groups.get(group)?;
+        if g.record.generation < generation {
+            return None;
+        }
+        let plan = (g.record.generation == generation).then(|| g.plan.clone());
+        self.instance_seq += 1;
+        Some(LaunchTicket {
+            group: group.to_string(),
+            generation,
+            seq: self.instance_seq,
+            instance: drover_model::ids::instance_id(self.instance_seq),
+            plan,
+        })
+    }
+
+    /// The records of a launch the provider made (the instance, and its `launched` event);
+    /// once stored, [`World::adopt`] takes the instance.
+    pub fn launched(
+        ticket: &LaunchTicket,
+        plan: &drover_model::Plan,
+        launched: &Launched,
+        now: u64,
+    ) -> (InstanceRecord, Vec<Record>) {
+        let rec = InstanceRecord {
+            id: launched.id.clone(),
+            group: ticket.group.clone(),
+            generation: ticket.generation,
+            addr: launched.addr.to_string(),
+            provider_id: launched.provider_id.clone(),
+            launched_at_ms: now,
+            lifecycle: drover_model::record::Lifecycle::Active,
+            permit_at_ms: None,
+            own_token: launched.own_token,
+        };
+        let event = NewEvent::new(
+            EventKind::Launched,
+            format!(
+                "launched at {} on generation {} ({}) [{}]",
+                launched.addr,
+                ticket.generation,
+                plan.versions(),
+                launched.provider_id
+            ),
+        )
+        .group(&ticket.group)
+        .instance(&launched.id);
+        (
+            rec.clone(),
+            vec![Record::Instance(rec), Record::Event(event)],
+        )
+    }
+
+    /// The event of a launch the provider refused.
+    pub fn launch_refused(ticket: &LaunchTicket, why: &str) -> NewEvent {
+        NewEvent::new(
+            EventKind::Launched,
+            format!("launch of {} failed: {why}", ticket.instance),
+        )
+        .group(&ticket.group)
+    }
+
+    /// Take a stored launch: not reporting yet, watched from now.
+    pub fn adopt(&mut self, rec: InstanceRecord, alive: bool, now: u64) {
+        self.instances.insert(
+            rec.id.clone(),
+            super::Instance {
+                record: rec,
+                soft: fresh_soft(now),
+                alive,
+            },
+        );
+    }
+
+    /// How long a leaver of `group` may drain: its service's `drain_timeout`.
+    pub fn drain_timeout_ms(&self, group: &str) -> u64 {
+        self.fleet()
+            .and_then(|f| f.services.get(drover_model::GroupId::service_of(group)))
+            .map(|s| s.rollout.drain_timeout.as_millis())
+            .unwrap_or(super::DEFAULT_DRAIN_MS)
+    }
+
+    /// How long an instance of `group` may take to stop once asked: its plan's longest
+    /// `stop_grace`.
+    pub fn stop_grace_ms(&self, group: &str) -> u64 {
+        self.groups
+            .get(group)
+            .map(|g| super::longest_stop_grace(&g.plan).as_millis() as u64)
+            .unwrap_or(super::DEFAULT_STOP_GRACE_MS)
+    }
+
+    /// The permit an instance's long-poll answers with now: none while it is active;
+    /// otherwise whether it lowers its group's capacity as it goes
+    /// ([`World::leaver_decrements`]), and its drain timeout. Outer `None`: no such instance.
+    pub fn permit_of(&self, instance: &str) -> Option<Option<(bool, u64)>> {
+        let i = self.instances.get(instance)?;
+        if i.record.lifecycle == drover_model::record::Lifecycle::Active {
+            return Some(None);
+        }
+        Some(Some((
+            self.leaver_decrements(i),
+            self.drain_timeout_ms(&i.record.group),
+        )))
+    }
+}
+
+impl World {
+    /// The API answers from `now` on: the silence of every instance restored from the store
+    /// (and not heard from yet) counts from now, plus [`RESTART_GRACE_MS`], not from when the
+    /// store was read.
+    pub fn api_ready(&mut self, now: u64) {
+        self.instances.for_each_mut(|i| {
+            if i.soft.restored {
+                i.soft.watched_since_ms = now;
+                i.soft.last_seen_ms = now + RESTART_GRACE_MS;
+            }
+        });
+    }
+
+    /// Whether the view is rebuilt after a restart: every restored instance whose agent is
+    /// alive has reported, or [`RESTART_GRACE_MS`] passed since the API began to answer at
+    /// `ready_ms` (0: not yet). From then on the balancers may take the targets as complete.
+    pub fn rebuilt(&self, now: u64, ready_ms: u64) -> bool {
+        if ready_ms == 0 {
+            return false;
+        }
+        now >= ready_ms + RESTART_GRACE_MS
+            || !self.instances.values().any(|i| i.soft.restored && i.alive)
+    }
+}
