@@ -10,10 +10,10 @@ use drover_control::{Action, Timing};
 use drover_model::api::{FleetStatus, Heartbeat, HeartbeatReply, Revision};
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_provider::{Exit, LaunchRequest, Provider};
-use drover_store::{GroupRecord, InstanceRecord, Store, Write};
+use drover_store::{GroupRecord, Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{lifecycle_of, view, Change, Group, Record, Staged, World};
+use crate::state::{Change, Group, Record, Staged, World};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -814,32 +814,15 @@ impl Engine {
             | Action::Forget { .. }
             | Action::Terminate { .. }
             | Action::Permit { .. } => {
-                let effects = {
-                    let st = self.state();
-                    let named = match &action {
-                        Action::Forget { instance, .. }
-                        | Action::Terminate { instance, .. }
-                        | Action::Permit { instance, .. } => st.instances.get(instance).map(view),
-                        _ => None,
-                    };
-                    drover_control::effects::of(&action, named.as_ref(), now)
-                };
+                let effects = self.state().effects_of(&action, now);
                 self.carry_out(effects, now).await
             }
             Action::RolloutDone { group, generation } => {
-                let Some((record, what)) = self.update_rollout(&group, |r, _, versions| {
-                    drover_control::rollout::done(r, generation, versions, now)
-                }) else {
-                    return Ok(());
-                };
-                self.commit_records(
-                    vec![
-                        Write::Group(record.clone()),
-                        Write::Event(NewEvent::new(EventKind::Rollout, what).group(&group)),
-                    ],
-                    Staged::record(record),
-                )
-                .await
+                let change = self.state().rollout_done(&group, generation, now);
+                match change {
+                    Some(change) => self.carry_out_change(change).await,
+                    None => Ok(()),
+                }
             }
             Action::RolloutFailed {
                 group,
@@ -868,58 +851,12 @@ impl Engine {
         now: u64,
     ) -> Result<(), ServerError> {
         use drover_control::effects::Effect;
-        let mut writes = Vec::new();
-        let mut records: Vec<InstanceRecord> = Vec::new();
-        {
-            let mut st = self.state();
-            for e in &effects {
-                match e {
-                    Effect::SetPhase {
-                        instance,
-                        phase,
-                        permit_at_ms,
-                    } => {
-                        let Some(i) = st.instances.get(instance) else {
-                            continue;
-                        };
-                        let mut rec = i.record.clone();
-                        rec.lifecycle = lifecycle_of(*phase);
-                        rec.permit_at_ms = *permit_at_ms;
-                        writes.push(Write::Instance(rec.clone()));
-                        records.push(rec);
-                    }
-                    Effect::Remove { instance } => {
-                        writes.push(Write::RemoveInstance(instance.clone()))
-                    }
-                    Effect::Event {
-                        kind,
-                        group,
-                        instance,
-                        message,
-                    } => writes.push(Write::Event(
-                        NewEvent::new(*kind, message.clone())
-                            .group(group)
-                            .instance(instance),
-                    )),
-                    Effect::LaunchFailed { group } => {
-                        let n = st.launch_failed(group, now);
-                        tracing::warn!(%group, failures = n, "instance ended before turning healthy; backing off launches");
-                    }
-                    _ => {}
-                }
-            }
+        let (commits, records) = self.state().stage_effects(&effects, now);
+        if !commits.is_empty() {
+            self.commit(commits.into_iter().map(write_of).collect())
+                .await?;
         }
-        if !writes.is_empty() {
-            self.commit(writes).await?;
-        }
-        {
-            let mut st = self.state();
-            for rec in records {
-                if let Some(mut i) = st.instances.get_mut(&rec.id) {
-                    i.record = rec;
-                }
-            }
-        }
+        self.state().set_instances(records);
         for e in effects {
             match e {
                 Effect::Remove { instance } => {
@@ -952,7 +889,10 @@ impl Engine {
                     }
                 }
                 Effect::Launch { group, generation } => self.launch(&group, generation).await?,
-                Effect::SetPhase { .. } | Effect::Event { .. } | Effect::LaunchFailed { .. } => {}
+                Effect::LaunchFailed { group } => {
+                    tracing::warn!(%group, "instance ended before turning healthy; backing off launches")
+                }
+                Effect::SetPhase { .. } | Effect::Event { .. } => {}
             }
         }
         Ok(())
@@ -969,56 +909,17 @@ impl Engine {
         reason: &str,
         instance: Option<&str>,
     ) -> Result<(), ServerError> {
-        let group = group.to_string();
-        let auto_revert = {
-            let st = self.state();
-            st.fleet()
-                .and_then(|f| f.services.get(drover_model::GroupId::service_of(&group)))
-                .is_some_and(|s| s.rollout.auto_revert)
-        };
-        let Some((record, (after, what))) = self.update_rollout(&group, |r, _, _| {
-            drover_control::rollout::failed(r, generation, reason, auto_revert)
-        }) else {
+        let planned = self
+            .state()
+            .rollout_failed(group, generation, reason, instance);
+        let Some((change, after)) = planned else {
             return Ok(());
         };
-        let event = match instance {
-            Some(i) => NewEvent::new(
-                EventKind::Rollout,
-                format!(
-                    "{what}\nthe last lines of {i}: `drover logs {} --instance {i}` (the flight recorder keeps them once it is gone)",
-                    drover_model::GroupId::service_of(&group)
-                ),
-            )
-            .instance(i),
-            None => NewEvent::new(EventKind::Rollout, what),
-        };
-        self.commit_records(
-            vec![
-                Write::Group(record.clone()),
-                Write::Event(event.group(&group)),
-            ],
-            Staged::record(record),
-        )
-        .await?;
+        self.carry_out_change(change).await?;
         if let drover_control::rollout::AfterFailure::Revert { .. } = after {
-            self.auto_revert(&group, generation).await?;
+            self.auto_revert(group, generation).await?;
         }
         Ok(())
-    }
-
-    /// A group's record with its rollout changed by `f`, to store; memory is not changed
-    /// ([`Engine::commit_records`] keeps it once it is stored). `f` gets the rollout record,
-    /// the group's generation and what that generation runs.
-    pub(crate) fn update_rollout<T>(
-        &self,
-        group: &str,
-        f: impl FnOnce(&mut drover_store::RolloutRecord, u64, &str) -> T,
-    ) -> Option<(GroupRecord, T)> {
-        let st = self.state();
-        let g = st.groups.get(group)?;
-        let mut record = g.record.clone();
-        let out = f(&mut record.rollout, record.generation, &g.plan.versions());
-        Some((record, out))
     }
 
     /// Commit `writes` and then, only once they are stored, take `staged` into memory: a

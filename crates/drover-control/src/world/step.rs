@@ -619,3 +619,139 @@ impl World {
             || !self.instances.values().any(|i| i.soft.restored && i.alive)
     }
 }
+
+impl World {
+    /// What an instance action changes ([`crate::effects::of`], from the instance as the
+    /// world knows it now).
+    pub fn effects_of(&self, action: &crate::Action, now: u64) -> Vec<crate::effects::Effect> {
+        let named = match action {
+            crate::Action::Forget { instance, .. }
+            | crate::Action::Terminate { instance, .. }
+            | crate::Action::Permit { instance, .. } => {
+                self.instances.get(instance).map(super::view)
+            }
+            _ => None,
+        };
+        crate::effects::of(action, named.as_ref(), now)
+    }
+
+    /// The records of `effects` to store (new phases, removals, events, in order) and the
+    /// instance records memory takes once they are stored ([`World::set_instances`]). A
+    /// failed launch backs off its group's launches now (soft state, never stored).
+    pub fn stage_effects(
+        &mut self,
+        effects: &[crate::effects::Effect],
+        now: u64,
+    ) -> (Vec<Record>, Vec<InstanceRecord>) {
+        use crate::effects::Effect;
+        let mut commits = Vec::new();
+        let mut records = Vec::new();
+        for e in effects {
+            match e {
+                Effect::SetPhase {
+                    instance,
+                    phase,
+                    permit_at_ms,
+                } => {
+                    let Some(i) = self.instances.get(instance) else {
+                        continue;
+                    };
+                    let mut rec = i.record.clone();
+                    rec.lifecycle = super::lifecycle_of(*phase);
+                    rec.permit_at_ms = *permit_at_ms;
+                    commits.push(Record::Instance(rec.clone()));
+                    records.push(rec);
+                }
+                Effect::Remove { instance } => {
+                    commits.push(Record::RemoveInstance(instance.clone()))
+                }
+                Effect::Event {
+                    kind,
+                    group,
+                    instance,
+                    message,
+                } => commits.push(Record::Event(
+                    NewEvent::new(*kind, message.clone())
+                        .group(group)
+                        .instance(instance),
+                )),
+                Effect::LaunchFailed { group } => {
+                    self.launch_failed(group, now);
+                }
+                Effect::OutOfRotation { .. }
+                | Effect::WakePermitPoll { .. }
+                | Effect::ProviderTerminate { .. }
+                | Effect::Launch { .. } => {}
+            }
+        }
+        (commits, records)
+    }
+
+    /// Take stored instance records ([`World::stage_effects`]).
+    pub fn set_instances(&mut self, records: Vec<InstanceRecord>) {
+        for rec in records {
+            if let Some(mut i) = self.instances.get_mut(&rec.id) {
+                i.record = rec;
+            }
+        }
+    }
+}
+
+impl World {
+    /// A rollout to `generation` is done ([`crate::rollout::done`]): the group's record and
+    /// its `rollout` event.
+    pub fn rollout_done(&self, group: &str, generation: u64, now: u64) -> Option<Change> {
+        let g = self.groups.get(group)?;
+        let mut record = g.record.clone();
+        let what = crate::rollout::done(&mut record.rollout, generation, &g.plan.versions(), now);
+        Some(Change {
+            commits: vec![
+                Record::Group(record.clone()),
+                Record::Event(NewEvent::new(EventKind::Rollout, what).group(group)),
+            ],
+            staged: Staged::record(record),
+        })
+    }
+
+    /// A rollout to `generation` failed ([`crate::rollout::failed`], going back with the
+    /// service's `auto_revert`): the group's record and its `rollout` event, which names
+    /// `instance` (the new one whose output tells why) and where its last lines are; and
+    /// what comes after (a revert to carry out, or nothing).
+    pub fn rollout_failed(
+        &self,
+        group: &str,
+        generation: u64,
+        reason: &str,
+        instance: Option<&str>,
+    ) -> Option<(Change, crate::rollout::AfterFailure)> {
+        let g = self.groups.get(group)?;
+        let service = drover_model::GroupId::service_of(group);
+        let auto_revert = self
+            .fleet()
+            .and_then(|f| f.services.get(service))
+            .is_some_and(|s| s.rollout.auto_revert);
+        let mut record = g.record.clone();
+        let (after, what) =
+            crate::rollout::failed(&mut record.rollout, generation, reason, auto_revert);
+        let event = match instance {
+            Some(i) => NewEvent::new(
+                EventKind::Rollout,
+                format!(
+                    "{what}\nthe last lines of {i}: `drover logs {service} --instance {i}` (the flight recorder keeps them once it is gone)"
+                ),
+            )
+            .instance(i),
+            None => NewEvent::new(EventKind::Rollout, what),
+        };
+        Some((
+            Change {
+                commits: vec![
+                    Record::Group(record.clone()),
+                    Record::Event(event.group(group)),
+                ],
+                staged: Staged::record(record),
+            },
+            after,
+        ))
+    }
+}
