@@ -10,7 +10,7 @@ use drover_control::{Action, Timing};
 use drover_model::api::{FleetStatus, Heartbeat, HeartbeatReply, Revision};
 use drover_model::{EventKind, NewEvent, Plan};
 use drover_provider::{Exit, LaunchRequest, Provider};
-use drover_store::{GroupRecord, Store, Write};
+use drover_store::{Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::state::{Change, Group, Record, Staged, World};
@@ -1366,7 +1366,7 @@ mod tests {
     use crate::writer::tests::Slow;
     use drover_control::world::RESTART_GRACE_MS;
     use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Utilization};
-    use drover_store::Lifecycle;
+    use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
     use drover_store::{EventFilter, RolloutRecord, SqliteStore};
     use std::time::Instant;
 
