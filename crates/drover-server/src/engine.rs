@@ -13,7 +13,7 @@ use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{Change, Group, Record, Staged, World};
+use crate::state::{CancelRefused, Change, Group, Record, Staged, World};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -535,70 +535,13 @@ impl Engine {
     ) -> Result<drover_model::api::ScaleResponse, ServerError> {
         let _w = self.write_lock.lock().await;
         let now = now_ms();
-        let (writes, changed, staged) = {
+        let (change, changed) = {
             let st = self.state();
-            let svc = &crate::state::service_in(&st, &req.service, req.region.as_deref())?;
-            // The count for each group: refused outside the file's range, kept but clamped
-            // while a schedule raises the bounds (the rule: drover_control::schedule::manual).
-            let mut counts = Vec::new();
-            for region in &svc.regions {
-                if req.region.as_ref().is_some_and(|r| r != region) {
-                    continue;
-                }
-                let gid = drover_model::GroupId::new(&req.service, region).0;
-                let Some(g) = st.groups.get(&gid) else {
-                    continue;
-                };
-                let bounds = st.bounds(g, now);
-                let mut memory = st.schedule_memory.get(&gid).cloned().unwrap_or_default();
-                let (to, note) = drover_control::schedule::manual(
-                    req.desired,
-                    &req.service,
-                    &bounds,
-                    &mut memory,
-                )
-                .map_err(ServerError::BadRequest)?;
-                counts.push((gid, to, note, memory));
-            }
-            let mut writes = Vec::new();
-            let mut changed = Vec::new();
-            let mut staged = Staged::default();
-            for (gid, to, note, memory) in counts {
-                if st.schedule_memory.get(&gid) != Some(&memory) {
-                    writes.extend(crate::state::memory_writes(&gid, &memory));
-                    staged.memory.push((gid.clone(), memory));
-                }
-                let mut record = st.groups[&gid].record.clone();
-                let from = record.desired;
-                record.desired = to;
-                record.desired_reason = match &note {
-                    Some(n) => format!("manual: drover scale ({n})"),
-                    None => "manual: drover scale".into(),
-                };
-                writes.push(Write::Group(record.clone()));
-                staged.records.push(record);
-                writes.push(Write::Event(
-                    NewEvent::new(
-                        EventKind::Scaled,
-                        format!(
-                            "desired {from} -> {to} (manual: drover scale{}; autoscaling goes on from here)",
-                            note.map(|n| format!(", {n}")).unwrap_or_default()
-                        ),
-                    )
-                    .group(&gid),
-                ));
-                let mut scaler = st.autoscale.get(&gid).cloned().unwrap_or_default();
-                scaler.manual(now, to);
-                staged.autoscale.push((gid.clone(), scaler));
-                changed.push(drover_model::api::ScaledGroup {
-                    group: gid,
-                    from,
-                    to,
-                });
-            }
-            (writes, changed, staged)
+            let svc = crate::state::service_in(&st, &req.service, req.region.as_deref())?;
+            st.plan_scale(&svc, &req, now)
+                .map_err(ServerError::BadRequest)?
         };
-        self.commit_records(writes, staged).await?;
+        self.carry_out_change(change).await?;
         self.wake.notify_one();
         Ok(drover_model::api::ScaleResponse { groups: changed })
     }
@@ -610,64 +553,15 @@ impl Engine {
     ) -> Result<drover_model::api::ScheduledScale, ServerError> {
         let _w = self.write_lock.lock().await;
         let now = now_ms();
-        let tz_name = req.timezone.clone().unwrap_or_else(|| "UTC".into());
-        drover_model::cron::parse_tz(&tz_name).map_err(|e| ServerError::BadRequest(e.0))?;
-        let once = {
+        let (once, records) = {
             let st = self.state();
             crate::state::service_in(&st, &req.service, req.region.as_deref())?;
-            if req.end_ms <= req.start_ms {
-                return Err(ServerError::BadRequest(
-                    "the end must be after the start; give --for DURATION (e.g. 3h) or a later --until".into(),
-                ));
-            }
-            if req.end_ms <= now {
-                return Err(ServerError::BadRequest(format!(
-                    "it would end at {}, which is past; choose a later time",
-                    drover_model::cron::format_in(
-                        req.end_ms,
-                        drover_model::cron::parse_tz(&tz_name)
-                            .unwrap_or(drover_model::cron::Tz::UTC)
-                    )
-                )));
-            }
-            let limit = drover_model::validate::MAX_GROUP_SIZE;
-            if req.desired > limit || req.desired == 0 {
-                return Err(ServerError::BadRequest(format!(
-                    "{} is not a count a schedule can hold: use 1 to {limit}",
-                    req.desired
-                )));
-            }
-            let id = st.once.iter().map(|o| o.id).max().unwrap_or(0) + 1;
-            drover_model::api::ScheduledScale {
-                id,
-                service: req.service.clone(),
-                region: req.region.clone(),
-                desired: req.desired,
-                start_ms: req.start_ms,
-                end_ms: req.end_ms,
-                timezone: tz_name,
-                created_ms: now,
-                cancelled_ms: None,
-            }
+            st.plan_schedule_once(&req, now)
+                .map_err(ServerError::BadRequest)?
         };
-        let w = drover_control::schedule::once_window(&once);
-        let tz =
-            drover_model::cron::parse_tz(&once.timezone).unwrap_or(drover_model::cron::Tz::UTC);
-        self.commit(vec![
-            Write::Schedule(once.clone()),
-            Write::Event(NewEvent::new(
-                EventKind::Schedule,
-                format!(
-                    "{} scheduled: min and desired {} from {} until {}",
-                    w.what,
-                    once.desired,
-                    drover_model::cron::format_in(once.start_ms, tz),
-                    drover_model::cron::format_in(once.end_ms, tz)
-                ),
-            )),
-        ])
-        .await?;
-        self.state().once.push(once.clone());
+        self.commit(records.into_iter().map(write_of).collect())
+            .await?;
+        self.state().keep_schedule(once.clone());
         self.wake.notify_one();
         Ok(once)
     }
@@ -682,110 +576,22 @@ impl Engine {
         let Ok(n) = id.parse::<u64>() else {
             return Err(ServerError::NotOneOffSchedule(id.to_string()));
         };
-        let mut once = {
-            let st = self.state();
-            let o = st
-                .once
-                .iter()
-                .find(|o| o.id == n)
-                .cloned()
-                .ok_or(ServerError::NoSchedule(n))?;
-            if o.cancelled_ms.is_some() {
-                return Err(ServerError::ScheduleCancelled(n));
-            }
-            if o.end_ms <= now {
-                return Err(ServerError::ScheduleEnded(n));
-            }
-            o
-        };
-        once.cancelled_ms = Some(now);
-        let w = drover_control::schedule::once_window(&once);
-        self.commit(vec![
-            Write::Schedule(once.clone()),
-            Write::Event(NewEvent::new(
-                EventKind::Schedule,
-                format!("{} cancelled", w.what),
-            )),
-        ])
-        .await?;
-        if let Some(o) = self.state().once.iter_mut().find(|o| o.id == n) {
-            *o = once.clone();
-        }
+        let planned = self.state().plan_cancel(n, now);
+        let (once, records) = planned.map_err(|e| match e {
+            CancelRefused::NoSchedule => ServerError::NoSchedule(n),
+            CancelRefused::Cancelled => ServerError::ScheduleCancelled(n),
+            CancelRefused::Ended => ServerError::ScheduleEnded(n),
+        })?;
+        self.commit(records.into_iter().map(write_of).collect())
+            .await?;
+        self.state().keep_schedule(once.clone());
         self.wake.notify_one();
         Ok(once)
     }
 
     /// Every schedule: the fleet file's, and the one-offs (ended and cancelled ones too).
     pub fn list_schedules(&self) -> drover_model::api::ScheduleList {
-        use drover_control::schedule;
-        let now = now_ms();
-        let st = self.state();
-        let mut out = Vec::new();
-        if let Some(fleet) = st.fleet() {
-            for (name, svc) in &fleet.services {
-                for (i, s) in svc.schedule.iter().enumerate() {
-                    let next = schedule::next_firings(name, i, s, now, 3);
-                    let active = drover_model::cron::CronTz::parse(&s.cron, &s.timezone)
-                        .ok()
-                        .and_then(|c| c.last_at_or_before(now))
-                        .filter(|start| now < start + s.duration.as_millis())
-                        .and_then(|start| {
-                            schedule::next_firings(name, i, s, start.saturating_sub(1), 1)
-                                .into_iter()
-                                .next()
-                        });
-                    let w = next.first().or(active.as_ref());
-                    out.push(drover_model::api::ScheduleEntry {
-                        id: schedule::file_id(name, i),
-                        service: name.clone(),
-                        region: None,
-                        source: "file".into(),
-                        what: w.map(|w| w.what.clone()).unwrap_or_default(),
-                        min: s.min,
-                        desired: s.desired,
-                        max: s.max,
-                        state: if active.is_some() {
-                            "active"
-                        } else {
-                            "waiting"
-                        }
-                        .into(),
-                        active,
-                        next,
-                    });
-                }
-            }
-        }
-        for o in &st.once {
-            let w = schedule::once_window(o);
-            let state = if o.cancelled_ms.is_some() {
-                "cancelled"
-            } else if o.end_ms <= now {
-                "done"
-            } else if o.start_ms <= now {
-                "active"
-            } else {
-                "waiting"
-            };
-            out.push(drover_model::api::ScheduleEntry {
-                id: o.id.to_string(),
-                service: o.service.clone(),
-                region: o.region.clone(),
-                source: "once".into(),
-                what: w.what.clone(),
-                min: w.min,
-                desired: w.desired,
-                max: w.max,
-                state: state.into(),
-                active: (state == "active").then(|| w.clone()),
-                next: if state == "waiting" {
-                    vec![w]
-                } else {
-                    Vec::new()
-                },
-            });
-        }
-        drover_model::api::ScheduleList { schedules: out }
+        self.state().schedule_list(now_ms())
     }
 
     /// Take one instance out of its group's balancer at once.
@@ -1273,6 +1079,7 @@ pub(crate) fn write_of(r: Record) -> Write {
         Record::Instance(i) => Write::Instance(i),
         Record::RemoveInstance(id) => Write::RemoveInstance(id),
         Record::Counter { name, value } => Write::Counter { name, value },
+        Record::Schedule(o) => Write::Schedule(o),
         Record::Event(e) => Write::Event(e),
     }
 }
@@ -1366,8 +1173,8 @@ mod tests {
     use crate::writer::tests::Slow;
     use drover_control::world::RESTART_GRACE_MS;
     use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Utilization};
-    use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
     use drover_store::{EventFilter, RolloutRecord, SqliteStore};
+    use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
     use std::time::Instant;
 
     const FLEET: &str = r#"

@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 
+mod calls;
 mod heartbeat;
 mod instances;
 mod status;
 mod step;
 
+pub use calls::*;
 pub use heartbeat::*;
 pub use instances::*;
 pub use status::*;

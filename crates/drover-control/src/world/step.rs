@@ -26,6 +26,8 @@ pub enum Record {
         name: String,
         value: u64,
     },
+    /// Insert or replace a one-off scheduled change (by its id).
+    Schedule(drover_model::api::ScheduledScale),
     Event(NewEvent),
 }
 
