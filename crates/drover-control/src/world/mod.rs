@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 
 mod calls;
+mod canary;
 mod heartbeat;
 mod instances;
 mod status;
 mod step;
 
 pub use calls::*;
+pub use canary::*;
 pub use heartbeat::*;
 pub use instances::*;
 pub use status::*;
