@@ -5,6 +5,7 @@ pub mod analysis;
 pub mod autoscale;
 pub mod backoff;
 pub mod change;
+pub mod discovery;
 pub mod effects;
 pub mod group;
 pub mod rollout;

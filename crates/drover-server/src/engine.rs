@@ -881,39 +881,11 @@ impl Engine {
             .open_connections(&group, instance)
             .map_err(|e| ServerError::Unavailable(e.0))?;
         // Not before every agent whose components use this service dropped it.
-        let consumers = self.peer_consumers(&group);
+        let consumers = self.state().peer_consumers(&group);
         self.peers
             .dropped_by(instance, &consumers)
             .map_err(ServerError::Unavailable)?;
         Ok(open)
-    }
-
-    /// The instances whose components use `group`'s service, in its region.
-    fn peer_consumers(&self, group: &str) -> Vec<String> {
-        let gid = drover_model::GroupId(group.to_string());
-        let (service, region) = (gid.service(), gid.region());
-        let st = self.state();
-        let users: Vec<&String> = st
-            .groups
-            .iter()
-            .filter(|(_, g)| {
-                g.plan.region == region
-                    && g.plan
-                        .components
-                        .iter()
-                        .any(|c| c.uses.iter().any(|u| u == service))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        if users.is_empty() {
-            // Nobody uses it (the common case): no scan of the instances.
-            return Vec::new();
-        }
-        st.instances
-            .values()
-            .filter(|i| i.alive && users.contains(&&i.record.group))
-            .map(|i| i.record.id.clone())
-            .collect()
     }
 
     /// `GET /v1/agent/peers`: the peers of the services `instance`'s components use, once
@@ -925,7 +897,10 @@ impl Engine {
         version: u64,
         wait: Duration,
     ) -> Result<drover_model::api::PeersReply, ServerError> {
-        let services = self.used_services(instance)?;
+        let services = self
+            .state()
+            .used_services(instance)
+            .ok_or_else(|| ServerError::NoInstance(instance.to_string()))?;
         // A version of another epoch (before a restart or failover) proves nothing: the
         // agent has applied none of this run's sets yet; answer at once.
         if epoch != self.peers.epoch() {
@@ -935,36 +910,6 @@ impl Engine {
         self.peers.ack(instance, version);
         self.peers.wait(version, wait).await;
         Ok(self.peers.reply(&services))
-    }
-
-    /// (service, group in the instance's region) of every service its plan uses.
-    fn used_services(&self, instance: &str) -> Result<Vec<(String, String)>, ServerError> {
-        let st = self.state();
-        let i = st
-            .instances
-            .get(instance)
-            .ok_or_else(|| ServerError::NoInstance(instance.to_string()))?;
-        let region = drover_model::GroupId(i.record.group.clone())
-            .region()
-            .to_string();
-        let plan = st.groups.get(&i.record.group).map(|g| &g.plan);
-        let mut used: Vec<String> = plan
-            .map(|p| {
-                p.components
-                    .iter()
-                    .flat_map(|c| c.uses.iter().cloned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        used.sort();
-        used.dedup();
-        Ok(used
-            .into_iter()
-            .map(|s| {
-                let g = drover_model::GroupId::new(&s, &region).0;
-                (s, g)
-            })
-            .collect())
     }
 
     fn stop_grace(&self, group: &str) -> Duration {

@@ -757,3 +757,60 @@ impl World {
         ))
     }
 }
+
+impl World {
+    /// The instances whose components use `group`'s service, in its region (the consumers
+    /// discovery's drain gate waits for, [`crate::discovery::PeerBook::dropped_by`]).
+    pub fn peer_consumers(&self, group: &str) -> Vec<String> {
+        let gid = drover_model::GroupId(group.to_string());
+        let (service, region) = (gid.service(), gid.region());
+        let users: Vec<&String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.plan.region == region
+                    && g.plan
+                        .components
+                        .iter()
+                        .any(|c| c.uses.iter().any(|u| u == service))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        users
+            .into_iter()
+            .flat_map(|g| self.instances.group_views(g))
+            .filter(|v| v.alive)
+            .map(|v| v.id.clone())
+            .collect()
+    }
+
+    /// (service, group in the instance's region) of every service `instance`'s plan uses;
+    /// none: no such instance.
+    pub fn used_services(&self, instance: &str) -> Option<Vec<(String, String)>> {
+        let i = self.instances.get(instance)?;
+        let region = drover_model::GroupId(i.record.group.clone())
+            .region()
+            .to_string();
+        let mut used: Vec<String> = self
+            .groups
+            .get(&i.record.group)
+            .map(|g| {
+                g.plan
+                    .components
+                    .iter()
+                    .flat_map(|c| c.uses.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        used.sort();
+        used.dedup();
+        Some(
+            used.into_iter()
+                .map(|s| {
+                    let g = drover_model::GroupId::new(&s, &region).0;
+                    (s, g)
+                })
+                .collect(),
+        )
+    }
+}
