@@ -55,8 +55,6 @@ pub struct Engine {
     passes: std::sync::atomic::AtomicU64,
     /// Instance views the passes read so far (`/metrics`).
     reconciled: std::sync::atomic::AtomicU64,
-    /// Groups the self-suspicion guard holds now (drover_control::suspects_itself).
-    suspected: Mutex<std::collections::BTreeSet<String>>,
     /// The lead this engine acts under (several servers on etcd); none: it always may act.
     authority: std::sync::OnceLock<Arc<crate::ha::Authority>>,
     /// Image tags resolved before the write lock ([`crate::registry::prefetch`]).
@@ -164,7 +162,6 @@ impl Engine {
             permit_polls: Default::default(),
             passes: Default::default(),
             reconciled: Default::default(),
-            suspected: Default::default(),
             authority: Default::default(),
             pins: Default::default(),
         })
@@ -818,37 +815,10 @@ impl Engine {
 
     /// Record when the self-suspicion guard starts and stops holding a group.
     fn note_suspicion(&self, now_suspect: &[String]) {
-        let now: std::collections::BTreeSet<String> = now_suspect.iter().cloned().collect();
-        let mut held = self.suspected.lock().unwrap_or_else(|e| e.into_inner());
-        if *held == now {
-            return;
+        let events = self.state().note_suspicion(now_suspect);
+        for e in &events {
+            tracing::warn!(group = ?e.group, "{}", e.message);
         }
-        let mut events = Vec::new();
-        for g in now.difference(&held) {
-            tracing::warn!(group = %g, "much of the group went silent at once: suspecting this server, replacing none of them");
-            events.push(
-                NewEvent::new(
-                    EventKind::Server,
-                    format!(
-                        "at least {}% of the group's instances (and {} or more) went silent at once: the server suspects itself and replaces none of them until it hears from them again",
-                        drover_control::SUSPECT_SHARE_PERCENT,
-                        drover_control::SUSPECT_MIN_SILENT
-                    ),
-                )
-                .group(g),
-            );
-        }
-        for g in held.difference(&now) {
-            events.push(
-                NewEvent::new(
-                    EventKind::Server,
-                    "heard from the group again: silent instances are replaced as usual",
-                )
-                .group(g),
-            );
-        }
-        *held = now;
-        drop(held);
         self.record(events);
     }
 

@@ -95,6 +95,8 @@ pub struct World {
     pub last_pass: BTreeMap<String, LastPass>,
     /// Groups the self-suspicion guard holds, as their last passes said.
     pub suspect: std::collections::BTreeSet<String>,
+    /// The groups the guard's events last said it holds ([`World::note_suspicion`]).
+    pub suspicion_said: std::collections::BTreeSet<String>,
     pub instance_seq: u64,
     /// Instances currently given to the balancer, per group.
     pub targets: BTreeMap<String, Vec<String>>,

@@ -814,3 +814,351 @@ impl World {
         )
     }
 }
+
+impl World {
+    /// The self-suspicion guard's events as a pass names the groups it holds
+    /// ([`crate::suspects_itself`]): one when a group comes under it, one when it is heard
+    /// from again. The world remembers what it last said.
+    pub fn note_suspicion(&mut self, now_suspect: &[String]) -> Vec<NewEvent> {
+        let now: std::collections::BTreeSet<String> = now_suspect.iter().cloned().collect();
+        if self.suspicion_said == now {
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        for g in now.difference(&self.suspicion_said) {
+            events.push(
+                NewEvent::new(
+                    EventKind::Server,
+                    format!(
+                        "at least {}% of the group's instances (and {} or more) went silent at once: the server suspects itself and replaces none of them until it hears from them again",
+                        crate::SUSPECT_SHARE_PERCENT,
+                        crate::SUSPECT_MIN_SILENT
+                    ),
+                )
+                .group(g),
+            );
+        }
+        for g in self.suspicion_said.difference(&now) {
+            events.push(
+                NewEvent::new(
+                    EventKind::Server,
+                    "heard from the group again: silent instances are replaced as usual",
+                )
+                .group(g),
+            );
+        }
+        self.suspicion_said = now;
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::CancelRefused;
+    use super::*;
+    use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Revision};
+    use drover_model::record::{Lifecycle, RolloutRecord};
+
+    const FLEET: &str = r#"
+[fleet]
+name = "t"
+
+[regions.a]
+provider = "sim"
+
+[services.web]
+regions = ["a"]
+capacity = { min = 1, desired = 2, max = 4 }
+
+[services.web.rollout]
+drain_timeout = "7s"
+
+[services.web.components.app]
+runtime = "process"
+version = "v1"
+command = "/bin/true"
+ports = { http = 8080 }
+"#;
+
+    fn rec(id: &str, lifecycle: Lifecycle) -> InstanceRecord {
+        InstanceRecord {
+            id: id.into(),
+            group: "web/a".into(),
+            generation: 1,
+            addr: "127.9.0.1".into(),
+            provider_id: "sim".into(),
+            launched_at_ms: 1,
+            lifecycle,
+            permit_at_ms: None,
+            own_token: false,
+        }
+    }
+
+    /// `web/a` on generation 1 with i-1 (alive) and i-2 (draining), restored at 1,000.
+    fn world() -> World {
+        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "a");
+        plan.generation = 1;
+        let group = super::super::Group {
+            record: GroupRecord {
+                group: "web/a".into(),
+                desired: 2,
+                desired_reason: "apply".into(),
+                generation: 1,
+                rollout: RolloutRecord::default(),
+            },
+            plan,
+            provider: "sim".into(),
+            ingress: Some(("127.0.0.1:9000".parse().unwrap(), 8080)),
+        };
+        let revision = Revision {
+            number: 1,
+            applied_at_ms: 0,
+            file: "drover.toml".into(),
+            summary: String::new(),
+            toml: FLEET.into(),
+            fleet,
+            last_applied: None,
+        };
+        World::restore(
+            Some(revision),
+            vec![group],
+            [
+                (rec("i-1", Lifecycle::Active), true),
+                (rec("i-2", Lifecycle::Draining), false),
+            ],
+            &[("instance_seq".to_string(), 2)].into_iter().collect(),
+            Vec::new(),
+            10_000,
+            1_000,
+        )
+    }
+
+    fn beat(id: &str, group: &str, seq: u64, state: ComponentState) -> Heartbeat {
+        Heartbeat {
+            instance: id.into(),
+            group: group.into(),
+            generation: 1,
+            addr: "127.9.0.1".into(),
+            phase: AgentPhase::Running,
+            seq,
+            components: vec![ComponentReport {
+                name: "app".into(),
+                version: "v1".into(),
+                state,
+                pid: Some(1),
+                restarts: 0,
+                last_exit: None,
+                message: None,
+                last_output: None,
+            }],
+            utilization: Default::default(),
+            drained: None,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_is_refused_for_another_group_ignored_when_late_and_ends_the_backoff() {
+        let mut w = world();
+        let unknown = w
+            .heartbeat(&beat("i-9", "web/a", 1, ComponentState::Healthy), 2_000)
+            .unwrap();
+        assert!(!unknown.reply.known);
+        assert_eq!(
+            w.heartbeat(&beat("i-1", "api/a", 1, ComponentState::Healthy), 2_000),
+            Err(OtherGroup)
+        );
+        w.launch_failed("web/a", 1_500);
+        let first = w
+            .heartbeat(&beat("i-1", "web/a", 5, ComponentState::Healthy), 2_000)
+            .unwrap();
+        assert!(first.reply.known);
+        assert_eq!(first.reply.leave_soon, Some(false));
+        assert!(first.wake, "restored, now healthy: a health change");
+        assert!(
+            !w.launch_backoff.contains_key("web/a"),
+            "turning healthy ends the backoff"
+        );
+        // The same seq again (late or duplicate): nothing changes.
+        let late = w
+            .heartbeat(&beat("i-1", "web/a", 5, ComponentState::Unhealthy), 2_100)
+            .unwrap();
+        assert!(!late.wake && late.events.is_empty());
+        assert!(matches!(
+            w.instances.get("i-1").unwrap().soft.health,
+            Health::Healthy { .. }
+        ));
+        // The next one is absorbed: unhealthy, with its event.
+        let next = w
+            .heartbeat(&beat("i-1", "web/a", 6, ComponentState::Unhealthy), 2_200)
+            .unwrap();
+        assert!(next.wake);
+        assert!(
+            next.events[0]
+                .message
+                .starts_with("unhealthy: app is unhealthy"),
+            "{:?}",
+            next.events
+        );
+        // A draining instance is told to leave soon.
+        let leaver = w
+            .heartbeat(&beat("i-2", "web/a", 1, ComponentState::Healthy), 2_200)
+            .unwrap();
+        assert_eq!(leaver.reply.leave_soon, Some(true));
+    }
+
+    #[test]
+    fn a_restore_waits_for_its_alive_instances_or_the_grace() {
+        let mut w = world();
+        assert!(!w.rebuilt(1_000, 0), "the API does not answer yet");
+        w.api_ready(5_000);
+        assert_eq!(
+            w.instances.get("i-1").unwrap().soft.last_seen_ms,
+            5_000 + RESTART_GRACE_MS
+        );
+        assert!(
+            !w.rebuilt(5_001, 5_000),
+            "i-1 is alive and has not reported"
+        );
+        assert!(w.rebuilt(5_000 + RESTART_GRACE_MS, 5_000));
+        w.heartbeat(&beat("i-1", "web/a", 1, ComponentState::Healthy), 6_000)
+            .unwrap();
+        assert!(w.rebuilt(6_000, 5_000), "every alive instance reported");
+        assert!(w.exited("i-1"));
+        assert!(!w.instances.get("i-1").unwrap().alive);
+        assert!(!w.exited("i-9"));
+    }
+
+    #[test]
+    fn a_launch_is_numbered_stored_then_adopted() {
+        let mut w = world();
+        assert_eq!(w.begin_launch("web/a", 2), None, "a generation not planned");
+        assert_eq!(w.begin_launch("api/a", 1), None);
+        let t = w.begin_launch("web/a", 1).unwrap();
+        assert_eq!((t.seq, t.instance.as_str()), (3, "i-000003"));
+        assert!(t.plan.is_some(), "its group's current generation");
+        let launched = Launched {
+            id: t.instance.clone(),
+            addr: "127.9.0.3".parse().unwrap(),
+            provider_id: "sim-3".into(),
+            own_token: true,
+        };
+        let plan = w.groups["web/a"].plan.clone();
+        let (rec, records) = World::launched(&t, &plan, &launched, 3_000);
+        assert!(
+            !w.instances.contains_key("i-000003"),
+            "not before it is stored"
+        );
+        assert_eq!(records[0], Record::Instance(rec.clone()));
+        let Record::Event(e) = &records[1] else {
+            panic!("{records:?}")
+        };
+        assert_eq!(
+            e.message,
+            "launched at 127.9.0.3 on generation 1 (app=v1) [sim-3]"
+        );
+        w.adopt(rec, true, 3_000);
+        let i = w.instances.get("i-000003").unwrap();
+        assert!(i.alive && !i.soft.reporting && i.record.own_token);
+        assert_eq!(w.instances.count_of("web/a"), 3);
+    }
+
+    #[test]
+    fn a_permit_answers_with_the_drain_timeout_and_the_decrement() {
+        let w = world();
+        assert_eq!(w.permit_of("i-9"), None);
+        assert_eq!(w.permit_of("i-1"), Some(None), "active: no permit");
+        assert_eq!(w.permit_of("i-2"), Some(Some((true, 7_000))));
+        assert_eq!(w.drain_timeout_ms("gone/a"), super::super::DEFAULT_DRAIN_MS);
+    }
+
+    #[test]
+    fn published_targets_say_what_changed_once() {
+        let mut w = world();
+        let targets = |ids: &[&str]| {
+            [(
+                "web/a".to_string(),
+                ids.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (p, events) = w.publish(targets(&["i-1"]));
+        assert_eq!(p.len(), 1);
+        let peers = p[0].peers.as_ref().unwrap();
+        assert_eq!(peers[0].ports["http"], 8080);
+        let (lb, leaving) = p[0].balancer.as_ref().unwrap();
+        assert_eq!(lb[0].addr, "127.9.0.1:8080");
+        assert_eq!(leaving, &vec!["i-2".to_string()]);
+        assert_eq!(events[0].message, "in rotation: i-1");
+        // The same again: nothing to give, nothing to say.
+        let (p, events) = w.publish(targets(&["i-1"]));
+        assert!(p.is_empty() && events.is_empty());
+        let (_, events) = w.publish(targets(&[]));
+        assert_eq!(events[0].message, "no instance in rotation");
+    }
+
+    #[test]
+    fn a_count_by_hand_is_refused_outside_the_range_and_kept_for_the_autoscaler() {
+        let w = world();
+        let svc = w.fleet().unwrap().services["web"].clone();
+        let req = |desired| drover_model::api::ScaleRequest {
+            service: "web".into(),
+            region: None,
+            desired,
+        };
+        assert!(w.plan_scale(&svc, &req(9), 0).is_err(), "above max = 4");
+        let (change, scaled) = w.plan_scale(&svc, &req(3), 0).unwrap();
+        assert_eq!((scaled[0].from, scaled[0].to), (2, 3));
+        assert_eq!(change.staged.records[0].desired, 3);
+        assert_eq!(change.staged.autoscale[0].0, "web/a");
+        assert!(change.commits.iter().any(|r| matches!(r,
+            Record::Event(e) if e.message.starts_with("desired 2 -> 3 (manual: drover scale"))));
+        let mut w = w;
+        w.accept(change.staged);
+        assert_eq!(w.groups["web/a"].record.desired, 3);
+    }
+
+    #[test]
+    fn a_one_off_schedule_is_checked_kept_and_cancelled_once() {
+        let mut w = world();
+        let req = |start_ms, end_ms, desired| drover_model::api::ScheduleRequest {
+            service: "web".into(),
+            region: None,
+            desired,
+            start_ms,
+            end_ms,
+            timezone: None,
+        };
+        assert!(
+            w.plan_schedule_once(&req(10, 5, 2), 0).is_err(),
+            "ends before it starts"
+        );
+        assert!(w.plan_schedule_once(&req(10, 20, 2), 30).is_err(), "past");
+        assert!(
+            w.plan_schedule_once(&req(10, 20, 0), 0).is_err(),
+            "no count"
+        );
+        let (once, records) = w.plan_schedule_once(&req(10, 20, 3), 0).unwrap();
+        assert_eq!(once.id, 1);
+        assert_eq!(records[0], Record::Schedule(once.clone()));
+        w.keep_schedule(once);
+        assert_eq!(w.plan_cancel(2, 5).unwrap_err(), CancelRefused::NoSchedule);
+        assert_eq!(w.plan_cancel(1, 20).unwrap_err(), CancelRefused::Ended);
+        let (cancelled, _) = w.plan_cancel(1, 5).unwrap();
+        w.keep_schedule(cancelled);
+        assert_eq!(w.once.len(), 1);
+        assert_eq!(w.plan_cancel(1, 6).unwrap_err(), CancelRefused::Cancelled);
+        assert_eq!(w.schedule_list(6).schedules[0].state, "cancelled");
+    }
+
+    #[test]
+    fn suspicion_is_said_once_when_it_begins_and_once_when_it_ends() {
+        let mut w = world();
+        let g = vec!["web/a".to_string()];
+        assert_eq!(w.note_suspicion(&g).len(), 1);
+        assert!(w.note_suspicion(&g).is_empty());
+        let back = w.note_suspicion(&[]);
+        assert!(back[0].message.starts_with("heard from the group again"));
+    }
+}
