@@ -50,7 +50,7 @@ pub struct Before<'a> {
 
 /// The world as the change finds it.
 #[derive(Clone, Debug, Default)]
-pub struct World<'a> {
+pub struct Situation<'a> {
     /// The current revision's fleet (none before the first apply) ...
     pub fleet: Option<&'a Fleet>,
     /// ... and its number (0: none).
@@ -150,8 +150,8 @@ impl ChangePlan {
 }
 
 /// The groups of `fleet` that have none in `world` (they need
-/// [`World::unused_generation`]).
-pub fn new_groups(fleet: &Fleet, world: &World) -> Vec<String> {
+/// [`Situation::unused_generation`]).
+pub fn new_groups(fleet: &Fleet, world: &Situation) -> Vec<String> {
     fleet
         .services
         .iter()
@@ -263,7 +263,7 @@ pub fn group(origin: &Origin, g: &GroupChange, now: u64) -> GroupStep {
 }
 
 /// Plan a change of desired state.
-pub fn plan(world: &World, req: &Request, now: u64) -> ChangePlan {
+pub fn plan(world: &Situation, req: &Request, now: u64) -> ChangePlan {
     let fleet = req.fleet;
     let origin = req.origin;
     let old_fleet = world.fleet;
@@ -687,12 +687,12 @@ mod tests {
         }
 
         fn plan(&self, fleet: &Fleet, origin: &Origin, now: u64) -> ChangePlan {
-            let world = World {
+            let world = Situation {
                 fleet: self.fleet.as_ref(),
                 revision: self.revision,
                 last_applied: self.file.as_ref(),
                 groups: self.before(),
-                ..World::default()
+                ..Situation::default()
             };
             plan(
                 &world,
@@ -1110,12 +1110,12 @@ mod tests {
             ["group removed from the fleet; its instances will leave"]
         );
         let v1 = fleet("v1", "", 2);
-        let world = World::default();
+        let world = Situation::default();
         assert_eq!(new_groups(&v1, &world).len(), 3);
-        let mut world = World {
+        let mut world = Situation {
             fleet: live.fleet.as_ref(),
             revision: live.revision,
-            ..World::default()
+            ..Situation::default()
         };
         world.groups = live.before();
         assert_eq!(new_groups(&v1, &world), ["web/c"]);

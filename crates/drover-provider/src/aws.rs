@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::tasks::Tasks;
-use crate::{Credentials, Exit, GroupSpec, LaunchRequest, Launched, Provider, ProviderError};
+use crate::{Credentials, Exit, GroupSetup, LaunchRequest, Launched, Provider, ProviderError};
 
 /// One `aws` region of a fleet.
 #[derive(Clone, Debug)]
@@ -227,7 +227,7 @@ impl AwsProvider {
         Ok(())
     }
 
-    fn boot_doc(&self, spec: &GroupSpec) -> Result<String, ProviderError> {
+    fn boot_doc(&self, spec: &GroupSetup) -> Result<String, ProviderError> {
         let (ca_pem, ca_sha256) = match &self.cfg.credentials.ca {
             Some(ca) => (
                 Some(
@@ -258,7 +258,7 @@ impl AwsProvider {
         Ok(text)
     }
 
-    async fn prepare_group(&self, spec: GroupSpec) -> Result<Vec<String>, ProviderError> {
+    async fn prepare_group(&self, spec: GroupSetup) -> Result<Vec<String>, ProviderError> {
         let owner = self.owner(&spec.service);
         let user_data = self.boot_doc(&spec)?;
         let instance_type = spec
@@ -621,7 +621,7 @@ impl Provider for Aws {
         Box::pin(self.0.tasks.close())
     }
 
-    fn prepare(&self, spec: GroupSpec) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {
+    fn prepare(&self, spec: GroupSetup) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {
         Box::pin(self.0.prepare_group(spec))
     }
 

@@ -114,7 +114,7 @@ pub struct Launched {
 /// A group as its provider must make it exist: its launch configuration (the plan) and, for a
 /// provider with a balancer of its own (an NLB on AWS), its ingress.
 #[derive(Clone, Debug)]
-pub struct GroupSpec {
+pub struct GroupSetup {
     pub fleet: String,
     /// `service/region`.
     pub group: String,
@@ -199,7 +199,7 @@ pub trait Provider: Send + Sync {
     /// any instance of a new generation launches or any stale instance gets a permit.
     /// Idempotent and cheap when nothing changed. Returns what it created or changed, one
     /// line each (recorded as events).
-    fn prepare(&self, _spec: GroupSpec) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {
+    fn prepare(&self, _spec: GroupSetup) -> BoxFuture<'_, Result<Vec<String>, ProviderError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
 

@@ -340,7 +340,7 @@ impl Engine {
         };
         // The plan, from the world as the change finds it: pure. Only the first unused
         // generation of a group new to the fleet comes from the store.
-        let mut world = drover_control::change::World {
+        let mut world = drover_control::change::Situation {
             fleet: old_fleet.as_ref(),
             revision: current,
             last_applied: base_fleet.as_ref(),

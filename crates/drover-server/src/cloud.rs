@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use drover_model::{EventKind, NewEvent};
-use drover_provider::{GroupSpec, IngressPlan, Provider};
+use drover_provider::{GroupSetup, IngressPlan, Provider};
 
 use crate::engine::{balancer_health, region_of, Engine};
 
 impl Engine {
     /// What each group's provider must make exist, from the current revision.
-    fn group_specs(&self) -> Vec<(Arc<dyn Provider>, GroupSpec)> {
+    fn group_specs(&self) -> Vec<(Arc<dyn Provider>, GroupSetup)> {
         let st = self.state();
         let Some(fleet) = st.fleet() else {
             return Vec::new();
@@ -48,7 +48,7 @@ impl Engine {
             });
             out.push((
                 provider,
-                GroupSpec {
+                GroupSetup {
                     fleet: fleet.fleet.name.clone(),
                     group: gid.clone(),
                     service: g.plan.service.clone(),

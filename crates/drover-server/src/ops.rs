@@ -63,7 +63,7 @@ fn live_instances(
     let known = st
         .groups
         .keys()
-        .any(|g| g.split('/').next() == Some(service))
+        .any(|g| drover_model::GroupId::service_of(g) == service)
         || st
             .revision
             .as_ref()
@@ -72,11 +72,10 @@ fn live_instances(
         .instances
         .values()
         .filter(|i| {
-            let (s, r) = i
-                .record
-                .group
-                .split_once('/')
-                .unwrap_or((&i.record.group, ""));
+            let (s, r) = (
+                drover_model::GroupId::service_of(&i.record.group),
+                drover_model::GroupId::region_of(&i.record.group),
+            );
             s == service
                 && i.alive
                 && region.is_none_or(|x| x == r)
@@ -371,7 +370,7 @@ pub async fn exec(
         let st = e.state();
         match st.instances.get(&inst) {
             Some(i) => {
-                req.service = i.record.group.split('/').next().unwrap_or_default().into();
+                req.service = drover_model::GroupId::service_of(&i.record.group).into();
             }
             None => {
                 return Err(ServerError::NotFound(format!(
@@ -815,7 +814,7 @@ pub async fn agent_flight(
         .into_iter()
         .rev()
         .collect();
-    let service = rec.group.split('/').next().unwrap_or_default().to_string();
+    let service = drover_model::GroupId::service_of(&rec.group).to_string();
     let mut message = format!(
         "{} {}: {}; the flight recorder kept its last {} lines (`drover logs {service} --instance {}`)",
         rec.instance,

@@ -264,7 +264,10 @@ pub const TAIL_REASON: &str =
 /// The file of `rec` in the recorder's directory, `SERVICE~REGION~GEN~INSTANCE~COMPONENT~LAST.json`
 /// (`LAST`: the record's time, or `tail`), once every name in it is a valid id.
 fn file_name(rec: &FlightRecord, last: &str) -> std::io::Result<String> {
-    let (service, region) = rec.group.split_once('/').unwrap_or((&rec.group, ""));
+    let (service, region) = (
+        drover_model::GroupId::service_of(&rec.group),
+        drover_model::GroupId::region_of(&rec.group),
+    );
     if ![service, region, &rec.instance, &rec.component]
         .iter()
         .all(|s| safe(s))

@@ -173,6 +173,16 @@ impl Instances {
         self.views.get(group).into_iter().flat_map(|g| g.values())
     }
 
+    /// One group's instances, by id (a look-up each: costs the group, not the fleet).
+    pub fn of_group<'a>(&'a self, group: &str) -> impl Iterator<Item = &'a Instance> + 'a {
+        let map = &self.map;
+        self.views
+            .get(group)
+            .into_iter()
+            .flat_map(|g| g.keys())
+            .filter_map(move |id| map.get(id))
+    }
+
     /// The groups that have instances (in the fleet or not).
     pub fn groups(&self) -> impl Iterator<Item = &String> {
         self.views.keys()

@@ -521,8 +521,7 @@ impl World {
         let custom = policy.custom_name();
         let offers = self
             .instances
-            .values()
-            .filter(|i| i.record.group == g.record.group)
+            .of_group(&g.record.group)
             .map(|i| crate::autoscale::Offer {
                 alive: i.alive,
                 phase: phase_of(i.record.lifecycle),

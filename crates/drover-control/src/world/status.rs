@@ -66,8 +66,8 @@ fn st_canary(st: &World, g: &Group) -> bool {
         && st.service(g).is_some_and(|s| s.rollout.canary.is_some())
         && st
             .instances
-            .values()
-            .any(|i| i.record.group == g.record.group && i.record.generation < g.record.generation)
+            .group_views(&g.record.group)
+            .any(|v| v.generation < g.record.generation)
 }
 
 impl World {
