@@ -403,6 +403,18 @@ impl Decision {
         self.targets.extend(other.targets);
         self.suspect.extend(other.suspect);
     }
+
+    /// Whether carrying it out lets instances go (a permit, a termination, a loss), which
+    /// frees surge room: the shell then makes another pass at once, so their replacements
+    /// launch now rather than a tick later.
+    pub fn frees_room(&self) -> bool {
+        self.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Permit { .. } | Action::Terminate { .. } | Action::Forget { .. }
+            )
+        })
+    }
 }
 
 /// The instances of a group gone from the fleet leave.

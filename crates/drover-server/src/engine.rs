@@ -372,9 +372,9 @@ impl Engine {
         let now = now_ms();
         let step = {
             let mut st = self.state();
-            let step = st.heartbeat(&hb, now).map_err(|_| {
-                ServerError::Forbidden("this token may not act for that instance".into())
-            })?;
+            let step = st
+                .heartbeat(&hb, now)
+                .map_err(|_| ServerError::NotThisInstance)?;
             // Queued (never waited for) under the lock: events in the order of the changes.
             self.record(step.events);
             (step.wake, step.reply)
@@ -424,13 +424,8 @@ impl Engine {
             if pass == 0 {
                 self.note_suspicion(&decision.suspect);
             }
+            let frees_room = decision.frees_room();
             targets.extend(decision.targets);
-            let frees_room = decision.actions.iter().any(|a| {
-                matches!(
-                    a,
-                    Action::Permit { .. } | Action::Terminate { .. } | Action::Forget { .. }
-                )
-            });
             if pass == 2 {
                 break;
             }
