@@ -11,6 +11,7 @@ use drover_agent::{run, AgentConfig, AgentError, Outcome};
 use drover_model::api::{AgentPhase, ComponentState, Heartbeat};
 use drover_model::fleet::{Artifact, HealthCheck, HealthKind, RestartPolicy, Runtime};
 use drover_model::{Dur, Plan, PlanComponent};
+use drover_test_support::wait_until_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -115,10 +116,6 @@ fn read_pids(path: &Path) -> Vec<i32> {
         .collect()
 }
 
-async fn wait_until<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
-    drover_test_support::wait_until_async(within, what, f).await
-}
-
 /// A heartbeat listener: every POSTed heartbeat comes out of the receiver. Permit long-polls are
 /// held until the agent drops them (no permit is ever granted here; see tests/leave.rs).
 async fn heartbeat_server() -> (String, mpsc::UnboundedReceiver<Heartbeat>) {
@@ -217,7 +214,7 @@ async fn exited_component_is_respawned_at_once_then_with_delay() {
     );
     let agent = start(config(dir.path(), Some(url), vec![c]));
     let events_file = dir.path().join("flaky/events");
-    let ev = wait_until(Duration::from_secs(4), "three starts", || {
+    let ev = wait_until_async(Duration::from_secs(4), "three starts", || {
         let ev = read_events(&events_file);
         (ev.iter().filter(|(k, _)| k == "start").count() >= 3).then_some(ev)
     })
@@ -257,14 +254,14 @@ async fn sigkilled_component_is_respawned() {
         vec![sh("app", "echo $$ >> pids; exec sleep 30")],
     ));
     let pids = dir.path().join("app/pids");
-    let first = wait_until(Duration::from_secs(2), "first pid", || {
+    let first = wait_until_async(Duration::from_secs(2), "first pid", || {
         read_pids(&pids).first().copied()
     })
     .await;
     let t = Instant::now();
     // SAFETY: a process this test's agent started.
     unsafe { libc::kill(first, libc::SIGKILL) };
-    let second = wait_until(Duration::from_millis(500), "respawn within 500 ms", || {
+    let second = wait_until_async(Duration::from_millis(500), "respawn within 500 ms", || {
         read_pids(&pids).get(1).copied()
     })
     .await;
@@ -355,7 +352,7 @@ async fn http_health_check_turns_healthy_then_unhealthy_and_restarts() {
     );
     assert!(gone(first as i32));
     let pids = dir.path().join("web/pids");
-    let second = wait_until(Duration::from_millis(500), "second pid", || {
+    let second = wait_until_async(Duration::from_millis(500), "second pid", || {
         read_pids(&pids).get(1).copied()
     })
     .await;
@@ -405,11 +402,11 @@ async fn graceful_stop_then_sigkill_after_grace_and_nothing_left() {
     let mut stubborn = sh("stubborn", "trap '' TERM; echo $$ >> pids; exec sleep 30");
     stubborn.stop_grace = Dur::from_millis(400);
     let agent = start(config(dir.path(), Some(url), vec![polite, stubborn]));
-    let p1 = wait_until(Duration::from_secs(2), "polite pid", || {
+    let p1 = wait_until_async(Duration::from_secs(2), "polite pid", || {
         read_pids(&dir.path().join("polite/pids")).first().copied()
     })
     .await;
-    let p2 = wait_until(Duration::from_secs(2), "stubborn pid", || {
+    let p2 = wait_until_async(Duration::from_secs(2), "stubborn pid", || {
         read_pids(&dir.path().join("stubborn/pids"))
             .first()
             .copied()
@@ -529,7 +526,7 @@ async fn unreachable_server_changes_nothing() {
     cfg.heartbeat_interval = 20 * MS;
     let agent = start(cfg);
     let pids = dir.path().join("app/pids");
-    let pid = wait_until(Duration::from_secs(2), "pid", || {
+    let pid = wait_until_async(Duration::from_secs(2), "pid", || {
         read_pids(&pids).first().copied()
     })
     .await;
@@ -597,7 +594,7 @@ async fn artifact_checked_unpacked_and_run() {
     });
     let inst = dir.path().join("inst");
     let agent = start(config(&inst, Some(url), vec![good, bad]));
-    let pid = wait_until(Duration::from_secs(3), "hello from the artifact", || {
+    let pid = wait_until_async(Duration::from_secs(3), "hello from the artifact", || {
         read_pids(&inst.join("hello/pids")).first().copied()
     })
     .await;
@@ -756,7 +753,7 @@ fn components_die_with_the_agent_thread() {
             .unwrap();
         let pid = rt.block_on(async {
             tokio::spawn(run(cfg, std::future::pending()));
-            wait_until(Duration::from_secs(2), "pid", || {
+            wait_until_async(Duration::from_secs(2), "pid", || {
                 read_pids(&pids).first().copied()
             })
             .await

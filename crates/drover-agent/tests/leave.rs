@@ -11,6 +11,7 @@ use drover_agent::{run, AgentConfig, AgentError, Outcome};
 use drover_model::api::{AgentPhase, ComponentState, Heartbeat, PermitReply};
 use drover_model::fleet::{RestartPolicy, Runtime};
 use drover_model::{Dur, Plan, PlanComponent};
+use drover_test_support::wait_until_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -124,16 +125,12 @@ fn read_pids(path: &Path) -> Vec<i32> {
 
 /// The pids of both components, once both started.
 async fn both_pids(dir: &Path) -> [i32; 2] {
-    wait_until(Duration::from_secs(3), "both components started", || {
+    wait_until_async(Duration::from_secs(3), "both components started", || {
         let a = read_pids(&dir.join("app/pids")).first().copied()?;
         let b = read_pids(&dir.join("sidecar/pids")).first().copied()?;
         Some([a, b])
     })
     .await
-}
-
-async fn wait_until<T>(within: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
-    drover_test_support::wait_until_async(within, what, f).await
 }
 
 /// How the fake server answers permit polls.
@@ -367,7 +364,7 @@ impl Fake {
 
 /// Both components running and reported so.
 async fn running(fake: &Fake) {
-    wait_until(Duration::from_secs(3), "a running heartbeat", || {
+    wait_until_async(Duration::from_secs(3), "a running heartbeat", || {
         fake.heartbeats()
             .iter()
             .any(|(_, h)| {
@@ -430,7 +427,7 @@ async fn permit_during_a_long_poll_reaches_the_agent_at_once_and_it_leaves() {
     let pids = both_pids(dir.path()).await;
     running(&fake).await;
     // A long-poll is under way (held by the server for up to 20 s).
-    wait_until(Duration::from_secs(2), "a held permit poll", || {
+    wait_until_async(Duration::from_secs(2), "a held permit poll", || {
         (fake.polls_held.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
@@ -478,7 +475,7 @@ async fn long_poll_is_reissued_at_once_and_a_permit_between_polls_is_prompt() {
     let mut agent = start(config(dir.path(), fake.url.clone()));
     let pids = both_pids(dir.path()).await;
     running(&fake).await;
-    wait_until(Duration::from_secs(3), "six permit polls", || {
+    wait_until_async(Duration::from_secs(3), "six permit polls", || {
         (fake.count(|e| matches!(e, Event::PermitAsked { .. })) >= 6).then_some(())
     })
     .await;
@@ -521,7 +518,7 @@ async fn drain_waits_while_connections_are_open() {
     let pids = both_pids(dir.path()).await;
     running(&fake).await;
     let granted = fake.grant(Duration::from_secs(10));
-    wait_until(Duration::from_secs(1), "the drain started", || {
+    wait_until_async(Duration::from_secs(1), "the drain started", || {
         fake.first(|e| matches!(e, Event::Connections))
     })
     .await;
@@ -597,7 +594,7 @@ async fn shutdown_during_a_drain_stops_at_once() {
     let pids = both_pids(dir.path()).await;
     running(&fake).await;
     fake.grant(Duration::from_secs(30));
-    wait_until(Duration::from_secs(1), "the drain started", || {
+    wait_until_async(Duration::from_secs(1), "the drain started", || {
         fake.first(|e| matches!(e, Event::Connections))
     })
     .await;
@@ -707,12 +704,12 @@ async fn the_long_poll_is_held_only_while_the_hint_lasts() {
     let mut agent = start(config(dir.path(), fake.url.clone()));
     let pids = both_pids(dir.path()).await;
     running(&fake).await;
-    wait_until(Duration::from_secs(2), "a held permit poll", || {
+    wait_until_async(Duration::from_secs(2), "a held permit poll", || {
         (fake.polls_held.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
     *fake.leave_soon.lock().unwrap() = Some(false);
-    wait_until(Duration::from_secs(1), "the long-poll closed", || {
+    wait_until_async(Duration::from_secs(1), "the long-poll closed", || {
         fake.first(|e| matches!(e, Event::PollClosed))
     })
     .await;
@@ -726,7 +723,7 @@ async fn the_long_poll_is_held_only_while_the_hint_lasts() {
     );
     // Hinted again: the long-poll is back, and a permit during it is acted on at once.
     *fake.leave_soon.lock().unwrap() = Some(true);
-    wait_until(Duration::from_secs(1), "a held permit poll again", || {
+    wait_until_async(Duration::from_secs(1), "a held permit poll again", || {
         (fake.polls_held.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await;
@@ -768,7 +765,7 @@ async fn the_drain_signal_reaches_each_component_that_has_one_as_the_drain_start
     );
 
     let granted = fake.grant(Duration::from_secs(10));
-    let signalled = wait_until(Duration::from_secs(2), "app got its drain signal", || {
+    let signalled = wait_until_async(Duration::from_secs(2), "app got its drain signal", || {
         dir.path().join("app/drained").exists().then(Instant::now)
     })
     .await;

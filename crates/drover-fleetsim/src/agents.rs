@@ -10,18 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use drover_model::api::{
-    AgentPhase, ComponentReport, ComponentState, Heartbeat, HeartbeatReply, PermitReply,
-    Utilization,
-};
+use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Heartbeat, Utilization};
+use drover_test_support::agent;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::procfs;
 use crate::stats::{epoch_ms, summarize, Summary};
+use crate::tasks::{Left, Tasks, SHUTDOWN_WITHIN};
 
 /// Agent modes.
 const NORMAL: u8 = 0;
@@ -184,6 +184,8 @@ struct Ctl {
     poll_permit: tokio::sync::watch::Sender<bool>,
     /// Reports booting until this instant.
     healthy_at: Option<Instant>,
+    /// Ends the agent's tasks (cancelled by the shutdown).
+    stop: CancellationToken,
 }
 
 impl Ctl {
@@ -217,9 +219,9 @@ struct Shared {
     hb_slots: Vec<tokio::sync::Semaphore>,
     per_client: usize,
     base: String,
-    hb_url: String,
+    urls: agent::Urls,
     hb_timeout: Duration,
-    permit_wait_ms: String,
+    permit_wait_ms: u64,
     /// Long-poll for permits whatever the heartbeat answers say (`--permits always`).
     permit_always: bool,
     measuring: AtomicBool,
@@ -252,6 +254,8 @@ struct Shared {
     status_errors: AtomicU64,
     /// Healthy instances in the last status read by --follow-new.
     healthy_seen: AtomicU64,
+    /// Every task and thread of the run.
+    tasks: Tasks,
 }
 
 #[derive(Serialize, Default)]
@@ -293,323 +297,345 @@ struct Report {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (nofile, _) = procfs::raise_nofile();
-    let base = args.server.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(usize::MAX)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .build()?;
-    let admin = crate::probes::admin_auth(args.token.clone(), args.data_dir.as_deref());
-    let specs = match args.mode {
-        Mode::Unknown => (0..args.instances)
-            .map(|i| {
-                let g = i % args.groups.max(1);
-                Spec {
-                    id: format!("x-{:06}", i + 1),
-                    group: format!("s{g}/r{g}"),
-                    generation: 1,
-                    addr: drover_model::ids::loopback_addr(99, i as u64 + 1).to_string(),
-                    components: default_components(g),
-                    salt: mix(i as u64),
-                    client: 0,
-                }
-            })
-            .collect::<Vec<_>>(),
-        Mode::Fleet => {
-            discover(
-                &client,
-                admin.as_deref(),
-                &base,
-                &HashSet::new(),
-                &mut BTreeMap::new(),
-            )
-            .await?
-        }
+    let fleet = Fleet::start(&args).await?;
+    let result = match fleet.measure(&args).await {
+        Ok(()) if args.linger => fleet.linger().await,
+        r => r,
     };
-    if specs.is_empty() && !(args.follow_new && args.mode == Mode::Fleet) {
-        bail!("no instance to simulate (fleet mode: does GET {base}/v1/status list instances?)");
-    }
-    let n = specs.len();
-    let permits_on = match args.permits {
-        OnOff::On | OnOff::Always => true,
-        OnOff::Off => false,
-        OnOff::Auto => args.mode == Mode::Fleet,
-    };
-    if permits_on && nofile < n as u64 + 512 {
+    let left = fleet.shutdown().await;
+    if !left.is_empty() {
         eprintln!(
-            "warning: open-file limit {nofile} is below {n} long-polls + margin; raise `ulimit -n`"
+            "warning: still running {SHUTDOWN_WITHIN:?} after the shutdown: {} tasks, threads {:?}",
+            left.tasks, left.threads
         );
     }
-    let groups: HashSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
-    let n_groups = groups.len();
-    // + room for --follow-new
-    let n_clients = n
-        .max(args.wait_healthy.unwrap_or(0))
-        .div_ceil(args.agents_per_client.max(1))
-        .max(1)
-        + 8;
-    let sh = Arc::new(Shared {
-        client: client.clone(),
-        admin: admin.clone(),
-        agent_auth: tokio::sync::Mutex::new(HashMap::new()),
-        clients: (0..n_clients)
-            .map(agent_client)
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        hb_slots: (0..n_clients)
-            .map(|_| tokio::sync::Semaphore::new(IDLE_PER_CLIENT))
-            .collect(),
-        per_client: args.agents_per_client.max(1),
-        hb_url: format!("{base}/v1/agent/heartbeat"),
-        base: base.clone(),
-        hb_timeout: args.hb_timeout.0,
-        permit_wait_ms: args.permit_wait_ms.to_string(),
-        permit_always: args.permits == OnOff::Always,
-        measuring: AtomicBool::new(false),
-        lat: Mutex::new(Vec::with_capacity(1 << 16)),
-        sec: Mutex::new(Vec::new()),
-        win: Counters::default(),
-        all: Counters::default(),
-        retry: args.retry.0,
-        inflight: tokio::sync::Semaphore::new(args.max_inflight.max(1)),
-        polls_open: AtomicI64::new(0),
-        poll_errors: AtomicU64::new(0),
-        permits: AtomicU64::new(0),
-        left: AtomicU64::new(0),
-        kept_capacity: AtomicU64::new(0),
-        first_permit_epoch_ms: AtomicU64::new(0),
-        agents: Mutex::new(Vec::new()),
-        boot_rate: args.boot_rate.filter(|r| *r > 0.0),
-        boot_t0: Instant::now() + Duration::from_millis(200),
-        ramp: args
-            .ramp
-            .map(|r| r.0)
-            .unwrap_or(args.interval.0.max(Duration::from_millis(10))),
-        stop_when_unknown: args.mode == Mode::Fleet,
-        forgotten: AtomicU64::new(0),
-        known: Mutex::new(specs.iter().map(|s| s.id.clone()).collect()),
-        status: Mutex::new(Vec::new()),
-        status_errors: AtomicU64::new(0),
-        healthy_seen: AtomicU64::new(0),
-    });
-    let period = args.interval.0.max(Duration::from_millis(10));
-    let ramp = sh.ramp;
-    // Booting agents turn healthy at boot_rate after the first round; measure after that.
-    let boot = sh
-        .boot_rate
-        .map(|r| Duration::from_secs_f64(n as f64 / r))
-        .unwrap_or_default();
-    let t0 = sh.boot_t0;
-    let started_epoch_ms = epoch_ms() + 200;
-    for (i, spec) in specs.into_iter().enumerate() {
-        let f = i as f64 / n as f64;
-        start_agent(
-            &sh,
-            spec,
-            t0 + ramp.mul_f64(f),
-            t0 + ramp + period.mul_f64(f),
-            period,
-            permits_on,
-        );
-    }
-    eprintln!(
-        "{n} agents in {n_groups} groups, one heartbeat each per {} ({:.0}/s), permits {}; first round over {:?}, booting {:?}, warm-up {}, window {}",
-        args.interval,
-        n as f64 / period.as_secs_f64(),
-        match (permits_on, args.permits == OnOff::Always) {
-            (false, _) => "off",
-            (true, false) => "long-polled while the server hints leave_soon",
-            (true, true) => "long-polled all the time",
-        },
-        ramp,
-        boot,
-        args.warmup,
-        args.duration
-    );
+    result
+}
 
-    // Faults on a schedule, and on command.
-    for f in &args.fault {
-        let (at, kind, count) = parse_fault(f)?;
-        let sh = sh.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(t0 + at).await;
-            let done = inject(&sh, &kind, count);
-            eprintln!("fault at +{:.1}s: {kind} {done}", at.as_secs_f64());
-        });
-    }
-    if let Some(addr) = args.control {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("control listener on {addr}"))?;
-        let sh = sh.clone();
-        tokio::spawn(async move { control(listener, sh).await });
-    }
-    if args.follow_new && args.mode == Mode::Fleet {
-        let sh = sh.clone();
-        tokio::spawn(async move { follow_launches(sh, period, permits_on).await });
-    }
+/// A run's agents and the tasks and threads around them: started, measured, shut down.
+pub struct Fleet {
+    sh: Arc<Shared>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    n_groups: usize,
+    period: Duration,
+    /// The first round and the boots are over (the wait for healthy instances starts).
+    round_done: Instant,
+    started_epoch_ms: u64,
+    /// The control listener's address (`--control`; its port when asked for port 0).
+    #[cfg_attr(not(test), allow(dead_code))]
+    control: Option<SocketAddr>,
+}
 
-    // Status timings from their own thread and runtime, so a multi-megabyte body does not
-    // delay the agents' clocks.
-    if !args.status_every.0.is_zero() {
-        let sh = sh.clone();
-        let every = args.status_every.0;
-        std::thread::spawn(move || status_thread(sh, every));
-    }
-
-    // Server and self sampling, once a second.
-    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-    {
-        let samples = samples.clone();
-        let pids = ServerPid(args.server_pid, args.server_pid_file.clone());
-        let sh = sh.clone();
-        let progress = args.progress;
-        // Its own thread: reading /proc of a busy server can block (and must not stop the
-        // agents' clocks).
-        std::thread::spawn(move || {
-            let (mut sent0, mut err0) = (0, 0);
-            let begin = std::time::Instant::now();
-            let mut next = begin;
-            loop {
-                next += Duration::from_secs(1);
-                std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
-                let s = Sample::take(pids.get(), sh.measuring.load(Relaxed));
-                let sec = summarize(std::mem::take(&mut *sh.sec.lock().unwrap()));
-                if progress {
-                    let (sent, err) = (sh.all.sent.load(Relaxed), sh.all.errors.load(Relaxed));
-                    eprintln!(
-                        "+{:>4.0}s hb {:>5}/s err {:>4} p50 {:>7.2} p99 {:>8.2} max {:>8.2} ms | polls {:>5} permits {:>4} left {:>4} | server cpu {:>5.1}% rss {:>6.1} MiB",
-                        begin.elapsed().as_secs_f64(),
-                        sent - sent0,
-                        err - err0,
-                        sec.p50_ms,
-                        sec.p99_ms,
-                        sec.max_ms,
-                        sh.polls_open.load(Relaxed),
-                        sh.permits.load(Relaxed),
-                        sh.left.load(Relaxed),
-                        s.server_cpu_pct.unwrap_or(0.0),
-                        s.server_rss_kib.unwrap_or(0) as f64 / 1024.0
-                    );
-                    (sent0, err0) = (sent, err);
-                }
-                samples.lock().unwrap().push(s);
-            }
-        });
-    }
-
-    tokio::time::sleep_until(t0 + ramp + boot).await;
-    if let Some(want) = args.wait_healthy {
-        let since = Instant::now();
-        loop {
-            let healthy = async {
-                let s: drover_model::api::FleetStatus = with_auth(
-                    sh.client
-                        .get(format!("{}/v1/status?instances=none", sh.base)),
-                    sh.admin.as_deref(),
+impl Fleet {
+    /// Starts the agents (fleet mode: those of the instances the server lists), the faults, the
+    /// control listener, the follower of launches, and the status and sampling threads.
+    pub async fn start(args: &RunArgs) -> anyhow::Result<Fleet> {
+        let (nofile, _) = procfs::raise_nofile();
+        let base = args.server.trim_end_matches('/').to_string();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(usize::MAX)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .build()?;
+        let admin = crate::probes::admin_auth(args.token.clone(), args.data_dir.as_deref());
+        let specs = match args.mode {
+            Mode::Unknown => (0..args.instances)
+                .map(|i| {
+                    let g = i % args.groups.max(1);
+                    Spec {
+                        id: format!("x-{:06}", i + 1),
+                        group: format!("s{g}/r{g}"),
+                        generation: 1,
+                        addr: drover_model::ids::loopback_addr(99, i as u64 + 1).to_string(),
+                        components: default_components(g),
+                        salt: mix(i as u64),
+                        client: 0,
+                    }
+                })
+                .collect::<Vec<_>>(),
+            Mode::Fleet => {
+                discover(
+                    &client,
+                    admin.as_deref(),
+                    &base,
+                    &HashSet::new(),
+                    &mut BTreeMap::new(),
                 )
-                .timeout(Duration::from_secs(60))
-                .send()
                 .await?
-                .json()
-                .await?;
-                Ok::<usize, reqwest::Error>(s.groups.iter().map(|g| g.healthy as usize).sum())
             }
-            .await
-            .unwrap_or(0);
-            sh.healthy_seen.store(healthy as u64, Relaxed);
-            if healthy >= want {
-                break;
-            }
-            tokio::time::sleep(args.follow_every.0).await;
+        };
+        if specs.is_empty() && !(args.follow_new && args.mode == Mode::Fleet) {
+            bail!(
+                "no instance to simulate (fleet mode: does GET {base}/v1/status list instances?)"
+            );
+        }
+        let n = specs.len();
+        // What can fail, before anything starts.
+        let faults = args
+            .fault
+            .iter()
+            .map(|f| parse_fault(f))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let listener = match args.control {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("control listener on {addr}"))?,
+            ),
+            None => None,
+        };
+        let control_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let permits_on = match args.permits {
+            OnOff::On | OnOff::Always => true,
+            OnOff::Off => false,
+            OnOff::Auto => args.mode == Mode::Fleet,
+        };
+        if permits_on && nofile < n as u64 + 512 {
+            eprintln!(
+                "warning: open-file limit {nofile} is below {n} long-polls + margin; raise `ulimit -n`"
+            );
+        }
+        let groups: HashSet<&str> = specs.iter().map(|s| s.group.as_str()).collect();
+        let n_groups = groups.len();
+        // + room for --follow-new
+        let n_clients = n
+            .max(args.wait_healthy.unwrap_or(0))
+            .div_ceil(args.agents_per_client.max(1))
+            .max(1)
+            + 8;
+        let sh = Arc::new(Shared {
+            client: client.clone(),
+            admin: admin.clone(),
+            agent_auth: tokio::sync::Mutex::new(HashMap::new()),
+            clients: (0..n_clients)
+                .map(agent_client)
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            hb_slots: (0..n_clients)
+                .map(|_| tokio::sync::Semaphore::new(IDLE_PER_CLIENT))
+                .collect(),
+            per_client: args.agents_per_client.max(1),
+            urls: agent::Urls::new(&base),
+            base: base.clone(),
+            hb_timeout: args.hb_timeout.0,
+            permit_wait_ms: args.permit_wait_ms,
+            permit_always: args.permits == OnOff::Always,
+            measuring: AtomicBool::new(false),
+            lat: Mutex::new(Vec::with_capacity(1 << 16)),
+            sec: Mutex::new(Vec::new()),
+            win: Counters::default(),
+            all: Counters::default(),
+            retry: args.retry.0,
+            inflight: tokio::sync::Semaphore::new(args.max_inflight.max(1)),
+            polls_open: AtomicI64::new(0),
+            poll_errors: AtomicU64::new(0),
+            permits: AtomicU64::new(0),
+            left: AtomicU64::new(0),
+            kept_capacity: AtomicU64::new(0),
+            first_permit_epoch_ms: AtomicU64::new(0),
+            agents: Mutex::new(Vec::new()),
+            boot_rate: args.boot_rate.filter(|r| *r > 0.0),
+            boot_t0: Instant::now() + Duration::from_millis(200),
+            ramp: args
+                .ramp
+                .map(|r| r.0)
+                .unwrap_or(args.interval.0.max(Duration::from_millis(10))),
+            stop_when_unknown: args.mode == Mode::Fleet,
+            forgotten: AtomicU64::new(0),
+            known: Mutex::new(specs.iter().map(|s| s.id.clone()).collect()),
+            status: Mutex::new(Vec::new()),
+            status_errors: AtomicU64::new(0),
+            healthy_seen: AtomicU64::new(0),
+            tasks: Tasks::default(),
+        });
+        let period = args.interval.0.max(Duration::from_millis(10));
+        let ramp = sh.ramp;
+        // Booting agents turn healthy at boot_rate after the first round; measure after that.
+        let boot = sh
+            .boot_rate
+            .map(|r| Duration::from_secs_f64(n as f64 / r))
+            .unwrap_or_default();
+        let t0 = sh.boot_t0;
+        let started_epoch_ms = epoch_ms() + 200;
+        for (i, spec) in specs.into_iter().enumerate() {
+            let f = i as f64 / n as f64;
+            start_agent(
+                &sh,
+                spec,
+                t0 + ramp.mul_f64(f),
+                t0 + ramp + period.mul_f64(f),
+                period,
+                permits_on,
+            );
         }
         eprintln!(
-            "{want} instances healthy after {:.1} s more; warm-up {}",
-            since.elapsed().as_secs_f64(),
-            args.warmup
+            "{n} agents in {n_groups} groups, one heartbeat each per {} ({:.0}/s), permits {}; first round over {:?}, booting {:?}, warm-up {}, window {}",
+            args.interval,
+            n as f64 / period.as_secs_f64(),
+            match (permits_on, args.permits == OnOff::Always) {
+                (false, _) => "off",
+                (true, false) => "long-polled while the server hints leave_soon",
+                (true, true) => "long-polled all the time",
+            },
+            ramp,
+            boot,
+            args.warmup,
+            args.duration
         );
-    }
-    tokio::time::sleep(args.warmup.0).await;
-    let me = std::process::id();
-    let spid = ServerPid(args.server_pid, args.server_pid_file.clone());
-    let cpu0 = (
-        procfs::cpu_ticks(me),
-        spid.get().and_then(procfs::cpu_ticks),
-    );
-    let w0 = Instant::now();
-    sh.measuring.store(true, Relaxed);
-    tokio::time::sleep(args.duration.0).await;
-    sh.measuring.store(false, Relaxed);
-    let window = w0.elapsed().as_secs_f64();
-    let cpu1 = (
-        procfs::cpu_ticks(me),
-        spid.get().and_then(procfs::cpu_ticks),
-    );
-    let tck = procfs::clk_tck() as f64;
-    let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => Some((b.saturating_sub(a)) as f64 / tck / window * 100.0),
-        _ => None,
-    };
 
-    let lat = std::mem::take(&mut *sh.lat.lock().unwrap());
-    let status = std::mem::take(&mut *sh.status.lock().unwrap());
-    let samples = samples.lock().unwrap().clone();
-    let in_win: Vec<&Sample> = samples.iter().filter(|s| s.measuring).collect();
-    let mib = |k: u64| k as f64 / 1024.0;
-    let (agents_now, groups_now) = {
-        let a = sh.agents.lock().unwrap();
-        let g: HashSet<&str> = a.iter().map(|(s, _)| s.group.as_str()).collect();
-        (a.len(), g.len())
-    };
-    let report = Report {
-        mode: Some(args.mode),
-        agents: agents_now,
-        groups: groups_now.max(n_groups),
-        interval_ms: period.as_millis() as u64,
-        heartbeats_per_s_target: agents_now as f64 / period.as_secs_f64(),
-        window_s: window,
-        heartbeats_per_s: sh.win.sent.load(Relaxed) as f64 / window,
-        heartbeats_sent: sh.win.sent.load(Relaxed),
-        heartbeats_ok: sh.win.ok.load(Relaxed),
-        known_false: sh.win.known_false.load(Relaxed),
-        non2xx: sh.win.non2xx.load(Relaxed),
-        errors: sh.win.errors.load(Relaxed),
-        heartbeat_latency: summarize(lat),
-        status_bytes: status.last().map(|s| s.1).unwrap_or(0),
-        status_instances: status.last().map(|s| s.2).unwrap_or(0),
-        status_latency: summarize(status.iter().map(|s| s.0).collect()),
-        status_errors: sh.status_errors.load(Relaxed),
-        permit_polls_open: sh.polls_open.load(Relaxed),
-        permit_poll_errors: sh.poll_errors.load(Relaxed),
-        server_cpu_pct_mean: pct(cpu0.1, cpu1.1),
-        server_cpu_pct_max: in_win
-            .iter()
-            .filter_map(|s| s.server_cpu_pct)
-            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
-        server_rss_mib_end: in_win.last().and_then(|s| s.server_rss_kib).map(mib),
-        server_rss_mib_max: in_win
-            .iter()
-            .filter_map(|s| s.server_rss_kib)
-            .max()
-            .map(mib),
-        server_hwm_mib: in_win.last().and_then(|s| s.server_hwm_kib).map(mib),
-        server_threads: in_win.last().and_then(|s| s.server_threads),
-        server_fds: in_win.last().and_then(|s| s.server_fds),
-        sim_cpu_pct_mean: pct(cpu0.0, cpu1.0).unwrap_or(0.0),
-        sim_rss_mib: procfs::mem_kib(me).map(|m| mib(m.0)).unwrap_or(0.0),
-        permits: sh.permits.load(Relaxed),
-        left: sh.left.load(Relaxed),
-        left_keeping_capacity: sh.kept_capacity.load(Relaxed),
-        forgotten: sh.forgotten.load(Relaxed),
-        started_epoch_ms,
-    };
-    print_report(&report);
-    if let Some(p) = &args.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("write {}", p.display()))?;
+        // Faults on a schedule, and on command.
+        for (at, kind, count) in faults {
+            let sh2 = sh.clone();
+            sh.tasks.spawn(async move {
+                tokio::time::sleep_until(t0 + at).await;
+                let done = inject(&sh2, &kind, count);
+                eprintln!("fault at +{:.1}s: {kind} {done}", at.as_secs_f64());
+            });
+        }
+        if let Some(listener) = listener {
+            sh.tasks.spawn(control(listener, sh.clone()));
+        }
+        if args.follow_new && args.mode == Mode::Fleet {
+            sh.tasks
+                .spawn(follow_launches(sh.clone(), period, permits_on));
+        }
+
+        let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+        if let Err(e) = start_threads(&sh, args, &samples) {
+            sh.tasks.shutdown().await;
+            return Err(anyhow::Error::from(e).context("start a thread"));
+        }
+        Ok(Fleet {
+            sh,
+            samples,
+            n_groups,
+            period,
+            round_done: t0 + ramp + boot,
+            started_epoch_ms,
+            control: control_addr,
+        })
     }
-    if args.linger {
+
+    /// Waits for the first round (and --wait-healthy), the warm-up and the window, then prints
+    /// the report (and writes it, --json).
+    pub async fn measure(&self, args: &RunArgs) -> anyhow::Result<()> {
+        let (sh, n_groups, period) = (&self.sh, self.n_groups, self.period);
+        tokio::time::sleep_until(self.round_done).await;
+        if let Some(want) = args.wait_healthy {
+            let since = Instant::now();
+            loop {
+                let healthy = async {
+                    let s: drover_model::api::FleetStatus = with_auth(
+                        sh.client
+                            .get(format!("{}/v1/status?instances=none", sh.base)),
+                        sh.admin.as_deref(),
+                    )
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                    Ok::<usize, reqwest::Error>(s.groups.iter().map(|g| g.healthy as usize).sum())
+                }
+                .await
+                .unwrap_or(0);
+                sh.healthy_seen.store(healthy as u64, Relaxed);
+                if healthy >= want {
+                    break;
+                }
+                tokio::time::sleep(args.follow_every.0).await;
+            }
+            eprintln!(
+                "{want} instances healthy after {:.1} s more; warm-up {}",
+                since.elapsed().as_secs_f64(),
+                args.warmup
+            );
+        }
+        tokio::time::sleep(args.warmup.0).await;
+        let me = std::process::id();
+        let spid = ServerPid(args.server_pid, args.server_pid_file.clone());
+        let cpu0 = (
+            procfs::cpu_ticks(me),
+            spid.get().and_then(procfs::cpu_ticks),
+        );
+        let w0 = Instant::now();
+        sh.measuring.store(true, Relaxed);
+        tokio::time::sleep(args.duration.0).await;
+        sh.measuring.store(false, Relaxed);
+        let window = w0.elapsed().as_secs_f64();
+        let cpu1 = (
+            procfs::cpu_ticks(me),
+            spid.get().and_then(procfs::cpu_ticks),
+        );
+        let tck = procfs::clk_tck() as f64;
+        let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some((b.saturating_sub(a)) as f64 / tck / window * 100.0),
+            _ => None,
+        };
+
+        let lat = std::mem::take(&mut *sh.lat.lock().unwrap());
+        let status = std::mem::take(&mut *sh.status.lock().unwrap());
+        let samples = self.samples.lock().unwrap().clone();
+        let in_win: Vec<&Sample> = samples.iter().filter(|s| s.measuring).collect();
+        let mib = |k: u64| k as f64 / 1024.0;
+        let (agents_now, groups_now) = {
+            let a = sh.agents.lock().unwrap();
+            let g: HashSet<&str> = a.iter().map(|(s, _)| s.group.as_str()).collect();
+            (a.len(), g.len())
+        };
+        let report = Report {
+            mode: Some(args.mode),
+            agents: agents_now,
+            groups: groups_now.max(n_groups),
+            interval_ms: period.as_millis() as u64,
+            heartbeats_per_s_target: agents_now as f64 / period.as_secs_f64(),
+            window_s: window,
+            heartbeats_per_s: sh.win.sent.load(Relaxed) as f64 / window,
+            heartbeats_sent: sh.win.sent.load(Relaxed),
+            heartbeats_ok: sh.win.ok.load(Relaxed),
+            known_false: sh.win.known_false.load(Relaxed),
+            non2xx: sh.win.non2xx.load(Relaxed),
+            errors: sh.win.errors.load(Relaxed),
+            heartbeat_latency: summarize(lat),
+            status_bytes: status.last().map(|s| s.1).unwrap_or(0),
+            status_instances: status.last().map(|s| s.2).unwrap_or(0),
+            status_latency: summarize(status.iter().map(|s| s.0).collect()),
+            status_errors: sh.status_errors.load(Relaxed),
+            permit_polls_open: sh.polls_open.load(Relaxed),
+            permit_poll_errors: sh.poll_errors.load(Relaxed),
+            server_cpu_pct_mean: pct(cpu0.1, cpu1.1),
+            server_cpu_pct_max: in_win
+                .iter()
+                .filter_map(|s| s.server_cpu_pct)
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
+            server_rss_mib_end: in_win.last().and_then(|s| s.server_rss_kib).map(mib),
+            server_rss_mib_max: in_win
+                .iter()
+                .filter_map(|s| s.server_rss_kib)
+                .max()
+                .map(mib),
+            server_hwm_mib: in_win.last().and_then(|s| s.server_hwm_kib).map(mib),
+            server_threads: in_win.last().and_then(|s| s.server_threads),
+            server_fds: in_win.last().and_then(|s| s.server_fds),
+            sim_cpu_pct_mean: pct(cpu0.0, cpu1.0).unwrap_or(0.0),
+            sim_rss_mib: procfs::mem_kib(me).map(|m| mib(m.0)).unwrap_or(0.0),
+            permits: sh.permits.load(Relaxed),
+            left: sh.left.load(Relaxed),
+            left_keeping_capacity: sh.kept_capacity.load(Relaxed),
+            forgotten: sh.forgotten.load(Relaxed),
+            started_epoch_ms: self.started_epoch_ms,
+        };
+        print_report(&report);
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("write {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    /// --linger: the agents keep reporting until SIGINT or SIGTERM.
+    async fn linger(&self) -> anyhow::Result<()> {
+        let sh = &self.sh;
         eprintln!("lingering: agents keep reporting until SIGINT/SIGTERM");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -624,8 +650,69 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             sh.left.load(Relaxed),
             sh.forgotten.load(Relaxed)
         );
+        Ok(())
     }
-    Ok(())
+
+    /// Stops every task and thread of the run (see [`Tasks::shutdown`]).
+    pub async fn shutdown(&self) -> Left {
+        self.sh.tasks.shutdown().await
+    }
+}
+
+/// The status timings' thread (--status-every) and the sampling thread.
+fn start_threads(
+    sh: &Arc<Shared>,
+    args: &RunArgs,
+    samples: &Arc<Mutex<Vec<Sample>>>,
+) -> std::io::Result<()> {
+    // Status timings from their own thread and runtime, so a multi-megabyte body does not
+    // delay the agents' clocks.
+    if !args.status_every.0.is_zero() {
+        let sh2 = sh.clone();
+        let every = args.status_every.0;
+        sh.tasks
+            .thread("status", move |stop| status_thread(sh2, every, stop))?;
+    }
+    // Server and self sampling, once a second. Its own thread: reading /proc of a busy server
+    // can block (and must not stop the agents' clocks).
+    let samples = samples.clone();
+    let pids = ServerPid(args.server_pid, args.server_pid_file.clone());
+    let sh2 = sh.clone();
+    let progress = args.progress;
+    sh.tasks.thread("sampler", move |stop| {
+        let sh = sh2;
+        let (mut sent0, mut err0) = (0, 0);
+        let begin = std::time::Instant::now();
+        let mut next = begin;
+        loop {
+            next += Duration::from_secs(1);
+            let wait = next.saturating_duration_since(std::time::Instant::now());
+            if crate::tasks::sleep(&stop, wait) {
+                return;
+            }
+            let s = Sample::take(pids.get(), sh.measuring.load(Relaxed));
+            let sec = summarize(std::mem::take(&mut *sh.sec.lock().unwrap()));
+            if progress {
+                let (sent, err) = (sh.all.sent.load(Relaxed), sh.all.errors.load(Relaxed));
+                eprintln!(
+                    "+{:>4.0}s hb {:>5}/s err {:>4} p50 {:>7.2} p99 {:>8.2} max {:>8.2} ms | polls {:>5} permits {:>4} left {:>4} | server cpu {:>5.1}% rss {:>6.1} MiB",
+                    begin.elapsed().as_secs_f64(),
+                    sent - sent0,
+                    err - err0,
+                    sec.p50_ms,
+                    sec.p99_ms,
+                    sec.max_ms,
+                    sh.polls_open.load(Relaxed),
+                    sh.permits.load(Relaxed),
+                    sh.left.load(Relaxed),
+                    s.server_cpu_pct.unwrap_or(0.0),
+                    s.server_rss_kib.unwrap_or(0) as f64 / 1024.0
+                );
+                (sent0, err0) = (sent, err);
+            }
+            samples.lock().unwrap().push(s);
+        }
+    })
 }
 
 /// The server's pid: given, or read from a file (a restarted server writes a new one).
@@ -745,27 +832,31 @@ fn start_agent(
         wake: Notify::new(),
         poll_permit: tokio::sync::watch::Sender::new(sh.permit_always),
         healthy_at,
+        stop: sh.tasks.child(),
     });
     agents.push((spec.clone(), ctl.clone()));
     drop(agents);
     if let Some(at) = healthy_at {
         // Report the turn to healthy at once, as a real agent does on a state change.
-        let ctl = ctl.clone();
-        tokio::spawn(async move {
+        let ctl2 = ctl.clone();
+        sh.tasks.spawn_until(ctl.stop.clone(), async move {
             tokio::time::sleep_until(at).await;
-            ctl.wake.notify_one();
+            ctl2.wake.notify_one();
         });
     }
     let spec = Arc::new(spec);
     {
-        let (sh, spec, ctl) = (sh.clone(), spec.clone(), ctl.clone());
-        tokio::spawn(async move { heartbeat_loop(sh, spec, ctl, first, periodic, period).await });
+        let (sh2, spec, ctl2) = (sh.clone(), spec.clone(), ctl.clone());
+        sh.tasks.spawn_until(
+            ctl.stop.clone(),
+            heartbeat_loop(sh2, spec, ctl2, first, periodic, period),
+        );
     }
     if permits {
-        let (sh, spec, ctl) = (sh.clone(), spec.clone(), ctl.clone());
-        tokio::spawn(async move {
+        let (sh2, spec, ctl2) = (sh.clone(), spec.clone(), ctl.clone());
+        sh.tasks.spawn_until(ctl.stop.clone(), async move {
             tokio::time::sleep_until(first).await;
-            permit_loop(sh, spec, ctl).await
+            permit_loop(sh2, spec, ctl2).await
         });
     }
 }
@@ -803,6 +894,12 @@ async fn heartbeat_loop(
 }
 
 fn build(spec: &Spec, ctl: &Ctl) -> Heartbeat {
+    let instance = agent::Instance {
+        id: &spec.id,
+        group: &spec.group,
+        generation: spec.generation,
+        addr: &spec.addr,
+    };
     let mode = ctl.mode();
     let seq = ctl.seq.fetch_add(1, Relaxed) + 1;
     let booting = ctl.healthy_at.is_some_and(|at| Instant::now() < at);
@@ -839,33 +936,21 @@ fn build(spec: &Spec, ctl: &Ctl) -> Heartbeat {
                 ),
             };
             ComponentReport {
-                name: name.clone(),
-                version: version.clone(),
-                state,
                 pid,
-                restarts: 0,
-                last_exit: None,
                 message,
-                last_output: None,
+                ..agent::component(name, version, state)
             }
         })
         .collect();
     let jitter = ((spec.salt ^ seq.wrapping_mul(0x9E37_79B9)) % 1000) as f64 / 1000.0;
     Heartbeat {
-        instance: spec.id.clone(),
-        group: spec.group.clone(),
-        generation: spec.generation,
-        addr: spec.addr.clone(),
-        phase,
-        seq,
-        components,
         utilization: Utilization {
             cpu: 0.05 + 0.5 * jitter,
             memory_bytes: (40 + spec.salt % 200) * 1024 * 1024,
             agent_rss_bytes: 7 * 1024 * 1024 + (spec.salt % 512) * 1024,
             ..Default::default()
         },
-        drained: None,
+        ..agent::heartbeat(instance, phase, seq, components)
     }
 }
 
@@ -876,28 +961,20 @@ async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl, auth: Option<&str>)
     let t = std::time::Instant::now();
     let _slot = sh.inflight.acquire().await;
     let _conn = sh.hb_slots[spec.client].acquire().await;
-    let r = with_auth(sh.clients[spec.client].post(&sh.hb_url), auth)
-        .timeout(sh.hb_timeout)
-        .json(&hb)
-        .send()
-        .await;
+    let r =
+        agent::send_heartbeat(&sh.clients[spec.client], &sh.urls, auth, &hb, sh.hb_timeout).await;
+    // Ok(known), Err(answered: a non-2xx)
     let result = match r {
-        Ok(resp) => {
-            let status = resp.status();
-            match resp.bytes().await {
-                Ok(body) if status.is_success() => {
-                    let reply = serde_json::from_slice::<HeartbeatReply>(&body).ok();
-                    let poll = sh.permit_always
-                        || reply.as_ref().is_none_or(HeartbeatReply::wants_permit_poll);
-                    ctl.poll_permit
-                        .send_if_modified(|p| std::mem::replace(p, poll) != poll);
-                    Ok(reply.is_some_and(|r| r.known))
-                }
-                Ok(_) => Err(true),
-                Err(_) => Err(false),
-            }
+        Ok(reply) => {
+            let poll = sh.permit_always
+                || reply
+                    .as_ref()
+                    .is_none_or(drover_model::api::HeartbeatReply::wants_permit_poll);
+            ctl.poll_permit
+                .send_if_modified(|p| std::mem::replace(p, poll) != poll);
+            Ok(reply.is_some_and(|r| r.known))
         }
-        Err(_) => Err(false),
+        Err(e) => Err(e.answered()),
     };
     let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
     if result == Ok(false) && sh.stop_when_unknown && ctl.mode() == NORMAL {
@@ -935,7 +1012,6 @@ async fn send_heartbeat(sh: &Shared, spec: &Spec, ctl: &Ctl, auth: Option<&str>)
 }
 
 async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
-    let url = format!("{}/v1/agent/permit", sh.base);
     let auth = agent_auth(&sh, &spec.group).await;
     let mut hint = ctl.poll_permit.subscribe();
     loop {
@@ -957,26 +1033,13 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
         }
         let started = Instant::now();
         sh.polls_open.fetch_add(1, Relaxed);
-        let poll = async {
-            let r = with_auth(sh.clients[spec.client].get(&url), auth.as_deref())
-                .query(&[
-                    ("instance", spec.id.as_str()),
-                    ("wait_ms", sh.permit_wait_ms.as_str()),
-                ])
-                .timeout(Duration::from_millis(
-                    sh.permit_wait_ms.parse::<u64>().unwrap_or(20_000) + 5_000,
-                ))
-                .send()
-                .await;
-            match r {
-                Ok(resp) if resp.status().is_success() => resp
-                    .bytes()
-                    .await
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<PermitReply>(&b).ok()),
-                _ => None,
-            }
-        };
+        let poll = agent::poll_permit(
+            &sh.clients[spec.client],
+            &sh.urls,
+            auth.as_deref(),
+            &spec.id,
+            sh.permit_wait_ms,
+        );
         // The hint going away closes the long-poll (as the real agent does).
         let answer = tokio::select! {
             a = poll => Some(a),
@@ -985,7 +1048,7 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
         sh.polls_open.fetch_sub(1, Relaxed);
         let Some(answer) = answer else { continue };
         match answer {
-            Some(p) if p.permit => {
+            Ok(p) if p.permit => {
                 if matches!(ctl.mode(), CRASHED | SILENT) {
                     return;
                 }
@@ -1003,13 +1066,13 @@ async fn permit_loop(sh: Arc<Shared>, spec: Arc<Spec>, ctl: Arc<Ctl>) {
                 .await;
                 return;
             }
-            Some(_) => {
+            Ok(_) => {
                 let spent = started.elapsed();
                 if spent < Duration::from_millis(50) {
                     tokio::time::sleep(Duration::from_millis(50) - spent).await;
                 }
             }
-            None => {
+            Err(_) => {
                 sh.poll_errors.fetch_add(1, Relaxed);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -1037,23 +1100,17 @@ async fn leave(
     println!("PERMIT {} {} decrement={decrement}", spec.id, now);
     ctl.mode.store(DRAINING, Relaxed);
     send_heartbeat(sh, spec, ctl, auth).await;
-    let url = format!("{}/v1/agent/connections", sh.base);
     let deadline = Instant::now() + Duration::from_millis(drain_timeout_ms);
     while Instant::now() < deadline {
-        let open = match with_auth(sh.clients[spec.client].get(&url), auth)
-            .query(&[("instance", spec.id.as_str())])
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await
-        {
-            Ok(r) => r
-                .json::<Value>()
-                .await
-                .ok()
-                .and_then(|v| v.get("open").and_then(Value::as_u64)),
-            Err(_) => None,
-        };
-        if open == Some(0) {
+        let open = agent::open_connections(
+            &sh.clients[spec.client],
+            &sh.urls,
+            auth,
+            &spec.id,
+            Duration::from_secs(1),
+        )
+        .await;
+        if open.is_ok_and(|n| n == 0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1073,21 +1130,20 @@ async fn leave(
 /// `local` provider; the instances of a `sim` region have no process).
 async fn end_instance(sh: &Shared, spec: &Spec, status: &str) {
     let auth = agent_auth(sh, &spec.group).await;
-    let r = with_auth(
-        sh.clients[spec.client].post(format!("{}/v1/agent/exit", sh.base)),
+    let r = agent::report_exit(
+        &sh.clients[spec.client],
+        &sh.urls,
         auth.as_deref(),
+        &spec.id,
+        status,
+        Duration::from_secs(10),
     )
-    .json(&serde_json::json!({"instance": spec.id, "status": status}))
-    .timeout(Duration::from_secs(10))
-    .send()
     .await;
     match r {
-        Ok(resp) if resp.status().is_success() => {}
-        Ok(resp) => eprintln!(
-            "exit of {}: POST /v1/agent/exit answered {}",
-            spec.id,
-            resp.status()
-        ),
+        Ok(()) => {}
+        Err(agent::ApiError::Refused { status, .. }) => {
+            eprintln!("exit of {}: POST /v1/agent/exit answered {status}", spec.id)
+        }
         Err(e) => eprintln!("exit of {}: {e}", spec.id),
     }
 }
@@ -1184,8 +1240,9 @@ fn inject(sh: &Arc<Shared>, kind: &str, count: usize) -> String {
         c.mode.store(to, Relaxed);
         c.wake.notify_one();
         if to == CRASHED {
-            let (sh, spec) = (sh.clone(), s.clone());
-            tokio::spawn(async move { end_instance(&sh, &spec, "crashed (simulated)").await });
+            let (sh2, spec) = (sh.clone(), s.clone());
+            sh.tasks
+                .spawn(async move { end_instance(&sh2, &spec, "crashed (simulated)").await });
         }
         ids.push(s.id.clone());
     }
@@ -1202,8 +1259,9 @@ async fn control(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
         let Ok((sock, _)) = listener.accept().await else {
             continue;
         };
-        let sh = sh.clone();
-        tokio::spawn(async move {
+        let sh2 = sh.clone();
+        sh.tasks.spawn(async move {
+            let sh = sh2;
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -1229,7 +1287,7 @@ async fn control(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
     }
 }
 
-fn status_thread(sh: Arc<Shared>, every: Duration) {
+fn status_thread(sh: Arc<Shared>, every: Duration, stop: CancellationToken) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1237,7 +1295,7 @@ fn status_thread(sh: Arc<Shared>, every: Duration) {
         Ok(rt) => rt,
         Err(_) => return,
     };
-    rt.block_on(async move {
+    let run = async move {
         let client = reqwest::Client::new();
         let url = format!("{}/v1/status", sh.base);
         let mut tick = tokio::time::interval(every);
@@ -1264,6 +1322,12 @@ fn status_thread(sh: Arc<Shared>, every: Duration) {
                     sh.status_errors.fetch_add(1, Relaxed);
                 }
             }
+        }
+    };
+    rt.block_on(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = run => {}
         }
     });
 }
@@ -1517,6 +1581,7 @@ mod tests {
             wake: Notify::new(),
             poll_permit: tokio::sync::watch::Sender::new(false),
             healthy_at: Some(Instant::now() + Duration::from_secs(3600)),
+            stop: CancellationToken::new(),
         };
         let hb = build(&spec, &ctl);
         assert_eq!(hb.phase, AgentPhase::Booting);
@@ -1531,5 +1596,114 @@ mod tests {
         assert_eq!(hb.seq, 2);
         ctl.mode.store(FAILING, Relaxed);
         assert!(!build(&spec, &ctl).healthy());
+    }
+
+    /// The run's CLI, as `drover-fleetsim run` parses it.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_ends_every_task_and_thread_of_a_run() {
+        use clap::Parser;
+        use drover_test_support::fake_http::{Answer, FakeHttp};
+        use drover_test_support::wait_until_async;
+        use tokio::io::AsyncReadExt;
+
+        const STATUS: &str = r#"{"groups":[{"instances":[
+            {"id":"i-000001","group":"s0/r0","generation":1,"addr":"127.77.0.1","state":"healthy"},
+            {"id":"i-000002","group":"s0/r0","generation":1,"addr":"127.77.0.2","state":"healthy"},
+            {"id":"i-000003","group":"s0/r0","generation":1,"addr":"127.77.0.3","state":"healthy"}]}]}"#;
+        let server = FakeHttp::start(|r| match (r.method.as_str(), r.path.as_str()) {
+            ("POST", "/v1/agent/heartbeat") => {
+                Answer::Json(200, r#"{"known":true,"leave_soon":true}"#.into())
+            }
+            ("GET", "/v1/status") => Answer::Json(200, STATUS.into()),
+            // The permit long-polls, the launches' stream and a crashed instance's exit: no
+            // answer, ever.
+            ("GET", "/v1/agent/permit") | ("GET", "/v1/events") | ("POST", "/v1/agent/exit") => {
+                Answer::Hold
+            }
+            _ => Answer::Json(404, "{}".into()),
+        })
+        .await;
+        let url = server.url();
+        let args = Cli::parse_from([
+            "run",
+            "--server",
+            url.as_str(),
+            "--token",
+            "admin",
+            "--follow-new",
+            "--interval",
+            "200ms",
+            "--status-every",
+            "100ms",
+            "--control",
+            "127.0.0.1:0",
+            // A fault not due yet, and boots not done yet: tasks asleep.
+            "--fault",
+            "1h:fail:1",
+            "--boot-rate",
+            "0.001",
+        ])
+        .run;
+        let fleet = Fleet::start(&args).await.unwrap();
+        wait_until_async(
+            Duration::from_secs(20),
+            "3 long-polls and the events",
+            || server.held() == 4,
+        )
+        .await;
+        let mut ctl = tokio::net::TcpStream::connect(fleet.control.unwrap())
+            .await
+            .unwrap();
+        ctl.write_all(b"crash 1\n").await.unwrap();
+        let mut reply = [0u8; 256];
+        let n = ctl.read(&mut reply).await.unwrap();
+        assert!(reply[..n].starts_with(b"1 agents"), "{:?}", &reply[..n]);
+        wait_until_async(
+            Duration::from_secs(20),
+            "the crashed instance's exit",
+            || server.held() == 5,
+        )
+        .await;
+        let hb = "/v1/agent/heartbeat";
+        wait_until_async(
+            Duration::from_secs(20),
+            "heartbeats and status reads",
+            || server.count("POST", hb) >= 6 && server.count("GET", "/v1/status") >= 3,
+        )
+        .await;
+        let tasks = &fleet.sh.tasks;
+        // Fault, control listener and connection, follower, exit; 2 agents' heartbeats and
+        // boots; 3 long-polls.
+        assert!(tasks.len() >= 12, "{} tasks", tasks.len());
+        assert_eq!(tasks.threads_running(), 2, "status and sampler");
+
+        let t = std::time::Instant::now();
+        assert_eq!(fleet.shutdown().await, Left::default());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!((tasks.len(), tasks.threads_running()), (0, 0));
+        // What the tasks held went with them: the requests, the control connection.
+        wait_until_async(Duration::from_secs(5), "no request held", || {
+            server.held() == 0
+        })
+        .await;
+        assert_eq!(
+            ctl.read(&mut reply).await.unwrap(),
+            0,
+            "control connection closed"
+        );
+        let (beats, reads) = (server.count("POST", hb), server.count("GET", "/v1/status"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            (server.count("POST", hb), server.count("GET", "/v1/status")),
+            (beats, reads),
+            "nothing runs after the shutdown"
+        );
+        assert_eq!(fleet.sh.agents.lock().unwrap().len(), 3);
     }
 }

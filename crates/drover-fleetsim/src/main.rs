@@ -14,6 +14,7 @@ mod fleetfile;
 mod probes;
 mod procfs;
 mod stats;
+mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use drover_lb::ListenerConfig;
+use drover_test_support::wait_until_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -88,7 +89,7 @@ async fn a_flood_of_idle_connections_is_refused_counted_and_timed_out() {
         }
     }
     let flooded_in = began.elapsed();
-    wait_until("every socket accepted", || {
+    wait_until_async(WAIT, "every socket accepted", || {
         lb.stats().accepted == flood as u64
     })
     .await;
@@ -126,7 +127,7 @@ async fn a_flood_of_idle_connections_is_refused_counted_and_timed_out() {
     assert_eq!(proxied + refused_seen, flood);
     assert_eq!(refused_seen as u64, stats.refused_over_limit, "{stats:?}");
     assert_eq!(stats.accepted, flood as u64);
-    wait_until("every slot released", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "every slot released", || lb.stats().active == 0).await;
     assert_eq!(lb.open_connections("a"), 0);
 
     // Still serving: a normal client gets through and is echoed.
@@ -172,7 +173,7 @@ async fn a_slow_client_keeps_its_connection_while_idle_and_stuck_ones_are_closed
             .expect("read");
         assert!(rest.is_empty() || rest == b"GET / HT", "{rest:?}");
     }
-    wait_until("idle slots freed", || lb.stats().active == 1).await;
+    wait_until_async(WAIT, "idle slots freed", || lb.stats().active == 1).await;
     let (_fresh, name) = open(lb.local_addr()).await;
     assert_eq!(name, "a");
     echo(&mut slow, b"still here").await;

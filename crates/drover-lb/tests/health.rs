@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use drover_lb::{HealthCheckConfig, HealthCheckKind, ListenerConfig, Target, TargetStats};
+use drover_test_support::wait_until_async;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -208,13 +209,13 @@ async fn checkers_follow_the_target_set_and_stop_with_the_listener() {
     };
     let (lb, tx) = start(checked(kind), vec![a.target.clone()]).await;
     let checks_of = |be: &HttpBackend| be.checks.load(SeqCst);
-    wait_until("a checked", || checks_of(&a) >= 2).await;
+    wait_until_async(WAIT, "a checked", || checks_of(&a) >= 2).await;
     assert_eq!(checks_of(&b), 0, "b is not a target yet");
 
     // Added: checked at once. Removed: no longer checked.
     tx.send(vec![a.target.clone(), b.target.clone()])
         .expect("send");
-    wait_until("b checked", || checks_of(&b) >= 1).await;
+    wait_until_async(WAIT, "b checked", || checks_of(&b) >= 1).await;
     tx.send(vec![b.target.clone()]).expect("send");
     tokio::time::sleep(INTERVAL / 2).await; // a check under way may finish
     let a_after_removal = checks_of(&a);
@@ -229,7 +230,7 @@ async fn checkers_follow_the_target_set_and_stop_with_the_listener() {
     // Re-added: checked again.
     tx.send(vec![a.target.clone(), b.target.clone()])
         .expect("send");
-    wait_until("a checked again", || checks_of(&a) > a_after_removal).await;
+    wait_until_async(WAIT, "a checked again", || checks_of(&a) > a_after_removal).await;
 
     lb.shutdown().await;
     tokio::time::sleep(INTERVAL / 2).await;
@@ -249,7 +250,7 @@ async fn dropping_the_listener_stops_its_checkers() {
         path: "/healthz".to_string(),
     };
     let (lb, _tx) = start(checked(kind), vec![a.target.clone()]).await;
-    wait_until("a checked", || a.checks.load(SeqCst) >= 1).await;
+    wait_until_async(WAIT, "a checked", || a.checks.load(SeqCst) >= 1).await;
     drop(lb);
     tokio::time::sleep(INTERVAL / 2).await;
     let n = a.checks.load(SeqCst);

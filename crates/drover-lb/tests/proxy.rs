@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use drover_lb::{Listener, ListenerConfig, Policy, Target};
+use drover_test_support::wait_until_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -21,7 +22,7 @@ async fn round_robin_spreads_connections_evenly_in_turn() {
         names.push(name);
     }
     assert_eq!(names, ["a", "b", "c", "a", "b", "c", "a", "b", "c"]);
-    wait_until("all closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "all closed", || lb.stats().active == 0).await;
     let stats = lb.stats();
     assert_eq!(stats.accepted, 9);
     for t in &stats.targets {
@@ -48,7 +49,7 @@ async fn least_connections_prefers_targets_with_fewest_open() {
     // Free a and c; the next two go there, never to b, which still holds one.
     drop(ca);
     drop(cc);
-    wait_until("a and c drained", || {
+    wait_until_async(WAIT, "a and c drained", || {
         lb.open_connections("a") == 0 && lb.open_connections("c") == 0
     })
     .await;
@@ -69,7 +70,7 @@ async fn least_connections_prefers_targets_with_fewest_open() {
         assert_eq!(lb.open_connections(id), 2, "{id}");
     }
     drop((cb, held, _x, _y));
-    wait_until("all closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "all closed", || lb.stats().active == 0).await;
     lb.shutdown().await;
 }
 
@@ -115,7 +116,7 @@ async fn removed_target_drains_its_open_connections() {
     echo(&mut held, b"and here").await;
 
     drop(held);
-    wait_until("a drained", || lb.open_connections("a") == 0).await;
+    wait_until_async(WAIT, "a drained", || lb.open_connections("a") == 0).await;
     assert!(lb.stats().targets.iter().all(|t| t.id != "a"));
     lb.shutdown().await;
 }
@@ -216,11 +217,11 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
     assert_eq!(stats.accepted, 5);
     echo(&mut c1, b"unaffected").await;
     drop(c2);
-    wait_until("slot freed", || lb.stats().active == 1).await;
+    wait_until_async(WAIT, "slot freed", || lb.stats().active == 1).await;
     let (c3, name) = open(lb.local_addr()).await;
     assert_eq!(name, "a");
     drop((c1, c3));
-    wait_until("all closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "all closed", || lb.stats().active == 0).await;
     lb.shutdown().await;
 }
 
@@ -240,7 +241,10 @@ async fn idle_connections_are_closed_and_traffic_keeps_them_open() {
     // 500 ms in, more than the timeout, still open thanks to traffic; now go quiet.
     let took = expect_closed(&mut busy).await;
     assert!(took >= Duration::from_millis(250), "closed after {took:?}");
-    wait_until("idle connection released", || lb.open_connections("a") == 0).await;
+    wait_until_async(WAIT, "idle connection released", || {
+        lb.open_connections("a") == 0
+    })
+    .await;
     lb.shutdown().await;
 }
 
@@ -266,7 +270,7 @@ async fn half_close_is_propagated_and_bytes_are_counted() {
     assert_eq!(&got[..2], b"a\n");
     assert_eq!(&got[2..], &payload[..]);
     drop(conn);
-    wait_until("closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "closed", || lb.stats().active == 0).await;
     let stats = lb.stats();
     assert_eq!(stats.bytes_in, payload.len() as u64);
     assert_eq!(stats.bytes_out, payload.len() as u64 + 2);
@@ -284,7 +288,7 @@ async fn shutdown_releases_the_port() {
     let (mut conn, _) = open(addr).await;
     echo(&mut conn, b"x").await;
     drop(conn);
-    wait_until("closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "closed", || lb.stats().active == 0).await;
     lb.shutdown().await;
     assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
     let again = Listener::bind(
@@ -421,7 +425,7 @@ async fn large_transfers_under_back_pressure_arrive_intact_both_ways() {
     tokio::join!(upload, download);
     server.await.expect("server");
     drop(conn);
-    wait_until("closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "closed", || lb.stats().active == 0).await;
     let stats = lb.stats();
     assert_eq!(stats.bytes_in, LEN as u64);
     assert_eq!(stats.bytes_out, LEN as u64 + 8);
@@ -455,7 +459,7 @@ async fn bytes_read_while_connecting_survive_a_refused_target() {
         .expect("closed in time")
         .expect("read");
     assert_eq!(got, b"b\nhello\n");
-    wait_until("closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "closed", || lb.stats().active == 0).await;
     let stats = lb.stats();
     assert_eq!((stats.connect_failures, stats.unrouted), (1, 0));
     let by_id = |id: &str| stats.targets.iter().find(|t| t.id == id).expect("target");
@@ -520,7 +524,7 @@ async fn a_target_that_closes_first_is_seen_closing_by_a_client_that_waits() {
         .expect("server done")
         .expect("task");
     assert_eq!(rest, b"late\n");
-    wait_until("closed", || lb.stats().active == 0).await;
+    wait_until_async(WAIT, "closed", || lb.stats().active == 0).await;
     lb.shutdown().await;
 }
 
@@ -560,7 +564,7 @@ async fn a_connection_still_connecting_to_a_removed_target_counts_until_it_ends(
     // Round robin sends the first connection to `slow`, where it hangs connecting.
     let mut client = TcpStream::connect(lb.local_addr()).await.expect("connect");
     client.write_all(b"hello").await.expect("write");
-    wait_until("the attempt is under way", || {
+    wait_until_async(WAIT, "the attempt is under way", || {
         lb.open_connections("slow") == 1
     })
     .await;
@@ -595,6 +599,9 @@ async fn a_connection_still_connecting_to_a_removed_target_counts_until_it_ends(
         .expect("answered after the connect timeout")
         .expect("read");
     assert_eq!(&greeting, b"b\n");
-    wait_until("the attempt ended", || lb.open_connections("slow") == 0).await;
+    wait_until_async(WAIT, "the attempt ended", || {
+        lb.open_connections("slow") == 0
+    })
+    .await;
     lb.shutdown().await;
 }

@@ -1,5 +1,10 @@
-//! What drover's tests share (a dev-dependency only): waiting for a condition, with a deadline
-//! and a failure that says what was awaited.
+//! What drover's tests share (and the load tool, drover-fleetsim): waiting for a condition,
+//! with a deadline and a failure that says what was awaited; a small fake HTTP server
+//! ([`fake_http`]); a simulated agent's requests of the agent API (`agent`, feature `agent`).
+
+#[cfg(feature = "agent")]
+pub mod agent;
+pub mod fake_http;
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};

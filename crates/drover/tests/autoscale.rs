@@ -32,7 +32,8 @@ fn desired(up: &Up) -> u32 {
     up.status().map(|s| s.groups[0].desired).unwrap_or(0)
 }
 
-fn wait_until(
+/// Waits until `f` holds of the fleet's status (printed when it does not).
+fn wait_for_status(
     up: &Up,
     what: &str,
     timeout: Duration,
@@ -69,7 +70,7 @@ fn grows_toward_max_under_load_and_shrinks_back_to_min_without_failures() {
     let heavy = load(up.ingress, 2, false, stop_heavy.clone());
 
     let t0 = Instant::now();
-    wait_until(
+    wait_for_status(
         &up,
         "scale out to max (4) and serve",
         Duration::from_secs(30),
@@ -100,7 +101,7 @@ fn grows_toward_max_under_load_and_shrinks_back_to_min_without_failures() {
     stop_heavy.store(true, Ordering::SeqCst);
     let heavy = heavy.join().unwrap();
     let t1 = Instant::now();
-    wait_until(&up, "scale in to min (2)", Duration::from_secs(40), |s| {
+    wait_for_status(&up, "scale in to min (2)", Duration::from_secs(40), |s| {
         let g = &s.groups[0];
         g.desired == 2 && g.instances.len() == 2
     });
@@ -143,7 +144,7 @@ fn grows_toward_max_under_load_and_shrinks_back_to_min_without_failures() {
     assert_eq!(s.groups[0].desired_reason, "manual: drover scale");
     // With no load the autoscaler brings it back to min, after its window.
     let t2 = Instant::now();
-    wait_until(
+    wait_for_status(
         &up,
         "autoscaling takes over from the manual count",
         Duration::from_secs(30),

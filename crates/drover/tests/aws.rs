@@ -24,8 +24,10 @@ use drover_aws::sdk_autoscaling::types as asgt;
 use drover_aws::sdk_ec2::types as ec2t;
 use drover_aws::sdk_elbv2::types as elbt;
 use drover_aws::Clients;
-use drover_model::api::{AgentPhase, ComponentReport, ComponentState, FleetStatus, Heartbeat};
+use drover_model::api::{AgentPhase, ComponentState, FleetStatus};
 use drover_model::boot::BootDoc;
+use drover_test_support::agent as api;
+use drover_test_support::wait_until_or;
 
 const FLEET: &str = "shop";
 /// drover region → AWS region.
@@ -159,6 +161,8 @@ async fn run_agents(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let http = reqwest::Client::new();
+    // The simulated agents, ended when the run is.
+    let mut agents = tokio::task::JoinSet::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         for (region, c) in &clients {
             let Ok(groups) = drover_aws::group::describe_fleet(c, FLEET, region).await else {
@@ -205,7 +209,7 @@ async fn run_agents(
                         seen.lock().unwrap().real.push((i.id.clone(), child));
                         continue;
                     }
-                    tokio::spawn(agent(
+                    agents.spawn(agent(
                         i.id.clone(),
                         addr.to_string(),
                         boot,
@@ -216,8 +220,15 @@ async fn run_agents(
                 }
             }
         }
+        // An agent that panicked fails the test here.
+        while let Some(done) = agents.try_join_next() {
+            if let Err(e) = done {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    agents.shutdown().await;
 }
 
 async fn agent(
@@ -234,97 +245,52 @@ async fn agent(
         .token
         .clone()
         .expect("the boot document carries the join token");
-    let beat = |seq: u64, phase: AgentPhase| Heartbeat {
-        instance: id.clone(),
-        group: boot.group.clone(),
+    let instance = api::Instance {
+        id: &id,
+        group: &boot.group,
         generation: plan.generation,
-        addr: addr.clone(),
-        phase,
-        seq,
-        components: vec![ComponentReport {
-            name: plan.components[0].name.clone(),
-            version: version.clone(),
-            state: if version == "broken" {
-                ComponentState::Unhealthy
-            } else {
-                ComponentState::Healthy
-            },
-            pid: None,
-            restarts: 0,
-            last_exit: None,
-            message: None,
-            last_output: None,
-        }],
-        utilization: Default::default(),
-        drained: None,
+        addr: &addr,
     };
-    let url = |p: &str| format!("{}{p}", boot.server);
+    let state = if version == "broken" {
+        ComponentState::Unhealthy
+    } else {
+        ComponentState::Healthy
+    };
+    let beat = |seq: u64, phase: AgentPhase| {
+        let app = api::component(&plan.components[0].name, &version, state);
+        api::heartbeat(instance, phase, seq, vec![app])
+    };
+    let (urls, auth) = (api::Urls::new(&boot.server), api::bearer(&token));
+    let auth = Some(auth.as_str());
+    let within = Duration::from_secs(10);
     let mut seq = 0;
     // Until the server has recorded the launch, the instance is unknown to it.
     let mut known = false;
     let decrement = loop {
         seq += 1;
-        match http
-            .post(url("/v1/agent/heartbeat"))
-            .bearer_auth(&token)
-            .json(&beat(seq, AgentPhase::Running))
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => {
-                if let Ok(reply) = r.json::<drover_model::api::HeartbeatReply>().await {
-                    known |= reply.known;
-                }
-            }
-            Ok(r) => {
-                eprintln!(
-                    "{id}: heartbeat refused: {} {}",
-                    r.status(),
-                    r.text().await.unwrap_or_default()
-                );
-            }
+        let hb = beat(seq, AgentPhase::Running);
+        match api::send_heartbeat(&http, &urls, auth, &hb, within).await {
+            Ok(reply) => known |= reply.is_some_and(|r| r.known),
             Err(e) => eprintln!("{id}: heartbeat: {e}"),
         }
         if !known {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let permit: Option<drover_model::api::PermitReply> = match http
-            .get(url("/v1/agent/permit"))
-            .bearer_auth(&token)
-            .query(&[("instance", id.as_str()), ("wait_ms", "300")])
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => r.json().await.ok(),
-            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return, // forgotten
-            _ => None,
-        };
-        if let Some(p) = permit.filter(|p| p.permit) {
+        match api::poll_permit(&http, &urls, auth, &id, 300).await {
             // As `drover agent --aws`: the permit says, else the boot document.
-            break p.decrement.unwrap_or(boot.decrement_on_leave);
+            Ok(p) if p.permit => break p.decrement.unwrap_or(boot.decrement_on_leave),
+            Err(e) if e.is_not_found() => return, // forgotten
+            _ => {}
         }
     };
     // Leave path: draining until the load balancer holds nothing, then stop and go.
     seq += 1;
-    let _ = http
-        .post(url("/v1/agent/heartbeat"))
-        .bearer_auth(&token)
-        .json(&beat(seq, AgentPhase::Draining))
-        .send()
-        .await;
+    let hb = beat(seq, AgentPhase::Draining);
+    let _ = api::send_heartbeat(&http, &urls, auth, &hb, within).await;
     for _ in 0..50 {
-        let open: Option<drover_model::api::ConnectionsReply> = match http
-            .get(url("/v1/agent/connections"))
-            .bearer_auth(&token)
-            .query(&[("instance", id.as_str())])
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.ok(),
-            Err(_) => None,
-        };
-        if open.is_some_and(|o| o.open == 0) {
+        let open = api::open_connections(&http, &urls, auth, &id, within).await;
+        if open.is_ok_and(|n| n == 0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -547,10 +513,6 @@ args = ["infinity"]
     text
 }
 
-fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool, diag: impl Fn() -> String) {
-    drover_test_support::wait_until_or(timeout, what, f, diag)
-}
-
 /// In-rotation instances per group, and each group's generation.
 fn healthy(s: &FleetStatus) -> BTreeMap<String, (usize, u64)> {
     s.groups
@@ -625,9 +587,9 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         dir: dir.path().to_path_buf(),
     };
     register_api(api, data.clone());
-    wait_until(
-        "the server",
+    wait_until_or(
         Duration::from_secs(20),
+        "the server",
         || data.join("admin.token").exists() && http(api, "GET", "/v1/health", None).is_ok(),
         || std::fs::read_to_string(dir.path().join("server.err")).unwrap_or_default(),
     );
@@ -660,9 +622,9 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         tokio::task::block_in_place(|| server.cli(&["apply", file.to_str().unwrap()]));
     assert_eq!(code, 0, "apply: {out}{err}");
     tokio::task::block_in_place(|| {
-        wait_until(
-            "3 + 3 web and 2 jobs instances healthy",
+        wait_until_or(
             Duration::from_secs(90),
+            "3 + 3 web and 2 jobs instances healthy",
             || {
                 let h = healthy(&server.status());
                 h.get("web/use1").map(|x| x.0) == Some(3)
@@ -793,9 +755,9 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
         tokio::task::block_in_place(|| server.cli(&["scale", "web", "4", "--region", "use1"]));
     assert_eq!(code, 0, "scale: {out}{err}");
     tokio::task::block_in_place(|| {
-        wait_until(
-            "web/use1 at 4",
+        wait_until_or(
             Duration::from_secs(30),
+            "web/use1 at 4",
             || healthy(&server.status()).get("web/use1").map(|x| x.0) == Some(4),
             diag,
         )
@@ -949,9 +911,9 @@ async fn groups_are_auto_scaling_groups_and_ingresses_are_nlbs_in_two_regions() 
     });
     assert_eq!(code, 1, "a failing rollout exits 1: {out}{err}");
     tokio::task::block_in_place(|| {
-        wait_until(
-            "web back on v2 everywhere",
+        wait_until_or(
             Duration::from_secs(60),
+            "web back on v2 everywhere",
             || {
                 let s = server.status();
                 s.groups.iter().filter(|g| g.service == "web").all(|g| {

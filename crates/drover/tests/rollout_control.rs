@@ -7,16 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use drover_test_support::wait_until;
 
 fn permits(up: &Up) -> usize {
     let (_, ev, _) = up.cli(&["events", "--kind", "permit", "--json"]);
     serde_json::from_str::<Vec<drover_model::Event>>(&ev)
         .map(|v| v.len())
         .unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
-    drover_test_support::wait_until(timeout, what, f)
 }
 
 #[test]
@@ -41,7 +38,7 @@ fn a_paused_rollout_stays_paused_across_a_restart_then_resumes_or_aborts() {
 
     let (code, out, err) = up.cli(&["deploy", "web", "app", "v2"]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_until("a first permit", Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), "a first permit", || {
         permits(&up) >= 1
     });
     let (code, out, err) = up.cli(&["rollout", "pause", "web"]);
@@ -56,7 +53,7 @@ fn a_paused_rollout_stays_paused_across_a_restart_then_resumes_or_aborts() {
     unsafe { libc::kill(server.id() as i32, libc::SIGKILL) };
     server.wait().unwrap();
     let mut server = start_server(dir.path(), api);
-    wait_until("the server answers", Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(10), "the server answers", || {
         up.status().is_some()
     });
     std::thread::sleep(Duration::from_secs(7));
@@ -74,8 +71,8 @@ fn a_paused_rollout_stays_paused_across_a_restart_then_resumes_or_aborts() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("resumed"), "{out}");
     wait_until(
-        "the rollout to v2 finishes",
         Duration::from_secs(60),
+        "the rollout to v2 finishes",
         || {
             up.status().is_some_and(|s| {
                 let g = &s.groups[0];
@@ -97,7 +94,7 @@ fn a_paused_rollout_stays_paused_across_a_restart_then_resumes_or_aborts() {
     let (code, out, err) = up.cli(&["rollout", "abort", "web"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("aborted; going back to generation 2"), "{out}");
-    wait_until("back on v2", Duration::from_secs(60), || {
+    wait_until(Duration::from_secs(60), "back on v2", || {
         up.status().is_some_and(|s| {
             let g = &s.groups[0];
             g.versions == "app=v2"

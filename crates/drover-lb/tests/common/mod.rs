@@ -111,10 +111,6 @@ pub async fn expect_closed<S: AsyncReadExt + Unpin>(stream: &mut S) -> Duration 
     }
 }
 
-pub async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
-    drover_test_support::wait_until_async(WAIT, what, cond).await
-}
-
 pub async fn start(
     cfg: ListenerConfig,
     targets: Vec<Target>,
