@@ -10,8 +10,10 @@
 #      an instance that leaves with POST /v1/agent/exit): heartbeats (1 per 5 s; the
 #      server runs with --heartbeat-interval 5s, so silent_after is 15 s), a permit long-poll
 #      while the heartbeat answer says `leave_soon` (the agent's protocol), leaving on a
-#      permit. Measured once every instance is healthy: heartbeat latency, status latency (API
-#      and `drover status`), server CPU and RSS; then a deploy of one group (time to the first
+#      permit. Status is polled every 5 s as `drover status` and the dashboard ask for it
+#      (`GET /v1/status?instances=none`, the groups' summaries). Measured once every instance
+#      is healthy: heartbeat latency, status latency (the poll, the whole list through the
+#      API, and `drover status`), server CPU and RSS; then a deploy of one group (time to the first
 #      permit) and a server restart (SIGKILL, start, time until every instance is healthy).
 #
 # Writes the "Control plane at fleet scale" section of docs/benchmarks.md (--no-write to only
@@ -154,7 +156,7 @@ known_phase() {
     start_server "$D"
     "${NICE_CMD[@]}" "$SIM" --threads "$SIM_THREADS" run --server "$URL" --mode fleet --follow-new --wait-healthy "$N" \
         --permits "$PERMITS" --interval "$INTERVAL" --warmup "${WARMUP}s" --duration "${DURATION}s" \
-        --server-pid-file "$D.pid" --status-every 5s --data-dir "$D" --linger --progress \
+        --server-pid-file "$D.pid" --status-every 5s --status-query instances=none --data-dir "$D" --linger --progress \
         --json "$RES/known$TAG-$N.json" >"$D.sim.out" 2>"$D.sim.err" &
     SIM_PID=$!
     sleep 1
@@ -198,6 +200,9 @@ known_phase() {
         t0=$(date +%s%N); cli "$D" status s0/r0 --page 2 >/dev/null; t1=$(date +%s%N)
         STATUS_PAGE+=($(((t1 - t0) / 1000000)))
     done
+    # The whole list (every instance) through the API, 3 times.
+    "$SIM" status-latency --data-dir "$D" --server "$URL" --n 3 >"$RES/status-full-$N.json" 2>/dev/null \
+        || log "status-latency failed"
 
     # A deploy of one group (s0/r0, N/10 instances): time to the first permit.
     P0=$(count_kind "$D.server.log" permit)
@@ -272,7 +277,7 @@ for N in $SIZES; do
     cli "$D" apply "$D.toml" >/dev/null
     "${NICE_CMD[@]}" "$SIM" --threads "$SIM_THREADS" run --server "$URL" --mode unknown --instances "$N" --interval 5s \
         --warmup "${WARMUP}s" --duration "${DURATION}s" --server-pid "$SERVER_PID" \
-        --data-dir "$D" --status-every 5s --json "$RES/unknown-$N.json" 2>"$D.sim.err" >/dev/null \
+        --data-dir "$D" --status-every 5s --status-query instances=none --json "$RES/unknown-$N.json" 2>"$D.sim.err" >/dev/null \
         || { log "load tool failed"; tail -5 "$D.sim.err" >&2; }
     grep -E "^(heartbeat|server)" "$D.sim.err" | sed 's/^/    /' >&2 || true
     stop_server

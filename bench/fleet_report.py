@@ -143,14 +143,17 @@ def report(res, write):
     L.append("")
 
     # Status, deploy, restart.
-    L.append("| N | status body | `GET /v1/status` p50 / max (ms) | `drover status` (ms, 3 runs) "
+    L.append("| N | summary body | summary poll p50 / max (ms) | whole list: body, p50 / max (ms) "
+             "| `drover status` (ms, 3 runs) "
              "| `drover status s0/r0 --page 2` (ms) "
              "| fleet healthy after apply | replaced while launching | deploy: first permit "
              "(ms) | permits in 5 s | agent got its permit (ms) |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         r, d, x = load(res, f"known-{n}"), load(res, f"deploy-{n}"), load(res, f"extra-{n}")
+        full = load(res, f"status-full-{n}")
         s = r["status_latency"] if r else None
+        fl = full["latency"] if full else None
         first_permit = d.get("first_permit_event_ms") if d else None
         agent = None
         if d and x and x.get("agent_first_permit_epoch_ms"):
@@ -158,6 +161,8 @@ def report(res, write):
         L.append(
             f"| {int(n):,} | {f(r['status_bytes'] / 1e6 if r else None, 1, ' MB')} | "
             f"{f(s['p50_ms'] if s else None)} / {f(s['max_ms'] if s else None)} | "
+            f"{f(full['bytes'] / 1e6 if full else None, 1, ' MB')}, "
+            f"{f(fl['p50_ms'] if fl else None)} / {f(fl['max_ms'] if fl else None)} | "
             f"{', '.join(str(v) for v in x['status_cli_ms']) if x else '-'} | "
             f"{', '.join(str(v) for v in x.get('status_page_cli_ms', [])) if x else '-'} | "
             f"{f(x.get('healthy_after_s') if x else None, 1, ' s')} | "

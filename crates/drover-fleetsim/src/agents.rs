@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// GET /v1/status this often (from a separate thread) and time it; 0 = never.
     #[arg(long, default_value = "5s")]
     pub status_every: drover_model::Dur,
+    /// The query of those polls (e.g. `instances=none`: summaries, as `drover status` and
+    /// the dashboard ask; empty: every instance listed).
+    #[arg(long, default_value = "")]
+    pub status_query: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -670,8 +674,10 @@ fn start_threads(
     if !args.status_every.0.is_zero() {
         let sh2 = sh.clone();
         let every = args.status_every.0;
-        sh.tasks
-            .thread("status", move |stop| status_thread(sh2, every, stop))?;
+        let query = args.status_query.clone();
+        sh.tasks.thread("status", move |stop| {
+            status_thread(sh2, every, &query, stop)
+        })?;
     }
     // Server and self sampling, once a second. Its own thread: reading /proc of a busy server
     // can block (and must not stop the agents' clocks).
@@ -1287,7 +1293,7 @@ async fn control(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
     }
 }
 
-fn status_thread(sh: Arc<Shared>, every: Duration, stop: CancellationToken) {
+fn status_thread(sh: Arc<Shared>, every: Duration, query: &str, stop: CancellationToken) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1297,7 +1303,10 @@ fn status_thread(sh: Arc<Shared>, every: Duration, stop: CancellationToken) {
     };
     let run = async move {
         let client = reqwest::Client::new();
-        let url = format!("{}/v1/status", sh.base);
+        let url = match query {
+            "" => format!("{}/v1/status", sh.base),
+            q => format!("{}/v1/status?{q}", sh.base),
+        };
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
