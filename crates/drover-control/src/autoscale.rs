@@ -73,7 +73,9 @@ pub fn samples(
 /// only delays scale-in (the window must fill again).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AutoscaleState {
-    /// Recommendations (time, count) within the stabilization window.
+    /// The recommendations (time, count) within the stabilization window that may still be
+    /// its highest: each is higher than every later one, so the first is the window's highest
+    /// and the memory stays small (it is cloned at every pass).
     window: VecDeque<(u64, u32)>,
     /// Since when recommendations have been recorded without a gap.
     observing_since_ms: Option<u64>,
@@ -131,6 +133,10 @@ impl AutoscaleState {
         self.last_observed = Some(observed);
         self.last_recommended = Some(recommended);
         let since = *self.observing_since_ms.get_or_insert(now);
+        // One no higher than this never is the highest again (this one outlasts it).
+        while self.window.back().is_some_and(|(_, n)| *n <= recommended) {
+            self.window.pop_back();
+        }
         self.window.push_back((now, recommended));
         let horizon = now.saturating_sub(p.scale_in_stabilization.as_millis());
         while self.window.front().is_some_and(|(t, _)| *t < horizon) {
@@ -194,7 +200,7 @@ impl AutoscaleState {
             if now.saturating_sub(since) < p.scale_in_stabilization.as_millis() {
                 return None;
             }
-            let highest = self.window.iter().map(|(_, n)| *n).max().unwrap_or(current);
+            let highest = self.window.front().map_or(current, |(_, n)| *n);
             if highest < current {
                 self.last_change_ms = Some(now);
                 return Some(ScaleDecision {
@@ -327,6 +333,52 @@ mod tests {
             "{}",
             d.reason
         );
+    }
+
+    /// A scale-in goes to the highest recommendation of the stabilization window, however
+    /// the load moves (the window keeps only the recommendations that may still be its
+    /// highest).
+    #[test]
+    fn scale_in_goes_to_the_highest_recommendation_of_the_window() {
+        let p = policy();
+        let mut s = AutoscaleState::default();
+        let mut desired = 10;
+        let mut seen: Vec<(u64, u32)> = Vec::new();
+        let mut x: u64 = 7;
+        let mut ins = 0;
+        let mut level = 4.0;
+        for k in 0..6_000u64 {
+            let now = k * 1_000;
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let u = (x >> 40) as f64 / (1u64 << 24) as f64;
+            // A load that moves to a new level (1 to 9 instances' worth at the target) every
+            // 200 s, and wanders +-20% around it at every pass.
+            if k % 200 == 0 {
+                level = 1.0 + 8.0 * u;
+            }
+            let total = level * p.target * (0.8 + 0.4 * u);
+            let samples = vec![total / f64::from(desired); desired as usize];
+            let mut i = input(&p, desired, &samples);
+            i.max = 20;
+            let d = s.decide(now, &i);
+            seen.push((now, s.last_recommended.unwrap()));
+            if let Some(d) = d {
+                if d.to < d.from {
+                    let horizon = now.saturating_sub(p.scale_in_stabilization.as_millis());
+                    let highest = seen
+                        .iter()
+                        .filter(|(t, _)| *t >= horizon)
+                        .map(|(_, n)| *n)
+                        .max()
+                        .unwrap();
+                    assert_eq!(d.to, highest, "at {now} ms");
+                    ins += 1;
+                }
+                desired = d.to;
+            }
+        }
+        assert!(ins > 3, "{ins} scale-ins");
+        assert!(s.window.len() < 50, "{} kept", s.window.len());
     }
 
     #[test]

@@ -1,9 +1,18 @@
-//! drover-sim: runs drover's controllers at fleet scale on a virtual clock, with simulated
-//! agents and a simulated provider, injected faults and invariants checked at every step.
+//! drover-sim: drives the control plane's own world (`drover_control::world::World`, the state
+//! and steps `drover server` holds and calls) at fleet scale on a virtual clock, with
+//! simulated agents and providers, injected faults and invariants checked at every step.
+//!
+//! The simulation keeps only the fake world: agents (boot, health, heartbeats, faults), the
+//! providers (a simulated Auto Scaling group), a store, the faults and the clock. Groups are
+//! regions of services in a real fleet revision, so `World::spec` derives what the controller
+//! reads; heartbeats, exits, the schedule and autoscale passes, controller passes, instance
+//! effects, rollout and canary bookkeeping, wave releases and restarts are the world's steps,
+//! and deploys, waves and reverts are planned by `drover_control::change::plan`. A rule changed
+//! in `drover_control` changes what the simulation checks.
 //!
 //! Everything is deterministic: the same seed and the same scenario give the same sequence of
 //! decisions (see [`Stats::decision_hash`]). There is no I/O, no thread and no real time here,
-//! so thousands of instances and minutes of virtual time run in well under a second.
+//! so thousands of instances and minutes of virtual time run in seconds.
 //!
 //! ```
 //! use drover_sim::{group_spec, Sim};
@@ -22,8 +31,8 @@
 //! assert_eq!(sim.stats().rollouts_done.len(), 1);
 //! ```
 //!
-//! Autoscaling: give a group a policy and a load; the server's autoscale pass runs every step,
-//! and the desired-count series comes out (see `tests/autoscale.rs`).
+//! Autoscaling: give a group's service a policy and the group a load; the server's autoscale
+//! pass runs every step, and the desired-count series comes out (see `tests/autoscale.rs`).
 //!
 //! ```
 //! use drover_sim::{group_spec, LoadModel, Sim};

@@ -1,23 +1,34 @@
-//! The simulator: groups, simulated instances and agents on a virtual clock, the server's way
-//! of carrying out the controller's actions, injected faults, and the invariants checked at
-//! every step.
+//! The simulator: the control plane's [`World`] (`drover_control::world`: the state and the
+//! steps `drover server` holds and calls), driven on a virtual clock by simulated agents and
+//! providers, with injected faults and the invariants checked at every step. The rules are
+//! `drover_control`'s; what the simulation adds is the fake world: agents (their boot,
+//! health, faults and timing), the providers (the simulated Auto Scaling group), the store
+//! the world's changes are committed to, faults and the clock.
+//!
+//! The fleet is a real fleet revision: each group is a region of a service of a
+//! [`drover_model::Fleet`] (`sim` regions, or `aws` for `provider_replaces_leavers`), so
+//! [`World::spec`] derives the [`GroupSpec`] the server would.
 //!
 //! Each step (`SimConfig::step_ms`, 250 ms like the server's tick) does, in order:
 //! 1. apply the faults scheduled at or before now;
-//! 2. advance the agents: heartbeats (every `heartbeat_ms`, each agent on its own phase) are
-//!    absorbed the way the server absorbs them, agents whose time is up exit;
-//! 3. for every group with schedules ([`Sim::set_schedules`], [`Sim::schedule_once`]), do
-//!    what the server's schedule pass does: [`drover_control::schedule::step`], recording
-//!    its notes ([`Sim::schedule_notes`]) and applying its count; the bounds it returns are
-//!    the autoscaler's (its memory is stored by the server, so it survives a restart);
-//! 4. for every group with an autoscale policy ([`Sim::set_autoscale`]), do what the server's
-//!    `autoscale` pass does: take the metric of each Active instance healthy for at least
-//!    `warmup` (the value its agent last reported, from the group's [`LoadModel`]), call
-//!    [`AutoscaleState::decide`], apply the new desired count, and record the step
-//!    ([`Sim::autoscale_trace`]) and any change ([`Sim::scale_events`], [`Sim::desired_series`]);
-//! 5. call [`drover_control::reconcile`] and carry out its actions like the server does
-//!    (launch backoff, rollout bookkeeping, auto-revert);
-//! 6. check the invariants, and panic with the step, the time and the counts if one breaks.
+//! 2. advance the agents: each sends its [`Heartbeat`] (every `heartbeat_ms`, each on its own
+//!    phase), which the world absorbs ([`World::heartbeat`]); an agent whose time is up exits
+//!    and its provider says so ([`World::exited`]);
+//! 3. run the server's tick: the schedule pass ([`World::schedule_step`]) and the autoscale
+//!    pass ([`World::autoscale_step`]), each stored then taken ([`World::accept`]); up to
+//!    three controller passes ([`World::reconcile_due`]), whose instance actions are carried
+//!    out through their effects ([`World::effects_of`], [`World::stage_effects`]; launches
+//!    by [`World::begin_launch`], [`World::launched`], [`World::adopt`]; permits answered by
+//!    [`World::permit_of`]) and whose group actions through [`World::rollout_done`],
+//!    [`World::rollout_failed`], [`World::canary_baking`], [`World::canary_analyse`]; the
+//!    targets published ([`World::publish`]); the waves released
+//!    ([`World::wave_releases`]);
+//! 4. check the invariants, and panic with the step, the time and the counts if one breaks.
+//!
+//! Deploys, waves and automatic reverts are changes of the fleet revision planned by
+//! [`drover_control::change::plan`], as the server's apply plans them; `drover scale` is
+//! [`World::plan_scale`], a one-off schedule [`World::plan_schedule_once`]. A server restart
+//! rebuilds the world from what was stored ([`World::restore`], [`World::api_ready`]).
 //!
 //! Invariants checked (numbers as in the panic message): 1. no Terminate of a healthy,
 //! heartbeating instance; 2. permits never take a group below `desired - max_unavailable`
@@ -26,35 +37,40 @@
 //! rollout is open.
 //!
 //! A group whose spec has `provider_replaces_leavers` runs on a simulated Auto Scaling group
-//! (the `aws` provider without surge): the provider keeps a desired capacity; a launch claims
-//! an instance the provider started on its own (of the launch's generation) or raises the
-//! capacity by one; a leaver whose permit keeps the capacity
-//! ([`drover_control::group::provider_replaces`], as the server answers the permit) makes the
-//! provider start its replacement as it goes, every other leaver or terminated instance
-//! lowers the capacity, an instance that dies is replaced by the provider, and what no launch
-//! claims within [`ORPHAN_GRACE_MS`] is terminated with the capacity lowered.
-//! [`Stats::max_capacity_over_desired`] records the most the capacity went above `desired`.
+//! (an `aws` region; its rollout has no surge): the provider keeps a desired capacity; a
+//! launch claims an instance the provider started on its own (of the launch's generation) or
+//! raises the capacity by one; a leaver whose permit keeps the capacity (the permit's answer,
+//! [`World::permit_of`]) makes the provider start its replacement as it goes, every other
+//! leaver or terminated instance lowers the capacity, an instance that dies is replaced by
+//! the provider, and what no launch claims within [`ORPHAN_GRACE_MS`] is terminated with the
+//! capacity lowered. [`Stats::max_capacity_over_desired`] records the most the capacity went
+//! above `desired`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use drover_control::change::{self, GroupChange, GroupStep, Origin, Reach};
+use drover_control::change::{self, ChangePlan, Commit, Origin};
 use drover_control::effects::Effect;
 use drover_control::group::in_rotation;
-use drover_control::rollout::{self, AfterFailure};
-use drover_control::schedule::{self, ScheduleMemory, Schedules};
+use drover_control::rollout::AfterFailure;
+use drover_control::world::{self as cw, Change, Group, Launched, Record, Staged, World};
 use drover_control::{
-    reconcile, Action, AutoscaleInput, AutoscaleState, Decision, GroupSpec, Health, InstanceView,
-    LaunchBackoff, Phase, Timing,
+    Action, AutoscaleState, Decision, GroupSpec, Health, InstanceView, Phase, Timing,
 };
-use drover_model::api::ScheduledScale;
-use drover_model::fleet::{Autoscale, Rollout, Schedule};
-use drover_model::record::RolloutRecord;
+use drover_model::api::{
+    AgentPhase, ComponentReport, ComponentState, Heartbeat, Revision, ScaleRequest,
+    ScheduleRequest, ScheduledScale, Utilization,
+};
+use drover_model::fleet::{Autoscale, Capacity, ProviderKind, Rollout, Schedule, Service};
+use drover_model::record::{GroupRecord, Lifecycle, RolloutRecord};
+use drover_model::{Dur, EventKind, Fleet, GroupId, Plan};
 
+mod store;
 mod waves;
 pub use waves::{NoisyMetric, ServiceSpec, VerdictRecord};
 
 use crate::load::{AutoscalePoint, LoadModel, ScaleEvent, ScaledBy};
 use crate::rng::SplitMix64;
+use store::Store;
 
 /// Timings of the simulated world (not of the controller, which reads its own from the specs).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,8 +174,10 @@ pub struct Stats {
     pub permits: u64,
     /// Terminations of instances that never booted (failed boot, broken version).
     pub terminated_never_healthy: u64,
-    /// Terminations of instances whose agent went silent.
+    /// Terminations of instances whose agent went silent ...
     pub terminated_silent: u64,
+    /// ... and permits given to them before the server noticed (in their turn).
+    pub permitted_silent: u64,
     /// Terminations of leavers still there past their permit's deadline (their agent
     /// ignored the permit, [`Fault::IgnorePermits`]).
     pub terminated_overstayed: u64,
@@ -251,91 +269,6 @@ pub fn group_spec(group: &str, desired: u32, rollout: Rollout) -> GroupSpec {
     }
 }
 
-/// The simulated truth about one instance (what the server does not see).
-#[derive(Clone, Debug)]
-struct Agent {
-    group: usize,
-    boot_at: u64,
-    fails: Option<FailMode>,
-    silenced: bool,
-    exit_at: Option<u64>,
-    next_heartbeat: u64,
-    /// In the balancer's targets at the last step (it gets a share of the load).
-    in_rotation: bool,
-    /// The autoscaling metric its agent last reported (the server's soft state).
-    reported: Option<f64>,
-    /// Its permit kept the group's capacity: the provider replaces it as it goes.
-    keeps_capacity: bool,
-    /// It does not leave on its permit ([`Fault::IgnorePermits`]).
-    ignores_permit: bool,
-    /// Its constant bias on the service's noisy metric ...
-    bias: f64,
-    /// ... and its canary analysis window (sum, samples): the server's soft state.
-    window: Option<(f64, u32)>,
-}
-
-impl Agent {
-    fn healthy_at(&self, t: u64) -> bool {
-        self.fails.is_none() && t >= self.boot_at
-    }
-}
-
-/// Server-side state of a group that is not in its spec.
-#[derive(Clone, Debug, Default)]
-struct GroupState {
-    /// Generations whose instances never boot.
-    broken: BTreeMap<u64, FailMode>,
-    /// Its rollout record, as the server stores it and changes it (through
-    /// `drover_control::rollout`).
-    rollout: RolloutRecord,
-    boot_failures: Option<(f64, FailMode)>,
-    /// Its launch backoff, as the server keeps it ([`drover_control::backoff`]).
-    backoff: LaunchBackoff,
-    autoscale: Option<GroupAutoscale>,
-    load: Option<LoadModel>,
-    /// This step's common load noise factor.
-    load_factor: f64,
-    /// Instances in rotation at the last step.
-    in_rotation: usize,
-    /// (time, desired) at the start and at every change.
-    desired_series: Vec<(u64, u32)>,
-    scale_events: Vec<ScaleEvent>,
-    trace: Vec<AutoscalePoint>,
-    /// The simulated Auto Scaling group (groups with `provider_replaces_leavers` only).
-    asg: Option<Asg>,
-    schedules: Option<GroupSchedules>,
-    /// Generations whose instances report the service's metric at its `bad` mean.
-    degraded: std::collections::BTreeSet<u64>,
-    /// Its service's waves (see [`Sim::add_service`]).
-    wave: waves::WaveState,
-}
-
-/// A group's schedules, as the server keeps them (memory in the store).
-#[derive(Clone, Debug, Default)]
-struct GroupSchedules {
-    service: String,
-    region: String,
-    base_min: u32,
-    base_max: u32,
-    file: Vec<Schedule>,
-    once: Vec<ScheduledScale>,
-    memory: ScheduleMemory,
-    /// The bounds of this step, and what raised them.
-    bounds: Option<(u32, u32, Option<String>)>,
-    /// (time, message) of each `schedule` event.
-    notes: Vec<(u64, String)>,
-}
-
-/// A group's autoscale policy, its range, and the autoscaler's memory (soft: a server restart
-/// empties it).
-#[derive(Clone, Debug)]
-struct GroupAutoscale {
-    policy: Autoscale,
-    min: u32,
-    max: u32,
-    state: AutoscaleState,
-}
-
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -392,25 +325,167 @@ fn hash_decision(mut h: u64, now: u64, d: &Decision) -> u64 {
     h
 }
 
+/// The fleet file's name in the simulated revisions.
+const FILE: &str = "drover.toml";
+
+/// The simulated fleet's first revision: its one component is the template of every
+/// service's.
+const TEMPLATE: &str = r#"
+[fleet]
+name = "sim"
+
+[regions.r]
+provider = "sim"
+
+[services.s]
+regions = ["r"]
+capacity = { min = 0, desired = 1, max = 1 }
+
+[services.s.components.app]
+runtime = "process"
+version = "v1"
+command = "/bin/true"
+"#;
+
+/// The simulated truth about one instance (what the server does not see), and its agent.
+#[derive(Clone, Debug)]
+struct Agent {
+    id: String,
+    group: usize,
+    boot_at: u64,
+    fails: Option<FailMode>,
+    silenced: bool,
+    exit_at: Option<u64>,
+    /// Its provider saw it end.
+    ended: bool,
+    next_heartbeat: u64,
+    /// In the balancer's targets at the last step (it gets a share of the load).
+    in_rotation: bool,
+    /// Its permit kept the group's capacity: the provider replaces it as it goes.
+    keeps_capacity: bool,
+    /// It does not leave on its permit ([`Fault::IgnorePermits`]).
+    ignores_permit: bool,
+    /// Its permit poll answered: it drains (and says so in its heartbeats), then leaves.
+    leaving: bool,
+    /// Its constant bias on the service's noisy metric ...
+    bias: f64,
+    /// ... whose mean is the service's `bad` one (it runs a degraded version).
+    degraded: bool,
+    /// What it sends (seq, state and utilization change).
+    hb: Heartbeat,
+}
+
+impl Agent {
+    fn healthy_at(&self, t: u64) -> bool {
+        self.fails.is_none() && t >= self.boot_at
+    }
+}
+
+/// Each agent's place in [`Sim::agents`], by its instance's number (its id is
+/// `drover_model::ids::instance_id(seq)`, as the server names a launch): no string hashing on
+/// the agents' every heartbeat.
+#[derive(Clone, Debug, Default)]
+struct AgentIndex {
+    slot: Vec<usize>,
+}
+
+impl AgentIndex {
+    const NONE: usize = usize::MAX;
+
+    fn seq(id: &str) -> Option<usize> {
+        id.strip_prefix("i-")?.parse().ok()
+    }
+
+    fn get(&self, id: &str) -> Option<usize> {
+        let k = *self.slot.get(AgentIndex::seq(id)?)?;
+        (k != AgentIndex::NONE).then_some(k)
+    }
+
+    fn insert(&mut self, id: &str, k: usize) {
+        let seq = AgentIndex::seq(id).expect("an instance id names its number");
+        if self.slot.len() <= seq {
+            self.slot.resize(seq + 1, AgentIndex::NONE);
+        }
+        self.slot[seq] = k;
+    }
+
+    fn remove(&mut self, id: &str) -> Option<usize> {
+        let k = self.get(id)?;
+        self.slot[AgentIndex::seq(id)?] = AgentIndex::NONE;
+        Some(k)
+    }
+}
+
+/// What the simulation keeps of a group besides the server's world: the fake world's truth
+/// about it, and the records of what happened to it.
+#[derive(Clone, Debug, Default)]
+struct GroupState {
+    name: String,
+    /// Versions whose instances never boot ...
+    broken: BTreeMap<String, FailMode>,
+    /// ... and versions whose instances report the service's metric at its `bad` mean.
+    degraded: BTreeSet<String>,
+    boot_failures: Option<(f64, FailMode)>,
+    load: Option<LoadModel>,
+    /// The autoscale policy's metric is custom (the load goes there, not in `cpu`).
+    custom_metric: Option<String>,
+    /// This step's common load noise factor.
+    load_factor: f64,
+    /// Instances in rotation at the last step.
+    in_rotation: usize,
+    /// (time, desired) at the start and at every change.
+    desired_series: Vec<(u64, u32)>,
+    scale_events: Vec<ScaleEvent>,
+    trace: Vec<AutoscalePoint>,
+    /// (time, message) of each `schedule` event.
+    notes: Vec<(u64, String)>,
+    /// The simulated Auto Scaling group (groups with `provider_replaces_leavers` only).
+    asg: Option<Asg>,
+    /// Its service's index in [`Sim::add_service`]'s list.
+    service: Option<usize>,
+    /// Its canaries bake (the server keeps windows of its instances) at this step.
+    baking: bool,
+    /// Its instances or its count changed at this step: [`Sim::count_after`] counts again ...
+    touched: bool,
+    /// ... its Active and Draining instances.
+    active: usize,
+    draining: usize,
+}
+
 /// The simulated fleet and server.
 pub struct Sim {
     cfg: SimConfig,
     rng: SplitMix64,
     now: u64,
-    specs: Vec<GroupSpec>,
+    /// The server's world: what the controller reads and the steps change.
+    world: World,
+    /// What the server stored: a restart rebuilds `world` from it.
+    store: Store,
+    /// The component every service runs (its version changes with deploys).
+    template: Service,
+    /// Versions deployed so far (every service starts on `v1`).
+    versions: u64,
     groups: Vec<GroupState>,
     group_index: HashMap<String, usize>,
-    /// The server's view of every instance (what `reconcile` reads) ...
-    views: Vec<InstanceView>,
-    /// ... and, index for index, the truth about it.
     agents: Vec<Agent>,
-    index: HashMap<String, usize>,
-    next_id: u64,
+    agent_index: AgentIndex,
     faults: Vec<(u64, u64, Fault)>,
     fault_seq: u64,
     stats: Stats,
     services: Vec<waves::SimService>,
     verdicts: Vec<VerdictRecord>,
+}
+
+/// Per group, what one controller pass's actions did (for the invariants).
+#[derive(Clone, Copy, Debug, Default)]
+struct PassCounts {
+    rot_before: usize,
+    serving_before: usize,
+    rot_permitted: usize,
+    serving_removed: usize,
+    serving_permitted: usize,
+    permitted: usize,
+    launched: usize,
 }
 
 impl Sim {
@@ -424,17 +499,39 @@ impl Sim {
             cfg.step_ms > 0 && cfg.heartbeat_ms > 0,
             "step_ms and heartbeat_ms must be > 0"
         );
+        let mut fleet = drover_model::parse_fleet(TEMPLATE, FILE).expect("the template parses");
+        let template = fleet.services.swap_remove("s").expect("service s");
+        fleet.services.clear();
+        fleet.regions.clear();
+        let revision = Revision {
+            number: 1,
+            applied_at_ms: 0,
+            file: FILE.into(),
+            summary: "the simulated fleet".into(),
+            toml: String::new(),
+            fleet,
+            last_applied: None,
+        };
+        let mut world = World {
+            revision: Some(revision.clone()),
+            ..World::default()
+        };
+        world.instances.set_silent_after(cfg.silent_after_ms);
         Sim {
             cfg,
             rng: SplitMix64::new(seed),
             now: 0,
-            specs: Vec::new(),
+            world,
+            store: Store {
+                revision: Some(revision),
+                ..Store::default()
+            },
+            template,
+            versions: 1,
             groups: Vec::new(),
             group_index: HashMap::new(),
-            views: Vec::new(),
             agents: Vec::new(),
-            index: HashMap::new(),
-            next_id: 0,
+            agent_index: AgentIndex::default(),
             faults: Vec::new(),
             fault_seq: 0,
             services: Vec::new(),
@@ -453,7 +550,7 @@ impl Sim {
     /// Start the virtual clock at `ms` (e.g. a date, in ms since the epoch, for schedules).
     /// Only before any group is added.
     pub fn set_clock(&mut self, ms: u64) {
-        assert!(self.specs.is_empty(), "set the clock before adding groups");
+        assert!(self.groups.is_empty(), "set the clock before adding groups");
         self.now = ms;
         self.stats.now_ms = ms;
     }
@@ -467,13 +564,38 @@ impl Sim {
         &self.stats
     }
 
-    pub fn spec(&self, group: &str) -> &GroupSpec {
-        &self.specs[self.group_idx(group)]
+    /// The server's world.
+    pub fn world(&self) -> &World {
+        &self.world
     }
 
-    /// The server's view of every instance.
-    pub fn views(&self) -> &[InstanceView] {
-        &self.views
+    /// What the group controller knows of `group` now: [`World::spec`].
+    pub fn spec(&self, group: &str) -> GroupSpec {
+        self.world.spec(self.group(group))
+    }
+
+    /// The server's view of every instance (by id).
+    pub fn views(&self) -> Vec<InstanceView> {
+        self.world.views()
+    }
+
+    fn group(&self, group: &str) -> &Group {
+        self.world
+            .groups
+            .get(group)
+            .unwrap_or_else(|| panic!("no group {group} in the simulation"))
+    }
+
+    fn fleet(&self) -> &Fleet {
+        self.world.fleet().expect("the simulated fleet")
+    }
+
+    /// Change the fleet revision in place (the simulation's setup, not a change planned
+    /// for the groups: no plan changes).
+    fn edit_fleet(&mut self, f: impl FnOnce(&mut Fleet)) {
+        let rev = self.world.revision.as_mut().expect("the simulated fleet");
+        f(&mut rev.fleet);
+        self.store.revision = Some(rev.clone());
     }
 
     /// Add a group already running `spec.desired` healthy instances on `spec.generation`
@@ -484,153 +606,353 @@ impl Sim {
         if let Some(asg) = &mut self.groups[g].asg {
             asg.capacity = i64::from(n);
         }
+        let gid = self.groups[g].name.clone();
+        let generation = self.world.groups[&gid].record.generation;
+        let since = self.now.saturating_sub(600_000);
         for _ in 0..n {
-            let generation = self.specs[g].generation;
-            let id = self.new_instance(g, generation, true, self.now);
-            let i = self.index[&id];
-            let since = self.now.saturating_sub(600_000);
-            let v = &mut self.views[i];
-            v.launched_at_ms = since;
-            v.health = Health::Healthy { since_ms: since };
-            v.ever_healthy = true;
-            self.agents[i].boot_at = since;
+            let id = self
+                .launch_at(g, generation, true, since, since)
+                .expect("a launch of a new group");
+            let mut i = self.world.instances.get_mut(&id).expect("launched");
+            i.soft.health = Health::Healthy { since_ms: since };
+            i.soft.ever_healthy = true;
+            i.soft.reporting = true;
+            i.soft.last_seen_ms = self.now;
+            drop(i);
+            let k = self.agent_index.get(&id).expect("its agent");
+            self.agents[k].boot_at = since;
         }
     }
 
-    /// Add a group with no instance: the controller launches them.
+    /// Add a group with no instance: the controller launches them. The group is region
+    /// `REGION` of service `SERVICE` (`spec.group` = `SERVICE/REGION`) in the fleet
+    /// revision: the spec's rollout, `replace_unhealthy_after` and provider (`aws` with
+    /// `provider_replaces_leavers`, else `sim`) become the service's and the region's, and
+    /// the world's own spec of the group must say what `spec` says (a knob a fleet cannot
+    /// express is refused).
     pub fn add_empty_group(&mut self, spec: GroupSpec) -> usize {
         assert!(
             !self.group_index.contains_key(&spec.group),
             "group {} added twice",
             spec.group
         );
-        let g = self.specs.len();
-        self.group_index.insert(spec.group.clone(), g);
-        self.groups.push(GroupState {
+        let gid = spec.group.clone();
+        let (service, region) = (GroupId::service_of(&gid), GroupId::region_of(&gid));
+        assert!(!region.is_empty(), "a group is named SERVICE/REGION: {gid}");
+        let provider = if spec.provider_replaces_leavers {
+            assert_eq!(
+                spec.rollout.max_surge, 0,
+                "{gid}: a provider replaces leavers only without surge (an `aws` group whose \
+                 rollout has max_surge = 0)"
+            );
+            ProviderKind::Aws
+        } else {
+            ProviderKind::Sim
+        };
+        let template = self.template.clone();
+        let desired = spec.desired;
+        self.edit_fleet(|fleet| {
+            match fleet.regions.get(region) {
+                Some(r) => assert_eq!(
+                    r.provider, provider,
+                    "{gid}: region {region} has one provider"
+                ),
+                None => {
+                    let mut r = drover_model::parse_fleet(TEMPLATE, FILE)
+                        .expect("the template parses")
+                        .regions
+                        .swap_remove("r")
+                        .expect("region r");
+                    r.provider = provider;
+                    fleet.regions.insert(region.to_string(), r);
+                }
+            }
+            let svc = fleet
+                .services
+                .entry(service.to_string())
+                .or_insert_with(|| Service {
+                    regions: Vec::new(),
+                    capacity: Capacity {
+                        min: 0,
+                        desired,
+                        max: drover_model::validate::MAX_GROUP_SIZE,
+                    },
+                    rollout: spec.rollout.clone(),
+                    replace_unhealthy_after: Dur::from_millis(spec.replace_unhealthy_after_ms),
+                    ..template
+                });
+            svc.regions.push(region.to_string());
+        });
+        let fleet = self.fleet();
+        let svc = &fleet.services[service];
+        let mut plan = drover_model::plan::plan_for(fleet, service, svc, region);
+        plan.generation = spec.generation;
+        plan.revision = self.world.revision.as_ref().map_or(0, |r| r.number);
+        let record = GroupRecord {
+            group: gid.clone(),
+            desired: spec.desired,
+            desired_reason: format!("fleet file ({FILE})"),
+            generation: spec.generation,
             rollout: RolloutRecord {
                 since_ms: spec.generation_since_ms,
                 open: spec.rollout_open,
                 good_generation: spec.generation,
+                paused: spec.paused,
+                resumed_ms: spec.resumed_ms,
                 ..RolloutRecord::default()
             },
+        };
+        self.store.plan(plan.clone());
+        self.store.commit(vec![Record::Group(record.clone())]);
+        self.world.groups.insert(
+            gid.clone(),
+            Group {
+                record,
+                plan,
+                provider: provider.as_str().to_string(),
+                ingress: None,
+            },
+        );
+        same_spec(&spec, &self.spec(&gid));
+        let g = self.groups.len();
+        self.group_index.insert(gid.clone(), g);
+        self.groups.push(GroupState {
+            name: gid,
             load_factor: 1.0,
             desired_series: vec![(self.now, spec.desired)],
             asg: spec.provider_replaces_leavers.then(Asg::default),
+            touched: true,
             ..GroupState::default()
         });
-        self.specs.push(spec);
         g
     }
 
-    /// Deploy a good new version to `group` now. Returns the new generation.
+    /// A new component version, for a deploy.
+    fn next_version(&mut self) -> String {
+        self.versions += 1;
+        format!("v{}", self.versions)
+    }
+
+    /// The fleet with `service`'s component at `version`.
+    fn fleet_with_version(&self, service: &str, version: &str) -> Fleet {
+        let mut fleet = self.fleet().clone();
+        let svc = fleet
+            .services
+            .get_mut(service)
+            .unwrap_or_else(|| panic!("no service {service}"));
+        for c in svc.components.values_mut() {
+            c.version = version.to_string();
+        }
+        fleet
+    }
+
+    /// Deploy a good new version to `group` now (`drover deploy SERVICE app VERSION`, with
+    /// `--region` when its service has other regions). Returns the new generation.
     pub fn deploy(&mut self, group: &str) -> u64 {
         let g = self.group_idx(group);
-        self.begin_rollout(g, false, 0)
-    }
-
-    /// A deploy of group `g` (in no wave) now, the way the server records one: a new
-    /// generation, its rollout begun. `revert`: an automatic revert going back from
-    /// `reverted_from`. Returns the new generation.
-    pub(crate) fn begin_rollout(&mut self, g: usize, revert: bool, reverted_from: u64) -> u64 {
-        let origin = if revert {
-            let mut failed = BTreeMap::new();
-            failed.insert(self.specs[g].group.clone(), reverted_from);
-            Origin::AutoRevert { failed }
-        } else {
-            Origin::Deploy {
-                why: "deploy".into(),
-                only: Vec::new(),
-            }
-        };
-        let step = self.change_group(g, &origin, 0, false, true);
-        assert_eq!(step.reach, Reach::NewGeneration, "{origin:?}");
-        step.generation
-    }
-
-    /// The change `origin` reaches group `g` (of wave `wave`; `waves`: its service goes wave
-    /// by wave) now, with a plan of other content (`changed`) or not: the server's group rule
-    /// (`drover_control::change::group`) says whether it gets a new generation with its
-    /// rollout begun, is held, or stays, and the group's record becomes what it says.
-    pub(crate) fn change_group(
-        &mut self,
-        g: usize,
-        origin: &Origin,
-        wave: usize,
-        waves: bool,
-        changed: bool,
-    ) -> GroupStep {
-        let (spec, rec) = (&mut self.specs[g], &mut self.groups[g].rollout);
-        let step = change::group(
-            origin,
-            &GroupChange {
-                group: &spec.group,
-                wave,
-                waves,
-                file_changes_service: false,
-                before: Some((spec.generation, rec)),
-                content_changed: changed,
-                unused_generation: 1,
-            },
-            self.now,
-        );
-        spec.generation = step.generation;
-        *rec = step.rollout.clone();
-        rollout::apply_to_spec(rec, spec);
-        step
-    }
-
-    /// The group's rollout record changed: what the controller reads of it.
-    pub(crate) fn sync_rollout(&mut self, g: usize) {
-        rollout::apply_to_spec(&self.groups[g].rollout, &mut self.specs[g]);
+        self.deploy_version(g, None)
     }
 
     /// Deploy a version whose instances never turn healthy. Returns the new generation.
     pub fn deploy_broken(&mut self, group: &str, mode: FailMode) -> u64 {
         let g = self.group_idx(group);
-        let generation = self.begin_rollout(g, false, 0);
-        self.groups[g].broken.insert(generation, mode);
-        generation
+        self.deploy_version(g, Some(mode))
     }
 
-    /// Write the desired count now, without telling the autoscaler (see [`Sim::scale`]).
-    pub fn set_desired(&mut self, group: &str, desired: u32) {
-        let g = self.group_idx(group);
-        self.change_desired(g, desired, ScaledBy::SetDesired, "set_desired".into());
+    fn deploy_version(&mut self, g: usize, broken: Option<FailMode>) -> u64 {
+        let gid = self.groups[g].name.clone();
+        let service = GroupId::service_of(&gid).to_string();
+        let version = self.next_version();
+        if let Some(m) = broken {
+            self.groups[g].broken.insert(version.clone(), m);
+        }
+        let fleet = self.fleet_with_version(&service, &version);
+        let only = if fleet.services[&service].regions.len() > 1 {
+            vec![gid.clone()]
+        } else {
+            Vec::new()
+        };
+        let plan = self.apply(
+            Origin::Deploy {
+                why: format!("deploy {service} app {version}"),
+                only,
+            },
+            fleet,
+        );
+        assert!(
+            plan.new_plans.iter().any(|p| p.group().0 == gid),
+            "the deploy gave {gid} no new generation: {:?}",
+            plan.plan_changes
+        );
+        self.world.groups[&gid].record.generation
     }
 
-    fn change_desired(&mut self, g: usize, to: u32, by: ScaledBy, reason: String) {
+    /// A change of desired state, as the server's apply carries it out: planned by
+    /// [`change::plan`] from the world as it finds it, stored (new plans, group records,
+    /// revision), then taken into the world.
+    pub(crate) fn apply(&mut self, origin: Origin, fleet: Fleet) -> ChangePlan {
         let now = self.now;
-        let from = self.specs[g].desired;
-        self.specs[g].desired = to;
-        let st = &mut self.groups[g];
-        st.scale_events.push(ScaleEvent {
-            at_ms: now,
-            from,
-            to,
-            by,
-            reason,
-        });
-        if to != from {
-            st.desired_series.push((now, to));
+        let current = self.world.revision.as_ref().map_or(0, |r| r.number);
+        let plan = {
+            let w = &self.world;
+            let before = change::Situation {
+                fleet: w.fleet(),
+                revision: current,
+                last_applied: None,
+                groups: w
+                    .groups
+                    .iter()
+                    .map(|(k, g)| {
+                        (
+                            k.clone(),
+                            change::Before {
+                                desired: g.record.desired,
+                                desired_reason: &g.record.desired_reason,
+                                generation: g.record.generation,
+                                rollout: &g.record.rollout,
+                                plan: &g.plan,
+                            },
+                        )
+                    })
+                    .collect(),
+                unused_generation: BTreeMap::new(),
+                boot_ms: w.observed_boot_ms(),
+                once: &w.once,
+            };
+            change::plan(
+                &before,
+                &change::Request {
+                    origin: &origin,
+                    file: FILE,
+                    force_file: false,
+                    fleet: &fleet,
+                    drift: Vec::new(),
+                },
+                now,
+            )
+        };
+        if plan.commit == Commit::Nothing {
+            return plan;
+        }
+        let groups: BTreeMap<String, Group> = plan
+            .groups
+            .iter()
+            .map(|(gid, pg)| {
+                let provider = fleet
+                    .regions
+                    .get(&pg.plan.region)
+                    .map(|r| r.provider.as_str().to_string())
+                    .unwrap_or_default();
+                (
+                    gid.clone(),
+                    Group {
+                        record: GroupRecord {
+                            group: gid.clone(),
+                            desired: pg.desired,
+                            desired_reason: pg.desired_reason.clone(),
+                            generation: pg.generation,
+                            rollout: pg.rollout.clone(),
+                        },
+                        plan: pg.plan.clone(),
+                        provider,
+                        ingress: None,
+                    },
+                )
+            })
+            .collect();
+        let mut commits: Vec<Record> = plan
+            .applied_event()
+            .into_iter()
+            .map(Record::Event)
+            .collect();
+        for p in &plan.new_plans {
+            self.store.plan(p.clone());
+        }
+        commits.extend(groups.values().map(|g| Record::Group(g.record.clone())));
+        commits.extend(plan.events.iter().cloned().map(Record::Event));
+        self.store.commit(commits);
+        if let Commit::Revision { number } = plan.commit {
+            let rev = Revision {
+                number,
+                applied_at_ms: now,
+                file: FILE.into(),
+                summary: plan.summary.clone(),
+                toml: String::new(),
+                fleet,
+                last_applied: None,
+            };
+            self.store.revision = Some(rev.clone());
+            self.world.revision = Some(rev);
+            for (g, d) in &plan.file_scaled {
+                self.world
+                    .autoscale
+                    .entry(g.clone())
+                    .or_default()
+                    .manual(now, *d);
+            }
+        }
+        self.world.groups = groups;
+        self.groups.iter_mut().for_each(|st| st.touched = true);
+        plan
+    }
+
+    /// Store a step's records, then take its memory ([`World::accept`]).
+    fn commit(&mut self, change: Change) {
+        self.store.commit(change.commits);
+        self.world.accept(change.staged);
+    }
+
+    /// Record the desired counts a step changes (before it is taken).
+    fn record_scaling(&mut self, staged: &Staged, by: ScaledBy) {
+        let now = self.now;
+        for rec in &staged.records {
+            let Some(&g) = self.group_index.get(&rec.group) else {
+                continue;
+            };
+            let from = self.world.groups[&rec.group].record.desired;
+            let st = &mut self.groups[g];
+            st.touched = true;
+            st.scale_events.push(ScaleEvent {
+                at_ms: now,
+                from,
+                to: rec.desired,
+                by,
+                reason: rec.desired_reason.clone(),
+            });
+            if rec.desired != from {
+                st.desired_series.push((now, rec.desired));
+            }
         }
     }
 
-    /// Give `group` an autoscale policy between `min` and `max` (the service's capacity range).
-    /// The metric comes from the group's load model ([`Sim::set_load`]); without one, agents
-    /// report nothing and the autoscaler has no data.
+    /// Write the desired count now, without telling the autoscaler (see [`Sim::scale`]): a
+    /// raw write of the group's record, which no server command does.
+    pub fn set_desired(&mut self, group: &str, desired: u32) {
+        let mut change = Change::default();
+        let record = &self.group(group).record;
+        change.set_desired(record, record.desired, desired, "set_desired");
+        self.record_scaling(&change.staged, ScaledBy::SetDesired);
+        self.commit(change);
+    }
+
+    /// Give `group`'s service an autoscale policy between `min` and `max` (its capacity
+    /// range). The metric comes from the group's load model ([`Sim::set_load`]); without one,
+    /// agents report no reading and the autoscaler has no data.
     pub fn set_autoscale(&mut self, group: &str, policy: Autoscale, min: u32, max: u32) {
         assert!(min <= max, "min {min} > max {max}");
         let g = self.group_idx(group);
-        self.groups[g].autoscale = Some(GroupAutoscale {
-            policy,
-            min,
-            max,
-            state: AutoscaleState::default(),
+        self.groups[g].custom_metric = policy.custom_name().map(String::from);
+        let service = GroupId::service_of(group).to_string();
+        self.edit_fleet(|f| {
+            let svc = f.services.get_mut(&service).expect("the group's service");
+            svc.autoscale = Some(policy);
+            svc.capacity.min = min;
+            svc.capacity.max = max;
         });
     }
 
-    /// Give `group` (of service `service` in `region`) the fleet file's schedules, raising
-    /// its capacity range `base_min..base_max` (the service's `capacity`).
+    /// Give `group`'s service `service` (in its region) the fleet file's schedules,
+    /// raising its capacity range `base_min..base_max` (the service's `capacity`).
     pub fn set_schedules(
         &mut self,
         group: &str,
@@ -639,66 +961,61 @@ impl Sim {
         base_max: u32,
         file: Vec<Schedule>,
     ) {
-        let g = self.group_idx(group);
-        let region = drover_model::GroupId::region_of(group).to_string();
-        let st = self.groups[g]
-            .schedules
-            .get_or_insert_with(Default::default);
-        st.service = service.to_string();
-        st.region = region;
-        st.base_min = base_min;
-        st.base_max = base_max;
-        st.file = file;
+        assert_eq!(
+            GroupId::service_of(group),
+            service,
+            "{group} is a group of another service"
+        );
+        self.group_idx(group);
+        let service = service.to_string();
+        self.edit_fleet(|f| {
+            let svc = f.services.get_mut(&service).expect("the group's service");
+            svc.capacity.min = base_min;
+            svc.capacity.max = base_max;
+            svc.schedule = file;
+        });
     }
 
-    /// A one-off scheduled change (`drover scale SERVICE N --at ... --for ...`) for `group`
-    /// (after [`Sim::set_schedules`]).
+    /// A one-off scheduled change (`drover scale SERVICE N --at ... --for ...`) for `group`'s
+    /// service (its id and creation time are the server's: [`World::plan_schedule_once`]),
+    /// stored and kept as the server does.
     pub fn schedule_once(&mut self, group: &str, once: ScheduledScale) {
-        let g = self.group_idx(group);
-        let st = self.groups[g]
-            .schedules
-            .as_mut()
-            .expect("set_schedules first");
-        st.once.push(once);
+        self.group_idx(group);
+        let req = ScheduleRequest {
+            service: once.service,
+            region: once.region,
+            desired: once.desired,
+            start_ms: once.start_ms,
+            end_ms: once.end_ms,
+            timezone: Some(once.timezone),
+        };
+        let (once, records) = self
+            .world
+            .plan_schedule_once(&req, self.now)
+            .unwrap_or_else(|e| panic!("schedule refused: {e}"));
+        self.store.commit(records);
+        self.world.keep_schedule(once);
     }
 
     /// Every `schedule` event of `group`: (time, message).
     pub fn schedule_notes(&self, group: &str) -> &[(u64, String)] {
-        self.groups[self.group_idx(group)]
-            .schedules
-            .as_ref()
-            .map_or(&[], |s| &s.notes)
+        &self.groups[self.group_idx(group)].notes
     }
 
-    /// The schedule pass: what the server's does, with the same function.
-    fn schedules(&mut self) {
+    /// The server's schedule pass: [`World::schedule_step`], stored, then taken.
+    fn schedule_pass(&mut self) {
         let now = self.now;
-        for g in 0..self.specs.len() {
-            let autoscaled = self.groups[g].autoscale.is_some();
-            let desired = self.specs[g].desired;
-            let Some(st) = self.groups[g].schedules.as_mut() else {
-                continue;
-            };
-            let sch = Schedules {
-                service: &st.service,
-                region: &st.region,
-                base_min: st.base_min,
-                base_max: st.base_max,
-                file: &st.file,
-                once: &st.once,
-            };
-            let r = schedule::step(now, &sch, desired, autoscaled, &mut st.memory);
-            st.bounds = Some((r.bounds.min, r.bounds.max, r.bounds.by()));
-            st.notes.extend(r.notes.into_iter().map(|n| (now, n)));
-            if let Some(d) = r.decision {
-                if r.sets_count {
-                    if let Some(a) = &mut self.groups[g].autoscale {
-                        a.state.manual(now, d.to);
-                    }
+        let change = self.world.schedule_step(now);
+        for r in &change.commits {
+            if let Record::Event(e) = r {
+                let g = e.group.as_deref().and_then(|g| self.group_index.get(g));
+                if let (EventKind::Schedule, Some(&g)) = (e.kind, g) {
+                    self.groups[g].notes.push((now, e.message.clone()));
                 }
-                self.change_desired(g, d.to, ScaledBy::Schedule, d.reason);
             }
         }
+        self.record_scaling(&change.staged, ScaledBy::Schedule);
+        self.commit(change);
     }
 
     /// The total load `group` receives from now on (see [`LoadModel`]).
@@ -707,60 +1024,50 @@ impl Sim {
         self.groups[g].load = Some(load);
     }
 
-    /// `drover scale GROUP N` at `at_ms` (now if `at_ms` is not in the future): sets the
-    /// desired count and tells the autoscaler, which goes on from the new count
-    /// ([`AutoscaleState::manual`], as the server's `scale` does). Refuses a count outside the
-    /// autoscale range, like the server.
+    /// `drover scale SERVICE N --region REGION` of `group` at `at_ms` (now if `at_ms` is not
+    /// in the future): sets the desired count and tells the autoscaler, which goes on from
+    /// the new count ([`AutoscaleState::manual`], as the server's `scale` does). Refuses a
+    /// count outside the group's range now, like the server; a count a schedule's bounds
+    /// clamp is kept clamped.
     pub fn scale(&mut self, group: &str, desired: u32, at_ms: u64) -> Result<(), String> {
         let g = self.group_idx(group);
-        if let Some(st) = &mut self.groups[g].schedules {
-            if at_ms <= self.now {
-                let sch = Schedules {
-                    service: &st.service,
-                    region: &st.region,
-                    base_min: st.base_min,
-                    base_max: st.base_max,
-                    file: &st.file,
-                    once: &st.once,
-                };
-                let bounds = sch.bounds(self.now);
-                let (n, _) = schedule::manual(desired, &st.service, &bounds, &mut st.memory)?;
-                self.manual_scale(g, n);
-                return Ok(());
-            }
-        } else if let Some(a) = &self.groups[g].autoscale {
-            if desired < a.min || desired > a.max {
-                return Err(format!(
-                    "{desired} is outside {group}'s capacity range min..max = {}..{}",
-                    a.min, a.max
-                ));
-            }
-        }
         if at_ms <= self.now {
-            self.manual_scale(g, desired);
-        } else {
-            self.inject(
-                at_ms,
-                Fault::Scale {
-                    group: group.to_string(),
-                    desired,
-                },
-            );
+            return self.manual_scale(g, desired);
         }
+        let grp = self.group(group);
+        if !self.world.has_schedules(grp) {
+            let b = self.world.bounds(grp, self.now);
+            drover_control::schedule::manual(
+                desired,
+                GroupId::service_of(group),
+                &b,
+                &mut Default::default(),
+            )?;
+        }
+        self.inject(
+            at_ms,
+            Fault::Scale {
+                group: group.to_string(),
+                desired,
+            },
+        );
         Ok(())
     }
 
-    fn manual_scale(&mut self, g: usize, desired: u32) {
-        let now = self.now;
-        if let Some(a) = &mut self.groups[g].autoscale {
-            a.state.manual(now, desired);
-        }
-        self.change_desired(
-            g,
+    /// The server's `scale` of one group now ([`World::plan_scale`], for its region).
+    fn manual_scale(&mut self, g: usize, desired: u32) -> Result<(), String> {
+        let gid = self.groups[g].name.clone();
+        let (service, region) = (GroupId::service_of(&gid), GroupId::region_of(&gid));
+        let svc = &self.fleet().services[service];
+        let req = ScaleRequest {
+            service: service.to_string(),
+            region: Some(region.to_string()),
             desired,
-            ScaledBy::Manual,
-            "manual: drover scale; autoscaling goes on from here".into(),
-        );
+        };
+        let (change, _) = self.world.plan_scale(svc, &req, self.now)?;
+        self.record_scaling(&change.staged, ScaledBy::Manual);
+        self.commit(change);
+        Ok(())
     }
 
     /// A group on a simulated Auto Scaling group (`provider_replaces_leavers`): its desired
@@ -791,10 +1098,7 @@ impl Sim {
 
     /// The autoscaler's memory of `group` (what `drover status` shows comes from here).
     pub fn autoscale_state(&self, group: &str) -> Option<&AutoscaleState> {
-        self.groups[self.group_idx(group)]
-            .autoscale
-            .as_ref()
-            .map(|a| &a.state)
+        self.world.autoscale.get(group)
     }
 
     /// Schedule a fault at virtual time `at_ms` (applied at the first step at or after it;
@@ -831,33 +1135,31 @@ impl Sim {
     /// Whether `group` is settled on its current generation: its rollout is closed, exactly
     /// `desired` instances, all Active on the current generation and in rotation, nothing else.
     pub fn converged(&self, group: &str) -> bool {
-        let g = self.group_idx(group);
-        let spec = &self.specs[g];
-        if spec.rollout_open {
+        let g = self.group(group);
+        if g.record.rollout.open {
             return false;
         }
         let t = self.timing();
         let mut n = 0u32;
-        for v in self.views.iter().filter(|v| v.group == spec.group) {
+        for v in self.world.instances.group_views(group) {
             if v.phase != Phase::Active
-                || v.generation != spec.generation
+                || v.generation != g.record.generation
                 || !in_rotation(v, self.now, &t)
             {
                 return false;
             }
             n += 1;
         }
-        n == spec.desired
+        n == g.record.desired
     }
 
     /// Whether every group has converged.
     pub fn all_converged(&self) -> bool {
-        self.specs.iter().all(|s| self.converged(&s.group))
+        self.groups.iter().all(|s| self.converged(&s.name))
     }
 
     pub fn group_status(&self, group: &str) -> GroupStatus {
-        let g = self.group_idx(group);
-        let spec = &self.specs[g];
+        let spec = self.spec(group);
         let t = self.timing();
         let mut s = GroupStatus {
             desired: spec.desired,
@@ -866,10 +1168,7 @@ impl Sim {
             floor: spec.desired.saturating_sub(spec.rollout.max_unavailable) as usize,
             ..GroupStatus::default()
         };
-        for (v, a) in self.views.iter().zip(&self.agents) {
-            if a.group != g {
-                continue;
-            }
+        for v in self.world.instances.group_views(group) {
             match v.phase {
                 Phase::Active => {
                     s.active += 1;
@@ -885,7 +1184,7 @@ impl Sim {
             if in_rotation(v, self.now, &t) {
                 s.in_rotation += 1;
             }
-            if self.serving(v, a) {
+            if self.serving(v) {
                 s.serving += 1;
             }
         }
@@ -895,7 +1194,10 @@ impl Sim {
     fn timing(&self) -> Timing {
         Timing {
             silent_after_ms: self.cfg.silent_after_ms,
-            leave_within_ms: drover_control::group::leave_within_ms(10_000, LEAVER_STOP_GRACE_MS),
+            leave_within_ms: drover_control::group::leave_within_ms(
+                cw::DEFAULT_DRAIN_MS,
+                LEAVER_STOP_GRACE_MS,
+            ),
         }
     }
 
@@ -906,74 +1208,163 @@ impl Sim {
             .unwrap_or_else(|| panic!("no group {group} in the simulation"))
     }
 
-    /// Really serves: Active, alive, booted (even if its agent went silent).
-    fn serving(&self, v: &InstanceView, a: &Agent) -> bool {
-        v.phase == Phase::Active && v.alive && a.exit_at.is_none() && a.healthy_at(self.now)
+    fn agent(&self, id: &str) -> Option<&Agent> {
+        self.agent_index.get(id).map(|k| &self.agents[k])
     }
 
-    /// A new instance of group `g`, its machine started at `started` (now, or earlier when
-    /// the launch claims an instance the provider started); unless `good`, its fate follows
-    /// the group's faults.
-    fn new_instance(&mut self, g: usize, generation: u64, good: bool, started: u64) -> String {
-        self.next_id += 1;
-        let id = format!("i-{:07}", self.next_id);
+    /// Really serves: Active, alive, booted (even if its agent went silent).
+    fn serving(&self, v: &InstanceView) -> bool {
+        v.phase == Phase::Active
+            && v.alive
+            && self
+                .agent(&v.id)
+                .is_some_and(|a| a.exit_at.is_none() && a.healthy_at(self.now))
+    }
+
+    /// A launch of group `g` on `generation` as the server makes it (numbered by
+    /// [`World::begin_launch`], its records by [`World::launched`], taken by
+    /// [`World::adopt`]) on the group's simulated provider: its machine started at
+    /// `started` (now, or earlier when the launch claims an instance the provider started),
+    /// launched at `at`; unless `good`, its fate follows the group's faults. Returns its id.
+    fn launch_at(
+        &mut self,
+        g: usize,
+        generation: u64,
+        good: bool,
+        started: u64,
+        at: u64,
+    ) -> Option<String> {
+        let gid = self.groups[g].name.clone();
+        let ticket = self.world.begin_launch(&gid, generation)?;
+        let plan: Plan = match &ticket.plan {
+            Some(p) => p.clone(),
+            None => self
+                .store
+                .plan_of(&gid, generation)
+                .unwrap_or_else(|| panic!("no plan generation {generation} of {gid} stored"))
+                .clone(),
+        };
+        self.store.commit(vec![Record::Counter {
+            name: "instance_seq".into(),
+            value: ticket.seq,
+        }]);
+        let seq = ticket.seq;
+        let launched = Launched {
+            id: ticket.instance.clone(),
+            addr: std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                10,
+                (seq >> 16) as u8,
+                (seq >> 8) as u8,
+                seq as u8,
+            )),
+            provider_id: format!("{}-{seq}", self.world.groups[&gid].provider),
+            own_token: false,
+        };
+        let (rec, records) = World::launched(&ticket, &plan, &launched, at);
+        self.store.commit(records);
+        self.world.adopt(rec, true, at);
+        self.new_agent(g, &launched, generation, &plan, good, started);
+        Some(launched.id)
+    }
+
+    /// The simulated instance and agent of a launch.
+    fn new_agent(
+        &mut self,
+        g: usize,
+        launched: &Launched,
+        generation: u64,
+        plan: &Plan,
+        good: bool,
+        started: u64,
+    ) {
         let now = self.now;
+        let version = plan
+            .components
+            .first()
+            .map(|c| c.version.clone())
+            .unwrap_or_default();
+        let st = &self.groups[g];
         let fails = if good {
             None
-        } else if let Some(m) = self.groups[g].broken.get(&generation) {
+        } else if let Some(m) = st.broken.get(&version) {
             Some(*m)
-        } else if let Some((fraction, m)) = self.groups[g].boot_failures {
+        } else if let Some((fraction, m)) = st.boot_failures {
             (self.rng.unit() < fraction).then_some(m)
         } else {
             None
         };
+        let degraded = self.groups[g].degraded.contains(&version);
         let bias = self.metric_bias(g);
         let boot_at = started + self.cfg.boot_ms + self.rng.below(self.cfg.boot_jitter_ms + 1);
         let next_heartbeat = now + 1 + self.rng.below(self.cfg.heartbeat_ms);
         let exit_at = (fails == Some(FailMode::Crash)).then_some(now + self.cfg.crash_ms);
-        self.index.insert(id.clone(), self.views.len());
-        self.views.push(InstanceView {
-            id: id.clone(),
-            group: self.specs[g].group.clone(),
+        let hb = Heartbeat {
+            instance: launched.id.clone(),
+            group: self.groups[g].name.clone(),
             generation,
-            launched_at_ms: now,
-            phase: Phase::Active,
-            alive: true,
-            health: Health::Unknown,
-            last_seen_ms: now,
-            ever_healthy: false,
-            watched_since_ms: now,
-            exits_before_healthy: 0,
-            last_failure: None,
-            permit_at_ms: None,
-            restored: false,
-        });
+            addr: launched.addr.to_string(),
+            phase: AgentPhase::Running,
+            seq: 0,
+            components: plan
+                .components
+                .iter()
+                .map(|c| ComponentReport {
+                    name: c.name.clone(),
+                    version: c.version.clone(),
+                    state: ComponentState::Starting,
+                    pid: None,
+                    restarts: 0,
+                    last_exit: None,
+                    message: None,
+                    last_output: None,
+                })
+                .collect(),
+            utilization: Utilization::default(),
+            drained: None,
+        };
+        self.agent_index.insert(&launched.id, self.agents.len());
         self.agents.push(Agent {
+            id: launched.id.clone(),
             group: g,
             boot_at,
             fails,
             silenced: false,
             exit_at,
+            ended: false,
             next_heartbeat,
             in_rotation: false,
-            reported: None,
             keeps_capacity: false,
             ignores_permit: false,
+            leaving: false,
             bias,
-            window: None,
+            degraded,
+            hb,
         });
-        id
+    }
+
+    /// The agent of an instance the server forgot is gone too.
+    fn remove_agent(&mut self, id: &str) {
+        let Some(k) = self.agent_index.remove(id) else {
+            return;
+        };
+        self.agents.swap_remove(k);
+        if let Some(moved) = self.agents.get(k) {
+            self.agent_index.insert(&moved.id, k);
+        }
     }
 
     /// Running instances of group `g` that really serve, in a PRNG-picked order.
     fn pick_serving(&mut self, g: usize, count: usize) -> Vec<usize> {
-        let mut pool: Vec<usize> = (0..self.views.len())
-            .filter(|&i| {
-                self.agents[i].group == g
-                    && !self.agents[i].silenced
-                    && self.serving(&self.views[i], &self.agents[i])
-            })
+        let gid = &self.groups[g].name;
+        let mut pool: Vec<usize> = self
+            .world
+            .instances
+            .group_views(gid)
+            .filter(|v| self.serving(v))
+            .filter_map(|v| self.agent_index.get(&v.id))
+            .filter(|&k| !self.agents[k].silenced)
             .collect();
+        pool.sort_unstable();
         let mut out = Vec::new();
         while out.len() < count && !pool.is_empty() {
             let k = self.rng.below(pool.len() as u64) as usize;
@@ -1003,25 +1394,25 @@ impl Sim {
             }
             Fault::Silence { group, count } => {
                 let g = self.group_idx(&group);
-                for i in self.pick_serving(g, count) {
-                    self.agents[i].silenced = true;
+                for k in self.pick_serving(g, count) {
+                    self.agents[k].silenced = true;
                 }
             }
             Fault::Kill { group, count } => {
                 let g = self.group_idx(&group);
-                for i in self.pick_serving(g, count) {
-                    self.agents[i].exit_at = Some(self.now);
+                for k in self.pick_serving(g, count) {
+                    self.agents[k].exit_at = Some(self.now);
                 }
             }
             Fault::IgnorePermits { group, count } => {
                 let g = self.group_idx(&group);
-                for i in self.pick_serving(g, count) {
-                    self.agents[i].ignores_permit = true;
+                for k in self.pick_serving(g, count) {
+                    self.agents[k].ignores_permit = true;
                 }
             }
             Fault::KillInstance { instance } => {
-                if let Some(&i) = self.index.get(&instance) {
-                    self.agents[i].exit_at = Some(self.now);
+                if let Some(k) = self.agent_index.get(&instance) {
+                    self.agents[k].exit_at = Some(self.now);
                 }
             }
             Fault::ServerRestart => self.restart_server(),
@@ -1034,113 +1425,71 @@ impl Sim {
             Fault::SetDesired { group, desired } => self.set_desired(&group, desired),
             Fault::Scale { group, desired } => {
                 let g = self.group_idx(&group);
-                if self.groups[g].schedules.is_some() {
-                    // Clamped to the bounds of now (a schedule may hold them).
-                    let _ = self.scale(&group, desired, self.now);
-                } else {
-                    self.manual_scale(g, desired);
-                }
+                // Clamped to the bounds of now (a schedule may hold them); refused outside
+                // the range, as when it was asked.
+                let _ = self.manual_scale(g, desired);
             }
         }
     }
 
-    /// What the server does when it starts again: instance and group records come back from
-    /// the store (lifecycle, generation, rollout state); soft state is rebuilt from the next
-    /// heartbeats, with the restart time as a grace period; launch backoff is forgotten.
+    /// What the server does when it starts again: the world is rebuilt from the store
+    /// ([`World::restore`]: records, plans, the revision, counters; the provider adopts the
+    /// instances still running), and the API answers at once ([`World::api_ready`]); soft
+    /// state (health, launch backoff, the autoscaler's memory, canary windows) comes back
+    /// from heartbeats.
     pub fn restart_server(&mut self) {
         self.stats.restarts += 1;
         let now = self.now;
-        for v in &mut self.views {
-            v.health = Health::Unknown;
-            v.last_seen_ms = now;
-            v.ever_healthy = false;
-            v.watched_since_ms = now;
-            v.restored = true;
-        }
-        for a in &mut self.agents {
-            a.reported = None;
-            a.window = None;
-        }
-        for (spec, st) in self.specs.iter_mut().zip(&mut self.groups) {
-            spec.launch_not_before_ms = 0;
-            st.backoff = LaunchBackoff::default();
-            if let Some(a) = &mut st.autoscale {
-                a.state = AutoscaleState::default();
-            }
-        }
+        let (agents, index) = (&self.agents, &self.agent_index);
+        let running = |id: &str| index.get(id).is_some_and(|k| !agents[k].ended);
+        self.world = self.store.restore(running, self.cfg.silent_after_ms, now);
+        self.world.api_ready(now);
     }
 
     /// Heartbeats and exits up to now.
     fn advance_agents(&mut self) {
         let now = self.now;
-        let hb = self.cfg.heartbeat_ms;
+        let period = self.cfg.heartbeat_ms;
         // Instances that ended at this step: their group, whether the capacity stays.
         let mut ended: Vec<(usize, bool)> = Vec::new();
-        // Heartbeats that carry a metric sample (instance index, one per heartbeat).
-        let mut sampled: Vec<usize> = Vec::new();
-        for (k, (v, a)) in self.views.iter_mut().zip(&mut self.agents).enumerate() {
-            if !v.alive {
+        for st in &mut self.groups {
+            let r = &self.world.groups[&st.name].record.rollout;
+            st.baking = r.open && r.canary_baking_ms > 0 && !r.canary_passed;
+        }
+        for k in 0..self.agents.len() {
+            if self.agents[k].ended {
                 continue;
             }
-            while a.next_heartbeat <= now {
+            while self.agents[k].next_heartbeat <= now {
+                let a = &mut self.agents[k];
                 let h = a.next_heartbeat;
-                a.next_heartbeat += hb;
+                a.next_heartbeat += period;
                 if a.exit_at.is_some_and(|e| h >= e) {
                     break;
                 }
                 if a.silenced {
                     continue;
                 }
-                if a.window.is_some() {
-                    sampled.push(k);
-                }
-                let st = &self.groups[a.group];
-                if let Some(load) = &st.load {
-                    let mut m = if a.in_rotation && st.in_rotation > 0 {
-                        load.load_at(h) * st.load_factor / st.in_rotation as f64 / load.capacity
-                    } else {
-                        0.0
-                    };
-                    if load.instance_noise > 0.0 {
-                        m *= 1.0 + load.instance_noise * (2.0 * self.rng.unit() - 1.0);
-                    }
-                    a.reported = Some(m);
-                }
-                // The server's absorb_heartbeat.
-                let healthy = a.healthy_at(h);
-                let before = v.health;
-                v.health = before.after_report(healthy, v.ever_healthy, h);
-                if healthy {
-                    v.ever_healthy = true;
-                    if !matches!(before, Health::Healthy { .. }) {
-                        // A healthy instance resets the group's launch backoff.
-                        self.groups[a.group].backoff = LaunchBackoff::default();
-                        self.specs[a.group].launch_not_before_ms = 0;
-                    }
-                }
-                v.last_seen_ms = h;
-                // Heard from: no longer known only from the store.
-                v.restored = false;
+                self.heartbeat(k, h);
             }
+            let a = &self.agents[k];
             if a.exit_at.is_some_and(|e| e <= now) {
-                // The provider saw it end.
-                v.alive = false;
-                v.health = Health::Unknown;
-                // An Auto Scaling group replaces what dies or leaves keeping its capacity;
-                // what the server terminated or what left lowering it goes with its capacity.
-                let keeps = match v.phase {
-                    Phase::Active => true,
-                    Phase::Draining => a.keeps_capacity,
-                    Phase::Terminating => false,
+                // The provider saw it end. An Auto Scaling group replaces what dies or
+                // leaves keeping its capacity; what the server terminated or what left
+                // lowering it goes with its capacity.
+                let keeps = match self.world.instances.get(&a.id).map(|i| i.record.lifecycle) {
+                    Some(Lifecycle::Active) => true,
+                    Some(Lifecycle::Draining) => a.keeps_capacity,
+                    _ => false,
                 };
                 ended.push((a.group, keeps));
+                let id = a.id.clone();
+                self.agents[k].ended = true;
+                self.world.exited(&id);
             }
         }
-        for i in sampled {
-            self.sample_metric(i);
-        }
         for (g, keeps) in ended {
-            let generation = self.specs[g].generation;
+            let generation = self.world.groups[&self.groups[g].name].record.generation;
             if let Some(asg) = &mut self.groups[g].asg {
                 if keeps {
                     // Started from the launch template of the group's current generation.
@@ -1165,10 +1514,76 @@ impl Sim {
         self.stats.orphans += orphans;
     }
 
-    fn launch_failed(&mut self, g: usize) {
-        let st = &mut self.groups[g];
-        st.backoff.failed(self.now);
-        self.specs[g].launch_not_before_ms = st.backoff.not_before_ms;
+    /// Agent `k`'s heartbeat at `h`, absorbed by the world ([`World::heartbeat`]): its
+    /// health, the autoscaling metric its load gives (no reading without a load model), and
+    /// its service's noisy metric (drawn only while the server keeps a canary window for it:
+    /// nothing else reads it).
+    fn heartbeat(&mut self, k: usize, h: u64) {
+        let g = self.agents[k].group;
+        let st = &self.groups[g];
+        let a = &self.agents[k];
+        let (base, noise) = match &st.load {
+            Some(load) => (
+                if a.in_rotation && st.in_rotation > 0 {
+                    load.load_at(h) * st.load_factor / st.in_rotation as f64 / load.capacity
+                } else {
+                    0.0
+                },
+                load.instance_noise,
+            ),
+            // Nothing to read: a value the autoscaler does not take.
+            None => (f64::NAN, 0.0),
+        };
+        let metric = if noise > 0.0 {
+            base * (1.0 + noise * (2.0 * self.rng.unit() - 1.0))
+        } else {
+            base
+        };
+        let noisy = st
+            .service
+            .and_then(|s| self.services[s].spec.metric.as_ref());
+        let windowed = noisy.is_some()
+            && st.baking
+            && self
+                .world
+                .instances
+                .get(&a.id)
+                .is_some_and(|i| i.soft.window.is_some());
+        let reading = match noisy {
+            Some(m) if windowed => {
+                let mean = if a.degraded { m.bad } else { m.good };
+                Some((mean + a.bias + m.sample_sd * self.rng.normal()).max(0.0))
+            }
+            _ => None,
+        };
+        let a = &mut self.agents[k];
+        let healthy = a.healthy_at(h);
+        let hb = &mut a.hb;
+        hb.seq += 1;
+        hb.phase = if a.leaving {
+            AgentPhase::Draining
+        } else {
+            AgentPhase::Running
+        };
+        for c in &mut hb.components {
+            c.state = if healthy {
+                ComponentState::Healthy
+            } else {
+                ComponentState::Starting
+            };
+        }
+        let u = &mut hb.utilization;
+        match &st.custom_metric {
+            Some(name) => set_custom(&mut u.custom, name, Some(metric)),
+            None => u.cpu = metric,
+        }
+        if let Some(m) = noisy {
+            set_custom(&mut u.custom, &m.name, reading);
+        }
+        match self.world.heartbeat(hb, h) {
+            Ok(step) => self.store.events += step.events.len() as u64,
+            Err(_) => panic!("{} heartbeats for another group", hb.instance),
+        }
     }
 
     fn violation(&self, n: u32, group: &str, what: String) -> ! {
@@ -1190,78 +1605,88 @@ impl Sim {
             return;
         }
         let (now, t) = (self.now, self.timing());
-        for st in &mut self.groups {
+        let Sim {
+            world,
+            groups,
+            agents,
+            agent_index,
+            rng,
+            ..
+        } = self;
+        for st in groups.iter_mut() {
             st.in_rotation = 0;
-        }
-        for (v, a) in self.views.iter().zip(&mut self.agents) {
-            a.in_rotation = in_rotation(v, now, &t);
-            if a.in_rotation {
-                self.groups[a.group].in_rotation += 1;
+            if st.load.is_none() {
+                continue;
+            }
+            for v in world.instances.group_views(&st.name) {
+                let Some(k) = agent_index.get(&v.id) else {
+                    continue;
+                };
+                let r = in_rotation(v, now, &t);
+                agents[k].in_rotation = r;
+                st.in_rotation += usize::from(r);
             }
         }
-        for st in &mut self.groups {
+        for st in groups.iter_mut() {
             st.load_factor = match &st.load {
-                Some(l) if l.load_noise > 0.0 => 1.0 + l.load_noise * (2.0 * self.rng.unit() - 1.0),
+                Some(l) if l.load_noise > 0.0 => 1.0 + l.load_noise * (2.0 * rng.unit() - 1.0),
                 _ => 1.0,
             };
         }
     }
 
-    /// The server's autoscale pass over every group with a policy.
-    fn autoscale(&mut self) {
+    /// The server's autoscale pass ([`World::autoscale_step`]), with the invariants on what
+    /// it decides and one trace point per autoscaled group.
+    fn autoscale_pass(&mut self) {
         let (now, t) = (self.now, self.timing());
-        for g in 0..self.specs.len() {
-            let Some(a) = &self.groups[g].autoscale else {
+        // What it sees: the samples that count, in rotation.
+        let mut seen = Vec::new();
+        for (g, st) in self.groups.iter().enumerate() {
+            let grp = &self.world.groups[&st.name];
+            let Some(policy) = self.world.service(grp).and_then(|s| s.autoscale.as_ref()) else {
                 continue;
             };
-            let mut rot = 0usize;
-            let mut offers = Vec::new();
-            for (v, ag) in self.views.iter().zip(&self.agents) {
-                if ag.group != g {
-                    continue;
+            let measured = self.world.samples(grp, policy, now).0.len();
+            let rot = self
+                .world
+                .instances
+                .group_views(&st.name)
+                .filter(|v| in_rotation(v, now, &t))
+                .count();
+            seen.push((g, measured, rot));
+        }
+        let change = self.world.autoscale_step(now);
+        if self.cfg.check_invariants {
+            for rec in &change.staged.records {
+                let grp = &self.world.groups[&rec.group];
+                let bounds = self.world.bounds(grp, now);
+                let (min, max) = (bounds.min, bounds.max);
+                let (from, to) = (grp.record.desired, rec.desired);
+                if to < min || to > max {
+                    self.violation(
+                        4,
+                        &rec.group,
+                        format!("autoscaler set desired {to} outside {min}..{max}"),
+                    );
                 }
-                if in_rotation(v, now, &t) {
-                    rot += 1;
+                if to < from && grp.record.rollout.open {
+                    self.violation(
+                        5,
+                        &rec.group,
+                        format!(
+                            "autoscaler scaled in {from} -> {to} during a rollout ({})",
+                            rec.desired_reason
+                        ),
+                    );
                 }
-                offers.push(drover_control::autoscale::Offer {
-                    alive: v.alive,
-                    phase: v.phase,
-                    health: v.health,
-                    last_seen_ms: v.last_seen_ms,
-                    value: ag.reported,
-                });
             }
-            let (samples, oldest) = drover_control::autoscale::samples(now, &a.policy, offers);
-            let spec = &self.specs[g];
-            let st = &mut self.groups[g];
-            let raised = st.schedules.as_ref().and_then(|s| s.bounds.clone());
-            let GroupAutoscale {
-                policy,
-                min,
-                max,
-                state,
-            } = st.autoscale.as_mut().expect("autoscaled group");
-            let (min, max, by) = match raised {
-                Some((lo, hi, by)) => (lo, hi, by),
-                None => (*min, *max, None),
-            };
-            let decision = state.decide(
-                now,
-                &AutoscaleInput {
-                    group: &spec.group,
-                    policy,
-                    desired: spec.desired,
-                    min,
-                    max,
-                    bounds_by: by.as_deref(),
-                    rollout_in_progress: spec.rollout_open,
-                    samples: &samples,
-                    oldest_sample_ms: oldest,
-                },
-            );
-            let recommended = state.last_recommended;
-            let observed = state.last_observed;
-            let rollout_open = spec.rollout_open;
+        }
+        self.record_scaling(&change.staged, ScaledBy::Autoscaler);
+        self.commit(change);
+        for (g, measured, rot) in seen {
+            let st = &self.groups[g];
+            let rec = &self.world.groups[&st.name].record;
+            let state = self.world.autoscale.get(&st.name);
             let (load, per_instance) = match &st.load {
                 Some(l) => {
                     let load = l.load_at(now);
@@ -1269,45 +1694,22 @@ impl Sim {
                 }
                 None => (0.0, None),
             };
-            if let Some(d) = decision {
-                if self.cfg.check_invariants {
-                    let group = self.specs[g].group.clone();
-                    if d.to < min || d.to > max {
-                        self.violation(
-                            4,
-                            &group,
-                            format!("autoscaler set desired {} outside {min}..{max}", d.to),
-                        );
-                    }
-                    if d.to < d.from && rollout_open {
-                        self.violation(
-                            5,
-                            &group,
-                            format!(
-                                "autoscaler scaled in {} -> {} during a rollout ({})",
-                                d.from, d.to, d.reason
-                            ),
-                        );
-                    }
-                }
-                self.change_desired(g, d.to, ScaledBy::Autoscaler, d.reason);
-            }
-            let desired = self.specs[g].desired;
-            self.groups[g].trace.push(AutoscalePoint {
+            let point = AutoscalePoint {
                 at_ms: now,
                 load,
                 per_instance,
-                observed,
-                measured: samples.len(),
+                observed: state.and_then(|s| s.last_observed),
+                measured,
                 in_rotation: rot,
-                recommended,
-                desired,
-                rollout_open,
-            });
+                recommended: state.and_then(|s| s.last_recommended),
+                desired: rec.desired,
+                rollout_open: rec.rollout.open,
+            };
+            self.groups[g].trace.push(point);
         }
     }
 
-    /// One controller tick.
+    /// One step: the faults due, the agents, then the server's tick.
     pub fn step(&mut self) {
         self.refresh_load();
         self.now += self.cfg.step_ms;
@@ -1320,72 +1722,118 @@ impl Sim {
             self.apply_fault(f);
         }
         self.advance_agents();
-        self.schedules();
-        self.autoscale();
-        self.release_waves();
+        self.tick();
+        self.count_after();
+    }
 
-        let t = self.timing();
-        let decision = reconcile(now, &self.specs, &self.views, &t);
-        self.stats.decision_hash = hash_decision(self.stats.decision_hash, now, &decision);
-
-        // Before the actions: per group, in rotation (server's view) and serving (truth).
-        let ng = self.specs.len();
-        let mut rot_before = vec![0usize; ng];
-        let mut serving_before = vec![0usize; ng];
-        for (v, a) in self.views.iter().zip(&self.agents) {
-            if in_rotation(v, now, &t) {
-                rot_before[a.group] += 1;
+    /// The server's tick (`Engine::tick`): schedules, autoscaling, up to three controller
+    /// passes (a pass that lets instances go frees room: the next launches their
+    /// replacements at once), the targets published, then the waves.
+    fn tick(&mut self) {
+        let (now, t) = (self.now, self.timing());
+        self.schedule_pass();
+        self.autoscale_pass();
+        let mut targets = BTreeMap::new();
+        for pass in 0..3 {
+            let decision = self.reconcile(now, &t);
+            if pass == 0 {
+                let events = self.world.note_suspicion(&decision.suspect);
+                self.store.events += events.len() as u64;
             }
-            if self.serving(v, a) {
-                serving_before[a.group] += 1;
+            let frees_room = decision.frees_room();
+            targets.extend(decision.targets);
+            if pass == 2 {
+                break;
+            }
+            self.act_on(decision.actions);
+            if !frees_room {
+                // Targets after these actions (of the groups they changed).
+                targets.extend(self.reconcile(now, &t).targets);
+                break;
             }
         }
-        let mut rot_permitted = vec![0usize; ng];
-        let mut serving_removed = vec![0usize; ng];
-        let mut serving_permitted = vec![0usize; ng];
-        let mut permitted = vec![0usize; ng];
-        let mut launched = vec![0usize; ng];
-        let mut removed = false;
+        let (_, events) = self.world.publish(targets);
+        self.store.events += events.len() as u64;
+        self.release_waves();
+    }
 
-        for action in decision.actions {
+    /// One controller pass ([`World::reconcile_due`]), its decision hashed.
+    fn reconcile(&mut self, now: u64, t: &Timing) -> Decision {
+        let pass = self.world.reconcile_due(now, t);
+        self.stats.decision_hash = hash_decision(self.stats.decision_hash, now, &pass.decision);
+        pass.decision
+    }
+
+    /// Carry out one pass's actions as the server does, checking invariants 1 to 3.
+    fn act_on(&mut self, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return;
+        }
+        let (now, t) = (self.now, self.timing());
+        // Before the actions: per group concerned, in rotation (server's view) and serving
+        // (truth).
+        let mut counts: BTreeMap<String, PassCounts> = BTreeMap::new();
+        for a in &actions {
+            let group = match a {
+                Action::Launch { group, .. } => Some(group.clone()),
+                Action::Forget { instance, .. }
+                | Action::Terminate { instance, .. }
+                | Action::Permit { instance, .. } => self
+                    .world
+                    .instances
+                    .get(instance)
+                    .map(|i| i.record.group.clone()),
+                _ => None,
+            };
+            let Some(group) = group.filter(|g| !counts.contains_key(g)) else {
+                continue;
+            };
+            let mut c = PassCounts::default();
+            for v in self.world.instances.group_views(&group) {
+                c.rot_before += usize::from(in_rotation(v, now, &t));
+                c.serving_before += usize::from(self.serving(v));
+            }
+            counts.insert(group, c);
+        }
+        for action in actions {
             match action {
-                // The canary stage, as the server carries it out: the bake begins and every
-                // instance opens its window; at its end the canaries are judged against the
-                // old instances on the service's metric (`waves.rs`).
-                Action::CanaryBaking { group, .. } => {
-                    let g = self.group_idx(&group);
-                    self.canary_baking(g);
+                Action::CanaryBaking { group, generation } => {
+                    self.canary_baking(&group, generation)
                 }
                 Action::CanaryAnalyse { group, generation } => {
-                    let g = self.group_idx(&group);
-                    if self.canary_analyse(g, generation) {
-                        self.rollout_failed(g, generation);
-                    }
+                    self.canary_analyse(&group, generation)
                 }
+                Action::RolloutDone { group, generation } => self.rollout_done(&group, generation),
+                Action::RolloutFailed {
+                    group,
+                    generation,
+                    reason,
+                    instance,
+                } => self.rollout_failed(&group, generation, &reason, instance.as_deref()),
                 Action::Forget { ref instance, .. } => {
-                    let Some(&i) = self.index.get(instance) else {
+                    let Some(i) = self.world.instances.get(instance) else {
                         continue;
                     };
-                    match self.views[i].phase {
-                        Phase::Active => self.stats.died += 1,
-                        Phase::Draining => self.stats.left_by_permit += 1,
-                        Phase::Terminating => self.stats.left_by_terminate += 1,
+                    match i.record.lifecycle {
+                        Lifecycle::Active => self.stats.died += 1,
+                        Lifecycle::Draining => self.stats.left_by_permit += 1,
+                        Lifecycle::Terminating => self.stats.left_by_terminate += 1,
                     }
-                    removed |= self.carry_out(&action);
+                    self.carry_out(&action);
                 }
                 Action::Terminate {
                     ref instance,
                     ref reason,
                 } => {
-                    let Some(&i) = self.index.get(instance) else {
+                    let Some(v) = self.world.instances.get(instance).map(cw::view) else {
                         continue;
                     };
-                    let (g, v, a) = (self.agents[i].group, &self.views[i], &self.agents[i]);
+                    let spec = self.spec(&v.group);
+                    let a = self.agent(instance).expect("an agent per instance");
                     // Invariant 1: Terminate only what is broken, silent or never healthy.
                     let overstayed = v.phase == Phase::Draining
-                        && v.permit_at_ms.is_some_and(|at| {
-                            now.saturating_sub(at) >= self.specs[g].leave_within_ms
-                        });
+                        && v.permit_at_ms
+                            .is_some_and(|at| now.saturating_sub(at) >= spec.leave_within_ms);
                     if overstayed {
                         self.stats.terminated_overstayed += 1;
                     } else if a.silenced {
@@ -1393,10 +1841,10 @@ impl Sim {
                     } else if !a.healthy_at(now) {
                         self.stats.terminated_never_healthy += 1;
                     } else if self.cfg.check_invariants {
-                        let stale = v.generation < self.specs[g].generation;
+                        let stale = v.generation < spec.generation;
                         self.violation(
                             1,
-                            &self.specs[g].group.clone(),
+                            &v.group,
                             format!(
                                 "Terminate of {instance} ({}generation {}), which is healthy and \
                                  heartbeating (controller's reason: {reason}); only a permit may \
@@ -1406,152 +1854,73 @@ impl Sim {
                             ),
                         );
                     }
-                    if self.serving(&self.views[i], &self.agents[i]) {
-                        serving_removed[g] += 1;
+                    if self.serving(&v) {
+                        if let Some(c) = counts.get_mut(&v.group) {
+                            c.serving_removed += 1;
+                        }
                     }
                     self.carry_out(&action);
                 }
                 Action::Permit { ref instance, .. } => {
-                    let Some(&i) = self.index.get(instance) else {
+                    let Some(v) = self.world.instances.get(instance).map(cw::view) else {
                         continue;
                     };
-                    let g = self.agents[i].group;
                     self.stats.permits += 1;
-                    permitted[g] += 1;
-                    if in_rotation(&self.views[i], now, &t) {
-                        rot_permitted[g] += 1;
+                    if self.agent(instance).is_some_and(|a| a.silenced) {
+                        self.stats.permitted_silent += 1;
                     }
-                    if self.serving(&self.views[i], &self.agents[i]) {
-                        serving_permitted[g] += 1;
-                        serving_removed[g] += 1;
+                    let serving = self.serving(&v);
+                    if let Some(c) = counts.get_mut(&v.group) {
+                        c.permitted += 1;
+                        c.rot_permitted += usize::from(in_rotation(&v, now, &t));
+                        if serving {
+                            c.serving_permitted += 1;
+                            c.serving_removed += 1;
+                        }
                     }
                     self.carry_out(&action);
                 }
                 Action::Launch { ref group, .. } => {
-                    let g = self.group_idx(group);
                     self.stats.launches += 1;
-                    launched[g] += 1;
+                    if let Some(c) = counts.get_mut(group) {
+                        c.launched += 1;
+                    }
                     self.carry_out(&action);
                 }
-                Action::RolloutDone {
-                    ref group,
-                    generation,
-                } => {
-                    let g = self.group_idx(group);
-                    let since = self.groups[g].rollout.since_ms;
-                    rollout::done(&mut self.groups[g].rollout, generation, "", now);
-                    self.sync_rollout(g);
-                    self.stats.rollouts_done.push(RolloutEvent {
-                        group: group.clone(),
-                        generation,
-                        at_ms: now,
-                        took_ms: now - since,
-                    });
-                }
-                Action::RolloutFailed {
-                    group, generation, ..
-                } => {
-                    let g = self.group_idx(&group);
-                    self.rollout_failed(g, generation);
-                }
             }
         }
-
-        if removed {
-            let mut k = 0;
-            while k < self.views.len() {
-                if self.views[k].id.is_empty() {
-                    self.views.swap_remove(k);
-                    self.agents.swap_remove(k);
-                } else {
-                    k += 1;
-                }
-            }
-            self.index.clear();
-            for (k, v) in self.views.iter().enumerate() {
-                self.index.insert(v.id.clone(), k);
+        for (group, c) in counts {
+            self.touch(&group);
+            if self.cfg.check_invariants {
+                self.check_after(&group, &c);
             }
         }
-
-        self.check_after(
-            &rot_before,
-            &rot_permitted,
-            &serving_before,
-            &serving_removed,
-            &serving_permitted,
-            &permitted,
-            &launched,
-        );
     }
 
-    /// Carry out an instance action as the server does (`drover_control::effects`), on the
-    /// simulated world: the server's records, and what the agent and the provider do then.
-    /// Returns whether the instance was removed (its view marked, see `step`).
-    fn carry_out(&mut self, action: &Action) -> bool {
+    /// Carry out an instance action as the server does: its effects
+    /// ([`drover_control::effects::of`]) in their order, what goes to the store first (one
+    /// commit), then memory, then the agents and the provider.
+    fn carry_out(&mut self, action: &Action) {
         let now = self.now;
-        let i = match action {
-            Action::Forget { instance, .. }
-            | Action::Terminate { instance, .. }
-            | Action::Permit { instance, .. } => self.index.get(instance).copied(),
-            _ => None,
-        };
-        let effects = drover_control::effects::of(action, i.map(|i| &self.views[i]), now);
-        let mut removed = false;
+        let effects = self.world.effects_of(action, now);
+        let (commits, records) = self.world.stage_effects(&effects, now);
+        self.store.commit(commits);
+        self.world.set_instances(records);
         for e in effects {
-            match (e, i) {
-                (
-                    Effect::SetPhase {
-                        phase,
-                        permit_at_ms,
-                        ..
-                    },
-                    Some(i),
-                ) => {
-                    self.views[i].phase = phase;
-                    self.views[i].permit_at_ms = permit_at_ms;
+            match e {
+                Effect::Remove { instance } => {
+                    self.world.instances.remove(&instance);
+                    self.remove_agent(&instance);
                 }
-                (Effect::Remove { instance }, Some(i)) => {
-                    self.index.remove(&instance);
-                    self.views[i].id.clear(); // marks it for removal in `step`
-                    removed = true;
-                }
-                (Effect::LaunchFailed { .. }, Some(i)) => self.launch_failed(self.agents[i].group),
-                (Effect::WakePermitPoll { .. }, Some(i))
-                    if self.views[i].phase == Phase::Draining =>
-                {
-                    // The agent's permit poll answers now: it drains, then leaves (unless it
-                    // ignores permits).
-                    let g = self.agents[i].group;
-                    let drained = now + self.cfg.drain_ms;
-                    let a = &mut self.agents[i];
-                    if !a.ignores_permit {
-                        a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
-                    }
-                    if self.groups[g].asg.is_some() {
-                        let group: Vec<&InstanceView> = self
-                            .views
-                            .iter()
-                            .zip(&self.agents)
-                            .filter(|(_, a)| a.group == g)
-                            .map(|(v, _)| v)
-                            .collect();
-                        let keeps = drover_control::group::provider_replaces(
-                            &self.specs[g],
-                            &self.views[i],
-                            &group,
-                        );
-                        self.agents[i].keeps_capacity = keeps;
-                        if keeps {
-                            self.stats.kept_capacity += 1;
-                        }
-                    }
-                }
-                (Effect::ProviderTerminate { .. }, Some(i)) => {
+                Effect::WakePermitPoll { instance } => self.permit_answered(&instance),
+                Effect::ProviderTerminate { instance } => {
                     let stop = now + self.cfg.stop_ms;
-                    let a = &mut self.agents[i];
-                    a.exit_at = Some(a.exit_at.map_or(stop, |e| e.min(stop)));
+                    if let Some(k) = self.agent_index.get(&instance) {
+                        let a = &mut self.agents[k];
+                        a.exit_at = Some(a.exit_at.map_or(stop, |e| e.min(stop)));
+                    }
                 }
-                (Effect::Launch { group, generation }, _) => {
+                Effect::Launch { group, generation } => {
                     let g = self.group_idx(&group);
                     // On an Auto Scaling group: claim an instance it started on its own, or
                     // raise its capacity by one.
@@ -1565,133 +1934,265 @@ impl Sim {
                             None => asg.capacity += 1,
                         }
                     }
-                    self.new_instance(g, generation, false, started);
+                    self.launch_at(g, generation, false, started, now);
                 }
-                // The balancer's targets follow the phases; events are not simulated.
-                _ => {}
+                // The balancer's targets follow the phases (`World::publish`).
+                Effect::OutOfRotation { .. }
+                | Effect::SetPhase { .. }
+                | Effect::Event { .. }
+                | Effect::LaunchFailed { .. } => {}
             }
         }
-        removed
     }
 
-    /// A rollout failed (never healthy in time, or its canary analysis failed): with
-    /// `auto_revert`, a new generation with the content of the last good one; the service's
-    /// later waves stop and the regions the deploy reached go back too.
-    fn rollout_failed(&mut self, g: usize, generation: u64) {
+    /// The agent's permit long-poll answers now ([`World::permit_of`]): with a permit, it
+    /// drains and leaves (unless it ignores permits); on an Auto Scaling group, the permit
+    /// says whether its leaving keeps the capacity.
+    fn permit_answered(&mut self, instance: &str) {
+        let Some(Some((decrements, _drain_ms))) = self.world.permit_of(instance) else {
+            return;
+        };
+        let Some(k) = self.agent_index.get(instance) else {
+            return;
+        };
+        let drained = self.now + self.cfg.drain_ms;
+        let a = &mut self.agents[k];
+        if a.ignores_permit || a.leaving {
+            return;
+        }
+        a.leaving = true;
+        a.exit_at = Some(a.exit_at.map_or(drained, |e| e.min(drained)));
+        if self.groups[a.group].asg.is_some() {
+            a.keeps_capacity = !decrements;
+            if !decrements {
+                self.stats.kept_capacity += 1;
+            }
+        }
+    }
+
+    /// `RolloutDone`, as the server carries it out ([`World::rollout_done`]).
+    fn rollout_done(&mut self, group: &str, generation: u64) {
         let now = self.now;
-        let since = self.groups[g].rollout.since_ms;
-        let auto_revert = self.specs[g].rollout.auto_revert;
-        let (after, _) = rollout::failed(
-            &mut self.groups[g].rollout,
-            generation,
-            "failed in the simulation",
-            auto_revert,
-        );
-        self.sync_rollout(g);
-        self.stats.rollouts_failed.push(RolloutEvent {
-            group: self.specs[g].group.clone(),
+        let Some(g) = self.world.groups.get(group) else {
+            return;
+        };
+        let since = g.record.rollout.since_ms;
+        let Some(change) = self.world.rollout_done(group, generation, now) else {
+            return;
+        };
+        self.commit(change);
+        self.stats.rollouts_done.push(RolloutEvent {
+            group: group.to_string(),
             generation,
             at_ms: now,
             took_ms: now - since,
         });
-        if let AfterFailure::Revert { to } = after {
-            // As the server: a new generation with the content of the good one, and no
-            // canary stage.
-            let new = self.begin_rollout(g, true, generation);
-            self.stats.reverts += 1;
-            if let Some(m) = self.groups[g].broken.get(&to).copied() {
-                self.groups[g].broken.insert(new, m);
-            }
-            if self.groups[g].degraded.contains(&to) {
-                self.groups[g].degraded.insert(new);
-            }
-            self.waves_after_failure(g);
+    }
+
+    /// A rollout failed, as the server carries it out ([`World::rollout_failed`]): with its
+    /// service's `auto_revert`, the automatic revert ([`Sim::auto_revert`]).
+    pub(crate) fn rollout_failed(
+        &mut self,
+        group: &str,
+        generation: u64,
+        reason: &str,
+        instance: Option<&str>,
+    ) {
+        let now = self.now;
+        let Some(g) = self.world.groups.get(group) else {
+            return;
+        };
+        let since = g.record.rollout.since_ms;
+        let planned = self
+            .world
+            .rollout_failed(group, generation, reason, instance);
+        let Some((change, after)) = planned else {
+            return;
+        };
+        self.commit(change);
+        self.stats.rollouts_failed.push(RolloutEvent {
+            group: group.to_string(),
+            generation,
+            at_ms: now,
+            took_ms: now - since,
+        });
+        self.wave_failed(group);
+        if let AfterFailure::Revert { .. } = after {
+            self.auto_revert(group, generation);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn check_after(
-        &mut self,
-        rot_before: &[usize],
-        rot_permitted: &[usize],
-        serving_before: &[usize],
-        serving_removed: &[usize],
-        serving_permitted: &[usize],
-        permitted: &[usize],
-        launched: &[usize],
-    ) {
-        let ng = self.specs.len();
-        let mut active = vec![0usize; ng];
-        let mut draining = 0usize;
-        for (v, a) in self.views.iter().zip(&self.agents) {
-            match v.phase {
-                Phase::Active => active[a.group] += 1,
-                Phase::Draining => draining += 1,
-                Phase::Terminating => {}
+    /// The server's automatic revert: the group's last good versions are the service's
+    /// again (a change planned by [`change::plan`]: every group of the service whose plan
+    /// differs gets a new generation, the groups still held for their wave run them already).
+    fn auto_revert(&mut self, group: &str, failed: u64) {
+        let Some(g) = self.world.groups.get(group) else {
+            return;
+        };
+        let good = g.record.rollout.good_generation;
+        let Some(plan) = self.store.plan_of(group, good).filter(|_| good > 0) else {
+            return;
+        };
+        let service = plan.service.clone();
+        let versions: BTreeMap<String, String> = plan
+            .components
+            .iter()
+            .map(|c| (c.name.clone(), c.version.clone()))
+            .collect();
+        let mut fleet = self.fleet().clone();
+        if let Some(svc) = fleet.services.get_mut(&service) {
+            for (name, c) in svc.components.iter_mut() {
+                if let Some(v) = versions.get(name) {
+                    c.version = v.clone();
+                }
             }
         }
-        self.stats.max_draining = self.stats.max_draining.max(draining);
-        for g in 0..ng {
-            let spec = &self.specs[g];
-            if let Some(asg) = &self.groups[g].asg {
-                let over = asg.capacity - i64::from(spec.desired);
-                self.stats.max_capacity_over_desired =
-                    self.stats.max_capacity_over_desired.max(over);
-            }
-            let over = active[g] as i64 - i64::from(spec.desired);
-            self.stats.max_active_over_desired = self.stats.max_active_over_desired.max(over);
-            if !self.cfg.check_invariants {
-                continue;
-            }
-            let floor = spec.desired.saturating_sub(spec.rollout.max_unavailable) as usize;
-            // Invariant 2 (server's view): permits never take in-rotation below the floor,
-            // unless it already was below and no in-rotation instance got a permit.
-            if permitted[g] > 0 {
-                let before = rot_before[g];
-                let after = before - rot_permitted[g];
-                if !(after >= floor || (before < floor && rot_permitted[g] == 0)) {
-                    self.violation(
-                        2,
-                        &spec.group.clone(),
-                        format!(
-                            "{} permit(s) ({} in rotation) took in-rotation from {before} to \
-                             {after}, below the floor {floor} (desired {} - max_unavailable {})",
-                            permitted[g],
-                            rot_permitted[g],
-                            spec.desired,
-                            spec.rollout.max_unavailable
-                        ),
-                    );
-                }
-            }
-            // Invariant 2, on the truth: a permit that takes a serving instance leaves at
-            // least `floor` serving (whatever the server believes after a restart).
-            if serving_permitted[g] > 0 {
-                let after = serving_before[g] - serving_removed[g];
-                if after < floor {
-                    self.violation(
-                        2,
-                        &spec.group.clone(),
-                        format!(
-                            "{} permit(s) of serving instances left {after} serving (was {}), \
-                             below the floor {floor}",
-                            serving_permitted[g], serving_before[g]
-                        ),
-                    );
-                }
-            }
-            // Invariant 3: launches never take Active above desired + max_surge.
-            let cap = spec.desired as usize + spec.rollout.max_surge as usize;
-            if launched[g] > 0 && active[g] > cap {
+        let mut failed_map = BTreeMap::new();
+        failed_map.insert(group.to_string(), failed);
+        let plan = self.apply(Origin::AutoRevert { failed: failed_map }, fleet);
+        self.stats.reverts += plan.new_plans.len() as u64;
+    }
+
+    /// Invariants 2 and 3 for one group after a pass's actions.
+    fn check_after(&self, group: &str, c: &PassCounts) {
+        let spec = self.spec(group);
+        let active = self
+            .world
+            .instances
+            .group_views(group)
+            .filter(|v| v.phase == Phase::Active)
+            .count();
+        let floor = spec.desired.saturating_sub(spec.rollout.max_unavailable) as usize;
+        // Invariant 2 (server's view): permits never take in-rotation below the floor,
+        // unless it already was below and no in-rotation instance got a permit.
+        if c.permitted > 0 {
+            let before = c.rot_before;
+            let after = before - c.rot_permitted;
+            if !(after >= floor || (before < floor && c.rot_permitted == 0)) {
                 self.violation(
-                    3,
-                    &spec.group.clone(),
+                    2,
+                    group,
                     format!(
-                        "{} launch(es) took Active to {}, above desired {} + max_surge {}",
-                        launched[g], active[g], spec.desired, spec.rollout.max_surge
+                        "{} permit(s) ({} in rotation) took in-rotation from {before} to \
+                         {after}, below the floor {floor} (desired {} - max_unavailable {})",
+                        c.permitted, c.rot_permitted, spec.desired, spec.rollout.max_unavailable
                     ),
                 );
             }
         }
+        // Invariant 2, on the truth: a permit that takes a serving instance leaves at
+        // least `floor` serving (whatever the server believes after a restart).
+        if c.serving_permitted > 0 {
+            let after = c.serving_before - c.serving_removed;
+            if after < floor {
+                self.violation(
+                    2,
+                    group,
+                    format!(
+                        "{} permit(s) of serving instances left {after} serving (was {}), \
+                         below the floor {floor}",
+                        c.serving_permitted, c.serving_before
+                    ),
+                );
+            }
+        }
+        // Invariant 3: launches never take Active above desired + max_surge.
+        let cap = spec.desired as usize + spec.rollout.max_surge as usize;
+        if c.launched > 0 && active > cap {
+            self.violation(
+                3,
+                group,
+                format!(
+                    "{} launch(es) took Active to {active}, above desired {} + max_surge {}",
+                    c.launched, spec.desired, spec.rollout.max_surge
+                ),
+            );
+        }
     }
+
+    /// The stats of the step's end: Active above desired, Draining, capacity above desired
+    /// (counted again in the groups whose instances or count changed at this step).
+    fn count_after(&mut self) {
+        for st in &mut self.groups {
+            if !std::mem::take(&mut st.touched) {
+                continue;
+            }
+            let rec = &self.world.groups[&st.name].record;
+            (st.active, st.draining) = (0, 0);
+            for v in self.world.instances.group_views(&st.name) {
+                match v.phase {
+                    Phase::Active => st.active += 1,
+                    Phase::Draining => st.draining += 1,
+                    Phase::Terminating => {}
+                }
+            }
+            if let Some(asg) = &st.asg {
+                let over = asg.capacity - i64::from(rec.desired);
+                self.stats.max_capacity_over_desired =
+                    self.stats.max_capacity_over_desired.max(over);
+            }
+            let over = st.active as i64 - i64::from(rec.desired);
+            self.stats.max_active_over_desired = self.stats.max_active_over_desired.max(over);
+        }
+        let draining = self.groups.iter().map(|st| st.draining).sum();
+        self.stats.max_draining = self.stats.max_draining.max(draining);
+    }
+
+    /// Count `group`'s instances again at the end of the step.
+    fn touch(&mut self, group: &str) {
+        if let Some(&g) = self.group_index.get(group) {
+            self.groups[g].touched = true;
+        }
+    }
+}
+
+/// Set (or, with `None`, take out) one custom metric of a heartbeat.
+fn set_custom(custom: &mut BTreeMap<String, f64>, name: &str, value: Option<f64>) {
+    match (custom.get_mut(name), value) {
+        (Some(v), Some(x)) => *v = x,
+        (None, Some(x)) => {
+            custom.insert(name.to_string(), x);
+        }
+        (Some(_), None) => {
+            custom.remove(name);
+        }
+        (None, None) => {}
+    }
+}
+
+/// The world's spec of a group must say what the simulation was asked for: a knob a fleet
+/// cannot express (or two groups of one service asking for different rollouts) is refused.
+fn same_spec(asked: &GroupSpec, derived: &GroupSpec) {
+    let mut differ = Vec::new();
+    macro_rules! field {
+        ($($f:ident),*) => {$(
+            if asked.$f != derived.$f {
+                differ.push(format!(
+                    "{}: asked {:?}, the fleet gives {:?}",
+                    stringify!($f), asked.$f, derived.$f
+                ));
+            }
+        )*};
+    }
+    field!(
+        desired,
+        generation,
+        generation_since_ms,
+        rollout_open,
+        paused,
+        resumed_ms,
+        canary,
+        rollout,
+        replace_unhealthy_after_ms,
+        launch_not_before_ms,
+        provider_replaces_leavers,
+        leave_within_ms
+    );
+    assert!(
+        differ.is_empty(),
+        "group {}: a fleet cannot express this spec (one service has one rollout and \
+         replace_unhealthy_after, one region one provider): {}",
+        asked.group,
+        differ.join("; ")
+    );
 }

@@ -83,7 +83,7 @@ fn deploy_all_and_converge(sim: &mut Sim, groups: &[&str]) -> f64 {
         "{} group(s), {desired_total} instances: converged in {:.1} s virtual (ideal {:.1} s for the slowest), worst ratio {worst:.3}, {} steps",
         groups.len(),
         took as f64 / 1000.0,
-        groups.iter().map(|g| ideal_ms(sim, sim.spec(g))).max().unwrap_or(0) as f64 / 1000.0,
+        groups.iter().map(|g| ideal_ms(sim, &sim.spec(g))).max().unwrap_or(0) as f64 / 1000.0,
         st.steps
     );
     assert!(worst <= 1.5, "convergence took {worst:.3}x the ideal");
@@ -127,7 +127,8 @@ fn ten_regions_of_100_deployed_at_once() {
 fn faulty_scenario(seed: u64) -> (u64, drover_sim::Stats) {
     let mut sim = Sim::new(seed);
     sim.add_group(group_spec("web/eu", 200, rollout(20, 0)));
-    sim.add_group(group_spec("web/us", 100, rollout(5, 2)));
+    // Another service: one fleet service has one rollout policy.
+    sim.add_group(group_spec("api/us", 100, rollout(5, 2)));
     sim.inject(
         0,
         Fault::BootFailures {
@@ -146,7 +147,7 @@ fn faulty_scenario(seed: u64) -> (u64, drover_sim::Stats) {
     sim.inject(
         2_000,
         Fault::Deploy {
-            group: "web/us".into(),
+            group: "api/us".into(),
             broken: None,
         },
     );
@@ -160,14 +161,14 @@ fn faulty_scenario(seed: u64) -> (u64, drover_sim::Stats) {
     sim.inject(
         50_000,
         Fault::Kill {
-            group: "web/us".into(),
+            group: "api/us".into(),
             count: 4,
         },
     );
     sim.inject(
         60_000,
         Fault::SetDesired {
-            group: "web/us".into(),
+            group: "api/us".into(),
             desired: 120,
         },
     );
@@ -211,7 +212,7 @@ fn boot_failures(mode: FailMode) {
         "every old instance leaves through a permit"
     );
     assert_eq!(st.rollouts_done.len(), 1);
-    let ratio = took as f64 / ideal_ms(&sim, sim.spec("web/eu")) as f64;
+    let ratio = took as f64 / ideal_ms(&sim, &sim.spec("web/eu")) as f64;
     println!(
         "5% boot failures ({mode:?}): {failed} failed of {} launches, converged in {:.1} s, ratio {ratio:.3}",
         st.launches,
@@ -244,11 +245,14 @@ fn three_agents_go_silent_mid_rollout() {
     sim.run_until(|s| s.converged("web/eu"), 3_600_000)
         .expect("converges");
     let st = sim.stats();
-    assert_eq!(st.terminated_silent, 3, "{st:?}");
+    // Each silent agent is terminated once the server notices, unless a stale one got its
+    // permit in its turn before that (it still hears the permit, and leaves).
+    assert_eq!(st.terminated_silent + st.permitted_silent, 3, "{st:?}");
+    assert!(st.terminated_silent > 0, "{st:?}");
     assert_eq!(st.terminated_never_healthy, 0);
     // A silent stale instance is terminated instead of permitted; a silent fresh one is
-    // replaced by one more launch: either way, permits + 3 = launches.
-    assert_eq!(st.permits + 3, st.launches, "{st:?}");
+    // replaced by one more launch: either way, permits + terminated = launches.
+    assert_eq!(st.permits + st.terminated_silent, st.launches, "{st:?}");
     assert_eq!(st.rollouts_done.len(), 1);
 }
 
@@ -334,9 +338,13 @@ fn broken_version(mode: FailMode) {
     let broken = sim.deploy_broken("web/eu", mode);
     let deployed_at = sim.now();
     let mut min_in_rotation = usize::MAX;
+    let mut broken_launches = None;
     sim.run_until(
         |s| {
             min_in_rotation = min_in_rotation.min(s.group_status("web/eu").in_rotation);
+            if broken_launches.is_none() && !s.stats().rollouts_failed.is_empty() {
+                broken_launches = Some(s.stats().launches);
+            }
             s.now() > deployed_at && s.converged("web/eu")
         },
         3_600_000,
@@ -344,6 +352,14 @@ fn broken_version(mode: FailMode) {
     .expect("converges back on a good generation");
     let st = sim.stats();
     assert_eq!(st.rollouts_failed.len(), 1, "{st:?}");
+    // The launch backoff (500 ms doubling to 30 s after each instance that ended before
+    // turning healthy; the world's, `World::launch_failed`) keeps a broken version from a
+    // launch storm: 40 launches in the 120 s before the rollout fails (Crash), 205 without it.
+    let broken_launches = broken_launches.expect("the rollout failed");
+    assert!(
+        broken_launches <= 60,
+        "{broken_launches} launches of the broken version in 120 s"
+    );
     let failed = &st.rollouts_failed[0];
     assert_eq!(failed.generation, broken);
     assert!(failed.took_ms > 120_000 && failed.took_ms <= 120_000 + 2 * sim.config().step_ms);
@@ -367,9 +383,8 @@ fn broken_version(mode: FailMode) {
         FailMode::Hang => assert!((20..=25).contains(&st.permits), "{}", st.permits),
     }
     println!(
-        "broken version ({mode:?}): failed after {:.1} s, {} broken launches, back on generation {} {:.1} s after the failure",
+        "broken version ({mode:?}): failed after {:.1} s, {broken_launches} broken launches, back on generation {} {:.1} s after the failure",
         failed.took_ms as f64 / 1000.0,
-        st.launches - 20,
         spec.generation,
         st.rollouts_done[0].took_ms as f64 / 1000.0
     );

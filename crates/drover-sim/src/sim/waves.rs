@@ -1,22 +1,24 @@
-//! Services across regions in the simulation, carried out as the server does: a deploy goes
-//! wave by wave ([`drover_control::waves::release`]), each group's canary stage is judged by
-//! [`drover_control::analysis::verdict`] on the noisy metrics its simulated agents report, and
-//! a failed rollout reverts every region the deploy reached (the server's automatic revert sets
-//! the service's versions back, so every group on the new version moves) while the regions it
-//! had not reached never launch it.
+//! Services across regions in the simulation, carried out as the server does: the service's
+//! waves, canary and analysis are its fleet settings; a deploy and each wave are changes
+//! planned by [`drover_control::change::plan`] (the first wave gets it, the others are held
+//! until [`World::wave_releases`] lets the next go); each group's canary stage is the world's
+//! ([`World::canary_baking`], [`World::canary_analyse`]), judged on the windows the world
+//! fills from the noisy metric its simulated agents report; and a failed rollout's automatic
+//! revert sets the service's versions back, so every group the deploy reached moves back while
+//! the ones it had not reached never launch it.
 //!
 //! Invariants checked here (numbers continue those of [`Sim`]): 6. a wave's groups get the
 //! change only once every group of the earlier waves finished its rollout (none open, none
 //! failed) and `wave_bake` passed since the last of them; 7. once a deploy failed, none of
 //! its held groups gets it.
 
-use std::collections::BTreeMap;
-
-use drover_control::analysis::{self, Window};
-use drover_control::change::{Origin, Reach};
-use drover_control::waves::{release, WaveGroup};
-use drover_control::{CanaryGate, Phase};
+use drover_control::change::Origin;
+use drover_control::waves::WaveGroup;
+#[cfg(doc)]
+use drover_control::world::World;
+use drover_control::world::{CanaryOutcome, Change, LbCounters};
 use drover_model::fleet::{Analysis, Canary};
+use drover_model::GroupId;
 
 use super::Sim;
 
@@ -32,8 +34,10 @@ pub struct NoisyMetric {
     pub sample_sd: f64,
 }
 
-/// A service: its groups (one per region, added with [`Sim::add_group`] first), its waves
-/// (group names; groups in no wave go last, as `"*"`), and its canary and analysis.
+/// A service: its groups (every region of the fleet's service `name`, added with
+/// [`Sim::add_group`] first), its waves (group names; groups in no wave go last, as `"*"`),
+/// and its canary and analysis: the service's `rollout` settings in the fleet. `metric` is
+/// what its simulated agents report.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
     pub name: String,
@@ -54,77 +58,98 @@ pub struct VerdictRecord {
     /// The truth: the canaries ran a degraded version.
     pub bad: bool,
     pub pass: bool,
+    /// What the server stored of it (the rollout record's `analysis`).
     pub numbers: String,
 }
 
-/// A service as the simulated server keeps it.
+/// A service of [`Sim::add_service`], and what the invariants need of its deploy.
 #[derive(Clone, Debug)]
 pub(super) struct SimService {
-    spec: ServiceSpec,
-    /// Group index -> its wave.
-    groups: Vec<(usize, usize)>,
-    /// The deploy under way reached these groups: (group, its generation before it).
-    touched: Vec<(usize, u64)>,
-    /// The deploy under way is degraded in these groups ...
-    bad_in: Vec<usize>,
-    /// ... and failed (every later wave stops).
+    pub(super) spec: ServiceSpec,
+    /// The deploy under way failed somewhere (nothing held may get it).
     failed: bool,
 }
 
-/// Per group, what the waves and the canary need (whether its plan waits for its wave is
-/// in its rollout record, `wave_pending`, as the server stores it).
-#[derive(Clone, Debug, Default)]
-pub(super) struct WaveState {
-    pub(super) service: Option<usize>,
-}
-
 impl Sim {
-    /// Declare a service over groups already added. Its groups' canary stage follows
-    /// `spec.canary` on every rollout, as the server's does.
+    /// Declare a service over groups already added: its waves, `wave_bake`, canary and
+    /// analysis become the fleet service's rollout settings.
     pub fn add_service(&mut self, spec: ServiceSpec) {
-        let wave_of = |g: &str| {
-            spec.waves
-                .iter()
-                .position(|w| w.iter().any(|x| x == g))
-                .unwrap_or(spec.waves.len())
-        };
-        let s = self.services.len();
-        let groups = spec
-            .groups
+        let mut regions = Vec::new();
+        for name in &spec.groups {
+            self.group_idx(name);
+            assert_eq!(
+                GroupId::service_of(name),
+                spec.name,
+                "{name} is not a group of service {}",
+                spec.name
+            );
+            regions.push(GroupId::region_of(name).to_string());
+        }
+        let mut in_fleet = self.fleet().services[&spec.name].regions.clone();
+        in_fleet.sort();
+        let mut listed = regions.clone();
+        listed.sort();
+        assert_eq!(
+            in_fleet, listed,
+            "service {} lists some of its groups only",
+            spec.name
+        );
+        let mut waves: Vec<Vec<String>> = spec
+            .waves
             .iter()
-            .map(|name| {
-                let g = self.group_idx(name);
-                self.groups[g].wave.service = Some(s);
-                (g, wave_of(name))
+            .map(|w| {
+                w.iter()
+                    .map(|g| GroupId::region_of(g).to_string())
+                    .collect()
             })
             .collect();
+        let in_a_wave = |r: &String| waves.iter().any(|w| w.contains(r));
+        if !waves.is_empty() && !regions.iter().all(in_a_wave) {
+            waves.push(vec!["*".into()]);
+        }
+        let name = spec.name.clone();
+        let (bake, canary, analysis) = (
+            drover_model::Dur::from_millis(spec.wave_bake_ms),
+            spec.canary.clone(),
+            spec.analysis.clone(),
+        );
+        self.edit_fleet(|f| {
+            let r = &mut f.services.get_mut(&name).expect("the service").rollout;
+            r.waves = waves;
+            r.wave_bake = bake;
+            r.canary = canary;
+            r.analysis = analysis;
+        });
+        let s = self.services.len();
+        for g in &spec.groups {
+            let g = self.group_idx(g);
+            self.groups[g].service = Some(s);
+        }
         self.services.push(SimService {
             spec,
-            groups,
-            touched: Vec::new(),
-            bad_in: Vec::new(),
             failed: false,
         });
     }
 
-    /// `drover deploy` of a new version of `service`: degraded (its metric at `bad`) in the
-    /// groups named in `bad_in`, good elsewhere. As the server's group rule says
-    /// ([`drover_control::change::group`]): the first wave gets it now, the others are held
-    /// until [`release`] lets them go.
+    /// `drover deploy` of a new version of `service` (every region): degraded (its metric at
+    /// `bad`) in the groups named in `bad_in`, good elsewhere. As the server plans it, the
+    /// first wave gets it now, the others are held until their wave is released.
     pub fn deploy_service(&mut self, service: &str, bad_in: &[&str]) {
         let s = self.service_idx(service);
-        let bad: Vec<usize> = bad_in.iter().map(|g| self.group_idx(g)).collect();
-        let sv = &mut self.services[s];
-        sv.touched.clear();
-        sv.failed = false;
-        sv.bad_in = bad;
-        let origin = Origin::Deploy {
-            why: format!("deploy {service}"),
-            only: Vec::new(),
-        };
-        for (g, _) in self.services[s].groups.clone() {
-            self.release_group(s, g, &origin);
+        let version = self.next_version();
+        for g in bad_in {
+            let g = self.group_idx(g);
+            self.groups[g].degraded.insert(version.clone());
         }
+        self.services[s].failed = false;
+        let fleet = self.fleet_with_version(service, &version);
+        self.apply(
+            Origin::Deploy {
+                why: format!("deploy {service} app {version}"),
+                only: Vec::new(),
+            },
+            fleet,
+        );
     }
 
     /// Every canary analysis so far.
@@ -134,7 +159,7 @@ impl Sim {
 
     /// The group waits for its wave (the service's deploy has not reached it yet).
     pub fn held(&self, group: &str) -> bool {
-        self.groups[self.group_idx(group)].rollout.wave_pending
+        self.group(group).record.rollout.wave_pending
     }
 
     fn service_idx(&self, name: &str) -> usize {
@@ -144,102 +169,50 @@ impl Sim {
             .unwrap_or_else(|| panic!("no service {name}"))
     }
 
-    /// The wave of group `g` of service `s`, counted from the service's first (as the
-    /// fleet's `Rollout::wave_of`: 0 for the first), and whether the service has waves.
-    fn wave_of(&self, s: usize, g: usize) -> (usize, bool) {
-        let sv = &self.services[s];
-        let first = sv.groups.iter().map(|(_, w)| *w).min().unwrap_or(0);
-        let wave = sv
-            .groups
-            .iter()
-            .find(|(h, _)| *h == g)
-            .map_or(0, |(_, w)| *w);
-        (wave - first, !sv.spec.waves.is_empty())
-    }
-
-    /// The service's change (`origin`: a deploy, or a wave) comes to group `g`. When the
-    /// group rule gives it a new generation, its rollout is open (and its canary stage, if
-    /// the service has one); otherwise it is held for its wave.
-    fn release_group(&mut self, s: usize, g: usize, origin: &Origin) {
-        let before = self.specs[g].generation;
-        let (wave, waves) = self.wave_of(s, g);
-        let step = self.change_group(g, origin, wave, waves, true);
-        if step.reach != Reach::NewGeneration {
-            return;
-        }
-        if self.services[s].bad_in.contains(&g) {
-            self.groups[g].degraded.insert(step.generation);
-        }
-        self.services[s].touched.push((g, before));
-        self.open_canary(g);
-    }
-
-    /// A new rollout of `g`: its canary stage ahead, as the server sets it.
-    pub(super) fn open_canary(&mut self, g: usize) {
-        let Some(s) = self.groups[g].wave.service else {
-            return;
-        };
-        self.specs[g].canary = self.services[s].spec.canary.as_ref().map(|c| CanaryGate {
-            size: c.size(self.specs[g].desired),
-            bake_ms: c.bake.as_millis(),
-            baking_since_ms: 0,
-        });
-    }
-
-    /// The server's `release_waves`, at every step: each service's next wave, once the
-    /// earlier ones are done and baked.
+    /// The server's wave releases at the end of its tick ([`World::wave_releases`]), each a
+    /// change planned as the server's apply plans it.
     pub(super) fn release_waves(&mut self) {
-        let now = self.now;
-        for s in 0..self.services.len() {
-            let sv = &self.services[s];
-            if !sv
-                .groups
-                .iter()
-                .any(|(g, _)| self.groups[*g].rollout.wave_pending)
-            {
-                continue;
-            }
-            let view: Vec<WaveGroup> = sv
-                .groups
-                .iter()
-                .map(|&(g, wave)| WaveGroup {
-                    group: self.specs[g].group.clone(),
-                    wave,
-                    pending: self.groups[g].rollout.wave_pending,
-                    open: self.specs[g].rollout_open,
-                    failed: self.groups[g].rollout.failed_generation >= self.specs[g].generation,
-                    done_ms: self.groups[g].rollout.done_ms,
-                })
-                .collect();
-            let Some((wave, names)) = release(&view, sv.spec.wave_bake_ms, now) else {
-                continue;
-            };
+        let releases = self.world.wave_releases(self.now);
+        for (wave, groups) in releases {
             if self.cfg.check_invariants {
-                self.check_wave_release(s, wave, &view);
+                self.check_wave_release(wave, &groups);
             }
-            let origin = Origin::Wave {
-                wave,
-                groups: names.clone(),
-            };
-            for name in names {
-                let g = self.group_idx(&name);
-                self.release_group(s, g, &origin);
-            }
+            let fleet = self.fleet().clone();
+            self.apply(Origin::Wave { wave, groups }, fleet);
         }
     }
 
     /// Invariants 6 and 7, on a release the rule decided.
-    fn check_wave_release(&self, s: usize, wave: usize, view: &[WaveGroup]) {
-        let sv = &self.services[s];
-        if sv.failed {
-            self.violation(
-                7,
-                &sv.spec.name,
-                format!("wave {} released after the deploy failed", wave + 1),
-            );
+    fn check_wave_release(&self, wave: usize, groups: &[String]) {
+        let Some(first) = groups.first() else {
+            return;
+        };
+        let service = GroupId::service_of(first);
+        if let Some(sv) = self.services.iter().find(|s| s.spec.name == service) {
+            if sv.failed {
+                self.violation(
+                    7,
+                    service,
+                    format!("wave {} released after the deploy failed", wave + 1),
+                );
+            }
         }
-        let bake = sv.spec.wave_bake_ms;
-        for w in view.iter().filter(|w| w.wave < wave) {
+        let svc = &self.fleet().services[service];
+        let bake = svc.rollout.wave_bake.as_millis();
+        for r in &svc.regions {
+            let gid = GroupId::new(service, r).0;
+            let rec = &self.group(&gid).record;
+            let w = WaveGroup {
+                wave: svc.rollout.wave_of(r),
+                pending: rec.rollout.wave_pending,
+                open: rec.rollout.open,
+                failed: rec.rollout.failed_generation >= rec.generation,
+                done_ms: rec.rollout.done_ms,
+                group: gid,
+            };
+            if w.wave >= wave {
+                continue;
+            }
             if w.open || w.failed || w.pending || self.now < w.done_ms + bake {
                 self.violation(
                     6,
@@ -261,32 +234,17 @@ impl Sim {
         }
     }
 
-    /// A heartbeat of instance `i` at `h`: its metric sample, into its window if one is open.
-    pub(super) fn sample_metric(&mut self, i: usize) {
-        let g = self.agents[i].group;
-        let Some(s) = self.groups[g].wave.service else {
-            return;
-        };
-        let Some(m) = &self.services[s].spec.metric else {
-            return;
-        };
-        if self.agents[i].window.is_none() {
-            return;
-        }
-        let degraded = self.groups[g].degraded.contains(&self.views[i].generation);
-        let mean = if degraded { m.bad } else { m.good };
-        let sd = m.sample_sd;
-        let value = (mean + self.agents[i].bias + sd * self.rng.normal()).max(0.0);
-        if let Some((sum, n)) = &mut self.agents[i].window {
-            *sum += value;
-            *n += 1;
+    /// A rollout of `group` failed: its service's deploy under way failed.
+    pub(super) fn wave_failed(&mut self, group: &str) {
+        let g = self.group_idx(group);
+        if let Some(s) = self.groups[g].service {
+            self.services[s].failed = true;
         }
     }
 
     /// A new instance's constant bias on the metric.
     pub(super) fn metric_bias(&mut self, g: usize) -> f64 {
         let sd = self.groups[g]
-            .wave
             .service
             .and_then(|s| self.services[s].spec.metric.as_ref())
             .map(|m| m.instance_sd)
@@ -298,118 +256,67 @@ impl Sim {
         }
     }
 
-    /// `CanaryBaking`: the bake begins; every instance of the group opens its window.
-    pub(super) fn canary_baking(&mut self, g: usize) {
-        let now = self.now;
-        self.groups[g].rollout.canary_baking_ms = now;
-        self.sync_rollout(g);
-        for (a, v) in self.agents.iter_mut().zip(&self.views) {
-            if a.group == g && v.phase == Phase::Active {
-                a.window = Some((0.0, 0));
+    /// `CanaryBaking`, as the server carries it out ([`World::canary_baking`]): the bake
+    /// begins; once stored, every instance of the group opens its window
+    /// ([`World::open_windows`]; the balancers' counters are not simulated: zero).
+    pub(super) fn canary_baking(&mut self, group: &str, generation: u64) {
+        let Some(change) = self.world.canary_baking(group, generation, self.now) else {
+            return;
+        };
+        self.commit(change);
+        self.world.open_windows(group, &LbCounters::new());
+    }
+
+    /// `CanaryAnalyse`, as the server carries it out ([`World::canary_analyse`]): bake
+    /// again, fail the rollout, or go on (or pause, in advise mode); every verdict is
+    /// recorded with the truth about the canaries.
+    pub(super) fn canary_analyse(&mut self, group: &str, generation: u64) {
+        let outcome = self
+            .world
+            .canary_analyse(group, generation, self.now, &LbCounters::new());
+        match outcome {
+            None => {}
+            Some(CanaryOutcome::BakeAgain(change)) => {
+                self.commit(change);
+                self.world.open_windows(group, &LbCounters::new());
+            }
+            Some(CanaryOutcome::Fail { change, reason }) => {
+                self.record_verdict(group, generation, &change);
+                // Store the numbers, then fail the rollout (auto_revert goes back).
+                self.commit(change);
+                self.rollout_failed(group, generation, &reason, None);
+            }
+            Some(CanaryOutcome::Verdict(change)) => {
+                self.record_verdict(group, generation, &change);
+                self.commit(change);
             }
         }
     }
 
-    /// `CanaryAnalyse`: judge the canaries against the old instances. Returns the rollout
-    /// failed (the caller carries out the failure).
-    pub(super) fn canary_analyse(&mut self, g: usize, generation: u64) -> bool {
-        let Some(s) = self.groups[g].wave.service else {
-            self.groups[g].rollout.canary_passed = true;
-            self.sync_rollout(g);
-            return false;
+    /// What the server stores of a canary analysis (its group's record), with the truth
+    /// about the canaries.
+    fn record_verdict(&mut self, group: &str, generation: u64, change: &Change) {
+        let Some(numbers) = change
+            .staged
+            .records
+            .iter()
+            .find_map(|r| r.rollout.analysis.clone())
+        else {
+            return;
         };
-        let mut canary = Vec::new();
-        let mut baseline = Vec::new();
-        let mut missing = false;
-        let metric = self.services[s]
-            .spec
-            .metric
-            .as_ref()
-            .map(|m| m.name.clone());
-        for (a, v) in self.agents.iter().zip(&self.views) {
-            if a.group != g || !v.alive || v.phase != Phase::Active {
-                continue;
-            }
-            let is_canary = v.generation == generation;
-            let Some((sum, n)) = a.window else {
-                missing |= is_canary;
-                continue;
-            };
-            let mut w = Window {
-                instance: v.id.clone(),
-                ..Window::default()
-            };
-            if let (Some(name), true) = (&metric, n > 0) {
-                w.metrics.insert(name.clone(), sum / f64::from(n));
-            }
-            if is_canary {
-                canary.push(w);
-            } else {
-                baseline.push(w);
-            }
-        }
-        if missing {
-            // The server restarted during the bake (windows are soft): bake again.
-            self.canary_baking(g);
-            return false;
-        }
-        let verdict = analysis::verdict(&canary, &baseline, &self.services[s].spec.analysis);
-        for a in self.agents.iter_mut().filter(|a| a.group == g) {
-            a.window = None;
-        }
+        let g = self.group_idx(group);
+        let bad = self
+            .store
+            .plan_of(group, generation)
+            .and_then(|p| p.components.first())
+            .is_some_and(|c| self.groups[g].degraded.contains(&c.version));
         self.verdicts.push(VerdictRecord {
-            group: self.specs[g].group.clone(),
+            group: group.to_string(),
             generation,
             at_ms: self.now,
-            bad: self.groups[g].degraded.contains(&generation),
-            pass: verdict.pass,
-            numbers: verdict.describe(),
+            bad,
+            pass: numbers.starts_with("passed"),
+            numbers,
         });
-        if verdict.pass {
-            self.groups[g].rollout.canary_passed = true;
-            self.sync_rollout(g);
-        }
-        !verdict.pass
-    }
-
-    /// A rollout of `g` failed: it stops every later wave of its service, and the automatic
-    /// revert moves every group the deploy reached back to what it ran before.
-    pub(super) fn waves_after_failure(&mut self, g: usize) {
-        let Some(s) = self.groups[g].wave.service else {
-            return;
-        };
-        if !self.services[s].touched.iter().any(|(t, _)| *t == g) {
-            return;
-        }
-        self.services[s].failed = true;
-        // The revert sets the service's versions back: the groups still held run them
-        // already, and the rule lets go of them.
-        let mut failed = BTreeMap::new();
-        failed.insert(self.specs[g].group.clone(), 0);
-        let revert = Origin::AutoRevert { failed };
-        let groups: Vec<usize> = self.services[s].groups.iter().map(|(g, _)| *g).collect();
-        for h in groups {
-            if self.groups[h].rollout.wave_pending {
-                let (wave, waves) = self.wave_of(s, h);
-                let step = self.change_group(h, &revert, wave, waves, false);
-                debug_assert_eq!(step.reach, Reach::Same);
-            }
-        }
-        let touched: BTreeMap<usize, u64> = self.services[s]
-            .touched
-            .drain(..)
-            .filter(|(t, _)| *t != g)
-            .collect();
-        for (h, before) in touched {
-            // Back to its content before the deploy.
-            let new = self.begin_rollout(h, true, 0);
-            self.stats.reverts += 1;
-            if let Some(m) = self.groups[h].broken.get(&before).copied() {
-                self.groups[h].broken.insert(new, m);
-            }
-            if self.groups[h].degraded.contains(&before) {
-                self.groups[h].degraded.insert(new);
-            }
-        }
     }
 }
