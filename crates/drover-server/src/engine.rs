@@ -373,7 +373,7 @@ impl Engine {
         let step = {
             let mut st = self.state();
             let step = st
-                .heartbeat(&hb, now)
+                .heartbeat(hb, now)
                 .map_err(|_| ServerError::NotThisInstance)?;
             // Queued (never waited for) under the lock: events in the order of the changes.
             self.record(step.events);

@@ -1580,9 +1580,10 @@ impl Sim {
         if let Some(m) = noisy {
             set_custom(&mut u.custom, &m.name, reading);
         }
-        match self.world.heartbeat(hb, h) {
+        let id = hb.instance.clone();
+        match self.world.heartbeat(hb.clone(), h) {
             Ok(step) => self.store.events += step.events.len() as u64,
-            Err(_) => panic!("{} heartbeats for another group", hb.instance),
+            Err(_) => panic!("{id} heartbeats for another group"),
         }
     }
 

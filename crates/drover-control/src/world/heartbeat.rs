@@ -90,14 +90,17 @@ impl Window {
 /// Events a heartbeat implies, and whether the instance's health changed.
 pub fn absorb_heartbeat(
     inst: &mut Instance,
-    hb: &Heartbeat,
+    hb: Heartbeat,
     now: u64,
 ) -> (Vec<drover_model::NewEvent>, bool) {
     use drover_model::{EventKind, NewEvent};
     let mut events = Vec::new();
-    let id = inst.record.id.clone();
-    let group = inst.record.group.clone();
-    let ev = |kind, msg: String| NewEvent::new(kind, msg).group(&group).instance(&id);
+    // Named only in an event (most heartbeats cause none).
+    let ev = |inst: &Instance, kind, msg: String| {
+        NewEvent::new(kind, msg)
+            .group(&inst.record.group)
+            .instance(&inst.record.id)
+    };
     for c in &hb.components {
         let before = inst
             .soft
@@ -108,6 +111,7 @@ pub fn absorb_heartbeat(
             .unwrap_or(0);
         if c.restarts > before && inst.soft.reporting {
             events.push(ev(
+                inst,
                 EventKind::Respawned,
                 format!(
                     "component {} restarted by its agent ({} restart{} so far; last exit: {})",
@@ -125,7 +129,7 @@ pub fn absorb_heartbeat(
     );
     if let Some(report) = hb.drained.as_ref().filter(|_| !inst.soft.drained) {
         inst.soft.drained = true;
-        events.push(ev(EventKind::Drained, report.describe()));
+        events.push(ev(inst, EventKind::Drained, report.describe()));
     }
     if leaving && inst.record.lifecycle != Lifecycle::Active {
         // An agent leaving with a permit (or being terminated) stops its components on
@@ -133,7 +137,7 @@ pub fn absorb_heartbeat(
         // unhealthy, and leaves rotation, below.)
         inst.soft.last_seen_ms = now;
         inst.soft.last_seq = hb.seq;
-        inst.soft.components = hb.components.clone();
+        inst.soft.components = hb.components;
         inst.soft.reporting = true;
         return (events, false);
     }
@@ -147,8 +151,8 @@ pub fn absorb_heartbeat(
         inst.soft.ever_healthy |= healthy;
         inst.soft.last_seen_ms = now;
         inst.soft.last_seq = hb.seq;
-        inst.soft.components = hb.components.clone();
-        inst.soft.utilization = hb.utilization.clone();
+        inst.soft.components = hb.components;
+        inst.soft.utilization = hb.utilization;
         inst.soft.reporting = true;
         return (events, true);
     }
@@ -158,6 +162,7 @@ pub fn absorb_heartbeat(
     if changed {
         match after {
             Health::Healthy { .. } => events.push(ev(
+                inst,
                 EventKind::Healthy,
                 format!("healthy on generation {} at {}", hb.generation, hb.addr),
             )),
@@ -182,6 +187,7 @@ pub fn absorb_heartbeat(
                     })
                     .collect();
                 events.push(ev(
+                    inst,
                     EventKind::Unhealthy,
                     format!(
                         "unhealthy: {}",
@@ -215,8 +221,8 @@ pub fn absorb_heartbeat(
     inst.soft.health = after;
     inst.soft.last_seen_ms = now;
     inst.soft.last_seq = hb.seq;
-    inst.soft.components = hb.components.clone();
-    inst.soft.utilization = hb.utilization.clone();
+    inst.soft.components = hb.components;
+    inst.soft.utilization = hb.utilization;
     inst.soft.reporting = true;
     (events, changed)
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{view, Instance};
+use super::{view, view_named, Instance};
 use crate::InstanceView;
 
 /// Every instance the server knows, by id, with the group controller's view of each kept up
@@ -58,7 +58,6 @@ fn refresh(
     changed: &mut std::collections::BTreeSet<String>,
     silent_after_ms: u64,
 ) {
-    let new = view(i);
     let timing = crate::Timing {
         silent_after_ms,
         leave_within_ms: 0,
@@ -68,7 +67,13 @@ fn refresh(
         .and_then(|g| g.get_mut(&i.record.id))
     {
         Some(old) => {
+            // The names move from the old view to the new one (compared empty on both).
+            let id = std::mem::take(&mut old.id);
+            let group = std::mem::take(&mut old.group);
+            let mut new = view_named(i, String::new(), String::new());
             let m = crate::group::view_change_matters(old, &new, &timing);
+            new.id = id;
+            new.group = group;
             *old = new;
             m
         }
@@ -76,7 +81,7 @@ fn refresh(
             views
                 .entry(i.record.group.clone())
                 .or_default()
-                .insert(i.record.id.clone(), new);
+                .insert(i.record.id.clone(), view(i));
             true
         }
     };

@@ -209,9 +209,15 @@ pub fn phase_of(l: Lifecycle) -> Phase {
 }
 
 pub fn view(i: &Instance) -> InstanceView {
+    view_named(i, i.record.id.clone(), i.record.group.clone())
+}
+
+/// [`view`], with the instance's id and group given (a refresh moves them from the view it
+/// replaces: they never change).
+pub(crate) fn view_named(i: &Instance, id: String, group: String) -> InstanceView {
     InstanceView {
-        id: i.record.id.clone(),
-        group: i.record.group.clone(),
+        id,
+        group,
         generation: i.record.generation,
         launched_at_ms: i.record.launched_at_ms,
         phase: phase_of(i.record.lifecycle),

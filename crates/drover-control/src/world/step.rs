@@ -111,7 +111,7 @@ impl World {
     /// agent leaves); a late or duplicate one (`seq` not above the last) changes nothing; any
     /// other updates the instance's soft state ([`absorb_heartbeat`]), and its turning
     /// healthy ends its group's launch backoff.
-    pub fn heartbeat(&mut self, hb: &Heartbeat, now: u64) -> Result<HeartbeatStep, OtherGroup> {
+    pub fn heartbeat(&mut self, hb: Heartbeat, now: u64) -> Result<HeartbeatStep, OtherGroup> {
         let Some(inst) = self.instances.get(&hb.instance) else {
             return Ok(HeartbeatStep {
                 reply: HeartbeatReply {
@@ -141,12 +141,17 @@ impl World {
             .get_mut(&hb.instance)
             .expect("looked up above");
         let (events, changed) = absorb_heartbeat(&mut inst, hb, now);
-        let events = inst.soft.budget.admit(events, now, &hb.group, &hb.instance);
-        let turned_healthy = changed && matches!(inst.soft.health, Health::Healthy { .. });
+        let i: &mut super::Instance = &mut inst;
+        let events = i
+            .soft
+            .budget
+            .admit(events, now, &i.record.group, &i.record.id);
+        let turned_healthy = (changed && matches!(i.soft.health, Health::Healthy { .. }))
+            .then(|| i.record.group.clone());
         // Its view follows here (and its group is reconciled if the change matters).
         drop(inst);
-        if turned_healthy {
-            self.launch_backoff.remove(&hb.group);
+        if let Some(group) = turned_healthy {
+            self.launch_backoff.remove(&group);
         }
         Ok(HeartbeatStep {
             reply,
@@ -961,16 +966,16 @@ ports = { http = 8080 }
     fn a_heartbeat_is_refused_for_another_group_ignored_when_late_and_ends_the_backoff() {
         let mut w = world();
         let unknown = w
-            .heartbeat(&beat("i-9", "web/a", 1, ComponentState::Healthy), 2_000)
+            .heartbeat(beat("i-9", "web/a", 1, ComponentState::Healthy), 2_000)
             .unwrap();
         assert!(!unknown.reply.known);
         assert_eq!(
-            w.heartbeat(&beat("i-1", "api/a", 1, ComponentState::Healthy), 2_000),
+            w.heartbeat(beat("i-1", "api/a", 1, ComponentState::Healthy), 2_000),
             Err(OtherGroup)
         );
         w.launch_failed("web/a", 1_500);
         let first = w
-            .heartbeat(&beat("i-1", "web/a", 5, ComponentState::Healthy), 2_000)
+            .heartbeat(beat("i-1", "web/a", 5, ComponentState::Healthy), 2_000)
             .unwrap();
         assert!(first.reply.known);
         assert_eq!(first.reply.leave_soon, Some(false));
@@ -981,7 +986,7 @@ ports = { http = 8080 }
         );
         // The same seq again (late or duplicate): nothing changes.
         let late = w
-            .heartbeat(&beat("i-1", "web/a", 5, ComponentState::Unhealthy), 2_100)
+            .heartbeat(beat("i-1", "web/a", 5, ComponentState::Unhealthy), 2_100)
             .unwrap();
         assert!(!late.wake && late.events.is_empty());
         assert!(matches!(
@@ -990,7 +995,7 @@ ports = { http = 8080 }
         ));
         // The next one is absorbed: unhealthy, with its event.
         let next = w
-            .heartbeat(&beat("i-1", "web/a", 6, ComponentState::Unhealthy), 2_200)
+            .heartbeat(beat("i-1", "web/a", 6, ComponentState::Unhealthy), 2_200)
             .unwrap();
         assert!(next.wake);
         assert!(
@@ -1002,7 +1007,7 @@ ports = { http = 8080 }
         );
         // A draining instance is told to leave soon.
         let leaver = w
-            .heartbeat(&beat("i-2", "web/a", 1, ComponentState::Healthy), 2_200)
+            .heartbeat(beat("i-2", "web/a", 1, ComponentState::Healthy), 2_200)
             .unwrap();
         assert_eq!(leaver.reply.leave_soon, Some(true));
     }
@@ -1021,7 +1026,7 @@ ports = { http = 8080 }
             "i-1 is alive and has not reported"
         );
         assert!(w.rebuilt(5_000 + RESTART_GRACE_MS, 5_000));
-        w.heartbeat(&beat("i-1", "web/a", 1, ComponentState::Healthy), 6_000)
+        w.heartbeat(beat("i-1", "web/a", 1, ComponentState::Healthy), 6_000)
             .unwrap();
         assert!(w.rebuilt(6_000, 5_000), "every alive instance reported");
         assert!(w.exited("i-1"));
