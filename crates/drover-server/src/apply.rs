@@ -458,27 +458,20 @@ impl Engine {
             committed
                 .revision
                 .unwrap_or(if wave_release { current } else { next_revision });
-        {
-            let mut st = self.state();
-            if wave_release {
-                st.groups = new_groups;
-                drop(st);
-                self.wake.notify_one();
-                return Ok(response(number, true));
-            }
-            st.revision = Some(Revision {
-                number,
-                applied_at_ms: now,
-                file: req.file.clone(),
-                summary,
-                toml,
-                fleet,
-                last_applied: Some(last_applied),
-            });
-            st.groups = new_groups;
-            for (g, d) in &plan.file_scaled {
-                st.autoscale.entry(g.clone()).or_default().manual(now, *d);
-            }
+        let revision = (!wave_release).then(|| Revision {
+            number,
+            applied_at_ms: now,
+            file: req.file.clone(),
+            summary,
+            toml,
+            fleet,
+            last_applied: Some(last_applied),
+        });
+        self.state()
+            .take_applied(revision, new_groups, &plan.file_scaled, now);
+        if wave_release {
+            self.wake.notify_one();
+            return Ok(response(number, true));
         }
         for g in &plan.removed {
             self.close_ingress(g);

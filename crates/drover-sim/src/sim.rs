@@ -871,8 +871,8 @@ impl Sim {
         commits.extend(groups.values().map(|g| Record::Group(g.record.clone())));
         commits.extend(plan.events.iter().cloned().map(Record::Event));
         self.store.commit(commits);
-        if let Commit::Revision { number } = plan.commit {
-            let rev = Revision {
+        let revision = match plan.commit {
+            Commit::Revision { number } => Some(Revision {
                 number,
                 applied_at_ms: now,
                 file: FILE.into(),
@@ -880,18 +880,14 @@ impl Sim {
                 toml: String::new(),
                 fleet,
                 last_applied: None,
-            };
+            }),
+            _ => None,
+        };
+        if let Some(rev) = &revision {
             self.store.revision = Some(rev.clone());
-            self.world.revision = Some(rev);
-            for (g, d) in &plan.file_scaled {
-                self.world
-                    .autoscale
-                    .entry(g.clone())
-                    .or_default()
-                    .manual(now, *d);
-            }
         }
-        self.world.groups = groups;
+        self.world
+            .take_applied(revision, groups, &plan.file_scaled, now);
         self.groups.iter_mut().for_each(|st| st.touched = true);
         plan
     }

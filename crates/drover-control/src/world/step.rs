@@ -603,6 +603,27 @@ impl World {
 }
 
 impl World {
+    /// Take a stored change of desired state ([`crate::change::plan`]): its groups (new
+    /// generations, holds, counts) and, when it stored a revision, that revision, whose
+    /// file-set counts restart the autoscaler's window (`file_scaled`).
+    pub fn take_applied(
+        &mut self,
+        revision: Option<drover_model::api::Revision>,
+        groups: std::collections::BTreeMap<String, super::Group>,
+        file_scaled: &[(String, u32)],
+        now: u64,
+    ) {
+        self.groups = groups;
+        if let Some(rev) = revision {
+            self.revision = Some(rev);
+            for (g, d) in file_scaled {
+                self.autoscale.entry(g.clone()).or_default().manual(now, *d);
+            }
+        }
+    }
+}
+
+impl World {
     /// The API answers from `now` on: the silence of every instance restored from the store
     /// (and not heard from yet) counts from now, plus [`RESTART_GRACE_MS`], not from when the
     /// store was read.
