@@ -187,7 +187,7 @@ known_phase() {
         log "N=$N: perf, 15 s of steady state"
         perf record -F 499 --call-graph dwarf,16384 -p "$SERVER_PID" -o "$WORK/perf.data" -- sleep 15 >/dev/null 2>&1 || true
         perf report -i "$WORK/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
-            | grep -E "Engine::run|State::reconcile_due|group::reconcile_group|group::next_change|state::refresh|update_targets|Engine::heartbeat|absorb_heartbeat|State::status|UpgradeableConnection" \
+            | grep -E "Engine::run|World::reconcile_due|group::reconcile_group|group::next_change|instances::refresh|update_targets|World::publish|Engine::heartbeat|World::heartbeat|absorb_heartbeat|World::status|UpgradeableConnection" \
             >"$RES/perf-$N.txt" || true
     fi
 
