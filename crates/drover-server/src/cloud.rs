@@ -62,7 +62,7 @@ impl Engine {
                         + svc.rollout.max_unavailable,
                     ingress,
                     // Only the fallback of an agent whose permit does not say (the permit's
-                    // `decrement` decides, see `State::leaver_decrements`): with surge the
+                    // `decrement` decides, see `World::leaver_decrements`): with surge the
                     // controller launches every replacement itself, so the leaver's capacity
                     // goes with it; without, the Auto Scaling group replaces a stale leaver.
                     decrement_on_leave: svc.rollout.max_surge > 0,

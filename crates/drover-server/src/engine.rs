@@ -1,5 +1,7 @@
-//! The engine: owns the state, the store, the providers and the balancers' config, runs the
-//! controllers on a tick and carries out their decisions.
+//! The engine, the shell around the fleet's world ([`drover_control::world`]): it holds the
+//! world behind one lock, takes an input (a heartbeat, an exit, a tick, an API call), has
+//! the world plan it, and carries the plan out through the store, the providers, the
+//! balancers and discovery. It runs the controller loop; the rules are the world's.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
