@@ -372,7 +372,7 @@ impl Engine {
 
     pub fn heartbeat(&self, hb: Heartbeat) -> Result<HeartbeatReply, ServerError> {
         let now = now_ms();
-        let step = {
+        let (wake, reply) = {
             let mut st = self.state();
             let step = st
                 .heartbeat(hb, now)
@@ -381,10 +381,10 @@ impl Engine {
             self.record(step.events);
             (step.wake, step.reply)
         };
-        if step.0 {
+        if wake {
             self.wake.notify_one();
         }
-        Ok(step.1)
+        Ok(reply)
     }
 
     /// The provider saw an instance end.
