@@ -315,6 +315,19 @@ pub struct Publication {
 }
 
 impl World {
+    /// Whether some group of `group`'s region has components that use its service.
+    pub fn is_used(&self, group: &str) -> bool {
+        let gid = drover_model::GroupId(group.to_string());
+        let (service, region) = (gid.service(), gid.region());
+        self.groups.values().any(|g| {
+            g.plan.region == region
+                && g.plan
+                    .components
+                    .iter()
+                    .any(|c| c.uses.iter().any(|u| u == service))
+        })
+    }
+
     /// Publish the instances in rotation, per group, as a pass decided them: a group whose
     /// targets, leaving instances and generation are all as last published is given nothing
     /// (a pass costs what changed); a change of the targets is a `targets` event.
@@ -345,8 +358,10 @@ impl World {
                 .insert(group.clone(), (leaving.clone(), generation));
             let addr_of = |id: &str| self.instances.get(id).map(|i| i.record.addr.as_str());
             let g = self.groups.get(&group);
-            // Service discovery: the same instances, with every named port of the plan.
-            let peers = g.map(|g| {
+            // Service discovery: the same instances, with every named port of the plan; only
+            // for a service some group of its region uses (nobody else asks for its peers, and
+            // an apply publishes every group again, [`World::take_applied`]).
+            let peers = g.filter(|_| self.is_used(&group)).map(|g| {
                 let ports: std::collections::BTreeMap<String, u16> = g
                     .plan
                     .components
@@ -614,6 +629,8 @@ impl World {
         now: u64,
     ) {
         self.groups = groups;
+        // Every group is published again at the next pass: who uses whom may have changed.
+        self.published.clear();
         if let Some(rev) = revision {
             self.revision = Some(rev);
             for (g, d) in file_scaled {
@@ -1111,8 +1128,10 @@ ports = { http = 8080 }
         };
         let (p, events) = w.publish(targets(&["i-1"]));
         assert_eq!(p.len(), 1);
-        let peers = p[0].peers.as_ref().unwrap();
-        assert_eq!(peers[0].ports["http"], 8080);
+        assert!(
+            p[0].peers.is_none(),
+            "no group uses web: no peer set to keep"
+        );
         let (lb, leaving) = p[0].balancer.as_ref().unwrap();
         assert_eq!(lb[0].addr, "127.9.0.1:8080");
         assert_eq!(leaving, &vec!["i-2".to_string()]);
@@ -1120,6 +1139,20 @@ ports = { http = 8080 }
         // The same again: nothing to give, nothing to say.
         let (p, events) = w.publish(targets(&["i-1"]));
         assert!(p.is_empty() && events.is_empty());
+        // An apply brings a group whose component uses web: every group is published again,
+        // web with its peers and their ports.
+        let mut groups = w.groups.clone();
+        let mut api = groups["web/a"].clone();
+        api.record.group = "api/a".into();
+        api.plan.service = "api".into();
+        api.plan.components[0].uses = vec!["web".into()];
+        groups.insert("api/a".into(), api);
+        w.take_applied(None, groups, &[], 0);
+        assert!(w.is_used("web/a") && !w.is_used("api/a"));
+        let (p, events) = w.publish(targets(&["i-1"]));
+        assert!(events.is_empty(), "the targets did not change");
+        let peers = p[0].peers.as_ref().expect("web is used now");
+        assert_eq!(peers[0].ports["http"], 8080);
         let (_, events) = w.publish(targets(&[]));
         assert_eq!(events[0].message, "no instance in rotation");
     }
