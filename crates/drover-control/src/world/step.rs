@@ -317,15 +317,20 @@ pub struct Publication {
 impl World {
     /// Whether some group of `group`'s region has components that use its service.
     pub fn is_used(&self, group: &str) -> bool {
+        self.users_of(group).next().is_some()
+    }
+
+    /// The groups of `group`'s region whose components use its service.
+    fn users_of<'a>(&'a self, group: &str) -> impl Iterator<Item = &'a String> + 'a {
         let gid = drover_model::GroupId(group.to_string());
-        let (service, region) = (gid.service(), gid.region());
-        self.groups.values().any(|g| {
-            g.plan.region == region
-                && g.plan
-                    .components
-                    .iter()
-                    .any(|c| c.uses.iter().any(|u| u == service))
-        })
+        let (service, region) = (gid.service().to_string(), gid.region().to_string());
+        self.groups
+            .iter()
+            .filter(move |(_, g)| {
+                g.plan.region == region
+                    && g.plan.components.iter().any(|c| c.uses.contains(&service))
+            })
+            .map(|(k, _)| k)
     }
 
     /// Publish the instances in rotation, per group, as a pass decided them: a group whose
@@ -805,22 +810,7 @@ impl World {
     /// The instances whose components use `group`'s service, in its region (the consumers
     /// discovery's drain gate waits for, [`crate::discovery::PeerBook::dropped_by`]).
     pub fn peer_consumers(&self, group: &str) -> Vec<String> {
-        let gid = drover_model::GroupId(group.to_string());
-        let (service, region) = (gid.service(), gid.region());
-        let users: Vec<&String> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| {
-                g.plan.region == region
-                    && g.plan
-                        .components
-                        .iter()
-                        .any(|c| c.uses.iter().any(|u| u == service))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        users
-            .into_iter()
+        self.users_of(group)
             .flat_map(|g| self.instances.group_views(g))
             .filter(|v| v.alive)
             .map(|v| v.id.clone())
