@@ -15,7 +15,7 @@ use drover_provider::{Exit, LaunchRequest, Provider};
 use drover_store::{Store, Write};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::state::{CancelRefused, Change, Group, Record, Staged, World};
+use crate::state::{CancelRefused, Change, Group, Record, World};
 use crate::ServerError;
 
 /// Milliseconds since the Unix epoch.
@@ -722,26 +722,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Commit `writes` and then, only once they are stored, take `staged` into memory: a
-    /// failed commit leaves memory as the store has it (the caller holds the write lock, so
-    /// nothing else changes these records in between).
-    pub(crate) async fn commit_records(
-        &self,
-        writes: Vec<Write>,
-        staged: Staged,
-    ) -> Result<(), ServerError> {
-        if !writes.is_empty() {
-            self.commit(writes).await?;
-        }
-        self.state().accept(staged);
-        Ok(())
-    }
-
     /// Carry out a step's change ([`drover_control::world::Change`]): store its records in
-    /// one commit, then take its memory.
+    /// one commit, then, only once they are stored, take its memory (a failed commit leaves
+    /// memory as the store has it; the caller holds the write lock).
     pub(crate) async fn carry_out_change(&self, change: Change) -> Result<(), ServerError> {
-        let writes = change.commits.into_iter().map(write_of).collect();
-        self.commit_records(writes, change.staged).await
+        if !change.commits.is_empty() {
+            self.commit(change.commits.into_iter().map(write_of).collect())
+                .await?;
+        }
+        self.state().accept(change.staged);
+        Ok(())
     }
 
     /// Wake the permit long-poll of `instance` (only its own).

@@ -1,15 +1,7 @@
 //! The server's side of the fleet's world ([`drover_control::world`], which holds the rules):
-//! the store's writes for the schedule rules' memory, and the API's look-up of a service.
+//! the API's look-up of a service.
 
 pub use drover_control::world::*;
-
-/// The counters that store `group`'s memory ([`memory_counters`]), as store writes.
-pub fn memory_writes(group: &str, m: &drover_control::ScheduleMemory) -> Vec<drover_store::Write> {
-    memory_counters(group, m)
-        .into_iter()
-        .map(|(name, value)| drover_store::Write::Counter { name, value })
-        .collect()
-}
 
 /// The service `service` of the fleet (checked to run in `region` when given), or why not:
 /// nothing applied (409), no such service or region (404, naming the ones there are).
