@@ -111,7 +111,7 @@ pub struct World {
     pub autoscale: BTreeMap<String, crate::AutoscaleState>,
     /// One-off scheduled changes (stored), by id.
     pub once: Vec<drover_model::api::ScheduledScale>,
-    /// Per group: what the schedule rules remember (stored as counters, [`memory_writes`]).
+    /// Per group: what the schedule rules remember (stored as counters, [`memory_counters`]).
     pub schedule_memory: BTreeMap<String, ScheduleMemory>,
 }
 
