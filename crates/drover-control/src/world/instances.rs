@@ -11,7 +11,7 @@ use crate::InstanceView;
 /// every change through [`Instances::get_mut`] or [`Instances::for_each_mut`] (a heartbeat,
 /// an exit, a new lifecycle) refresh that instance's view in place. A change that can change
 /// its group's decision ([`crate::group::view_change_matters`]: not a heartbeat
-/// that only says "still here") marks the group for the next pass ([`World::reconcile_due`]).
+/// that only says "still here") marks the group for the next pass ([`super::World::reconcile_due`]).
 /// A pass reads the views of the groups it reconciles; none is built per pass.
 #[derive(Default)]
 pub struct Instances {
