@@ -411,6 +411,9 @@ def leftover_agents(data):
 # ---------------------------------------------------------------- analysis
 
 def targets_count(e):
+    big = re.match(r"in rotation: (\d+) instances", e["message"])
+    if big:  # a set of more than 16 is told by its count
+        return int(big.group(1))
     m = e["message"].split(":", 1)
     if len(m) < 2 or not m[1].strip():
         return 0

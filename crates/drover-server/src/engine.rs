@@ -945,6 +945,7 @@ impl Engine {
             }
             let started = tokio::time::Instant::now();
             self.tick().await;
+            let gap = tick_gap(started.elapsed());
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(period) => {}
@@ -953,7 +954,7 @@ impl Engine {
             }
             // Woken early: wakes that come in a burst (a start or restart wave, thousands of
             // first heartbeats) make one pass, not one each that holds the state lock.
-            tokio::time::sleep_until(started + MIN_TICK_GAP).await;
+            tokio::time::sleep_until(started + gap).await;
         }
     }
 
@@ -1001,6 +1002,19 @@ fn probe_bind(addr: SocketAddr) -> std::io::Result<()> {
 /// Shortest time from the start of one controller pass to the next (a pass woken early waits
 /// for this): a health change is acted on within this, and a burst of them costs one pass.
 const MIN_TICK_GAP: Duration = Duration::from_millis(50);
+
+/// How many times a pass's own length the next woken pass waits from its start: passes
+/// woken back to back take at most a fifth of the time (a restart wave at 50,000 instances
+/// changes every group's views and targets in every pass, and passes 20 times a second took
+/// the CPU the heartbeats needed). A pass of a few milliseconds is still followed within
+/// [`MIN_TICK_GAP`].
+const PASS_SHARE: u32 = 5;
+
+/// The time from one pass's start to the next woken pass: at least [`MIN_TICK_GAP`], and
+/// [`PASS_SHARE`] times the pass's length.
+fn tick_gap(spent: Duration) -> Duration {
+    MIN_TICK_GAP.max(spent * PASS_SHARE)
+}
 
 pub(crate) fn region_of(group: &str) -> &str {
     drover_model::GroupId::region_of(group)
@@ -1756,6 +1770,15 @@ command = "/bin/true"
             e.wait_permit("i-000099", Duration::from_secs(5)).await,
             Err(ServerError::NoInstance(_))
         ));
+    }
+
+    #[test]
+    fn a_long_pass_waits_longer_before_the_next_woken_one() {
+        assert_eq!(tick_gap(Duration::from_millis(2)), MIN_TICK_GAP);
+        assert_eq!(
+            tick_gap(Duration::from_millis(30)),
+            Duration::from_millis(150)
+        );
     }
 
     #[tokio::test]

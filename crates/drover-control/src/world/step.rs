@@ -404,17 +404,8 @@ impl World {
             if self.targets.get(&group) == Some(&ids) {
                 continue;
             }
-            events.push(
-                NewEvent::new(
-                    EventKind::Targets,
-                    if ids.is_empty() {
-                        "no instance in rotation".to_string()
-                    } else {
-                        format!("in rotation: {}", ids.join(", "))
-                    },
-                )
-                .group(&group),
-            );
+            let message = targets_message(self.targets.get(&group), &ids);
+            events.push(NewEvent::new(EventKind::Targets, message).group(&group));
             self.targets.insert(group, ids);
         }
         (out, events)
@@ -885,6 +876,56 @@ impl World {
     }
 }
 
+/// Most instances a `targets` event names one by one; a larger set is told by its count and
+/// what changed ([`targets_message`]).
+const TARGETS_LISTED: usize = 16;
+
+/// A `targets` event's wording: the instances in rotation; for a set larger than
+/// [`TARGETS_LISTED`], their count and the instances that came and went since `before`, at
+/// most [`TARGETS_LISTED`] of each (a group of 5,000 changes its set in every pass of a
+/// restart wave, and a list of every id was 40 KB made and cut each time).
+fn targets_message(before: Option<&Vec<String>>, ids: &[String]) -> String {
+    if ids.is_empty() {
+        return "no instance in rotation".to_string();
+    }
+    if ids.len() <= TARGETS_LISTED {
+        return format!("in rotation: {}", ids.join(", "));
+    }
+    // Both sorted, as a pass gives them (`group::reconcile`): one merge walk.
+    let before: &[String] = before.map_or(&[], |b| b.as_slice());
+    let (mut came, mut went) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (before.iter().peekable(), ids.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x == y => {
+                a.next();
+                b.next();
+            }
+            (Some(x), Some(y)) if x < y => went.extend(a.next().map(String::as_str)),
+            (Some(_), Some(_)) | (None, Some(_)) => came.extend(b.next().map(String::as_str)),
+            (Some(_), None) => went.extend(a.next().map(String::as_str)),
+            (None, None) => break,
+        }
+    }
+    let some = |sign: char, list: &[&str]| {
+        let mut s = format!("{sign}{}", list.len());
+        if !list.is_empty() {
+            s.push_str(": ");
+            s.push_str(&list[..list.len().min(TARGETS_LISTED)].join(", "));
+            if list.len() > TARGETS_LISTED {
+                s.push_str(&format!(" and {} more", list.len() - TARGETS_LISTED));
+            }
+        }
+        s
+    };
+    format!(
+        "in rotation: {} instances ({}; {})",
+        ids.len(),
+        some('+', &came),
+        some('-', &went)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::CancelRefused;
@@ -1145,6 +1186,28 @@ ports = { http = 8080 }
         assert_eq!(peers[0].ports["http"], 8080);
         let (_, events) = w.publish(targets(&[]));
         assert_eq!(events[0].message, "no instance in rotation");
+    }
+
+    #[test]
+    fn a_large_target_set_is_told_by_its_count_and_what_changed() {
+        let ids = |r: std::ops::Range<usize>| r.map(|n| format!("i-{n:05}")).collect::<Vec<_>>();
+        assert_eq!(
+            super::targets_message(None, &ids(0..2)),
+            "in rotation: i-00000, i-00001"
+        );
+        let before = ids(0..5000);
+        let mut now = ids(3..5000);
+        now.push("i-09999".into());
+        assert_eq!(
+            super::targets_message(Some(&before), &now),
+            "in rotation: 4998 instances (+1: i-09999; -3: i-00000, i-00001, i-00002)"
+        );
+        let m = super::targets_message(None, &ids(0..5000));
+        assert!(
+            m.starts_with("in rotation: 5000 instances (+5000: i-00000, "),
+            "{m}"
+        );
+        assert!(m.ends_with(" and 4984 more; -0)"), "{m}");
     }
 
     #[test]
