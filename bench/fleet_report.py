@@ -82,7 +82,7 @@ def report(res, write):
     L.append("")
     L.append(f"Binaries: server {m['drover']}; load tool {m['fleetsim']}; both copied once. "
              f"Command: `bench/fleet.sh` (sizes {', '.join(sizes)}; {m['warmup']} s warm-up, "
-             f"{m['duration']} s measured per run; server and load tool at niceness {m['nice']}; "
+             f"{m['duration']} s measured per run; server, load tool and `drover status` at niceness {m['nice']}; "
              f"open-file limit {m['nofile']})."
              + (f" {m['note']}" if m.get("note") else ""))
     L.append("")

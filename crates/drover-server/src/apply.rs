@@ -9,7 +9,7 @@ use drover_model::api::{
     ApplyRequest, ApplyResponse, DeployRequest, DestroyRequest, LastApplied, Revision,
     RollbackRequest,
 };
-use drover_store::{GroupRecord, Write};
+use drover_store::Write;
 
 use crate::engine::{now_ms, Engine};
 use crate::state::Group;
@@ -346,18 +346,7 @@ impl Engine {
             last_applied: base_fleet.as_ref(),
             groups: old_groups
                 .iter()
-                .map(|(k, g)| {
-                    (
-                        k.clone(),
-                        drover_control::change::Before {
-                            desired: g.record.desired,
-                            desired_reason: &g.record.desired_reason,
-                            generation: g.record.generation,
-                            rollout: &g.record.rollout,
-                            plan: &g.plan,
-                        },
-                    )
-                })
+                .map(|(k, g)| (k.clone(), g.before()))
                 .collect(),
             unused_generation: BTreeMap::new(),
             boot_ms,
@@ -395,25 +384,7 @@ impl Engine {
         let mut new_groups: BTreeMap<String, Group> = plan
             .groups
             .iter()
-            .map(|(gid, g)| {
-                let (provider, ingress) =
-                    crate::engine::provider_and_ingress(&fleet, &g.plan.service, &g.plan.region);
-                (
-                    gid.clone(),
-                    Group {
-                        record: GroupRecord {
-                            group: gid.clone(),
-                            desired: g.desired,
-                            desired_reason: g.desired_reason.clone(),
-                            generation: g.generation,
-                            rollout: g.rollout.clone(),
-                        },
-                        plan: g.plan.clone(),
-                        provider,
-                        ingress,
-                    },
-                )
-            })
+            .map(|(gid, g)| (gid.clone(), Group::planned(gid, g, &fleet)))
             .collect();
         let mut new_plans = plan.new_plans.clone();
         // Nothing is stored unless every new artifact can be fetched and matches its sha256.

@@ -415,33 +415,23 @@ impl Engine {
         if let Err(e) = self.autoscale(now).await {
             tracing::error!("autoscale: {e}");
         }
-        // A pass that lets instances go (permits, terminations, losses) frees surge room:
-        // a second pass launches their replacements now rather than a tick later. The last
-        // decision's targets go to the balancer (a permit takes an instance out at once).
-        // Each pass reconciles only the groups that need it (`World::reconcile_due`): a
-        // group's targets are those of its last pass in this tick.
-        let mut targets = BTreeMap::new();
-        for pass in 0..3 {
-            let decision = self.reconcile_due(now);
-            if pass == 0 {
-                self.note_suspicion(&decision.suspect);
+        // The passes of a tick, in their order ([`drover_control::world::TickPasses`]): a
+        // pass that lets instances go frees surge room, and the next launches their
+        // replacements now. Each pass reconciles only the groups that need it
+        // (`World::reconcile_due`).
+        let mut passes = drover_control::world::TickPasses::default();
+        while passes.wants_pass() {
+            let step = passes.take(self.reconcile_due(now));
+            if let Some(suspect) = step.suspect {
+                self.note_suspicion(&suspect);
             }
-            let frees_room = decision.frees_room();
-            targets.extend(decision.targets);
-            if pass == 2 {
-                break;
-            }
-            for action in decision.actions {
+            for action in step.actions {
                 if let Err(e) = self.act(action, now).await {
                     tracing::error!("controller action failed: {e}");
                 }
             }
-            if !frees_room {
-                // Targets after these actions (of the groups they changed).
-                targets.extend(self.reconcile_due(now).targets);
-                break;
-            }
         }
+        let targets = passes.targets();
         self.update_targets(targets);
         self.check_rebuilt();
         if let Err(e) = self.release_waves(now).await {
@@ -1020,37 +1010,11 @@ pub(crate) fn region_of(group: &str) -> &str {
     drover_model::GroupId::region_of(group)
 }
 
-pub(crate) fn provider_and_ingress(
-    fleet: &drover_model::Fleet,
-    service: &str,
-    region: &str,
-) -> (String, Option<(SocketAddr, u16)>) {
-    let provider = fleet
-        .regions
-        .get(region)
-        .map(|r| r.provider.as_str().to_string())
-        .unwrap_or_default();
-    // On AWS the ingress is a Network Load Balancer: no listener here.
-    if provider == drover_model::fleet::ProviderKind::Aws.as_str() {
-        return (provider, None);
-    }
-    let ingress = fleet.services.get(service).and_then(|svc| {
-        let ing = svc.ingress.as_ref()?;
-        let listen = ing
-            .listen_in
-            .get(region)
-            .unwrap_or(&ing.listen)
-            .parse()
-            .ok()?;
-        let (_, _, port) = drover_model::Fleet::ingress_target(svc)?;
-        Some((listen, port))
-    });
-    (provider, ingress)
-}
-
 fn group_facts(rev: Option<&Revision>, plan: &Plan) -> (String, Option<(SocketAddr, u16)>) {
     match rev {
-        Some(r) => provider_and_ingress(&r.fleet, &plan.service, &plan.region),
+        Some(r) => {
+            drover_control::world::provider_and_ingress(&r.fleet, &plan.service, &plan.region)
+        }
         None => (String::new(), None),
     }
 }

@@ -802,18 +802,7 @@ impl Sim {
                 groups: w
                     .groups
                     .iter()
-                    .map(|(k, g)| {
-                        (
-                            k.clone(),
-                            change::Before {
-                                desired: g.record.desired,
-                                desired_reason: &g.record.desired_reason,
-                                generation: g.record.generation,
-                                rollout: &g.record.rollout,
-                                plan: &g.plan,
-                            },
-                        )
-                    })
+                    .map(|(k, g)| (k.clone(), g.before()))
                     .collect(),
                 unused_generation: BTreeMap::new(),
                 boot_ms: w.observed_boot_ms(),
@@ -837,28 +826,7 @@ impl Sim {
         let groups: BTreeMap<String, Group> = plan
             .groups
             .iter()
-            .map(|(gid, pg)| {
-                let provider = fleet
-                    .regions
-                    .get(&pg.plan.region)
-                    .map(|r| r.provider.as_str().to_string())
-                    .unwrap_or_default();
-                (
-                    gid.clone(),
-                    Group {
-                        record: GroupRecord {
-                            group: gid.clone(),
-                            desired: pg.desired,
-                            desired_reason: pg.desired_reason.clone(),
-                            generation: pg.generation,
-                            rollout: pg.rollout.clone(),
-                        },
-                        plan: pg.plan.clone(),
-                        provider,
-                        ingress: None,
-                    },
-                )
-            })
+            .map(|(gid, pg)| (gid.clone(), Group::planned(gid, pg, &fleet)))
             .collect();
         let mut commits: Vec<Record> = plan
             .applied_event()
@@ -1730,25 +1698,17 @@ impl Sim {
         let (now, t) = (self.now, self.timing());
         self.schedule_pass();
         self.autoscale_pass();
-        let mut targets = BTreeMap::new();
-        for pass in 0..3 {
+        let mut passes = drover_control::world::TickPasses::default();
+        while passes.wants_pass() {
             let decision = self.reconcile(now, &t);
-            if pass == 0 {
-                let events = self.world.note_suspicion(&decision.suspect);
+            let step = passes.take(decision);
+            if let Some(suspect) = step.suspect {
+                let events = self.world.note_suspicion(&suspect);
                 self.store.events += events.len() as u64;
             }
-            let frees_room = decision.frees_room();
-            targets.extend(decision.targets);
-            if pass == 2 {
-                break;
-            }
-            self.act_on(decision.actions);
-            if !frees_room {
-                // Targets after these actions (of the groups they changed).
-                targets.extend(self.reconcile(now, &t).targets);
-                break;
-            }
+            self.act_on(step.actions);
         }
+        let targets = passes.targets();
         let (_, events) = self.world.publish(targets);
         self.store.events += events.len() as u64;
         self.release_waves();

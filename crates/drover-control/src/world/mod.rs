@@ -8,6 +8,7 @@ mod calls;
 mod canary;
 mod heartbeat;
 mod instances;
+mod passes;
 mod status;
 mod step;
 
@@ -15,6 +16,7 @@ pub use calls::*;
 pub use canary::*;
 pub use heartbeat::*;
 pub use instances::*;
+pub use passes::*;
 pub use status::*;
 pub use step::*;
 
@@ -31,6 +33,68 @@ pub struct Group {
     pub plan: Plan,
     pub provider: String,
     pub ingress: Option<(std::net::SocketAddr, u16)>,
+}
+
+impl Group {
+    /// A group as a change planned it ([`crate::change::plan`]), with its region's provider
+    /// and its ingress in `fleet` (the fleet the change makes).
+    pub fn planned(group: &str, planned: &crate::change::PlannedGroup, fleet: &Fleet) -> Group {
+        let (provider, ingress) =
+            provider_and_ingress(fleet, &planned.plan.service, &planned.plan.region);
+        Group {
+            record: GroupRecord {
+                group: group.to_string(),
+                desired: planned.desired,
+                desired_reason: planned.desired_reason.clone(),
+                generation: planned.generation,
+                rollout: planned.rollout.clone(),
+            },
+            plan: planned.plan.clone(),
+            provider,
+            ingress,
+        }
+    }
+
+    /// What a change finds of this group ([`crate::change::Situation::groups`]).
+    pub fn before(&self) -> crate::change::Before<'_> {
+        crate::change::Before {
+            desired: self.record.desired,
+            desired_reason: &self.record.desired_reason,
+            generation: self.record.generation,
+            rollout: &self.record.rollout,
+            plan: &self.plan,
+        }
+    }
+}
+
+/// A group's provider (its region's) and ingress (the address its balancer listens on, and
+/// the port of its instances it forwards to). On AWS the ingress is a Network Load Balancer:
+/// no listener of ours.
+pub fn provider_and_ingress(
+    fleet: &Fleet,
+    service: &str,
+    region: &str,
+) -> (String, Option<(std::net::SocketAddr, u16)>) {
+    let provider = fleet
+        .regions
+        .get(region)
+        .map(|r| r.provider.as_str().to_string())
+        .unwrap_or_default();
+    if provider == drover_model::fleet::ProviderKind::Aws.as_str() {
+        return (provider, None);
+    }
+    let ingress = fleet.services.get(service).and_then(|svc| {
+        let ing = svc.ingress.as_ref()?;
+        let listen = ing
+            .listen_in
+            .get(region)
+            .unwrap_or(&ing.listen)
+            .parse()
+            .ok()?;
+        let (_, _, port) = Fleet::ingress_target(svc)?;
+        Some((listen, port))
+    });
+    (provider, ingress)
 }
 
 /// What agents told us; lost on restart and rebuilt from heartbeats.
