@@ -640,19 +640,14 @@ mod tests {
     /// A fleet of one service `web` in regions a, b and c, on `version`, with `waves` (the
     /// TOML of `rollout.waves`, empty for none) and `desired` instances per group.
     fn fleet(version: &str, waves: &str, desired: u32) -> Fleet {
-        let waves = if waves.is_empty() {
-            String::new()
-        } else {
-            format!("[services.web.rollout]\nwaves = {waves}\n")
-        };
-        let toml = format!(
-            "[fleet]\nname = \"t\"\n\
-             [regions.a]\nprovider = \"sim\"\n[regions.b]\nprovider = \"sim\"\n[regions.c]\nprovider = \"sim\"\n\
-             [services.web]\nregions = [\"a\", \"b\", \"c\"]\n\
-             capacity = {{ min = 1, desired = {desired}, max = 5 }}\n{waves}\
-             [services.web.components.app]\nruntime = \"process\"\nversion = \"{version}\"\ncommand = \"{{drover}}\"\n"
-        );
-        drover_model::parse_fleet(&toml, "drover.toml").unwrap()
+        let mut web = drover_test_support::fleets::web("sim", &["a", "b", "c"])
+            .capacity(1, desired, 5)
+            .version(version)
+            .command("{drover}");
+        if !waves.is_empty() {
+            web = web.service(&format!("rollout = {{ waves = {waves} }}"));
+        }
+        drover_model::parse_fleet(&web.toml(), "drover.toml").unwrap()
     }
 
     /// What the server keeps, and carries a plan out on (as `apply_locked` does).
@@ -1096,13 +1091,13 @@ mod tests {
     fn a_group_gone_from_the_fleet_is_removed_and_one_back_continues_its_numbering() {
         let mut live = Live::default();
         live.change(&fleet("v1", "", 2), &Origin::File, 0);
-        let two = drover_model::parse_fleet(
-            "[fleet]\nname = \"t\"\n[regions.a]\nprovider = \"sim\"\n[regions.b]\nprovider = \"sim\"\n[regions.c]\nprovider = \"sim\"\n\
-             [services.web]\nregions = [\"a\", \"b\"]\ncapacity = { min = 1, desired = 2, max = 5 }\n\
-             [services.web.components.app]\nruntime = \"process\"\nversion = \"v1\"\ncommand = \"{drover}\"\n",
-            "drover.toml",
-        )
-        .unwrap();
+        // Region c stays in the fleet; web no longer runs there.
+        let two = drover_test_support::fleets::web("sim", &["a", "b"])
+            .region("c", "sim")
+            .capacity(1, 2, 5)
+            .command("{drover}")
+            .toml();
+        let two = drover_model::parse_fleet(&two, "drover.toml").unwrap();
         let p = live.change(&two, &Origin::File, 10);
         assert_eq!(p.removed, ["web/c"]);
         assert_eq!(

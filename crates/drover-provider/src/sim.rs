@@ -120,16 +120,17 @@ mod tests {
     use super::*;
 
     fn req(seq: u64) -> LaunchRequest {
-        let fleet = drover_model::parse_fleet(
-            "[fleet]\nname = \"f\"\n[regions.r]\nprovider = \"sim\"\n[services.s]\nregions = [\"r\"]\ncapacity = { min = 0, desired = 1, max = 1 }\n[services.s.components.app]\nruntime = \"process\"\nversion = \"v1\"\ncommand = \"{drover}\"\n",
-            "f.toml",
-        )
-        .unwrap();
+        let text = drover_test_support::fleets::web("sim", &["r"])
+            .name("f")
+            .capacity(0, 1, 1)
+            .command("{drover}")
+            .toml();
+        let fleet = drover_model::parse_fleet(&text, "f.toml").unwrap();
         LaunchRequest {
             instance: drover_model::ids::instance_id(seq),
             seq,
-            group: "s/r".into(),
-            plan: drover_model::plan::plan_for(&fleet, "s", &fleet.services["s"], "r"),
+            group: "web/r".into(),
+            plan: drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "r"),
         }
     }
 

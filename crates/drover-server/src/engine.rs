@@ -1057,28 +1057,17 @@ mod tests {
     use drover_store::{GroupRecord, InstanceRecord, Lifecycle};
     use std::time::Instant;
 
-    const FLEET: &str = r#"
-[fleet]
-name = "t"
-
-[regions.local]
-provider = "local"
-
-[services.web]
-regions = ["local"]
-capacity = { min = 1, desired = 1, max = 2 }
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "/bin/true"
-"#;
+    /// `web` in region `local` (provider `local`): capacity 1, 1, 2, one process `app`.
+    fn local_web() -> drover_test_support::fleets::Web {
+        drover_test_support::fleets::web("local", &["local"])
+    }
 
     /// An engine over a store whose every commit takes `delay`, holding two instances
     /// (`i-000001`, `i-000002`, restored from the store as after a restart).
     fn engine(dir: &std::path::Path, delay: Duration) -> (Engine, Arc<Slow>) {
         let inner = SqliteStore::open(&dir.join("drover.db")).unwrap();
-        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let text = local_web().toml();
+        let fleet = drover_model::parse_fleet(&text, "drover.toml").unwrap();
         let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
         plan.generation = 1;
         plan.revision = 1;
@@ -1088,7 +1077,7 @@ command = "/bin/true"
                     Write::Revision {
                         file: "drover.toml".into(),
                         summary: "test".into(),
-                        toml: FLEET.into(),
+                        toml: text,
                         fleet: fleet.clone(),
                         last_applied: None,
                     },
@@ -1281,10 +1270,10 @@ command = "/bin/true"
         // A registry that takes connections and never answers.
         let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = hang.local_addr().unwrap().port();
-        let toml = FLEET.replace(
-            "runtime = \"process\"",
-            &format!("runtime = \"docker\"\nimage = \"127.0.0.1:{port}/app\""),
-        );
+        let toml = local_web()
+            .runtime("docker")
+            .app(&format!("image = \"127.0.0.1:{port}/app\""))
+            .toml();
         let apply = {
             let e = e.clone();
             tokio::spawn(async move {
@@ -1783,27 +1772,9 @@ command = "/bin/true"
     /// groups go on to it).
     #[tokio::test]
     async fn an_automatic_revert_after_a_wave_release_restores_the_good_versions() {
-        const WAVES: &str = r#"
-[fleet]
-name = "t"
-
-[regions.a]
-provider = "sim"
-[regions.b]
-provider = "sim"
-[regions.c]
-provider = "sim"
-
-[services.web]
-regions = ["a", "b", "c"]
-capacity = { min = 1, desired = 1, max = 2 }
-rollout = { waves = [["a"], ["b", "c"]], wave_bake = "1s" }
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "/bin/true"
-"#;
+        let waves = drover_test_support::fleets::web("sim", &["a", "b", "c"])
+            .service(r#"rollout = { waves = [["a"], ["b", "c"]], wave_bake = "1s" }"#)
+            .toml();
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("drover.db")).unwrap();
         let e = Arc::new(
@@ -1835,7 +1806,7 @@ command = "/bin/true"
         };
         e.apply(drover_model::api::ApplyRequest {
             file: "drover.toml".into(),
-            toml: WAVES.into(),
+            toml: waves,
             dry_run: false,
             force_file: false,
         })

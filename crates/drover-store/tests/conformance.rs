@@ -11,6 +11,7 @@ use drover_store::{
     EventFilter, GroupRecord, InstanceRecord, Lifecycle, SqliteStore, Store, StoreError, StoreSpec,
     Write,
 };
+use drover_test_support::fleets::DEMO as FLEET;
 
 /// One store under test: handles on it, and a restart of what holds it.
 pub trait Fixture: Sync {
@@ -22,28 +23,6 @@ pub trait Fixture: Sync {
     /// The `--store` value of this store.
     fn spec(&self) -> String;
 }
-
-const FLEET: &str = r#"
-[fleet]
-name = "demo"
-
-[regions.local]
-provider = "local"
-
-[services.web]
-regions = ["local"]
-capacity = { min = 1, desired = 2, max = 4 }
-ingress = { listen = "127.0.0.1:8080", port = "http" }
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "./app-{version}"
-args = ["--port", "${port.http}"]
-env = { MODE = "prod" }
-ports = { http = 9000 }
-health = { type = "http", port = "http", path = "/health" }
-"#;
 
 fn fleet() -> Fleet {
     parse_fleet(FLEET, "drover.toml").expect("test fleet is valid")

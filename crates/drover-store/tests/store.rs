@@ -4,28 +4,7 @@
 
 use drover_model::{parse_fleet, Fleet};
 use drover_store::{SqliteStore, Store, StoreError, Write};
-
-const FLEET: &str = r#"
-[fleet]
-name = "demo"
-
-[regions.local]
-provider = "local"
-
-[services.web]
-regions = ["local"]
-capacity = { min = 1, desired = 2, max = 4 }
-ingress = { listen = "127.0.0.1:8080", port = "http" }
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "./app-{version}"
-args = ["--port", "${port.http}"]
-env = { MODE = "prod" }
-ports = { http = 9000 }
-health = { type = "http", port = "http", path = "/health" }
-"#;
+use drover_test_support::fleets::DEMO as FLEET;
 
 fn fleet() -> Fleet {
     parse_fleet(FLEET, "drover.toml").expect("test fleet is valid")

@@ -1,10 +1,12 @@
 //! What drover's tests share (and the load tool, drover-fleetsim): waiting for a condition,
 //! with a deadline and a failure that says what was awaited; a small fake HTTP server
-//! ([`fake_http`]); a simulated agent's requests of the agent API (`agent`, feature `agent`).
+//! ([`fake_http`]); fleet files for unit tests ([`fleets`]); a simulated agent's requests of
+//! the agent API (`agent`, feature `agent`).
 
 #[cfg(feature = "agent")]
 pub mod agent;
 pub mod fake_http;
+pub mod fleets;
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};

@@ -619,29 +619,12 @@ mod tests {
     use drover_model::api::InstanceState;
     use drover_model::record::RolloutRecord;
 
-    const FLEET: &str = r#"
-[fleet]
-name = "t"
-
-[regions.a]
-provider = "sim"
-
-[regions.b]
-provider = "sim"
-
-[services.web]
-regions = ["a", "b"]
-capacity = { min = 1, desired = 5000, max = 6000 }
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "/bin/true"
-"#;
-
     /// Two groups of 5,000 instances in every state there is.
     fn fleet_of_10000(now: u64) -> World {
-        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let text = drover_test_support::fleets::web("sim", &["a", "b"])
+            .capacity(1, 5000, 6000)
+            .toml();
+        let fleet = drover_model::parse_fleet(&text, "drover.toml").unwrap();
         let mut st = World::default();
         for region in ["a", "b"] {
             let group = format!("web/{region}");

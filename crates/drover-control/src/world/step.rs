@@ -933,26 +933,14 @@ mod tests {
     use drover_model::api::{AgentPhase, ComponentReport, ComponentState, Revision};
     use drover_model::record::{Lifecycle, RolloutRecord};
 
-    const FLEET: &str = r#"
-[fleet]
-name = "t"
-
-[regions.a]
-provider = "sim"
-
-[services.web]
-regions = ["a"]
-capacity = { min = 1, desired = 2, max = 4 }
-
-[services.web.rollout]
-drain_timeout = "7s"
-
-[services.web.components.app]
-runtime = "process"
-version = "v1"
-command = "/bin/true"
-ports = { http = 8080 }
-"#;
+    /// `web` in region `a` (sim): capacity 1, 2, 4, a drain of 7 s, port `http` 8080.
+    fn fleet_text() -> String {
+        drover_test_support::fleets::web("sim", &["a"])
+            .capacity(1, 2, 4)
+            .service(r#"rollout = { drain_timeout = "7s" }"#)
+            .app("ports = { http = 8080 }")
+            .toml()
+    }
 
     fn rec(id: &str, lifecycle: Lifecycle) -> InstanceRecord {
         InstanceRecord {
@@ -970,7 +958,8 @@ ports = { http = 8080 }
 
     /// `web/a` on generation 1 with i-1 (alive) and i-2 (draining), restored at 1,000.
     fn world() -> World {
-        let fleet = drover_model::parse_fleet(FLEET, "drover.toml").unwrap();
+        let text = fleet_text();
+        let fleet = drover_model::parse_fleet(&text, "drover.toml").unwrap();
         let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "a");
         plan.generation = 1;
         let group = super::super::Group {
@@ -990,7 +979,7 @@ ports = { http = 8080 }
             applied_at_ms: 0,
             file: "drover.toml".into(),
             summary: String::new(),
-            toml: FLEET.into(),
+            toml: text,
             fleet,
             last_applied: None,
         };
