@@ -1146,7 +1146,7 @@ async fn end_instance(sh: &Shared, spec: &Spec, status: &str) {
     )
     .await;
     match r {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(agent::ApiError::Refused { status, .. }) => {
             eprintln!("exit of {}: POST /v1/agent/exit answered {status}", spec.id)
         }

@@ -191,7 +191,8 @@ pub async fn open_connections(
 }
 
 /// `POST /v1/agent/exit`: the instance (of a `sim` region) ended, `status` says why (at most
-/// 200 bytes). What a process exit is to the `local` provider.
+/// 200 bytes). What a process exit is to the `local` provider. `true`: this call ended it
+/// (the answer's `ended`; `false`, it had ended already).
 pub async fn report_exit(
     client: &Client,
     urls: &Urls,
@@ -199,11 +200,16 @@ pub async fn report_exit(
     instance: &str,
     status: &str,
     timeout: Duration,
-) -> Result<(), ApiError> {
+) -> Result<bool, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Ended {
+        ended: bool,
+    }
     let rb = with_auth(client.post(&urls.exit), auth)
         .json(&serde_json::json!({"instance": instance, "status": status}))
         .timeout(timeout);
-    answer(rb, |_| Ok(())).await
+    let reply: Ended = answer(rb, json).await?;
+    Ok(reply.ended)
 }
 
 #[cfg(test)]
@@ -277,9 +283,8 @@ mod tests {
 
         let open = open_connections(&client, &urls, Some(&auth), "i-1", second).await;
         assert_eq!(open.unwrap(), 3);
-        report_exit(&client, &urls, Some(&auth), "i-1", "left", second)
-            .await
-            .unwrap();
+        let ended = report_exit(&client, &urls, Some(&auth), "i-1", "left", second).await;
+        assert!(ended.unwrap(), "the answer's `ended`");
         let exit = server.requests().last().unwrap().clone();
         let body: serde_json::Value = serde_json::from_slice(&exit.body).unwrap();
         assert_eq!(

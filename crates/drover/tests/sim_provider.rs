@@ -9,9 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use drover_model::api::{
-    AgentPhase, ComponentState, FleetStatus, HeartbeatReply, InstanceState, PermitReply,
-};
+use drover_model::api::{AgentPhase, ComponentState, FleetStatus, HeartbeatReply, InstanceState};
+use drover_test_support::agent as api;
 
 /// What the fake agent knows of one instance.
 #[derive(Default)]
@@ -23,15 +22,40 @@ struct Agent {
     leaving: bool,
 }
 
+/// The fake agent: the agent API's requests of `drover_test_support::agent`, on a runtime of
+/// its own (the test itself is blocking), ended with it.
 struct Fake {
-    api: std::net::SocketAddr,
-    token: String,
+    rt: tokio::runtime::Runtime,
+    client: reqwest::Client,
+    urls: api::Urls,
+    /// `Bearer TOKEN` of the group's agent token.
+    auth: String,
     agents: BTreeMap<String, Agent>,
     ended: BTreeSet<String>,
     permits: usize,
 }
 
+/// How long one request of the fake agent may take.
+const WITHIN: Duration = Duration::from_secs(5);
+
 impl Fake {
+    fn new(api: std::net::SocketAddr, token: &str) -> Fake {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        Fake {
+            rt,
+            client: reqwest::Client::new(),
+            urls: api::Urls::new(&format!("http://{api}")),
+            auth: api::bearer(token),
+            agents: BTreeMap::new(),
+            ended: BTreeSet::new(),
+            permits: 0,
+        }
+    }
+
     fn beat(&mut self, id: &str, phase: AgentPhase) -> HeartbeatReply {
         let a = self.agents.get_mut(id).unwrap();
         a.seq += 1;
@@ -39,27 +63,37 @@ impl Fake {
             AgentPhase::Running => ComponentState::Healthy,
             _ => ComponentState::Stopped,
         };
-        let hb = app_heartbeat(
+        let instance = api::Instance {
             id,
-            "web/lab",
-            a.generation,
-            &a.addr,
-            phase,
-            a.seq,
-            &a.version,
-            state,
-        );
-        let body = serde_json::to_string(&hb).unwrap();
-        let (code, reply) = http_as(
-            self.api,
-            "POST",
-            "/v1/agent/heartbeat",
-            Some(&body),
-            Some(&self.token),
-        )
-        .unwrap();
-        assert_eq!(code, 200, "{reply}");
-        serde_json::from_str(&reply).unwrap()
+            group: "web/lab",
+            generation: a.generation,
+            addr: &a.addr,
+        };
+        let app = api::component("app", &a.version, state);
+        let hb = api::heartbeat(instance, phase, a.seq, vec![app]);
+        let reply = self.rt.block_on(api::send_heartbeat(
+            &self.client,
+            &self.urls,
+            Some(&self.auth),
+            &hb,
+            WITHIN,
+        ));
+        reply
+            .unwrap_or_else(|e| panic!("heartbeat of {id}: {e}"))
+            .unwrap_or_else(|| panic!("heartbeat of {id}: the answer is not a HeartbeatReply"))
+    }
+
+    /// `POST /v1/agent/exit` for `id`: whether the server ended it with this call.
+    fn exit(&self, id: &str, status: &str) -> Result<bool, api::ApiError> {
+        let auth = Some(self.auth.as_str());
+        self.rt.block_on(api::report_exit(
+            &self.client,
+            &self.urls,
+            auth,
+            id,
+            status,
+            WITHIN,
+        ))
     }
 
     /// One round: an agent for every instance status lists, a heartbeat each, and for those
@@ -90,16 +124,14 @@ impl Fake {
             if !reply.wants_permit_poll() || self.agents[&id].leaving {
                 continue;
             }
-            let (code, body) = http_as(
-                self.api,
-                "GET",
-                &format!("/v1/agent/permit?instance={id}&wait_ms=0"),
-                None,
-                Some(&self.token),
-            )
-            .unwrap();
-            assert_eq!(code, 200, "{body}");
-            let p: PermitReply = serde_json::from_str(&body).unwrap();
+            let p = self.rt.block_on(api::poll_permit(
+                &self.client,
+                &self.urls,
+                Some(&self.auth),
+                &id,
+                0,
+            ));
+            let p = p.unwrap_or_else(|e| panic!("permit poll of {id}: {e}"));
             if !p.permit {
                 continue;
             }
@@ -107,17 +139,8 @@ impl Fake {
             self.agents.get_mut(&id).unwrap().leaving = true;
             self.beat(&id, AgentPhase::Draining);
             self.beat(&id, AgentPhase::Stopping);
-            let (code, body) = http_as(
-                self.api,
-                "POST",
-                "/v1/agent/exit",
-                Some(&format!(
-                    r#"{{"instance":"{id}","status":"left on its permit"}}"#
-                )),
-                Some(&self.token),
-            )
-            .unwrap();
-            assert_eq!((code, body.as_str()), (200, r#"{"ended":true}"#));
+            let ended = self.exit(&id, "left on its permit");
+            assert!(ended.unwrap(), "{id}: the exit ended it");
             self.ended.insert(id);
         }
     }
@@ -161,13 +184,7 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
     .unwrap();
     assert_eq!(code, 201, "{body}");
     let token: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut fake = Fake {
-        api: up.api,
-        token: token["token"].as_str().unwrap().to_string(),
-        agents: BTreeMap::new(),
-        ended: BTreeSet::new(),
-        permits: 0,
-    };
+    let mut fake = Fake::new(up.api, token["token"].as_str().unwrap());
 
     // Launched: three instances, recorded, nothing started.
     let t0 = Instant::now();
@@ -281,15 +298,8 @@ fn sim_instances_are_launched_without_processes_heartbeated_healthy_and_replaced
     assert_eq!(out.matches("i-0").count(), 2, "{out}");
 
     // The exit call: an unknown instance is 404; a token of another group may not end one.
-    let (code, _) = http_as(
-        up.api,
-        "POST",
-        "/v1/agent/exit",
-        Some(r#"{"instance":"i-999999"}"#),
-        Some(&fake.token),
-    )
-    .unwrap();
-    assert_eq!(code, 404);
+    let unknown = fake.exit("i-999999", "").unwrap_err();
+    assert!(unknown.is_not_found(), "{unknown}");
     let (code, _) = http(
         up.api,
         "POST",

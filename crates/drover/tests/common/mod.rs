@@ -776,24 +776,13 @@ pub fn app_heartbeat(
     version: &str,
     state: drover_model::api::ComponentState,
 ) -> drover_model::api::Heartbeat {
-    drover_model::api::Heartbeat {
-        instance: instance.to_string(),
-        group: group.into(),
+    use drover_test_support::agent;
+    let instance = agent::Instance {
+        id: instance,
+        group,
         generation,
-        addr: addr.to_string(),
-        phase,
-        seq,
-        components: vec![drover_model::api::ComponentReport {
-            name: "app".into(),
-            version: version.into(),
-            state,
-            pid: None,
-            restarts: 0,
-            last_exit: None,
-            message: None,
-            last_output: None,
-        }],
-        utilization: Default::default(),
-        drained: None,
-    }
+        addr,
+    };
+    let app = agent::component("app", version, state);
+    agent::heartbeat(instance, phase, seq, vec![app])
 }
