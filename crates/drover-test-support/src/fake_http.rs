@@ -1,7 +1,8 @@
 //! A small HTTP/1.1 server on loopback for tests that play a server's side of a few requests:
 //! an answer per request from a function, every request recorded, and answers held back
 //! until the client goes away (a long-poll that never answers), counted while held. Request
-//! bodies need a `content-length`. Its tasks end when it is dropped.
+//! bodies need a `content-length`. Its tasks end when it is dropped (aborted), or when
+//! [`FakeHttp::stop`] has ended them and waited for them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// A request as the server read it.
@@ -40,6 +42,13 @@ impl Request {
 pub enum Answer {
     /// This status and JSON body (the connection stays open for the next request).
     Json(u16, String),
+    /// This status, these headers (besides `content-length`) and this body, e.g. a text
+    /// answer with a header a client reads (the connection stays open).
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
     /// No answer at all: the request stays open until the client closes the connection.
     Hold,
 }
@@ -56,7 +65,9 @@ struct State {
 pub struct FakeHttp {
     addr: SocketAddr,
     state: Arc<State>,
-    accept: JoinHandle<()>,
+    /// Ends the accept task, which ends the connections' tasks and waits for them.
+    stop: Option<oneshot::Sender<()>>,
+    accept: Option<JoinHandle<()>>,
 }
 
 impl FakeHttp {
@@ -71,11 +82,28 @@ impl FakeHttp {
             requests: Mutex::new(Vec::new()),
             held: AtomicUsize::new(0),
         });
-        let accept = tokio::spawn(accept(listener, state.clone()));
+        let (stop, stopped) = oneshot::channel();
+        let accept = tokio::spawn(accept(listener, state.clone(), stopped));
         FakeHttp {
             addr,
             state,
-            accept,
+            stop: Some(stop),
+            accept: Some(accept),
+        }
+    }
+
+    /// Stops listening, ends every connection (held ones too) and waits until their tasks
+    /// are gone. A panic in them is raised here.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(accept) = self.accept.take() {
+            if let Err(e) = accept.await {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
     }
 
@@ -111,22 +139,33 @@ impl FakeHttp {
 impl Drop for FakeHttp {
     fn drop(&mut self) {
         // The accept task owns the connections' tasks: they are aborted with it.
-        self.accept.abort();
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
     }
 }
 
-async fn accept(listener: TcpListener, state: Arc<State>) {
+async fn accept(listener: TcpListener, state: Arc<State>, mut stop: oneshot::Receiver<()>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
+            _ = &mut stop => break,
             r = listener.accept() => {
                 if let Ok((sock, _)) = r {
                     conns.spawn(serve(sock, state.clone()));
                 }
             }
-            Some(_) = conns.join_next() => {}
+            Some(done) = conns.join_next() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
+            }
         }
     }
+    drop(listener);
+    conns.shutdown().await;
 }
 
 /// Counts a held request until its task ends (the client went away, or the server dropped).
@@ -182,20 +221,35 @@ async fn serve(mut sock: TcpStream, state: Arc<State>) {
         buf.drain(..head_end + len);
         let answer = (state.handler)(&req);
         state.requests.lock().unwrap().push(req);
-        match answer {
+        let answer = match answer {
             Answer::Json(status, body) => {
-                let head = format!(
-                    "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                    if status < 400 { "OK" } else { "Error" },
-                    body.len()
+                let json = ("content-type".to_string(), "application/json".to_string());
+                Some((status, vec![json], body))
+            }
+            Answer::Full {
+                status,
+                headers,
+                body,
+            } => Some((status, headers, body)),
+            Answer::Hold => None,
+        };
+        match answer {
+            Some((status, headers, body)) => {
+                let mut head = format!(
+                    "HTTP/1.1 {status} {}\r\n",
+                    if status < 400 { "OK" } else { "Error" }
                 );
+                for (name, value) in headers {
+                    head.push_str(&format!("{name}: {value}\r\n"));
+                }
+                head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
                 if sock.write_all(head.as_bytes()).await.is_err()
                     || sock.write_all(body.as_bytes()).await.is_err()
                 {
                     return;
                 }
             }
-            Answer::Hold => {
+            None => {
                 state.held.fetch_add(1, Ordering::SeqCst);
                 let _held = Held(&state.held);
                 // Until the client closes its end (it sends nothing more on this connection).
@@ -260,5 +314,52 @@ mod tests {
             server.held() == 0
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_full_answer_has_its_headers_and_stop_ends_every_connection_and_waits() {
+        let server = FakeHttp::start(|r| match r.path.as_str() {
+            "/hold" => Answer::Hold,
+            _ => Answer::Full {
+                status: 401,
+                headers: vec![("x-ttl".into(), "0".into())],
+                body: "no".into(),
+            },
+        })
+        .await;
+        let addr = server.addr();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /t HTTP/1.1\r\nHost: h\r\n\r\nGET /hold HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\nno") {
+            let mut b = [0u8; 256];
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "HTTP/1.1 401 Error\r\nx-ttl: 0\r\ncontent-length: 2\r\n\r\nno"
+        );
+        wait_until_async(Duration::from_secs(5), "the held request", || {
+            server.held() == 1
+        })
+        .await;
+        let state = server.state.clone();
+        server.stop().await;
+        assert_eq!(
+            state.held.load(Ordering::SeqCst),
+            0,
+            "the held request's task is gone once stop returns"
+        );
+        let mut b = [0u8; 16];
+        let closed = c.read(&mut b).await;
+        assert!(
+            matches!(closed, Ok(0) | Err(_)),
+            "the connection is closed: {closed:?}"
+        );
+        assert!(TcpStream::connect(addr).await.is_err(), "nothing listens");
     }
 }

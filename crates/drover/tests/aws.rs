@@ -27,6 +27,7 @@ use drover_aws::Clients;
 use drover_model::api::{AgentPhase, ComponentState, FleetStatus};
 use drover_model::boot::BootDoc;
 use drover_test_support::agent as api;
+use drover_test_support::fake_http::{Answer, FakeHttp};
 use drover_test_support::wait_until_or;
 
 const FLEET: &str = "shop";
@@ -163,6 +164,8 @@ async fn run_agents(
     let http = reqwest::Client::new();
     // The simulated agents, ended when the run is.
     let mut agents = tokio::task::JoinSet::new();
+    // The real agents' metadata services, stopped when the run ends (the agents are gone).
+    let mut metadata = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         for (region, c) in &clients {
             let Ok(groups) = drover_aws::group::describe_fleet(c, FLEET, region).await else {
@@ -195,7 +198,7 @@ async fn run_agents(
                         let dir = work.join(format!("agent-{}", i.id));
                         let child = Command::new(BIN)
                             .args(["agent", "--aws", "--imds-endpoint"])
-                            .arg(format!("http://{meta}"))
+                            .arg(meta.url())
                             .arg("--dir")
                             .arg(&dir)
                             .env("AWS_ENDPOINT_URL", &moto)
@@ -207,6 +210,7 @@ async fn run_agents(
                             .spawn()
                             .unwrap();
                         seen.lock().unwrap().real.push((i.id.clone(), child));
+                        metadata.push(meta);
                         continue;
                     }
                     agents.spawn(agent(
@@ -229,6 +233,9 @@ async fn run_agents(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     agents.shutdown().await;
+    for meta in metadata {
+        meta.stop().await;
+    }
 }
 
 async fn agent(
@@ -327,37 +334,32 @@ async fn user_data_of(c: &Clients, id: &str) -> String {
 }
 
 /// A stand-in for the instance metadata service (IMDSv2: a session token first, then each
-/// value with it; nothing without it) of one moto instance.
-async fn imds(instance: String, addr: String, user_data: String) -> SocketAddr {
-    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+/// value with it; nothing without it) of one moto instance. Its owner stops it.
+async fn imds(instance: String, addr: String, user_data: String) -> FakeHttp {
     const TOKEN: &str = "imds-session-token";
     const TTL: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
-        let (instance, addr, user_data) = (instance.clone(), addr.clone(), user_data.clone());
-        async move {
-            let token = headers
-                .get("x-aws-ec2-metadata-token")
-                .and_then(|v| v.to_str().ok());
-            let ok = |body: String| (StatusCode::OK, [(TTL, "21600")], body);
-            match (method, uri.path()) {
-                // The session token, and (as IMDS does) its lifetime in a header.
-                (Method::PUT, "/latest/api/token") if headers.contains_key(TTL) => {
-                    ok(TOKEN.to_string())
-                }
-                (Method::GET, _) if token != Some(TOKEN) => {
-                    (StatusCode::UNAUTHORIZED, [(TTL, "0")], String::new())
-                }
-                (Method::GET, "/latest/meta-data/instance-id") => ok(instance),
-                (Method::GET, "/latest/meta-data/local-ipv4") => ok(addr),
-                (Method::GET, "/latest/user-data") => ok(user_data),
-                _ => (StatusCode::NOT_FOUND, [(TTL, "0")], String::new()),
-            }
+    FakeHttp::start(move |r| {
+        let answer = |status: u16, ttl: &str, body: &str| Answer::Full {
+            status,
+            headers: vec![
+                ("content-type".into(), "text/plain; charset=utf-8".into()),
+                (TTL.into(), ttl.into()),
+            ],
+            body: body.into(),
+        };
+        let ok = |body: &str| answer(200, "21600", body);
+        let token = r.header("x-aws-ec2-metadata-token");
+        match (r.method.as_str(), r.path.as_str()) {
+            // The session token, and (as IMDS does) its lifetime in a header.
+            ("PUT", "/latest/api/token") if r.header(TTL).is_some() => ok(TOKEN),
+            ("GET", _) if token != Some(TOKEN) => answer(401, "0", ""),
+            ("GET", "/latest/meta-data/instance-id") => ok(&instance),
+            ("GET", "/latest/meta-data/local-ipv4") => ok(&addr),
+            ("GET", "/latest/user-data") => ok(&user_data),
+            _ => answer(404, "0", ""),
         }
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await });
-    a
+    })
+    .await
 }
 
 struct RegionSetup {
