@@ -651,7 +651,10 @@ fn decide_group(now: u64, spec: &GroupSpec, list: &[&InstanceView], t: &Timing, 
                 ),
                 instance: Some(i.id.clone()),
             });
-        } else if !spec.paused && !baking && now >= fails_from {
+        } else if !spec.paused && !baking && now >= fails_from && !fresh.iter().any(|i| i.restored)
+        {
+            // A new instance known only from the store may be healthy: a server that was down
+            // past the deadline (or a failover) hears from it before it judges the rollout.
             d.actions.push(Action::RolloutFailed {
                 group: spec.group.clone(),
                 generation: spec.generation,
@@ -963,6 +966,43 @@ mod tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::Permit { instance, .. } if instance == "i-4")));
+    }
+
+    /// A server down past a rollout's healthy_deadline fails it only once it has heard from
+    /// the new instances it restored: they may be healthy (the bench's restart at 50,000 failed
+    /// the open rollouts of nine groups whose every instance was healthy, before any reported).
+    #[test]
+    fn a_restart_past_the_deadline_waits_for_the_restored_new_instances() {
+        let now = 1_000_000;
+        let s = open_rollout(2, now - 600_000);
+        let restored = |id| {
+            let mut i = instance(id, 2, now, None);
+            i.health = Health::Unknown;
+            i.restored = true;
+            i
+        };
+        let mut list = vec![restored("i-1"), restored("i-2"), restored("i-3")];
+        let failed = |list: &[InstanceView]| {
+            reconcile(now, std::slice::from_ref(&s), list, &TIMING)
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::RolloutFailed { .. }))
+        };
+        assert!(!failed(&list), "none heard from yet");
+        list[0].restored = false;
+        list[0].health = Health::Healthy {
+            since_ms: now - 100,
+        };
+        assert!(!failed(&list), "two may still be healthy");
+        for i in &mut list[1..] {
+            i.restored = false;
+            i.health = Health::Starting;
+        }
+        list[0].health = Health::Starting;
+        assert!(
+            failed(&list),
+            "heard from, none healthy, the deadline long past"
+        );
     }
 
     /// After a server restart, a new instance not heard from yet may be healthy: no old

@@ -397,11 +397,13 @@ impl Engine {
 
     // ------------------------------------------------------------ controller
 
-    /// One controller pass: autoscale, decide, then carry out the decision.
-    pub async fn tick(self: &Arc<Self>) {
+    /// One controller pass: autoscale, decide, then carry out the decision. Returns how long
+    /// its planning took (reconciles and publishing: the CPU a pass costs, without the
+    /// commits, launches and other I/O it waited for).
+    pub async fn tick(self: &Arc<Self>) -> Duration {
         let _w = self.write_lock.lock().await;
         if !self.may_act() {
-            return;
+            return Duration::ZERO;
         }
         self.passes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -420,8 +422,12 @@ impl Engine {
         // replacements now. Each pass reconciles only the groups that need it
         // (`World::reconcile_due`).
         let mut passes = drover_control::world::TickPasses::default();
+        let mut planning = Duration::ZERO;
         while passes.wants_pass() {
-            let step = passes.take(self.reconcile_due(now));
+            let t = std::time::Instant::now();
+            let decision = self.reconcile_due(now);
+            planning += t.elapsed();
+            let step = passes.take(decision);
             if let Some(suspect) = step.suspect {
                 self.note_suspicion(&suspect);
             }
@@ -432,12 +438,15 @@ impl Engine {
             }
         }
         let targets = passes.targets();
+        let t = std::time::Instant::now();
         self.update_targets(targets);
+        planning += t.elapsed();
         self.check_rebuilt();
         if let Err(e) = self.release_waves(now).await {
             tracing::error!("waves: {e}");
         }
         self.sweep_providers().await;
+        planning
     }
 
     /// Reconcile the groups that need it now ([`World::reconcile_due`]), one group per hold
@@ -934,8 +943,7 @@ impl Engine {
                 self.exited(exit);
             }
             let started = tokio::time::Instant::now();
-            self.tick().await;
-            let gap = tick_gap(started.elapsed());
+            let gap = tick_gap(self.tick().await);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(period) => {}
@@ -993,17 +1001,20 @@ fn probe_bind(addr: SocketAddr) -> std::io::Result<()> {
 /// for this): a health change is acted on within this, and a burst of them costs one pass.
 const MIN_TICK_GAP: Duration = Duration::from_millis(50);
 
-/// How many times a pass's own length the next woken pass waits from its start: passes
-/// woken back to back take at most a fifth of the time (a restart wave at 50,000 instances
-/// changes every group's views and targets in every pass, and passes 20 times a second took
-/// the CPU the heartbeats needed). A pass of a few milliseconds is still followed within
-/// [`MIN_TICK_GAP`].
+/// How many times a pass's planning (its reconciles and publishing, not the I/O it waits
+/// for) the next woken pass waits from its start: planning woken back to back takes at most
+/// a fifth of the time (a restart wave at 50,000 instances changes every group's views and
+/// targets in every pass, and passes 20 times a second took the CPU the heartbeats needed).
+/// A pass that plans in a few milliseconds is still followed within [`MIN_TICK_GAP`].
 const PASS_SHARE: u32 = 5;
 
-/// The time from one pass's start to the next woken pass: at least [`MIN_TICK_GAP`], and
-/// [`PASS_SHARE`] times the pass's length.
-fn tick_gap(spent: Duration) -> Duration {
-    MIN_TICK_GAP.max(spent * PASS_SHARE)
+/// Longest gap between a pass's start and the next woken one, however long it planned.
+const MAX_TICK_GAP: Duration = Duration::from_millis(500);
+
+/// The time from one pass's start to the next woken pass: [`PASS_SHARE`] times its planning,
+/// within [`MIN_TICK_GAP`] and [`MAX_TICK_GAP`].
+fn tick_gap(planning: Duration) -> Duration {
+    (planning * PASS_SHARE).clamp(MIN_TICK_GAP, MAX_TICK_GAP)
 }
 
 pub(crate) fn region_of(group: &str) -> &str {
@@ -1732,6 +1743,7 @@ mod tests {
             tick_gap(Duration::from_millis(30)),
             Duration::from_millis(150)
         );
+        assert_eq!(tick_gap(Duration::from_secs(4)), MAX_TICK_GAP);
     }
 
     #[tokio::test]
