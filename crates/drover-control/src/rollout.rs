@@ -110,6 +110,128 @@ pub fn failed(
     )
 }
 
+/// What a person's action on an open rollout did ([`control`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controlled {
+    /// The answer for the group (`paused`, `already paused`, `aborted; going back to ...`).
+    pub result: String,
+    /// The `rollout` event, when the record changed (store the record with it).
+    pub event: Option<String>,
+    /// An abort with an earlier good generation: revert to it ([`revert_to`]).
+    pub revert_to: Option<u64>,
+}
+
+/// A person's action on the open rollout to `generation` (`drover rollout pause|resume|
+/// promote|abort`): the record as it changes, what to answer and say. A pause holds across
+/// restarts because it lives in the record; a promote ends the canary stage (only where the
+/// service has a canary, else it resumes); an abort fails the rollout and goes back to the
+/// last good generation, if any.
+pub fn control(
+    r: &mut RolloutRecord,
+    generation: u64,
+    action: drover_model::api::RolloutAction,
+    has_canary: bool,
+    now: u64,
+) -> Controlled {
+    use drover_model::api::RolloutAction;
+    let verb = match action {
+        RolloutAction::Pause => "pause",
+        RolloutAction::Resume => "resume",
+        RolloutAction::Promote => "promote",
+        RolloutAction::Abort => "abort",
+    };
+    let answer = |result: &str, event: Option<String>| Controlled {
+        result: result.to_string(),
+        event,
+        revert_to: None,
+    };
+    match action {
+        RolloutAction::Pause if r.paused => answer("already paused", None),
+        RolloutAction::Pause => {
+            r.paused = true;
+            answer(
+                "paused",
+                Some(format!(
+                    "rollout to generation {generation} paused (drover rollout pause): no permit and nothing new launched until `drover rollout resume`"
+                )),
+            )
+        }
+        RolloutAction::Promote if !r.paused && !r.canary_passed && has_canary => {
+            r.canary_passed = true;
+            answer(
+                "promoted",
+                Some(format!(
+                    "rollout to generation {generation} promoted (drover rollout promote): the canary stage ends, the rollout goes on"
+                )),
+            )
+        }
+        RolloutAction::Resume | RolloutAction::Promote if !r.paused => {
+            answer("not paused: it goes on already", None)
+        }
+        RolloutAction::Resume | RolloutAction::Promote => {
+            r.paused = false;
+            r.resumed_ms = now;
+            if action == RolloutAction::Promote {
+                r.canary_passed = true;
+            }
+            answer(
+                "resumed",
+                Some(format!(
+                    "rollout to generation {generation} resumed (drover rollout {verb})"
+                )),
+            )
+        }
+        RolloutAction::Abort => {
+            r.open = false;
+            r.paused = false;
+            r.failed_generation = generation;
+            let why = "aborted by a person (drover rollout abort)";
+            r.failure = Some(why.to_string());
+            let good = r.good_generation;
+            let revert_to = (good > 0 && good != generation).then_some(good);
+            let next = match revert_to {
+                Some(good) => format!("; going back to generation {good}"),
+                None => "; no earlier good generation to go back to".to_string(),
+            };
+            Controlled {
+                result: format!("aborted{next}"),
+                event: Some(format!(
+                    "rollout to generation {generation} failed: {why}{next}"
+                )),
+                revert_to,
+            }
+        }
+    }
+}
+
+/// What an automatic revert puts back ([`revert_to`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevertTo {
+    pub service: String,
+    /// The revision that planned the good generation: its components are taken back whole
+    /// from it (a broken change may be more than a version: an artifact's sha256 that goes
+    /// with it, arguments, environment).
+    pub revision: u64,
+    /// The good generation's components and their versions (what to take back, and the
+    /// versions to set when that revision is no longer stored).
+    pub versions: Vec<(String, String)>,
+}
+
+/// What an automatic revert to `good` (the plan of [`AfterFailure::Revert`]'s generation)
+/// puts back: every component of that plan, as the revision that planned it had them. The
+/// shells carry it out: the server on the fleet file's text, the simulation on the fleet.
+pub fn revert_to(good: &drover_model::Plan) -> RevertTo {
+    RevertTo {
+        service: good.service.clone(),
+        revision: good.revision,
+        versions: good
+            .components
+            .iter()
+            .map(|c| (c.name.clone(), c.version.clone()))
+            .collect(),
+    }
+}
+
 /// What the group controller reads of the rollout record.
 pub fn apply_to_spec(r: &RolloutRecord, spec: &mut GroupSpec) {
     spec.generation_since_ms = r.since_ms;
@@ -128,6 +250,51 @@ pub fn apply_to_spec(r: &RolloutRecord, spec: &mut GroupSpec) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_person_pauses_resumes_promotes_and_aborts_an_open_rollout() {
+        use drover_model::api::RolloutAction::*;
+        let mut r = begin(None, 0, false, 0);
+        done(&mut r, 1, "app=v1", 10);
+        let mut r = begin(Some((&r, 1)), 20, false, 0);
+        let paused = control(&mut r, 2, Pause, false, 30);
+        assert!(r.paused && paused.event.is_some() && paused.revert_to.is_none());
+        assert_eq!(
+            control(&mut r, 2, Pause, false, 31).result,
+            "already paused"
+        );
+        assert!(r.paused);
+        // Promote without a canary resumes it.
+        let resumed = control(&mut r, 2, Promote, false, 40);
+        assert_eq!(resumed.result, "resumed");
+        assert!(!r.paused && r.resumed_ms == 40);
+        assert_eq!(
+            control(&mut r, 2, Resume, false, 41).result,
+            "not paused: it goes on already"
+        );
+        assert!(
+            r.canary_passed,
+            "a promote that resumed ends the canary stage too"
+        );
+        // Not paused, in its canary stage: a promote ends the stage.
+        let mut canary = r.clone();
+        canary.canary_passed = false;
+        let promoted = control(&mut canary, 2, Promote, true, 42);
+        assert_eq!(promoted.result, "promoted");
+        assert!(canary.canary_passed && !canary.paused);
+        let aborted = control(&mut r, 2, Abort, true, 50);
+        assert_eq!(aborted.revert_to, Some(1));
+        assert_eq!(aborted.result, "aborted; going back to generation 1");
+        assert!(!r.open && r.failed_generation == 2);
+        // No earlier good generation: nothing to go back to.
+        let mut first = begin(None, 0, false, 0);
+        let nothing = control(&mut first, 1, Abort, false, 5);
+        assert_eq!(nothing.revert_to, None);
+        assert!(nothing
+            .event
+            .unwrap()
+            .ends_with("no earlier good generation to go back to"));
+    }
 
     /// The revert's own rollout keeps the generation before the failure as the good one: if
     /// the revert fails too, it does not go back to the broken generation.

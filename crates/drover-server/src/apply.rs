@@ -180,32 +180,23 @@ impl Engine {
 
     /// After a failed rollout: make the group's last good versions preferred again.
     /// The caller holds the write lock.
-    pub(crate) async fn auto_revert(&self, group: &str, failed: u64) -> Result<(), ServerError> {
-        let (rev, good) = {
-            let st = self.state();
-            let Some(g) = st.groups.get(group) else {
-                return Ok(());
-            };
-            (st.revision.clone(), g.record.rollout.good_generation)
-        };
-        let (Some(rev), true) = (rev, good > 0) else {
+    pub(crate) async fn auto_revert(
+        &self,
+        group: &str,
+        failed: u64,
+        good: u64,
+    ) -> Result<(), ServerError> {
+        let Some(rev) = self.state().revision.clone() else {
             return Ok(());
         };
         let Some(plan) = self.store.plan(group, good)? else {
             return Ok(());
         };
-        let versions: Vec<(String, String)> = plan
-            .components
-            .iter()
-            .map(|c| (c.name.clone(), c.version.clone()))
-            .collect();
-        // The components as the revision that planned the good generation had them: a
-        // broken change may be more than a version (an artifact's sha256 that goes with it,
-        // arguments, environment), and all of it goes back.
-        let components: Vec<String> = versions.iter().map(|(c, _)| c.clone()).collect();
-        let toml = match self.store.revision(plan.revision)? {
-            Some(old) => restore_components(&rev.toml, &old.toml, &plan.service, &components)?,
-            None => set_versions(&rev.toml, &plan.service, &versions)?,
+        let back = drover_control::rollout::revert_to(&plan);
+        let components: Vec<String> = back.versions.iter().map(|(c, _)| c.clone()).collect();
+        let toml = match self.store.revision(back.revision)? {
+            Some(old) => restore_components(&rev.toml, &old.toml, &back.service, &components)?,
+            None => set_versions(&rev.toml, &back.service, &back.versions)?,
         };
         let mut failed_map = BTreeMap::new();
         failed_map.insert(group.to_string(), failed);

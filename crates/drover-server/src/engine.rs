@@ -715,8 +715,8 @@ impl Engine {
             return Ok(());
         };
         self.carry_out_change(change).await?;
-        if let drover_control::rollout::AfterFailure::Revert { .. } = after {
-            self.auto_revert(group, generation).await?;
+        if let drover_control::rollout::AfterFailure::Revert { to } = after {
+            self.auto_revert(group, generation, to).await?;
         }
         Ok(())
     }

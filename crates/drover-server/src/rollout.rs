@@ -1,7 +1,8 @@
 //! A person acting on rollouts under way: pause, resume, promote, abort
-//! (`POST /v1/rollout`, `drover rollout ACTION SERVICE`). The state lives in each group's
-//! rollout record, so a pause holds across server restarts; the controller reads it
-//! (`GroupSpec::paused`).
+//! (`POST /v1/rollout`, `drover rollout ACTION SERVICE`), as `drover_control::rollout::control`
+//! decides; this shell stores the records and events, then reverts what was aborted. The state
+//! lives in each group's rollout record, so a pause holds across server restarts; the
+//! controller reads it (`GroupSpec::paused`).
 
 use drover_model::api::{RolloutActed, RolloutAction, RolloutActionRequest, RolloutActionResponse};
 use drover_model::{EventKind, NewEvent};
@@ -61,64 +62,17 @@ impl Engine {
                     .is_some_and(|s| s.rollout.canary.is_some())
             };
             let generation = record.generation;
-            let r = &mut record.rollout;
-            let (result, message) = match req.action {
-                RolloutAction::Pause if r.paused => ("already paused".to_string(), None),
-                RolloutAction::Pause => {
-                    r.paused = true;
-                    (
-                        "paused".to_string(),
-                        Some(format!(
-                            "rollout to generation {generation} paused (drover rollout pause): no permit and nothing new launched until `drover rollout resume`"
-                        )),
-                    )
-                }
-                RolloutAction::Promote if !r.paused && !r.canary_passed && has_canary => {
-                    r.canary_passed = true;
-                    (
-                        "promoted".to_string(),
-                        Some(format!(
-                            "rollout to generation {generation} promoted (drover rollout promote): the canary stage ends, the rollout goes on"
-                        )),
-                    )
-                }
-                RolloutAction::Resume | RolloutAction::Promote if !r.paused => {
-                    ("not paused: it goes on already".to_string(), None)
-                }
-                RolloutAction::Resume | RolloutAction::Promote => {
-                    r.paused = false;
-                    r.resumed_ms = now;
-                    if req.action == RolloutAction::Promote {
-                        r.canary_passed = true;
-                    }
-                    (
-                        "resumed".to_string(),
-                        Some(format!(
-                            "rollout to generation {generation} resumed (drover rollout {verb})"
-                        )),
-                    )
-                }
-                RolloutAction::Abort => {
-                    r.open = false;
-                    r.paused = false;
-                    r.failed_generation = generation;
-                    let why = "aborted by a person (drover rollout abort)".to_string();
-                    r.failure = Some(why.clone());
-                    let good = r.good_generation;
-                    let next = if good > 0 && good != generation {
-                        aborted.push((gid.clone(), generation));
-                        format!("; going back to generation {good}")
-                    } else {
-                        "; no earlier good generation to go back to".to_string()
-                    };
-                    (
-                        format!("aborted{next}"),
-                        Some(format!(
-                            "rollout to generation {generation} failed: {why}{next}"
-                        )),
-                    )
-                }
-            };
+            let done = drover_control::rollout::control(
+                &mut record.rollout,
+                generation,
+                req.action,
+                has_canary,
+                now,
+            );
+            if let Some(good) = done.revert_to {
+                aborted.push((gid.clone(), generation, good));
+            }
+            let (result, message) = (done.result, done.event);
             if let Some(m) = message {
                 writes.push(Write::Group(record.clone()));
                 writes.push(Write::Event(
@@ -149,8 +103,8 @@ impl Engine {
                 }
             }
         }
-        for (gid, generation) in aborted {
-            self.auto_revert(&gid, generation).await?;
+        for (gid, generation, good) in aborted {
+            self.auto_revert(&gid, generation, good).await?;
         }
         self.wake.notify_one();
         Ok(RolloutActionResponse { groups: acted })

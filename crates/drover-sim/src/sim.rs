@@ -1974,33 +1974,25 @@ impl Sim {
             took_ms: now - since,
         });
         self.wave_failed(group);
-        if let AfterFailure::Revert { .. } = after {
-            self.auto_revert(group, generation);
+        if let AfterFailure::Revert { to } = after {
+            self.auto_revert(group, generation, to);
         }
     }
 
     /// The server's automatic revert: the group's last good versions are the service's
     /// again (a change planned by [`change::plan`]: every group of the service whose plan
     /// differs gets a new generation, the groups still held for their wave run them already).
-    fn auto_revert(&mut self, group: &str, failed: u64) {
-        let Some(g) = self.world.groups.get(group) else {
+    fn auto_revert(&mut self, group: &str, failed: u64, good: u64) {
+        let Some(plan) = self.store.plan_of(group, good) else {
             return;
         };
-        let good = g.record.rollout.good_generation;
-        let Some(plan) = self.store.plan_of(group, good).filter(|_| good > 0) else {
-            return;
-        };
-        let service = plan.service.clone();
-        let versions: BTreeMap<String, String> = plan
-            .components
-            .iter()
-            .map(|c| (c.name.clone(), c.version.clone()))
-            .collect();
+        // The sim keeps no fleet text: the components go back by their versions.
+        let back = drover_control::rollout::revert_to(plan);
         let mut fleet = self.fleet().clone();
-        if let Some(svc) = fleet.services.get_mut(&service) {
-            for (name, c) in svc.components.iter_mut() {
-                if let Some(v) = versions.get(name) {
-                    c.version = v.clone();
+        if let Some(svc) = fleet.services.get_mut(&back.service) {
+            for (name, version) in &back.versions {
+                if let Some(c) = svc.components.get_mut(name) {
+                    c.version = version.clone();
                 }
             }
         }
