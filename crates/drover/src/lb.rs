@@ -166,12 +166,7 @@ async fn serve(args: LbConfigArgs) -> anyhow::Result<()> {
     if args.servers.is_empty() {
         anyhow::bail!("no server to follow: pass --servers URL[,URL...]");
     }
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("cannot create {}", args.dir.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700));
-    }
+    private_dir(&args.dir)?;
     let http = http_client(args.ca.as_deref())?;
     let bearer = Arc::new(Bearer {
         file: args.token_file.clone(),
@@ -318,6 +313,20 @@ async fn serve(args: LbConfigArgs) -> anyhow::Result<()> {
 }
 
 /// The pid file still names this process (no successor wrote its own).
+/// Creates the balancer's directory, its owner's only: whoever can connect to its handover
+/// socket takes the listeners over.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
+        format!(
+            "cannot make the balancer's directory {} private (mode 0700): it holds the socket \
+             that hands the listeners over; use a directory this user owns (--dir)",
+            dir.display()
+        )
+    })
+}
+
 fn accepting_path_is_ours(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("lb.pid"))
         .ok()
@@ -893,6 +902,27 @@ mod tests {
             .iter()
             .map(|t| t.id.clone())
             .collect()
+    }
+
+    /// The balancer's directory is made its owner's only; when it cannot be, the balancer
+    /// does not start, and says which directory, what mode and what to do.
+    #[test]
+    fn the_directory_is_private_or_the_balancer_does_not_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("lb");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // Not even root may change the mode of /proc/self.
+        let err = format!("{:#}", private_dir(Path::new("/proc/self")).unwrap_err());
+        assert!(
+            err.starts_with("cannot make the balancer's directory /proc/self private (mode 0700)"),
+            "{err}"
+        );
+        assert!(err.contains("--dir"), "{err}");
     }
 
     /// A server that has not rebuilt its view adds targets and removes only leaving ones; a
