@@ -33,7 +33,7 @@ pub const MAX_JSON_DEPTH: usize = 32;
 pub const MAX_EVENTS_PAGE: usize = 10_000;
 
 /// A store read, on a blocking thread: never on the async workers that answer heartbeats.
-async fn read<T, F>(e: &Engine, f: F) -> Result<T, ServerError>
+pub(crate) async fn read<T, F>(e: &Engine, f: F) -> Result<T, ServerError>
 where
     T: Send + 'static,
     F: FnOnce(&dyn drover_store::Store) -> Result<T, drover_store::StoreError> + Send + 'static,
@@ -1173,6 +1173,86 @@ mod tests {
         assert_eq!(guards.follows(), 0, "the follow's task outlived its client");
         // And its receiver is gone: nobody is subscribed any more.
         assert_eq!(tx.receiver_count(), 0);
+    }
+
+    fn query(q: &str) -> Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection> {
+        let uri: axum::http::Uri = format!("/v1/events?{q}").parse().unwrap();
+        Query::try_from_uri(&uri)
+    }
+
+    /// A read never asks the store for more than 10,000 events: `limit=0`, a huge limit and
+    /// no limit are capped (issue 20, item 1); a follow reads 1,000 at a time.
+    #[test]
+    fn the_events_limit_is_capped() {
+        let limit = |q: &str| {
+            events_filter(&events_query(query(q)).unwrap())
+                .unwrap()
+                .limit
+        };
+        assert_eq!(limit("limit=0"), MAX_EVENTS_PAGE);
+        assert_eq!(limit("limit=1000000"), MAX_EVENTS_PAGE);
+        assert_eq!(limit(""), MAX_EVENTS_PAGE);
+        assert_eq!(limit("limit=5"), 5);
+        assert_eq!(limit("follow=true"), 1000);
+        assert_eq!(limit("follow=true&limit=0"), MAX_EVENTS_PAGE);
+        assert_eq!(
+            limit("follow=true&newest=true&limit=1000000"),
+            MAX_EVENTS_PAGE
+        );
+        assert_eq!(MAX_EVENTS_PAGE, 10_000);
+    }
+
+    /// A follow from seq 0 over 2,500 stored events reads them 1,000 at a time, each page
+    /// only once the client has taken the one before (issue 20, item 1), and sends each once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follow_backlog_is_read_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::testing::Watched::open(dir.path());
+        let writes = (1..=2500)
+            .map(|i| {
+                drover_store::Write::Event(drover_model::NewEvent::new(
+                    EventKind::Healthy,
+                    format!("event {i}"),
+                ))
+            })
+            .collect();
+        drover_store::Store::commit(&*store, writes, 1).unwrap();
+        let e = crate::testing::engine(dir.path(), store.clone());
+        store.take();
+        let caller = Caller {
+            id: "t-1".into(),
+            scope: drover_model::token::TokenScope::Read,
+            group: None,
+        };
+        let resp = events(
+            State(e),
+            Extension(caller),
+            Extension(Arc::new(Guards::default())),
+            axum::http::HeaderMap::new(),
+            query("follow=true"),
+        )
+        .await
+        .unwrap();
+        let mut body = resp.into_body().into_data_stream();
+        let mut seqs = Vec::new();
+        let mut pages_read = Vec::new();
+        while seqs.len() < 2500 {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+                .await
+                .expect("the backlog stalled")
+                .unwrap()
+                .unwrap();
+            for l in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                seqs.push(serde_json::from_slice::<Event>(l).unwrap().seq);
+            }
+            let reads = store.take();
+            pages_read.extend(reads.iter().map(|r| (seqs.len(), r.what, r.limit)));
+        }
+        assert_eq!(seqs, (1..=2500).collect::<Vec<u64>>());
+        // Each page read when the last event of the one before was taken: before the first,
+        // after the 1,000th and after the 2,000th.
+        let want = [0, 1000, 2000].map(|n| (n + 1, "events", Some(1000)));
+        assert_eq!(pages_read, want, "(events taken, read, limit)");
     }
 
     /// The structured errors say word for word what their free-text forms said (tests,

@@ -967,10 +967,6 @@ impl Engine {
             p.close().await;
         }
     }
-
-    pub fn plan(&self, group: &str, generation: u64) -> Result<Option<Plan>, ServerError> {
-        Ok(self.store.plan(group, generation)?)
-    }
 }
 
 /// The store's write for a step's record.

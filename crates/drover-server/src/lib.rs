@@ -20,6 +20,8 @@ pub mod relay;
 pub mod rollout;
 pub mod state;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tls;
 pub mod ui;
 pub mod writer;

@@ -677,22 +677,33 @@ async fn group_page(
                 (p, fleet)
             })
     };
+    // Else from the store: on a blocking thread, never on the async workers.
     let found = match current {
         Some((p, Some(fleet))) => Some((p, Some(fleet))),
-        Some((p, None)) => {
-            let fleet = e.store.revision(p.revision)?.map(|r| r.fleet);
-            Some((p, fleet))
+        Some((p, None)) => Some((p, None)),
+        None => {
+            let group = id.clone();
+            crate::api::read(&e, move |s| s.plan(&group, generation))
+                .await?
+                .map(|p| (p, None))
         }
-        None => e.plan(&id, generation)?.map(|p| (p, None)),
     };
-    let plan = found.and_then(|(mut p, fleet)| {
-        let fleet = match fleet {
-            Some(f) => Some(f),
-            None => e.store.revision(p.revision).ok().flatten().map(|r| r.fleet),
-        };
-        drover_model::secret::redact_plan(&mut p, fleet.as_ref());
-        serde_json::to_value(&p).ok()
-    });
+    let plan = match found {
+        Some((mut p, fleet)) => {
+            let fleet = match fleet {
+                Some(f) => Some(f),
+                None => {
+                    let n = p.revision;
+                    crate::api::read(&e, move |s| s.revision(n))
+                        .await?
+                        .map(|r| r.fleet)
+                }
+            };
+            drover_model::secret::redact_plan(&mut p, fleet.as_ref());
+            serde_json::to_value(&p).ok()
+        }
+        None => None,
+    };
     let rollout_events = ui.history.rollout_events(&id);
     Ok(axum::Json(GroupPage {
         group: summary,
@@ -705,4 +716,72 @@ async fn group_page(
         now_ms: now,
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_store::{GroupRecord, RolloutRecord, Store, Write};
+
+    /// The group page reads the plan's revision from the store (it is not the latest one) on
+    /// a blocking thread, never on the async worker that answers it (issue 20, item 1). The
+    /// test runs on one thread: the handler's.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_group_page_reads_the_store_off_the_async_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::testing::Watched::open(dir.path());
+        // `web` in region `local`: one process `app`.
+        let text = drover_test_support::fleets::web("local", &["local"]).toml();
+        let fleet = drover_model::parse_fleet(&text, "drover.toml").unwrap();
+        let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
+        plan.generation = 1;
+        plan.revision = 1;
+        let revision = || Write::Revision {
+            file: "drover.toml".into(),
+            summary: "test".into(),
+            toml: text.clone(),
+            fleet: fleet.clone(),
+            last_applied: None,
+        };
+        let group = Write::Group(GroupRecord {
+            group: "web/local".into(),
+            desired: 1,
+            desired_reason: "apply".into(),
+            generation: 1,
+            rollout: RolloutRecord::default(),
+        });
+        store
+            .commit(vec![revision(), group, Write::Plan(plan)], 1)
+            .unwrap();
+        // A later revision that left the group's plan as it was.
+        store.commit(vec![revision()], 2).unwrap();
+        let e = crate::testing::engine(dir.path(), store.clone());
+        store.take();
+        let query = PageQuery {
+            page: None,
+            per_page: None,
+            q: None,
+        };
+        let resp = group_page(
+            State(e),
+            Extension(Arc::new(Ui::new(7878, false))),
+            Path(("web".into(), "local".into())),
+            Ok(Query(query)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(page["plan"]["revision"], 1, "{page}");
+        let reads = store.take();
+        assert!(reads.iter().any(|r| r.what == "revision"), "{reads:?}");
+        let here = std::thread::current().id();
+        assert!(
+            reads.iter().all(|r| r.thread != here),
+            "read on the async worker: {reads:?}"
+        );
+    }
 }
