@@ -604,15 +604,39 @@ impl Client {
             buf.extend_from_slice(&chunk);
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
-                if self.json {
-                    print!("{}", String::from_utf8_lossy(&line));
-                } else if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
-                    println!("{}", render::event_line(&ev));
+                if let Some(out) = followed_line(&line, self.json) {
+                    println!("{out}");
                 }
             }
         }
         Ok(exit::OK)
     }
+}
+
+/// What `drover logs` prints on stderr for a frame other than a line: a note or an error
+/// (agents' text, made printable); nothing for the rest (the server's keep-alives).
+fn side_text(f: &drover_model::logs::Frame) -> Option<String> {
+    use drover_model::logs::Frame;
+    match f {
+        Frame::Note { message } => Some(format!("note: {}", render::printable(message))),
+        Frame::Error { message, .. } => Some(format!("error: {}", render::printable(message))),
+        _ => None,
+    }
+}
+
+/// What `drover events --follow` prints for one line of the stream: the raw line (`--json`)
+/// or the event's row; nothing for the server's keep-alives (empty lines).
+fn followed_line(line: &[u8], json: bool) -> Option<String> {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.trim().is_empty() {
+        return None;
+    }
+    if json {
+        return Some(text.to_string());
+    }
+    let ev = serde_json::from_str::<Event>(text).ok()?;
+    Some(render::event_line(&ev))
 }
 
 /// Read NDJSON frames from a response as they come.
@@ -668,12 +692,12 @@ impl Client {
                         let _ = writeln!(out, "{prefix} | {}", l.line);
                     }
                 }
-                Frame::Note { message } => eprintln!("note: {message}"),
-                Frame::Error { message, .. } => {
-                    failed = true;
-                    eprintln!("error: {message}");
+                other => {
+                    failed |= matches!(other, Frame::Error { .. });
+                    if let Some(text) = side_text(&other) {
+                        eprintln!("{text}");
+                    }
                 }
-                _ => {}
             }
             let _ = out.flush();
             true
@@ -1043,4 +1067,53 @@ fn url_escape(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_model::logs::Frame;
+
+    /// Issue 20, item 11: agents' notes and errors in `drover logs` reach the terminal
+    /// without their escape sequences.
+    #[test]
+    fn log_notes_and_errors_are_printed_without_control_characters() {
+        let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\rok";
+        let note = side_text(&Frame::Note {
+            message: format!("gone {evil}"),
+        })
+        .unwrap();
+        let error = side_text(&Frame::Error {
+            instance: Some("i-000001".into()),
+            message: format!("broke {evil}"),
+        })
+        .unwrap();
+        for out in [&note, &error] {
+            assert!(
+                !out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\r'),
+                "{out:?}"
+            );
+        }
+        assert!(note.starts_with("note: gone \\u{1b}]0;pwned"), "{note}");
+        assert!(error.starts_with("error: broke \\u{1b}]0;pwned"), "{error}");
+        assert_eq!(side_text(&Frame::Idle), None);
+    }
+
+    /// The event stream's keep-alives (empty lines) print nothing, with `--json` or not;
+    /// events print as rows, or as they came.
+    #[test]
+    fn a_followed_stream_skips_keep_alives() {
+        assert_eq!(followed_line(b"\n", false), None);
+        assert_eq!(followed_line(b"\n", true), None);
+        assert_eq!(followed_line(b"\r\n", true), None);
+        let ev = br#"{"seq":3,"at_ms":0,"kind":"healthy","group":"web/local","instance":"i-000001","message":"ok"}"#;
+        let mut with_nl = ev.to_vec();
+        with_nl.push(b'\n');
+        assert_eq!(
+            followed_line(&with_nl, true).as_deref(),
+            Some(std::str::from_utf8(ev).unwrap())
+        );
+        let row = followed_line(&with_nl, false).unwrap();
+        assert!(row.contains("healthy") && row.ends_with("ok"), "{row}");
+    }
 }

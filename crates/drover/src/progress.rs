@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use drover_model::api::InstanceState;
+use drover_model::logs::LogLine;
 use drover_model::{Event, EventKind};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -178,22 +179,7 @@ pub async fn follow(
                     serde_json::json!({"ok": false, "seconds": secs, "failed": failed, "last_lines": last})
                 );
             } else {
-                eprintln!("{what} failed after {secs:.1}s:");
-                for f in &failed {
-                    eprintln!("  {f}");
-                }
-                for (service, instance, lines) in &last {
-                    if lines.is_empty() {
-                        continue;
-                    }
-                    eprintln!(
-                        "the last {} lines of {instance} (`drover logs {service} --instance {instance}`):",
-                        lines.len()
-                    );
-                    for l in lines {
-                        eprintln!("  {} {} | {}", l.instance, l.component, l.line);
-                    }
-                }
+                eprint!("{}", failure_report(what, secs, &failed, &last));
             }
             return Ok(exit::FAILED);
         }
@@ -235,6 +221,42 @@ pub async fn follow(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// What a failed `--wait` prints: why each group failed (from its failure event) and what
+/// the failing instances printed last, agent-supplied text made printable.
+pub fn failure_report(
+    what: &str,
+    secs: f64,
+    failed: &[String],
+    last: &[(&String, &String, Vec<LogLine>)],
+) -> String {
+    use crate::render::printable;
+    use std::fmt::Write;
+    let mut out = format!("{what} failed after {secs:.1}s:\n");
+    for f in failed {
+        let _ = writeln!(out, "  {}", printable(f));
+    }
+    for (service, instance, lines) in last {
+        if lines.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "the last {} lines of {instance} (`drover logs {service} --instance {instance}`):",
+            lines.len()
+        );
+        for l in lines {
+            let _ = writeln!(
+                out,
+                "  {} {} | {}",
+                printable(&l.instance),
+                printable(&l.component),
+                printable(&l.line)
+            );
+        }
+    }
+    out
 }
 
 /// How each of `instances` left, from its events (its last permit, drained and terminated).
@@ -318,6 +340,38 @@ mod tests {
         // Still draining: no end yet.
         let l = leave_of("i-000001", &events[..3]).unwrap();
         assert_eq!((l.drain_ms, l.gone_ms), (None, None));
+    }
+
+    /// Issue 20, item 11: a failure event's message and the failing instance's last lines
+    /// reach the terminal without their escape sequences.
+    #[test]
+    fn a_failed_wait_prints_agent_text_without_control_characters() {
+        let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\rok";
+        let (service, instance) = ("web".to_string(), "i-000001".to_string());
+        let line = LogLine {
+            at_ms: 0,
+            instance: instance.clone(),
+            component: "app".into(),
+            stream: drover_model::logs::Stream::Stderr,
+            line: format!("boom {evil}"),
+        };
+        let out = failure_report(
+            "deploy web",
+            1.5,
+            &[format!(
+                "web/local: generation 2 failed: app exited ({evil})"
+            )],
+            &[(&service, &instance, vec![line])],
+        );
+        assert!(
+            !out.contains('\u{1b}') && !out.contains('\u{7}') && !out.contains('\r'),
+            "{out:?}"
+        );
+        assert!(out.starts_with("deploy web failed after 1.5s:\n  web/local: generation 2 failed: app exited (\\u{1b}]0;pwned"), "{out}");
+        assert!(
+            out.contains("\n  i-000001 app | boom \\u{1b}]0;pwned"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -211,11 +211,6 @@ pub fn status(s: &FleetStatus, listing: Listing) -> String {
     ]);
     for g in &s.groups {
         for i in &g.instances {
-            let comps: Vec<String> = i
-                .components
-                .iter()
-                .map(|c| format!("{}:{}", c.name, snake(&c.state)))
-                .collect();
             let restarts: u32 = i.components.iter().map(|c| c.restarts).sum();
             inst.push(vec![
                 i.id.clone(),
@@ -224,11 +219,7 @@ pub fn status(s: &FleetStatus, listing: Listing) -> String {
                 i.generation.to_string(),
                 snake(&i.state),
                 if i.in_rotation { "in" } else { "out" }.to_string(),
-                if comps.is_empty() {
-                    "-".to_string()
-                } else {
-                    comps.join(" ")
-                },
+                components_cell(&i.components),
                 restarts.to_string(),
                 age(now, i.launched_at_ms),
             ]);
@@ -239,6 +230,19 @@ pub fn status(s: &FleetStatus, listing: Listing) -> String {
 }
 
 /// One line per balancer process, or a warning when `local` ingresses have none.
+/// An instance's COMPONENTS cell: `name:state` for each (the names as its agent reported
+/// them, made printable), or `-`.
+fn components_cell(components: &[drover_model::api::ComponentReport]) -> String {
+    if components.is_empty() {
+        return "-".to_string();
+    }
+    components
+        .iter()
+        .map(|c| format!("{}:{}", printable(&c.name), snake(&c.state)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn balancers(s: &FleetStatus) -> String {
     let local_ingress = s
         .groups
@@ -650,5 +654,24 @@ mod printable_tests {
             assert!(out.contains("\\u{1b}"), "{out}");
         }
         assert_eq!(printable("plain"), "plain");
+    }
+
+    /// Component names come from heartbeats: `drover status` shows them without escapes.
+    #[test]
+    fn component_names_are_printed_without_control_characters() {
+        let c = |name: &str| drover_model::api::ComponentReport {
+            name: name.into(),
+            version: "v1".into(),
+            state: drover_model::api::ComponentState::Healthy,
+            pid: None,
+            restarts: 0,
+            last_exit: None,
+            message: None,
+            last_output: None,
+        };
+        let out = components_cell(&[c("app"), c("x\u{1b}[2J\u{1b}]0;pwned\u{7}")]);
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert_eq!(out, "app:healthy x\\u{1b}[2J\\u{1b}]0;pwned\\u{7}:healthy");
+        assert_eq!(components_cell(&[]), "-");
     }
 }
