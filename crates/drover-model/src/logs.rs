@@ -160,8 +160,9 @@ pub enum Frame {
     /// The session of an interactive exec (`stdin`): where its input goes,
     /// `POST /v1/exec/ID/input`. The server's first frame.
     Session { id: u64 },
-    /// Nothing to say: sent by an agent once its history is sent (then now and then, which
-    /// keeps an idle follow open and finds a person gone); never relayed.
+    /// Nothing to say: sent by an agent once its history is sent (then every 10 s, which
+    /// keeps an idle follow open and finds a person gone). A logs follow passes one on to
+    /// the CLI when it sent nothing for 5 s (a keep-alive: readers skip it).
     Idle,
 }
 

@@ -790,16 +790,26 @@ async fn events(
         }
     })
     .flatten();
-    let live = live_events(rx, filter, held);
-    let line = if sse { sse_line } else { line };
+    let live = live_events(rx, filter, held, guards.connections.keep_alive());
+    let (line, keep_alive) = if sse {
+        (sse_line as fn(_) -> _, SSE_KEEP_ALIVE)
+    } else {
+        (line as fn(_) -> _, NDJSON_KEEP_ALIVE)
+    };
     let mut last = q.after;
-    let stream = backlog.chain(live).filter_map(move |mut ev| {
-        let fresh = ev.seq > last;
-        if fresh {
-            last = ev.seq;
-            sc.scrub_in_place(&mut ev.message);
-        }
-        futures::future::ready(fresh.then(|| line(ev)))
+    let stream = backlog.map(Some).chain(live).filter_map(move |ev| {
+        let out = match ev {
+            None => Some(Ok(Bytes::from_static(keep_alive))),
+            Some(mut ev) => {
+                let fresh = ev.seq > last;
+                if fresh {
+                    last = ev.seq;
+                    sc.scrub_in_place(&mut ev.message);
+                }
+                fresh.then(|| line(ev))
+            }
+        };
+        futures::future::ready(out)
     });
     let body = Body::from_stream(stream);
     let kind = if sse {
@@ -858,21 +868,32 @@ pub(crate) fn events_query(
     })
 }
 
-/// The live part of a follow stream: events that pass `filter`. It ends as soon as the
-/// client is gone (the body dropped), whether or not anything matches, or when the server
-/// stops sending events; `held` is given back then.
+/// The live part of a follow stream: events that pass `filter`, and `None` (a keep-alive)
+/// whenever none was sent for `keep_alive`, so that a quiet stream is not closed as an idle
+/// connection. It ends as soon as the client is gone (the body dropped), whether or not
+/// anything matches, or when the server stops sending events; `held` is given back then.
 fn live_events(
     mut rx: tokio::sync::broadcast::Receiver<drover_model::Event>,
     filter: EventFilter,
     held: Held,
-) -> impl futures::Stream<Item = drover_model::Event> {
+    keep_alive: std::time::Duration,
+) -> impl futures::Stream<Item = Option<drover_model::Event>> {
     async_stream(move |tx| async move {
         let _held = held;
+        let quiet = tokio::time::sleep(keep_alive);
+        tokio::pin!(quiet);
         loop {
             let got = tokio::select! {
                 // Nobody reads any more: stop now, not at the next event that matches.
                 _ = tx.closed() => break,
                 got = rx.recv() => got,
+                () = &mut quiet => {
+                    if tx.send(None).await.is_err() {
+                        break;
+                    }
+                    quiet.as_mut().reset(tokio::time::Instant::now() + keep_alive);
+                    continue;
+                }
             };
             match got {
                 Ok(ev) => {
@@ -885,8 +906,13 @@ fn live_events(
                             .as_ref()
                             .is_none_or(|i| ev.instance.as_ref() == Some(i))
                         && filter.kind.is_none_or(|k| ev.kind == k);
-                    if keep && tx.send(ev).await.is_err() {
-                        break;
+                    if keep {
+                        if tx.send(Some(ev)).await.is_err() {
+                            break;
+                        }
+                        quiet
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + keep_alive);
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
@@ -895,6 +921,12 @@ fn live_events(
         }
     })
 }
+
+/// What a quiet NDJSON follow stream sends now and then: an empty line (readers skip it).
+const NDJSON_KEEP_ALIVE: &[u8] = b"\n";
+/// What a quiet server-sent-events stream sends now and then: a comment (`EventSource`
+/// ignores it).
+const SSE_KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 fn line(ev: drover_model::Event) -> Result<Bytes, Infallible> {
     let mut v = serde_json::to_vec(&ev).unwrap_or_default();
@@ -1156,10 +1188,15 @@ mod tests {
             ..Default::default()
         };
         let held = guards.hold(Kind::Follow, "t").unwrap();
-        let mut stream = Box::pin(live_events(tx.subscribe(), filter, held));
+        let mut stream = Box::pin(live_events(
+            tx.subscribe(),
+            filter,
+            held,
+            Duration::from_secs(3600),
+        ));
         // One matching event arrives; then the client reads no more and goes.
         tx.send(event(1, EventKind::Drained)).unwrap();
-        let first = stream.next().await.unwrap();
+        let first = stream.next().await.unwrap().unwrap();
         assert_eq!(first.message, "event 1");
         assert_eq!(guards.follows(), 1);
         drop(stream);
@@ -1253,6 +1290,103 @@ mod tests {
         // after the 1,000th and after the 2,000th.
         let want = [0, 1000, 2000].map(|n| (n + 1, "events", Some(1000)));
         assert_eq!(pages_read, want, "(events taken, read, limit)");
+    }
+
+    /// `GET /v1/events` alone, as the server serves it: on the capped listener with `limits`,
+    /// for a read token.
+    async fn serve_events(
+        e: Arc<Engine>,
+        limits: crate::guard::ConnLimits,
+    ) -> std::net::SocketAddr {
+        let guards = Arc::new(Guards::with_limits(limits));
+        let conns = guards.connections.clone();
+        let app = Router::new()
+            .route("/v1/events", get(events))
+            .layer(Extension(guards))
+            .layer(Extension(Caller {
+                id: "t-1".into(),
+                scope: drover_model::token::TokenScope::Read,
+                group: None,
+            }))
+            .with_state(e);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(crate::guard::Capped::new(l, conns), app).await });
+        addr
+    }
+
+    /// Opens a follow stream (`accept`: NDJSON or server-sent events) and reads it for
+    /// `hold`: the connection and what came, or why the connection ended before.
+    async fn hold_follow(
+        addr: std::net::SocketAddr,
+        accept: &str,
+        hold: Duration,
+    ) -> Result<(tokio::net::TcpStream, String), String> {
+        use tokio::io::AsyncWriteExt;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /v1/events?follow=true HTTP/1.1\r\nhost: drover\r\naccept: {accept}\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut got = String::new();
+        match read_for(&mut c, hold, &mut got).await {
+            Ok(()) => Ok((c, got)),
+            Err(why) => Err(format!("{accept}: {why}: {got:?}")),
+        }
+    }
+
+    /// Reads `c` into `got` for `hold`; an error if it ends before.
+    async fn read_for(
+        c: &mut tokio::net::TcpStream,
+        hold: Duration,
+        got: &mut String,
+    ) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let t0 = tokio::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(t0 + hold, c.read(&mut buf)).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(0)) => return Err(format!("closed after {:?}", t0.elapsed())),
+                Ok(Ok(n)) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Ok(Err(err)) => return Err(format!("{err} after {:?}", t0.elapsed())),
+            }
+        }
+    }
+
+    /// A follow stream with nothing to send is not cut by the connections' idle timeout
+    /// (hyper reads the connection while it streams an answer: a silent one timed out): it
+    /// sends keep-alives its readers skip (an empty line; a server-sent-events comment), and
+    /// events still come after them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_follow_stream_outlives_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = crate::testing::engine(dir.path(), crate::testing::Watched::open(dir.path()));
+        let limits = crate::guard::ConnLimits {
+            first_byte: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let addr = serve_events(e.clone(), limits).await;
+        let hold = Duration::from_secs(3);
+        let (ndjson, sse) = tokio::join!(
+            hold_follow(addr, "application/x-ndjson", hold),
+            hold_follow(addr, "text/event-stream", hold)
+        );
+        let (mut ndjson, mut sse) = (ndjson.unwrap(), sse.unwrap());
+        for got in [&ndjson.1, &sse.1] {
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        }
+        // Chunked: a chunk of one byte, the empty line; a comment for server-sent events.
+        assert!(ndjson.1.contains("\r\n1\r\n\n\r\n"), "{:?}", ndjson.1);
+        assert!(!ndjson.1.contains('{'), "{:?}", ndjson.1);
+        assert!(sse.1.contains(": keep-alive\n\n"), "{:?}", sse.1);
+        assert!(!sse.1.contains("data:"), "{:?}", sse.1);
+        e.events_tx.send(event(7, EventKind::Healthy)).unwrap();
+        for (c, got) in [&mut ndjson, &mut sse] {
+            read_for(c, Duration::from_millis(500), got).await.unwrap();
+            assert!(got.contains("\"message\":\"event 7\""), "{got:?}");
+        }
     }
 
     /// The structured errors say word for word what their free-text forms said (tests,

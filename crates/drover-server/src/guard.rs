@@ -41,6 +41,14 @@ pub struct Held {
 }
 
 impl Guards {
+    /// Holds over connections with `limits` (the default: [`ConnLimits::default`]).
+    pub fn with_limits(limits: ConnLimits) -> Guards {
+        Guards {
+            connections: Arc::new(Connections::with_limits(limits)),
+            ..Default::default()
+        }
+    }
+
     /// Take a hold for `caller`, or None when it holds its limit already.
     pub fn hold(self: &Arc<Self>, kind: Kind, caller: &str) -> Option<Held> {
         let limit = match kind {
@@ -242,6 +250,12 @@ impl Connections {
     /// Open connections now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// How often a long answer that has nothing to say sends something anyway (a follow
+    /// stream's keep-alive): a third of the idle timeout, so that it is never cut as idle.
+    pub fn keep_alive(&self) -> std::time::Duration {
+        self.limits.idle / 3
     }
 
     /// Connections closed at once because a cap was reached, since start.

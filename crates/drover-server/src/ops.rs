@@ -306,19 +306,38 @@ pub async fn logs(
         })
         .boxed()
     }));
-    let sc2 = sc.clone();
-    let tail = live.filter_map(move |mut f| {
+    let tail = live_frames(live, sc.clone(), IDLE_RELAY_GAP).map(move |b| {
         let _held = &held;
+        b
+    });
+    Ok(stream_response(Body::from_stream(head.chain(tail))))
+}
+
+/// How long a logs follow lets go without sending anything while its agents say they are
+/// idle (each sends `idle` every 10 s): an `idle` frame goes on when nothing went for this
+/// long, so a quiet follow is not closed as an idle connection (90 s), and however many
+/// instances it follows, it sends at most one per this gap.
+const IDLE_RELAY_GAP: Duration = Duration::from_secs(5);
+
+/// The live part of a logs follow as sent: each frame scrubbed, and the agents' `idle`
+/// frames passed on when nothing was sent for `gap`.
+fn live_frames(
+    live: impl futures::Stream<Item = Frame>,
+    sc: Scrubber,
+    gap: Duration,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    let mut last_sent = Instant::now();
+    live.filter_map(move |mut f| {
         let out = match f {
-            Frame::Idle => None,
+            Frame::Idle if last_sent.elapsed() < gap => None,
             _ => {
-                scrub_frame(&sc2, &mut f);
+                scrub_frame(&sc, &mut f);
+                last_sent = Instant::now();
                 Some(ndjson(&f))
             }
         };
         futures::future::ready(out)
-    });
-    Ok(stream_response(Body::from_stream(head.chain(tail))))
+    })
 }
 
 /// Records the end of an exec session once, however it ends (the person going included).
@@ -913,4 +932,48 @@ pub async fn agent_tail(
     .await
     .map_err(ServerError::FlightRecorder)??;
     Ok(Json(serde_json::json!({})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(frames: Vec<Frame>, gap: Duration) -> Vec<String> {
+        let out = futures::executor::block_on(
+            live_frames(
+                futures::stream::iter(frames),
+                Scrubber::for_fleet(None),
+                gap,
+            )
+            .collect::<Vec<_>>(),
+        );
+        out.into_iter()
+            .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    /// A quiet logs follow passes its agents' `idle` frames on (else the connection is closed
+    /// as idle after 90 s), at most one per gap: none right after another frame.
+    #[test]
+    fn a_quiet_logs_follow_passes_idle_frames_on() {
+        let note = || Frame::Note {
+            message: "n".into(),
+        };
+        assert_eq!(
+            texts(vec![Frame::Idle, note(), Frame::Idle], Duration::ZERO),
+            [
+                "{\"type\":\"idle\"}\n",
+                "{\"type\":\"note\",\"message\":\"n\"}\n",
+                "{\"type\":\"idle\"}\n"
+            ]
+        );
+        // Many instances, or lines going: within the gap, nothing more is needed.
+        assert_eq!(
+            texts(
+                vec![note(), Frame::Idle, Frame::Idle],
+                Duration::from_secs(3600)
+            ),
+            ["{\"type\":\"note\",\"message\":\"n\"}\n"]
+        );
+    }
 }
