@@ -924,8 +924,26 @@ impl Engine {
             own_token: launched.own_token,
         };
         let (rec, records) = World::launched(&ticket, &plan, &launched, now);
-        self.commit(records.into_iter().map(write_of).collect())
-            .await?;
+        if let Err(e) = self
+            .commit(records.into_iter().map(write_of).collect())
+            .await
+        {
+            // Unrecorded, nobody would adopt it and the next pass would launch another: it
+            // goes now, through its provider, with its grace.
+            let stopped = provider
+                .terminate(&launched.id, self.stop_grace(group))
+                .await
+                .map_err(|t| t.to_string());
+            let event = World::launch_unrecorded(
+                &ticket,
+                &launched,
+                &e.to_string(),
+                stopped.as_ref().map(|_| ()).map_err(String::as_str),
+            );
+            tracing::warn!(instance = %launched.id, "{}", event.message);
+            self.record(vec![event]);
+            return Err(e);
+        }
         let alive = provider.alive(&launched.id);
         self.state().adopt(rec, alive, now);
         Ok(())
@@ -1072,9 +1090,13 @@ mod tests {
     /// An engine over a store whose every commit takes `delay`, holding two instances
     /// (`i-000001`, `i-000002`, restored from the store as after a restart).
     fn engine(dir: &std::path::Path, delay: Duration) -> (Engine, Arc<Slow>) {
+        engine_with(dir, delay, &local_web().toml())
+    }
+
+    /// [`engine`], with `toml` as the fleet file (a [`local_web`] with other details).
+    fn engine_with(dir: &std::path::Path, delay: Duration, toml: &str) -> (Engine, Arc<Slow>) {
         let inner = SqliteStore::open(&dir.join("drover.db")).unwrap();
-        let text = local_web().toml();
-        let fleet = drover_model::parse_fleet(&text, "drover.toml").unwrap();
+        let fleet = drover_model::parse_fleet(toml, "drover.toml").unwrap();
         let mut plan = drover_model::plan::plan_for(&fleet, "web", &fleet.services["web"], "local");
         plan.generation = 1;
         plan.revision = 1;
@@ -1084,7 +1106,7 @@ mod tests {
                     Write::Revision {
                         file: "drover.toml".into(),
                         summary: "test".into(),
-                        toml: text,
+                        toml: toml.into(),
                         fleet: fleet.clone(),
                         last_applied: None,
                     },
@@ -1127,6 +1149,7 @@ mod tests {
             delay,
             groups: std::sync::Mutex::new(Vec::new()),
             fail: Default::default(),
+            refuse_instances: Default::default(),
         });
         let store: Box<dyn Store> = Box::new(SlowRef(slow.clone()));
         let e = Engine::new(
@@ -1340,6 +1363,42 @@ mod tests {
         assert_eq!(desired(&e), 2);
         let stored = slow.inner.snapshot().unwrap();
         assert_eq!(stored.groups[0].desired, 2);
+    }
+
+    /// Issue 20, item 10: a launch whose record the store refuses is not left running
+    /// unadopted until a restart (while the next pass launches another): its provider
+    /// terminates it at once, and an event says why.
+    #[tokio::test]
+    async fn a_launch_the_store_refused_to_record_is_terminated() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let toml = drover_test_support::fleets::web("sim", &["local"]).toml();
+        let (e, slow) = engine_with(dir.path(), Duration::ZERO, &toml);
+        e.state().instance_seq = 10;
+        slow.refuse_instances.store(true, Ordering::SeqCst);
+        let err = e.launch("web/local", 1).await.unwrap_err().to_string();
+        assert!(err.contains("refused"), "{err}");
+        let provider = e.provider("local").unwrap();
+        assert!(
+            !provider.alive("i-000011"),
+            "a launch nobody recorded still runs"
+        );
+        assert!(!e.state().instances.contains_key("i-000011"));
+        e.flush().await;
+        let events = slow.inner.events(&EventFilter::default()).unwrap();
+        let said = events.iter().find(|ev| {
+            ev.kind == EventKind::Terminating && ev.instance.as_deref() == Some("i-000011")
+        });
+        let said = said.map(|ev| ev.message.as_str()).unwrap_or_default();
+        assert!(
+            said.contains("store refused its record") && said.contains("terminating it"),
+            "{events:?}"
+        );
+        // Once the store takes records again, a launch is recorded and adopted.
+        slow.refuse_instances.store(false, Ordering::SeqCst);
+        e.launch("web/local", 1).await.unwrap();
+        assert!(provider.alive("i-000012"));
+        assert!(e.state().instances.contains_key("i-000012"));
     }
 
     #[tokio::test]

@@ -261,6 +261,8 @@ pub(crate) mod tests {
         pub groups: Mutex<Vec<usize>>,
         /// While set, every commit fails (a store that is down).
         pub fail: std::sync::atomic::AtomicBool,
+        /// While set, every commit that writes an instance record fails (the rest pass).
+        pub refuse_instances: std::sync::atomic::AtomicBool,
     }
 
     impl Store for Slow {
@@ -277,6 +279,23 @@ pub(crate) mod tests {
                 return batches
                     .iter()
                     .map(|_| Err(StoreError::Group("the store is down (test)".into())))
+                    .collect();
+            }
+            if self
+                .refuse_instances
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return batches
+                    .into_iter()
+                    .map(|(writes, now)| {
+                        if writes.iter().any(|w| matches!(w, Write::Instance(_))) {
+                            Err(StoreError::Group(
+                                "instance records are refused (test)".into(),
+                            ))
+                        } else {
+                            self.inner.commit(writes, now)
+                        }
+                    })
                     .collect();
             }
             self.inner.commit_many(batches)
@@ -320,6 +339,7 @@ pub(crate) mod tests {
             delay: Duration::from_millis(20),
             groups: Mutex::new(Vec::new()),
             fail: Default::default(),
+            refuse_instances: Default::default(),
         });
         let published = Arc::new(Mutex::new(Vec::new()));
         let p = published.clone();
@@ -371,6 +391,7 @@ pub(crate) mod tests {
             delay: Duration::from_millis(200),
             groups: Mutex::new(Vec::new()),
             fail: Default::default(),
+            refuse_instances: Default::default(),
         });
         let w = Writer::start_with(store.clone(), |_| {}, 8).unwrap();
         for i in 0..1000 {
@@ -399,6 +420,7 @@ pub(crate) mod tests {
             delay: Duration::from_millis(300),
             groups: Mutex::new(Vec::new()),
             fail: Default::default(),
+            refuse_instances: Default::default(),
         });
         let w = Writer::start(store.clone(), |_| {}).unwrap();
         let t = Instant::now();

@@ -569,6 +569,29 @@ impl World {
         .group(&ticket.group)
     }
 
+    /// The event of a launch the provider made whose record the store refused: nobody would
+    /// adopt the instance (until a restart reaps it) and the next pass would launch another,
+    /// so it is terminated now; `stopped` is how that went.
+    pub fn launch_unrecorded(
+        ticket: &LaunchTicket,
+        launched: &Launched,
+        why: &str,
+        stopped: Result<(), &str>,
+    ) -> NewEvent {
+        let id = &launched.id;
+        let message = match stopped {
+            Ok(()) => format!(
+                "{id} was launched but the store refused its record ({why}): terminating it"
+            ),
+            Err(e) => format!(
+                "{id} was launched but the store refused its record ({why}); terminating it failed: {e}"
+            ),
+        };
+        NewEvent::new(EventKind::Terminating, message)
+            .group(&ticket.group)
+            .instance(id)
+    }
+
     /// Take a stored launch: not reporting yet, watched from now.
     pub fn adopt(&mut self, rec: InstanceRecord, alive: bool, now: u64) {
         self.instances.insert(
@@ -1119,6 +1142,24 @@ mod tests {
         assert_eq!(
             e.message,
             "launched at 127.9.0.3 on generation 1 (app=v1) [sim-3]"
+        );
+        // Had the store refused those records, the instance would be terminated, and the
+        // event says so (and why).
+        let e = World::launch_unrecorded(&t, &launched, "disk full", Ok(()));
+        assert_eq!(
+            (e.kind, e.instance.as_deref(), e.group.as_deref()),
+            (EventKind::Terminating, Some("i-000003"), Some("web/a"))
+        );
+        assert_eq!(
+            e.message,
+            "i-000003 was launched but the store refused its record (disk full): terminating it"
+        );
+        let e = World::launch_unrecorded(&t, &launched, "disk full", Err("no such process"));
+        assert!(
+            e.message
+                .ends_with("terminating it failed: no such process"),
+            "{}",
+            e.message
         );
         w.adopt(rec, true, 3_000);
         let i = w.instances.get("i-000003").unwrap();
