@@ -25,7 +25,7 @@ impl Engine {
         // this apply only.
         if !req.dry_run {
             if let Ok(fleet) = drover_model::parse_fleet(&req.toml, &req.file) {
-                crate::artifact::prefetch(&fleet).await;
+                crate::artifact::prefetch(self, &fleet).await;
                 crate::registry::prefetch(self, &fleet).await;
             }
         }
@@ -41,7 +41,7 @@ impl Engine {
             let pair = [(req.component.clone(), req.version.clone())];
             if let Ok(toml) = set_versions(&rev.toml, &req.service, &pair) {
                 if let Ok(fleet) = drover_model::parse_fleet(&toml, &rev.file) {
-                    crate::artifact::prefetch(&fleet).await;
+                    crate::artifact::prefetch(self, &fleet).await;
                     crate::registry::prefetch(self, &fleet).await;
                 }
             }
@@ -380,8 +380,7 @@ impl Engine {
         let mut new_plans = plan.new_plans.clone();
         // Nothing is stored unless every new artifact can be fetched and matches its sha256.
         for p in &new_plans {
-            let old = old_groups.get(&p.group().0).map(|g| &g.plan);
-            crate::artifact::check_new_artifacts(old, p).await?;
+            crate::artifact::check_new_artifacts(self, &old_groups, p).await?;
         }
         // ... and every new image tag resolves to a digest in its registry (the plans pin it).
         crate::registry::pin_images(self, &old_groups, &mut new_plans, &mut new_groups).await?;

@@ -61,6 +61,8 @@ pub struct Engine {
     authority: std::sync::OnceLock<Arc<crate::ha::Authority>>,
     /// Image tags resolved before the write lock ([`crate::registry::prefetch`]).
     pub(crate) pins: crate::registry::Prefetched,
+    /// What artifact fetches found ([`crate::artifact::prefetch`]).
+    pub(crate) artifacts: crate::artifact::Checked,
 }
 
 /// Counts a held permit long-poll while it lives.
@@ -166,6 +168,7 @@ impl Engine {
             reconciled: Default::default(),
             authority: Default::default(),
             pins: Default::default(),
+            artifacts: Default::default(),
         })
     }
 
@@ -1327,6 +1330,174 @@ mod tests {
         assert!(err.contains("nothing was changed"), "{err}");
         assert_eq!(e.current_revision().unwrap().number, 1);
         drop(hang);
+    }
+
+    /// [`local_web`] at `version`, with an artifact for `app`: `url` and `sha256`.
+    fn with_artifact(url: &str, sha256: &str, version: &str) -> String {
+        local_web()
+            .version(version)
+            .app(&format!(
+                "artifact = {{ url = \"{url}\", sha256 = \"{sha256}\" }}"
+            ))
+            .toml()
+    }
+
+    /// Issue 20, item 2: an apply whose artifact host never answers holds up no controller
+    /// pass: the artifact is fetched before the write lock, and the check under the lock
+    /// answers from what that fetch found (a failure too), fetching nothing again. Passes
+    /// run at once all along; the apply fails, saying why, and changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_artifact_host_does_not_stall_the_controller() {
+        use drover_test_support::fake_http::{Answer, FakeHttp};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut e, _) = engine(dir.path(), Duration::ZERO);
+        let fetch = Duration::from_millis(1500);
+        e.artifacts = crate::artifact::Checked::new(fetch, 1 << 20, crate::artifact::FAILURE_FRESH);
+        let e = Arc::new(e);
+        let host = FakeHttp::start(|_| Answer::Hold).await;
+        let toml = with_artifact(
+            &format!("{}/app-{{version}}.tar.gz", host.url()),
+            &"0".repeat(64),
+            "v2",
+        );
+        let t0 = Instant::now();
+        let apply = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                e.apply(drover_model::api::ApplyRequest {
+                    file: "drover.toml".into(),
+                    toml,
+                    dry_run: false,
+                    force_file: false,
+                })
+                .await
+            })
+        };
+        // Controller passes, one after another, until the apply is done: none waits.
+        let mut passes = 0;
+        while !apply.is_finished() {
+            let t = Instant::now();
+            tokio::time::timeout(Duration::from_secs(5), e.tick())
+                .await
+                .expect("a controller pass waited for the artifact host");
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "a pass took {:?}: it waited for the write lock an artifact fetch held",
+                t.elapsed()
+            );
+            passes += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(passes > 10, "{passes}");
+        let err = apply.await.unwrap().unwrap_err().to_string();
+        assert!(
+            err.contains("nothing was changed") && err.contains("no complete answer within"),
+            "{err}"
+        );
+        assert_eq!(
+            host.count("GET", "/app-v2.tar.gz"),
+            1,
+            "the check under the lock fetched the artifact again"
+        );
+        assert!(t0.elapsed() < fetch * 2, "{:?}", t0.elapsed());
+        assert_eq!(e.current_revision().unwrap().number, 1);
+    }
+
+    /// Issue 20, item 2: an artifact a stored plan already names needs no fetch, after a
+    /// restart too (nothing fetched is remembered then): a later wave (another group runs
+    /// it) and a rollback (the group's earlier plan had it) pass while its host hangs,
+    /// holding the write lock for no fetch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_wave_or_a_rollback_after_a_restart_fetches_no_artifact() {
+        use drover_test_support::fake_http::{Answer, FakeHttp};
+        use sha2::Digest as _;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut e, slow) = engine(dir.path(), Duration::ZERO);
+        let short = || {
+            crate::artifact::Checked::new(
+                Duration::from_millis(1500),
+                1 << 20,
+                crate::artifact::FAILURE_FRESH,
+            )
+        };
+        e.artifacts = short();
+        let hang = Arc::new(AtomicBool::new(false));
+        let host = {
+            let hang = hang.clone();
+            FakeHttp::start(move |_| {
+                if hang.load(Ordering::SeqCst) {
+                    Answer::Hold
+                } else {
+                    Answer::Json(200, "the archive".into())
+                }
+            })
+            .await
+        };
+        let sha = hex::encode(sha2::Sha256::digest(b"the archive"));
+        let url = format!("{}/app-{{version}}.tar.gz", host.url());
+        let apply = |version: &str| drover_model::api::ApplyRequest {
+            file: "drover.toml".into(),
+            toml: with_artifact(&url, &sha, version),
+            dry_run: false,
+            force_file: false,
+        };
+        e.apply(apply("v2")).await.unwrap();
+        e.apply(apply("v3")).await.unwrap();
+        assert_eq!(host.count("GET", "/app-v2.tar.gz"), 1);
+        assert_eq!(host.count("GET", "/app-v3.tar.gz"), 1);
+        assert_eq!(e.state().groups["web/local"].record.generation, 3);
+        // A restart: a new engine on the same store remembers no fetch (its tokens are the
+        // same: the factory's).
+        let factory = e.factory;
+        let mut e = Engine::new(
+            Box::new(SlowRef(slow.clone())),
+            Timing {
+                leave_within_ms: 30_000,
+                silent_after_ms: 5000,
+            },
+            factory,
+        )
+        .unwrap();
+        e.artifacts = short();
+        hang.store(true, Ordering::SeqCst);
+        // A later wave: another group's new plan has the artifact a group runs.
+        let groups = e.state().groups.clone();
+        let mut wave = groups["web/local"].plan.clone();
+        wave.region = "far".into();
+        wave.generation = 1;
+        let t = Instant::now();
+        crate::artifact::check_new_artifacts(&e, &groups, &wave)
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(host.count("GET", "/app-v3.tar.gz"), 1, "fetched again");
+        // A rollback: the group's earlier plan had it.
+        let t = Instant::now();
+        let back = e
+            .rollback(drover_model::api::RollbackRequest {
+                service: "web".into(),
+                dry_run: false,
+            })
+            .await
+            .unwrap();
+        assert!(back.applied);
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(host.count("GET", "/app-v2.tar.gz"), 1, "fetched again");
+        let g = e.state().groups["web/local"].clone();
+        assert_eq!(g.plan.components[0].version, "v2");
+        assert_eq!(g.record.generation, 4);
+        // A version no plan named is still fetched, and its hanging host refuses it.
+        let err = e.apply(apply("v4")).await.unwrap_err().to_string();
+        assert!(err.contains("no complete answer within"), "{err}");
     }
 
     /// Issue 20, item 10: a change the store refused is not in memory either. `drover scale`
