@@ -103,17 +103,22 @@ impl Checked {
 }
 
 /// Fetch and check, before the write lock, every artifact the plans of `fleet` would have
-/// that no fetch has matched yet (one that failed is fetched again: this is a new change),
-/// so that the apply's own check finds what came of it. Errors are left for that check (it
-/// says which component and version); this only warms it.
+/// that no group runs and no fetch has matched yet (one that failed is fetched again: this
+/// is a new change), so that the apply's own check finds what came of it. Errors are left
+/// for that check (it says which component and version); this only warms it.
 pub(crate) async fn prefetch(engine: &Engine, fleet: &Fleet) {
     let mut wanted: Vec<Artifact> = Vec::new();
-    for (name, svc) in &fleet.services {
-        for region in &svc.regions {
-            let plan = drover_model::plan::plan_for(fleet, name, svc, region);
-            for c in plan.components {
-                if let Some(a) = c.artifact {
-                    if !wanted.contains(&a) && !engine.artifacts.is_verified(&a) {
+    {
+        let st = engine.state();
+        for (name, svc) in &fleet.services {
+            for region in &svc.regions {
+                let plan = drover_model::plan::plan_for(fleet, name, svc, region);
+                for c in plan.components {
+                    let Some(a) = c.artifact else { continue };
+                    if !wanted.contains(&a)
+                        && !engine.artifacts.is_verified(&a)
+                        && !st.groups.values().any(|g| names(&g.plan, &a))
+                    {
                         wanted.push(a);
                     }
                 }

@@ -1476,6 +1476,15 @@ mod tests {
             t.elapsed()
         );
         assert_eq!(host.count("GET", "/app-v3.tar.gz"), 1, "fetched again");
+        // The same file again: what a group runs is not fetched before the lock either.
+        let t = Instant::now();
+        assert!(!e.apply(apply("v3")).await.unwrap().applied);
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(host.count("GET", "/app-v3.tar.gz"), 1, "fetched again");
         // A rollback: the group's earlier plan had it.
         let t = Instant::now();
         let back = e
