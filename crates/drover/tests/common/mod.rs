@@ -304,13 +304,18 @@ impl Up {
 }
 
 /// Stops the servers [`start_server`] started in `DIR`, and the agents and the balancer they
-/// started (which outlive a server by design), by the pids in their pid files, even when the
-/// test fails.
+/// started (which outlive a server by design), even when the test fails: the servers by the
+/// pids in `DIR/server.pids`; then every agent by its pid file and every process that names
+/// `DIR` in its arguments or works in it (an agent whose pid file was never written, such as
+/// one launched just before its server was SIGKILLed; what its components left), asked with
+/// SIGTERM, then its process group SIGKILLed; it returns once they are gone (at most about
+/// 3 s), before the directory goes.
 pub struct KillAgents(pub PathBuf);
 
 impl Drop for KillAgents {
     fn drop(&mut self) {
         // The servers `start_server` started here, if still ours (a pid not reused).
+        let mut servers = Vec::new();
         if let Ok(pids) = std::fs::read_to_string(self.0.join("server.pids")) {
             for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                 let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
@@ -318,24 +323,101 @@ impl Drop for KillAgents {
                 });
                 if ours {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
+                    servers.push(pid);
                 }
             }
         }
+        // No server launches an agent once they are gone.
+        wait_gone(&servers, Duration::from_secs(2));
         if let Ok(p) = std::fs::read_to_string(self.0.join("data/lb/lb.pid")) {
             if let Ok(pid) = p.trim().parse::<i32>() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        let Ok(entries) = std::fs::read_dir(self.0.join("data.instances")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if let Ok(p) = std::fs::read_to_string(e.path().join("agent.pid")) {
-                if let Ok(pid) = p.trim().parse::<i32>() {
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut left: Vec<i32> = processes_in(&self.0);
+        if let Ok(entries) = std::fs::read_dir(self.0.join("data.instances")) {
+            for e in entries.flatten() {
+                if let Ok(p) = std::fs::read_to_string(e.path().join("agent.pid")) {
+                    if let Ok(pid) = p.trim().parse::<i32>() {
+                        if !left.contains(&pid) {
+                            left.push(pid);
+                        }
+                    }
                 }
             }
         }
+        if left.is_empty() {
+            return;
+        }
+        // Asked first (an agent stops its components, containers included), then killed.
+        for &pid in &left {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        wait_gone(&left, Duration::from_secs(1));
+        for pid in processes_in(&self.0) {
+            if !left.contains(&pid) {
+                left.push(pid);
+            }
+        }
+        for &pid in &left {
+            if alive(pid) {
+                kill_group(pid);
+            }
+        }
+        wait_gone(&left, Duration::from_secs(2));
+    }
+}
+
+/// The processes (not this one, none a zombie) with an argument that is `dir` or a path in
+/// it, or whose working directory is in it.
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let text = dir.to_string_lossy().into_owned();
+    let inside = format!("{text}/");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || !alive(pid) {
+            continue;
+        }
+        let named = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .map(String::from_utf8_lossy)
+                .any(|a| a == text || a.contains(&inside))
+        });
+        let works_there =
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+        if named || works_there {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// SIGKILL `pid`'s process group when it leads one (an agent does: its components are in
+/// it), else `pid` alone. Never this test's own group.
+pub fn kill_group(pid: i32) {
+    // SAFETY: plain syscalls on a pid; a failure (gone, not ours) is ignored.
+    unsafe {
+        let pgid = libc::getpgid(pid);
+        if pgid == pid && pgid != libc::getpgrp() {
+            libc::kill(-pgid, libc::SIGKILL);
+        } else {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Waits up to `within` for each of `pids` to be gone (a zombie is gone).
+pub fn wait_gone(pids: &[i32], within: Duration) {
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| alive(p)) && t0.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
