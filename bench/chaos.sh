@@ -13,7 +13,7 @@
 # Settings (environment): SEED (a random one, printed), RATE (100 requests/s), FAULT_GAP (6 s
 # between faults on average), DEPLOY_EVERY (60 s), SUBNET (63: instances on 127.63.0.0/16),
 # DROVER_BIN (default target/release/drover, built if missing; drover-agent beside it),
-# CHAOS_DIR (work directory; default a new one under /tmp, kept for its logs), EVENTS_KEEP (2000:
+# CHAOS_DIR (work directory; default a new one under /tmp, kept for its logs), EVENTS_KEEP (500:
 # the server's --events-keep), FAULTS (e.g. kill_lb,hb_flood: only these), BIN_NOTE.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
