@@ -362,7 +362,13 @@ async fn handle(ctx: Arc<Ctx>, link: Link, task: AgentTask) {
                 ..
             } => {
                 let how = How { tty, stdin, size };
-                exec(&ctx, &link, id, component.as_deref(), &command, how, &tx).await
+                let run = exec(&ctx, &link, id, component.as_deref(), &command, how, &tx);
+                // A command that prints nothing leaves this upload, and the person's answer,
+                // silent: idle frames keep both from the server's idle timeout (90 s).
+                tokio::select! {
+                    _ = run => {}
+                    _ = idle_frames(&tx) => {}
+                }
             }
         }
         drop(tx);
@@ -371,6 +377,20 @@ async fn handle(ctx: Arc<Ctx>, link: Link, task: AgentTask) {
     tokio::select! {
         _ = upload(&link, &ctx, id, rx) => {}
         _ = produce => {}
+    }
+}
+
+/// How often a task with nothing to say sends [`Frame::Idle`]: well within the server's idle
+/// timeout (90 s), which closes a connection silent both ways.
+const IDLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Sends [`Frame::Idle`] every [`IDLE_EVERY`]; ends when the upload has.
+async fn idle_frames(tx: &mpsc::Sender<Frame>) {
+    loop {
+        tokio::time::sleep(IDLE_EVERY).await;
+        if tx.send(Frame::Idle).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -541,18 +561,10 @@ async fn logs(
             .filter(|i| ctx.plan.components[**i].runtime == Runtime::Docker)
             .map(|&idx| follow_container(ctx, idx, tx)),
     );
-    let idle = async {
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            if tx.send(Frame::Idle).await.is_err() {
-                return;
-            }
-        }
-    };
     tokio::select! {
         _ = files => {}
         _ = async { containers.await; std::future::pending::<()>().await } => {}
-        _ = idle => {}
+        _ = idle_frames(tx) => {}
         _ = tx.closed() => {}
     }
 }

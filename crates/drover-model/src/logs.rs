@@ -161,8 +161,9 @@ pub enum Frame {
     /// `POST /v1/exec/ID/input`. The server's first frame.
     Session { id: u64 },
     /// Nothing to say: sent by an agent once its history is sent (then every 10 s, which
-    /// keeps an idle follow open and finds a person gone). A logs follow passes one on to
-    /// the CLI when it sent nothing for 5 s (a keep-alive: readers skip it).
+    /// keeps an idle follow open and finds a person gone), and every 10 s of an exec
+    /// session. A logs follow or an exec passes one on to the CLI when it sent nothing for
+    /// 5 s (a keep-alive: readers skip it).
     Idle,
 }
 

@@ -313,10 +313,10 @@ pub async fn logs(
     Ok(stream_response(Body::from_stream(head.chain(tail))))
 }
 
-/// How long a logs follow lets go without sending anything while its agents say they are
-/// idle (each sends `idle` every 10 s): an `idle` frame goes on when nothing went for this
-/// long, so a quiet follow is not closed as an idle connection (90 s), and however many
-/// instances it follows, it sends at most one per this gap.
+/// How long a logs follow or an exec session lets go without sending anything while its
+/// agents say they are idle (each sends `idle` every 10 s): an `idle` frame goes on when
+/// nothing went for this long, so a quiet follow or command is not closed as an idle
+/// connection (90 s), and however many instances it follows, it sends at most one per gap.
 const IDLE_RELAY_GAP: Duration = Duration::from_secs(5);
 
 /// The live part of a logs follow as sent: each frame scrubbed, and the agents' `idle`
@@ -326,18 +326,39 @@ fn live_frames(
     sc: Scrubber,
     gap: Duration,
 ) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
-    let mut last_sent = Instant::now();
+    let mut gate = IdleGate::new(gap);
     live.filter_map(move |mut f| {
-        let out = match f {
-            Frame::Idle if last_sent.elapsed() < gap => None,
-            _ => {
-                scrub_frame(&sc, &mut f);
-                last_sent = Instant::now();
-                Some(ndjson(&f))
-            }
-        };
+        let out = gate.pass(&f).then(|| {
+            scrub_frame(&sc, &mut f);
+            ndjson(&f)
+        });
         futures::future::ready(out)
     })
+}
+
+/// Lets an agent's `idle` frame through only when nothing went to the client for `gap` (a
+/// keep-alive, not a frame per agent every 10 s).
+struct IdleGate {
+    gap: Duration,
+    last_sent: Instant,
+}
+
+impl IdleGate {
+    fn new(gap: Duration) -> IdleGate {
+        IdleGate {
+            gap,
+            last_sent: Instant::now(),
+        }
+    }
+
+    /// Whether `f` goes on to the client; if it does, it counts as sent now.
+    fn pass(&mut self, f: &Frame) -> bool {
+        if matches!(f, Frame::Idle) && self.last_sent.elapsed() < self.gap {
+            return false;
+        }
+        self.last_sent = Instant::now();
+        true
+    }
 }
 
 /// Records the end of an exec session once, however it ends (the person going included).
@@ -510,12 +531,28 @@ pub async fn exec(
         audit.end("the agent did not take it");
         return Err(ServerError::Unavailable(message));
     }
-    // Secrets are scrubbed across output chunks: a possible start of one waits for the next.
+    let frames = exec_frames(session, audit, sc, IDLE_RELAY_GAP);
+    let head =
+        futures::stream::iter(first.map(|b| Ok::<_, std::convert::Infallible>(Bytes::from(b))));
+    Ok(stream_response(Body::from_stream(head.chain(frames))))
+}
+
+/// An exec session's frames as the client gets them, ending with the command's exit (or an
+/// error): secrets scrubbed across output chunks (a possible start of one waits for the
+/// next), the agent's `idle` frames passed on when nothing went for `gap` (a command that
+/// prints nothing would leave the answer silent, and the connection is closed as idle).
+fn exec_frames(
+    session: Session,
+    audit: ExecAudit,
+    sc: Scrubber,
+    gap: Duration,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     struct Exec {
         s: Session,
         audit: ExecAudit,
         ended: bool,
         held: [String; 2],
+        gate: IdleGate,
     }
     let held_of = |st: Stream| match st {
         Stream::Stdout => 0,
@@ -526,8 +563,9 @@ pub async fn exec(
         audit,
         ended: false,
         held: Default::default(),
+        gate: IdleGate::new(gap),
     };
-    let frames = futures::stream::unfold(state, move |mut x| {
+    futures::stream::unfold(state, move |mut x| {
         let sc = sc.clone();
         async move {
             if x.ended {
@@ -563,6 +601,9 @@ pub async fn exec(
                 } else {
                     scrub_frame(&sc, &mut f);
                 }
+                if !x.gate.pass(&f) {
+                    continue;
+                }
                 let end = match &f {
                     Frame::Exit { code, how } => {
                         x.audit.end(&format!("exit code {code} ({how})"));
@@ -582,10 +623,7 @@ pub async fn exec(
                 return Some((Ok(Bytes::from(out)), x));
             }
         }
-    });
-    let head =
-        futures::stream::iter(first.map(|b| Ok::<_, std::convert::Infallible>(Bytes::from(b))));
-    Ok(stream_response(Body::from_stream(head.chain(frames))))
+    })
 }
 
 /// Longest input message accepted (a line of `POST /v1/exec/ID/input`).
@@ -974,6 +1012,63 @@ mod tests {
                 Duration::from_secs(3600)
             ),
             ["{\"type\":\"note\",\"message\":\"n\"}\n"]
+        );
+    }
+    /// An exec session's frames as the client gets them: `frames` as the agent uploads them.
+    async fn exec_texts(frames: Vec<Frame>, gap: Duration) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let e = crate::testing::engine(dir.path(), crate::testing::Watched::open(dir.path()));
+        let relay = Relay::default();
+        let session = relay
+            .dispatch("i-000001", |id| AgentTask::Exec {
+                id,
+                component: None,
+                command: vec!["sleep".into(), "120".into()],
+                tty: false,
+                stdin: false,
+                size: None,
+            })
+            .unwrap();
+        let tx = relay.sink(session.id, "i-000001").unwrap();
+        for f in frames {
+            tx.send(f).await.unwrap();
+        }
+        let audit = ExecAudit {
+            engine: e,
+            group: "web/local".into(),
+            instance: "i-000001".into(),
+            what: "exec".into(),
+            started: Instant::now(),
+            done: false,
+        };
+        exec_frames(session, audit, Scrubber::for_fleet(None), gap)
+            .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+            .collect()
+            .await
+    }
+
+    /// A command that prints nothing: its agent's `idle` frames go on to the client (else the
+    /// connection is closed as idle after 90 s), at most one per gap; the exit still ends it.
+    #[tokio::test]
+    async fn a_quiet_exec_passes_idle_frames_on() {
+        let exit = || Frame::Exit {
+            code: 0,
+            how: "exit status 0".into(),
+        };
+        let idle = "{\"type\":\"idle\"}\n";
+        let exit_line = "{\"type\":\"exit\",\"code\":0,\"how\":\"exit status 0\"}\n";
+        assert_eq!(
+            exec_texts(vec![Frame::Idle, Frame::Idle, exit()], Duration::ZERO).await,
+            [idle, idle, exit_line]
+        );
+        // Within the gap of the session's start (or of the last frame), none.
+        assert_eq!(
+            exec_texts(
+                vec![Frame::Idle, Frame::Idle, exit()],
+                Duration::from_secs(3600)
+            )
+            .await,
+            [exit_line]
         );
     }
 }
