@@ -124,6 +124,7 @@ mod tests {
             per_ip: 20,
             first_byte: std::time::Duration::from_millis(300),
             idle: std::time::Duration::from_millis(900),
+            head: HEAD_TIMEOUT,
         };
         let conns = Arc::new(Connections::with_limits(limits));
         let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -170,6 +171,82 @@ mod tests {
         server.abort();
     }
 
+    /// What `c` reads until an answer ending in `ok`; panics if it is closed before.
+    async fn answered(c: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"ok") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    /// A client that sends its request head a byte every 500 ms (each byte resets the idle
+    /// timeout) is closed at the head deadline; whole requests are answered, one after
+    /// another on a connection, and the server stops once its connections are gone.
+    #[tokio::test]
+    async fn a_slow_request_head_is_closed_at_its_deadline() {
+        let limits = ConnLimits {
+            head: std::time::Duration::from_secs(2),
+            ..Default::default()
+        };
+        let conns = Arc::new(Connections::with_limits(limits));
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let app = axum::Router::new().route("/v1/health", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(Capped::new(inner, conns.clone()), app, async move {
+            let _ = stopped.await;
+        }));
+        let mut normal = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let ask = b"GET /v1/health HTTP/1.1\r\nhost: drover\r\n\r\n";
+        for _ in 0..2 {
+            normal.write_all(ask).await.unwrap();
+            assert!(answered(&mut normal).await.starts_with("HTTP/1.1 200"));
+        }
+        drop(normal);
+        // The slow one.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t0 = std::time::Instant::now();
+        let (mut rd, mut wr) = slow.split();
+        let drip = async {
+            for b in ask.iter().cycle() {
+                if wr.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            std::future::pending::<()>().await
+        };
+        let mut buf = [0u8; 1024];
+        let closed = tokio::select! {
+            r = rd.read(&mut buf) => r,
+            _ = drip => unreachable!(),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+                panic!("a head sent a byte every 500 ms was still open after 10 s")
+            }
+        };
+        let took = t0.elapsed();
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        assert!(
+            took >= std::time::Duration::from_millis(1800)
+                && took < std::time::Duration::from_secs(4),
+            "closed after {took:?}"
+        );
+        // Others are still served.
+        let mut normal = tokio::net::TcpStream::connect(addr).await.unwrap();
+        normal.write_all(ask).await.unwrap();
+        assert!(answered(&mut normal).await.starts_with("HTTP/1.1 200"));
+        drop(normal);
+        let _ = stop.send(());
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("the server stops")
+            .unwrap();
+    }
+
     #[test]
     fn a_caller_holds_at_most_its_limit_and_drops_give_back() {
         let g = Arc::new(Guards::default());
@@ -209,6 +286,10 @@ pub const FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// A connection with no byte either way for this long is closed: longer than the longest
 /// long-poll (60 s), so a held poll is never cut.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+/// A request's head (its request line and headers) must come whole within this long of the
+/// connection's start or of the answer before it: a slow loris sending a byte now and then
+/// is closed however often it sends.
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The caps and timeouts of [`Connections`].
 #[derive(Clone, Copy, Debug)]
@@ -217,6 +298,8 @@ pub struct ConnLimits {
     pub per_ip: usize,
     pub first_byte: std::time::Duration,
     pub idle: std::time::Duration,
+    /// A request's whole head ([`HEAD_TIMEOUT`]); applied by [`serve`].
+    pub head: std::time::Duration,
 }
 
 impl Default for ConnLimits {
@@ -226,6 +309,7 @@ impl Default for ConnLimits {
             per_ip: MAX_CONNECTIONS_PER_IP,
             first_byte: FIRST_BYTE_TIMEOUT,
             idle: IDLE_TIMEOUT,
+            head: HEAD_TIMEOUT,
         }
     }
 }
@@ -334,6 +418,64 @@ where
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
     }
+}
+
+/// Serves `app` over HTTP/1.1 on `listener` until `shutdown`, then waits until the open
+/// connections have answered what they were asked (as `axum::serve` with its graceful
+/// shutdown), and besides closes a connection whose request head does not come whole within
+/// the limits' `head` (hyper's header read timeout: `axum::serve` sets none, so a byte every
+/// minute kept a connection open for good).
+pub async fn serve<L>(
+    mut listener: Capped<L>,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(listener.conns.limits.head);
+    // Each connection holds a receiver: closed() below waits until all are gone.
+    let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (io, _addr) = tokio::select! {
+            c = axum::serve::Listener::accept(&mut listener) => c,
+            _ = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let app = app.clone();
+                async move {
+                    use tower::ServiceExt as _;
+                    app.oneshot(req.map(axum::body::Body::new)).await
+                }
+            });
+        let conn = http
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let mut close_rx = close_rx.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "API connection ended");
+                    }
+                    return;
+                }
+                _ = close_rx.changed() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    drop(close_rx);
+    // Stop: every connection finishes its request, then closes.
+    let _ = close_tx.send(());
+    close_tx.closed().await;
 }
 
 /// A connection that ends with an error once it has been silent too long.

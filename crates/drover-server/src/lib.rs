@@ -790,23 +790,19 @@ impl Server {
         let conns = shared.guards.connections.clone();
         match tls {
             None => tasks.push(tokio::spawn(async move {
-                let r = axum::serve(guard::Capped::new(api, conns), app)
-                    .with_graceful_shutdown(async move { s.cancelled().await })
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!("API server: {e}");
-                }
+                guard::serve(guard::Capped::new(api, conns), app, async move {
+                    s.cancelled().await
+                })
+                .await
             })),
             Some(t) => {
                 let listener = tls::TlsListener::new(api, t.acceptor)
                     .map_err(|e| ServerError::Io("API address".into(), e))?;
                 tasks.push(tokio::spawn(async move {
-                    let r = axum::serve(guard::Capped::new(listener, conns), app)
-                        .with_graceful_shutdown(async move { s.cancelled().await })
-                        .await;
-                    if let Err(e) = r {
-                        tracing::error!("API server: {e}");
-                    }
+                    guard::serve(guard::Capped::new(listener, conns), app, async move {
+                        s.cancelled().await
+                    })
+                    .await
                 }));
             }
         }
