@@ -59,6 +59,10 @@ pub struct LocalProvider {
     agents: Arc<Mutex<HashMap<String, u32>>>,
     /// Exit watchers and kills after a stop grace.
     tasks: Tasks,
+    /// The environment agents' variables are taken from (through [`agent_env`]): `None`, the
+    /// server's own; set by tests ([`LocalProvider::with_env`]), since setting a test
+    /// process's own environment races its other threads.
+    env: Option<Vec<(String, String)>>,
 }
 
 impl LocalProvider {
@@ -70,7 +74,15 @@ impl LocalProvider {
             exits,
             agents: Arc::new(Mutex::new(HashMap::new())),
             tasks: Tasks::default(),
+            env: None,
         }
+    }
+
+    /// Agents' variables taken from `vars` rather than from the server's environment (only
+    /// the allow-list of them, as always).
+    pub fn with_env(mut self, vars: Vec<(String, String)>) -> LocalProvider {
+        self.env = Some(vars);
+        self
     }
 
     /// Where every instance's directory is (outside the data directory).
@@ -176,7 +188,11 @@ impl LocalProvider {
         }
         // The server's environment holds its own secrets (DROVER_TOKEN, registry and etcd
         // passwords, cloud keys): an agent, and so its components, get only the allow-list.
-        cmd.env_clear().envs(agent_env(std::env::vars()));
+        let vars: Box<dyn Iterator<Item = (String, String)>> = match &self.env {
+            Some(v) => Box::new(v.clone().into_iter()),
+            None => Box::new(std::env::vars()),
+        };
+        cmd.env_clear().envs(agent_env(vars));
         if let Some(u) = &user {
             own_dir(u)?;
             // std drops the supplementary groups too when root sets a uid.
@@ -647,6 +663,109 @@ mod tests {
         ];
         for c in no {
             assert!(!runs_agent_for(c, dir), "{c:?}");
+        }
+    }
+    /// At the spawn: an agent (a stand-in script that writes its environment down) gets the
+    /// allow-list of the server's environment and nothing else, neither the secrets beside
+    /// it nor anything the server itself inherited.
+    #[tokio::test]
+    async fn a_launched_agent_gets_only_the_allow_list() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dump = tmp.path().join("env.txt");
+        let script = tmp.path().join("fake-agent");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nenv > '{}.part'\nmv '{0}.part' '{0}'\n",
+                dump.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let allowed = |k: &str| AGENT_ENV_ALLOW.contains(&k) || k.starts_with("LC_");
+        // The server's environment: this process's (cargo's CARGO_* and the like are not on
+        // the list: they must not come through either) and secrets.
+        let mut vars: Vec<(String, String)> = std::env::vars().collect();
+        assert!(
+            vars.iter().any(|(k, _)| !allowed(k)),
+            "this test needs a variable off the list in its environment (cargo sets CARGO_*)"
+        );
+        vars.retain(|(k, _)| !matches!(k.as_str(), "PATH" | "RUST_LOG" | "LC_ALL"));
+        for (k, v) in [
+            ("PATH", "/usr/bin:/bin"),
+            ("RUST_LOG", "drover=debug"),
+            ("LC_ALL", "C"),
+            ("DROVER_TOKEN", "drover_admin_secret"),
+            ("DROVER_REGISTRY_PASSWORD", "registry-secret"),
+            ("DROVER_ETCD_PASSWORD", "etcd-secret"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-secret"),
+        ] {
+            vars.push((k.into(), v.into()));
+        }
+        let data_dir = tmp.path().join("data");
+        let (exits, mut exited) = mpsc::unbounded_channel();
+        let provider = LocalProvider::new(
+            LocalConfig {
+                instances_dir: default_instances_dir(&data_dir),
+                data_dir,
+                run_as: None,
+                drover_bin: "/bin/false".into(),
+                agent_bin: Some(script),
+                server_url: "http://127.0.0.1:1".into(),
+                block: 77,
+                heartbeat_interval: Duration::from_secs(1),
+                tied: true,
+                credentials: Default::default(),
+            },
+            exits,
+        )
+        .with_env(vars);
+        provider
+            .launch(LaunchRequest {
+                instance: "i-000001".into(),
+                seq: 1,
+                group: "web/local".into(),
+                plan: drover_model::Plan {
+                    fleet: "f".into(),
+                    service: "web".into(),
+                    region: "local".into(),
+                    generation: 1,
+                    revision: 1,
+                    components: Vec::new(),
+                },
+            })
+            .await
+            .unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(10), exited.recv())
+            .await
+            .expect("the stand-in agent exits")
+            .unwrap();
+        let got = std::fs::read_to_string(&dump).unwrap_or_else(|e| panic!("{exit:?}: {e}"));
+        let names: Vec<&str> = got
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| k)
+            .collect();
+        for secret in [
+            "DROVER_TOKEN",
+            "DROVER_REGISTRY_PASSWORD",
+            "DROVER_ETCD_PASSWORD",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
+            assert!(
+                !names.contains(&secret),
+                "{secret} reached the agent:\n{got}"
+            );
+        }
+        // The shell's own (sh sets PWD, some SHLVL and _) besides the list.
+        let off: Vec<&&str> = names
+            .iter()
+            .filter(|k| !allowed(k) && !matches!(**k, "PWD" | "OLDPWD" | "SHLVL" | "_"))
+            .collect();
+        assert!(off.is_empty(), "off the allow-list: {off:?}\n{got}");
+        for want in ["PATH=/usr/bin:/bin", "RUST_LOG=drover=debug", "LC_ALL=C"] {
+            assert!(got.lines().any(|l| l == want), "no {want}:\n{got}");
         }
     }
 }
