@@ -42,6 +42,20 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Per-operation framing in a transaction, counted against `max_request_bytes`.
 const OP_OVERHEAD: usize = 16;
 
+/// Whether event `e` passes `filter`'s group, instance, kind and time (not its seqs).
+fn event_matches(filter: &EventFilter, e: &Event) -> bool {
+    filter
+        .group
+        .as_ref()
+        .map_or(true, |g| e.group.as_ref() == Some(g))
+        && filter
+            .instance
+            .as_ref()
+            .map_or(true, |i| e.instance.as_ref() == Some(i))
+        && filter.kind.as_ref().map_or(true, |kd| &e.kind == kd)
+        && e.at_ms >= filter.since_ms
+}
+
 /// The numbering counter: the last revision number and event seq given. Every commit
 /// rewrites it, in the same transaction, conditioned on its `mod_revision`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -686,6 +700,87 @@ impl Inner {
         }
     }
 
+    /// The newest `filter.limit` events that match `filter` (`limit` > 0), oldest first:
+    /// read back from the last seq given, a window of seqs at a time, at one etcd revision,
+    /// until `limit` match or the oldest stored event is passed. About `limit` events are
+    /// read when most match (a scan of the whole retained range read them all; etcd 3.4
+    /// sorts a descending range only after reading all of it, so no descending read).
+    async fn newest_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let head_key = self.keys.head();
+        let start = tokio::time::Instant::now();
+        let resp = self
+            .read_req(start, || {
+                let mut kv = self.kv.clone();
+                let key = head_key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let last = match resp.kvs().first() {
+            Some(v) => from_json::<Head>("the store's head", v.value())?.event_seq,
+            None => 0,
+        };
+        let prefix = self.keys.dir("events");
+        // The oldest stored event at or after `after_seq + 1` (older ones were pruned): its
+        // key alone.
+        let from = self.keys.event(filter.after_seq.saturating_add(1));
+        let mut opts = GetOptions::new()
+            .with_range(prefix_end(&prefix))
+            .with_limit(1)
+            .with_keys_only();
+        if rev > 0 {
+            opts = opts.with_revision(rev);
+        }
+        let start = tokio::time::Instant::now();
+        let resp = self
+            .read_req(start, || {
+                let mut kv = self.kv.clone();
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await?;
+        let oldest = resp.kvs().first().map(|kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            key[prefix.len()..]
+                .parse::<u64>()
+                .map_err(|_| StoreError::Etcd(format!("event key {key} has no seq")))
+        });
+        let Some(oldest) = oldest.transpose()? else {
+            return Ok(Vec::new());
+        };
+        // Windows newest first, each one's events oldest first.
+        let mut windows: Vec<Vec<Event>> = Vec::new();
+        let mut found = 0;
+        let mut hi = last.max(oldest);
+        while found < filter.limit {
+            let width = ((filter.limit - found) as u64).clamp(16, 4 * PAGE as u64);
+            let lo = hi.saturating_sub(width - 1).max(oldest);
+            let mut window = Vec::new();
+            self.range(
+                self.keys.event(lo),
+                self.keys.event(hi.saturating_add(1)).into_bytes(),
+                rev,
+                |k, v| {
+                    let e: Event = from_json(&String::from_utf8_lossy(k), v)?;
+                    if event_matches(filter, &e) {
+                        window.push(e);
+                    }
+                    Ok(true)
+                },
+            )
+            .await?;
+            found += window.len();
+            windows.push(window);
+            if lo <= oldest {
+                break;
+            }
+            hi = lo - 1;
+        }
+        let mut out: Vec<Event> = windows.into_iter().rev().flatten().collect();
+        out.drain(..out.len().saturating_sub(filter.limit));
+        Ok(out)
+    }
+
     /// Every value under `dir/` at `rev`, decoded.
     async fn all<T: DeserializeOwned>(&self, dir: &str, rev: i64) -> Result<Vec<T>, StoreError> {
         let prefix = self.keys.dir(dir);
@@ -1239,26 +1334,15 @@ impl Inner {
         if filter.after_seq == u64::MAX {
             return Ok(out);
         }
+        if filter.newest && filter.limit > 0 {
+            return self.newest_events(filter).await;
+        }
         self.range(start, prefix_end(&prefix), 0, |k, v| {
             let e: Event = from_json(&String::from_utf8_lossy(k), v)?;
-            let keep = filter
-                .group
-                .as_ref()
-                .map_or(true, |g| e.group.as_ref() == Some(g))
-                && filter
-                    .instance
-                    .as_ref()
-                    .map_or(true, |i| e.instance.as_ref() == Some(i))
-                && filter.kind.as_ref().map_or(true, |kd| &e.kind == kd)
-                && e.at_ms >= filter.since_ms;
-            if keep {
+            if event_matches(filter, &e) {
                 out.push(e);
-                // The newest `limit`: keep scanning, drop the oldest.
-                if filter.newest && filter.limit > 0 && out.len() > filter.limit {
-                    out.remove(0);
-                }
             }
-            Ok(filter.limit == 0 || filter.newest || out.len() < filter.limit)
+            Ok(filter.limit == 0 || out.len() < filter.limit)
         })
         .await?;
         Ok(out)

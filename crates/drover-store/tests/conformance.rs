@@ -934,6 +934,73 @@ fn crash_and_check(f: &dyn Fixture, mode: &str, in_flight: u64) {
     assert_eq!(c.revision, Some(n + 1));
 }
 
+/// The newest N of many events (more than a read's page), with filters, after `after_seq`
+/// and after pruning: the last N of those that match, oldest first, for every N.
+pub fn newest_events_are_the_last_that_match(f: &dyn Fixture) {
+    let store = f.store();
+    store.commit(vec![revision_write("first")], 1).unwrap();
+    // 1,500 events in commits of 100: every third a launch in group web/a, the rest healthy.
+    for c in 0..15u64 {
+        let writes = (0..100u64)
+            .map(|i| {
+                let n = c * 100 + i;
+                Write::Event(if n % 3 == 0 {
+                    NewEvent::new(EventKind::Launched, format!("e{n}")).group("web/a")
+                } else {
+                    NewEvent::new(EventKind::Healthy, format!("e{n}"))
+                })
+            })
+            .collect();
+        store.commit(writes, 1000 + c).unwrap();
+    }
+    // Retention took the oldest 300.
+    assert_eq!(store.prune_events(1200, 0).unwrap(), 300);
+    let all = store.events(&EventFilter::default()).unwrap();
+    assert_eq!(all.len(), 1200);
+    let filters = [
+        EventFilter::default(),
+        EventFilter {
+            kind: Some(EventKind::Launched),
+            ..Default::default()
+        },
+        EventFilter {
+            group: Some("web/a".into()),
+            since_ms: 1010,
+            ..Default::default()
+        },
+        EventFilter {
+            kind: Some(EventKind::Exec),
+            ..Default::default()
+        },
+        EventFilter {
+            after_seq: all[900].seq,
+            ..Default::default()
+        },
+        EventFilter {
+            kind: Some(EventKind::Healthy),
+            after_seq: all[100].seq,
+            ..Default::default()
+        },
+    ];
+    for base in filters {
+        let matching: Vec<u64> = store.events(&base).unwrap().iter().map(|e| e.seq).collect();
+        for limit in [1, 7, 16, 17, 300, 399, 400, 401, 1199, 1200, 5000] {
+            let got: Vec<u64> = store
+                .events(&EventFilter {
+                    limit,
+                    newest: true,
+                    ..base.clone()
+                })
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            let want = &matching[matching.len().saturating_sub(limit)..];
+            assert_eq!(got, want, "newest {limit} of {base:?}");
+        }
+    }
+}
+
 /// Retention: events beyond the newest N, and those older than the cut-off, go; revisions
 /// stay; numbering goes on after the newest, which is always kept.
 pub fn prune_events_keeps_the_newest_and_every_revision(f: &dyn Fixture) {
@@ -997,6 +1064,7 @@ suite!(
     acknowledged_commits_survive_sigkill,
     acknowledged_group_commits_survive_sigkill,
     prune_events_keeps_the_newest_and_every_revision,
+    newest_events_are_the_last_that_match,
 );
 
 struct SqliteFixture {

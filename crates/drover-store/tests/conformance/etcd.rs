@@ -57,6 +57,8 @@ fn etcd_conformance() {
     losing_one_member_changes_nothing_losing_two_fails_clearly(&cluster);
     eprintln!("etcd: write conditions");
     write_conditions_fence_every_commit(&cluster);
+    eprintln!("etcd: newest events read");
+    a_newest_events_read_costs_its_limit(&cluster);
     eprintln!("etcd: election");
     one_leader_at_a_time_and_a_deposed_one_cannot_commit(&cluster);
     eprintln!("etcd: unreachable");
@@ -64,6 +66,73 @@ fn etcd_conformance() {
     // Last: it turns authentication on for the whole cluster.
     eprintln!("etcd: credentials");
     credentials_are_used_and_refusals_are_clear(&cluster);
+}
+
+/// Bytes the cluster's members have sent their clients (`/metrics`), in all.
+fn sent_to_clients(cluster: &Mutex<LocalEtcd>) -> u64 {
+    use std::io::{Read, Write};
+    let endpoints = cluster.lock().unwrap().endpoints();
+    endpoints
+        .iter()
+        .map(|url| {
+            let addr = url.trim_start_matches("http://");
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(format!("GET /metrics HTTP/1.0\r\nhost: {addr}\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut body = String::new();
+            c.read_to_string(&mut body).unwrap();
+            body.lines()
+                .filter(|l| l.starts_with("etcd_network_client_grpc_sent_bytes_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        })
+        .sum()
+}
+
+/// `drover events --limit 10` of a store that keeps thousands: about 10 events are read,
+/// not every one kept (the whole range was read, dropping all but the newest).
+fn a_newest_events_read_costs_its_limit(cluster: &Mutex<LocalEtcd>) {
+    let cfg = cluster.lock().unwrap().config("/drover-test/newest-cost/");
+    let store = EtcdStore::open(&cfg).unwrap();
+    store.commit(vec![revision_write("first")], 1).unwrap();
+    let pad = "x".repeat(200);
+    for c in 0..40u64 {
+        let writes = (0..100u64)
+            .map(|i| {
+                Write::Event(NewEvent::new(
+                    EventKind::Healthy,
+                    format!("e{} {pad}", c * 100 + i),
+                ))
+            })
+            .collect();
+        store.commit(writes, 1000 + c).unwrap();
+    }
+    let filter = drover_store::EventFilter {
+        limit: 10,
+        newest: true,
+        ..Default::default()
+    };
+    // Once to warm the connection up; then counted.
+    store.events(&filter).unwrap();
+    let before = sent_to_clients(cluster);
+    let got = store.events(&filter).unwrap();
+    let sent = sent_to_clients(cluster) - before;
+    let msgs: Vec<String> = got
+        .iter()
+        .map(|e| e.message.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        msgs,
+        (3990..4000).map(|n| format!("e{n}")).collect::<Vec<_>>()
+    );
+    // 4,000 events of some 300 bytes each are 1.2 MB; ten of them, and a window of 16, a
+    // few kB (the /metrics answers themselves are not gRPC).
+    eprintln!("a newest-10 read of 4,000 events: {sent} bytes sent");
+    assert!(sent > 0, "no bytes counted: is the metric's name right?");
+    assert!(
+        sent < 32 << 10,
+        "a newest-10 read made the cluster send {sent} bytes"
+    );
 }
 
 /// With authentication on: no user or a wrong password is refused clearly, the right one
