@@ -673,12 +673,13 @@ pub async fn exec_input(
 }
 
 /// `GET /v1/agent/tasks/{id}/input`: an interactive exec's input for its agent, NDJSON as it
-/// comes, until the session ends.
+/// comes, until the session ends; an empty line when there was none for a while.
 pub async fn agent_input(
     State(e): State<Arc<Engine>>,
     Extension(ops): Extension<Arc<Ops>>,
     Extension(caller): Extension<Caller>,
     Extension(bound): Extension<BoundInstance>,
+    Extension(guards): Extension<Arc<Guards>>,
     Path(id): Path<String>,
     query: Result<Query<InstanceParam>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ServerError> {
@@ -689,13 +690,30 @@ pub async fn agent_input(
             q.instance
         )));
     };
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        let input = rx.recv().await?;
-        let mut v = serde_json::to_vec(&input).unwrap_or_default();
-        v.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(v)), rx))
-    });
+    let body = input_lines(rx, guards.connections.keep_alive());
     Ok(stream_response(Body::from_stream(body)))
+}
+
+/// A session's input as its agent reads it: a line per input, and an empty line (agents skip
+/// lines that are not an input) when none came for `keep_alive`, so that a person who types
+/// nothing for a while does not leave the download silent: the idle timeout (90 s) would
+/// close it, and the command's input with it (a shell would exit).
+fn input_lines(
+    rx: tokio::sync::mpsc::Receiver<ExecInput>,
+    keep_alive: Duration,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures::stream::unfold(rx, move |mut rx| async move {
+        let v = match tokio::time::timeout(keep_alive, rx.recv()).await {
+            Ok(Some(input)) => {
+                let mut v = serde_json::to_vec(&input).unwrap_or_default();
+                v.push(b'\n');
+                v
+            }
+            Ok(None) => return None,
+            Err(_) => b"\n".to_vec(),
+        };
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(v)), rx))
+    })
 }
 
 /// A command as a person would type it (quoted where needed), for events.
@@ -1070,5 +1088,42 @@ mod tests {
             .await,
             [exit_line]
         );
+    }
+    /// The next item of `lines` as text, within 2 s.
+    async fn next_line(
+        lines: &mut (impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Unpin),
+    ) -> Option<String> {
+        let b = tokio::time::timeout(Duration::from_secs(2), lines.next())
+            .await
+            .expect("a line within the keep-alive");
+        b.map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
+    }
+
+    /// An interactive session's input to its agent: an empty line when the person typed
+    /// nothing for the keep-alive (else the download is closed as idle after 90 s, and the
+    /// command's input with it), the input as it comes, the end with the session.
+    #[tokio::test]
+    async fn a_quiet_exec_input_sends_keep_alives() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let lines = input_lines(rx, Duration::from_millis(200));
+        futures::pin_mut!(lines);
+        let mut got = Vec::new();
+        got.push(next_line(&mut lines).await);
+        tx.send(ExecInput::Data {
+            data: "ls\n".into(),
+        })
+        .await
+        .unwrap();
+        got.push(next_line(&mut lines).await);
+        got.push(next_line(&mut lines).await);
+        drop(tx);
+        got.push(next_line(&mut lines).await);
+        let want = [
+            Some("\n"),
+            Some("{\"type\":\"data\",\"data\":\"ls\\n\"}\n"),
+            Some("\n"),
+            None,
+        ];
+        assert_eq!(got, want.map(|w| w.map(String::from)));
     }
 }
