@@ -2,7 +2,8 @@
 //! carries idle frames (the server's API closes a connection silent for 90 s), against a
 //! tiny in-test server that hands the agent one exec task and reads its upload as it comes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drover_agent::{run, AgentConfig};
@@ -55,18 +56,23 @@ fn config(dir: &Path, server: String) -> AgentConfig {
     }
 }
 
-/// The server's side: heartbeats and the like answered `{}`-ish, the first task poll answered
-/// with `task`, later ones held; the frames of the task's upload come out of the receiver
-/// with the time each came.
-async fn server(task: AgentTask) -> (String, mpsc::UnboundedReceiver<(Instant, Frame)>) {
+/// The server's side: heartbeats and the like answered `{}`-ish, the first task poll once
+/// `ready` exists (the component's directory, where the command runs: a task handed before
+/// the agent made it fails to spawn) answered with `task`, later ones held; the frames of the
+/// task's upload come out of the receiver with the time each came.
+async fn server(
+    task: AgentTask,
+    ready: PathBuf,
+) -> (String, mpsc::UnboundedReceiver<(Instant, Frame)>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
+    let task = Arc::new(Mutex::new(Some(task)));
+    let ready = Arc::new(ready);
     tokio::spawn(async move {
-        let mut task = Some(task);
         loop {
             let (s, _) = l.accept().await.unwrap();
-            tokio::spawn(serve(s, task.take(), tx.clone()));
+            tokio::spawn(serve(s, task.clone(), ready.clone(), tx.clone()));
         }
     });
     (url, rx)
@@ -75,7 +81,8 @@ async fn server(task: AgentTask) -> (String, mpsc::UnboundedReceiver<(Instant, F
 /// One request per connection (the agent's pool opens another when this one is closed).
 async fn serve(
     mut s: TcpStream,
-    task: Option<AgentTask>,
+    task: Arc<Mutex<Option<AgentTask>>>,
+    ready: Arc<PathBuf>,
     tx: mpsc::UnboundedSender<(Instant, Frame)>,
 ) {
     let mut buf = Vec::new();
@@ -114,6 +121,11 @@ async fn serve(
         }
     }
     if head.starts_with("get /v1/agent/tasks?") {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let task = task.lock().unwrap().take();
         match task {
             Some(t) => {
                 let body = serde_json::to_string(&TasksReply { tasks: vec![t] }).unwrap();
@@ -150,7 +162,7 @@ async fn a_quiet_exec_session_sends_idle_frames() {
         stdin: false,
         size: None,
     };
-    let (url, mut frames) = server(task).await;
+    let (url, mut frames) = server(task, dir.path().join("app")).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(run(config(dir.path(), url), async move {
         let _ = stopped.await;
