@@ -671,6 +671,10 @@ def report(quiet):
     return {
         "seed": SEED, "duration_s": DURATION, "requests_ok": ok_count[0],
         "failed": len(failures), "failed_by_window": by_kind, "unexplained": unexplained[:20],
+        # Each failure with the faults whose windows it fell in, for reading a run afterwards.
+        "failures": [(round(t, 2), what,
+                      sorted({k for (s, e, k, _) in windows if s - 0.5 <= t <= e + 3}))
+                     for t, what in failures[:200]],
         "failed_outside_lb_kill": len(outside_lb), "faults": fault_counts,
         "deploys": [(round(t), v, o, d) for t, v, b, o, d in deploys],
         "replaced": len(replaced), "had_to_be": len(needed), "must_replace_killed": len(must_replace),
