@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::group::{Action, Decision};
 
-/// Most reconciles in one tick whose actions are carried out, plus one.
+/// Most full reconciles in one tick; the actions of all but the last are carried out.
 pub const FULL_PASSES: u32 = 3;
 
 /// Where a tick is in its passes.
