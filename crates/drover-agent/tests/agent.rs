@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use drover_agent::{run, AgentConfig, AgentError, Outcome};
 use drover_model::api::{AgentPhase, ComponentState, Heartbeat};
-use drover_model::fleet::{Artifact, HealthCheck, HealthKind, RestartPolicy, Runtime};
-use drover_model::{Dur, Plan, PlanComponent};
+use drover_model::fleet::{Artifact, HealthCheck, HealthKind};
+use drover_model::{Dur, PlanComponent};
 use drover_test_support::wait_until_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,50 +19,11 @@ use tokio::task::JoinHandle;
 
 const MS: Duration = Duration::from_millis(1);
 
-fn sh(name: &str, script: &str) -> PlanComponent {
-    PlanComponent {
-        name: name.into(),
-        runtime: Runtime::Process,
-        version: "v1".into(),
-        command: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env: Default::default(),
-        ports: Default::default(),
-        artifact: None,
-        health: None,
-        restart: RestartPolicy {
-            initial_delay: Dur::from_millis(300),
-            max_delay: Dur::from_secs(2),
-            reset_after: Dur::from_secs(60),
-        },
-        stop_grace: Dur::from_secs(1),
-        stop_signal: "SIGTERM".into(),
-        drain_signal: None,
-        docker: None,
-        uses: Vec::new(),
-        log: None,
-        custom_metrics: Default::default(),
-    }
-}
+mod common;
+use common::sh;
 
 fn config(dir: &Path, server: Option<String>, components: Vec<PlanComponent>) -> AgentConfig {
-    AgentConfig {
-        instance: "i-000003".into(),
-        group: "web/local".into(),
-        addr: "127.0.0.1".parse().unwrap(),
-        server,
-        plan: Plan {
-            fleet: "test".into(),
-            service: "web".into(),
-            region: "local".into(),
-            generation: 4,
-            revision: 9,
-            components,
-        },
-        dir: dir.to_path_buf(),
-        drover_bin: "/bin/true".into(),
-        heartbeat_interval: Duration::from_millis(100),
-    }
+    common::config(dir, server, components, Duration::from_millis(100))
 }
 
 struct Agent {

@@ -7,53 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drover_agent::{run, AgentConfig};
-use drover_model::fleet::{RestartPolicy, Runtime};
 use drover_model::logs::{AgentTask, Frame, TasksReply};
-use drover_model::{Dur, Plan, PlanComponent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+mod common;
+
 fn config(dir: &Path, server: String) -> AgentConfig {
-    AgentConfig {
-        instance: "i-000003".into(),
-        group: "web/local".into(),
-        addr: "127.0.0.1".parse().unwrap(),
-        server: Some(server),
-        plan: Plan {
-            fleet: "test".into(),
-            service: "web".into(),
-            region: "local".into(),
-            generation: 4,
-            revision: 9,
-            components: vec![PlanComponent {
-                name: "app".into(),
-                runtime: Runtime::Process,
-                version: "v1".into(),
-                command: "/bin/sh".into(),
-                args: vec!["-c".into(), "exec sleep 60".into()],
-                env: Default::default(),
-                ports: Default::default(),
-                artifact: None,
-                health: None,
-                restart: RestartPolicy {
-                    initial_delay: Dur::from_millis(300),
-                    max_delay: Dur::from_secs(2),
-                    reset_after: Dur::from_secs(60),
-                },
-                stop_grace: Dur::from_secs(1),
-                stop_signal: "SIGTERM".into(),
-                drain_signal: None,
-                docker: None,
-                uses: Vec::new(),
-                log: None,
-                custom_metrics: Default::default(),
-            }],
-        },
-        dir: dir.to_path_buf(),
-        drover_bin: "/bin/true".into(),
-        heartbeat_interval: Duration::from_millis(500),
-    }
+    common::config(
+        dir,
+        Some(server),
+        vec![common::sh("app", "exec sleep 60")],
+        Duration::from_millis(500),
+    )
 }
 
 /// The server's side: heartbeats and the like answered `{}`-ish, the first task poll once

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use drover_agent::{run, AgentConfig, AgentError, Outcome};
 use drover_model::api::{AgentPhase, ComponentState, Heartbeat, PermitReply};
-use drover_model::fleet::{RestartPolicy, Runtime};
-use drover_model::{Dur, Plan, PlanComponent};
+use drover_model::{Dur, PlanComponent};
 use drover_test_support::wait_until_async;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,54 +19,28 @@ use tokio::task::JoinHandle;
 const MS: Duration = Duration::from_millis(1);
 const INSTANCE: &str = "i-000007";
 
+mod common;
+
 /// A component that says `bye` when it gets SIGTERM (so a graceful stop shows).
 fn polite(name: &str) -> PlanComponent {
     PlanComponent {
-        name: name.into(),
-        runtime: Runtime::Process,
-        version: "v1".into(),
-        command: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
-            "trap 'echo bye >> said; exit 0' TERM; echo $$ >> pids; while :; do sleep 0.05; done"
-                .into(),
-        ],
-        env: Default::default(),
-        ports: Default::default(),
-        artifact: None,
-        health: None,
-        restart: RestartPolicy {
-            initial_delay: Dur::from_millis(300),
-            max_delay: Dur::from_secs(2),
-            reset_after: Dur::from_secs(60),
-        },
         stop_grace: Dur::from_secs(2),
-        stop_signal: "SIGTERM".into(),
-        drain_signal: None,
-        docker: None,
-        uses: Vec::new(),
-        log: None,
-        custom_metrics: Default::default(),
+        ..common::sh(
+            name,
+            "trap 'echo bye >> said; exit 0' TERM; echo $$ >> pids; while :; do sleep 0.05; done",
+        )
     }
 }
 
 fn config(dir: &Path, server: String) -> AgentConfig {
     AgentConfig {
         instance: INSTANCE.into(),
-        group: "web/local".into(),
-        addr: "127.0.0.1".parse().unwrap(),
-        server: Some(server),
-        plan: Plan {
-            fleet: "test".into(),
-            service: "web".into(),
-            region: "local".into(),
-            generation: 4,
-            revision: 9,
-            components: vec![polite("app"), polite("sidecar")],
-        },
-        dir: dir.to_path_buf(),
-        drover_bin: "/bin/true".into(),
-        heartbeat_interval: Duration::from_millis(200),
+        ..common::config(
+            dir,
+            Some(server),
+            vec![polite("app"), polite("sidecar")],
+            Duration::from_millis(200),
+        )
     }
 }
 
