@@ -700,12 +700,9 @@ impl Inner {
         }
     }
 
-    /// The newest `filter.limit` events that match `filter` (`limit` > 0), oldest first:
-    /// read back from the last seq given, a window of seqs at a time, at one etcd revision,
-    /// until `limit` match or the oldest stored event is passed. About `limit` events are
-    /// read when most match (a scan of the whole retained range read them all; etcd 3.4
-    /// sorts a descending range only after reading all of it, so no descending read).
-    async fn newest_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+    /// The head as of now, with the etcd revision it was read at (to pin later reads to);
+    /// `None` before the first write.
+    async fn read_head(&self) -> Result<(i64, Option<Head>), StoreError> {
         let head_key = self.keys.head();
         let start = tokio::time::Instant::now();
         let resp = self
@@ -716,10 +713,21 @@ impl Inner {
             })
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
-        let last = match resp.kvs().first() {
-            Some(v) => from_json::<Head>("the store's head", v.value())?.event_seq,
-            None => 0,
+        let head = match resp.kvs().first() {
+            Some(v) => Some(from_json::<Head>("the store's head", v.value())?),
+            None => None,
         };
+        Ok((rev, head))
+    }
+
+    /// The newest `filter.limit` events that match `filter` (`limit` > 0), oldest first:
+    /// read back from the last seq given, a window of seqs at a time, at one etcd revision,
+    /// until `limit` match or the oldest stored event is passed. About `limit` events are
+    /// read when most match (a scan of the whole retained range read them all; etcd 3.4
+    /// sorts a descending range only after reading all of it, so no descending read).
+    async fn newest_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let (rev, head) = self.read_head().await?;
+        let last = head.map_or(0, |h| h.event_seq);
         let prefix = self.keys.dir("events");
         // The oldest stored event at or after `after_seq + 1` (older ones were pruned): its
         // key alone.
@@ -1236,20 +1244,8 @@ impl Inner {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let head_key = self.keys.head();
-        let start = tokio::time::Instant::now();
-        let resp = self
-            .read_req(start, || {
-                let mut kv = self.kv.clone();
-                let key = head_key.clone();
-                async move { kv.get(key, None).await }
-            })
-            .await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        let head: Head = match resp.kvs().first() {
-            Some(v) => from_json("the store's head", v.value())?,
-            None => Head::default(),
-        };
+        let (rev, head) = self.read_head().await?;
+        let head = head.unwrap_or_default();
         let revision = if head.revision > 0 {
             self.full_revision(head.revision, rev).await?
         } else {
@@ -1314,16 +1310,7 @@ impl Inner {
 
     async fn revision(&self, n: u64) -> Result<Option<Revision>, StoreError> {
         // Pin both reads at one etcd revision.
-        let head_key = self.keys.head();
-        let start = tokio::time::Instant::now();
-        let resp = self
-            .read_req(start, || {
-                let mut kv = self.kv.clone();
-                let key = head_key.clone();
-                async move { kv.get(key, None).await }
-            })
-            .await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
+        let (rev, _) = self.read_head().await?;
         self.full_revision(n, rev).await
     }
 
